@@ -1,0 +1,427 @@
+//! Batching by count, bytes and time: the one batcher both sides use.
+//!
+//! Settings follow vector's batch settings: [`BatchConfig::max_events`],
+//! [`BatchConfig::max_bytes`] and [`BatchConfig::timeout`] (the linger time: how long the first
+//! item of a batch may wait for company). A batch is sealed when the next item would break the
+//! count or byte limit, and handed out at once; a batch that is not full is handed out when its
+//! timeout expires or the input ends.
+//!
+//! Two ways to use it:
+//! - [`Batcher`], a plain state machine: `push`, then take sealed batches with `ready`, and
+//!   `flush` when the deadline passes or input ends. No clock inside except `deadline()`.
+//! - [`batched`], which wraps a `Stream` and yields batches, honouring the timeout with tokio's
+//!   timer (so it can be tested with paused time).
+//!
+//! ```
+//! use pushpull::batch::{BatchConfig, Batcher};
+//! use std::time::Duration;
+//!
+//! let config = BatchConfig::new(3, 10, Duration::from_millis(100)).unwrap();
+//! let mut batcher = Batcher::new(config);
+//! for word in ["ab", "cd", "ef", "gh"] {
+//!     batcher.push(word.to_string()).unwrap();
+//! }
+//! assert_eq!(batcher.ready(), Some(vec!["ab".into(), "cd".into(), "ef".into()])); // 3 events
+//! assert_eq!(batcher.ready(), None);
+//! assert_eq!(batcher.flush(), Some(vec!["gh".into()]));
+//! ```
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use tokio::time::{Instant, Sleep};
+
+/// The size an item counts for against [`BatchConfig::max_bytes`].
+pub trait ByteSize {
+    /// Size in bytes, as the destination counts it.
+    fn byte_size(&self) -> usize;
+}
+
+impl ByteSize for String {
+    fn byte_size(&self) -> usize {
+        self.len()
+    }
+}
+impl ByteSize for Vec<u8> {
+    fn byte_size(&self) -> usize {
+        self.len()
+    }
+}
+impl ByteSize for bytes::Bytes {
+    fn byte_size(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Limits of one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    max_events: usize,
+    max_bytes: usize,
+    timeout: Duration,
+}
+
+/// A [`BatchConfig`] that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchConfigError {
+    /// `max_events` was zero.
+    #[error("max_events must be at least 1")]
+    ZeroEvents,
+    /// `max_bytes` was zero.
+    #[error("max_bytes must be at least 1")]
+    ZeroBytes,
+}
+
+impl BatchConfig {
+    /// At most `max_events` items and `max_bytes` bytes a batch; a batch that is not full is
+    /// released `timeout` after its first item arrived (zero: as soon as input pauses).
+    pub fn new(
+        max_events: usize,
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Self, BatchConfigError> {
+        if max_events == 0 {
+            return Err(BatchConfigError::ZeroEvents);
+        }
+        if max_bytes == 0 {
+            return Err(BatchConfigError::ZeroBytes);
+        }
+        Ok(BatchConfig {
+            max_events,
+            max_bytes,
+            timeout,
+        })
+    }
+    /// Most items in one batch.
+    pub fn max_events(&self) -> usize {
+        self.max_events
+    }
+    /// Most bytes in one batch (sum of [`ByteSize::byte_size`]).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
+    /// Linger time of a batch that is not full.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// An item larger than [`BatchConfig::max_bytes`] on its own; it is handed back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("item of {size} bytes exceeds the batch limit of {max_bytes} bytes")]
+pub struct Oversized<T> {
+    /// The item that did not fit.
+    pub item: T,
+    /// Its size.
+    pub size: usize,
+    /// The limit it broke.
+    pub max_bytes: usize,
+}
+
+/// Collects items into batches under a [`BatchConfig`].
+#[derive(Debug)]
+pub struct Batcher<T> {
+    config: BatchConfig,
+    open: Vec<T>,
+    open_bytes: usize,
+    opened_at: Option<Instant>,
+    sealed: VecDeque<Vec<T>>,
+}
+
+impl<T: ByteSize> Batcher<T> {
+    /// An empty batcher.
+    pub fn new(config: BatchConfig) -> Self {
+        Batcher {
+            config,
+            open: Vec::new(),
+            open_bytes: 0,
+            opened_at: None,
+            sealed: VecDeque::new(),
+        }
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &BatchConfig {
+        &self.config
+    }
+
+    /// Adds an item. If it would break the open batch's count or byte limit, the open batch is
+    /// sealed first (take it with [`Batcher::ready`]). An item bigger than `max_bytes` on its own
+    /// is refused and handed back.
+    pub fn push(&mut self, item: T) -> Result<(), Oversized<T>> {
+        let size = item.byte_size();
+        if size > self.config.max_bytes {
+            return Err(Oversized {
+                item,
+                size,
+                max_bytes: self.config.max_bytes,
+            });
+        }
+        if !self.open.is_empty() && self.open_bytes + size > self.config.max_bytes {
+            self.seal();
+        }
+        if self.open.is_empty() {
+            self.opened_at = Some(Instant::now());
+        }
+        self.open.push(item);
+        self.open_bytes += size;
+        if self.open.len() >= self.config.max_events {
+            self.seal();
+        }
+        Ok(())
+    }
+
+    /// A sealed (full) batch, oldest first.
+    pub fn ready(&mut self) -> Option<Vec<T>> {
+        self.sealed.pop_front()
+    }
+
+    /// Seals the open batch, whatever its size, and returns the oldest batch waiting.
+    pub fn flush(&mut self) -> Option<Vec<T>> {
+        self.seal();
+        self.sealed.pop_front()
+    }
+
+    /// When the open batch's linger time runs out; `None` when nothing is open.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.opened_at.map(|t| t + self.config.timeout)
+    }
+
+    /// Whether nothing is buffered, open or sealed.
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty() && self.sealed.is_empty()
+    }
+
+    /// Items in the open batch.
+    pub fn open_len(&self) -> usize {
+        self.open.len()
+    }
+
+    fn seal(&mut self) {
+        if !self.open.is_empty() {
+            self.sealed.push_back(std::mem::take(&mut self.open));
+            self.open_bytes = 0;
+            self.opened_at = None;
+        }
+    }
+}
+
+/// Wraps a stream of items into a stream of batches, released when full, when the linger time
+/// of the oldest item runs out, or when the input ends. An oversized item is handed back as an
+/// `Err` as soon as it arrives (ahead of the open batch), and batching goes on.
+///
+/// ```
+/// use futures_util::{stream, StreamExt};
+/// use pushpull::batch::{batched, BatchConfig};
+/// use std::time::Duration;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+/// let config = BatchConfig::new(2, 1024, Duration::from_secs(1)).unwrap();
+/// let batches: Vec<_> = batched(stream::iter(["a", "b", "c"].map(String::from)), config)
+///     .map(Result::unwrap)
+///     .collect()
+///     .await;
+/// assert_eq!(batches, vec![vec!["a".to_string(), "b".into()], vec!["c".into()]]);
+/// # });
+/// ```
+pub fn batched<S>(input: S, config: BatchConfig) -> Batched<S>
+where
+    S: Stream + Unpin,
+    S::Item: ByteSize,
+{
+    Batched {
+        input,
+        batcher: Batcher::new(config),
+        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        armed: None,
+        done: false,
+    }
+}
+
+/// The stream returned by [`batched`].
+pub struct Batched<S: Stream> {
+    // Nothing here is structurally pinned: the input is `Unpin` and the timer is boxed.
+    input: S,
+    batcher: Batcher<S::Item>,
+    timer: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
+    done: bool,
+}
+
+impl<S: Stream + Unpin> Unpin for Batched<S> {}
+
+impl<S> Stream for Batched<S>
+where
+    S: Stream + Unpin,
+    S::Item: ByteSize,
+{
+    type Item = Result<Vec<S::Item>, Oversized<S::Item>>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(batch) = this.batcher.ready() {
+                return Poll::Ready(Some(Ok(batch)));
+            }
+            if this.done {
+                return Poll::Ready(this.batcher.flush().map(Ok));
+            }
+            match this.input.poll_next_unpin(cx) {
+                Poll::Ready(Some(item)) => {
+                    if let Err(oversized) = this.batcher.push(item) {
+                        return Poll::Ready(Some(Err(oversized)));
+                    }
+                }
+                Poll::Ready(None) => this.done = true,
+                Poll::Pending => {
+                    let Some(deadline) = this.batcher.deadline() else {
+                        return Poll::Pending;
+                    };
+                    if this.armed != Some(deadline) {
+                        this.timer.as_mut().reset(deadline);
+                        this.armed = Some(deadline);
+                    }
+                    return match this.timer.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(this.batcher.flush().map(Ok)),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+    use tokio::sync::mpsc;
+    use tokio_stream_shim::ReceiverStream;
+
+    fn cfg(events: usize, bytes: usize, ms: u64) -> BatchConfig {
+        BatchConfig::new(events, bytes, Duration::from_millis(ms)).unwrap()
+    }
+
+    #[test]
+    fn seals_on_count_and_bytes() {
+        let mut b = Batcher::new(cfg(3, 5, 0));
+        for s in ["aa", "bb", "c", "dd"] {
+            b.push(s.to_string()).unwrap();
+        }
+        // "aa"+"bb"+"c" = 5 bytes and 3 events: sealed by count; "dd" opens the next.
+        assert_eq!(b.ready().unwrap(), ["aa", "bb", "c"]);
+        b.push("eeee".to_string()).unwrap(); // 2 + 4 > 5: "dd" sealed by bytes
+        assert_eq!(b.ready().unwrap(), ["dd"]);
+        assert_eq!(b.ready(), None);
+        assert_eq!(b.flush().unwrap(), ["eeee"]);
+        assert!(b.is_empty());
+        assert_eq!(b.flush(), None);
+    }
+
+    #[test]
+    fn exactly_at_the_byte_limit_is_allowed_and_oversized_is_refused() {
+        let mut b = Batcher::new(cfg(10, 4, 0));
+        b.push("ab".to_string()).unwrap();
+        b.push("cd".to_string()).unwrap();
+        assert_eq!(b.ready(), None, "4 bytes is within a 4-byte limit");
+        let err = b.push("xxxxx".to_string()).unwrap_err();
+        assert_eq!(
+            (err.item.as_str(), err.size, err.max_bytes),
+            ("xxxxx", 5, 4)
+        );
+        assert_eq!(b.flush().unwrap(), ["ab", "cd"]);
+    }
+
+    #[test]
+    fn one_event_batches() {
+        let mut b = Batcher::new(cfg(1, 100, 0));
+        b.push("a".to_string()).unwrap();
+        b.push("b".to_string()).unwrap();
+        assert_eq!(b.ready().unwrap(), ["a"]);
+        assert_eq!(b.ready().unwrap(), ["b"]);
+        assert_eq!(b.deadline(), None);
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        assert_eq!(
+            BatchConfig::new(0, 1, Duration::ZERO),
+            Err(BatchConfigError::ZeroEvents)
+        );
+        assert_eq!(
+            BatchConfig::new(1, 0, Duration::ZERO),
+            Err(BatchConfigError::ZeroBytes)
+        );
+    }
+
+    /// Consumes `out` in a task, recording when each batch came out.
+    fn collect_timed(
+        mut out: Batched<ReceiverStream<String>>,
+    ) -> tokio::task::JoinHandle<Vec<(Duration, Vec<String>)>> {
+        let start = Instant::now();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while let Some(batch) = out.next().await {
+                seen.push((start.elapsed(), batch.unwrap()));
+            }
+            seen
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_batch_waits_exactly_its_linger_time() {
+        let (tx, rx) = mpsc::channel::<String>(16);
+        let consumer = collect_timed(batched(ReceiverStream(rx), cfg(10, 1000, 500)));
+        tx.send("a".into()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tx.send("b".into()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        tx.send("c".into()).await.unwrap();
+        drop(tx);
+        let seen = consumer.await.unwrap();
+        let ms = |n| Duration::from_millis(n);
+        // The deadline counts from the first item of a batch, not the last; the end of input
+        // releases the open batch at once.
+        assert_eq!(
+            seen,
+            vec![
+                (ms(500), vec!["a".to_string(), "b".into()]),
+                (ms(1200), vec!["c".into()])
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_does_not_wait() {
+        let (tx, rx) = mpsc::channel::<String>(16);
+        let mut out = batched(ReceiverStream(rx), cfg(2, 1000, 10_000));
+        let start = Instant::now();
+        tx.send("a".into()).await.unwrap();
+        tx.send("b".into()).await.unwrap();
+        assert_eq!(out.next().await.unwrap().unwrap(), ["a", "b"]);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn end_of_input_flushes_and_oversized_items_are_reported_in_place() {
+        let input = stream::iter(["a", "toolong", "b"].map(String::from));
+        let got: Vec<_> = batched(input, cfg(10, 3, 1000)).collect().await;
+        assert!(matches!(&got[0], Err(Oversized { item, .. }) if item == "toolong"));
+        assert_eq!(got[1].as_ref().unwrap(), &["a", "b"]);
+        assert_eq!(got.len(), 2);
+    }
+
+    /// A minimal `Stream` over an mpsc receiver (tokio-stream is not worth a dependency here).
+    mod tokio_stream_shim {
+        use super::*;
+        pub struct ReceiverStream<T>(pub mpsc::Receiver<T>);
+        impl<T> Stream for ReceiverStream<T> {
+            type Item = T;
+            fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+                self.0.poll_recv(cx)
+            }
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! Configuration from environment variables, checked once at cold start.
+//!
+//! Every problem is collected and reported together, each naming the variable, the value and
+//! what was expected, so one failed deploy shows everything to fix.
+//!
+//! ```
+//! use pushpull::config::{Env, PushSettings};
+//!
+//! let env = Env::from_pairs([("STREAM_NAME", "ingest"), ("PUT_MAX_RECORDS", "900")]);
+//! let err = PushSettings::from_env(env).unwrap_err();
+//! assert!(err.to_string().contains("PUT_MAX_RECORDS=\"900\""));
+//!
+//! let ok = PushSettings::from_env(Env::from_pairs([("STREAM_NAME", "ingest")])).unwrap();
+//! assert_eq!(ok.put.max_events(), 500);
+//! ```
+use std::collections::HashMap;
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::batch::BatchConfig;
+use crate::store::Location;
+
+/// Default for `CHECKPOINT_URI`: the embedded file backend, under Lambda's writable `/tmp`.
+pub const DEFAULT_CHECKPOINT_URI: &str = "file:///tmp/pushpull/checkpoints";
+/// Default for `OUTPUT_URI`.
+pub const DEFAULT_OUTPUT_URI: &str = "file:///tmp/pushpull/output";
+/// Default for `QUARANTINE_URI`.
+pub const DEFAULT_QUARANTINE_URI: &str = "file:///tmp/pushpull/quarantine";
+
+/// Kinesis PutRecords: at most 500 records a call.
+pub const KINESIS_MAX_RECORDS_PER_CALL: usize = 500;
+/// Kinesis PutRecords: 5 MiB a call in the long-standing documentation (the conservative choice;
+/// newer documentation says 10 MiB, so the setting allows up to that).
+pub const KINESIS_MAX_BYTES_PER_CALL: usize = 5 * 1024 * 1024;
+/// Kinesis: 1 MiB a record (data plus partition key) by default.
+pub const KINESIS_MAX_RECORD_BYTES: usize = 1024 * 1024;
+
+/// One configuration problem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A required variable is not set (or empty).
+    Missing {
+        /// Variable name.
+        name: &'static str,
+        /// What it is for.
+        purpose: &'static str,
+    },
+    /// A variable is set to something unusable.
+    Invalid {
+        /// Variable name.
+        name: &'static str,
+        /// The value as set.
+        value: String,
+        /// What was expected.
+        expected: String,
+    },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Missing { name, purpose } => write!(f, "{name} is not set: {purpose}"),
+            ConfigError::Invalid {
+                name,
+                value,
+                expected,
+            } => write!(f, "{name}={value:?} is invalid: {expected}"),
+        }
+    }
+}
+
+/// All the problems found in one configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid configuration ({} problem{}): ",
+            self.0.len(),
+            if self.0.len() == 1 { "" } else { "s" }
+        )?;
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A source of variables that remembers every problem it was asked about.
+pub struct Env {
+    vars: HashMap<String, String>,
+    errors: Vec<ConfigError>,
+}
+
+impl Env {
+    /// The process environment.
+    pub fn from_process() -> Self {
+        Self::from_pairs(std::env::vars())
+    }
+
+    /// Explicit variables, for tests and embedding.
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Env {
+            vars: pairs
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn raw(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// A required string.
+    pub fn required(&mut self, name: &'static str, purpose: &'static str) -> String {
+        match self.raw(name) {
+            Some(v) => v.to_owned(),
+            None => {
+                self.errors.push(ConfigError::Missing { name, purpose });
+                String::new()
+            }
+        }
+    }
+
+    /// An optional string (unset or empty is `None`).
+    pub fn optional(&mut self, name: &'static str) -> Option<String> {
+        self.raw(name).map(str::to_owned)
+    }
+
+    /// A value parsed with `FromStr`, or `default` when unset.
+    pub fn parse_or<T>(&mut self, name: &'static str, default: T) -> T
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        let Some(raw) = self.raw(name).map(str::to_owned) else {
+            return default;
+        };
+        match raw.parse() {
+            Ok(v) => v,
+            Err(e) => {
+                self.errors.push(ConfigError::Invalid {
+                    name,
+                    value: raw,
+                    expected: e.to_string(),
+                });
+                default
+            }
+        }
+    }
+
+    /// A whole number in `range`, or `default` when unset.
+    pub fn number_in<T>(&mut self, name: &'static str, default: T, range: RangeInclusive<T>) -> T
+    where
+        T: FromStr + PartialOrd + fmt::Display + Copy,
+    {
+        let Some(raw) = self.raw(name).map(str::to_owned) else {
+            return default;
+        };
+        match raw.parse::<T>() {
+            Ok(v) if range.contains(&v) => v,
+            _ => {
+                let expected = format!("a whole number from {} to {}", range.start(), range.end());
+                self.errors.push(ConfigError::Invalid {
+                    name,
+                    value: raw,
+                    expected,
+                });
+                default
+            }
+        }
+    }
+
+    /// Records a problem found by the caller.
+    pub fn invalid(
+        &mut self,
+        name: &'static str,
+        value: impl Into<String>,
+        expected: impl Into<String>,
+    ) {
+        self.errors.push(ConfigError::Invalid {
+            name,
+            value: value.into(),
+            expected: expected.into(),
+        });
+    }
+
+    /// `Ok` when nothing was wrong.
+    pub fn finish(self) -> Result<(), ConfigErrors> {
+        if self.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(self.errors))
+        }
+    }
+}
+
+fn location(env: &mut Env, name: &'static str, default: &str) -> Location {
+    let raw = env.optional(name).unwrap_or_else(|| default.to_owned());
+    raw.parse()
+        .unwrap_or_else(|e: crate::store::LocationError| {
+            env.invalid(
+                name,
+                raw,
+                e.reason.to_owned() + " (expected s3://bucket/prefix or file:///absolute/dir)",
+            );
+            Location::File {
+                root: default.trim_start_matches("file://").into(),
+            }
+        })
+}
+
+fn stream_name(env: &mut Env, name: &'static str, purpose: &'static str) -> String {
+    let value = env.required(name, purpose);
+    let ok = value.len() <= 128
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if !value.is_empty() && !ok {
+        env.invalid(
+            name,
+            value.clone(),
+            "a Kinesis stream name: 1-128 characters of a-z, A-Z, 0-9, '_', '.', '-'",
+        );
+    }
+    value
+}
+
+/// Settings of the S3 → Kinesis (push) function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushSettings {
+    /// `STREAM_NAME`: the Kinesis stream records are sent to. Required.
+    pub stream_name: String,
+    /// `CHECKPOINT_URI`: where per-object progress is kept.
+    pub checkpoint: Location,
+    /// `OUTPUT_URI`: where the pipeline's outputs go (the push function refuses objects there).
+    pub output: Location,
+    /// `QUARANTINE_URI`: where lines that cannot be sent go, with their reason.
+    pub quarantine: Location,
+    /// `PARTITION_KEY_FIELD`: top-level JSON field whose value is the partition key; unset, or
+    /// absent from a line, means a stable hash of the line.
+    pub partition_key_field: Option<String>,
+    /// `MAX_LINE_BYTES`: longer lines are quarantined without being buffered whole.
+    pub max_line_bytes: usize,
+    /// `RECORD_MAX_BYTES`: largest Kinesis record (data plus partition key).
+    pub record_max_bytes: usize,
+    /// `PUT_MAX_RECORDS`, `PUT_MAX_BYTES`, `PUT_LINGER_MS`: one PutRecords call's limits.
+    pub put: BatchConfig,
+    /// `PUT_MAX_ATTEMPTS`: attempts per record (first try included) before the invocation fails.
+    pub put_max_attempts: u32,
+}
+
+impl PushSettings {
+    /// Reads and checks the settings; every problem is reported at once.
+    pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
+        let stream_name = stream_name(
+            &mut env,
+            "STREAM_NAME",
+            "the Kinesis stream the push function writes to",
+        );
+        let checkpoint = location(&mut env, "CHECKPOINT_URI", DEFAULT_CHECKPOINT_URI);
+        let output = location(&mut env, "OUTPUT_URI", DEFAULT_OUTPUT_URI);
+        let quarantine = location(&mut env, "QUARANTINE_URI", DEFAULT_QUARANTINE_URI);
+        let partition_key_field = env.optional("PARTITION_KEY_FIELD");
+        let max_bytes_cap = 2 * KINESIS_MAX_BYTES_PER_CALL;
+        let record_max_bytes = env.number_in(
+            "RECORD_MAX_BYTES",
+            KINESIS_MAX_RECORD_BYTES,
+            1..=10 * 1024 * 1024,
+        );
+        let max_line_bytes = env.number_in(
+            "MAX_LINE_BYTES",
+            KINESIS_MAX_RECORD_BYTES,
+            1..=64 * 1024 * 1024,
+        );
+        let max_events = env.number_in(
+            "PUT_MAX_RECORDS",
+            KINESIS_MAX_RECORDS_PER_CALL,
+            1..=KINESIS_MAX_RECORDS_PER_CALL,
+        );
+        let max_bytes = env.number_in(
+            "PUT_MAX_BYTES",
+            KINESIS_MAX_BYTES_PER_CALL,
+            1..=max_bytes_cap,
+        );
+        let linger_ms = env.number_in("PUT_LINGER_MS", 100u64, 0..=60_000);
+        let put_max_attempts = env.number_in("PUT_MAX_ATTEMPTS", 8u32, 1..=100);
+        if record_max_bytes > max_bytes {
+            env.invalid(
+                "RECORD_MAX_BYTES",
+                record_max_bytes.to_string(),
+                format!("at most PUT_MAX_BYTES ({max_bytes})"),
+            );
+        }
+        let put = BatchConfig::new(max_events, max_bytes, Duration::from_millis(linger_ms))
+            .unwrap_or_else(|_| unreachable!("ranges above exclude zero"));
+        env.finish()?;
+        Ok(PushSettings {
+            stream_name,
+            checkpoint,
+            output,
+            quarantine,
+            partition_key_field,
+            max_line_bytes,
+            record_max_bytes,
+            put,
+            put_max_attempts,
+        })
+    }
+
+    /// Whether an object lies under this function's own output or quarantine location (the
+    /// loop guard: processing it could trigger the function again, forever).
+    pub fn is_own_output(&self, bucket: &str, key: &str) -> bool {
+        self.output.contains(bucket, key) || self.quarantine.contains(bucket, key)
+    }
+}
+
+/// Settings of the Kinesis (pull) function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullSettings {
+    /// `CHECKPOINT_URI`: where per-shard progress is kept.
+    pub checkpoint: Location,
+    /// `OUTPUT_URI`: where rollups are written.
+    pub output: Location,
+    /// `GROUP_BY_FIELD`: top-level JSON field to group by; unset means the partition key.
+    pub group_by_field: Option<String>,
+    /// `SUM_FIELD`: numeric top-level JSON field to sum per group, if any.
+    pub sum_field: Option<String>,
+}
+
+impl PullSettings {
+    /// Reads and checks the settings; every problem is reported at once.
+    pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
+        let checkpoint = location(&mut env, "CHECKPOINT_URI", DEFAULT_CHECKPOINT_URI);
+        let output = location(&mut env, "OUTPUT_URI", DEFAULT_OUTPUT_URI);
+        let group_by_field = env.optional("GROUP_BY_FIELD");
+        let sum_field = env.optional("SUM_FIELD");
+        env.finish()?;
+        Ok(PullSettings {
+            checkpoint,
+            output,
+            group_by_field,
+            sum_field,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_defaults_are_the_aws_limits() {
+        let s = PushSettings::from_env(Env::from_pairs([("STREAM_NAME", "s")])).unwrap();
+        assert_eq!(s.put.max_events(), 500);
+        assert_eq!(s.put.max_bytes(), 5 * 1024 * 1024);
+        assert_eq!(s.record_max_bytes, 1024 * 1024);
+        assert_eq!(s.checkpoint, DEFAULT_CHECKPOINT_URI.parse().unwrap());
+        assert_eq!(s.partition_key_field, None);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_variable() {
+        let err = PushSettings::from_env(Env::from_pairs([
+            ("PUT_MAX_RECORDS", "0"),
+            ("PUT_LINGER_MS", "soon"),
+            ("CHECKPOINT_URI", "dynamodb://table"),
+            ("OUTPUT_URI", "file://relative/dir"),
+        ]))
+        .unwrap_err();
+        let names: Vec<_> = err
+            .0
+            .iter()
+            .map(|e| match e {
+                ConfigError::Missing { name, .. } | ConfigError::Invalid { name, .. } => *name,
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "STREAM_NAME",
+                "CHECKPOINT_URI",
+                "OUTPUT_URI",
+                "PUT_MAX_RECORDS",
+                "PUT_LINGER_MS"
+            ]
+        );
+        let text = err.to_string();
+        assert!(
+            text.starts_with("invalid configuration (5 problems): STREAM_NAME is not set"),
+            "{text}"
+        );
+        assert!(
+            text.contains("PUT_MAX_RECORDS=\"0\" is invalid: a whole number from 1 to 500"),
+            "{text}"
+        );
+        assert!(
+            text.contains("CHECKPOINT_URI=\"dynamodb://table\" is invalid: unknown scheme"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn stream_names_and_record_limits_are_checked() {
+        let err = PushSettings::from_env(Env::from_pairs([
+            ("STREAM_NAME", "bad name!"),
+            ("RECORD_MAX_BYTES", "6000000"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("STREAM_NAME=\"bad name!\""), "{err}");
+        assert!(
+            err.contains("RECORD_MAX_BYTES=\"6000000\" is invalid: at most PUT_MAX_BYTES"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let s = PullSettings::from_env(Env::from_pairs([
+            ("GROUP_BY_FIELD", " "),
+            ("SUM_FIELD", "amount"),
+        ]))
+        .unwrap();
+        assert_eq!(s.group_by_field, None);
+        assert_eq!(s.sum_field.as_deref(), Some("amount"));
+    }
+
+    #[test]
+    fn loop_guard_covers_output_and_quarantine() {
+        let s = PushSettings::from_env(Env::from_pairs([
+            ("STREAM_NAME", "s"),
+            ("OUTPUT_URI", "s3://data/output"),
+            ("QUARANTINE_URI", "s3://data/quarantine"),
+        ]))
+        .unwrap();
+        assert!(s.is_own_output("data", "output/a"));
+        assert!(s.is_own_output("data", "quarantine/a"));
+        assert!(!s.is_own_output("data", "input/a"));
+    }
+}

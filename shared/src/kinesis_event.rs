@@ -1,0 +1,234 @@
+//! Kinesis events as the event source mapping delivers them, read without copying.
+//!
+//! [`KinesisEvent`] borrows its strings from the invocation payload (no per-record
+//! allocations), and [`KinesisEventRecord::decode_data_into`] base64-decodes a record's data into
+//! a buffer the caller reuses. [`SequenceNumber`] compares sequence numbers as the 128-bit
+//! integers they are, never as text.
+//!
+//! ```
+//! use pushpull::kinesis_event::{KinesisEvent, SequenceNumber};
+//!
+//! let payload = r#"{"Records":[{"kinesis":{"kinesisSchemaVersion":"1.0","partitionKey":"u1",
+//!   "sequenceNumber":"49590338271490256608559692538361571095921575989136588898",
+//!   "data":"eyJhIjoxfQ==","approximateArrivalTimestamp":1545084650.987},
+//!   "eventSource":"aws:kinesis","eventVersion":"1.0",
+//!   "eventID":"shardId-000000000006:49590338271490256608559692538361571095921575989136588898",
+//!   "eventName":"aws:kinesis:record","awsRegion":"us-east-1",
+//!   "eventSourceARN":"arn:aws:kinesis:us-east-1:123456789012:stream/ingest"}]}"#;
+//! let event: KinesisEvent<'_> = serde_json::from_str(payload)?;
+//! let record = &event.records[0];
+//! assert_eq!(record.shard_id(), "shardId-000000000006");
+//! let mut buf = Vec::new();
+//! record.decode_data_into(&mut buf).unwrap();
+//! assert_eq!(buf, br#"{"a":1}"#);
+//! assert!(record.sequence_number().unwrap() > "9".parse::<SequenceNumber>().unwrap());
+//! # Ok::<(), serde_json::Error>(())
+//! ```
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+/// A Kinesis sequence number, compared as the integer it is, never as text.
+///
+/// Why not `u128`: the notes we started from say "up to 128 bits", but AWS's own sample records
+/// carry 56-digit numbers (about 2^185), and the Kinesis API allows up to 129 digits
+/// (`0|([1-9]\d{0,128})`). So the number is kept as its canonical digits (no leading zeros) and
+/// ordered by length, then digit by digit: integer order at any width.
+///
+/// ```
+/// use pushpull::kinesis_event::SequenceNumber;
+/// let n = |s: &str| s.parse::<SequenceNumber>().unwrap();
+/// assert!(n("9") < n("10"));
+/// assert!(n("49590338271490256608559692538361571095921575989136588898")
+///       < n("49590338271490256608559692538361571095921575989136589898"));
+/// assert_eq!(n("007"), n("7"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SequenceNumber(Box<str>);
+
+/// Longest sequence number the Kinesis API allows, in digits.
+pub const MAX_SEQUENCE_DIGITS: usize = 129;
+
+/// A sequence number that is not a decimal number the Kinesis API could have produced.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("sequence number {0:?} is not a decimal integer of at most 129 digits")]
+pub struct SequenceNumberError(pub String);
+
+impl SequenceNumber {
+    /// The canonical digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for SequenceNumber {
+    type Err = SequenceNumberError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(SequenceNumberError(s.to_owned()));
+        }
+        let digits = s.trim_start_matches('0');
+        let digits = if digits.is_empty() { "0" } else { digits };
+        if digits.len() > MAX_SEQUENCE_DIGITS {
+            return Err(SequenceNumberError(s.to_owned()));
+        }
+        Ok(SequenceNumber(digits.into()))
+    }
+}
+
+impl Ord for SequenceNumber {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0
+            .len()
+            .cmp(&other.0.len())
+            .then_with(|| self.0.as_bytes().cmp(other.0.as_bytes()))
+    }
+}
+impl PartialOrd for SequenceNumber {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for SequenceNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl serde::Serialize for SequenceNumber {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SequenceNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A Kinesis event: the records of one batch from one shard.
+#[derive(Debug, Deserialize)]
+pub struct KinesisEvent<'a> {
+    /// The records, in sequence-number order.
+    #[serde(rename = "Records", borrow)]
+    pub records: Vec<KinesisEventRecord<'a>>,
+}
+
+/// One record of a [`KinesisEvent`].
+#[derive(Debug, Deserialize)]
+pub struct KinesisEventRecord<'a> {
+    /// The Kinesis part of the record.
+    #[serde(borrow)]
+    pub kinesis: KinesisData<'a>,
+    /// `shardId-...:<sequenceNumber>`.
+    #[serde(rename = "eventID", borrow)]
+    pub event_id: Cow<'a, str>,
+    /// The stream's ARN.
+    #[serde(rename = "eventSourceARN", borrow, default)]
+    pub event_source_arn: Cow<'a, str>,
+    /// Always `aws:kinesis`.
+    #[serde(rename = "eventSource", borrow, default)]
+    pub event_source: Cow<'a, str>,
+}
+
+/// The `kinesis` object of a record.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KinesisData<'a> {
+    /// The partition key the producer chose.
+    #[serde(borrow)]
+    pub partition_key: Cow<'a, str>,
+    /// The sequence number, as sent.
+    #[serde(borrow)]
+    pub sequence_number: Cow<'a, str>,
+    /// The data, base64-encoded.
+    #[serde(borrow)]
+    pub data: Cow<'a, str>,
+    /// When Kinesis received the record, in (fractional) seconds since the epoch.
+    #[serde(default)]
+    pub approximate_arrival_timestamp: f64,
+}
+
+/// A record whose data is not valid base64.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("data is not valid base64: {0}")]
+pub struct DataDecodeError(pub String);
+
+impl KinesisEventRecord<'_> {
+    /// The shard the record came from (the part of `eventID` before the `:`).
+    pub fn shard_id(&self) -> &str {
+        self.event_id
+            .split_once(':')
+            .map_or(&*self.event_id, |(shard, _)| shard)
+    }
+
+    /// The record's sequence number as an integer.
+    pub fn sequence_number(&self) -> Result<SequenceNumber, SequenceNumberError> {
+        self.kinesis.sequence_number.parse()
+    }
+
+    /// Decodes the data into `buf` (cleared first), so one buffer serves a whole batch.
+    pub fn decode_data_into(&self, buf: &mut Vec<u8>) -> Result<(), DataDecodeError> {
+        buf.clear();
+        base64::engine::general_purpose::STANDARD
+            .decode_vec(self.kinesis.data.as_bytes(), buf)
+            .map_err(|e| DataDecodeError(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_numbers_compare_as_integers_not_text() {
+        let n = |s: &str| s.parse::<SequenceNumber>().unwrap();
+        assert!(n("9") < n("10"), "text order would say otherwise");
+        assert!(n("0") < n("1"));
+        assert_eq!(n("000"), n("0"));
+        // Wider than u128 (AWS's sample numbers are 56 digits); the API allows 129 digits.
+        let widest = "9".repeat(MAX_SEQUENCE_DIGITS);
+        assert!(n("340282366920938463463374607431768211456") < n(&widest));
+        for bad in [
+            "",
+            "-1",
+            "1e5",
+            " 1",
+            "0x10",
+            &"1".repeat(MAX_SEQUENCE_DIGITS + 1),
+        ] {
+            assert!(bad.parse::<SequenceNumber>().is_err(), "{bad:?}");
+        }
+        assert_eq!(serde_json::to_string(&n("0042")).unwrap(), "\"42\"");
+    }
+
+    #[test]
+    fn borrows_from_the_payload() {
+        let payload = r#"{"Records":[{"kinesis":{"partitionKey":"k","sequenceNumber":"1","data":"e30=","approximateArrivalTimestamp":1.5},"eventID":"shardId-1:1","eventSourceARN":"arn"}]}"#;
+        let ev: KinesisEvent<'_> = serde_json::from_str(payload).unwrap();
+        assert!(matches!(ev.records[0].kinesis.data, Cow::Borrowed(_)));
+        assert_eq!(ev.records[0].kinesis.approximate_arrival_timestamp, 1.5);
+        let mut buf = vec![1, 2, 3];
+        ev.records[0].decode_data_into(&mut buf).unwrap();
+        assert_eq!(buf, b"{}");
+    }
+
+    #[test]
+    fn escaped_strings_still_parse() {
+        // JSON may escape '/' in base64 as "\/"; serde then hands us an owned string.
+        let payload = r#"{"Records":[{"kinesis":{"partitionKey":"k","sequenceNumber":"1","data":"Pz8\/","approximateArrivalTimestamp":1},"eventID":"s:1"}]}"#;
+        let ev: KinesisEvent<'_> = serde_json::from_str(payload).unwrap();
+        let mut buf = Vec::new();
+        ev.records[0].decode_data_into(&mut buf).unwrap();
+        assert_eq!(buf, b"???");
+        let bad = r#"{"Records":[{"kinesis":{"partitionKey":"k","sequenceNumber":"1","data":"!!","approximateArrivalTimestamp":1},"eventID":"s:1"}]}"#;
+        let ev: KinesisEvent<'_> = serde_json::from_str(bad).unwrap();
+        assert!(ev.records[0].decode_data_into(&mut buf).is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! Checking one NDJSON line and picking its partition key, in one pass, without allocating.
+//!
+//! ```
+//! use pushpull::ndjson::{inspect, LineError};
+//!
+//! let line = br#"{"user":"u7","amount":3.5}"#;
+//! assert_eq!(inspect(line, Some("user")).unwrap().as_deref(), Some("u7"));
+//! assert_eq!(inspect(br#"{"user":42}"#, Some("user")).unwrap().as_deref(), Some("42"));
+//! assert_eq!(inspect(line, None).unwrap(), None);
+//! assert!(matches!(inspect(b"{\"user\":", Some("user")), Err(LineError::Json(_))));
+//! assert!(matches!(inspect(b"\xff", None), Err(LineError::Utf8 { at: 0 })));
+//! ```
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Why a line is not a record.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    /// Not UTF-8.
+    #[error("not UTF-8 (invalid byte at offset {at} of the line)")]
+    Utf8 {
+        /// Offset of the first invalid byte within the line.
+        at: usize,
+    },
+    /// Not one JSON value.
+    #[error("invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Checks that `line` is UTF-8 holding exactly one JSON value and, when `field` is given and
+/// the value is an object with that top-level field, returns the field's value as text: a JSON
+/// string unescaped, anything else (number, bool, array, object) as its JSON text; `null` is
+/// treated as absent.
+pub fn inspect<'a>(line: &'a [u8], field: Option<&str>) -> Result<Option<Cow<'a, str>>, LineError> {
+    if let Err(e) = std::str::from_utf8(line) {
+        return Err(LineError::Utf8 {
+            at: e.valid_up_to(),
+        });
+    }
+    let mut de = serde_json::Deserializer::from_slice(line);
+    let found = match field {
+        None => de::Deserialize::deserialize(&mut de).map(|IgnoredAny| None)?,
+        Some(field) => FindField { field }.deserialize(&mut de)?,
+    };
+    de.end()?;
+    let Some(raw) = found else { return Ok(None) };
+    let text = raw.get();
+    if text.starts_with('"') {
+        let s: Cow<'a, str> = serde_json::from_str::<Cow<'a, str>>(text)?;
+        // A borrowed Cow from `text` borrows `line`; an escaped string comes back owned.
+        Ok(Some(s))
+    } else if text == "null" {
+        Ok(None)
+    } else {
+        Ok(Some(Cow::Borrowed(text)))
+    }
+}
+
+struct FindField<'f> {
+    field: &'f str,
+}
+
+impl<'de> DeserializeSeed<'de> for FindField<'_> {
+    type Value = Option<&'de RawValue>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FindField<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if found.is_none() && key == self.field {
+                found = Some(map.next_value::<&'de RawValue>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_top_level_fields_only() {
+        let line = br#"{"nested":{"user":"inner"},"user":"outer"}"#;
+        assert_eq!(
+            inspect(line, Some("user")).unwrap().as_deref(),
+            Some("outer")
+        );
+        assert_eq!(inspect(br#"{"a":1}"#, Some("user")).unwrap(), None);
+        assert_eq!(inspect(br#"{"user":null}"#, Some("user")).unwrap(), None);
+        assert_eq!(
+            inspect(br#"{"user":"a\"b"}"#, Some("user"))
+                .unwrap()
+                .as_deref(),
+            Some("a\"b")
+        );
+        assert_eq!(
+            inspect(br#"{"user":[1, 2]}"#, Some("user"))
+                .unwrap()
+                .as_deref(),
+            Some("[1, 2]")
+        );
+        assert_eq!(inspect(br#"[{"user":"x"}]"#, Some("user")).unwrap(), None);
+        assert_eq!(inspect(br#""just a string""#, Some("user")).unwrap(), None);
+        assert_eq!(inspect(b" 12 ", Some("user")).unwrap(), None);
+    }
+
+    #[test]
+    fn rejects_what_is_not_one_json_value() {
+        for bad in [&b"{}{}"[..], b"{\"a\":}", b"nul", b"{\"a\":1", b"", b"   "] {
+            assert!(
+                matches!(inspect(bad, None), Err(LineError::Json(_))),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+            assert!(matches!(inspect(bad, Some("a")), Err(LineError::Json(_))));
+        }
+        assert!(matches!(
+            inspect(b"{\"a\":\"\xc3\x28\"}", None),
+            Err(LineError::Utf8 { at: 6 })
+        ));
+    }
+}
