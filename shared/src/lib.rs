@@ -16,6 +16,7 @@
 //! | [`pull`] | record-by-record processing and the partial batch response |
 //! | [`store`] | `s3://` or `file://` storage with compare-and-swap writes |
 //! | [`quarantine`] | where bad input goes, with its reason |
+//! | [`rollup`] | the sample pull function: group, count, sum |
 //! | [`config`] | settings from environment variables, checked at cold start |
 //! | [`aws`] | AWS clients built once, SDK errors made readable |
 //! | [`telemetry`] | structured JSON logs |
@@ -31,6 +32,7 @@ pub mod ndjson;
 pub mod pull;
 pub mod push;
 pub mod quarantine;
+pub mod rollup;
 pub mod s3_notification;
 pub mod store;
 pub mod telemetry;

@@ -75,6 +75,28 @@ pub enum PushError {
     },
 }
 
+impl PushError {
+    /// A stable name for the kind of failure (the Lambda `errorType`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PushError::Notification(_) => "PushError.Notification",
+            PushError::Read { .. } => "PushError.Read",
+            PushError::Produce { .. } => "PushError.Produce",
+            PushError::Quarantine { .. } => "PushError.Quarantine",
+        }
+    }
+}
+
+impl From<PushError> for lambda_runtime::Diagnostic {
+    fn from(e: PushError) -> Self {
+        tracing::error!(error_type = e.kind(), error = %e, "invocation failed");
+        lambda_runtime::Diagnostic {
+            error_type: e.kind().to_owned(),
+            error_message: e.to_string(),
+        }
+    }
+}
+
 /// What happened to one object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -160,6 +182,25 @@ pub struct PushHandler<S> {
     s3: aws_sdk_s3::Client,
     producer: Producer<S>,
     quarantine: Store,
+}
+
+impl PushHandler<crate::kinesis_producer::KinesisSink> {
+    /// The handler a deployed function runs: settings from the environment (every problem
+    /// reported at once), clients from the AWS configuration, records to `STREAM_NAME`.
+    pub async fn from_env(aws: &crate::aws::Aws) -> Result<Self, crate::config::ConfigErrors> {
+        let settings = PushSettings::from_env(crate::config::Env::from_process())?;
+        let sink = crate::kinesis_producer::KinesisSink::new(
+            aws.kinesis().await.clone(),
+            &settings.stream_name,
+        );
+        let quarantine = Store::connect(&settings.quarantine, aws).await;
+        Ok(Self::new(
+            settings,
+            aws.s3().await.clone(),
+            sink,
+            quarantine,
+        ))
+    }
 }
 
 impl<S: RecordSink> PushHandler<S> {

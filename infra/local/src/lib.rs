@@ -1,1 +1,9 @@
+//! # pushpull-local
+//!
+//! Plays AWS's part on a laptop: [`runtime_api::FunctionHost`] runs a function binary behind the
+//! Lambda Runtime API, and [`localstack`] talks to LocalStack (S3, Kinesis, SQS) on 127.0.0.1.
+//! The integration tests and `make run` are built from these.
+#![warn(missing_docs)]
 
+pub mod localstack;
+pub mod runtime_api;

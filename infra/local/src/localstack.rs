@@ -1,0 +1,342 @@
+//! Talking to the local AWS (LocalStack on 127.0.0.1): clients, resources, and reading a stream
+//! back the way an event source mapping would see it.
+use std::time::Duration;
+
+use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
+use base64::Engine as _;
+use serde_json::json;
+
+/// The LocalStack endpoint: `LOCALSTACK_ENDPOINT`, else `http://127.0.0.1:4566`.
+pub fn endpoint() -> String {
+    std::env::var("LOCALSTACK_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned())
+}
+
+/// The region everything local lives in.
+pub const REGION: &str = "us-east-1";
+/// The account LocalStack reports.
+pub const ACCOUNT: &str = "000000000000";
+
+/// Environment that points a function binary (or any AWS SDK) at LocalStack.
+pub fn function_env() -> Vec<(String, String)> {
+    [
+        ("AWS_ENDPOINT_URL", endpoint()),
+        ("AWS_REGION", REGION.to_owned()),
+        ("AWS_DEFAULT_REGION", REGION.to_owned()),
+        ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// LocalStack is not there.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "LocalStack is not answering at {endpoint} ({reason}); start it with `infra/localstack.sh up` (`make test` and `make run` do)"
+)]
+pub struct NotRunning {
+    /// Where it was looked for.
+    pub endpoint: String,
+    /// What happened.
+    pub reason: String,
+}
+
+/// Clients for the three services the project uses.
+#[derive(Debug, Clone)]
+pub struct Local {
+    /// S3 (path-style addressing).
+    pub s3: aws_sdk_s3::Client,
+    /// Kinesis.
+    pub kinesis: aws_sdk_kinesis::Client,
+    /// SQS.
+    pub sqs: aws_sdk_sqs::Client,
+}
+
+impl Local {
+    /// Clients for LocalStack; fails clearly when it is not running (never skips).
+    pub async fn connect() -> Result<Self, NotRunning> {
+        let endpoint = endpoint();
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&endpoint)
+            .region(aws_config::Region::new(REGION))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "test", "test", None, None, "local",
+            ))
+            .load()
+            .await;
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&config)
+                .force_path_style(true)
+                .build(),
+        );
+        let local = Local {
+            s3,
+            kinesis: aws_sdk_kinesis::Client::new(&config),
+            sqs: aws_sdk_sqs::Client::new(&config),
+        };
+        local
+            .kinesis
+            .list_streams()
+            .send()
+            .await
+            .map_err(|e| NotRunning {
+                endpoint: endpoint.clone(),
+                reason: aws_smithy_display(&e),
+            })?;
+        Ok(local)
+    }
+
+    /// Creates `bucket` if missing.
+    pub async fn ensure_bucket(&self, bucket: &str) -> Result<(), String> {
+        match self.s3.create_bucket().bucket(bucket).send().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let msg = aws_smithy_display(&e);
+                if msg.contains("BucketAlreadyOwnedByYou") || msg.contains("BucketAlreadyExists") {
+                    Ok(())
+                } else {
+                    Err(format!("CreateBucket {bucket}: {msg}"))
+                }
+            }
+        }
+    }
+
+    /// Creates `stream` with `shards` shards if missing, waits until it is ACTIVE, returns its ARN.
+    pub async fn ensure_stream(&self, stream: &str, shards: i32) -> Result<String, String> {
+        if let Err(e) = self
+            .kinesis
+            .create_stream()
+            .stream_name(stream)
+            .shard_count(shards)
+            .send()
+            .await
+        {
+            let msg = aws_smithy_display(&e);
+            if !msg.contains("ResourceInUseException") {
+                return Err(format!("CreateStream {stream}: {msg}"));
+            }
+        }
+        for _ in 0..200 {
+            let d = self
+                .kinesis
+                .describe_stream_summary()
+                .stream_name(stream)
+                .send()
+                .await
+                .map_err(|e| {
+                    format!("DescribeStreamSummary {stream}: {}", aws_smithy_display(&e))
+                })?;
+            if let Some(s) = d.stream_description_summary() {
+                if s.stream_status() == &StreamStatus::Active {
+                    return Ok(s.stream_arn().to_owned());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("stream {stream} did not become ACTIVE"))
+    }
+
+    /// Creates an SQS queue and makes `bucket` send ObjectCreated notifications for keys under
+    /// `prefix` to it (S3's own event source, as it would notify Lambda). Returns the queue URL.
+    pub async fn notify_queue(
+        &self,
+        bucket: &str,
+        queue: &str,
+        prefix: &str,
+    ) -> Result<String, String> {
+        use aws_sdk_s3::types::{
+            Event, FilterRule, FilterRuleName, NotificationConfiguration,
+            NotificationConfigurationFilter, QueueConfiguration, S3KeyFilter,
+        };
+        let url = self
+            .sqs
+            .create_queue()
+            .queue_name(queue)
+            .send()
+            .await
+            .map_err(|e| format!("CreateQueue {queue}: {}", aws_smithy_display(&e)))?;
+        let url = url.queue_url().unwrap_or_default().to_owned();
+        let arn = format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{queue}");
+        let filter = NotificationConfigurationFilter::builder()
+            .key(
+                S3KeyFilter::builder()
+                    .filter_rules(
+                        FilterRule::builder()
+                            .name(FilterRuleName::Prefix)
+                            .value(prefix)
+                            .build(),
+                    )
+                    .build(),
+            )
+            .build();
+        let qc = QueueConfiguration::builder()
+            .queue_arn(arn)
+            .events(Event::from("s3:ObjectCreated:*"))
+            .filter(filter)
+            .build()
+            .map_err(|e| e.to_string())?;
+        self.s3
+            .put_bucket_notification_configuration()
+            .bucket(bucket)
+            .notification_configuration(
+                NotificationConfiguration::builder()
+                    .queue_configurations(qc)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| {
+                format!(
+                    "PutBucketNotificationConfiguration {bucket}: {}",
+                    aws_smithy_display(&e)
+                )
+            })?;
+        Ok(url)
+    }
+
+    /// Receives up to 10 messages (long-polling `wait`), returning (receipt handle, body).
+    pub async fn receive(
+        &self,
+        queue_url: &str,
+        wait: Duration,
+    ) -> Result<Vec<(String, String)>, String> {
+        let out = self
+            .sqs
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(wait.as_secs().min(20) as i32)
+            .send()
+            .await
+            .map_err(|e| format!("ReceiveMessage: {}", aws_smithy_display(&e)))?;
+        Ok(out
+            .messages()
+            .iter()
+            .map(|m| {
+                (
+                    m.receipt_handle().unwrap_or_default().to_owned(),
+                    m.body().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect())
+    }
+
+    /// Deletes a received message.
+    pub async fn delete_message(&self, queue_url: &str, receipt: &str) -> Result<(), String> {
+        self.sqs
+            .delete_message()
+            .queue_url(queue_url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("DeleteMessage: {}", aws_smithy_display(&e)))
+    }
+
+    /// Reads every record now in `stream`, shard by shard from TRIM_HORIZON, in sequence order.
+    pub async fn read_stream(&self, stream: &str) -> Result<Vec<StreamRecord>, String> {
+        let shards = self
+            .kinesis
+            .list_shards()
+            .stream_name(stream)
+            .send()
+            .await
+            .map_err(|e| format!("ListShards {stream}: {}", aws_smithy_display(&e)))?;
+        let mut all = Vec::new();
+        for shard in shards.shards() {
+            let shard_id = shard.shard_id().to_owned();
+            let it = self
+                .kinesis
+                .get_shard_iterator()
+                .stream_name(stream)
+                .shard_id(&shard_id)
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .map_err(|e| {
+                    format!(
+                        "GetShardIterator {stream}/{shard_id}: {}",
+                        aws_smithy_display(&e)
+                    )
+                })?;
+            let mut iterator = it.shard_iterator().map(str::to_owned);
+            while let Some(current) = iterator.take() {
+                let out = self
+                    .kinesis
+                    .get_records()
+                    .shard_iterator(&current)
+                    .limit(10_000)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        format!("GetRecords {stream}/{shard_id}: {}", aws_smithy_display(&e))
+                    })?;
+                for r in out.records() {
+                    all.push(StreamRecord {
+                        shard_id: shard_id.clone(),
+                        sequence_number: r.sequence_number().to_owned(),
+                        partition_key: r.partition_key().unwrap_or_default().to_owned(),
+                        data: r.data().as_ref().to_vec(),
+                        arrival: r
+                            .approximate_arrival_timestamp()
+                            .map_or(0.0, |t| t.as_secs_f64()),
+                    });
+                }
+                if out.records().is_empty()
+                    || out.millis_behind_latest() == Some(0) && out.records().is_empty()
+                {
+                    break;
+                }
+                iterator = out.next_shard_iterator().map(str::to_owned);
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// A record read from a stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamRecord {
+    /// Its shard.
+    pub shard_id: String,
+    /// Its sequence number.
+    pub sequence_number: String,
+    /// Its partition key.
+    pub partition_key: String,
+    /// Its data.
+    pub data: Vec<u8>,
+    /// Arrival time, seconds since the epoch.
+    pub arrival: f64,
+}
+
+/// A Kinesis event exactly as the event source mapping shapes it, for `records` of one shard.
+pub fn kinesis_event(records: &[StreamRecord], stream_arn: &str) -> serde_json::Value {
+    let region = stream_arn.split(':').nth(3).unwrap_or(REGION);
+    let recs: Vec<_> = records
+        .iter()
+        .map(|r| {
+            json!({
+                "kinesis": {
+                    "kinesisSchemaVersion": "1.0",
+                    "partitionKey": r.partition_key,
+                    "sequenceNumber": r.sequence_number,
+                    "data": base64::engine::general_purpose::STANDARD.encode(&r.data),
+                    "approximateArrivalTimestamp": r.arrival,
+                },
+                "eventSource": "aws:kinesis",
+                "eventVersion": "1.0",
+                "eventID": format!("{}:{}", r.shard_id, r.sequence_number),
+                "eventName": "aws:kinesis:record",
+                "invokeIdentityArn": format!("arn:aws:iam::{ACCOUNT}:role/pushpull-local"),
+                "awsRegion": region,
+                "eventSourceARN": stream_arn,
+            })
+        })
+        .collect();
+    json!({ "Records": recs })
+}
+
+fn aws_smithy_display<E: std::error::Error + 'static>(e: &E) -> String {
+    aws_smithy_types::error::display::DisplayErrorContext(e).to_string()
+}

@@ -1,0 +1,87 @@
+//! Every sample event in `events/` parses as what it claims to be, both with this project's
+//! types and with aws_lambda_events, and survives a round trip through aws_lambda_events.
+use std::path::PathBuf;
+
+use aws_lambda_events::event::kinesis::KinesisEvent as AwsKinesisEvent;
+use aws_lambda_events::event::s3::S3Event;
+use pushpull::kinesis_event::KinesisEvent;
+use pushpull::s3_notification::{EventKind, S3Notification};
+
+fn read(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../events")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize + PartialEq + std::fmt::Debug>(
+    text: &str,
+) {
+    let parsed: T = serde_json::from_str(text).unwrap();
+    let again: T = serde_json::from_str(&serde_json::to_string(&parsed).unwrap()).unwrap();
+    assert_eq!(parsed, again);
+}
+
+#[test]
+fn s3_fixtures() {
+    for name in [
+        "s3-put.json",
+        "s3-put-encoded-key.json",
+        "s3-put-multi.json",
+        "s3-object-removed.json",
+    ] {
+        let text = read(name);
+        round_trip::<S3Event>(&text);
+        let S3Notification::Records(events) = S3Notification::from_slice(text.as_bytes()).unwrap()
+        else {
+            panic!("{name}")
+        };
+        assert!(!events.is_empty(), "{name}");
+    }
+    let S3Notification::Records(ev) =
+        S3Notification::from_slice(read("s3-put-encoded-key.json").as_bytes()).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(ev[0].key, "input/café menu/résumé 2026 + extra.ndjson");
+    let S3Notification::Records(ev) =
+        S3Notification::from_slice(read("s3-put-multi.json").as_bytes()).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(ev.len(), 3);
+    let S3Notification::Records(ev) =
+        S3Notification::from_slice(read("s3-object-removed.json").as_bytes()).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((ev[0].kind, ev[0].size), (EventKind::ObjectRemoved, None));
+    assert!(matches!(
+        S3Notification::from_slice(read("s3-test-event.json").as_bytes()).unwrap(),
+        S3Notification::TestEvent { .. }
+    ));
+}
+
+#[test]
+fn kinesis_fixtures() {
+    for name in ["kinesis-batch.json", "kinesis-batch-shard1.json"] {
+        let text = read(name);
+        round_trip::<AwsKinesisEvent>(&text);
+        let ev: KinesisEvent<'_> = serde_json::from_str(&text).unwrap();
+        let seqs: Vec<_> = ev
+            .records
+            .iter()
+            .map(|r| r.sequence_number().unwrap())
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{name}: a batch is in sequence order"
+        );
+        assert!(
+            ev.records
+                .iter()
+                .all(|r| r.shard_id() == ev.records[0].shard_id()),
+            "{name}: a batch comes from one shard"
+        );
+    }
+}
