@@ -34,9 +34,7 @@ impl Aws {
 
     /// The shared SDK configuration (region, credentials, endpoint) from the environment.
     pub async fn sdk_config(&self) -> &aws_config::SdkConfig {
-        self.config
-            .get_or_init(|| aws_config::load_defaults(aws_config::BehaviorVersion::latest()))
-            .await
+        self.config.get_or_init(|| aws_config::load_defaults(aws_config::BehaviorVersion::latest())).await
     }
 
     /// The S3 client; path-style addressing when an endpoint override is configured.
@@ -44,11 +42,9 @@ impl Aws {
         let config = self.sdk_config().await;
         self.s3
             .get_or_init(|| async {
-                let local = std::env::var_os("AWS_ENDPOINT_URL").is_some()
-                    || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
-                let s3 = aws_sdk_s3::config::Builder::from(config)
-                    .force_path_style(local)
-                    .build();
+                let local =
+                    std::env::var_os("AWS_ENDPOINT_URL").is_some() || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
+                let s3 = aws_sdk_s3::config::Builder::from(config).force_path_style(local).build();
                 aws_sdk_s3::Client::from_conf(s3)
             })
             .await
@@ -57,9 +53,7 @@ impl Aws {
     /// The Kinesis client.
     pub async fn kinesis(&self) -> &aws_sdk_kinesis::Client {
         let config = self.sdk_config().await;
-        self.kinesis
-            .get_or_init(|| async { aws_sdk_kinesis::Client::new(config) })
-            .await
+        self.kinesis.get_or_init(|| async { aws_sdk_kinesis::Client::new(config) }).await
     }
 }
 
@@ -82,13 +76,8 @@ const RETRYABLE_CODES: &[&str] = &[
 /// and network failures are; access denied, missing resources and bad requests are not.
 pub fn is_retryable<E: ProvideErrorMetadata, R: Debug>(e: &SdkError<E, R>) -> bool {
     match e {
-        SdkError::ServiceError(se) => se
-            .err()
-            .code()
-            .is_some_and(|c| RETRYABLE_CODES.contains(&c)),
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            true
-        }
+        SdkError::ServiceError(se) => se.err().code().is_some_and(|c| RETRYABLE_CODES.contains(&c)),
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
         _ => false,
     }
 }

@@ -77,22 +77,14 @@ pub enum BatchConfigError {
 impl BatchConfig {
     /// At most `max_events` items and `max_bytes` bytes a batch; a batch that is not full is
     /// released `timeout` after its first item arrived (zero: as soon as input pauses).
-    pub fn new(
-        max_events: usize,
-        max_bytes: usize,
-        timeout: Duration,
-    ) -> Result<Self, BatchConfigError> {
+    pub fn new(max_events: usize, max_bytes: usize, timeout: Duration) -> Result<Self, BatchConfigError> {
         if max_events == 0 {
             return Err(BatchConfigError::ZeroEvents);
         }
         if max_bytes == 0 {
             return Err(BatchConfigError::ZeroBytes);
         }
-        Ok(BatchConfig {
-            max_events,
-            max_bytes,
-            timeout,
-        })
+        Ok(BatchConfig { max_events, max_bytes, timeout })
     }
     /// Most items in one batch.
     pub fn max_events(&self) -> usize {
@@ -133,13 +125,7 @@ pub struct Batcher<T> {
 impl<T: ByteSize> Batcher<T> {
     /// An empty batcher.
     pub fn new(config: BatchConfig) -> Self {
-        Batcher {
-            config,
-            open: Vec::new(),
-            open_bytes: 0,
-            opened_at: None,
-            sealed: VecDeque::new(),
-        }
+        Batcher { config, open: Vec::new(), open_bytes: 0, opened_at: None, sealed: VecDeque::new() }
     }
 
     /// The limits in force.
@@ -153,11 +139,7 @@ impl<T: ByteSize> Batcher<T> {
     pub fn push(&mut self, item: T) -> Result<(), Oversized<T>> {
         let size = item.byte_size();
         if size > self.config.max_bytes {
-            return Err(Oversized {
-                item,
-                size,
-                max_bytes: self.config.max_bytes,
-            });
+            return Err(Oversized { item, size, max_bytes: self.config.max_bytes });
         }
         if !self.open.is_empty() && self.open_bytes + size > self.config.max_bytes {
             self.seal();
@@ -327,10 +309,7 @@ mod tests {
         b.push("cd".to_string()).unwrap();
         assert_eq!(b.ready(), None, "4 bytes is within a 4-byte limit");
         let err = b.push("xxxxx".to_string()).unwrap_err();
-        assert_eq!(
-            (err.item.as_str(), err.size, err.max_bytes),
-            ("xxxxx", 5, 4)
-        );
+        assert_eq!((err.item.as_str(), err.size, err.max_bytes), ("xxxxx", 5, 4));
         assert_eq!(b.flush().unwrap(), ["ab", "cd"]);
     }
 
@@ -346,14 +325,8 @@ mod tests {
 
     #[test]
     fn zero_limits_are_refused() {
-        assert_eq!(
-            BatchConfig::new(0, 1, Duration::ZERO),
-            Err(BatchConfigError::ZeroEvents)
-        );
-        assert_eq!(
-            BatchConfig::new(1, 0, Duration::ZERO),
-            Err(BatchConfigError::ZeroBytes)
-        );
+        assert_eq!(BatchConfig::new(0, 1, Duration::ZERO), Err(BatchConfigError::ZeroEvents));
+        assert_eq!(BatchConfig::new(1, 0, Duration::ZERO), Err(BatchConfigError::ZeroBytes));
     }
 
     /// Consumes `out` in a task, recording when each batch came out.
@@ -384,13 +357,7 @@ mod tests {
         let ms = |n| Duration::from_millis(n);
         // The deadline counts from the first item of a batch, not the last; the end of input
         // releases the open batch at once.
-        assert_eq!(
-            seen,
-            vec![
-                (ms(500), vec!["a".to_string(), "b".into()]),
-                (ms(1200), vec!["c".into()])
-            ]
-        );
+        assert_eq!(seen, vec![(ms(500), vec!["a".to_string(), "b".into()]), (ms(1200), vec!["c".into()])]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -62,11 +62,7 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConfigError::Missing { name, purpose } => write!(f, "{name} is not set: {purpose}"),
-            ConfigError::Invalid {
-                name,
-                value,
-                expected,
-            } => write!(f, "{name}={value:?} is invalid: {expected}"),
+            ConfigError::Invalid { name, value, expected } => write!(f, "{name}={value:?} is invalid: {expected}"),
         }
     }
 }
@@ -77,12 +73,7 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid configuration ({} problem{}): ",
-            self.0.len(),
-            if self.0.len() == 1 { "" } else { "s" }
-        )?;
+        write!(f, "invalid configuration ({} problem{}): ", self.0.len(), if self.0.len() == 1 { "" } else { "s" })?;
         for (i, e) in self.0.iter().enumerate() {
             if i > 0 {
                 f.write_str("; ")?;
@@ -106,23 +97,12 @@ impl Env {
     }
 
     /// Explicit variables, for tests and embedding.
-    pub fn from_pairs<K: Into<String>, V: Into<String>>(
-        pairs: impl IntoIterator<Item = (K, V)>,
-    ) -> Self {
-        Env {
-            vars: pairs
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
-            errors: Vec::new(),
-        }
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        Env { vars: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(), errors: Vec::new() }
     }
 
     fn raw(&self, name: &str) -> Option<&str> {
-        self.vars
-            .get(name)
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty())
+        self.vars.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
     }
 
     /// A required string.
@@ -153,11 +133,7 @@ impl Env {
         match raw.parse() {
             Ok(v) => v,
             Err(e) => {
-                self.errors.push(ConfigError::Invalid {
-                    name,
-                    value: raw,
-                    expected: e.to_string(),
-                });
+                self.errors.push(ConfigError::Invalid { name, value: raw, expected: e.to_string() });
                 default
             }
         }
@@ -175,67 +151,36 @@ impl Env {
             Ok(v) if range.contains(&v) => v,
             _ => {
                 let expected = format!("a whole number from {} to {}", range.start(), range.end());
-                self.errors.push(ConfigError::Invalid {
-                    name,
-                    value: raw,
-                    expected,
-                });
+                self.errors.push(ConfigError::Invalid { name, value: raw, expected });
                 default
             }
         }
     }
 
     /// Records a problem found by the caller.
-    pub fn invalid(
-        &mut self,
-        name: &'static str,
-        value: impl Into<String>,
-        expected: impl Into<String>,
-    ) {
-        self.errors.push(ConfigError::Invalid {
-            name,
-            value: value.into(),
-            expected: expected.into(),
-        });
+    pub fn invalid(&mut self, name: &'static str, value: impl Into<String>, expected: impl Into<String>) {
+        self.errors.push(ConfigError::Invalid { name, value: value.into(), expected: expected.into() });
     }
 
     /// `Ok` when nothing was wrong.
     pub fn finish(self) -> Result<(), ConfigErrors> {
-        if self.errors.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigErrors(self.errors))
-        }
+        if self.errors.is_empty() { Ok(()) } else { Err(ConfigErrors(self.errors)) }
     }
 }
 
 fn location(env: &mut Env, name: &'static str, default: &str) -> Location {
     let raw = env.optional(name).unwrap_or_else(|| default.to_owned());
-    raw.parse()
-        .unwrap_or_else(|e: crate::store::LocationError| {
-            env.invalid(
-                name,
-                raw,
-                e.reason.to_owned() + " (expected s3://bucket/prefix or file:///absolute/dir)",
-            );
-            Location::File {
-                root: default.trim_start_matches("file://").into(),
-            }
-        })
+    raw.parse().unwrap_or_else(|e: crate::store::LocationError| {
+        env.invalid(name, raw, e.reason.to_owned() + " (expected s3://bucket/prefix or file:///absolute/dir)");
+        Location::File { root: default.trim_start_matches("file://").into() }
+    })
 }
 
 fn stream_name(env: &mut Env, name: &'static str, purpose: &'static str) -> String {
     let value = env.required(name, purpose);
-    let ok = value.len() <= 128
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    let ok = value.len() <= 128 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
     if !value.is_empty() && !ok {
-        env.invalid(
-            name,
-            value.clone(),
-            "a Kinesis stream name: 1-128 characters of a-z, A-Z, 0-9, '_', '.', '-'",
-        );
+        env.invalid(name, value.clone(), "a Kinesis stream name: 1-128 characters of a-z, A-Z, 0-9, '_', '.', '-'");
     }
     value
 }
@@ -267,36 +212,17 @@ pub struct PushSettings {
 impl PushSettings {
     /// Reads and checks the settings; every problem is reported at once.
     pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
-        let stream_name = stream_name(
-            &mut env,
-            "STREAM_NAME",
-            "the Kinesis stream the push function writes to",
-        );
+        let stream_name = stream_name(&mut env, "STREAM_NAME", "the Kinesis stream the push function writes to");
         let checkpoint = location(&mut env, "CHECKPOINT_URI", DEFAULT_CHECKPOINT_URI);
         let output = location(&mut env, "OUTPUT_URI", DEFAULT_OUTPUT_URI);
         let quarantine = location(&mut env, "QUARANTINE_URI", DEFAULT_QUARANTINE_URI);
         let partition_key_field = env.optional("PARTITION_KEY_FIELD");
         let max_bytes_cap = 2 * KINESIS_MAX_BYTES_PER_CALL;
-        let record_max_bytes = env.number_in(
-            "RECORD_MAX_BYTES",
-            KINESIS_MAX_RECORD_BYTES,
-            1..=10 * 1024 * 1024,
-        );
-        let max_line_bytes = env.number_in(
-            "MAX_LINE_BYTES",
-            KINESIS_MAX_RECORD_BYTES,
-            1..=64 * 1024 * 1024,
-        );
-        let max_events = env.number_in(
-            "PUT_MAX_RECORDS",
-            KINESIS_MAX_RECORDS_PER_CALL,
-            1..=KINESIS_MAX_RECORDS_PER_CALL,
-        );
-        let max_bytes = env.number_in(
-            "PUT_MAX_BYTES",
-            KINESIS_MAX_BYTES_PER_CALL,
-            1..=max_bytes_cap,
-        );
+        let record_max_bytes = env.number_in("RECORD_MAX_BYTES", KINESIS_MAX_RECORD_BYTES, 1..=10 * 1024 * 1024);
+        let max_line_bytes = env.number_in("MAX_LINE_BYTES", KINESIS_MAX_RECORD_BYTES, 1..=64 * 1024 * 1024);
+        let max_events =
+            env.number_in("PUT_MAX_RECORDS", KINESIS_MAX_RECORDS_PER_CALL, 1..=KINESIS_MAX_RECORDS_PER_CALL);
+        let max_bytes = env.number_in("PUT_MAX_BYTES", KINESIS_MAX_BYTES_PER_CALL, 1..=max_bytes_cap);
         let linger_ms = env.number_in("PUT_LINGER_MS", 100u64, 0..=60_000);
         let put_max_attempts = env.number_in("PUT_MAX_ATTEMPTS", 8u32, 1..=100);
         if record_max_bytes > max_bytes {
@@ -350,12 +276,7 @@ impl PullSettings {
         let group_by_field = env.optional("GROUP_BY_FIELD");
         let sum_field = env.optional("SUM_FIELD");
         env.finish()?;
-        Ok(PullSettings {
-            checkpoint,
-            output,
-            group_by_field,
-            sum_field,
-        })
+        Ok(PullSettings { checkpoint, output, group_by_field, sum_field })
     }
 }
 
@@ -389,53 +310,26 @@ mod tests {
                 ConfigError::Missing { name, .. } | ConfigError::Invalid { name, .. } => *name,
             })
             .collect();
-        assert_eq!(
-            names,
-            [
-                "STREAM_NAME",
-                "CHECKPOINT_URI",
-                "OUTPUT_URI",
-                "PUT_MAX_RECORDS",
-                "PUT_LINGER_MS"
-            ]
-        );
+        assert_eq!(names, ["STREAM_NAME", "CHECKPOINT_URI", "OUTPUT_URI", "PUT_MAX_RECORDS", "PUT_LINGER_MS"]);
         let text = err.to_string();
-        assert!(
-            text.starts_with("invalid configuration (5 problems): STREAM_NAME is not set"),
-            "{text}"
-        );
-        assert!(
-            text.contains("PUT_MAX_RECORDS=\"0\" is invalid: a whole number from 1 to 500"),
-            "{text}"
-        );
-        assert!(
-            text.contains("CHECKPOINT_URI=\"dynamodb://table\" is invalid: unknown scheme"),
-            "{text}"
-        );
+        assert!(text.starts_with("invalid configuration (5 problems): STREAM_NAME is not set"), "{text}");
+        assert!(text.contains("PUT_MAX_RECORDS=\"0\" is invalid: a whole number from 1 to 500"), "{text}");
+        assert!(text.contains("CHECKPOINT_URI=\"dynamodb://table\" is invalid: unknown scheme"), "{text}");
     }
 
     #[test]
     fn stream_names_and_record_limits_are_checked() {
-        let err = PushSettings::from_env(Env::from_pairs([
-            ("STREAM_NAME", "bad name!"),
-            ("RECORD_MAX_BYTES", "6000000"),
-        ]))
-        .unwrap_err()
-        .to_string();
+        let err =
+            PushSettings::from_env(Env::from_pairs([("STREAM_NAME", "bad name!"), ("RECORD_MAX_BYTES", "6000000")]))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("STREAM_NAME=\"bad name!\""), "{err}");
-        assert!(
-            err.contains("RECORD_MAX_BYTES=\"6000000\" is invalid: at most PUT_MAX_BYTES"),
-            "{err}"
-        );
+        assert!(err.contains("RECORD_MAX_BYTES=\"6000000\" is invalid: at most PUT_MAX_BYTES"), "{err}");
     }
 
     #[test]
     fn empty_values_count_as_unset() {
-        let s = PullSettings::from_env(Env::from_pairs([
-            ("GROUP_BY_FIELD", " "),
-            ("SUM_FIELD", "amount"),
-        ]))
-        .unwrap();
+        let s = PullSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", " "), ("SUM_FIELD", "amount")])).unwrap();
         assert_eq!(s.group_by_field, None);
         assert_eq!(s.sum_field.as_deref(), Some("amount"));
     }

@@ -81,10 +81,7 @@ impl FromStr for SequenceNumber {
 
 impl Ord for SequenceNumber {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0
-            .len()
-            .cmp(&other.0.len())
-            .then_with(|| self.0.as_bytes().cmp(other.0.as_bytes()))
+        self.0.len().cmp(&other.0.len()).then_with(|| self.0.as_bytes().cmp(other.0.as_bytes()))
     }
 }
 impl PartialOrd for SequenceNumber {
@@ -163,9 +160,7 @@ pub struct DataDecodeError(pub String);
 impl KinesisEventRecord<'_> {
     /// The shard the record came from (the part of `eventID` before the `:`).
     pub fn shard_id(&self) -> &str {
-        self.event_id
-            .split_once(':')
-            .map_or(&*self.event_id, |(shard, _)| shard)
+        self.event_id.split_once(':').map_or(&*self.event_id, |(shard, _)| shard)
     }
 
     /// The record's sequence number as an integer.
@@ -195,14 +190,7 @@ mod tests {
         // Wider than u128 (AWS's sample numbers are 56 digits); the API allows 129 digits.
         let widest = "9".repeat(MAX_SEQUENCE_DIGITS);
         assert!(n("340282366920938463463374607431768211456") < n(&widest));
-        for bad in [
-            "",
-            "-1",
-            "1e5",
-            " 1",
-            "0x10",
-            &"1".repeat(MAX_SEQUENCE_DIGITS + 1),
-        ] {
+        for bad in ["", "-1", "1e5", " 1", "0x10", &"1".repeat(MAX_SEQUENCE_DIGITS + 1)] {
             assert!(bad.parse::<SequenceNumber>().is_err(), "{bad:?}");
         }
         assert_eq!(serde_json::to_string(&n("0042")).unwrap(), "\"42\"");

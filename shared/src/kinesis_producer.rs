@@ -46,11 +46,7 @@ pub struct OutRecord {
 impl OutRecord {
     /// A record from `line` of the input.
     pub fn new(partition_key: impl Into<String>, data: Bytes, line: u64) -> Self {
-        OutRecord {
-            partition_key: partition_key.into(),
-            data,
-            line,
-        }
+        OutRecord { partition_key: partition_key.into(), data, line }
     }
 }
 
@@ -88,10 +84,7 @@ pub struct SinkError {
 /// Where batches of records go.
 pub trait RecordSink: Send + Sync {
     /// Sends `records` in one call; the answer has one [`PutResult`] per record, in order.
-    fn put_records(
-        &self,
-        records: &[OutRecord],
-    ) -> impl Future<Output = Result<Vec<PutResult>, SinkError>> + Send;
+    fn put_records(&self, records: &[OutRecord]) -> impl Future<Output = Result<Vec<PutResult>, SinkError>> + Send;
 }
 
 /// A Kinesis stream.
@@ -104,10 +97,7 @@ pub struct KinesisSink {
 impl KinesisSink {
     /// Records go to `stream_name`.
     pub fn new(client: aws_sdk_kinesis::Client, stream_name: impl Into<String>) -> Self {
-        KinesisSink {
-            client,
-            stream_name: stream_name.into(),
-        }
+        KinesisSink { client, stream_name: stream_name.into() }
     }
 }
 
@@ -121,27 +111,16 @@ impl RecordSink for KinesisSink {
                     .partition_key(&r.partition_key)
                     .data(aws_sdk_kinesis::primitives::Blob::new(r.data.to_vec()))
                     .build()
-                    .map_err(|e| SinkError {
-                        message: format!("line {}: {e}", r.line),
-                        retryable: false,
-                    })
+                    .map_err(|e| SinkError { message: format!("line {}: {e}", r.line), retryable: false })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let out = self
-            .client
-            .put_records()
-            .stream_name(&self.stream_name)
-            .set_records(Some(entries))
-            .send()
-            .await
-            .map_err(|e| SinkError {
-                message: format!(
-                    "PutRecords to stream {}: {}",
-                    self.stream_name,
-                    crate::aws::describe(&e)
-                ),
-                retryable: crate::aws::is_retryable(&e),
-            })?;
+        let out =
+            self.client.put_records().stream_name(&self.stream_name).set_records(Some(entries)).send().await.map_err(
+                |e| SinkError {
+                    message: format!("PutRecords to stream {}: {}", self.stream_name, crate::aws::describe(&e)),
+                    retryable: crate::aws::is_retryable(&e),
+                },
+            )?;
         if out.records().len() != records.len() {
             return Err(SinkError {
                 message: format!(
@@ -251,10 +230,7 @@ impl<S: RecordSink> Producer<S> {
     }
 
     fn delay(&self, retry: u32) -> Duration {
-        let exp = self
-            .base_delay
-            .saturating_mul(1u32 << retry.min(16))
-            .min(self.max_delay);
+        let exp = self.base_delay.saturating_mul(1u32 << retry.min(16)).min(self.max_delay);
         exp.mul_f64(0.5 + fastrand::f64() / 2.0)
     }
 
@@ -287,11 +263,7 @@ impl<S: RecordSink> Producer<S> {
                 }
                 Err(e) if !e.retryable => {
                     let first_line = pending.first().map_or(0, |r| r.line);
-                    return Err(ProduceError::Rejected {
-                        failed: pending.len(),
-                        first_line,
-                        message: e.message,
-                    });
+                    return Err(ProduceError::Rejected { failed: pending.len(), first_line, message: e.message });
                 }
                 Err(e) => ("CallFailed".to_owned(), e.message),
             };
@@ -305,13 +277,7 @@ impl<S: RecordSink> Producer<S> {
                     message,
                 });
             }
-            tracing::warn!(
-                failed = pending.len(),
-                attempt,
-                code,
-                message,
-                "PutRecords entries failed; resending them"
-            );
+            tracing::warn!(failed = pending.len(), attempt, code, message, "PutRecords entries failed; resending them");
             report.resent += pending.len();
             tokio::time::sleep(self.delay(attempt - 1)).await;
         }
@@ -358,43 +324,21 @@ mod tests {
     }
 
     fn recs(n: u64) -> Vec<OutRecord> {
-        (1..=n)
-            .map(|i| OutRecord::new("k", Bytes::from(format!("r{i}")), i))
-            .collect()
+        (1..=n).map(|i| OutRecord::new("k", Bytes::from(format!("r{i}")), i)).collect()
     }
 
     #[tokio::test(start_paused = true)]
     async fn resends_only_failed_entries() {
-        let sink = Scripted {
-            fail: vec![b"r2", b"r4"],
-            times: 2,
-            seen: Default::default(),
-            call_error: None,
-        };
+        let sink = Scripted { fail: vec![b"r2", b"r4"], times: 2, seen: Default::default(), call_error: None };
         let p = Producer::new(sink, 5);
         let report = p.send(recs(5)).await.unwrap();
-        assert_eq!(
-            report,
-            SendReport {
-                records: 5,
-                calls: 3,
-                resent: 4
-            }
-        );
-        assert_eq!(
-            *p.sink().seen.lock().unwrap(),
-            vec![vec![1, 2, 3, 4, 5], vec![2, 4], vec![2, 4]]
-        );
+        assert_eq!(report, SendReport { records: 5, calls: 3, resent: 4 });
+        assert_eq!(*p.sink().seen.lock().unwrap(), vec![vec![1, 2, 3, 4, 5], vec![2, 4], vec![2, 4]]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn gives_up_after_max_attempts_naming_the_first_line() {
-        let sink = Scripted {
-            fail: vec![b"r3"],
-            times: 99,
-            seen: Default::default(),
-            call_error: None,
-        };
+        let sink = Scripted { fail: vec![b"r3"], times: 99, seen: Default::default(), call_error: None };
         let err = Producer::new(sink, 3).send(recs(4)).await.unwrap_err();
         assert_eq!(
             err,
@@ -410,45 +354,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn non_retryable_call_errors_stop_at_once() {
-        let e = SinkError {
-            message: "ResourceNotFoundException: no stream".into(),
-            retryable: false,
-        };
-        let sink = Scripted {
-            fail: vec![],
-            times: 0,
-            seen: Default::default(),
-            call_error: Some(e),
-        };
+        let e = SinkError { message: "ResourceNotFoundException: no stream".into(), retryable: false };
+        let sink = Scripted { fail: vec![], times: 0, seen: Default::default(), call_error: Some(e) };
         let p = Producer::new(sink, 5);
         let err = p.send(recs(2)).await.unwrap_err();
-        assert!(matches!(
-            err,
-            ProduceError::Rejected {
-                failed: 2,
-                first_line: 1,
-                ..
-            }
-        ));
+        assert!(matches!(err, ProduceError::Rejected { failed: 2, first_line: 1, .. }));
         assert_eq!(p.sink().seen.lock().unwrap().len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn backoff_grows_and_is_capped() {
-        let sink = Scripted {
-            fail: vec![],
-            times: 0,
-            seen: Default::default(),
-            call_error: None,
-        };
-        let p =
-            Producer::new(sink, 5).with_backoff(Duration::from_millis(100), Duration::from_secs(1));
-        for (retry, (lo, hi)) in [
-            (0, (50, 100)),
-            (1, (100, 200)),
-            (3, (400, 800)),
-            (10, (500, 1000)),
-        ] {
+        let sink = Scripted { fail: vec![], times: 0, seen: Default::default(), call_error: None };
+        let p = Producer::new(sink, 5).with_backoff(Duration::from_millis(100), Duration::from_secs(1));
+        for (retry, (lo, hi)) in [(0, (50, 100)), (1, (100, 200)), (3, (400, 800)), (10, (500, 1000))] {
             let d = p.delay(retry).as_millis() as u64;
             assert!((lo..=hi).contains(&d), "retry {retry}: {d} ms");
         }

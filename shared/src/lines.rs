@@ -73,13 +73,7 @@ pub struct LineCodec {
 impl LineCodec {
     /// A codec that reports lines longer than `max_line_bytes` as [`Frame::TooLong`].
     pub fn new(max_line_bytes: usize) -> Self {
-        LineCodec {
-            max_line_bytes,
-            next_number: 1,
-            next_offset: 0,
-            scanned: 0,
-            skipping: None,
-        }
+        LineCodec { max_line_bytes, next_number: 1, next_offset: 0, scanned: 0, skipping: None }
     }
 
     /// Starts numbering at `number` and `offset`, for input that resumes part-way through an
@@ -118,17 +112,9 @@ impl LineCodec {
         }
         let (number, offset) = self.advance(consumed);
         if line.len() > self.max_line_bytes {
-            Frame::TooLong {
-                number,
-                offset,
-                len: line.len() as u64,
-            }
+            Frame::TooLong { number, offset, len: line.len() as u64 }
         } else {
-            Frame::Line(Line {
-                number,
-                offset,
-                bytes: line.freeze(),
-            })
+            Frame::Line(Line { number, offset, bytes: line.freeze() })
         }
     }
 }
@@ -149,11 +135,7 @@ impl Decoder for LineCodec {
                     self.skipping = None;
                     let content = skipped + i as u64;
                     let (number, offset) = self.advance(content + 1);
-                    Some(Frame::TooLong {
-                        number,
-                        offset,
-                        len: content - u64::from(cr),
-                    })
+                    Some(Frame::TooLong { number, offset, len: content - u64::from(cr) })
                 }
                 None => {
                     let last_cr = buf.last().map_or(last_cr, |b| *b == b'\r');
@@ -187,11 +169,7 @@ impl Decoder for LineCodec {
         }
         if let Some((skipped, _)) = self.skipping.take() {
             let (number, offset) = self.advance(skipped);
-            return Ok(Some(Frame::TooLong {
-                number,
-                offset,
-                len: skipped,
-            }));
+            return Ok(Some(Frame::TooLong { number, offset, len: skipped }));
         }
         if buf.is_empty() {
             return Ok(None);
@@ -210,26 +188,17 @@ mod tests {
     /// Feeds `input` in chunks of `chunk` bytes, to exercise every split point.
     async fn frames(input: &[u8], max: usize, chunk: usize) -> Vec<Frame> {
         let reader = tokio_test_reader(input, chunk);
-        FramedRead::new(reader, LineCodec::new(max))
-            .map(|f| f.unwrap())
-            .collect()
-            .await
+        FramedRead::new(reader, LineCodec::new(max)).map(|f| f.unwrap()).collect().await
     }
 
     fn tokio_test_reader(input: &[u8], chunk: usize) -> impl tokio::io::AsyncRead + Unpin {
-        let chunks: Vec<std::io::Result<Bytes>> = input
-            .chunks(chunk.max(1))
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
-            .collect();
+        let chunks: Vec<std::io::Result<Bytes>> =
+            input.chunks(chunk.max(1)).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
         tokio_util::io::StreamReader::new(futures_util::stream::iter(chunks))
     }
 
     fn line(number: u64, offset: u64, s: &str) -> Frame {
-        Frame::Line(Line {
-            number,
-            offset,
-            bytes: Bytes::copy_from_slice(s.as_bytes()),
-        })
+        Frame::Line(Line { number, offset, bytes: Bytes::copy_from_slice(s.as_bytes()) })
     }
 
     #[tokio::test]
@@ -243,11 +212,7 @@ mod tests {
                     line(1, 0, "ab"),
                     line(2, 4, ""),
                     line(3, 5, "cdef"),
-                    Frame::TooLong {
-                        number: 4,
-                        offset: 10,
-                        len: 12
-                    },
+                    Frame::TooLong { number: 4, offset: 10, len: 12 },
                     line(5, 24, "xy"),
                 ],
                 "chunk size {chunk}"
@@ -259,28 +224,14 @@ mod tests {
     async fn empty_input_and_trailing_newline() {
         assert!(frames(b"", 8, 4).await.is_empty());
         assert_eq!(frames(b"a\n", 8, 4).await, vec![line(1, 0, "a")]);
-        assert_eq!(
-            frames(b"toolongline", 4, 3).await,
-            vec![Frame::TooLong {
-                number: 1,
-                offset: 0,
-                len: 11
-            }]
-        );
+        assert_eq!(frames(b"toolongline", 4, 3).await, vec![Frame::TooLong { number: 1, offset: 0, len: 11 }]);
     }
 
     #[tokio::test]
     async fn line_of_exactly_max_is_kept() {
         assert_eq!(
             frames(b"abcd\r\nabcde\n", 4, 1).await,
-            vec![
-                line(1, 0, "abcd"),
-                Frame::TooLong {
-                    number: 2,
-                    offset: 6,
-                    len: 5
-                }
-            ]
+            vec![line(1, 0, "abcd"), Frame::TooLong { number: 2, offset: 6, len: 5 }]
         );
     }
 

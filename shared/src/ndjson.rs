@@ -36,9 +36,7 @@ pub enum LineError {
 /// treated as absent.
 pub fn inspect<'a>(line: &'a [u8], field: Option<&str>) -> Result<Option<Cow<'a, str>>, LineError> {
     if let Err(e) = std::str::from_utf8(line) {
-        return Err(LineError::Utf8 {
-            at: e.valid_up_to(),
-        });
+        return Err(LineError::Utf8 { at: e.valid_up_to() });
     }
     let mut de = serde_json::Deserializer::from_slice(line);
     let found = match field {
@@ -118,24 +116,11 @@ mod tests {
     #[test]
     fn finds_top_level_fields_only() {
         let line = br#"{"nested":{"user":"inner"},"user":"outer"}"#;
-        assert_eq!(
-            inspect(line, Some("user")).unwrap().as_deref(),
-            Some("outer")
-        );
+        assert_eq!(inspect(line, Some("user")).unwrap().as_deref(), Some("outer"));
         assert_eq!(inspect(br#"{"a":1}"#, Some("user")).unwrap(), None);
         assert_eq!(inspect(br#"{"user":null}"#, Some("user")).unwrap(), None);
-        assert_eq!(
-            inspect(br#"{"user":"a\"b"}"#, Some("user"))
-                .unwrap()
-                .as_deref(),
-            Some("a\"b")
-        );
-        assert_eq!(
-            inspect(br#"{"user":[1, 2]}"#, Some("user"))
-                .unwrap()
-                .as_deref(),
-            Some("[1, 2]")
-        );
+        assert_eq!(inspect(br#"{"user":"a\"b"}"#, Some("user")).unwrap().as_deref(), Some("a\"b"));
+        assert_eq!(inspect(br#"{"user":[1, 2]}"#, Some("user")).unwrap().as_deref(), Some("[1, 2]"));
         assert_eq!(inspect(br#"[{"user":"x"}]"#, Some("user")).unwrap(), None);
         assert_eq!(inspect(br#""just a string""#, Some("user")).unwrap(), None);
         assert_eq!(inspect(b" 12 ", Some("user")).unwrap(), None);
@@ -144,16 +129,9 @@ mod tests {
     #[test]
     fn rejects_what_is_not_one_json_value() {
         for bad in [&b"{}{}"[..], b"{\"a\":}", b"nul", b"{\"a\":1", b"", b"   "] {
-            assert!(
-                matches!(inspect(bad, None), Err(LineError::Json(_))),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+            assert!(matches!(inspect(bad, None), Err(LineError::Json(_))), "{:?}", String::from_utf8_lossy(bad));
             assert!(matches!(inspect(bad, Some("a")), Err(LineError::Json(_))));
         }
-        assert!(matches!(
-            inspect(b"{\"a\":\"\xc3\x28\"}", None),
-            Err(LineError::Utf8 { at: 6 })
-        ));
+        assert!(matches!(inspect(b"{\"a\":\"\xc3\x28\"}", None), Err(LineError::Utf8 { at: 6 })));
     }
 }

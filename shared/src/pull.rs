@@ -96,10 +96,7 @@ pub enum PullError {
 
 /// Runs `handler` on each record in order. A handler error, undecodable base64 data, or a panic
 /// in the handler marks that record failed; the batch goes on.
-pub fn process_batch<F, E>(
-    event: &KinesisEvent<'_>,
-    mut handler: F,
-) -> Result<BatchResult, PullError>
+pub fn process_batch<F, E>(event: &KinesisEvent<'_>, mut handler: F) -> Result<BatchResult, PullError>
 where
     F: FnMut(Record<'_>) -> Result<(), E>,
     E: Display,
@@ -109,10 +106,7 @@ where
     for r in &event.records {
         let sequence_number = r
             .sequence_number()
-            .map_err(|source| PullError::SequenceNumber {
-                event_id: r.event_id.to_string(),
-                source,
-            })?;
+            .map_err(|source| PullError::SequenceNumber { event_id: r.event_id.to_string(), source })?;
         let fail = |reason: String| Failure {
             sequence_number: sequence_number.clone(),
             shard_id: r.shard_id().to_owned(),
@@ -132,9 +126,7 @@ where
         match catch_unwind(AssertUnwindSafe(|| handler(record))) {
             Ok(Ok(())) => result.processed += 1,
             Ok(Err(e)) => result.failures.push(fail(e.to_string())),
-            Err(panic) => result
-                .failures
-                .push(fail(format!("handler panicked: {}", panic_message(&panic)))),
+            Err(panic) => result.failures.push(fail(format!("handler panicked: {}", panic_message(&panic)))),
         }
     }
     Ok(result)
@@ -165,10 +157,7 @@ mod tests {
     }
 
     fn ids(r: &KinesisEventResponse) -> Vec<&str> {
-        r.batch_item_failures
-            .iter()
-            .map(|f| f.item_identifier.as_deref().unwrap())
-            .collect()
+        r.batch_item_failures.iter().map(|f| f.item_identifier.as_deref().unwrap()).collect()
     }
 
     const OK: &str = "e30="; // {}
@@ -180,10 +169,7 @@ mod tests {
         let ev: KinesisEvent<'_> = serde_json::from_str(&e).unwrap();
         let r = process_batch(&ev, |_| Ok::<_, String>(())).unwrap();
         assert!(r.response().batch_item_failures.is_empty());
-        assert_eq!(
-            serde_json::to_string(&r.response()).unwrap(),
-            r#"{"batchItemFailures":[]}"#
-        );
+        assert_eq!(serde_json::to_string(&r.response()).unwrap(), r#"{"batchItemFailures":[]}"#);
     }
 
     #[test]
@@ -191,14 +177,7 @@ mod tests {
         // "100" < "99" as text; as integers 99 comes first.
         let e = event(&[("99", BAD), ("100", BAD), ("101", OK)]);
         let ev: KinesisEvent<'_> = serde_json::from_str(&e).unwrap();
-        let mut r = process_batch(&ev, |rec| {
-            if rec.data == b"{}\n" {
-                Err("bad")
-            } else {
-                Ok(())
-            }
-        })
-        .unwrap();
+        let mut r = process_batch(&ev, |rec| if rec.data == b"{}\n" { Err("bad") } else { Ok(()) }).unwrap();
         r.failures.reverse();
         assert_eq!(ids(&r.response()), ["99", "100"]);
         assert_eq!(r.processed, 1);
@@ -234,10 +213,6 @@ mod tests {
         let e = event(&[("1", OK), ("x1", OK)]);
         let ev: KinesisEvent<'_> = serde_json::from_str(&e).unwrap();
         let err = process_batch(&ev, |_| Ok::<_, String>(())).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("record shardId-000000000001:x1: sequence number \"x1\""),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("record shardId-000000000001:x1: sequence number \"x1\""), "{err}");
     }
 }

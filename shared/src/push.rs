@@ -90,10 +90,7 @@ impl PushError {
 impl From<PushError> for lambda_runtime::Diagnostic {
     fn from(e: PushError) -> Self {
         tracing::error!(error_type = e.kind(), error = %e, "invocation failed");
-        lambda_runtime::Diagnostic {
-            error_type: e.kind().to_owned(),
-            error_message: e.to_string(),
-        }
+        lambda_runtime::Diagnostic { error_type: e.kind().to_owned(), error_message: e.to_string() }
     }
 }
 
@@ -189,17 +186,9 @@ impl PushHandler<crate::kinesis_producer::KinesisSink> {
     /// reported at once), clients from the AWS configuration, records to `STREAM_NAME`.
     pub async fn from_env(aws: &crate::aws::Aws) -> Result<Self, crate::config::ConfigErrors> {
         let settings = PushSettings::from_env(crate::config::Env::from_process())?;
-        let sink = crate::kinesis_producer::KinesisSink::new(
-            aws.kinesis().await.clone(),
-            &settings.stream_name,
-        );
+        let sink = crate::kinesis_producer::KinesisSink::new(aws.kinesis().await.clone(), &settings.stream_name);
         let quarantine = Store::connect(&settings.quarantine, aws).await;
-        Ok(Self::new(
-            settings,
-            aws.s3().await.clone(),
-            sink,
-            quarantine,
-        ))
+        Ok(Self::new(settings, aws.s3().await.clone(), sink, quarantine))
     }
 }
 
@@ -207,12 +196,7 @@ impl<S: RecordSink> PushHandler<S> {
     /// A handler reading with `s3`, sending to `sink`, quarantining into `quarantine`.
     pub fn new(settings: PushSettings, s3: aws_sdk_s3::Client, sink: S, quarantine: Store) -> Self {
         let producer = Producer::new(sink, settings.put_max_attempts);
-        PushHandler {
-            settings,
-            s3,
-            producer,
-            quarantine,
-        }
+        PushHandler { settings, s3, producer, quarantine }
     }
 
     /// The settings in force.
@@ -224,24 +208,15 @@ impl<S: RecordSink> PushHandler<S> {
     pub async fn handle(&self, payload: &[u8]) -> Result<PushSummary, PushError> {
         match S3Notification::from_slice(payload)? {
             S3Notification::TestEvent { bucket } => {
-                info!(
-                    bucket = bucket.as_deref().unwrap_or(""),
-                    "s3:TestEvent acknowledged; nothing to do"
-                );
-                Ok(PushSummary {
-                    test_event: true,
-                    objects: Vec::new(),
-                })
+                info!(bucket = bucket.as_deref().unwrap_or(""), "s3:TestEvent acknowledged; nothing to do");
+                Ok(PushSummary { test_event: true, objects: Vec::new() })
             }
             S3Notification::Records(events) => {
                 let mut objects = Vec::with_capacity(events.len());
                 for ev in &events {
                     objects.push(self.handle_event(ev).await?);
                 }
-                Ok(PushSummary {
-                    test_event: false,
-                    objects,
-                })
+                Ok(PushSummary { test_event: false, objects })
             }
         }
     }
@@ -249,20 +224,13 @@ impl<S: RecordSink> PushHandler<S> {
     async fn handle_event(&self, ev: &ObjectEvent) -> Result<ObjectSummary, PushError> {
         if ev.kind != EventKind::ObjectCreated {
             info!(bucket = %ev.bucket, key = %ev.key, event = %ev.event_name, "skipping: not an ObjectCreated event");
-            return Ok(ObjectSummary::new(
-                ev,
-                Outcome::Skipped {
-                    reason: format!("event {}", ev.event_name),
-                },
-            ));
+            return Ok(ObjectSummary::new(ev, Outcome::Skipped { reason: format!("event {}", ev.event_name) }));
         }
         if self.settings.is_own_output(&ev.bucket, &ev.key) {
             warn!(bucket = %ev.bucket, key = %ev.key, "refusing an object under this function's own output or quarantine location (loop guard); fix the trigger's prefix filter");
             return Ok(ObjectSummary::new(
                 ev,
-                Outcome::Skipped {
-                    reason: "under own output or quarantine location".into(),
-                },
+                Outcome::Skipped { reason: "under own output or quarantine location".into() },
             ));
         }
         self.process_object(ev).await
@@ -271,12 +239,8 @@ impl<S: RecordSink> PushHandler<S> {
     /// Streams one object's lines to the sink.
     pub async fn process_object(&self, ev: &ObjectEvent) -> Result<ObjectSummary, PushError> {
         let started = StdInstant::now();
-        let read_err = |operation, message| PushError::Read {
-            bucket: ev.bucket.clone(),
-            key: ev.key.clone(),
-            operation,
-            message,
-        };
+        let read_err =
+            |operation, message| PushError::Read { bucket: ev.bucket.clone(), key: ev.key.clone(), operation, message };
         let mut get = self.s3.get_object().bucket(&ev.bucket).key(&ev.key);
         if let Some(version) = &ev.version_id {
             get = get.version_id(version);
@@ -289,31 +253,17 @@ impl<S: RecordSink> PushHandler<S> {
             Err(e) => {
                 if let Some(reason) = gone_reason(&e) {
                     warn!(bucket = %ev.bucket, key = %ev.key, reason, "object gone or replaced before it was read; nothing to do");
-                    return Ok(ObjectSummary::new(
-                        ev,
-                        Outcome::Gone {
-                            reason: reason.to_owned(),
-                        },
-                    ));
+                    return Ok(ObjectSummary::new(ev, Outcome::Gone { reason: reason.to_owned() }));
                 }
                 return Err(read_err("GetObject", crate::aws::describe(&e)));
             }
         };
         let mut summary = ObjectSummary::new(ev, Outcome::Processed);
         let version = ev.version_id.clone().or_else(|| ev.etag.clone());
-        let q_prefix = format!(
-            "{}/{}/{}",
-            ev.bucket,
-            safe_path(&ev.key),
-            version.as_deref().unwrap_or("unversioned")
-        );
+        let q_prefix = format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), version.as_deref().unwrap_or("unversioned"));
         let mut quarantine = QuarantineWriter::new(self.quarantine.clone(), q_prefix);
         let reader = object.body.into_async_read();
-        let mut frames = FramedRead::with_capacity(
-            reader,
-            LineCodec::new(self.settings.max_line_bytes),
-            64 * 1024,
-        );
+        let mut frames = FramedRead::with_capacity(reader, LineCodec::new(self.settings.max_line_bytes), 64 * 1024);
         let mut batcher = Batcher::new(self.settings.put);
         let field = self.settings.partition_key_field.as_deref();
 
@@ -333,19 +283,12 @@ impl<S: RecordSink> PushHandler<S> {
             let frame = frame.map_err(|e| read_err("read body", e.to_string()))?;
             summary.lines += 1;
             let bad = match frame {
-                Frame::TooLong {
-                    number,
-                    offset,
-                    len,
-                } => {
+                Frame::TooLong { number, offset, len } => {
                     summary.bytes += len + 1;
                     Some((
                         number,
                         offset,
-                        format!(
-                            "line of {len} bytes exceeds MAX_LINE_BYTES ({})",
-                            self.settings.max_line_bytes
-                        ),
+                        format!("line of {len} bytes exceeds MAX_LINE_BYTES ({})", self.settings.max_line_bytes),
                         String::new(),
                     ))
                 }
@@ -355,26 +298,13 @@ impl<S: RecordSink> PushHandler<S> {
                         summary.blank_lines += 1;
                         continue;
                     }
-                    match to_record(
-                        &line.bytes,
-                        line.number,
-                        field,
-                        self.settings.record_max_bytes,
-                    ) {
+                    match to_record(&line.bytes, line.number, field, self.settings.record_max_bytes) {
                         Ok(record) => {
                             if let Err(oversized) = batcher.push(record) {
                                 // Only possible when RECORD_MAX_BYTES > PUT_MAX_BYTES, which the
                                 // configuration refuses; quarantine rather than lose it.
-                                let reason = format!(
-                                    "record of {} bytes exceeds PUT_MAX_BYTES",
-                                    oversized.size
-                                );
-                                Some((
-                                    line.number,
-                                    line.offset,
-                                    reason,
-                                    QuarantinedLine::excerpt_of(&line.bytes),
-                                ))
+                                let reason = format!("record of {} bytes exceeds PUT_MAX_BYTES", oversized.size);
+                                Some((line.number, line.offset, reason, QuarantinedLine::excerpt_of(&line.bytes)))
                             } else {
                                 while let Some(batch) = batcher.ready() {
                                     summary.add(self.send(ev, batch).await?);
@@ -382,12 +312,9 @@ impl<S: RecordSink> PushHandler<S> {
                                 None
                             }
                         }
-                        Err(reason) => Some((
-                            line.number,
-                            line.offset,
-                            reason,
-                            QuarantinedLine::excerpt_of(&line.bytes),
-                        )),
+                        Err(reason) => {
+                            Some((line.number, line.offset, reason, QuarantinedLine::excerpt_of(&line.bytes)))
+                        }
                     }
                 }
             };
@@ -402,19 +329,13 @@ impl<S: RecordSink> PushHandler<S> {
                     reason,
                     excerpt,
                 };
-                quarantine
-                    .add(&entry)
-                    .await
-                    .map_err(|source| self.quarantine_err(ev, source))?;
+                quarantine.add(&entry).await.map_err(|source| self.quarantine_err(ev, source))?;
             }
         }
         while let Some(batch) = batcher.flush() {
             summary.add(self.send(ev, batch).await?);
         }
-        summary.quarantined = quarantine
-            .finish()
-            .await
-            .map_err(|source| self.quarantine_err(ev, source))?;
+        summary.quarantined = quarantine.finish().await.map_err(|source| self.quarantine_err(ev, source))?;
         summary.millis = started.elapsed().as_millis() as u64;
         info!(bucket = %ev.bucket, key = %ev.key, lines = summary.lines, records = summary.records, quarantined = summary.quarantined,
               put_calls = summary.put_calls, resent = summary.resent, bytes = summary.bytes, millis = summary.millis, "object processed");
@@ -422,22 +343,15 @@ impl<S: RecordSink> PushHandler<S> {
     }
 
     async fn send(&self, ev: &ObjectEvent, batch: Vec<OutRecord>) -> Result<SendReport, PushError> {
-        self.producer
-            .send(batch)
-            .await
-            .map_err(|source| PushError::Produce {
-                bucket: ev.bucket.clone(),
-                key: ev.key.clone(),
-                source,
-            })
-    }
-
-    fn quarantine_err(&self, ev: &ObjectEvent, source: StoreError) -> PushError {
-        PushError::Quarantine {
+        self.producer.send(batch).await.map_err(|source| PushError::Produce {
             bucket: ev.bucket.clone(),
             key: ev.key.clone(),
             source,
-        }
+        })
+    }
+
+    fn quarantine_err(&self, ev: &ObjectEvent, source: StoreError) -> PushError {
+        PushError::Quarantine { bucket: ev.bucket.clone(), key: ev.key.clone(), source }
     }
 }
 
@@ -491,46 +405,21 @@ mod tests {
     #[test]
     fn records_take_the_field_or_a_stable_hash() {
         let line = bytes::Bytes::from_static(br#"{"user":"u1","n":1}"#);
-        assert_eq!(
-            to_record(&line, 1, Some("user"), 1000)
-                .unwrap()
-                .partition_key,
-            "u1"
-        );
+        assert_eq!(to_record(&line, 1, Some("user"), 1000).unwrap().partition_key, "u1");
         let hashed = to_record(&line, 1, None, 1000).unwrap().partition_key;
         assert_eq!(hashed.len(), 16);
-        assert_eq!(
-            hashed,
-            to_record(&line, 9, Some("missing"), 1000)
-                .unwrap()
-                .partition_key
-        );
+        assert_eq!(hashed, to_record(&line, 9, Some("missing"), 1000).unwrap().partition_key);
         let long = bytes::Bytes::from(format!(r#"{{"user":"{}"}}"#, "x".repeat(300)));
-        assert_eq!(
-            to_record(&long, 1, Some("user"), 1000)
-                .unwrap()
-                .partition_key
-                .len(),
-            16
-        );
+        assert_eq!(to_record(&long, 1, Some("user"), 1000).unwrap().partition_key.len(), 16);
     }
 
     #[test]
     fn bad_lines_get_reasons() {
         let err = to_record(&bytes::Bytes::from_static(b"{nope"), 3, None, 1000).unwrap_err();
-        assert!(
-            err.starts_with("invalid JSON: key must be a string"),
-            "{err}"
-        );
+        assert!(err.starts_with("invalid JSON: key must be a string"), "{err}");
         let err = to_record(&bytes::Bytes::from_static(b"\"\xfe\""), 3, None, 1000).unwrap_err();
         assert_eq!(err, "not UTF-8 (invalid byte at offset 1 of the line)");
-        let err = to_record(
-            &bytes::Bytes::from_static(br#"{"a":"0123456789"}"#),
-            3,
-            None,
-            20,
-        )
-        .unwrap_err();
+        let err = to_record(&bytes::Bytes::from_static(br#"{"a":"0123456789"}"#), 3, None, 20).unwrap_err();
         assert!(err.contains("exceeds RECORD_MAX_BYTES (20)"), "{err}");
     }
 }

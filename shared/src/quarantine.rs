@@ -57,14 +57,7 @@ pub struct QuarantineWriter {
 impl QuarantineWriter {
     /// Entries go to `<prefix>/part-NNNNN.ndjson` in `store`.
     pub fn new(store: Store, prefix: impl Into<String>) -> Self {
-        QuarantineWriter {
-            store,
-            prefix: prefix.into(),
-            buffer: Vec::new(),
-            buffered: 0,
-            parts: 0,
-            total: 0,
-        }
+        QuarantineWriter { store, prefix: prefix.into(), buffer: Vec::new(), buffered: 0, parts: 0, total: 0 }
     }
 
     /// Adds an entry, writing a part when one is full.
@@ -150,22 +143,9 @@ mod tests {
         assert_eq!(w.finish().await.unwrap(), PART_MAX_ENTRIES as u64 + 5);
         let p1 = store.get("b/k/part-00001.ndjson").await.unwrap().unwrap();
         let p2 = store.get("b/k/part-00002.ndjson").await.unwrap().unwrap();
-        assert_eq!(
-            p1.body
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .count(),
-            PART_MAX_ENTRIES
-        );
-        assert_eq!(
-            p2.body
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .count(),
-            5
-        );
-        let first: serde_json::Value =
-            serde_json::from_slice(p1.body.split(|b| *b == b'\n').next().unwrap()).unwrap();
+        assert_eq!(p1.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count(), PART_MAX_ENTRIES);
+        assert_eq!(p2.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count(), 5);
+        let first: serde_json::Value = serde_json::from_slice(p1.body.split(|b| *b == b'\n').next().unwrap()).unwrap();
         assert_eq!(first["line"], 1);
         assert_eq!(first["reason"], "invalid JSON");
         assert!(first.get("version").is_none());
@@ -174,9 +154,6 @@ mod tests {
     #[test]
     fn excerpts_are_bounded_and_lossy() {
         assert_eq!(QuarantinedLine::excerpt_of(b"ab\xffc"), "ab\u{fffd}c");
-        assert_eq!(
-            QuarantinedLine::excerpt_of(&[b'x'; 1000]).len(),
-            EXCERPT_BYTES
-        );
+        assert_eq!(QuarantinedLine::excerpt_of(&[b'x'; 1000]).len(), EXCERPT_BYTES);
     }
 }

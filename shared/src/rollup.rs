@@ -42,10 +42,7 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
             RollupError::Pull(_) => "RollupError.Pull",
         };
         tracing::error!(error_type, error = %e, "invocation failed");
-        lambda_runtime::Diagnostic {
-            error_type: error_type.to_owned(),
-            error_message: e.to_string(),
-        }
+        lambda_runtime::Diagnostic { error_type: error_type.to_owned(), error_message: e.to_string() }
     }
 }
 
@@ -79,9 +76,7 @@ impl RollupHandler {
 
     /// Settings from the environment, every problem reported at once.
     pub fn from_env() -> Result<Self, crate::config::ConfigErrors> {
-        Ok(Self::new(PullSettings::from_env(
-            crate::config::Env::from_process(),
-        )?))
+        Ok(Self::new(PullSettings::from_env(crate::config::Env::from_process())?))
     }
 
     /// Processes one invocation payload.
@@ -102,14 +97,10 @@ impl RollupHandler {
                 }
             };
             let amount = match sum_field {
-                Some(field) => {
-                    match ndjson::inspect(record.data, Some(field)).map_err(|e| e.to_string())? {
-                        None => 0.0,
-                        Some(v) => v
-                            .parse::<f64>()
-                            .map_err(|_| format!("{field} is not a number: {v}"))?,
-                    }
-                }
+                Some(field) => match ndjson::inspect(record.data, Some(field)).map_err(|e| e.to_string())? {
+                    None => 0.0,
+                    Some(v) => v.parse::<f64>().map_err(|_| format!("{field} is not a number: {v}"))?,
+                },
                 None => 0.0,
             };
             let g = rollup.groups.entry(group).or_default();

@@ -82,9 +82,7 @@ pub fn decode_key(raw: &str) -> Result<String, KeyDecodeError> {
     percent_encoding::percent_decode_str(&spaced)
         .decode_utf8()
         .map(|k| k.into_owned())
-        .map_err(|_| KeyDecodeError {
-            raw: raw.to_owned(),
-        })
+        .map_err(|_| KeyDecodeError { raw: raw.to_owned() })
 }
 
 /// What an S3 event is about, reduced to what a consumer acts on.
@@ -143,10 +141,7 @@ impl Ord for Sequencer {
         let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
         let len = a.len().max(b.len());
         let digit = |s: &[u8], i: usize| s.get(i).map_or(b'0', u8::to_ascii_uppercase);
-        (0..len)
-            .map(|i| digit(a, i).cmp(&digit(b, i)))
-            .find(|o| o.is_ne())
-            .unwrap_or(Ordering::Equal)
+        (0..len).map(|i| digit(a, i).cmp(&digit(b, i))).find(|o| o.is_ne()).unwrap_or(Ordering::Equal)
     }
 }
 impl PartialOrd for Sequencer {
@@ -275,17 +270,10 @@ impl ObjectEvent {
     fn from_raw(index: usize, r: RawRecord) -> Result<Self, NotificationError> {
         let missing = |field| NotificationError::MissingField { index, field };
         if let Some(src) = r.event_source.as_deref().filter(|s| *s != "aws:s3") {
-            return Err(NotificationError::Unsupported {
-                index,
-                reason: format!("eventSource {src:?} is not aws:s3"),
-            });
+            return Err(NotificationError::Unsupported { index, reason: format!("eventSource {src:?} is not aws:s3") });
         }
         // eventVersion 2.x (2.1 .. 2.6 seen in the docs) share one layout.
-        if let Some(v) = r
-            .event_version
-            .as_deref()
-            .filter(|v| v.split('.').next() != Some("2"))
-        {
+        if let Some(v) = r.event_version.as_deref().filter(|v| v.split('.').next() != Some("2")) {
             return Err(NotificationError::Unsupported {
                 index,
                 reason: format!("eventVersion {v:?} (only 2.x is understood)"),
@@ -293,27 +281,18 @@ impl ObjectEvent {
         }
         let event_name = r.event_name.ok_or_else(|| missing("eventName"))?;
         let s3 = r.s3.ok_or_else(|| missing("s3"))?;
-        let bucket = s3
-            .bucket
-            .and_then(|b| b.name)
-            .ok_or_else(|| missing("s3.bucket.name"))?;
+        let bucket = s3.bucket.and_then(|b| b.name).ok_or_else(|| missing("s3.bucket.name"))?;
         let object = s3.object.ok_or_else(|| missing("s3.object"))?;
         let raw_key = object.key.ok_or_else(|| missing("s3.object.key"))?;
-        let key = decode_key(&raw_key).map_err(|source| NotificationError::Key {
-            index,
-            bucket: bucket.clone(),
-            source,
-        })?;
+        let key =
+            decode_key(&raw_key).map_err(|source| NotificationError::Key { index, bucket: bucket.clone(), source })?;
         Ok(ObjectEvent {
             kind: EventKind::of(&event_name),
             event_name,
             bucket,
             key,
             size: object.size,
-            etag: object
-                .e_tag
-                .map(|e| e.trim_matches('"').to_owned())
-                .filter(|e| !e.is_empty()),
+            etag: object.e_tag.map(|e| e.trim_matches('"').to_owned()).filter(|e| !e.is_empty()),
             version_id: object.version_id.filter(|v| !v.is_empty() && v != "null"),
             sequencer: object.sequencer.filter(|s| !s.is_empty()).map(Sequencer),
         })
@@ -348,12 +327,7 @@ mod tests {
             br#"{"Service":"Amazon S3","Event":"s3:TestEvent","Time":"2026-11-24T00:00:00.000Z","Bucket":"b","RequestId":"r","HostId":"h"}"#,
         )
         .unwrap();
-        assert_eq!(
-            n,
-            S3Notification::TestEvent {
-                bucket: Some("b".into())
-            }
-        );
+        assert_eq!(n, S3Notification::TestEvent { bucket: Some("b".into()) });
     }
 
     #[test]
@@ -363,8 +337,7 @@ mod tests {
             record("ObjectCreated:Put", "in/a+b%C3%A9.ndjson"),
             record("ObjectRemoved:Delete", "in/x")
         );
-        let S3Notification::Records(ev) = S3Notification::from_slice(payload.as_bytes()).unwrap()
-        else {
+        let S3Notification::Records(ev) = S3Notification::from_slice(payload.as_bytes()).unwrap() else {
             panic!("expected records")
         };
         assert_eq!(ev.len(), 2);
@@ -378,29 +351,17 @@ mod tests {
 
     #[test]
     fn unknown_payloads_and_bad_keys_are_errors_not_panics() {
-        assert!(matches!(
-            S3Notification::from_slice(b"{}"),
-            Err(NotificationError::Unrecognised)
-        ));
-        assert!(matches!(
-            S3Notification::from_slice(b"[1]"),
-            Err(NotificationError::Malformed(_))
-        ));
+        assert!(matches!(S3Notification::from_slice(b"{}"), Err(NotificationError::Unrecognised)));
+        assert!(matches!(S3Notification::from_slice(b"[1]"), Err(NotificationError::Malformed(_))));
         let bad = format!(r#"{{"Records":[{}]}}"#, record("ObjectCreated:Put", "k%FF"));
         let err = S3Notification::from_slice(bad.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("bucket b"), "{err}");
         let v1 = r#"{"Records":[{"eventVersion":"1.0","eventSource":"aws:s3","eventName":"ObjectCreated:Put"}]}"#;
-        assert!(matches!(
-            S3Notification::from_slice(v1.as_bytes()),
-            Err(NotificationError::Unsupported { .. })
-        ));
+        assert!(matches!(S3Notification::from_slice(v1.as_bytes()), Err(NotificationError::Unsupported { .. })));
         let nokey = r#"{"Records":[{"eventVersion":"2.2","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"b"},"object":{}}}]}"#;
         assert!(matches!(
             S3Notification::from_slice(nokey.as_bytes()),
-            Err(NotificationError::MissingField {
-                field: "s3.object.key",
-                ..
-            })
+            Err(NotificationError::MissingField { field: "s3.object.key", .. })
         ));
     }
 

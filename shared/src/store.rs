@@ -57,9 +57,7 @@ pub enum Location {
 
 /// A URI that is not a usable [`Location`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "{uri:?} is not a storage location: {reason} (expected s3://bucket/prefix or file:///absolute/dir)"
-)]
+#[error("{uri:?} is not a storage location: {reason} (expected s3://bucket/prefix or file:///absolute/dir)")]
 pub struct LocationError {
     /// The URI as given.
     pub uri: String,
@@ -71,34 +69,20 @@ impl FromStr for Location {
     type Err = LocationError;
 
     fn from_str(uri: &str) -> Result<Self, LocationError> {
-        let err = |reason| LocationError {
-            uri: uri.to_owned(),
-            reason,
-        };
+        let err = |reason| LocationError { uri: uri.to_owned(), reason };
         if let Some(rest) = uri.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             let valid_bucket = (3..=63).contains(&bucket.len())
-                && bucket.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
-                });
+                && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
             if !valid_bucket {
-                return Err(err(
-                    "bucket names are 3-63 characters of a-z, 0-9, '-' and '.'",
-                ));
+                return Err(err("bucket names are 3-63 characters of a-z, 0-9, '-' and '.'"));
             }
-            Ok(Location::S3 {
-                bucket: bucket.to_owned(),
-                prefix: prefix.trim_matches('/').to_owned(),
-            })
+            Ok(Location::S3 { bucket: bucket.to_owned(), prefix: prefix.trim_matches('/').to_owned() })
         } else if let Some(path) = uri.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(err(
-                    "a file:// location needs an absolute path (three slashes)",
-                ));
+                return Err(err("a file:// location needs an absolute path (three slashes)"));
             }
-            Ok(Location::File {
-                root: PathBuf::from(path),
-            })
+            Ok(Location::File { root: PathBuf::from(path) })
         } else {
             Err(err("unknown scheme"))
         }
@@ -130,9 +114,7 @@ impl Location {
             Location::S3 { bucket: b, prefix } => {
                 b == bucket
                     && (prefix.is_empty()
-                        || key
-                            .strip_prefix(prefix.as_str())
-                            .is_some_and(|rest| rest.starts_with('/')))
+                        || key.strip_prefix(prefix.as_str()).is_some_and(|rest| rest.starts_with('/')))
             }
             Location::File { .. } => false,
         }
@@ -215,38 +197,20 @@ pub struct Store {
 
 #[derive(Debug, Clone)]
 enum Backend {
-    S3 {
-        client: aws_sdk_s3::Client,
-        bucket: String,
-        prefix: String,
-    },
-    File {
-        root: PathBuf,
-    },
+    S3 { client: aws_sdk_s3::Client, bucket: String, prefix: String },
+    File { root: PathBuf },
 }
 
 impl Store {
     /// A store in a local directory.
     pub fn file(root: impl Into<PathBuf>) -> Self {
-        Store {
-            backend: Backend::File { root: root.into() },
-        }
+        Store { backend: Backend::File { root: root.into() } }
     }
 
     /// A store in an S3 bucket under `prefix`.
-    pub fn s3(
-        client: aws_sdk_s3::Client,
-        bucket: impl Into<String>,
-        prefix: impl Into<String>,
-    ) -> Self {
+    pub fn s3(client: aws_sdk_s3::Client, bucket: impl Into<String>, prefix: impl Into<String>) -> Self {
         let prefix = prefix.into().trim_matches('/').to_owned();
-        Store {
-            backend: Backend::S3 {
-                client,
-                bucket: bucket.into(),
-                prefix,
-            },
-        }
+        Store { backend: Backend::S3 { client, bucket: bucket.into(), prefix } }
     }
 
     /// A store at `location`; the S3 client is built (once, shared) only for `s3://`.
@@ -277,12 +241,7 @@ impl Store {
         match &self.backend {
             Backend::S3 { client, bucket, .. } => {
                 let uri = self.uri(key);
-                let out = client
-                    .get_object()
-                    .bucket(bucket)
-                    .key(self.s3_key(key))
-                    .send()
-                    .await;
+                let out = client.get_object().bucket(bucket).key(self.s3_key(key)).send().await;
                 let out = match out {
                     Ok(out) => out,
                     Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => return Ok(None),
@@ -295,24 +254,14 @@ impl Store {
                     message: e.to_string(),
                     retryable: true,
                 })?;
-                Ok(Some(Stored {
-                    body: body.into_bytes(),
-                    etag,
-                }))
+                Ok(Some(Stored { body: body.into_bytes(), etag }))
             }
             Backend::File { root } => {
                 let path = root.join(key);
                 blocking(move || match std::fs::read(&path) {
-                    Ok(body) => Ok(Some(Stored {
-                        etag: content_etag(&body),
-                        body: body.into(),
-                    })),
+                    Ok(body) => Ok(Some(Stored { etag: content_etag(&body), body: body.into() })),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(source) => Err(StoreError::Io {
-                        operation: "read",
-                        path: path.display().to_string(),
-                        source,
-                    }),
+                    Err(source) => Err(StoreError::Io { operation: "read", path: path.display().to_string(), source }),
                 })
                 .await
             }
@@ -320,20 +269,11 @@ impl Store {
     }
 
     /// Writes `body` under `key` if `condition` holds; returns the new version.
-    pub async fn put(
-        &self,
-        key: &str,
-        body: Bytes,
-        condition: Precondition,
-    ) -> Result<Etag, StoreError> {
+    pub async fn put(&self, key: &str, body: Bytes, condition: Precondition) -> Result<Etag, StoreError> {
         match &self.backend {
             Backend::S3 { client, bucket, .. } => {
                 let uri = self.uri(key);
-                let mut req = client
-                    .put_object()
-                    .bucket(bucket)
-                    .key(self.s3_key(key))
-                    .body(ByteStream::from(body));
+                let mut req = client.put_object().bucket(bucket).key(self.s3_key(key)).body(ByteStream::from(body));
                 req = match &condition {
                     Precondition::None => req,
                     Precondition::IfAbsent => req.if_none_match("*"),
@@ -341,9 +281,7 @@ impl Store {
                 };
                 match req.send().await {
                     Ok(out) => Ok(Etag(out.e_tag().unwrap_or_default().to_owned())),
-                    Err(e) if is_precondition_failure(&e) => {
-                        Err(StoreError::PreconditionFailed { uri })
-                    }
+                    Err(e) if is_precondition_failure(&e) => Err(StoreError::PreconditionFailed { uri }),
                     Err(e) => Err(s3_error("PutObject", uri, e)),
                 }
             }
@@ -358,10 +296,7 @@ impl Store {
 fn is_precondition_failure<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
     match e {
         SdkError::ServiceError(se) => {
-            matches!(
-                se.err().code(),
-                Some("PreconditionFailed" | "ConditionalRequestConflict")
-            )
+            matches!(se.err().code(), Some("PreconditionFailed" | "ConditionalRequestConflict"))
         }
         _ => false,
     }
@@ -374,12 +309,7 @@ where
     R: fmt::Debug,
 {
     let retryable = crate::aws::is_retryable(&e);
-    StoreError::S3 {
-        operation,
-        uri,
-        message: crate::aws::describe(&e),
-        retryable,
-    }
+    StoreError::S3 { operation, uri, message: crate::aws::describe(&e), retryable }
 }
 
 fn content_etag(body: &[u8]) -> Etag {
@@ -398,19 +328,10 @@ async fn blocking<T: Send + 'static>(
     })
 }
 
-fn file_put(
-    root: &Path,
-    key: &str,
-    body: &[u8],
-    condition: &Precondition,
-) -> Result<Etag, StoreError> {
+fn file_put(root: &Path, key: &str, body: &[u8], condition: &Precondition) -> Result<Etag, StoreError> {
     let io = |operation, path: &Path| {
         let path = path.display().to_string();
-        move |source| StoreError::Io {
-            operation,
-            path,
-            source,
-        }
+        move |source| StoreError::Io { operation, path, source }
     };
     let path = root.join(key);
     let dir = path.parent().unwrap_or(root);
@@ -436,16 +357,12 @@ fn file_put(
         (Precondition::IfMatch(_), None) => false,
     };
     if !allowed {
-        return Err(StoreError::PreconditionFailed {
-            uri: format!("file://{}", path.display()),
-        });
+        return Err(StoreError::PreconditionFailed { uri: format!("file://{}", path.display()) });
     }
-    let mut tmp =
-        tempfile::NamedTempFile::new_in(dir).map_err(io("create temporary file in", dir))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("create temporary file in", dir))?;
     tmp.write_all(body).map_err(io("write", tmp.path()))?;
     tmp.as_file().sync_all().map_err(io("sync", tmp.path()))?;
-    tmp.persist(&path)
-        .map_err(|e| io("rename into", &path)(e.error))?;
+    tmp.persist(&path).map_err(|e| io("rename into", &path)(e.error))?;
     Ok(content_etag(body))
 }
 
@@ -457,39 +374,18 @@ mod tests {
     fn parses_locations() {
         assert_eq!(
             "s3://my-bucket/a/b/".parse::<Location>().unwrap(),
-            Location::S3 {
-                bucket: "my-bucket".into(),
-                prefix: "a/b".into()
-            }
+            Location::S3 { bucket: "my-bucket".into(), prefix: "a/b".into() }
         );
         assert_eq!(
             "s3://my-bucket".parse::<Location>().unwrap(),
-            Location::S3 {
-                bucket: "my-bucket".into(),
-                prefix: "".into()
-            }
+            Location::S3 { bucket: "my-bucket".into(), prefix: "".into() }
         );
-        assert_eq!(
-            "file:///tmp/x".parse::<Location>().unwrap(),
-            Location::File {
-                root: "/tmp/x".into()
-            }
-        );
-        for bad in [
-            "s3://",
-            "s3://B",
-            "file://relative",
-            "http://x",
-            "/tmp/x",
-            "",
-        ] {
+        assert_eq!("file:///tmp/x".parse::<Location>().unwrap(), Location::File { root: "/tmp/x".into() });
+        for bad in ["s3://", "s3://B", "file://relative", "http://x", "/tmp/x", ""] {
             let err = bad.parse::<Location>().unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
-        assert_eq!(
-            "s3://b-1/p".parse::<Location>().unwrap().to_string(),
-            "s3://b-1/p"
-        );
+        assert_eq!("s3://b-1/p".parse::<Location>().unwrap().to_string(), "s3://b-1/p");
     }
 
     #[test]
@@ -509,19 +405,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::file(dir.path());
         assert!(store.get("nope").await.unwrap().is_none());
-        let e1 = store
-            .put("x/y", Bytes::from_static(b"hello"), Precondition::None)
-            .await
-            .unwrap();
+        let e1 = store.put("x/y", Bytes::from_static(b"hello"), Precondition::None).await.unwrap();
         let got = store.get("x/y").await.unwrap().unwrap();
         assert_eq!((&got.body[..], got.etag), (&b"hello"[..], e1.clone()));
         // IfMatch on a missing key fails, as on S3.
-        let missing = store
-            .put("zz", Bytes::new(), Precondition::IfMatch(e1))
-            .await;
-        assert!(matches!(
-            missing,
-            Err(StoreError::PreconditionFailed { .. })
-        ));
+        let missing = store.put("zz", Bytes::new(), Precondition::IfMatch(e1)).await;
+        assert!(matches!(missing, Err(StoreError::PreconditionFailed { .. })));
     }
 }

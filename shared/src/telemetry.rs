@@ -13,11 +13,7 @@ use tracing_subscriber::EnvFilter;
 pub fn init() {
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .or_else(|| {
-            std::env::var("AWS_LAMBDA_LOG_LEVEL")
-                .ok()
-                .map(|l| l.to_lowercase())
-        })
+        .or_else(|| std::env::var("AWS_LAMBDA_LOG_LEVEL").ok().map(|l| l.to_lowercase()))
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()

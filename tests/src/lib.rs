@@ -46,22 +46,13 @@ pub async fn start(spec: FunctionSpec) -> FunctionHost {
 
 /// Invokes and expects a response; returns it as JSON. Panics with the function's output if it
 /// failed.
-pub async fn invoke_ok(
-    host: &mut FunctionHost,
-    payload: impl Into<bytes_like::Payload>,
-) -> serde_json::Value {
-    let inv = host
-        .invoke(payload.into().0)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+pub async fn invoke_ok(host: &mut FunctionHost, payload: impl Into<bytes_like::Payload>) -> serde_json::Value {
+    let inv = host.invoke(payload.into().0).await.unwrap_or_else(|e| panic!("{e}"));
     match inv.outcome {
-        Outcome::Response(body) => serde_json::from_slice(&body)
-            .unwrap_or_else(|e| panic!("response is not JSON ({e}): {body:?}")),
-        other => panic!(
-            "{} failed: {other:?}\n--- output ---\n{}",
-            host.name(),
-            host.output().join("\n")
-        ),
+        Outcome::Response(body) => {
+            serde_json::from_slice(&body).unwrap_or_else(|e| panic!("response is not JSON ({e}): {body:?}"))
+        }
+        other => panic!("{} failed: {other:?}\n--- output ---\n{}", host.name(), host.output().join("\n")),
     }
 }
 

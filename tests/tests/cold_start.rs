@@ -5,31 +5,14 @@ use pushpull_tests::function;
 
 #[tokio::test]
 async fn push_function_refuses_to_start_without_stream_name_or_with_bad_settings() {
-    let spec = function(
-        "s3-to-kinesis",
-        &[("PUT_MAX_RECORDS", "501"), ("CHECKPOINT_URI", "ftp://x")],
-    );
-    let err = FunctionHost::start(spec)
-        .await
-        .err()
-        .expect("init must fail");
-    let HostError::Init { output, .. } = &err else {
-        panic!("{err}")
-    };
+    let spec = function("s3-to-kinesis", &[("PUT_MAX_RECORDS", "501"), ("CHECKPOINT_URI", "ftp://x")]);
+    let err = FunctionHost::start(spec).await.err().expect("init must fail");
+    let HostError::Init { output, .. } = &err else { panic!("{err}") };
     assert!(output.contains("STREAM_NAME is not set"), "{output}");
-    assert!(
-        output.contains(r#"PUT_MAX_RECORDS=\"501\" is invalid: a whole number from 1 to 500"#),
-        "{output}"
-    );
-    assert!(
-        output.contains(r#"CHECKPOINT_URI=\"ftp://x\" is invalid"#),
-        "{output}"
-    );
+    assert!(output.contains(r#"PUT_MAX_RECORDS=\"501\" is invalid: a whole number from 1 to 500"#), "{output}");
+    assert!(output.contains(r#"CHECKPOINT_URI=\"ftp://x\" is invalid"#), "{output}");
     // The log line is structured JSON.
-    let line = output
-        .lines()
-        .find(|l| l.contains("cannot start"))
-        .expect("a log line");
+    let line = output.lines().find(|l| l.contains("cannot start")).expect("a log line");
     let json: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
     assert_eq!(json["level"], "ERROR");
 }

@@ -8,15 +8,11 @@ use pushpull::kinesis_event::KinesisEvent;
 use pushpull::s3_notification::{EventKind, S3Notification};
 
 fn read(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../events")
-        .join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../events").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize + PartialEq + std::fmt::Debug>(
-    text: &str,
-) {
+fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize + PartialEq + std::fmt::Debug>(text: &str) {
     let parsed: T = serde_json::from_str(text).unwrap();
     let again: T = serde_json::from_str(&serde_json::to_string(&parsed).unwrap()).unwrap();
     assert_eq!(parsed, again);
@@ -24,34 +20,24 @@ fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize + PartialEq + st
 
 #[test]
 fn s3_fixtures() {
-    for name in [
-        "s3-put.json",
-        "s3-put-encoded-key.json",
-        "s3-put-multi.json",
-        "s3-object-removed.json",
-    ] {
+    for name in ["s3-put.json", "s3-put-encoded-key.json", "s3-put-multi.json", "s3-object-removed.json"] {
         let text = read(name);
         round_trip::<S3Event>(&text);
-        let S3Notification::Records(events) = S3Notification::from_slice(text.as_bytes()).unwrap()
-        else {
+        let S3Notification::Records(events) = S3Notification::from_slice(text.as_bytes()).unwrap() else {
             panic!("{name}")
         };
         assert!(!events.is_empty(), "{name}");
     }
-    let S3Notification::Records(ev) =
-        S3Notification::from_slice(read("s3-put-encoded-key.json").as_bytes()).unwrap()
+    let S3Notification::Records(ev) = S3Notification::from_slice(read("s3-put-encoded-key.json").as_bytes()).unwrap()
     else {
         panic!()
     };
     assert_eq!(ev[0].key, "input/café menu/résumé 2026 + extra.ndjson");
-    let S3Notification::Records(ev) =
-        S3Notification::from_slice(read("s3-put-multi.json").as_bytes()).unwrap()
-    else {
+    let S3Notification::Records(ev) = S3Notification::from_slice(read("s3-put-multi.json").as_bytes()).unwrap() else {
         panic!()
     };
     assert_eq!(ev.len(), 3);
-    let S3Notification::Records(ev) =
-        S3Notification::from_slice(read("s3-object-removed.json").as_bytes()).unwrap()
+    let S3Notification::Records(ev) = S3Notification::from_slice(read("s3-object-removed.json").as_bytes()).unwrap()
     else {
         panic!()
     };
@@ -68,19 +54,10 @@ fn kinesis_fixtures() {
         let text = read(name);
         round_trip::<AwsKinesisEvent>(&text);
         let ev: KinesisEvent<'_> = serde_json::from_str(&text).unwrap();
-        let seqs: Vec<_> = ev
-            .records
-            .iter()
-            .map(|r| r.sequence_number().unwrap())
-            .collect();
+        let seqs: Vec<_> = ev.records.iter().map(|r| r.sequence_number().unwrap()).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{name}: a batch is in sequence order");
         assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "{name}: a batch is in sequence order"
-        );
-        assert!(
-            ev.records
-                .iter()
-                .all(|r| r.shard_id() == ev.records[0].shard_id()),
+            ev.records.iter().all(|r| r.shard_id() == ev.records[0].shard_id()),
             "{name}: a batch comes from one shard"
         );
     }

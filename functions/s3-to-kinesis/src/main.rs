@@ -8,14 +8,10 @@ use serde_json::value::RawValue;
 async fn main() -> Result<(), Error> {
     pushpull::telemetry::init();
     let aws = pushpull::aws::Aws::new();
-    let handler = PushHandler::from_env(&aws)
-        .await
-        .inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
+    let handler = PushHandler::from_env(&aws).await.inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
     let handler = &handler;
-    lambda_runtime::run(service_fn(
-        move |event: LambdaEvent<Box<RawValue>>| async move {
-            handler.handle(event.payload.get().as_bytes()).await
-        },
-    ))
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<Box<RawValue>>| async move {
+        handler.handle(event.payload.get().as_bytes()).await
+    }))
     .await
 }

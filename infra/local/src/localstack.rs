@@ -60,30 +60,19 @@ impl Local {
         let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
             .endpoint_url(&endpoint)
             .region(aws_config::Region::new(REGION))
-            .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                "test", "test", None, None, "local",
-            ))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "test", None, None, "local"))
             .load()
             .await;
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&config)
-                .force_path_style(true)
-                .build(),
-        );
-        let local = Local {
-            s3,
-            kinesis: aws_sdk_kinesis::Client::new(&config),
-            sqs: aws_sdk_sqs::Client::new(&config),
-        };
+        let s3 =
+            aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
+        let local =
+            Local { s3, kinesis: aws_sdk_kinesis::Client::new(&config), sqs: aws_sdk_sqs::Client::new(&config) };
         local
             .kinesis
             .list_streams()
             .send()
             .await
-            .map_err(|e| NotRunning {
-                endpoint: endpoint.clone(),
-                reason: aws_smithy_display(&e),
-            })?;
+            .map_err(|e| NotRunning { endpoint: endpoint.clone(), reason: aws_smithy_display(&e) })?;
         Ok(local)
     }
 
@@ -104,14 +93,7 @@ impl Local {
 
     /// Creates `stream` with `shards` shards if missing, waits until it is ACTIVE, returns its ARN.
     pub async fn ensure_stream(&self, stream: &str, shards: i32) -> Result<String, String> {
-        if let Err(e) = self
-            .kinesis
-            .create_stream()
-            .stream_name(stream)
-            .shard_count(shards)
-            .send()
-            .await
-        {
+        if let Err(e) = self.kinesis.create_stream().stream_name(stream).shard_count(shards).send().await {
             let msg = aws_smithy_display(&e);
             if !msg.contains("ResourceInUseException") {
                 return Err(format!("CreateStream {stream}: {msg}"));
@@ -124,13 +106,11 @@ impl Local {
                 .stream_name(stream)
                 .send()
                 .await
-                .map_err(|e| {
-                    format!("DescribeStreamSummary {stream}: {}", aws_smithy_display(&e))
-                })?;
-            if let Some(s) = d.stream_description_summary() {
-                if s.stream_status() == &StreamStatus::Active {
-                    return Ok(s.stream_arn().to_owned());
-                }
+                .map_err(|e| format!("DescribeStreamSummary {stream}: {}", aws_smithy_display(&e)))?;
+            if let Some(s) = d.stream_description_summary()
+                && s.stream_status() == &StreamStatus::Active
+            {
+                return Ok(s.stream_arn().to_owned());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -139,15 +119,10 @@ impl Local {
 
     /// Creates an SQS queue and makes `bucket` send ObjectCreated notifications for keys under
     /// `prefix` to it (S3's own event source, as it would notify Lambda). Returns the queue URL.
-    pub async fn notify_queue(
-        &self,
-        bucket: &str,
-        queue: &str,
-        prefix: &str,
-    ) -> Result<String, String> {
+    pub async fn notify_queue(&self, bucket: &str, queue: &str, prefix: &str) -> Result<String, String> {
         use aws_sdk_s3::types::{
-            Event, FilterRule, FilterRuleName, NotificationConfiguration,
-            NotificationConfigurationFilter, QueueConfiguration, S3KeyFilter,
+            Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter,
+            QueueConfiguration, S3KeyFilter,
         };
         let url = self
             .sqs
@@ -161,12 +136,7 @@ impl Local {
         let filter = NotificationConfigurationFilter::builder()
             .key(
                 S3KeyFilter::builder()
-                    .filter_rules(
-                        FilterRule::builder()
-                            .name(FilterRuleName::Prefix)
-                            .value(prefix)
-                            .build(),
-                    )
+                    .filter_rules(FilterRule::builder().name(FilterRuleName::Prefix).value(prefix).build())
                     .build(),
             )
             .build();
@@ -179,28 +149,15 @@ impl Local {
         self.s3
             .put_bucket_notification_configuration()
             .bucket(bucket)
-            .notification_configuration(
-                NotificationConfiguration::builder()
-                    .queue_configurations(qc)
-                    .build(),
-            )
+            .notification_configuration(NotificationConfiguration::builder().queue_configurations(qc).build())
             .send()
             .await
-            .map_err(|e| {
-                format!(
-                    "PutBucketNotificationConfiguration {bucket}: {}",
-                    aws_smithy_display(&e)
-                )
-            })?;
+            .map_err(|e| format!("PutBucketNotificationConfiguration {bucket}: {}", aws_smithy_display(&e)))?;
         Ok(url)
     }
 
     /// Receives up to 10 messages (long-polling `wait`), returning (receipt handle, body).
-    pub async fn receive(
-        &self,
-        queue_url: &str,
-        wait: Duration,
-    ) -> Result<Vec<(String, String)>, String> {
+    pub async fn receive(&self, queue_url: &str, wait: Duration) -> Result<Vec<(String, String)>, String> {
         let out = self
             .sqs
             .receive_message()
@@ -213,12 +170,7 @@ impl Local {
         Ok(out
             .messages()
             .iter()
-            .map(|m| {
-                (
-                    m.receipt_handle().unwrap_or_default().to_owned(),
-                    m.body().unwrap_or_default().to_owned(),
-                )
-            })
+            .map(|m| (m.receipt_handle().unwrap_or_default().to_owned(), m.body().unwrap_or_default().to_owned()))
             .collect())
     }
 
@@ -236,6 +188,17 @@ impl Local {
 
     /// Reads every record now in `stream`, shard by shard from TRIM_HORIZON, in sequence order.
     pub async fn read_stream(&self, stream: &str) -> Result<Vec<StreamRecord>, String> {
+        let iterators = self.shard_iterators(stream, ShardIteratorType::TrimHorizon).await?;
+        self.read_from(stream, iterators).await
+    }
+
+    /// One iterator per shard of `stream`, of the given type: take LATEST ones before writing to
+    /// read back only what was written after.
+    pub async fn shard_iterators(
+        &self,
+        stream: &str,
+        kind: ShardIteratorType,
+    ) -> Result<Vec<(String, String)>, String> {
         let shards = self
             .kinesis
             .list_shards()
@@ -243,7 +206,7 @@ impl Local {
             .send()
             .await
             .map_err(|e| format!("ListShards {stream}: {}", aws_smithy_display(&e)))?;
-        let mut all = Vec::new();
+        let mut out = Vec::new();
         for shard in shards.shards() {
             let shard_id = shard.shard_id().to_owned();
             let it = self
@@ -251,16 +214,20 @@ impl Local {
                 .get_shard_iterator()
                 .stream_name(stream)
                 .shard_id(&shard_id)
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .shard_iterator_type(kind.clone())
                 .send()
                 .await
-                .map_err(|e| {
-                    format!(
-                        "GetShardIterator {stream}/{shard_id}: {}",
-                        aws_smithy_display(&e)
-                    )
-                })?;
-            let mut iterator = it.shard_iterator().map(str::to_owned);
+                .map_err(|e| format!("GetShardIterator {stream}/{shard_id}: {}", aws_smithy_display(&e)))?;
+            out.push((shard_id, it.shard_iterator().unwrap_or_default().to_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Reads from each (shard, iterator) until the shard has nothing more now.
+    pub async fn read_from(&self, stream: &str, iterators: Vec<(String, String)>) -> Result<Vec<StreamRecord>, String> {
+        let mut all = Vec::new();
+        for (shard_id, first) in iterators {
+            let mut iterator = Some(first).filter(|i| !i.is_empty());
             while let Some(current) = iterator.take() {
                 let out = self
                     .kinesis
@@ -269,23 +236,17 @@ impl Local {
                     .limit(10_000)
                     .send()
                     .await
-                    .map_err(|e| {
-                        format!("GetRecords {stream}/{shard_id}: {}", aws_smithy_display(&e))
-                    })?;
+                    .map_err(|e| format!("GetRecords {stream}/{shard_id}: {}", aws_smithy_display(&e)))?;
                 for r in out.records() {
                     all.push(StreamRecord {
                         shard_id: shard_id.clone(),
                         sequence_number: r.sequence_number().to_owned(),
                         partition_key: r.partition_key().unwrap_or_default().to_owned(),
                         data: r.data().as_ref().to_vec(),
-                        arrival: r
-                            .approximate_arrival_timestamp()
-                            .map_or(0.0, |t| t.as_secs_f64()),
+                        arrival: r.approximate_arrival_timestamp().map_or(0.0, |t| t.as_secs_f64()),
                     });
                 }
-                if out.records().is_empty()
-                    || out.millis_behind_latest() == Some(0) && out.records().is_empty()
-                {
+                if out.records().is_empty() {
                     break;
                 }
                 iterator = out.next_shard_iterator().map(str::to_owned);

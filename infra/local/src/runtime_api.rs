@@ -163,19 +163,14 @@ const OUTPUT_LINES_KEPT: usize = 200;
 impl FunctionHost {
     /// Serves the Runtime API and starts the function (init runs now, as on a cold start).
     pub async fn start(spec: FunctionSpec) -> Result<Self, HostError> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .map_err(HostError::Server)?;
+        let listener = TcpListener::bind("127.0.0.1:0").await.map_err(HostError::Server)?;
         let addr = listener.local_addr().map_err(HostError::Server)?;
         let (queue_tx, queue_rx) = mpsc::channel(16);
         let shared = Arc::new(Shared {
             queue: tokio::sync::Mutex::new(queue_rx),
             state: Mutex::new(State::default()),
             ready: Notify::new(),
-            function_arn: format!(
-                "arn:aws:lambda:us-east-1:000000000000:function:{}",
-                spec.name
-            ),
+            function_arn: format!("arn:aws:lambda:us-east-1:000000000000:function:{}", spec.name),
         });
         let server = tokio::spawn(serve(listener, shared.clone()));
         let mut host = FunctionHost {
@@ -204,10 +199,7 @@ impl FunctionHost {
 
     /// The last lines the function printed (its logs).
     pub fn output(&self) -> Vec<String> {
-        self.output
-            .lock()
-            .map(|o| o.iter().cloned().collect())
-            .unwrap_or_default()
+        self.output.lock().map(|o| o.iter().cloned().collect()).unwrap_or_default()
     }
 
     async fn spawn(&mut self) -> Result<(), HostError> {
@@ -221,29 +213,18 @@ impl FunctionHost {
         cmd.env("AWS_LAMBDA_RUNTIME_API", self.addr.to_string())
             .env("AWS_LAMBDA_FUNCTION_NAME", &self.spec.name)
             .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-            .env(
-                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
-                self.spec.memory_mb.to_string(),
-            )
-            .env(
-                "AWS_LAMBDA_LOG_GROUP_NAME",
-                format!("/aws/lambda/{}", self.spec.name),
-            )
+            .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", self.spec.memory_mb.to_string())
+            .env("AWS_LAMBDA_LOG_GROUP_NAME", format!("/aws/lambda/{}", self.spec.name))
             .env("AWS_LAMBDA_LOG_STREAM_NAME", "local")
             .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(|source| HostError::Spawn {
-            path: self.spec.binary.display().to_string(),
-            source,
-        })?;
+        let mut child =
+            cmd.spawn().map_err(|source| HostError::Spawn { path: self.spec.binary.display().to_string(), source })?;
         for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
             child.stderr.take().map(|s| Box::new(s) as _),
         ]
         .into_iter()
@@ -299,11 +280,7 @@ impl FunctionHost {
         self.kill().await;
         // Give the output readers a moment to drain what the process printed last.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        HostError::Init {
-            name: self.spec.name.clone(),
-            message,
-            output: self.output().join("\n"),
-        }
+        HostError::Init { name: self.spec.name.clone(), message, output: self.output().join("\n") }
     }
 
     /// Kills the process (by PID) and waits for it.
@@ -331,19 +308,11 @@ impl FunctionHost {
         let request_id = uuid::Uuid::new_v4().to_string();
         let (reply, answer) = oneshot::channel();
         let started = Instant::now();
-        let deadline_ms = (SystemTime::now() + self.spec.timeout)
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let pending = Pending {
-            request_id: request_id.clone(),
-            payload: payload.into(),
-            deadline_ms,
-            reply,
-        };
+        let deadline_ms =
+            (SystemTime::now() + self.spec.timeout).duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let pending = Pending { request_id: request_id.clone(), payload: payload.into(), deadline_ms, reply };
         if self.queue_tx.send(pending).await.is_err() {
-            return Err(HostError::Server(std::io::Error::other(
-                "runtime API server stopped",
-            )));
+            return Err(HostError::Server(std::io::Error::other("runtime API server stopped")));
         }
         let child = self.child.as_mut().expect("spawned above");
         let outcome = tokio::select! {
@@ -358,12 +327,7 @@ impl FunctionHost {
                 while q.try_recv().is_ok() {}
             }
         }
-        Ok(Invocation {
-            request_id,
-            outcome,
-            duration: started.elapsed(),
-            cold_start,
-        })
+        Ok(Invocation { request_id, outcome, duration: started.elapsed(), cold_start })
     }
 }
 
@@ -384,9 +348,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| route(req, shared.clone()));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
 }
@@ -397,10 +359,7 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-async fn route(
-    req: Request<Incoming>,
-    shared: Arc<Shared>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let Some(rest) = path.strip_prefix("/2018-06-01/runtime/") else {
         return Ok(reply(StatusCode::NOT_FOUND, "unknown path"));
@@ -417,69 +376,34 @@ async fn route(
             let Some(p) = pending else {
                 return Ok(reply(StatusCode::INTERNAL_SERVER_ERROR, "host stopped"));
             };
-            shared
-                .state
-                .lock()
-                .expect("state lock")
-                .inflight
-                .insert(p.request_id.clone(), p.reply);
+            shared.state.lock().expect("state lock").inflight.insert(p.request_id.clone(), p.reply);
             let mut r = reply(StatusCode::OK, p.payload);
             let h = r.headers_mut();
             let hv = |s: &str| {
-                hyper::header::HeaderValue::from_str(s)
-                    .unwrap_or(hyper::header::HeaderValue::from_static(""))
+                hyper::header::HeaderValue::from_str(s).unwrap_or(hyper::header::HeaderValue::from_static(""))
             };
             h.insert("content-type", hv("application/json"));
             h.insert("lambda-runtime-aws-request-id", hv(&p.request_id));
             h.insert("lambda-runtime-deadline-ms", hv(&p.deadline_ms.to_string()));
-            h.insert(
-                "lambda-runtime-invoked-function-arn",
-                hv(&shared.function_arn),
-            );
-            h.insert(
-                "lambda-runtime-trace-id",
-                hv("Root=1-00000000-000000000000000000000000;Sampled=0"),
-            );
+            h.insert("lambda-runtime-invoked-function-arn", hv(&shared.function_arn));
+            h.insert("lambda-runtime-trace-id", hv("Root=1-00000000-000000000000000000000000;Sampled=0"));
             Ok(r)
         }
         (&Method::POST, ["invocation", id, kind @ ("response" | "error")]) => {
             let (id, is_error) = (id.to_string(), *kind == "error");
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            let sender = shared
-                .state
-                .lock()
-                .expect("state lock")
-                .inflight
-                .remove(&id);
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let sender = shared.state.lock().expect("state lock").inflight.remove(&id);
             match sender {
                 Some(tx) => {
-                    let _ = tx.send(if is_error {
-                        Outcome::FunctionError(body)
-                    } else {
-                        Outcome::Response(body)
-                    });
+                    let _ = tx.send(if is_error { Outcome::FunctionError(body) } else { Outcome::Response(body) });
                     Ok(reply(StatusCode::ACCEPTED, r#"{"status":"OK"}"#))
                 }
-                None => Ok(reply(
-                    StatusCode::BAD_REQUEST,
-                    r#"{"errorMessage":"unknown request id"}"#,
-                )),
+                None => Ok(reply(StatusCode::BAD_REQUEST, r#"{"errorMessage":"unknown request id"}"#)),
             }
         }
         (&Method::POST, ["init", "error"]) => {
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            shared.state.lock().expect("state lock").init_error =
-                Some(String::from_utf8_lossy(&body).into_owned());
+            let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            shared.state.lock().expect("state lock").init_error = Some(String::from_utf8_lossy(&body).into_owned());
             shared.ready.notify_waiters();
             Ok(reply(StatusCode::ACCEPTED, r#"{"status":"OK"}"#))
         }

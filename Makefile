@@ -1,0 +1,27 @@
+# Task runner. The two commands README opens with are `make run` and `make test`.
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt
+
+run:            ## set up what is missing and run the sample pipeline on LocalStack
+	infra/run-local.sh $(ARGS)
+
+test:           ## set up what is missing and run every check and test (CI runs this)
+	infra/test.sh
+
+check-template: ## sam validate --lint, sam validate, cfn-lint, cycle check
+	infra/check-template.sh
+
+lambda:         ## deployable arm64 zips under target/lambda/
+	infra/build-lambda.sh
+
+localstack-up:
+	infra/localstack.sh up
+
+localstack-down:
+	infra/localstack.sh down
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all
