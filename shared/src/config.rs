@@ -186,7 +186,7 @@ fn stream_name(env: &mut Env, name: &'static str, purpose: &'static str) -> Stri
 }
 
 /// Settings of the S3 → Kinesis (push) function.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PushSettings {
     /// `STREAM_NAME`: the Kinesis stream records are sent to. Required.
     pub stream_name: String,
@@ -207,6 +207,41 @@ pub struct PushSettings {
     pub put: BatchConfig,
     /// `PUT_MAX_ATTEMPTS`: attempts per record (first try included) before the invocation fails.
     pub put_max_attempts: u32,
+    /// `PUT_ORDERING`: `per-key` (default) keeps each partition key's records in line order even
+    /// across resends, by never putting two records of one key in the same call; `none` fills
+    /// calls regardless (faster with few keys; a resent record may land after a later one).
+    pub ordering: Ordering,
+    /// `CHECKPOINT_INTERVAL_MS`: how often progress within an object is checkpointed.
+    pub checkpoint_interval: Duration,
+    /// `CHECKPOINT_LEASE_MS`: how long an invocation owns an object after its last checkpoint;
+    /// another invocation may take the object over (and resume it) only after that.
+    pub lease: Duration,
+    /// `DEADLINE_MARGIN_MS`: stop this long before the invocation deadline, checkpoint, and fail
+    /// so that the retry resumes.
+    pub deadline_margin: Duration,
+    /// `PUSHPULL_INJECT_PUT_FAILURES`: fraction (0-1) of PutRecords entries to fail on purpose, as
+    /// throttling would. For fault-injection tests only; default 0.
+    pub inject_put_failures: f64,
+}
+
+/// How records of one partition key are kept in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ordering {
+    /// At most one record per partition key in a PutRecords call.
+    PerKey,
+    /// No ordering guarantee across resends.
+    None,
+}
+
+impl std::str::FromStr for Ordering {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "per-key" => Ok(Ordering::PerKey),
+            "none" => Ok(Ordering::None),
+            _ => Err("per-key or none"),
+        }
+    }
 }
 
 impl PushSettings {
@@ -225,6 +260,21 @@ impl PushSettings {
         let max_bytes = env.number_in("PUT_MAX_BYTES", KINESIS_MAX_BYTES_PER_CALL, 1..=max_bytes_cap);
         let linger_ms = env.number_in("PUT_LINGER_MS", 100u64, 0..=60_000);
         let put_max_attempts = env.number_in("PUT_MAX_ATTEMPTS", 8u32, 1..=100);
+        let ordering = env.parse_or("PUT_ORDERING", Ordering::PerKey);
+        let interval_ms = env.number_in("CHECKPOINT_INTERVAL_MS", 1_000u64, 10..=600_000);
+        let lease_ms = env.number_in("CHECKPOINT_LEASE_MS", 60_000u64, 100..=3_600_000);
+        let margin_ms = env.number_in("DEADLINE_MARGIN_MS", 5_000u64, 0..=600_000);
+        let inject_put_failures = env.parse_or("PUSHPULL_INJECT_PUT_FAILURES", 0.0f64);
+        if !(0.0..=1.0).contains(&inject_put_failures) {
+            env.invalid("PUSHPULL_INJECT_PUT_FAILURES", inject_put_failures.to_string(), "a fraction from 0 to 1");
+        }
+        if interval_ms * 2 > lease_ms {
+            env.invalid(
+                "CHECKPOINT_LEASE_MS",
+                lease_ms.to_string(),
+                format!("at least twice CHECKPOINT_INTERVAL_MS ({interval_ms})"),
+            );
+        }
         if record_max_bytes > max_bytes {
             env.invalid(
                 "RECORD_MAX_BYTES",
@@ -245,6 +295,11 @@ impl PushSettings {
             record_max_bytes,
             put,
             put_max_attempts,
+            ordering,
+            checkpoint_interval: Duration::from_millis(interval_ms),
+            lease: Duration::from_millis(lease_ms),
+            deadline_margin: Duration::from_millis(margin_ms),
+            inject_put_failures,
         })
     }
 

@@ -15,7 +15,7 @@
 //! impl RecordSink for Counter {
 //!     async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<PutResult>, SinkError> {
 //!         self.0.fetch_add(records.len(), std::sync::atomic::Ordering::Relaxed);
-//!         Ok(records.iter().map(|_| PutResult::Written).collect())
+//!         Ok(records.iter().map(|_| PutResult::written("shardId-0", "1")).collect())
 //!     }
 //! }
 //!
@@ -25,12 +25,14 @@
 //! assert_eq!((report.records, report.calls), (1, 1));
 //! # });
 //! ```
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::batch::ByteSize;
+use crate::kinesis_event::SequenceNumber;
 
 /// One record to send, with the input line it came from (for error messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,8 +62,13 @@ impl ByteSize for OutRecord {
 /// What happened to one entry of a PutRecords call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PutResult {
-    /// Written (Kinesis assigned it a sequence number).
-    Written,
+    /// Written: where, and under which sequence number.
+    Written {
+        /// The shard it went to.
+        shard_id: String,
+        /// Its sequence number.
+        sequence_number: String,
+    },
     /// Not written; may be resent.
     Failed {
         /// `ProvisionedThroughputExceededException`, `InternalFailure`, ...
@@ -69,6 +76,23 @@ pub enum PutResult {
         /// Kinesis's message.
         message: String,
     },
+}
+
+impl PutResult {
+    /// A written entry.
+    pub fn written(shard_id: impl Into<String>, sequence_number: impl Into<String>) -> Self {
+        PutResult::Written { shard_id: shard_id.into(), sequence_number: sequence_number.into() }
+    }
+}
+
+/// A record already in the stream, as read back: for telling whether records of an
+/// interrupted invocation were written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenRecord {
+    /// Its partition key.
+    pub partition_key: String,
+    /// Its data.
+    pub data: Bytes,
 }
 
 /// A whole PutRecords call failed.
@@ -85,6 +109,20 @@ pub struct SinkError {
 pub trait RecordSink: Send + Sync {
     /// Sends `records` in one call; the answer has one [`PutResult`] per record, in order.
     fn put_records(&self, records: &[OutRecord]) -> impl Future<Output = Result<Vec<PutResult>, SinkError>> + Send;
+
+    /// Records written after `positions` (shard id → sequence number; shards not named are read
+    /// from `since_ms`, epoch milliseconds) that arrived no later than `until_ms`. Used after a
+    /// crash to find out which records of the interrupted work were written. The default, for
+    /// sinks that cannot be read back, finds nothing.
+    fn written_since(
+        &self,
+        positions: &BTreeMap<String, String>,
+        since_ms: u64,
+        until_ms: u64,
+    ) -> impl Future<Output = Result<Vec<WrittenRecord>, SinkError>> + Send {
+        let _ = (positions, since_ms, until_ms);
+        async { Ok(Vec::new()) }
+    }
 }
 
 /// A Kinesis stream.
@@ -102,6 +140,23 @@ impl KinesisSink {
 }
 
 impl RecordSink for KinesisSink {
+    async fn written_since(
+        &self,
+        positions: &BTreeMap<String, String>,
+        since_ms: u64,
+        until_ms: u64,
+    ) -> Result<Vec<WrittenRecord>, SinkError> {
+        let shards = self.client.list_shards().stream_name(&self.stream_name).send().await.map_err(|e| SinkError {
+            message: format!("ListShards {}: {}", self.stream_name, crate::aws::describe(&e)),
+            retryable: true,
+        })?;
+        let mut out = Vec::new();
+        for shard in shards.shards() {
+            self.read_shard(shard.shard_id(), positions.get(shard.shard_id()), since_ms, until_ms, &mut out).await?;
+        }
+        Ok(out)
+    }
+
     async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<PutResult>, SinkError> {
         use aws_sdk_kinesis::types::PutRecordsRequestEntry;
         let entries = records
@@ -136,7 +191,7 @@ impl RecordSink for KinesisSink {
             .records()
             .iter()
             .map(|r| match r.error_code() {
-                None => PutResult::Written,
+                None => PutResult::written(r.shard_id().unwrap_or_default(), r.sequence_number().unwrap_or_default()),
                 Some(code) => PutResult::Failed {
                     code: code.to_owned(),
                     message: r.error_message().unwrap_or_default().to_owned(),
@@ -146,8 +201,113 @@ impl RecordSink for KinesisSink {
     }
 }
 
+impl KinesisSink {
+    async fn read_shard(
+        &self,
+        shard_id: &str,
+        after: Option<&String>,
+        since_ms: u64,
+        until_ms: u64,
+        out: &mut Vec<WrittenRecord>,
+    ) -> Result<(), SinkError> {
+        use aws_sdk_kinesis::types::ShardIteratorType;
+        let fail = |op: &str, e: String| SinkError {
+            message: format!("{op} {}/{shard_id}: {e}", self.stream_name),
+            retryable: true,
+        };
+        let mut req = self.client.get_shard_iterator().stream_name(&self.stream_name).shard_id(shard_id);
+        req = match after {
+            Some(seq) => req.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).starting_sequence_number(seq),
+            None => req
+                .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                .timestamp(aws_smithy_types::DateTime::from_millis(since_ms as i64)),
+        };
+        let it = req.send().await.map_err(|e| fail("GetShardIterator", crate::aws::describe(&e)))?;
+        let mut iterator = it.shard_iterator().map(str::to_owned);
+        while let Some(current) = iterator.take() {
+            let page = self
+                .client
+                .get_records()
+                .shard_iterator(current)
+                .limit(10_000)
+                .send()
+                .await
+                .map_err(|e| fail("GetRecords", crate::aws::describe(&e)))?;
+            let mut past_window = false;
+            for r in page.records() {
+                let arrival = r.approximate_arrival_timestamp().map_or(0, |t| t.to_millis().unwrap_or(0).max(0) as u64);
+                if arrival > until_ms {
+                    past_window = true;
+                    break;
+                }
+                out.push(WrittenRecord {
+                    partition_key: r.partition_key().unwrap_or_default().to_owned(),
+                    data: Bytes::copy_from_slice(r.data().as_ref()),
+                });
+            }
+            if past_window || page.records().is_empty() {
+                break;
+            }
+            iterator = page.next_shard_iterator().map(str::to_owned);
+        }
+        Ok(())
+    }
+}
+
+/// Fails a fraction of the entries of every call, as a throttled stream does
+/// (`ProvisionedThroughputExceededException`): the failed entries are not sent, the rest are.
+/// For fault-injection tests of the code above a sink; never for production.
+#[derive(Debug)]
+pub struct FaultInjectingSink<S> {
+    inner: S,
+    fail_fraction: f64,
+}
+
+impl<S> FaultInjectingSink<S> {
+    /// Fails each entry with probability `fail_fraction` (0.0 to 1.0).
+    pub fn new(inner: S, fail_fraction: f64) -> Self {
+        FaultInjectingSink { inner, fail_fraction: fail_fraction.clamp(0.0, 1.0) }
+    }
+}
+
+impl<S: RecordSink> RecordSink for FaultInjectingSink<S> {
+    async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<PutResult>, SinkError> {
+        if self.fail_fraction <= 0.0 {
+            return self.inner.put_records(records).await;
+        }
+        let fail: Vec<bool> = records.iter().map(|_| fastrand::f64() < self.fail_fraction).collect();
+        let pass: Vec<OutRecord> = records.iter().zip(&fail).filter(|(_, f)| !**f).map(|(r, _)| r.clone()).collect();
+        let mut written = if pass.is_empty() { Vec::new() } else { self.inner.put_records(&pass).await? }.into_iter();
+        Ok(fail
+            .iter()
+            .map(|&f| {
+                if f {
+                    PutResult::Failed {
+                        code: "ProvisionedThroughputExceededException".into(),
+                        message: "Rate exceeded for shard (injected)".into(),
+                    }
+                } else {
+                    written.next().unwrap_or(PutResult::Failed {
+                        code: "InternalFailure".into(),
+                        message: "missing result".into(),
+                    })
+                }
+            })
+            .collect())
+    }
+
+    fn written_since(
+        &self,
+        positions: &BTreeMap<String, String>,
+        since_ms: u64,
+        until_ms: u64,
+    ) -> impl Future<Output = Result<Vec<WrittenRecord>, SinkError>> + Send {
+        self.inner.written_since(positions, since_ms, until_ms)
+    }
+}
+
 /// What one [`Producer::send`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SendReport {
     /// Records written.
     pub records: usize,
@@ -155,13 +315,22 @@ pub struct SendReport {
     pub calls: usize,
     /// Entries resent after a partial failure or a failed call.
     pub resent: usize,
+    /// The highest sequence number written to each shard.
+    pub positions: BTreeMap<String, SequenceNumber>,
 }
 
-impl std::ops::AddAssign for SendReport {
-    fn add_assign(&mut self, o: Self) {
+impl SendReport {
+    /// Adds another report's counts and keeps the higher position of each shard.
+    pub fn merge(&mut self, o: SendReport) {
         self.records += o.records;
         self.calls += o.calls;
         self.resent += o.resent;
+        for (shard, seq) in o.positions {
+            let slot = self.positions.entry(shard).or_insert_with(|| seq.clone());
+            if seq > *slot {
+                *slot = seq;
+            }
+        }
     }
 }
 
@@ -250,9 +419,19 @@ impl<S: RecordSink> Producer<S> {
                     let mut failed = Vec::new();
                     let mut last = None;
                     for (record, result) in pending.into_iter().zip(results) {
-                        if let PutResult::Failed { code, message } = result {
-                            failed.push(record);
-                            last = Some((code, message));
+                        match result {
+                            PutResult::Failed { code, message } => {
+                                failed.push(record);
+                                last = Some((code, message));
+                            }
+                            PutResult::Written { shard_id, sequence_number } => {
+                                if let Ok(seq) = sequence_number.parse::<SequenceNumber>() {
+                                    let slot = report.positions.entry(shard_id).or_insert_with(|| seq.clone());
+                                    if seq > *slot {
+                                        *slot = seq;
+                                    }
+                                }
+                            }
                         }
                     }
                     pending = failed;
@@ -316,7 +495,7 @@ mod tests {
                             message: "slow down".into(),
                         }
                     } else {
-                        PutResult::Written
+                        PutResult::written("shardId-000000000000", r.line.to_string())
                     }
                 })
                 .collect())
@@ -332,7 +511,8 @@ mod tests {
         let sink = Scripted { fail: vec![b"r2", b"r4"], times: 2, seen: Default::default(), call_error: None };
         let p = Producer::new(sink, 5);
         let report = p.send(recs(5)).await.unwrap();
-        assert_eq!(report, SendReport { records: 5, calls: 3, resent: 4 });
+        assert_eq!((report.records, report.calls, report.resent), (5, 3, 4));
+        assert_eq!(report.positions["shardId-000000000000"].as_str(), "5");
         assert_eq!(*p.sink().seen.lock().unwrap(), vec![vec![1, 2, 3, 4, 5], vec![2, 4], vec![2, 4]]);
     }
 

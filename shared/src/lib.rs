@@ -15,6 +15,7 @@
 //! | [`kinesis_event`] | Kinesis events read without copying; 128-bit sequence numbers |
 //! | [`pull`] | record-by-record processing and the partial batch response |
 //! | [`store`] | `s3://` or `file://` storage with compare-and-swap writes |
+//! | [`checkpoint`] | typed checkpoints with compare-and-swap: the `CheckpointStore` trait |
 //! | [`quarantine`] | where bad input goes, with its reason |
 //! | [`rollup`] | the sample pull function: group, count, sum |
 //! | [`config`] | settings from environment variables, checked at cold start |
@@ -24,6 +25,7 @@
 
 pub mod aws;
 pub mod batch;
+pub mod checkpoint;
 pub mod config;
 pub mod kinesis_event;
 pub mod kinesis_producer;

@@ -7,6 +7,20 @@
 //! UTF-8, not JSON, too long) go to the quarantine ([`crate::quarantine`]) with their line number,
 //! byte offset and reason, and never stop the rest.
 //!
+//! Exactly once, across duplicate and out-of-order notifications, retries, timeouts and crashes:
+//! - each object version has a checkpoint (`objects/<bucket>/<key>/<version or ETag>.json` in
+//!   `CHECKPOINT_URI`) written by compare-and-swap. The invocation that creates it owns the
+//!   object for `CHECKPOINT_LEASE_MS` after each checkpoint; another invocation for the same object
+//!   meanwhile fails with [`PushError::Busy`] (its retry finds the object done).
+//! - progress is checkpointed every `CHECKPOINT_INTERVAL_MS`, and before the deadline. A checkpoint
+//!   first sends the open batch and writes pending quarantine entries, so it always marks a line
+//!   up to which everything is written. A retry resumes there (a ranged read for plain objects; a
+//!   gzip stream is re-read and skipped up to there).
+//! - what a crashed owner sent after its last checkpoint is found by reading the stream back from
+//!   the shard positions of that checkpoint ([`RecordSink::written_since`]), and not sent again.
+//! - a completed object is not processed again; an event whose `sequencer` is older than one
+//!   already seen for the key is stale and skipped (`keys/<bucket>/<key>.json`).
+//!
 //! What is an error (the function fails, and async invoke retries) and what is not:
 //! - the object is gone or was replaced before we read it (`NoSuchKey`, `NoSuchVersion`, ETag
 //!   mismatch): not an error. A log line, and the event is done: a later event describes the
@@ -14,23 +28,29 @@
 //! - access denied, throttling, network or 5xx on S3; records not written to Kinesis: an error.
 //! - test events, non-`ObjectCreated` events and keys under the function's own output or
 //!   quarantine locations (the loop guard): skipped with a log line.
-use std::time::Instant as StdInstant;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_s3::error::SdkError;
 use aws_sdk_s3::operation::get_object::GetObjectError;
+use bytes::Bytes;
 use futures_util::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufRead;
 use tokio_util::codec::FramedRead;
 use tracing::{info, warn};
 
 use crate::batch::Batcher;
-use crate::config::PushSettings;
-use crate::kinesis_producer::{OutRecord, ProduceError, Producer, RecordSink, SendReport};
+use crate::checkpoint::{CheckpointError, Checkpoints};
+use crate::config::{Ordering, PushSettings};
+use crate::kinesis_producer::{
+    FaultInjectingSink, KinesisSink, OutRecord, ProduceError, Producer, RecordSink, SendReport,
+};
 use crate::lines::{Frame, LineCodec};
 use crate::ndjson::{self, LineError};
 use crate::quarantine::{QuarantineWriter, QuarantinedLine, safe_path};
-use crate::s3_notification::{EventKind, NotificationError, ObjectEvent, S3Notification};
-use crate::store::{Store, StoreError};
+use crate::s3_notification::{EventKind, NotificationError, ObjectEvent, S3Notification, Sequencer};
+use crate::store::{Etag, Store, StoreError};
 
 /// Longest partition key Kinesis accepts (characters).
 pub const MAX_PARTITION_KEY_CHARS: usize = 256;
@@ -63,6 +83,52 @@ pub enum PushError {
         /// What went wrong.
         source: ProduceError,
     },
+    /// Another invocation owns this object right now (it is being processed).
+    #[error(
+        "s3://{bucket}/{key} is being processed by invocation {owner} (lease until {lease_until_ms} ms); retry later"
+    )]
+    Busy {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// The owning invocation.
+        owner: String,
+        /// When its lease ends, epoch milliseconds.
+        lease_until_ms: u64,
+    },
+    /// The invocation is about to run out of time; progress was checkpointed and a retry resumes.
+    #[error(
+        "s3://{bucket}/{key}: stopped at line {lines_done} before the invocation deadline; progress is checkpointed and a retry resumes there"
+    )]
+    OutOfTime {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// Lines done so far.
+        lines_done: u64,
+    },
+    /// Reading or writing a checkpoint failed, or another invocation took the object over.
+    #[error("checkpoint of s3://{bucket}/{key}: {source}")]
+    Checkpoint {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// What went wrong.
+        source: CheckpointError,
+    },
+    /// Reading back what an interrupted invocation wrote failed.
+    #[error("reading back records of s3://{bucket}/{key} written before an interruption: {message}")]
+    ReadBack {
+        /// Bucket.
+        bucket: String,
+        /// Key.
+        key: String,
+        /// What went wrong.
+        message: String,
+    },
     /// Quarantined lines could not be stored.
     #[error("quarantining lines of s3://{bucket}/{key}: {source}")]
     Quarantine {
@@ -83,6 +149,10 @@ impl PushError {
             PushError::Read { .. } => "PushError.Read",
             PushError::Produce { .. } => "PushError.Produce",
             PushError::Quarantine { .. } => "PushError.Quarantine",
+            PushError::Busy { .. } => "PushError.Busy",
+            PushError::OutOfTime { .. } => "PushError.OutOfTime",
+            PushError::Checkpoint { .. } => "PushError.Checkpoint",
+            PushError::ReadBack { .. } => "PushError.ReadBack",
         }
     }
 }
@@ -98,9 +168,11 @@ impl From<PushError> for lambda_runtime::Diagnostic {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
-    /// Every line was sent or quarantined.
+    /// Every line was sent or quarantined (by this invocation, or finishing an earlier one's work).
     Processed,
-    /// Not processed, on purpose (event kind, loop guard).
+    /// The object was already completely processed (a duplicate notification).
+    AlreadyDone,
+    /// Not processed, on purpose (event kind, loop guard, stale event).
     Skipped {
         /// Why.
         reason: String,
@@ -112,7 +184,8 @@ pub enum Outcome {
     },
 }
 
-/// The account of one object.
+/// The account of one object. Counts are for the whole object, including what earlier
+/// invocations did before this one resumed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ObjectSummary {
     /// Bucket.
@@ -125,7 +198,7 @@ pub struct ObjectSummary {
     pub lines: u64,
     /// Blank lines (skipped: not records).
     pub blank_lines: u64,
-    /// Bytes read.
+    /// Bytes read (decompressed).
     pub bytes: u64,
     /// Records written to Kinesis.
     pub records: u64,
@@ -135,31 +208,35 @@ pub struct ObjectSummary {
     pub put_calls: u64,
     /// Entries resent after partial failures.
     pub resent: u64,
-    /// Milliseconds spent on the object.
+    /// The line this invocation started after (0: from the start).
+    pub resumed_after_line: u64,
+    /// Lines an interrupted invocation had already written, found in the stream and not resent.
+    pub found_written: u64,
+    /// Milliseconds this invocation spent on the object.
     pub millis: u64,
 }
 
 impl ObjectSummary {
     fn new(ev: &ObjectEvent, outcome: Outcome) -> Self {
+        Self::from_progress(ev, outcome, &ObjectProgress::default())
+    }
+
+    fn from_progress(ev: &ObjectEvent, outcome: Outcome, p: &ObjectProgress) -> Self {
         ObjectSummary {
             bucket: ev.bucket.clone(),
             key: ev.key.clone(),
             outcome,
-            lines: 0,
-            blank_lines: 0,
-            bytes: 0,
-            records: 0,
-            quarantined: 0,
-            put_calls: 0,
-            resent: 0,
+            lines: p.lines_done,
+            blank_lines: p.blank_lines,
+            bytes: p.bytes_done,
+            records: p.records_sent,
+            quarantined: p.quarantined,
+            put_calls: p.put_calls,
+            resent: p.resent,
+            resumed_after_line: 0,
+            found_written: 0,
             millis: 0,
         }
-    }
-
-    fn add(&mut self, r: SendReport) {
-        self.records += r.records as u64;
-        self.put_calls += r.calls as u64;
-        self.resent += r.resent as u64;
     }
 }
 
@@ -172,6 +249,71 @@ pub struct PushSummary {
     pub objects: Vec<ObjectSummary>,
 }
 
+/// Who is invoking, and until when: the owner name for checkpoints and the deadline to stop by.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    /// The request id (owner of the checkpoints this invocation writes).
+    pub request_id: String,
+    /// When the invocation times out.
+    pub deadline: Option<SystemTime>,
+}
+
+impl Invocation {
+    /// From the Lambda context.
+    pub fn from_context(ctx: &lambda_runtime::Context) -> Self {
+        Invocation { request_id: ctx.request_id.clone(), deadline: Some(ctx.deadline()) }
+    }
+
+    /// An invocation with no deadline (tools, benchmarks).
+    pub fn unbounded(request_id: impl Into<String>) -> Self {
+        Invocation { request_id: request_id.into(), deadline: None }
+    }
+
+    fn out_of_time(&self, margin: Duration) -> bool {
+        self.deadline.is_some_and(|d| SystemTime::now() + margin >= d)
+    }
+}
+
+/// The checkpoint of one object version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectProgress {
+    /// Bucket.
+    pub bucket: String,
+    /// Key.
+    pub key: String,
+    /// Version id, ETag, or `unversioned`.
+    pub version: String,
+    /// The event's sequencer.
+    pub sequencer: Option<Sequencer>,
+    /// Every line is written or quarantined.
+    pub complete: bool,
+    /// How it ended, when complete and not processed normally (`gone: ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+    /// The invocation that owns the object.
+    pub owner: String,
+    /// The owner's lease ends here (epoch ms); after it another invocation may take over.
+    pub lease_until_ms: u64,
+    /// When this checkpoint was written (epoch ms).
+    pub checkpointed_at_ms: u64,
+    /// Every line up to this one is written, quarantined or blank.
+    pub lines_done: u64,
+    /// Byte offset (in the decompressed input) just after `lines_done`.
+    pub bytes_done: u64,
+    /// Blank lines so far.
+    pub blank_lines: u64,
+    /// Records written so far.
+    pub records_sent: u64,
+    /// Lines quarantined so far.
+    pub quarantined: u64,
+    /// PutRecords calls so far.
+    pub put_calls: u64,
+    /// Entries resent so far.
+    pub resent: u64,
+    /// Highest sequence number written to each shard so far.
+    pub shard_positions: BTreeMap<String, String>,
+}
+
 /// Handles S3 notifications: reads objects, sends their lines to a [`RecordSink`].
 #[derive(Debug)]
 pub struct PushHandler<S> {
@@ -179,24 +321,80 @@ pub struct PushHandler<S> {
     s3: aws_sdk_s3::Client,
     producer: Producer<S>,
     quarantine: Store,
+    checkpoints: Checkpoints<Store>,
 }
 
-impl PushHandler<crate::kinesis_producer::KinesisSink> {
+/// The handler a deployed function runs.
+pub type DeployedPushHandler = PushHandler<FaultInjectingSink<KinesisSink>>;
+
+impl DeployedPushHandler {
     /// The handler a deployed function runs: settings from the environment (every problem
     /// reported at once), clients from the AWS configuration, records to `STREAM_NAME`.
     pub async fn from_env(aws: &crate::aws::Aws) -> Result<Self, crate::config::ConfigErrors> {
         let settings = PushSettings::from_env(crate::config::Env::from_process())?;
-        let sink = crate::kinesis_producer::KinesisSink::new(aws.kinesis().await.clone(), &settings.stream_name);
+        let sink = KinesisSink::new(aws.kinesis().await.clone(), &settings.stream_name);
+        let sink = FaultInjectingSink::new(sink, settings.inject_put_failures);
         let quarantine = Store::connect(&settings.quarantine, aws).await;
-        Ok(Self::new(settings, aws.s3().await.clone(), sink, quarantine))
+        let checkpoints = Store::connect(&settings.checkpoint, aws).await;
+        Ok(Self::new(settings, aws.s3().await.clone(), sink, quarantine, checkpoints))
     }
 }
 
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+enum Claim {
+    Done(ObjectProgress),
+    Owned { progress: ObjectProgress, version: Etag, resumed: bool },
+}
+
+/// Records an interrupted owner wrote after its last checkpoint, by partition key, in order.
+struct Written {
+    by_key: HashMap<String, VecDeque<Bytes>>,
+}
+
+impl Written {
+    /// Whether the line (key, data) is the next record of `key` already in the stream. Records of a
+    /// key were sent in line order, so once a line of a key is missing, no later line of that key
+    /// was written either.
+    fn take(&mut self, key: &str, data: &[u8]) -> bool {
+        let Some(queue) = self.by_key.get_mut(key) else { return false };
+        match queue.iter().position(|d| d[..] == *data) {
+            Some(i) => {
+                queue.drain(..=i);
+                true
+            }
+            None => {
+                self.by_key.remove(key);
+                false
+            }
+        }
+    }
+}
+
+/// The state of one object while its lines flow.
+struct Run<'a> {
+    ev: &'a ObjectEvent,
+    progress: ObjectProgress,
+    version: Etag,
+    batcher: Batcher<OutRecord>,
+    batch_keys: HashSet<String>,
+    quarantine: QuarantineWriter,
+    /// Last line read and the offset after it; blank lines read since the last checkpoint.
+    read_line: u64,
+    read_offset: u64,
+    blank_since: u64,
+    sent: SendReport,
+    last_checkpoint: StdInstant,
+}
+
 impl<S: RecordSink> PushHandler<S> {
-    /// A handler reading with `s3`, sending to `sink`, quarantining into `quarantine`.
-    pub fn new(settings: PushSettings, s3: aws_sdk_s3::Client, sink: S, quarantine: Store) -> Self {
+    /// A handler reading with `s3`, sending to `sink`, quarantining into `quarantine`, keeping
+    /// checkpoints in `checkpoints`.
+    pub fn new(settings: PushSettings, s3: aws_sdk_s3::Client, sink: S, quarantine: Store, checkpoints: Store) -> Self {
         let producer = Producer::new(sink, settings.put_max_attempts);
-        PushHandler { settings, s3, producer, quarantine }
+        PushHandler { settings, s3, producer, quarantine, checkpoints: Checkpoints::new(checkpoints) }
     }
 
     /// The settings in force.
@@ -205,7 +403,7 @@ impl<S: RecordSink> PushHandler<S> {
     }
 
     /// Handles one invocation payload.
-    pub async fn handle(&self, payload: &[u8]) -> Result<PushSummary, PushError> {
+    pub async fn handle(&self, payload: &[u8], invocation: &Invocation) -> Result<PushSummary, PushError> {
         match S3Notification::from_slice(payload)? {
             S3Notification::TestEvent { bucket } => {
                 info!(bucket = bucket.as_deref().unwrap_or(""), "s3:TestEvent acknowledged; nothing to do");
@@ -214,14 +412,14 @@ impl<S: RecordSink> PushHandler<S> {
             S3Notification::Records(events) => {
                 let mut objects = Vec::with_capacity(events.len());
                 for ev in &events {
-                    objects.push(self.handle_event(ev).await?);
+                    objects.push(self.handle_event(ev, invocation).await?);
                 }
                 Ok(PushSummary { test_event: false, objects })
             }
         }
     }
 
-    async fn handle_event(&self, ev: &ObjectEvent) -> Result<ObjectSummary, PushError> {
+    async fn handle_event(&self, ev: &ObjectEvent, invocation: &Invocation) -> Result<ObjectSummary, PushError> {
         if ev.kind != EventKind::ObjectCreated {
             info!(bucket = %ev.bucket, key = %ev.key, event = %ev.event_name, "skipping: not an ObjectCreated event");
             return Ok(ObjectSummary::new(ev, Outcome::Skipped { reason: format!("event {}", ev.event_name) }));
@@ -233,126 +431,402 @@ impl<S: RecordSink> PushHandler<S> {
                 Outcome::Skipped { reason: "under own output or quarantine location".into() },
             ));
         }
-        self.process_object(ev).await
+        // Boxed: the object pipeline is a deep future, and boxing it here keeps the handler's own
+        // future small (and the compiler's layout queries shallow).
+        Box::pin(self.process_object(ev, invocation)).await
     }
 
-    /// Streams one object's lines to the sink.
-    pub async fn process_object(&self, ev: &ObjectEvent) -> Result<ObjectSummary, PushError> {
+    fn checkpoint_err(&self, ev: &ObjectEvent) -> impl Fn(CheckpointError) -> PushError + '_ {
+        let (bucket, key) = (ev.bucket.clone(), ev.key.clone());
+        move |source| PushError::Checkpoint { bucket: bucket.clone(), key: key.clone(), source }
+    }
+
+    /// Whether a newer event for the key was already seen (this one is then stale).
+    async fn is_stale(&self, ev: &ObjectEvent, sequencer: &Sequencer) -> Result<bool, PushError> {
+        #[derive(Serialize, Deserialize)]
+        struct Latest {
+            sequencer: Sequencer,
+        }
+        let id = format!("keys/{}/{}.json", ev.bucket, safe_path(&ev.key));
+        for _ in 0..5 {
+            let current = self.checkpoints.load::<Latest>(&id).await.map_err(self.checkpoint_err(ev))?;
+            let write = match &current {
+                Some((latest, _)) if latest.sequencer > *sequencer => return Ok(true),
+                Some((latest, _)) if latest.sequencer == *sequencer => return Ok(false),
+                Some((_, etag)) => self.checkpoints.replace(&id, &Latest { sequencer: sequencer.clone() }, etag).await,
+                None => self.checkpoints.create(&id, &Latest { sequencer: sequencer.clone() }).await,
+            };
+            match write {
+                Ok(_) => return Ok(false),
+                Err(CheckpointError::Conflict { .. }) => continue, // someone else moved it: look again
+                Err(e) => return Err(self.checkpoint_err(ev)(e)),
+            }
+        }
+        Ok(false)
+    }
+
+    async fn claim(
+        &self,
+        ev: &ObjectEvent,
+        id: &str,
+        version: &str,
+        invocation: &Invocation,
+    ) -> Result<Claim, PushError> {
+        let lease_ms = self.settings.lease.as_millis() as u64;
+        for _ in 0..5 {
+            let now = now_ms();
+            let (progress, etag, resumed) =
+                match self.checkpoints.load::<ObjectProgress>(id).await.map_err(self.checkpoint_err(ev))? {
+                    Some((p, _)) if p.complete => return Ok(Claim::Done(p)),
+                    Some((p, _)) if p.owner != invocation.request_id && p.lease_until_ms > now => {
+                        return Err(PushError::Busy {
+                            bucket: ev.bucket.clone(),
+                            key: ev.key.clone(),
+                            owner: p.owner,
+                            lease_until_ms: p.lease_until_ms,
+                        });
+                    }
+                    Some((p, etag)) => (p, Some(etag), true),
+                    None => {
+                        let p = ObjectProgress {
+                            bucket: ev.bucket.clone(),
+                            key: ev.key.clone(),
+                            version: version.to_owned(),
+                            sequencer: ev.sequencer.clone(),
+                            ..ObjectProgress::default()
+                        };
+                        (p, None, false)
+                    }
+                };
+            let mut mine = progress;
+            mine.owner = invocation.request_id.clone();
+            mine.lease_until_ms = now + lease_ms;
+            mine.checkpointed_at_ms = now;
+            let written = match &etag {
+                Some(etag) => self.checkpoints.replace(id, &mine, etag).await,
+                None => self.checkpoints.create(id, &mine).await,
+            };
+            match written {
+                Ok(version) => return Ok(Claim::Owned { progress: mine, version, resumed }),
+                Err(CheckpointError::Conflict { .. }) => continue,
+                Err(e) => return Err(self.checkpoint_err(ev)(e)),
+            }
+        }
+        Err(PushError::Busy {
+            bucket: ev.bucket.clone(),
+            key: ev.key.clone(),
+            owner: "(contended)".into(),
+            lease_until_ms: now_ms(),
+        })
+    }
+
+    /// Streams one object's lines to the sink, resuming from its checkpoint if an earlier
+    /// invocation was interrupted.
+    pub async fn process_object(&self, ev: &ObjectEvent, invocation: &Invocation) -> Result<ObjectSummary, PushError> {
         let started = StdInstant::now();
+        if let Some(sequencer) = &ev.sequencer {
+            if self.is_stale(ev, sequencer).await? {
+                info!(bucket = %ev.bucket, key = %ev.key, sequencer = sequencer.as_str(), "stale event: a newer event for this key was already seen");
+                return Ok(ObjectSummary::new(ev, Outcome::Skipped { reason: "stale event (older sequencer)".into() }));
+            }
+        }
+        let version = ev.version_id.clone().or_else(|| ev.etag.clone()).unwrap_or_else(|| "unversioned".into());
+        let id = format!("objects/{}/{}/{}.json", ev.bucket, safe_path(&ev.key), safe_path(&version));
+        let (progress, cp_version, resumed) = match self.claim(ev, &id, &version, invocation).await? {
+            Claim::Done(p) => {
+                info!(bucket = %ev.bucket, key = %ev.key, "already processed; duplicate notification ignored");
+                return Ok(ObjectSummary::from_progress(ev, Outcome::AlreadyDone, &p));
+            }
+            Claim::Owned { progress, version, resumed } => (progress, version, resumed),
+        };
+        let resumed_after_line = progress.lines_done;
+
         let read_err =
             |operation, message| PushError::Read { bucket: ev.bucket.clone(), key: ev.key.clone(), operation, message };
+        let gzip_by_name = ev.key.ends_with(".gz");
+        let ranged = resumed && progress.bytes_done > 0 && !gzip_by_name;
         let mut get = self.s3.get_object().bucket(&ev.bucket).key(&ev.key);
-        if let Some(version) = &ev.version_id {
-            get = get.version_id(version);
+        if let Some(v) = &ev.version_id {
+            get = get.version_id(v);
         } else if let Some(etag) = &ev.etag {
             // Unversioned bucket: read only the object the event announced.
             get = get.if_match(format!("\"{etag}\""));
+        }
+        if ranged {
+            get = get.range(format!("bytes={}-", progress.bytes_done));
         }
         let object = match get.send().await {
             Ok(o) => o,
             Err(e) => {
                 if let Some(reason) = gone_reason(&e) {
                     warn!(bucket = %ev.bucket, key = %ev.key, reason, "object gone or replaced before it was read; nothing to do");
+                    let mut done = progress;
+                    done.complete = true;
+                    done.ended = Some(format!("gone: {reason}"));
+                    // Best effort: a lost race here only means a later duplicate finds it gone too.
+                    let _ = self.checkpoints.replace(&id, &done, &cp_version).await;
                     return Ok(ObjectSummary::new(ev, Outcome::Gone { reason: reason.to_owned() }));
+                }
+                if ranged && is_range_not_satisfiable(&e) {
+                    // The checkpoint is at the very end of the object: nothing left to read.
+                    return self.finish(ev, &id, progress, cp_version, started, resumed_after_line, 0).await;
                 }
                 return Err(read_err("GetObject", crate::aws::describe(&e)));
             }
         };
-        let mut summary = ObjectSummary::new(ev, Outcome::Processed);
-        let version = ev.version_id.clone().or_else(|| ev.etag.clone());
-        let q_prefix = format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), version.as_deref().unwrap_or("unversioned"));
-        let mut quarantine = QuarantineWriter::new(self.quarantine.clone(), q_prefix);
-        let reader = object.body.into_async_read();
-        let mut frames = FramedRead::with_capacity(reader, LineCodec::new(self.settings.max_line_bytes), 64 * 1024);
-        let mut batcher = Batcher::new(self.settings.put);
+        let gzip = gzip_by_name || object.content_encoding().is_some_and(|c| c.eq_ignore_ascii_case("gzip"));
+        let body = object.body.into_async_read();
+        let reader: Box<dyn AsyncBufRead + Send + Unpin> = if gzip {
+            let mut decoder = async_compression::tokio::bufread::GzipDecoder::new(body);
+            decoder.multiple_members(true);
+            Box::new(tokio::io::BufReader::with_capacity(64 * 1024, decoder))
+        } else {
+            Box::new(body)
+        };
+        // A ranged read starts at the checkpoint; a gzip stream is re-read from the start and the
+        // lines up to the checkpoint are skipped.
+        let codec = if ranged {
+            LineCodec::new(self.settings.max_line_bytes).starting_at(progress.lines_done + 1, progress.bytes_done)
+        } else {
+            LineCodec::new(self.settings.max_line_bytes)
+        };
+        let mut frames = FramedRead::with_capacity(reader, codec, 64 * 1024);
+
+        let mut written = if resumed {
+            let positions = progress.shard_positions.clone();
+            let since = progress.checkpointed_at_ms.saturating_sub(5_000);
+            let until = progress.lease_until_ms + 10_000;
+            let found = self.producer.sink().written_since(&positions, since, until).await.map_err(|e| {
+                PushError::ReadBack { bucket: ev.bucket.clone(), key: ev.key.clone(), message: e.message }
+            })?;
+            let mut by_key: HashMap<String, VecDeque<Bytes>> = HashMap::new();
+            for r in found {
+                by_key.entry(r.partition_key).or_default().push_back(r.data);
+            }
+            info!(bucket = %ev.bucket, key = %ev.key, after_line = progress.lines_done, "resuming an interrupted object");
+            Some(Written { by_key })
+        } else {
+            None
+        };
+        let mut found_written = 0u64;
+
+        let version_label = ev.version_id.clone().or_else(|| ev.etag.clone());
+        let q_prefix = format!(
+            "{}/{}/{}",
+            ev.bucket,
+            safe_path(&ev.key),
+            safe_path(version_label.as_deref().unwrap_or("unversioned"))
+        );
+        let mut run = Run {
+            ev,
+            read_line: progress.lines_done,
+            read_offset: progress.bytes_done,
+            progress,
+            version: cp_version,
+            batcher: Batcher::new(self.settings.put),
+            batch_keys: HashSet::new(),
+            quarantine: QuarantineWriter::new(self.quarantine.clone(), q_prefix),
+            blank_since: 0,
+            sent: SendReport::default(),
+            last_checkpoint: StdInstant::now(),
+        };
         let field = self.settings.partition_key_field.as_deref();
 
         loop {
-            let deadline = batcher.deadline();
+            if run.last_checkpoint.elapsed() >= self.settings.checkpoint_interval || run.quarantine.is_full() {
+                self.checkpoint(&id, &mut run, false).await?;
+            }
+            if invocation.out_of_time(self.settings.deadline_margin) {
+                self.checkpoint(&id, &mut run, false).await?;
+                warn!(bucket = %ev.bucket, key = %ev.key, lines_done = run.progress.lines_done, "stopping before the deadline; a retry resumes from the checkpoint");
+                return Err(PushError::OutOfTime {
+                    bucket: ev.bucket.clone(),
+                    key: ev.key.clone(),
+                    lines_done: run.progress.lines_done,
+                });
+            }
+            let deadline = run.batcher.deadline();
             let frame = tokio::select! {
                 biased;
                 frame = frames.next() => frame,
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                    if let Some(batch) = batcher.flush() {
-                        summary.add(self.send(ev, batch).await?);
-                    }
+                    self.flush_batch(&mut run).await?;
                     continue;
                 }
             };
             let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| read_err("read body", e.to_string()))?;
-            summary.lines += 1;
+            let (number, offset, end) = match &frame {
+                Frame::TooLong { number, offset, len } => (*number, *offset, offset + len + 1),
+                Frame::Line(l) => (l.number, l.offset, l.offset + l.bytes.len() as u64 + 1),
+            };
+            if number <= run.progress.lines_done {
+                continue; // done before the checkpoint (gzip resume re-reads from the start)
+            }
+            run.read_line = number;
+            run.read_offset = end;
             let bad = match frame {
-                Frame::TooLong { number, offset, len } => {
-                    summary.bytes += len + 1;
-                    Some((
-                        number,
-                        offset,
-                        format!("line of {len} bytes exceeds MAX_LINE_BYTES ({})", self.settings.max_line_bytes),
-                        String::new(),
-                    ))
-                }
+                Frame::TooLong { len, .. } => Some((
+                    format!("line of {len} bytes exceeds MAX_LINE_BYTES ({})", self.settings.max_line_bytes),
+                    String::new(),
+                )),
                 Frame::Line(line) => {
-                    summary.bytes += line.bytes.len() as u64 + 1;
                     if line.bytes.iter().all(u8::is_ascii_whitespace) {
-                        summary.blank_lines += 1;
+                        run.blank_since += 1;
                         continue;
                     }
                     match to_record(&line.bytes, line.number, field, self.settings.record_max_bytes) {
+                        Err(reason) => Some((reason, QuarantinedLine::excerpt_of(&line.bytes))),
                         Ok(record) => {
-                            if let Err(oversized) = batcher.push(record) {
-                                // Only possible when RECORD_MAX_BYTES > PUT_MAX_BYTES, which the
-                                // configuration refuses; quarantine rather than lose it.
-                                let reason = format!("record of {} bytes exceeds PUT_MAX_BYTES", oversized.size);
-                                Some((line.number, line.offset, reason, QuarantinedLine::excerpt_of(&line.bytes)))
-                            } else {
-                                while let Some(batch) = batcher.ready() {
-                                    summary.add(self.send(ev, batch).await?);
-                                }
-                                None
+                            if written.as_mut().is_some_and(|w| w.take(&record.partition_key, &record.data)) {
+                                found_written += 1;
+                                run.sent.records += 1;
+                                continue;
                             }
-                        }
-                        Err(reason) => {
-                            Some((line.number, line.offset, reason, QuarantinedLine::excerpt_of(&line.bytes)))
+                            self.add_record(&mut run, record).await?;
+                            None
                         }
                     }
                 }
             };
-            if let Some((line, offset, reason, excerpt)) = bad {
-                warn!(bucket = %ev.bucket, key = %ev.key, line, offset, reason, "line quarantined");
+            if let Some((reason, excerpt)) = bad {
+                warn!(bucket = %ev.bucket, key = %ev.key, line = number, offset, reason, "line quarantined");
                 let entry = QuarantinedLine {
                     bucket: ev.bucket.clone(),
                     key: ev.key.clone(),
-                    version: version.clone(),
-                    line,
+                    version: version_label.clone(),
+                    line: number,
                     offset,
                     reason,
                     excerpt,
                 };
-                quarantine.add(&entry).await.map_err(|source| self.quarantine_err(ev, source))?;
+                run.quarantine.add(&entry);
             }
         }
-        while let Some(batch) = batcher.flush() {
-            summary.add(self.send(ev, batch).await?);
-        }
-        summary.quarantined = quarantine.finish().await.map_err(|source| self.quarantine_err(ev, source))?;
+        self.checkpoint(&id, &mut run, true).await?;
+        let mut summary = ObjectSummary::from_progress(ev, Outcome::Processed, &run.progress);
+        summary.resumed_after_line = resumed_after_line;
+        summary.found_written = found_written;
         summary.millis = started.elapsed().as_millis() as u64;
         info!(bucket = %ev.bucket, key = %ev.key, lines = summary.lines, records = summary.records, quarantined = summary.quarantined,
-              put_calls = summary.put_calls, resent = summary.resent, bytes = summary.bytes, millis = summary.millis, "object processed");
+              put_calls = summary.put_calls, resent = summary.resent, bytes = summary.bytes, resumed_after_line, found_written,
+              millis = summary.millis, "object processed");
         Ok(summary)
     }
 
-    async fn send(&self, ev: &ObjectEvent, batch: Vec<OutRecord>) -> Result<SendReport, PushError> {
-        self.producer.send(batch).await.map_err(|source| PushError::Produce {
-            bucket: ev.bucket.clone(),
-            key: ev.key.clone(),
-            source,
-        })
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        ev: &ObjectEvent,
+        id: &str,
+        mut progress: ObjectProgress,
+        version: Etag,
+        started: StdInstant,
+        resumed_after_line: u64,
+        found_written: u64,
+    ) -> Result<ObjectSummary, PushError> {
+        progress.complete = true;
+        progress.checkpointed_at_ms = now_ms();
+        self.checkpoints.replace(id, &progress, &version).await.map_err(self.checkpoint_err(ev))?;
+        let mut summary = ObjectSummary::from_progress(ev, Outcome::Processed, &progress);
+        summary.resumed_after_line = resumed_after_line;
+        summary.found_written = found_written;
+        summary.millis = started.elapsed().as_millis() as u64;
+        Ok(summary)
     }
 
-    fn quarantine_err(&self, ev: &ObjectEvent, source: StoreError) -> PushError {
-        PushError::Quarantine { bucket: ev.bucket.clone(), key: ev.key.clone(), source }
+    /// Adds a record to the open batch; with per-key ordering, a second record of a key closes the
+    /// batch first. Sends whatever batches are full.
+    async fn add_record(&self, run: &mut Run<'_>, record: OutRecord) -> Result<(), PushError> {
+        if self.settings.ordering == Ordering::PerKey && run.batch_keys.contains(&record.partition_key) {
+            self.flush_batch(run).await?;
+        }
+        let key = record.partition_key.clone();
+        if let Err(oversized) = run.batcher.push(record) {
+            // Only possible if RECORD_MAX_BYTES > PUT_MAX_BYTES, which the configuration refuses.
+            let reason = format!("record of {} bytes exceeds PUT_MAX_BYTES", oversized.size);
+            let entry = QuarantinedLine {
+                bucket: run.ev.bucket.clone(),
+                key: run.ev.key.clone(),
+                version: None,
+                line: oversized.item.line,
+                offset: run.read_offset,
+                reason,
+                excerpt: QuarantinedLine::excerpt_of(&oversized.item.data),
+            };
+            run.quarantine.add(&entry);
+            return Ok(());
+        }
+        let mut sealed = false;
+        while let Some(batch) = run.batcher.ready() {
+            sealed = true;
+            self.send(run, batch).await?;
+        }
+        if sealed {
+            // Sealing leaves at most the record just added in the open batch.
+            run.batch_keys.clear();
+            if run.batcher.open_len() == 1 {
+                run.batch_keys.insert(key);
+            }
+        } else {
+            run.batch_keys.insert(key);
+        }
+        Ok(())
     }
+
+    async fn flush_batch(&self, run: &mut Run<'_>) -> Result<(), PushError> {
+        while let Some(batch) = run.batcher.flush() {
+            self.send(run, batch).await?;
+        }
+        run.batch_keys.clear();
+        Ok(())
+    }
+
+    async fn send(&self, run: &mut Run<'_>, batch: Vec<OutRecord>) -> Result<(), PushError> {
+        let report = self.producer.send(batch).await.map_err(|source| PushError::Produce {
+            bucket: run.ev.bucket.clone(),
+            key: run.ev.key.clone(),
+            source,
+        })?;
+        run.sent.merge(report);
+        Ok(())
+    }
+
+    /// Makes everything read so far durable (open batch sent, quarantine part written), then
+    /// records it with compare-and-swap, renewing the lease.
+    async fn checkpoint(&self, id: &str, run: &mut Run<'_>, complete: bool) -> Result<(), PushError> {
+        self.flush_batch(run).await?;
+        let first_line = run.progress.lines_done + 1;
+        let quarantined = run.quarantine.write_part(first_line).await.map_err(|source| PushError::Quarantine {
+            bucket: run.ev.bucket.clone(),
+            key: run.ev.key.clone(),
+            source,
+        })?;
+        let sent = std::mem::take(&mut run.sent);
+        let p = &mut run.progress;
+        p.lines_done = run.read_line;
+        p.bytes_done = run.read_offset;
+        p.blank_lines += std::mem::take(&mut run.blank_since);
+        p.records_sent += sent.records as u64;
+        p.put_calls += sent.calls as u64;
+        p.resent += sent.resent as u64;
+        p.quarantined += quarantined as u64;
+        for (shard, seq) in sent.positions {
+            p.shard_positions.insert(shard, seq.to_string());
+        }
+        let now = now_ms();
+        p.checkpointed_at_ms = now;
+        p.lease_until_ms = now + self.settings.lease.as_millis() as u64;
+        p.complete = complete;
+        run.version = self.checkpoints.replace(id, p, &run.version).await.map_err(self.checkpoint_err(run.ev))?;
+        run.last_checkpoint = StdInstant::now();
+        Ok(())
+    }
+}
+
+fn is_range_not_satisfiable<R>(e: &SdkError<GetObjectError, R>) -> bool {
+    use aws_sdk_s3::error::ProvideErrorMetadata;
+    matches!(e, SdkError::ServiceError(se) if se.err().code() == Some("InvalidRange"))
 }
 
 /// Why a GetObject failure means "nothing to do", if it does.

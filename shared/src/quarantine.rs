@@ -1,9 +1,8 @@
 //! Where input that cannot be processed goes, with its reason: never dropped, never blocking.
 //!
-//! Entries are NDJSON, written in parts of at most [`PART_MAX_ENTRIES`] entries or
+//! Entries are NDJSON, written in parts of at most [`PART_MAX_ENTRIES`] entries or about
 //! [`PART_MAX_BYTES`] bytes under a prefix that names the source, so memory stays bounded
-//! however much of an input is bad. Part names are deterministic (`part-00001.ndjson`, ...), so
-//! a retry that meets the same bad lines overwrites the same parts instead of adding copies.
+//! however much of an input is bad.
 use bytes::Bytes;
 use serde::Serialize;
 
@@ -43,61 +42,68 @@ impl QuarantinedLine {
     }
 }
 
-/// Writes quarantine entries for one source under `prefix` in a [`Store`].
+/// Collects quarantine entries for one source and writes them, when told, as one part object
+/// named after the first input line the part covers (`<prefix>/part-<line>.ndjson`).
+///
+/// Naming parts by the line where they start, and writing a part only at a checkpoint, keeps a
+/// retry from duplicating entries: a retry resumes at the line after the last checkpoint, so its
+/// next part starts at the same line and replaces whatever an interrupted run wrote there.
 #[derive(Debug)]
 pub struct QuarantineWriter {
     store: Store,
     prefix: String,
     buffer: Vec<u8>,
     buffered: usize,
-    parts: u32,
     total: u64,
 }
 
 impl QuarantineWriter {
-    /// Entries go to `<prefix>/part-NNNNN.ndjson` in `store`.
+    /// Entries go under `<prefix>/` in `store`.
     pub fn new(store: Store, prefix: impl Into<String>) -> Self {
-        QuarantineWriter { store, prefix: prefix.into(), buffer: Vec::new(), buffered: 0, parts: 0, total: 0 }
+        QuarantineWriter { store, prefix: prefix.into(), buffer: Vec::new(), buffered: 0, total: 0 }
     }
 
-    /// Adds an entry, writing a part when one is full.
-    pub async fn add<T: Serialize>(&mut self, entry: &T) -> Result<(), StoreError> {
+    /// Buffers an entry. Check [`QuarantineWriter::is_full`] and write a part when it is.
+    pub fn add<T: Serialize>(&mut self, entry: &T) {
         let line = serde_json::to_vec(entry)
             .unwrap_or_else(|e| format!("{{\"unserializable\":{:?}}}", e.to_string()).into_bytes());
-        if self.buffered > 0 && self.buffer.len() + line.len() + 1 > PART_MAX_BYTES {
-            self.flush().await?;
-        }
         self.buffer.extend_from_slice(&line);
         self.buffer.push(b'\n');
         self.buffered += 1;
         self.total += 1;
-        if self.buffered >= PART_MAX_ENTRIES {
-            self.flush().await?;
-        }
-        Ok(())
     }
 
-    /// Writes what is buffered; returns how many entries were quarantined in all.
-    pub async fn finish(mut self) -> Result<u64, StoreError> {
-        self.flush().await?;
-        Ok(self.total)
+    /// Whether the buffer holds a full part ([`PART_MAX_ENTRIES`] or [`PART_MAX_BYTES`]).
+    pub fn is_full(&self) -> bool {
+        self.buffered >= PART_MAX_ENTRIES || self.buffer.len() >= PART_MAX_BYTES
     }
 
-    /// Entries added so far.
+    /// Entries buffered and not yet written.
+    pub fn buffered(&self) -> usize {
+        self.buffered
+    }
+
+    /// Entries added since this writer was made.
     pub fn total(&self) -> u64 {
         self.total
     }
 
-    async fn flush(&mut self) -> Result<(), StoreError> {
+    /// The key of the part that starts at input line `first_line`.
+    pub fn part_key(&self, first_line: u64) -> String {
+        format!("{}/part-{first_line:012}.ndjson", self.prefix)
+    }
+
+    /// Writes the buffered entries as the part starting at input line `first_line`; returns how
+    /// many entries it held (0: nothing written).
+    pub async fn write_part(&mut self, first_line: u64) -> Result<usize, StoreError> {
         if self.buffered == 0 {
-            return Ok(());
+            return Ok(0);
         }
-        self.parts += 1;
-        let key = format!("{}/part-{:05}.ndjson", self.prefix, self.parts);
+        let key = self.part_key(first_line);
         let body = Bytes::from(std::mem::take(&mut self.buffer));
-        self.buffered = 0;
+        let n = std::mem::take(&mut self.buffered);
         self.store.put(&key, body, Precondition::None).await?;
-        Ok(())
+        Ok(n)
     }
 }
 
@@ -124,31 +130,37 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn writes_parts_of_bounded_size_with_stable_names() {
+    async fn parts_are_bounded_and_named_by_their_first_line() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::file(dir.path());
         let mut w = QuarantineWriter::new(store.clone(), "b/k");
-        for i in 0..(PART_MAX_ENTRIES as u64 + 5) {
-            let entry = QuarantinedLine {
-                bucket: "b".into(),
-                key: "k".into(),
-                version: None,
-                line: i + 1,
-                offset: i * 10,
-                reason: "invalid JSON".into(),
-                excerpt: "{".into(),
-            };
-            w.add(&entry).await.unwrap();
+        let entry = |line| QuarantinedLine {
+            bucket: "b".into(),
+            key: "k".into(),
+            version: None,
+            line,
+            offset: line * 10,
+            reason: "invalid JSON".into(),
+            excerpt: "{".into(),
+        };
+        for i in 1..=PART_MAX_ENTRIES as u64 {
+            assert!(!w.is_full());
+            w.add(&entry(i));
         }
-        assert_eq!(w.finish().await.unwrap(), PART_MAX_ENTRIES as u64 + 5);
-        let p1 = store.get("b/k/part-00001.ndjson").await.unwrap().unwrap();
-        let p2 = store.get("b/k/part-00002.ndjson").await.unwrap().unwrap();
+        assert!(w.is_full());
+        assert_eq!(w.write_part(1).await.unwrap(), PART_MAX_ENTRIES);
+        w.add(&entry(5000));
+        assert_eq!(w.write_part(4990).await.unwrap(), 1);
+        assert_eq!(w.write_part(6000).await.unwrap(), 0, "nothing buffered, nothing written");
+        assert_eq!(w.total(), PART_MAX_ENTRIES as u64 + 1);
+        let p1 = store.get("b/k/part-000000000001.ndjson").await.unwrap().unwrap();
         assert_eq!(p1.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count(), PART_MAX_ENTRIES);
-        assert_eq!(p2.body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count(), 5);
-        let first: serde_json::Value = serde_json::from_slice(p1.body.split(|b| *b == b'\n').next().unwrap()).unwrap();
-        assert_eq!(first["line"], 1);
+        let p2 = store.get("b/k/part-000000004990.ndjson").await.unwrap().unwrap();
+        let first: serde_json::Value = serde_json::from_slice(p2.body.split(|b| *b == b'\n').next().unwrap()).unwrap();
+        assert_eq!(first["line"], 5000);
         assert_eq!(first["reason"], "invalid JSON");
         assert!(first.get("version").is_none());
+        assert!(store.get("b/k/part-000000006000.ndjson").await.unwrap().is_none());
     }
 
     #[test]

@@ -98,7 +98,7 @@ async fn every_line_reaches_kinesis_once_in_order_per_key_and_bad_lines_are_quar
     // The bad line is in quarantine, named by bucket, key, line and offset, with its reason.
     let etag =
         l.s3.head_object().bucket(&bucket).key(key).send().await.unwrap().e_tag().unwrap().trim_matches('"').to_owned();
-    let part = format!("quarantine/{bucket}/{key}/{etag}/part-00001.ndjson");
+    let part = format!("quarantine/{bucket}/{key}/{etag}/part-000000000001.ndjson");
     let q = l.s3.get_object().bucket(&bucket).key(&part).send().await.unwrap_or_else(|e| panic!("{part}: {e:?}"));
     let q = q.body.collect().await.unwrap().into_bytes();
     let entries: Vec<serde_json::Value> =
