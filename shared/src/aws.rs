@@ -44,7 +44,10 @@ impl Aws {
             .get_or_init(|| async {
                 let local =
                     std::env::var_os("AWS_ENDPOINT_URL").is_some() || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some();
-                let s3 = aws_sdk_s3::config::Builder::from(config).force_path_style(local).build();
+                let s3 = aws_sdk_s3::config::Builder::from(config)
+                    .force_path_style(local)
+                    .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired)
+                    .build();
                 aws_sdk_s3::Client::from_conf(s3)
             })
             .await
@@ -99,4 +102,19 @@ where
         }
         _ => DisplayErrorContext(e).to_string(),
     }
+}
+
+/// An error and its sources on one line (`a: b: c`), for errors that wrap what really happened.
+pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }

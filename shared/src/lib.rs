@@ -9,6 +9,7 @@
 //! | [`s3_notification`] | S3 notifications: test events, URL-decoded keys, sequencers |
 //! | [`lines`] | NDJSON framing of a byte stream in bounded memory |
 //! | [`ndjson`] | checking a line and picking its partition key in one pass |
+//! | [`object_reader`] | an S3 object body that resumes with ranged reads when the connection drops |
 //! | [`batch`] | batching by count, bytes and linger time |
 //! | [`kinesis_producer`] | PutRecords with partial-failure resends and backoff |
 //! | [`push`] | the push pipeline: S3 object → Kinesis records, bad lines quarantined |
@@ -31,6 +32,7 @@ pub mod kinesis_event;
 pub mod kinesis_producer;
 pub mod lines;
 pub mod ndjson;
+pub mod object_reader;
 pub mod pull;
 pub mod push;
 pub mod quarantine;

@@ -48,6 +48,7 @@ use crate::kinesis_producer::{
 };
 use crate::lines::{Frame, LineCodec};
 use crate::ndjson::{self, LineError};
+use crate::object_reader::{ObjectReader, ObjectRef};
 use crate::quarantine::{QuarantineWriter, QuarantinedLine, safe_path};
 use crate::s3_notification::{EventKind, NotificationError, ObjectEvent, S3Notification, Sequencer};
 use crate::store::{Etag, Store, StoreError};
@@ -575,7 +576,17 @@ impl<S: RecordSink> PushHandler<S> {
             }
         };
         let gzip = gzip_by_name || object.content_encoding().is_some_and(|c| c.eq_ignore_ascii_case("gzip"));
-        let body = object.body.into_async_read();
+        let object_ref = ObjectRef {
+            bucket: ev.bucket.clone(),
+            key: ev.key.clone(),
+            version_id: ev.version_id.clone(),
+            etag: object.e_tag().map(str::to_owned),
+        };
+        let start = if ranged { progress.bytes_done } else { 0 };
+        let body = tokio::io::BufReader::with_capacity(
+            64 * 1024,
+            ObjectReader::new(self.s3.clone(), object_ref, start, object.body),
+        );
         let reader: Box<dyn AsyncBufRead + Send + Unpin> = if gzip {
             let mut decoder = async_compression::tokio::bufread::GzipDecoder::new(body);
             decoder.multiple_members(true);
@@ -655,7 +666,7 @@ impl<S: RecordSink> PushHandler<S> {
                 }
             };
             let Some(frame) = frame else { break };
-            let frame = frame.map_err(|e| read_err("read body", e.to_string()))?;
+            let frame = frame.map_err(|e| read_err("read body", crate::aws::error_chain(&e)))?;
             let (number, offset, end) = match &frame {
                 Frame::TooLong { number, offset, len } => (*number, *offset, offset + len + 1),
                 Frame::Line(l) => (l.number, l.offset, l.offset + l.bytes.len() as u64 + 1),
@@ -862,7 +873,9 @@ fn to_record(
         // over shards and is the same on every retry.
         _ => format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes)),
     };
-    let record = OutRecord::new(partition_key, bytes.clone(), number);
+    // A copy, not a slice: a slice would keep the whole read buffer it came from alive for as long
+    // as the record waits in a batch (megabytes per record when long lines surround short ones).
+    let record = OutRecord::new(partition_key, Bytes::copy_from_slice(bytes), number);
     let size = crate::batch::ByteSize::byte_size(&record);
     if size > record_max_bytes {
         return Err(format!(

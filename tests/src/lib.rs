@@ -28,6 +28,8 @@ pub fn function(binary: &str, env: &[(&str, &str)]) -> FunctionSpec {
         path.display()
     );
     let mut spec = FunctionSpec::new(binary, path);
+    // Generous: LocalStack's Kinesis is slow, and a test should fail on what it asserts.
+    spec.timeout = std::time::Duration::from_secs(120);
     spec.env = function_env();
     spec.env.push(("RUST_LOG".into(), "info".into()));
     for (k, v) in env {
@@ -80,4 +82,77 @@ pub mod bytes_like {
             Payload(v)
         }
     }
+}
+
+/// The records of a stream as a sorted multiset of their data, for exact comparisons.
+pub async fn stream_multiset(l: &Local, stream: &str) -> Vec<String> {
+    let mut all: Vec<String> = l
+        .read_stream(stream)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| String::from_utf8_lossy(&r.data).into_owned())
+        .collect();
+    all.sort();
+    all
+}
+
+/// The records of a stream grouped by partition key, each group in stream order.
+pub async fn stream_by_key(l: &Local, stream: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut records = l.read_stream(stream).await.unwrap();
+    records.sort_by(|a, b| {
+        (a.shard_id.as_str(), a.sequence_number.len(), a.sequence_number.as_str()).cmp(&(
+            b.shard_id.as_str(),
+            b.sequence_number.len(),
+            b.sequence_number.as_str(),
+        ))
+    });
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for r in records {
+        out.entry(r.partition_key).or_default().push(String::from_utf8_lossy(&r.data).into_owned());
+    }
+    out
+}
+
+/// A genuine-shaped S3 notification for one object, with its real ETag, size and a sequencer.
+pub async fn object_created_event(l: &Local, bucket: &str, key: &str, sequencer: &str) -> String {
+    let head = l.s3.head_object().bucket(bucket).key(key).send().await.unwrap();
+    let etag = head.e_tag().unwrap_or_default().trim_matches('"').to_owned();
+    let mut object = serde_json::json!({
+        "key": form_encode(key),
+        "size": head.content_length().unwrap_or(0),
+        "eTag": etag,
+        "sequencer": sequencer,
+    });
+    if let Some(v) = head.version_id().filter(|v| *v != "null") {
+        object["versionId"] = v.into();
+    }
+    serde_json::json!({"Records": [{
+        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
+        "eventTime": "2026-11-24T12:00:00.000Z", "eventName": "ObjectCreated:Put",
+        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket, "arn": format!("arn:aws:s3:::{bucket}")}, "object": object}
+    }]})
+    .to_string()
+}
+
+/// Encodes a key as S3 does in notifications (form encoding: space as '+').
+pub fn form_encode(key: &str) -> String {
+    let mut out = String::new();
+    for b in key.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' | b'*' => out.push(b as char),
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// Peak resident memory of a process so far (VmHWM), in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

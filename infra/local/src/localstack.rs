@@ -72,7 +72,7 @@ impl Local {
             .list_streams()
             .send()
             .await
-            .map_err(|e| NotRunning { endpoint: endpoint.clone(), reason: aws_smithy_display(&e) })?;
+            .map_err(|e| NotRunning { endpoint: endpoint.clone(), reason: pushpull::aws::describe(&e) })?;
         Ok(local)
     }
 
@@ -81,7 +81,7 @@ impl Local {
         match self.s3.create_bucket().bucket(bucket).send().await {
             Ok(_) => Ok(()),
             Err(e) => {
-                let msg = aws_smithy_display(&e);
+                let msg = pushpull::aws::describe(&e);
                 if msg.contains("BucketAlreadyOwnedByYou") || msg.contains("BucketAlreadyExists") {
                     Ok(())
                 } else {
@@ -94,7 +94,7 @@ impl Local {
     /// Creates `stream` with `shards` shards if missing, waits until it is ACTIVE, returns its ARN.
     pub async fn ensure_stream(&self, stream: &str, shards: i32) -> Result<String, String> {
         if let Err(e) = self.kinesis.create_stream().stream_name(stream).shard_count(shards).send().await {
-            let msg = aws_smithy_display(&e);
+            let msg = pushpull::aws::describe(&e);
             if !msg.contains("ResourceInUseException") {
                 return Err(format!("CreateStream {stream}: {msg}"));
             }
@@ -106,7 +106,7 @@ impl Local {
                 .stream_name(stream)
                 .send()
                 .await
-                .map_err(|e| format!("DescribeStreamSummary {stream}: {}", aws_smithy_display(&e)))?;
+                .map_err(|e| format!("DescribeStreamSummary {stream}: {}", pushpull::aws::describe(&e)))?;
             if let Some(s) = d.stream_description_summary()
                 && s.stream_status() == &StreamStatus::Active
             {
@@ -130,7 +130,7 @@ impl Local {
             .queue_name(queue)
             .send()
             .await
-            .map_err(|e| format!("CreateQueue {queue}: {}", aws_smithy_display(&e)))?;
+            .map_err(|e| format!("CreateQueue {queue}: {}", pushpull::aws::describe(&e)))?;
         let url = url.queue_url().unwrap_or_default().to_owned();
         let arn = format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{queue}");
         let filter = NotificationConfigurationFilter::builder()
@@ -152,7 +152,7 @@ impl Local {
             .notification_configuration(NotificationConfiguration::builder().queue_configurations(qc).build())
             .send()
             .await
-            .map_err(|e| format!("PutBucketNotificationConfiguration {bucket}: {}", aws_smithy_display(&e)))?;
+            .map_err(|e| format!("PutBucketNotificationConfiguration {bucket}: {}", pushpull::aws::describe(&e)))?;
         Ok(url)
     }
 
@@ -166,7 +166,7 @@ impl Local {
             .wait_time_seconds(wait.as_secs().min(20) as i32)
             .send()
             .await
-            .map_err(|e| format!("ReceiveMessage: {}", aws_smithy_display(&e)))?;
+            .map_err(|e| format!("ReceiveMessage: {}", pushpull::aws::describe(&e)))?;
         Ok(out
             .messages()
             .iter()
@@ -183,7 +183,7 @@ impl Local {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| format!("DeleteMessage: {}", aws_smithy_display(&e)))
+            .map_err(|e| format!("DeleteMessage: {}", pushpull::aws::describe(&e)))
     }
 
     /// Reads every record now in `stream`, shard by shard from TRIM_HORIZON, in sequence order.
@@ -205,7 +205,7 @@ impl Local {
             .stream_name(stream)
             .send()
             .await
-            .map_err(|e| format!("ListShards {stream}: {}", aws_smithy_display(&e)))?;
+            .map_err(|e| format!("ListShards {stream}: {}", pushpull::aws::describe(&e)))?;
         let mut out = Vec::new();
         for shard in shards.shards() {
             let shard_id = shard.shard_id().to_owned();
@@ -217,7 +217,7 @@ impl Local {
                 .shard_iterator_type(kind.clone())
                 .send()
                 .await
-                .map_err(|e| format!("GetShardIterator {stream}/{shard_id}: {}", aws_smithy_display(&e)))?;
+                .map_err(|e| format!("GetShardIterator {stream}/{shard_id}: {}", pushpull::aws::describe(&e)))?;
             out.push((shard_id, it.shard_iterator().unwrap_or_default().to_owned()));
         }
         Ok(out)
@@ -236,7 +236,7 @@ impl Local {
                     .limit(10_000)
                     .send()
                     .await
-                    .map_err(|e| format!("GetRecords {stream}/{shard_id}: {}", aws_smithy_display(&e)))?;
+                    .map_err(|e| format!("GetRecords {stream}/{shard_id}: {}", pushpull::aws::describe(&e)))?;
                 for r in out.records() {
                     all.push(StreamRecord {
                         shard_id: shard_id.clone(),
@@ -296,8 +296,4 @@ pub fn kinesis_event(records: &[StreamRecord], stream_arn: &str) -> serde_json::
         })
         .collect();
     json!({ "Records": recs })
-}
-
-fn aws_smithy_display<E: std::error::Error + 'static>(e: &E) -> String {
-    aws_smithy_types::error::display::DisplayErrorContext(e).to_string()
 }
