@@ -525,11 +525,11 @@ impl<S: RecordSink> PushHandler<S> {
     /// invocation was interrupted.
     pub async fn process_object(&self, ev: &ObjectEvent, invocation: &Invocation) -> Result<ObjectSummary, PushError> {
         let started = StdInstant::now();
-        if let Some(sequencer) = &ev.sequencer {
-            if self.is_stale(ev, sequencer).await? {
-                info!(bucket = %ev.bucket, key = %ev.key, sequencer = sequencer.as_str(), "stale event: a newer event for this key was already seen");
-                return Ok(ObjectSummary::new(ev, Outcome::Skipped { reason: "stale event (older sequencer)".into() }));
-            }
+        if let Some(sequencer) = &ev.sequencer
+            && self.is_stale(ev, sequencer).await?
+        {
+            info!(bucket = %ev.bucket, key = %ev.key, sequencer = sequencer.as_str(), "stale event: a newer event for this key was already seen");
+            return Ok(ObjectSummary::new(ev, Outcome::Skipped { reason: "stale event (older sequencer)".into() }));
         }
         let version = ev.version_id.clone().or_else(|| ev.etag.clone()).unwrap_or_else(|| "unversioned".into());
         let id = format!("objects/{}/{}/{}.json", ev.bucket, safe_path(&ev.key), safe_path(&version));
