@@ -1,5 +1,5 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
@@ -25,3 +25,6 @@ lint:
 
 fmt:
 	cargo fmt --all
+
+bench-push:     ## push pipeline vs raw GetObject throughput (BENCHMARKS.md)
+	infra/with-localstack.sh cargo bench -p pushpull-tests --bench push_stream -- $(ARGS)

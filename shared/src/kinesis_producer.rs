@@ -8,14 +8,14 @@
 //!
 //! ```
 //! use bytes::Bytes;
-//! use pushpull::kinesis_producer::{OutRecord, Producer, PutResult, RecordSink, SinkError};
+//! use pushpull::kinesis_producer::{OutRecord, Producer, PutOutcome, RecordSink, SinkError};
 //!
 //! /// Accepts everything and counts it.
 //! struct Counter(std::sync::atomic::AtomicUsize);
 //! impl RecordSink for Counter {
-//!     async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<PutResult>, SinkError> {
+//!     async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
 //!         self.0.fetch_add(records.len(), std::sync::atomic::Ordering::Relaxed);
-//!         Ok(records.iter().map(|_| PutResult::written("shardId-0", "1")).collect())
+//!         Ok(PutOutcome::all_written("shardId-0", "1"))
 //!     }
 //! }
 //!
@@ -59,29 +59,43 @@ impl ByteSize for OutRecord {
     }
 }
 
-/// What happened to one entry of a PutRecords call.
+/// One entry of a PutRecords call that was not written; it may be resent.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PutResult {
-    /// Written: where, and under which sequence number.
-    Written {
-        /// The shard it went to.
-        shard_id: String,
-        /// Its sequence number.
-        sequence_number: String,
-    },
-    /// Not written; may be resent.
-    Failed {
-        /// `ProvisionedThroughputExceededException`, `InternalFailure`, ...
-        code: String,
-        /// Kinesis's message.
-        message: String,
-    },
+pub struct FailedEntry {
+    /// Its position in the call.
+    pub index: usize,
+    /// `ProvisionedThroughputExceededException`, `InternalFailure`, ...
+    pub code: String,
+    /// Kinesis's message.
+    pub message: String,
 }
 
-impl PutResult {
-    /// A written entry.
-    pub fn written(shard_id: impl Into<String>, sequence_number: impl Into<String>) -> Self {
-        PutResult::Written { shard_id: shard_id.into(), sequence_number: sequence_number.into() }
+/// The answer to one PutRecords call: which entries failed, and how far each shard got. Lean on
+/// purpose (no per-entry result for the written ones): this is on the path of every record.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// The entries not written, in call order.
+    pub failed: Vec<FailedEntry>,
+    /// For each shard written to, the sequence number of the last entry written there (within a
+    /// call, a shard's sequence numbers rise with the entries' order).
+    pub last_written: Vec<(String, String)>,
+}
+
+impl PutOutcome {
+    /// Every entry written; `shard_id` got sequence numbers up to `sequence_number`.
+    pub fn all_written(shard_id: impl Into<String>, sequence_number: impl Into<String>) -> Self {
+        PutOutcome { failed: Vec::new(), last_written: vec![(shard_id.into(), sequence_number.into())] }
+    }
+
+    /// Notes that an entry was written to `shard_id` as `sequence_number`.
+    pub fn note_written(&mut self, shard_id: &str, sequence_number: &str) {
+        match self.last_written.iter_mut().find(|(s, _)| s == shard_id) {
+            Some((_, seq)) => {
+                seq.clear();
+                seq.push_str(sequence_number);
+            }
+            None => self.last_written.push((shard_id.to_owned(), sequence_number.to_owned())),
+        }
     }
 }
 
@@ -107,8 +121,8 @@ pub struct SinkError {
 
 /// Where batches of records go.
 pub trait RecordSink: Send + Sync {
-    /// Sends `records` in one call; the answer has one [`PutResult`] per record, in order.
-    fn put_records(&self, records: &[OutRecord]) -> impl Future<Output = Result<Vec<PutResult>, SinkError>> + Send;
+    /// Sends `records` in one call and says which entries failed.
+    fn put_records(&self, records: &[OutRecord]) -> impl Future<Output = Result<PutOutcome, SinkError>> + Send;
 
     /// Records written after `positions` (shard id → sequence number; shards not named are read
     /// from `since_ms`, epoch milliseconds) that arrived no later than `until_ms`. Used after a
@@ -157,7 +171,7 @@ impl RecordSink for KinesisSink {
         Ok(out)
     }
 
-    async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<PutResult>, SinkError> {
+    async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
         use aws_sdk_kinesis::types::PutRecordsRequestEntry;
         let entries = records
             .iter()
@@ -187,17 +201,18 @@ impl RecordSink for KinesisSink {
                 retryable: true,
             });
         }
-        Ok(out
-            .records()
-            .iter()
-            .map(|r| match r.error_code() {
-                None => PutResult::written(r.shard_id().unwrap_or_default(), r.sequence_number().unwrap_or_default()),
-                Some(code) => PutResult::Failed {
+        let mut outcome = PutOutcome::default();
+        for (index, r) in out.records().iter().enumerate() {
+            match r.error_code() {
+                None => outcome.note_written(r.shard_id().unwrap_or_default(), r.sequence_number().unwrap_or_default()),
+                Some(code) => outcome.failed.push(FailedEntry {
+                    index,
                     code: code.to_owned(),
                     message: r.error_message().unwrap_or_default().to_owned(),
-                },
-            })
-            .collect())
+                }),
+            }
+        }
+        Ok(outcome)
     }
 }
 
@@ -271,29 +286,25 @@ impl<S> FaultInjectingSink<S> {
 }
 
 impl<S: RecordSink> RecordSink for FaultInjectingSink<S> {
-    async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<PutResult>, SinkError> {
+    async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
         if self.fail_fraction <= 0.0 {
             return self.inner.put_records(records).await;
         }
         let fail: Vec<bool> = records.iter().map(|_| fastrand::f64() < self.fail_fraction).collect();
-        let pass: Vec<OutRecord> = records.iter().zip(&fail).filter(|(_, f)| !**f).map(|(r, _)| r.clone()).collect();
-        let mut written = if pass.is_empty() { Vec::new() } else { self.inner.put_records(&pass).await? }.into_iter();
-        Ok(fail
-            .iter()
-            .map(|&f| {
-                if f {
-                    PutResult::Failed {
-                        code: "ProvisionedThroughputExceededException".into(),
-                        message: "Rate exceeded for shard (injected)".into(),
-                    }
-                } else {
-                    written.next().unwrap_or(PutResult::Failed {
-                        code: "InternalFailure".into(),
-                        message: "missing result".into(),
-                    })
-                }
+        let passed: Vec<usize> = (0..records.len()).filter(|&i| !fail[i]).collect();
+        let pass: Vec<OutRecord> = passed.iter().map(|&i| records[i].clone()).collect();
+        let inner = if pass.is_empty() { PutOutcome::default() } else { self.inner.put_records(&pass).await? };
+        let mut failed: Vec<FailedEntry> = (0..records.len())
+            .filter(|&i| fail[i])
+            .map(|index| FailedEntry {
+                index,
+                code: "ProvisionedThroughputExceededException".into(),
+                message: "Rate exceeded for shard (injected)".into(),
             })
-            .collect())
+            .collect();
+        failed.extend(inner.failed.into_iter().map(|f| FailedEntry { index: passed[f.index], ..f }));
+        failed.sort_by_key(|f| f.index);
+        Ok(PutOutcome { failed, last_written: inner.last_written })
     }
 
     fn written_since(
@@ -415,30 +426,26 @@ impl<S: RecordSink> Producer<S> {
             attempt += 1;
             report.calls += 1;
             let (code, message) = match self.sink.put_records(&pending).await {
-                Ok(results) => {
-                    let mut failed = Vec::new();
-                    let mut last = None;
-                    for (record, result) in pending.into_iter().zip(results) {
-                        match result {
-                            PutResult::Failed { code, message } => {
-                                failed.push(record);
-                                last = Some((code, message));
-                            }
-                            PutResult::Written { shard_id, sequence_number } => {
-                                if let Ok(seq) = sequence_number.parse::<SequenceNumber>() {
-                                    let slot = report.positions.entry(shard_id).or_insert_with(|| seq.clone());
-                                    if seq > *slot {
-                                        *slot = seq;
-                                    }
-                                }
+                Ok(outcome) => {
+                    for (shard, seq) in outcome.last_written {
+                        if let Ok(seq) = seq.parse::<SequenceNumber>() {
+                            let slot = report.positions.entry(shard).or_insert_with(|| seq.clone());
+                            if seq > *slot {
+                                *slot = seq;
                             }
                         }
                     }
-                    pending = failed;
-                    match last {
-                        None => break,
-                        Some(last) => last,
+                    let Some(last) = outcome.failed.last() else { break };
+                    let last = (last.code.clone(), last.message.clone());
+                    let mut failed_at = vec![false; pending.len()];
+                    for f in &outcome.failed {
+                        if let Some(slot) = failed_at.get_mut(f.index) {
+                            *slot = true;
+                        }
                     }
+                    pending =
+                        pending.into_iter().zip(failed_at).filter(|(_, failed)| *failed).map(|(r, _)| r).collect();
+                    last
                 }
                 Err(e) if !e.retryable => {
                     let first_line = pending.first().map_or(0, |r| r.line);
@@ -479,26 +486,26 @@ mod tests {
     }
 
     impl RecordSink for Scripted {
-        async fn put_records(&self, records: &[OutRecord]) -> Result<Vec<PutResult>, SinkError> {
+        async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
             let mut seen = self.seen.lock().unwrap();
             let attempt = seen.len();
             seen.push(records.iter().map(|r| r.line).collect());
             if let Some(e) = &self.call_error {
                 return Err(e.clone());
             }
-            Ok(records
-                .iter()
-                .map(|r| {
-                    if attempt < self.times && self.fail.contains(&&r.data[..]) {
-                        PutResult::Failed {
-                            code: "ProvisionedThroughputExceededException".into(),
-                            message: "slow down".into(),
-                        }
-                    } else {
-                        PutResult::written("shardId-000000000000", r.line.to_string())
-                    }
-                })
-                .collect())
+            let mut outcome = PutOutcome::default();
+            for (index, r) in records.iter().enumerate() {
+                if attempt < self.times && self.fail.contains(&&r.data[..]) {
+                    outcome.failed.push(FailedEntry {
+                        index,
+                        code: "ProvisionedThroughputExceededException".into(),
+                        message: "slow down".into(),
+                    });
+                } else {
+                    outcome.note_written("shardId-000000000000", &r.line.to_string());
+                }
+            }
+            Ok(outcome)
         }
     }
 

@@ -35,6 +35,7 @@ pub enum LineError {
 /// string unescaped, anything else (number, bool, array, object) as its JSON text; `null` is
 /// treated as absent.
 pub fn inspect<'a>(line: &'a [u8], field: Option<&str>) -> Result<Option<Cow<'a, str>>, LineError> {
+    // Checked first: serde_json does not check the UTF-8 of strings it skips.
     if let Err(e) = std::str::from_utf8(line) {
         return Err(LineError::Utf8 { at: e.valid_up_to() });
     }

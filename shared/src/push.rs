@@ -380,7 +380,8 @@ struct Run<'a> {
     progress: ObjectProgress,
     version: Etag,
     batcher: Batcher<OutRecord>,
-    batch_keys: HashSet<String>,
+    /// Hashes of the partition keys in the open batch (a collision only closes a batch early).
+    batch_keys: HashSet<u64>,
     quarantine: QuarantineWriter,
     /// Last line read and the offset after it; blank lines read since the last checkpoint.
     read_line: u64,
@@ -601,7 +602,10 @@ impl<S: RecordSink> PushHandler<S> {
         } else {
             LineCodec::new(self.settings.max_line_bytes)
         };
-        let mut frames = FramedRead::with_capacity(reader, codec, 64 * 1024);
+        // Reading and splitting run in a task of their own and hand over frames in chunks, so that
+        // the S3 read overlaps the checking and batching below.
+        let (mut chunks, _reader) = spawn_frame_reader(FramedRead::with_capacity(reader, codec, 64 * 1024));
+        let mut chunk = Vec::new().into_iter();
 
         let mut written = if resumed {
             let positions = progress.shard_positions.clone();
@@ -643,30 +647,56 @@ impl<S: RecordSink> PushHandler<S> {
         };
         let field = self.settings.partition_key_field.as_deref();
 
+        // One timer for the linger of the open batch, re-armed only when that deadline changes,
+        // and the clocks read every 128 lines: this loop runs per line, millions of times.
+        let linger = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(linger);
+        let mut armed = None;
+        let mut tick = 0u32;
         loop {
-            if run.last_checkpoint.elapsed() >= self.settings.checkpoint_interval || run.quarantine.is_full() {
-                self.checkpoint(&id, &mut run, false).await?;
-            }
-            if invocation.out_of_time(self.settings.deadline_margin) {
-                self.checkpoint(&id, &mut run, false).await?;
-                warn!(bucket = %ev.bucket, key = %ev.key, lines_done = run.progress.lines_done, "stopping before the deadline; a retry resumes from the checkpoint");
-                return Err(PushError::OutOfTime {
-                    bucket: ev.bucket.clone(),
-                    key: ev.key.clone(),
-                    lines_done: run.progress.lines_done,
-                });
+            tick = tick.wrapping_add(1);
+            if tick.is_multiple_of(128) || run.quarantine.is_full() {
+                if run.last_checkpoint.elapsed() >= self.settings.checkpoint_interval || run.quarantine.is_full() {
+                    self.checkpoint(&id, &mut run, false).await?;
+                }
+                if invocation.out_of_time(self.settings.deadline_margin) {
+                    self.checkpoint(&id, &mut run, false).await?;
+                    warn!(bucket = %ev.bucket, key = %ev.key, lines_done = run.progress.lines_done, "stopping before the deadline; a retry resumes from the checkpoint");
+                    return Err(PushError::OutOfTime {
+                        bucket: ev.bucket.clone(),
+                        key: ev.key.clone(),
+                        lines_done: run.progress.lines_done,
+                    });
+                }
             }
             let deadline = run.batcher.deadline();
-            let frame = tokio::select! {
-                biased;
-                frame = frames.next() => frame,
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                    self.flush_batch(&mut run).await?;
-                    continue;
+            if deadline != armed {
+                if let Some(d) = deadline {
+                    linger.as_mut().reset(d);
+                }
+                armed = deadline;
+            }
+            let frame = match chunk.next() {
+                Some(frame) => frame,
+                None => {
+                    let next = tokio::select! {
+                        biased;
+                        next = chunks.recv() => next,
+                        _ = &mut linger, if armed.is_some() => {
+                            self.flush_batch(&mut run).await?;
+                            continue;
+                        }
+                    };
+                    match next {
+                        None => break,
+                        Some(Err(e)) => return Err(read_err("read body", crate::aws::error_chain(&e))),
+                        Some(Ok(frames)) => {
+                            chunk = frames.into_iter();
+                            continue;
+                        }
+                    }
                 }
             };
-            let Some(frame) = frame else { break };
-            let frame = frame.map_err(|e| read_err("read body", crate::aws::error_chain(&e)))?;
             let (number, offset, end) = match &frame {
                 Frame::TooLong { number, offset, len } => (*number, *offset, offset + len + 1),
                 Frame::Line(l) => (l.number, l.offset, l.offset + l.bytes.len() as u64 + 1),
@@ -749,10 +779,10 @@ impl<S: RecordSink> PushHandler<S> {
     /// Adds a record to the open batch; with per-key ordering, a second record of a key closes the
     /// batch first. Sends whatever batches are full.
     async fn add_record(&self, run: &mut Run<'_>, record: OutRecord) -> Result<(), PushError> {
-        if self.settings.ordering == Ordering::PerKey && run.batch_keys.contains(&record.partition_key) {
+        let key = xxhash_rust::xxh3::xxh3_64(record.partition_key.as_bytes());
+        if self.settings.ordering == Ordering::PerKey && run.batch_keys.contains(&key) {
             self.flush_batch(run).await?;
         }
-        let key = record.partition_key.clone();
         if let Err(oversized) = run.batcher.push(record) {
             // Only possible if RECORD_MAX_BYTES > PUT_MAX_BYTES, which the configuration refuses.
             let reason = format!("record of {} bytes exceeds PUT_MAX_BYTES", oversized.size);
@@ -833,6 +863,71 @@ impl<S: RecordSink> PushHandler<S> {
         run.last_checkpoint = StdInstant::now();
         Ok(())
     }
+}
+
+/// Frames handed over at most this many at a time.
+const FRAME_CHUNK: usize = 1024;
+
+/// Aborts a task when dropped (an early return must not leave the reader running).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type FrameChunk = Result<Vec<Frame>, std::io::Error>;
+
+/// Reads frames in a task; each chunk holds what was ready (at most [`FRAME_CHUNK`]), so a slow
+/// input never holds frames back. The end of the input closes the channel.
+fn spawn_frame_reader<R>(mut frames: FramedRead<R, LineCodec>) -> (tokio::sync::mpsc::Receiver<FrameChunk>, AbortOnDrop)
+where
+    R: tokio::io::AsyncRead + Send + Unpin + 'static,
+{
+    use futures_util::FutureExt;
+    let (tx, rx) = tokio::sync::mpsc::channel::<FrameChunk>(4);
+    let task = tokio::spawn(async move {
+        loop {
+            let first = match frames.next().await {
+                None => return,
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Some(Ok(frame)) => frame,
+            };
+            let mut chunk = Vec::with_capacity(FRAME_CHUNK);
+            chunk.push(first);
+            let mut tail = None;
+            while chunk.len() < FRAME_CHUNK {
+                match frames.next().now_or_never() {
+                    Some(Some(Ok(frame))) => chunk.push(frame),
+                    Some(Some(Err(e))) => {
+                        tail = Some(Err(e));
+                        break;
+                    }
+                    Some(None) => {
+                        tail = Some(Ok(()));
+                        break;
+                    }
+                    None => break, // nothing ready now: hand over what there is
+                }
+            }
+            if tx.send(Ok(chunk)).await.is_err() {
+                return;
+            }
+            match tail {
+                Some(Err(e)) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Some(Ok(())) => return,
+                None => {}
+            }
+        }
+    });
+    (rx, AbortOnDrop(task))
 }
 
 fn is_range_not_satisfiable<R>(e: &SdkError<GetObjectError, R>) -> bool {
