@@ -321,6 +321,9 @@ pub struct PullSettings {
     pub group_by_field: Option<String>,
     /// `SUM_FIELD`: numeric top-level JSON field to sum per group, if any.
     pub sum_field: Option<String>,
+    /// `PUSHPULL_INJECT_CRASH=after-output`: abort between writing an output and advancing the
+    /// checkpoint. For fault-injection tests only.
+    pub inject_crash_after_output: bool,
 }
 
 impl PullSettings {
@@ -330,8 +333,16 @@ impl PullSettings {
         let output = location(&mut env, "OUTPUT_URI", DEFAULT_OUTPUT_URI);
         let group_by_field = env.optional("GROUP_BY_FIELD");
         let sum_field = env.optional("SUM_FIELD");
+        let inject_crash_after_output = match env.optional("PUSHPULL_INJECT_CRASH").as_deref() {
+            None => false,
+            Some("after-output") => true,
+            Some(other) => {
+                env.invalid("PUSHPULL_INJECT_CRASH", other, "after-output, or unset");
+                false
+            }
+        };
         env.finish()?;
-        Ok(PullSettings { checkpoint, output, group_by_field, sum_field })
+        Ok(PullSettings { checkpoint, output, group_by_field, sum_field, inject_crash_after_output })
     }
 }
 

@@ -109,16 +109,55 @@ impl<'de> Deserialize<'de> for SequenceNumber {
     }
 }
 
-/// A Kinesis event: the records of one batch from one shard.
+/// A Kinesis event: the records of one batch from one shard. With tumbling windows
+/// (`TumblingWindowInSeconds`), the mapping adds the window, the state carried from the previous
+/// invocation of the window, and whether this is the window's final invocation.
 #[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct KinesisEvent<'a> {
     /// The records, in sequence-number order.
-    #[serde(rename = "Records", borrow)]
+    #[serde(rename = "Records", borrow, default)]
     pub records: Vec<KinesisEventRecord<'a>>,
+    /// The tumbling window this invocation belongs to, if windows are on.
+    #[serde(default)]
+    pub window: Option<Window>,
+    /// The state returned by the previous invocation of this window (windows only).
+    #[serde(default)]
+    pub state: Option<std::collections::HashMap<String, String>>,
+    /// The shard (windows only; otherwise see [`KinesisEventRecord::shard_id`]).
+    #[serde(default)]
+    pub shard_id: Option<String>,
+    /// True on the last invocation of a window: emit the window's results now.
+    #[serde(default)]
+    pub is_final_invoke_for_window: bool,
+    /// True when the window ended early (state reached its size limit, or the shard ended).
+    #[serde(default)]
+    pub is_window_terminated_early: bool,
+}
+
+/// A tumbling window's bounds, as the mapping sends them (ISO-8601 text).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub struct Window {
+    /// Inclusive start.
+    pub start: String,
+    /// Exclusive end.
+    pub end: String,
+}
+
+impl KinesisEvent<'_> {
+    /// Whether this invocation is part of a tumbling window.
+    pub fn is_windowed(&self) -> bool {
+        self.window.is_some()
+    }
+
+    /// The shard of this batch: from the window fields, else from the first record.
+    pub fn shard(&self) -> Option<&str> {
+        self.shard_id.as_deref().or_else(|| self.records.first().map(|r| r.shard_id()))
+    }
 }
 
 /// One record of a [`KinesisEvent`].
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct KinesisEventRecord<'a> {
     /// The Kinesis part of the record.
     #[serde(borrow)]
@@ -135,7 +174,7 @@ pub struct KinesisEventRecord<'a> {
 }
 
 /// The `kinesis` object of a record.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KinesisData<'a> {
     /// The partition key the producer chose.

@@ -58,6 +58,98 @@ pub fn inspect<'a>(line: &'a [u8], field: Option<&str>) -> Result<Option<Cow<'a,
     }
 }
 
+/// Like [`inspect`], for several top-level fields in one pass: the value of each named field (as
+/// text, strings unescaped; `null` and absent are `None`), in the order of `names`.
+///
+/// ```
+/// let line = br#"{"user":"u1","amount":2.5,"other":[1]}"#;
+/// let [user, amount] = pushpull::ndjson::fields(line, [Some("user"), Some("amount")]).unwrap();
+/// assert_eq!((user.as_deref(), amount.as_deref()), (Some("u1"), Some("2.5")));
+/// ```
+pub fn fields<'a, const N: usize>(
+    line: &'a [u8],
+    names: [Option<&str>; N],
+) -> Result<[Option<Cow<'a, str>>; N], LineError> {
+    if let Err(e) = std::str::from_utf8(line) {
+        return Err(LineError::Utf8 { at: e.valid_up_to() });
+    }
+    let mut de = serde_json::Deserializer::from_slice(line);
+    let raw = FindFields { names }.deserialize(&mut de)?;
+    de.end()?;
+    let mut out: [Option<Cow<'a, str>>; N] = std::array::from_fn(|_| None);
+    for (slot, raw) in out.iter_mut().zip(raw) {
+        *slot = match raw {
+            None => None,
+            Some(r) => as_text(r)?,
+        };
+    }
+    Ok(out)
+}
+
+fn as_text(raw: &RawValue) -> Result<Option<Cow<'_, str>>, LineError> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        Ok(Some(serde_json::from_str::<Cow<'_, str>>(text)?))
+    } else if text == "null" {
+        Ok(None)
+    } else {
+        Ok(Some(Cow::Borrowed(text)))
+    }
+}
+
+struct FindFields<'f, const N: usize> {
+    names: [Option<&'f str>; N],
+}
+
+impl<'de, const N: usize> DeserializeSeed<'de> for FindFields<'_, N> {
+    type Value = [Option<&'de RawValue>; N];
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, const N: usize> Visitor<'de> for FindFields<'_, N> {
+    type Value = [Option<&'de RawValue>; N];
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = [None; N];
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match self.names.iter().position(|n| *n == Some(&*key)) {
+                Some(i) if found[i].is_none() => found[i] = Some(map.next_value::<&'de RawValue>()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(found)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok([None; N])
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok([None; N])
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok([None; N])
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok([None; N])
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok([None; N])
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok([None; N])
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok([None; N])
+    }
+}
+
 struct FindField<'f> {
     field: &'f str,
 }

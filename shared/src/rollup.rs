@@ -1,30 +1,65 @@
-//! The sample pull function's logic: check each Kinesis record is JSON, count records per
-//! group, and report the records it could not handle by the partial batch response rule.
+//! The sample pull function: roll a stream up into counts and sums per group, written to
+//! `OUTPUT_URI` exactly once however often the mapping delivers a batch.
+//!
+//! Each record is JSON; its group is the value of `GROUP_BY_FIELD` (else the partition key) and
+//! `SUM_FIELD`, when set, is summed. A record that is not JSON, not base64, or whose sum field is
+//! not a number is reported in `batchItemFailures`.
+//!
+//! **Per batch** (no tumbling window), exactly once across retries and duplicate deliveries:
+//! 1. `pull/<stream>/<shard>.json` in `CHECKPOINT_URI` holds the highest sequence number whose
+//!    record is reflected in the output. Records at or below it are skipped.
+//! 2. The records after it are processed up to the first failure (a contiguous prefix: the
+//!    mapping redelivers everything from the lowest failure on).
+//! 3. Their rollup is written to `<stream>/<shard>/<first sequence>.ndjson` with a conditional
+//!    create. A retry starts at the same first record, so it aims at the same name: if the
+//!    object exists, an earlier attempt wrote it and crashed before step 4. Its records are taken
+//!    as done (up to its `last_sequence`) and only the rest of this batch is written, under the
+//!    name of its own first record.
+//! 4. The checkpoint advances (compare-and-swap).
+//!
+//! **Per tumbling window**: the mapping carries the rollup between invocations as window state
+//! (capped below 1 MB); the final invocation writes `<stream>/<shard>/window-<start>.ndjson` with
+//! a conditional create, so a retried final invocation cannot write it twice.
+//!
+//! The per-shard checkpoint assumes one batch per shard at a time: `ParallelizationFactor` 1,
+//! which the template enforces for this function (tumbling windows require it too).
 //!
 //! ```
 //! use pushpull::config::{Env, PullSettings};
 //! use pushpull::rollup::RollupHandler;
+//! use pushpull::store::Store;
 //!
-//! let handler = RollupHandler::new(PullSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap());
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let dir = tempfile::tempdir().unwrap();
+//! let settings = PullSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap();
+//! let handler = RollupHandler::new(settings, Store::file(dir.path().join("out")), Store::file(dir.path().join("cp")));
 //! let payload = r#"{"Records":[
-//!  {"kinesis":{"partitionKey":"p","sequenceNumber":"1","data":"eyJ1c2VyIjoiYSJ9","approximateArrivalTimestamp":1},"eventID":"shardId-0:1"},
-//!  {"kinesis":{"partitionKey":"p","sequenceNumber":"2","data":"bm9wZQ==","approximateArrivalTimestamp":1},"eventID":"shardId-0:2"}]}"#;
-//! let (response, rollup) = handler.handle(payload).unwrap();
-//! assert_eq!(response.batch_item_failures[0].item_identifier.as_deref(), Some("2"));
-//! assert_eq!(rollup.groups["a"].count, 1);
+//!  {"kinesis":{"partitionKey":"p","sequenceNumber":"1","data":"eyJ1c2VyIjoiYSJ9","approximateArrivalTimestamp":1},"eventID":"shardId-0:1","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/s"},
+//!  {"kinesis":{"partitionKey":"p","sequenceNumber":"2","data":"bm9wZQ==","approximateArrivalTimestamp":1},"eventID":"shardId-0:2","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/s"}]}"#;
+//! let response = handler.handle(payload).await.unwrap();
+//! assert_eq!(serde_json::to_string(&response).unwrap(), r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#);
+//! let out = std::fs::read_to_string(dir.path().join("out/s/shardId-0/1.ndjson")).unwrap();
+//! assert!(out.starts_with(r#"{"key":"a","count":1,"sum":0,"shard_id":"shardId-0","first_sequence":"1","last_sequence":"1"}"#));
+//! # });
 //! ```
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use aws_lambda_events::event::streams::KinesisEventResponse;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use crate::checkpoint::{CheckpointError, Checkpoints};
 use crate::config::PullSettings;
-use crate::kinesis_event::KinesisEvent;
+use crate::kinesis_event::{KinesisEvent, SequenceNumber};
 use crate::ndjson;
-use crate::pull::{PullError, process_batch};
+use crate::pull::{
+    BatchResult, Options, PullError, StateTooLarge, WindowResponse, decode_window_state, encode_window_state,
+    process_batch,
+};
+use crate::store::{Precondition, Store, StoreError};
 
-/// Why an invocation failed as a whole.
+/// Why an invocation failed as a whole (the mapping retries it).
 #[derive(Debug, thiserror::Error)]
 pub enum RollupError {
     /// The payload is not a Kinesis event.
@@ -33,6 +68,40 @@ pub enum RollupError {
     /// A record cannot be reported.
     #[error(transparent)]
     Pull(#[from] PullError),
+    /// Writing the rollup failed.
+    #[error("writing rollup {uri}: {source}")]
+    Output {
+        /// Where.
+        uri: String,
+        /// What went wrong.
+        source: StoreError,
+    },
+    /// An output object exists but is not one this function wrote.
+    #[error("output {uri} exists but has no last_sequence: {reason}")]
+    ForeignOutput {
+        /// Where.
+        uri: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Reading or advancing the shard checkpoint failed.
+    #[error("checkpoint of shard {shard_id}: {source}")]
+    Checkpoint {
+        /// The shard.
+        shard_id: String,
+        /// What went wrong.
+        source: CheckpointError,
+    },
+    /// The window's state would pass the cap.
+    #[error("window {start} of shard {shard_id}: {source}")]
+    State {
+        /// The window start.
+        start: String,
+        /// The shard.
+        shard_id: String,
+        /// The sizes.
+        source: StateTooLarge,
+    },
 }
 
 impl From<RollupError> for lambda_runtime::Diagnostic {
@@ -40,84 +109,415 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
         let error_type = match e {
             RollupError::Event(_) => "RollupError.Event",
             RollupError::Pull(_) => "RollupError.Pull",
+            RollupError::Output { .. } => "RollupError.Output",
+            RollupError::ForeignOutput { .. } => "RollupError.ForeignOutput",
+            RollupError::Checkpoint { .. } => "RollupError.Checkpoint",
+            RollupError::State { .. } => "RollupError.State",
         };
         tracing::error!(error_type, error = %e, "invocation failed");
         lambda_runtime::Diagnostic { error_type: error_type.to_owned(), error_message: e.to_string() }
     }
 }
 
+/// A decimal sum kept as an integer number of billionths: exact for the usual amounts and
+/// independent of the order records arrive in (floating-point sums are neither).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sum(pub i128);
+
+/// Digits kept after the decimal point.
+pub const SUM_SCALE: u32 = 9;
+
+impl Sum {
+    /// Parses a JSON number's text; more than [`SUM_SCALE`] decimals are rounded.
+    pub fn parse(text: &str) -> Option<Sum> {
+        let scale = 10i128.pow(SUM_SCALE);
+        let plain = !text.contains(['e', 'E']);
+        if plain {
+            let (neg, digits) = text.strip_prefix('-').map_or((false, text), |d| (true, d));
+            let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+            if !int.is_empty()
+                && int.len() <= 27
+                && int.bytes().all(|b| b.is_ascii_digit())
+                && frac.bytes().all(|b| b.is_ascii_digit())
+            {
+                let int: i128 = int.parse().ok()?;
+                let mut f: i128 = 0;
+                for (i, b) in frac.bytes().take(SUM_SCALE as usize).enumerate() {
+                    f += i128::from(b - b'0') * 10i128.pow(SUM_SCALE - 1 - i as u32);
+                }
+                if frac.as_bytes().get(SUM_SCALE as usize).is_some_and(|b| *b >= b'5') {
+                    f += 1;
+                }
+                let v = int * scale + f;
+                return Some(Sum(if neg { -v } else { v }));
+            }
+        }
+        let v: f64 = text.parse().ok()?;
+        v.is_finite().then(|| Sum((v * scale as f64).round() as i128))
+    }
+}
+
+impl std::fmt::Display for Sum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scale = 10i128.pow(SUM_SCALE);
+        let (neg, v) = (self.0 < 0, self.0.unsigned_abs());
+        let (int, frac) = (v / scale as u128, v % scale as u128);
+        if neg {
+            f.write_str("-")?;
+        }
+        if frac == 0 {
+            write!(f, "{int}")
+        } else {
+            let frac = format!("{frac:0width$}", width = SUM_SCALE as usize);
+            write!(f, "{int}.{}", frac.trim_end_matches('0'))
+        }
+    }
+}
+
 /// Counts for one group.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
     /// Records in the group.
     pub count: u64,
     /// Sum of `SUM_FIELD` over them (0 when unset).
-    pub sum: f64,
+    pub sum: Sum,
+    /// The group's first record.
+    pub first_sequence: SequenceNumber,
+    /// The group's last record.
+    pub last_sequence: SequenceNumber,
 }
 
-/// Totals of one batch.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+/// Totals by group.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rollup {
     /// Per group key.
     pub groups: BTreeMap<String, Group>,
+}
+
+impl Rollup {
+    fn add(&mut self, key: String, sum: Sum, seq: &SequenceNumber) {
+        let g = self.groups.entry(key).or_insert_with(|| Group {
+            count: 0,
+            sum: Sum(0),
+            first_sequence: seq.clone(),
+            last_sequence: seq.clone(),
+        });
+        g.count += 1;
+        g.sum.0 += sum.0;
+        if *seq > g.last_sequence {
+            g.last_sequence = seq.clone();
+        }
+        if *seq < g.first_sequence {
+            g.first_sequence = seq.clone();
+        }
+    }
+
+    /// The rollup as NDJSON lines, one per group.
+    pub fn to_ndjson(&self, shard_id: &str, window: Option<&crate::kinesis_event::Window>) -> String {
+        let mut out = String::new();
+        let shard = serde_json::to_string(shard_id).unwrap_or_default();
+        for (key, g) in &self.groups {
+            let key = serde_json::to_string(key).unwrap_or_default();
+            let _ = write!(
+                out,
+                r#"{{"key":{key},"count":{},"sum":{},"shard_id":{shard},"first_sequence":"{}","last_sequence":"{}""#,
+                g.count, g.sum, g.first_sequence, g.last_sequence
+            );
+            if let Some(w) = window {
+                let _ = write!(
+                    out,
+                    r#","window_start":{},"window_end":{}"#,
+                    serde_json::to_string(&w.start).unwrap_or_default(),
+                    serde_json::to_string(&w.end).unwrap_or_default()
+                );
+            }
+            out.push_str("}\n");
+        }
+        out
+    }
+}
+
+/// What the function answers: the partial batch response, or with windows the state as well.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Response {
+    /// Without tumbling windows.
+    Batch(KinesisEventResponse),
+    /// With tumbling windows.
+    Window(WindowResponse),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ShardCheckpoint {
+    last_sequence: Option<SequenceNumber>,
 }
 
 /// Handles Kinesis batches for the sample pipeline.
 #[derive(Debug, Clone)]
 pub struct RollupHandler {
     settings: PullSettings,
+    output: Store,
+    checkpoints: Checkpoints<Store>,
+    crash_after_output: bool,
 }
 
 impl RollupHandler {
-    /// A handler with these settings.
-    pub fn new(settings: PullSettings) -> Self {
-        RollupHandler { settings }
+    /// A handler writing rollups to `output` and checkpoints to `checkpoints`.
+    pub fn new(settings: PullSettings, output: Store, checkpoints: Store) -> Self {
+        let crash_after_output = settings.inject_crash_after_output;
+        RollupHandler { settings, output, checkpoints: Checkpoints::new(checkpoints), crash_after_output }
     }
 
-    /// Settings from the environment, every problem reported at once.
-    pub fn from_env() -> Result<Self, crate::config::ConfigErrors> {
-        Ok(Self::new(PullSettings::from_env(crate::config::Env::from_process())?))
+    /// The handler a deployed function runs: settings from the environment, every problem
+    /// reported at once. The AWS configuration is loaded only if a location is on S3.
+    pub async fn from_env(aws: &crate::aws::Aws) -> Result<Self, crate::config::ConfigErrors> {
+        let settings = PullSettings::from_env(crate::config::Env::from_process())?;
+        let output = Store::connect(&settings.output, aws).await;
+        let checkpoints = Store::connect(&settings.checkpoint, aws).await;
+        Ok(Self::new(settings, output, checkpoints))
     }
 
     /// Processes one invocation payload.
-    pub fn handle(&self, payload: &str) -> Result<(KinesisEventResponse, Rollup), RollupError> {
+    pub async fn handle(&self, payload: &str) -> Result<Response, RollupError> {
         let event: KinesisEvent<'_> = serde_json::from_str(payload)?;
-        let mut rollup = Rollup::default();
-        let group_field = self.settings.group_by_field.as_deref();
-        let sum_field = self.settings.sum_field.as_deref();
-        let result = process_batch(&event, |record| -> Result<(), String> {
-            let group = match group_field {
-                Some(field) => ndjson::inspect(record.data, Some(field))
-                    .map_err(|e| e.to_string())?
-                    .map(|g| g.into_owned())
-                    .unwrap_or_default(),
-                None => {
-                    ndjson::inspect(record.data, None).map_err(|e| e.to_string())?;
-                    record.partition_key.to_owned()
-                }
-            };
-            let amount = match sum_field {
-                Some(field) => match ndjson::inspect(record.data, Some(field)).map_err(|e| e.to_string())? {
-                    None => 0.0,
-                    Some(v) => v.parse::<f64>().map_err(|_| format!("{field} is not a number: {v}"))?,
-                },
-                None => 0.0,
-            };
-            let g = rollup.groups.entry(group).or_default();
-            g.count += 1;
-            g.sum += amount;
-            Ok(())
-        })?;
+        let stream = event
+            .records
+            .first()
+            .map(|r| &*r.event_source_arn)
+            .and_then(|arn| arn.split_once(":stream/").map(|(_, s)| s.to_owned()))
+            .unwrap_or_else(|| "stream".to_owned());
+        let shard_id = event.shard().unwrap_or("shard").to_owned();
+        if let Some(window) = &event.window {
+            return self.handle_window(&event, window, &stream, &shard_id).await;
+        }
+        let cp_id = format!("pull/{stream}/{shard_id}.json");
+        let cp_err = |source| RollupError::Checkpoint { shard_id: shard_id.clone(), source };
+        let (checkpoint, cp_version) = match self.checkpoints.load::<ShardCheckpoint>(&cp_id).await.map_err(cp_err)? {
+            Some((c, v)) => (c, Some(v)),
+            None => (ShardCheckpoint::default(), None),
+        };
+        // Records already reflected in the output (a retry, a duplicate delivery) are skipped.
+        let mut skipped = 0usize;
+        let mut first_fresh = None;
+        for (i, r) in event.records.iter().enumerate() {
+            let seq = r
+                .sequence_number()
+                .map_err(|source| PullError::SequenceNumber { event_id: r.event_id.to_string(), source })?;
+            if checkpoint.last_sequence.as_ref().is_some_and(|last| seq <= *last) {
+                skipped += 1;
+            } else {
+                first_fresh = Some(i);
+                break;
+            }
+        }
+        let Some(first_fresh) = first_fresh else {
+            info!(
+                shard_id,
+                skipped,
+                "every record of the batch is at or below the shard checkpoint (counted, or given up by the mapping)"
+            );
+            return Ok(Response::Batch(KinesisEventResponse::default()));
+        };
+        let fresh = KinesisEvent { records: event.records[first_fresh..].to_vec(), ..empty_event() };
+        let (rollup, processed, result) = self.roll_up(&fresh)?;
+        let mut new_last = checkpoint.last_sequence.clone();
+        if !processed.is_empty() {
+            new_last = Some(self.write_batch_output(&stream, &shard_id, &fresh, &rollup, &processed).await?);
+            let value = ShardCheckpoint { last_sequence: new_last.clone() };
+            match &cp_version {
+                Some(v) => self.checkpoints.replace(&cp_id, &value, v).await,
+                None => self.checkpoints.create(&cp_id, &value).await,
+            }
+            .map_err(cp_err)?;
+        }
         for f in &result.failures {
             warn!(shard_id = %f.shard_id, sequence_number = %f.sequence_number, reason = %f.reason, "record failed");
         }
-        info!(
-            records = event.records.len(),
-            processed = result.processed,
-            failed = result.failures.len(),
-            groups = rollup.groups.len(),
-            "batch processed"
-        );
-        Ok((result.response(), rollup))
+        info!(shard_id, records = event.records.len(), skipped, rolled_up = processed.len(), failed = result.failures.len(),
+              groups = rollup.groups.len(), checkpoint = ?new_last.as_ref().map(|s| s.to_string()), "batch rolled up");
+        Ok(Response::Batch(result.response()))
+    }
+
+    /// Checks every record (so that every bad one is reported) and rolls up those before the
+    /// first failure: the mapping redelivers everything from the lowest failure on, so counting a
+    /// record after it now would count it twice. Returns the rollup, the sequence numbers it
+    /// covers, and the batch result.
+    fn roll_up(&self, event: &KinesisEvent<'_>) -> Result<(Rollup, Vec<SequenceNumber>, BatchResult), RollupError> {
+        let mut items: Vec<(String, Sum, SequenceNumber)> = Vec::with_capacity(event.records.len());
+        let (group_field, sum_field) = (self.settings.group_by_field.as_deref(), self.settings.sum_field.as_deref());
+        let result = process_batch(event, Options::default(), |record| -> Result<(), String> {
+            let [group, amount] = ndjson::fields(record.data, [group_field, sum_field]).map_err(|e| e.to_string())?;
+            let amount = match (sum_field, amount) {
+                (Some(field), Some(v)) => Sum::parse(&v).ok_or_else(|| format!("{field} is not a number: {v}"))?,
+                _ => Sum(0),
+            };
+            let group = match group_field {
+                Some(_) => group.map(|g| g.into_owned()).unwrap_or_default(),
+                None => record.partition_key.to_owned(),
+            };
+            items.push((group, amount, record.sequence_number));
+            Ok(())
+        })?;
+        let cutoff = result.lowest_failure();
+        let mut rollup = Rollup::default();
+        let mut covered = Vec::new();
+        for (group, amount, seq) in items {
+            if cutoff.is_some_and(|c| seq > *c) {
+                break;
+            }
+            rollup.add(group, amount, &seq);
+            covered.push(seq);
+        }
+        Ok((rollup, covered, result))
+    }
+
+    /// Writes the rollup of `processed` (a prefix of `fresh`) exactly once; returns the highest
+    /// sequence number now reflected in the output.
+    async fn write_batch_output(
+        &self,
+        stream: &str,
+        shard_id: &str,
+        fresh: &KinesisEvent<'_>,
+        rollup: &Rollup,
+        processed: &[SequenceNumber],
+    ) -> Result<SequenceNumber, RollupError> {
+        let mut start = 0usize;
+        let mut rollup = rollup.clone();
+        loop {
+            let first = &processed[start];
+            let key = format!("{stream}/{shard_id}/{first}.ndjson");
+            let body = rollup.to_ndjson(shard_id, None);
+            match self.output.put(&key, body.into(), Precondition::IfAbsent).await {
+                Ok(_) => {
+                    if self.crash_after_output {
+                        // Fault injection (PUSHPULL_INJECT_CRASH=after-output): die between the
+                        // output and the checkpoint, the crash point the protocol must survive.
+                        warn!(key, "injected crash after writing the output");
+                        std::process::abort();
+                    }
+                    return Ok(processed[processed.len() - 1].clone());
+                }
+                Err(StoreError::PreconditionFailed { .. }) => {
+                    // An earlier attempt wrote this output and died before the checkpoint.
+                    let uri = self.output.uri(&key);
+                    let existing = self
+                        .output
+                        .get(&key)
+                        .await
+                        .map_err(|source| RollupError::Output { uri: uri.clone(), source })?;
+                    let last = existing
+                        .as_ref()
+                        .and_then(|o| o.body.split(|b| *b == b'\n').find(|l| !l.is_empty()).map(<[u8]>::to_vec))
+                        .and_then(|line| serde_json::from_slice::<serde_json::Value>(&line).ok())
+                        .and_then(|v| v["last_sequence"].as_str().and_then(|s| s.parse::<SequenceNumber>().ok()));
+                    let Some(existing_last) = existing.as_ref().map(|_| ()).and(last) else {
+                        return Err(RollupError::ForeignOutput {
+                            uri,
+                            reason: "no parseable last_sequence in its first line".into(),
+                        });
+                    };
+                    // Every line of an output carries the batch's range in its groups; the
+                    // highest last_sequence among them is where the batch ended.
+                    let existing_last = max_last_sequence(existing.as_ref().map(|o| &o.body[..]).unwrap_or_default())
+                        .unwrap_or(existing_last);
+                    info!(key, existing_last = %existing_last, "output already written by an interrupted attempt; not writing it again");
+                    let next = processed.iter().position(|s| *s > existing_last);
+                    match next {
+                        None => return Ok(existing_last.max(processed[processed.len() - 1].clone())),
+                        Some(n) => {
+                            // Only the records after the existing output remain to be written.
+                            start = n;
+                            let (r, _, _) = self.roll_up(&KinesisEvent {
+                                records: fresh.records[n..processed.len()].to_vec(),
+                                ..empty_event()
+                            })?;
+                            rollup = r;
+                        }
+                    }
+                }
+                Err(source) => return Err(RollupError::Output { uri: self.output.uri(&key), source }),
+            }
+        }
+    }
+
+    async fn handle_window(
+        &self,
+        event: &KinesisEvent<'_>,
+        window: &crate::kinesis_event::Window,
+        stream: &str,
+        shard_id: &str,
+    ) -> Result<Response, RollupError> {
+        let mut state: Rollup = decode_window_state(event.state.as_ref())?;
+        let (batch, _, result) = self.roll_up(event)?;
+        for (key, g) in batch.groups {
+            match state.groups.get_mut(&key) {
+                Some(s) => {
+                    s.count += g.count;
+                    s.sum.0 += g.sum.0;
+                    s.first_sequence = s.first_sequence.clone().min(g.first_sequence);
+                    s.last_sequence = s.last_sequence.clone().max(g.last_sequence);
+                }
+                None => {
+                    state.groups.insert(key, g);
+                }
+            }
+        }
+        let mut response = WindowResponse { batch_item_failures: result.item_failures(), ..Default::default() };
+        if event.is_final_invoke_for_window && result.failures.is_empty() {
+            let key = format!("{stream}/{shard_id}/window-{}.ndjson", window.start);
+            let body = state.to_ndjson(shard_id, Some(window));
+            match self.output.put(&key, body.into(), Precondition::IfAbsent).await {
+                Ok(_) => {
+                    info!(key, groups = state.groups.len(), early = event.is_window_terminated_early, "window written")
+                }
+                Err(StoreError::PreconditionFailed { .. }) => {
+                    info!(key, "window already written by an earlier attempt")
+                }
+                Err(source) => return Err(RollupError::Output { uri: self.output.uri(&key), source }),
+            }
+        } else {
+            response.state = encode_window_state(&state).map_err(|source| RollupError::State {
+                start: window.start.clone(),
+                shard_id: shard_id.to_owned(),
+                source,
+            })?;
+        }
+        Ok(Response::Window(response))
+    }
+}
+
+fn empty_event() -> KinesisEvent<'static> {
+    KinesisEvent {
+        records: Vec::new(),
+        window: None,
+        state: None,
+        shard_id: None,
+        is_final_invoke_for_window: false,
+        is_window_terminated_early: false,
+    }
+}
+
+fn max_last_sequence(body: &[u8]) -> Option<SequenceNumber> {
+    body.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["last_sequence"].as_str().and_then(|s| s.parse::<SequenceNumber>().ok()))
+        .max()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_are_exact_decimals() {
+        let p = |s| Sum::parse(s).unwrap();
+        assert_eq!(p("12.34").0 + p("0.66").0, p("13").0);
+        assert_eq!(p("-1.5").to_string(), "-1.5");
+        assert_eq!(p("1e2").to_string(), "100");
+        assert_eq!(p("0.1234567895").to_string(), "0.12345679");
+        assert_eq!(Sum(p("0.1").0 * 3).to_string(), "0.3", "no floating-point drift");
+        assert!(Sum::parse("\"x\"").is_none());
+        assert!(Sum::parse("NaN").is_none());
     }
 }

@@ -7,10 +7,11 @@ use serde_json::value::RawValue;
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     pushpull::telemetry::init();
-    let handler = RollupHandler::from_env().inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
+    let aws = pushpull::aws::Aws::new();
+    let handler = RollupHandler::from_env(&aws).await.inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
     let handler = &handler;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<Box<RawValue>>| async move {
-        handler.handle(event.payload.get()).map(|(response, _rollup)| response)
+        handler.handle(event.payload.get()).await
     }))
     .await
 }

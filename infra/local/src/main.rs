@@ -174,7 +174,6 @@ async fn demo(args: DemoArgs) -> Result<(), Error> {
         by_shard.entry(r.shard_id.clone()).or_default().push(r);
     }
     let (mut batches, mut delivered, mut failed) = (Vec::new(), 0usize, 0usize);
-    let mut groups: BTreeMap<String, (u64, f64)> = BTreeMap::new();
     for (shard, recs) in &by_shard {
         for chunk in recs.chunks(args.batch_size.max(1)) {
             let inv = pull.invoke(kinesis_event(chunk, &stream_arn).to_string()).await?;
@@ -182,21 +181,33 @@ async fn demo(args: DemoArgs) -> Result<(), Error> {
                 return Err(format!("pull function failed on {shard}: {:?}", inv.outcome).into());
             };
             let response: serde_json::Value = serde_json::from_slice(&body)?;
-            let failures: HashSet<&str> = response["batchItemFailures"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|f| f["itemIdentifier"].as_str())
-                .collect();
             batches.push(chunk.len());
             delivered += chunk.len();
-            failed += failures.len();
-            for r in chunk.iter().filter(|r| !failures.contains(r.sequence_number.as_str())) {
-                let v: serde_json::Value = serde_json::from_slice(&r.data).unwrap_or_default();
-                let g = groups.entry(v["user"].as_str().unwrap_or("").to_owned()).or_default();
-                g.0 += 1;
-                g.1 += v["amount"].as_f64().unwrap_or(0.0);
-            }
+            failed += response["batchItemFailures"].as_array().map_or(0, Vec::len);
+        }
+    }
+    // The rollup as the pull function wrote it: every output object of this run.
+    let mut groups: BTreeMap<String, (u64, pushpull::rollup::Sum)> = BTreeMap::new();
+    let mut outputs = 0;
+    let since = aws_sdk_s3::primitives::DateTime::from_secs(run_id.parse::<i64>().unwrap_or(0) - 1);
+    let list = l.s3.list_objects_v2().bucket(bucket).prefix(format!("output/{}/", args.stream)).send().await?;
+    for o in list.contents().iter().filter(|o| o.last_modified().is_some_and(|t| *t >= since)) {
+        outputs += 1;
+        let body =
+            l.s3.get_object()
+                .bucket(bucket)
+                .key(o.key().unwrap_or_default())
+                .send()
+                .await?
+                .body
+                .collect()
+                .await?
+                .into_bytes();
+        for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_slice(line)?;
+            let g = groups.entry(v["key"].as_str().unwrap_or_default().to_owned()).or_default();
+            g.0 += v["count"].as_u64().unwrap_or(0);
+            g.1.0 += pushpull::rollup::Sum::parse(&v["sum"].to_string()).map_or(0, |s| s.0);
         }
     }
 
@@ -214,9 +225,18 @@ async fn demo(args: DemoArgs) -> Result<(), Error> {
         batches
     );
     println!("  pull failures    {failed}");
+    println!("  rollup outputs   {outputs} objects under s3://{bucket}/output/{}/", args.stream);
     println!("  rollup           {:>8} {:>8} {:>12}", "user", "count", "sum(amount)");
     for (user, (count, sum)) in &groups {
-        println!("                   {user:>8} {count:>8} {sum:>12.2}");
+        println!("                   {user:>8} {count:>8} {:>12}", sum.to_string());
+    }
+    let counted: u64 = groups.values().map(|g| g.0).sum();
+    if counted as usize != delivered - failed {
+        return Err(format!(
+            "the rollup counts {counted} records; {} were delivered without failure",
+            delivered - failed
+        )
+        .into());
     }
     drop(push);
     drop(pull);
