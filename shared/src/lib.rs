@@ -22,6 +22,7 @@
 //! | [`config`] | settings from environment variables, checked at cold start |
 //! | [`aws`] | AWS clients built once, SDK errors made readable |
 //! | [`telemetry`] | structured JSON logs |
+//! | [`lambda`] | `run_raw`: a handler that reads the payload where it lies (no copy) |
 #![warn(missing_docs)]
 
 pub mod aws;
@@ -30,6 +31,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod kinesis_event;
 pub mod kinesis_producer;
+pub mod lambda;
 pub mod lines;
 pub mod ndjson;
 pub mod object_reader;

@@ -45,6 +45,8 @@ use crate::kinesis_event::{KinesisEvent, KinesisEventRecord, SequenceNumber, Seq
 /// One record as a handler sees it: decoded data and where it came from.
 #[derive(Debug, Clone)]
 pub struct Record<'a> {
+    /// Its position in the batch (0-based).
+    pub index: usize,
     /// The shard.
     pub shard_id: &'a str,
     /// The sequence number.
@@ -79,6 +81,7 @@ impl<'a> Record<'a> {
         OwnedRecord {
             shard_id: self.shard_id.to_owned(),
             sequence_number: self.sequence_number.clone(),
+            index: self.index,
             partition_key: self.partition_key.to_owned(),
             arrival: self.arrival,
             data: self.data.to_vec(),
@@ -89,6 +92,8 @@ impl<'a> Record<'a> {
 /// A record that owns its data: what async handlers receive.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OwnedRecord {
+    /// Its position in the batch (0-based).
+    pub index: usize,
     /// The shard.
     pub shard_id: String,
     /// The sequence number.
@@ -112,6 +117,8 @@ impl OwnedRecord {
 /// A record that was not processed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
+    /// Its position in the batch (0-based).
+    pub index: usize,
     /// Its sequence number (the `itemIdentifier` reported).
     pub sequence_number: SequenceNumber,
     /// Its shard.
@@ -199,7 +206,20 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
 /// Runs `handler` on each record in order. A handler error, undecodable base64 data, or a panic
 /// in the handler marks that record failed; with [`Options::stop_at_first_failure`] the batch
 /// stops there, otherwise it goes on.
-pub fn process_batch<F, E>(event: &KinesisEvent<'_>, options: Options, mut handler: F) -> Result<BatchResult, PullError>
+pub fn process_batch<F, E>(event: &KinesisEvent<'_>, options: Options, handler: F) -> Result<BatchResult, PullError>
+where
+    F: FnMut(Record<'_>) -> Result<(), E>,
+    E: Display,
+{
+    process_records(&event.records, options, handler)
+}
+
+/// [`process_batch`] on a slice of a batch's records (for example those after a checkpoint).
+pub fn process_records<F, E>(
+    records: &[KinesisEventRecord<'_>],
+    options: Options,
+    mut handler: F,
+) -> Result<BatchResult, PullError>
 where
     F: FnMut(Record<'_>) -> Result<(), E>,
     E: Display,
@@ -207,21 +227,17 @@ where
     let mut result = BatchResult::default();
     let mut buf = Vec::new();
     let mut stopped = false;
-    for r in &event.records {
+    for (index, r) in records.iter().enumerate() {
         let sequence_number = sequence_number(r)?;
         if stopped {
             result.not_attempted += 1;
             continue;
         }
-        let fail = |reason: String| Failure {
-            sequence_number: sequence_number.clone(),
-            shard_id: r.shard_id().to_owned(),
-            reason,
-        };
         let outcome = match r.decode_data_into(&mut buf) {
             Err(e) => Err(e.to_string()),
             Ok(()) => {
                 let record = Record {
+                    index,
                     shard_id: r.shard_id(),
                     sequence_number: sequence_number.clone(),
                     partition_key: &r.kinesis.partition_key,
@@ -238,7 +254,7 @@ where
         match outcome {
             Ok(()) => result.processed += 1,
             Err(reason) => {
-                result.failures.push(fail(reason));
+                result.failures.push(Failure { index, sequence_number, shard_id: r.shard_id().to_owned(), reason });
                 stopped = options.stop_at_first_failure;
             }
         }
@@ -284,8 +300,8 @@ where
 
     // Group by partition key, keeping each key's records in order, keys in order of first sight.
     let mut order: Vec<&str> = Vec::new();
-    let mut by_key: HashMap<&str, Vec<&KinesisEventRecord<'_>>> = HashMap::new();
-    for r in &event.records {
+    let mut by_key: HashMap<&str, Vec<(usize, &KinesisEventRecord<'_>)>> = HashMap::new();
+    for (index, r) in event.records.iter().enumerate() {
         sequence_number(r)?;
         let key = &*r.kinesis.partition_key;
         by_key
@@ -294,7 +310,7 @@ where
                 order.push(key);
                 Vec::new()
             })
-            .push(r);
+            .push((index, r));
     }
     let any_failed = AtomicBool::new(false);
     let (handler, any_failed) = (&handler, &any_failed);
@@ -304,7 +320,7 @@ where
             let mut out = BatchResult::default();
             let mut buf = Vec::new();
             let mut stopped = false;
-            for r in records {
+            for (index, r) in records {
                 let sequence_number = r.sequence_number().unwrap_or_else(|_| unreachable!("checked above"));
                 if stopped || (options.stop_at_first_failure && any_failed.load(Ordering::Acquire)) {
                     out.not_attempted += 1;
@@ -314,6 +330,7 @@ where
                     Err(e) => Err(e.to_string()),
                     Ok(()) => {
                         let record = OwnedRecord {
+                            index,
                             shard_id: r.shard_id().to_owned(),
                             sequence_number: sequence_number.clone(),
                             partition_key: r.kinesis.partition_key.to_string(),
@@ -330,7 +347,12 @@ where
                 match outcome {
                     Ok(()) => out.processed += 1,
                     Err(reason) => {
-                        out.failures.push(Failure { sequence_number, shard_id: r.shard_id().to_owned(), reason });
+                        out.failures.push(Failure {
+                            index,
+                            sequence_number,
+                            shard_id: r.shard_id().to_owned(),
+                            reason,
+                        });
                         any_failed.store(true, Ordering::Release);
                         stopped = true;
                     }

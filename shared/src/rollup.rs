@@ -36,13 +36,13 @@
 //! let payload = r#"{"Records":[
 //!  {"kinesis":{"partitionKey":"p","sequenceNumber":"1","data":"eyJ1c2VyIjoiYSJ9","approximateArrivalTimestamp":1},"eventID":"shardId-0:1","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/s"},
 //!  {"kinesis":{"partitionKey":"p","sequenceNumber":"2","data":"bm9wZQ==","approximateArrivalTimestamp":1},"eventID":"shardId-0:2","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/s"}]}"#;
-//! let response = handler.handle(payload).await.unwrap();
+//! let response = handler.handle(payload.as_bytes()).await.unwrap();
 //! assert_eq!(serde_json::to_string(&response).unwrap(), r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#);
 //! let out = std::fs::read_to_string(dir.path().join("out/s/shardId-0/1.ndjson")).unwrap();
 //! assert!(out.starts_with(r#"{"key":"a","count":1,"sum":0,"shard_id":"shardId-0","first_sequence":"1","last_sequence":"1"}"#));
 //! # });
 //! ```
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use aws_lambda_events::event::streams::KinesisEventResponse;
@@ -51,11 +51,11 @@ use tracing::{info, warn};
 
 use crate::checkpoint::{CheckpointError, Checkpoints};
 use crate::config::PullSettings;
-use crate::kinesis_event::{KinesisEvent, SequenceNumber};
+use crate::kinesis_event::{KinesisEvent, KinesisEventRecord, SequenceNumber};
 use crate::ndjson;
 use crate::pull::{
     BatchResult, Options, PullError, StateTooLarge, WindowResponse, decode_window_state, encode_window_state,
-    process_batch,
+    process_records,
 };
 use crate::store::{Precondition, Store, StoreError};
 
@@ -195,23 +195,6 @@ pub struct Rollup {
 }
 
 impl Rollup {
-    fn add(&mut self, key: String, sum: Sum, seq: &SequenceNumber) {
-        let g = self.groups.entry(key).or_insert_with(|| Group {
-            count: 0,
-            sum: Sum(0),
-            first_sequence: seq.clone(),
-            last_sequence: seq.clone(),
-        });
-        g.count += 1;
-        g.sum.0 += sum.0;
-        if *seq > g.last_sequence {
-            g.last_sequence = seq.clone();
-        }
-        if *seq < g.first_sequence {
-            g.first_sequence = seq.clone();
-        }
-    }
-
     /// The rollup as NDJSON lines, one per group.
     pub fn to_ndjson(&self, shard_id: &str, window: Option<&crate::kinesis_event::Window>) -> String {
         let mut out = String::new();
@@ -278,8 +261,8 @@ impl RollupHandler {
     }
 
     /// Processes one invocation payload.
-    pub async fn handle(&self, payload: &str) -> Result<Response, RollupError> {
-        let event: KinesisEvent<'_> = serde_json::from_str(payload)?;
+    pub async fn handle(&self, payload: &[u8]) -> Result<Response, RollupError> {
+        let event: KinesisEvent<'_> = serde_json::from_slice(payload)?;
         let stream = event
             .records
             .first()
@@ -318,11 +301,12 @@ impl RollupHandler {
             );
             return Ok(Response::Batch(KinesisEventResponse::default()));
         };
-        let fresh = KinesisEvent { records: event.records[first_fresh..].to_vec(), ..empty_event() };
-        let (rollup, processed, result) = self.roll_up(&fresh)?;
+        let fresh = &event.records[first_fresh..];
+        let (rollup, covered, result) = self.roll_up(fresh)?;
+        let groups = rollup.groups.len();
         let mut new_last = checkpoint.last_sequence.clone();
-        if !processed.is_empty() {
-            new_last = Some(self.write_batch_output(&stream, &shard_id, &fresh, &rollup, &processed).await?);
+        if covered > 0 {
+            new_last = Some(self.write_batch_output(&stream, &shard_id, fresh, rollup, covered).await?);
             let value = ShardCheckpoint { last_sequence: new_last.clone() };
             match &cp_version {
                 Some(v) => self.checkpoints.replace(&cp_id, &value, v).await,
@@ -333,59 +317,80 @@ impl RollupHandler {
         for f in &result.failures {
             warn!(shard_id = %f.shard_id, sequence_number = %f.sequence_number, reason = %f.reason, "record failed");
         }
-        info!(shard_id, records = event.records.len(), skipped, rolled_up = processed.len(), failed = result.failures.len(),
-              groups = rollup.groups.len(), checkpoint = ?new_last.as_ref().map(|s| s.to_string()), "batch rolled up");
+        info!(shard_id, records = event.records.len(), skipped, rolled_up = covered, failed = result.failures.len(), groups,
+              checkpoint = ?new_last.as_ref().map(|s| s.to_string()), "batch rolled up");
         Ok(Response::Batch(result.response()))
     }
 
     /// Checks every record (so that every bad one is reported) and rolls up those before the
     /// first failure: the mapping redelivers everything from the lowest failure on, so counting a
-    /// record after it now would count it twice. Returns the rollup, the sequence numbers it
-    /// covers, and the batch result.
-    fn roll_up(&self, event: &KinesisEvent<'_>) -> Result<(Rollup, Vec<SequenceNumber>, BatchResult), RollupError> {
-        let mut items: Vec<(String, Sum, SequenceNumber)> = Vec::with_capacity(event.records.len());
+    /// record after it now would count it twice. Returns the rollup, how many records (from the
+    /// start of `records`) it covers, and the batch result.
+    fn roll_up(&self, records: &[KinesisEventRecord<'_>]) -> Result<(Rollup, usize, BatchResult), RollupError> {
+        // Groups are interned: a record costs no allocation unless it starts a new group.
+        let mut index_of: HashMap<String, usize> = HashMap::new();
+        let mut names: Vec<String> = Vec::new();
+        let mut items: Vec<(u32, Sum)> = Vec::with_capacity(records.len());
         let (group_field, sum_field) = (self.settings.group_by_field.as_deref(), self.settings.sum_field.as_deref());
-        let result = process_batch(event, Options::default(), |record| -> Result<(), String> {
+        let result = process_records(records, Options::default(), |record| -> Result<(), String> {
             let [group, amount] = ndjson::fields(record.data, [group_field, sum_field]).map_err(|e| e.to_string())?;
             let amount = match (sum_field, amount) {
                 (Some(field), Some(v)) => Sum::parse(&v).ok_or_else(|| format!("{field} is not a number: {v}"))?,
                 _ => Sum(0),
             };
-            let group = match group_field {
-                Some(_) => group.map(|g| g.into_owned()).unwrap_or_default(),
-                None => record.partition_key.to_owned(),
+            let group: &str = match group_field {
+                Some(_) => group.as_deref().unwrap_or(""),
+                None => record.partition_key,
             };
-            items.push((group, amount, record.sequence_number));
+            let id = match index_of.get(group) {
+                Some(&id) => id,
+                None => {
+                    names.push(group.to_owned());
+                    index_of.insert(group.to_owned(), names.len() - 1);
+                    names.len() - 1
+                }
+            };
+            // Records are handled in order, so items[i] belongs to records[i] up to the first
+            // failure, which is where the rollup stops anyway.
+            if items.len() == record.index {
+                items.push((id as u32, amount));
+            }
             Ok(())
         })?;
-        let cutoff = result.lowest_failure();
+        let covered = result.failures.iter().map(|f| f.index).min().unwrap_or(records.len()).min(items.len());
+        let mut acc: Vec<Option<(u64, Sum, usize, usize)>> = vec![None; names.len()];
+        for (i, (id, amount)) in items[..covered].iter().enumerate() {
+            let slot = acc[*id as usize].get_or_insert((0, Sum(0), i, i));
+            slot.0 += 1;
+            slot.1.0 += amount.0;
+            slot.3 = i;
+        }
         let mut rollup = Rollup::default();
-        let mut covered = Vec::new();
-        for (group, amount, seq) in items {
-            if cutoff.is_some_and(|c| seq > *c) {
-                break;
+        for (name, slot) in names.into_iter().zip(acc) {
+            if let Some((count, sum, first, last)) = slot {
+                rollup.groups.insert(
+                    name,
+                    Group { count, sum, first_sequence: seq_at(records, first), last_sequence: seq_at(records, last) },
+                );
             }
-            rollup.add(group, amount, &seq);
-            covered.push(seq);
         }
         Ok((rollup, covered, result))
     }
 
-    /// Writes the rollup of `processed` (a prefix of `fresh`) exactly once; returns the highest
-    /// sequence number now reflected in the output.
+    /// Writes the rollup of `records[..covered]` exactly once; returns the highest sequence
+    /// number now reflected in the output.
     async fn write_batch_output(
         &self,
         stream: &str,
         shard_id: &str,
-        fresh: &KinesisEvent<'_>,
-        rollup: &Rollup,
-        processed: &[SequenceNumber],
+        records: &[KinesisEventRecord<'_>],
+        rollup: Rollup,
+        covered: usize,
     ) -> Result<SequenceNumber, RollupError> {
         let mut start = 0usize;
-        let mut rollup = rollup.clone();
+        let mut rollup = rollup;
         loop {
-            let first = &processed[start];
-            let key = format!("{stream}/{shard_id}/{first}.ndjson");
+            let key = format!("{stream}/{shard_id}/{}.ndjson", seq_at(records, start));
             let body = rollup.to_ndjson(shard_id, None);
             match self.output.put(&key, body.into(), Precondition::IfAbsent).await {
                 Ok(_) => {
@@ -395,43 +400,27 @@ impl RollupHandler {
                         warn!(key, "injected crash after writing the output");
                         std::process::abort();
                     }
-                    return Ok(processed[processed.len() - 1].clone());
+                    return Ok(seq_at(records, covered - 1));
                 }
                 Err(StoreError::PreconditionFailed { .. }) => {
-                    // An earlier attempt wrote this output and died before the checkpoint.
+                    // An earlier attempt wrote this output and died before the checkpoint. The
+                    // highest last_sequence among its groups is where that attempt's batch ended.
                     let uri = self.output.uri(&key);
                     let existing = self
                         .output
                         .get(&key)
                         .await
                         .map_err(|source| RollupError::Output { uri: uri.clone(), source })?;
-                    let last = existing
-                        .as_ref()
-                        .and_then(|o| o.body.split(|b| *b == b'\n').find(|l| !l.is_empty()).map(<[u8]>::to_vec))
-                        .and_then(|line| serde_json::from_slice::<serde_json::Value>(&line).ok())
-                        .and_then(|v| v["last_sequence"].as_str().and_then(|s| s.parse::<SequenceNumber>().ok()));
-                    let Some(existing_last) = existing.as_ref().map(|_| ()).and(last) else {
-                        return Err(RollupError::ForeignOutput {
-                            uri,
-                            reason: "no parseable last_sequence in its first line".into(),
-                        });
+                    let Some(existing_last) = existing.as_ref().and_then(|o| max_last_sequence(&o.body)) else {
+                        return Err(RollupError::ForeignOutput { uri, reason: "no parseable last_sequence".into() });
                     };
-                    // Every line of an output carries the batch's range in its groups; the
-                    // highest last_sequence among them is where the batch ended.
-                    let existing_last = max_last_sequence(existing.as_ref().map(|o| &o.body[..]).unwrap_or_default())
-                        .unwrap_or(existing_last);
                     info!(key, existing_last = %existing_last, "output already written by an interrupted attempt; not writing it again");
-                    let next = processed.iter().position(|s| *s > existing_last);
-                    match next {
-                        None => return Ok(existing_last.max(processed[processed.len() - 1].clone())),
+                    match (start..covered).find(|&i| seq_at(records, i) > existing_last) {
+                        None => return Ok(existing_last.max(seq_at(records, covered - 1))),
                         Some(n) => {
                             // Only the records after the existing output remain to be written.
                             start = n;
-                            let (r, _, _) = self.roll_up(&KinesisEvent {
-                                records: fresh.records[n..processed.len()].to_vec(),
-                                ..empty_event()
-                            })?;
-                            rollup = r;
+                            rollup = self.roll_up(&records[n..covered])?.0;
                         }
                     }
                 }
@@ -448,7 +437,7 @@ impl RollupHandler {
         shard_id: &str,
     ) -> Result<Response, RollupError> {
         let mut state: Rollup = decode_window_state(event.state.as_ref())?;
-        let (batch, _, result) = self.roll_up(event)?;
+        let (batch, _, result) = self.roll_up(&event.records)?;
         for (key, g) in batch.groups {
             match state.groups.get_mut(&key) {
                 Some(s) => {
@@ -486,15 +475,9 @@ impl RollupHandler {
     }
 }
 
-fn empty_event() -> KinesisEvent<'static> {
-    KinesisEvent {
-        records: Vec::new(),
-        window: None,
-        state: None,
-        shard_id: None,
-        is_final_invoke_for_window: false,
-        is_window_terminated_early: false,
-    }
+/// The sequence number of `records[i]`, already checked by `process_records`.
+fn seq_at(records: &[KinesisEventRecord<'_>], i: usize) -> SequenceNumber {
+    records[i].sequence_number().unwrap_or_else(|_| unreachable!("checked by process_records"))
 }
 
 fn max_last_sequence(body: &[u8]) -> Option<SequenceNumber> {

@@ -5,9 +5,10 @@
 //! [`Store`] reads and writes objects under it with a [`Precondition`]:
 //! - S3 uses conditional writes (`If-None-Match: *`, `If-Match: <etag>`), so two concurrent
 //!   writers cannot both win: the loser gets [`StoreError::PreconditionFailed`].
-//! - The file backend writes to a temporary file and renames it into place (readers never see a
-//!   half-written object), and checks preconditions under an exclusive lock file, so concurrent
-//!   processes on one machine get the same guarantee.
+//! - The file backend writes to a temporary file and renames it into place (readers and crashed
+//!   processes never see a half-written object; there is no fsync, so an OS crash may lose the
+//!   latest writes: it is for local runs), and checks preconditions under an exclusive lock file,
+//!   so concurrent processes on one machine get the same guarantee.
 //!
 //! ```
 //! use pushpull::store::{Location, Precondition, Store, StoreError};
@@ -361,7 +362,8 @@ fn file_put(root: &Path, key: &str, body: &[u8], condition: &Precondition) -> Re
     }
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("create temporary file in", dir))?;
     tmp.write_all(body).map_err(io("write", tmp.path()))?;
-    tmp.as_file().sync_all().map_err(io("sync", tmp.path()))?;
+    // No fsync: the rename makes the write atomic for readers and for a crashed process, which is
+    // what this local backend promises; surviving a power cut is the S3 backend's job.
     tmp.persist(&path).map_err(|e| io("rename into", &path)(e.error))?;
     Ok(content_etag(body))
 }
