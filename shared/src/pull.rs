@@ -63,8 +63,8 @@ pub struct Record<'a> {
 #[derive(Debug, thiserror::Error)]
 #[error("record {sequence_number}: not the expected JSON: {source}")]
 pub struct DecodeError {
-    /// The record.
-    pub sequence_number: SequenceNumber,
+    /// The record's sequence number.
+    pub sequence_number: String,
     /// What serde said.
     pub source: serde_json::Error,
 }
@@ -73,7 +73,7 @@ impl<'a> Record<'a> {
     /// Deserializes the data as JSON into `T`, which may borrow from it.
     pub fn json<T: Deserialize<'a>>(&self) -> Result<T, DecodeError> {
         serde_json::from_slice(self.data)
-            .map_err(|source| DecodeError { sequence_number: self.sequence_number.clone(), source })
+            .map_err(|source| DecodeError { sequence_number: self.sequence_number.to_string(), source })
     }
 
     /// An owned copy, for async handlers and tasks.
@@ -110,7 +110,7 @@ impl OwnedRecord {
     /// Deserializes the data as JSON into `T`, which may borrow from it.
     pub fn json<'a, T: Deserialize<'a>>(&'a self) -> Result<T, DecodeError> {
         serde_json::from_slice(&self.data)
-            .map_err(|source| DecodeError { sequence_number: self.sequence_number.clone(), source })
+            .map_err(|source| DecodeError { sequence_number: self.sequence_number.to_string(), source })
     }
 }
 
