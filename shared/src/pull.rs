@@ -195,6 +195,15 @@ fn sequence_number(r: &KinesisEventRecord<'_>) -> Result<SequenceNumber, PullErr
     r.sequence_number().map_err(|source| PullError::SequenceNumber { event_id: r.event_id.to_string(), source })
 }
 
+/// A handler's result, or its panic, as the record's outcome.
+fn handler_outcome<E: Display>(outcome: std::thread::Result<Result<(), E>>) -> Result<(), String> {
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!("handler panicked: {}", panic_message(&panic))),
+    }
+}
+
 fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> &str {
     panic
         .downcast_ref::<&str>()
@@ -244,11 +253,7 @@ where
                     arrival: r.kinesis.approximate_arrival_timestamp,
                     data: &buf,
                 };
-                match catch_unwind(AssertUnwindSafe(|| handler(record))) {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(panic) => Err(format!("handler panicked: {}", panic_message(&panic))),
-                }
+                handler_outcome(catch_unwind(AssertUnwindSafe(|| handler(record))))
             }
         };
         match outcome {
@@ -337,11 +342,7 @@ where
                             arrival: r.kinesis.approximate_arrival_timestamp,
                             data: std::mem::take(&mut buf),
                         };
-                        match AssertUnwindSafe(handler(record)).catch_unwind().await {
-                            Ok(Ok(())) => Ok(()),
-                            Ok(Err(e)) => Err(e.to_string()),
-                            Err(panic) => Err(format!("handler panicked: {}", panic_message(&panic))),
-                        }
+                        handler_outcome(AssertUnwindSafe(handler(record)).catch_unwind().await)
                     }
                 };
                 match outcome {

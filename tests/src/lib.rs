@@ -156,3 +156,10 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
+
+/// The body of an S3 object, and its lines (empty ones left out) parsed as JSON.
+pub async fn object_json_lines(l: &Local, bucket: &str, key: &str) -> Vec<serde_json::Value> {
+    let body = l.s3.get_object().bucket(bucket).key(key).send().await.unwrap_or_else(|e| panic!("{key}: {e:?}"));
+    let body = body.body.collect().await.unwrap().into_bytes();
+    body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect()
+}

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use pushpull::rollup::Sum;
 use pushpull_local::localstack::{Local, StreamRecord, kinesis_event};
 use pushpull_local::runtime_api::Outcome;
-use pushpull_tests::{function, invoke_ok, local, start, unique};
+use pushpull_tests::{function, invoke_ok, local, object_json_lines, start, unique};
 
 struct Fixture {
     l: Local,
@@ -79,22 +79,7 @@ impl Fixture {
         let list = self.l.s3.list_objects_v2().bucket(&self.bucket).prefix("output/").send().await.unwrap();
         let mut totals: BTreeMap<String, (u64, Sum)> = BTreeMap::new();
         for o in list.contents() {
-            let body = self
-                .l
-                .s3
-                .get_object()
-                .bucket(&self.bucket)
-                .key(o.key().unwrap())
-                .send()
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap()
-                .into_bytes();
-            for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+            for v in object_json_lines(&self.l, &self.bucket, o.key().unwrap()).await {
                 let t = totals.entry(v["key"].as_str().unwrap().to_owned()).or_insert((0, Sum(0)));
                 t.0 += v["count"].as_u64().unwrap();
                 t.1.0 += Sum::parse(&v["sum"].to_string()).unwrap().0;
@@ -202,9 +187,7 @@ async fn tumbling_windows_carry_state_and_the_final_invocation_writes_once() {
     let list = f.l.s3.list_objects_v2().bucket(&f.bucket).prefix("output/").send().await.unwrap();
     let key = list.contents()[0].key().unwrap();
     assert!(key.ends_with("/window-2026-11-24T10:00:00Z.ndjson"), "{key}");
-    let body =
-        f.l.s3.get_object().bucket(&f.bucket).key(key).send().await.unwrap().body.collect().await.unwrap().into_bytes();
-    let first: serde_json::Value = serde_json::from_slice(body.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    let first = object_json_lines(&f.l, &f.bucket, key).await.remove(0);
     assert_eq!(
         (first["window_start"].as_str(), first["window_end"].as_str()),
         (Some("2026-11-24T10:00:00Z"), Some("2026-11-24T10:05:00Z"))

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use pushpull_local::runtime_api::Outcome;
 use pushpull_tests::{
-    function, invoke_ok, local, object_created_event, peak_rss_kib, start, stream_by_key, stream_multiset, unique,
+    function, invoke_ok, local, object_created_event, object_json_lines, peak_rss_kib, start, stream_by_key,
+    stream_multiset, unique,
 };
 
 struct Fixture {
@@ -209,21 +210,7 @@ async fn bad_lines_of_every_kind_are_quarantined_and_empty_objects_are_fine() {
             .trim_matches('"')
             .to_owned();
     let part = format!("quarantine/{}/input/bad.ndjson/{etag}/part-000000000001.ndjson", f.bucket);
-    let q =
-        f.l.s3
-            .get_object()
-            .bucket(&f.bucket)
-            .key(&part)
-            .send()
-            .await
-            .unwrap()
-            .body
-            .collect()
-            .await
-            .unwrap()
-            .into_bytes();
-    let entries: Vec<serde_json::Value> =
-        q.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
+    let entries = object_json_lines(&f.l, &f.bucket, &part).await;
     let summary: Vec<(u64, u64, &str)> = entries
         .iter()
         .map(|e| (e["line"].as_u64().unwrap(), e["offset"].as_u64().unwrap(), e["reason"].as_str().unwrap()))

@@ -99,10 +99,7 @@ async fn every_line_reaches_kinesis_once_in_order_per_key_and_bad_lines_are_quar
     let etag =
         l.s3.head_object().bucket(&bucket).key(key).send().await.unwrap().e_tag().unwrap().trim_matches('"').to_owned();
     let part = format!("quarantine/{bucket}/{key}/{etag}/part-000000000001.ndjson");
-    let q = l.s3.get_object().bucket(&bucket).key(&part).send().await.unwrap_or_else(|e| panic!("{part}: {e:?}"));
-    let q = q.body.collect().await.unwrap().into_bytes();
-    let entries: Vec<serde_json::Value> =
-        q.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
+    let entries = pushpull_tests::object_json_lines(&l, &bucket, &part).await;
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0]["bucket"], bucket.as_str());
     assert_eq!(entries[0]["key"], key);
