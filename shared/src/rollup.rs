@@ -128,7 +128,9 @@ pub struct Sum(pub i128);
 pub const SUM_SCALE: u32 = 9;
 
 impl Sum {
-    /// Parses a JSON number's text; more than [`SUM_SCALE`] decimals are rounded.
+    /// Parses a JSON number's text; more than [`SUM_SCALE`] decimals are rounded. Magnitudes of
+    /// 10^18 and more are refused (`None`), so that no realistic count of records can overflow
+    /// the sum.
     pub fn parse(text: &str) -> Option<Sum> {
         let scale = 10i128.pow(SUM_SCALE);
         let plain = !text.contains(['e', 'E']);
@@ -136,7 +138,7 @@ impl Sum {
             let (neg, digits) = text.strip_prefix('-').map_or((false, text), |d| (true, d));
             let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
             if !int.is_empty()
-                && int.len() <= 27
+                && int.len() <= 18
                 && int.bytes().all(|b| b.is_ascii_digit())
                 && frac.bytes().all(|b| b.is_ascii_digit())
             {
@@ -153,7 +155,7 @@ impl Sum {
             }
         }
         let v: f64 = text.parse().ok()?;
-        v.is_finite().then(|| Sum((v * scale as f64).round() as i128))
+        (v.is_finite() && v.abs() < 1e18).then(|| Sum((v * scale as f64).round() as i128))
     }
 }
 
@@ -335,7 +337,9 @@ impl RollupHandler {
         let result = process_records(records, Options::default(), |record| -> Result<(), String> {
             let [group, amount] = ndjson::fields(record.data, [group_field, sum_field]).map_err(|e| e.to_string())?;
             let amount = match (sum_field, amount) {
-                (Some(field), Some(v)) => Sum::parse(&v).ok_or_else(|| format!("{field} is not a number: {v}"))?,
+                (Some(field), Some(v)) => {
+                    Sum::parse(&v).ok_or_else(|| format!("{field} is not a number below 10^18 in magnitude: {v}"))?
+                }
                 _ => Sum(0),
             };
             let group: &str = match group_field {
@@ -502,5 +506,8 @@ mod tests {
         assert_eq!(Sum(p("0.1").0 * 3).to_string(), "0.3", "no floating-point drift");
         assert!(Sum::parse("\"x\"").is_none());
         assert!(Sum::parse("NaN").is_none());
+        assert!(Sum::parse("1000000000000000000").is_none(), "10^18 is refused");
+        assert!(Sum::parse("1e30").is_none());
+        assert_eq!(Sum::parse("-999999999999999999.5").unwrap().to_string(), "-999999999999999999.5");
     }
 }
