@@ -45,16 +45,9 @@ pub fn inspect<'a>(line: &'a [u8], field: Option<&str>) -> Result<Option<Cow<'a,
         Some(field) => FindField { field }.deserialize(&mut de)?,
     };
     de.end()?;
-    let Some(raw) = found else { return Ok(None) };
-    let text = raw.get();
-    if text.starts_with('"') {
-        let s: Cow<'a, str> = serde_json::from_str::<Cow<'a, str>>(text)?;
-        // A borrowed Cow from `text` borrows `line`; an escaped string comes back owned.
-        Ok(Some(s))
-    } else if text == "null" {
-        Ok(None)
-    } else {
-        Ok(Some(Cow::Borrowed(text)))
+    match found {
+        None => Ok(None),
+        Some(raw) => as_text(raw),
     }
 }
 
@@ -88,6 +81,10 @@ pub fn fields<'a, const N: usize>(
 
 fn as_text(raw: &RawValue) -> Result<Option<Cow<'_, str>>, LineError> {
     let text = raw.get();
+    // A string without escapes is the text between its quotes: no second parse.
+    if text.len() >= 2 && text.starts_with('"') && !text.contains('\\') {
+        return Ok(Some(Cow::Borrowed(&text[1..text.len() - 1])));
+    }
     if text.starts_with('"') {
         Ok(Some(serde_json::from_str::<Cow<'_, str>>(text)?))
     } else if text == "null" {
