@@ -11,6 +11,8 @@ cargo lambda build --release --arm64 --output-format zip -p s3-to-kinesis -p kin
 for f in s3-to-kinesis kinesis-rollup; do
   z="target/lambda/$f/bootstrap.zip"
   [ -s "$z" ] || { echo "[build] missing $z" >&2; exit 1; }
-  unzip -l "$z" | grep -q ' bootstrap$' || { echo "[build] $z has no bootstrap" >&2; exit 1; }
+  # Listing first, then grep: `unzip | grep -q` under pipefail fails when grep exits early.
+  listing="$(unzip -l "$z")"
+  grep -q ' bootstrap$' <<<"$listing" || { echo "[build] $z has no bootstrap" >&2; exit 1; }
   echo "[build] $z ($(du -h "$z" | cut -f1))"
 done
