@@ -5,7 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BIN="$("$ROOT/infra/tools.sh")"
 export PATH="$BIN:$PATH"
-rustup target list --installed 2>/dev/null | grep -q aarch64-unknown-linux-gnu || rustup target add aarch64-unknown-linux-gnu
+installed="$(rustup target list --installed 2>/dev/null || true)"
+grep -q aarch64-unknown-linux-gnu <<<"$installed" || rustup target add aarch64-unknown-linux-gnu
 cd "$ROOT"
 cargo lambda build --release --arm64 --output-format zip -p s3-to-kinesis -p kinesis-rollup
 for f in s3-to-kinesis kinesis-rollup; do

@@ -66,7 +66,9 @@ install() {
 }
 
 healthy() {
-  curl -fsS --max-time 2 "$ENDPOINT/_localstack/health" 2>/dev/null | grep -q '"kinesis"'
+  local health
+  health="$(curl -fsS --max-time 2 "$ENDPOINT/_localstack/health" 2>/dev/null)" || return 1
+  grep -q '"kinesis"' <<<"$health"
 }
 
 running_pid() {
