@@ -20,5 +20,23 @@ fi
 cleanup() { if [ -n "$started" ]; then infra/localstack.sh down; fi; }
 trap cleanup EXIT
 cargo build --workspace --bins
-cargo test --workspace --doc
-cargo nextest run --workspace --no-fail-fast
+log="$(mktemp)"
+set +e
+cargo test --workspace --doc 2>&1 | tee "$log"
+doc_rc=${PIPESTATUS[0]}
+cargo nextest run --workspace --no-fail-fast 2>&1 | tee -a "$log"
+rc=${PIPESTATUS[0]}
+set -e
+cleanup
+trap - EXIT
+# One closing line for both runners: doc tests ("test result: ok. N passed; M failed") and
+# nextest ("N tests run: P passed, F failed").
+passed=0; failed=0
+while read -r p f; do passed=$((passed + p)); failed=$((failed + f)); done < <(
+  sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$log"
+  sed -nE 's/.*[0-9]+ tests? run: ([0-9]+) passed(, ([0-9]+) failed)?.*/\1 \3/p' "$log" | tail -n 1 | sed -E 's/ $/ 0/'
+)
+rm -f "$log"
+echo "tests: $passed passed, $failed failed"
+if [ "$doc_rc" -ne 0 ]; then exit "$doc_rc"; fi
+exit "$rc"
