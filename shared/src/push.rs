@@ -571,7 +571,7 @@ impl<S: RecordSink> PushHandler<S> {
                 }
                 if ranged && is_range_not_satisfiable(&e) {
                     // The checkpoint is at the very end of the object: nothing left to read.
-                    return self.finish(ev, &id, progress, cp_version, started, resumed_after_line, 0).await;
+                    return self.finish(ev, &id, progress, cp_version, started).await;
                 }
                 return Err(read_err("GetObject", crate::aws::describe(&e)));
             }
@@ -745,17 +745,10 @@ impl<S: RecordSink> PushHandler<S> {
             }
         }
         self.checkpoint(&id, &mut run, true).await?;
-        let mut summary = ObjectSummary::from_progress(ev, Outcome::Processed, &run.progress);
-        summary.resumed_after_line = resumed_after_line;
-        summary.found_written = found_written;
-        summary.millis = started.elapsed().as_millis() as u64;
-        info!(bucket = %ev.bucket, key = %ev.key, lines = summary.lines, records = summary.records, quarantined = summary.quarantined,
-              put_calls = summary.put_calls, resent = summary.resent, bytes = summary.bytes, resumed_after_line, found_written,
-              millis = summary.millis, "object processed");
-        Ok(summary)
+        Ok(processed_summary(ev, &run.progress, resumed_after_line, found_written, started))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Marks an object complete whose checkpoint already covers all of it.
     async fn finish(
         &self,
         ev: &ObjectEvent,
@@ -763,17 +756,12 @@ impl<S: RecordSink> PushHandler<S> {
         mut progress: ObjectProgress,
         version: Etag,
         started: StdInstant,
-        resumed_after_line: u64,
-        found_written: u64,
     ) -> Result<ObjectSummary, PushError> {
+        let resumed_after_line = progress.lines_done;
         progress.complete = true;
         progress.checkpointed_at_ms = now_ms();
         self.checkpoints.replace(id, &progress, &version).await.map_err(self.checkpoint_err(ev))?;
-        let mut summary = ObjectSummary::from_progress(ev, Outcome::Processed, &progress);
-        summary.resumed_after_line = resumed_after_line;
-        summary.found_written = found_written;
-        summary.millis = started.elapsed().as_millis() as u64;
-        Ok(summary)
+        Ok(processed_summary(ev, &progress, resumed_after_line, 0, started))
     }
 
     /// Adds a record to the open batch; with per-key ordering, a second record of a key closes the
@@ -863,6 +851,24 @@ impl<S: RecordSink> PushHandler<S> {
         run.last_checkpoint = StdInstant::now();
         Ok(())
     }
+}
+
+/// The summary of an object whose every line is done, logged.
+fn processed_summary(
+    ev: &ObjectEvent,
+    p: &ObjectProgress,
+    resumed_after_line: u64,
+    found_written: u64,
+    started: StdInstant,
+) -> ObjectSummary {
+    let mut summary = ObjectSummary::from_progress(ev, Outcome::Processed, p);
+    summary.resumed_after_line = resumed_after_line;
+    summary.found_written = found_written;
+    summary.millis = started.elapsed().as_millis() as u64;
+    info!(bucket = %ev.bucket, key = %ev.key, lines = summary.lines, records = summary.records, quarantined = summary.quarantined,
+          put_calls = summary.put_calls, resent = summary.resent, bytes = summary.bytes, resumed_after_line, found_written,
+          millis = summary.millis, "object processed");
+    summary
 }
 
 /// Frames handed over at most this many at a time.
