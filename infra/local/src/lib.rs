@@ -5,5 +5,8 @@
 //! The integration tests and `make run` are built from these.
 #![warn(missing_docs)]
 
+pub mod invoke;
 pub mod localstack;
+pub mod mapping;
 pub mod runtime_api;
+pub mod template;

@@ -1,5 +1,11 @@
 //! `pushpull-local`: plays AWS's part on a laptop.
 //!
+//! - `pushpull-local serve` serves the Lambda Invoke API for the functions of the SAM template
+//!   (their binaries, environment, timeout and memory from the template), as `cargo lambda
+//!   watch` would.
+//! - `pushpull-local esm` is the Kinesis event source mapping: settings from the template,
+//!   overridden by flags; it polls the stream and invokes the function through the Invoke API.
+//!
 //! `pushpull-local demo` runs the sample pipeline against LocalStack: it creates the bucket
 //! (with S3 notifications to an SQS queue), the stream and the queue; uploads the sample NDJSON
 //! objects; delivers each genuine S3 notification to the push function (the real binary, over the
@@ -25,6 +31,10 @@ struct Cli {
 enum Command {
     /// Run the sample pipeline once: objects in, records through Kinesis, batches to the pull function.
     Demo(DemoArgs),
+    /// Serve the Lambda Invoke API for the template's functions (and any given with --function).
+    Serve(cli::ServeArgs),
+    /// Run the Kinesis event source mapping of the template against a stream.
+    Esm(Box<cli::EsmArgs>),
 }
 
 #[derive(clap::Args)]
@@ -54,11 +64,15 @@ struct DemoArgs {
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+mod cli;
+
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo(args).await,
+        Command::Serve(args) => cli::serve(args).await,
+        Command::Esm(args) => cli::esm(*args).await,
     };
     if let Err(e) = result {
         eprintln!("pushpull-local: {e}");
@@ -244,4 +258,12 @@ async fn demo(args: DemoArgs) -> Result<(), Error> {
         return Err(format!("{} records were sent but {delivered} came out of the stream", total("records")).into());
     }
     Ok(())
+}
+
+/// Logs to stderr: `text` for people, `json` for machines. `RUST_LOG` filters (default info).
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if format == "json" { builder.json().try_init() } else { builder.try_init() };
 }

@@ -1,0 +1,245 @@
+//! The `serve` and `esm` subcommands.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pushpull::store::{Location, Store};
+use pushpull_local::invoke::{InvokeClient, InvokeServer};
+use pushpull_local::localstack::{ACCOUNT, Local, REGION, function_env};
+use pushpull_local::mapping::{Clients, RawSettings, Runner, RunnerOptions};
+use pushpull_local::runtime_api::{FunctionSpec, workspace_binary};
+use pushpull_local::template::Template;
+
+use crate::Error;
+
+/// Where the template is and how to read it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TemplateArgs {
+    /// The SAM template.
+    #[arg(long, default_value = "infra/template.yaml")]
+    pub template: PathBuf,
+    /// Stack name: resources are named `<stack>-<logical-id-in-kebab-case>` locally.
+    #[arg(long, default_value = "pushpull-local")]
+    pub stack_name: String,
+    /// Template parameters, as `sam deploy --parameter-overrides` takes them (Key=Value).
+    #[arg(long = "parameter-overrides", num_args = 1.., value_name = "KEY=VALUE")]
+    pub parameter_overrides: Vec<String>,
+}
+
+impl TemplateArgs {
+    fn load(&self) -> Result<Template, Error> {
+        Ok(Template::load(&self.template, &self.stack_name, &self.parameter_overrides)?)
+    }
+}
+
+/// `pushpull-local serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    template: TemplateArgs,
+    /// Port on 127.0.0.1 (9000 is what `cargo lambda watch` uses).
+    #[arg(long, default_value_t = 9000)]
+    port: u16,
+    /// Serve only the template's functions built from these binaries (default: all).
+    #[arg(long = "only", value_name = "BINARY")]
+    only: Vec<String>,
+    /// More functions: NAME=PATH of a binary.
+    #[arg(long = "function", value_name = "NAME=PATH")]
+    functions: Vec<String>,
+    /// Extra environment for every function: KEY=VALUE.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Sandboxes per function (concurrent invocations).
+    #[arg(long, default_value_t = 10)]
+    concurrency: usize,
+    /// Echo the functions' output.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn pair(s: &str) -> Result<(String, String), Error> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// The template's functions as specs for the Invoke server (binaries from `cargo build`).
+pub fn template_specs(
+    t: &Template,
+    only: &[String],
+    extra_env: &[(String, String)],
+    verbose: bool,
+) -> Result<Vec<FunctionSpec>, Error> {
+    let mut specs = Vec::new();
+    for f in t.functions()? {
+        if !only.is_empty() && !only.contains(&f.binary) {
+            continue;
+        }
+        let binary = workspace_binary(&f.binary);
+        if !binary.exists() {
+            return Err(format!("{} is not built: run `cargo build --workspace --bins`", binary.display()).into());
+        }
+        let mut spec = FunctionSpec::new(f.name, binary);
+        spec.env = f.env;
+        spec.env.extend(function_env());
+        spec.env.extend(extra_env.iter().cloned());
+        spec.timeout = f.timeout;
+        spec.memory_mb = f.memory_mb;
+        spec.echo_output = verbose;
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+pub async fn serve(args: ServeArgs) -> Result<(), Error> {
+    crate::init_logs("text");
+    let t = args.template.load()?;
+    let env: Vec<(String, String)> = args.env.iter().map(|e| pair(e)).collect::<Result<_, _>>()?;
+    let mut specs = template_specs(&t, &args.only, &env, args.verbose)?;
+    for f in &args.functions {
+        let (name, path) = pair(f)?;
+        let mut spec = FunctionSpec::new(name, path);
+        spec.env = function_env();
+        spec.env.extend(env.iter().cloned());
+        spec.echo_output = args.verbose;
+        specs.push(spec);
+    }
+    let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+    let server = InvokeServer::start(specs, args.port, args.concurrency).await?;
+    println!("Invoke API on {} for: {}", server.endpoint(), names.join(", "));
+    tokio::signal::ctrl_c().await?;
+    drop(server);
+    Ok(())
+}
+
+/// `pushpull-local esm`: flags override the template's mapping; AWS's ranges apply to both.
+#[derive(clap::Args, Debug)]
+pub struct EsmArgs {
+    #[command(flatten)]
+    template: TemplateArgs,
+    /// Logical id of the function whose Kinesis event to run (default: the first with one).
+    #[arg(long)]
+    function: Option<String>,
+    /// Ignore the template; take every setting from the flags.
+    #[arg(long)]
+    no_template: bool,
+    /// Invoke API endpoint (`cargo lambda watch` or `pushpull-local serve`).
+    #[arg(long, default_value = "http://127.0.0.1:9000")]
+    invoke_endpoint: String,
+    /// Function name to invoke.
+    #[arg(long)]
+    function_name: Option<String>,
+    /// Stream name or ARN.
+    #[arg(long)]
+    stream: Option<String>,
+    /// BatchSize (1..10000).
+    #[arg(long)]
+    batch_size: Option<String>,
+    /// MaximumBatchingWindowInSeconds (0..300).
+    #[arg(long)]
+    maximum_batching_window: Option<String>,
+    /// StartingPosition: TRIM_HORIZON, LATEST or AT_TIMESTAMP.
+    #[arg(long)]
+    starting_position: Option<String>,
+    /// StartingPositionTimestamp (unix seconds) for AT_TIMESTAMP.
+    #[arg(long)]
+    starting_position_timestamp: Option<String>,
+    /// ParallelizationFactor (1..10).
+    #[arg(long)]
+    parallelization_factor: Option<String>,
+    /// BisectBatchOnFunctionError (true/false).
+    #[arg(long)]
+    bisect_batch_on_function_error: Option<String>,
+    /// MaximumRetryAttempts (-1..10000).
+    #[arg(long, allow_hyphen_values = true)]
+    maximum_retry_attempts: Option<String>,
+    /// MaximumRecordAgeInSeconds (-1, or 60..604800).
+    #[arg(long, allow_hyphen_values = true)]
+    maximum_record_age: Option<String>,
+    /// FunctionResponseTypes ("ReportBatchItemFailures", or "" for none).
+    #[arg(long)]
+    function_response_types: Option<String>,
+    /// TumblingWindowInSeconds (0..900).
+    #[arg(long)]
+    tumbling_window: Option<String>,
+    /// OnFailure destination ARN (SQS queue or S3 bucket; "" for none).
+    #[arg(long)]
+    on_failure: Option<String>,
+    /// Where the mapping checkpoints its position per shard (file:// or s3://).
+    #[arg(long)]
+    checkpoint_uri: Option<String>,
+    /// Stop once every shard is caught up and nothing happened for this many seconds.
+    #[arg(long)]
+    stop_when_idle: Option<f64>,
+    /// Seconds between shard listings.
+    #[arg(long, default_value_t = 5.0)]
+    list_shards_every: f64,
+    /// Longest wait between polls of an empty shard, ms.
+    #[arg(long, default_value_t = 1000)]
+    max_idle_poll_ms: u64,
+    /// Write the summary as JSON here too.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+    /// Logs: text or json (to stderr).
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+pub async fn esm(args: EsmArgs) -> Result<(), Error> {
+    crate::init_logs(&args.log_format);
+    let stream = args
+        .stream
+        .map(|s| if s.starts_with("arn:") { s } else { format!("arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/{s}") });
+    let flags = RawSettings {
+        stream,
+        function: args.function_name,
+        batch_size: args.batch_size,
+        batching_window: args.maximum_batching_window,
+        starting_position: args.starting_position,
+        starting_position_timestamp: args.starting_position_timestamp,
+        parallelization_factor: args.parallelization_factor,
+        bisect: args.bisect_batch_on_function_error,
+        maximum_retry_attempts: args.maximum_retry_attempts,
+        maximum_record_age: args.maximum_record_age,
+        function_response_types: args.function_response_types,
+        tumbling_window: args.tumbling_window,
+        on_failure: args.on_failure,
+    };
+    let raw = if args.no_template {
+        flags
+    } else {
+        let t = args.template.load()?;
+        RawSettings::from_template(&t, args.function.as_deref())?.overlay(flags)
+    };
+    let settings = raw.validate()?;
+    let local = Local::connect().await?;
+    let home = std::env::var("PUSHPULL_HOME").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/pushpull")
+    });
+    let location: Location = match &args.checkpoint_uri {
+        Some(u) => u.parse()?,
+        None => format!("file://{}", home.join("esm-checkpoints").display()).parse()?,
+    };
+    let store = match &location {
+        Location::File { root } => Store::file(root),
+        Location::S3 { bucket, prefix } => Store::s3(local.s3.clone(), bucket, prefix),
+    };
+    let mut options = RunnerOptions::new(&settings, store);
+    options.list_shards_every = Duration::from_secs_f64(args.list_shards_every.max(0.1));
+    options.max_idle_poll = Duration::from_millis(args.max_idle_poll_ms.max(200));
+    options.stop_when_idle = args.stop_when_idle.map(|s| Duration::from_secs_f64(s.max(0.0)));
+    eprintln!(
+        "esm: {} -> {} at {} (checkpoints {location}/{})",
+        settings.stream_arn, settings.function_name, args.invoke_endpoint, options.checkpoint_prefix
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = stop_tx.send(true);
+    });
+    let summary =
+        Runner::run(settings, options, Clients::from(&local), InvokeClient::new(args.invoke_endpoint), stop_rx).await?;
+    println!("esm summary\n{summary}");
+    if let Some(path) = args.summary_json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Delivery to the OnFailure destination: SQS gets the failure record; S3 gets the failure
+//! record with the invocation payload, under `aws/lambda/<mapping>/<shard>/YYYY/MM/DD/...` as
+//! AWS names it. A destination that cannot be reached is retried: the shard waits rather than
+//! lose the batch.
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::OnceCell;
+use tracing::warn;
+
+use super::settings::Destination;
+use super::{Clients, MappingError};
+
+/// Sends failure records to one destination.
+#[derive(Debug)]
+pub struct FailureDestination {
+    destination: Destination,
+    clients: Clients,
+    mapping_id: String,
+    queue_url: OnceCell<String>,
+}
+
+impl FailureDestination {
+    /// For `destination`; `mapping_id` names the S3 objects (AWS uses the mapping's UUID).
+    pub fn new(destination: Destination, clients: Clients, mapping_id: String) -> Self {
+        FailureDestination { destination, clients, mapping_id, queue_url: OnceCell::new() }
+    }
+
+    /// The destination.
+    pub fn destination(&self) -> &Destination {
+        &self.destination
+    }
+
+    async fn queue_url(&self, arn: &str) -> Result<String, String> {
+        self.queue_url
+            .get_or_try_init(|| async {
+                let name = arn.rsplit(':').next().unwrap_or_default();
+                let out = self
+                    .clients
+                    .sqs
+                    .get_queue_url()
+                    .queue_name(name)
+                    .send()
+                    .await
+                    .map_err(|e| format!("GetQueueUrl {name}: {}", pushpull::aws::describe(&e)))?;
+                Ok(out.queue_url().unwrap_or_default().to_owned())
+            })
+            .await
+            .cloned()
+    }
+
+    async fn try_send(&self, record: &Value, payload: Option<&str>, shard_id: &str) -> Result<String, String> {
+        match &self.destination {
+            Destination::Sqs(arn) => {
+                let url = self.queue_url(arn).await?;
+                self.clients
+                    .sqs
+                    .send_message()
+                    .queue_url(&url)
+                    .message_body(record.to_string())
+                    .send()
+                    .await
+                    .map_err(|e| format!("SendMessage {arn}: {}", pushpull::aws::describe(&e)))?;
+                Ok(arn.clone())
+            }
+            Destination::S3(arn) => {
+                let bucket = arn.rsplit(':').next().unwrap_or_default();
+                let mut body = record.clone();
+                if let Some(p) = payload {
+                    // The invocation payload, as the function would have received it.
+                    body["payload"] = serde_json::from_str(p).unwrap_or_else(|_| Value::from(p));
+                }
+                let now = aws_smithy_types::DateTime::from_secs_f64(super::now_unix());
+                let stamp = now.fmt(aws_smithy_types::date_time::Format::DateTime).unwrap_or_default();
+                // 2026-11-25T03:04:05Z -> 2026/11/25/2026-11-25T03.04.05-<uuid>
+                let day = stamp.get(..10).unwrap_or("1970-01-01").replace('-', "/");
+                let time = stamp.get(..19).unwrap_or_default().replace(':', ".");
+                let key = format!("aws/lambda/{}/{shard_id}/{day}/{time}-{}", self.mapping_id, uuid::Uuid::new_v4());
+                self.clients
+                    .s3
+                    .put_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .content_type("application/json")
+                    .body(body.to_string().into_bytes().into())
+                    .send()
+                    .await
+                    .map_err(|e| format!("PutObject s3://{bucket}/{key}: {}", pushpull::aws::describe(&e)))?;
+                Ok(format!("s3://{bucket}/{key}"))
+            }
+        }
+    }
+
+    /// Sends `record` (and for S3 the `payload`), retrying (20 attempts, up to 5 s
+    /// apart) until it is accepted. Returns where it went.
+    pub async fn send(&self, record: &Value, payload: Option<&str>, shard_id: &str) -> Result<String, MappingError> {
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 1;
+        loop {
+            match self.try_send(record, payload, shard_id).await {
+                Ok(at) => return Ok(at),
+                Err(e) if attempt < 20 => {
+                    warn!(error = %e, attempt, "failure destination not reachable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                Err(e) => return Err(MappingError::Destination(e)),
+            }
+        }
+    }
+}

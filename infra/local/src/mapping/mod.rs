@@ -1,0 +1,514 @@
+//! A local Kinesis event source mapping: polls a stream and invokes a function through the
+//! Invoke API with the semantics of AWS's mapping (aws-semantics.md).
+//!
+//! - One reader per shard (GetRecords at most 5 times a second, again at once while behind,
+//!   backing off to `max_idle_poll` on an empty shard) feeding `ParallelizationFactor` lanes;
+//!   records go to lanes by partition key, so order holds per key.
+//! - A lane invokes when its batch is full (BatchSize, or the 6 MiB payload), or when the
+//!   batching window has passed since its previous invocation ended, whichever first.
+//! - Answers are judged by the partial batch response rule ([`outcome::judge`]); failures are
+//!   retried (MaximumRetryAttempts), bisected (BisectBatchOnFunctionError), expired
+//!   (MaximumRecordAgeInSeconds) and finally sent to the OnFailure destination.
+//! - Tumbling windows: state carried between invocations; a final invocation per window once
+//!   the window is over and the reader has caught up past its end.
+//! - The position per shard is checkpointed ([`progress`]); parents finish before children.
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pushpull::checkpoint::Checkpoints;
+use pushpull::store::Store;
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::invoke::InvokeClient;
+
+pub mod destination;
+pub mod event;
+pub mod outcome;
+pub mod progress;
+pub mod settings;
+mod shard;
+
+pub use settings::{Destination, MappingSettings, RawSettings, StartingPosition};
+
+/// AWS clients the mapping uses.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    /// Kinesis (the source).
+    pub kinesis: aws_sdk_kinesis::Client,
+    /// SQS (a failure destination).
+    pub sqs: aws_sdk_sqs::Client,
+    /// S3 (a failure destination).
+    pub s3: aws_sdk_s3::Client,
+}
+
+impl From<&crate::localstack::Local> for Clients {
+    fn from(l: &crate::localstack::Local) -> Self {
+        Clients { kinesis: l.kinesis.clone(), sqs: l.sqs.clone(), s3: l.s3.clone() }
+    }
+}
+
+/// The mapping stopped on an error it cannot ride out.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    /// A Kinesis call failed for good (stream gone, no permission...).
+    #[error("{0}")]
+    Kinesis(String),
+    /// The position could not be checkpointed (another runner owns it, or the store failed).
+    #[error("checkpoint of {shard_id}: {source}")]
+    Checkpoint {
+        /// The shard.
+        shard_id: String,
+        /// Why.
+        source: pushpull::checkpoint::CheckpointError,
+    },
+    /// The function cannot be invoked at all (unknown function, refused payload).
+    #[error("{0}")]
+    Invoke(crate::invoke::InvokeError),
+    /// The failure destination refused the record for good.
+    #[error("failure destination: {0}")]
+    Destination(String),
+}
+
+/// How the runner behaves beyond the mapping's own settings.
+#[derive(Debug, Clone)]
+pub struct RunnerOptions {
+    /// Where shard positions are checkpointed.
+    pub checkpoints: Store,
+    /// Key prefix of this mapping's checkpoints (default `esm/<function>/<stream>`).
+    pub checkpoint_prefix: String,
+    /// `invokeIdentityArn` in events.
+    pub role_arn: String,
+    /// How often shards are re-listed (new shards after resharding).
+    pub list_shards_every: Duration,
+    /// The least time between two GetRecords on one shard (Kinesis allows 5 a second).
+    pub poll_interval: Duration,
+    /// The longest wait between GetRecords on an empty shard (AWS polls about once a second).
+    pub max_idle_poll: Duration,
+    /// First delay before retrying a failed batch; doubles up to `max_retry_backoff`.
+    pub retry_backoff: Duration,
+    /// Longest delay between retries.
+    pub max_retry_backoff: Duration,
+    /// Stop once every shard is caught up and nothing happened for this long.
+    pub stop_when_idle: Option<Duration>,
+}
+
+impl RunnerOptions {
+    /// Defaults for `settings`, checkpointing in `checkpoints`.
+    pub fn new(settings: &MappingSettings, checkpoints: Store) -> Self {
+        RunnerOptions {
+            checkpoints,
+            checkpoint_prefix: format!("esm/{}/{}", settings.function_name, settings.stream_name()),
+            role_arn: format!("arn:aws:iam::{}:role/{}-role", crate::localstack::ACCOUNT, settings.function_name),
+            list_shards_every: Duration::from_secs(5),
+            poll_interval: Duration::from_millis(200),
+            max_idle_poll: Duration::from_secs(1),
+            retry_backoff: Duration::from_millis(100),
+            max_retry_backoff: Duration::from_secs(5),
+            stop_when_idle: None,
+        }
+    }
+}
+
+pub(crate) fn now_unix() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Counters kept while running.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    shards_started: u64,
+    shards_finished: u64,
+    get_records: u64,
+    empty_polls: u64,
+    records_read: u64,
+    invocations: u64,
+    batch_sizes: Vec<u32>,
+    function_errors: u64,
+    partial_failures: u64,
+    retries: u64,
+    bisections: u64,
+    throttles: u64,
+    to_destination: u64,
+    expired: u64,
+    discarded: u64,
+    windows_final: u64,
+    iterator_age_ms_max: f64,
+    iterator_age_ms_last: f64,
+    delays_ms: Vec<f64>,
+}
+
+/// What the mapping did: printed at the end of a run, and returned to tests.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Summary {
+    /// Shards read from / read to their end.
+    pub shards_started: u64,
+    /// Shards finished (closed and fully processed).
+    pub shards_finished: u64,
+    /// GetRecords calls, and how many returned nothing.
+    pub get_records: u64,
+    /// GetRecords calls that returned nothing.
+    pub empty_polls: u64,
+    /// Records read from the stream.
+    pub records_read: u64,
+    /// Invocations (with retries and final window invocations).
+    pub invocations: u64,
+    /// Records handed to the function on their first delivery.
+    pub records_delivered: u64,
+    /// Batch sizes: smallest, mean, largest.
+    pub batch_size_min: u32,
+    /// Mean batch size.
+    pub batch_size_mean: f64,
+    /// Largest batch.
+    pub batch_size_max: u32,
+    /// Whole-batch failures (function errors, timeouts, crashes, unusable responses).
+    pub function_errors: u64,
+    /// Answers that reported some records failed.
+    pub partial_failures: u64,
+    /// Retries of a batch or of its failed rest.
+    pub retries: u64,
+    /// Batches split in two.
+    pub bisections: u64,
+    /// Invoke API throttles and transport errors (retried, not counted as attempts).
+    pub throttles: u64,
+    /// Records sent to the failure destination after their retries ran out.
+    pub to_destination: u64,
+    /// Records older than MaximumRecordAgeInSeconds (sent to the destination unprocessed).
+    pub expired: u64,
+    /// Records given up on with no destination configured (AWS drops them too).
+    pub discarded: u64,
+    /// Final invocations of tumbling windows.
+    pub windows_final: u64,
+    /// Iterator age (ms): the largest seen, and at the last batch.
+    pub iterator_age_ms_max: f64,
+    /// Iterator age at the last batch.
+    pub iterator_age_ms_last: f64,
+    /// Delay from a record's arrival in the stream to its first invocation, percentiles (ms).
+    pub delay_ms_p50: f64,
+    /// 95th percentile.
+    pub delay_ms_p95: f64,
+    /// 99th percentile.
+    pub delay_ms_p99: f64,
+    /// Largest delay.
+    pub delay_ms_max: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+impl Stats {
+    fn summary(&self) -> Summary {
+        let mut d = self.delays_ms.clone();
+        d.sort_by(f64::total_cmp);
+        let n = self.batch_sizes.len();
+        Summary {
+            shards_started: self.shards_started,
+            shards_finished: self.shards_finished,
+            get_records: self.get_records,
+            empty_polls: self.empty_polls,
+            records_read: self.records_read,
+            invocations: self.invocations,
+            records_delivered: self.delays_ms.len() as u64,
+            batch_size_min: self.batch_sizes.iter().copied().min().unwrap_or(0),
+            batch_size_mean: if n == 0 {
+                0.0
+            } else {
+                self.batch_sizes.iter().map(|&b| f64::from(b)).sum::<f64>() / n as f64
+            },
+            batch_size_max: self.batch_sizes.iter().copied().max().unwrap_or(0),
+            function_errors: self.function_errors,
+            partial_failures: self.partial_failures,
+            retries: self.retries,
+            bisections: self.bisections,
+            throttles: self.throttles,
+            to_destination: self.to_destination,
+            expired: self.expired,
+            discarded: self.discarded,
+            windows_final: self.windows_final,
+            iterator_age_ms_max: self.iterator_age_ms_max,
+            iterator_age_ms_last: self.iterator_age_ms_last,
+            delay_ms_p50: percentile(&d, 0.5),
+            delay_ms_p95: percentile(&d, 0.95),
+            delay_ms_p99: percentile(&d, 0.99),
+            delay_ms_max: d.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "  shards           {} read, {} finished", self.shards_started, self.shards_finished)?;
+        writeln!(
+            f,
+            "  GetRecords       {} calls ({} empty), {} records",
+            self.get_records, self.empty_polls, self.records_read
+        )?;
+        writeln!(
+            f,
+            "  invocations      {} for {} records; batch size min {} mean {:.1} max {}",
+            self.invocations, self.records_delivered, self.batch_size_min, self.batch_size_mean, self.batch_size_max
+        )?;
+        writeln!(
+            f,
+            "  failures         {} function errors, {} partial, {} retries, {} bisections, {} throttles",
+            self.function_errors, self.partial_failures, self.retries, self.bisections, self.throttles
+        )?;
+        writeln!(
+            f,
+            "  given up         {} to the failure destination, {} expired, {} discarded",
+            self.to_destination, self.expired, self.discarded
+        )?;
+        writeln!(f, "  windows          {} final invocations", self.windows_final)?;
+        writeln!(
+            f,
+            "  iterator age     max {:.0} ms, last {:.0} ms",
+            self.iterator_age_ms_max, self.iterator_age_ms_last
+        )?;
+        write!(
+            f,
+            "  delay (put->invoke) p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            self.delay_ms_p50, self.delay_ms_p95, self.delay_ms_p99, self.delay_ms_max
+        )
+    }
+}
+
+/// What every shard task shares.
+pub(crate) struct Ctx {
+    pub settings: MappingSettings,
+    pub options: RunnerOptions,
+    pub clients: Clients,
+    pub invoker: InvokeClient,
+    pub checkpoints: Checkpoints<Store>,
+    pub destination: Option<destination::FailureDestination>,
+    pub stats: Mutex<Stats>,
+    /// Records read and not yet done, over all shards.
+    pub pending: AtomicI64,
+    /// Tumbling windows opened and not yet finalized.
+    pub open_windows: AtomicI64,
+    pub last_activity: Mutex<Instant>,
+    /// Per shard: whether its last GetRecords found it caught up.
+    pub caught_up: Mutex<HashMap<String, bool>>,
+}
+
+impl Ctx {
+    pub fn stats(&self) -> std::sync::MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn touch(&self) {
+        if let Ok(mut t) = self.last_activity.lock() {
+            *t = Instant::now();
+        }
+    }
+}
+
+/// A running mapping. Stop it with the sender given to [`Runner::run`], or let
+/// [`RunnerOptions::stop_when_idle`] end it.
+pub struct Runner;
+
+struct ShardInfo {
+    id: String,
+    parents: Vec<String>,
+    closed: bool,
+}
+
+async fn list_shards(clients: &Clients, stream: &str) -> Result<Vec<ShardInfo>, MappingError> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let req = clients.kinesis.list_shards();
+        let req = match &token {
+            Some(t) => req.next_token(t),
+            None => req.stream_name(stream),
+        };
+        let page = req
+            .send()
+            .await
+            .map_err(|e| MappingError::Kinesis(format!("ListShards {stream}: {}", pushpull::aws::describe(&e))))?;
+        for s in page.shards() {
+            out.push(ShardInfo {
+                id: s.shard_id().to_owned(),
+                parents: [s.parent_shard_id(), s.adjacent_parent_shard_id()]
+                    .into_iter()
+                    .flatten()
+                    .map(str::to_owned)
+                    .collect(),
+                closed: s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_some(),
+            });
+        }
+        token = page.next_token().map(str::to_owned);
+        if token.is_none() {
+            return Ok(out);
+        }
+    }
+}
+
+impl Runner {
+    /// Runs the mapping until `stop` turns true (or it is idle, if so configured), and returns
+    /// what it did. Records in flight when it stops are re-delivered by the next run.
+    pub async fn run(
+        settings: MappingSettings,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: InvokeClient,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<Summary, MappingError> {
+        let stream = settings.stream_name().to_owned();
+        let mapping_id = format!("{}-{}", settings.function_name, stream);
+        let destination =
+            settings.on_failure.clone().map(|d| destination::FailureDestination::new(d, clients.clone(), mapping_id));
+        let ctx = Arc::new(Ctx {
+            checkpoints: Checkpoints::new(options.checkpoints.clone()),
+            settings,
+            options,
+            clients,
+            invoker,
+            destination,
+            stats: Mutex::new(Stats::default()),
+            pending: AtomicI64::new(0),
+            open_windows: AtomicI64::new(0),
+            last_activity: Mutex::new(Instant::now()),
+            caught_up: Mutex::new(HashMap::new()),
+        });
+        info!(stream, function = %ctx.settings.function_name, settings = ?ctx.settings, "mapping starting");
+        let result = Self::supervise(&ctx, &stream, &mut stop).await;
+        let summary = ctx.stats().summary();
+        result.map(|()| summary)
+    }
+
+    async fn supervise(ctx: &Arc<Ctx>, stream: &str, stop: &mut watch::Receiver<bool>) -> Result<(), MappingError> {
+        let mut tasks: JoinSet<(String, Result<(), MappingError>)> = JoinSet::new();
+        let mut running: HashSet<String> = HashSet::new();
+        let mut finished: HashSet<String> = HashSet::new();
+        let mut first_listing = true;
+        let mut shards: Vec<ShardInfo> = Vec::new();
+        let mut next_listing = Instant::now();
+        let mut evaluate = true;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            if Instant::now() >= next_listing {
+                shards = list_shards(&ctx.clients, stream).await?;
+                next_listing = Instant::now() + ctx.options.list_shards_every;
+                evaluate = true;
+            }
+            if evaluate {
+                evaluate = false;
+                let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+                for s in &shards {
+                    if running.contains(&s.id) || finished.contains(&s.id) {
+                        continue;
+                    }
+                    // A parent still in the stream finishes before its children start.
+                    if s.parents.iter().any(|p| listed.contains(p.as_str()) && !finished.contains(p)) {
+                        continue;
+                    }
+                    let progress =
+                        progress::Progress::load(ctx.checkpoints.clone(), &ctx.options.checkpoint_prefix, &s.id)
+                            .await
+                            .map_err(|source| MappingError::Checkpoint { shard_id: s.id.clone(), source })?;
+                    if progress.saved().finished {
+                        finished.insert(s.id.clone());
+                        evaluate = true;
+                        continue;
+                    }
+                    let saved = progress.saved();
+                    let unread = saved.after.is_none() && saved.since.is_none();
+                    let start = match ctx.settings.starting_position {
+                        StartingPosition::Latest if unread => {
+                            if first_listing && s.closed {
+                                // LATEST: nothing of a shard closed before the mapping started is
+                                // read. Say so in its checkpoint, so its children start at LATEST
+                                // too, after a restart as well.
+                                let mut progress = progress;
+                                progress.finish();
+                                progress
+                                    .save()
+                                    .await
+                                    .map_err(|source| MappingError::Checkpoint { shard_id: s.id.clone(), source })?;
+                                finished.insert(s.id.clone());
+                                evaluate = true;
+                                continue;
+                            }
+                            // A child of a shard this mapping read starts at its beginning.
+                            let mut read_parent = false;
+                            for p in s.parents.iter().filter(|p| listed.contains(p.as_str())) {
+                                let pp = progress::Progress::load(
+                                    ctx.checkpoints.clone(),
+                                    &ctx.options.checkpoint_prefix,
+                                    p,
+                                )
+                                .await
+                                .map_err(|source| MappingError::Checkpoint { shard_id: p.clone(), source })?;
+                                read_parent |= pp.saved().after.is_some() || pp.saved().since.is_some();
+                            }
+                            if read_parent { StartingPosition::TrimHorizon } else { StartingPosition::Latest }
+                        }
+                        p => p,
+                    };
+                    running.insert(s.id.clone());
+                    ctx.stats().shards_started += 1;
+                    let (ctx2, id) = (ctx.clone(), s.id.clone());
+                    tasks.spawn(async move {
+                        let r = shard::run(ctx2, id.clone(), progress, start).await;
+                        (id, r)
+                    });
+                }
+                first_listing = false;
+            }
+            let idle_check = ctx.options.stop_when_idle;
+            tokio::select! {
+                joined = tasks.join_next(), if !tasks.is_empty() => match joined {
+                    Some(Ok((id, Ok(())))) => {
+                        info!(shard_id = %id, "shard finished");
+                        running.remove(&id);
+                        finished.insert(id);
+                        ctx.stats().shards_finished += 1;
+                        evaluate = true;
+                    }
+                    Some(Ok((id, Err(e)))) => {
+                        warn!(shard_id = %id, error = %e, "shard stopped");
+                        tasks.abort_all();
+                        return Err(e);
+                    }
+                    Some(Err(join)) => {
+                        tasks.abort_all();
+                        return Err(MappingError::Kinesis(format!("a shard task failed: {join}")));
+                    }
+                    None => {}
+                },
+                _ = tokio::time::sleep_until(next_listing.into()) => {}
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)), if idle_check.is_some() => {
+                    if let Some(idle) = idle_check && Self::idle_for(ctx, &running, idle) {
+                        info!("every shard is caught up and idle; stopping");
+                        break;
+                    }
+                }
+            }
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    fn idle_for(ctx: &Ctx, running: &HashSet<String>, idle: Duration) -> bool {
+        if ctx.pending.load(Ordering::SeqCst) > 0 || ctx.open_windows.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        let caught_up =
+            ctx.caught_up.lock().map(|c| running.iter().all(|s| c.get(s).copied().unwrap_or(false))).unwrap_or(false);
+        let quiet = ctx.last_activity.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
+        caught_up && quiet
+    }
+}

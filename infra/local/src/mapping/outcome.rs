@@ -1,0 +1,284 @@
+//! What an invocation's answer means for the batch (the partial batch response rule of
+//! aws-semantics.md), and the failure record AWS sends to the OnFailure destination.
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use pushpull::kinesis_event::SequenceNumber;
+use serde_json::{Value, json};
+
+use super::event::{Rec, iso8601};
+
+/// How the Invoke API answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// The function returned this body.
+    Response(Bytes),
+    /// A function error (`X-Amz-Function-Error`), a timeout or a crash: the error body.
+    FunctionError(Bytes),
+}
+
+/// What to do with the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Every record is done; with windows, the state to carry.
+    Success {
+        /// Window state returned.
+        state: Option<HashMap<String, String>>,
+    },
+    /// Records before `index` are done; retry from `index` (the lowest reported failure).
+    RetryFrom {
+        /// Index into the batch of the lowest failed sequence number.
+        index: usize,
+        /// Window state returned (it covers the records before `index`).
+        state: Option<HashMap<String, String>>,
+    },
+    /// The whole batch failed.
+    Failed {
+        /// Why, for logs and the failure record.
+        reason: String,
+        /// `functionError` for the failure record (`Unhandled` for errors, timeouts, crashes).
+        function_error: Option<String>,
+    },
+}
+
+fn failed(reason: impl Into<String>) -> Verdict {
+    Verdict::Failed { reason: reason.into(), function_error: None }
+}
+
+/// Judges an answer for `batch` by AWS's rules:
+/// - a function error fails the whole batch;
+/// - with tumbling windows the response must carry `state` (else the invocation failed);
+/// - without `ReportBatchItemFailures` the body is ignored;
+/// - an empty or `null` body, a missing, `null` or empty `batchItemFailures`: success;
+/// - an entry whose `itemIdentifier` is missing, `null`, empty, or not a sequence number of this
+///   batch fails the whole batch (AWS is unverified for identifiers not in the batch; LocalStack
+///   does this and it is the safe side: nothing is skipped);
+/// - otherwise retry from the lowest sequence number listed (compared as integers).
+pub fn judge(answer: &Answer, batch: &[Rec], report_item_failures: bool, windowed: bool) -> Verdict {
+    let body = match answer {
+        Answer::FunctionError(body) => {
+            let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let reason = match (v["errorType"].as_str(), v["errorMessage"].as_str()) {
+                (Some(t), Some(m)) => format!("{t}: {m}"),
+                (None, Some(m)) => m.to_owned(),
+                _ => String::from_utf8_lossy(body).into_owned(),
+            };
+            return Verdict::Failed { reason, function_error: Some("Unhandled".to_owned()) };
+        }
+        Answer::Response(body) => body,
+    };
+    let trimmed = body.trim_ascii();
+    let v: Value = if trimmed.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(trimmed) {
+            Ok(v) => v,
+            Err(e) => return failed(format!("the response is not JSON: {e}")),
+        }
+    };
+    let state = if windowed {
+        match v.get("state") {
+            Some(Value::Object(m)) => Some(
+                m.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect(),
+            ),
+            Some(Value::Null) | None => return failed("a tumbling-window response must carry \"state\""),
+            Some(other) => return failed(format!("\"state\" must be a map of strings, got {other}")),
+        }
+    } else {
+        None
+    };
+    if !report_item_failures {
+        return Verdict::Success { state };
+    }
+    let entries = match v.get("batchItemFailures") {
+        None | Some(Value::Null) => return Verdict::Success { state },
+        Some(Value::Array(a)) if a.is_empty() => return Verdict::Success { state },
+        Some(Value::Array(a)) => a,
+        Some(other) => return failed(format!("batchItemFailures is not a list: {other}")),
+    };
+    let mut lowest: Option<usize> = None;
+    for e in entries {
+        let id = match e.get("itemIdentifier") {
+            Some(Value::String(s)) if !s.is_empty() => s,
+            _ => return failed(format!("batchItemFailures entry without a usable itemIdentifier: {e}")),
+        };
+        let Ok(seq) = id.parse::<SequenceNumber>() else {
+            return failed(format!("itemIdentifier {id:?} is not a sequence number"));
+        };
+        let Some(index) = batch.iter().position(|r| r.seq == seq) else {
+            return failed(format!("itemIdentifier {id} is not in the batch"));
+        };
+        lowest = Some(lowest.map_or(index, |l| l.min(index)));
+    }
+    match lowest {
+        Some(index) => Verdict::RetryFrom { index, state },
+        None => Verdict::Success { state },
+    }
+}
+
+/// Why records went to the OnFailure destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// Retries used up.
+    RetryAttemptsExhausted,
+    /// Older than MaximumRecordAgeInSeconds.
+    RecordAgeExceeded,
+}
+
+impl Condition {
+    /// AWS's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Condition::RetryAttemptsExhausted => "RetryAttemptsExhausted",
+            Condition::RecordAgeExceeded => "RecordAgeExceeded",
+        }
+    }
+}
+
+/// What the failure record says besides the batch itself.
+#[derive(Debug, Clone)]
+pub struct FailureContext<'a> {
+    /// The last invocation's request id (a fresh one for records that were never sent).
+    pub request_id: &'a str,
+    /// The function's ARN.
+    pub function_arn: &'a str,
+    /// The stream's ARN.
+    pub stream_arn: &'a str,
+    /// Why.
+    pub condition: Condition,
+    /// Invocations of these records.
+    pub invoke_count: u32,
+    /// `functionError` of the last answer, if it was one.
+    pub function_error: Option<&'a str>,
+}
+
+/// The failure record AWS sends to an SQS or SNS destination: metadata only, no records.
+pub fn failure_record(ctx: &FailureContext<'_>, shard_id: &str, records: &[Rec], now: f64) -> Value {
+    let first = records.first();
+    let last = records.last();
+    let mut response = json!({ "statusCode": 200, "executedVersion": "$LATEST" });
+    if let Some(fe) = ctx.function_error {
+        response["functionError"] = Value::from(fe);
+    }
+    json!({
+        "requestContext": {
+            "requestId": ctx.request_id,
+            "functionArn": ctx.function_arn,
+            "condition": ctx.condition.as_str(),
+            "approximateInvokeCount": ctx.invoke_count,
+        },
+        "responseContext": response,
+        "version": "1.0",
+        "timestamp": iso8601(now),
+        "KinesisBatchInfo": {
+            "shardId": shard_id,
+            "startSequenceNumber": first.map(|r| r.sequence_number.as_str()),
+            "endSequenceNumber": last.map(|r| r.sequence_number.as_str()),
+            "approximateArrivalOfFirstRecord": first.map(|r| iso8601(r.arrival)),
+            "approximateArrivalOfLastRecord": last.map(|r| iso8601(r.arrival)),
+            "batchSize": records.len(),
+            "streamArn": ctx.stream_arn,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn batch(seqs: &[&str]) -> Vec<Rec> {
+        seqs.iter()
+            .map(|s| Rec {
+                shard_id: Arc::from("shardId-000000000000"),
+                sequence_number: (*s).into(),
+                seq: s.parse().unwrap(),
+                partition_key: "k".into(),
+                data: Bytes::new(),
+                arrival: 1.5,
+                encryption: None,
+                index: 0,
+            })
+            .collect()
+    }
+
+    fn resp(s: &str) -> Answer {
+        Answer::Response(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn ok() -> Verdict {
+        Verdict::Success { state: None }
+    }
+
+    #[test]
+    fn the_partial_batch_response_rule() {
+        let b = batch(&["9", "10", "100"]);
+        // Success in every spelling of "nothing failed".
+        for body in ["", "null", "{}", r#"{"batchItemFailures":null}"#, r#"{"batchItemFailures":[]}"#] {
+            assert_eq!(judge(&resp(body), &b, true, false), ok(), "{body:?}");
+        }
+        // The lowest sequence number, compared as integers ("10" < "9" as text).
+        let v = judge(
+            &resp(r#"{"batchItemFailures":[{"itemIdentifier":"100"},{"itemIdentifier":"10"}]}"#),
+            &b,
+            true,
+            false,
+        );
+        assert_eq!(v, Verdict::RetryFrom { index: 1, state: None });
+        // Leading zeros name the same number.
+        let v = judge(&resp(r#"{"batchItemFailures":[{"itemIdentifier":"0009"}]}"#), &b, true, false);
+        assert_eq!(v, Verdict::RetryFrom { index: 0, state: None });
+        // Whole-batch failures.
+        for body in [
+            r#"{"batchItemFailures":[{"itemIdentifier":""}]}"#,
+            r#"{"batchItemFailures":[{"itemIdentifier":null}]}"#,
+            r#"{"batchItemFailures":[{"itemId":"10"}]}"#,
+            r#"{"batchItemFailures":[{"itemIdentifier":"11"}]}"#,
+            r#"{"batchItemFailures":"10"}"#,
+            "not json",
+        ] {
+            assert!(matches!(judge(&resp(body), &b, true, false), Verdict::Failed { .. }), "{body}");
+        }
+        // Without ReportBatchItemFailures the body is ignored.
+        assert_eq!(judge(&resp(r#"{"batchItemFailures":[{"itemIdentifier":"10"}]}"#), &b, false, false), ok());
+        // A function error fails it all and says why.
+        let v = judge(
+            &Answer::FunctionError(Bytes::from_static(br#"{"errorType":"E","errorMessage":"m"}"#)),
+            &b,
+            true,
+            false,
+        );
+        assert_eq!(v, Verdict::Failed { reason: "E: m".into(), function_error: Some("Unhandled".into()) });
+    }
+
+    #[test]
+    fn windows_need_state() {
+        let b = batch(&["1", "2"]);
+        assert!(matches!(judge(&resp(r#"{"batchItemFailures":[]}"#), &b, true, true), Verdict::Failed { .. }));
+        let v = judge(&resp(r#"{"state":{"n":"2"},"batchItemFailures":[{"itemIdentifier":"2"}]}"#), &b, true, true);
+        assert_eq!(v, Verdict::RetryFrom { index: 1, state: Some([("n".to_owned(), "2".to_owned())].into()) });
+    }
+
+    #[test]
+    fn the_failure_record_has_awss_fields() {
+        let b = batch(&["5", "6"]);
+        let ctx = FailureContext {
+            request_id: "r",
+            function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f",
+            stream_arn: "arn:aws:kinesis:us-east-1:000000000000:stream/s",
+            condition: Condition::RetryAttemptsExhausted,
+            invoke_count: 3,
+            function_error: Some("Unhandled"),
+        };
+        let v = failure_record(&ctx, "shardId-000000000000", &b, 1_700_000_000.0);
+        assert_eq!(v["requestContext"]["condition"], "RetryAttemptsExhausted");
+        assert_eq!(v["requestContext"]["approximateInvokeCount"], 3);
+        assert_eq!(v["responseContext"]["functionError"], "Unhandled");
+        assert_eq!(v["version"], "1.0");
+        let info = &v["KinesisBatchInfo"];
+        assert_eq!((info["startSequenceNumber"].as_str(), info["endSequenceNumber"].as_str()), (Some("5"), Some("6")));
+        assert_eq!(info["batchSize"], 2);
+        assert_eq!(info["approximateArrivalOfFirstRecord"], "1970-01-01T00:00:01.5Z");
+        assert!(v.get("Records").is_none() && v.get("payload").is_none());
+    }
+}

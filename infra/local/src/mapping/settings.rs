@@ -1,0 +1,424 @@
+//! The event source mapping's settings: read from the template, overridden by flags, and
+//! checked against the ranges AWS enforces (`CreateEventSourceMapping` refuses the same values,
+//! with the same wording: "Value 'x' at 'batchSize' failed to satisfy constraint: ...").
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::template::{Template, TemplateError, scalar};
+
+/// Where a new shard starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StartingPosition {
+    /// The oldest record kept.
+    TrimHorizon,
+    /// Only records written after the mapping starts.
+    Latest,
+    /// Records from this time (unix seconds) on.
+    AtTimestamp(f64),
+}
+
+/// Where failed or expired batches go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// An SQS queue (ARN): the failure record, no records.
+    Sqs(String),
+    /// An S3 bucket (ARN): the failure record with the invocation payload.
+    S3(String),
+}
+
+impl Destination {
+    /// From a destination ARN; SNS is refused (LocalStack here runs S3, Kinesis and SQS).
+    pub fn from_arn(arn: &str) -> Result<Self, InvalidSetting> {
+        match arn.split(':').nth(2) {
+            Some("sqs") => Ok(Destination::Sqs(arn.to_owned())),
+            Some("s3") => Ok(Destination::S3(arn.to_owned())),
+            Some("sns") => Err(InvalidSetting(format!(
+                "destination {arn}: SNS is a valid AWS destination but the local runner delivers to SQS or S3 only"
+            ))),
+            _ => Err(InvalidSetting(format!(
+                "Value '{arn}' at 'destinationConfig.onFailure.destination' failed to satisfy constraint: \
+                 Member must be an SQS queue, SNS topic or S3 bucket ARN"
+            ))),
+        }
+    }
+
+    /// The ARN.
+    pub fn arn(&self) -> &str {
+        match self {
+            Destination::Sqs(a) | Destination::S3(a) => a,
+        }
+    }
+}
+
+/// A setting AWS would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("InvalidParameterValueException: {0}")]
+pub struct InvalidSetting(pub String);
+
+/// Settings of one Kinesis event source mapping.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappingSettings {
+    /// Stream ARN.
+    pub stream_arn: String,
+    /// Function name (for the Invoke API) and its ARN (for failure records).
+    pub function_name: String,
+    /// 1..=10000.
+    pub batch_size: u32,
+    /// 0..=300 s.
+    pub batching_window: Duration,
+    /// Where shards start when no checkpoint says otherwise.
+    pub starting_position: StartingPosition,
+    /// 1..=10.
+    pub parallelization_factor: u32,
+    /// Split a failing batch in two.
+    pub bisect_on_error: bool,
+    /// -1 (forever) or 0..=10000.
+    pub maximum_retry_attempts: i64,
+    /// -1 (forever) or 60..=604800 s.
+    pub maximum_record_age: Option<Duration>,
+    /// `FunctionResponseTypes: [ReportBatchItemFailures]`.
+    pub report_batch_item_failures: bool,
+    /// 0 (none) ..= 900 s.
+    pub tumbling_window: Option<Duration>,
+    /// The OnFailure destination.
+    pub on_failure: Option<Destination>,
+}
+
+fn constraint(value: impl std::fmt::Display, field: &str, rule: &str) -> InvalidSetting {
+    InvalidSetting(format!(
+        "1 validation error detected: Value '{value}' at '{field}' failed to satisfy constraint: {rule}"
+    ))
+}
+
+fn range(v: i64, field: &str, lo: i64, hi: i64) -> Result<(), InvalidSetting> {
+    if v < lo {
+        return Err(constraint(v, field, &format!("Member must have value greater than or equal to {lo}")));
+    }
+    if v > hi {
+        return Err(constraint(v, field, &format!("Member must have value less than or equal to {hi}")));
+    }
+    Ok(())
+}
+
+/// The raw settings as the template or flags give them (all text, as CloudFormation passes them).
+#[derive(Debug, Clone, Default)]
+pub struct RawSettings {
+    /// Stream ARN.
+    pub stream: Option<String>,
+    /// Function name.
+    pub function: Option<String>,
+    /// `BatchSize`.
+    pub batch_size: Option<String>,
+    /// `MaximumBatchingWindowInSeconds`.
+    pub batching_window: Option<String>,
+    /// `StartingPosition`.
+    pub starting_position: Option<String>,
+    /// `StartingPositionTimestamp`.
+    pub starting_position_timestamp: Option<String>,
+    /// `ParallelizationFactor`.
+    pub parallelization_factor: Option<String>,
+    /// `BisectBatchOnFunctionError`.
+    pub bisect: Option<String>,
+    /// `MaximumRetryAttempts`.
+    pub maximum_retry_attempts: Option<String>,
+    /// `MaximumRecordAgeInSeconds`.
+    pub maximum_record_age: Option<String>,
+    /// `FunctionResponseTypes` (comma-separated).
+    pub function_response_types: Option<String>,
+    /// `TumblingWindowInSeconds`.
+    pub tumbling_window: Option<String>,
+    /// `DestinationConfig.OnFailure.Destination` ("" removes it).
+    pub on_failure: Option<String>,
+}
+
+impl RawSettings {
+    /// Fills every field `other` sets (flags over the template).
+    pub fn overlay(mut self, other: RawSettings) -> RawSettings {
+        macro_rules! take {
+            ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f; } )* };
+        }
+        take!(
+            stream,
+            function,
+            batch_size,
+            batching_window,
+            starting_position,
+            starting_position_timestamp,
+            parallelization_factor,
+            bisect,
+            maximum_retry_attempts,
+            maximum_record_age,
+            function_response_types,
+            tumbling_window,
+            on_failure
+        );
+        self
+    }
+
+    /// The Kinesis mapping of `function` (a logical id; the first function with one if `None`)
+    /// in `template`: a `Type: Kinesis` event of a serverless function, or an
+    /// `AWS::Lambda::EventSourceMapping` whose source is a stream.
+    pub fn from_template(t: &Template, function: Option<&str>) -> Result<RawSettings, TemplateError> {
+        let err = |reason: String| TemplateError::Resolve { at: "Resources".into(), reason };
+        for (id, r) in t.resources_of("AWS::Serverless::Function") {
+            if function.is_some_and(|f| f != id) {
+                continue;
+            }
+            let props = &r["Properties"];
+            for (name, event) in props["Events"].as_object().into_iter().flatten() {
+                if event["Type"] != "Kinesis" {
+                    continue;
+                }
+                let p = t.resolve(&event["Properties"], &format!("{id}.Events.{name}"))?;
+                let fname = t.resolve(&props["FunctionName"], id)?;
+                let mut raw = Self::from_properties(&p);
+                raw.stream = p.get("Stream").and_then(scalar);
+                raw.function = Some(scalar(&fname).unwrap_or_else(|| t.name_of(id)));
+                return Ok(raw);
+            }
+        }
+        for (id, r) in t.resources_of("AWS::Lambda::EventSourceMapping") {
+            let p = t.resolve(&r["Properties"], id)?;
+            let source = p.get("EventSourceArn").and_then(scalar).unwrap_or_default();
+            if !source.contains(":kinesis:") {
+                continue;
+            }
+            let f = p.get("FunctionName").and_then(scalar).unwrap_or_default();
+            if function.is_some_and(|want| !f.ends_with(want)) {
+                continue;
+            }
+            let mut raw = Self::from_properties(&p);
+            raw.stream = Some(source);
+            raw.function = Some(f.rsplit(':').next().unwrap_or_default().to_owned());
+            return Ok(raw);
+        }
+        Err(err(match function {
+            Some(f) => format!("function {f} has no Kinesis event source in the template"),
+            None => "no function in the template has a Kinesis event source".to_owned(),
+        }))
+    }
+
+    fn from_properties(p: &Value) -> RawSettings {
+        let get = |k: &str| p.get(k).and_then(scalar);
+        RawSettings {
+            stream: None,
+            function: None,
+            batch_size: get("BatchSize"),
+            batching_window: get("MaximumBatchingWindowInSeconds"),
+            starting_position: get("StartingPosition"),
+            starting_position_timestamp: get("StartingPositionTimestamp"),
+            parallelization_factor: get("ParallelizationFactor"),
+            bisect: get("BisectBatchOnFunctionError"),
+            maximum_retry_attempts: get("MaximumRetryAttempts"),
+            maximum_record_age: get("MaximumRecordAgeInSeconds"),
+            function_response_types: p
+                .get("FunctionResponseTypes")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(scalar).collect::<Vec<_>>().join(",")),
+            tumbling_window: get("TumblingWindowInSeconds"),
+            on_failure: p.pointer("/DestinationConfig/OnFailure/Destination").and_then(scalar),
+        }
+    }
+
+    /// Checks everything as `CreateEventSourceMapping` would and applies AWS's defaults.
+    pub fn validate(self) -> Result<MappingSettings, InvalidSetting> {
+        fn int(v: &Option<String>, field: &str, default: i64) -> Result<i64, InvalidSetting> {
+            match v.as_deref().map(str::trim) {
+                None | Some("") => Ok(default),
+                Some(s) => s.parse::<i64>().map_err(|_| constraint(s, field, "Member must be an integer")),
+            }
+        }
+        fn boolean(v: &Option<String>, field: &str) -> Result<bool, InvalidSetting> {
+            match v.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
+                None => Ok(false),
+                Some(s) if s == "true" => Ok(true),
+                Some(s) if s == "false" || s.is_empty() => Ok(false),
+                Some(s) => Err(constraint(s, field, "Member must be a boolean")),
+            }
+        }
+        let stream_arn = self.stream.filter(|s| !s.is_empty()).ok_or_else(|| {
+            InvalidSetting("an event source (stream ARN) is required: --stream, or Stream in the template".into())
+        })?;
+        if !stream_arn.starts_with("arn:") || !stream_arn.contains(":kinesis:") || !stream_arn.contains(":stream/") {
+            return Err(constraint(&stream_arn, "eventSourceArn", "Member must be a Kinesis stream ARN"));
+        }
+        let function_name = self
+            .function
+            .filter(|f| !f.is_empty())
+            .ok_or_else(|| InvalidSetting("a function name is required: --function-name".into()))?;
+
+        let batch_size = int(&self.batch_size, "batchSize", 100)?;
+        range(batch_size, "batchSize", 1, 10_000)?;
+        let window = int(&self.batching_window, "maximumBatchingWindowInSeconds", 0)?;
+        range(window, "maximumBatchingWindowInSeconds", 0, 300)?;
+        let factor = int(&self.parallelization_factor, "parallelizationFactor", 1)?;
+        range(factor, "parallelizationFactor", 1, 10)?;
+        let retries = int(&self.maximum_retry_attempts, "maximumRetryAttempts", -1)?;
+        range(retries, "maximumRetryAttempts", -1, 10_000)?;
+        let age = int(&self.maximum_record_age, "maximumRecordAgeInSeconds", -1)?;
+        range(age, "maximumRecordAgeInSeconds", -1, 604_800)?;
+        if (0..60).contains(&age) {
+            return Err(constraint(age, "maximumRecordAgeInSeconds", "Member must be -1 or between 60 and 604800"));
+        }
+        let tumbling = int(&self.tumbling_window, "tumblingWindowInSeconds", 0)?;
+        range(tumbling, "tumblingWindowInSeconds", 0, 900)?;
+        if tumbling > 0 && factor > 1 {
+            return Err(InvalidSetting(format!(
+                "TumblingWindowInSeconds needs ParallelizationFactor 1 (window state is per shard); got {factor}"
+            )));
+        }
+        let starting_position = match self.starting_position.as_deref() {
+            Some("TRIM_HORIZON") => StartingPosition::TrimHorizon,
+            Some("LATEST") => StartingPosition::Latest,
+            Some("AT_TIMESTAMP") => {
+                let ts = self.starting_position_timestamp.as_deref().ok_or_else(|| {
+                    InvalidSetting("StartingPositionTimestamp is required with StartingPosition AT_TIMESTAMP".into())
+                })?;
+                let ts: f64 = ts.trim().parse().map_err(|_| {
+                    constraint(ts, "startingPositionTimestamp", "Member must be a timestamp (unix seconds)")
+                })?;
+                StartingPosition::AtTimestamp(ts)
+            }
+            None => return Err(InvalidSetting("StartingPosition is required for a Kinesis event source".into())),
+            Some(other) => {
+                return Err(constraint(
+                    other,
+                    "startingPosition",
+                    "Member must satisfy enum value set: [TRIM_HORIZON, LATEST, AT_TIMESTAMP]",
+                ));
+            }
+        };
+        let mut report_batch_item_failures = false;
+        for t in self.function_response_types.as_deref().unwrap_or("").split(',').map(str::trim) {
+            match t {
+                "" => {}
+                "ReportBatchItemFailures" => report_batch_item_failures = true,
+                other => {
+                    return Err(constraint(
+                        other,
+                        "functionResponseTypes",
+                        "Member must satisfy enum value set: [ReportBatchItemFailures]",
+                    ));
+                }
+            }
+        }
+        let on_failure = match self.on_failure.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(arn) => Some(Destination::from_arn(arn)?),
+        };
+        Ok(MappingSettings {
+            stream_arn,
+            function_name,
+            batch_size: batch_size as u32,
+            batching_window: Duration::from_secs(window as u64),
+            starting_position,
+            parallelization_factor: factor as u32,
+            bisect_on_error: boolean(&self.bisect, "bisectBatchOnFunctionError")?,
+            maximum_retry_attempts: retries,
+            maximum_record_age: (age >= 0).then(|| Duration::from_secs(age as u64)),
+            report_batch_item_failures,
+            tumbling_window: (tumbling > 0).then(|| Duration::from_secs(tumbling as u64)),
+            on_failure,
+        })
+    }
+}
+
+impl MappingSettings {
+    /// The stream's name (the last part of its ARN).
+    pub fn stream_name(&self) -> &str {
+        self.stream_arn.rsplit('/').next().unwrap_or_default()
+    }
+
+    /// The function's ARN in the local account.
+    pub fn function_arn(&self) -> String {
+        let region = self.stream_arn.split(':').nth(3).unwrap_or(crate::localstack::REGION);
+        format!("arn:aws:lambda:{region}:{}:function:{}", crate::localstack::ACCOUNT, self.function_name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> RawSettings {
+        RawSettings {
+            stream: Some("arn:aws:kinesis:us-east-1:000000000000:stream/s".into()),
+            function: Some("f".into()),
+            starting_position: Some("TRIM_HORIZON".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_awss() {
+        let s = base().validate().unwrap();
+        assert_eq!(s.batch_size, 100);
+        assert_eq!(s.batching_window, Duration::ZERO);
+        assert_eq!(s.parallelization_factor, 1);
+        assert_eq!(s.maximum_retry_attempts, -1);
+        assert_eq!(s.maximum_record_age, None);
+        assert!(!s.bisect_on_error && !s.report_batch_item_failures);
+        assert_eq!(s.tumbling_window, None);
+        assert_eq!(s.on_failure, None);
+    }
+
+    #[test]
+    fn ranges_are_awss() {
+        let bad = |f: fn(&mut RawSettings)| {
+            let mut r = base();
+            f(&mut r);
+            r.validate().unwrap_err().0
+        };
+        assert!(bad(|r| r.batch_size = Some("0".into())).contains("'0' at 'batchSize'"));
+        assert!(bad(|r| r.batch_size = Some("10001".into())).contains("less than or equal to 10000"));
+        assert!(bad(|r| r.batching_window = Some("301".into())).contains("maximumBatchingWindowInSeconds"));
+        assert!(bad(|r| r.parallelization_factor = Some("11".into())).contains("parallelizationFactor"));
+        assert!(bad(|r| r.maximum_retry_attempts = Some("-2".into())).contains("maximumRetryAttempts"));
+        assert!(bad(|r| r.maximum_record_age = Some("59".into())).contains("-1 or between 60 and 604800"));
+        assert!(bad(|r| r.maximum_record_age = Some("604801".into())).contains("maximumRecordAgeInSeconds"));
+        assert!(bad(|r| r.tumbling_window = Some("901".into())).contains("tumblingWindowInSeconds"));
+        assert!(bad(|r| r.starting_position = Some("OLDEST".into())).contains("enum value set"));
+        assert!(bad(|r| r.starting_position = None).contains("StartingPosition is required"));
+        assert!(bad(|r| r.starting_position = Some("AT_TIMESTAMP".into())).contains("StartingPositionTimestamp"));
+        assert!(bad(|r| r.function_response_types = Some("Nope".into())).contains("functionResponseTypes"));
+        assert!(bad(|r| r.on_failure = Some("arn:aws:lambda:x:y:function:z".into())).contains("onFailure"));
+        assert!(bad(|r| r.bisect = Some("yes".into())).contains("bisectBatchOnFunctionError"));
+        assert!(
+            bad(|r| {
+                r.tumbling_window = Some("60".into());
+                r.parallelization_factor = Some("2".into());
+            })
+            .contains("ParallelizationFactor 1")
+        );
+        // The edges AWS accepts.
+        let mut r = base();
+        r.batch_size = Some("10000".into());
+        r.maximum_record_age = Some("60".into());
+        r.maximum_retry_attempts = Some("10000".into());
+        r.batching_window = Some("300".into());
+        r.tumbling_window = Some("900".into());
+        assert!(r.validate().is_ok());
+    }
+
+    #[test]
+    fn reads_the_projects_template_and_flags_win() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
+        let t = Template::load(&path, "pushpull-local", &["BatchSize=250".into()]).unwrap();
+        let raw = RawSettings::from_template(&t, None).unwrap();
+        let s = raw.clone().validate().unwrap();
+        assert_eq!(s.stream_arn, "arn:aws:kinesis:us-east-1:000000000000:stream/pushpull-local-record-stream");
+        assert_eq!(s.function_name, "pushpull-local-kinesis-rollup");
+        assert_eq!(s.batch_size, 250);
+        assert_eq!(s.batching_window, Duration::from_secs(1));
+        assert!(s.bisect_on_error && s.report_batch_item_failures);
+        assert_eq!(s.maximum_retry_attempts, 10);
+        assert_eq!(
+            s.on_failure,
+            Some(Destination::Sqs("arn:aws:sqs:us-east-1:000000000000:pushpull-local-pull-failure-queue".into()))
+        );
+        let flags = RawSettings { batch_size: Some("7".into()), on_failure: Some(String::new()), ..Default::default() };
+        let s = raw.overlay(flags).validate().unwrap();
+        assert_eq!((s.batch_size, s.on_failure), (7, None));
+    }
+}

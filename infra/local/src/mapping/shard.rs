@@ -1,0 +1,615 @@
+//! One shard: a reader polling GetRecords, and the lanes that batch and invoke.
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use aws_sdk_kinesis::types::ShardIteratorType;
+use bytes::Bytes;
+use tokio::sync::{Mutex, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::event::{MAX_PAYLOAD, Rec, WindowPart, event_json};
+use super::outcome::{Answer, Condition, FailureContext, Verdict, failure_record, judge};
+use super::progress::{Progress, WindowCheckpoint};
+use super::{Ctx, MappingError, StartingPosition, now_unix};
+
+/// Room for the event's envelope (window fields, brackets) besides the records.
+const ENVELOPE: usize = 4096;
+/// AWS ends a window early when its state passes 1 MB.
+const MAX_STATE: usize = 1024 * 1024;
+
+/// What the reader last saw: the wall time (unix s) at which a GetRecords call that found the
+/// shard caught up (MillisBehindLatest 0) was made.
+#[derive(Debug, Clone, Copy, Default)]
+struct ReaderStatus {
+    caught_up_at: f64,
+}
+
+type Shared = Arc<Mutex<Progress>>;
+
+pub(super) async fn run(
+    ctx: Arc<Ctx>,
+    shard_id: String,
+    progress: Progress,
+    start: StartingPosition,
+) -> Result<(), MappingError> {
+    let shard: Arc<str> = Arc::from(shard_id.as_str());
+    let saved = progress.saved().clone();
+    let progress: Shared = Arc::new(Mutex::new(progress));
+    let (kind, position) = match (&saved.after, saved.since, start) {
+        (Some(after), _, _) => (ShardIteratorType::AfterSequenceNumber, Position::Sequence(after.clone())),
+        (None, Some(since), _) => (ShardIteratorType::AtTimestamp, Position::Time(since)),
+        (None, None, StartingPosition::TrimHorizon) => (ShardIteratorType::TrimHorizon, Position::None),
+        (None, None, StartingPosition::AtTimestamp(t)) => (ShardIteratorType::AtTimestamp, Position::Time(t)),
+        (None, None, StartingPosition::Latest) => {
+            // Keep the place as a time, so a restart does not skip what arrives meanwhile.
+            let mut p = progress.lock().await;
+            p.set_since(now_unix());
+            p.save().await.map_err(|source| MappingError::Checkpoint { shard_id: shard_id.clone(), source })?;
+            (ShardIteratorType::Latest, Position::None)
+        }
+    };
+    info!(shard_id, ?kind, "reading shard");
+    let factor = ctx.settings.parallelization_factor as usize;
+    let (status_tx, status_rx) = watch::channel(ReaderStatus::default());
+    let mut senders = Vec::new();
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane_no in 0..factor {
+        let (tx, rx) = mpsc::channel::<Vec<Rec>>(8);
+        senders.push(tx);
+        let lane = Lane {
+            ctx: ctx.clone(),
+            shard: shard.clone(),
+            progress: progress.clone(),
+            rx,
+            status: status_rx.clone(),
+            window: None,
+            lane_no,
+        };
+        lanes.spawn(lane.run(saved.window.clone()));
+    }
+    let reader = read(ctx.clone(), shard.clone(), kind, position, progress.clone(), senders, status_tx);
+    tokio::pin!(reader);
+    let mut reader_done = false;
+    loop {
+        tokio::select! {
+            r = &mut reader, if !reader_done => { r?; reader_done = true; }
+            joined = lanes.join_next() => match joined {
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(e)) => return Err(MappingError::Kinesis(format!("lane of {shard_id} failed: {e}"))),
+                None => break,
+            },
+        }
+    }
+    // The shard is closed and every lane has finished its records: children may start.
+    let mut p = progress.lock().await;
+    if p.saved().after.is_none() && p.saved().since.is_none() {
+        p.set_since(now_unix());
+    }
+    p.finish();
+    p.save().await.map_err(|source| MappingError::Checkpoint { shard_id: shard_id.clone(), source })?;
+    Ok(())
+}
+
+enum Position {
+    None,
+    Sequence(String),
+    Time(f64),
+}
+
+async fn iterator(
+    ctx: &Ctx,
+    shard: &str,
+    kind: ShardIteratorType,
+    position: &Position,
+) -> Result<String, MappingError> {
+    let mut req = ctx
+        .clients
+        .kinesis
+        .get_shard_iterator()
+        .stream_name(ctx.settings.stream_name())
+        .shard_id(shard)
+        .shard_iterator_type(kind);
+    match position {
+        Position::Sequence(s) => req = req.starting_sequence_number(s),
+        Position::Time(t) => req = req.timestamp(aws_smithy_types::DateTime::from_secs_f64(t.min(now_unix()))),
+        Position::None => {}
+    }
+    let out = req.send().await.map_err(|e| {
+        MappingError::Kinesis(format!(
+            "GetShardIterator {}/{shard}: {}",
+            ctx.settings.stream_name(),
+            pushpull::aws::describe(&e)
+        ))
+    })?;
+    Ok(out.shard_iterator().unwrap_or_default().to_owned())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read(
+    ctx: Arc<Ctx>,
+    shard: Arc<str>,
+    kind: ShardIteratorType,
+    position: Position,
+    progress: Shared,
+    lanes: Vec<mpsc::Sender<Vec<Rec>>>,
+    status: watch::Sender<ReaderStatus>,
+) -> Result<(), MappingError> {
+    let mut it = iterator(&ctx, &shard, kind, &position).await?;
+    let mut last_read: Option<String> = None;
+    let mut last_call = Instant::now() - ctx.options.poll_interval;
+    let mut idle_wait = ctx.options.poll_interval;
+    let mut failures = 0u32;
+    let factor = lanes.len();
+    loop {
+        tokio::time::sleep_until((last_call + ctx.options.poll_interval).into()).await;
+        last_call = Instant::now();
+        let called_at = now_unix();
+        let out = match ctx.clients.kinesis.get_records().shard_iterator(&it).limit(10_000).send().await {
+            Ok(out) => {
+                failures = 0;
+                out
+            }
+            Err(e) => {
+                let msg = pushpull::aws::describe(&e);
+                failures += 1;
+                if msg.contains("ExpiredIteratorException") {
+                    let (k, p) = match &last_read {
+                        Some(s) => (ShardIteratorType::AfterSequenceNumber, Position::Sequence(s.clone())),
+                        None => (ShardIteratorType::TrimHorizon, Position::None),
+                    };
+                    it = iterator(&ctx, &shard, k, &p).await?;
+                } else if msg.contains("ResourceNotFoundException") || failures > 50 {
+                    return Err(MappingError::Kinesis(format!(
+                        "GetRecords {}/{shard}: {msg}",
+                        ctx.settings.stream_name()
+                    )));
+                } else {
+                    warn!(shard_id = %shard, error = %msg, "GetRecords failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200) * failures.min(10)).await;
+                }
+                continue;
+            }
+        };
+        let behind = out.millis_behind_latest().unwrap_or(0);
+        let n = out.records().len();
+        {
+            let mut s = ctx.stats();
+            s.get_records += 1;
+            s.records_read += n as u64;
+            if n == 0 {
+                s.empty_polls += 1;
+            }
+        }
+        if n > 0 {
+            ctx.touch();
+            ctx.pending.fetch_add(n as i64, Ordering::SeqCst);
+            let mut per_lane: Vec<Vec<Rec>> = (0..factor).map(|_| Vec::new()).collect();
+            let mut p = progress.lock().await;
+            for r in out.records() {
+                let seq = r.sequence_number().to_owned();
+                let Ok(parsed) = seq.parse() else {
+                    return Err(MappingError::Kinesis(format!(
+                        "shard {shard} returned sequence number {seq:?}, not a decimal number"
+                    )));
+                };
+                let index = p.read(&seq);
+                let rec = Rec {
+                    shard_id: shard.clone(),
+                    seq: parsed,
+                    partition_key: r.partition_key().unwrap_or_default().to_owned(),
+                    data: Bytes::copy_from_slice(r.data().as_ref()),
+                    arrival: r.approximate_arrival_timestamp().map_or_else(now_unix, |t| t.as_secs_f64()),
+                    encryption: r.encryption_type().map(|e| e.as_str().to_owned()).filter(|e| e != "NONE"),
+                    sequence_number: seq,
+                    index,
+                };
+                let lane = if factor == 1 {
+                    0
+                } else {
+                    (xxhash_rust::xxh3::xxh3_64(rec.partition_key.as_bytes()) % factor as u64) as usize
+                };
+                per_lane[lane].push(rec);
+            }
+            drop(p);
+            last_read = out.records().last().map(|r| r.sequence_number().to_owned());
+            for (lane, recs) in lanes.iter().zip(per_lane) {
+                if !recs.is_empty() && lane.send(recs).await.is_err() {
+                    return Ok(()); // the lanes stopped: the shard task is ending
+                }
+            }
+        }
+        if behind == 0 {
+            status.send_replace(ReaderStatus { caught_up_at: called_at });
+        }
+        if let Ok(mut c) = ctx.caught_up.lock() {
+            c.insert(shard.to_string(), behind == 0 && n == 0);
+        }
+        match out.next_shard_iterator() {
+            Some(next) if !next.is_empty() => it = next.to_owned(),
+            _ => {
+                info!(shard_id = %shard, "shard closed: read to its end");
+                status.send_replace(ReaderStatus { caught_up_at: f64::INFINITY });
+                return Ok(()); // dropping the senders ends the lanes once they are done
+            }
+        }
+        if n == 0 && behind == 0 {
+            // Back off on an empty shard, up to about one call a second.
+            tokio::time::sleep(idle_wait.saturating_sub(ctx.options.poll_interval)).await;
+            idle_wait = (idle_wait * 2).min(ctx.options.max_idle_poll);
+        } else {
+            idle_wait = ctx.options.poll_interval;
+        }
+    }
+}
+
+struct Window {
+    start: i64,
+    end: i64,
+    state: HashMap<String, String>,
+    /// The state passed 1 MB: the next invocation is the window's final one.
+    early: bool,
+}
+
+struct Lane {
+    ctx: Arc<Ctx>,
+    shard: Arc<str>,
+    progress: Shared,
+    rx: mpsc::Receiver<Vec<Rec>>,
+    status: watch::Receiver<ReaderStatus>,
+    window: Option<Window>,
+    lane_no: usize,
+}
+
+/// One attempt's worth of records, with what it has used.
+struct Pending {
+    records: Vec<Rec>,
+    retries: i64,
+    invokes: u32,
+    first: bool,
+}
+
+impl Lane {
+    fn window_of(&self, r: &Rec) -> Option<i64> {
+        let t = self.ctx.settings.tumbling_window?.as_secs() as i64;
+        Some((r.arrival.floor() as i64).div_euclid(t) * t)
+    }
+
+    async fn run(mut self, saved: Option<WindowCheckpoint>) -> Result<(), MappingError> {
+        if let (Some(w), Some(t)) = (saved, self.ctx.settings.tumbling_window) {
+            self.open_window(w.start, t.as_secs() as i64, w.state);
+        }
+        let settings = self.ctx.settings.clone();
+        let cap = MAX_PAYLOAD - ENVELOPE;
+        let mut buf: VecDeque<Rec> = VecDeque::new();
+        let mut buf_bytes = 0usize;
+        let mut ended = false;
+        let mut opened = Instant::now();
+        loop {
+            if let Some(w) = &self.window {
+                let later = buf.front().is_some_and(|r| self.window_of(r) != Some(w.start));
+                let reader_past_end = self.status.borrow().caught_up_at >= w.end as f64;
+                let over = buf.is_empty() && self.rx.is_empty() && reader_past_end;
+                if later || over || w.early || (ended && buf.is_empty()) {
+                    let early = w.early || (ended && buf.is_empty() && now_unix() < w.end as f64);
+                    self.finalize_window(early).await?;
+                    continue;
+                }
+            }
+            if ended && buf.is_empty() {
+                return Ok(());
+            }
+            let full = buf.len() >= settings.batch_size as usize || buf_bytes >= cap;
+            let boundary = buf.front().and_then(|f| {
+                let w = self.window_of(f)?;
+                Some(buf.iter().any(|r| self.window_of(r) != Some(w)))
+            });
+            let due =
+                !buf.is_empty() && (opened.elapsed() >= settings.batching_window || ended || boundary == Some(true));
+            if full || due {
+                let batch = self.take(&mut buf, &mut buf_bytes);
+                self.deliver(batch).await?;
+                opened = Instant::now();
+                continue;
+            }
+            let batch_deadline = opened + settings.batching_window;
+            let watching_window = self.window.is_some() && buf.is_empty();
+            tokio::select! {
+                msg = self.rx.recv(), if !ended => match msg {
+                    Some(v) => {
+                        buf_bytes += v.iter().map(|r| r.encoded_len(&settings.stream_arn)).sum::<usize>();
+                        buf.extend(v);
+                    }
+                    None => ended = true,
+                },
+                _ = tokio::time::sleep_until(batch_deadline.into()), if !buf.is_empty() => {}
+                changed = self.status.changed(), if watching_window => { if changed.is_err() { ended = true; } }
+            }
+            if settings.batching_window.is_zero() {
+                // No window: take whatever is already waiting, without blocking.
+                while let Ok(v) = self.rx.try_recv() {
+                    buf_bytes += v.iter().map(|r| r.encoded_len(&settings.stream_arn)).sum::<usize>();
+                    buf.extend(v);
+                }
+            }
+        }
+    }
+
+    /// The next batch: up to BatchSize records, within the payload limit, of one tumbling window.
+    fn take(&self, buf: &mut VecDeque<Rec>, buf_bytes: &mut usize) -> Vec<Rec> {
+        let arn = &self.ctx.settings.stream_arn;
+        let first_window = buf.front().and_then(|r| self.window_of(r));
+        let (mut n, mut bytes) = (0usize, ENVELOPE);
+        while n < buf.len() && n < self.ctx.settings.batch_size as usize {
+            let r = &buf[n];
+            if first_window.is_some() && self.window_of(r) != first_window {
+                break;
+            }
+            let len = r.encoded_len(arn);
+            if n > 0 && bytes + len > MAX_PAYLOAD {
+                break;
+            }
+            bytes += len;
+            n += 1;
+        }
+        let batch: Vec<Rec> = buf.drain(..n).collect();
+        *buf_bytes = buf_bytes.saturating_sub(bytes - ENVELOPE);
+        batch
+    }
+
+    fn open_window(&mut self, start: i64, len: i64, state: HashMap<String, String>) {
+        self.window = Some(Window { start, end: start + len, state, early: false });
+        self.ctx.open_windows.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn backoff(&self, retries: i64) -> Duration {
+        let o = &self.ctx.options;
+        o.retry_backoff.saturating_mul(1u32 << retries.clamp(0, 16) as u32).min(o.max_retry_backoff)
+    }
+
+    fn event(&self, records: &[Rec], window: Option<(&Window, bool, bool)>) -> String {
+        let part = window.map(|(w, is_final, early)| WindowPart {
+            start: w.start,
+            end: w.end,
+            state: &w.state,
+            is_final,
+            terminated_early: early,
+        });
+        event_json(records, &self.shard, &self.ctx.settings.stream_arn, &self.ctx.options.role_arn, part.as_ref())
+    }
+
+    /// Invokes; Invoke API throttles and transport errors are retried here, not counted.
+    async fn invoke(&self, payload: String) -> Result<crate::invoke::Invoked, MappingError> {
+        let payload = Bytes::from(payload);
+        let mut throttled = 0i64;
+        loop {
+            match self.ctx.invoker.invoke(&self.ctx.settings.function_name, payload.clone()).await {
+                Ok(i) => {
+                    self.ctx.stats().invocations += 1;
+                    self.ctx.touch();
+                    return Ok(i);
+                }
+                Err(e) if e.is_throttle() => {
+                    self.ctx.stats().throttles += 1;
+                    throttled += 1;
+                    warn!(shard_id = %self.shard, error = %e, "invoke throttled or unreachable; retrying");
+                    tokio::time::sleep(self.backoff(throttled)).await;
+                }
+                Err(e) => return Err(MappingError::Invoke(e)),
+            }
+        }
+    }
+
+    async fn done(&self, records: &[Rec]) -> Result<(), MappingError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.ctx.pending.fetch_sub(records.len() as i64, Ordering::SeqCst);
+        let mut p = self.progress.lock().await;
+        let moved = p.done(records.iter().map(|r| r.index));
+        if let Some(w) = &self.window {
+            p.set_window(Some(WindowCheckpoint { start: w.start, state: w.state.clone() }));
+        }
+        if moved {
+            p.save().await.map_err(|source| MappingError::Checkpoint { shard_id: self.shard.to_string(), source })?;
+        }
+        Ok(())
+    }
+
+    async fn give_up(
+        &self,
+        records: &[Rec],
+        condition: Condition,
+        last: Option<(&str, Option<&str>)>,
+        invokes: u32,
+    ) -> Result<(), MappingError> {
+        let window = self.window.as_ref().map(|w| (w, false, false));
+        let payload = self.event(records, window);
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let (request_id, function_error) = last.unwrap_or((&fresh, None));
+        let function_arn = self.ctx.settings.function_arn();
+        let ctx = FailureContext {
+            request_id,
+            function_arn: &function_arn,
+            stream_arn: &self.ctx.settings.stream_arn,
+            condition,
+            invoke_count: invokes,
+            function_error,
+        };
+        let record = failure_record(&ctx, &self.shard, records, now_unix());
+        let (first, last_seq) = (&records[0].sequence_number, &records[records.len() - 1].sequence_number);
+        match &self.ctx.destination {
+            Some(d) => {
+                let at = d.send(&record, Some(&payload), &self.shard).await?;
+                warn!(shard_id = %self.shard, first, last = last_seq, count = records.len(), condition = condition.as_str(), destination = at, "records sent to the failure destination");
+                let mut s = self.ctx.stats();
+                match condition {
+                    Condition::RecordAgeExceeded => s.expired += records.len() as u64,
+                    Condition::RetryAttemptsExhausted => s.to_destination += records.len() as u64,
+                }
+            }
+            None => {
+                warn!(shard_id = %self.shard, first, last = last_seq, count = records.len(), condition = condition.as_str(), "records given up with no failure destination: discarded");
+                self.ctx.stats().discarded += records.len() as u64;
+            }
+        }
+        self.done(records).await
+    }
+
+    /// Delivers one batch: retries, bisection, record age and the failure destination.
+    async fn deliver(&mut self, batch: Vec<Rec>) -> Result<(), MappingError> {
+        let settings = self.ctx.settings.clone();
+        if let (Some(ws), Some(t)) = (batch.first().and_then(|r| self.window_of(r)), settings.tumbling_window)
+            && self.window.is_none()
+        {
+            self.open_window(ws, t.as_secs() as i64, HashMap::new());
+        }
+        let mut queue = VecDeque::from([Pending { records: batch, retries: 0, invokes: 0, first: true }]);
+        while let Some(mut p) = queue.pop_front() {
+            if let Some(max_age) = settings.maximum_record_age {
+                let oldest_allowed = now_unix() - max_age.as_secs_f64();
+                let expired = p.records.iter().take_while(|r| r.arrival < oldest_allowed).count();
+                if expired > 0 {
+                    let old: Vec<Rec> = p.records.drain(..expired).collect();
+                    self.give_up(&old, Condition::RecordAgeExceeded, None, p.invokes).await?;
+                }
+                if p.records.is_empty() {
+                    continue;
+                }
+            }
+            let window = self.window.as_ref().map(|w| (w, false, false));
+            let payload = self.event(&p.records, window);
+            if p.first {
+                let now = now_unix();
+                let mut s = self.ctx.stats();
+                s.delays_ms.extend(p.records.iter().map(|r| ((now - r.arrival) * 1000.0).max(0.0)));
+            }
+            self.ctx.stats().batch_sizes.push(p.records.len() as u32);
+            debug!(shard_id = %self.shard, lane = self.lane_no, records = p.records.len(), first = %p.records[0].sequence_number, "invoking");
+            let invoked = self.invoke(payload).await?;
+            p.invokes += 1;
+            p.first = false;
+            let verdict =
+                judge(&invoked.answer, &p.records, settings.report_batch_item_failures, self.window.is_some());
+            let exhausted =
+                |retries: i64| settings.maximum_retry_attempts >= 0 && retries >= settings.maximum_retry_attempts;
+            match verdict {
+                Verdict::Success { state } => {
+                    self.set_state(state);
+                    self.record_age(&p.records);
+                    self.done(&p.records).await?;
+                }
+                Verdict::RetryFrom { index, state } => {
+                    self.ctx.stats().partial_failures += 1;
+                    self.set_state(state);
+                    let ok: Vec<Rec> = p.records.drain(..index).collect();
+                    self.done(&ok).await?;
+                    info!(shard_id = %self.shard, from = %p.records[0].sequence_number, retries = p.retries, "partial failure: retrying from the lowest failed record");
+                    if exhausted(p.retries) {
+                        let fe = function_error_of(&invoked.answer);
+                        self.give_up(
+                            &p.records,
+                            Condition::RetryAttemptsExhausted,
+                            Some((&invoked.request_id, fe)),
+                            p.invokes,
+                        )
+                        .await?;
+                    } else {
+                        tokio::time::sleep(self.backoff(p.retries)).await;
+                        p.retries += 1;
+                        self.ctx.stats().retries += 1;
+                        queue.push_front(p);
+                    }
+                }
+                Verdict::Failed { reason, function_error } => {
+                    self.ctx.stats().function_errors += 1;
+                    warn!(shard_id = %self.shard, first = %p.records[0].sequence_number, records = p.records.len(), retries = p.retries, reason, "batch failed");
+                    if settings.bisect_on_error && p.records.len() > 1 {
+                        // Splitting does not use up a retry.
+                        self.ctx.stats().bisections += 1;
+                        let second = p.records.split_off(p.records.len() / 2);
+                        queue.push_front(Pending {
+                            records: second,
+                            retries: p.retries,
+                            invokes: p.invokes,
+                            first: false,
+                        });
+                        queue.push_front(Pending {
+                            records: p.records,
+                            retries: p.retries,
+                            invokes: p.invokes,
+                            first: false,
+                        });
+                    } else if exhausted(p.retries) {
+                        let fe = function_error.as_deref().or(Some("Unhandled"));
+                        self.give_up(
+                            &p.records,
+                            Condition::RetryAttemptsExhausted,
+                            Some((&invoked.request_id, fe)),
+                            p.invokes,
+                        )
+                        .await?;
+                    } else {
+                        tokio::time::sleep(self.backoff(p.retries)).await;
+                        p.retries += 1;
+                        self.ctx.stats().retries += 1;
+                        queue.push_front(p);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn set_state(&mut self, state: Option<HashMap<String, String>>) {
+        if let (Some(w), Some(state)) = (self.window.as_mut(), state) {
+            let size: usize = state.iter().map(|(k, v)| k.len() + v.len()).sum();
+            w.early = size > MAX_STATE;
+            w.state = state;
+        }
+    }
+
+    fn record_age(&self, records: &[Rec]) {
+        if let Some(last) = records.last() {
+            let age = ((now_unix() - last.arrival) * 1000.0).max(0.0);
+            let mut s = self.ctx.stats();
+            s.iterator_age_ms_last = age;
+            s.iterator_age_ms_max = s.iterator_age_ms_max.max(age);
+        }
+    }
+
+    /// The window's final invocation (no records, the state so far); retried until it succeeds,
+    /// as AWS does: the shard waits.
+    async fn finalize_window(&mut self, early: bool) -> Result<(), MappingError> {
+        let Some(w) = self.window.as_ref() else { return Ok(()) };
+        let payload = self.event(&[], Some((w, true, early)));
+        let start = w.start;
+        let mut failures = 0i64;
+        loop {
+            let invoked = self.invoke(payload.clone()).await?;
+            match judge(&invoked.answer, &[], self.ctx.settings.report_batch_item_failures, true) {
+                Verdict::Success { .. } => break,
+                other => {
+                    self.ctx.stats().function_errors += 1;
+                    warn!(shard_id = %self.shard, window = start, verdict = ?other, "final window invocation failed; the shard waits and retries");
+                    tokio::time::sleep(self.backoff(failures)).await;
+                    failures += 1;
+                    self.ctx.stats().retries += 1;
+                }
+            }
+        }
+        info!(shard_id = %self.shard, window = start, early, "window final invocation done");
+        self.ctx.stats().windows_final += 1;
+        self.window = None;
+        self.ctx.open_windows.fetch_sub(1, Ordering::SeqCst);
+        let mut p = self.progress.lock().await;
+        p.set_window(None);
+        p.save().await.map_err(|source| MappingError::Checkpoint { shard_id: self.shard.to_string(), source })
+    }
+}
+
+fn function_error_of(answer: &Answer) -> Option<&'static str> {
+    matches!(answer, Answer::FunctionError(_)).then_some("Unhandled")
+}

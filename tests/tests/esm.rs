@@ -1,0 +1,516 @@
+//! Fidelity of the local Kinesis event source mapping (`pushpull_local::mapping`), one test per
+//! behaviour of aws-semantics.md: a real function binary (`scripted`, whose answers the records
+//! script) behind the Invoke API, a LocalStack stream, and assertions on the exact sequence of
+//! batches the function received and on what reached the failure destination.
+use std::time::Duration;
+
+use aws_sdk_kinesis::primitives::Blob;
+use pushpull::store::Store;
+use pushpull_local::invoke::InvokeServer;
+use pushpull_local::localstack::{ACCOUNT, Local, REGION};
+use pushpull_local::mapping::{Clients, RawSettings, Runner, RunnerOptions, Summary};
+use pushpull_local::runtime_api::FunctionSpec;
+use pushpull_tests::{function, local, unique};
+use serde_json::{Value, json};
+
+struct Fixture {
+    local: Local,
+    stream: String,
+    server: InvokeServer,
+    dir: tempfile::TempDir,
+}
+
+const FUNCTION: &str = "scripted";
+
+async fn fixture(shards: i32) -> Fixture {
+    let local = local().await;
+    let stream = unique("esm");
+    local.ensure_stream(&stream, shards).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec: FunctionSpec = function("scripted", &[("SCRIPT_DIR", dir.path().to_str().unwrap())]);
+    spec.timeout = Duration::from_secs(2);
+    let server = InvokeServer::start(vec![spec], 0, 10).await.unwrap();
+    Fixture { local, stream, server, dir }
+}
+
+impl Fixture {
+    fn arn(&self) -> String {
+        format!("arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/{}", self.stream)
+    }
+
+    fn settings(&self) -> RawSettings {
+        RawSettings {
+            stream: Some(self.arn()),
+            function: Some(FUNCTION.into()),
+            starting_position: Some("TRIM_HORIZON".into()),
+            function_response_types: Some("ReportBatchItemFailures".into()),
+            ..Default::default()
+        }
+    }
+
+    /// Puts records one by one (so their order is known): (partition key, data). Returns their
+    /// sequence numbers.
+    async fn put(&self, records: &[(&str, Value)]) -> Vec<String> {
+        let mut seqs = Vec::new();
+        for (pk, data) in records {
+            let out = self
+                .local
+                .kinesis
+                .put_record()
+                .stream_name(&self.stream)
+                .partition_key(*pk)
+                .data(Blob::new(data.to_string()))
+                .send()
+                .await
+                .unwrap();
+            seqs.push(out.sequence_number().to_owned());
+        }
+        seqs
+    }
+
+    /// Puts records with these ids (one partition key) and optional directives.
+    async fn put_ids(&self, ids: &[(&str, Value)]) -> Vec<String> {
+        let recs: Vec<(&str, Value)> = ids
+            .iter()
+            .map(|(id, extra)| {
+                let mut v = json!({ "id": id });
+                if let Value::Object(m) = extra {
+                    v.as_object_mut().unwrap().extend(m.clone());
+                }
+                ("k", v)
+            })
+            .collect();
+        self.put(&recs).await
+    }
+
+    fn options(&self, settings: &pushpull_local::mapping::MappingSettings) -> RunnerOptions {
+        let mut o = RunnerOptions::new(settings, Store::file(self.dir.path().join("checkpoints")));
+        o.stop_when_idle = Some(Duration::from_millis(1500));
+        o.list_shards_every = Duration::from_millis(500);
+        o.retry_backoff = Duration::from_millis(10);
+        o.max_retry_backoff = Duration::from_millis(100);
+        o
+    }
+
+    async fn run(&self, raw: RawSettings) -> Summary {
+        let settings = raw.validate().unwrap();
+        let options = self.options(&settings);
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        Runner::run(settings, options, Clients::from(&self.local), self.server.client(), rx).await.unwrap()
+    }
+
+    fn log(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("log.ndjson")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// The ids of each invocation, in order.
+    fn batches(&self) -> Vec<Vec<String>> {
+        self.log()
+            .iter()
+            .map(|l| l["ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_owned()).collect())
+            .collect()
+    }
+
+    async fn create_queue(&self) -> (String, String) {
+        let name = unique("esm-dlq");
+        let url = self.local.sqs.create_queue().queue_name(&name).send().await.unwrap().queue_url().unwrap().to_owned();
+        (format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"), url)
+    }
+
+    async fn failure_records(&self, url: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let got = self.local.receive(url, Duration::from_secs(1)).await.unwrap();
+            if got.is_empty() {
+                return out;
+            }
+            for (receipt, body) in got {
+                out.push(serde_json::from_str(&body).unwrap());
+                self.local.delete_message(url, &receipt).await.unwrap();
+            }
+        }
+    }
+}
+
+fn b(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| s.to_string()).collect()
+}
+
+fn none() -> Value {
+    json!({})
+}
+
+#[tokio::test]
+async fn batch_size_splits_in_sequence_order() {
+    let f = fixture(1).await;
+    let ids: Vec<String> = (1..=7).map(|i| format!("r{i}")).collect();
+    f.put_ids(&ids.iter().map(|i| (i.as_str(), none())).collect::<Vec<_>>()).await;
+    let s = f.run(RawSettings { batch_size: Some("3".into()), ..f.settings() }).await;
+    assert_eq!(f.batches(), vec![b(&["r1", "r2", "r3"]), b(&["r4", "r5", "r6"]), b(&["r7"])]);
+    assert_eq!((s.invocations, s.records_delivered, s.batch_size_max), (3, 7, 3));
+    // The event is AWS's: eventID is shard:sequence, the shard is named.
+    assert!(f.log().iter().all(|l| l["shard"] == "shardId-000000000000"));
+}
+
+#[tokio::test]
+async fn the_batching_window_gathers_records_that_arrive_while_it_is_open() {
+    let f = fixture(1).await;
+    f.put_ids(&[("a", none()), ("b", none())]).await;
+    let raw = RawSettings { batch_size: Some("100".into()), batching_window: Some("3".into()), ..f.settings() };
+    let run = f.run(raw);
+    let later = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        f.put_ids(&[("c", none())]).await;
+    };
+    let (s, ()) = tokio::join!(run, later);
+    // Put 0.8 s into a 3 s window: one invocation with all three.
+    assert_eq!(f.batches(), vec![b(&["a", "b", "c"])]);
+    assert!(s.delay_ms_max >= 1000.0, "records waited for the window: {s:?}");
+}
+
+#[tokio::test]
+async fn without_a_window_each_poll_is_invoked_at_once() {
+    let f = fixture(1).await;
+    f.put_ids(&[("a", none()), ("b", none())]).await;
+    let run = f.run(RawSettings { batch_size: Some("100".into()), ..f.settings() });
+    let later = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        f.put_ids(&[("c", none())]).await;
+    };
+    let (s, ()) = tokio::join!(run, later);
+    assert_eq!(f.batches(), vec![b(&["a", "b"]), b(&["c"])]);
+    assert!(s.delay_ms_p50 < 1500.0, "{s:?}");
+}
+
+#[tokio::test]
+async fn batches_stay_under_the_6_mib_payload() {
+    let f = fixture(1).await;
+    // 600 kB of data is 800 kB of base64: seven records fit in 6 MiB, eight do not.
+    let pad = "x".repeat(600_000);
+    let recs: Vec<(String, Value)> = (0..12).map(|i| (format!("p{i}"), json!({ "pad": pad }))).collect();
+    f.put_ids(&recs.iter().map(|(i, v)| (i.as_str(), v.clone())).collect::<Vec<_>>()).await;
+    let s = f.run(RawSettings { batch_size: Some("100".into()), ..f.settings() }).await;
+    let sizes: Vec<usize> = f.batches().iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![7, 5], "{s:?}");
+    assert_eq!(s.function_errors, 0, "the Invoke API would refuse a payload over 6 MiB");
+}
+
+#[tokio::test]
+async fn partial_failure_retries_from_the_lowest_failed_record_including_later_successes() {
+    let f = fixture(1).await;
+    let seqs = f
+        .put_ids(&[
+            ("a", none()),
+            ("b", none()),
+            ("c", json!({"item_fail": 1})),
+            ("d", json!({"item_fail": 1})),
+            ("e", none()),
+        ])
+        .await;
+    let s = f.run(f.settings()).await;
+    // c and d failed: the retry starts at c (the lowest), and re-sends e, which had succeeded.
+    assert_eq!(f.batches(), vec![b(&["a", "b", "c", "d", "e"]), b(&["c", "d", "e"])]);
+    assert_eq!(f.log()[1]["seqs"][0], seqs[2]);
+    assert_eq!((s.partial_failures, s.retries, s.function_errors), (1, 1, 0));
+}
+
+#[tokio::test]
+async fn without_report_batch_item_failures_a_partial_response_is_ignored() {
+    let f = fixture(1).await;
+    f.put_ids(&[("a", none()), ("b", json!({"item_fail": 1}))]).await;
+    let s = f.run(RawSettings { function_response_types: Some(String::new()), ..f.settings() }).await;
+    assert_eq!(f.batches(), vec![b(&["a", "b"])]);
+    assert_eq!(s.retries, 0);
+}
+
+#[tokio::test]
+async fn an_empty_item_identifier_fails_the_whole_batch() {
+    let f = fixture(1).await;
+    f.put_ids(&[("a", none()), ("b", json!({"bad_id": 1}))]).await;
+    let s = f.run(f.settings()).await;
+    assert_eq!(f.batches(), vec![b(&["a", "b"]), b(&["a", "b"])]);
+    assert_eq!((s.function_errors, s.retries), (1, 1));
+}
+
+#[tokio::test]
+async fn errors_are_retried_then_the_batch_goes_to_the_sqs_destination() {
+    let f = fixture(1).await;
+    let (dlq_arn, dlq_url) = f.create_queue().await;
+    let seqs = f.put_ids(&[("a", none()), ("b", json!({"error": 99})), ("c", none())]).await;
+    let raw = RawSettings {
+        batch_size: Some("2".into()),
+        maximum_retry_attempts: Some("2".into()),
+        on_failure: Some(dlq_arn),
+        ..f.settings()
+    };
+    let s = f.run(raw).await;
+    // The first try and two retries, then the batch is given up and the shard moves on.
+    assert_eq!(f.batches(), vec![b(&["a", "b"]), b(&["a", "b"]), b(&["a", "b"]), b(&["c"])]);
+    let records = f.failure_records(&dlq_url).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r["requestContext"]["condition"], "RetryAttemptsExhausted");
+    assert_eq!(r["requestContext"]["approximateInvokeCount"], 3);
+    assert_eq!(r["requestContext"]["functionArn"], format!("arn:aws:lambda:{REGION}:{ACCOUNT}:function:{FUNCTION}"));
+    assert_eq!(r["responseContext"]["functionError"], "Unhandled");
+    let info = &r["KinesisBatchInfo"];
+    assert_eq!(info["shardId"], "shardId-000000000000");
+    assert_eq!(info["startSequenceNumber"], seqs[0]);
+    assert_eq!(info["endSequenceNumber"], seqs[1]);
+    assert_eq!(info["batchSize"], 2);
+    assert_eq!(info["streamArn"], f.arn());
+    assert!(info["approximateArrivalOfFirstRecord"].as_str().unwrap().ends_with('Z'));
+    assert!(r.get("Records").is_none(), "SQS gets metadata only");
+    assert_eq!((s.to_destination, s.retries, s.function_errors), (2, 2, 3));
+}
+
+#[tokio::test]
+async fn bisect_isolates_the_bad_record_and_splits_use_no_retries() {
+    let f = fixture(1).await;
+    let (dlq_arn, dlq_url) = f.create_queue().await;
+    let seqs = f.put_ids(&[("a", none()), ("b", none()), ("c", json!({"error": 99})), ("d", none())]).await;
+    let raw = RawSettings {
+        bisect: Some("true".into()),
+        maximum_retry_attempts: Some("1".into()),
+        on_failure: Some(dlq_arn),
+        ..f.settings()
+    };
+    let s = f.run(raw).await;
+    assert_eq!(
+        f.batches(),
+        vec![b(&["a", "b", "c", "d"]), b(&["a", "b"]), b(&["c", "d"]), b(&["c"]), b(&["c"]), b(&["d"])]
+    );
+    let records = f.failure_records(&dlq_url).await;
+    assert_eq!(records.len(), 1);
+    let info = &records[0]["KinesisBatchInfo"];
+    assert_eq!(
+        (&info["startSequenceNumber"], &info["endSequenceNumber"], &info["batchSize"]),
+        (&json!(seqs[2]), &json!(seqs[2]), &json!(1))
+    );
+    assert_eq!((s.bisections, s.retries, s.to_destination), (2, 1, 1));
+}
+
+#[tokio::test]
+async fn bisect_with_a_partial_response_retries_from_the_returned_record_without_splitting() {
+    let f = fixture(1).await;
+    f.put_ids(&[("a", none()), ("b", json!({"item_fail": 1})), ("c", none()), ("d", none())]).await;
+    let s = f.run(RawSettings { bisect: Some("true".into()), ..f.settings() }).await;
+    assert_eq!(f.batches(), vec![b(&["a", "b", "c", "d"]), b(&["b", "c", "d"])]);
+    assert_eq!(s.bisections, 0);
+}
+
+#[tokio::test]
+async fn timeouts_and_crashes_are_function_errors_and_retried() {
+    let f = fixture(1).await;
+    f.put_ids(&[("a", json!({"timeout": 1})), ("b", json!({"crash": 1}))]).await;
+    let s = f.run(RawSettings { batch_size: Some("1".into()), ..f.settings() }).await;
+    assert_eq!(f.batches(), vec![b(&["a"]), b(&["a"]), b(&["b"]), b(&["b"])]);
+    assert_eq!((s.function_errors, s.retries), (2, 2));
+}
+
+#[tokio::test]
+async fn the_s3_destination_gets_the_failure_record_and_the_payload() {
+    let f = fixture(1).await;
+    let bucket = unique("esm-failures");
+    f.local.ensure_bucket(&bucket).await.unwrap();
+    f.put_ids(&[("a", json!({"error": 99}))]).await;
+    let raw = RawSettings {
+        maximum_retry_attempts: Some("0".into()),
+        on_failure: Some(format!("arn:aws:s3:::{bucket}")),
+        ..f.settings()
+    };
+    f.run(raw).await;
+    let list = f.local.s3.list_objects_v2().bucket(&bucket).send().await.unwrap();
+    let keys: Vec<&str> = list.contents().iter().filter_map(|o| o.key()).collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].starts_with(&format!("aws/lambda/{FUNCTION}-{}/shardId-000000000000/", f.stream)), "{}", keys[0]);
+    let body = f.local.s3.get_object().bucket(&bucket).key(keys[0]).send().await.unwrap().body.collect().await.unwrap();
+    let v: Value = serde_json::from_slice(&body.into_bytes()).unwrap();
+    assert_eq!(v["requestContext"]["condition"], "RetryAttemptsExhausted");
+    assert_eq!(v["payload"]["Records"].as_array().unwrap().len(), 1, "S3 also gets the invocation payload");
+}
+
+#[tokio::test]
+async fn records_older_than_the_maximum_age_are_not_invoked_but_reported() {
+    let f = fixture(1).await;
+    let (dlq_arn, dlq_url) = f.create_queue().await;
+    f.put_ids(&[("old", none())]).await;
+    // 60 s is the smallest maximum age AWS allows.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    f.put_ids(&[("new", none())]).await;
+    let raw = RawSettings { maximum_record_age: Some("60".into()), on_failure: Some(dlq_arn), ..f.settings() };
+    let s = f.run(raw).await;
+    assert_eq!(f.batches(), vec![b(&["new"])]);
+    let records = f.failure_records(&dlq_url).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["requestContext"]["condition"], "RecordAgeExceeded");
+    assert_eq!(records[0]["requestContext"]["approximateInvokeCount"], 0);
+    assert_eq!(s.expired, 1);
+}
+
+#[tokio::test]
+async fn parallelization_keeps_order_per_partition_key_and_runs_lanes_at_once() {
+    let f = fixture(1).await;
+    let mut recs = Vec::new();
+    for i in 0..6 {
+        for key in ["k1", "k2", "k3", "k4"] {
+            recs.push((key, json!({ "id": format!("{key}-{i}"), "sleep_ms": 300 })));
+        }
+    }
+    f.put(&recs).await;
+    let s = f
+        .run(RawSettings { parallelization_factor: Some("4".into()), batch_size: Some("2".into()), ..f.settings() })
+        .await;
+    let batches = f.batches();
+    let mut seen: std::collections::HashMap<String, Vec<u32>> = Default::default();
+    for id in batches.iter().flatten() {
+        let (key, i) = id.split_once('-').unwrap();
+        seen.entry(key.to_owned()).or_default().push(i.parse().unwrap());
+    }
+    for (key, order) in &seen {
+        assert_eq!(order, &(0..6).collect::<Vec<u32>>(), "order of {key} across invocations");
+    }
+    // Every batch holds keys of one lane only; with 24 records and batches of 2 that is 12+ calls.
+    assert_eq!(s.records_delivered, 24);
+    assert!(s.invocations >= 12);
+    assert!(f.server.idle_pids(FUNCTION).len() > 1, "lanes ran at the same time (more than one sandbox)");
+}
+
+/// Sleeps until just after the next multiple of `len` seconds (a tumbling window boundary).
+async fn at_window_start(len: u64) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs_f64(len as f64 - now % len as f64 + 0.1)).await;
+}
+
+#[tokio::test]
+async fn tumbling_windows_carry_state_and_end_with_a_final_invocation() {
+    let f = fixture(1).await;
+    at_window_start(3).await;
+    f.put_ids(&[("a", none()), ("b", json!({"item_fail": 1}))]).await;
+    at_window_start(3).await;
+    f.put_ids(&[("c", none())]).await;
+    let s = f.run(RawSettings { tumbling_window: Some("3".into()), ..f.settings() }).await;
+    let log = f.log();
+    let view: Vec<(Vec<String>, Value, Value)> = log
+        .iter()
+        .map(|l| {
+            let ids = l["ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_owned()).collect();
+            (ids, l["state"].clone(), l["final"].clone())
+        })
+        .collect();
+    // b fails once: the retry starts at b and carries the state returned with the failure
+    // (it covers a, the record before b). Each window ends with a final invocation, no records.
+    assert_eq!(
+        view,
+        vec![
+            (b(&["a", "b"]), json!({}), json!(false)),
+            (b(&["b"]), json!({"ids": "a"}), json!(false)),
+            (b(&[]), json!({"ids": "a,b"}), json!(true)),
+            (b(&["c"]), json!({}), json!(false)),
+            (b(&[]), json!({"ids": "c"}), json!(true)),
+        ]
+    );
+    let w0 = log[0]["window"].as_str().unwrap();
+    assert_eq!(log[2]["window"], w0);
+    assert_ne!(log[3]["window"], w0);
+    assert_eq!(s.windows_final, 2);
+}
+
+#[tokio::test]
+async fn a_parent_shard_is_finished_before_its_children_start() {
+    let f = fixture(1).await;
+    f.put_ids(&[("p1", none()), ("p2", none())]).await;
+    f.local
+        .kinesis
+        .split_shard()
+        .stream_name(&f.stream)
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key("170141183460469231731687303715884105728")
+        .send()
+        .await
+        .unwrap();
+    f.local.ensure_stream(&f.stream, 1).await.unwrap();
+    let mut recs = Vec::new();
+    for i in 0..6 {
+        recs.push(((if i % 2 == 0 { "x" } else { "yy" }).to_owned(), json!({ "id": format!("c{i}") })));
+    }
+    f.put(&recs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>()).await;
+    let s = f.run(f.settings()).await;
+    let log = f.log();
+    assert_eq!(log[0]["shard"], "shardId-000000000000");
+    assert_eq!(log[0]["ids"], json!(["p1", "p2"]));
+    let children: Vec<&Value> = log[1..].iter().collect();
+    assert!(children.iter().all(|l| l["shard"] != "shardId-000000000000"), "{log:?}");
+    let mut ids: Vec<String> = f.batches()[1..].iter().flatten().cloned().collect();
+    ids.sort();
+    assert_eq!(ids, b(&["c0", "c1", "c2", "c3", "c4", "c5"]));
+    assert_eq!((s.shards_started, s.shards_finished), (3, 1));
+}
+
+#[tokio::test]
+async fn latest_and_at_timestamp_skip_what_came_before() {
+    let f = fixture(1).await;
+    f.put_ids(&[("before", none())]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.put_ids(&[("after", none())]).await;
+    f.run(RawSettings {
+        starting_position: Some("AT_TIMESTAMP".into()),
+        starting_position_timestamp: Some(format!("{t}")),
+        ..f.settings()
+    })
+    .await;
+    assert_eq!(f.batches(), vec![b(&["after"])]);
+
+    // LATEST: only what arrives after the mapping started. A fresh checkpoint place.
+    let g = fixture(1).await;
+    g.put_ids(&[("before", none())]).await;
+    let run = g.run(RawSettings { starting_position: Some("LATEST".into()), ..g.settings() });
+    let later = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        g.put_ids(&[("after", none())]).await;
+    };
+    tokio::join!(run, later);
+    assert_eq!(g.batches(), vec![b(&["after"])]);
+}
+
+#[tokio::test]
+async fn a_second_run_resumes_after_the_checkpoint() {
+    let f = fixture(2).await;
+    let mut recs = Vec::new();
+    for i in 0..20 {
+        recs.push((format!("key{i}"), json!({ "id": format!("r{i}") })));
+    }
+    f.put(&recs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>()).await;
+    let first = f.run(f.settings()).await;
+    assert_eq!(first.records_delivered, 20);
+    f.put_ids(&[("late", none())]).await;
+    let second = f.run(f.settings()).await;
+    assert_eq!(second.records_delivered, 1);
+    assert_eq!(f.batches().last().unwrap(), &b(&["late"]));
+}
+
+#[tokio::test]
+async fn the_runner_refuses_settings_aws_refuses() {
+    let bin = pushpull_local::runtime_api::workspace_binary("pushpull-local");
+    let template = concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/template.yaml");
+    for (flag, value, expect) in [
+        ("--batch-size", "0", "Value '0' at 'batchSize' failed to satisfy constraint"),
+        ("--maximum-record-age", "30", "Member must be -1 or between 60 and 604800"),
+        ("--parallelization-factor", "11", "parallelizationFactor"),
+        ("--starting-position", "OLDEST", "startingPosition"),
+    ] {
+        let out = std::process::Command::new(&bin).args(["esm", "--template", template, flag, value]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains(expect), "{flag} {value}: {err}");
+    }
+    // The template's own parameters are checked the way CloudFormation checks them.
+    let out = std::process::Command::new(&bin)
+        .args(["esm", "--template", template, "--parameter-overrides", "BatchSize=20000"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("above MaxValue 10000"));
+}
