@@ -1,5 +1,5 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
@@ -31,3 +31,6 @@ bench-push:     ## push pipeline vs raw GetObject throughput (BENCHMARKS.md)
 
 bench-pull:     ## pull function vs a floor function under runtime_api.py (BENCHMARKS.md)
 	infra/bench-pull.sh
+
+bench-esm:      ## local event source mapping vs raw GetRecords: throughput and delay (BENCHMARKS.md)
+	infra/with-localstack.sh cargo bench -p pushpull-tests --bench esm_throughput -- $(ARGS)

@@ -546,7 +546,15 @@ async fn a_killed_runner_resumes_where_its_checkpoint_says() {
                 .build()
                 .unwrap()
         });
-        let out = f.local.kinesis.put_records().stream_name(&f.stream).set_records(Some(entries.collect())).send().await.unwrap();
+        let out = f
+            .local
+            .kinesis
+            .put_records()
+            .stream_name(&f.stream)
+            .set_records(Some(entries.collect()))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(out.failed_record_count(), Some(0));
         put.push(out);
     }

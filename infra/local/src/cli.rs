@@ -6,7 +6,7 @@ use pushpull::store::{Location, Store};
 use pushpull_local::invoke::{InvokeClient, InvokeServer};
 use pushpull_local::localstack::{ACCOUNT, Local, REGION, function_env};
 use pushpull_local::mapping::{Clients, RawSettings, Runner, RunnerOptions};
-use pushpull_local::runtime_api::{FunctionSpec, workspace_binary};
+use pushpull_local::runtime_api::FunctionSpec;
 use pushpull_local::template::Template;
 
 use crate::Error;
@@ -61,39 +61,15 @@ fn pair(s: &str) -> Result<(String, String), Error> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
-/// The template's functions as specs for the Invoke server (binaries from `cargo build`).
-pub fn template_specs(
-    t: &Template,
-    only: &[String],
-    extra_env: &[(String, String)],
-    verbose: bool,
-) -> Result<Vec<FunctionSpec>, Error> {
-    let mut specs = Vec::new();
-    for f in t.functions()? {
-        if !only.is_empty() && !only.contains(&f.binary) {
-            continue;
-        }
-        let binary = workspace_binary(&f.binary);
-        if !binary.exists() {
-            return Err(format!("{} is not built: run `cargo build --workspace --bins`", binary.display()).into());
-        }
-        let mut spec = FunctionSpec::new(f.name, binary);
-        spec.env = f.env;
-        spec.env.extend(function_env());
-        spec.env.extend(extra_env.iter().cloned());
-        spec.timeout = f.timeout;
-        spec.memory_mb = f.memory_mb;
-        spec.echo_output = verbose;
-        specs.push(spec);
-    }
-    Ok(specs)
-}
-
 pub async fn serve(args: ServeArgs) -> Result<(), Error> {
     crate::init_logs("text");
     let t = args.template.load()?;
     let env: Vec<(String, String)> = args.env.iter().map(|e| pair(e)).collect::<Result<_, _>>()?;
-    let mut specs = template_specs(&t, &args.only, &env, args.verbose)?;
+    let mut specs = pushpull_local::pipeline::template_specs(&t, &[], args.verbose)?;
+    specs.retain(|s| args.only.is_empty() || args.only.iter().any(|b| s.binary.ends_with(b)));
+    for spec in &mut specs {
+        spec.env.extend(env.iter().cloned());
+    }
     for f in &args.functions {
         let (name, path) = pair(f)?;
         let mut spec = FunctionSpec::new(name, path);

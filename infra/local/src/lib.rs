@@ -5,8 +5,10 @@
 //! The integration tests and `make run` are built from these.
 #![warn(missing_docs)]
 
+pub mod async_invoke;
 pub mod invoke;
 pub mod localstack;
 pub mod mapping;
+pub mod pipeline;
 pub mod runtime_api;
 pub mod template;

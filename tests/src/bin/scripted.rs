@@ -77,6 +77,7 @@ async fn handle(dir: PathBuf, body: Bytes) -> Result<Value, Error> {
         &dir,
         &json!({
             "shard": shard, "ids": ids, "seqs": seqs, "answer": kind,
+            "t": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
             "window": event["window"]["start"], "state": event["state"],
             "final": event["isFinalInvokeForWindow"], "early": event["isWindowTerminatedEarly"],
         }),

@@ -95,6 +95,17 @@ pub struct RunnerOptions {
     pub max_retry_backoff: Duration,
     /// Stop once every shard is caught up and nothing happened for this long.
     pub stop_when_idle: Option<Duration>,
+    /// Told of every record's first invocation (for end-to-end latency).
+    pub delivered: Option<tokio::sync::mpsc::UnboundedSender<Delivered>>,
+}
+
+/// A record's first invocation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Delivered {
+    /// xxh3 of the record's data.
+    pub hash: u64,
+    /// When it was invoked, unix seconds.
+    pub invoked_at: f64,
 }
 
 impl RunnerOptions {
@@ -110,6 +121,7 @@ impl RunnerOptions {
             retry_backoff: Duration::from_millis(100),
             max_retry_backoff: Duration::from_secs(5),
             stop_when_idle: None,
+            delivered: None,
         }
     }
 }
@@ -140,6 +152,8 @@ pub(crate) struct Stats {
     iterator_age_ms_max: f64,
     iterator_age_ms_last: f64,
     delays_ms: Vec<f64>,
+    /// When the last invocation ended, from the start of the run.
+    last_invoke_end: Duration,
 }
 
 /// What the mapping did: printed at the end of a run, and returned to tests.
@@ -195,6 +209,9 @@ pub struct Summary {
     pub delay_ms_p99: f64,
     /// Largest delay.
     pub delay_ms_max: f64,
+    /// Seconds from the start of the run to the end of its last invocation (the time the work
+    /// took, without the idle wait before stopping).
+    pub active_s: f64,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -240,6 +257,7 @@ impl Stats {
             delay_ms_p95: percentile(&d, 0.95),
             delay_ms_p99: percentile(&d, 0.99),
             delay_ms_max: d.last().copied().unwrap_or(0.0),
+            active_s: self.last_invoke_end.as_secs_f64(),
         }
     }
 }
@@ -295,8 +313,9 @@ pub(crate) struct Ctx {
     /// Tumbling windows opened and not yet finalized.
     pub open_windows: AtomicI64,
     pub last_activity: Mutex<Instant>,
-    /// Per shard: whether its last GetRecords found it caught up.
-    pub caught_up: Mutex<HashMap<String, bool>>,
+    pub started: Instant,
+    /// Per shard: when the last GetRecords was made, if it found the shard caught up and empty.
+    pub caught_up: Mutex<HashMap<String, Option<f64>>>,
 }
 
 impl Ctx {
@@ -311,9 +330,52 @@ impl Ctx {
     }
 }
 
-/// A running mapping. Stop it with the sender given to [`Runner::run`], or let
-/// [`RunnerOptions::stop_when_idle`] end it.
+/// The mapping: [`Runner::run`] runs it to the end; [`Runner::start`] runs it in the background.
 pub struct Runner;
+
+/// A mapping running in the background.
+pub struct RunningMapping {
+    ctx: Arc<Ctx>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), MappingError>>,
+}
+
+impl RunningMapping {
+    /// What it did so far.
+    pub fn summary(&self) -> Summary {
+        self.ctx.stats().summary()
+    }
+
+    /// Nothing read is left undone and no tumbling window is open.
+    pub fn is_idle(&self) -> bool {
+        self.ctx.pending.load(Ordering::SeqCst) == 0 && self.ctx.open_windows.load(Ordering::SeqCst) == 0
+    }
+
+    /// The time (unix seconds) since which every shard being read has been found caught up and
+    /// empty by its latest GetRecords: everything written before it has been read. `None` while
+    /// some shard's latest read returned records (or none was made yet).
+    pub fn caught_up_since(&self) -> Option<f64> {
+        let c = self.ctx.caught_up.lock().ok()?;
+        if c.is_empty() {
+            return None;
+        }
+        c.values().try_fold(f64::INFINITY, |acc, v| v.map(|t| acc.min(t)))
+    }
+
+    /// Whether it stopped by itself (an error, or idle).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops it; what was in flight is re-delivered by the next run.
+    pub async fn stop(self) -> Result<Summary, MappingError> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(r) => r.map(|()| self.ctx.stats().summary()),
+            Err(e) => Err(MappingError::Kinesis(format!("the mapping task failed: {e}"))),
+        }
+    }
+}
 
 struct ShardInfo {
     id: String,
@@ -362,6 +424,31 @@ impl Runner {
         invoker: InvokeClient,
         mut stop: watch::Receiver<bool>,
     ) -> Result<Summary, MappingError> {
+        let ctx = Self::context(settings, options, clients, invoker);
+        let stream = ctx.settings.stream_name().to_owned();
+        let result = Self::supervise(&ctx, &stream, &mut stop).await;
+        let summary = ctx.stats().summary();
+        result.map(|()| summary)
+    }
+
+    /// Starts the mapping in the background.
+    pub fn start(
+        settings: MappingSettings,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: InvokeClient,
+    ) -> RunningMapping {
+        let ctx = Self::context(settings, options, clients, invoker);
+        let (stop, mut rx) = watch::channel(false);
+        let c = ctx.clone();
+        let task = tokio::spawn(async move {
+            let stream = c.settings.stream_name().to_owned();
+            Self::supervise(&c, &stream, &mut rx).await
+        });
+        RunningMapping { ctx, stop, task }
+    }
+
+    fn context(settings: MappingSettings, options: RunnerOptions, clients: Clients, invoker: InvokeClient) -> Arc<Ctx> {
         let stream = settings.stream_name().to_owned();
         let mapping_id = format!("{}-{}", settings.function_name, stream);
         let destination =
@@ -377,12 +464,11 @@ impl Runner {
             pending: AtomicI64::new(0),
             open_windows: AtomicI64::new(0),
             last_activity: Mutex::new(Instant::now()),
+            started: Instant::now(),
             caught_up: Mutex::new(HashMap::new()),
         });
         info!(stream, function = %ctx.settings.function_name, settings = ?ctx.settings, "mapping starting");
-        let result = Self::supervise(&ctx, &stream, &mut stop).await;
-        let summary = ctx.stats().summary();
-        result.map(|()| summary)
+        ctx
     }
 
     async fn supervise(ctx: &Arc<Ctx>, stream: &str, stop: &mut watch::Receiver<bool>) -> Result<(), MappingError> {
@@ -506,8 +592,11 @@ impl Runner {
         if ctx.pending.load(Ordering::SeqCst) > 0 || ctx.open_windows.load(Ordering::SeqCst) > 0 {
             return false;
         }
-        let caught_up =
-            ctx.caught_up.lock().map(|c| running.iter().all(|s| c.get(s).copied().unwrap_or(false))).unwrap_or(false);
+        let caught_up = ctx
+            .caught_up
+            .lock()
+            .map(|c| running.iter().all(|s| c.get(s).copied().flatten().is_some()))
+            .unwrap_or(false);
         let quiet = ctx.last_activity.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
         caught_up && quiet
     }

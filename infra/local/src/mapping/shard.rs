@@ -142,6 +142,7 @@ async fn read(
     let mut last_call = Instant::now() - ctx.options.poll_interval;
     let mut idle_wait = ctx.options.poll_interval;
     let mut failures = 0u32;
+    let mut empties = 0u32;
     let factor = lanes.len();
     loop {
         tokio::time::sleep_until((last_call + ctx.options.poll_interval).into()).await;
@@ -225,21 +226,29 @@ async fn read(
             status.send_replace(ReaderStatus { caught_up_at: called_at });
         }
         if let Ok(mut c) = ctx.caught_up.lock() {
-            c.insert(shard.to_string(), behind == 0 && n == 0);
+            c.insert(shard.to_string(), (behind == 0 && n == 0).then_some(called_at));
         }
         match out.next_shard_iterator() {
             Some(next) if !next.is_empty() => it = next.to_owned(),
             _ => {
                 info!(shard_id = %shard, "shard closed: read to its end");
+                if let Ok(mut c) = ctx.caught_up.lock() {
+                    c.remove(&*shard);
+                }
                 status.send_replace(ReaderStatus { caught_up_at: f64::INFINITY });
                 return Ok(()); // dropping the senders ends the lanes once they are done
             }
         }
         if n == 0 && behind == 0 {
-            // Back off on an empty shard, up to about one call a second.
-            tokio::time::sleep(idle_wait.saturating_sub(ctx.options.poll_interval)).await;
-            idle_wait = (idle_wait * 2).min(ctx.options.max_idle_poll);
+            // Back off on a shard that stays empty (after three empty polls in a row, so that a
+            // pause between two records does not delay the next one), up to about one call a second.
+            empties += 1;
+            if empties > 3 {
+                tokio::time::sleep(idle_wait.saturating_sub(ctx.options.poll_interval)).await;
+                idle_wait = (idle_wait * 2).min(ctx.options.max_idle_poll);
+            }
         } else {
+            empties = 0;
             idle_wait = ctx.options.poll_interval;
         }
     }
@@ -387,7 +396,10 @@ impl Lane {
         loop {
             match self.ctx.invoker.invoke(&self.ctx.settings.function_name, payload.clone()).await {
                 Ok(i) => {
-                    self.ctx.stats().invocations += 1;
+                    let mut s = self.ctx.stats();
+                    s.invocations += 1;
+                    s.last_invoke_end = self.ctx.started.elapsed();
+                    drop(s);
                     self.ctx.touch();
                     return Ok(i);
                 }
@@ -485,6 +497,12 @@ impl Lane {
                 let now = now_unix();
                 let mut s = self.ctx.stats();
                 s.delays_ms.extend(p.records.iter().map(|r| ((now - r.arrival) * 1000.0).max(0.0)));
+                if let Some(tx) = &self.ctx.options.delivered {
+                    for r in &p.records {
+                        let _ =
+                            tx.send(super::Delivered { hash: xxhash_rust::xxh3::xxh3_64(&r.data), invoked_at: now });
+                    }
+                }
             }
             self.ctx.stats().batch_sizes.push(p.records.len() as u32);
             debug!(shard_id = %self.shard, lane = self.lane_no, records = p.records.len(), first = %p.records[0].sequence_number, "invoking");

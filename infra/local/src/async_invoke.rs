@@ -1,0 +1,450 @@
+//! S3 → Lambda locally: S3 notifications arrive in an SQS queue (LocalStack's bucket notifies
+//! it), and this plays Lambda's asynchronous invocation: each event is invoked through the
+//! Invoke API, retried after a function error up to `MaximumRetryAttempts` (0..2) times, about 1
+//! then 2 minutes apart (AWS's spacing, scaled by [`AsyncSettings::delay_scale`] for local use),
+//! dropped to the OnFailure destination once retries are exhausted or it is older than
+//! `MaximumEventAgeInSeconds` (60..21600), with the failure record AWS writes (the event in
+//! `requestPayload`). A queue message is deleted only once its event succeeded or reached the
+//! destination; while it waits its visibility is extended, and if this process dies it comes
+//! back (at-least-once, as S3 delivers).
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::MessageSystemAttributeName;
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tracing::{info, warn};
+
+use crate::invoke::InvokeClient;
+use crate::mapping::event::iso8601;
+use crate::mapping::outcome::Answer;
+use crate::mapping::settings::InvalidSetting;
+use crate::mapping::{Clients, now_unix};
+use crate::template::{Template, TemplateError, scalar};
+
+/// AWS's spacing of the two retries after a function error (about 1 and 2 minutes).
+pub const RETRY_DELAYS: [Duration; 2] = [Duration::from_secs(60), Duration::from_secs(120)];
+
+/// The function's `EventInvokeConfig`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AsyncSettings {
+    /// The function to invoke.
+    pub function_name: String,
+    /// 0..=2 retries after a function error.
+    pub maximum_retry_attempts: u32,
+    /// 60..=21600 s in the queue, then the event goes to the destination unprocessed.
+    pub maximum_event_age: Duration,
+    /// OnFailure destination: an SQS queue ARN.
+    pub on_failure: Option<String>,
+    /// Multiplies [`RETRY_DELAYS`] (1.0 is AWS; 0.01 turns minutes into about a second).
+    pub delay_scale: f64,
+}
+
+impl AsyncSettings {
+    /// Checks the ranges AWS enforces (`PutFunctionEventInvokeConfig`).
+    pub fn new(
+        function_name: &str,
+        retries: i64,
+        max_age: i64,
+        on_failure: Option<String>,
+        delay_scale: f64,
+    ) -> Result<Self, InvalidSetting> {
+        let bad = |v: i64, f: &str, rule: &str| {
+            InvalidSetting(format!(
+                "1 validation error detected: Value '{v}' at '{f}' failed to satisfy constraint: {rule}"
+            ))
+        };
+        if !(0..=2).contains(&retries) {
+            return Err(bad(retries, "maximumRetryAttempts", "Member must be between 0 and 2"));
+        }
+        if !(60..=21600).contains(&max_age) {
+            return Err(bad(max_age, "maximumEventAgeInSeconds", "Member must be between 60 and 21600"));
+        }
+        if let Some(arn) = &on_failure
+            && arn.split(':').nth(2) != Some("sqs")
+        {
+            return Err(InvalidSetting(format!(
+                "destination {arn}: the local runner delivers async-invoke failures to SQS only"
+            )));
+        }
+        if !(delay_scale.is_finite() && delay_scale >= 0.0) {
+            return Err(InvalidSetting(format!("retry delay scale {delay_scale} must be a number >= 0")));
+        }
+        Ok(AsyncSettings {
+            function_name: function_name.to_owned(),
+            maximum_retry_attempts: retries as u32,
+            maximum_event_age: Duration::from_secs(max_age as u64),
+            on_failure,
+            delay_scale,
+        })
+    }
+
+    /// From the `EventInvokeConfig` of the function built from `binary` in the template
+    /// (AWS's defaults where it says nothing: 2 retries, 6 hours).
+    pub fn from_template(t: &Template, binary: &str, delay_scale: f64) -> Result<Self, TemplateError> {
+        let f = t.functions()?.into_iter().find(|f| f.binary == binary).ok_or_else(|| TemplateError::Resolve {
+            at: "Resources".into(),
+            reason: format!("no function builds {binary}"),
+        })?;
+        let props = t.resolve(&t.resources[&f.logical_id]["Properties"], &f.logical_id)?;
+        let cfg = &props["EventInvokeConfig"];
+        let int = |k: &str, d: i64| cfg.get(k).and_then(scalar).and_then(|s| s.parse().ok()).unwrap_or(d);
+        let dest = cfg.pointer("/DestinationConfig/OnFailure/Destination").and_then(scalar);
+        AsyncSettings::new(
+            &f.name,
+            int("MaximumRetryAttempts", 2),
+            int("MaximumEventAgeInSeconds", 21600),
+            dest,
+            delay_scale,
+        )
+        .map_err(|e| TemplateError::Resolve {
+            at: format!("{}.EventInvokeConfig", f.logical_id),
+            reason: e.to_string(),
+        })
+    }
+
+    fn delay(&self, retry: u32) -> Duration {
+        RETRY_DELAYS[(retry as usize).min(1)].mul_f64(self.delay_scale)
+    }
+}
+
+/// What the delivery did.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq)]
+pub struct AsyncSummary {
+    /// Events taken from the queue.
+    pub events: u64,
+    /// Invocations, retries included.
+    pub invocations: u64,
+    /// Events the function accepted.
+    pub succeeded: u64,
+    /// Retries after function errors.
+    pub retries: u64,
+    /// Events sent to the destination after their retries.
+    pub retries_exhausted: u64,
+    /// Events sent to the destination because they were too old.
+    pub expired: u64,
+}
+
+/// Options beyond the function's settings.
+#[derive(Debug, Clone)]
+pub struct DeliveryOptions {
+    /// Events invoked at once (Lambda scales async invokes out).
+    pub concurrency: usize,
+    /// Stop once the queue was empty and nothing ran for this long.
+    pub stop_when_idle: Option<Duration>,
+    /// Each successful invocation's event and response, for whoever runs this.
+    pub responses: Option<mpsc::UnboundedSender<(Value, Bytes)>>,
+}
+
+impl Default for DeliveryOptions {
+    fn default() -> Self {
+        DeliveryOptions { concurrency: 4, stop_when_idle: None, responses: None }
+    }
+}
+
+/// The delivery stopped on an error it cannot ride out.
+#[derive(Debug, thiserror::Error)]
+#[error("S3 event delivery from {queue}: {reason}")]
+pub struct DeliveryError {
+    /// The queue.
+    pub queue: String,
+    /// Why.
+    pub reason: String,
+}
+
+struct Shared {
+    settings: AsyncSettings,
+    clients: Clients,
+    invoker: InvokeClient,
+    queue_url: String,
+    destination_url: Option<String>,
+    summary: Mutex<AsyncSummary>,
+    last_activity: Mutex<Instant>,
+    responses: Option<mpsc::UnboundedSender<(Value, Bytes)>>,
+}
+
+impl Shared {
+    fn count(&self, f: impl FnOnce(&mut AsyncSummary)) {
+        if let Ok(mut s) = self.summary.lock() {
+            f(&mut s);
+        }
+    }
+    fn touch(&self) {
+        if let Ok(mut t) = self.last_activity.lock() {
+            *t = Instant::now();
+        }
+    }
+}
+
+/// Delivers the S3 events of `queue_url` to the function until `stop` (or idle).
+pub async fn deliver(
+    settings: AsyncSettings,
+    clients: Clients,
+    invoker: InvokeClient,
+    queue_url: &str,
+    options: DeliveryOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<AsyncSummary, DeliveryError> {
+    let err = |reason: String| DeliveryError { queue: queue_url.to_owned(), reason };
+    let destination_url = match &settings.on_failure {
+        Some(arn) => {
+            let name = arn.rsplit(':').next().unwrap_or_default();
+            let out = clients
+                .sqs
+                .get_queue_url()
+                .queue_name(name)
+                .send()
+                .await
+                .map_err(|e| err(format!("GetQueueUrl {name}: {}", pushpull::aws::describe(&e))))?;
+            Some(out.queue_url().unwrap_or_default().to_owned())
+        }
+        None => None,
+    };
+    let shared = Arc::new(Shared {
+        settings,
+        clients,
+        invoker,
+        queue_url: queue_url.to_owned(),
+        destination_url,
+        summary: Mutex::new(AsyncSummary::default()),
+        last_activity: Mutex::new(Instant::now()),
+        responses: options.responses.clone(),
+    });
+    let slots = Arc::new(Semaphore::new(options.concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        if let Some(idle) = options.stop_when_idle {
+            let quiet = shared.last_activity.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
+            if quiet && slots.available_permits() == options.concurrency.max(1) {
+                break;
+            }
+        }
+        let Ok(permit) = slots.clone().acquire_many_owned(1).await else { break };
+        let free = slots.available_permits() + 1;
+        let receive = shared
+            .clients
+            .sqs
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(free.min(10) as i32)
+            .wait_time_seconds(1)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .send();
+        let got = tokio::select! {
+            r = receive => r.map_err(|e| err(format!("ReceiveMessage: {}", pushpull::aws::describe(&e))))?,
+            _ = stop.changed() => break,
+        };
+        drop(permit);
+        for m in got.messages() {
+            let Ok(permit) = slots.clone().acquire_owned().await else { break };
+            shared.touch();
+            shared.count(|s| s.events += 1);
+            let sent_ms = m
+                .attributes()
+                .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| now_unix() * 1000.0);
+            let (body, receipt) =
+                (m.body().unwrap_or_default().to_owned(), m.receipt_handle().unwrap_or_default().to_owned());
+            let shared = shared.clone();
+            tasks.spawn(async move {
+                let r = one_event(&shared, body, &receipt, sent_ms / 1000.0).await;
+                shared.touch();
+                drop(permit);
+                r
+            });
+        }
+        while let Some(done) = tasks.try_join_next() {
+            done.map_err(|e| err(e.to_string()))??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.map_err(|e| err(e.to_string()))??;
+    }
+    let summary = shared.summary.lock().map(|s| s.clone()).unwrap_or_default();
+    Ok(summary)
+}
+
+async fn one_event(s: &Shared, body: String, receipt: &str, queued_at: f64) -> Result<(), DeliveryError> {
+    let err = |reason: String| DeliveryError { queue: s.queue_url.clone(), reason };
+    let event: Value = serde_json::from_str(&body).unwrap_or_else(|_| Value::from(body.clone()));
+    let payload = Bytes::from(body);
+    let mut attempts = 0u32;
+    let mut last_error: Option<Bytes> = None;
+    let mut request_id = uuid::Uuid::new_v4().to_string();
+    loop {
+        if now_unix() - queued_at > s.settings.maximum_event_age.as_secs_f64() {
+            s.count(|c| c.expired += 1);
+            return to_destination(s, &event, "EventAgeExceeded", attempts, &request_id, last_error.as_ref(), receipt)
+                .await;
+        }
+        // Keep the message hidden for this attempt (and the wait after it).
+        let hold = s.settings.delay(attempts).as_secs() + 900 + 60;
+        let _ = s
+            .clients
+            .sqs
+            .change_message_visibility()
+            .queue_url(&s.queue_url)
+            .receipt_handle(receipt)
+            .visibility_timeout(hold.min(43_200) as i32)
+            .send()
+            .await;
+        let invoked = match s.invoker.invoke(&s.settings.function_name, payload.clone()).await {
+            Ok(i) => i,
+            Err(e) if e.is_throttle() => {
+                // Throttles are retried by Lambda's queue without using up a retry.
+                warn!(error = %e, "invoke throttled; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(err(e.to_string())),
+        };
+        attempts += 1;
+        request_id = invoked.request_id.clone();
+        s.count(|c| c.invocations += 1);
+        match invoked.answer {
+            Answer::Response(response) => {
+                s.count(|c| c.succeeded += 1);
+                if let Some(tx) = &s.responses {
+                    let _ = tx.send((event.clone(), response));
+                }
+                return delete(s, receipt).await;
+            }
+            Answer::FunctionError(e) => {
+                warn!(attempt = attempts, error = %String::from_utf8_lossy(&e), "push function failed on an S3 event");
+                last_error = Some(e);
+                if attempts > s.settings.maximum_retry_attempts {
+                    s.count(|c| c.retries_exhausted += 1);
+                    return to_destination(
+                        s,
+                        &event,
+                        "RetriesExhausted",
+                        attempts,
+                        &request_id,
+                        last_error.as_ref(),
+                        receipt,
+                    )
+                    .await;
+                }
+                s.count(|c| c.retries += 1);
+                tokio::time::sleep(s.settings.delay(attempts - 1)).await;
+            }
+        }
+    }
+}
+
+async fn delete(s: &Shared, receipt: &str) -> Result<(), DeliveryError> {
+    s.clients.sqs.delete_message().queue_url(&s.queue_url).receipt_handle(receipt).send().await.map(|_| ()).map_err(
+        |e| DeliveryError {
+            queue: s.queue_url.clone(),
+            reason: format!("DeleteMessage: {}", pushpull::aws::describe(&e)),
+        },
+    )
+}
+
+/// The record AWS sends to an async invocation's OnFailure destination.
+pub fn async_failure_record(
+    function_arn: &str,
+    request_id: &str,
+    condition: &str,
+    attempts: u32,
+    event: &Value,
+    error: Option<&Bytes>,
+) -> Value {
+    let mut response = json!({ "statusCode": 200, "executedVersion": "$LATEST" });
+    if error.is_some() {
+        response["functionError"] = Value::from("Unhandled");
+    }
+    json!({
+        "version": "1.0",
+        "timestamp": iso8601(now_unix()),
+        "requestContext": {
+            "requestId": request_id,
+            "functionArn": format!("{function_arn}:$LATEST"),
+            "condition": condition,
+            "approximateInvokeCount": attempts,
+        },
+        "requestPayload": event,
+        "responseContext": response,
+        "responsePayload": error.map(|e| serde_json::from_slice::<Value>(e).unwrap_or_else(|_| Value::from(String::from_utf8_lossy(e).into_owned()))),
+    })
+}
+
+async fn to_destination(
+    s: &Shared,
+    event: &Value,
+    condition: &str,
+    attempts: u32,
+    request_id: &str,
+    error: Option<&Bytes>,
+    receipt: &str,
+) -> Result<(), DeliveryError> {
+    let function_arn = format!(
+        "arn:aws:lambda:{}:{}:function:{}",
+        crate::localstack::REGION,
+        crate::localstack::ACCOUNT,
+        s.settings.function_name
+    );
+    let record = async_failure_record(&function_arn, request_id, condition, attempts, event, error);
+    match &s.destination_url {
+        Some(url) => {
+            s.clients.sqs.send_message().queue_url(url).message_body(record.to_string()).send().await.map_err(|e| {
+                DeliveryError {
+                    queue: s.queue_url.clone(),
+                    reason: format!("SendMessage {url}: {}", pushpull::aws::describe(&e)),
+                }
+            })?;
+            info!(condition, attempts, destination = url, "S3 event sent to the failure destination");
+        }
+        None => warn!(condition, attempts, "S3 event dropped: no failure destination (as AWS does)"),
+    }
+    delete(s, receipt).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_are_awss_and_the_template_is_read() {
+        assert!(AsyncSettings::new("f", 3, 60, None, 1.0).unwrap_err().0.contains("maximumRetryAttempts"));
+        assert!(AsyncSettings::new("f", 2, 59, None, 1.0).unwrap_err().0.contains("between 60 and 21600"));
+        assert!(AsyncSettings::new("f", 2, 21601, None, 1.0).is_err());
+        let s = AsyncSettings::new("f", 2, 60, None, 0.01).unwrap();
+        assert_eq!((s.delay(0), s.delay(1)), (Duration::from_millis(600), Duration::from_millis(1200)));
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
+        let t = Template::load(&path, "pushpull-local", &["PushMaximumRetryAttempts=1".into()]).unwrap();
+        let s = AsyncSettings::from_template(&t, "s3-to-kinesis", 1.0).unwrap();
+        assert_eq!(s.function_name, "pushpull-local-s3-to-kinesis");
+        assert_eq!(s.maximum_retry_attempts, 1);
+        assert_eq!(s.maximum_event_age, Duration::from_secs(21600));
+        assert_eq!(
+            s.on_failure.as_deref(),
+            Some("arn:aws:sqs:us-east-1:000000000000:pushpull-local-push-failure-queue")
+        );
+    }
+
+    #[test]
+    fn the_failure_record_is_awss() {
+        let event = json!({"Records": [{"s3": {"object": {"key": "k"}}}]});
+        let v = async_failure_record(
+            "arn:aws:lambda:us-east-1:0:function:f",
+            "r",
+            "RetriesExhausted",
+            3,
+            &event,
+            Some(&Bytes::from_static(br#"{"errorType":"E","errorMessage":"m"}"#)),
+        );
+        assert_eq!(v["requestContext"]["condition"], "RetriesExhausted");
+        assert_eq!(v["requestContext"]["approximateInvokeCount"], 3);
+        assert_eq!(v["requestContext"]["functionArn"], "arn:aws:lambda:us-east-1:0:function:f:$LATEST");
+        assert_eq!(v["requestPayload"], event);
+        assert_eq!(v["responseContext"]["functionError"], "Unhandled");
+        assert_eq!(v["responsePayload"]["errorType"], "E");
+        assert_eq!(v["version"], "1.0");
+    }
+}

@@ -1,0 +1,638 @@
+//! The whole pipeline on a laptop, as the template deploys it: the bucket, stream and queues the
+//! template names (resources are called `<stack>-<logical-id>` locally, the bucket by its
+//! `BucketName`); both functions served behind the Invoke API with the template's environment;
+//! the bucket notifying an SQS queue whose events are delivered to the push function with
+//! async-invoke semantics ([`crate::async_invoke`]); the Kinesis event source mapping
+//! ([`crate::mapping`]) invoking the pull function. [`run`] uploads a directory of NDJSON files
+//! and waits until every line is rolled up or quarantined; [`Report`] says what happened and
+//! [`Report::check`] whether the rollup equals the input exactly.
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use pushpull::rollup::Sum;
+use pushpull::store::Store;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+use crate::async_invoke::{AsyncSettings, AsyncSummary, DeliveryOptions};
+use crate::invoke::InvokeServer;
+use crate::localstack::{ACCOUNT, Local, REGION, function_env};
+use crate::mapping::{Clients, Delivered, RawSettings, Runner, RunnerOptions, Summary};
+use crate::runtime_api::{FunctionSpec, workspace_binary};
+use crate::template::{Template, scalar};
+
+/// Anything that stops the pipeline, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PipelineError(pub String);
+
+impl PipelineError {
+    fn new(context: &str, e: impl std::fmt::Display) -> Self {
+        PipelineError(format!("{context}: {e}"))
+    }
+}
+
+/// The template's functions as specs for the Invoke server: binaries from `cargo build`,
+/// environment, timeout and memory from the template, pointed at LocalStack. `extra_env` is
+/// added per binary name.
+pub fn template_specs(
+    t: &Template,
+    extra_env: &[(&str, Vec<(String, String)>)],
+    verbose: bool,
+) -> Result<Vec<FunctionSpec>, PipelineError> {
+    let mut specs = Vec::new();
+    for f in t.functions().map_err(|e| PipelineError::new("template", e))? {
+        let binary = workspace_binary(&f.binary);
+        if !binary.exists() {
+            return Err(PipelineError(format!(
+                "{} is not built: run `cargo build --workspace --bins`",
+                binary.display()
+            )));
+        }
+        let mut spec = FunctionSpec::new(f.name, binary);
+        spec.env = f.env;
+        spec.env.extend(function_env());
+        for (bin, env) in extra_env {
+            if *bin == f.binary {
+                spec.env.extend(env.iter().cloned());
+            }
+        }
+        spec.timeout = f.timeout;
+        spec.memory_mb = f.memory_mb;
+        spec.echo_output = verbose;
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+/// What the template names, created in LocalStack.
+#[derive(Debug, Clone)]
+pub struct Resources {
+    /// The data bucket.
+    pub bucket: String,
+    /// Objects created under this prefix go to the push function.
+    pub input_prefix: String,
+    /// The stream.
+    pub stream: String,
+    /// Its ARN.
+    pub stream_arn: String,
+    /// The queue standing in for Lambda's async-invoke queue (the bucket notifies it).
+    pub s3_events_queue: String,
+    /// The push function's OnFailure queue URL.
+    pub push_failure_queue: Option<String>,
+    /// The pull mapping's OnFailure queue URL.
+    pub pull_failure_queue: Option<String>,
+    /// The push function's name.
+    pub push_function: String,
+    /// The pull function's name.
+    pub pull_function: String,
+}
+
+fn props<'a>(t: &'a Template, kind: &'a str) -> impl Iterator<Item = (&'a String, &'a Value)> + 'a {
+    t.resources_of(kind).map(|(id, r)| (id, &r["Properties"]))
+}
+
+/// Creates the bucket (with its notification to the async-invoke stand-in queue), the stream
+/// and the queues the template names; returns them. Creating what exists is fine.
+pub async fn provision(t: &Template, local: &Local) -> Result<Resources, PipelineError> {
+    let (bucket_id, bucket_props) =
+        props(t, "AWS::S3::Bucket").next().ok_or_else(|| PipelineError("the template has no bucket".into()))?;
+    let bucket = match bucket_props.get("BucketName") {
+        Some(n) => scalar(&t.resolve(n, bucket_id).map_err(|e| PipelineError::new("template", e))?).unwrap_or_default(),
+        None => t.name_of(bucket_id),
+    };
+    local.ensure_bucket(&bucket).await.map_err(PipelineError)?;
+    let (stream_id, stream_props) =
+        props(t, "AWS::Kinesis::Stream").next().ok_or_else(|| PipelineError("the template has no stream".into()))?;
+    let shards: i32 = stream_props
+        .get("ShardCount")
+        .and_then(|v| t.resolve(v, stream_id).ok())
+        .and_then(|v| scalar(&v))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let stream = t.name_of(stream_id);
+    let stream_arn = local.ensure_stream(&stream, shards).await.map_err(PipelineError)?;
+    let mut queue_urls = HashMap::new();
+    for (id, _) in props(t, "AWS::SQS::Queue") {
+        let name = t.name_of(id);
+        let out = local
+            .sqs
+            .create_queue()
+            .queue_name(&name)
+            .send()
+            .await
+            .map_err(|e| PipelineError::new(&format!("CreateQueue {name}"), pushpull::aws::describe(&e)))?;
+        queue_urls
+            .insert(format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"), out.queue_url().unwrap_or_default().to_owned());
+    }
+    let functions = t.functions().map_err(|e| PipelineError::new("template", e))?;
+    let by_binary = |b: &str| functions.iter().find(|f| f.binary == b).map(|f| f.name.clone());
+    let push_function = by_binary("s3-to-kinesis").ok_or_else(|| PipelineError("no s3-to-kinesis function".into()))?;
+    let pull_function =
+        by_binary("kinesis-rollup").ok_or_else(|| PipelineError("no kinesis-rollup function".into()))?;
+    // The push function's S3 event: its prefix filter becomes the bucket's notification filter.
+    let input_prefix = t.parameters.get("InputPrefix").cloned().unwrap_or_else(|| "input/".into());
+    let queue = format!("{}-s3-events", t.stack);
+    let s3_events_queue = local.notify_queue(&bucket, &queue, &input_prefix).await.map_err(PipelineError)?;
+    let push_cfg =
+        AsyncSettings::from_template(t, "s3-to-kinesis", 1.0).map_err(|e| PipelineError::new("template", e))?;
+    let pull_cfg = RawSettings::from_template(t, None).map_err(|e| PipelineError::new("template", e))?;
+    Ok(Resources {
+        bucket,
+        input_prefix,
+        stream,
+        stream_arn,
+        s3_events_queue,
+        push_failure_queue: push_cfg.on_failure.and_then(|a| queue_urls.get(&a).cloned()),
+        pull_failure_queue: pull_cfg.on_failure.and_then(|a| queue_urls.get(&a).cloned()),
+        push_function,
+        pull_function,
+    })
+}
+
+/// Totals per group: (records, sum).
+pub type Totals = BTreeMap<String, (u64, Sum)>;
+
+/// What the input files hold, judged as the push function judges lines.
+#[derive(Debug, Clone, Default)]
+pub struct Expected {
+    /// Good lines per group.
+    pub totals: Totals,
+    /// Good lines.
+    pub good: u64,
+    /// Lines that are not JSON (or not UTF-8).
+    pub bad: u64,
+    /// Each good line's xxh3 and the file it is in (for end-to-end latency).
+    pub lines: HashMap<u64, usize>,
+    /// The files, sorted.
+    pub files: Vec<PathBuf>,
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, PipelineError> {
+    let raw = std::fs::read(path).map_err(|e| PipelineError::new(&path.display().to_string(), e))?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| PipelineError::new(&path.display().to_string(), e))?;
+        return Ok(out);
+    }
+    Ok(raw)
+}
+
+/// Reads the files of `dir` and counts what the rollup should end with.
+pub fn expected(dir: &Path, group_by: &str, sum_field: &str) -> Result<Expected, PipelineError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| PipelineError::new(&dir.display().to_string(), e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut out = Expected { files: files.clone(), ..Default::default() };
+    for (i, f) in files.iter().enumerate() {
+        let body = read_file(f)?;
+        for line in body.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let Ok(v) = serde_json::from_slice::<Value>(line) else {
+                out.bad += 1;
+                continue;
+            };
+            out.good += 1;
+            out.lines.insert(xxhash_rust::xxh3::xxh3_64(line), i);
+            let key =
+                v.get(group_by).map(|g| g.as_str().map_or_else(|| g.to_string(), str::to_owned)).unwrap_or_default();
+            let e = out.totals.entry(key).or_default();
+            e.0 += 1;
+            if let Some(s) = v.get(sum_field).and_then(|s| Sum::parse(&s.to_string())) {
+                e.1.0 += s.0;
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn get(local: &Local, bucket: &str, key: &str) -> Result<bytes::Bytes, PipelineError> {
+    let out = local
+        .s3
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| PipelineError::new(&format!("GetObject s3://{bucket}/{key}"), pushpull::aws::describe(&e)))?;
+    out.body.collect().await.map(|b| b.into_bytes()).map_err(|e| PipelineError::new(key, e))
+}
+
+async fn list(local: &Local, bucket: &str, prefix: &str) -> Result<Vec<String>, PipelineError> {
+    let mut keys = Vec::new();
+    let mut token = None;
+    loop {
+        let out = local
+            .s3
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_continuation_token(token)
+            .send()
+            .await
+            .map_err(|e| {
+            PipelineError::new(&format!("ListObjectsV2 s3://{bucket}/{prefix}"), pushpull::aws::describe(&e))
+        })?;
+        keys.extend(out.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
+        token = out.next_continuation_token().map(str::to_owned);
+        if token.is_none() {
+            return Ok(keys);
+        }
+    }
+}
+
+/// The rollup as the pull function wrote it: every output object of the stream, summed.
+pub async fn rollup_totals(local: &Local, r: &Resources) -> Result<(Totals, usize), PipelineError> {
+    let mut totals = Totals::new();
+    let keys = list(local, &r.bucket, &format!("output/{}/", r.stream)).await?;
+    for key in &keys {
+        let body = get(local, &r.bucket, key).await?;
+        for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            let v: Value = serde_json::from_slice(line).map_err(|e| PipelineError::new(key, e))?;
+            let g = totals.entry(v["key"].as_str().unwrap_or_default().to_owned()).or_default();
+            g.0 += v["count"].as_u64().unwrap_or(0);
+            let sum = v["sum"].as_str().map_or_else(|| v["sum"].to_string(), str::to_owned);
+            g.1.0 += Sum::parse(&sum).map_or(0, |s| s.0);
+        }
+    }
+    Ok((totals, keys.len()))
+}
+
+/// Every quarantine entry (bucket, key, line, offset, reason).
+pub async fn quarantine(local: &Local, r: &Resources) -> Result<Vec<Value>, PipelineError> {
+    let mut out = Vec::new();
+    for key in list(local, &r.bucket, "quarantine/").await? {
+        let body = get(local, &r.bucket, &key).await?;
+        for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            out.push(serde_json::from_slice(line).map_err(|e| PipelineError::new(&key, e))?);
+        }
+    }
+    Ok(out)
+}
+
+/// Messages now in a queue.
+pub async fn queue_depth(local: &Local, url: Option<&str>) -> u64 {
+    let Some(url) = url else { return 0 };
+    let out = local
+        .sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await;
+    out.ok()
+        .and_then(|o| {
+            o.attributes()
+                .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages).cloned())
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Uploads the files of `expected` under the input prefix; returns (key, upload time) per file.
+pub async fn upload(local: &Local, r: &Resources, files: &[PathBuf]) -> Result<Vec<(String, f64)>, PipelineError> {
+    let mut out = Vec::new();
+    for path in files {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| PipelineError(format!("{}: not a UTF-8 file name", path.display())))?;
+        let key = format!("{}{name}", r.input_prefix);
+        let body = std::fs::read(path).map_err(|e| PipelineError::new(&path.display().to_string(), e))?;
+        local
+            .s3
+            .put_object()
+            .bucket(&r.bucket)
+            .key(&key)
+            .body(body.into())
+            .send()
+            .await
+            .map_err(|e| PipelineError::new(&format!("PutObject {key}"), pushpull::aws::describe(&e)))?;
+        out.push((key, crate::mapping::now_unix()));
+    }
+    Ok(out)
+}
+
+/// How to run it.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// The SAM template.
+    pub template: PathBuf,
+    /// Local stack name (resource names).
+    pub stack: String,
+    /// Template parameter overrides (Key=Value).
+    pub overrides: Vec<String>,
+    /// The NDJSON files to upload (`.gz` ones are gzip).
+    pub input_dir: PathBuf,
+    /// Async-invoke retry delays are AWS's times this (0.01: 0.6 s and 1.2 s).
+    pub delay_scale: f64,
+    /// Extra environment per binary (fault injection).
+    pub extra_env: Vec<(&'static str, Vec<(String, String)>)>,
+    /// Mapping settings over the template's.
+    pub mapping: RawSettings,
+    /// Print a progress line every second.
+    pub progress: bool,
+    /// Echo the functions' logs.
+    pub verbose: bool,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Once done, print the report and keep everything running until Ctrl-C.
+    pub keep_running: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The resources used.
+    pub bucket: String,
+    /// The stream.
+    pub stream: String,
+    /// The push function's summary of each object.
+    pub objects: Vec<Value>,
+    /// The event source mapping.
+    pub mapping: Summary,
+    /// The async-invoke delivery of S3 events.
+    pub delivery: AsyncSummary,
+    /// What the input holds.
+    pub expected_good: u64,
+    /// Bad lines in the input.
+    pub expected_bad: u64,
+    /// Expected totals per group.
+    pub expected: Totals,
+    /// The rollup per group, from the output objects.
+    pub rollup: Totals,
+    /// Output objects.
+    pub outputs: usize,
+    /// Quarantine entries.
+    pub quarantined: Vec<Value>,
+    /// Messages in the push and pull failure queues.
+    pub failure_queues: (u64, u64),
+    /// Upload to first pull invocation, per line: p50, p95, p99, max (ms).
+    pub latency_ms: [f64; 4],
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// A count summed over the objects processed in this run.
+    fn total(&self, field: &str) -> u64 {
+        self.objects.iter().filter(|o| o["outcome"] == "processed").map(|o| o[field].as_u64().unwrap_or(0)).sum()
+    }
+
+    /// Whether the rollup equals the input exactly and every bad line is quarantined with a reason.
+    pub fn check(&self) -> Result<(), String> {
+        let counted: u64 = self.rollup.values().map(|g| g.0).sum();
+        if self.rollup != self.expected {
+            let diff: Vec<String> = self
+                .expected
+                .keys()
+                .chain(self.rollup.keys())
+                .filter(|k| self.expected.get(*k) != self.rollup.get(*k))
+                .take(5)
+                .map(|k| format!("{k}: expected {:?}, rolled up {:?}", self.expected.get(k), self.rollup.get(k)))
+                .collect();
+            return Err(format!(
+                "the rollup counts {counted} records, the input has {} good lines; first differences: {diff:?}",
+                self.expected_good
+            ));
+        }
+        if self.quarantined.len() as u64 != self.expected_bad {
+            return Err(format!(
+                "{} lines quarantined, the input has {} bad lines",
+                self.quarantined.len(),
+                self.expected_bad
+            ));
+        }
+        if let Some(q) = self
+            .quarantined
+            .iter()
+            .find(|q| q["reason"].as_str().is_none_or(str::is_empty) || q["line"].as_u64().is_none())
+        {
+            return Err(format!("a quarantine entry without line or reason: {q}"));
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let counted: u64 = self.rollup.values().map(|g| g.0).sum();
+        let outcomes = |o: &str| self.objects.iter().filter(|x| x["outcome"] == o).count();
+        writeln!(f, "summary ({:.1} s)", self.elapsed.as_secs_f64())?;
+        writeln!(
+            f,
+            "  objects          {} ({} processed, {} already done before)",
+            self.objects.len(),
+            outcomes("processed"),
+            outcomes("already_done")
+        )?;
+        writeln!(f, "  lines            {} read this run ({} blank)", self.total("lines"), self.total("blank_lines"))?;
+        writeln!(
+            f,
+            "  records sent     {} in {} PutRecords calls ({} entries resent)",
+            self.total("records"),
+            self.total("put_calls"),
+            self.total("resent")
+        )?;
+        writeln!(
+            f,
+            "  quarantined      {} lines in s3://{}/quarantine/ (input has {} bad)",
+            self.quarantined.len(),
+            self.bucket,
+            self.expected_bad
+        )?;
+        writeln!(
+            f,
+            "  S3 events        {} delivered, {} invocations, {} retries, {} to the failure queue",
+            self.delivery.events,
+            self.delivery.invocations,
+            self.delivery.retries,
+            self.delivery.retries_exhausted + self.delivery.expired
+        )?;
+        writeln!(f, "  pull mapping")?;
+        writeln!(f, "{}", self.mapping)?;
+        writeln!(f, "  failure queues   push {}, pull {} messages", self.failure_queues.0, self.failure_queues.1)?;
+        writeln!(
+            f,
+            "  latency          upload -> pull invocation per line: p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            self.latency_ms[0], self.latency_ms[1], self.latency_ms[2], self.latency_ms[3]
+        )?;
+        writeln!(
+            f,
+            "  rollup           {counted} records in {} groups from {} output objects (input: {} good lines){}",
+            self.rollup.len(),
+            self.outputs,
+            self.expected_good,
+            if self.check().is_ok() { ": exact" } else { ": MISMATCH" }
+        )?;
+        writeln!(f, "                   {:>10} {:>8} {:>14}", "group", "count", "sum")?;
+        for (k, (c, s)) in self.rollup.iter().take(20) {
+            writeln!(f, "                   {k:>10} {c:>8} {:>14}", s.to_string())?;
+        }
+        if self.rollup.len() > 20 {
+            writeln!(f, "                   ... {} more groups", self.rollup.len() - 20)?;
+        }
+        Ok(())
+    }
+}
+
+fn percentiles(mut v: Vec<f64>) -> [f64; 4] {
+    if v.is_empty() {
+        return [0.0; 4];
+    }
+    v.sort_by(f64::total_cmp);
+    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    [p(0.5), p(0.95), p(0.99), v[v.len() - 1]]
+}
+
+/// Runs the pipeline once over `config.input_dir` and reports. Everything it starts (function
+/// processes, the mapping, the S3 event delivery) is stopped before it returns.
+pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
+    let started = Instant::now();
+    let t = Template::load(&config.template, &config.stack, &config.overrides)
+        .map_err(|e| PipelineError::new("template", e))?;
+    let local = Local::connect().await.map_err(|e| PipelineError(e.to_string()))?;
+    let r = provision(&t, &local).await?;
+    let group_by = t.parameters.get("GroupByField").cloned().unwrap_or_default();
+    let sum_field = t.parameters.get("SumField").cloned().unwrap_or_default();
+    let expected = expected(&config.input_dir, &group_by, &sum_field)?;
+
+    let specs = template_specs(&t, &config.extra_env, config.verbose)?;
+    let server = InvokeServer::start(specs, 0, 10).await.map_err(|e| PipelineError::new("Invoke API server", e))?;
+    let clients = Clients::from(&local);
+
+    let settings = RawSettings::from_template(&t, None)
+        .map_err(|e| PipelineError::new("template", e))?
+        .overlay(config.mapping.clone())
+        .validate()
+        .map_err(|e| PipelineError::new("mapping settings", e))?;
+    let mut options = RunnerOptions::new(&settings, Store::s3(local.s3.clone(), &r.bucket, "checkpoints/esm"));
+    let (delivered_tx, mut delivered_rx) = mpsc::unbounded_channel::<Delivered>();
+    options.delivered = Some(delivered_tx);
+    let mapping = Runner::start(settings, options, clients.clone(), server.client());
+
+    let (responses_tx, mut responses_rx) = mpsc::unbounded_channel();
+    let push = AsyncSettings::from_template(&t, "s3-to-kinesis", config.delay_scale)
+        .map_err(|e| PipelineError::new("template", e))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let delivery = {
+        let (clients, invoker, queue) = (clients.clone(), server.client(), r.s3_events_queue.clone());
+        let options = DeliveryOptions { responses: Some(responses_tx), ..Default::default() };
+        tokio::spawn(
+            async move { crate::async_invoke::deliver(push, clients, invoker, &queue, options, stop_rx).await },
+        )
+    };
+
+    let uploads = upload(&local, &r, &expected.files).await?;
+    let mut summaries: HashMap<String, Value> = HashMap::new();
+    let mut latencies = Vec::new();
+    let mut last_progress = Instant::now();
+    let mut pushed_at: Option<f64> = None;
+    let result = loop {
+        while let Ok((_, response)) = responses_rx.try_recv() {
+            let v: Value = serde_json::from_slice(&response).unwrap_or(Value::Null);
+            for o in v["objects"].as_array().into_iter().flatten() {
+                if let Some(k) = o["key"].as_str() {
+                    summaries.insert(k.to_owned(), o.clone());
+                }
+            }
+        }
+        while let Ok(d) = delivered_rx.try_recv() {
+            if let Some(&file) = expected.lines.get(&d.hash) {
+                latencies.push((d.invoked_at - uploads[file].1) * 1000.0);
+            }
+        }
+        let m = mapping.summary();
+        let pushed = uploads.iter().filter(|(k, _)| summaries.contains_key(k)).count();
+        let sent: u64 = summaries
+            .values()
+            .filter(|o| o["outcome"] == "processed")
+            .map(|o| o["records"].as_u64().unwrap_or(0))
+            .sum();
+        if config.progress && last_progress.elapsed() >= Duration::from_secs(1) {
+            last_progress = Instant::now();
+            println!(
+                "  [{:>5.1} s] objects {pushed}/{} pushed, {sent} records sent, {} pulled in {} invocations",
+                started.elapsed().as_secs_f64(),
+                uploads.len(),
+                m.records_read,
+                m.invocations
+            );
+        }
+        if pushed == uploads.len() && pushed_at.is_none() {
+            pushed_at = Some(crate::mapping::now_unix());
+        }
+        // Done: every object pushed, then every shard read to its end since, and nothing undone.
+        if pushed_at.is_some_and(|t| mapping.caught_up_since().is_some_and(|c| c > t)) && mapping.is_idle() {
+            break Ok(());
+        }
+        if mapping.is_finished() {
+            break Err(PipelineError("the event source mapping stopped".into()));
+        }
+        if delivery.is_finished() {
+            break Err(PipelineError("the S3 event delivery stopped".into()));
+        }
+        if started.elapsed() > config.timeout {
+            break Err(PipelineError(format!(
+                "not done after {:?}: {pushed}/{} objects pushed, {sent} records sent, {} pulled",
+                config.timeout,
+                uploads.len(),
+                m.records_read
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if result.is_ok() && config.keep_running {
+        let (rollup, outputs) = rollup_totals(&local, &r).await?;
+        println!(
+            "rollup so far: {} records in {} groups from {outputs} output objects",
+            rollup.values().map(|g| g.0).sum::<u64>(),
+            rollup.len()
+        );
+        println!(
+            "still running: put NDJSON objects under s3://{}/{} (endpoint {}); Ctrl-C stops everything",
+            r.bucket,
+            r.input_prefix,
+            crate::localstack::endpoint()
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    let _ = stop_tx.send(true);
+    let delivery = delivery.await.map_err(|e| PipelineError::new("S3 event delivery", e))?;
+    let mapping = mapping.stop().await;
+    drop(server);
+    result?;
+    let delivery = delivery.map_err(|e| PipelineError(e.to_string()))?;
+    let mapping = mapping.map_err(|e| PipelineError::new("event source mapping", e))?;
+
+    let (rollup, outputs) = rollup_totals(&local, &r).await?;
+    Ok(Report {
+        bucket: r.bucket.clone(),
+        stream: r.stream.clone(),
+        objects: uploads.iter().filter_map(|(k, _)| summaries.get(k).cloned()).collect(),
+        mapping,
+        delivery,
+        expected_good: expected.good,
+        expected_bad: expected.bad,
+        expected: expected.totals,
+        rollup,
+        outputs,
+        quarantined: quarantine(&local, &r).await?,
+        failure_queues: (
+            queue_depth(&local, r.push_failure_queue.as_deref()).await,
+            queue_depth(&local, r.pull_failure_queue.as_deref()).await,
+        ),
+        latency_ms: percentiles(latencies),
+        elapsed: started.elapsed(),
+    })
+}
