@@ -1,5 +1,5 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-tradeoff
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
@@ -34,3 +34,6 @@ bench-pull:     ## pull function vs a floor function under runtime_api.py (BENCH
 
 bench-esm:      ## local event source mapping vs raw GetRecords: throughput and delay (BENCHMARKS.md)
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench esm_throughput -- $(ARGS)
+
+bench-tradeoff: ## the whole pipeline over a grid of batch settings; table + docs/batching-tradeoff.png
+	infra/with-localstack.sh cargo bench -p pushpull-tests --bench batching_tradeoff -- $(ARGS)

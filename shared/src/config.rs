@@ -311,7 +311,7 @@ impl PushSettings {
 }
 
 /// Settings of the Kinesis (pull) function.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PullSettings {
     /// `CHECKPOINT_URI`: where per-shard progress is kept.
     pub checkpoint: Location,
@@ -324,6 +324,9 @@ pub struct PullSettings {
     /// `PUSHPULL_INJECT_CRASH=after-output`: abort between writing an output and advancing the
     /// checkpoint. For fault-injection tests only.
     pub inject_crash_after_output: bool,
+    /// `PUSHPULL_INJECT_FAILURES`: fraction (0-1) of invocations to fail on purpose (a function
+    /// error before any work). For fault-injection tests only; default 0.
+    pub inject_failures: f64,
 }
 
 impl PullSettings {
@@ -341,8 +344,12 @@ impl PullSettings {
                 false
             }
         };
+        let inject_failures = env.parse_or("PUSHPULL_INJECT_FAILURES", 0.0f64);
+        if !(0.0..=1.0).contains(&inject_failures) {
+            env.invalid("PUSHPULL_INJECT_FAILURES", inject_failures.to_string(), "a fraction from 0 to 1");
+        }
         env.finish()?;
-        Ok(PullSettings { checkpoint, output, group_by_field, sum_field, inject_crash_after_output })
+        Ok(PullSettings { checkpoint, output, group_by_field, sum_field, inject_crash_after_output, inject_failures })
     }
 }
 

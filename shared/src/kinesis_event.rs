@@ -144,6 +144,9 @@ pub struct KinesisEvent<'a> {
     /// The shard (windows only; otherwise see [`KinesisEventRecord::shard_id`]).
     #[serde(default)]
     pub shard_id: Option<String>,
+    /// The stream's ARN (windows only; otherwise on each record).
+    #[serde(rename = "eventSourceARN", default)]
+    pub event_source_arn: Option<String>,
     /// True on the last invocation of a window: emit the window's results now.
     #[serde(default)]
     pub is_final_invoke_for_window: bool,

@@ -62,6 +62,9 @@ use crate::store::{Precondition, Store, StoreError};
 /// Why an invocation failed as a whole (the mapping retries it).
 #[derive(Debug, thiserror::Error)]
 pub enum RollupError {
+    /// A failure injected on purpose (`PUSHPULL_INJECT_FAILURES`).
+    #[error("injected failure (PUSHPULL_INJECT_FAILURES)")]
+    Injected,
     /// The payload is not a Kinesis event.
     #[error("not a Kinesis event: {0}")]
     Event(#[from] serde_json::Error),
@@ -107,6 +110,7 @@ pub enum RollupError {
 impl From<RollupError> for lambda_runtime::Diagnostic {
     fn from(e: RollupError) -> Self {
         let error_type = match e {
+            RollupError::Injected => "RollupError.Injected",
             RollupError::Event(_) => "RollupError.Event",
             RollupError::Pull(_) => "RollupError.Pull",
             RollupError::Output { .. } => "RollupError.Output",
@@ -264,11 +268,18 @@ impl RollupHandler {
 
     /// Processes one invocation payload.
     pub async fn handle(&self, payload: &[u8]) -> Result<Response, RollupError> {
+        if self.settings.inject_failures > 0.0 && fastrand::f64() < self.settings.inject_failures {
+            warn!("injected failure (PUSHPULL_INJECT_FAILURES)");
+            return Err(RollupError::Injected);
+        }
         let event: KinesisEvent<'_> = serde_json::from_slice(payload)?;
+        // The stream's ARN is on each record, and on the event itself with tumbling windows (a
+        // window's final invocation has no records).
         let stream = event
             .records
             .first()
             .map(|r| &*r.event_source_arn)
+            .or(event.event_source_arn.as_deref())
             .and_then(|arn| arn.split_once(":stream/").map(|(_, s)| s.to_owned()))
             .unwrap_or_else(|| "stream".to_owned());
         let shard_id = event.shard().unwrap_or("shard").to_owned();

@@ -151,12 +151,20 @@ pub struct EsmArgs {
     /// Longest wait between polls of an empty shard, ms.
     #[arg(long, default_value_t = 1000)]
     max_idle_poll_ms: u64,
+    /// Wait between polls of a shard that is caught up but receiving, ms (200: least delay;
+    /// 1000: as AWS polls).
+    #[arg(long, default_value_t = 200)]
+    caught_up_poll_ms: u64,
     /// Write the summary as JSON here too.
     #[arg(long)]
     summary_json: Option<PathBuf>,
     /// Logs: text or json (to stderr).
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// Poll real AWS (credentials, region and endpoints from the environment, as the AWS CLI
+    /// reads them) instead of LocalStack.
+    #[arg(long)]
+    aws: bool,
 }
 
 pub async fn esm(args: EsmArgs) -> Result<(), Error> {
@@ -186,7 +194,16 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         RawSettings::from_template(&t, args.function.as_deref())?.overlay(flags)
     };
     let settings = raw.validate()?;
-    let local = Local::connect().await?;
+    let clients = if args.aws {
+        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Clients {
+            kinesis: aws_sdk_kinesis::Client::new(&config),
+            sqs: aws_sdk_sqs::Client::new(&config),
+            s3: aws_sdk_s3::Client::new(&config),
+        }
+    } else {
+        Clients::from(&Local::connect().await?)
+    };
     let home = std::env::var("PUSHPULL_HOME").map(PathBuf::from).unwrap_or_else(|_| {
         PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/pushpull")
     });
@@ -196,11 +213,12 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     };
     let store = match &location {
         Location::File { root } => Store::file(root),
-        Location::S3 { bucket, prefix } => Store::s3(local.s3.clone(), bucket, prefix),
+        Location::S3 { bucket, prefix } => Store::s3(clients.s3.clone(), bucket, prefix),
     };
     let mut options = RunnerOptions::new(&settings, store);
     options.list_shards_every = Duration::from_secs_f64(args.list_shards_every.max(0.1));
     options.max_idle_poll = Duration::from_millis(args.max_idle_poll_ms.max(200));
+    options.caught_up_poll = Duration::from_millis(args.caught_up_poll_ms.max(200));
     options.stop_when_idle = args.stop_when_idle.map(|s| Duration::from_secs_f64(s.max(0.0)));
     eprintln!(
         "esm: {} -> {} at {} (checkpoints {location}/{})",
@@ -211,8 +229,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         let _ = tokio::signal::ctrl_c().await;
         let _ = stop_tx.send(true);
     });
-    let summary =
-        Runner::run(settings, options, Clients::from(&local), InvokeClient::new(args.invoke_endpoint), stop_rx).await?;
+    let summary = Runner::run(settings, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?;
     println!("esm summary\n{summary}");
     if let Some(path) = args.summary_json {
         std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;

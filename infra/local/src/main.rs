@@ -87,6 +87,7 @@ async fn run_pipeline(args: RunArgs) -> Result<(), Error> {
         verbose: args.verbose,
         timeout: Duration::from_secs(args.timeout),
         keep_running: args.keep_running,
+        caught_up_poll: Duration::from_millis(200),
     };
     let report = run(config).await?;
     println!("{report}");

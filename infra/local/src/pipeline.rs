@@ -348,6 +348,9 @@ pub struct PipelineConfig {
     pub timeout: Duration,
     /// Once done, print the report and keep everything running until Ctrl-C.
     pub keep_running: bool,
+    /// The mapping's wait between polls of a shard that is caught up but receiving
+    /// ([`RunnerOptions::caught_up_poll`]).
+    pub caught_up_poll: Duration,
 }
 
 /// What a run did.
@@ -519,6 +522,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let mut options = RunnerOptions::new(&settings, Store::s3(local.s3.clone(), &r.bucket, "checkpoints/esm"));
     let (delivered_tx, mut delivered_rx) = mpsc::unbounded_channel::<Delivered>();
     options.delivered = Some(delivered_tx);
+    options.caught_up_poll = config.caught_up_poll;
     let mapping = Runner::start(settings, options, clients.clone(), server.client());
 
     let (responses_tx, mut responses_rx) = mpsc::unbounded_channel();

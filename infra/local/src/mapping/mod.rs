@@ -89,6 +89,10 @@ pub struct RunnerOptions {
     pub poll_interval: Duration,
     /// The longest wait between GetRecords on an empty shard (AWS polls about once a second).
     pub max_idle_poll: Duration,
+    /// The wait after a GetRecords that returned records but found the shard caught up
+    /// (MillisBehindLatest 0): `poll_interval` for the least delay, about a second to poll as
+    /// AWS does and spare a busy local Kinesis.
+    pub caught_up_poll: Duration,
     /// First delay before retrying a failed batch; doubles up to `max_retry_backoff`.
     pub retry_backoff: Duration,
     /// Longest delay between retries.
@@ -118,6 +122,7 @@ impl RunnerOptions {
             list_shards_every: Duration::from_secs(5),
             poll_interval: Duration::from_millis(200),
             max_idle_poll: Duration::from_secs(1),
+            caught_up_poll: Duration::from_millis(200),
             retry_backoff: Duration::from_millis(100),
             max_retry_backoff: Duration::from_secs(5),
             stop_when_idle: None,

@@ -250,6 +250,9 @@ async fn read(
         } else {
             empties = 0;
             idle_wait = ctx.options.poll_interval;
+            if behind == 0 {
+                tokio::time::sleep(ctx.options.caught_up_poll.saturating_sub(ctx.options.poll_interval)).await;
+            }
         }
     }
 }

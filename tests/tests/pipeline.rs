@@ -1,0 +1,214 @@
+//! The whole pipeline end to end on LocalStack, as `make run` runs it: S3 -> (async invoke)
+//! push function -> Kinesis -> (event source mapping) pull function -> S3 rollups. 100,000 lines
+//! in five objects (one gzip, one with bad lines); the rollup must equal the input exactly and
+//! every bad line must be in quarantine with its reason. Then the same with faults.
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use pushpull_local::async_invoke::{AsyncSettings, DeliveryOptions};
+use pushpull_local::invoke::InvokeServer;
+use pushpull_local::mapping::Clients;
+use pushpull_local::pipeline::{self, PipelineConfig};
+use pushpull_local::template::Template;
+use pushpull_tests::{local, unique};
+
+const TEMPLATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/template.yaml");
+const LINES: usize = 100_000;
+const BAD_EVERY: usize = 997;
+
+/// Five objects, 100,000 lines in all: `part-2` has a bad line every 997th, `part-4` is gzip.
+fn write_input(dir: &Path) -> usize {
+    let per = LINES / 5;
+    let mut bad = 0;
+    for part in 0..5 {
+        let mut text = String::new();
+        for i in part * per..(part + 1) * per {
+            if part == 2 && i % BAD_EVERY == 0 {
+                text.push_str(&format!("{{\"id\":{i},\"user\":\"u{:03}\", truncated\n", i % 500));
+                bad += 1;
+            } else {
+                text.push_str(&format!(
+                    "{{\"id\":{i},\"user\":\"u{:03}\",\"amount\":{}.{:02},\"note\":\"line {i}\"}}\n",
+                    i % 500,
+                    i % 1000,
+                    i % 100
+                ));
+            }
+        }
+        if part == 4 {
+            let f = std::fs::File::create(dir.join(format!("part-{part}.ndjson.gz"))).unwrap();
+            let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+            gz.write_all(text.as_bytes()).unwrap();
+            gz.finish().unwrap();
+        } else {
+            std::fs::write(dir.join(format!("part-{part}.ndjson")), text).unwrap();
+        }
+    }
+    bad
+}
+
+fn overrides(bucket: &str) -> Vec<String> {
+    vec![
+        format!("DataBucketName={bucket}"),
+        // kinesis-mock's PutRecords slows down as a shard fills (about 1,700 records/s into an
+        // empty shard, 140 at 18,000 records): 16 shards keep each under 6,300.
+        "ShardCount=16".into(),
+        "BatchSize=1000".into(),
+        // Many users: per-key ordering still fills PutRecords calls.
+        "PartitionKeyField=user".into(),
+    ]
+}
+
+fn check_quarantine(entries: &[serde_json::Value], bucket: &str, bad: usize) {
+    assert_eq!(entries.len(), bad);
+    for q in entries {
+        assert_eq!(q["bucket"], bucket);
+        assert_eq!(q["key"], "input/part-2.ndjson");
+        let line = q["line"].as_u64().unwrap() as usize;
+        // Line numbers are 1-based within the object; the bad ones are the multiples of 997.
+        assert_eq!((2 * LINES / 5 + line - 1) % BAD_EVERY, 0, "{q}");
+        assert!(q["reason"].as_str().is_some_and(|r| r.contains("JSON")), "{q}");
+    }
+}
+
+#[tokio::test]
+async fn a_hundred_thousand_lines_roll_up_exactly_once() {
+    let input = tempfile::tempdir().unwrap();
+    let bad = write_input(input.path());
+    let bucket = unique("pp-e2e");
+    let config = PipelineConfig {
+        template: TEMPLATE.into(),
+        stack: unique("e2e"),
+        overrides: overrides(&bucket),
+        input_dir: input.path().to_owned(),
+        delay_scale: 0.01,
+        extra_env: Vec::new(),
+        mapping: Default::default(),
+        progress: false,
+        verbose: false,
+        timeout: Duration::from_secs(1200),
+        keep_running: false,
+        // Poll a caught-up shard once a second, as AWS does: 16 shards polled 5 times a
+        // second would keep kinesis-mock busy with empty reads.
+        caught_up_poll: Duration::from_secs(1),
+    };
+    let report = pipeline::run(config.clone()).await.unwrap();
+    println!("{report}");
+    report.check().unwrap();
+    assert_eq!(report.expected_good as usize + bad, LINES);
+    assert_eq!(report.rollup.values().map(|g| g.0).sum::<u64>() as usize, LINES - bad);
+    assert_eq!(report.rollup.len(), 500);
+    check_quarantine(&report.quarantined, &bucket, bad);
+    assert_eq!(report.failure_queues, (0, 0));
+    // A second run over the same objects: nothing is sent again, the totals stand.
+    let again = pipeline::run(config).await.unwrap();
+    assert!(again.objects.iter().all(|o| o["outcome"] == "already_done"), "{:?}", again.objects);
+    assert_eq!(again.mapping.records_read, 0);
+    again.check().unwrap();
+}
+
+/// The same pipeline with faults: PutRecords throttled (5% of entries), the pull function failing
+/// one invocation in five, and the event source mapping (a process of its own) killed with
+/// SIGKILL twice and restarted. The totals must still be exact.
+#[tokio::test]
+async fn with_faults_the_totals_are_still_exact() {
+    let input = tempfile::tempdir().unwrap();
+    let bad = write_input(input.path());
+    let bucket = unique("pp-faults");
+    let stack = unique("faults");
+    let t = Template::load(Path::new(TEMPLATE), &stack, &overrides(&bucket)).unwrap();
+    let l = local().await;
+    let r = pipeline::provision(&t, &l).await.unwrap();
+    let extra = [
+        ("s3-to-kinesis", vec![("PUSHPULL_INJECT_PUT_FAILURES".to_owned(), "0.05".to_owned())]),
+        ("kinesis-rollup", vec![("PUSHPULL_INJECT_FAILURES".to_owned(), "0.2".to_owned())]),
+    ];
+    let server = InvokeServer::start(pipeline::template_specs(&t, &extra, false).unwrap(), 0, 10).await.unwrap();
+
+    // S3 events: async invoke, in this process.
+    let push = AsyncSettings::from_template(&t, "s3-to-kinesis", 0.01).unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (responses_tx, mut responses_rx) = tokio::sync::mpsc::unbounded_channel();
+    let delivery = {
+        let (clients, invoker, queue) = (Clients::from(&l), server.client(), r.s3_events_queue.clone());
+        let options = DeliveryOptions { responses: Some(responses_tx), ..Default::default() };
+        tokio::spawn(async move {
+            pushpull_local::async_invoke::deliver(push, clients, invoker, &queue, options, stop_rx).await
+        })
+    };
+    let expected = pipeline::expected(input.path(), "user", "amount").unwrap();
+    pipeline::upload(&l, &r, &expected.files).await.unwrap();
+
+    // The mapping: the real runner binary, killed twice mid-stream.
+    let bin = pushpull_local::runtime_api::workspace_binary("pushpull-local");
+    let start = |idle: Option<&str>| {
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["esm", "--template", TEMPLATE, "--stack-name", &stack, "--parameter-overrides"])
+            .args(overrides(&bucket))
+            .args(["--invoke-endpoint", &server.endpoint()])
+            .args(["--checkpoint-uri", &format!("s3://{bucket}/checkpoints/esm"), "--list-shards-every", "1"])
+            .args(["--caught-up-poll-ms", "1000"])
+            .envs(pushpull_local::localstack::function_env())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(idle) = idle {
+            cmd.args(["--stop-when-idle", idle]);
+        }
+        cmd.spawn().unwrap()
+    };
+    let outputs = |l: pushpull_local::localstack::Local, bucket: String, stream: String| async move {
+        l.s3.list_objects_v2()
+            .bucket(bucket)
+            .prefix(format!("output/{stream}/"))
+            .send()
+            .await
+            .unwrap()
+            .key_count()
+            .unwrap_or(0)
+    };
+    for round in 1..=2 {
+        let mut runner = start(None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(600);
+        // Kill it once it has written a few more rollups.
+        let before = outputs(l.clone(), bucket.clone(), r.stream.clone()).await;
+        while outputs(l.clone(), bucket.clone(), r.stream.clone()).await < before + 3 {
+            assert!(std::time::Instant::now() < deadline, "round {round}: the mapping made no progress");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        runner.kill().unwrap(); // SIGKILL, by PID
+        runner.wait().unwrap();
+    }
+    // Wait for every object to be pushed, then let a last runner finish the stream.
+    let mut pushed = std::collections::HashSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(900);
+    while pushed.len() < expected.files.len() {
+        assert!(std::time::Instant::now() < deadline, "objects not pushed: {pushed:?}");
+        match tokio::time::timeout(Duration::from_secs(5), responses_rx.recv()).await {
+            Ok(Some((_, body))) => {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                for o in v["objects"].as_array().into_iter().flatten() {
+                    pushed.insert(o["key"].as_str().unwrap().to_owned());
+                }
+            }
+            Ok(None) => panic!("the S3 event delivery stopped"),
+            Err(_) => {}
+        }
+    }
+    let last = start(Some("5"));
+    let status = tokio::task::spawn_blocking(move || {
+        let mut last = last;
+        last.wait().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "the last runner failed");
+    let _ = stop_tx.send(true);
+    let delivery = delivery.await.unwrap().unwrap();
+    assert_eq!(delivery.retries_exhausted + delivery.expired, 0, "{delivery:?}");
+
+    let (rollup, _) = pipeline::rollup_totals(&l, &r).await.unwrap();
+    assert_eq!(rollup.values().map(|g| g.0).sum::<u64>(), expected.good);
+    assert_eq!(rollup, expected.totals, "the rollup equals the input exactly");
+    check_quarantine(&pipeline::quarantine(&l, &r).await.unwrap(), &bucket, bad);
+}
