@@ -10,7 +10,7 @@ use tokio::sync::{Mutex, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::event::{MAX_PAYLOAD, Rec, WindowPart, event_json};
-use super::outcome::{Answer, Condition, FailureContext, Verdict, failure_record, judge};
+use super::outcome::{Condition, FailureContext, Verdict, failure_record, judge};
 use super::progress::{Progress, WindowCheckpoint};
 use super::{Ctx, MappingError, StartingPosition, now_unix};
 
@@ -514,8 +514,6 @@ impl Lane {
             p.first = false;
             let verdict =
                 judge(&invoked.answer, &p.records, settings.report_batch_item_failures, self.window.is_some());
-            let exhausted =
-                |retries: i64| settings.maximum_retry_attempts >= 0 && retries >= settings.maximum_retry_attempts;
             match verdict {
                 Verdict::Success { state } => {
                     self.set_state(state);
@@ -528,21 +526,8 @@ impl Lane {
                     let ok: Vec<Rec> = p.records.drain(..index).collect();
                     self.done(&ok).await?;
                     info!(shard_id = %self.shard, from = %p.records[0].sequence_number, retries = p.retries, "partial failure: retrying from the lowest failed record");
-                    if exhausted(p.retries) {
-                        let fe = function_error_of(&invoked.answer);
-                        self.give_up(
-                            &p.records,
-                            Condition::RetryAttemptsExhausted,
-                            Some((&invoked.request_id, fe)),
-                            p.invokes,
-                        )
-                        .await?;
-                    } else {
-                        tokio::time::sleep(self.backoff(p.retries)).await;
-                        p.retries += 1;
-                        self.ctx.stats().retries += 1;
-                        queue.push_front(p);
-                    }
+                    // A partial failure answered normally: no functionError in the failure record.
+                    self.retry_or_give_up(p, &mut queue, &invoked.request_id, None).await?;
                 }
                 Verdict::Failed { reason, function_error } => {
                     self.ctx.stats().function_errors += 1;
@@ -563,24 +548,34 @@ impl Lane {
                             invokes: p.invokes,
                             first: false,
                         });
-                    } else if exhausted(p.retries) {
-                        let fe = function_error.as_deref().or(Some("Unhandled"));
-                        self.give_up(
-                            &p.records,
-                            Condition::RetryAttemptsExhausted,
-                            Some((&invoked.request_id, fe)),
-                            p.invokes,
-                        )
-                        .await?;
                     } else {
-                        tokio::time::sleep(self.backoff(p.retries)).await;
-                        p.retries += 1;
-                        self.ctx.stats().retries += 1;
-                        queue.push_front(p);
+                        let fe = function_error.as_deref().or(Some("Unhandled"));
+                        self.retry_or_give_up(p, &mut queue, &invoked.request_id, fe).await?;
                     }
                 }
             }
         }
+        Ok(())
+    }
+
+    /// After a failed attempt: retry `p` (first in line, after a backoff), or, with its retries
+    /// used up, hand it to the failure destination.
+    async fn retry_or_give_up(
+        &self,
+        mut p: Pending,
+        queue: &mut VecDeque<Pending>,
+        request_id: &str,
+        function_error: Option<&str>,
+    ) -> Result<(), MappingError> {
+        let max = self.ctx.settings.maximum_retry_attempts;
+        if max >= 0 && p.retries >= max {
+            let last = Some((request_id, function_error));
+            return self.give_up(&p.records, Condition::RetryAttemptsExhausted, last, p.invokes).await;
+        }
+        tokio::time::sleep(self.backoff(p.retries)).await;
+        p.retries += 1;
+        self.ctx.stats().retries += 1;
+        queue.push_front(p);
         Ok(())
     }
 
@@ -629,8 +624,4 @@ impl Lane {
         p.set_window(None);
         p.save().await.map_err(|source| MappingError::Checkpoint { shard_id: self.shard.to_string(), source })
     }
-}
-
-fn function_error_of(answer: &Answer) -> Option<&'static str> {
-    matches!(answer, Answer::FunctionError(_)).then_some("Unhandled")
 }
