@@ -2,6 +2,29 @@
 //! behaviour of aws-semantics.md: a real function binary (`scripted`, whose answers the records
 //! script) behind the Invoke API, a LocalStack stream, and assertions on the exact sequence of
 //! batches the function received and on what reached the failure destination.
+//!
+//! | behaviour | test |
+//! |---|---|
+//! | BatchSize, sequence order, AWS-shaped events | `batch_size_splits_in_sequence_order` |
+//! | MaximumBatchingWindowInSeconds gathers; window 0 invokes each poll | `the_batching_window_gathers_...`, `without_a_window_...` |
+//! | the 6 MiB payload cap | `batches_stay_under_the_6_mib_payload` |
+//! | partial batch response: retry from the lowest, later successes included | `partial_failure_retries_from_the_lowest_...` |
+//! | no ReportBatchItemFailures: response ignored | `without_report_batch_item_failures_...` |
+//! | empty itemIdentifier: whole batch failed | `an_empty_item_identifier_fails_the_whole_batch` |
+//! | MaximumRetryAttempts, then the SQS failure record | `errors_are_retried_then_the_batch_goes_to_the_sqs_destination` |
+//! | BisectBatchOnFunctionError, splits use no retries | `bisect_isolates_the_bad_record_...` |
+//! | bisect with a partial response: retry from it, no split | `bisect_with_a_partial_response_...` |
+//! | timeouts and crashes are function errors | `timeouts_and_crashes_are_function_errors_and_retried` |
+//! | S3 failure destination: record and payload | `the_s3_destination_gets_the_failure_record_and_the_payload` |
+//! | MaximumRecordAgeInSeconds | `records_older_than_the_maximum_age_...` |
+//! | ParallelizationFactor: order per key, lanes at once | `parallelization_keeps_order_per_partition_key_...` |
+//! | tumbling windows: state, partial failure, final invocation | `tumbling_windows_carry_state_and_end_with_a_final_invocation` |
+//! | resharding: parent before children | `a_parent_shard_is_finished_before_its_children_start` |
+//! | LATEST, AT_TIMESTAMP | `latest_and_at_timestamp_skip_what_came_before` |
+//! | checkpointed position: a second run resumes | `a_second_run_resumes_after_the_checkpoint` |
+//! | kill -9 of the runner process, restart | `a_killed_runner_resumes_where_its_checkpoint_says` |
+//! | idle back-off of polling | `an_idle_shard_is_polled_about_once_a_second_not_five_times` |
+//! | settings AWS refuses, template parameters checked | `the_runner_refuses_settings_aws_refuses` |
 use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;
