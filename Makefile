@@ -36,4 +36,5 @@ bench-esm:      ## local event source mapping vs raw GetRecords: throughput and 
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench esm_throughput -- $(ARGS)
 
 bench-tradeoff: ## the whole pipeline over a grid of batch settings; table + docs/batching-tradeoff.png
+	cargo build --release --workspace --bins
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench batching_tradeoff -- $(ARGS)

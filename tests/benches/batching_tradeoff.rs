@@ -9,7 +9,8 @@
 //! objects, 200 users) and records: end-to-end latency per line (upload to the pull invocation
 //! that carried it; p50 and p95), throughput (lines / time from upload to the last line's
 //! invocation), pull invocations per 1,000 lines and the mean batch. Prints a table for
-//! BENCHMARKS.md and draws `docs/batching-tradeoff.png` (plotters).
+//! BENCHMARKS.md and draws `docs/batching-tradeoff.png` (plotters). `-- redraw TABLE.md [PNG]`
+//! draws the chart again from such a table (`docs/batching-tradeoff.md` is the committed one).
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -93,7 +94,14 @@ fn draw(points: &[Point], path: &Path) -> Result<(), Box<dyn std::error::Error>>
         .x_label_area_size(45)
         .y_label_area_size(70)
         .build_cartesian_2d((100f64..xmax).log_scale(), 0f64..ymax)?;
-    chart.configure_mesh().x_desc("p50 latency, upload to pull invocation (ms, log)").y_desc("lines / s").draw()?;
+    chart
+        .configure_mesh()
+        .x_labels(8)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .x_desc("p50 latency, upload to pull invocation (ms, log)")
+        .y_desc("lines / s")
+        .draw()?;
     for p in points {
         chart.draw_series(std::iter::once(Circle::new((p.p50, p.throughput), 6, color(p).filled())))?;
         chart.draw_series(std::iter::once(Text::new(label(p), (p.p50 * 1.04, p.throughput), ("sans-serif", 13))))?;
@@ -106,7 +114,14 @@ fn draw(points: &[Point], path: &Path) -> Result<(), Box<dyn std::error::Error>>
         .x_label_area_size(45)
         .y_label_area_size(70)
         .build_cartesian_2d((100f64..xmax).log_scale(), (0.5f64..ymax.max(2.0)).log_scale())?;
-    chart.configure_mesh().x_desc("p50 latency (ms, log)").y_desc("invocations per 1,000 lines (log)").draw()?;
+    chart
+        .configure_mesh()
+        .x_labels(8)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.1}"))
+        .x_desc("p50 latency (ms, log)")
+        .y_desc("invocations per 1,000 lines (log)")
+        .draw()?;
     for p in points {
         chart.draw_series(std::iter::once(Circle::new((p.p50, p.per_thousand), 6, color(p).filled())))?;
         chart.draw_series(std::iter::once(Text::new(label(p), (p.p50 * 1.04, p.per_thousand), ("sans-serif", 13))))?;
@@ -115,9 +130,45 @@ fn draw(points: &[Point], path: &Path) -> Result<(), Box<dyn std::error::Error>>
     Ok(())
 }
 
+/// Points from a table this bench printed (its rows, as in BENCHMARKS.md).
+fn parse_table(text: &str) -> Vec<Point> {
+    text.lines()
+        .filter_map(|l| {
+            let c: Vec<f64> = l
+                .split('|')
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(|c| c.parse::<f64>())
+                .collect::<Result<_, _>>()
+                .ok()?;
+            (c.len() == 8).then(|| Point {
+                linger: c[0] as u32,
+                batch: c[1] as u32,
+                window: c[2] as u32,
+                p50: c[3],
+                p95: c[4],
+                throughput: c[5],
+                per_thousand: c[6],
+                mean_batch: c[7],
+            })
+        })
+        .collect()
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    // `redraw TABLE.md [PNG]`: draw the chart again from a table printed earlier.
+    if args.first().map(String::as_str) == Some("redraw") {
+        let text = std::fs::read_to_string(args.get(1).expect("redraw TABLE [PNG]")).unwrap();
+        let png = args
+            .get(2)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/batching-tradeoff.png"));
+        draw(&parse_table(&text), &png).unwrap();
+        println!("chart: {}", png.display());
+        return;
+    }
     let lines: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(4000);
     let png = args
         .get(1)
