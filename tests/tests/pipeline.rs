@@ -212,3 +212,28 @@ async fn with_faults_the_totals_are_still_exact() {
     assert_eq!(rollup, expected.totals, "the rollup equals the input exactly");
     check_quarantine(&pipeline::quarantine(&l, &r).await.unwrap(), &bucket, bad);
 }
+
+/// The sample data with tumbling windows: the rollup is written once per window and shard, from
+/// the window's final invocation (which carries no records), and still equals the input.
+#[tokio::test]
+async fn tumbling_windows_roll_up_the_sample_data_exactly() {
+    let bucket = unique("pp-windows");
+    let config = PipelineConfig {
+        template: TEMPLATE.into(),
+        stack: unique("windows"),
+        overrides: vec![format!("DataBucketName={bucket}"), "TumblingWindowInSeconds=2".into()],
+        input_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/sample-data").into(),
+        delay_scale: 0.01,
+        extra_env: Vec::new(),
+        mapping: Default::default(),
+        progress: false,
+        verbose: false,
+        timeout: Duration::from_secs(300),
+        keep_running: false,
+        caught_up_poll: Duration::from_millis(200),
+    };
+    let report = pipeline::run(config).await.unwrap();
+    report.check().unwrap();
+    assert!(report.mapping.windows_final >= 1);
+    assert_eq!(report.outputs as u64, report.mapping.windows_final, "one output per window and shard");
+}
