@@ -188,17 +188,7 @@ pub async fn deliver(
 ) -> Result<AsyncSummary, DeliveryError> {
     let err = |reason: String| DeliveryError { queue: queue_url.to_owned(), reason };
     let destination_url = match &settings.on_failure {
-        Some(arn) => {
-            let name = arn.rsplit(':').next().unwrap_or_default();
-            let out = clients
-                .sqs
-                .get_queue_url()
-                .queue_name(name)
-                .send()
-                .await
-                .map_err(|e| err(format!("GetQueueUrl {name}: {}", pushpull::aws::describe(&e))))?;
-            Some(out.queue_url().unwrap_or_default().to_owned())
-        }
+        Some(arn) => Some(crate::localstack::queue_url(&clients.sqs, arn).await.map_err(err)?),
         None => None,
     };
     let shared = Arc::new(Shared {

@@ -130,7 +130,6 @@ struct Pool {
     spec: FunctionSpec,
     idle: Mutex<Vec<FunctionHost>>,
     slots: Semaphore,
-    pids: Mutex<Vec<u32>>,
 }
 
 /// Serves the Invoke API for function binaries on 127.0.0.1.
@@ -153,7 +152,6 @@ impl InvokeServer {
                     spec: spec.clone(),
                     idle: Mutex::new(Vec::new()),
                     slots: Semaphore::new(concurrency.max(1)),
-                    pids: Mutex::new(Vec::new()),
                 };
                 (spec.name, Arc::new(pool))
             })
@@ -178,14 +176,6 @@ impl InvokeServer {
         self.pools
             .get(function)
             .map(|p| p.idle.lock().map(|i| i.iter().filter_map(FunctionHost::pid).collect()).unwrap_or_default())
-            .unwrap_or_default()
-    }
-
-    /// The last output lines of the idle sandboxes of `function`.
-    pub fn output(&self, function: &str) -> Vec<String> {
-        self.pools
-            .get(function)
-            .map(|p| p.idle.lock().map(|i| i.iter().flat_map(FunctionHost::output).collect()).unwrap_or_default())
             .unwrap_or_default()
     }
 }
@@ -297,12 +287,7 @@ async fn route(
     let mut host = match host {
         Some(h) => h,
         None => match FunctionHost::start(pool.spec.clone()).await {
-            Ok(h) => {
-                if let (Some(pid), Ok(mut pids)) = (h.pid(), pool.pids.lock()) {
-                    pids.push(pid);
-                }
-                h
-            }
+            Ok(h) => h,
             Err(e) => {
                 let body = serde_json::json!({"errorType": "Runtime.InitError", "errorMessage": e.to_string()});
                 return Ok(reply(StatusCode::OK, body.to_string(), &request_id, true));

@@ -3,8 +3,6 @@
 use std::time::Duration;
 
 use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
-use base64::Engine as _;
-use serde_json::json;
 
 /// The LocalStack endpoint: `LOCALSTACK_ENDPOINT`, else `http://127.0.0.1:4566`.
 pub fn endpoint() -> String {
@@ -271,29 +269,38 @@ pub struct StreamRecord {
     pub arrival: f64,
 }
 
-/// A Kinesis event exactly as the event source mapping shapes it, for `records` of one shard.
+/// A Kinesis event exactly as the event source mapping shapes it, for `records` of one shard
+/// (the mapping's own [`crate::mapping::event::event_json`], as JSON).
 pub fn kinesis_event(records: &[StreamRecord], stream_arn: &str) -> serde_json::Value {
-    let region = stream_arn.split(':').nth(3).unwrap_or(REGION);
-    let recs: Vec<_> = records
+    let recs: Vec<crate::mapping::event::Rec> = records
         .iter()
-        .map(|r| {
-            json!({
-                "kinesis": {
-                    "kinesisSchemaVersion": "1.0",
-                    "partitionKey": r.partition_key,
-                    "sequenceNumber": r.sequence_number,
-                    "data": base64::engine::general_purpose::STANDARD.encode(&r.data),
-                    "approximateArrivalTimestamp": r.arrival,
-                },
-                "eventSource": "aws:kinesis",
-                "eventVersion": "1.0",
-                "eventID": format!("{}:{}", r.shard_id, r.sequence_number),
-                "eventName": "aws:kinesis:record",
-                "invokeIdentityArn": format!("arn:aws:iam::{ACCOUNT}:role/pushpull-local"),
-                "awsRegion": region,
-                "eventSourceARN": stream_arn,
-            })
+        .enumerate()
+        .map(|(i, r)| crate::mapping::event::Rec {
+            shard_id: std::sync::Arc::from(r.shard_id.as_str()),
+            // Only the event's text is built here; `seq` (for comparisons) is not used by it.
+            seq: r.sequence_number.parse().or_else(|_| "0".parse()).expect("0 is a sequence number"),
+            sequence_number: r.sequence_number.clone(),
+            partition_key: r.partition_key.clone(),
+            data: bytes::Bytes::copy_from_slice(&r.data),
+            arrival: r.arrival,
+            encryption: None,
+            index: i as u64,
         })
         .collect();
-    json!({ "Records": recs })
+    let shard = records.first().map_or("", |r| r.shard_id.as_str());
+    let role = format!("arn:aws:iam::{ACCOUNT}:role/pushpull-local");
+    let text = crate::mapping::event::event_json(&recs, shard, stream_arn, &role, None);
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+/// The URL of the SQS queue with this ARN.
+pub async fn queue_url(sqs: &aws_sdk_sqs::Client, arn: &str) -> Result<String, String> {
+    let name = arn.rsplit(':').next().unwrap_or_default();
+    let out = sqs
+        .get_queue_url()
+        .queue_name(name)
+        .send()
+        .await
+        .map_err(|e| format!("GetQueueUrl {name}: {}", pushpull::aws::describe(&e)))?;
+    Ok(out.queue_url().unwrap_or_default().to_owned())
 }

@@ -490,12 +490,8 @@ impl std::fmt::Display for Report {
 }
 
 fn percentiles(mut v: Vec<f64>) -> [f64; 4] {
-    if v.is_empty() {
-        return [0.0; 4];
-    }
     v.sort_by(f64::total_cmp);
-    let p = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-    [p(0.5), p(0.95), p(0.99), v[v.len() - 1]]
+    [0.5, 0.95, 0.99, 1.0].map(|q| crate::mapping::percentile(&v, q))
 }
 
 /// Runs the pipeline once over `config.input_dir` and reports. Everything it starts (function
@@ -556,7 +552,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
                 latencies.push((d.invoked_at - uploads[file].1) * 1000.0);
             }
         }
-        let m = mapping.summary();
+        let (records_read, invocations) = mapping.progress();
         let pushed = uploads.iter().filter(|(k, _)| summaries.contains_key(k)).count();
         let sent: u64 = summaries
             .values()
@@ -569,8 +565,8 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
                 "  [{:>5.1} s] objects {pushed}/{} pushed, {sent} records sent, {} pulled in {} invocations",
                 started.elapsed().as_secs_f64(),
                 uploads.len(),
-                m.records_read,
-                m.invocations
+                records_read,
+                invocations
             );
         }
         if pushed == uploads.len() && pushed_at.is_none() {
@@ -591,7 +587,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
                 "not done after {:?}: {pushed}/{} objects pushed, {sent} records sent, {} pulled",
                 config.timeout,
                 uploads.len(),
-                m.records_read
+                records_read
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -32,21 +32,7 @@ impl FailureDestination {
     }
 
     async fn queue_url(&self, arn: &str) -> Result<String, String> {
-        self.queue_url
-            .get_or_try_init(|| async {
-                let name = arn.rsplit(':').next().unwrap_or_default();
-                let out = self
-                    .clients
-                    .sqs
-                    .get_queue_url()
-                    .queue_name(name)
-                    .send()
-                    .await
-                    .map_err(|e| format!("GetQueueUrl {name}: {}", pushpull::aws::describe(&e)))?;
-                Ok(out.queue_url().unwrap_or_default().to_owned())
-            })
-            .await
-            .cloned()
+        self.queue_url.get_or_try_init(|| crate::localstack::queue_url(&self.clients.sqs, arn)).await.cloned()
     }
 
     async fn try_send(&self, record: &Value, payload: Option<&str>, shard_id: &str) -> Result<String, String> {

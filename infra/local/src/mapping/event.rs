@@ -83,6 +83,8 @@ pub fn event_json(
     out.push_str("{\"Records\":[");
     let b64 = base64::engine::general_purpose::STANDARD;
     let js = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned());
+    // The same for every record: escaped once.
+    let (role, stream) = (js(role_arn), js(stream_arn));
     for (i, r) in records.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -100,10 +102,7 @@ pub fn event_json(
             "}},\"eventSource\":\"aws:kinesis\",\"eventVersion\":\"1.0\",\"eventID\":\"{}:{}\",\
              \"eventName\":\"aws:kinesis:record\",\"invokeIdentityArn\":{},\"awsRegion\":\"{region}\",\
              \"eventSourceARN\":{}}}",
-            r.shard_id,
-            r.sequence_number,
-            js(role_arn),
-            js(stream_arn)
+            r.shard_id, r.sequence_number, role, stream
         );
     }
     out.push(']');
@@ -116,7 +115,7 @@ pub fn event_json(
             iso8601(w.end as f64),
             serde_json::to_string(w.state).unwrap_or_else(|_| "{}".into()),
             js(shard_id),
-            js(stream_arn),
+            stream,
             w.is_final,
             w.terminated_early
         );

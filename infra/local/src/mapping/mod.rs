@@ -144,7 +144,10 @@ pub(crate) struct Stats {
     empty_polls: u64,
     records_read: u64,
     invocations: u64,
-    batch_sizes: Vec<u32>,
+    batches: u64,
+    batch_records: u64,
+    batch_size_min: u32,
+    batch_size_max: u32,
     function_errors: u64,
     partial_failures: u64,
     retries: u64,
@@ -219,7 +222,8 @@ pub struct Summary {
     pub active_s: f64,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// The `p` quantile (0..=1) of sorted values, nearest rank; 0 when empty.
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -228,10 +232,16 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 impl Stats {
+    pub(crate) fn batch(&mut self, size: u32) {
+        self.batch_size_min = if self.batches == 0 { size } else { self.batch_size_min.min(size) };
+        self.batch_size_max = self.batch_size_max.max(size);
+        self.batches += 1;
+        self.batch_records += u64::from(size);
+    }
+
     fn summary(&self) -> Summary {
         let mut d = self.delays_ms.clone();
         d.sort_by(f64::total_cmp);
-        let n = self.batch_sizes.len();
         Summary {
             shards_started: self.shards_started,
             shards_finished: self.shards_finished,
@@ -240,13 +250,9 @@ impl Stats {
             records_read: self.records_read,
             invocations: self.invocations,
             records_delivered: self.delays_ms.len() as u64,
-            batch_size_min: self.batch_sizes.iter().copied().min().unwrap_or(0),
-            batch_size_mean: if n == 0 {
-                0.0
-            } else {
-                self.batch_sizes.iter().map(|&b| f64::from(b)).sum::<f64>() / n as f64
-            },
-            batch_size_max: self.batch_sizes.iter().copied().max().unwrap_or(0),
+            batch_size_min: self.batch_size_min,
+            batch_size_mean: if self.batches == 0 { 0.0 } else { self.batch_records as f64 / self.batches as f64 },
+            batch_size_max: self.batch_size_max,
             function_errors: self.function_errors,
             partial_failures: self.partial_failures,
             retries: self.retries,
@@ -349,6 +355,13 @@ impl RunningMapping {
     /// What it did so far.
     pub fn summary(&self) -> Summary {
         self.ctx.stats().summary()
+    }
+
+    /// Records read and invocations so far (cheap, unlike [`RunningMapping::summary`], which
+    /// sorts every delay).
+    pub fn progress(&self) -> (u64, u64) {
+        let s = self.ctx.stats();
+        (s.records_read, s.invocations)
     }
 
     /// Nothing read is left undone and no tumbling window is open.

@@ -507,7 +507,7 @@ impl Lane {
                     }
                 }
             }
-            self.ctx.stats().batch_sizes.push(p.records.len() as u32);
+            self.ctx.stats().batch(p.records.len() as u32);
             debug!(shard_id = %self.shard, lane = self.lane_no, records = p.records.len(), first = %p.records[0].sequence_number, "invoking");
             let invoked = self.invoke(payload).await?;
             p.invokes += 1;
