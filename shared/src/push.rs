@@ -347,7 +347,33 @@ fn now_ms() -> u64 {
 
 enum Claim {
     Done(ObjectProgress),
-    Owned { progress: ObjectProgress, version: Etag, resumed: bool },
+    /// `interrupted`: the earlier owner's checkpoint, when this claim takes over from one.
+    Owned {
+        progress: ObjectProgress,
+        version: Etag,
+        interrupted: Option<Interrupted>,
+    },
+}
+
+/// When an interrupted owner may have written records its checkpoint does not cover: from its
+/// last checkpoint (less a margin for clock skew between this host and Kinesis's arrival stamps)
+/// to the end of its lease (plus the same margin). Taken from the earlier checkpoint before the
+/// claim overwrites those fields with the new owner's.
+#[derive(Debug, Clone, Copy)]
+struct Interrupted {
+    since_ms: u64,
+    until_ms: u64,
+}
+
+impl Interrupted {
+    const SKEW_MS: u64 = 5_000;
+
+    fn of(p: &ObjectProgress) -> Self {
+        Interrupted {
+            since_ms: p.checkpointed_at_ms.saturating_sub(Self::SKEW_MS),
+            until_ms: p.lease_until_ms.saturating_add(2 * Self::SKEW_MS),
+        }
+    }
 }
 
 /// Records an interrupted owner wrote after its last checkpoint, by partition key, in order.
@@ -477,7 +503,7 @@ impl<S: RecordSink> PushHandler<S> {
         let lease_ms = self.settings.lease.as_millis() as u64;
         for _ in 0..5 {
             let now = now_ms();
-            let (progress, etag, resumed) =
+            let (progress, etag, interrupted) =
                 match self.checkpoints.load::<ObjectProgress>(id).await.map_err(self.checkpoint_err(ev))? {
                     Some((p, _)) if p.complete => return Ok(Claim::Done(p)),
                     Some((p, _)) if p.owner != invocation.request_id && p.lease_until_ms > now => {
@@ -488,7 +514,10 @@ impl<S: RecordSink> PushHandler<S> {
                             lease_until_ms: p.lease_until_ms,
                         });
                     }
-                    Some((p, etag)) => (p, Some(etag), true),
+                    Some((p, etag)) => {
+                        let interrupted = Interrupted::of(&p);
+                        (p, Some(etag), Some(interrupted))
+                    }
                     None => {
                         let p = ObjectProgress {
                             bucket: ev.bucket.clone(),
@@ -497,7 +526,7 @@ impl<S: RecordSink> PushHandler<S> {
                             sequencer: ev.sequencer.clone(),
                             ..ObjectProgress::default()
                         };
-                        (p, None, false)
+                        (p, None, None)
                     }
                 };
             let mut mine = progress;
@@ -509,7 +538,7 @@ impl<S: RecordSink> PushHandler<S> {
                 None => self.checkpoints.create(id, &mine).await,
             };
             match written {
-                Ok(version) => return Ok(Claim::Owned { progress: mine, version, resumed }),
+                Ok(version) => return Ok(Claim::Owned { progress: mine, version, interrupted }),
                 Err(CheckpointError::Conflict { .. }) => continue,
                 Err(e) => return Err(self.checkpoint_err(ev)(e)),
             }
@@ -534,19 +563,19 @@ impl<S: RecordSink> PushHandler<S> {
         }
         let version = ev.version_id.clone().or_else(|| ev.etag.clone()).unwrap_or_else(|| "unversioned".into());
         let id = format!("objects/{}/{}/{}.json", ev.bucket, safe_path(&ev.key), safe_path(&version));
-        let (progress, cp_version, resumed) = match self.claim(ev, &id, &version, invocation).await? {
+        let (progress, cp_version, interrupted) = match self.claim(ev, &id, &version, invocation).await? {
             Claim::Done(p) => {
                 info!(bucket = %ev.bucket, key = %ev.key, "already processed; duplicate notification ignored");
                 return Ok(ObjectSummary::from_progress(ev, Outcome::AlreadyDone, &p));
             }
-            Claim::Owned { progress, version, resumed } => (progress, version, resumed),
+            Claim::Owned { progress, version, interrupted } => (progress, version, interrupted),
         };
         let resumed_after_line = progress.lines_done;
 
         let read_err =
             |operation, message| PushError::Read { bucket: ev.bucket.clone(), key: ev.key.clone(), operation, message };
         let gzip_by_name = ev.key.ends_with(".gz");
-        let ranged = resumed && progress.bytes_done > 0 && !gzip_by_name;
+        let ranged = interrupted.is_some() && progress.bytes_done > 0 && !gzip_by_name;
         let mut get = self.s3.get_object().bucket(&ev.bucket).key(&ev.key);
         if let Some(v) = &ev.version_id {
             get = get.version_id(v);
@@ -607,13 +636,12 @@ impl<S: RecordSink> PushHandler<S> {
         let (mut chunks, _reader) = spawn_frame_reader(FramedRead::with_capacity(reader, codec, 64 * 1024));
         let mut chunk = Vec::new().into_iter();
 
-        let mut written = if resumed {
-            let positions = progress.shard_positions.clone();
-            let since = progress.checkpointed_at_ms.saturating_sub(5_000);
-            let until = progress.lease_until_ms + 10_000;
-            let found = self.producer.sink().written_since(&positions, since, until).await.map_err(|e| {
-                PushError::ReadBack { bucket: ev.bucket.clone(), key: ev.key.clone(), message: e.message }
-            })?;
+        let mut written = if let Some(window) = interrupted {
+            let positions = &progress.shard_positions;
+            let found =
+                self.producer.sink().written_since(positions, window.since_ms, window.until_ms).await.map_err(|e| {
+                    PushError::ReadBack { bucket: ev.bucket.clone(), key: ev.key.clone(), message: e.message }
+                })?;
             let mut by_key: HashMap<String, VecDeque<Bytes>> = HashMap::new();
             for r in found {
                 by_key.entry(r.partition_key).or_default().push_back(r.data);
