@@ -82,7 +82,7 @@ pub fn fields<'a, const N: usize>(
 fn as_text(raw: &RawValue) -> Result<Option<Cow<'_, str>>, LineError> {
     let text = raw.get();
     // A string without escapes is the text between its quotes: no second parse.
-    if text.len() >= 2 && text.starts_with('"') && !text.contains('\\') {
+    if text.len() >= 2 && text.starts_with('"') && memchr::memchr(b'\\', text.as_bytes()).is_none() {
         return Ok(Some(Cow::Borrowed(&text[1..text.len() - 1])));
     }
     if text.starts_with('"') {
@@ -91,6 +91,35 @@ fn as_text(raw: &RawValue) -> Result<Option<Cow<'_, str>>, LineError> {
         Ok(None)
     } else {
         Ok(Some(Cow::Borrowed(text)))
+    }
+}
+
+/// An object key as bytes, escapes undone: compared with the names sought, it needs no UTF-8
+/// check of its own (the caller checked the whole line already).
+struct Key<'de>(Cow<'de, [u8]>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_bytes<E>(self, v: &'de [u8]) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Borrowed(v.as_bytes())))
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.to_vec())))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key(Cow::Owned(v.as_bytes().to_vec())))
+            }
+        }
+        d.deserialize_bytes(V)
     }
 }
 
@@ -113,8 +142,8 @@ impl<'de, const N: usize> Visitor<'de> for FindFields<'_, N> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut found = [None; N];
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match self.names.iter().position(|n| *n == Some(&*key)) {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            match self.names.iter().position(|n| n.is_some_and(|n| n.as_bytes() == &*key)) {
                 Some(i) if found[i].is_none() => found[i] = Some(map.next_value::<&'de RawValue>()?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -166,8 +195,8 @@ impl<'de> Visitor<'de> for FindField<'_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut found = None;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            if found.is_none() && key == self.field {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            if found.is_none() && &*key == self.field.as_bytes() {
                 found = Some(map.next_value::<&'de RawValue>()?);
             } else {
                 map.next_value::<IgnoredAny>()?;
@@ -210,6 +239,10 @@ mod tests {
         assert_eq!(inspect(br#"{"a":1}"#, Some("user")).unwrap(), None);
         assert_eq!(inspect(br#"{"user":null}"#, Some("user")).unwrap(), None);
         assert_eq!(inspect(br#"{"user":"a\"b"}"#, Some("user")).unwrap().as_deref(), Some("a\"b"));
+        // Keys are compared with their escapes undone.
+        assert_eq!(inspect(br#"{"us\u0065r":"e"}"#, Some("user")).unwrap().as_deref(), Some("e"));
+        let [a, b] = fields(br#"{"\u0061":1,"b\n":2}"#, [Some("a"), Some("b\n")]).unwrap();
+        assert_eq!((a.as_deref(), b.as_deref()), (Some("1"), Some("2")));
         assert_eq!(inspect(br#"{"user":[1, 2]}"#, Some("user")).unwrap().as_deref(), Some("[1, 2]"));
         assert_eq!(inspect(br#"[{"user":"x"}]"#, Some("user")).unwrap(), None);
         assert_eq!(inspect(br#""just a string""#, Some("user")).unwrap(), None);

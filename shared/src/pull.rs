@@ -237,7 +237,7 @@ where
     let mut buf = Vec::new();
     let mut stopped = false;
     for (index, r) in records.iter().enumerate() {
-        let sequence_number = sequence_number(r)?;
+        let seq = sequence_number(r)?;
         if stopped {
             result.not_attempted += 1;
             continue;
@@ -248,7 +248,7 @@ where
                 let record = Record {
                     index,
                     shard_id: r.shard_id(),
-                    sequence_number: sequence_number.clone(),
+                    sequence_number: seq,
                     partition_key: &r.kinesis.partition_key,
                     arrival: r.kinesis.approximate_arrival_timestamp,
                     data: &buf,
@@ -259,6 +259,8 @@ where
         match outcome {
             Ok(()) => result.processed += 1,
             Err(reason) => {
+                // Parsed again rather than cloned for every record: failures are the exception.
+                let sequence_number = sequence_number(r)?;
                 result.failures.push(Failure { index, sequence_number, shard_id: r.shard_id().to_owned(), reason });
                 stopped = options.stop_at_first_failure;
             }

@@ -66,8 +66,11 @@ pub enum RollupError {
     #[error("injected failure (PUSHPULL_INJECT_FAILURES)")]
     Injected,
     /// The payload is not a Kinesis event.
-    #[error("not a Kinesis event: {0}")]
-    Event(#[from] serde_json::Error),
+    #[error(transparent)]
+    Event(#[from] crate::kinesis_event::EventError),
+    /// The window state the mapping passed back is not a rollup this function wrote.
+    #[error("window state is not a rollup: {0}")]
+    WindowState(#[from] serde_json::Error),
     /// A record cannot be reported.
     #[error(transparent)]
     Pull(#[from] PullError),
@@ -112,6 +115,7 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
         let error_type = match e {
             RollupError::Injected => "RollupError.Injected",
             RollupError::Event(_) => "RollupError.Event",
+            RollupError::WindowState(_) => "RollupError.WindowState",
             RollupError::Pull(_) => "RollupError.Pull",
             RollupError::Output { .. } => "RollupError.Output",
             RollupError::ForeignOutput { .. } => "RollupError.ForeignOutput",
@@ -137,10 +141,14 @@ impl Sum {
     /// the sum.
     pub fn parse(text: &str) -> Option<Sum> {
         let scale = 10i128.pow(SUM_SCALE);
-        let plain = !text.contains(['e', 'E']);
+        // Byte loops, not memchr: amounts are a few bytes long.
+        let plain = !text.bytes().any(|b| b | 0x20 == b'e');
         if plain {
             let (neg, digits) = text.strip_prefix('-').map_or((false, text), |d| (true, d));
-            let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+            let (int, frac) = match digits.bytes().position(|b| b == b'.') {
+                Some(dot) => (&digits[..dot], &digits[dot + 1..]),
+                None => (digits, ""),
+            };
             if !int.is_empty()
                 && int.len() <= 18
                 && int.bytes().all(|b| b.is_ascii_digit())
@@ -272,7 +280,7 @@ impl RollupHandler {
             warn!("injected failure (PUSHPULL_INJECT_FAILURES)");
             return Err(RollupError::Injected);
         }
-        let event: KinesisEvent<'_> = serde_json::from_slice(payload)?;
+        let event = KinesisEvent::from_slice(payload)?;
         // The stream's ARN is on each record, and on the event itself with tumbling windows (a
         // window's final invocation has no records).
         let stream = event
@@ -339,13 +347,84 @@ impl RollupHandler {
     /// first failure: the mapping redelivers everything from the lowest failure on, so counting a
     /// record after it now would count it twice. Returns the rollup, how many records (from the
     /// start of `records`) it covers, and the batch result.
+    ///
+    /// Large batches are checked in contiguous parts on as many threads as the function has
+    /// vCPUs (Lambda gives 2 from 1,769 MB of memory); the parts are merged in record order, so
+    /// the result is the same as one pass.
     fn roll_up(&self, records: &[KinesisEventRecord<'_>]) -> Result<(Rollup, usize, BatchResult), RollupError> {
-        // Groups are interned: a record costs no allocation unless it starts a new group.
-        let mut index_of: HashMap<String, usize> = HashMap::new();
+        let threads = std::thread::available_parallelism().map_or(1, usize::from).min(records.len() / PART_MIN);
+        let parts: Vec<Result<Part, PullError>> = if threads <= 1 {
+            vec![self.scan(records, 0)]
+        } else {
+            let size = records.len().div_ceil(threads);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = records
+                    .chunks(size)
+                    .enumerate()
+                    .map(|(i, chunk)| s.spawn(move || self.scan(chunk, i * size)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+            })
+        };
+        // Merge: one result, groups re-interned in order of first sight across the parts.
+        let mut result = BatchResult::default();
+        let mut index_of: HashMap<&str, usize> = HashMap::new();
+        let mut names: Vec<&str> = Vec::new();
+        let mut parts_ok = Vec::with_capacity(parts.len());
+        for part in parts {
+            let mut part = part?;
+            result.processed += part.result.processed;
+            result.not_attempted += part.result.not_attempted;
+            result.failures.append(&mut part.result.failures);
+            parts_ok.push(part);
+        }
+        let covered = result.failures.iter().map(|f| f.index).min().unwrap_or(records.len());
+        let mut acc: Vec<Option<(u64, Sum, usize, usize)>> = Vec::new();
+        for part in &parts_ok {
+            let global: Vec<usize> = part
+                .names
+                .iter()
+                .map(|name| {
+                    *index_of.entry(name.as_str()).or_insert_with(|| {
+                        names.push(name.as_str());
+                        names.len() - 1
+                    })
+                })
+                .collect();
+            acc.resize(names.len(), None);
+            // A part's items stop at its first failure, which is at or after `covered`.
+            for (j, (id, amount)) in part.items.iter().enumerate() {
+                let i = part.base + j;
+                if i >= covered {
+                    break;
+                }
+                let slot = acc[global[*id as usize]].get_or_insert((0, Sum(0), i, i));
+                slot.0 += 1;
+                slot.1.0 += amount.0;
+                slot.3 = i;
+            }
+        }
+        let mut rollup = Rollup::default();
+        for (name, slot) in names.into_iter().zip(acc) {
+            if let Some((count, sum, first, last)) = slot {
+                rollup.groups.insert(
+                    name.to_owned(),
+                    Group { count, sum, first_sequence: seq_at(records, first), last_sequence: seq_at(records, last) },
+                );
+            }
+        }
+        Ok((rollup, covered, result))
+    }
+
+    /// Checks `records` (which start at index `base` of the batch) and notes each record's group
+    /// and amount up to the first failure. Groups are interned: a record costs no allocation
+    /// unless it starts a new group.
+    fn scan(&self, records: &[KinesisEventRecord<'_>], base: usize) -> Result<Part, PullError> {
+        let mut index_of: HashMap<String, u32> = HashMap::new();
         let mut names: Vec<String> = Vec::new();
         let mut items: Vec<(u32, Sum)> = Vec::with_capacity(records.len());
         let (group_field, sum_field) = (self.settings.group_by_field.as_deref(), self.settings.sum_field.as_deref());
-        let result = process_records(records, Options::default(), |record| -> Result<(), String> {
+        let mut result = process_records(records, Options::default(), |record| -> Result<(), String> {
             let [group, amount] = ndjson::fields(record.data, [group_field, sum_field]).map_err(|e| e.to_string())?;
             let amount = match (sum_field, amount) {
                 (Some(field), Some(v)) => {
@@ -361,35 +440,21 @@ impl RollupHandler {
                 Some(&id) => id,
                 None => {
                     names.push(group.to_owned());
-                    index_of.insert(group.to_owned(), names.len() - 1);
-                    names.len() - 1
+                    index_of.insert(group.to_owned(), (names.len() - 1) as u32);
+                    (names.len() - 1) as u32
                 }
             };
             // Records are handled in order, so items[i] belongs to records[i] up to the first
             // failure, which is where the rollup stops anyway.
             if items.len() == record.index {
-                items.push((id as u32, amount));
+                items.push((id, amount));
             }
             Ok(())
         })?;
-        let covered = result.failures.iter().map(|f| f.index).min().unwrap_or(records.len()).min(items.len());
-        let mut acc: Vec<Option<(u64, Sum, usize, usize)>> = vec![None; names.len()];
-        for (i, (id, amount)) in items[..covered].iter().enumerate() {
-            let slot = acc[*id as usize].get_or_insert((0, Sum(0), i, i));
-            slot.0 += 1;
-            slot.1.0 += amount.0;
-            slot.3 = i;
+        for f in &mut result.failures {
+            f.index += base;
         }
-        let mut rollup = Rollup::default();
-        for (name, slot) in names.into_iter().zip(acc) {
-            if let Some((count, sum, first, last)) = slot {
-                rollup.groups.insert(
-                    name,
-                    Group { count, sum, first_sequence: seq_at(records, first), last_sequence: seq_at(records, last) },
-                );
-            }
-        }
-        Ok((rollup, covered, result))
+        Ok(Part { base, names, items, result })
     }
 
     /// Writes the rollup of `records[..covered]` exactly once; returns the highest sequence
@@ -490,6 +555,22 @@ impl RollupHandler {
     }
 }
 
+/// Below this many records per thread, one thread checks the whole batch (starting a thread costs
+/// about as much as checking 200 records).
+const PART_MIN: usize = 2_000;
+
+/// What [`RollupHandler::scan`] found in one contiguous part of a batch.
+struct Part {
+    /// Index of the part's first record in the batch.
+    base: usize,
+    /// The part's groups, in order of first sight.
+    names: Vec<String>,
+    /// Group (index into `names`) and amount of each record, up to the part's first failure.
+    items: Vec<(u32, Sum)>,
+    /// The part's result, failure indices relative to the batch.
+    result: BatchResult,
+}
+
 /// The sequence number of `records[i]`, already checked by `process_records`.
 fn seq_at(records: &[KinesisEventRecord<'_>], i: usize) -> SequenceNumber {
     records[i].sequence_number().unwrap_or_else(|_| unreachable!("checked by process_records"))
@@ -506,6 +587,67 @@ fn max_last_sequence(body: &[u8]) -> Option<SequenceNumber> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch of `n` records, `{"user":"u<i % 7>","amount":1.5}`, with the records at `bad`
+    /// not JSON.
+    fn batch(n: usize, bad: &[usize]) -> String {
+        use base64::Engine as _;
+        let records: Vec<String> = (0..n)
+            .map(|i| {
+                let line = if bad.contains(&i) { "not json".to_owned() } else { format!(r#"{{"user":"u{}","amount":1.5}}"#, i % 7) };
+                let data = base64::engine::general_purpose::STANDARD.encode(line);
+                format!(
+                    r#"{{"kinesis":{{"partitionKey":"p","sequenceNumber":"{}","data":"{data}","approximateArrivalTimestamp":1}},"eventID":"shardId-0:{}","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/s"}}"#,
+                    1000 + i,
+                    1000 + i
+                )
+            })
+            .collect();
+        format!(r#"{{"Records":[{}]}}"#, records.join(","))
+    }
+
+    #[test]
+    fn a_batch_checked_in_parts_rolls_up_as_one_pass_would() {
+        let settings = PullSettings::from_env(crate::config::Env::from_pairs([
+            ("GROUP_BY_FIELD", "user"),
+            ("SUM_FIELD", "amount"),
+        ]))
+        .unwrap();
+        let h = RollupHandler::new(settings, Store::file("/nonexistent/out"), Store::file("/nonexistent/cp"));
+        let n = 3 * PART_MIN; // parts on any machine with two or more cores
+        for bad in [vec![], vec![n - 10], vec![PART_MIN / 2, n - 1], vec![2 * PART_MIN + 3, 5]] {
+            let payload = batch(n, &bad);
+            let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
+            let (rollup, covered, result) = h.roll_up(&event.records).unwrap();
+            let first_bad = bad.iter().copied().min().unwrap_or(n);
+            assert_eq!(covered, first_bad, "{bad:?}");
+            let mut failed: Vec<usize> = result.failures.iter().map(|f| f.index).collect();
+            failed.sort();
+            let mut expected_failed = bad.clone();
+            expected_failed.sort();
+            assert_eq!(failed, expected_failed, "every bad record is reported, at its batch index");
+            assert_eq!(result.processed, n - bad.len());
+            // One pass over the covered prefix, by hand.
+            let mut expected: BTreeMap<String, (u64, usize, usize)> = BTreeMap::new();
+            for i in 0..covered {
+                let e = expected.entry(format!("u{}", i % 7)).or_insert((0, i, i));
+                e.0 += 1;
+                e.2 = i;
+            }
+            let got: BTreeMap<String, (u64, usize, usize)> = rollup
+                .groups
+                .iter()
+                .map(|(k, g)| {
+                    let at = |s: &SequenceNumber| s.as_str().parse::<usize>().unwrap() - 1000;
+                    (k.clone(), (g.count, at(&g.first_sequence), at(&g.last_sequence)))
+                })
+                .collect();
+            assert_eq!(got, expected, "{bad:?}");
+            for g in rollup.groups.values() {
+                assert_eq!(g.sum, Sum(i128::from(g.count) * 1_500_000_000));
+            }
+        }
+    }
 
     #[test]
     fn sums_are_exact_decimals() {
