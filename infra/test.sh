@@ -34,7 +34,12 @@ trap - EXIT
 passed=0; failed=0
 while read -r p f; do passed=$((passed + p)); failed=$((failed + f)); done < <(
   sed -nE 's/^test result: [a-zA-Z]+\. ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/p' "$log"
-  sed -nE 's/.*[0-9]+ tests? run: ([0-9]+) passed(, ([0-9]+) failed)?.*/\1 \3/p' "$log" | tail -n 1 | sed -E 's/ $/ 0/'
+  # nextest: "112 tests run: 111 passed (5 slow), 1 failed, 0 skipped"; the parts vary.
+  grep -E '[0-9]+ tests? run: ' "$log" | tail -n 1 | awk '{
+    p = 0; f = 0
+    if (match($0, /[0-9]+ passed/)) p = substr($0, RSTART, RLENGTH) + 0
+    if (match($0, /[0-9]+ failed/)) f = substr($0, RSTART, RLENGTH) + 0
+    print p, f }'
 )
 rm -f "$log"
 echo "tests: $passed passed, $failed failed"
