@@ -11,6 +11,10 @@
 //!   `flush` when the deadline passes or input ends. No clock inside except `deadline()`.
 //! - [`batched`], which wraps a `Stream` and yields batches, honouring the timeout with tokio's
 //!   timer (so it can be tested with paused time).
+//! - [`KeyOrderedBatcher`], a [`Batcher`] that puts at most one item of a key in a batch, so that
+//!   a batch may fail in part and be resent without a later item of a key overtaking an earlier
+//!   one, and still fills its batches (a later item of a key waits for the next batch instead of
+//!   closing this one).
 //!
 //! ```
 //! use pushpull::batch::{BatchConfig, Batcher};
@@ -25,7 +29,7 @@
 //! assert_eq!(batcher.ready(), None);
 //! assert_eq!(batcher.flush(), Some(vec!["gh".into()]));
 //! ```
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -181,11 +185,200 @@ impl<T: ByteSize> Batcher<T> {
         self.open.len()
     }
 
+    /// Batches sealed and not yet taken.
+    fn sealed_len(&self) -> usize {
+        self.sealed.len()
+    }
+
     fn seal(&mut self) {
         if !self.open.is_empty() {
             self.sealed.push_back(std::mem::take(&mut self.open));
             self.open_bytes = 0;
             self.opened_at = None;
+        }
+    }
+}
+
+/// A [`Batcher`] that keeps items of one key in order across batches by never putting two items
+/// of a key in the same batch.
+///
+/// Why: a batch sent with one call (Kinesis `PutRecords`) can fail in part. If two items of a key
+/// shared a batch and only the first failed, resending it would put it after the second. With one
+/// item of a key per batch, and batches sent one after another, resending a batch's failures
+/// before the next batch keeps every key's order.
+///
+/// An item whose key is in the open batch (or already waiting) waits in order for a later batch,
+/// instead of closing this one, so batches still fill up when keys repeat. At most
+/// `max_waiting` items wait; past that the open batch is sealed early to make room (a stream of one
+/// key gets batches of one item, which is the price of its order). Items without a key (`None`)
+/// are never held back.
+///
+/// ```
+/// use pushpull::batch::{BatchConfig, KeyOrderedBatcher};
+/// use std::time::Duration;
+///
+/// let config = BatchConfig::new(3, 1_000, Duration::from_millis(100)).unwrap();
+/// let mut batcher = KeyOrderedBatcher::new(config, 100);
+/// for (key, item) in [(1, "a1"), (1, "a2"), (2, "b1"), (3, "c1"), (1, "a3")] {
+///     batcher.push(Some(key), item.to_string()).unwrap();
+/// }
+/// assert_eq!(batcher.ready(), Some(vec!["a1".into(), "b1".into(), "c1".into()]));
+/// assert_eq!(batcher.flush(), Some(vec!["a2".into()]));
+/// assert_eq!(batcher.flush(), Some(vec!["a3".into()]));
+/// assert_eq!(batcher.flush(), None);
+/// ```
+#[derive(Debug)]
+pub struct KeyOrderedBatcher<T> {
+    batcher: Batcher<T>,
+    open_keys: HashSet<u64, KeyHashing>,
+    waiting: VecDeque<(u64, T)>,
+    waiting_keys: HashMap<u64, usize, KeyHashing>,
+    max_waiting: usize,
+    /// Scratch for `refill`, kept to reuse its allocation.
+    blocked: HashSet<u64, KeyHashing>,
+}
+
+/// Keys are hashes already (callers pass a hash of the partition key): used as they are.
+type KeyHashing = std::hash::BuildHasherDefault<KeyHasher>;
+
+#[derive(Debug, Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed here; fold anything else in all the same.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl<T: ByteSize> KeyOrderedBatcher<T> {
+    /// Batches under `config`, with at most `max_waiting` items held back for a later batch.
+    pub fn new(config: BatchConfig, max_waiting: usize) -> Self {
+        KeyOrderedBatcher {
+            batcher: Batcher::new(config),
+            open_keys: HashSet::default(),
+            waiting: VecDeque::new(),
+            waiting_keys: HashMap::default(),
+            max_waiting,
+            blocked: HashSet::default(),
+        }
+    }
+
+    /// Adds an item of `key` (any stable hash of it; `None`: no order to keep). Sealed batches are
+    /// taken with [`KeyOrderedBatcher::ready`]. An item bigger than `max_bytes` on its own is
+    /// refused and handed back.
+    pub fn push(&mut self, key: Option<u64>, item: T) -> Result<(), Oversized<T>> {
+        let size = item.byte_size();
+        let max_bytes = self.batcher.config().max_bytes();
+        if size > max_bytes {
+            return Err(Oversized { item, size, max_bytes });
+        }
+        match key {
+            Some(k) if self.open_keys.contains(&k) || self.waiting_keys.contains_key(&k) => {
+                self.waiting.push_back((k, item));
+                *self.waiting_keys.entry(k).or_default() += 1;
+                if self.waiting.len() > self.max_waiting {
+                    self.batcher.seal();
+                    self.open_keys.clear();
+                    self.refill();
+                }
+            }
+            _ => {
+                if self.add_open(key, item) {
+                    self.refill();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A sealed (full) batch, oldest first.
+    pub fn ready(&mut self) -> Option<Vec<T>> {
+        self.batcher.ready()
+    }
+
+    /// Seals the open batch, whatever its size, and returns the oldest batch waiting; items held
+    /// back fill the next open batch. Call until `None` to drain everything.
+    pub fn flush(&mut self) -> Option<Vec<T>> {
+        if self.batcher.sealed_len() == 0 {
+            self.batcher.seal();
+            self.open_keys.clear();
+            self.refill();
+            if self.batcher.sealed_len() == 0 {
+                // Everything is in the (new) open batch now, or nothing was left.
+                self.batcher.seal();
+                self.open_keys.clear();
+            }
+        }
+        self.batcher.ready()
+    }
+
+    /// When the open batch's linger time runs out; `None` when nothing is open.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.batcher.deadline()
+    }
+
+    /// Whether nothing is buffered, open, sealed or held back.
+    pub fn is_empty(&self) -> bool {
+        self.batcher.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Items held back for a later batch.
+    pub fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Puts an item in the open batch; true if that sealed a batch (before or after the item).
+    fn add_open(&mut self, key: Option<u64>, item: T) -> bool {
+        let sealed_before = self.batcher.sealed_len();
+        // Cannot be oversized: `push` checked.
+        let _ = self.batcher.push(item);
+        let sealed = self.batcher.sealed_len() > sealed_before;
+        if sealed {
+            self.open_keys.clear();
+        }
+        // The item is in the open batch unless the count limit sealed it right away.
+        if let Some(k) = key
+            && self.batcher.open_len() > 0
+        {
+            self.open_keys.insert(k);
+        }
+        sealed
+    }
+
+    /// Moves held-back items into the open batch, in order, while their keys are not in it. An
+    /// item stays back if an earlier item of its key does.
+    fn refill(&mut self) {
+        loop {
+            let mut sealed_again = false;
+            self.blocked.clear();
+            let mut kept = VecDeque::with_capacity(self.waiting.len());
+            while let Some((k, item)) = self.waiting.pop_front() {
+                if sealed_again || self.open_keys.contains(&k) || self.blocked.contains(&k) {
+                    self.blocked.insert(k);
+                    kept.push_back((k, item));
+                    continue;
+                }
+                if let Some(n) = self.waiting_keys.get_mut(&k) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.waiting_keys.remove(&k);
+                    }
+                }
+                sealed_again |= self.add_open(Some(k), item);
+            }
+            self.waiting = kept;
+            if !sealed_again || self.waiting.is_empty() {
+                break;
+            }
         }
     }
 }
@@ -321,6 +514,87 @@ mod tests {
         assert_eq!(b.ready().unwrap(), ["a"]);
         assert_eq!(b.ready().unwrap(), ["b"]);
         assert_eq!(b.deadline(), None);
+    }
+
+    #[test]
+    fn key_ordered_batches_keep_every_keys_order_and_fill_up() {
+        // Items are (key, sequence) strings of 1-9 bytes; checked over many random runs.
+        for seed in 0..300u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (events, bytes, keys, max_waiting) =
+                (rng.usize(1..8), rng.usize(9..60), rng.u64(1..12), rng.usize(0..10));
+            let mut b = KeyOrderedBatcher::new(cfg(events, bytes, 10), max_waiting);
+            let mut out: Vec<Vec<String>> = Vec::new();
+            let n = rng.usize(0..200);
+            let mut pushed = Vec::new();
+            for i in 0..n {
+                let key = rng.u64(0..keys);
+                let item = format!("{key}:{i}{}", "x".repeat(rng.usize(0..5)));
+                pushed.push(item.clone());
+                let k = if key == 0 { None } else { Some(key) }; // key 0 stands for "no key"
+                b.push(k, item).unwrap();
+                assert!(b.waiting_len() <= max_waiting, "seed {seed}: at most {max_waiting} held back");
+                while let Some(batch) = b.ready() {
+                    out.push(batch);
+                }
+                if rng.usize(0..20) == 0 {
+                    while let Some(batch) = b.flush() {
+                        out.push(batch);
+                    }
+                }
+            }
+            while let Some(batch) = b.flush() {
+                out.push(batch);
+            }
+            assert!(b.is_empty());
+            let key_of = |s: &str| s.split(':').next().unwrap().to_owned();
+            let seq_of = |s: &str| s.split(':').nth(1).unwrap().trim_end_matches('x').parse::<usize>().unwrap();
+            for batch in &out {
+                assert!(!batch.is_empty() && batch.len() <= events, "seed {seed}: {batch:?}");
+                assert!(batch.iter().map(String::len).sum::<usize>() <= bytes, "seed {seed}");
+                let mut keys: Vec<String> = batch.iter().map(|s| key_of(s)).filter(|k| k != "0").collect();
+                let before = keys.len();
+                keys.sort();
+                keys.dedup();
+                assert_eq!(keys.len(), before, "seed {seed}: a key twice in one batch: {batch:?}");
+            }
+            let flat: Vec<&String> = out.iter().flatten().collect();
+            let mut all: Vec<&String> = flat.clone();
+            all.sort();
+            let mut expected: Vec<&String> = pushed.iter().collect();
+            expected.sort();
+            assert_eq!(all, expected, "seed {seed}: every item exactly once");
+            let mut last: HashMap<String, usize> = HashMap::new();
+            for item in flat {
+                let k = key_of(item);
+                if k == "0" {
+                    continue;
+                }
+                let seq = seq_of(item);
+                assert!(last.insert(k, seq).is_none_or(|prev| prev < seq), "seed {seed}: order of a key broken");
+            }
+        }
+    }
+
+    #[test]
+    fn key_ordered_batches_fill_when_keys_repeat() {
+        // 100 keys in random order, batches of 50: closing a batch at the first repeated key would
+        // give batches of about 12 (the birthday bound); holding the repeat back fills them.
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut b = KeyOrderedBatcher::new(cfg(50, 100_000, 10), 500);
+        for i in 0..1_000u64 {
+            b.push(Some(rng.u64(0..100)), format!("{i}")).unwrap();
+        }
+        let mut sizes = Vec::new();
+        while let Some(batch) = b.ready() {
+            sizes.push(batch.len());
+        }
+        while let Some(batch) = b.flush() {
+            sizes.push(batch.len());
+        }
+        assert_eq!(sizes.iter().sum::<usize>(), 1_000);
+        assert!(sizes.iter().filter(|n| **n == 50).count() >= 15, "{sizes:?}");
+        assert!(sizes.len() <= 25, "{sizes:?}");
     }
 
     #[test]

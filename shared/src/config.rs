@@ -208,8 +208,9 @@ pub struct PushSettings {
     /// `PUT_MAX_ATTEMPTS`: attempts per record (first try included) before the invocation fails.
     pub put_max_attempts: u32,
     /// `PUT_ORDERING`: `per-key` (default) keeps each partition key's records in line order even
-    /// across resends, by never putting two records of one key in the same call; `none` fills
-    /// calls regardless (faster with few keys; a resent record may land after a later one).
+    /// across resends, by never putting two records of one key in the same call (a later record
+    /// of a key waits for the next call: [`crate::batch::KeyOrderedBatcher`]); `none` fills calls
+    /// regardless (a resent record may land after a later one of its key).
     pub ordering: Ordering,
     /// `CHECKPOINT_INTERVAL_MS`: how often progress within an object is checkpointed.
     pub checkpoint_interval: Duration,

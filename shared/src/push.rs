@@ -28,7 +28,7 @@
 //! - access denied, throttling, network or 5xx on S3; records not written to Kinesis: an error.
 //! - test events, non-`ObjectCreated` events and keys under the function's own output or
 //!   quarantine locations (the loop guard): skipped with a log line.
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_s3::error::SdkError;
@@ -40,7 +40,7 @@ use tokio::io::AsyncBufRead;
 use tokio_util::codec::FramedRead;
 use tracing::{info, warn};
 
-use crate::batch::Batcher;
+use crate::batch::KeyOrderedBatcher;
 use crate::checkpoint::{CheckpointError, Checkpoints};
 use crate::config::{Ordering, PushSettings};
 use crate::kinesis_producer::{
@@ -405,9 +405,7 @@ struct Run<'a> {
     ev: &'a ObjectEvent,
     progress: ObjectProgress,
     version: Etag,
-    batcher: Batcher<OutRecord>,
-    /// Hashes of the partition keys in the open batch (a collision only closes a batch early).
-    batch_keys: HashSet<u64>,
+    batcher: KeyOrderedBatcher<OutRecord>,
     quarantine: QuarantineWriter,
     /// Last line read and the offset after it; blank lines read since the last checkpoint.
     read_line: u64,
@@ -666,14 +664,14 @@ impl<S: RecordSink> PushHandler<S> {
             read_offset: progress.bytes_done,
             progress,
             version: cp_version,
-            batcher: Batcher::new(self.settings.put),
-            batch_keys: HashSet::new(),
+            batcher: KeyOrderedBatcher::new(self.settings.put, self.settings.put.max_events()),
             quarantine: QuarantineWriter::new(self.quarantine.clone(), q_prefix),
             blank_since: 0,
             sent: SendReport::default(),
             last_checkpoint: StdInstant::now(),
         };
         let field = self.settings.partition_key_field.as_deref();
+        let mut blocks = DataBlocks::default();
 
         // One timer for the linger of the open batch, re-armed only when that deadline changes,
         // and the clocks read every 128 lines: this loop runs per line, millions of times.
@@ -744,7 +742,7 @@ impl<S: RecordSink> PushHandler<S> {
                         run.blank_since += 1;
                         continue;
                     }
-                    match to_record(&line.bytes, line.number, field, self.settings.record_max_bytes) {
+                    match to_record(&line.bytes, line.number, field, self.settings.record_max_bytes, &mut blocks) {
                         Err(reason) => Some((reason, QuarantinedLine::excerpt_of(&line.bytes))),
                         Ok(record) => {
                             if written.as_mut().is_some_and(|w| w.take(&record.partition_key, &record.data)) {
@@ -792,14 +790,14 @@ impl<S: RecordSink> PushHandler<S> {
         Ok(processed_summary(ev, &progress, resumed_after_line, 0, started))
     }
 
-    /// Adds a record to the open batch; with per-key ordering, a second record of a key closes the
-    /// batch first. Sends whatever batches are full.
+    /// Adds a record to the batcher and sends whatever batches are full.
     async fn add_record(&self, run: &mut Run<'_>, record: OutRecord) -> Result<(), PushError> {
-        let key = xxhash_rust::xxh3::xxh3_64(record.partition_key.as_bytes());
-        if self.settings.ordering == Ordering::PerKey && run.batch_keys.contains(&key) {
-            self.flush_batch(run).await?;
-        }
-        if let Err(oversized) = run.batcher.push(record) {
+        // With per-key ordering a batch holds one record of a key; a later one waits for the next
+        // batch (see KeyOrderedBatcher), so a partial failure resent before the next batch cannot
+        // be overtaken.
+        let key = (self.settings.ordering == Ordering::PerKey)
+            .then(|| xxhash_rust::xxh3::xxh3_64(record.partition_key.as_bytes()));
+        if let Err(oversized) = run.batcher.push(key, record) {
             // Only possible if RECORD_MAX_BYTES > PUT_MAX_BYTES, which the configuration refuses.
             let reason = format!("record of {} bytes exceeds PUT_MAX_BYTES", oversized.size);
             let entry = QuarantinedLine {
@@ -814,28 +812,17 @@ impl<S: RecordSink> PushHandler<S> {
             run.quarantine.add(&entry);
             return Ok(());
         }
-        let mut sealed = false;
         while let Some(batch) = run.batcher.ready() {
-            sealed = true;
             self.send(run, batch).await?;
-        }
-        if sealed {
-            // Sealing leaves at most the record just added in the open batch.
-            run.batch_keys.clear();
-            if run.batcher.open_len() == 1 {
-                run.batch_keys.insert(key);
-            }
-        } else {
-            run.batch_keys.insert(key);
         }
         Ok(())
     }
 
+    /// Sends everything buffered, records held back for a later batch included.
     async fn flush_batch(&self, run: &mut Run<'_>) -> Result<(), PushError> {
         while let Some(batch) = run.batcher.flush() {
             self.send(run, batch).await?;
         }
-        run.batch_keys.clear();
         Ok(())
     }
 
@@ -985,11 +972,35 @@ fn gone_reason<R>(e: &SdkError<GetObjectError, R>) -> Option<&'static str> {
 }
 
 /// Checks a line and makes it a record, or says why it cannot be one.
+/// Copies record data into shared 64 KiB blocks: a record then costs no allocation of its own,
+/// and keeps alive at most the block it shares with its neighbours in the batch, never the read
+/// buffer it came from (megabytes when long lines surround short ones).
+#[derive(Default)]
+struct DataBlocks {
+    block: bytes::BytesMut,
+}
+
+impl DataBlocks {
+    const SIZE: usize = 64 * 1024;
+
+    fn copy(&mut self, data: &[u8]) -> Bytes {
+        if data.len() > Self::SIZE / 8 {
+            return Bytes::copy_from_slice(data);
+        }
+        if self.block.capacity() - self.block.len() < data.len() {
+            self.block = bytes::BytesMut::with_capacity(Self::SIZE);
+        }
+        self.block.extend_from_slice(data);
+        self.block.split().freeze()
+    }
+}
+
 fn to_record(
     bytes: &bytes::Bytes,
     number: u64,
     field: Option<&str>,
     record_max_bytes: usize,
+    blocks: &mut DataBlocks,
 ) -> Result<OutRecord, String> {
     let key = match ndjson::inspect(bytes, field) {
         Ok(key) => key,
@@ -1002,9 +1013,7 @@ fn to_record(
         // over shards and is the same on every retry.
         _ => format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes)),
     };
-    // A copy, not a slice: a slice would keep the whole read buffer it came from alive for as long
-    // as the record waits in a batch (megabytes per record when long lines surround short ones).
-    let record = OutRecord::new(partition_key, Bytes::copy_from_slice(bytes), number);
+    let record = OutRecord::new(partition_key, blocks.copy(bytes), number);
     let size = crate::batch::ByteSize::byte_size(&record);
     if size > record_max_bytes {
         return Err(format!(
@@ -1019,23 +1028,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn record_data_shares_blocks_but_never_the_read_buffer() {
+        let mut blocks = DataBlocks::default();
+        let read_buffer = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+        let a = blocks.copy(&read_buffer[..100]);
+        let b = blocks.copy(&read_buffer[100..300]);
+        assert_eq!((&a[..], &b[..]), (&read_buffer[..100], &read_buffer[100..300]));
+        assert_eq!(a.as_ptr().wrapping_add(100), b.as_ptr(), "neighbours share a block");
+        let big = blocks.copy(&read_buffer[..DataBlocks::SIZE]);
+        assert_eq!(big.len(), DataBlocks::SIZE, "long data gets its own allocation");
+        for _ in 0..2_000 {
+            let r = blocks.copy(&read_buffer[..90]);
+            assert_eq!(r.len(), 90);
+        }
+        drop(read_buffer); // nothing above refers to it
+        assert_eq!(&a[..3], b"xxx");
+    }
+
+    #[test]
     fn records_take_the_field_or_a_stable_hash() {
         let line = bytes::Bytes::from_static(br#"{"user":"u1","n":1}"#);
-        assert_eq!(to_record(&line, 1, Some("user"), 1000).unwrap().partition_key, "u1");
-        let hashed = to_record(&line, 1, None, 1000).unwrap().partition_key;
+        assert_eq!(to_record(&line, 1, Some("user"), 1000, &mut DataBlocks::default()).unwrap().partition_key, "u1");
+        let hashed = to_record(&line, 1, None, 1000, &mut DataBlocks::default()).unwrap().partition_key;
         assert_eq!(hashed.len(), 16);
-        assert_eq!(hashed, to_record(&line, 9, Some("missing"), 1000).unwrap().partition_key);
+        assert_eq!(
+            hashed,
+            to_record(&line, 9, Some("missing"), 1000, &mut DataBlocks::default()).unwrap().partition_key
+        );
         let long = bytes::Bytes::from(format!(r#"{{"user":"{}"}}"#, "x".repeat(300)));
-        assert_eq!(to_record(&long, 1, Some("user"), 1000).unwrap().partition_key.len(), 16);
+        assert_eq!(
+            to_record(&long, 1, Some("user"), 1000, &mut DataBlocks::default()).unwrap().partition_key.len(),
+            16
+        );
     }
 
     #[test]
     fn bad_lines_get_reasons() {
-        let err = to_record(&bytes::Bytes::from_static(b"{nope"), 3, None, 1000).unwrap_err();
+        let err =
+            to_record(&bytes::Bytes::from_static(b"{nope"), 3, None, 1000, &mut DataBlocks::default()).unwrap_err();
         assert!(err.starts_with("invalid JSON: key must be a string"), "{err}");
-        let err = to_record(&bytes::Bytes::from_static(b"\"\xfe\""), 3, None, 1000).unwrap_err();
+        let err =
+            to_record(&bytes::Bytes::from_static(b"\"\xfe\""), 3, None, 1000, &mut DataBlocks::default()).unwrap_err();
         assert_eq!(err, "not UTF-8 (invalid byte at offset 1 of the line)");
-        let err = to_record(&bytes::Bytes::from_static(br#"{"a":"0123456789"}"#), 3, None, 20).unwrap_err();
+        let err =
+            to_record(&bytes::Bytes::from_static(br#"{"a":"0123456789"}"#), 3, None, 20, &mut DataBlocks::default())
+                .unwrap_err();
         assert!(err.contains("exceeds RECORD_MAX_BYTES (20)"), "{err}");
     }
 }
