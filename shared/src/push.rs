@@ -46,7 +46,7 @@ use crate::config::{Ordering, PushSettings};
 use crate::kinesis_producer::{
     FaultInjectingSink, KinesisSink, OutRecord, ProduceError, Producer, RecordSink, SendReport,
 };
-use crate::lines::{Frame, LineCodec};
+use crate::lines::{BlockFrame, LineBlock, LineBlocks, LineCodec};
 use crate::ndjson::{self, LineError};
 use crate::object_reader::{ObjectReader, ObjectRef};
 use crate::quarantine::{QuarantineWriter, QuarantinedLine, safe_path};
@@ -629,10 +629,12 @@ impl<S: RecordSink> PushHandler<S> {
         } else {
             LineCodec::new(self.settings.max_line_bytes)
         };
-        // Reading and splitting run in a task of their own and hand over frames in chunks, so that
-        // the S3 read overlaps the checking and batching below.
-        let (mut chunks, _reader) = spawn_frame_reader(FramedRead::with_capacity(reader, codec, 64 * 1024));
-        let mut chunk = Vec::new().into_iter();
+        // Reading and splitting run in a task of their own and hand over blocks of whole lines, so
+        // that the S3 read overlaps the checking and batching below.
+        let (mut blocks_in, _reader) =
+            spawn_block_reader(FramedRead::with_capacity(reader, LineBlocks::new(codec), 64 * 1024));
+        let mut block = LineBlock::default();
+        let mut at = 0usize;
 
         let mut written = if let Some(window) = interrupted {
             let positions = &progress.shard_positions;
@@ -702,12 +704,15 @@ impl<S: RecordSink> PushHandler<S> {
                 }
                 armed = deadline;
             }
-            let frame = match chunk.next() {
-                Some(frame) => frame,
+            let frame = match block.frames.get(at) {
+                Some(frame) => {
+                    at += 1;
+                    *frame
+                }
                 None => {
                     let next = tokio::select! {
                         biased;
-                        next = chunks.recv() => next,
+                        next = blocks_in.recv() => next,
                         _ = &mut linger, if armed.is_some() => {
                             self.flush_batch(&mut run).await?;
                             continue;
@@ -716,34 +721,34 @@ impl<S: RecordSink> PushHandler<S> {
                     match next {
                         None => break,
                         Some(Err(e)) => return Err(read_err("read body", crate::aws::error_chain(&e))),
-                        Some(Ok(frames)) => {
-                            chunk = frames.into_iter();
+                        Some(Ok(next)) => {
+                            block = next;
+                            at = 0;
                             continue;
                         }
                     }
                 }
             };
-            let (number, offset, end) = match &frame {
-                Frame::TooLong { number, offset, len } => (*number, *offset, offset + len + 1),
-                Frame::Line(l) => (l.number, l.offset, l.offset + l.bytes.len() as u64 + 1),
-            };
+            let (BlockFrame::TooLong { number, offset, next_offset, .. }
+            | BlockFrame::Line { number, offset, next_offset, .. }) = frame;
             if number <= run.progress.lines_done {
                 continue; // done before the checkpoint (gzip resume re-reads from the start)
             }
             run.read_line = number;
-            run.read_offset = end;
+            run.read_offset = next_offset;
             let bad = match frame {
-                Frame::TooLong { len, .. } => Some((
+                BlockFrame::TooLong { len, .. } => Some((
                     format!("line of {len} bytes exceeds MAX_LINE_BYTES ({})", self.settings.max_line_bytes),
                     String::new(),
                 )),
-                Frame::Line(line) => {
-                    if line.bytes.iter().all(u8::is_ascii_whitespace) {
+                BlockFrame::Line { .. } => {
+                    let line = block.line(&frame);
+                    if line.iter().all(u8::is_ascii_whitespace) {
                         run.blank_since += 1;
                         continue;
                     }
-                    match to_record(&line.bytes, line.number, field, self.settings.record_max_bytes, &mut blocks) {
-                        Err(reason) => Some((reason, QuarantinedLine::excerpt_of(&line.bytes))),
+                    match to_record(line, number, field, self.settings.record_max_bytes, &mut blocks) {
+                        Err(reason) => Some((reason, QuarantinedLine::excerpt_of(line))),
                         Ok(record) => {
                             if written.as_mut().is_some_and(|w| w.take(&record.partition_key, &record.data)) {
                                 found_written += 1;
@@ -886,9 +891,6 @@ fn processed_summary(
     summary
 }
 
-/// Frames handed over at most this many at a time.
-const FRAME_CHUNK: usize = 1024;
-
 /// Aborts a task when dropped (an early return must not leave the reader running).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -898,53 +900,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
-type FrameChunk = Result<Vec<Frame>, std::io::Error>;
+type BlockResult = Result<LineBlock, std::io::Error>;
 
-/// Reads frames in a task; each chunk holds what was ready (at most [`FRAME_CHUNK`]), so a slow
-/// input never holds frames back. The end of the input closes the channel.
-fn spawn_frame_reader<R>(mut frames: FramedRead<R, LineCodec>) -> (tokio::sync::mpsc::Receiver<FrameChunk>, AbortOnDrop)
+/// Reads blocks of lines in a task; a few blocks (of up to the read buffer's size) wait at most,
+/// so a slow consumer holds the read back instead of buffering the object. The end of the input
+/// closes the channel.
+fn spawn_block_reader<R>(mut blocks: FramedRead<R, LineBlocks>) -> (tokio::sync::mpsc::Receiver<BlockResult>, AbortOnDrop)
 where
     R: tokio::io::AsyncRead + Send + Unpin + 'static,
 {
-    use futures_util::FutureExt;
-    let (tx, rx) = tokio::sync::mpsc::channel::<FrameChunk>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<BlockResult>(4);
     let task = tokio::spawn(async move {
-        loop {
-            let first = match frames.next().await {
-                None => return,
-                Some(Err(e)) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-                Some(Ok(frame)) => frame,
-            };
-            let mut chunk = Vec::with_capacity(FRAME_CHUNK);
-            chunk.push(first);
-            let mut tail = None;
-            while chunk.len() < FRAME_CHUNK {
-                match frames.next().now_or_never() {
-                    Some(Some(Ok(frame))) => chunk.push(frame),
-                    Some(Some(Err(e))) => {
-                        tail = Some(Err(e));
-                        break;
-                    }
-                    Some(None) => {
-                        tail = Some(Ok(()));
-                        break;
-                    }
-                    None => break, // nothing ready now: hand over what there is
-                }
-            }
-            if tx.send(Ok(chunk)).await.is_err() {
+        while let Some(block) = blocks.next().await {
+            let failed = block.is_err();
+            if tx.send(block).await.is_err() || failed {
                 return;
-            }
-            match tail {
-                Some(Err(e)) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
-                Some(Ok(())) => return,
-                None => {}
             }
         }
     });
@@ -996,7 +966,7 @@ impl DataBlocks {
 }
 
 fn to_record(
-    bytes: &bytes::Bytes,
+    bytes: &[u8],
     number: u64,
     field: Option<&str>,
     record_max_bytes: usize,
