@@ -209,9 +209,9 @@ impl<T: ByteSize> Batcher<T> {
 ///
 /// An item whose key is in the open batch (or already waiting) waits in order for a later batch,
 /// instead of closing this one, so batches still fill up when keys repeat. At most
-/// `max_waiting` items wait; past that the open batch is sealed early to make room (a stream of one
-/// key gets batches of one item, which is the price of its order). Items without a key (`None`)
-/// are never held back.
+/// `max_waiting` items, and at most a batch's `max_bytes`, wait; past that the open batch is
+/// sealed early to make room (a stream of one key gets batches of one item, which is the price of
+/// its order). Items without a key (`None`) are never held back.
 ///
 /// ```
 /// use pushpull::batch::{BatchConfig, KeyOrderedBatcher};
@@ -230,12 +230,25 @@ impl<T: ByteSize> Batcher<T> {
 #[derive(Debug)]
 pub struct KeyOrderedBatcher<T> {
     batcher: Batcher<T>,
+    /// Keys of the items in the open batch.
     open_keys: HashSet<u64, KeyHashing>,
-    waiting: VecDeque<(u64, T)>,
-    waiting_keys: HashMap<u64, usize, KeyHashing>,
+    /// Items held back: first and last slot of each key's list, in push order.
+    waiting: HashMap<u64, (usize, usize), KeyHashing>,
+    /// The held-back items, each key's linked through `next` (one allocation for all keys).
+    slots: Vec<Slot<T>>,
+    /// Slots free for reuse.
+    free: Vec<usize>,
+    /// Keys with items held back, each once, oldest first.
+    queue: VecDeque<u64>,
+    waiting_len: usize,
+    waiting_bytes: usize,
     max_waiting: usize,
-    /// Scratch for `refill`, kept to reuse its allocation.
-    blocked: HashSet<u64, KeyHashing>,
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    item: Option<T>,
+    next: usize,
 }
 
 /// Keys are hashes already (callers pass a hash of the partition key): used as they are.
@@ -265,10 +278,13 @@ impl<T: ByteSize> KeyOrderedBatcher<T> {
         KeyOrderedBatcher {
             batcher: Batcher::new(config),
             open_keys: HashSet::default(),
-            waiting: VecDeque::new(),
-            waiting_keys: HashMap::default(),
+            waiting: HashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            queue: VecDeque::new(),
+            waiting_len: 0,
+            waiting_bytes: 0,
             max_waiting,
-            blocked: HashSet::default(),
         }
     }
 
@@ -282,13 +298,35 @@ impl<T: ByteSize> KeyOrderedBatcher<T> {
             return Err(Oversized { item, size, max_bytes });
         }
         match key {
-            Some(k) if self.open_keys.contains(&k) || self.waiting_keys.contains_key(&k) => {
-                self.waiting.push_back((k, item));
-                *self.waiting_keys.entry(k).or_default() += 1;
-                if self.waiting.len() > self.max_waiting {
-                    self.batcher.seal();
-                    self.open_keys.clear();
-                    self.refill();
+            // A key with items held back is always in the open batch too (see `refill`).
+            Some(k) if self.open_keys.contains(&k) => {
+                let slot = match self.free.pop() {
+                    Some(i) => {
+                        self.slots[i] = Slot { item: Some(item), next: usize::MAX };
+                        i
+                    }
+                    None => {
+                        self.slots.push(Slot { item: Some(item), next: usize::MAX });
+                        self.slots.len() - 1
+                    }
+                };
+                match self.waiting.entry(k) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        let (_, tail) = e.get_mut();
+                        self.slots[*tail].next = slot;
+                        *tail = slot;
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert((slot, slot));
+                        self.queue.push_back(k);
+                    }
+                }
+                self.waiting_len += 1;
+                self.waiting_bytes += size;
+                // Bounded by count and by bytes (a batch's worth), whatever the items' sizes: each
+                // seal lets at least one held-back item into the fresh open batch.
+                while self.waiting_len > self.max_waiting || self.waiting_bytes > max_bytes {
+                    self.seal_and_refill();
                 }
             }
             _ => {
@@ -309,16 +347,19 @@ impl<T: ByteSize> KeyOrderedBatcher<T> {
     /// back fill the next open batch. Call until `None` to drain everything.
     pub fn flush(&mut self) -> Option<Vec<T>> {
         if self.batcher.sealed_len() == 0 {
-            self.batcher.seal();
-            self.open_keys.clear();
-            self.refill();
+            self.seal_and_refill();
             if self.batcher.sealed_len() == 0 {
-                // Everything is in the (new) open batch now, or nothing was left.
-                self.batcher.seal();
-                self.open_keys.clear();
+                // The open batch was empty: what the refill moved into it goes now.
+                self.seal_and_refill();
             }
         }
         self.batcher.ready()
+    }
+
+    fn seal_and_refill(&mut self) {
+        self.batcher.seal();
+        self.open_keys.clear();
+        self.refill();
     }
 
     /// When the open batch's linger time runs out; `None` when nothing is open.
@@ -333,7 +374,7 @@ impl<T: ByteSize> KeyOrderedBatcher<T> {
 
     /// Items held back for a later batch.
     pub fn waiting_len(&self) -> usize {
-        self.waiting.len()
+        self.waiting_len
     }
 
     /// Puts an item in the open batch; true if that sealed a batch (before or after the item).
@@ -354,31 +395,33 @@ impl<T: ByteSize> KeyOrderedBatcher<T> {
         sealed
     }
 
-    /// Moves held-back items into the open batch, in order, while their keys are not in it. An
-    /// item stays back if an earlier item of its key does.
+    /// After a seal: moves the first held-back item of each waiting key (oldest key first) into
+    /// the open batch, starting over whenever that seals another batch. Afterwards every key with
+    /// items still held back has one in the open batch.
     fn refill(&mut self) {
-        loop {
-            let mut sealed_again = false;
-            self.blocked.clear();
-            let mut kept = VecDeque::with_capacity(self.waiting.len());
-            while let Some((k, item)) = self.waiting.pop_front() {
-                if sealed_again || self.open_keys.contains(&k) || self.blocked.contains(&k) {
-                    self.blocked.insert(k);
-                    kept.push_back((k, item));
+        'pass: loop {
+            for _ in 0..self.queue.len() {
+                let Some(k) = self.queue.pop_front() else { break 'pass };
+                if self.open_keys.contains(&k) {
+                    self.queue.push_back(k);
                     continue;
                 }
-                if let Some(n) = self.waiting_keys.get_mut(&k) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.waiting_keys.remove(&k);
-                    }
+                let Some(&(head, tail)) = self.waiting.get(&k) else { continue };
+                let Some(item) = self.slots[head].item.take() else { continue };
+                self.free.push(head);
+                self.waiting_len -= 1;
+                self.waiting_bytes -= item.byte_size();
+                if head == tail {
+                    self.waiting.remove(&k);
+                } else {
+                    self.waiting.insert(k, (self.slots[head].next, tail));
+                    self.queue.push_back(k);
                 }
-                sealed_again |= self.add_open(Some(k), item);
+                if self.add_open(Some(k), item) {
+                    continue 'pass;
+                }
             }
-            self.waiting = kept;
-            if !sealed_again || self.waiting.is_empty() {
-                break;
-            }
+            break;
         }
     }
 }
@@ -534,13 +577,18 @@ mod tests {
                 let k = if key == 0 { None } else { Some(key) }; // key 0 stands for "no key"
                 b.push(k, item).unwrap();
                 assert!(b.waiting_len() <= max_waiting, "seed {seed}: at most {max_waiting} held back");
+                assert!(b.waiting_bytes <= bytes, "seed {seed}: at most a batch's bytes held back");
                 while let Some(batch) = b.ready() {
                     out.push(batch);
                 }
-                if rng.usize(0..20) == 0 {
-                    while let Some(batch) = b.flush() {
-                        out.push(batch);
+                match rng.usize(0..20) {
+                    0 => {
+                        while let Some(batch) = b.flush() {
+                            out.push(batch);
+                        }
                     }
+                    1 => out.extend(b.flush()), // one batch, then more pushes
+                    _ => {}
                 }
             }
             while let Some(batch) = b.flush() {

@@ -405,7 +405,8 @@ mod tests {
         for b in &blocks {
             assert!(!b.frames.is_empty(), "no empty blocks");
             for f in &b.frames {
-                let (BlockFrame::Line { offset, next_offset, .. } | BlockFrame::TooLong { offset, next_offset, .. }) = *f;
+                let (BlockFrame::Line { offset, next_offset, .. } | BlockFrame::TooLong { offset, next_offset, .. }) =
+                    *f;
                 assert_eq!(offset, expect_offset, "each line starts where the one before ended");
                 expect_offset = next_offset;
                 out.push(match *f {

@@ -905,7 +905,9 @@ type BlockResult = Result<LineBlock, std::io::Error>;
 /// Reads blocks of lines in a task; a few blocks (of up to the read buffer's size) wait at most,
 /// so a slow consumer holds the read back instead of buffering the object. The end of the input
 /// closes the channel.
-fn spawn_block_reader<R>(mut blocks: FramedRead<R, LineBlocks>) -> (tokio::sync::mpsc::Receiver<BlockResult>, AbortOnDrop)
+fn spawn_block_reader<R>(
+    mut blocks: FramedRead<R, LineBlocks>,
+) -> (tokio::sync::mpsc::Receiver<BlockResult>, AbortOnDrop)
 where
     R: tokio::io::AsyncRead + Send + Unpin + 'static,
 {
@@ -978,10 +980,12 @@ fn to_record(
         Err(LineError::Json(e)) => return Err(format!("invalid JSON: {e}")),
     };
     let partition_key = match key {
-        Some(k) if !k.is_empty() && k.chars().count() <= MAX_PARTITION_KEY_CHARS => k.into_owned(),
+        Some(k) if !k.is_empty() && k.chars().count() <= MAX_PARTITION_KEY_CHARS => {
+            compact_str::CompactString::from(&*k)
+        }
         // No field, field absent, empty or too long: a stable hash of the line spreads records
         // over shards and is the same on every retry.
-        _ => format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes)),
+        _ => compact_str::format_compact!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes)),
     };
     let record = OutRecord::new(partition_key, blocks.copy(bytes), number);
     let size = crate::batch::ByteSize::byte_size(&record);

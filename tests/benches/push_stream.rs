@@ -3,10 +3,11 @@
 //!     make bench-push            # or: cargo bench -p pushpull-tests --bench push_stream -- [MiB] [rounds]
 //!
 //! Needs LocalStack (the make target starts it). Uploads one NDJSON object (default 256 MiB of
-//! ~90-byte lines, 1,000 users), then alternates, `rounds` times: a raw GetObject read to the
-//! end; the full push pipeline (stream, split, check JSON, pick the partition key, batch) into a
-//! counting sink, with `PUT_ORDERING=per-key` and `none`. Reports MiB/s, the ratio to raw, and
-//! the process's peak RSS during each pipeline run (VmHWM, reset before each run).
+//! ~90-byte lines, 1,000 users), then, `rounds` times and in a rotating order: a raw GetObject
+//! read to the end; the full push pipeline (stream, split, check JSON, pick the partition key,
+//! batch) into a counting sink, with `PUT_ORDERING=per-key` and `none`. Reports median MiB/s, the
+//! median over rounds of each round's ratio to raw, and the process's peak RSS during the pipeline
+//! runs (VmHWM, reset before each run).
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -79,68 +80,85 @@ async fn main() {
     let S3Notification::Records(events) = S3Notification::from_slice(event.as_bytes()).unwrap() else { unreachable!() };
     let dir = tempfile::tempdir().unwrap();
 
-    let (mut raw, mut per_key, mut unordered) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut per_key, mut unordered) = (vec![0.0; rounds], vec![0.0; rounds], vec![0.0; rounds]);
     let (mut rss_per_key, mut rss_none): (f64, f64) = (0.0, 0.0);
     for round in 0..rounds {
-        let t = Instant::now();
-        let out = l.s3.get_object().bucket(&bucket).key(key).send().await.unwrap();
-        let mut reader = out.body.into_async_read();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut n = 0u64;
-        loop {
-            let got = reader.read(&mut buf).await.unwrap();
-            if got == 0 {
-                break;
+        // The three runs of a round in a rotating order: whichever runs first after the upload or
+        // after another run must not always be the same one.
+        for step in 0..3 {
+            match (round + step) % 3 {
+                0 => {
+                    let t = Instant::now();
+                    let out = l.s3.get_object().bucket(&bucket).key(key).send().await.unwrap();
+                    let mut reader = out.body.into_async_read();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut n = 0u64;
+                    loop {
+                        let got = reader.read(&mut buf).await.unwrap();
+                        if got == 0 {
+                            break;
+                        }
+                        n += got as u64;
+                    }
+                    assert_eq!(n as f64, size);
+                    raw[round] = size / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+                }
+                which => {
+                    let (ordering, results, rss) = if which == 1 {
+                        ("per-key", &mut per_key, &mut rss_per_key)
+                    } else {
+                        ("none", &mut unordered, &mut rss_none)
+                    };
+                    let settings = PushSettings::from_env(Env::from_pairs([
+                        ("STREAM_NAME", "bench"),
+                        ("PARTITION_KEY_FIELD", "user"),
+                        ("PUT_ORDERING", ordering),
+                    ]))
+                    .unwrap();
+                    let cp = dir.path().join(format!("cp-{round}-{ordering}"));
+                    let handler = PushHandler::new(
+                        settings,
+                        l.s3.clone(),
+                        CountingSink::default(),
+                        Store::file(dir.path().join("q")),
+                        Store::file(cp),
+                    );
+                    reset_peak_rss();
+                    let t = Instant::now();
+                    let summary = handler
+                        .process_object(&events[0], &Invocation::unbounded(format!("bench-{round}")))
+                        .await
+                        .unwrap();
+                    results[round] = size / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+                    *rss = rss.max(peak_rss_mib());
+                    assert_eq!(summary.records, summary.lines, "every line is a record");
+                }
             }
-            n += got as u64;
-        }
-        assert_eq!(n as f64, size);
-        raw.push(size / (1 << 20) as f64 / t.elapsed().as_secs_f64());
-
-        for (ordering, results, rss) in
-            [("per-key", &mut per_key, &mut rss_per_key), ("none", &mut unordered, &mut rss_none)]
-        {
-            let settings = PushSettings::from_env(Env::from_pairs([
-                ("STREAM_NAME", "bench"),
-                ("PARTITION_KEY_FIELD", "user"),
-                ("PUT_ORDERING", ordering),
-            ]))
-            .unwrap();
-            let cp = dir.path().join(format!("cp-{round}-{ordering}"));
-            let handler = PushHandler::new(
-                settings,
-                l.s3.clone(),
-                CountingSink::default(),
-                Store::file(dir.path().join("q")),
-                Store::file(cp),
-            );
-            reset_peak_rss();
-            let t = Instant::now();
-            let summary =
-                handler.process_object(&events[0], &Invocation::unbounded(format!("bench-{round}"))).await.unwrap();
-            results.push(size / (1 << 20) as f64 / t.elapsed().as_secs_f64());
-            *rss = rss.max(peak_rss_mib());
-            assert_eq!(summary.records, summary.lines, "every line is a record");
         }
         eprintln!(
-            "round {}: raw {:.0} MiB/s, per-key {:.0} MiB/s, none {:.0} MiB/s",
+            "round {}: raw {:.0} MiB/s, per-key {:.0} MiB/s ({:.2}), none {:.0} MiB/s ({:.2})",
             round + 1,
             raw[round],
             per_key[round],
-            unordered[round]
+            per_key[round] / raw[round],
+            unordered[round],
+            unordered[round] / raw[round]
         );
     }
+    // Ratios are taken within each round (runs seconds apart), then the median over rounds.
+    let mut ratio_per_key: Vec<f64> = (0..rounds).map(|r| per_key[r] / raw[r]).collect();
+    let mut ratio_none: Vec<f64> = (0..rounds).map(|r| unordered[r] / raw[r]).collect();
+    let (ratio_per_key, ratio_none) = (median(&mut ratio_per_key), median(&mut ratio_none));
     let (raw, per_key, unordered) = (median(&mut raw), median(&mut per_key), median(&mut unordered));
-    println!("object: {:.0} MiB NDJSON, 1,000 partition keys; median of {rounds} rounds", size / (1 << 20) as f64);
+    println!(
+        "object: {:.0} MiB NDJSON, 1,000 partition keys; medians of {rounds} rounds (ratios: median of each round's ratio)",
+        size / (1 << 20) as f64
+    );
     println!("| path | MiB/s | vs raw GetObject | peak RSS MiB |");
     println!("|---|---|---|---|");
     println!("| raw GetObject, read to the end | {raw:.0} | 1.00 | - |");
     println!(
-        "| push pipeline, PUT_ORDERING=per-key, counting sink | {per_key:.0} | {:.2} | {rss_per_key:.1} |",
-        per_key / raw
+        "| push pipeline, PUT_ORDERING=per-key, counting sink | {per_key:.0} | {ratio_per_key:.2} | {rss_per_key:.1} |"
     );
-    println!(
-        "| push pipeline, PUT_ORDERING=none, counting sink | {unordered:.0} | {:.2} | {rss_none:.1} |",
-        unordered / raw
-    );
+    println!("| push pipeline, PUT_ORDERING=none, counting sink | {unordered:.0} | {ratio_none:.2} | {rss_none:.1} |");
 }
