@@ -1,6 +1,6 @@
 //! Push pipeline throughput against raw GetObject throughput of the same object, same run.
 //!
-//!     make bench-push            # or: cargo bench -p pushpull-tests --bench push_stream -- [MiB] [rounds]
+//!     make bench-push            # or: cargo bench -p pushpull-tests --bench push_stream -- [MiB] [rounds]  (256 7)
 //!
 //! Needs LocalStack (the make target starts it). Uploads one NDJSON object (default 256 MiB of
 //! ~90-byte lines, 1,000 users), then, `rounds` times and in a rotating order: a raw GetObject
@@ -54,7 +54,7 @@ fn median(v: &mut [f64]) -> f64 {
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let mib: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(256);
-    let rounds: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let rounds: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(7);
     let l = pushpull_tests::local().await;
     let bucket = pushpull_tests::unique("pp-bench");
     l.ensure_bucket(&bucket).await.unwrap();
