@@ -18,7 +18,7 @@
 //! #[tokio::main]
 //! async fn main() -> Result<(), lambda_runtime::Error> {
 //!     run_raw(|body: bytes::Bytes, _context: lambda_runtime::Context| async move {
-//!         let event: pushpull::kinesis_event::KinesisEvent<'_> = serde_json::from_slice(&body)?;
+//!         let event = pushpull::kinesis_event::KinesisEvent::from_slice(&body)?;
 //!         Ok::<_, lambda_runtime::Error>(serde_json::json!({ "records": event.records.len() }))
 //!     })
 //!     .await
