@@ -116,14 +116,27 @@ async fn checkpointed_lines(f: &Fixture) -> Option<u64> {
     serde_json::from_slice::<serde_json::Value>(&body.into_bytes()).ok()?["lines_done"].as_u64()
 }
 
+/// Ends the dead owner's lease now, as if its lease time had passed (the retry of an async invoke
+/// comes a minute or more later): the checkpoint is rewritten with `lease_until_ms` in the past,
+/// everything else as the dead owner left it.
+async fn expire_lease(f: &Fixture) {
+    let list = f.l.s3.list_objects_v2().bucket(&f.bucket).prefix("checkpoints/objects/").send().await.unwrap();
+    let key = list.contents().first().and_then(|o| o.key()).expect("the claim wrote a checkpoint").to_owned();
+    let body = f.l.s3.get_object().bucket(&f.bucket).key(&key).send().await.unwrap().body.collect().await.unwrap();
+    let mut cp: serde_json::Value = serde_json::from_slice(&body.into_bytes()).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    cp["lease_until_ms"] = (now - 1).into();
+    f.l.s3.put_object().bucket(&f.bucket).key(&key).body(serde_json::to_vec(&cp).unwrap().into()).send().await.unwrap();
+}
+
 /// Invokes the push function on a 4,000-line object, kills it with SIGKILL once `ready` says so
-/// (checked every 50 ms while the invocation runs), waits out the dead owner's lease and invokes
+/// (checked every 50 ms while the invocation runs), ends the dead owner's lease and invokes
 /// again. Returns the retry's object summary after asserting the stream holds every line once.
 ///
 /// The kill is triggered by what the test observes (records in the stream, the checkpoint), not
 /// by a timer: a loaded machine (CI runs the 100k-line pipeline tests alongside) must not move
 /// the crash to before the first record or after the last.
-async fn crash_then_retry<F, Fut>(name: &str, settings: &[(&str, &str)], lease: Duration, ready: F) -> serde_json::Value
+async fn crash_then_retry<F, Fut>(name: &str, settings: &[(&str, &str)], ready: F) -> serde_json::Value
 where
     F: Fn(std::sync::Arc<Fixture>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
@@ -152,8 +165,7 @@ where
     let partial = stream_multiset(&f.l, &f.stream).await.len();
     assert!(partial > 0 && partial < expected.len(), "killed part-way: {partial} of {} written", expected.len());
 
-    // The retry comes after the dead owner's lease ran out (async invoke waits about a minute).
-    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    expire_lease(&f).await;
     let retry = invoke_ok(&mut host, event.as_str()).await;
     let o = retry["objects"][0].clone();
     assert_eq!(o["outcome"], "processed", "{o}");
@@ -165,20 +177,24 @@ where
 #[tokio::test]
 async fn a_crash_mid_object_then_the_retry_resumes_from_the_checkpoint_and_sends_every_line_once() {
     let settings = [("PUT_MAX_RECORDS", "40"), ("CHECKPOINT_INTERVAL_MS", "150"), ("CHECKPOINT_LEASE_MS", "1000")];
-    let o = crash_then_retry("pp-crash", &settings, Duration::from_secs(1), |f| async move {
-        checkpointed_lines(&f).await.is_some_and(|n| n >= 400)
-    })
-    .await;
+    let o =
+        crash_then_retry(
+            "pp-crash",
+            &settings,
+            |f| async move { checkpointed_lines(&f).await.is_some_and(|n| n >= 400) },
+        )
+        .await;
     assert!(o["resumed_after_line"].as_u64().unwrap() >= 400, "resumed from the checkpoint: {o}");
 }
 
 #[tokio::test]
 async fn a_crash_before_the_first_progress_checkpoint_finds_what_was_sent_in_the_stream() {
-    // Only the claim is checkpointed (the first progress checkpoint is due 5 s in; the kill comes
-    // after 200 records, well under a second): the retry starts at line 1 and must recognise every
-    // record the dead owner sent (read back from the stream by arrival time) instead of resending it.
-    let settings = [("PUT_MAX_RECORDS", "40"), ("CHECKPOINT_INTERVAL_MS", "5000"), ("CHECKPOINT_LEASE_MS", "10000")];
-    let o = crash_then_retry("pp-crash0", &settings, Duration::from_secs(10), |f| async move {
+    // Only the claim is checkpointed (the first progress checkpoint is due 10 minutes in, the
+    // longest interval allowed): the retry starts at line 1 and must recognise every record the
+    // dead owner sent (read back from the stream by arrival time) instead of resending it.
+    let settings =
+        [("PUT_MAX_RECORDS", "40"), ("CHECKPOINT_INTERVAL_MS", "600000"), ("CHECKPOINT_LEASE_MS", "1200000")];
+    let o = crash_then_retry("pp-crash0", &settings, |f| async move {
         f.l.read_stream(&f.stream).await.is_ok_and(|r| r.len() >= 200)
     })
     .await;
