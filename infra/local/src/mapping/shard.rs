@@ -499,7 +499,9 @@ impl Lane {
             if p.first {
                 let now = now_unix();
                 let mut s = self.ctx.stats();
-                s.delays_ms.extend(p.records.iter().map(|r| ((now - r.arrival) * 1000.0).max(0.0)));
+                for r in &p.records {
+                    s.delays.record((now - r.arrival) * 1000.0);
+                }
                 if let Some(tx) = &self.ctx.options.delivered {
                     for r in &p.records {
                         let _ =
