@@ -346,12 +346,9 @@ impl<T: ByteSize> KeyOrderedBatcher<T> {
     /// Seals the open batch, whatever its size, and returns the oldest batch waiting; items held
     /// back fill the next open batch. Call until `None` to drain everything.
     pub fn flush(&mut self) -> Option<Vec<T>> {
+        // Nothing waits while the open batch is empty (see `refill`), so one seal is enough.
         if self.batcher.sealed_len() == 0 {
             self.seal_and_refill();
-            if self.batcher.sealed_len() == 0 {
-                // The open batch was empty: what the refill moved into it goes now.
-                self.seal_and_refill();
-            }
         }
         self.batcher.ready()
     }

@@ -105,20 +105,89 @@ impl LineCodec {
         at
     }
 
-    fn frame(&mut self, mut line: BytesMut, terminated: bool) -> Frame {
-        let consumed = line.len() as u64;
-        if terminated {
-            line.truncate(line.len() - 1);
+    /// One step of splitting `buf[pos..]`, where a line starts at `pos`: the next whole line
+    /// (and where it ends in `buf`), or that the rest of `buf` belongs to an over-long line being
+    /// skipped, or that more input is needed. Both [`LineCodec`] and [`LineBlocks`] split with it.
+    fn step(&mut self, buf: &[u8], pos: usize) -> Step {
+        if let Some((skipped, last_cr)) = self.skipping {
+            return match memchr::memchr(b'\n', &buf[pos..]) {
+                Some(i) => {
+                    let cr = if i > 0 { buf[pos + i - 1] == b'\r' } else { last_cr };
+                    self.skipping = None;
+                    let content = skipped + i as u64;
+                    let (number, offset) = self.advance(content + 1);
+                    let len = content - u64::from(cr);
+                    Step::Frame(BlockFrame::TooLong { number, offset, len, next_offset: self.next_offset }, pos + i + 1)
+                }
+                None => {
+                    let rest = &buf[pos..];
+                    let last_cr = rest.last().map_or(last_cr, |b| *b == b'\r');
+                    self.skipping = Some((skipped + rest.len() as u64, last_cr));
+                    Step::Discard
+                }
+            };
         }
-        if line.last() == Some(&b'\r') {
-            line.truncate(line.len() - 1);
+        match memchr::memchr(b'\n', &buf[pos + self.scanned..]) {
+            Some(i) => {
+                let end = pos + self.scanned + i + 1;
+                Step::Frame(self.line_frame(buf, pos, end, true), end)
+            }
+            None if buf.len() - pos > self.max_line_bytes + 1 => {
+                // Over the limit (+1 leaves room for a '\r'): stop buffering, skip to the newline.
+                self.skipping = Some(((buf.len() - pos) as u64, buf.last() == Some(&b'\r')));
+                Step::Discard
+            }
+            None => {
+                self.scanned = buf.len() - pos;
+                Step::More
+            }
         }
-        let (number, offset) = self.advance(consumed);
-        if line.len() > self.max_line_bytes {
-            Frame::TooLong { number, offset, len: line.len() as u64 }
+    }
+
+    /// At the end of input, after [`LineCodec::step`] needs more: the last line if it has no
+    /// terminator, or the over-long line being skipped.
+    fn finish(&mut self, buf: &[u8], pos: usize) -> Option<(BlockFrame, usize)> {
+        if let Some((skipped, _)) = self.skipping.take() {
+            let (number, offset) = self.advance(skipped);
+            return Some((BlockFrame::TooLong { number, offset, len: skipped, next_offset: self.next_offset }, pos));
+        }
+        (pos < buf.len()).then(|| (self.line_frame(buf, pos, buf.len(), false), buf.len()))
+    }
+
+    /// The frame of `buf[start..end]`, a whole line (`terminated`: ending in its `\n`).
+    fn line_frame(&mut self, buf: &[u8], start: usize, end: usize, terminated: bool) -> BlockFrame {
+        let mut content_end = if terminated { end - 1 } else { end };
+        if content_end > start && buf[content_end - 1] == b'\r' {
+            content_end -= 1;
+        }
+        let (number, offset) = self.advance((end - start) as u64);
+        let len = content_end - start;
+        let next_offset = self.next_offset;
+        if len > self.max_line_bytes {
+            BlockFrame::TooLong { number, offset, len: len as u64, next_offset }
         } else {
-            Frame::Line(Line { number, offset, bytes: line.freeze() })
+            BlockFrame::Line { number, offset, start, end: content_end, next_offset }
         }
+    }
+}
+
+/// What [`LineCodec::step`] found.
+enum Step {
+    /// A frame, and where its line ends (terminator included) in the buffer.
+    Frame(BlockFrame, usize),
+    /// The rest of the buffer is part of an over-long line: drop it.
+    Discard,
+    /// No whole line yet.
+    More,
+}
+
+/// The [`Frame`] of a line split off the front of the buffer (`line`: terminator included).
+fn frame_of(f: BlockFrame, line: Bytes) -> Frame {
+    match f {
+        BlockFrame::Line { number, offset, start, end, .. } => {
+            Frame::Line(Line { number, offset, bytes: line.slice(start..end) })
+        }
+        BlockFrame::TooLong { number, offset, len, .. } => Frame::TooLong { number, offset, len },
     }
 }
 
@@ -130,55 +199,21 @@ impl Decoder for LineCodec {
     type Error = LinesError;
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, LinesError> {
-        if let Some((skipped, last_cr)) = self.skipping {
-            return Ok(match memchr::memchr(b'\n', buf) {
-                Some(i) => {
-                    let cr = if i > 0 { buf[i - 1] == b'\r' } else { last_cr };
-                    let _ = buf.split_to(i + 1);
-                    self.skipping = None;
-                    let content = skipped + i as u64;
-                    let (number, offset) = self.advance(content + 1);
-                    Some(Frame::TooLong { number, offset, len: content - u64::from(cr) })
-                }
-                None => {
-                    let last_cr = buf.last().map_or(last_cr, |b| *b == b'\r');
-                    self.skipping = Some((skipped + buf.len() as u64, last_cr));
-                    buf.clear();
-                    None
-                }
-            });
-        }
-        match memchr::memchr(b'\n', &buf[self.scanned..]) {
-            Some(i) => {
-                let line = buf.split_to(self.scanned + i + 1);
-                Ok(Some(self.frame(line, true)))
-            }
-            None if buf.len() > self.max_line_bytes + 1 => {
-                // Over the limit (+1 leaves room for a '\r'): stop buffering, skip to the newline.
-                self.skipping = Some((buf.len() as u64, buf.last() == Some(&b'\r')));
+        Ok(match self.step(buf, 0) {
+            Step::Frame(f, end) => Some(frame_of(f, buf.split_to(end).freeze())),
+            Step::Discard => {
                 buf.clear();
-                Ok(None)
+                None
             }
-            None => {
-                self.scanned = buf.len();
-                Ok(None)
-            }
-        }
+            Step::More => None,
+        })
     }
 
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, LinesError> {
         if let Some(frame) = self.decode(buf)? {
             return Ok(Some(frame));
         }
-        if let Some((skipped, _)) = self.skipping.take() {
-            let (number, offset) = self.advance(skipped);
-            return Ok(Some(Frame::TooLong { number, offset, len: skipped }));
-        }
-        if buf.is_empty() {
-            return Ok(None);
-        }
-        let rest = buf.split_to(buf.len());
-        Ok(Some(self.frame(rest, false)))
+        Ok(self.finish(buf, 0).map(|(f, end)| frame_of(f, buf.split_to(end).freeze())))
     }
 }
 
@@ -263,81 +298,31 @@ impl LineBlocks {
     }
 
     fn decode_block(&mut self, buf: &mut BytesMut, eof: bool) -> Option<LineBlock> {
-        let c = &mut self.codec;
         let mut frames = Vec::new();
         let mut pos = 0usize; // start of the current line; everything before it is in the block
         let mut discard_tail = false;
         loop {
-            if let Some((skipped, last_cr)) = c.skipping {
-                match memchr::memchr(b'\n', &buf[pos..]) {
-                    Some(i) => {
-                        let cr = if i > 0 { buf[pos + i - 1] == b'\r' } else { last_cr };
-                        c.skipping = None;
-                        let content = skipped + i as u64;
-                        let (number, offset) = c.advance(content + 1);
-                        let len = content - u64::from(cr);
-                        frames.push(BlockFrame::TooLong { number, offset, len, next_offset: c.next_offset });
-                        pos += i + 1;
-                        continue;
-                    }
-                    None => {
-                        let rest = &buf[pos..];
-                        let last_cr = rest.last().map_or(last_cr, |b| *b == b'\r');
-                        c.skipping = Some((skipped + rest.len() as u64, last_cr));
-                        discard_tail = true;
-                        break;
-                    }
-                }
-            }
-            match memchr::memchr(b'\n', &buf[pos + c.scanned..]) {
-                Some(i) => {
-                    let end = pos + c.scanned + i + 1;
-                    frames.push(line_frame(c, buf, pos, end, true));
+            match self.codec.step(buf, pos) {
+                Step::Frame(f, end) => {
+                    frames.push(f);
                     pos = end;
                 }
-                None if buf.len() - pos > c.max_line_bytes + 1 => {
-                    // Over the limit (+1 leaves room for a '\r'): stop buffering, skip to the newline.
-                    c.skipping = Some(((buf.len() - pos) as u64, buf.last() == Some(&b'\r')));
+                Step::Discard => {
                     discard_tail = true;
                     break;
                 }
-                None => {
-                    c.scanned = buf.len() - pos;
-                    break;
-                }
+                Step::More => break,
             }
         }
-        if eof {
-            if let Some((skipped, _)) = c.skipping.take() {
-                let (number, offset) = c.advance(skipped);
-                frames.push(BlockFrame::TooLong { number, offset, len: skipped, next_offset: c.next_offset });
-            } else if pos < buf.len() {
-                let end = buf.len();
-                frames.push(line_frame(c, buf, pos, end, false));
-                pos = end;
-            }
+        if eof && let Some((f, end)) = self.codec.finish(buf, pos) {
+            frames.push(f);
+            pos = end;
         }
         let block = buf.split_to(pos).freeze();
         if discard_tail {
             buf.clear();
         }
         (!frames.is_empty()).then_some(LineBlock { bytes: block, frames })
-    }
-}
-
-/// The frame of `buf[start..end]`, a whole line (`terminated`: ending in its `\n`).
-fn line_frame(c: &mut LineCodec, buf: &[u8], start: usize, end: usize, terminated: bool) -> BlockFrame {
-    let mut content_end = if terminated { end - 1 } else { end };
-    if content_end > start && buf[content_end - 1] == b'\r' {
-        content_end -= 1;
-    }
-    let (number, offset) = c.advance((end - start) as u64);
-    let len = content_end - start;
-    let next_offset = c.next_offset;
-    if len > c.max_line_bytes {
-        BlockFrame::TooLong { number, offset, len: len as u64, next_offset }
-    } else {
-        BlockFrame::Line { number, offset, start, end: content_end, next_offset }
     }
 }
 

@@ -357,7 +357,7 @@ enum Claim {
 
 /// When an interrupted owner may have written records its checkpoint does not cover: from its
 /// last checkpoint (less a margin for clock skew between this host and Kinesis's arrival stamps)
-/// to the end of its lease (plus the same margin). Taken from the earlier checkpoint before the
+/// to the end of its lease (plus twice that margin). Taken from the earlier checkpoint before the
 /// claim overwrites those fields with the new owner's.
 #[derive(Debug, Clone, Copy)]
 struct Interrupted {

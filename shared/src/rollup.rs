@@ -555,8 +555,8 @@ impl RollupHandler {
     }
 }
 
-/// Below this many records per thread, one thread checks the whole batch (starting a thread costs
-/// about as much as checking 200 records).
+/// Below this many records per thread, one thread checks the whole batch: a part must be large
+/// enough that the thread's start and the merge are small beside it.
 const PART_MIN: usize = 2_000;
 
 /// What [`RollupHandler::scan`] found in one contiguous part of a batch.

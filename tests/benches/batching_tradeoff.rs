@@ -12,7 +12,6 @@
 //! BENCHMARKS.md and draws `docs/batching-tradeoff.png` (plotters). `-- redraw TABLE.md [PNG]`
 //! draws the chart again from such a table (`docs/batching-tradeoff.md` is the committed one).
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use plotters::prelude::*;
 use pushpull_local::pipeline::{self, PipelineConfig};
@@ -183,22 +182,14 @@ async fn main() {
     let mut points = Vec::new();
     for (linger, batch, window) in GRID {
         let config = PipelineConfig {
-            template: TEMPLATE.into(),
-            stack: unique("tradeoff"),
             overrides: vec![
                 format!("DataBucketName={}", unique("pp-tradeoff")),
                 format!("BatchSize={batch}"),
                 format!("MaximumBatchingWindowInSeconds={window}"),
             ],
-            input_dir: input.path().to_owned(),
             delay_scale: 0.01,
             extra_env: vec![("s3-to-kinesis", vec![("PUT_LINGER_MS".to_owned(), linger.to_string())])],
-            mapping: Default::default(),
-            progress: false,
-            verbose: false,
-            timeout: Duration::from_secs(900),
-            keep_running: false,
-            caught_up_poll: Duration::from_millis(200),
+            ..PipelineConfig::new(TEMPLATE, unique("tradeoff"), input.path())
         };
         let report = pipeline::run(config).await.unwrap();
         report.check().unwrap();

@@ -78,20 +78,13 @@ async fn a_hundred_thousand_lines_roll_up_exactly_once() {
     let bad = write_input(input.path());
     let bucket = unique("pp-e2e");
     let config = PipelineConfig {
-        template: TEMPLATE.into(),
-        stack: unique("e2e"),
         overrides: overrides(&bucket),
-        input_dir: input.path().to_owned(),
         delay_scale: 0.01,
-        extra_env: Vec::new(),
-        mapping: Default::default(),
-        progress: false,
-        verbose: false,
         timeout: Duration::from_secs(1200),
-        keep_running: false,
         // Poll a caught-up shard once a second, as AWS does: 16 shards polled 5 times a
         // second would keep kinesis-mock busy with empty reads.
         caught_up_poll: Duration::from_secs(1),
+        ..PipelineConfig::new(TEMPLATE, unique("e2e"), input.path())
     };
     let report = pipeline::run(config.clone()).await.unwrap();
     println!("{report}");
@@ -219,18 +212,10 @@ async fn with_faults_the_totals_are_still_exact() {
 async fn tumbling_windows_roll_up_the_sample_data_exactly() {
     let bucket = unique("pp-windows");
     let config = PipelineConfig {
-        template: TEMPLATE.into(),
-        stack: unique("windows"),
         overrides: vec![format!("DataBucketName={bucket}"), "TumblingWindowInSeconds=2".into()],
-        input_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/sample-data").into(),
         delay_scale: 0.01,
-        extra_env: Vec::new(),
-        mapping: Default::default(),
-        progress: false,
-        verbose: false,
         timeout: Duration::from_secs(300),
-        keep_running: false,
-        caught_up_poll: Duration::from_millis(200),
+        ..PipelineConfig::new(TEMPLATE, unique("windows"), concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/sample-data"))
     };
     let report = pipeline::run(config).await.unwrap();
     report.check().unwrap();

@@ -76,18 +76,13 @@ async fn run_pipeline(args: RunArgs) -> Result<(), Error> {
         init_logs("text");
     }
     let config = PipelineConfig {
-        template: args.template.template,
-        stack: args.template.stack_name,
         overrides: args.template.parameter_overrides,
-        input_dir: args.input_dir,
         delay_scale: args.retry_delay_scale,
-        extra_env: Vec::new(),
-        mapping: Default::default(),
         progress: true,
         verbose: args.verbose,
         timeout: Duration::from_secs(args.timeout),
         keep_running: args.keep_running,
-        caught_up_poll: Duration::from_millis(200),
+        ..PipelineConfig::new(args.template.template, args.template.stack_name, args.input_dir)
     };
     let report = run(config).await?;
     println!("{report}");

@@ -353,6 +353,27 @@ pub struct PipelineConfig {
     pub caught_up_poll: Duration,
 }
 
+impl PipelineConfig {
+    /// A quiet run of `template` as `stack` on the files in `input_dir`: AWS's async-invoke retry
+    /// delays, the template's settings as they are, no progress lines, 15 minutes at most.
+    pub fn new(template: impl Into<PathBuf>, stack: impl Into<String>, input_dir: impl Into<PathBuf>) -> Self {
+        PipelineConfig {
+            template: template.into(),
+            stack: stack.into(),
+            overrides: Vec::new(),
+            input_dir: input_dir.into(),
+            delay_scale: 1.0,
+            extra_env: Vec::new(),
+            mapping: RawSettings::default(),
+            progress: false,
+            verbose: false,
+            timeout: Duration::from_secs(900),
+            keep_running: false,
+            caught_up_poll: Duration::from_millis(200),
+        }
+    }
+}
+
 /// What a run did.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
@@ -489,9 +510,18 @@ impl std::fmt::Display for Report {
     }
 }
 
+/// The `p` quantile (0..=1) of sorted values, nearest rank; 0 when empty.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
 fn percentiles(mut v: Vec<f64>) -> [f64; 4] {
     v.sort_by(f64::total_cmp);
-    [0.5, 0.95, 0.99, 1.0].map(|q| crate::mapping::percentile(&v, q))
+    [0.5, 0.95, 0.99, 1.0].map(|q| percentile(&v, q))
 }
 
 /// Runs the pipeline once over `config.input_dir` and reports. Everything it starts (function

@@ -259,15 +259,6 @@ impl Delays {
     }
 }
 
-/// The `p` quantile (0..=1) of sorted values, nearest rank; 0 when empty.
-pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 impl Stats {
     pub(crate) fn batch(&mut self, size: u32) {
         self.batch_size_min = if self.batches == 0 { size } else { self.batch_size_min.min(size) };
