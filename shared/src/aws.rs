@@ -1,4 +1,5 @@
-//! AWS clients built once per cold start, only when needed, and SDK errors made readable.
+//! AWS clients built once per cold start, only when needed, and SDK errors classified and made
+//! readable (feature `aws`, implied by `s3` and `kinesis-sink`).
 //!
 //! aws-config honours `AWS_ENDPOINT_URL` (and `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL_KINESIS`);
 //! when an endpoint override is set, S3 uses path-style addressing, which local endpoints
@@ -6,8 +7,10 @@
 use std::error::Error as StdError;
 use std::fmt::Debug;
 
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+pub use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::display::DisplayErrorContext;
+pub use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+#[cfg(any(feature = "s3", feature = "kinesis-sink"))]
 use tokio::sync::OnceCell;
 
 /// Lazily built AWS configuration and clients, shared by everything in one function instance.
@@ -15,14 +18,16 @@ use tokio::sync::OnceCell;
 /// ```no_run
 /// # async fn demo() {
 /// let aws = pushpull::aws::Aws::new();
+/// # #[cfg(feature = "s3")]
 /// let s3 = aws.s3().await; // loads the configuration on first use only
-/// # let _ = s3;
 /// # }
 /// ```
 #[derive(Debug, Default)]
 pub struct Aws {
-    config: OnceCell<aws_config::SdkConfig>,
+    config: tokio::sync::OnceCell<aws_config::SdkConfig>,
+    #[cfg(feature = "s3")]
     s3: OnceCell<aws_sdk_s3::Client>,
+    #[cfg(feature = "kinesis-sink")]
     kinesis: OnceCell<aws_sdk_kinesis::Client>,
 }
 
@@ -38,6 +43,7 @@ impl Aws {
     }
 
     /// The S3 client; path-style addressing when an endpoint override is configured.
+    #[cfg(feature = "s3")]
     pub async fn s3(&self) -> &aws_sdk_s3::Client {
         let config = self.sdk_config().await;
         self.s3
@@ -54,35 +60,102 @@ impl Aws {
     }
 
     /// The Kinesis client.
+    #[cfg(feature = "kinesis-sink")]
     pub async fn kinesis(&self) -> &aws_sdk_kinesis::Client {
         let config = self.sdk_config().await;
         self.kinesis.get_or_init(|| async { aws_sdk_kinesis::Client::new(config) }).await
     }
 }
 
-/// Error codes that mean "slow down or try later" across S3 and Kinesis.
-const RETRYABLE_CODES: &[&str] = &[
-    "SlowDown",
-    "Throttling",
-    "ThrottlingException",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "InternalError",
-    "InternalFailure",
-    "ServiceUnavailable",
-    "ProvisionedThroughputExceededException",
-    "LimitExceededException",
-    "KMSThrottlingException",
-];
+/// What an SDK error means for the caller, read from the error's typed parts (the SDK error
+/// variant and the service's error code), never from its message text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SdkErrorKind {
+    /// The service asked us to slow down (`SlowDown`, `ThrottlingException`,
+    /// `ProvisionedThroughputExceededException`, ...): retry with backoff.
+    Throttled,
+    /// A timeout, a dropped connection, or a 5xx-class service error: retry.
+    Transient,
+    /// The thing named does not exist (`NoSuchKey`, `NoSuchBucket`, `ResourceNotFoundException`).
+    NotFound,
+    /// The caller may not do this (`AccessDenied`, `AccessDeniedException`).
+    AccessDenied,
+    /// A conditional write lost (`PreconditionFailed`, `ConditionalRequestConflict`).
+    PreconditionFailed,
+    /// A Kinesis shard iterator expired (`ExpiredIteratorException`): get a new one.
+    ExpiredIterator,
+    /// A range that starts past the end of the object (`InvalidRange`).
+    InvalidRange,
+    /// The resource is being created, deleted or updated (`ResourceInUseException`).
+    ResourceInUse,
+    /// Anything else: a bad request, a validation error. Retrying will not help.
+    Other,
+}
+
+impl SdkErrorKind {
+    /// Whether trying the same call again later may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, SdkErrorKind::Throttled | SdkErrorKind::Transient)
+    }
+
+    /// The kind a service error code means.
+    ///
+    /// ```
+    /// use pushpull::aws::SdkErrorKind;
+    /// assert_eq!(SdkErrorKind::of_code("ProvisionedThroughputExceededException"), SdkErrorKind::Throttled);
+    /// assert_eq!(SdkErrorKind::of_code("NoSuchKey"), SdkErrorKind::NotFound);
+    /// assert!(!SdkErrorKind::of_code("ValidationException").is_retryable());
+    /// ```
+    pub fn of_code(code: &str) -> SdkErrorKind {
+        match code {
+            "SlowDown"
+            | "Throttling"
+            | "ThrottlingException"
+            | "TooManyRequestsException"
+            | "RequestLimitExceeded"
+            | "ProvisionedThroughputExceededException"
+            | "LimitExceededException"
+            | "KMSThrottlingException" => SdkErrorKind::Throttled,
+            "InternalError"
+            | "InternalFailure"
+            | "InternalServerError"
+            | "ServiceUnavailable"
+            | "ServiceUnavailableException"
+            | "RequestTimeout"
+            | "RequestTimeTooSkewed" => SdkErrorKind::Transient,
+            "NoSuchKey"
+            | "NoSuchBucket"
+            | "NoSuchVersion"
+            | "NotFound"
+            | "ResourceNotFoundException"
+            | "QueueDoesNotExist"
+            | "AWS.SimpleQueueService.NonExistentQueue" => SdkErrorKind::NotFound,
+            "AccessDenied" | "AccessDeniedException" | "Forbidden" => SdkErrorKind::AccessDenied,
+            "PreconditionFailed" | "ConditionalRequestConflict" => SdkErrorKind::PreconditionFailed,
+            "ExpiredIteratorException" => SdkErrorKind::ExpiredIterator,
+            "InvalidRange" => SdkErrorKind::InvalidRange,
+            "ResourceInUseException" => SdkErrorKind::ResourceInUse,
+            _ => SdkErrorKind::Other,
+        }
+    }
+}
+
+/// Classifies an SDK error by its variant and error code.
+pub fn classify<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> SdkErrorKind {
+    match e {
+        SdkError::ServiceError(se) => se.err().code().map_or(SdkErrorKind::Other, SdkErrorKind::of_code),
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            SdkErrorKind::Transient
+        }
+        _ => SdkErrorKind::Other,
+    }
+}
 
 /// Whether an SDK error may go away if the call is made again later: throttling, 5xx, timeouts
 /// and network failures are; access denied, missing resources and bad requests are not.
-pub fn is_retryable<E: ProvideErrorMetadata, R: Debug>(e: &SdkError<E, R>) -> bool {
-    match e {
-        SdkError::ServiceError(se) => se.err().code().is_some_and(|c| RETRYABLE_CODES.contains(&c)),
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
-        _ => false,
-    }
+pub fn is_retryable<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    classify(e).is_retryable()
 }
 
 /// A one-line description of an SDK error with its code and message, never just "service error".
@@ -106,15 +179,5 @@ where
 
 /// An error and its sources on one line (`a: b: c`), for errors that wrap what really happened.
 pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
+    crate::error::chain(e)
 }

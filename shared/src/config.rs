@@ -6,11 +6,11 @@
 //! ```
 //! use pushpull::config::{Env, PushSettings};
 //!
-//! let env = Env::from_pairs([("STREAM_NAME", "ingest"), ("PUT_MAX_RECORDS", "900")]);
+//! let env = Env::from_pairs([("PUT_MAX_RECORDS", "900")]);
 //! let err = PushSettings::from_env(env).unwrap_err();
 //! assert!(err.to_string().contains("PUT_MAX_RECORDS=\"900\""));
 //!
-//! let ok = PushSettings::from_env(Env::from_pairs([("STREAM_NAME", "ingest")])).unwrap();
+//! let ok = PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "50")])).unwrap();
 //! assert_eq!(ok.put.max_events(), 500);
 //! ```
 use std::collections::HashMap;
@@ -39,6 +39,7 @@ pub const KINESIS_MAX_RECORD_BYTES: usize = 1024 * 1024;
 
 /// One configuration problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// A required variable is not set (or empty).
     Missing {
@@ -168,7 +169,8 @@ impl Env {
     }
 }
 
-fn location(env: &mut Env, name: &'static str, default: &str) -> Location {
+/// A storage location from variable `name` (`default` when unset), checked.
+pub fn location(env: &mut Env, name: &'static str, default: &str) -> Location {
     let raw = env.optional(name).unwrap_or_else(|| default.to_owned());
     raw.parse().unwrap_or_else(|e: crate::store::LocationError| {
         env.invalid(name, raw, e.reason.to_owned() + " (expected s3://bucket/prefix or file:///absolute/dir)");
@@ -176,29 +178,16 @@ fn location(env: &mut Env, name: &'static str, default: &str) -> Location {
     })
 }
 
-fn stream_name(env: &mut Env, name: &'static str, purpose: &'static str) -> String {
-    let value = env.required(name, purpose);
-    let ok = value.len() <= 128 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if !value.is_empty() && !ok {
-        env.invalid(name, value.clone(), "a Kinesis stream name: 1-128 characters of a-z, A-Z, 0-9, '_', '.', '-'");
-    }
-    value
-}
-
-/// Settings of the S3 → Kinesis (push) function.
+/// Settings of the push pipeline (S3 object → records), read from the environment.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct PushSettings {
-    /// `STREAM_NAME`: the Kinesis stream records are sent to. Required.
-    pub stream_name: String,
     /// `CHECKPOINT_URI`: where per-object progress is kept.
     pub checkpoint: Location,
     /// `OUTPUT_URI`: where the pipeline's outputs go (the push function refuses objects there).
     pub output: Location,
     /// `QUARANTINE_URI`: where lines that cannot be sent go, with their reason.
     pub quarantine: Location,
-    /// `PARTITION_KEY_FIELD`: top-level JSON field whose value is the partition key; unset, or
-    /// absent from a line, means a stable hash of the line.
-    pub partition_key_field: Option<String>,
     /// `MAX_LINE_BYTES`: longer lines are quarantined without being buffered whole.
     pub max_line_bytes: usize,
     /// `RECORD_MAX_BYTES`: largest Kinesis record (data plus partition key).
@@ -220,13 +209,11 @@ pub struct PushSettings {
     /// `DEADLINE_MARGIN_MS`: stop this long before the invocation deadline, checkpoint, and fail
     /// so that the retry resumes.
     pub deadline_margin: Duration,
-    /// `PUSHPULL_INJECT_PUT_FAILURES`: fraction (0-1) of PutRecords entries to fail on purpose, as
-    /// throttling would. For fault-injection tests only; default 0.
-    pub inject_put_failures: f64,
 }
 
 /// How records of one partition key are kept in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Ordering {
     /// At most one record per partition key in a PutRecords call.
     PerKey,
@@ -248,11 +235,17 @@ impl std::str::FromStr for Ordering {
 impl PushSettings {
     /// Reads and checks the settings; every problem is reported at once.
     pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
-        let stream_name = stream_name(&mut env, "STREAM_NAME", "the Kinesis stream the push function writes to");
-        let checkpoint = location(&mut env, "CHECKPOINT_URI", DEFAULT_CHECKPOINT_URI);
-        let output = location(&mut env, "OUTPUT_URI", DEFAULT_OUTPUT_URI);
-        let quarantine = location(&mut env, "QUARANTINE_URI", DEFAULT_QUARANTINE_URI);
-        let partition_key_field = env.optional("PARTITION_KEY_FIELD");
+        let settings = Self::read(&mut env);
+        env.finish()?;
+        Ok(settings)
+    }
+
+    /// Reads the settings into `env`'s list of problems, for a function that reads settings of
+    /// its own as well and reports them all at once ([`Env::finish`]).
+    pub fn read(env: &mut Env) -> Self {
+        let checkpoint = location(env, "CHECKPOINT_URI", DEFAULT_CHECKPOINT_URI);
+        let output = location(env, "OUTPUT_URI", DEFAULT_OUTPUT_URI);
+        let quarantine = location(env, "QUARANTINE_URI", DEFAULT_QUARANTINE_URI);
         let max_bytes_cap = 2 * KINESIS_MAX_BYTES_PER_CALL;
         let record_max_bytes = env.number_in("RECORD_MAX_BYTES", KINESIS_MAX_RECORD_BYTES, 1..=10 * 1024 * 1024);
         let max_line_bytes = env.number_in("MAX_LINE_BYTES", KINESIS_MAX_RECORD_BYTES, 1..=64 * 1024 * 1024);
@@ -265,10 +258,6 @@ impl PushSettings {
         let interval_ms = env.number_in("CHECKPOINT_INTERVAL_MS", 1_000u64, 10..=600_000);
         let lease_ms = env.number_in("CHECKPOINT_LEASE_MS", 60_000u64, 100..=3_600_000);
         let margin_ms = env.number_in("DEADLINE_MARGIN_MS", 5_000u64, 0..=600_000);
-        let inject_put_failures = env.parse_or("PUSHPULL_INJECT_PUT_FAILURES", 0.0f64);
-        if !(0.0..=1.0).contains(&inject_put_failures) {
-            env.invalid("PUSHPULL_INJECT_PUT_FAILURES", inject_put_failures.to_string(), "a fraction from 0 to 1");
-        }
         if interval_ms * 2 > lease_ms {
             env.invalid(
                 "CHECKPOINT_LEASE_MS",
@@ -285,13 +274,10 @@ impl PushSettings {
         }
         let put = BatchConfig::new(max_events, max_bytes, Duration::from_millis(linger_ms))
             .unwrap_or_else(|_| unreachable!("ranges above exclude zero"));
-        env.finish()?;
-        Ok(PushSettings {
-            stream_name,
+        PushSettings {
             checkpoint,
             output,
             quarantine,
-            partition_key_field,
             max_line_bytes,
             record_max_bytes,
             put,
@@ -300,8 +286,7 @@ impl PushSettings {
             checkpoint_interval: Duration::from_millis(interval_ms),
             lease: Duration::from_millis(lease_ms),
             deadline_margin: Duration::from_millis(margin_ms),
-            inject_put_failures,
-        })
+        }
     }
 
     /// Whether an object lies under this function's own output or quarantine location (the
@@ -311,61 +296,17 @@ impl PushSettings {
     }
 }
 
-/// Settings of the Kinesis (pull) function.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PullSettings {
-    /// `CHECKPOINT_URI`: where per-shard progress is kept.
-    pub checkpoint: Location,
-    /// `OUTPUT_URI`: where rollups are written.
-    pub output: Location,
-    /// `GROUP_BY_FIELD`: top-level JSON field to group by; unset means the partition key.
-    pub group_by_field: Option<String>,
-    /// `SUM_FIELD`: numeric top-level JSON field to sum per group, if any.
-    pub sum_field: Option<String>,
-    /// `PUSHPULL_INJECT_CRASH=after-output`: abort between writing an output and advancing the
-    /// checkpoint. For fault-injection tests only.
-    pub inject_crash_after_output: bool,
-    /// `PUSHPULL_INJECT_FAILURES`: fraction (0-1) of invocations to fail on purpose (a function
-    /// error before any work). For fault-injection tests only; default 0.
-    pub inject_failures: f64,
-}
-
-impl PullSettings {
-    /// Reads and checks the settings; every problem is reported at once.
-    pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
-        let checkpoint = location(&mut env, "CHECKPOINT_URI", DEFAULT_CHECKPOINT_URI);
-        let output = location(&mut env, "OUTPUT_URI", DEFAULT_OUTPUT_URI);
-        let group_by_field = env.optional("GROUP_BY_FIELD");
-        let sum_field = env.optional("SUM_FIELD");
-        let inject_crash_after_output = match env.optional("PUSHPULL_INJECT_CRASH").as_deref() {
-            None => false,
-            Some("after-output") => true,
-            Some(other) => {
-                env.invalid("PUSHPULL_INJECT_CRASH", other, "after-output, or unset");
-                false
-            }
-        };
-        let inject_failures = env.parse_or("PUSHPULL_INJECT_FAILURES", 0.0f64);
-        if !(0.0..=1.0).contains(&inject_failures) {
-            env.invalid("PUSHPULL_INJECT_FAILURES", inject_failures.to_string(), "a fraction from 0 to 1");
-        }
-        env.finish()?;
-        Ok(PullSettings { checkpoint, output, group_by_field, sum_field, inject_crash_after_output, inject_failures })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn push_defaults_are_the_aws_limits() {
-        let s = PushSettings::from_env(Env::from_pairs([("STREAM_NAME", "s")])).unwrap();
+        let s = PushSettings::from_env(Env::from_pairs([("UNRELATED", "s")])).unwrap();
         assert_eq!(s.put.max_events(), 500);
         assert_eq!(s.put.max_bytes(), 5 * 1024 * 1024);
         assert_eq!(s.record_max_bytes, 1024 * 1024);
         assert_eq!(s.checkpoint, DEFAULT_CHECKPOINT_URI.parse().unwrap());
-        assert_eq!(s.partition_key_field, None);
     }
 
     #[test]
@@ -384,34 +325,28 @@ mod tests {
                 ConfigError::Missing { name, .. } | ConfigError::Invalid { name, .. } => *name,
             })
             .collect();
-        assert_eq!(names, ["STREAM_NAME", "CHECKPOINT_URI", "OUTPUT_URI", "PUT_MAX_RECORDS", "PUT_LINGER_MS"]);
+        assert_eq!(names, ["CHECKPOINT_URI", "OUTPUT_URI", "PUT_MAX_RECORDS", "PUT_LINGER_MS"]);
         let text = err.to_string();
-        assert!(text.starts_with("invalid configuration (5 problems): STREAM_NAME is not set"), "{text}");
+        assert!(text.starts_with("invalid configuration (4 problems): CHECKPOINT_URI="), "{text}");
         assert!(text.contains("PUT_MAX_RECORDS=\"0\" is invalid: a whole number from 1 to 500"), "{text}");
         assert!(text.contains("CHECKPOINT_URI=\"dynamodb://table\" is invalid: unknown scheme"), "{text}");
     }
 
     #[test]
-    fn stream_names_and_record_limits_are_checked() {
-        let err =
-            PushSettings::from_env(Env::from_pairs([("STREAM_NAME", "bad name!"), ("RECORD_MAX_BYTES", "6000000")]))
-                .unwrap_err()
-                .to_string();
-        assert!(err.contains("STREAM_NAME=\"bad name!\""), "{err}");
+    fn record_limits_are_checked() {
+        let err = PushSettings::from_env(Env::from_pairs([("RECORD_MAX_BYTES", "6000000")])).unwrap_err().to_string();
         assert!(err.contains("RECORD_MAX_BYTES=\"6000000\" is invalid: at most PUT_MAX_BYTES"), "{err}");
     }
 
     #[test]
     fn empty_values_count_as_unset() {
-        let s = PullSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", " "), ("SUM_FIELD", "amount")])).unwrap();
-        assert_eq!(s.group_by_field, None);
-        assert_eq!(s.sum_field.as_deref(), Some("amount"));
+        let mut env = Env::from_pairs([("A", " "), ("B", "x")]);
+        assert_eq!((env.optional("A"), env.optional("B").as_deref()), (None, Some("x")));
     }
 
     #[test]
     fn loop_guard_covers_output_and_quarantine() {
         let s = PushSettings::from_env(Env::from_pairs([
-            ("STREAM_NAME", "s"),
             ("OUTPUT_URI", "s3://data/output"),
             ("QUARANTINE_URI", "s3://data/quarantine"),
         ]))

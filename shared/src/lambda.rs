@@ -109,11 +109,7 @@ where
                 Ok(Ok(response)) => serde_json::to_vec(&Outcome::Ok(response)),
                 Ok(Err(e)) => serde_json::to_vec(&Outcome::<()>::Err(e.into())),
                 Err(panic) => {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "(no message)".into());
+                    let message = crate::error::panic_message(&*panic);
                     tracing::error!(message, "handler panicked");
                     serde_json::to_vec(&Outcome::<()>::Err(Diagnostic {
                         error_type: "Runtime.Panic".into(),
@@ -133,4 +129,136 @@ where
             inner.call(LambdaInvocation { parts, body: Bytes::from(outcome), context }).await
         })
     }
+}
+
+/// The invocation failed before any record was handled (the payload is not the source's event, or
+/// a record cannot be named in a response): the whole batch is retried.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct BatchError {
+    /// What went wrong.
+    pub message: String,
+}
+
+impl From<BatchError> for Diagnostic {
+    fn from(e: BatchError) -> Self {
+        tracing::error!(error = %e.message, "invocation failed");
+        Diagnostic { error_type: "BatchError".into(), error_message: e.message }
+    }
+}
+
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb"))]
+fn batch_error(e: impl std::fmt::Display) -> BatchError {
+    BatchError { message: e.to_string() }
+}
+
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb"))]
+/// Logs a batch's outcome: one line, plus one per failed record.
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb"))]
+fn log_result(result: &crate::pull::BatchResult) {
+    for f in &result.failures {
+        tracing::warn!(item = %f.item_identifier, reason = %f.reason, "record failed");
+    }
+    tracing::info!(
+        processed = result.processed,
+        failed = result.failures.len(),
+        unprocessed = result.unprocessed.len(),
+        hit_deadline = result.hit_deadline(),
+        "batch done"
+    );
+}
+
+/// A Kinesis function in one closure: every record of every batch goes to `handler` with the
+/// invocation (request id, time left, Lambda context), as [`crate::pull::Options`] say; the
+/// function answers the partial batch response.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use pushpull::pull::Options;
+///
+/// #[derive(serde::Deserialize)]
+/// struct Order { user: String, amount: f64 }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), lambda_runtime::Error> {
+///     let options = Options::default().per_key(8).stop_before_deadline(Duration::from_secs(2));
+///     pushpull::lambda::run_kinesis(options, |record, _invocation| async move {
+///         let order: Order = record.json()?; // a record that does not parse fails alone
+///         tracing::info!(user = order.user, amount = order.amount, "order");
+///         Ok::<_, pushpull::pull::DecodeError>(())
+///     })
+///     .await
+/// }
+/// ```
+#[cfg(feature = "kinesis")]
+pub async fn run_kinesis<H, Fut, E>(options: crate::pull::Options, handler: H) -> Result<(), lambda_runtime::Error>
+where
+    H: Fn(crate::pull::kinesis::OwnedRecord, crate::invocation::Invocation) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    let handler = Arc::new(handler);
+    run_raw(move |body: Bytes, context: Context| {
+        let handler = handler.clone();
+        async move {
+            let invocation = crate::invocation::Invocation::from_context(&context);
+            let event = crate::kinesis_event::KinesisEvent::from_slice(&body).map_err(batch_error)?;
+            let options = options.for_invocation(&invocation);
+            let result = crate::pull::kinesis::process_async(&event, options, |r| handler(r, invocation.clone()))
+                .await
+                .map_err(batch_error)?;
+            log_result(&result);
+            Ok::<_, BatchError>(result.response())
+        }
+    })
+    .await
+}
+
+/// An SQS function in one closure; see [`run_kinesis`]. FIFO queues keep order per message
+/// group ([`crate::pull::sqs`]).
+#[cfg(feature = "sqs")]
+pub async fn run_sqs<H, Fut, E>(options: crate::pull::Options, handler: H) -> Result<(), lambda_runtime::Error>
+where
+    H: Fn(crate::pull::sqs::SqsMessage, crate::invocation::Invocation) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    let handler = Arc::new(handler);
+    run_raw(move |body: Bytes, context: Context| {
+        let handler = handler.clone();
+        async move {
+            let invocation = crate::invocation::Invocation::from_context(&context);
+            let event = crate::pull::sqs::SqsEvent::from_slice(&body).map_err(batch_error)?;
+            let options = options.for_invocation(&invocation);
+            let result = crate::pull::sqs::process_async(&event, options, |m| handler(m, invocation.clone())).await;
+            log_result(&result);
+            Ok::<_, BatchError>(result.response())
+        }
+    })
+    .await
+}
+
+/// A DynamoDB Streams function in one closure; see [`run_kinesis`].
+#[cfg(feature = "dynamodb")]
+pub async fn run_dynamodb<H, Fut, E>(options: crate::pull::Options, handler: H) -> Result<(), lambda_runtime::Error>
+where
+    H: Fn(crate::pull::dynamodb::DynamoDbRecord, crate::invocation::Invocation) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    let handler = Arc::new(handler);
+    run_raw(move |body: Bytes, context: Context| {
+        let handler = handler.clone();
+        async move {
+            let invocation = crate::invocation::Invocation::from_context(&context);
+            let event = crate::pull::dynamodb::DynamoDbEvent::from_slice(&body).map_err(batch_error)?;
+            let options = options.for_invocation(&invocation);
+            let result = crate::pull::dynamodb::process_async(&event, options, |r| handler(r, invocation.clone()))
+                .await
+                .map_err(batch_error)?;
+            log_result(&result);
+            Ok::<_, BatchError>(result.response())
+        }
+    })
+    .await
 }

@@ -2,43 +2,58 @@
 //!
 //! The parts a Rust function behind an AWS Lambda event source needs, for both ways Lambda gets
 //! events: **push** (S3 invokes the function when an object lands) and **pull** (an event
-//! source mapping polls Kinesis and invokes the function with batches).
+//! source mapping polls Kinesis, DynamoDB Streams or SQS and invokes the function with batches).
 //!
-//! | module | what it does |
-//! |---|---|
-//! | [`s3_notification`] | S3 notifications: test events, URL-decoded keys, sequencers |
-//! | [`lines`] | NDJSON framing of a byte stream in bounded memory |
-//! | [`ndjson`] | checking a line and picking its partition key in one pass |
-//! | [`object_reader`] | an S3 object body that resumes with ranged reads when the connection drops |
-//! | [`batch`] | batching by count, bytes and linger time |
-//! | [`kinesis_producer`] | PutRecords with partial-failure resends and backoff |
-//! | [`push`] | the push pipeline: S3 object → Kinesis records, bad lines quarantined |
-//! | [`kinesis_event`] | Kinesis events read without copying; 128-bit sequence numbers |
-//! | [`pull`] | record-by-record processing and the partial batch response |
-//! | [`store`] | `s3://` or `file://` storage with compare-and-swap writes |
-//! | [`checkpoint`] | typed checkpoints with compare-and-swap: the `CheckpointStore` trait |
-//! | [`quarantine`] | where bad input goes, with its reason |
-//! | [`rollup`] | the sample pull function: group, count, sum |
-//! | [`config`] | settings from environment variables, checked at cold start |
-//! | [`aws`] | AWS clients built once, SDK errors made readable |
-//! | [`telemetry`] | structured JSON logs |
-//! | [`lambda`] | `run_raw`: a handler that reads the payload where it lies (no copy) |
+//! Each source and each AWS service is a cargo feature, so a function compiles only what it uses;
+//! the core (no feature) needs no AWS SDK at all.
+//!
+//! | module | feature | what it does |
+//! |---|---|---|
+//! | [`batch`] | core | batching by count, bytes and linger time; per-key ordered batches |
+//! | [`checkpoint`] | core | typed checkpoints with compare-and-swap over the `CheckpointStore` trait |
+//! | [`store`] | core (`s3` for `s3://`) | `file://` or `s3://` storage with conditional writes |
+//! | [`sequence`] | core | sequence numbers compared as integers |
+//! | [`lines`] | core | NDJSON framing of a byte stream in bounded memory |
+//! | [`ndjson`] | core | checking a JSON line and picking fields in one pass |
+//! | [`quarantine`] | core | where bad input goes, with its reason |
+//! | [`config`] | core | settings from environment variables, every problem reported at once |
+//! | [`invocation`] | core | request id and time left |
+//! | [`pull`] | core; `kinesis`, `dynamodb`, `sqs` | one handler per record, partial batch responses, deadlines |
+//! | [`kinesis_event`] | `kinesis` | Kinesis events read without copying |
+//! | [`s3_notification`] | `push` | S3 notifications: test events, URL-decoded keys, sequencers |
+//! | [`push`] | `push` | S3 object → records: line handler, leases, checkpoints, resume |
+//! | [`sink`] | `push` (`kinesis-sink` for Kinesis) | PutRecords with partial-failure resends |
+//! | [`object_reader`] | `s3` | an S3 object body that resumes with ranged reads |
+//! | [`aws`] | `s3`, `kinesis-sink` | AWS clients built once; SDK errors classified by kind |
+//! | [`lambda`] | `runtime` | `run_raw` and one-closure batch runners |
+//! | [`telemetry`] | `runtime` | structured JSON logs |
 #![warn(missing_docs)]
 
-pub mod aws;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
-pub mod kinesis_event;
-pub mod kinesis_producer;
-pub mod lambda;
+pub mod error;
+pub mod invocation;
 pub mod lines;
 pub mod ndjson;
-pub mod object_reader;
 pub mod pull;
-pub mod push;
 pub mod quarantine;
-pub mod rollup;
-pub mod s3_notification;
+pub mod sequence;
 pub mod store;
+
+#[cfg(feature = "aws")]
+pub mod aws;
+#[cfg(feature = "kinesis")]
+pub mod kinesis_event;
+#[cfg(feature = "runtime")]
+pub mod lambda;
+#[cfg(feature = "s3")]
+pub mod object_reader;
+#[cfg(feature = "push")]
+pub mod push;
+#[cfg(feature = "push")]
+pub mod s3_notification;
+#[cfg(feature = "push")]
+pub mod sink;
+#[cfg(feature = "runtime")]
 pub mod telemetry;

@@ -12,9 +12,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use pushpull::config::{Env, PushSettings};
-use pushpull::kinesis_producer::{OutRecord, PutOutcome, RecordSink, SinkError};
-use pushpull::push::{Invocation, PushHandler};
+use pushpull::invocation::Invocation;
+use pushpull::push::PushHandler;
+use pushpull::push::line::JsonLines;
+use pushpull::push::source::S3Source;
 use pushpull::s3_notification::S3Notification;
+use pushpull::sink::{OutRecord, PutOutcome, RecordSink, SinkError};
 use pushpull::store::Store;
 use tokio::io::AsyncReadExt;
 
@@ -109,16 +112,12 @@ async fn main() {
                     } else {
                         ("none", &mut unordered, &mut rss_none)
                     };
-                    let settings = PushSettings::from_env(Env::from_pairs([
-                        ("STREAM_NAME", "bench"),
-                        ("PARTITION_KEY_FIELD", "user"),
-                        ("PUT_ORDERING", ordering),
-                    ]))
-                    .unwrap();
+                    let settings = PushSettings::from_env(Env::from_pairs([("PUT_ORDERING", ordering)])).unwrap();
                     let cp = dir.path().join(format!("cp-{round}-{ordering}"));
                     let handler = PushHandler::new(
                         settings,
-                        l.s3.clone(),
+                        S3Source::new(l.s3.clone()),
+                        JsonLines::new(Some("user".into())),
                         CountingSink::default(),
                         Store::file(dir.path().join("q")),
                         Store::file(cp),

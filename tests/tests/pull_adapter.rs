@@ -4,7 +4,7 @@
 //! windows. Each test asserts that the rollup output equals the expected totals exactly.
 use std::collections::BTreeMap;
 
-use pushpull::rollup::Sum;
+use kinesis_rollup::Sum;
 use pushpull_local::localstack::{Local, StreamRecord, kinesis_event};
 use pushpull_local::runtime_api::Outcome;
 use pushpull_tests::{function, invoke_ok, local, object_json_lines, start, unique};

@@ -1,16 +1,17 @@
 //! Pull: a Kinesis event source mapping invokes this function with batches of records.
-//! All logic is in `pushpull::rollup`; see the README for its settings.
+//! All logic is in the crate's library (`kinesis_rollup`); see the README for its settings.
 use std::sync::Arc;
 
+use kinesis_rollup::{RollupHandler, RollupSettings};
 use lambda_runtime::Error;
-use pushpull::rollup::RollupHandler;
+use pushpull::config::Env;
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     pushpull::telemetry::init();
-    let aws = pushpull::aws::Aws::new();
-    let handler = RollupHandler::from_env(&aws).await.inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
-    let handler = Arc::new(handler);
+    let settings =
+        RollupSettings::from_env(Env::from_process()).inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
+    let handler = Arc::new(RollupHandler::connect(settings, &pushpull::aws::Aws::new()).await);
     // run_raw: the event is parsed where it lies, without a copy (batches reach 6 MB).
     pushpull::lambda::run_raw(move |body, _context| {
         let handler = handler.clone();

@@ -214,6 +214,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     let store = match &location {
         Location::File { root } => Store::file(root),
         Location::S3 { bucket, prefix } => Store::s3(clients.s3.clone(), bucket, prefix),
+        other => return Err(format!("checkpoint location {other}: not a scheme this runner knows").into()),
     };
     let mut options = RunnerOptions::new(&settings, store);
     options.list_shards_every = Duration::from_secs_f64(args.list_shards_every.max(0.1));

@@ -92,9 +92,8 @@ impl Local {
     /// Creates `stream` with `shards` shards if missing, waits until it is ACTIVE, returns its ARN.
     pub async fn ensure_stream(&self, stream: &str, shards: i32) -> Result<String, String> {
         if let Err(e) = self.kinesis.create_stream().stream_name(stream).shard_count(shards).send().await {
-            let msg = pushpull::aws::describe(&e);
-            if !msg.contains("ResourceInUseException") {
-                return Err(format!("CreateStream {stream}: {msg}"));
+            if pushpull::aws::classify(&e) != pushpull::aws::SdkErrorKind::ResourceInUse {
+                return Err(format!("CreateStream {stream}: {}", pushpull::aws::describe(&e)));
             }
         }
         for _ in 0..200 {

@@ -11,7 +11,7 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use pushpull::rollup::Sum;
+use kinesis_rollup::Sum;
 use pushpull::store::Store;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -155,6 +155,9 @@ pub async fn provision(t: &Template, local: &Local) -> Result<Resources, Pipelin
 /// Totals per group: (records, sum).
 pub type Totals = BTreeMap<String, (u64, Sum)>;
 
+/// How the totals name the rollup's group of records without the group-by field (`"key": null`).
+pub const MISSING_GROUP: &str = "(no group)";
+
 /// What the input files hold, judged as the push function judges lines.
 #[derive(Debug, Clone, Default)]
 pub struct Expected {
@@ -198,14 +201,18 @@ pub fn expected(dir: &Path, group_by: &str, sum_field: &str) -> Result<Expected,
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            // The push side quarantines what is not a JSON object (JsonLines).
+            let Some(v) = serde_json::from_slice::<Value>(line).ok().filter(Value::is_object) else {
                 out.bad += 1;
                 continue;
             };
             out.good += 1;
             out.lines.insert(xxhash_rust::xxh3::xxh3_64(line), i);
-            let key =
-                v.get(group_by).map(|g| g.as_str().map_or_else(|| g.to_string(), str::to_owned)).unwrap_or_default();
+            // The rollup counts a record without the field (or with null) under `"key": null`.
+            let key = v
+                .get(group_by)
+                .filter(|g| !g.is_null())
+                .map_or_else(|| MISSING_GROUP.to_owned(), |g| g.as_str().map_or_else(|| g.to_string(), str::to_owned));
             let e = out.totals.entry(key).or_default();
             e.0 += 1;
             if let Some(s) = v.get(sum_field).and_then(|s| Sum::parse(&s.to_string())) {
@@ -259,7 +266,12 @@ pub async fn rollup_totals(local: &Local, r: &Resources) -> Result<(Totals, usiz
         let body = get(local, &r.bucket, key).await?;
         for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             let v: Value = serde_json::from_slice(line).map_err(|e| PipelineError::new(key, e))?;
-            let g = totals.entry(v["key"].as_str().unwrap_or_default().to_owned()).or_default();
+            let key = if v["key"].is_null() {
+                MISSING_GROUP.to_owned()
+            } else {
+                v["key"].as_str().unwrap_or_default().to_owned()
+            };
+            let g = totals.entry(key).or_default();
             g.0 += v["count"].as_u64().unwrap_or(0);
             let sum = v["sum"].as_str().map_or_else(|| v["sum"].to_string(), str::to_owned);
             g.1.0 += Sum::parse(&sum).map_or(0, |s| s.0);

@@ -1,4 +1,5 @@
 //! One shard: a reader polling GetRecords, and the lanes that batch and invoke.
+use pushpull::aws::SdkErrorKind;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -155,14 +156,15 @@ async fn read(
             }
             Err(e) => {
                 let msg = pushpull::aws::describe(&e);
+                let kind = pushpull::aws::classify(&e);
                 failures += 1;
-                if msg.contains("ExpiredIteratorException") {
+                if kind == SdkErrorKind::ExpiredIterator {
                     let (k, p) = match &last_read {
                         Some(s) => (ShardIteratorType::AfterSequenceNumber, Position::Sequence(s.clone())),
                         None => (ShardIteratorType::TrimHorizon, Position::None),
                     };
                     it = iterator(&ctx, &shard, k, &p).await?;
-                } else if msg.contains("ResourceNotFoundException") || failures > 50 {
+                } else if kind == SdkErrorKind::NotFound || failures > 50 {
                     return Err(MappingError::Kinesis(format!(
                         "GetRecords {}/{shard}: {msg}",
                         ctx.settings.stream_name()

@@ -31,16 +31,18 @@
 //! # });
 //! ```
 use std::fmt;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
+
+mod file;
+#[cfg(feature = "s3")]
+mod s3;
 
 /// A place for objects: an S3 bucket and key prefix, or a local directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Location {
     /// `s3://bucket/prefix` (prefix may be empty; stored without leading or trailing `/`).
     S3 {
@@ -148,6 +150,7 @@ pub struct Stored {
 
 /// A store operation that failed. Every variant names the object.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// Another writer won: the object exists (for `IfAbsent`) or changed (for `IfMatch`).
     #[error("conditional write to {uri} lost: the object exists or changed")]
@@ -166,6 +169,17 @@ pub enum StoreError {
         message: String,
         /// Whether trying again later may succeed (throttling, 5xx, network).
         retryable: bool,
+        /// The SDK's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The location needs a backend this build does not have (`s3://` without the `s3` feature).
+    #[error("{uri}: this build of pushpull has no {scheme}:// backend (enable the `{scheme}` feature)")]
+    Unsupported {
+        /// The object.
+        uri: String,
+        /// The scheme.
+        scheme: &'static str,
     },
     /// The file system failed.
     #[error("{operation} {path}: {source}")]
@@ -185,7 +199,7 @@ impl StoreError {
         match self {
             StoreError::S3 { retryable, .. } => *retryable,
             StoreError::Io { .. } => true,
-            StoreError::PreconditionFailed { .. } => false,
+            StoreError::PreconditionFailed { .. } | StoreError::Unsupported { .. } => false,
         }
     }
 }
@@ -198,8 +212,34 @@ pub struct Store {
 
 #[derive(Debug, Clone)]
 enum Backend {
-    S3 { client: aws_sdk_s3::Client, bucket: String, prefix: String },
-    File { root: PathBuf },
+    #[cfg(feature = "s3")]
+    S3 {
+        client: aws_sdk_s3::Client,
+        bucket: String,
+        prefix: String,
+    },
+    /// An `s3://` location in a build without the `s3` feature: every call says so.
+    #[cfg(not(feature = "s3"))]
+    S3Unsupported {
+        bucket: String,
+        prefix: String,
+    },
+    File {
+        root: PathBuf,
+    },
+}
+
+impl StoreError {
+    /// A failed S3 call: what S3 said, whether a retry may help, and the SDK error as the source.
+    #[cfg(feature = "s3")]
+    pub(crate) fn s3<E, R>(operation: &'static str, uri: String, e: aws_sdk_s3::error::SdkError<E, R>) -> StoreError
+    where
+        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: fmt::Debug + Send + Sync + 'static,
+    {
+        let retryable = crate::aws::classify(&e).is_retryable();
+        StoreError::S3 { operation, uri, message: crate::aws::describe(&e), retryable, source: Box::new(e) }
+    }
 }
 
 impl Store {
@@ -209,12 +249,14 @@ impl Store {
     }
 
     /// A store in an S3 bucket under `prefix`.
+    #[cfg(feature = "s3")]
     pub fn s3(client: aws_sdk_s3::Client, bucket: impl Into<String>, prefix: impl Into<String>) -> Self {
         let prefix = prefix.into().trim_matches('/').to_owned();
         Store { backend: Backend::S3 { client, bucket: bucket.into(), prefix } }
     }
 
     /// A store at `location`; the S3 client is built (once, shared) only for `s3://`.
+    #[cfg(feature = "s3")]
     pub async fn connect(location: &Location, aws: &crate::aws::Aws) -> Self {
         match location {
             Location::S3 { bucket, prefix } => Store::s3(aws.s3().await.clone(), bucket, prefix),
@@ -222,150 +264,58 @@ impl Store {
         }
     }
 
-    /// The full URI of `key` in this store, for messages.
-    pub fn uri(&self, key: &str) -> String {
-        match &self.backend {
-            Backend::S3 { bucket, .. } => format!("s3://{bucket}/{}", self.s3_key(key)),
-            Backend::File { root } => format!("file://{}", root.join(key).display()),
+    /// A store at `location`. This build has no S3 backend: an `s3://` location gives a store
+    /// whose every call fails with [`StoreError::Unsupported`].
+    #[cfg(not(feature = "s3"))]
+    pub fn at(location: &Location) -> Self {
+        match location {
+            Location::S3 { bucket, prefix } => {
+                Store { backend: Backend::S3Unsupported { bucket: bucket.clone(), prefix: prefix.clone() } }
+            }
+            Location::File { root } => Store::file(root),
         }
     }
 
-    fn s3_key(&self, key: &str) -> String {
+    /// The full URI of `key` in this store, for messages.
+    pub fn uri(&self, key: &str) -> String {
         match &self.backend {
-            Backend::S3 { prefix, .. } if !prefix.is_empty() => format!("{prefix}/{key}"),
-            _ => key.to_owned(),
+            Backend::File { root } => format!("file://{}", root.join(key).display()),
+            #[cfg(feature = "s3")]
+            Backend::S3 { bucket, prefix, .. } => format!("s3://{bucket}/{}", prefixed(prefix, key)),
+            #[cfg(not(feature = "s3"))]
+            Backend::S3Unsupported { bucket, prefix } => format!("s3://{bucket}/{}", prefixed(prefix, key)),
         }
     }
 
     /// Reads `key`; `None` when there is no such object.
     pub async fn get(&self, key: &str) -> Result<Option<Stored>, StoreError> {
         match &self.backend {
-            Backend::S3 { client, bucket, .. } => {
-                let uri = self.uri(key);
-                let out = client.get_object().bucket(bucket).key(self.s3_key(key)).send().await;
-                let out = match out {
-                    Ok(out) => out,
-                    Err(SdkError::ServiceError(e)) if e.err().is_no_such_key() => return Ok(None),
-                    Err(e) => return Err(s3_error("GetObject", uri, e)),
-                };
-                let etag = Etag(out.e_tag().unwrap_or_default().to_owned());
-                let body = out.body.collect().await.map_err(|e| StoreError::S3 {
-                    operation: "GetObject",
-                    uri,
-                    message: e.to_string(),
-                    retryable: true,
-                })?;
-                Ok(Some(Stored { body: body.into_bytes(), etag }))
+            Backend::File { root } => file::get(root, key).await,
+            #[cfg(feature = "s3")]
+            Backend::S3 { client, bucket, prefix } => {
+                s3::get(client, bucket, &prefixed(prefix, key), self.uri(key)).await
             }
-            Backend::File { root } => {
-                let path = root.join(key);
-                blocking(move || match std::fs::read(&path) {
-                    Ok(body) => Ok(Some(Stored { etag: content_etag(&body), body: body.into() })),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                    Err(source) => Err(StoreError::Io { operation: "read", path: path.display().to_string(), source }),
-                })
-                .await
-            }
+            #[cfg(not(feature = "s3"))]
+            Backend::S3Unsupported { .. } => Err(StoreError::Unsupported { uri: self.uri(key), scheme: "s3" }),
         }
     }
 
     /// Writes `body` under `key` if `condition` holds; returns the new version.
     pub async fn put(&self, key: &str, body: Bytes, condition: Precondition) -> Result<Etag, StoreError> {
         match &self.backend {
-            Backend::S3 { client, bucket, .. } => {
-                let uri = self.uri(key);
-                let mut req = client.put_object().bucket(bucket).key(self.s3_key(key)).body(ByteStream::from(body));
-                req = match &condition {
-                    Precondition::None => req,
-                    Precondition::IfAbsent => req.if_none_match("*"),
-                    Precondition::IfMatch(etag) => req.if_match(&etag.0),
-                };
-                match req.send().await {
-                    Ok(out) => Ok(Etag(out.e_tag().unwrap_or_default().to_owned())),
-                    Err(e) if is_precondition_failure(&e) => Err(StoreError::PreconditionFailed { uri }),
-                    Err(e) => Err(s3_error("PutObject", uri, e)),
-                }
+            Backend::File { root } => file::put(root, key, body, condition).await,
+            #[cfg(feature = "s3")]
+            Backend::S3 { client, bucket, prefix } => {
+                s3::put(client, bucket, &prefixed(prefix, key), self.uri(key), body, condition).await
             }
-            Backend::File { root } => {
-                let (root, key) = (root.clone(), key.to_owned());
-                blocking(move || file_put(&root, &key, &body, &condition)).await
-            }
+            #[cfg(not(feature = "s3"))]
+            Backend::S3Unsupported { .. } => Err(StoreError::Unsupported { uri: self.uri(key), scheme: "s3" }),
         }
     }
 }
 
-fn is_precondition_failure<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
-    match e {
-        SdkError::ServiceError(se) => {
-            matches!(se.err().code(), Some("PreconditionFailed" | "ConditionalRequestConflict"))
-        }
-        _ => false,
-    }
-}
-
-/// Turns an SDK error into a [`StoreError::S3`] that says what S3 said.
-pub(crate) fn s3_error<E, R>(operation: &'static str, uri: String, e: SdkError<E, R>) -> StoreError
-where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: fmt::Debug,
-{
-    let retryable = crate::aws::is_retryable(&e);
-    StoreError::S3 { operation, uri, message: crate::aws::describe(&e), retryable }
-}
-
-fn content_etag(body: &[u8]) -> Etag {
-    Etag(format!("{:032x}", xxhash_rust::xxh3::xxh3_128(body)))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|join| {
-        Err(StoreError::Io {
-            operation: "run blocking file task",
-            path: String::new(),
-            source: std::io::Error::other(join),
-        })
-    })
-}
-
-fn file_put(root: &Path, key: &str, body: &[u8], condition: &Precondition) -> Result<Etag, StoreError> {
-    let io = |operation, path: &Path| {
-        let path = path.display().to_string();
-        move |source| StoreError::Io { operation, path, source }
-    };
-    let path = root.join(key);
-    let dir = path.parent().unwrap_or(root);
-    std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
-    // One lock per store directory serialises check-and-replace across processes.
-    let lock_path = root.join(".pushpull.lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io("open lock", &lock_path))?;
-    lock.lock().map_err(io("lock", &lock_path))?;
-    let current = match std::fs::read(&path) {
-        Ok(bytes) => Some(content_etag(&bytes)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(io("read", &path)(e)),
-    };
-    let allowed = match (condition, &current) {
-        (Precondition::None, _) => true,
-        (Precondition::IfAbsent, current) => current.is_none(),
-        (Precondition::IfMatch(want), Some(have)) => want == have,
-        (Precondition::IfMatch(_), None) => false,
-    };
-    if !allowed {
-        return Err(StoreError::PreconditionFailed { uri: format!("file://{}", path.display()) });
-    }
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("create temporary file in", dir))?;
-    tmp.write_all(body).map_err(io("write", tmp.path()))?;
-    // No fsync: the rename makes the write atomic for readers and for a crashed process, which is
-    // what this local backend promises; surviving a power cut is the S3 backend's job.
-    tmp.persist(&path).map_err(|e| io("rename into", &path)(e.error))?;
-    Ok(content_etag(body))
+fn prefixed(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() { key.to_owned() } else { format!("{prefix}/{key}") }
 }
 
 #[cfg(test)]

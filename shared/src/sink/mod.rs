@@ -3,12 +3,12 @@
 //! PutRecords is not atomic: the answer says, entry by entry, what was written and what failed
 //! (`ProvisionedThroughputExceededException`, `InternalFailure`). [`Producer::send`] resends only
 //! the failed entries, with exponential backoff and jitter, until they are written or
-//! `max_attempts` is used up. The destination is a [`RecordSink`]: [`KinesisSink`] in production,
-//! anything else (a counting sink, a fault injector) in benchmarks and tests.
+//! `max_attempts` is used up. The destination is a [`RecordSink`]: [`kinesis::KinesisSink`]
+//! (feature `kinesis-sink`) in production, or your own.
 //!
 //! ```
 //! use bytes::Bytes;
-//! use pushpull::kinesis_producer::{OutRecord, Producer, PutOutcome, RecordSink, SinkError};
+//! use pushpull::sink::{OutRecord, Producer, PutOutcome, RecordSink, SinkError};
 //!
 //! /// Accepts everything and counts it.
 //! struct Counter(std::sync::atomic::AtomicUsize);
@@ -32,7 +32,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::batch::ByteSize;
-use crate::kinesis_event::SequenceNumber;
+use crate::sequence::SequenceNumber;
+
+#[cfg(feature = "kinesis-sink")]
+pub mod kinesis;
 
 /// One record to send, with the input line it came from (for error messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +128,13 @@ pub trait RecordSink: Send + Sync {
     /// Sends `records` in one call and says which entries failed.
     fn put_records(&self, records: &[OutRecord]) -> impl Future<Output = Result<PutOutcome, SinkError>> + Send;
 
+    /// Whether [`RecordSink::written_since`] can read records back. A sink that cannot makes a
+    /// resumed object at-least-once (records sent after the last checkpoint of a crashed
+    /// invocation are sent again), and the push side says so in a warning each time.
+    fn can_read_back(&self) -> bool {
+        false
+    }
+
     /// Records written after `positions` (shard id → sequence number; shards not named are read
     /// from `since_ms`, epoch milliseconds) that arrived no later than `until_ms`. Used after a
     /// crash to find out which records of the interrupted work were written. The default, for
@@ -137,184 +147,6 @@ pub trait RecordSink: Send + Sync {
     ) -> impl Future<Output = Result<Vec<WrittenRecord>, SinkError>> + Send {
         let _ = (positions, since_ms, until_ms);
         async { Ok(Vec::new()) }
-    }
-}
-
-/// A Kinesis stream.
-#[derive(Debug, Clone)]
-pub struct KinesisSink {
-    client: aws_sdk_kinesis::Client,
-    stream_name: String,
-}
-
-impl KinesisSink {
-    /// Records go to `stream_name`.
-    pub fn new(client: aws_sdk_kinesis::Client, stream_name: impl Into<String>) -> Self {
-        KinesisSink { client, stream_name: stream_name.into() }
-    }
-}
-
-impl RecordSink for KinesisSink {
-    async fn written_since(
-        &self,
-        positions: &BTreeMap<String, String>,
-        since_ms: u64,
-        until_ms: u64,
-    ) -> Result<Vec<WrittenRecord>, SinkError> {
-        let shards = self.client.list_shards().stream_name(&self.stream_name).send().await.map_err(|e| SinkError {
-            message: format!("ListShards {}: {}", self.stream_name, crate::aws::describe(&e)),
-            retryable: true,
-        })?;
-        let mut out = Vec::new();
-        for shard in shards.shards() {
-            self.read_shard(shard.shard_id(), positions.get(shard.shard_id()), since_ms, until_ms, &mut out).await?;
-        }
-        Ok(out)
-    }
-
-    async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
-        use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-        let entries = records
-            .iter()
-            .map(|r| {
-                PutRecordsRequestEntry::builder()
-                    .partition_key(r.partition_key.as_str())
-                    .data(aws_sdk_kinesis::primitives::Blob::new(r.data.to_vec()))
-                    .build()
-                    .map_err(|e| SinkError { message: format!("line {}: {e}", r.line), retryable: false })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let out =
-            self.client.put_records().stream_name(&self.stream_name).set_records(Some(entries)).send().await.map_err(
-                |e| SinkError {
-                    message: format!("PutRecords to stream {}: {}", self.stream_name, crate::aws::describe(&e)),
-                    retryable: crate::aws::is_retryable(&e),
-                },
-            )?;
-        if out.records().len() != records.len() {
-            return Err(SinkError {
-                message: format!(
-                    "PutRecords to stream {}: {} results for {} records",
-                    self.stream_name,
-                    out.records().len(),
-                    records.len()
-                ),
-                retryable: true,
-            });
-        }
-        let mut outcome = PutOutcome::default();
-        for (index, r) in out.records().iter().enumerate() {
-            match r.error_code() {
-                None => outcome.note_written(r.shard_id().unwrap_or_default(), r.sequence_number().unwrap_or_default()),
-                Some(code) => outcome.failed.push(FailedEntry {
-                    index,
-                    code: code.to_owned(),
-                    message: r.error_message().unwrap_or_default().to_owned(),
-                }),
-            }
-        }
-        Ok(outcome)
-    }
-}
-
-impl KinesisSink {
-    async fn read_shard(
-        &self,
-        shard_id: &str,
-        after: Option<&String>,
-        since_ms: u64,
-        until_ms: u64,
-        out: &mut Vec<WrittenRecord>,
-    ) -> Result<(), SinkError> {
-        use aws_sdk_kinesis::types::ShardIteratorType;
-        let fail = |op: &str, e: String| SinkError {
-            message: format!("{op} {}/{shard_id}: {e}", self.stream_name),
-            retryable: true,
-        };
-        let mut req = self.client.get_shard_iterator().stream_name(&self.stream_name).shard_id(shard_id);
-        req = match after {
-            Some(seq) => req.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).starting_sequence_number(seq),
-            None => req
-                .shard_iterator_type(ShardIteratorType::AtTimestamp)
-                .timestamp(aws_smithy_types::DateTime::from_millis(since_ms as i64)),
-        };
-        let it = req.send().await.map_err(|e| fail("GetShardIterator", crate::aws::describe(&e)))?;
-        let mut iterator = it.shard_iterator().map(str::to_owned);
-        while let Some(current) = iterator.take() {
-            let page = self
-                .client
-                .get_records()
-                .shard_iterator(current)
-                .limit(10_000)
-                .send()
-                .await
-                .map_err(|e| fail("GetRecords", crate::aws::describe(&e)))?;
-            let mut past_window = false;
-            for r in page.records() {
-                let arrival = r.approximate_arrival_timestamp().map_or(0, |t| t.to_millis().unwrap_or(0).max(0) as u64);
-                if arrival > until_ms {
-                    past_window = true;
-                    break;
-                }
-                out.push(WrittenRecord {
-                    partition_key: r.partition_key().unwrap_or_default().to_owned(),
-                    data: Bytes::copy_from_slice(r.data().as_ref()),
-                });
-            }
-            if past_window || page.records().is_empty() {
-                break;
-            }
-            iterator = page.next_shard_iterator().map(str::to_owned);
-        }
-        Ok(())
-    }
-}
-
-/// Fails a fraction of the entries of every call, as a throttled stream does
-/// (`ProvisionedThroughputExceededException`): the failed entries are not sent, the rest are.
-/// For fault-injection tests of the code above a sink; never for production.
-#[derive(Debug)]
-pub struct FaultInjectingSink<S> {
-    inner: S,
-    fail_fraction: f64,
-}
-
-impl<S> FaultInjectingSink<S> {
-    /// Fails each entry with probability `fail_fraction` (0.0 to 1.0).
-    pub fn new(inner: S, fail_fraction: f64) -> Self {
-        FaultInjectingSink { inner, fail_fraction: fail_fraction.clamp(0.0, 1.0) }
-    }
-}
-
-impl<S: RecordSink> RecordSink for FaultInjectingSink<S> {
-    async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
-        if self.fail_fraction <= 0.0 {
-            return self.inner.put_records(records).await;
-        }
-        let fail: Vec<bool> = records.iter().map(|_| fastrand::f64() < self.fail_fraction).collect();
-        let passed: Vec<usize> = (0..records.len()).filter(|&i| !fail[i]).collect();
-        let pass: Vec<OutRecord> = passed.iter().map(|&i| records[i].clone()).collect();
-        let inner = if pass.is_empty() { PutOutcome::default() } else { self.inner.put_records(&pass).await? };
-        let mut failed: Vec<FailedEntry> = (0..records.len())
-            .filter(|&i| fail[i])
-            .map(|index| FailedEntry {
-                index,
-                code: "ProvisionedThroughputExceededException".into(),
-                message: "Rate exceeded for shard (injected)".into(),
-            })
-            .collect();
-        failed.extend(inner.failed.into_iter().map(|f| FailedEntry { index: passed[f.index], ..f }));
-        failed.sort_by_key(|f| f.index);
-        Ok(PutOutcome { failed, last_written: inner.last_written })
-    }
-
-    fn written_since(
-        &self,
-        positions: &BTreeMap<String, String>,
-        since_ms: u64,
-        until_ms: u64,
-    ) -> impl Future<Output = Result<Vec<WrittenRecord>, SinkError>> + Send {
-        self.inner.written_since(positions, since_ms, until_ms)
     }
 }
 
@@ -348,6 +180,7 @@ impl SendReport {
 
 /// Records could not be written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProduceError {
     /// Entries still failed after every attempt.
     #[error(

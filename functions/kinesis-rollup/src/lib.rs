@@ -25,13 +25,13 @@
 //! which the template enforces for this function (tumbling windows require it too).
 //!
 //! ```
-//! use pushpull::config::{Env, PullSettings};
-//! use pushpull::rollup::RollupHandler;
+//! use pushpull::config::Env;
+//! use kinesis_rollup::{RollupHandler, RollupSettings};
 //! use pushpull::store::Store;
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let dir = tempfile::tempdir().unwrap();
-//! let settings = PullSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap();
+//! let settings = RollupSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap();
 //! let handler = RollupHandler::new(settings, Store::file(dir.path().join("out")), Store::file(dir.path().join("cp")));
 //! let payload = r#"{"Records":[
 //!  {"kinesis":{"partitionKey":"p","sequenceNumber":"1","data":"eyJ1c2VyIjoiYSJ9","approximateArrivalTimestamp":1},"eventID":"shardId-0:1","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/s"},
@@ -45,29 +45,34 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
-use aws_lambda_events::event::streams::KinesisEventResponse;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::checkpoint::{CheckpointError, Checkpoints};
-use crate::config::PullSettings;
-use crate::kinesis_event::{KinesisEvent, KinesisEventRecord, SequenceNumber};
-use crate::ndjson;
-use crate::pull::{
-    BatchResult, Options, PullError, StateTooLarge, WindowResponse, decode_window_state, encode_window_state,
-    process_records,
+use pushpull::checkpoint::{CheckpointError, Checkpoints};
+use pushpull::kinesis_event::{KinesisEvent, KinesisEventRecord, SequenceNumber, Window};
+use pushpull::ndjson;
+use pushpull::pull::kinesis::{
+    PullError, StateError, WindowResponse, decode_window_state, encode_window_state, process_records,
 };
-use crate::store::{Precondition, Store, StoreError};
+use pushpull::pull::{BatchResponse, BatchResult, Options};
+use pushpull::store::{Precondition, Store, StoreError};
+
+pub mod settings;
+pub mod sum;
+
+pub use settings::RollupSettings;
+pub use sum::{SUM_SCALE, Sum};
 
 /// Why an invocation failed as a whole (the mapping retries it).
 #[derive(Debug, thiserror::Error)]
 pub enum RollupError {
-    /// A failure injected on purpose (`PUSHPULL_INJECT_FAILURES`).
+    /// A failure injected on purpose (`PUSHPULL_INJECT_FAILURES`, feature `fault-injection`).
+    #[cfg(feature = "fault-injection")]
     #[error("injected failure (PUSHPULL_INJECT_FAILURES)")]
     Injected,
     /// The payload is not a Kinesis event.
     #[error(transparent)]
-    Event(#[from] crate::kinesis_event::EventError),
+    Event(#[from] pushpull::kinesis_event::EventError),
     /// The window state the mapping passed back is not a rollup this function wrote.
     #[error("window state is not a rollup: {0}")]
     WindowState(#[from] serde_json::Error),
@@ -106,13 +111,14 @@ pub enum RollupError {
         /// The shard.
         shard_id: String,
         /// The sizes.
-        source: StateTooLarge,
+        source: StateError,
     },
 }
 
 impl From<RollupError> for lambda_runtime::Diagnostic {
     fn from(e: RollupError) -> Self {
         let error_type = match e {
+            #[cfg(feature = "fault-injection")]
             RollupError::Injected => "RollupError.Injected",
             RollupError::Event(_) => "RollupError.Event",
             RollupError::WindowState(_) => "RollupError.WindowState",
@@ -124,67 +130,6 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
         };
         tracing::error!(error_type, error = %e, "invocation failed");
         lambda_runtime::Diagnostic { error_type: error_type.to_owned(), error_message: e.to_string() }
-    }
-}
-
-/// A decimal sum kept as an integer number of billionths: exact for the usual amounts and
-/// independent of the order records arrive in (floating-point sums are neither).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Sum(pub i128);
-
-/// Digits kept after the decimal point.
-pub const SUM_SCALE: u32 = 9;
-
-impl Sum {
-    /// Parses a JSON number's text; more than [`SUM_SCALE`] decimals are rounded. Magnitudes of
-    /// 10^18 and more are refused (`None`), so that no realistic count of records can overflow
-    /// the sum.
-    pub fn parse(text: &str) -> Option<Sum> {
-        let scale = 10i128.pow(SUM_SCALE);
-        // Byte loops, not memchr: amounts are a few bytes long.
-        let plain = !text.bytes().any(|b| b | 0x20 == b'e');
-        if plain {
-            let (neg, digits) = text.strip_prefix('-').map_or((false, text), |d| (true, d));
-            let (int, frac) = match digits.bytes().position(|b| b == b'.') {
-                Some(dot) => (&digits[..dot], &digits[dot + 1..]),
-                None => (digits, ""),
-            };
-            if !int.is_empty()
-                && int.len() <= 18
-                && int.bytes().all(|b| b.is_ascii_digit())
-                && frac.bytes().all(|b| b.is_ascii_digit())
-            {
-                let int: i128 = int.parse().ok()?;
-                let mut f: i128 = 0;
-                for (i, b) in frac.bytes().take(SUM_SCALE as usize).enumerate() {
-                    f += i128::from(b - b'0') * 10i128.pow(SUM_SCALE - 1 - i as u32);
-                }
-                if frac.as_bytes().get(SUM_SCALE as usize).is_some_and(|b| *b >= b'5') {
-                    f += 1;
-                }
-                let v = int * scale + f;
-                return Some(Sum(if neg { -v } else { v }));
-            }
-        }
-        let v: f64 = text.parse().ok()?;
-        (v.is_finite() && v.abs() < 1e18).then(|| Sum((v * scale as f64).round() as i128))
-    }
-}
-
-impl std::fmt::Display for Sum {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scale = 10i128.pow(SUM_SCALE);
-        let (neg, v) = (self.0 < 0, self.0.unsigned_abs());
-        let (int, frac) = (v / scale as u128, v % scale as u128);
-        if neg {
-            f.write_str("-")?;
-        }
-        if frac == 0 {
-            write!(f, "{int}")
-        } else {
-            let frac = format!("{frac:0width$}", width = SUM_SCALE as usize);
-            write!(f, "{int}.{}", frac.trim_end_matches('0'))
-        }
     }
 }
 
@@ -206,15 +151,19 @@ pub struct Group {
 pub struct Rollup {
     /// Per group key.
     pub groups: BTreeMap<String, Group>,
+    /// Records without the `GROUP_BY_FIELD` (or with `null` there): written with `"key": null`,
+    /// so that no string value can be mistaken for them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing: Option<Group>,
 }
 
 impl Rollup {
     /// The rollup as NDJSON lines, one per group.
-    pub fn to_ndjson(&self, shard_id: &str, window: Option<&crate::kinesis_event::Window>) -> String {
+    pub fn to_ndjson(&self, shard_id: &str, window: Option<&Window>) -> String {
         let mut out = String::new();
         let shard = serde_json::to_string(shard_id).unwrap_or_default();
-        for (key, g) in &self.groups {
-            let key = serde_json::to_string(key).unwrap_or_default();
+        let named = self.groups.iter().map(|(k, g)| (serde_json::to_string(k).unwrap_or_default(), g));
+        for (key, g) in self.missing.iter().map(|g| ("null".to_owned(), g)).chain(named) {
             let _ = write!(
                 out,
                 r#"{{"key":{key},"count":{},"sum":{},"shard_id":{shard},"first_sequence":"{}","last_sequence":"{}""#,
@@ -234,12 +183,40 @@ impl Rollup {
     }
 }
 
+impl Group {
+    fn merge(&mut self, g: Group) {
+        self.count += g.count;
+        self.sum.0 += g.sum.0;
+        self.first_sequence = self.first_sequence.clone().min(g.first_sequence);
+        self.last_sequence = self.last_sequence.clone().max(g.last_sequence);
+    }
+}
+
+impl Rollup {
+    /// Adds `other`'s counts and sums to these.
+    pub fn merge(&mut self, other: Rollup) {
+        for (key, g) in other.groups {
+            match self.groups.get_mut(&key) {
+                Some(s) => s.merge(g),
+                None => {
+                    self.groups.insert(key, g);
+                }
+            }
+        }
+        match (&mut self.missing, other.missing) {
+            (Some(s), Some(g)) => s.merge(g),
+            (s @ None, g) => *s = g,
+            (Some(_), None) => {}
+        }
+    }
+}
+
 /// What the function answers: the partial batch response, or with windows the state as well.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Response {
     /// Without tumbling windows.
-    Batch(KinesisEventResponse),
+    Batch(BatchResponse),
     /// With tumbling windows.
     Window(WindowResponse),
 }
@@ -252,31 +229,29 @@ struct ShardCheckpoint {
 /// Handles Kinesis batches for the sample pipeline.
 #[derive(Debug, Clone)]
 pub struct RollupHandler {
-    settings: PullSettings,
+    settings: RollupSettings,
     output: Store,
     checkpoints: Checkpoints<Store>,
-    crash_after_output: bool,
 }
 
 impl RollupHandler {
     /// A handler writing rollups to `output` and checkpoints to `checkpoints`.
-    pub fn new(settings: PullSettings, output: Store, checkpoints: Store) -> Self {
-        let crash_after_output = settings.inject_crash_after_output;
-        RollupHandler { settings, output, checkpoints: Checkpoints::new(checkpoints), crash_after_output }
+    pub fn new(settings: RollupSettings, output: Store, checkpoints: Store) -> Self {
+        RollupHandler { settings, output, checkpoints: Checkpoints::new(checkpoints) }
     }
 
-    /// The handler a deployed function runs: settings from the environment, every problem
-    /// reported at once. The AWS configuration is loaded only if a location is on S3.
-    pub async fn from_env(aws: &crate::aws::Aws) -> Result<Self, crate::config::ConfigErrors> {
-        let settings = PullSettings::from_env(crate::config::Env::from_process())?;
+    /// The handler a deployed function runs, its stores at the settings' locations. The AWS
+    /// configuration is loaded only if a location is on S3.
+    pub async fn connect(settings: RollupSettings, aws: &pushpull::aws::Aws) -> Self {
         let output = Store::connect(&settings.output, aws).await;
         let checkpoints = Store::connect(&settings.checkpoint, aws).await;
-        Ok(Self::new(settings, output, checkpoints))
+        Self::new(settings, output, checkpoints)
     }
 
     /// Processes one invocation payload.
     pub async fn handle(&self, payload: &[u8]) -> Result<Response, RollupError> {
-        if self.settings.inject_failures > 0.0 && fastrand::f64() < self.settings.inject_failures {
+        #[cfg(feature = "fault-injection")]
+        if self.settings.faults.failures > 0.0 && fastrand::f64() < self.settings.faults.failures {
             warn!("injected failure (PUSHPULL_INJECT_FAILURES)");
             return Err(RollupError::Injected);
         }
@@ -320,7 +295,7 @@ impl RollupHandler {
                 skipped,
                 "every record of the batch is at or below the shard checkpoint (counted, or given up by the mapping)"
             );
-            return Ok(Response::Batch(KinesisEventResponse::default()));
+            return Ok(Response::Batch(BatchResponse::default()));
         };
         let fresh = &event.records[first_fresh..];
         let (rollup, covered, result) = self.roll_up(fresh)?;
@@ -336,7 +311,7 @@ impl RollupHandler {
             .map_err(cp_err)?;
         }
         for f in &result.failures {
-            warn!(shard_id = %f.shard_id, sequence_number = %f.sequence_number, reason = %f.reason, "record failed");
+            warn!(shard_id, sequence_number = %f.item_identifier, reason = %f.reason, "record failed");
         }
         info!(shard_id, records = event.records.len(), skipped, rolled_up = covered, failed = result.failures.len(), groups,
               checkpoint = ?new_last.as_ref().map(|s| s.to_string()), "batch rolled up");
@@ -374,12 +349,13 @@ impl RollupHandler {
         for part in parts {
             let mut part = part?;
             result.processed += part.result.processed;
-            result.not_attempted += part.result.not_attempted;
+            result.unprocessed.append(&mut part.result.unprocessed);
             result.failures.append(&mut part.result.failures);
             parts_ok.push(part);
         }
         let covered = result.failures.iter().map(|f| f.index).min().unwrap_or(records.len());
         let mut acc: Vec<Option<(u64, Sum, usize, usize)>> = Vec::new();
+        let mut missing: Option<(u64, Sum, usize, usize)> = None;
         for part in &parts_ok {
             let global: Vec<usize> = part
                 .names
@@ -398,19 +374,26 @@ impl RollupHandler {
                 if i >= covered {
                     break;
                 }
-                let slot = acc[global[*id as usize]].get_or_insert((0, Sum(0), i, i));
+                let slot = match id {
+                    &MISSING => &mut missing,
+                    id => &mut acc[global[*id as usize]],
+                };
+                let slot = slot.get_or_insert((0, Sum(0), i, i));
                 slot.0 += 1;
                 slot.1.0 += amount.0;
                 slot.3 = i;
             }
         }
-        let mut rollup = Rollup::default();
+        let group = |(count, sum, first, last)| Group {
+            count,
+            sum,
+            first_sequence: seq_at(records, first),
+            last_sequence: seq_at(records, last),
+        };
+        let mut rollup = Rollup { missing: missing.map(group), ..Rollup::default() };
         for (name, slot) in names.into_iter().zip(acc) {
-            if let Some((count, sum, first, last)) = slot {
-                rollup.groups.insert(
-                    name.to_owned(),
-                    Group { count, sum, first_sequence: seq_at(records, first), last_sequence: seq_at(records, last) },
-                );
+            if let Some(slot) = slot {
+                rollup.groups.insert(name.to_owned(), group(slot));
             }
         }
         Ok((rollup, covered, result))
@@ -432,17 +415,20 @@ impl RollupHandler {
                 }
                 _ => Sum(0),
             };
-            let group: &str = match group_field {
-                Some(_) => group.as_deref().unwrap_or(""),
-                None => record.partition_key,
+            let group: Option<&str> = match group_field {
+                Some(_) => group.as_deref(),
+                None => Some(record.partition_key),
             };
-            let id = match index_of.get(group) {
-                Some(&id) => id,
-                None => {
-                    names.push(group.to_owned());
-                    index_of.insert(group.to_owned(), (names.len() - 1) as u32);
-                    (names.len() - 1) as u32
-                }
+            let id = match group {
+                None => MISSING,
+                Some(group) => match index_of.get(group) {
+                    Some(&id) => id,
+                    None => {
+                        names.push(group.to_owned());
+                        index_of.insert(group.to_owned(), (names.len() - 1) as u32);
+                        (names.len() - 1) as u32
+                    }
+                },
             };
             // Records are handled in order, so items[i] belongs to records[i] up to the first
             // failure, which is where the rollup stops anyway.
@@ -474,7 +460,8 @@ impl RollupHandler {
             let body = rollup.to_ndjson(shard_id, None);
             match self.output.put(&key, body.into(), Precondition::IfAbsent).await {
                 Ok(_) => {
-                    if self.crash_after_output {
+                    #[cfg(feature = "fault-injection")]
+                    if self.settings.faults.crash_after_output {
                         // Fault injection (PUSHPULL_INJECT_CRASH=after-output): die between the
                         // output and the checkpoint, the crash point the protocol must survive.
                         warn!(key, "injected crash after writing the output");
@@ -512,25 +499,13 @@ impl RollupHandler {
     async fn handle_window(
         &self,
         event: &KinesisEvent<'_>,
-        window: &crate::kinesis_event::Window,
+        window: &Window,
         stream: &str,
         shard_id: &str,
     ) -> Result<Response, RollupError> {
         let mut state: Rollup = decode_window_state(event.state.as_ref())?;
         let (batch, _, result) = self.roll_up(&event.records)?;
-        for (key, g) in batch.groups {
-            match state.groups.get_mut(&key) {
-                Some(s) => {
-                    s.count += g.count;
-                    s.sum.0 += g.sum.0;
-                    s.first_sequence = s.first_sequence.clone().min(g.first_sequence);
-                    s.last_sequence = s.last_sequence.clone().max(g.last_sequence);
-                }
-                None => {
-                    state.groups.insert(key, g);
-                }
-            }
-        }
+        state.merge(batch);
         let mut response = WindowResponse { batch_item_failures: result.item_failures(), ..Default::default() };
         if event.is_final_invoke_for_window && result.failures.is_empty() {
             let key = format!("{stream}/{shard_id}/window-{}.ndjson", window.start);
@@ -554,6 +529,9 @@ impl RollupHandler {
         Ok(Response::Window(response))
     }
 }
+
+/// The group id of records without the group-by field.
+const MISSING: u32 = u32::MAX;
 
 /// Below this many records per thread, one thread checks the whole batch: a part must be large
 /// enough that the thread's start and the merge are small beside it.
@@ -608,7 +586,7 @@ mod tests {
 
     #[test]
     fn a_batch_checked_in_parts_rolls_up_as_one_pass_would() {
-        let settings = PullSettings::from_env(crate::config::Env::from_pairs([
+        let settings = RollupSettings::from_env(pushpull::config::Env::from_pairs([
             ("GROUP_BY_FIELD", "user"),
             ("SUM_FIELD", "amount"),
         ]))

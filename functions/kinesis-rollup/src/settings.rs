@@ -1,0 +1,99 @@
+//! The rollup's settings, from environment variables, every problem reported at once.
+use pushpull::config::{ConfigErrors, DEFAULT_CHECKPOINT_URI, DEFAULT_OUTPUT_URI, Env, location};
+use pushpull::store::Location;
+
+/// Settings of the rollup function.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct RollupSettings {
+    /// `CHECKPOINT_URI`: where per-shard progress is kept.
+    pub checkpoint: Location,
+    /// `OUTPUT_URI`: where rollups are written.
+    pub output: Location,
+    /// `GROUP_BY_FIELD`: top-level JSON field to group by; unset means the partition key. A
+    /// record without the field (or with `null`) is counted in the group with `"key": null`.
+    pub group_by_field: Option<String>,
+    /// `SUM_FIELD`: numeric top-level JSON field to sum per group, if any.
+    pub sum_field: Option<String>,
+    /// Faults to inject (feature `fault-injection` only).
+    pub faults: Faults,
+}
+
+/// Faults injected on purpose, for the fault tests (feature `fault-injection`; a build without
+/// it refuses to start when they are asked for, so a deployed function never injects).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// `PUSHPULL_INJECT_CRASH=after-output`: abort between writing an output and advancing the
+    /// checkpoint.
+    pub crash_after_output: bool,
+    /// `PUSHPULL_INJECT_FAILURES`: fraction (0-1) of invocations to fail before any work.
+    pub failures: f64,
+}
+
+impl RollupSettings {
+    /// Reads and checks the settings.
+    ///
+    /// ```
+    /// use kinesis_rollup::settings::RollupSettings;
+    /// use pushpull::config::Env;
+    /// let s = RollupSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap();
+    /// assert_eq!(s.group_by_field.as_deref(), Some("user"));
+    /// ```
+    pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
+        let checkpoint = location(&mut env, "CHECKPOINT_URI", DEFAULT_CHECKPOINT_URI);
+        let output = location(&mut env, "OUTPUT_URI", DEFAULT_OUTPUT_URI);
+        let group_by_field = env.optional("GROUP_BY_FIELD");
+        let sum_field = env.optional("SUM_FIELD");
+        let faults = Faults::read(&mut env);
+        env.finish()?;
+        Ok(RollupSettings { checkpoint, output, group_by_field, sum_field, faults })
+    }
+}
+
+impl Faults {
+    #[cfg(feature = "fault-injection")]
+    fn read(env: &mut Env) -> Self {
+        let crash_after_output = match env.optional("PUSHPULL_INJECT_CRASH").as_deref() {
+            None => false,
+            Some("after-output") => true,
+            Some(other) => {
+                env.invalid("PUSHPULL_INJECT_CRASH", other, "after-output, or unset");
+                false
+            }
+        };
+        let failures = env.parse_or("PUSHPULL_INJECT_FAILURES", 0.0f64);
+        if !(0.0..=1.0).contains(&failures) {
+            env.invalid("PUSHPULL_INJECT_FAILURES", failures.to_string(), "a fraction from 0 to 1");
+        }
+        Faults { crash_after_output, failures }
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    fn read(env: &mut Env) -> Self {
+        for name in ["PUSHPULL_INJECT_CRASH", "PUSHPULL_INJECT_FAILURES"] {
+            if let Some(v) = env.optional(name) {
+                env.invalid(name, v, "unset: this build has no fault injection (feature fault-injection)");
+            }
+        }
+        Faults::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let s = RollupSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", " "), ("SUM_FIELD", "amount")])).unwrap();
+        assert_eq!(s.group_by_field, None);
+        assert_eq!(s.sum_field.as_deref(), Some("amount"));
+    }
+
+    #[cfg(not(feature = "fault-injection"))]
+    #[test]
+    fn a_build_without_fault_injection_refuses_to_inject() {
+        let err = RollupSettings::from_env(Env::from_pairs([("PUSHPULL_INJECT_FAILURES", "0.5")])).unwrap_err();
+        assert!(err.to_string().contains("this build has no fault injection"), "{err}");
+    }
+}

@@ -1,0 +1,168 @@
+//! The sample push function: S3 objects of NDJSON lines to a Kinesis stream, exactly once.
+//!
+//! Everything generic is in `pushpull::push`; this crate adds what is particular to the sample:
+//! its settings (`STREAM_NAME`, `PARTITION_KEY_FIELD` on top of the library's), the built-in
+//! JSON line handler, the S3 source, the Kinesis sink, and (feature `fault-injection`, for the
+//! fault tests only) a sink that fails entries on purpose.
+use pushpull::config::{ConfigErrors, Env, PushSettings};
+use pushpull::push::PushHandler;
+use pushpull::push::line::JsonLines;
+use pushpull::push::source::S3Source;
+use pushpull::sink::kinesis::KinesisSink;
+use pushpull::store::Store;
+
+/// The function's settings: the library's push settings, the stream, the partition key field.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The push pipeline's settings (`PUT_*`, `CHECKPOINT_*`, `*_URI`, ...).
+    pub push: PushSettings,
+    /// `STREAM_NAME`: the Kinesis stream records are sent to. Required.
+    pub stream_name: String,
+    /// `PARTITION_KEY_FIELD`: top-level JSON field whose value is the partition key; unset, or
+    /// absent from a line, means a stable hash of the line.
+    pub partition_key_field: Option<String>,
+    /// `PUSHPULL_INJECT_PUT_FAILURES` (feature `fault-injection`): fraction of PutRecords entries
+    /// to fail on purpose, as throttling would.
+    pub inject_put_failures: f64,
+}
+
+impl Settings {
+    /// Reads and checks every setting; every problem is reported at once.
+    ///
+    /// ```
+    /// use pushpull::config::Env;
+    /// let err = s3_to_kinesis::Settings::from_env(Env::from_pairs([("PUT_MAX_RECORDS", "900")])).unwrap_err();
+    /// assert!(err.to_string().contains("STREAM_NAME is not set"), "{err}");
+    /// assert!(err.to_string().contains("PUT_MAX_RECORDS=\"900\""), "{err}");
+    /// ```
+    pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
+        let stream_name = stream_name(&mut env, "STREAM_NAME", "the Kinesis stream the push function writes to");
+        let push = PushSettings::read(&mut env);
+        let partition_key_field = env.optional("PARTITION_KEY_FIELD");
+        let inject_put_failures = inject_put_failures(&mut env);
+        env.finish()?;
+        Ok(Settings { push, stream_name, partition_key_field, inject_put_failures })
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+fn inject_put_failures(env: &mut Env) -> f64 {
+    let f = env.parse_or("PUSHPULL_INJECT_PUT_FAILURES", 0.0f64);
+    if !(0.0..=1.0).contains(&f) {
+        env.invalid("PUSHPULL_INJECT_PUT_FAILURES", f.to_string(), "a fraction from 0 to 1");
+    }
+    f
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn inject_put_failures(env: &mut Env) -> f64 {
+    if let Some(v) = env.optional("PUSHPULL_INJECT_PUT_FAILURES") {
+        env.invalid(
+            "PUSHPULL_INJECT_PUT_FAILURES",
+            v,
+            "unset: this build has no fault injection (feature fault-injection)",
+        );
+    }
+    0.0
+}
+
+fn stream_name(env: &mut Env, name: &'static str, purpose: &'static str) -> String {
+    let value = env.required(name, purpose);
+    let ok = value.len() <= 128 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if !value.is_empty() && !ok {
+        env.invalid(name, value.clone(), "a Kinesis stream name: 1-128 characters of a-z, A-Z, 0-9, '_', '.', '-'");
+    }
+    value
+}
+
+/// The sink the deployed function sends to.
+#[cfg(not(feature = "fault-injection"))]
+pub type Sink = KinesisSink;
+/// The sink the fault tests' build sends to.
+#[cfg(feature = "fault-injection")]
+pub type Sink = faults::FaultInjectingSink<KinesisSink>;
+
+/// The handler the function runs.
+pub type Handler = PushHandler<Sink, JsonLines, S3Source>;
+
+/// The handler, its clients from the AWS configuration, records to `STREAM_NAME`.
+pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Handler {
+    let sink = KinesisSink::new(aws.kinesis().await.clone(), &settings.stream_name);
+    #[cfg(feature = "fault-injection")]
+    let sink = faults::FaultInjectingSink::new(sink, settings.inject_put_failures);
+    let quarantine = Store::connect(&settings.push.quarantine, aws).await;
+    let checkpoints = Store::connect(&settings.push.checkpoint, aws).await;
+    let source = S3Source::new(aws.s3().await.clone());
+    PushHandler::new(settings.push, source, JsonLines::new(settings.partition_key_field), sink, quarantine, checkpoints)
+}
+
+/// Fault injection for the fault tests (feature `fault-injection`).
+#[cfg(feature = "fault-injection")]
+pub mod faults {
+    use std::collections::BTreeMap;
+    use std::future::Future;
+
+    use pushpull::sink::{FailedEntry, OutRecord, PutOutcome, RecordSink, SinkError, WrittenRecord};
+
+    /// Fails a fraction of the entries of every call, as a throttled stream does
+    /// (`ProvisionedThroughputExceededException`): the failed entries are not sent, the rest are.
+    /// For fault-injection tests of the code above a sink; never for production.
+    #[derive(Debug)]
+    pub struct FaultInjectingSink<S> {
+        inner: S,
+        fail_fraction: f64,
+    }
+
+    impl<S> FaultInjectingSink<S> {
+        /// Fails each entry with probability `fail_fraction` (0.0 to 1.0).
+        pub fn new(inner: S, fail_fraction: f64) -> Self {
+            FaultInjectingSink { inner, fail_fraction: fail_fraction.clamp(0.0, 1.0) }
+        }
+    }
+
+    impl<S: RecordSink> RecordSink for FaultInjectingSink<S> {
+        async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
+            if self.fail_fraction <= 0.0 {
+                return self.inner.put_records(records).await;
+            }
+            let fail: Vec<bool> = records.iter().map(|_| fastrand::f64() < self.fail_fraction).collect();
+            let passed: Vec<usize> = (0..records.len()).filter(|&i| !fail[i]).collect();
+            let pass: Vec<OutRecord> = passed.iter().map(|&i| records[i].clone()).collect();
+            let inner = if pass.is_empty() { PutOutcome::default() } else { self.inner.put_records(&pass).await? };
+            let mut failed: Vec<FailedEntry> = (0..records.len())
+                .filter(|&i| fail[i])
+                .map(|index| FailedEntry {
+                    index,
+                    code: "ProvisionedThroughputExceededException".into(),
+                    message: "Rate exceeded for shard (injected)".into(),
+                })
+                .collect();
+            failed.extend(inner.failed.into_iter().map(|f| FailedEntry { index: passed[f.index], ..f }));
+            failed.sort_by_key(|f| f.index);
+            Ok(PutOutcome { failed, last_written: inner.last_written })
+        }
+
+        fn written_since(
+            &self,
+            positions: &BTreeMap<String, String>,
+            since_ms: u64,
+            until_ms: u64,
+        ) -> impl Future<Output = Result<Vec<WrittenRecord>, SinkError>> + Send {
+            self.inner.written_since(positions, since_ms, until_ms)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_names_are_checked() {
+        let err = Settings::from_env(Env::from_pairs([("STREAM_NAME", "bad name!")])).unwrap_err().to_string();
+        assert!(err.contains("STREAM_NAME=\"bad name!\""), "{err}");
+        let ok =
+            Settings::from_env(Env::from_pairs([("STREAM_NAME", "ingest"), ("PARTITION_KEY_FIELD", "user")])).unwrap();
+        assert_eq!((ok.stream_name.as_str(), ok.partition_key_field.as_deref()), ("ingest", Some("user")));
+    }
+}

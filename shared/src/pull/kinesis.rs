@@ -1,0 +1,453 @@
+//! Kinesis batches (feature `kinesis`): one handler per record, the partial batch response by
+//! the stream rule, and tumbling-window state.
+//!
+//! Records reach a synchronous handler borrowed from the payload (base64 undone into one reused
+//! buffer; [`Record::json`] deserializes into your serde type borrowing from it), and an async
+//! handler as an [`OwnedRecord`]. A record that does not decode, a handler error, a parse error
+//! or a panic fails that record.
+//!
+//! ```
+//! use pushpull::kinesis_event::KinesisEvent;
+//! use pushpull::pull::{kinesis, DecodeError, Options};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Order<'a> { user: &'a str, amount: f64 }
+//!
+//! let payload = r#"{"Records":[
+//!  {"kinesis":{"partitionKey":"a","sequenceNumber":"9","data":"eyJ1c2VyIjoiYSIsImFtb3VudCI6MX0=","approximateArrivalTimestamp":1},"eventID":"shardId-0:9"},
+//!  {"kinesis":{"partitionKey":"a","sequenceNumber":"10","data":"bm90IGpzb24=","approximateArrivalTimestamp":1},"eventID":"shardId-0:10"}]}"#;
+//! let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
+//! let mut total = 0.0;
+//! let result = kinesis::process(&event, Options::default(), |record| {
+//!     let order: Order<'_> = record.json()?;   // borrows from the decoded data
+//!     assert_eq!(order.user, "a");
+//!     total += order.amount;
+//!     Ok::<_, DecodeError>(())
+//! })
+//! .unwrap();
+//! assert_eq!((result.processed, total), (1, 1.0));
+//! let response = serde_json::to_string(&result.response()).unwrap();
+//! assert_eq!(response, r#"{"batchItemFailures":[{"itemIdentifier":"10"}]}"#);
+//! ```
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::Future;
+
+use serde::{Deserialize, Serialize};
+
+use super::{BatchItemFailure, BatchResult, DecodeError, Options, ResponseRule, parse_json};
+use crate::kinesis_event::{KinesisEvent, KinesisEventRecord};
+use crate::sequence::{SequenceNumber, SequenceNumberError};
+
+/// One record as a synchronous handler sees it: decoded data and where it came from.
+#[derive(Debug, Clone)]
+pub struct Record<'a> {
+    /// Its position in the batch (0-based).
+    pub index: usize,
+    /// The shard.
+    pub shard_id: &'a str,
+    /// The sequence number, as sent.
+    pub sequence_number: &'a str,
+    /// The partition key.
+    pub partition_key: &'a str,
+    /// Arrival time in Kinesis, seconds since the epoch.
+    pub arrival: f64,
+    /// The data, base64-decoded.
+    pub data: &'a [u8],
+}
+
+impl<'a> Record<'a> {
+    /// Deserializes the data as JSON into `T`, which may borrow from it. An error names the
+    /// record; returned from the handler, it fails the record.
+    pub fn json<T: Deserialize<'a>>(&self) -> Result<T, DecodeError> {
+        parse_json(self.data, || self.sequence_number.to_owned())
+    }
+
+    /// An owned copy, for async handlers and tasks.
+    pub fn to_owned(&self) -> OwnedRecord {
+        OwnedRecord {
+            index: self.index,
+            shard_id: self.shard_id.to_owned(),
+            sequence_number: self.sequence_number.to_owned(),
+            partition_key: self.partition_key.to_owned(),
+            arrival: self.arrival,
+            data: self.data.to_vec(),
+        }
+    }
+}
+
+/// A record that owns its data: what async handlers receive.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnedRecord {
+    /// Its position in the batch (0-based).
+    pub index: usize,
+    /// The shard.
+    pub shard_id: String,
+    /// The sequence number, as sent.
+    pub sequence_number: String,
+    /// The partition key.
+    pub partition_key: String,
+    /// Arrival time in Kinesis, seconds since the epoch.
+    pub arrival: f64,
+    /// The data, base64-decoded.
+    pub data: Vec<u8>,
+}
+
+impl OwnedRecord {
+    /// Deserializes the data as JSON into `T`, which may borrow from it.
+    pub fn json<'a, T: Deserialize<'a>>(&'a self) -> Result<T, DecodeError> {
+        parse_json(&self.data, || self.sequence_number.clone())
+    }
+}
+
+/// The event cannot be processed record by record: the whole invocation must fail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PullError {
+    /// A record's sequence number is not a number, so it could not be reported.
+    #[error("record {event_id}: {source}")]
+    SequenceNumber {
+        /// The record's eventID.
+        event_id: String,
+        /// The parse error.
+        source: SequenceNumberError,
+    },
+}
+
+/// The record's sequence number as an integer, or the error that fails the invocation.
+pub fn sequence_number(r: &KinesisEventRecord<'_>) -> Result<SequenceNumber, PullError> {
+    r.sequence_number().map_err(|source| PullError::SequenceNumber { event_id: r.event_id.to_string(), source })
+}
+
+/// Every sequence number must parse: a record that could not be named in the response cannot be
+/// retried alone, so such a batch fails whole.
+fn check_sequence_numbers(records: &[KinesisEventRecord<'_>]) -> Result<(), PullError> {
+    records.iter().try_for_each(|r| sequence_number(r).map(drop))
+}
+
+fn result_of(records: &[KinesisEventRecord<'_>], outcomes: super::Outcomes) -> BatchResult {
+    let mut result = BatchResult { rule: ResponseRule::Stream, ..Default::default() };
+    result.absorb(outcomes, |i| records[i].kinesis.sequence_number.to_string());
+    result
+}
+
+/// Runs `handler` on each record of the batch, in order (see [`process_records`]).
+pub fn process<F, E>(event: &KinesisEvent<'_>, options: Options, handler: F) -> Result<BatchResult, PullError>
+where
+    F: FnMut(Record<'_>) -> Result<(), E>,
+    E: Display,
+{
+    process_records(&event.records, options, handler)
+}
+
+/// Runs `handler` on each record, in order. A handler error, undecodable base64 data or a panic
+/// marks that record failed; [`Options`] say whether to stop at the first failure and when the
+/// deadline is. `records` may be part of a batch (for example those after a checkpoint);
+/// [`Record::index`] is the position in `records`.
+pub fn process_records<F, E>(
+    records: &[KinesisEventRecord<'_>],
+    options: Options,
+    mut handler: F,
+) -> Result<BatchResult, PullError>
+where
+    F: FnMut(Record<'_>) -> Result<(), E>,
+    E: Display,
+{
+    check_sequence_numbers(records)?;
+    let mut buf = Vec::new();
+    let outcomes = super::run_in_order(records.len(), &options, |index| {
+        let r = &records[index];
+        r.decode_data_into(&mut buf).map_err(|e| e.to_string())?;
+        let record = Record {
+            index,
+            shard_id: r.shard_id(),
+            sequence_number: &r.kinesis.sequence_number,
+            partition_key: &r.kinesis.partition_key,
+            arrival: r.kinesis.approximate_arrival_timestamp,
+            data: &buf,
+        };
+        handler(record).map_err(|e| e.to_string())
+    });
+    Ok(result_of(records, outcomes))
+}
+
+/// Runs an async `handler` on each record: in order, or with [`Options::per_key`] up to that many
+/// partition keys at a time, in order within each key.
+///
+/// ```
+/// use pushpull::kinesis_event::KinesisEvent;
+/// use pushpull::pull::{kinesis, Options};
+///
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let payload = r#"{"Records":[
+///  {"kinesis":{"partitionKey":"a","sequenceNumber":"1","data":"e30=","approximateArrivalTimestamp":1},"eventID":"shardId-0:1"},
+///  {"kinesis":{"partitionKey":"b","sequenceNumber":"2","data":"e30=","approximateArrivalTimestamp":1},"eventID":"shardId-0:2"}]}"#;
+/// let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
+/// let result = kinesis::process_async(&event, Options::default().per_key(8), |record| async move {
+///     if record.partition_key == "b" { Err("b is down") } else { Ok(()) }
+/// })
+/// .await
+/// .unwrap();
+/// assert_eq!(result.response().batch_item_failures[0].item_identifier, "2");
+/// # });
+/// ```
+pub async fn process_async<F, Fut, E>(
+    event: &KinesisEvent<'_>,
+    options: Options,
+    handler: F,
+) -> Result<BatchResult, PullError>
+where
+    F: Fn(OwnedRecord) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    let records = &event.records;
+    check_sequence_numbers(records)?;
+    let keys: Vec<&str> = records.iter().map(|r| &*r.kinesis.partition_key).collect();
+    let handler = &handler;
+    let outcomes = super::run_concurrently(&keys, &options, |index| async move {
+        let r = &records[index];
+        let mut data = Vec::new();
+        r.decode_data_into(&mut data).map_err(|e| e.to_string())?;
+        let record = OwnedRecord {
+            index,
+            shard_id: r.shard_id().to_owned(),
+            sequence_number: r.kinesis.sequence_number.to_string(),
+            partition_key: r.kinesis.partition_key.to_string(),
+            arrival: r.kinesis.approximate_arrival_timestamp,
+            data,
+        };
+        handler(record).await.map_err(|e| e.to_string())
+    })
+    .await;
+    Ok(result_of(records, outcomes))
+}
+
+/// The most state a tumbling window may carry between invocations (AWS caps it at 1 MB per
+/// shard and then ends the window early); [`encode_window_state`] refuses more.
+pub const MAX_WINDOW_STATE_BYTES: usize = 1_000_000;
+
+/// Window state that cannot be carried: past [`MAX_WINDOW_STATE_BYTES`], or not encodable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// The encoded state would pass the cap.
+    #[error(
+        "tumbling window state of {size} bytes would exceed the {limit}-byte cap; emit results early or keep less state"
+    )]
+    TooLarge {
+        /// The encoded size.
+        size: usize,
+        /// The cap.
+        limit: usize,
+    },
+    /// The state does not serialize as JSON (a map with non-string keys, a failing `Serialize`).
+    #[error("tumbling window state does not encode as JSON: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// The key under which typed state is kept in the window's string map.
+pub const STATE_KEY: &str = "pushpull";
+
+/// Encodes typed window state into the string map the mapping carries, refusing it before it
+/// passes the cap.
+///
+/// ```
+/// use pushpull::pull::kinesis::{decode_window_state, encode_window_state};
+/// let state = encode_window_state(&vec![1u32, 2, 3]).unwrap();
+/// assert_eq!(decode_window_state::<Vec<u32>>(Some(&state)).unwrap(), vec![1, 2, 3]);
+/// assert_eq!(decode_window_state::<Vec<u32>>(None).unwrap(), Vec::<u32>::new());
+/// assert!(encode_window_state(&"x".repeat(1_000_001)).is_err());
+/// ```
+pub fn encode_window_state<T: Serialize>(value: &T) -> Result<HashMap<String, String>, StateError> {
+    let json = serde_json::to_string(value).map_err(StateError::Encode)?;
+    // What the mapping counts is the whole map as JSON: the value escaped, plus the key.
+    let size = json.len() + json.bytes().filter(|b| matches!(b, b'"' | b'\\')).count() + STATE_KEY.len() + 8;
+    if size > MAX_WINDOW_STATE_BYTES {
+        return Err(StateError::TooLarge { size, limit: MAX_WINDOW_STATE_BYTES });
+    }
+    Ok(HashMap::from([(STATE_KEY.to_owned(), json)]))
+}
+
+/// Decodes typed window state; no state (the window's first invocation) is `T::default()`.
+pub fn decode_window_state<T: serde::de::DeserializeOwned + Default>(
+    state: Option<&HashMap<String, String>>,
+) -> Result<T, serde_json::Error> {
+    match state.and_then(|s| s.get(STATE_KEY)) {
+        Some(json) => serde_json::from_str(json),
+        None => Ok(T::default()),
+    }
+}
+
+/// The response to a tumbling-window invocation: the state to carry, and the partial batch
+/// failures. `state` must be present, or the invocation counts as failed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowResponse {
+    /// State for the window's next invocation (empty after the final one).
+    pub state: HashMap<String, String>,
+    /// Failed records, lowest first.
+    pub batch_item_failures: Vec<BatchItemFailure>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seqs: &[(&str, &str)]) -> String {
+        event_keys(&seqs.iter().map(|(s, d)| (*s, *d, "k")).collect::<Vec<_>>())
+    }
+
+    fn event_keys(seqs: &[(&str, &str, &str)]) -> String {
+        let recs: Vec<String> = seqs
+            .iter()
+            .map(|(seq, data, key)| {
+                format!(
+                    r#"{{"kinesis":{{"partitionKey":"{key}","sequenceNumber":"{seq}","data":"{data}","approximateArrivalTimestamp":1}},"eventID":"shardId-000000000001:{seq}"}}"#
+                )
+            })
+            .collect();
+        format!(r#"{{"Records":[{}]}}"#, recs.join(","))
+    }
+
+    fn ids(r: &BatchResult) -> Vec<String> {
+        r.item_failures().into_iter().map(|f| f.item_identifier).collect()
+    }
+
+    const OK: &str = "e30="; // {}
+    const BAD: &str = "e30K"; // "{}\n": decodes; the handlers below fail on it by content
+
+    fn all(e: &KinesisEvent<'_>, f: impl FnMut(Record<'_>) -> Result<(), String>) -> BatchResult {
+        process(e, Options::default(), f).unwrap()
+    }
+
+    #[test]
+    fn empty_batch_and_all_success_report_nothing() {
+        for e in [event(&[]), event(&[("1", OK), ("2", OK)])] {
+            let ev = KinesisEvent::from_slice(e.as_bytes()).unwrap();
+            let r = all(&ev, |_| Ok(()));
+            assert_eq!(serde_json::to_string(&r.response()).unwrap(), r#"{"batchItemFailures":[]}"#);
+        }
+    }
+
+    #[test]
+    fn failures_are_listed_in_batch_order_which_is_sequence_order() {
+        let e = event(&[("99", BAD), ("100", BAD), ("101", OK)]);
+        let ev = KinesisEvent::from_slice(e.as_bytes()).unwrap();
+        let r = all(&ev, |rec| if rec.data == b"{}\n" { Err("bad".into()) } else { Ok(()) });
+        assert_eq!(ids(&r), ["99", "100"]);
+        assert_eq!(r.processed, 1);
+    }
+
+    #[test]
+    fn all_failed_lists_every_record() {
+        let e = event(&[("1", OK), ("2", OK)]);
+        let ev = KinesisEvent::from_slice(e.as_bytes()).unwrap();
+        assert_eq!(ids(&all(&ev, |_| Err("no".into()))), ["1", "2"]);
+    }
+
+    #[test]
+    fn bad_base64_and_panics_fail_only_their_record() {
+        let e = event(&[("1", "!!!"), ("2", OK), ("3", OK)]);
+        let ev = KinesisEvent::from_slice(e.as_bytes()).unwrap();
+        let r = all(&ev, |rec| {
+            if rec.sequence_number == "3" {
+                panic!("boom");
+            }
+            Ok(())
+        });
+        assert_eq!(ids(&r), ["1", "3"]);
+        assert!(r.failures[0].reason.starts_with("data is not valid base64"));
+        assert_eq!(r.failures[1].reason, "handler panicked: boom");
+    }
+
+    #[test]
+    fn stop_at_first_failure_leaves_the_rest_for_the_retry() {
+        let e = event(&[("1", OK), ("2", BAD), ("3", OK), ("4", BAD)]);
+        let ev = KinesisEvent::from_slice(e.as_bytes()).unwrap();
+        let mut seen = Vec::new();
+        let r = process(&ev, Options::default().stop_at_first_failure(true), |rec| {
+            seen.push(rec.sequence_number.to_owned());
+            if rec.data == b"{}\n" { Err("bad") } else { Ok(()) }
+        })
+        .unwrap();
+        assert_eq!(seen, ["1", "2"]);
+        assert_eq!((r.processed, r.unprocessed.len()), (1, 2));
+        assert_eq!(ids(&r), ["2"], "the failure covers what follows it");
+    }
+
+    #[test]
+    fn decode_errors_name_the_record() {
+        #[derive(Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Order {
+            user: String,
+        }
+        let e = event(&[("7", OK)]);
+        let ev = KinesisEvent::from_slice(e.as_bytes()).unwrap();
+        let r = all(&ev, |rec| rec.json::<Order>().map(|_| ()).map_err(|e| e.to_string()));
+        assert!(
+            r.failures[0].reason.starts_with("record 7: not the expected JSON: missing field `user`"),
+            "{}",
+            r.failures[0].reason
+        );
+    }
+
+    #[test]
+    fn an_unparseable_sequence_number_fails_the_invocation() {
+        let e = event(&[("1", OK), ("x1", OK)]);
+        let ev = KinesisEvent::from_slice(e.as_bytes()).unwrap();
+        let err = process(&ev, Options::default(), |_| Ok::<_, String>(())).unwrap_err();
+        assert!(err.to_string().starts_with("record shardId-000000000001:x1: sequence number \"x1\""), "{err}");
+    }
+
+    #[tokio::test]
+    async fn async_records_keep_order_per_key_and_panics_fail_their_record() {
+        let e = event_keys(&[("1", OK, "a"), ("2", OK, "b"), ("3", BAD, "a"), ("4", OK, "a")]);
+        let ev = KinesisEvent::from_slice(e.as_bytes()).unwrap();
+        let r = process_async(&ev, Options::default().per_key(4), |rec| async move {
+            if rec.partition_key == "b" {
+                panic!("async boom");
+            }
+            if rec.data == b"{}\n" { Err("bad") } else { Ok(()) }
+        })
+        .await
+        .unwrap();
+        assert_eq!(ids(&r), ["2", "3"]);
+        assert_eq!(r.failures[0].reason, "handler panicked: async boom");
+        assert_eq!(r.unprocessed.iter().map(|u| u.index).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn window_response_carries_state_and_failures() {
+        let mut r = WindowResponse { state: encode_window_state(&5u32).unwrap(), ..Default::default() };
+        let e = event(&[("1", BAD)]);
+        let ev = KinesisEvent::from_slice(e.as_bytes()).unwrap();
+        r.batch_item_failures = all(&ev, |_| Err("x".into())).item_failures();
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            serde_json::json!({"state": {"pushpull": "5"}, "batchItemFailures": [{"itemIdentifier": "1"}]})
+        );
+    }
+
+    #[test]
+    fn window_state_is_refused_before_the_cap_and_unencodable_state_is_an_error() {
+        let big: Vec<String> = (0..20_000).map(|i| format!("group-{i:040}")).collect();
+        let Err(StateError::TooLarge { size, limit }) = encode_window_state(&big) else { panic!("not refused") };
+        assert!(size > MAX_WINDOW_STATE_BYTES && limit == MAX_WINDOW_STATE_BYTES);
+        // Escaping counts: quotes inside the value grow the map's JSON.
+        assert!(encode_window_state(&"\"".repeat(600_000)).is_err());
+        let non_string_keys = std::collections::BTreeMap::from([((1, 2), 3)]);
+        assert!(matches!(encode_window_state(&non_string_keys), Err(StateError::Encode(_))));
+    }
+
+    #[test]
+    fn window_events_parse_with_their_fields() {
+        let payload = r#"{"Records":[],"window":{"start":"2026-11-24T10:00:00Z","end":"2026-11-24T10:05:00Z"},
+            "state":{"pushpull":"7"},"shardId":"shardId-000000000003","eventSourceARN":"arn","isFinalInvokeForWindow":true,"isWindowTerminatedEarly":false}"#;
+        let ev = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
+        assert!(ev.is_windowed() && ev.is_final_invoke_for_window);
+        assert_eq!(ev.shard(), Some("shardId-000000000003"));
+        assert_eq!(decode_window_state::<u32>(ev.state.as_ref()).unwrap(), 7);
+    }
+}

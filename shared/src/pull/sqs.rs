@@ -1,0 +1,181 @@
+//! SQS batches (feature `sqs`): one handler per message, and the partial batch response by the
+//! queue rule (every failed and every unprocessed message listed).
+//!
+//! FIFO queues (an `eventSourceARN` ending in `.fifo`) keep order per message group: processed
+//! in order, the batch stops at the first failure (AWS: "your function should stop processing
+//! messages after the first failure and return all failed and unprocessed messages in
+//! `batchItemFailures`", services-sqs-errorhandling); with [`Options::per_key`], groups run
+//! concurrently and a failure stops only the rest of its group.
+//!
+//! ```
+//! use pushpull::pull::{sqs, Options};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let event = sqs::SqsEvent::from_slice(br#"{"Records":[
+//!   {"messageId":"m1","body":"{\"n\":1}","attributes":{"MessageGroupId":"g"},"eventSourceARN":"arn:aws:sqs:us-east-1:1:q.fifo"},
+//!   {"messageId":"m2","body":"oops","attributes":{"MessageGroupId":"g"},"eventSourceARN":"arn:aws:sqs:us-east-1:1:q.fifo"},
+//!   {"messageId":"m3","body":"{\"n\":3}","attributes":{"MessageGroupId":"g"},"eventSourceARN":"arn:aws:sqs:us-east-1:1:q.fifo"}]}"#).unwrap();
+//! #[derive(serde::Deserialize)]
+//! struct Msg { n: u32 }
+//! let result = sqs::process_async(&event, Options::default(), |message| async move {
+//!     let msg: Msg = message.json()?;
+//!     assert!(msg.n > 0);
+//!     Ok::<_, pushpull::pull::DecodeError>(())
+//! })
+//! .await;
+//! // m2 failed; m3 was not reached: both are retried, m1 is deleted.
+//! let ids: Vec<_> = result.item_failures().into_iter().map(|f| f.item_identifier).collect();
+//! assert_eq!(ids, ["m2", "m3"]);
+//! # });
+//! ```
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::future::Future;
+
+use serde::Deserialize;
+
+use super::{BatchResult, DecodeError, Options, ResponseRule, parse_json};
+
+/// An SQS event: the messages of one batch.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SqsEvent {
+    /// The messages.
+    #[serde(rename = "Records", default)]
+    pub records: Vec<SqsMessage>,
+}
+
+/// A payload that is not an SQS event.
+#[derive(Debug, thiserror::Error)]
+#[error("not an SQS event: {0}")]
+pub struct SqsEventError(#[source] serde_json::Error);
+
+impl SqsEvent {
+    /// Parses an invocation payload.
+    pub fn from_slice(payload: &[u8]) -> Result<Self, SqsEventError> {
+        serde_json::from_slice(payload).map_err(SqsEventError)
+    }
+
+    /// Whether the messages come from a FIFO queue.
+    pub fn is_fifo(&self) -> bool {
+        self.records.first().is_some_and(|m| m.event_source_arn.ends_with(".fifo"))
+    }
+}
+
+/// One message.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SqsMessage {
+    /// The message id: what the response names it by.
+    pub message_id: String,
+    /// The receipt handle.
+    #[serde(default)]
+    pub receipt_handle: String,
+    /// The body.
+    #[serde(default)]
+    pub body: String,
+    /// System attributes (`ApproximateReceiveCount`, `MessageGroupId`, ...).
+    #[serde(default)]
+    pub attributes: HashMap<String, String>,
+    /// The queue's ARN.
+    #[serde(rename = "eventSourceARN", default)]
+    pub event_source_arn: String,
+}
+
+impl SqsMessage {
+    /// The FIFO message group, if any.
+    pub fn message_group_id(&self) -> Option<&str> {
+        self.attributes.get("MessageGroupId").map(String::as_str)
+    }
+
+    /// Deserializes the body as JSON into `T`.
+    pub fn json<'a, T: Deserialize<'a>>(&'a self) -> Result<T, DecodeError> {
+        parse_json(self.body.as_bytes(), || self.message_id.clone())
+    }
+}
+
+fn fifo_options(event: &SqsEvent, mut options: Options) -> Options {
+    if event.is_fifo() && options.concurrency() <= 1 {
+        options.stop_at_first_failure = true;
+    }
+    options
+}
+
+fn result_of(event: &SqsEvent, outcomes: super::Outcomes) -> BatchResult {
+    let mut result = BatchResult { rule: ResponseRule::Queue, ..Default::default() };
+    result.absorb(outcomes, |i| event.records[i].message_id.clone());
+    result
+}
+
+/// Runs `handler` on each message in order; a FIFO batch stops at the first failure.
+pub fn process<F, E>(event: &SqsEvent, options: Options, mut handler: F) -> BatchResult
+where
+    F: FnMut(&SqsMessage) -> Result<(), E>,
+    E: Display,
+{
+    let options = fifo_options(event, options);
+    let outcomes = super::run_in_order(event.records.len(), &options, |i| handler(&event.records[i]));
+    result_of(event, outcomes)
+}
+
+/// Runs an async `handler` on each message: in order, or with [`Options::per_key`] that many
+/// message groups at a time (standard queues have no groups: every message is its own key).
+pub async fn process_async<F, Fut, E>(event: &SqsEvent, options: Options, handler: F) -> BatchResult
+where
+    F: Fn(SqsMessage) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    let options = fifo_options(event, options);
+    let keys: Vec<&str> = event.records.iter().map(|m| m.message_group_id().unwrap_or(m.message_id.as_str())).collect();
+    let handler = &handler;
+    let outcomes = super::run_concurrently(&keys, &options, |i| handler(event.records[i].clone())).await;
+    result_of(event, outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(arn: &str, msgs: &[(&str, &str)]) -> SqsEvent {
+        let records: Vec<_> = msgs
+            .iter()
+            .map(|(id, group)| serde_json::json!({"messageId": id, "body": id, "attributes": {"MessageGroupId": group}, "eventSourceARN": arn}))
+            .collect();
+        SqsEvent::from_slice(serde_json::json!({ "Records": records }).to_string().as_bytes()).unwrap()
+    }
+
+    fn ids(r: &BatchResult) -> Vec<String> {
+        r.item_failures().into_iter().map(|f| f.item_identifier).collect()
+    }
+
+    #[test]
+    fn a_standard_queue_lists_only_the_failed_messages() {
+        let e = event("arn:aws:sqs:us-east-1:1:q", &[("a", ""), ("b", ""), ("c", "")]);
+        let r = process(&e, Options::default(), |m| if m.message_id == "b" { Err("no") } else { Ok(()) });
+        assert_eq!(ids(&r), ["b"]);
+    }
+
+    #[test]
+    fn a_fifo_queue_stops_at_the_first_failure_and_lists_the_rest() {
+        let e = event("arn:aws:sqs:us-east-1:1:q.fifo", &[("a", "g1"), ("b", "g2"), ("c", "g1")]);
+        let r = process(&e, Options::default(), |m| if m.message_id == "a" { Err("no") } else { Ok(()) });
+        assert_eq!(ids(&r), ["a", "b", "c"]);
+        assert_eq!(r.processed, 0);
+    }
+
+    #[tokio::test]
+    async fn fifo_groups_run_concurrently_and_a_failure_stops_only_its_group() {
+        let e = event("arn:aws:sqs:us-east-1:1:q.fifo", &[("a", "g1"), ("b", "g2"), ("c", "g1"), ("d", "g2")]);
+        let r = process_async(&e, Options::default().per_key(4), |m| async move {
+            if m.message_id == "a" { Err("no") } else { Ok(()) }
+        })
+        .await;
+        assert_eq!(ids(&r), ["a", "c"]);
+        assert_eq!(r.processed, 2);
+    }
+
+    #[test]
+    fn not_an_event_is_an_error() {
+        assert!(SqsEvent::from_slice(b"[1]").unwrap_err().to_string().starts_with("not an SQS event"));
+    }
+}

@@ -1,0 +1,377 @@
+//! The push side (feature `push`): an S3 notification in, every line of each new object out to
+//! a [`RecordSink`], exactly once.
+//!
+//! [`PushHandler`] is put together from parts with one job each:
+//! - [`source`]: where objects are read ([`source::S3Source`], [`source::FileSource`], yours);
+//! - [`crate::lines`]: the object split into lines in bounded memory (gzip undone first);
+//! - [`line`]: your [`line::LineHandler`] (a closure) makes a record of a line, skips it, or says
+//!   why it must be quarantined ([`crate::quarantine`]);
+//! - [`crate::batch`] and [`crate::sink`]: records batched under the PutRecords limits and sent,
+//!   partial failures resent;
+//! - [`lease`]: the object's lease and progress checkpoints (compare-and-swap), staleness by
+//!   sequencer;
+//! - [`run`]: the loop that drives one object through all of the above.
+//!
+//! Exactly once, across duplicate and out-of-order notifications, retries, timeouts and crashes:
+//! progress is checkpointed every `CHECKPOINT_INTERVAL_MS` and before the deadline, each
+//! checkpoint first sending the open batch and writing pending quarantine entries, so it always
+//! marks a line up to which everything is written. A retry resumes there (a ranged read for plain
+//! objects; a gzip stream is re-read and skipped up to there). What a crashed owner sent after its
+//! last checkpoint is read back from the sink ([`RecordSink::written_since`]) and not sent again.
+//! A completed object is not processed again; an event whose `sequencer` is older than one already
+//! seen for the key is stale and skipped.
+//!
+//! What is an error (the function fails, and async invoke retries) and what is not:
+//! - the object is gone or was replaced before we read it (`NoSuchKey`, `NoSuchVersion`, ETag
+//!   mismatch): not an error. A log line, and the event is done.
+//! - access denied, throttling, network or 5xx on S3; records not written: an error. The failed
+//!   invocation ends its lease, so the retry takes the object over at once.
+//! - test events, non-`ObjectCreated` events and keys under the function's own output or
+//!   quarantine locations (the loop guard): skipped with a log line.
+//!
+//! ```
+//! use pushpull::config::{Env, PushSettings};
+//! use pushpull::invocation::Invocation;
+//! use pushpull::push::{line::JsonLines, source::FileSource, PushHandler};
+//! use pushpull::sink::{OutRecord, PutOutcome, RecordSink, SinkError};
+//! use pushpull::store::Store;
+//!
+//! /// Keeps what it is sent.
+//! #[derive(Default)]
+//! struct Memory(std::sync::Mutex<Vec<OutRecord>>);
+//! impl RecordSink for Memory {
+//!     async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
+//!         self.0.lock().unwrap().extend_from_slice(records);
+//!         Ok(PutOutcome::all_written("shardId-0", "1"))
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let dir = tempfile::tempdir().unwrap();
+//! std::fs::create_dir_all(dir.path().join("objects/b")).unwrap();
+//! std::fs::write(dir.path().join("objects/b/in.ndjson"), "{\"user\":\"u1\"}\n[1]\n{\"user\":\"u2\"}\n").unwrap();
+//! let handler = PushHandler::new(
+//!     PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")])).unwrap(),
+//!     FileSource::new(dir.path().join("objects")),
+//!     JsonLines::new(Some("user".into())),
+//!     Memory::default(),
+//!     Store::file(dir.path().join("quarantine")),
+//!     Store::file(dir.path().join("checkpoints")),
+//! );
+//! let event = r#"{"Records":[{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put",
+//!   "s3":{"bucket":{"name":"b"},"object":{"key":"in.ndjson","eTag":"e1","sequencer":"01"}}}]}"#;
+//! let summary = handler.handle(event.as_bytes(), &Invocation::new("req-1")).await.unwrap();
+//! assert_eq!((summary.objects[0].records, summary.objects[0].quarantined), (2, 1));
+//! // The same event again: already done, nothing sent twice.
+//! handler.handle(event.as_bytes(), &Invocation::new("req-2")).await.unwrap();
+//! assert_eq!(handler.sink().0.lock().unwrap().len(), 2);
+//! # });
+//! ```
+use std::time::Instant as StdInstant;
+
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::checkpoint::{CheckpointError, Checkpoints};
+use crate::config::PushSettings;
+use crate::invocation::Invocation;
+use crate::s3_notification::{EventKind, NotificationError, ObjectEvent, S3Notification};
+use crate::sink::{ProduceError, Producer, RecordSink, SinkError};
+use crate::store::{Store, StoreError};
+
+pub mod lease;
+pub mod line;
+pub mod run;
+pub mod source;
+
+use lease::{Claim, ClaimError, Leases, ObjectProgress};
+use line::LineHandler;
+use source::{ObjectSource, SourceError};
+
+/// The push side failed in a way that retrying may fix, or that must reach a failure destination.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PushError {
+    /// The payload is not an S3 notification.
+    #[error(transparent)]
+    Notification(#[from] NotificationError),
+    /// One object could not be processed.
+    #[error("s3://{bucket}/{key}: {source}")]
+    Object {
+        /// Bucket.
+        bucket: String,
+        /// Key (decoded).
+        key: String,
+        /// What went wrong.
+        source: ObjectError,
+    },
+}
+
+/// What went wrong with one object.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ObjectError {
+    /// Opening the object failed.
+    #[error("{0}")]
+    Open(#[source] SourceError),
+    /// Reading the body failed part-way.
+    #[error("reading the body: {message}")]
+    ReadBody {
+        /// The error and its causes, on one line.
+        message: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Records could not be written.
+    #[error("sending lines: {0}")]
+    Produce(#[source] ProduceError),
+    /// Another invocation owns this object right now, or kept winning it.
+    #[error("{0}")]
+    Busy(#[source] ClaimError),
+    /// The invocation is about to run out of time; progress was checkpointed and a retry resumes.
+    #[error(
+        "stopped at line {lines_done} before the invocation deadline; progress is checkpointed and a retry resumes there"
+    )]
+    OutOfTime {
+        /// Lines done so far.
+        lines_done: u64,
+    },
+    /// Reading or writing a checkpoint failed, or another invocation took the object over.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[source] CheckpointError),
+    /// Reading back what an interrupted invocation wrote failed.
+    #[error("reading back records written before an interruption: {0}")]
+    ReadBack(#[source] SinkError),
+    /// Quarantined lines could not be stored.
+    #[error("quarantining lines: {0}")]
+    Quarantine(#[source] StoreError),
+}
+
+impl PushError {
+    fn object(ev: &ObjectEvent, source: ObjectError) -> Self {
+        PushError::Object { bucket: ev.bucket.clone(), key: ev.key.clone(), source }
+    }
+
+    /// A stable name for the kind of failure (the Lambda `errorType`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PushError::Notification(_) => "PushError.Notification",
+            PushError::Object { source, .. } => match source {
+                ObjectError::Open(_) | ObjectError::ReadBody { .. } => "PushError.Read",
+                ObjectError::Produce(_) => "PushError.Produce",
+                ObjectError::Busy(_) => "PushError.Busy",
+                ObjectError::OutOfTime { .. } => "PushError.OutOfTime",
+                ObjectError::Checkpoint(_) => "PushError.Checkpoint",
+                ObjectError::ReadBack(_) => "PushError.ReadBack",
+                ObjectError::Quarantine(_) => "PushError.Quarantine",
+            },
+        }
+    }
+}
+
+#[cfg(feature = "runtime")]
+impl From<PushError> for lambda_runtime::Diagnostic {
+    fn from(e: PushError) -> Self {
+        tracing::error!(error_type = e.kind(), error = %e, "invocation failed");
+        lambda_runtime::Diagnostic { error_type: e.kind().to_owned(), error_message: e.to_string() }
+    }
+}
+
+/// What happened to one object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Every line was sent or quarantined (by this invocation, or finishing an earlier one's work).
+    Processed,
+    /// The object was already completely processed (a duplicate notification).
+    AlreadyDone,
+    /// Not processed, on purpose (event kind, loop guard, stale event).
+    Skipped {
+        /// Why.
+        reason: String,
+    },
+    /// The object was gone or replaced when read.
+    Gone {
+        /// What S3 said.
+        reason: String,
+    },
+}
+
+/// The account of one object. Counts are for the whole object, including what earlier
+/// invocations did before this one resumed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObjectSummary {
+    /// Bucket.
+    pub bucket: String,
+    /// Key (decoded).
+    pub key: String,
+    /// What happened.
+    pub outcome: Outcome,
+    /// Lines read (blank ones included).
+    pub lines: u64,
+    /// Blank lines (skipped: not records).
+    pub blank_lines: u64,
+    /// Bytes read (decompressed).
+    pub bytes: u64,
+    /// Records written to Kinesis.
+    pub records: u64,
+    /// Lines quarantined.
+    pub quarantined: u64,
+    /// Lines the line handler skipped on purpose.
+    pub skipped_lines: u64,
+    /// PutRecords calls, retries included.
+    pub put_calls: u64,
+    /// Entries resent after partial failures.
+    pub resent: u64,
+    /// The line this invocation started after (0: from the start).
+    pub resumed_after_line: u64,
+    /// Lines an interrupted invocation had already written, found in the stream and not resent.
+    pub found_written: u64,
+    /// Milliseconds this invocation spent on the object.
+    pub millis: u64,
+}
+
+impl ObjectSummary {
+    fn new(ev: &ObjectEvent, outcome: Outcome) -> Self {
+        Self::from_progress(ev, outcome, &ObjectProgress::default())
+    }
+
+    fn from_progress(ev: &ObjectEvent, outcome: Outcome, p: &ObjectProgress) -> Self {
+        ObjectSummary {
+            bucket: ev.bucket.clone(),
+            key: ev.key.clone(),
+            outcome,
+            lines: p.lines_done,
+            blank_lines: p.blank_lines,
+            bytes: p.bytes_done,
+            records: p.records_sent,
+            quarantined: p.quarantined,
+            skipped_lines: p.skipped_lines,
+            put_calls: p.put_calls,
+            resent: p.resent,
+            resumed_after_line: 0,
+            found_written: 0,
+            millis: 0,
+        }
+    }
+}
+
+/// The function's response: one summary per record of the notification.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PushSummary {
+    /// True for an `s3:TestEvent`.
+    pub test_event: bool,
+    /// One entry per notification record.
+    pub objects: Vec<ObjectSummary>,
+}
+
+/// Handles S3 notifications: reads objects from a [`ObjectSource`], makes records of their lines
+/// with a [`LineHandler`], sends them to a [`RecordSink`].
+#[derive(Debug)]
+pub struct PushHandler<S, L, O> {
+    settings: PushSettings,
+    source: O,
+    lines: L,
+    producer: Producer<S>,
+    quarantine: Store,
+    leases: Leases<Store>,
+}
+
+impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
+    /// A handler reading from `source`, making records with `lines`, sending to `sink`,
+    /// quarantining into `quarantine`, keeping checkpoints in `checkpoints`.
+    pub fn new(settings: PushSettings, source: O, lines: L, sink: S, quarantine: Store, checkpoints: Store) -> Self {
+        let producer = Producer::new(sink, settings.put_max_attempts);
+        let leases = Leases::new(Checkpoints::new(checkpoints), settings.lease);
+        PushHandler { settings, source, lines, producer, quarantine, leases }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &PushSettings {
+        &self.settings
+    }
+
+    /// The sink records go to.
+    pub fn sink(&self) -> &S {
+        self.producer.sink()
+    }
+
+    /// Handles one invocation payload.
+    pub async fn handle(&self, payload: &[u8], invocation: &Invocation) -> Result<PushSummary, PushError> {
+        match S3Notification::from_slice(payload)? {
+            S3Notification::TestEvent { bucket } => {
+                info!(bucket = bucket.as_deref().unwrap_or(""), "s3:TestEvent acknowledged; nothing to do");
+                Ok(PushSummary { test_event: true, objects: Vec::new() })
+            }
+            S3Notification::Records(events) => {
+                let mut objects = Vec::with_capacity(events.len());
+                for ev in &events {
+                    objects.push(self.handle_event(ev, invocation).await?);
+                }
+                Ok(PushSummary { test_event: false, objects })
+            }
+        }
+    }
+
+    async fn handle_event(&self, ev: &ObjectEvent, invocation: &Invocation) -> Result<ObjectSummary, PushError> {
+        if ev.kind != EventKind::ObjectCreated {
+            info!(bucket = %ev.bucket, key = %ev.key, event = %ev.event_name, "skipping: not an ObjectCreated event");
+            return Ok(ObjectSummary::new(ev, Outcome::Skipped { reason: format!("event {}", ev.event_name) }));
+        }
+        if self.settings.is_own_output(&ev.bucket, &ev.key) {
+            warn!(bucket = %ev.bucket, key = %ev.key, "refusing an object under this function's own output or quarantine location (loop guard); fix the trigger's prefix filter");
+            return Ok(ObjectSummary::new(
+                ev,
+                Outcome::Skipped { reason: "under own output or quarantine location".into() },
+            ));
+        }
+        // Boxed: the object pipeline is a deep future, and boxing it here keeps the handler's own
+        // future small (and the compiler's layout queries shallow).
+        Box::pin(self.process_object(ev, invocation)).await
+    }
+
+    /// Streams one object's lines to the sink, resuming from its checkpoint if an earlier
+    /// invocation was interrupted.
+    pub async fn process_object(&self, ev: &ObjectEvent, invocation: &Invocation) -> Result<ObjectSummary, PushError> {
+        let started = StdInstant::now();
+        let err = |e| PushError::object(ev, e);
+        if let Some(sequencer) = &ev.sequencer
+            && self.leases.is_stale(ev, sequencer).await.map_err(|e| err(ObjectError::Checkpoint(e)))?
+        {
+            info!(bucket = %ev.bucket, key = %ev.key, sequencer = sequencer.as_str(), "stale event: a newer event for this key was already seen");
+            return Ok(ObjectSummary::new(ev, Outcome::Skipped { reason: "stale event (older sequencer)".into() }));
+        }
+        let (progress, version, interrupted) = match self.leases.claim(ev, invocation.request_id()).await {
+            Ok(Claim::Done(p)) => {
+                info!(bucket = %ev.bucket, key = %ev.key, "already processed; duplicate notification ignored");
+                return Ok(ObjectSummary::from_progress(ev, Outcome::AlreadyDone, &p));
+            }
+            Ok(Claim::Owned { progress, version, interrupted }) => (progress, version, interrupted),
+            Err(ClaimError::Checkpoint(e)) => return Err(err(ObjectError::Checkpoint(e))),
+            Err(e) => return Err(err(ObjectError::Busy(e))),
+        };
+        let mut run = run::Run::new(self, ev, progress, version);
+        match run.process(interrupted, invocation).await {
+            Ok(outcome) => {
+                let summary = run.summary(outcome, started);
+                if summary.outcome == Outcome::Processed {
+                    info!(bucket = %ev.bucket, key = %ev.key, lines = summary.lines, records = summary.records, quarantined = summary.quarantined,
+                          skipped_lines = summary.skipped_lines, put_calls = summary.put_calls, resent = summary.resent, bytes = summary.bytes,
+                          resumed_after_line = summary.resumed_after_line, found_written = summary.found_written, millis = summary.millis, "object processed");
+                }
+                Ok(summary)
+            }
+            Err(e) => {
+                // End the lease so that the retry takes the object over at once.
+                if !matches!(e, ObjectError::Checkpoint(CheckpointError::Conflict { .. })) {
+                    if let Err(release) = self.leases.release(ev, &run.progress, &run.version).await {
+                        warn!(bucket = %ev.bucket, key = %ev.key, error = %release, "could not end the lease after a failure; a retry waits for it to run out");
+                    }
+                }
+                Err(err(e))
+            }
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! The line loop: one object from its checkpoint to its end, through the line handler, the
+//! batcher and the sink, checkpointing on a cadence and stopping before the deadline.
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant as StdInstant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::AsyncBufRead;
+use tokio_util::codec::FramedRead;
+use tracing::{info, warn};
+
+use super::lease::{Interrupted, ObjectProgress};
+use super::line::{DataBlocks, Line, LineHandler};
+use super::source::{ObjectSource, SourceError};
+use super::{ObjectError, ObjectSummary, Outcome, PushHandler};
+use crate::batch::{ByteSize, KeyOrderedBatcher};
+use crate::config::Ordering;
+use crate::invocation::Invocation;
+use crate::lines::{BlockFrame, LineBlock, LineBlocks, LineCodec};
+use crate::quarantine::{QuarantineWriter, QuarantinedLine, safe_path};
+use crate::s3_notification::ObjectEvent;
+use crate::sink::{OutRecord, RecordSink, SendReport};
+use crate::store::Etag;
+
+/// Records an interrupted owner wrote after its last checkpoint, by partition key, in order.
+struct Written {
+    by_key: HashMap<String, VecDeque<Bytes>>,
+}
+
+impl Written {
+    /// Whether the line (key, data) is the next record of `key` already in the stream. Records of a
+    /// key were sent in line order, so once a line of a key is missing, no later line of that key
+    /// was written either.
+    fn take(&mut self, key: &str, data: &[u8]) -> bool {
+        let Some(queue) = self.by_key.get_mut(key) else { return false };
+        match queue.iter().position(|d| d[..] == *data) {
+            Some(i) => {
+                queue.drain(..=i);
+                true
+            }
+            None => {
+                self.by_key.remove(key);
+                false
+            }
+        }
+    }
+}
+
+/// The state of one object while its lines flow.
+pub(super) struct Run<'a, S, L, O> {
+    handler: &'a PushHandler<S, L, O>,
+    ev: &'a ObjectEvent,
+    /// The last checkpoint written, and its version.
+    pub(super) progress: ObjectProgress,
+    pub(super) version: Etag,
+    resumed_after_line: u64,
+    found_written: u64,
+    batcher: KeyOrderedBatcher<OutRecord>,
+    quarantine: QuarantineWriter,
+    /// Last line read and the offset after it; blank and skipped lines read since the last
+    /// checkpoint.
+    read_line: u64,
+    read_offset: u64,
+    blank_since: u64,
+    skipped_since: u64,
+    sent: SendReport,
+    last_checkpoint: StdInstant,
+}
+
+impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
+    pub(super) fn new(
+        handler: &'a PushHandler<S, L, O>,
+        ev: &'a ObjectEvent,
+        progress: ObjectProgress,
+        version: Etag,
+    ) -> Self {
+        let version_label = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or("unversioned");
+        let q_prefix = format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), safe_path(version_label));
+        let put = handler.settings.put;
+        Run {
+            handler,
+            ev,
+            read_line: progress.lines_done,
+            read_offset: progress.bytes_done,
+            resumed_after_line: progress.lines_done,
+            found_written: 0,
+            progress,
+            version,
+            batcher: KeyOrderedBatcher::new(put, put.max_events()),
+            quarantine: QuarantineWriter::new(handler.quarantine.clone(), q_prefix),
+            blank_since: 0,
+            skipped_since: 0,
+            sent: SendReport::default(),
+            last_checkpoint: StdInstant::now(),
+        }
+    }
+
+    /// The account of the object after [`Run::process`].
+    pub(super) fn summary(&self, outcome: Outcome, started: StdInstant) -> ObjectSummary {
+        let mut summary = ObjectSummary::from_progress(self.ev, outcome, &self.progress);
+        summary.resumed_after_line = self.resumed_after_line;
+        summary.found_written = self.found_written;
+        summary.millis = started.elapsed().as_millis() as u64;
+        summary
+    }
+
+    /// Every line from the checkpoint to the end of the object, checkpointed.
+    pub(super) async fn process(
+        &mut self,
+        interrupted: Option<Interrupted>,
+        invocation: &Invocation,
+    ) -> Result<Outcome, ObjectError> {
+        let (ev, settings) = (self.ev, &self.handler.settings);
+        let gzip_by_name = ev.key.ends_with(".gz");
+        let ranged = interrupted.is_some() && self.progress.bytes_done > 0 && !gzip_by_name;
+        let start = if ranged { self.progress.bytes_done } else { 0 };
+        let opened = match self.handler.source.open(ev, start).await {
+            Ok(o) => o,
+            Err(SourceError::Gone { reason }) => {
+                warn!(bucket = %ev.bucket, key = %ev.key, reason, "object gone or replaced before it was read; nothing to do");
+                let ended = Some(format!("gone: {reason}"));
+                if let Err(e) = self.handler.leases.finish(ev, &mut self.progress, &self.version, ended).await {
+                    // A lost race here only means a later duplicate finds the object gone too.
+                    warn!(bucket = %ev.bucket, key = %ev.key, error = %e, "could not mark the gone object done");
+                }
+                return Ok(Outcome::Gone { reason });
+            }
+            Err(SourceError::RangeNotSatisfiable) if ranged => {
+                // The checkpoint is at the very end of the object: nothing left to read.
+                self.version = self
+                    .handler
+                    .leases
+                    .finish(ev, &mut self.progress, &self.version, None)
+                    .await
+                    .map_err(ObjectError::Checkpoint)?;
+                return Ok(Outcome::Processed);
+            }
+            Err(e) => return Err(ObjectError::Open(e)),
+        };
+        let body = tokio::io::BufReader::with_capacity(64 * 1024, opened.body);
+        let reader: Box<dyn AsyncBufRead + Send + Unpin> = if gzip_by_name || opened.content_gzip {
+            let mut decoder = async_compression::tokio::bufread::GzipDecoder::new(body);
+            decoder.multiple_members(true);
+            Box::new(tokio::io::BufReader::with_capacity(64 * 1024, decoder))
+        } else {
+            Box::new(body)
+        };
+        // A ranged read starts at the checkpoint; a gzip stream is re-read from the start and the
+        // lines up to the checkpoint are skipped.
+        let codec = if ranged {
+            LineCodec::new(settings.max_line_bytes).starting_at(self.progress.lines_done + 1, self.progress.bytes_done)
+        } else {
+            LineCodec::new(settings.max_line_bytes)
+        };
+        // Reading and splitting run in a task of their own and hand over blocks of whole lines, so
+        // that the S3 read overlaps the checking and batching below.
+        let (mut blocks_in, _reader) =
+            spawn_block_reader(FramedRead::with_capacity(reader, LineBlocks::new(codec), 64 * 1024));
+        let mut block = LineBlock::default();
+        let mut at = 0usize;
+        let mut written = match interrupted {
+            Some(window) => Some(self.read_back(window).await?),
+            None => None,
+        };
+        let mut blocks = DataBlocks::default();
+
+        // One timer for the linger of the open batch, re-armed only when that deadline changes,
+        // and the clocks read every 128 lines: this loop runs per line, millions of times.
+        let linger = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(linger);
+        let mut armed = None;
+        let mut tick = 0u32;
+        loop {
+            tick = tick.wrapping_add(1);
+            if tick.is_multiple_of(128) || self.quarantine.is_full() {
+                if self.last_checkpoint.elapsed() >= settings.checkpoint_interval || self.quarantine.is_full() {
+                    self.checkpoint(false).await?;
+                }
+                if invocation.out_of_time(settings.deadline_margin) {
+                    self.checkpoint(false).await?;
+                    warn!(bucket = %ev.bucket, key = %ev.key, lines_done = self.progress.lines_done, "stopping before the deadline; a retry resumes from the checkpoint");
+                    return Err(ObjectError::OutOfTime { lines_done: self.progress.lines_done });
+                }
+            }
+            let deadline = self.batcher.deadline();
+            if deadline != armed {
+                if let Some(d) = deadline {
+                    linger.as_mut().reset(d);
+                }
+                armed = deadline;
+            }
+            let frame = match block.frames.get(at) {
+                Some(frame) => {
+                    at += 1;
+                    *frame
+                }
+                None => {
+                    let next = tokio::select! {
+                        biased;
+                        next = blocks_in.recv() => next,
+                        _ = &mut linger, if armed.is_some() => {
+                            self.flush_batch().await?;
+                            continue;
+                        }
+                    };
+                    match next {
+                        None => break,
+                        Some(Err(source)) => {
+                            return Err(ObjectError::ReadBody { message: crate::error::chain(&source), source });
+                        }
+                        Some(Ok(next)) => {
+                            block = next;
+                            at = 0;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let (BlockFrame::TooLong { number, offset, next_offset, .. }
+            | BlockFrame::Line { number, offset, next_offset, .. }) = frame;
+            if number <= self.progress.lines_done {
+                continue; // done before the checkpoint (gzip resume re-reads from the start)
+            }
+            self.read_line = number;
+            self.read_offset = next_offset;
+            let bad = match frame {
+                BlockFrame::TooLong { len, .. } => Some((
+                    format!("line of {len} bytes exceeds MAX_LINE_BYTES ({})", settings.max_line_bytes),
+                    String::new(),
+                )),
+                BlockFrame::Line { .. } => {
+                    let line = block.line(&frame);
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        self.blank_since += 1;
+                        continue;
+                    }
+                    match self.handler.lines.to_record(Line::new(line, number, offset, &mut blocks)) {
+                        Err(reason) => Some((reason.0, QuarantinedLine::excerpt_of(line))),
+                        Ok(None) => {
+                            self.skipped_since += 1;
+                            None
+                        }
+                        Ok(Some(record)) => match check_record(&record, settings.record_max_bytes) {
+                            Err(reason) => Some((reason, QuarantinedLine::excerpt_of(line))),
+                            Ok(()) => {
+                                if written.as_mut().is_some_and(|w| w.take(&record.partition_key, &record.data)) {
+                                    self.found_written += 1;
+                                    self.sent.records += 1;
+                                    continue;
+                                }
+                                self.add_record(record).await?;
+                                None
+                            }
+                        },
+                    }
+                }
+            };
+            if let Some((reason, excerpt)) = bad {
+                self.quarantine_line(number, offset, reason, excerpt);
+            }
+        }
+        self.checkpoint(true).await?;
+        Ok(Outcome::Processed)
+    }
+
+    fn quarantine_line(&mut self, line: u64, offset: u64, reason: String, excerpt: String) {
+        let ev = self.ev;
+        warn!(bucket = %ev.bucket, key = %ev.key, line, offset, reason, "line quarantined");
+        let entry = QuarantinedLine {
+            bucket: ev.bucket.clone(),
+            key: ev.key.clone(),
+            version: ev.version_id.clone().or_else(|| ev.etag.clone()),
+            line,
+            offset,
+            reason,
+            excerpt,
+        };
+        self.quarantine.add(&entry);
+    }
+
+    /// What a crashed owner wrote after its last checkpoint, read back from the sink.
+    async fn read_back(&mut self, window: Interrupted) -> Result<Written, ObjectError> {
+        let (ev, sink) = (self.ev, self.handler.producer.sink());
+        if !sink.can_read_back() {
+            warn!(bucket = %ev.bucket, key = %ev.key, after_line = self.progress.lines_done,
+                  "resuming an interrupted object with a sink that cannot be read back: lines sent after the last checkpoint are sent again (at least once)");
+        }
+        let found = sink
+            .written_since(&self.progress.shard_positions, window.since_ms, window.until_ms)
+            .await
+            .map_err(ObjectError::ReadBack)?;
+        let mut by_key: HashMap<String, VecDeque<Bytes>> = HashMap::new();
+        for r in found {
+            by_key.entry(r.partition_key).or_default().push_back(r.data);
+        }
+        info!(bucket = %ev.bucket, key = %ev.key, after_line = self.progress.lines_done, "resuming an interrupted object");
+        Ok(Written { by_key })
+    }
+
+    /// Adds a record to the batcher and sends whatever batches are full.
+    async fn add_record(&mut self, record: OutRecord) -> Result<(), ObjectError> {
+        // With per-key ordering a batch holds one record of a key; a later one waits for the next
+        // batch (see KeyOrderedBatcher), so a partial failure resent before the next batch cannot
+        // be overtaken.
+        let key = (self.handler.settings.ordering == Ordering::PerKey)
+            .then(|| xxhash_rust::xxh3::xxh3_64(record.partition_key.as_bytes()));
+        if let Err(oversized) = self.batcher.push(key, record) {
+            // Only possible if RECORD_MAX_BYTES > PUT_MAX_BYTES, which the configuration refuses.
+            let reason = format!("record of {} bytes exceeds PUT_MAX_BYTES", oversized.size);
+            let excerpt = QuarantinedLine::excerpt_of(&oversized.item.data);
+            self.quarantine_line(oversized.item.line, self.read_offset, reason, excerpt);
+            return Ok(());
+        }
+        while let Some(batch) = self.batcher.ready() {
+            self.send(batch).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends everything buffered, records held back for a later batch included.
+    async fn flush_batch(&mut self) -> Result<(), ObjectError> {
+        while let Some(batch) = self.batcher.flush() {
+            self.send(batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, batch: Vec<OutRecord>) -> Result<(), ObjectError> {
+        let report = self.handler.producer.send(batch).await.map_err(ObjectError::Produce)?;
+        self.sent.merge(report);
+        Ok(())
+    }
+
+    /// Makes everything read so far durable (open batch sent, quarantine part written), then
+    /// records it with compare-and-swap, renewing the lease.
+    async fn checkpoint(&mut self, complete: bool) -> Result<(), ObjectError> {
+        self.flush_batch().await?;
+        let first_line = self.progress.lines_done + 1;
+        let quarantined = self.quarantine.write_part(first_line).await.map_err(ObjectError::Quarantine)?;
+        let sent = std::mem::take(&mut self.sent);
+        let p = &mut self.progress;
+        p.lines_done = self.read_line;
+        p.bytes_done = self.read_offset;
+        p.blank_lines += std::mem::take(&mut self.blank_since);
+        p.skipped_lines += std::mem::take(&mut self.skipped_since);
+        p.records_sent += sent.records as u64;
+        p.put_calls += sent.calls as u64;
+        p.resent += sent.resent as u64;
+        p.quarantined += quarantined as u64;
+        for (shard, seq) in sent.positions {
+            p.shard_positions.insert(shard, seq.to_string());
+        }
+        p.complete = complete;
+        self.version = self.handler.leases.save(self.ev, p, &self.version).await.map_err(ObjectError::Checkpoint)?;
+        self.last_checkpoint = StdInstant::now();
+        Ok(())
+    }
+}
+
+/// Kinesis's limits on a record, whatever handler made it.
+fn check_record(record: &OutRecord, record_max_bytes: usize) -> Result<(), String> {
+    let chars = record.partition_key.chars().count();
+    if chars == 0 || chars > super::line::MAX_PARTITION_KEY_CHARS {
+        return Err(format!("partition key of {chars} characters (Kinesis takes 1 to 256)"));
+    }
+    let size = record.byte_size();
+    if size > record_max_bytes {
+        return Err(format!(
+            "record of {size} bytes (data and partition key) exceeds RECORD_MAX_BYTES ({record_max_bytes})"
+        ));
+    }
+    Ok(())
+}
+
+/// Aborts a task when dropped (an early return must not leave the reader running).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type BlockResult = Result<LineBlock, std::io::Error>;
+
+/// Reads blocks of lines in a task; a few blocks (of up to the read buffer's size) wait at most,
+/// so a slow consumer holds the read back instead of buffering the object. The end of the input
+/// closes the channel.
+fn spawn_block_reader<R>(
+    mut blocks: FramedRead<R, LineBlocks>,
+) -> (tokio::sync::mpsc::Receiver<BlockResult>, AbortOnDrop)
+where
+    R: tokio::io::AsyncRead + Send + Unpin + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<BlockResult>(4);
+    let task = tokio::spawn(async move {
+        while let Some(block) = blocks.next().await {
+            let failed = block.is_err();
+            if tx.send(block).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    (rx, AbortOnDrop(task))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+
+    use super::*;
+    use crate::config::{Env, PushSettings};
+    use crate::push::lease::Leases;
+    use crate::push::line::JsonLines;
+    use crate::push::source::FileSource;
+    use crate::push::{ObjectError, PushError};
+    use crate::sink::{PutOutcome, SinkError, WrittenRecord};
+    use crate::store::Store;
+
+    /// Keeps every record; fails the first `fail_calls` calls whole; can be read back.
+    #[derive(Default)]
+    struct FakeSink {
+        records: Mutex<Vec<OutRecord>>,
+        fail_calls: AtomicUsize,
+        calls: AtomicUsize,
+    }
+
+    impl RecordSink for FakeSink {
+        fn can_read_back(&self) -> bool {
+            true
+        }
+        async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
+            self.calls.fetch_add(1, AtomicOrdering::SeqCst);
+            if self.fail_calls.load(AtomicOrdering::SeqCst) > 0 {
+                self.fail_calls.fetch_sub(1, AtomicOrdering::SeqCst);
+                return Err(SinkError { message: "ResourceNotFoundException: no stream".into(), retryable: false });
+            }
+            let mut all = self.records.lock().unwrap();
+            all.extend_from_slice(records);
+            Ok(PutOutcome::all_written("shardId-0", all.len().to_string()))
+        }
+        async fn written_since(
+            &self,
+            _: &std::collections::BTreeMap<String, String>,
+            _: u64,
+            _: u64,
+        ) -> Result<Vec<WrittenRecord>, SinkError> {
+            let all = self.records.lock().unwrap();
+            Ok(all
+                .iter()
+                .map(|r| WrittenRecord { partition_key: r.partition_key.to_string(), data: r.data.clone() })
+                .collect())
+        }
+    }
+
+    struct World {
+        dir: tempfile::TempDir,
+        handler: PushHandler<FakeSink, JsonLines, FileSource>,
+    }
+
+    fn world(env: &[(&str, &str)], object: &str) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("objects/b")).unwrap();
+        std::fs::write(dir.path().join("objects/b/k.ndjson"), object).unwrap();
+        let settings = PushSettings::from_env(Env::from_pairs(env.iter().copied())).unwrap();
+        let handler = PushHandler::new(
+            settings,
+            FileSource::new(dir.path().join("objects")),
+            JsonLines::new(Some("user".into())),
+            FakeSink::default(),
+            Store::file(dir.path().join("q")),
+            Store::file(dir.path().join("cp")),
+        );
+        World { dir, handler }
+    }
+
+    fn event() -> Vec<u8> {
+        br#"{"Records":[{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"b"},"object":{"key":"k.ndjson","eTag":"e1","sequencer":"01"}}}]}"#.to_vec()
+    }
+
+    fn lines(n: usize) -> String {
+        (1..=n).map(|i| format!("{{\"user\":\"u{}\",\"i\":{i}}}\n", i % 5)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_failed_invocation_releases_its_lease_and_the_retry_sends_every_line_once() {
+        let w = world(&[("PUT_MAX_RECORDS", "10"), ("PUT_MAX_ATTEMPTS", "1")], &lines(100));
+        w.handler.sink().fail_calls.store(1, AtomicOrdering::SeqCst);
+        let err = w.handler.handle(&event(), &Invocation::new("first")).await.unwrap_err();
+        assert!(matches!(err, PushError::Object { source: ObjectError::Produce(_), .. }), "{err}");
+        // Not busy: the failed invocation ended its lease.
+        let summary = w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
+        assert_eq!(summary.objects[0].records, 100);
+        let records = w.handler.sink().records.lock().unwrap();
+        let mut seen: Vec<u64> = records.iter().map(|r| r.line).collect();
+        seen.sort();
+        assert_eq!(seen, (1..=100).collect::<Vec<_>>(), "each line once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn out_of_time_checkpoints_and_the_retry_resumes_after_the_checkpoint() {
+        let w = world(&[("DEADLINE_MARGIN_MS", "1000")], &lines(1000));
+        // Already within the margin: the first clock check (line 128) checkpoints and stops.
+        let late = Invocation::new("late").with_time_left(Duration::from_millis(500));
+        let err = w.handler.handle(&event(), &late).await.unwrap_err();
+        let PushError::Object { source: ObjectError::OutOfTime { lines_done }, .. } = err else { panic!("{err}") };
+        assert!((1..1000).contains(&lines_done), "stopped at the first clock check: {lines_done}");
+        let summary = w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
+        assert_eq!((summary.objects[0].resumed_after_line, summary.objects[0].records), (lines_done, 1000));
+        assert_eq!(w.handler.sink().records.lock().unwrap().len(), 1000, "nothing twice");
+    }
+
+    #[tokio::test]
+    async fn a_crash_after_sending_is_read_back_and_not_resent() {
+        let w = world(
+            &[("PUT_MAX_RECORDS", "7"), ("CHECKPOINT_LEASE_MS", "100"), ("CHECKPOINT_INTERVAL_MS", "10")],
+            &lines(50),
+        );
+        // What a crashed owner did: sent lines 1-20, checkpointed nothing, lease lapsed.
+        let (id, _) = Leases::<Store>::object_id(
+            &crate::s3_notification::S3Notification::from_slice(&event())
+                .map(|n| match n {
+                    crate::s3_notification::S3Notification::Records(mut r) => r.remove(0),
+                    _ => unreachable!(),
+                })
+                .unwrap(),
+        );
+        let stale = ObjectProgress {
+            bucket: "b".into(),
+            key: "k.ndjson".into(),
+            owner: "dead".into(),
+            lease_until_ms: 1,
+            checkpointed_at_ms: 1,
+            ..Default::default()
+        };
+        Store::file(w.dir.path().join("cp"))
+            .put(&id, serde_json::to_vec(&stale).unwrap().into(), crate::store::Precondition::IfAbsent)
+            .await
+            .unwrap();
+        let mut blocks = DataBlocks::default();
+        let crashed: Vec<OutRecord> = lines(20)
+            .lines()
+            .enumerate()
+            .map(|(i, l)| {
+                JsonLines::new(Some("user".into()))
+                    .to_record(Line::new(l.as_bytes(), i as u64 + 1, 0, &mut blocks))
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        w.handler.sink().records.lock().unwrap().extend(crashed);
+        let summary = w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
+        assert_eq!((summary.objects[0].found_written, summary.objects[0].records), (20, 50));
+        assert_eq!(w.handler.sink().records.lock().unwrap().len(), 50, "the 20 are not sent again");
+    }
+
+    #[tokio::test]
+    async fn bad_lines_are_quarantined_and_gone_objects_are_done() {
+        let w = world(&[], "{\"user\":\"a\"}\nnot json\n\n[1]\n");
+        let s = w.handler.handle(&event(), &Invocation::new("r")).await.unwrap();
+        assert_eq!((s.objects[0].records, s.objects[0].quarantined, s.objects[0].blank_lines), (1, 2, 1));
+        let part = std::fs::read_to_string(w.dir.path().join("q/b/k.ndjson/e1/part-00000000000000000001.ndjson"))
+            .or_else(|_| {
+                let dir = w.dir.path().join("q/b");
+                let found = walk(&dir);
+                std::fs::read_to_string(&found[0])
+            })
+            .unwrap();
+        assert!(part.contains("\"line\":2") && part.contains("JSON but not an object (an array)"), "{part}");
+        std::fs::remove_file(w.dir.path().join("objects/b/k.ndjson")).unwrap();
+        let other = br#"{"Records":[{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"b"},"object":{"key":"k.ndjson","eTag":"e2","sequencer":"02"}}}]}"#;
+        let s = w.handler.handle(other, &Invocation::new("r2")).await.unwrap();
+        assert_eq!(s.objects[0].outcome, Outcome::Gone { reason: "NoSuchKey".into() });
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+        }
+        out
+    }
+}
