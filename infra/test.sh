@@ -2,7 +2,8 @@
 # README command 2 (and what CI runs): set up what is missing, then run every check and test.
 # 1. the template checks and the deployable arm64 zips (SKIP_LAMBDA_BUILD=1 skips the zips);
 # 2. LocalStack up (stopped again at the end if this script started it);
-# 3. doc tests, then every unit and integration test with cargo-nextest.
+# 3. doc tests, then every unit, example and integration test with cargo-nextest (the
+#    integration tests are the `integration` feature of pushpull-tests).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -24,7 +25,7 @@ log="$(mktemp)"
 set +e
 cargo test --workspace --doc 2>&1 | tee "$log"
 doc_rc=${PIPESTATUS[0]}
-cargo nextest run --workspace --no-fail-fast 2>&1 | tee -a "$log"
+cargo nextest run --workspace --features pushpull-tests/integration --no-fail-fast 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
 set -e
 cleanup

@@ -200,4 +200,39 @@ mod tests {
         let ev: KinesisEvent<'_> = serde_json::from_str(bad).unwrap();
         assert!(ev.records[0].decode_data_into(&mut buf).is_err());
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any bytes: an event or an error naming the problem; never a panic.
+            #[test]
+            fn any_payload_parses_or_is_refused(payload in prop::collection::vec(any::<u8>(), 0..300)) {
+                if let Err(e) = KinesisEvent::from_slice(&payload) {
+                    prop_assert!(e.to_string().starts_with("not a Kinesis event"));
+                }
+            }
+
+            /// Generated events parse with every field as sent (escapes included), and the data
+            /// decodes to the bytes encoded.
+            #[test]
+            fn generated_events_round_trip(records in prop::collection::vec((any::<u64>(), "\\PC{1,20}", prop::collection::vec(any::<u8>(), 0..64)), 0..8)) {
+                let json: Vec<_> = records.iter().map(|(seq, key, data)| serde_json::json!({
+                    "kinesis": {"partitionKey": key, "sequenceNumber": seq.to_string(),
+                        "data": base64::engine::general_purpose::STANDARD.encode(data), "approximateArrivalTimestamp": 1.5},
+                    "eventID": format!("shardId-000000000007:{seq}"), "eventSourceARN": "arn:aws:kinesis:us-east-1:1:stream/s"})).collect();
+                let payload = serde_json::json!({ "Records": json }).to_string();
+                let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
+                let mut buf = Vec::new();
+                for (r, (seq, key, data)) in event.records.iter().zip(&records) {
+                    prop_assert_eq!(&*r.kinesis.partition_key, key.as_str());
+                    prop_assert_eq!(r.sequence_number().unwrap().to_string(), seq.to_string());
+                    prop_assert_eq!(r.shard_id(), "shardId-000000000007");
+                    r.decode_data_into(&mut buf).unwrap();
+                    prop_assert_eq!(&buf, data);
+                }
+            }
+        }
+    }
 }

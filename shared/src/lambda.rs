@@ -262,3 +262,42 @@ where
     })
     .await
 }
+
+/// An S3 push function: every notification goes to `handler` (see [`crate::push`]), with the
+/// invocation's request id and deadline.
+///
+/// ```no_run
+/// use pushpull::config::{Env, PushSettings};
+/// use pushpull::push::{line::JsonLines, source::S3Source, PushHandler};
+/// use pushpull::sink::kinesis::KinesisSink;
+/// use pushpull::store::Store;
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), lambda_runtime::Error> {
+///     let aws = pushpull::aws::Aws::new();
+///     let settings = PushSettings::from_env(Env::from_process())?;
+///     let handler = PushHandler::new(
+///         settings.clone(),
+///         S3Source::new(aws.s3().await.clone()),
+///         JsonLines::new(Some("user".into())),
+///         KinesisSink::new(aws.kinesis().await.clone(), "orders"),
+///         Store::connect(&settings.quarantine, &aws).await,
+///         Store::connect(&settings.checkpoint, &aws).await,
+///     );
+///     pushpull::lambda::run_push(handler).await
+/// }
+/// ```
+#[cfg(feature = "push")]
+pub async fn run_push<S, L, O>(handler: crate::push::PushHandler<S, L, O>) -> Result<(), lambda_runtime::Error>
+where
+    S: crate::sink::RecordSink + 'static,
+    L: crate::push::line::LineHandler + 'static,
+    O: crate::push::source::ObjectSource + 'static,
+{
+    let handler = Arc::new(handler);
+    run_raw(move |body: Bytes, context: Context| {
+        let handler = handler.clone();
+        async move { handler.handle(&body, &crate::invocation::Invocation::from_context(&context)).await }
+    })
+    .await
+}

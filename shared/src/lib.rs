@@ -9,6 +9,7 @@
 //!
 //! | module | feature | what it does |
 //! |---|---|---|
+//! | [`backoff`] | core | exponential backoff with jitter, one formula for every retry loop |
 //! | [`batch`] | core | batching by count, bytes and linger time; per-key ordered batches |
 //! | [`checkpoint`] | core | typed checkpoints with compare-and-swap over the `CheckpointStore` trait |
 //! | [`store`] | core (`s3` for `s3://`) | `file://` or `s3://` storage with conditional writes |
@@ -29,6 +30,7 @@
 //! | [`telemetry`] | `runtime` | structured JSON logs |
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;

@@ -449,4 +449,44 @@ mod tests {
         assert_eq!(c.decode(&mut buf).unwrap(), Some(line(41, 1000, "x")));
         assert_eq!((c.next_line_number(), c.next_offset()), (42, 1002));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// However the input is chunked, the frames are the naive split on LF (a CR before it
+            /// dropped), numbered from 1, each at its byte offset; lines over the limit are
+            /// reported as too long instead of returned.
+            #[test]
+            fn frames_are_the_naive_split(input in prop::collection::vec(prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'a'), any::<u8>()], 0..400),
+                                          chunk in 1usize..64, max in 1usize..40) {
+                let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let got = rt.block_on(async {
+                    let reader = tokio_test_reader(&input, chunk);
+                    FramedRead::new(reader, LineCodec::new(max)).map(|f| f.unwrap()).collect::<Vec<_>>().await
+                });
+                let mut offset = 0u64;
+                let mut expected = Vec::new();
+                let mut parts: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
+                if parts.last().is_some_and(|p| p.is_empty()) {
+                    parts.pop(); // a final LF ends the last line; it does not start another
+                }
+                for (i, part) in parts.iter().enumerate() {
+                    let content = part.strip_suffix(b"\r").unwrap_or(part);
+                    let number = i as u64 + 1;
+                    expected.push((number, offset, content.len() > max, if content.len() > max { Vec::new() } else { content.to_vec() }));
+                    offset += part.len() as u64 + 1;
+                }
+                let got: Vec<_> = got
+                    .into_iter()
+                    .map(|f| match f {
+                        Frame::Line(l) => (l.number, l.offset, false, l.bytes.to_vec()),
+                        Frame::TooLong { number, offset, .. } => (number, offset, true, Vec::new()),
+                    })
+                    .collect();
+                prop_assert_eq!(got, expected);
+            }
+        }
+    }
 }

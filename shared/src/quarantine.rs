@@ -107,22 +107,43 @@ impl QuarantineWriter {
     }
 }
 
-/// Makes an object key safe as a path below a store root: `.`, `..` and empty segments are
-/// percent-encoded, so no key can climb out of (or collapse within) the store's directory.
+/// Longest name [`safe_path`] returns, in bytes: with a prefix and a suffix around it, a
+/// checkpoint or quarantine name stays under S3's 1,024-byte key limit.
+pub const SAFE_PATH_MAX_BYTES: usize = 800;
+
+/// Makes an object key safe as a path below a store root, one-to-one: `%` and `~` are
+/// percent-encoded, then `.`, `..` and empty segments, so no key can climb out of (or collapse
+/// within) the store's directory, and two keys never share a name. A name that would pass
+/// [`SAFE_PATH_MAX_BYTES`] (S3 keys reach 1,024 bytes) is cut and ends in `~` and a 128-bit hash
+/// of the whole key (`~` appears nowhere else).
 ///
 /// ```
-/// assert_eq!(pushpull::quarantine::safe_path("../a//b/./c"), "%2E%2E/a/%00/b/%2E/c");
+/// use pushpull::quarantine::safe_path;
+/// assert_eq!(safe_path("../a//b/./c"), "%2E%2E/a/%00/b/%2E/c");
+/// assert_ne!(safe_path("a/./b"), safe_path("a/%2E/b"));
+/// assert!(safe_path(&"k".repeat(1024)).len() <= pushpull::quarantine::SAFE_PATH_MAX_BYTES);
 /// ```
 pub fn safe_path(key: &str) -> String {
-    key.split('/')
+    let escaped = key
+        .split('/')
         .map(|seg| match seg {
             "" => "%00".to_owned(),
             "." => "%2E".to_owned(),
             ".." => "%2E%2E".to_owned(),
-            s => s.to_owned(),
+            s => s.replace('%', "%25").replace('~', "%7E"),
         })
         .collect::<Vec<_>>()
-        .join("/")
+        .join("/");
+    if escaped.len() <= SAFE_PATH_MAX_BYTES {
+        return escaped;
+    }
+    // The hash goes on the last segment, so no segment is left empty, "." or "..".
+    let hash = format!("~{:032x}", xxhash_rust::xxh3::xxh3_128(key.as_bytes()));
+    let mut cut = SAFE_PATH_MAX_BYTES - hash.len();
+    while !escaped.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{hash}", &escaped[..cut])
 }
 
 #[cfg(test)]
@@ -167,5 +188,34 @@ mod tests {
     fn excerpts_are_bounded_and_lossy() {
         assert_eq!(QuarantinedLine::excerpt_of(b"ab\xffc"), "ab\u{fffd}c");
         assert_eq!(QuarantinedLine::excerpt_of(&[b'x'; 1000]).len(), EXCERPT_BYTES);
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn is_safe(name: &str) -> bool {
+            name.len() <= SAFE_PATH_MAX_BYTES && name.split('/').all(|seg| !matches!(seg, "" | "." | ".."))
+        }
+
+        proptest! {
+            /// Names never climb out, never collapse, stay short enough for S3, and two different
+            /// keys (of any length S3 allows) never share one.
+            #[test]
+            fn names_are_safe_and_one_to_one(a in "[a-z./%~]{0,12}|\\PC{0,300}", b in "[a-z./%~]{0,12}|\\PC{0,300}") {
+                let (na, nb) = (safe_path(&a), safe_path(&b));
+                prop_assert!(is_safe(&na), "{:?} -> {:?}", a, na);
+                prop_assert_eq!(na == nb, a == b, "{:?} and {:?} -> {:?}", a, b, na);
+            }
+
+            #[test]
+            fn long_keys_get_short_distinct_names(stem in "[a-zA-Z0-9/._%~-]{1,8}", a in any::<u16>(), b in any::<u16>()) {
+                let long = |n: u16| format!("{}{n}", stem.repeat(1024 / stem.len()))[..1000].to_owned() + &n.to_string();
+                let (ka, kb) = (long(a), long(b));
+                let (na, nb) = (safe_path(&ka), safe_path(&kb));
+                prop_assert!(is_safe(&na) && is_safe(&nb), "{na:?}");
+                prop_assert_eq!(na == nb, ka == kb);
+            }
+        }
     }
 }

@@ -373,4 +373,65 @@ mod tests {
         assert_eq!(s("00AB"), s("00AB0000"));
         assert!(s("00ab") < s("00AC"));
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// S3's form encoding of a key: space as `+`, every other byte outside [A-Za-z0-9._~/-]
+        /// percent-encoded.
+        fn form_encode(key: &str) -> String {
+            key.bytes()
+                .map(|b| match b {
+                    b' ' => "+".to_owned(),
+                    b if b.is_ascii_alphanumeric() || b"._~/-".contains(&b) => (b as char).to_string(),
+                    b => format!("%{b:02X}"),
+                })
+                .collect()
+        }
+
+        proptest! {
+            /// Every key S3 can send (UTF-8, up to 1,024 bytes) decodes back to itself.
+            #[test]
+            fn keys_round_trip(key in "\\PC{0,300}") {
+                prop_assert_eq!(decode_key(&form_encode(&key)).unwrap(), key);
+            }
+
+            /// Any text decodes or is refused with the raw key; never a panic.
+            #[test]
+            fn any_raw_key_decodes_or_is_refused(raw in "\\PC{0,100}") {
+                if let Err(e) = decode_key(&raw) {
+                    prop_assert_eq!(e.raw, raw);
+                }
+            }
+
+            /// Sequencers order as AWS documents: pad the shorter with 0, compare as hex text.
+            #[test]
+            fn sequencers_order_as_padded_hex(a in "[0-9A-F]{1,24}", b in "[0-9A-F]{1,24}") {
+                let width = a.len().max(b.len());
+                let pad = |s: &str| format!("{s:0<width$}");
+                prop_assert_eq!(Sequencer::new(a.clone()).cmp(&Sequencer::new(b.clone())), pad(&a).cmp(&pad(&b)));
+                prop_assert_eq!(Sequencer::new(a.to_lowercase()), Sequencer::new(a.clone()));
+            }
+
+            /// Any bytes: a notification or an error; never a panic.
+            #[test]
+            fn any_payload_parses_or_is_refused(payload in prop::collection::vec(any::<u8>(), 0..300)) {
+                let _ = S3Notification::from_slice(&payload);
+            }
+
+            /// Generated notifications parse with their keys decoded and their kinds classified.
+            #[test]
+            fn generated_notifications_parse(key in "\\PC{1,60}", created in any::<bool>(), seq in "[0-9A-F]{16}") {
+                let name = if created { "ObjectCreated:Put" } else { "ObjectRemoved:Delete" };
+                let payload = serde_json::json!({"Records": [{"eventVersion": "2.1", "eventSource": "aws:s3", "eventName": name,
+                    "s3": {"bucket": {"name": "b"}, "object": {"key": form_encode(&key), "sequencer": seq}}}]});
+                let Ok(S3Notification::Records(events)) = S3Notification::from_slice(payload.to_string().as_bytes()) else {
+                    return Err(TestCaseError::fail("not parsed"));
+                };
+                prop_assert_eq!(&events[0].key, &key);
+                prop_assert_eq!(events[0].kind == EventKind::ObjectCreated, created);
+            }
+        }
+    }
 }

@@ -202,7 +202,7 @@ async fn main() {
             p50,
             p95,
             throughput: good / (max / 1000.0),
-            per_thousand: report.mapping.invocations as f64 * 1000.0 / good,
+            per_thousand: report.mapping.counts.invocations as f64 * 1000.0 / good,
             mean_batch: report.mapping.batch_size_mean,
         };
         println!(

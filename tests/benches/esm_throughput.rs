@@ -147,7 +147,7 @@ async fn main() {
             println!(
                 "| {round} | {raw:.0} | {bs} | {w} | {rate:.0} | {:.2} | {} | {:.0} |",
                 rate / raw,
-                s.invocations,
+                s.counts.invocations,
                 s.batch_size_mean
             );
         }
@@ -187,7 +187,7 @@ async fn main() {
             s.delay_ms_p95,
             s.delay_ms_max,
             s.delay_ms_max - f64::from(w) * 1000.0,
-            s.invocations,
+            s.counts.invocations,
             s.batch_size_mean
         );
         let _ = local.kinesis.delete_stream().stream_name(&fresh).send().await;

@@ -171,7 +171,7 @@ async fn batch_size_splits_in_sequence_order() {
     f.put_ids(&ids.iter().map(|i| (i.as_str(), none())).collect::<Vec<_>>()).await;
     let s = f.run(RawSettings { batch_size: Some("3".into()), ..f.settings() }).await;
     assert_eq!(f.batches(), vec![b(&["r1", "r2", "r3"]), b(&["r4", "r5", "r6"]), b(&["r7"])]);
-    assert_eq!((s.invocations, s.records_delivered, s.batch_size_max), (3, 7, 3));
+    assert_eq!((s.counts.invocations, s.records_delivered, s.counts.batch_size_max), (3, 7, 3));
     // The event is AWS's: eventID is shard:sequence, the shard is named.
     assert!(f.log().iter().all(|l| l["shard"] == "shardId-000000000000"));
 }
@@ -216,7 +216,7 @@ async fn batches_stay_under_the_6_mib_payload() {
     let s = f.run(RawSettings { batch_size: Some("100".into()), ..f.settings() }).await;
     let sizes: Vec<usize> = f.batches().iter().map(Vec::len).collect();
     assert_eq!(sizes, vec![7, 5], "{s:?}");
-    assert_eq!(s.function_errors, 0, "the Invoke API would refuse a payload over 6 MiB");
+    assert_eq!(s.counts.function_errors, 0, "the Invoke API would refuse a payload over 6 MiB");
 }
 
 #[tokio::test]
@@ -235,7 +235,7 @@ async fn partial_failure_retries_from_the_lowest_failed_record_including_later_s
     // c and d failed: the retry starts at c (the lowest), and re-sends e, which had succeeded.
     assert_eq!(f.batches(), vec![b(&["a", "b", "c", "d", "e"]), b(&["c", "d", "e"])]);
     assert_eq!(f.log()[1]["seqs"][0], seqs[2]);
-    assert_eq!((s.partial_failures, s.retries, s.function_errors), (1, 1, 0));
+    assert_eq!((s.counts.partial_failures, s.counts.retries, s.counts.function_errors), (1, 1, 0));
 }
 
 #[tokio::test]
@@ -244,7 +244,7 @@ async fn without_report_batch_item_failures_a_partial_response_is_ignored() {
     f.put_ids(&[("a", none()), ("b", json!({"item_fail": 1}))]).await;
     let s = f.run(RawSettings { function_response_types: Some(String::new()), ..f.settings() }).await;
     assert_eq!(f.batches(), vec![b(&["a", "b"])]);
-    assert_eq!(s.retries, 0);
+    assert_eq!(s.counts.retries, 0);
 }
 
 #[tokio::test]
@@ -253,7 +253,7 @@ async fn an_empty_item_identifier_fails_the_whole_batch() {
     f.put_ids(&[("a", none()), ("b", json!({"bad_id": 1}))]).await;
     let s = f.run(f.settings()).await;
     assert_eq!(f.batches(), vec![b(&["a", "b"]), b(&["a", "b"])]);
-    assert_eq!((s.function_errors, s.retries), (1, 1));
+    assert_eq!((s.counts.function_errors, s.counts.retries), (1, 1));
 }
 
 #[tokio::test]
@@ -285,7 +285,7 @@ async fn errors_are_retried_then_the_batch_goes_to_the_sqs_destination() {
     assert_eq!(info["streamArn"], f.arn());
     assert!(info["approximateArrivalOfFirstRecord"].as_str().unwrap().ends_with('Z'));
     assert!(r.get("Records").is_none(), "SQS gets metadata only");
-    assert_eq!((s.to_destination, s.retries, s.function_errors), (2, 2, 3));
+    assert_eq!((s.counts.to_destination, s.counts.retries, s.counts.function_errors), (2, 2, 3));
 }
 
 #[tokio::test]
@@ -311,7 +311,7 @@ async fn bisect_isolates_the_bad_record_and_splits_use_no_retries() {
         (&info["startSequenceNumber"], &info["endSequenceNumber"], &info["batchSize"]),
         (&json!(seqs[2]), &json!(seqs[2]), &json!(1))
     );
-    assert_eq!((s.bisections, s.retries, s.to_destination), (2, 1, 1));
+    assert_eq!((s.counts.bisections, s.counts.retries, s.counts.to_destination), (2, 1, 1));
 }
 
 #[tokio::test]
@@ -320,7 +320,7 @@ async fn bisect_with_a_partial_response_retries_from_the_returned_record_without
     f.put_ids(&[("a", none()), ("b", json!({"item_fail": 1})), ("c", none()), ("d", none())]).await;
     let s = f.run(RawSettings { bisect: Some("true".into()), ..f.settings() }).await;
     assert_eq!(f.batches(), vec![b(&["a", "b", "c", "d"]), b(&["b", "c", "d"])]);
-    assert_eq!(s.bisections, 0);
+    assert_eq!(s.counts.bisections, 0);
 }
 
 #[tokio::test]
@@ -329,7 +329,7 @@ async fn timeouts_and_crashes_are_function_errors_and_retried() {
     f.put_ids(&[("a", json!({"timeout": 1})), ("b", json!({"crash": 1}))]).await;
     let s = f.run(RawSettings { batch_size: Some("1".into()), ..f.settings() }).await;
     assert_eq!(f.batches(), vec![b(&["a"]), b(&["a"]), b(&["b"]), b(&["b"])]);
-    assert_eq!((s.function_errors, s.retries), (2, 2));
+    assert_eq!((s.counts.function_errors, s.counts.retries), (2, 2));
 }
 
 #[tokio::test]
@@ -369,7 +369,7 @@ async fn records_older_than_the_maximum_age_are_not_invoked_but_reported() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["requestContext"]["condition"], "RecordAgeExceeded");
     assert_eq!(records[0]["requestContext"]["approximateInvokeCount"], 0);
-    assert_eq!(s.expired, 1);
+    assert_eq!(s.counts.expired, 1);
 }
 
 #[tokio::test]
@@ -396,7 +396,7 @@ async fn parallelization_keeps_order_per_partition_key_and_runs_lanes_at_once() 
     }
     // Every batch holds keys of one lane only; with 24 records and batches of 2 that is 12+ calls.
     assert_eq!(s.records_delivered, 24);
-    assert!(s.invocations >= 12);
+    assert!(s.counts.invocations >= 12);
     assert!(f.server.idle_pids(FUNCTION).len() > 1, "lanes ran at the same time (more than one sandbox)");
 }
 
@@ -437,7 +437,7 @@ async fn tumbling_windows_carry_state_and_end_with_a_final_invocation() {
     let w0 = log[0]["window"].as_str().unwrap();
     assert_eq!(log[2]["window"], w0);
     assert_ne!(log[3]["window"], w0);
-    assert_eq!(s.windows_final, 2);
+    assert_eq!(s.counts.windows_final, 2);
 }
 
 #[tokio::test]
@@ -468,7 +468,7 @@ async fn a_parent_shard_is_finished_before_its_children_start() {
     let mut ids: Vec<String> = f.batches()[1..].iter().flatten().cloned().collect();
     ids.sort();
     assert_eq!(ids, b(&["c0", "c1", "c2", "c3", "c4", "c5"]));
-    assert_eq!((s.shards_started, s.shards_finished), (3, 1));
+    assert_eq!((s.counts.shards_started, s.counts.shards_finished), (3, 1));
 }
 
 #[tokio::test]
@@ -547,8 +547,12 @@ async fn an_idle_shard_is_polled_about_once_a_second_not_five_times() {
     let (_tx, rx) = tokio::sync::watch::channel(false);
     let s = Runner::run(raw, options, Clients::from(&f.local), f.server.client(), rx).await.unwrap();
     // About 5 s idle: backing off 0.2, 0.4, 0.8, then 1 s apart is 6-9 calls; 5 a second would be 25+.
-    assert!((4..=12).contains(&s.get_records), "{} GetRecords calls in 5 s of an empty shard", s.get_records);
-    assert_eq!(s.empty_polls, s.get_records);
+    assert!(
+        (4..=12).contains(&s.counts.get_records),
+        "{} GetRecords calls in 5 s of an empty shard",
+        s.counts.get_records
+    );
+    assert_eq!(s.counts.empty_polls, s.counts.get_records);
 }
 
 /// The runner as a process: killed with SIGKILL mid-stream, then restarted on the same

@@ -97,7 +97,7 @@ async fn a_hundred_thousand_lines_roll_up_exactly_once() {
     // A second run over the same objects: nothing is sent again, the totals stand.
     let again = pipeline::run(config).await.unwrap();
     assert!(again.objects.iter().all(|o| o["outcome"] == "already_done"), "{:?}", again.objects);
-    assert_eq!(again.mapping.records_read, 0);
+    assert_eq!(again.mapping.counts.records_read, 0);
     again.check().unwrap();
 }
 
@@ -219,6 +219,6 @@ async fn tumbling_windows_roll_up_the_sample_data_exactly() {
     };
     let report = pipeline::run(config).await.unwrap();
     report.check().unwrap();
-    assert!(report.mapping.windows_final >= 1);
-    assert_eq!(report.outputs as u64, report.mapping.windows_final, "one output per window and shard");
+    assert!(report.mapping.counts.windows_final >= 1);
+    assert_eq!(report.outputs as u64, report.mapping.counts.windows_final, "one output per window and shard");
 }

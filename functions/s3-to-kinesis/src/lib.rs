@@ -121,6 +121,10 @@ pub mod faults {
     }
 
     impl<S: RecordSink> RecordSink for FaultInjectingSink<S> {
+        fn can_read_back(&self) -> bool {
+            self.inner.can_read_back()
+        }
+
         async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
             if self.fail_fraction <= 0.0 {
                 return self.inner.put_records(records).await;

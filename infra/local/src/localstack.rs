@@ -91,10 +91,10 @@ impl Local {
 
     /// Creates `stream` with `shards` shards if missing, waits until it is ACTIVE, returns its ARN.
     pub async fn ensure_stream(&self, stream: &str, shards: i32) -> Result<String, String> {
-        if let Err(e) = self.kinesis.create_stream().stream_name(stream).shard_count(shards).send().await {
-            if pushpull::aws::classify(&e) != pushpull::aws::SdkErrorKind::ResourceInUse {
-                return Err(format!("CreateStream {stream}: {}", pushpull::aws::describe(&e)));
-            }
+        if let Err(e) = self.kinesis.create_stream().stream_name(stream).shard_count(shards).send().await
+            && pushpull::aws::classify(&e) != pushpull::aws::SdkErrorKind::ResourceInUse
+        {
+            return Err(format!("CreateStream {stream}: {}", pushpull::aws::describe(&e)));
         }
         for _ in 0..200 {
             let d = self

@@ -301,7 +301,7 @@ enum Slot {
 /// Runs `handle(i)` for `i` in `0..keys.len()`: up to `options.concurrency()` keys at a time,
 /// each key's records in batch order. Catches panics; stops as `options` say; at the deadline,
 /// whatever has not finished is reported unprocessed.
-pub(crate) async fn run_concurrently<'k, F, Fut, E>(keys: &[&'k str], options: &Options, handle: F) -> Outcomes
+pub(crate) async fn run_concurrently<F, Fut, E>(keys: &[&str], options: &Options, handle: F) -> Outcomes
 where
     F: Fn(usize) -> Fut,
     Fut: Future<Output = Result<(), E>>,

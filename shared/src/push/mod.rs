@@ -365,10 +365,10 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
             }
             Err(e) => {
                 // End the lease so that the retry takes the object over at once.
-                if !matches!(e, ObjectError::Checkpoint(CheckpointError::Conflict { .. })) {
-                    if let Err(release) = self.leases.release(ev, &run.progress, &run.version).await {
-                        warn!(bucket = %ev.bucket, key = %ev.key, error = %release, "could not end the lease after a failure; a retry waits for it to run out");
-                    }
+                if !matches!(e, ObjectError::Checkpoint(CheckpointError::Conflict { .. }))
+                    && let Err(release) = self.leases.release(ev, &run.progress, &run.version).await
+                {
+                    warn!(bucket = %ev.bucket, key = %ev.key, error = %release, "could not end the lease after a failure; a retry waits for it to run out");
                 }
                 Err(err(e))
             }

@@ -434,7 +434,7 @@ mod tests {
             self.calls.fetch_add(1, AtomicOrdering::SeqCst);
             if self.fail_calls.load(AtomicOrdering::SeqCst) > 0 {
                 self.fail_calls.fetch_sub(1, AtomicOrdering::SeqCst);
-                return Err(SinkError { message: "ResourceNotFoundException: no stream".into(), retryable: false });
+                return Err(SinkError::new("ResourceNotFoundException: no stream", false));
             }
             let mut all = self.records.lock().unwrap();
             all.extend_from_slice(records);

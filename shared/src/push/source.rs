@@ -161,3 +161,36 @@ impl ObjectSource for S3Source {
         Ok(OpenedObject { body: Box::pin(body), content_gzip })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::s3_notification::S3Notification;
+
+    fn event(key: &str) -> ObjectEvent {
+        let payload = format!(
+            r#"{{"Records":[{{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{{"bucket":{{"name":"b"}},"object":{{"key":"{key}"}}}}}}]}}"#
+        );
+        match S3Notification::from_slice(payload.as_bytes()).unwrap() {
+            S3Notification::Records(mut r) => r.remove(0),
+            S3Notification::TestEvent { .. } => unreachable!(),
+        }
+    }
+
+    #[tokio::test]
+    async fn files_open_at_an_offset_and_missing_ones_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("b/in")).unwrap();
+        std::fs::write(dir.path().join("b/in/x.ndjson"), "line 1\nline 2\n").unwrap();
+        let source = FileSource::new(dir.path());
+        let mut opened = source.open(&event("in/x.ndjson"), 7).await.unwrap();
+        let mut rest = String::new();
+        opened.body.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, "line 2\n");
+        assert!(matches!(source.open(&event("in/x.ndjson"), 14).await, Err(SourceError::RangeNotSatisfiable)));
+        let gone = source.open(&event("in/nope"), 0).await.unwrap_err();
+        assert_eq!(gone.to_string(), "gone: NoSuchKey");
+    }
+}

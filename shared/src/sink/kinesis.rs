@@ -39,9 +39,9 @@ impl RecordSink for KinesisSink {
                 Some(t) => self.client.list_shards().next_token(t),
                 None => self.client.list_shards().stream_name(&self.stream_name),
             };
-            let page = req.send().await.map_err(|e| SinkError {
-                message: format!("ListShards {}: {}", self.stream_name, crate::aws::describe(&e)),
-                retryable: crate::aws::classify(&e).is_retryable(),
+            let page = req.send().await.map_err(|e| {
+                let message = format!("ListShards {}: {}", self.stream_name, crate::aws::describe(&e));
+                SinkError::new(message, crate::aws::classify(&e).is_retryable()).with_source(e)
             })?;
             shard_ids.extend(page.shards().iter().map(|s| s.shard_id().to_owned()));
             token = page.next_token().map(str::to_owned);
@@ -65,26 +65,26 @@ impl RecordSink for KinesisSink {
                     .partition_key(r.partition_key.as_str())
                     .data(aws_sdk_kinesis::primitives::Blob::new(r.data.to_vec()))
                     .build()
-                    .map_err(|e| SinkError { message: format!("line {}: {e}", r.line), retryable: false })
+                    .map_err(|e| SinkError::new(format!("line {}: {e}", r.line), false).with_source(e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let out =
             self.client.put_records().stream_name(&self.stream_name).set_records(Some(entries)).send().await.map_err(
-                |e| SinkError {
-                    message: format!("PutRecords to stream {}: {}", self.stream_name, crate::aws::describe(&e)),
-                    retryable: crate::aws::classify(&e).is_retryable(),
+                |e| {
+                    let message = format!("PutRecords to stream {}: {}", self.stream_name, crate::aws::describe(&e));
+                    SinkError::new(message, crate::aws::classify(&e).is_retryable()).with_source(e)
                 },
             )?;
         if out.records().len() != records.len() {
-            return Err(SinkError {
-                message: format!(
+            return Err(SinkError::new(
+                format!(
                     "PutRecords to stream {}: {} results for {} records",
                     self.stream_name,
                     out.records().len(),
                     records.len()
                 ),
-                retryable: true,
-            });
+                true,
+            ));
         }
         let mut outcome = PutOutcome::default();
         for (index, r) in out.records().iter().enumerate() {
@@ -111,9 +111,8 @@ impl KinesisSink {
         out: &mut Vec<WrittenRecord>,
     ) -> Result<(), SinkError> {
         use aws_sdk_kinesis::types::ShardIteratorType;
-        let fail = |op: &str, e: String| SinkError {
-            message: format!("{op} {}/{shard_id}: {e}", self.stream_name),
-            retryable: true,
+        let fail = |op: &str, e: &dyn std::fmt::Display, retryable: bool| {
+            SinkError::new(format!("{op} {}/{shard_id}: {e}", self.stream_name), retryable)
         };
         let mut req = self.client.get_shard_iterator().stream_name(&self.stream_name).shard_id(shard_id);
         req = match after {
@@ -122,17 +121,14 @@ impl KinesisSink {
                 .shard_iterator_type(ShardIteratorType::AtTimestamp)
                 .timestamp(aws_smithy_types::DateTime::from_millis(since_ms as i64)),
         };
-        let it = req.send().await.map_err(|e| fail("GetShardIterator", crate::aws::describe(&e)))?;
+        let it = req.send().await.map_err(|e| {
+            fail("GetShardIterator", &crate::aws::describe(&e), crate::aws::classify(&e).is_retryable()).with_source(e)
+        })?;
         let mut iterator = it.shard_iterator().map(str::to_owned);
         while let Some(current) = iterator.take() {
-            let page = self
-                .client
-                .get_records()
-                .shard_iterator(current)
-                .limit(10_000)
-                .send()
-                .await
-                .map_err(|e| fail("GetRecords", crate::aws::describe(&e)))?;
+            let page = self.client.get_records().shard_iterator(current).limit(10_000).send().await.map_err(|e| {
+                fail("GetRecords", &crate::aws::describe(&e), crate::aws::classify(&e).is_retryable()).with_source(e)
+            })?;
             let mut past_window = false;
             for r in page.records() {
                 let arrival = r.approximate_arrival_timestamp().map_or(0, |t| t.to_millis().unwrap_or(0).max(0) as u64);

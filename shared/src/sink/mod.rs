@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::backoff::Backoff;
 use crate::batch::ByteSize;
 use crate::sequence::SequenceNumber;
 
@@ -113,14 +114,30 @@ pub struct WrittenRecord {
     pub data: Bytes,
 }
 
-/// A whole PutRecords call failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// A whole call to the sink failed.
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct SinkError {
-    /// What the service or transport said.
+    /// What the service or transport said, with the operation and the stream.
     pub message: String,
     /// Whether the same call may succeed later (throttling, network, 5xx).
     pub retryable: bool,
+    /// The underlying error (the SDK's), when there is one.
+    #[source]
+    pub source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl SinkError {
+    /// A failure described by `message`.
+    pub fn new(message: impl Into<String>, retryable: bool) -> Self {
+        SinkError { message: message.into(), retryable, source: None }
+    }
+
+    /// The same, keeping `source` as its cause.
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(std::sync::Arc::new(source));
+        self
+    }
 }
 
 /// Where batches of records go.
@@ -215,8 +232,7 @@ pub enum ProduceError {
 pub struct Producer<S> {
     sink: S,
     max_attempts: u32,
-    base_delay: Duration,
-    max_delay: Duration,
+    backoff: Backoff,
 }
 
 impl<S: RecordSink> Producer<S> {
@@ -226,26 +242,19 @@ impl<S: RecordSink> Producer<S> {
         Producer {
             sink,
             max_attempts: max_attempts.max(1),
-            base_delay: Duration::from_millis(50),
-            max_delay: Duration::from_secs(5),
+            backoff: Backoff::new(Duration::from_millis(50), Duration::from_secs(5)).with_jitter(),
         }
     }
 
     /// Changes the backoff's first delay and cap.
     pub fn with_backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.base_delay = base;
-        self.max_delay = max.max(base);
+        self.backoff = Backoff::new(base, max).with_jitter();
         self
     }
 
     /// The sink records go to.
     pub fn sink(&self) -> &S {
         &self.sink
-    }
-
-    fn delay(&self, retry: u32) -> Duration {
-        let exp = self.base_delay.saturating_mul(1u32 << retry.min(16)).min(self.max_delay);
-        exp.mul_f64(0.5 + fastrand::f64() / 2.0)
     }
 
     /// Sends one batch (at most one PutRecords call's worth) until every record is written.
@@ -299,7 +308,7 @@ impl<S: RecordSink> Producer<S> {
             }
             tracing::warn!(failed = pending.len(), attempt, code, message, "PutRecords entries failed; resending them");
             report.resent += pending.len();
-            tokio::time::sleep(self.delay(attempt - 1)).await;
+            tokio::time::sleep(self.backoff.delay(attempt - 1)).await;
         }
         report.records = total;
         Ok(report)
@@ -375,7 +384,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn non_retryable_call_errors_stop_at_once() {
-        let e = SinkError { message: "ResourceNotFoundException: no stream".into(), retryable: false };
+        let e = SinkError::new("ResourceNotFoundException: no stream", false);
         let sink = Scripted { fail: vec![], times: 0, seen: Default::default(), call_error: Some(e) };
         let p = Producer::new(sink, 5);
         let err = p.send(recs(2)).await.unwrap_err();
@@ -388,7 +397,7 @@ mod tests {
         let sink = Scripted { fail: vec![], times: 0, seen: Default::default(), call_error: None };
         let p = Producer::new(sink, 5).with_backoff(Duration::from_millis(100), Duration::from_secs(1));
         for (retry, (lo, hi)) in [(0, (50, 100)), (1, (100, 200)), (3, (400, 800)), (10, (500, 1000))] {
-            let d = p.delay(retry).as_millis() as u64;
+            let d = p.backoff.delay(retry).as_millis() as u64;
             assert!((lo..=hi).contains(&d), "retry {retry}: {d} ms");
         }
     }

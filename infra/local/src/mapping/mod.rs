@@ -135,43 +135,14 @@ pub(crate) fn now_unix() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Counters kept while running.
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    shards_started: u64,
-    shards_finished: u64,
-    get_records: u64,
-    empty_polls: u64,
-    records_read: u64,
-    invocations: u64,
-    batches: u64,
-    batch_records: u64,
-    batch_size_min: u32,
-    batch_size_max: u32,
-    function_errors: u64,
-    partial_failures: u64,
-    retries: u64,
-    bisections: u64,
-    throttles: u64,
-    to_destination: u64,
-    expired: u64,
-    discarded: u64,
-    windows_final: u64,
-    iterator_age_ms_max: f64,
-    iterator_age_ms_last: f64,
-    pub(crate) delays: Delays,
-    /// When the last invocation ended, from the start of the run.
-    last_invoke_end: Duration,
-}
-
-/// What the mapping did: printed at the end of a run, and returned to tests.
+/// The mapping's counters: kept while running (in [`Stats`]) and reported (in [`Summary`]).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Summary {
-    /// Shards read from / read to their end.
+pub struct Counts {
+    /// Shards read from.
     pub shards_started: u64,
     /// Shards finished (closed and fully processed).
     pub shards_finished: u64,
-    /// GetRecords calls, and how many returned nothing.
+    /// GetRecords calls.
     pub get_records: u64,
     /// GetRecords calls that returned nothing.
     pub empty_polls: u64,
@@ -179,12 +150,8 @@ pub struct Summary {
     pub records_read: u64,
     /// Invocations (with retries and final window invocations).
     pub invocations: u64,
-    /// Records handed to the function on their first delivery.
-    pub records_delivered: u64,
-    /// Batch sizes: smallest, mean, largest.
+    /// Smallest batch.
     pub batch_size_min: u32,
-    /// Mean batch size.
-    pub batch_size_mean: f64,
     /// Largest batch.
     pub batch_size_max: u32,
     /// Whole-batch failures (function errors, timeouts, crashes, unusable responses).
@@ -205,10 +172,33 @@ pub struct Summary {
     pub discarded: u64,
     /// Final invocations of tumbling windows.
     pub windows_final: u64,
-    /// Iterator age (ms): the largest seen, and at the last batch.
+    /// Iterator age (ms): the largest seen.
     pub iterator_age_ms_max: f64,
     /// Iterator age at the last batch.
     pub iterator_age_ms_last: f64,
+}
+
+/// Counters kept while running.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) counts: Counts,
+    batches: u64,
+    batch_records: u64,
+    pub(crate) delays: Delays,
+    /// When the last invocation ended, from the start of the run.
+    pub(crate) last_invoke_end: Duration,
+}
+
+/// What the mapping did: printed at the end of a run, and returned to tests.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Summary {
+    /// The counters.
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Records handed to the function on their first delivery.
+    pub records_delivered: u64,
+    /// Mean batch size.
+    pub batch_size_mean: f64,
     /// Delay from a record's arrival in the stream to its first invocation, percentiles (ms, to 3
     /// significant digits).
     pub delay_ms_p50: f64,
@@ -261,8 +251,9 @@ impl Delays {
 
 impl Stats {
     pub(crate) fn batch(&mut self, size: u32) {
-        self.batch_size_min = if self.batches == 0 { size } else { self.batch_size_min.min(size) };
-        self.batch_size_max = self.batch_size_max.max(size);
+        let c = &mut self.counts;
+        c.batch_size_min = if self.batches == 0 { size } else { c.batch_size_min.min(size) };
+        c.batch_size_max = c.batch_size_max.max(size);
         self.batches += 1;
         self.batch_records += u64::from(size);
     }
@@ -270,27 +261,9 @@ impl Stats {
     fn summary(&self) -> Summary {
         let d = &self.delays;
         Summary {
-            shards_started: self.shards_started,
-            shards_finished: self.shards_finished,
-            get_records: self.get_records,
-            empty_polls: self.empty_polls,
-            records_read: self.records_read,
-            invocations: self.invocations,
+            counts: self.counts.clone(),
             records_delivered: d.count(),
-            batch_size_min: self.batch_size_min,
             batch_size_mean: if self.batches == 0 { 0.0 } else { self.batch_records as f64 / self.batches as f64 },
-            batch_size_max: self.batch_size_max,
-            function_errors: self.function_errors,
-            partial_failures: self.partial_failures,
-            retries: self.retries,
-            bisections: self.bisections,
-            throttles: self.throttles,
-            to_destination: self.to_destination,
-            expired: self.expired,
-            discarded: self.discarded,
-            windows_final: self.windows_final,
-            iterator_age_ms_max: self.iterator_age_ms_max,
-            iterator_age_ms_last: self.iterator_age_ms_last,
             delay_ms_p50: d.quantile_ms(0.5),
             delay_ms_p95: d.quantile_ms(0.95),
             delay_ms_p99: d.quantile_ms(0.99),
@@ -302,32 +275,44 @@ impl Stats {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "  shards           {} read, {} finished", self.shards_started, self.shards_finished)?;
+        writeln!(
+            f,
+            "  shards           {} read, {} finished",
+            self.counts.shards_started, self.counts.shards_finished
+        )?;
         writeln!(
             f,
             "  GetRecords       {} calls ({} empty), {} records",
-            self.get_records, self.empty_polls, self.records_read
+            self.counts.get_records, self.counts.empty_polls, self.counts.records_read
         )?;
         writeln!(
             f,
             "  invocations      {} for {} records; batch size min {} mean {:.1} max {}",
-            self.invocations, self.records_delivered, self.batch_size_min, self.batch_size_mean, self.batch_size_max
+            self.counts.invocations,
+            self.records_delivered,
+            self.counts.batch_size_min,
+            self.batch_size_mean,
+            self.counts.batch_size_max
         )?;
         writeln!(
             f,
             "  failures         {} function errors, {} partial, {} retries, {} bisections, {} throttles",
-            self.function_errors, self.partial_failures, self.retries, self.bisections, self.throttles
+            self.counts.function_errors,
+            self.counts.partial_failures,
+            self.counts.retries,
+            self.counts.bisections,
+            self.counts.throttles
         )?;
         writeln!(
             f,
             "  given up         {} to the failure destination, {} expired, {} discarded",
-            self.to_destination, self.expired, self.discarded
+            self.counts.to_destination, self.counts.expired, self.counts.discarded
         )?;
-        writeln!(f, "  windows          {} final invocations", self.windows_final)?;
+        writeln!(f, "  windows          {} final invocations", self.counts.windows_final)?;
         writeln!(
             f,
             "  iterator age     max {:.0} ms, last {:.0} ms",
-            self.iterator_age_ms_max, self.iterator_age_ms_last
+            self.counts.iterator_age_ms_max, self.counts.iterator_age_ms_last
         )?;
         write!(
             f,
@@ -388,7 +373,7 @@ impl RunningMapping {
     /// sorts every delay).
     pub fn progress(&self) -> (u64, u64) {
         let s = self.ctx.stats();
-        (s.records_read, s.invocations)
+        (s.counts.records_read, s.counts.invocations)
     }
 
     /// Nothing read is left undone and no tumbling window is open.
@@ -588,7 +573,7 @@ impl Runner {
                         p => p,
                     };
                     running.insert(s.id.clone());
-                    ctx.stats().shards_started += 1;
+                    ctx.stats().counts.shards_started += 1;
                     let (ctx2, id) = (ctx.clone(), s.id.clone());
                     tasks.spawn(async move {
                         let r = shard::run(ctx2, id.clone(), progress, start).await;
@@ -604,7 +589,7 @@ impl Runner {
                         info!(shard_id = %id, "shard finished");
                         running.remove(&id);
                         finished.insert(id);
-                        ctx.stats().shards_finished += 1;
+                        ctx.stats().counts.shards_finished += 1;
                         evaluate = true;
                     }
                     Some(Ok((id, Err(e)))) => {

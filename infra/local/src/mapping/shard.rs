@@ -180,10 +180,10 @@ async fn read(
         let n = out.records().len();
         {
             let mut s = ctx.stats();
-            s.get_records += 1;
-            s.records_read += n as u64;
+            s.counts.get_records += 1;
+            s.counts.records_read += n as u64;
             if n == 0 {
-                s.empty_polls += 1;
+                s.counts.empty_polls += 1;
             }
         }
         if n > 0 {
@@ -380,7 +380,7 @@ impl Lane {
 
     fn backoff(&self, retries: i64) -> Duration {
         let o = &self.ctx.options;
-        o.retry_backoff.saturating_mul(1u32 << retries.clamp(0, 16) as u32).min(o.max_retry_backoff)
+        pushpull::backoff::Backoff::new(o.retry_backoff, o.max_retry_backoff).delay(retries.clamp(0, 16) as u32)
     }
 
     fn event(&self, records: &[Rec], window: Option<(&Window, bool, bool)>) -> String {
@@ -402,14 +402,14 @@ impl Lane {
             match self.ctx.invoker.invoke(&self.ctx.settings.function_name, payload.clone()).await {
                 Ok(i) => {
                     let mut s = self.ctx.stats();
-                    s.invocations += 1;
+                    s.counts.invocations += 1;
                     s.last_invoke_end = self.ctx.started.elapsed();
                     drop(s);
                     self.ctx.touch();
                     return Ok(i);
                 }
                 Err(e) if e.is_throttle() => {
-                    self.ctx.stats().throttles += 1;
+                    self.ctx.stats().counts.throttles += 1;
                     throttled += 1;
                     warn!(shard_id = %self.shard, error = %e, "invoke throttled or unreachable; retrying");
                     tokio::time::sleep(self.backoff(throttled)).await;
@@ -463,13 +463,13 @@ impl Lane {
                 warn!(shard_id = %self.shard, first, last = last_seq, count = records.len(), condition = condition.as_str(), destination = at, "records sent to the failure destination");
                 let mut s = self.ctx.stats();
                 match condition {
-                    Condition::RecordAgeExceeded => s.expired += records.len() as u64,
-                    Condition::RetryAttemptsExhausted => s.to_destination += records.len() as u64,
+                    Condition::RecordAgeExceeded => s.counts.expired += records.len() as u64,
+                    Condition::RetryAttemptsExhausted => s.counts.to_destination += records.len() as u64,
                 }
             }
             None => {
                 warn!(shard_id = %self.shard, first, last = last_seq, count = records.len(), condition = condition.as_str(), "records given up with no failure destination: discarded");
-                self.ctx.stats().discarded += records.len() as u64;
+                self.ctx.stats().counts.discarded += records.len() as u64;
             }
         }
         self.done(records).await
@@ -525,7 +525,7 @@ impl Lane {
                     self.done(&p.records).await?;
                 }
                 Verdict::RetryFrom { index, state } => {
-                    self.ctx.stats().partial_failures += 1;
+                    self.ctx.stats().counts.partial_failures += 1;
                     self.set_state(state);
                     let ok: Vec<Rec> = p.records.drain(..index).collect();
                     self.done(&ok).await?;
@@ -534,11 +534,11 @@ impl Lane {
                     self.retry_or_give_up(p, &mut queue, &invoked.request_id, None).await?;
                 }
                 Verdict::Failed { reason, function_error } => {
-                    self.ctx.stats().function_errors += 1;
+                    self.ctx.stats().counts.function_errors += 1;
                     warn!(shard_id = %self.shard, first = %p.records[0].sequence_number, records = p.records.len(), retries = p.retries, reason, "batch failed");
                     if settings.bisect_on_error && p.records.len() > 1 {
                         // Splitting does not use up a retry.
-                        self.ctx.stats().bisections += 1;
+                        self.ctx.stats().counts.bisections += 1;
                         let second = p.records.split_off(p.records.len() / 2);
                         queue.push_front(Pending {
                             records: second,
@@ -578,7 +578,7 @@ impl Lane {
         }
         tokio::time::sleep(self.backoff(p.retries)).await;
         p.retries += 1;
-        self.ctx.stats().retries += 1;
+        self.ctx.stats().counts.retries += 1;
         queue.push_front(p);
         Ok(())
     }
@@ -595,8 +595,8 @@ impl Lane {
         if let Some(last) = records.last() {
             let age = ((now_unix() - last.arrival) * 1000.0).max(0.0);
             let mut s = self.ctx.stats();
-            s.iterator_age_ms_last = age;
-            s.iterator_age_ms_max = s.iterator_age_ms_max.max(age);
+            s.counts.iterator_age_ms_last = age;
+            s.counts.iterator_age_ms_max = s.counts.iterator_age_ms_max.max(age);
         }
     }
 
@@ -612,16 +612,16 @@ impl Lane {
             match judge(&invoked.answer, &[], self.ctx.settings.report_batch_item_failures, true) {
                 Verdict::Success { .. } => break,
                 other => {
-                    self.ctx.stats().function_errors += 1;
+                    self.ctx.stats().counts.function_errors += 1;
                     warn!(shard_id = %self.shard, window = start, verdict = ?other, "final window invocation failed; the shard waits and retries");
                     tokio::time::sleep(self.backoff(failures)).await;
                     failures += 1;
-                    self.ctx.stats().retries += 1;
+                    self.ctx.stats().counts.retries += 1;
                 }
             }
         }
         info!(shard_id = %self.shard, window = start, early, "window final invocation done");
-        self.ctx.stats().windows_final += 1;
+        self.ctx.stats().counts.windows_final += 1;
         self.window = None;
         self.ctx.open_windows.fetch_sub(1, Ordering::SeqCst);
         let mut p = self.progress.lock().await;
