@@ -186,11 +186,18 @@ impl<T: ByteSize> Batcher<T> {
     }
 
     /// Batches sealed and not yet taken.
-    fn sealed_len(&self) -> usize {
+    pub fn ready_len(&self) -> usize {
         self.sealed.len()
     }
 
-    fn seal(&mut self) {
+    /// The oldest item buffered (of the oldest sealed batch, else of the open one).
+    pub fn peek(&self) -> Option<&T> {
+        self.sealed.front().and_then(|b| b.first()).or_else(|| self.open.first())
+    }
+
+    /// Closes the open batch now, at a boundary the caller knows of (a new tumbling window, a new
+    /// file); it waits in [`Batcher::ready`] and the next item opens a new batch.
+    pub fn seal(&mut self) {
         if !self.open.is_empty() {
             self.sealed.push_back(std::mem::take(&mut self.open));
             self.open_bytes = 0;
@@ -347,7 +354,7 @@ impl<T: ByteSize> KeyOrderedBatcher<T> {
     /// back fill the next open batch. Call until `None` to drain everything.
     pub fn flush(&mut self) -> Option<Vec<T>> {
         // Nothing waits while the open batch is empty (see `refill`), so one seal is enough.
-        if self.batcher.sealed_len() == 0 {
+        if self.batcher.ready_len() == 0 {
             self.seal_and_refill();
         }
         self.batcher.ready()
@@ -376,10 +383,10 @@ impl<T: ByteSize> KeyOrderedBatcher<T> {
 
     /// Puts an item in the open batch; true if that sealed a batch (before or after the item).
     fn add_open(&mut self, key: Option<u64>, item: T) -> bool {
-        let sealed_before = self.batcher.sealed_len();
+        let sealed_before = self.batcher.ready_len();
         // Cannot be oversized: `push` checked.
         let _ = self.batcher.push(item);
-        let sealed = self.batcher.sealed_len() > sealed_before;
+        let sealed = self.batcher.ready_len() > sealed_before;
         if sealed {
             self.open_keys.clear();
         }
@@ -533,6 +540,20 @@ mod tests {
         assert_eq!(b.flush().unwrap(), ["eeee"]);
         assert!(b.is_empty());
         assert_eq!(b.flush(), None);
+    }
+
+    #[test]
+    fn a_boundary_seals_the_open_batch_and_peek_sees_the_oldest_item() {
+        let mut b = Batcher::new(cfg(10, 100, 0));
+        assert_eq!(b.peek(), None);
+        b.push("w1-a".to_string()).unwrap();
+        b.seal();
+        b.seal(); // nothing open: nothing more sealed
+        b.push("w2-a".to_string()).unwrap();
+        assert_eq!((b.ready_len(), b.peek().map(String::as_str)), (1, Some("w1-a")));
+        assert_eq!(b.ready().unwrap(), ["w1-a"]);
+        assert_eq!(b.peek().map(String::as_str), Some("w2-a"));
+        assert_eq!(b.flush().unwrap(), ["w2-a"]);
     }
 
     #[test]

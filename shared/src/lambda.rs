@@ -168,6 +168,28 @@ fn log_result(result: &crate::pull::BatchResult) {
     );
 }
 
+/// Runs `process` for every invocation: the payload, the invocation, and `options` for it (with
+/// the deadline set); answers its result's partial batch response.
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb"))]
+async fn run_batches<P, Fut>(options: crate::pull::Options, process: P) -> Result<(), lambda_runtime::Error>
+where
+    P: Fn(Bytes, crate::invocation::Invocation, crate::pull::Options) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<crate::pull::BatchResult, BatchError>> + Send + 'static,
+{
+    let process = Arc::new(process);
+    run_raw(move |body: Bytes, context: Context| {
+        let process = process.clone();
+        async move {
+            let invocation = crate::invocation::Invocation::from_context(&context);
+            let options = options.for_invocation(&invocation);
+            let result = process(body, invocation, options).await?;
+            log_result(&result);
+            Ok::<_, BatchError>(result.response())
+        }
+    })
+    .await
+}
+
 /// A Kinesis function in one closure: every record of every batch goes to `handler` with the
 /// invocation (request id, time left, Lambda context), as [`crate::pull::Options`] say; the
 /// function answers the partial batch response.
@@ -198,17 +220,13 @@ where
     E: std::fmt::Display,
 {
     let handler = Arc::new(handler);
-    run_raw(move |body: Bytes, context: Context| {
+    run_batches(options, move |body, invocation, options| {
         let handler = handler.clone();
         async move {
-            let invocation = crate::invocation::Invocation::from_context(&context);
             let event = crate::kinesis_event::KinesisEvent::from_slice(&body).map_err(batch_error)?;
-            let options = options.for_invocation(&invocation);
-            let result = crate::pull::kinesis::process_async(&event, options, |r| handler(r, invocation.clone()))
+            crate::pull::kinesis::process_async(&event, options, |r| handler(r, invocation.clone()))
                 .await
-                .map_err(batch_error)?;
-            log_result(&result);
-            Ok::<_, BatchError>(result.response())
+                .map_err(batch_error)
         }
     })
     .await
@@ -224,15 +242,11 @@ where
     E: std::fmt::Display,
 {
     let handler = Arc::new(handler);
-    run_raw(move |body: Bytes, context: Context| {
+    run_batches(options, move |body, invocation, options| {
         let handler = handler.clone();
         async move {
-            let invocation = crate::invocation::Invocation::from_context(&context);
             let event = crate::pull::sqs::SqsEvent::from_slice(&body).map_err(batch_error)?;
-            let options = options.for_invocation(&invocation);
-            let result = crate::pull::sqs::process_async(&event, options, |m| handler(m, invocation.clone())).await;
-            log_result(&result);
-            Ok::<_, BatchError>(result.response())
+            Ok(crate::pull::sqs::process_async(&event, options, |m| handler(m, invocation.clone())).await)
         }
     })
     .await
@@ -247,17 +261,13 @@ where
     E: std::fmt::Display,
 {
     let handler = Arc::new(handler);
-    run_raw(move |body: Bytes, context: Context| {
+    run_batches(options, move |body, invocation, options| {
         let handler = handler.clone();
         async move {
-            let invocation = crate::invocation::Invocation::from_context(&context);
             let event = crate::pull::dynamodb::DynamoDbEvent::from_slice(&body).map_err(batch_error)?;
-            let options = options.for_invocation(&invocation);
-            let result = crate::pull::dynamodb::process_async(&event, options, |r| handler(r, invocation.clone()))
+            crate::pull::dynamodb::process_async(&event, options, |r| handler(r, invocation.clone()))
                 .await
-                .map_err(batch_error)?;
-            log_result(&result);
-            Ok::<_, BatchError>(result.response())
+                .map_err(batch_error)
         }
     })
     .await

@@ -1,5 +1,6 @@
 //! One shard: a reader polling GetRecords, and the lanes that batch and invoke.
 use pushpull::aws::SdkErrorKind;
+use pushpull::batch::{BatchConfig, Batcher, ByteSize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -267,6 +268,19 @@ struct Window {
     early: bool,
 }
 
+/// A record with its size in the event and its tumbling window, for the batcher.
+struct Sized {
+    rec: Rec,
+    len: usize,
+    window: Option<i64>,
+}
+
+impl ByteSize for Sized {
+    fn byte_size(&self) -> usize {
+        self.len
+    }
+}
+
 struct Lane {
     ctx: Arc<Ctx>,
     shard: Arc<str>,
@@ -296,14 +310,18 @@ impl Lane {
             self.open_window(w.start, t.as_secs() as i64, w.state);
         }
         let settings = self.ctx.settings.clone();
-        let cap = MAX_PAYLOAD - ENVELOPE;
-        let mut buf: VecDeque<Rec> = VecDeque::new();
-        let mut buf_bytes = 0usize;
+        // Batches close at BatchSize, at the payload limit, and at a tumbling-window boundary. The
+        // batching window is timed here, not by the batcher: for streams it starts when the
+        // previous invocation ends, not when the first record arrives.
+        let config = BatchConfig::new(settings.batch_size as usize, MAX_PAYLOAD - ENVELOPE, settings.batching_window)
+            .map_err(|e| MappingError::Kinesis(format!("batch settings: {e}")))?;
+        let mut buf: Batcher<Sized> = Batcher::new(config);
+        let mut last_window = None;
         let mut ended = false;
         let mut opened = Instant::now();
         loop {
             if let Some(w) = &self.window {
-                let later = buf.front().is_some_and(|r| self.window_of(r) != Some(w.start));
+                let later = buf.peek().is_some_and(|r| r.window != Some(w.start));
                 let reader_past_end = self.status.borrow().caught_up_at >= w.end as f64;
                 let over = buf.is_empty() && self.rx.is_empty() && reader_past_end;
                 if later || over || w.early || (ended && buf.is_empty()) {
@@ -315,16 +333,11 @@ impl Lane {
             if ended && buf.is_empty() {
                 return Ok(());
             }
-            let full = buf.len() >= settings.batch_size as usize || buf_bytes >= cap;
-            let boundary = buf.front().and_then(|f| {
-                let w = self.window_of(f)?;
-                Some(buf.iter().any(|r| self.window_of(r) != Some(w)))
-            });
-            let due =
-                !buf.is_empty() && (opened.elapsed() >= settings.batching_window || ended || boundary == Some(true));
+            let full = buf.ready_len() > 0;
+            let due = !buf.is_empty() && (opened.elapsed() >= settings.batching_window || ended);
             if full || due {
-                let batch = self.take(&mut buf, &mut buf_bytes);
-                self.deliver(batch).await?;
+                let batch = buf.ready().or_else(|| buf.flush()).unwrap_or_default();
+                self.deliver(batch.into_iter().map(|s| s.rec).collect()).await?;
                 opened = Instant::now();
                 continue;
             }
@@ -332,10 +345,7 @@ impl Lane {
             let watching_window = self.window.is_some() && buf.is_empty();
             tokio::select! {
                 msg = self.rx.recv(), if !ended => match msg {
-                    Some(v) => {
-                        buf_bytes += v.iter().map(|r| r.encoded_len(&settings.stream_arn)).sum::<usize>();
-                        buf.extend(v);
-                    }
+                    Some(v) => self.buffer(&mut buf, &mut last_window, v).await?,
                     None => ended = true,
                 },
                 _ = tokio::time::sleep_until(batch_deadline.into()), if !buf.is_empty() => {}
@@ -344,33 +354,37 @@ impl Lane {
             if settings.batching_window.is_zero() {
                 // No window: take whatever is already waiting, without blocking.
                 while let Ok(v) = self.rx.try_recv() {
-                    buf_bytes += v.iter().map(|r| r.encoded_len(&settings.stream_arn)).sum::<usize>();
-                    buf.extend(v);
+                    self.buffer(&mut buf, &mut last_window, v).await?;
                 }
             }
         }
     }
 
-    /// The next batch: up to BatchSize records, within the payload limit, of one tumbling window.
-    fn take(&self, buf: &mut VecDeque<Rec>, buf_bytes: &mut usize) -> Vec<Rec> {
-        let arn = &self.ctx.settings.stream_arn;
-        let first_window = buf.front().and_then(|r| self.window_of(r));
-        let (mut n, mut bytes) = (0usize, ENVELOPE);
-        while n < buf.len() && n < self.ctx.settings.batch_size as usize {
-            let r = &buf[n];
-            if first_window.is_some() && self.window_of(r) != first_window {
-                break;
+    /// Adds records to the batcher, closing the open batch where a tumbling window ends.
+    async fn buffer(
+        &mut self,
+        buf: &mut Batcher<Sized>,
+        last_window: &mut Option<i64>,
+        records: Vec<Rec>,
+    ) -> Result<(), MappingError> {
+        let ctx = self.ctx.clone();
+        for rec in records {
+            let window = self.window_of(&rec);
+            if window != *last_window {
+                buf.seal();
+                *last_window = window;
             }
-            let len = r.encoded_len(arn);
-            if n > 0 && bytes + len > MAX_PAYLOAD {
-                break;
+            let len = rec.encoded_len(&ctx.settings.stream_arn);
+            if let Err(too_big) = buf.push(Sized { rec, len, window }) {
+                // Cannot happen with Kinesis's 1 MiB records; delivered alone if it does.
+                buf.seal();
+                while let Some(batch) = buf.ready() {
+                    self.deliver(batch.into_iter().map(|s| s.rec).collect()).await?;
+                }
+                self.deliver(vec![too_big.item.rec]).await?;
             }
-            bytes += len;
-            n += 1;
         }
-        let batch: Vec<Rec> = buf.drain(..n).collect();
-        *buf_bytes = buf_bytes.saturating_sub(bytes - ENVELOPE);
-        batch
+        Ok(())
     }
 
     fn open_window(&mut self, start: i64, len: i64, state: HashMap<String, String>) {
