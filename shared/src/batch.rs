@@ -69,6 +69,7 @@ pub struct BatchConfig {
 
 /// A [`BatchConfig`] that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum BatchConfigError {
     /// `max_events` was zero.
     #[error("max_events must be at least 1")]

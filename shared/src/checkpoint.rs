@@ -64,6 +64,7 @@ impl CheckpointStore for Store {
 
 /// A checkpoint operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CheckpointError {
     /// Someone else wrote the checkpoint first (it exists, or changed since it was read).
     #[error("checkpoint {uri} was written by someone else first")]

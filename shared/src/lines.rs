@@ -46,6 +46,7 @@ pub struct Line {
 
 /// What the codec yields.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Frame {
     /// A line within the length limit (possibly empty).
     Line(Line),
@@ -219,6 +220,7 @@ impl Decoder for LineCodec {
 
 /// A frame of a [`LineBlock`]: where the line lies in the block, or that it was too long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum BlockFrame {
     /// A line within the length limit: `block.bytes[start..end]`, without its terminator.
     Line {

@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 
 /// Why a line is not a record.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LineError {
     /// Not UTF-8.
     #[error("not UTF-8 (invalid byte at offset {at} of the line)")]

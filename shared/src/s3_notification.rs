@@ -25,6 +25,7 @@ use serde::Deserialize;
 
 /// Why a payload is not a usable S3 notification.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum NotificationError {
     /// The payload is not JSON of the expected shape.
     #[error("not an S3 notification: {0}")]
@@ -87,6 +88,7 @@ pub fn decode_key(raw: &str) -> Result<String, KeyDecodeError> {
 
 /// What an S3 event is about, reduced to what a consumer acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EventKind {
     /// `ObjectCreated:*` (Put, Post, Copy, CompleteMultipartUpload): process the object.
     ObjectCreated,
@@ -188,6 +190,7 @@ impl fmt::Display for ObjectEvent {
 
 /// An S3 notification payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum S3Notification {
     /// `{"Service":"Amazon S3","Event":"s3:TestEvent",...}`: sent once when notifications are
     /// configured. Acknowledge it and do nothing.

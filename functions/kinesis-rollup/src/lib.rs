@@ -65,6 +65,7 @@ pub use sum::{SUM_SCALE, Sum};
 
 /// Why an invocation failed as a whole (the mapping retries it).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RollupError {
     /// A failure injected on purpose (`PUSHPULL_INJECT_FAILURES`, feature `fault-injection`).
     #[cfg(feature = "fault-injection")]
@@ -214,6 +215,7 @@ impl Rollup {
 /// What the function answers: the partial batch response, or with windows the state as well.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
+#[non_exhaustive]
 pub enum Response {
     /// Without tumbling windows.
     Batch(BatchResponse),
@@ -625,5 +627,35 @@ mod tests {
                 assert_eq!(g.sum, Sum(i128::from(g.count) * 1_500_000_000));
             }
         }
+    }
+
+    #[tokio::test]
+    async fn records_without_the_group_field_are_counted_under_a_null_key() {
+        use base64::Engine as _;
+        let dir = tempfile::tempdir().unwrap();
+        let settings =
+            RollupSettings::from_env(pushpull::config::Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap();
+        let h = RollupHandler::new(settings, Store::file(dir.path().join("out")), Store::file(dir.path().join("cp")));
+        let lines = [r#"{"user":"a"}"#, r#"{"other":1}"#, r#"{"user":null}"#, r#"{"user":""}"#];
+        let records: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let n = i + 1;
+                let data = base64::engine::general_purpose::STANDARD.encode(l);
+                format!(
+                    r#"{{"kinesis":{{"partitionKey":"p","sequenceNumber":"{n}","data":"{data}","approximateArrivalTimestamp":1}},"eventID":"shardId-0:{n}","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/s"}}"#
+                )
+            })
+            .collect();
+        let payload = format!(r#"{{"Records":[{}]}}"#, records.join(","));
+        h.handle(payload.as_bytes()).await.unwrap();
+        let out = std::fs::read_to_string(dir.path().join("out/s/shardId-0/1.ndjson")).unwrap();
+        let keys: Vec<(serde_json::Value, u64)> = out
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|v| (v["key"].clone(), v["count"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(keys, [(serde_json::Value::Null, 2), ("".into(), 1), ("a".into(), 1)], "{out}");
     }
 }

@@ -82,6 +82,7 @@ pub struct ObjectProgress {
 
 /// What a claim found.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Claim {
     /// The object was already completely processed.
     Done(ObjectProgress),

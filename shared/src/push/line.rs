@@ -96,10 +96,88 @@ impl<'a> Line<'a> {
     }
 }
 
-/// Makes records of lines.
+/// How an object is cut into what the handler sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Framing {
+    /// Line by line (NDJSON, CSV, logs): streamed in bounded memory, checkpointed as it goes.
+    Lines,
+    /// The whole object at once, for formats that are not line-based (a JSON document, XML, a
+    /// binary format): read into memory up to `max_bytes` (a larger object is quarantined), its
+    /// records sent and checkpointed together at the end. A resumed object is read again from the
+    /// start, and what the interrupted invocation sent is found in the stream and not sent again,
+    /// as for lines; the records must be sent within `CHECKPOINT_LEASE_MS`.
+    WholeObject {
+        /// The largest object read.
+        max_bytes: usize,
+    },
+}
+
+/// Makes records of lines (or, with [`Framing::WholeObject`], of whole objects: see
+/// [`WholeObject`]).
 pub trait LineHandler: Send + Sync {
     /// The record for `line`, `None` to skip it, or why it must be quarantined.
     fn to_record(&self, line: Line<'_>) -> Result<Option<OutRecord>, LineReject>;
+
+    /// How objects are cut for this handler.
+    fn framing(&self) -> Framing {
+        Framing::Lines
+    }
+
+    /// With [`Framing::WholeObject`]: the records of a whole object, in order, or why the object
+    /// must be quarantined.
+    fn object_records(&self, object: &[u8]) -> Result<Vec<OutRecord>, LineReject> {
+        let _ = object;
+        Err(LineReject("this handler reads lines, not whole objects".into()))
+    }
+}
+
+/// A handler over whole objects: `|bytes| -> Result<Vec<OutRecord>, LineReject>`.
+///
+/// ```
+/// use pushpull::push::line::{Framing, LineHandler, LineReject, WholeObject};
+/// use pushpull::sink::OutRecord;
+///
+/// // A JSON array document: one record per element, keyed by its "id".
+/// let handler = WholeObject::new(16 << 20, |bytes: &[u8]| -> Result<Vec<OutRecord>, LineReject> {
+///     let items: Vec<serde_json::Value> = serde_json::from_slice(bytes).map_err(|e| format!("not a JSON array: {e}"))?;
+///     Ok(items.iter().enumerate().map(|(i, v)| OutRecord::new(v["id"].to_string(), v.to_string().into(), i as u64 + 1)).collect())
+/// });
+/// assert_eq!(handler.framing(), Framing::WholeObject { max_bytes: 16 << 20 });
+/// assert_eq!(handler.object_records(br#"[{"id":1},{"id":2}]"#).unwrap().len(), 2);
+/// assert!(handler.object_records(b"{").is_err());
+/// ```
+#[derive(Debug, Clone)]
+pub struct WholeObject<F> {
+    max_bytes: usize,
+    records: F,
+}
+
+impl<F> WholeObject<F>
+where
+    F: Fn(&[u8]) -> Result<Vec<OutRecord>, LineReject> + Send + Sync,
+{
+    /// Objects of at most `max_bytes`, made into records by `records`.
+    pub fn new(max_bytes: usize, records: F) -> Self {
+        WholeObject { max_bytes, records }
+    }
+}
+
+impl<F> LineHandler for WholeObject<F>
+where
+    F: Fn(&[u8]) -> Result<Vec<OutRecord>, LineReject> + Send + Sync,
+{
+    fn to_record(&self, line: Line<'_>) -> Result<Option<OutRecord>, LineReject> {
+        Ok(self.object_records(line.bytes())?.into_iter().next())
+    }
+
+    fn framing(&self) -> Framing {
+        Framing::WholeObject { max_bytes: self.max_bytes }
+    }
+
+    fn object_records(&self, object: &[u8]) -> Result<Vec<OutRecord>, LineReject> {
+        (self.records)(object)
+    }
 }
 
 impl<F> LineHandler for F

@@ -10,7 +10,7 @@ use tokio_util::codec::FramedRead;
 use tracing::{info, warn};
 
 use super::lease::{Interrupted, ObjectProgress};
-use super::line::{DataBlocks, Line, LineHandler};
+use super::line::{DataBlocks, Framing, Line, LineHandler};
 use super::source::{ObjectSource, SourceError};
 use super::{ObjectError, ObjectSummary, Outcome, PushHandler};
 use crate::batch::{ByteSize, KeyOrderedBatcher};
@@ -145,6 +145,9 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         } else {
             Box::new(body)
         };
+        if let Framing::WholeObject { max_bytes } = self.handler.lines.framing() {
+            return self.process_whole(reader, max_bytes, interrupted).await;
+        }
         // A ranged read starts at the checkpoint; a gzip stream is re-read from the start and the
         // lines up to the checkpoint are skipped.
         let codec = if ranged {
@@ -257,6 +260,48 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
             };
             if let Some((reason, excerpt)) = bad {
                 self.quarantine_line(number, offset, reason, excerpt);
+            }
+        }
+        self.checkpoint(true).await?;
+        Ok(Outcome::Processed)
+    }
+
+    /// The whole object through the handler at once ([`Framing::WholeObject`]).
+    async fn process_whole(
+        &mut self,
+        reader: Box<dyn AsyncBufRead + Send + Unpin>,
+        max_bytes: usize,
+        interrupted: Option<Interrupted>,
+    ) -> Result<Outcome, ObjectError> {
+        use tokio::io::AsyncReadExt;
+        let mut data = Vec::new();
+        if let Err(source) = reader.take(max_bytes as u64 + 1).read_to_end(&mut data).await {
+            return Err(ObjectError::ReadBody { message: crate::error::chain(&source), source });
+        }
+        let mut written = match interrupted {
+            Some(window) => Some(self.read_back(window).await?),
+            None => None,
+        };
+        (self.read_line, self.read_offset) = (1, data.len() as u64);
+        let records = if data.len() > max_bytes {
+            Err(format!("object larger than the handler's limit of {max_bytes} bytes"))
+        } else {
+            self.handler.lines.object_records(&data).map_err(|r| r.0)
+        };
+        match records {
+            Err(reason) => self.quarantine_line(1, 0, reason, QuarantinedLine::excerpt_of(&data)),
+            Ok(records) => {
+                for record in records {
+                    if let Err(reason) = check_record(&record, self.handler.settings.record_max_bytes) {
+                        let excerpt = QuarantinedLine::excerpt_of(&record.data);
+                        self.quarantine_line(record.line, 0, reason, excerpt);
+                    } else if written.as_mut().is_some_and(|w| w.take(&record.partition_key, &record.data)) {
+                        self.found_written += 1;
+                        self.sent.records += 1;
+                    } else {
+                        self.add_record(record).await?;
+                    }
+                }
             }
         }
         self.checkpoint(true).await?;
@@ -572,6 +617,72 @@ mod tests {
         let other = br#"{"Records":[{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"b"},"object":{"key":"k.ndjson","eTag":"e2","sequencer":"02"}}}]}"#;
         let s = w.handler.handle(other, &Invocation::new("r2")).await.unwrap();
         assert_eq!(s.objects[0].outcome, Outcome::Gone { reason: "NoSuchKey".into() });
+    }
+
+    #[tokio::test]
+    async fn whole_objects_go_through_the_handler_at_once_and_a_resume_sends_nothing_twice() {
+        use crate::push::line::{LineReject, WholeObject};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("objects/b")).unwrap();
+        let doc: Vec<serde_json::Value> = (0..30).map(|i| serde_json::json!({"id": i % 4, "n": i})).collect();
+        std::fs::write(dir.path().join("objects/b/k.ndjson"), serde_json::to_vec(&doc).unwrap()).unwrap();
+        let array = |bytes: &[u8]| -> Result<Vec<OutRecord>, LineReject> {
+            let items: Vec<serde_json::Value> =
+                serde_json::from_slice(bytes).map_err(|e| format!("not a JSON array: {e}"))?;
+            Ok(items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| OutRecord::new(v["id"].to_string(), v.to_string().into(), i as u64 + 1))
+                .collect())
+        };
+        let settings =
+            PushSettings::from_env(Env::from_pairs([("PUT_MAX_RECORDS", "7"), ("PUT_MAX_ATTEMPTS", "1")])).unwrap();
+        let handler = PushHandler::new(
+            settings,
+            FileSource::new(dir.path().join("objects")),
+            WholeObject::new(1 << 20, array),
+            FakeSink::default(),
+            Store::file(dir.path().join("q")),
+            Store::file(dir.path().join("cp")),
+        );
+        // A crashed owner sent the first 10 records and checkpointed nothing; its lease lapsed.
+        let ev = match crate::s3_notification::S3Notification::from_slice(&event()).unwrap() {
+            crate::s3_notification::S3Notification::Records(mut r) => r.remove(0),
+            _ => unreachable!(),
+        };
+        let dead = ObjectProgress {
+            bucket: "b".into(),
+            key: "k.ndjson".into(),
+            owner: "dead".into(),
+            lease_until_ms: 1,
+            checkpointed_at_ms: 1,
+            ..Default::default()
+        };
+        let id = Leases::<Store>::object_id(&ev).0;
+        Store::file(dir.path().join("cp"))
+            .put(&id, serde_json::to_vec(&dead).unwrap().into(), crate::store::Precondition::IfAbsent)
+            .await
+            .unwrap();
+        let sent_before: Vec<OutRecord> =
+            array(&serde_json::to_vec(&doc).unwrap()).unwrap().into_iter().take(10).collect();
+        handler.sink().records.lock().unwrap().extend(sent_before);
+        let s = handler.handle(&event(), &Invocation::new("r1")).await.unwrap();
+        assert_eq!((s.objects[0].records, s.objects[0].lines, s.objects[0].found_written), (30, 1, 10));
+        let mut ns: Vec<i64> = handler
+            .sink()
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::from_slice::<serde_json::Value>(&r.data).unwrap()["n"].as_i64().unwrap())
+            .collect();
+        ns.sort();
+        assert_eq!(ns, (0..30).collect::<Vec<_>>());
+        // Not a JSON array: quarantined whole, with the reason.
+        std::fs::write(dir.path().join("objects/b/k.ndjson"), b"{oops").unwrap();
+        let other = br#"{"Records":[{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"b"},"object":{"key":"k.ndjson","eTag":"e2","sequencer":"02"}}}]}"#;
+        let s = handler.handle(other, &Invocation::new("r2")).await.unwrap();
+        assert_eq!((s.objects[0].records, s.objects[0].quarantined), (0, 1));
     }
 
     fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -196,7 +196,7 @@ impl SendReport {
 }
 
 /// Records could not be written.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ProduceError {
     /// Entries still failed after every attempt.
@@ -216,14 +216,14 @@ pub enum ProduceError {
         message: String,
     },
     /// The call was refused in a way retrying cannot fix (no such stream, access denied).
-    #[error("{failed} records (first: line {first_line}) refused: {message}")]
+    #[error("{failed} records (first: line {first_line}) refused: {}", source.message)]
     Rejected {
         /// How many records were not written.
         failed: usize,
         /// The input line of the first of them.
         first_line: u64,
-        /// What the service said.
-        message: String,
+        /// What the sink said, with its own cause.
+        source: SinkError,
     },
 }
 
@@ -292,7 +292,7 @@ impl<S: RecordSink> Producer<S> {
                 }
                 Err(e) if !e.retryable => {
                     let first_line = pending.first().map_or(0, |r| r.line);
-                    return Err(ProduceError::Rejected { failed: pending.len(), first_line, message: e.message });
+                    return Err(ProduceError::Rejected { failed: pending.len(), first_line, source: e });
                 }
                 Err(e) => ("CallFailed".to_owned(), e.message),
             };
@@ -370,16 +370,9 @@ mod tests {
     async fn gives_up_after_max_attempts_naming_the_first_line() {
         let sink = Scripted { fail: vec![b"r3"], times: 99, seen: Default::default(), call_error: None };
         let err = Producer::new(sink, 3).send(recs(4)).await.unwrap_err();
-        assert_eq!(
-            err,
-            ProduceError::Exhausted {
-                failed: 1,
-                first_line: 3,
-                attempts: 3,
-                code: "ProvisionedThroughputExceededException".into(),
-                message: "slow down".into()
-            }
-        );
+        let ProduceError::Exhausted { failed, first_line, attempts, code, message } = err else { panic!("{err}") };
+        assert_eq!((failed, first_line, attempts), (1, 3, 3));
+        assert_eq!((code.as_str(), message.as_str()), ("ProvisionedThroughputExceededException", "slow down"));
     }
 
     #[tokio::test(start_paused = true)]

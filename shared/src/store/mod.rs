@@ -130,6 +130,7 @@ pub struct Etag(pub String);
 
 /// When a write may happen.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Precondition {
     /// Always write.
     None,
