@@ -351,6 +351,11 @@ impl<T: ByteSize> KeyOrderedBatcher<T> {
         self.batcher.ready()
     }
 
+    /// Whether a sealed batch waits in [`KeyOrderedBatcher::ready`].
+    pub fn has_ready(&self) -> bool {
+        self.batcher.ready_len() > 0
+    }
+
     /// Seals the open batch, whatever its size, and returns the oldest batch waiting; items held
     /// back fill the next open batch. Call until `None` to drain everything.
     pub fn flush(&mut self) -> Option<Vec<T>> {

@@ -251,7 +251,9 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
                                     self.sent.records += 1;
                                     continue;
                                 }
-                                self.add_record(record).await?;
+                                if self.push_record(record) {
+                                    self.send_ready().await?;
+                                }
                                 None
                             }
                         },
@@ -344,6 +346,15 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
 
     /// Adds a record to the batcher and sends whatever batches are full.
     async fn add_record(&mut self, record: OutRecord) -> Result<(), ObjectError> {
+        if self.push_record(record) {
+            self.send_ready().await?;
+        }
+        Ok(())
+    }
+
+    /// Adds a record to the batcher (no await: this runs for every line); whether a batch is full.
+    #[inline]
+    fn push_record(&mut self, record: OutRecord) -> bool {
         // With per-key ordering a batch holds one record of a key; a later one waits for the next
         // batch (see KeyOrderedBatcher), so a partial failure resent before the next batch cannot
         // be overtaken.
@@ -354,8 +365,13 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
             let reason = format!("record of {} bytes exceeds PUT_MAX_BYTES", oversized.size);
             let excerpt = QuarantinedLine::excerpt_of(&oversized.item.data);
             self.quarantine_line(oversized.item.line, self.read_offset, reason, excerpt);
-            return Ok(());
+            return false;
         }
+        self.batcher.has_ready()
+    }
+
+    /// Sends the batches that are full.
+    async fn send_ready(&mut self) -> Result<(), ObjectError> {
         while let Some(batch) = self.batcher.ready() {
             self.send(batch).await?;
         }
@@ -403,10 +419,15 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
 }
 
 /// Kinesis's limits on a record, whatever handler made it.
+#[inline]
 fn check_record(record: &OutRecord, record_max_bytes: usize) -> Result<(), String> {
-    let chars = record.partition_key.chars().count();
-    if chars == 0 || chars > super::line::MAX_PARTITION_KEY_CHARS {
-        return Err(format!("partition key of {chars} characters (Kinesis takes 1 to 256)"));
+    let key = &record.partition_key;
+    // Characters are counted only when the bytes could be too many (a character is 1-4 bytes).
+    if key.is_empty()
+        || (key.len() > super::line::MAX_PARTITION_KEY_CHARS
+            && key.chars().count() > super::line::MAX_PARTITION_KEY_CHARS)
+    {
+        return Err(format!("partition key of {} characters (Kinesis takes 1 to 256)", key.chars().count()));
     }
     let size = record.byte_size();
     if size > record_max_bytes {
