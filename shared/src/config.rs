@@ -10,7 +10,11 @@
 //! let err = PushSettings::from_env(env).unwrap_err();
 //! assert!(err.to_string().contains("PUT_MAX_RECORDS=\"900\""));
 //!
-//! let ok = PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "50")])).unwrap();
+//! let err = PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "50")])).unwrap_err();
+//! assert!(err.to_string().contains("CHECKPOINT_URI is not set"), "no silent /tmp default: {err}");
+//!
+//! let env = Env::from_pairs([("PUT_LINGER_MS", "50")]).with_local_locations("/tmp/demo");
+//! let ok = PushSettings::from_env(env).unwrap();
 //! assert_eq!(ok.put.max_events(), 500);
 //! ```
 use std::collections::HashMap;
@@ -21,13 +25,6 @@ use std::time::Duration;
 
 use crate::batch::BatchConfig;
 use crate::store::Location;
-
-/// Default for `CHECKPOINT_URI`: the embedded file backend, under Lambda's writable `/tmp`.
-pub const DEFAULT_CHECKPOINT_URI: &str = "file:///tmp/pushpull/checkpoints";
-/// Default for `OUTPUT_URI`.
-pub const DEFAULT_OUTPUT_URI: &str = "file:///tmp/pushpull/output";
-/// Default for `QUARANTINE_URI`.
-pub const DEFAULT_QUARANTINE_URI: &str = "file:///tmp/pushpull/quarantine";
 
 /// Kinesis PutRecords: at most 500 records a call.
 pub const KINESIS_MAX_RECORDS_PER_CALL: usize = 500;
@@ -102,6 +99,26 @@ impl Env {
         Env { vars: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(), errors: Vec::new() }
     }
 
+    /// Sets `CHECKPOINT_URI`, `OUTPUT_URI` and `QUARANTINE_URI` to `file://` directories under
+    /// `dir` where they are not set: for tests and local runs (never for Lambda, where `/tmp` is
+    /// per sandbox).
+    ///
+    /// ```
+    /// use pushpull::config::{Env, PushSettings};
+    /// let settings = PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations("/tmp/demo")).unwrap();
+    /// assert_eq!(settings.checkpoint.to_string(), "file:///tmp/demo/checkpoints");
+    /// ```
+    pub fn with_local_locations(mut self, dir: impl AsRef<std::path::Path>) -> Self {
+        for (name, sub) in
+            [("CHECKPOINT_URI", "checkpoints"), ("OUTPUT_URI", "output"), ("QUARANTINE_URI", "quarantine")]
+        {
+            if self.raw(name).is_none() {
+                self.vars.insert(name.to_owned(), format!("file://{}", dir.as_ref().join(sub).display()));
+            }
+        }
+        self
+    }
+
     fn raw(&self, name: &str) -> Option<&str> {
         self.vars.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
     }
@@ -169,14 +186,23 @@ impl Env {
     }
 }
 
-/// A storage location from variable `name` (`default` when unset), checked.
-pub fn location(env: &mut Env, name: &'static str, default: &str) -> Location {
-    let raw = env.optional(name).unwrap_or_else(|| default.to_owned());
+/// A required storage location from variable `name`, checked. There is no default on purpose:
+/// a `file:///tmp` default would, in Lambda, keep checkpoints in one sandbox's `/tmp` and lose them
+/// with it, silently.
+pub fn location(env: &mut Env, name: &'static str, purpose: &'static str) -> Location {
+    let unusable = || Location::File { root: "/nonexistent".into() };
+    let raw = env.required(name, purpose);
+    if raw.is_empty() {
+        return unusable();
+    }
     raw.parse().unwrap_or_else(|e: crate::store::LocationError| {
         env.invalid(name, raw, e.reason.to_owned() + " (expected s3://bucket/prefix or file:///absolute/dir)");
-        Location::File { root: default.trim_start_matches("file://").into() }
+        unusable()
     })
 }
+
+/// What `CHECKPOINT_URI` is for, in messages.
+pub const CHECKPOINT_URI_PURPOSE: &str = "where progress is checkpointed: s3://bucket/prefix (file:///dir only for local runs: Lambda's /tmp is per sandbox)";
 
 /// Settings of the push pipeline (S3 object → records), read from the environment.
 #[derive(Debug, Clone, PartialEq)]
@@ -243,9 +269,10 @@ impl PushSettings {
     /// Reads the settings into `env`'s list of problems, for a function that reads settings of
     /// its own as well and reports them all at once ([`Env::finish`]).
     pub fn read(env: &mut Env) -> Self {
-        let checkpoint = location(env, "CHECKPOINT_URI", DEFAULT_CHECKPOINT_URI);
-        let output = location(env, "OUTPUT_URI", DEFAULT_OUTPUT_URI);
-        let quarantine = location(env, "QUARANTINE_URI", DEFAULT_QUARANTINE_URI);
+        let checkpoint = location(env, "CHECKPOINT_URI", CHECKPOINT_URI_PURPOSE);
+        let output =
+            location(env, "OUTPUT_URI", "the pipeline's outputs (objects under it are refused: the loop guard)");
+        let quarantine = location(env, "QUARANTINE_URI", "where lines that cannot be sent go, with their reason");
         let max_bytes_cap = 2 * KINESIS_MAX_BYTES_PER_CALL;
         let record_max_bytes = env.number_in("RECORD_MAX_BYTES", KINESIS_MAX_RECORD_BYTES, 1..=10 * 1024 * 1024);
         let max_line_bytes = env.number_in("MAX_LINE_BYTES", KINESIS_MAX_RECORD_BYTES, 1..=64 * 1024 * 1024);
@@ -302,11 +329,11 @@ mod tests {
 
     #[test]
     fn push_defaults_are_the_aws_limits() {
-        let s = PushSettings::from_env(Env::from_pairs([("UNRELATED", "s")])).unwrap();
+        let s = PushSettings::from_env(Env::from_pairs([("UNRELATED", "s")]).with_local_locations("/tmp/x")).unwrap();
         assert_eq!(s.put.max_events(), 500);
         assert_eq!(s.put.max_bytes(), 5 * 1024 * 1024);
         assert_eq!(s.record_max_bytes, 1024 * 1024);
-        assert_eq!(s.checkpoint, DEFAULT_CHECKPOINT_URI.parse().unwrap());
+        assert_eq!(s.checkpoint, "file:///tmp/x/checkpoints".parse().unwrap());
     }
 
     #[test]
@@ -325,9 +352,10 @@ mod tests {
                 ConfigError::Missing { name, .. } | ConfigError::Invalid { name, .. } => *name,
             })
             .collect();
-        assert_eq!(names, ["CHECKPOINT_URI", "OUTPUT_URI", "PUT_MAX_RECORDS", "PUT_LINGER_MS"]);
+        assert_eq!(names, ["CHECKPOINT_URI", "OUTPUT_URI", "QUARANTINE_URI", "PUT_MAX_RECORDS", "PUT_LINGER_MS"]);
         let text = err.to_string();
-        assert!(text.starts_with("invalid configuration (4 problems): CHECKPOINT_URI="), "{text}");
+        assert!(text.starts_with("invalid configuration (5 problems): CHECKPOINT_URI="), "{text}");
+        assert!(text.contains("QUARANTINE_URI is not set: where lines that cannot be sent go"), "{text}");
         assert!(text.contains("PUT_MAX_RECORDS=\"0\" is invalid: a whole number from 1 to 500"), "{text}");
         assert!(text.contains("CHECKPOINT_URI=\"dynamodb://table\" is invalid: unknown scheme"), "{text}");
     }
@@ -347,6 +375,7 @@ mod tests {
     #[test]
     fn loop_guard_covers_output_and_quarantine() {
         let s = PushSettings::from_env(Env::from_pairs([
+            ("CHECKPOINT_URI", "s3://data/checkpoints"),
             ("OUTPUT_URI", "s3://data/output"),
             ("QUARANTINE_URI", "s3://data/quarantine"),
         ]))

@@ -112,7 +112,8 @@ async fn main() {
                     } else {
                         ("none", &mut unordered, &mut rss_none)
                     };
-                    let settings = PushSettings::from_env(Env::from_pairs([("PUT_ORDERING", ordering)])).unwrap();
+                    let env = Env::from_pairs([("PUT_ORDERING", ordering)]).with_local_locations(dir.path());
+                    let settings = PushSettings::from_env(env).unwrap();
                     let cp = dir.path().join(format!("cp-{round}-{ordering}"));
                     let handler = PushHandler::new(
                         settings,

@@ -32,6 +32,12 @@ pub fn function(binary: &str, env: &[(&str, &str)]) -> FunctionSpec {
     spec.timeout = std::time::Duration::from_secs(120);
     spec.env = function_env();
     spec.env.push(("RUST_LOG".into(), "info".into()));
+    // The functions have no default locations (a /tmp default would be silently wrong in Lambda):
+    // a directory of this call's own, which a test's own values override.
+    let scratch = std::env::temp_dir().join(unique("pushpull-fn"));
+    for (name, sub) in [("CHECKPOINT_URI", "checkpoints"), ("OUTPUT_URI", "output"), ("QUARANTINE_URI", "quarantine")] {
+        spec.env.push((name.into(), format!("file://{}", scratch.join(sub).display())));
+    }
     for (k, v) in env {
         spec.env.push((k.to_string(), v.to_string()));
     }

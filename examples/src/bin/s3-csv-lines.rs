@@ -63,7 +63,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("in/bucket")).unwrap();
         std::fs::write(dir.path().join("in/bucket/orders.csv"), "customer,amount\nann,3.5\nbob,lots\nann,1\n").unwrap();
         let handler = PushHandler::new(
-            PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")])).unwrap(),
+            PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations(dir.path())).unwrap(),
             FileSource::new(dir.path().join("in")),
             csv_line,
             Memory::default(),

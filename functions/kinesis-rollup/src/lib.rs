@@ -31,7 +31,7 @@
 //!
 //! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
 //! let dir = tempfile::tempdir().unwrap();
-//! let settings = RollupSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap();
+//! let settings = RollupSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")]).with_local_locations(dir.path())).unwrap();
 //! let handler = RollupHandler::new(settings, Store::file(dir.path().join("out")), Store::file(dir.path().join("cp")));
 //! let payload = r#"{"Records":[
 //!  {"kinesis":{"partitionKey":"p","sequenceNumber":"1","data":"eyJ1c2VyIjoiYSJ9","approximateArrivalTimestamp":1},"eventID":"shardId-0:1","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/s"},
@@ -588,10 +588,10 @@ mod tests {
 
     #[test]
     fn a_batch_checked_in_parts_rolls_up_as_one_pass_would() {
-        let settings = RollupSettings::from_env(pushpull::config::Env::from_pairs([
-            ("GROUP_BY_FIELD", "user"),
-            ("SUM_FIELD", "amount"),
-        ]))
+        let settings = RollupSettings::from_env(
+            pushpull::config::Env::from_pairs([("GROUP_BY_FIELD", "user"), ("SUM_FIELD", "amount")])
+                .with_local_locations("/tmp/r"),
+        )
         .unwrap();
         let h = RollupHandler::new(settings, Store::file("/nonexistent/out"), Store::file("/nonexistent/cp"));
         let n = 3 * PART_MIN; // parts on any machine with two or more cores
@@ -633,8 +633,10 @@ mod tests {
     async fn records_without_the_group_field_are_counted_under_a_null_key() {
         use base64::Engine as _;
         let dir = tempfile::tempdir().unwrap();
-        let settings =
-            RollupSettings::from_env(pushpull::config::Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap();
+        let settings = RollupSettings::from_env(
+            pushpull::config::Env::from_pairs([("GROUP_BY_FIELD", "user")]).with_local_locations("/tmp/r"),
+        )
+        .unwrap();
         let h = RollupHandler::new(settings, Store::file(dir.path().join("out")), Store::file(dir.path().join("cp")));
         let lines = [r#"{"user":"a"}"#, r#"{"other":1}"#, r#"{"user":null}"#, r#"{"user":""}"#];
         let records: Vec<String> = lines

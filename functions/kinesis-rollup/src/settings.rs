@@ -1,5 +1,5 @@
 //! The rollup's settings, from environment variables, every problem reported at once.
-use pushpull::config::{ConfigErrors, DEFAULT_CHECKPOINT_URI, DEFAULT_OUTPUT_URI, Env, location};
+use pushpull::config::{CHECKPOINT_URI_PURPOSE, ConfigErrors, Env, location};
 use pushpull::store::Location;
 
 /// Settings of the rollup function.
@@ -36,12 +36,12 @@ impl RollupSettings {
     /// ```
     /// use kinesis_rollup::settings::RollupSettings;
     /// use pushpull::config::Env;
-    /// let s = RollupSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap();
+    /// let s = RollupSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")]).with_local_locations("/tmp/r")).unwrap();
     /// assert_eq!(s.group_by_field.as_deref(), Some("user"));
     /// ```
     pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
-        let checkpoint = location(&mut env, "CHECKPOINT_URI", DEFAULT_CHECKPOINT_URI);
-        let output = location(&mut env, "OUTPUT_URI", DEFAULT_OUTPUT_URI);
+        let checkpoint = location(&mut env, "CHECKPOINT_URI", CHECKPOINT_URI_PURPOSE);
+        let output = location(&mut env, "OUTPUT_URI", "where rollups are written");
         let group_by_field = env.optional("GROUP_BY_FIELD");
         let sum_field = env.optional("SUM_FIELD");
         let faults = Faults::read(&mut env);
@@ -84,8 +84,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_locations_have_no_default() {
+        let err = RollupSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap_err().to_string();
+        assert!(err.contains("CHECKPOINT_URI is not set") && err.contains("OUTPUT_URI is not set"), "{err}");
+    }
+
+    #[test]
     fn empty_values_count_as_unset() {
-        let s = RollupSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", " "), ("SUM_FIELD", "amount")])).unwrap();
+        let env = Env::from_pairs([("GROUP_BY_FIELD", " "), ("SUM_FIELD", "amount")]).with_local_locations("/tmp/r");
+        let s = RollupSettings::from_env(env).unwrap();
         assert_eq!(s.group_by_field, None);
         assert_eq!(s.sum_field.as_deref(), Some("amount"));
     }
@@ -93,7 +100,8 @@ mod tests {
     #[cfg(not(feature = "fault-injection"))]
     #[test]
     fn a_build_without_fault_injection_refuses_to_inject() {
-        let err = RollupSettings::from_env(Env::from_pairs([("PUSHPULL_INJECT_FAILURES", "0.5")])).unwrap_err();
+        let env = Env::from_pairs([("PUSHPULL_INJECT_FAILURES", "0.5")]).with_local_locations("/tmp/r");
+        let err = RollupSettings::from_env(env).unwrap_err();
         assert!(err.to_string().contains("this build has no fault injection"), "{err}");
     }
 }

@@ -165,8 +165,8 @@ mod tests {
     fn stream_names_are_checked() {
         let err = Settings::from_env(Env::from_pairs([("STREAM_NAME", "bad name!")])).unwrap_err().to_string();
         assert!(err.contains("STREAM_NAME=\"bad name!\""), "{err}");
-        let ok =
-            Settings::from_env(Env::from_pairs([("STREAM_NAME", "ingest"), ("PARTITION_KEY_FIELD", "user")])).unwrap();
+        let env = Env::from_pairs([("STREAM_NAME", "ingest"), ("PARTITION_KEY_FIELD", "user")]);
+        let ok = Settings::from_env(env.with_local_locations("/tmp/s")).unwrap();
         assert_eq!((ok.stream_name.as_str(), ok.partition_key_field.as_deref()), ("ingest", Some("user")));
     }
 }

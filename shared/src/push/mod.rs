@@ -51,7 +51,7 @@
 //! std::fs::create_dir_all(dir.path().join("objects/b")).unwrap();
 //! std::fs::write(dir.path().join("objects/b/in.ndjson"), "{\"user\":\"u1\"}\n[1]\n{\"user\":\"u2\"}\n").unwrap();
 //! let handler = PushHandler::new(
-//!     PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")])).unwrap(),
+//!     PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations(dir.path())).unwrap(),
 //!     FileSource::new(dir.path().join("objects")),
 //!     JsonLines::new(Some("user".into())),
 //!     Memory::default(),

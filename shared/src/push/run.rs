@@ -529,7 +529,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("objects/b")).unwrap();
         std::fs::write(dir.path().join("objects/b/k.ndjson"), object).unwrap();
-        let settings = PushSettings::from_env(Env::from_pairs(env.iter().copied())).unwrap();
+        let settings =
+            PushSettings::from_env(Env::from_pairs(env.iter().copied()).with_local_locations(dir.path())).unwrap();
         let handler = PushHandler::new(
             settings,
             FileSource::new(dir.path().join("objects")),
@@ -656,8 +657,9 @@ mod tests {
                 .map(|(i, v)| OutRecord::new(v["id"].to_string(), v.to_string().into(), i as u64 + 1))
                 .collect())
         };
-        let settings =
-            PushSettings::from_env(Env::from_pairs([("PUT_MAX_RECORDS", "7"), ("PUT_MAX_ATTEMPTS", "1")])).unwrap();
+        let env =
+            Env::from_pairs([("PUT_MAX_RECORDS", "7"), ("PUT_MAX_ATTEMPTS", "1")]).with_local_locations(dir.path());
+        let settings = PushSettings::from_env(env).unwrap();
         let handler = PushHandler::new(
             settings,
             FileSource::new(dir.path().join("objects")),
