@@ -312,8 +312,11 @@ where
     use std::sync::atomic::{AtomicBool, Ordering};
 
     let n = keys.len();
-    // Groups of indices, keys in order of first sight; in order: one group.
-    let groups: Vec<Vec<usize>> = if options.concurrency() <= 1 {
+    // Groups of indices, keys in order of first sight; in order: one group. A failure stops the
+    // rest of its key (its order would break otherwise); in order, the batch goes on as the
+    // synchronous path does, unless `stop_at_first_failure`.
+    let per_key = options.concurrency() > 1;
+    let groups: Vec<Vec<usize>> = if !per_key {
         vec![(0..n).collect()]
     } else {
         let mut at: HashMap<&str, usize> = HashMap::new();
@@ -347,7 +350,7 @@ where
                 Err(reason) => {
                     set(i, Slot::Failed(reason));
                     any_failed.store(true, Ordering::Release);
-                    stopped = true;
+                    stopped = per_key;
                 }
             }
         }
@@ -485,6 +488,17 @@ mod tests {
         let r = result(out, ResponseRule::Stream);
         assert_eq!((r.processed, r.failures.len(), r.unprocessed.len()), (3, 1, 1));
         assert_eq!(ids(&r), ["id2"]);
+    }
+
+    #[tokio::test]
+    async fn in_order_async_goes_on_after_a_failure_unless_told_to_stop() {
+        let keys = ["a", "b", "c"];
+        let fail_first = |i: usize| async move { if i == 0 { Err("bad") } else { Ok(()) } };
+        let r = result(run_concurrently(&keys, &Options::default(), fail_first).await, ResponseRule::Queue);
+        assert_eq!((r.processed, ids(&r)), (2, vec!["id0".to_owned()]), "a standard queue retries only the failure");
+        let stop = Options::default().stop_at_first_failure(true);
+        let r = result(run_concurrently(&keys, &stop, fail_first).await, ResponseRule::Queue);
+        assert_eq!((r.processed, ids(&r)), (0, vec!["id0".to_owned(), "id1".to_owned(), "id2".to_owned()]));
     }
 
     #[test]
