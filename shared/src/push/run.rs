@@ -585,26 +585,7 @@ mod tests {
             &lines(50),
         );
         // What a crashed owner did: sent lines 1-20, checkpointed nothing, lease lapsed.
-        let (id, _) = Leases::<Store>::object_id(
-            &crate::s3_notification::S3Notification::from_slice(&event())
-                .map(|n| match n {
-                    crate::s3_notification::S3Notification::Records(mut r) => r.remove(0),
-                    _ => unreachable!(),
-                })
-                .unwrap(),
-        );
-        let stale = ObjectProgress {
-            bucket: "b".into(),
-            key: "k.ndjson".into(),
-            owner: "dead".into(),
-            lease_until_ms: 1,
-            checkpointed_at_ms: 1,
-            ..Default::default()
-        };
-        Store::file(w.dir.path().join("cp"))
-            .put(&id, serde_json::to_vec(&stale).unwrap().into(), crate::store::Precondition::IfAbsent)
-            .await
-            .unwrap();
+        crashed_owner(&w.dir.path().join("cp")).await;
         let mut blocks = DataBlocks::default();
         let crashed: Vec<OutRecord> = lines(20)
             .lines()
@@ -669,23 +650,7 @@ mod tests {
             Store::file(dir.path().join("cp")),
         );
         // A crashed owner sent the first 10 records and checkpointed nothing; its lease lapsed.
-        let ev = match crate::s3_notification::S3Notification::from_slice(&event()).unwrap() {
-            crate::s3_notification::S3Notification::Records(mut r) => r.remove(0),
-            _ => unreachable!(),
-        };
-        let dead = ObjectProgress {
-            bucket: "b".into(),
-            key: "k.ndjson".into(),
-            owner: "dead".into(),
-            lease_until_ms: 1,
-            checkpointed_at_ms: 1,
-            ..Default::default()
-        };
-        let id = Leases::<Store>::object_id(&ev).0;
-        Store::file(dir.path().join("cp"))
-            .put(&id, serde_json::to_vec(&dead).unwrap().into(), crate::store::Precondition::IfAbsent)
-            .await
-            .unwrap();
+        crashed_owner(&dir.path().join("cp")).await;
         let sent_before: Vec<OutRecord> =
             array(&serde_json::to_vec(&doc).unwrap()).unwrap().into_iter().take(10).collect();
         handler.sink().records.lock().unwrap().extend(sent_before);
@@ -706,6 +671,25 @@ mod tests {
         let other = br#"{"Records":[{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{"bucket":{"name":"b"},"object":{"key":"k.ndjson","eTag":"e2","sequencer":"02"}}}]}"#;
         let s = handler.handle(other, &Invocation::new("r2")).await.unwrap();
         assert_eq!((s.objects[0].records, s.objects[0].quarantined), (0, 1));
+    }
+
+    /// The checkpoint a crashed owner of `event()` leaves: nothing done, its lease lapsed.
+    async fn crashed_owner(checkpoints: &std::path::Path) {
+        let ev = match crate::s3_notification::S3Notification::from_slice(&event()).unwrap() {
+            crate::s3_notification::S3Notification::Records(mut r) => r.remove(0),
+            _ => unreachable!(),
+        };
+        let dead = ObjectProgress {
+            bucket: "b".into(),
+            key: "k.ndjson".into(),
+            owner: "dead".into(),
+            lease_until_ms: 1,
+            checkpointed_at_ms: 1,
+            ..Default::default()
+        };
+        let id = Leases::<Store>::object_id(&ev).0;
+        let body = serde_json::to_vec(&dead).unwrap().into();
+        Store::file(checkpoints).put(&id, body, crate::store::Precondition::IfAbsent).await.unwrap();
     }
 
     fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
