@@ -92,7 +92,7 @@ impl Local {
     /// Creates `stream` with `shards` shards if missing, waits until it is ACTIVE, returns its ARN.
     pub async fn ensure_stream(&self, stream: &str, shards: i32) -> Result<String, String> {
         if let Err(e) = self.kinesis.create_stream().stream_name(stream).shard_count(shards).send().await
-            && pushpull::aws::classify(&e) != pushpull::aws::SdkErrorKind::ResourceInUse
+            && !e.as_service_error().is_some_and(|se| se.is_resource_in_use_exception())
         {
             return Err(format!("CreateStream {stream}: {}", pushpull::aws::describe(&e)));
         }

@@ -1,5 +1,4 @@
 //! One shard: a reader polling GetRecords, and the lanes that batch and invoke.
-use pushpull::aws::SdkErrorKind;
 use pushpull::batch::{BatchConfig, Batcher, ByteSize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -157,15 +156,16 @@ async fn read(
             }
             Err(e) => {
                 let msg = pushpull::aws::describe(&e);
-                let kind = pushpull::aws::classify(&e);
+                // Classified by the operation's typed error, not by its text.
+                let service = e.as_service_error();
                 failures += 1;
-                if kind == SdkErrorKind::ExpiredIterator {
+                if service.is_some_and(|se| se.is_expired_iterator_exception()) {
                     let (k, p) = match &last_read {
                         Some(s) => (ShardIteratorType::AfterSequenceNumber, Position::Sequence(s.clone())),
                         None => (ShardIteratorType::TrimHorizon, Position::None),
                     };
                     it = iterator(&ctx, &shard, k, &p).await?;
-                } else if kind == SdkErrorKind::NotFound || failures > 50 {
+                } else if service.is_some_and(|se| se.is_resource_not_found_exception()) || failures > 50 {
                     return Err(MappingError::Kinesis(format!(
                         "GetRecords {}/{shard}: {msg}",
                         ctx.settings.stream_name()
