@@ -353,7 +353,22 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
             Err(e) => return Err(err(ObjectError::Busy(e))),
         };
         let mut run = run::Run::new(self, ev, progress, version);
-        match run.process(interrupted, invocation).await {
+        // The loop checkpoints and stops `DEADLINE_MARGIN_MS` before the deadline, but it looks
+        // at the clock between lines: a PutRecords call that stalls, or a resend's backoff, could
+        // run past the timeout. At half the margin the object is stopped wherever it is; what it
+        // sent after its last checkpoint is found in the stream by the retry.
+        let hard_stop = invocation.stop_at(self.settings.deadline_margin / 2);
+        let outcome = match hard_stop {
+            None => run.process(interrupted, invocation).await,
+            Some(at) => tokio::select! {
+                outcome = run.process(interrupted, invocation) => outcome,
+                () = tokio::time::sleep_until(at) => {
+                    warn!(bucket = %ev.bucket, key = %ev.key, "stopped at half the deadline margin, mid-call; the retry resumes from the last checkpoint");
+                    Err(ObjectError::OutOfTime { lines_done: run.progress.lines_done })
+                }
+            },
+        };
+        match outcome {
             Ok(outcome) => {
                 let summary = run.summary(outcome, started);
                 if summary.outcome == Outcome::Processed {

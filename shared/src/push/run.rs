@@ -565,11 +565,12 @@ mod tests {
         assert_eq!(seen, (1..=100).collect::<Vec<_>>(), "each line once");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn out_of_time_checkpoints_and_the_retry_resumes_after_the_checkpoint() {
-        let w = world(&[("DEADLINE_MARGIN_MS", "1000")], &lines(1000));
-        // Already within the margin: the first clock check (line 128) checkpoints and stops.
-        let late = Invocation::new("late").with_time_left(Duration::from_millis(500));
+        let w = world(&[("DEADLINE_MARGIN_MS", "10000")], &lines(1000));
+        // Already within the margin (the first clock check, at line 128, checkpoints and stops),
+        // and 4 s before the hard stop at half the margin.
+        let late = Invocation::new("late").with_time_left(Duration::from_secs(9));
         let err = w.handler.handle(&event(), &late).await.unwrap_err();
         let PushError::Object { source: ObjectError::OutOfTime { lines_done }, .. } = err else { panic!("{err}") };
         assert!((1..1000).contains(&lines_done), "stopped at the first clock check: {lines_done}");
@@ -673,12 +674,17 @@ mod tests {
         assert_eq!((s.objects[0].records, s.objects[0].quarantined), (0, 1));
     }
 
-    /// The checkpoint a crashed owner of `event()` leaves: nothing done, its lease lapsed.
-    async fn crashed_owner(checkpoints: &std::path::Path) {
-        let ev = match crate::s3_notification::S3Notification::from_slice(&event()).unwrap() {
+    /// The object event of `event()`.
+    fn object_event() -> crate::s3_notification::ObjectEvent {
+        match crate::s3_notification::S3Notification::from_slice(&event()).unwrap() {
             crate::s3_notification::S3Notification::Records(mut r) => r.remove(0),
             _ => unreachable!(),
-        };
+        }
+    }
+
+    /// The checkpoint a crashed owner of `event()` leaves: nothing done, its lease lapsed.
+    async fn crashed_owner(checkpoints: &std::path::Path) {
+        let ev = object_event();
         let dead = ObjectProgress {
             bucket: "b".into(),
             key: "k.ndjson".into(),
@@ -690,6 +696,49 @@ mod tests {
         let id = Leases::<Store>::object_id(&ev).0;
         let body = serde_json::to_vec(&dead).unwrap().into();
         Store::file(checkpoints).put(&id, body, crate::store::Precondition::IfAbsent).await.unwrap();
+    }
+
+    /// A sink whose calls hang (a stalled connection) or fail retryably for ever (throttling).
+    struct Stuck {
+        hang: bool,
+    }
+
+    impl RecordSink for Stuck {
+        async fn put_records(&self, _: &[OutRecord]) -> Result<PutOutcome, SinkError> {
+            if self.hang {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            Err(SinkError::new("ProvisionedThroughputExceededException: Rate exceeded", true))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_call_or_a_long_backoff_never_runs_past_the_deadline() {
+        for hang in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("objects/b")).unwrap();
+            std::fs::write(dir.path().join("objects/b/k.ndjson"), lines(10)).unwrap();
+            let env =
+                Env::from_pairs([("DEADLINE_MARGIN_MS", "4000"), ("PUT_MAX_ATTEMPTS", "100"), ("PUT_LINGER_MS", "0")]);
+            let handler = PushHandler::new(
+                PushSettings::from_env(env.with_local_locations(dir.path())).unwrap(),
+                FileSource::new(dir.path().join("objects")),
+                JsonLines::new(Some("user".into())),
+                Stuck { hang },
+                Store::file(dir.path().join("q")),
+                Store::file(dir.path().join("cp")),
+            );
+            let started = tokio::time::Instant::now();
+            let invocation = Invocation::new("r").with_time_left(Duration::from_secs(30));
+            let err = handler.handle(&event(), &invocation).await.unwrap_err();
+            let PushError::Object { source: ObjectError::OutOfTime { lines_done: 0 }, .. } = err else {
+                panic!("{err}")
+            };
+            assert_eq!(started.elapsed(), Duration::from_secs(28), "stopped at half the 4 s margin (hang: {hang})");
+            // The lease was ended: a retry is not busy.
+            let claim = handler.leases.claim(&object_event(), "retry").await;
+            assert!(matches!(claim, Ok(crate::push::lease::Claim::Owned { .. })), "{claim:?}");
+        }
     }
 
     fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
