@@ -10,15 +10,19 @@
 //! instead of losing the whole batch to a timeout.
 //!
 //! The response follows each source's rule ([`ResponseRule`]):
-//! - **Kinesis and DynamoDB Streams** (streams): the mapping "checkpoints just before the LOWEST
-//!   sequence number listed and retries every record from there" (see
-//!   `shared/reference/aws-semantics.md`), so every failed record is listed, and of the records
-//!   not reached only the lowest is needed.
+//! - **Kinesis and DynamoDB Streams** (streams): AWS: "If the `batchItemFailures` array contains
+//!   multiple items, Lambda uses the record with the lowest sequence number as the checkpoint.
+//!   Lambda then retries all records starting from that checkpoint." (Lambda developer guide,
+//!   "Configuring partial batch response" for Kinesis and DynamoDB event sources). So every failed
+//!   record is listed, and of the records not reached only the lowest is needed, when no failure
+//!   comes before it.
 //! - **SQS**: each listed message is retried on its own and every other message is deleted, so
-//!   every failed AND every message not reached is listed. AWS: "If you're using an SQS FIFO
-//!   queue, your function should stop processing messages after the first failure and return all
-//!   failed and unprocessed messages in `batchItemFailures`" (Lambda developer guide,
-//!   "Implementing partial batch responses", services-sqs-errorhandling).
+//!   every failed AND every message not reached is listed. AWS: "If you're using this feature with
+//!   a FIFO queue, your function should stop processing messages after the first failure and
+//!   return all failed and unprocessed messages in batchItemFailures. This helps preserve the
+//!   ordering of messages in your queue." (Lambda developer guide, "Handling errors for an SQS
+//!   event source in Lambda", services-sqs-errorhandling.html, "Implementing partial batch
+//!   responses").
 //!
 //! Source modules: [`kinesis`] (feature `kinesis`), [`dynamodb`] (feature `dynamodb`),
 //! [`sqs`] (feature `sqs`).

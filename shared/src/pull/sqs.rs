@@ -2,10 +2,12 @@
 //! queue rule (every failed and every unprocessed message listed).
 //!
 //! FIFO queues (an `eventSourceARN` ending in `.fifo`) keep order per message group: processed
-//! in order, the batch stops at the first failure (AWS: "your function should stop processing
-//! messages after the first failure and return all failed and unprocessed messages in
-//! `batchItemFailures`", services-sqs-errorhandling); with [`Options::per_key`], groups run
-//! concurrently and a failure stops only the rest of its group.
+//! in order, the batch stops at the first failure (AWS: "If you're using this feature with a FIFO
+//! queue, your function should stop processing messages after the first failure and return all
+//! failed and unprocessed messages in batchItemFailures", Lambda developer guide,
+//! services-sqs-errorhandling.html); with [`Options::per_key`], groups run concurrently and a
+//! failure stops only the rest of its group (what Powertools calls `skip_group_on_error`: other
+//! groups' order is not at stake).
 //!
 //! ```
 //! use pushpull::pull::{sqs, Options};
