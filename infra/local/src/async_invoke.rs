@@ -274,7 +274,7 @@ async fn one_event(s: &Shared, body: String, receipt: &str, queued_at: f64) -> R
         }
         // Keep the message hidden for this attempt (and the wait after it).
         let hold = s.settings.delay(attempts).as_secs() + 900 + 60;
-        let _ = s
+        if let Err(e) = s
             .clients
             .sqs
             .change_message_visibility()
@@ -282,7 +282,12 @@ async fn one_event(s: &Shared, body: String, receipt: &str, queued_at: f64) -> R
             .receipt_handle(receipt)
             .visibility_timeout(hold.min(43_200) as i32)
             .send()
-            .await;
+            .await
+        {
+            // The delivery goes on; the message may show again before it settles and be delivered
+            // a second time (at least once, as AWS's async invoke is).
+            warn!(request_id, error = %pushpull::aws::describe(&e), "could not extend the message's visibility; it may be delivered again meanwhile");
+        }
         let invoked = match s.invoker.invoke(&s.settings.function_name, payload.clone()).await {
             Ok(i) => i,
             Err(e) if e.is_throttle() => {

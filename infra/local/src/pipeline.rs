@@ -292,23 +292,21 @@ pub async fn quarantine(local: &Local, r: &Resources) -> Result<Vec<Value>, Pipe
     Ok(out)
 }
 
-/// Messages now in a queue.
-pub async fn queue_depth(local: &Local, url: Option<&str>) -> u64 {
-    let Some(url) = url else { return 0 };
+/// Messages now in a queue (none for no queue). A failed read is an error, never 0: the summary
+/// must not report an empty failure queue it could not see.
+pub async fn queue_depth(local: &Local, url: Option<&str>) -> Result<u64, PipelineError> {
+    let Some(url) = url else { return Ok(0) };
+    let attribute = aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages;
     let out = local
         .sqs
         .get_queue_attributes()
         .queue_url(url)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(attribute.clone())
         .send()
-        .await;
-    out.ok()
-        .and_then(|o| {
-            o.attributes()
-                .and_then(|a| a.get(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages).cloned())
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .await
+        .map_err(|e| PipelineError::new(&format!("GetQueueAttributes {url}"), pushpull::aws::describe(&e)))?;
+    let value = out.attributes().and_then(|a| a.get(&attribute)).map(String::as_str).unwrap_or("0");
+    value.parse().map_err(|e| PipelineError::new(&format!("ApproximateNumberOfMessages of {url} ({value:?})"), e))
 }
 
 /// Uploads the files of `expected` under the input prefix; returns (key, upload time) per file.
@@ -671,8 +669,8 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         outputs,
         quarantined: quarantine(&local, &r).await?,
         failure_queues: (
-            queue_depth(&local, r.push_failure_queue.as_deref()).await,
-            queue_depth(&local, r.pull_failure_queue.as_deref()).await,
+            queue_depth(&local, r.push_failure_queue.as_deref()).await?,
+            queue_depth(&local, r.pull_failure_queue.as_deref()).await?,
         ),
         latency_ms: percentiles(latencies),
         elapsed: started.elapsed(),

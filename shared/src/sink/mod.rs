@@ -270,12 +270,20 @@ impl<S: RecordSink> Producer<S> {
             report.calls += 1;
             let (code, message) = match self.sink.put_records(&pending).await {
                 Ok(outcome) => {
-                    for (shard, seq) in outcome.last_written {
-                        if let Ok(seq) = seq.parse::<SequenceNumber>() {
-                            let slot = report.positions.entry(shard).or_insert_with(|| seq.clone());
-                            if seq > *slot {
-                                *slot = seq;
-                            }
+                    for (shard, text) in outcome.last_written {
+                        let Ok(seq) = text.parse::<SequenceNumber>() else {
+                            // Kinesis never answers such a number; a sink of one's own might. The
+                            // position is then unknown: a crash's read-back starts from the time.
+                            tracing::warn!(
+                                shard,
+                                sequence_number = text,
+                                "the sink answered a sequence number that is not one; the shard's position is not recorded"
+                            );
+                            continue;
+                        };
+                        let slot = report.positions.entry(shard).or_insert_with(|| seq.clone());
+                        if seq > *slot {
+                            *slot = seq;
                         }
                     }
                     let Some(last) = outcome.failed.last() else { break };
