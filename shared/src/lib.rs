@@ -19,6 +19,7 @@
 //! | [`quarantine`] | core | where bad input goes, with its reason |
 //! | [`config`] | core | settings from environment variables, every problem reported at once |
 //! | [`invocation`] | core | request id and time left |
+//! | [`error`] | core | error chains on one line, panic messages |
 //! | [`pull`] | core; `kinesis`, `dynamodb`, `sqs` | one handler per record, partial batch responses, deadlines |
 //! | [`kinesis_event`] | `kinesis` | Kinesis events read without copying |
 //! | [`s3_notification`] | `push` | S3 notifications: test events, URL-decoded keys, sequencers |

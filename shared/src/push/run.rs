@@ -251,6 +251,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
                                     self.sent.records += 1;
                                     continue;
                                 }
+                                // Pushed without an await: a future per record costs (BENCHMARKS.md).
                                 if self.push_record(record) {
                                     self.send_ready().await?;
                                 }
@@ -301,7 +302,9 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
                         self.found_written += 1;
                         self.sent.records += 1;
                     } else {
-                        self.add_record(record).await?;
+                        if self.push_record(record) {
+                            self.send_ready().await?;
+                        }
                     }
                 }
             }
@@ -342,14 +345,6 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         }
         info!(bucket = %ev.bucket, key = %ev.key, after_line = self.progress.lines_done, "resuming an interrupted object");
         Ok(Written { by_key })
-    }
-
-    /// Adds a record to the batcher and sends whatever batches are full.
-    async fn add_record(&mut self, record: OutRecord) -> Result<(), ObjectError> {
-        if self.push_record(record) {
-            self.send_ready().await?;
-        }
-        Ok(())
     }
 
     /// Adds a record to the batcher (no await: this runs for every line); whether a batch is full.
