@@ -135,11 +135,14 @@ pub struct DeliveryOptions {
     pub stop_when_idle: Option<Duration>,
     /// Each successful invocation's event and response, for whoever runs this.
     pub responses: Option<mpsc::UnboundedSender<(Value, Bytes)>>,
+    /// Events duplicated and delivered out of order at its rates (AWS: async invoke is at least
+    /// once and not ordered).
+    pub realism: Option<Arc<crate::realism::Realism>>,
 }
 
 impl Default for DeliveryOptions {
     fn default() -> Self {
-        DeliveryOptions { concurrency: 4, stop_when_idle: None, responses: None }
+        DeliveryOptions { concurrency: 4, stop_when_idle: None, responses: None, realism: None }
     }
 }
 
@@ -175,6 +178,41 @@ impl Shared {
             *t = Instant::now();
         }
     }
+}
+
+/// The realism layer's S3 event faults: a duplicate put back in the queue (delivered again
+/// later), or the event itself put back with a delay and taken off now (delivered after events
+/// that came later). Returns whether the event was put back instead of being delivered now.
+async fn disorder(
+    r: &crate::realism::Realism,
+    sqs: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    m: &aws_sdk_sqs::types::Message,
+) -> bool {
+    let rates = &r.config().rates;
+    let body = m.body().unwrap_or_default();
+    let again = |delay: i32| sqs.send_message().queue_url(queue_url).message_body(body).delay_seconds(delay).send();
+    if r.fire("s3.event.reordered", rates.s3_reorder) {
+        let delay = 1 + (r.draw("s3.event.reordered.delay") * 4.0) as i32;
+        match again(delay).await {
+            Ok(_) => {
+                let receipt = m.receipt_handle().unwrap_or_default();
+                if let Err(e) = sqs.delete_message().queue_url(queue_url).receipt_handle(receipt).send().await {
+                    // Left in the queue, it comes back after its visibility timeout: a duplicate.
+                    warn!(error = %pushpull::aws::describe(&e), "realism: a held-back event's original could not be deleted");
+                }
+                return true;
+            }
+            Err(e) => warn!(error = %pushpull::aws::describe(&e), "realism: could not hold an event back"),
+        }
+    }
+    if r.fire("s3.event.duplicated", rates.s3_duplicate) {
+        let delay = (r.draw("s3.event.duplicated.delay") * 3.0) as i32;
+        if let Err(e) = again(delay).await {
+            warn!(error = %pushpull::aws::describe(&e), "realism: could not duplicate an event");
+        }
+    }
+    false
 }
 
 /// Delivers the S3 events of `queue_url` to the function until `stop` (or idle).
@@ -230,6 +268,11 @@ pub async fn deliver(
         };
         drop(permit);
         for m in got.messages() {
+            if let Some(r) = &options.realism
+                && disorder(r, &shared.clients.sqs, queue_url, m).await
+            {
+                continue;
+            }
             let Ok(permit) = slots.clone().acquire_owned().await else { break };
             shared.touch();
             shared.count(|s| s.events += 1);

@@ -6,6 +6,9 @@ use pushpull::store::{Location, Store};
 use pushpull_local::invoke::{InvokeClient, InvokeServer};
 use pushpull_local::localstack::{ACCOUNT, Local, REGION, function_env};
 use pushpull_local::mapping::{Clients, RawSettings, Runner, RunnerOptions};
+use pushpull_local::realism::Realism;
+use pushpull_local::realism::iam::Policies;
+use pushpull_local::realism::proxy::RealismProxy;
 use pushpull_local::runtime_api::FunctionSpec;
 use pushpull_local::template::Template;
 
@@ -28,6 +31,35 @@ pub struct TemplateArgs {
 impl TemplateArgs {
     fn load(&self) -> Result<Template, Error> {
         Ok(Template::load(&self.template, &self.stack_name, &self.parameter_overrides)?)
+    }
+}
+
+/// How unkind the local world is (`pushpull_local::realism`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct RealismArgs {
+    /// AWS's limits and faults in front of LocalStack: `aws` (Kinesis's shard limits, iterator
+    /// expiry, the template's IAM roles, Lambda's concurrency), `storm` (those plus every fault
+    /// at high rates: empty pages, expired iterators, S3 SlowDown and cut bodies, duplicated and
+    /// reordered S3 events, Invoke 429s, a shard split mid-run), or `off`.
+    #[arg(long, default_value = "off", env = "PUSHPULL_REALISM")]
+    pub realism: pushpull_local::realism::Profile,
+    /// Seed of every random decision (default: a new one, printed so the run can be replayed).
+    #[arg(long, env = "PUSHPULL_SEED")]
+    pub seed: Option<u64>,
+}
+
+impl RealismArgs {
+    /// The settings, with the seed printed when the profile is on.
+    pub fn config(&self) -> pushpull_local::realism::RealismConfig {
+        let seed = self.seed.unwrap_or_else(|| fastrand::u64(..1_000_000));
+        let config = pushpull_local::realism::RealismConfig::new(self.realism, seed);
+        if config.is_on() {
+            eprintln!(
+                "realism: profile {}, seed {seed} (replay with --realism {} --seed {seed})",
+                self.realism, self.realism
+            );
+        }
+        config
     }
 }
 
@@ -165,6 +197,8 @@ pub struct EsmArgs {
     /// reads them) instead of LocalStack.
     #[arg(long)]
     aws: bool,
+    #[command(flatten)]
+    realism: RealismArgs,
 }
 
 pub async fn esm(args: EsmArgs) -> Result<(), Error> {
@@ -194,7 +228,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         RawSettings::from_template(&t, args.function.as_deref())?.overlay(flags)
     };
     let settings = raw.validate()?;
-    let clients = if args.aws {
+    let mut clients = if args.aws {
         let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         Clients {
             kinesis: aws_sdk_kinesis::Client::new(&config),
@@ -204,6 +238,19 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     } else {
         Clients::from(&Local::connect().await?)
     };
+    let realism = std::sync::Arc::new(Realism::new(args.realism.config()));
+    let mut proxy = None;
+    if realism.config().is_on() && !args.aws {
+        // The mapping reads through the realism proxy with its function's role, as AWS's does.
+        let policies = match args.no_template {
+            true => Policies::default(),
+            false => Policies::from_template(&args.template.load()?)?,
+        };
+        let p = RealismProxy::start(realism.clone(), policies.clone(), &pushpull_local::localstack::endpoint()).await?;
+        let key = policies.key_of_function(&settings.function_name).filter(|_| realism.config().iam);
+        clients.kinesis = Local::at(&p.endpoint(), key.as_deref().unwrap_or("test")).await.kinesis;
+        proxy = Some(p);
+    }
     let home = std::env::var("PUSHPULL_HOME").map(PathBuf::from).unwrap_or_else(|_| {
         PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/pushpull")
     });
@@ -232,6 +279,9 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     });
     let summary = Runner::run(settings, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?;
     println!("esm summary\n{summary}");
+    if let Some(p) = &proxy {
+        print!("{}", p.realism().faults());
+    }
     if let Some(path) = args.summary_json {
         std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
     }

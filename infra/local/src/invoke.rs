@@ -143,6 +143,18 @@ impl InvokeServer {
     /// Serves `functions` (by their names) on 127.0.0.1:`port` (0: any free port), at most
     /// `concurrency` sandboxes per function.
     pub async fn start(functions: Vec<FunctionSpec>, port: u16, concurrency: usize) -> std::io::Result<Self> {
+        Self::start_with(functions, port, concurrency, None).await
+    }
+
+    /// As [`InvokeServer::start`], with AWS's throttling from `realism`: `429
+    /// TooManyRequestsException` at its rate, and at once (not queued) when a function already
+    /// runs `concurrency` invocations, as AWS answers past a function's concurrency.
+    pub async fn start_with(
+        functions: Vec<FunctionSpec>,
+        port: u16,
+        concurrency: usize,
+        realism: Option<Arc<crate::realism::Realism>>,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         let pools: HashMap<String, Arc<Pool>> = functions
@@ -157,7 +169,7 @@ impl InvokeServer {
             })
             .collect();
         let pools = Arc::new(pools);
-        let server = tokio::spawn(accept(listener, pools.clone()));
+        let server = tokio::spawn(accept(listener, pools.clone(), realism));
         Ok(InvokeServer { addr, pools, server })
     }
 
@@ -192,13 +204,16 @@ impl Drop for InvokeServer {
     }
 }
 
-async fn accept(listener: TcpListener, pools: Arc<HashMap<String, Arc<Pool>>>) {
+type Realism = Option<Arc<crate::realism::Realism>>;
+
+async fn accept(listener: TcpListener, pools: Arc<HashMap<String, Arc<Pool>>>, realism: Realism) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let _ = stream.set_nodelay(true);
         let pools = pools.clone();
+        let realism = realism.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| route(req, pools.clone()));
+            let service = hyper::service::service_fn(move |req| route(req, pools.clone(), realism.clone()));
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
@@ -223,9 +238,25 @@ fn aws_error(kind: &str, message: &str) -> String {
     serde_json::json!({ "Type": "User", "message": message, "__type": kind }).to_string()
 }
 
+/// AWS's answer past a function's concurrency or rate (Lambda API reference, Invoke:
+/// `TooManyRequestsException`, "The request throughput limit was exceeded", HTTP 429, with a
+/// `Reason`).
+fn throttled(request_id: &str, reason: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({
+        "Type": "User",
+        "message": "Rate Exceeded.",
+        "Reason": reason,
+        "__type": "TooManyRequestsException",
+    });
+    let mut r = reply(StatusCode::TOO_MANY_REQUESTS, body.to_string(), request_id, false);
+    r.headers_mut().insert("x-amzn-errortype", hyper::header::HeaderValue::from_static("TooManyRequestsException"));
+    r
+}
+
 async fn route(
     req: Request<Incoming>,
     pools: Arc<HashMap<String, Arc<Pool>>>,
+    realism: Realism,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_owned();
     let request_id = uuid::Uuid::new_v4().to_string();
@@ -275,7 +306,23 @@ async fn route(
             false,
         ));
     }
-    let Ok(_permit) = pool.slots.acquire().await else {
+    if let Some(r) = &realism
+        && r.fire("lambda.invoke.throttled", r.config().rates.lambda_throttle)
+    {
+        return Ok(throttled(&request_id, "CallerRateLimitExceeded"));
+    }
+    let permit = match &realism {
+        Some(r) if r.config().function_concurrency.is_some() => match pool.slots.try_acquire() {
+            Ok(p) => Ok(p),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                r.count("lambda.invoke.concurrency", 1);
+                return Ok(throttled(&request_id, "ReservedFunctionConcurrentInvocationLimitExceeded"));
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => Err(()),
+        },
+        _ => pool.slots.acquire().await.map_err(|_| ()),
+    };
+    let Ok(_permit) = permit else {
         return Ok(reply(
             StatusCode::TOO_MANY_REQUESTS,
             aws_error("TooManyRequestsException", "closed"),

@@ -10,5 +10,6 @@ pub mod invoke;
 pub mod localstack;
 pub mod mapping;
 pub mod pipeline;
+pub mod realism;
 pub mod runtime_api;
 pub mod template;

@@ -55,16 +55,7 @@ impl Local {
     /// Clients for LocalStack; fails clearly when it is not running (never skips).
     pub async fn connect() -> Result<Self, NotRunning> {
         let endpoint = endpoint();
-        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .endpoint_url(&endpoint)
-            .region(aws_config::Region::new(REGION))
-            .credentials_provider(aws_sdk_s3::config::Credentials::new("test", "test", None, None, "local"))
-            .load()
-            .await;
-        let s3 =
-            aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
-        let local =
-            Local { s3, kinesis: aws_sdk_kinesis::Client::new(&config), sqs: aws_sdk_sqs::Client::new(&config) };
+        let local = Local::at(&endpoint, "test").await;
         local
             .kinesis
             .list_streams()
@@ -72,6 +63,20 @@ impl Local {
             .await
             .map_err(|e| NotRunning { endpoint: endpoint.clone(), reason: pushpull::aws::describe(&e) })?;
         Ok(local)
+    }
+
+    /// Clients for `endpoint` (LocalStack, or the realism proxy in front of it) signing with
+    /// `access_key` (a role's key, for the proxy's IAM checks); nothing is called.
+    pub async fn at(endpoint: &str, access_key: &str) -> Self {
+        let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(endpoint)
+            .region(aws_config::Region::new(REGION))
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(access_key, "test", None, None, "local"))
+            .load()
+            .await;
+        let s3 =
+            aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
+        Local { s3, kinesis: aws_sdk_kinesis::Client::new(&config), sqs: aws_sdk_sqs::Client::new(&config) }
     }
 
     /// Creates `bucket` if missing.

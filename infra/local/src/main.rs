@@ -51,6 +51,8 @@ struct RunArgs {
     /// Echo the functions' own log lines.
     #[arg(long)]
     verbose: bool,
+    #[command(flatten)]
+    realism: cli::RealismArgs,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -82,6 +84,7 @@ async fn run_pipeline(args: RunArgs) -> Result<(), Error> {
         verbose: args.verbose,
         timeout: Duration::from_secs(args.timeout),
         keep_running: args.keep_running,
+        realism: args.realism.config(),
         ..PipelineConfig::new(args.template.template, args.template.stack_name, args.input_dir)
     };
     let report = run(config).await?;

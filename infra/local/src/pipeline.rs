@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kinesis_rollup::Sum;
@@ -20,6 +21,9 @@ use crate::async_invoke::{AsyncSettings, AsyncSummary, DeliveryOptions};
 use crate::invoke::InvokeServer;
 use crate::localstack::{ACCOUNT, Local, REGION, function_env};
 use crate::mapping::{Clients, Delivered, RawSettings, Runner, RunnerOptions, Summary};
+use crate::realism::iam::Policies;
+use crate::realism::proxy::RealismProxy;
+use crate::realism::{FaultTable, Realism, RealismConfig};
 use crate::runtime_api::{FunctionSpec, workspace_binary};
 use crate::template::{Template, scalar};
 
@@ -361,6 +365,8 @@ pub struct PipelineConfig {
     /// The mapping's wait between polls of a shard that is caught up but receiving
     /// ([`RunnerOptions::caught_up_poll`]).
     pub caught_up_poll: Duration,
+    /// AWS's limits and faults ([`crate::realism`]); off by default.
+    pub realism: RealismConfig,
 }
 
 impl PipelineConfig {
@@ -380,6 +386,7 @@ impl PipelineConfig {
             timeout: Duration::from_secs(900),
             keep_running: false,
             caught_up_poll: Duration::from_millis(200),
+            realism: RealismConfig::new(crate::realism::Profile::Off, 0),
         }
     }
 }
@@ -415,6 +422,8 @@ pub struct Report {
     pub latency_ms: [f64; 4],
     /// Wall time.
     pub elapsed: Duration,
+    /// What the realism layer injected (none when it was off).
+    pub faults: Option<FaultTable>,
 }
 
 impl Report {
@@ -516,7 +525,15 @@ impl std::fmt::Display for Report {
         if self.rollup.len() > 20 {
             writeln!(f, "                   ... {} more groups", self.rollup.len() - 20)?;
         }
-        Ok(())
+        if let Some(faults) = &self.faults {
+            write!(f, "{faults}")?;
+        }
+        match self.check() {
+            Ok(()) => {
+                writeln!(f, "  totals           exact: the rollup equals the input, every bad line quarantined once")
+            }
+            Err(e) => writeln!(f, "  totals           NOT exact: {e}"),
+        }
     }
 }
 
@@ -546,9 +563,35 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let sum_field = t.parameters.get("SumField").cloned().unwrap_or_default();
     let expected = expected(&config.input_dir, &group_by, &sum_field)?;
 
-    let specs = template_specs(&t, &config.extra_env, config.verbose)?;
-    let server = InvokeServer::start(specs, 0, 10).await.map_err(|e| PipelineError::new("Invoke API server", e))?;
-    let clients = Clients::from(&local);
+    let mut specs = template_specs(&t, &config.extra_env, config.verbose)?;
+    let realism = Arc::new(Realism::new(config.realism.clone()));
+    let proxy = match config.realism.is_on() {
+        true => {
+            let policies = Policies::from_template(&t).map_err(|e| PipelineError::new("template roles", e))?;
+            let proxy = RealismProxy::start(realism.clone(), policies.clone(), &crate::localstack::endpoint())
+                .await
+                .map_err(|e| PipelineError::new("realism proxy", e))?;
+            for spec in &mut specs {
+                spec.env.push(("AWS_ENDPOINT_URL".into(), proxy.endpoint()));
+                if let Some(key) = policies.key_of_function(&spec.name).filter(|_| config.realism.iam) {
+                    spec.env.push(("AWS_ACCESS_KEY_ID".into(), key));
+                }
+            }
+            Some((proxy, policies))
+        }
+        false => None,
+    };
+    let throttling = config.realism.is_on().then(|| realism.clone());
+    let server = InvokeServer::start_with(specs, 0, 10, throttling.clone())
+        .await
+        .map_err(|e| PipelineError::new("Invoke API server", e))?;
+    let mut clients = Clients::from(&local);
+    if let Some((proxy, policies)) = &proxy {
+        // The mapping reads the stream as AWS's does: with the function's role, under the
+        // shard's limits (shared with every other reader).
+        let key = policies.key_of_function(&r.pull_function).filter(|_| config.realism.iam);
+        clients.kinesis = Local::at(&proxy.endpoint(), key.as_deref().unwrap_or("test")).await.kinesis;
+    }
 
     let settings = RawSettings::from_template(&t, None)
         .map_err(|e| PipelineError::new("template", e))?
@@ -567,13 +610,26 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let delivery = {
         let (clients, invoker, queue) = (clients.clone(), server.client(), r.s3_events_queue.clone());
-        let options = DeliveryOptions { responses: Some(responses_tx), ..Default::default() };
+        let options = DeliveryOptions { responses: Some(responses_tx), realism: throttling, ..Default::default() };
         tokio::spawn(
             async move { crate::async_invoke::deliver(push, clients, invoker, &queue, options, stop_rx).await },
         )
     };
 
     let uploads = upload(&local, &r, &expected.files).await?;
+    let reshard = config.realism.reshard_after.map(|after| {
+        let (local, stream, realism) = (local.clone(), r.stream.clone(), realism.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            match split_a_shard(&local, &stream).await {
+                Ok(shard) => {
+                    realism.count("kinesis.reshard", 1);
+                    tracing::info!(stream, shard, "realism: split a shard mid-run");
+                }
+                Err(e) => tracing::warn!(stream, error = %e, "realism: could not split a shard"),
+            }
+        })
+    });
     let mut summaries: HashMap<String, Value> = HashMap::new();
     let mut latencies = Vec::new();
     let mut last_progress = Instant::now();
@@ -583,7 +639,11 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             let v: Value = serde_json::from_slice(&response).unwrap_or(Value::Null);
             for o in v["objects"].as_array().into_iter().flatten() {
                 if let Some(k) = o["key"].as_str() {
-                    summaries.insert(k.to_owned(), o.clone());
+                    // A duplicate event's `already_done` does not replace the run that processed it.
+                    let processed = summaries.get(k).is_some_and(|s| s["outcome"] == "processed");
+                    if !processed || o["outcome"] == "processed" {
+                        summaries.insert(k.to_owned(), o.clone());
+                    }
                 }
             }
         }
@@ -647,6 +707,9 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         );
         let _ = tokio::signal::ctrl_c().await;
     }
+    if let Some(r) = reshard {
+        r.abort();
+    }
     let _ = stop_tx.send(true);
     let delivery = delivery.await.map_err(|e| PipelineError::new("S3 event delivery", e))?;
     let mapping = mapping.stop().await;
@@ -674,5 +737,88 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         ),
         latency_ms: percentiles(latencies),
         elapsed: started.elapsed(),
+        faults: proxy.map(|(p, _)| p.realism().faults()),
     })
+}
+
+/// Splits the first open shard of `stream` in two at the middle of its hash key range (AWS:
+/// `SplitShard`); returns the shard split.
+pub async fn split_a_shard(local: &Local, stream: &str) -> Result<String, String> {
+    let listed = local
+        .kinesis
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .map_err(|e| format!("ListShards {stream}: {}", pushpull::aws::describe(&e)))?;
+    let shard = listed
+        .shards()
+        .iter()
+        .find(|s| s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none())
+        .ok_or_else(|| format!("{stream} has no open shard"))?;
+    let range = shard.hash_key_range().ok_or("a shard without a hash key range")?;
+    let (start, end): (u128, u128) = (
+        range.starting_hash_key().parse().map_err(|e| format!("hash key: {e}"))?,
+        range.ending_hash_key().parse().map_err(|e| format!("hash key: {e}"))?,
+    );
+    let middle = start + (end - start) / 2 + 1;
+    local
+        .kinesis
+        .split_shard()
+        .stream_name(stream)
+        .shard_to_split(shard.shard_id())
+        .new_starting_hash_key(middle.to_string())
+        .send()
+        .await
+        .map_err(|e| format!("SplitShard {stream}/{}: {}", shard.shard_id(), pushpull::aws::describe(&e)))?;
+    Ok(shard.shard_id().to_owned())
+}
+
+/// How many times each record's data (by xxh3) is in the stream, every shard read from its
+/// start (closed parents included): the line identities a test checks "exactly once" against.
+pub async fn stream_records(local: &Local, stream: &str) -> Result<HashMap<u64, u32>, PipelineError> {
+    use aws_sdk_kinesis::types::ShardIteratorType;
+    let mut counts = HashMap::new();
+    let mut token = None;
+    loop {
+        let mut req = local.kinesis.list_shards();
+        req = match &token {
+            Some(t) => req.next_token(t),
+            None => req.stream_name(stream),
+        };
+        let listed = req.send().await.map_err(|e| PipelineError::new("ListShards", pushpull::aws::describe(&e)))?;
+        for shard in listed.shards() {
+            let it = local
+                .kinesis
+                .get_shard_iterator()
+                .stream_name(stream)
+                .shard_id(shard.shard_id())
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .map_err(|e| PipelineError::new("GetShardIterator", pushpull::aws::describe(&e)))?;
+            let mut it = it.shard_iterator().map(str::to_owned);
+            while let Some(i) = it {
+                let out = local
+                    .kinesis
+                    .get_records()
+                    .shard_iterator(i)
+                    .limit(10_000)
+                    .send()
+                    .await
+                    .map_err(|e| PipelineError::new("GetRecords", pushpull::aws::describe(&e)))?;
+                for r in out.records() {
+                    *counts.entry(xxhash_rust::xxh3::xxh3_64(r.data().as_ref())).or_default() += 1;
+                }
+                if out.records().is_empty() && out.millis_behind_latest().unwrap_or(0) == 0 {
+                    break;
+                }
+                it = out.next_shard_iterator().map(str::to_owned);
+            }
+        }
+        token = listed.next_token().map(str::to_owned);
+        if token.is_none() {
+            return Ok(counts);
+        }
+    }
 }

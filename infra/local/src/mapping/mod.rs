@@ -509,6 +509,7 @@ impl Runner {
         let mut shards: Vec<ShardInfo> = Vec::new();
         let mut next_listing = Instant::now();
         let mut evaluate = true;
+        let mut awaiting: HashSet<String> = HashSet::new();
         loop {
             if *stop.borrow() {
                 break;
@@ -573,6 +574,10 @@ impl Runner {
                         p => p,
                     };
                     running.insert(s.id.clone());
+                    // Not caught up until its first read says so.
+                    if let Ok(mut c) = ctx.caught_up.lock() {
+                        c.insert(s.id.clone(), None);
+                    }
                     ctx.stats().counts.shards_started += 1;
                     let (ctx2, id) = (ctx.clone(), s.id.clone());
                     tasks.spawn(async move {
@@ -581,6 +586,17 @@ impl Runner {
                     });
                 }
                 first_listing = false;
+                // A shard read to its end counts as not caught up until its children run: the
+                // records written after a split are in shards not read yet.
+                awaiting.retain(|id| {
+                    let waiting = shards
+                        .iter()
+                        .any(|c| c.parents.contains(id) && !running.contains(&c.id) && !finished.contains(&c.id));
+                    if !waiting && let Ok(mut c) = ctx.caught_up.lock() {
+                        c.remove(id);
+                    }
+                    waiting
+                });
             }
             let idle_check = ctx.options.stop_when_idle;
             tokio::select! {
@@ -588,7 +604,10 @@ impl Runner {
                     Some(Ok((id, Ok(())))) => {
                         info!(shard_id = %id, "shard finished");
                         running.remove(&id);
-                        finished.insert(id);
+                        finished.insert(id.clone());
+                        awaiting.insert(id);
+                        // List again now: its children (if it was split or merged) start at once.
+                        next_listing = Instant::now();
                         ctx.stats().counts.shards_finished += 1;
                         evaluate = true;
                     }

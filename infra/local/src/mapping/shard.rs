@@ -235,8 +235,10 @@ async fn read(
             Some(next) if !next.is_empty() => it = next.to_owned(),
             _ => {
                 info!(shard_id = %shard, "shard closed: read to its end");
+                // Not caught up: its children are still to be read (the supervisor clears this
+                // once they run).
                 if let Ok(mut c) = ctx.caught_up.lock() {
-                    c.remove(&*shard);
+                    c.insert(shard.to_string(), None);
                 }
                 status.send_replace(ReaderStatus { caught_up_at: f64::INFINITY });
                 return Ok(()); // dropping the senders ends the lanes once they are done
