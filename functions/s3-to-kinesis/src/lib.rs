@@ -24,6 +24,10 @@ pub struct Settings {
     /// `PUSHPULL_INJECT_PUT_FAILURES` (feature `fault-injection`): fraction of PutRecords entries
     /// to fail on purpose, as throttling would.
     pub inject_put_failures: f64,
+    /// `PUSHPULL_INJECT_CRASH_ONCE=<marker file>:<records>` (feature `fault-injection`): abort
+    /// the process once `records` records have been sent by it, if the marker file does not
+    /// exist yet (it is created first, so only one process of a run crashes).
+    pub inject_crash_once: Option<(std::path::PathBuf, u64)>,
 }
 
 impl Settings {
@@ -40,8 +44,9 @@ impl Settings {
         let push = PushSettings::read(&mut env);
         let partition_key_field = env.optional("PARTITION_KEY_FIELD");
         let inject_put_failures = inject_put_failures(&mut env);
+        let inject_crash_once = inject_crash_once(&mut env);
         env.finish()?;
-        Ok(Settings { push, stream_name, partition_key_field, inject_put_failures })
+        Ok(Settings { push, stream_name, partition_key_field, inject_put_failures, inject_crash_once })
     }
 }
 
@@ -52,6 +57,30 @@ fn inject_put_failures(env: &mut Env) -> f64 {
         env.invalid("PUSHPULL_INJECT_PUT_FAILURES", f.to_string(), "a fraction from 0 to 1");
     }
     f
+}
+
+#[cfg(feature = "fault-injection")]
+fn inject_crash_once(env: &mut Env) -> Option<(std::path::PathBuf, u64)> {
+    let v = env.optional("PUSHPULL_INJECT_CRASH_ONCE")?;
+    match v.rsplit_once(':').and_then(|(p, n)| Some((std::path::PathBuf::from(p), n.parse().ok()?))) {
+        Some(x) => Some(x),
+        None => {
+            env.invalid("PUSHPULL_INJECT_CRASH_ONCE", v, "<marker file>:<records>");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn inject_crash_once(env: &mut Env) -> Option<(std::path::PathBuf, u64)> {
+    if let Some(v) = env.optional("PUSHPULL_INJECT_CRASH_ONCE") {
+        env.invalid(
+            "PUSHPULL_INJECT_CRASH_ONCE",
+            v,
+            "unset: this build has no fault injection (feature fault-injection)",
+        );
+    }
+    None
 }
 
 #[cfg(not(feature = "fault-injection"))]
@@ -89,7 +118,8 @@ pub type Handler = PushHandler<Sink, JsonLines, S3Source>;
 pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Handler {
     let sink = KinesisSink::new(aws.kinesis().await.clone(), &settings.stream_name);
     #[cfg(feature = "fault-injection")]
-    let sink = faults::FaultInjectingSink::new(sink, settings.inject_put_failures);
+    let sink = faults::FaultInjectingSink::new(sink, settings.inject_put_failures)
+        .crash_once(settings.inject_crash_once.clone());
     let quarantine = Store::connect(&settings.push.quarantine, aws).await;
     let checkpoints = Store::connect(&settings.push.checkpoint, aws).await;
     let source = S3Source::new(aws.s3().await.clone());
@@ -111,12 +141,37 @@ pub mod faults {
     pub struct FaultInjectingSink<S> {
         inner: S,
         fail_fraction: f64,
+        crash_once: Option<(std::path::PathBuf, u64)>,
+        sent: std::sync::atomic::AtomicU64,
     }
 
     impl<S> FaultInjectingSink<S> {
         /// Fails each entry with probability `fail_fraction` (0.0 to 1.0).
         pub fn new(inner: S, fail_fraction: f64) -> Self {
-            FaultInjectingSink { inner, fail_fraction: fail_fraction.clamp(0.0, 1.0) }
+            FaultInjectingSink {
+                inner,
+                fail_fraction: fail_fraction.clamp(0.0, 1.0),
+                crash_once: None,
+                sent: Default::default(),
+            }
+        }
+
+        /// Aborts the process (as a crash would) once this sink has sent `records`, if `marker`
+        /// does not exist yet; creates it first, so one process of a run crashes.
+        pub fn crash_once(mut self, at: Option<(std::path::PathBuf, u64)>) -> Self {
+            self.crash_once = at;
+            self
+        }
+
+        fn maybe_crash(&self, sent_now: usize) {
+            let total = self.sent.fetch_add(sent_now as u64, std::sync::atomic::Ordering::SeqCst) + sent_now as u64;
+            if let Some((marker, at)) = &self.crash_once
+                && total >= *at
+                && std::fs::OpenOptions::new().write(true).create_new(true).open(marker).is_ok()
+            {
+                eprintln!("fault injection: aborting after {total} records sent (PUSHPULL_INJECT_CRASH_ONCE)");
+                std::process::abort();
+            }
         }
     }
 
@@ -127,7 +182,9 @@ pub mod faults {
 
         async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
             if self.fail_fraction <= 0.0 {
-                return self.inner.put_records(records).await;
+                let out = self.inner.put_records(records).await?;
+                self.maybe_crash(records.len() - out.failed.len());
+                return Ok(out);
             }
             let fail: Vec<bool> = records.iter().map(|_| fastrand::f64() < self.fail_fraction).collect();
             let passed: Vec<usize> = (0..records.len()).filter(|&i| !fail[i]).collect();

@@ -249,6 +249,19 @@ impl<S: CheckpointStore> Leases<S> {
         self.checkpoints.replace(&Self::object_id(ev).0, progress, version).await
     }
 
+    /// Extends the lease without moving the checkpoint: `checkpointed_at_ms` stays, so that the
+    /// read-back window of an interrupted run still starts at its last checkpoint. A conflict
+    /// means another invocation took the object over: the caller must stop sending at once.
+    pub async fn renew(
+        &self,
+        ev: &ObjectEvent,
+        progress: &mut ObjectProgress,
+        version: &Etag,
+    ) -> Result<Etag, CheckpointError> {
+        progress.lease_until_ms = now_ms() + self.lease.as_millis() as u64;
+        self.checkpoints.replace(&Self::object_id(ev).0, progress, version).await
+    }
+
     /// Ends the lease now (after a failed invocation), so that a retry takes the object over at
     /// once instead of answering busy until the lease runs out. The progress stays.
     pub async fn release(

@@ -67,10 +67,10 @@
 //! assert_eq!(handler.sink().0.lock().unwrap().len(), 2);
 //! # });
 //! ```
-use std::time::Instant as StdInstant;
+use std::time::{Duration, Instant as StdInstant};
 
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::checkpoint::{CheckpointError, Checkpoints};
 use crate::config::PushSettings;
@@ -191,6 +191,13 @@ pub enum Outcome {
     Skipped {
         /// Why.
         reason: String,
+    },
+    /// The object is being processed by another invocation that is alive (it renewed its
+    /// lease while this one waited): a duplicate or reordered delivery of the same object
+    /// version. Left to that owner, whose own event is retried if it fails.
+    Deferred {
+        /// The owner's request id.
+        owner: String,
     },
     /// The object was gone or replaced when read.
     Gone {
@@ -332,6 +339,47 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
         Box::pin(self.process_object(ev, invocation)).await
     }
 
+    /// Claims the object; if another invocation owns it (a duplicate or out-of-order delivery of
+    /// the same object's event while the first still runs: S3 and async invoke are at least
+    /// once), waits for that owner to finish (then `Done`) or for its lease to lapse (a dead
+    /// owner: then this invocation takes over), checking a few times per lease, for at most twice
+    /// the lease and never past the deadline margin; then `Busy`, and the event is retried later.
+    /// Answering `Busy` at once would spend the event's retries while the owner is still at work,
+    /// and a duplicate would end in the failure destination although its object was processed.
+    ///
+    /// If the owner renewed its lease while this invocation waited, it is alive and at work: the
+    /// object is left to it (`Ok(Err(owner))`: [`Outcome::Deferred`]); its own event is retried by
+    /// Lambda if it fails, so nothing depends on this one.
+    async fn claim_or_wait(
+        &self,
+        ev: &ObjectEvent,
+        invocation: &Invocation,
+    ) -> Result<Result<Claim, String>, ClaimError> {
+        let lease = self.settings.lease;
+        let give_up = tokio::time::Instant::now() + lease * 2;
+        let give_up = invocation.stop_at(self.settings.deadline_margin).map_or(give_up, |d| d.min(give_up));
+        let poll = (lease / 4).clamp(Duration::from_millis(25), Duration::from_secs(1));
+        let mut first_seen: Option<u64> = None;
+        loop {
+            match self.leases.claim(ev, invocation.request_id()).await {
+                Err(ClaimError::Busy { owner, lease_until_ms }) => {
+                    let renewed = first_seen.is_some_and(|first| lease_until_ms > first);
+                    first_seen.get_or_insert(lease_until_ms);
+                    if tokio::time::Instant::now() + poll >= give_up {
+                        if renewed {
+                            info!(bucket = %ev.bucket, key = %ev.key, owner, "object being processed by a live invocation; left to it");
+                            return Ok(Err(owner));
+                        }
+                        return Err(ClaimError::Busy { owner, lease_until_ms });
+                    }
+                    debug!(bucket = %ev.bucket, key = %ev.key, owner, lease_until_ms, "object owned by another invocation; waiting");
+                    tokio::time::sleep(poll).await;
+                }
+                other => return other.map(Ok),
+            }
+        }
+    }
+
     /// Streams one object's lines to the sink, resuming from its checkpoint if an earlier
     /// invocation was interrupted.
     pub async fn process_object(&self, ev: &ObjectEvent, invocation: &Invocation) -> Result<ObjectSummary, PushError> {
@@ -343,12 +391,13 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
             info!(bucket = %ev.bucket, key = %ev.key, sequencer = sequencer.as_str(), "stale event: a newer event for this key was already seen");
             return Ok(ObjectSummary::new(ev, Outcome::Skipped { reason: "stale event (older sequencer)".into() }));
         }
-        let (progress, version, interrupted) = match self.leases.claim(ev, invocation.request_id()).await {
-            Ok(Claim::Done(p)) => {
+        let (progress, version, interrupted) = match self.claim_or_wait(ev, invocation).await {
+            Ok(Err(owner)) => return Ok(ObjectSummary::new(ev, Outcome::Deferred { owner })),
+            Ok(Ok(Claim::Done(p))) => {
                 info!(bucket = %ev.bucket, key = %ev.key, "already processed; duplicate notification ignored");
                 return Ok(ObjectSummary::from_progress(ev, Outcome::AlreadyDone, &p));
             }
-            Ok(Claim::Owned { progress, version, interrupted }) => (progress, version, interrupted),
+            Ok(Ok(Claim::Owned { progress, version, interrupted })) => (progress, version, interrupted),
             Err(ClaimError::Checkpoint(e)) => return Err(err(ObjectError::Checkpoint(e))),
             Err(e) => return Err(err(ObjectError::Busy(e))),
         };

@@ -19,7 +19,7 @@ use crate::invocation::Invocation;
 use crate::lines::{BlockFrame, LineBlock, LineBlocks, LineCodec};
 use crate::quarantine::{QuarantineWriter, QuarantinedLine, safe_path};
 use crate::s3_notification::ObjectEvent;
-use crate::sink::{OutRecord, RecordSink, SendReport};
+use crate::sink::{OutRecord, ProduceError, RecordSink, SendReport};
 use crate::store::Etag;
 
 /// Records an interrupted owner wrote after its last checkpoint, by partition key, in order.
@@ -65,6 +65,8 @@ pub(super) struct Run<'a, S, L, O> {
     skipped_since: u64,
     sent: SendReport,
     last_checkpoint: StdInstant,
+    /// When this run's lease lapses (tokio's clock, for paused-time tests).
+    lease_until: tokio::time::Instant,
 }
 
 impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
@@ -77,6 +79,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         let version_label = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or("unversioned");
         let q_prefix = format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), safe_path(version_label));
         let put = handler.settings.put;
+        let lease_until_ms = progress.lease_until_ms;
         Run {
             handler,
             ev,
@@ -92,6 +95,8 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
             skipped_since: 0,
             sent: SendReport::default(),
             last_checkpoint: StdInstant::now(),
+            lease_until: tokio::time::Instant::now()
+                + Duration::from_millis(progress_lease_left(&handler.settings.lease, lease_until_ms)),
         }
     }
 
@@ -381,9 +386,39 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         Ok(())
     }
 
-    async fn send(&mut self, batch: Vec<OutRecord>) -> Result<(), ObjectError> {
-        let report = self.handler.producer.send(batch).await.map_err(ObjectError::Produce)?;
-        self.sent.merge(report);
+    /// Sends a batch, never starting a call after the fence (a quarter of the lease before it
+    /// lapses): there the lease is renewed first, and if another invocation took the object over
+    /// meanwhile (a stall longer than the lease: S3 backoff, resends), the renewal's
+    /// compare-and-swap fails and nothing more is sent. Without the fence, a stalled owner went
+    /// on sending after a retry had taken over, and lines reached the stream twice.
+    async fn send(&mut self, mut batch: Vec<OutRecord>) -> Result<(), ObjectError> {
+        loop {
+            if tokio::time::Instant::now() >= self.fence() {
+                self.renew().await?;
+            }
+            match self.handler.producer.send_until(batch, Some(self.fence())).await {
+                Ok(report) => {
+                    self.sent.merge(report);
+                    return Ok(());
+                }
+                Err(ProduceError::Fenced { remaining, written }) => {
+                    self.sent.merge(written);
+                    batch = remaining;
+                }
+                Err(e) => return Err(ObjectError::Produce(e)),
+            }
+        }
+    }
+
+    fn fence(&self) -> tokio::time::Instant {
+        self.lease_until - self.handler.settings.lease / 4
+    }
+
+    /// Extends the lease (the checkpoint itself does not move).
+    async fn renew(&mut self) -> Result<(), ObjectError> {
+        let renewed = self.handler.leases.renew(self.ev, &mut self.progress, &self.version).await;
+        self.version = renewed.map_err(ObjectError::Checkpoint)?;
+        self.lease_until = tokio::time::Instant::now() + self.handler.settings.lease;
         Ok(())
     }
 
@@ -409,8 +444,14 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         p.complete = complete;
         self.version = self.handler.leases.save(self.ev, p, &self.version).await.map_err(ObjectError::Checkpoint)?;
         self.last_checkpoint = StdInstant::now();
+        self.lease_until = tokio::time::Instant::now() + self.handler.settings.lease;
         Ok(())
     }
+}
+
+/// What is left of a lease that ends at `lease_until_ms` (epoch ms), at most the whole lease.
+fn progress_lease_left(lease: &Duration, lease_until_ms: u64) -> u64 {
+    lease_until_ms.saturating_sub(crate::push::lease::now_ms()).min(lease.as_millis() as u64)
 }
 
 /// Kinesis's limits on a record, whatever handler made it.
@@ -471,6 +512,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 
     use super::*;
+    use crate::checkpoint::CheckpointError;
     use crate::config::{Env, PushSettings};
     use crate::push::lease::Leases;
     use crate::push::line::JsonLines;
@@ -558,6 +600,138 @@ mod tests {
         let mut seen: Vec<u64> = records.iter().map(|r| r.line).collect();
         seen.sort();
         assert_eq!(seen, (1..=100).collect::<Vec<_>>(), "each line once");
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_waits_for_a_silent_owners_lease_and_then_finishes_the_object() {
+        let w = world(&[("CHECKPOINT_LEASE_MS", "400"), ("CHECKPOINT_INTERVAL_MS", "100")], &lines(50));
+        // An owner that claimed the object and went silent (its process died): its lease runs
+        // 300 ms more. The duplicate does not answer Busy at once: it waits and takes over.
+        let ev = object_event();
+        let silent = ObjectProgress {
+            bucket: "b".into(),
+            key: "k.ndjson".into(),
+            owner: "silent".into(),
+            lease_until_ms: crate::push::lease::now_ms() + 300,
+            checkpointed_at_ms: crate::push::lease::now_ms(),
+            ..Default::default()
+        };
+        let id = Leases::<Store>::object_id(&ev).0;
+        let body = serde_json::to_vec(&silent).unwrap().into();
+        Store::file(w.dir.path().join("cp")).put(&id, body, crate::store::Precondition::IfAbsent).await.unwrap();
+        let s = w.handler.handle(&event(), &Invocation::new("duplicate")).await.unwrap();
+        assert_eq!((s.objects[0].outcome.clone(), s.objects[0].records), (Outcome::Processed, 50));
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_leaves_the_object_to_an_owner_that_keeps_renewing_its_lease() {
+        let w = world(&[("CHECKPOINT_LEASE_MS", "200"), ("CHECKPOINT_INTERVAL_MS", "50")], &lines(50));
+        let ev = object_event();
+        let id = Leases::<Store>::object_id(&ev).0;
+        let store = Store::file(w.dir.path().join("cp"));
+        let alive = |until: u64| ObjectProgress {
+            bucket: "b".into(),
+            key: "k.ndjson".into(),
+            owner: "alive".into(),
+            lease_until_ms: until,
+            checkpointed_at_ms: crate::push::lease::now_ms(),
+            ..Default::default()
+        };
+        let body = serde_json::to_vec(&alive(crate::push::lease::now_ms() + 200)).unwrap().into();
+        store.put(&id, body, crate::store::Precondition::IfAbsent).await.unwrap();
+        // The owner renews its lease every 50 ms while the duplicate waits (at most 400 ms).
+        let renewing = tokio::spawn(async move {
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let body = serde_json::to_vec(&alive(crate::push::lease::now_ms() + 200)).unwrap().into();
+                store.put(&id, body, crate::store::Precondition::None).await.unwrap();
+            }
+        });
+        let s = w.handler.handle(&event(), &Invocation::new("duplicate")).await.unwrap();
+        renewing.abort();
+        assert_eq!(s.objects[0].outcome, Outcome::Deferred { owner: "alive".into() });
+        assert!(w.handler.sink().records.lock().unwrap().is_empty(), "nothing sent by the duplicate");
+    }
+
+    /// A sink whose first call hangs (a stalled connection), then fails every entry as throttled;
+    /// every later call writes. Counts what it wrote.
+    struct StallsThenThrottles {
+        calls: AtomicUsize,
+        written: AtomicUsize,
+        stall: Duration,
+    }
+
+    impl RecordSink for StallsThenThrottles {
+        async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
+            if self.calls.fetch_add(1, AtomicOrdering::SeqCst) == 0 {
+                tokio::time::sleep(self.stall).await;
+                let failed = (0..records.len())
+                    .map(|index| crate::sink::FailedEntry {
+                        index,
+                        code: "ProvisionedThroughputExceededException".into(),
+                        message: "Rate exceeded".into(),
+                    })
+                    .collect();
+                return Ok(PutOutcome { failed, last_written: Default::default() });
+            }
+            self.written.fetch_add(records.len(), AtomicOrdering::SeqCst);
+            Ok(PutOutcome::all_written("shardId-0", "1"))
+        }
+        async fn written_since(
+            &self,
+            _: &std::collections::BTreeMap<String, String>,
+            _: u64,
+            _: u64,
+        ) -> Result<Vec<WrittenRecord>, SinkError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_owner_stalled_past_its_lease_sends_nothing_more_once_another_took_over() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("objects/b")).unwrap();
+        std::fs::write(dir.path().join("objects/b/k.ndjson"), lines(20)).unwrap();
+        let env = [("CHECKPOINT_LEASE_MS", "1000"), ("CHECKPOINT_INTERVAL_MS", "100"), ("PUT_MAX_ATTEMPTS", "50")];
+        let settings =
+            PushSettings::from_env(Env::from_pairs(env.iter().copied()).with_local_locations(dir.path())).unwrap();
+        let sink = StallsThenThrottles { calls: 0.into(), written: 0.into(), stall: Duration::from_millis(1300) };
+        let handler = PushHandler::new(
+            settings,
+            FileSource::new(dir.path().join("objects")),
+            JsonLines::new(Some("user".into())),
+            sink,
+            Store::file(dir.path().join("q")),
+            Store::file(dir.path().join("cp")),
+        );
+        // While the first call hangs, the lease lapses and another invocation takes the object.
+        let store = Store::file(dir.path().join("cp"));
+        let thief = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            let id = Leases::<Store>::object_id(&object_event()).0;
+            let (current, _) = store.get(&id).await.unwrap().map(|o| (o.body, o.etag)).unwrap();
+            let mut p: ObjectProgress = serde_json::from_slice(&current).unwrap();
+            p.owner = "thief".into();
+            p.lease_until_ms = crate::push::lease::now_ms() + 60_000;
+            store.put(&id, serde_json::to_vec(&p).unwrap().into(), crate::store::Precondition::None).await.unwrap();
+        });
+        let err = handler.handle(&event(), &Invocation::new("stalled")).await.unwrap_err();
+        thief.await.unwrap();
+        assert!(
+            matches!(err, PushError::Object { source: ObjectError::Checkpoint(CheckpointError::Conflict { .. }), .. }),
+            "{err}"
+        );
+        assert_eq!(handler.sink().written.load(AtomicOrdering::SeqCst), 0, "nothing written after the takeover");
+    }
+
+    #[tokio::test]
+    async fn two_deliveries_at_once_send_every_line_once_and_both_succeed() {
+        let w = world(&[("PUT_MAX_RECORDS", "5")], &lines(200));
+        let (event, first, duplicate) = (event(), Invocation::new("first"), Invocation::new("duplicate"));
+        let (a, b) = tokio::join!(w.handler.handle(&event, &first), w.handler.handle(&event, &duplicate));
+        let outcomes = [a.unwrap().objects[0].outcome.clone(), b.unwrap().objects[0].outcome.clone()];
+        assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Processed).count(), 1, "{outcomes:?}");
+        assert_eq!(w.handler.sink().records.lock().unwrap().len(), 200, "each line once");
     }
 
     #[tokio::test]

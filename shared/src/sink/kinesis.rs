@@ -114,21 +114,62 @@ impl KinesisSink {
         let fail = |op: &str, e: &dyn std::fmt::Display, retryable: bool| {
             SinkError::new(format!("{op} {}/{shard_id}: {e}", self.stream_name), retryable)
         };
-        let mut req = self.client.get_shard_iterator().stream_name(&self.stream_name).shard_id(shard_id);
-        req = match after {
-            Some(seq) => req.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).starting_sequence_number(seq),
-            None => req
-                .shard_iterator_type(ShardIteratorType::AtTimestamp)
-                .timestamp(aws_smithy_types::DateTime::from_millis(since_ms as i64)),
-        };
-        let it = req.send().await.map_err(|e| {
-            fail("GetShardIterator", &crate::aws::describe(&e), crate::aws::classify(&e).is_retryable()).with_source(e)
-        })?;
-        let mut iterator = it.shard_iterator().map(str::to_owned);
-        while let Some(current) = iterator.take() {
-            let page = self.client.get_records().shard_iterator(current).limit(10_000).send().await.map_err(|e| {
-                fail("GetRecords", &crate::aws::describe(&e), crate::aws::classify(&e).is_retryable()).with_source(e)
-            })?;
+        // Throttles (a shard serves 5 reads a second to all its readers) are waited out;
+        // an iterator that expires (5 minutes, or as the realism layer injects) is renewed
+        // after the last record read.
+        let mut last_seq: Option<String> = after.cloned();
+        let mut throttled = 0u32;
+        let mut renewals = 0u32;
+        let mut iterator = None;
+        loop {
+            if iterator.is_none() {
+                let mut req = self.client.get_shard_iterator().stream_name(&self.stream_name).shard_id(shard_id);
+                req = match &last_seq {
+                    Some(seq) => {
+                        req.shard_iterator_type(ShardIteratorType::AfterSequenceNumber).starting_sequence_number(seq)
+                    }
+                    None => req
+                        .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                        .timestamp(aws_smithy_types::DateTime::from_millis(since_ms as i64)),
+                };
+                match req.send().await {
+                    Ok(it) => iterator = it.shard_iterator().map(str::to_owned),
+                    Err(e) if crate::aws::classify(&e).is_retryable() && throttled < MAX_THROTTLED => {
+                        throttled += 1;
+                        tokio::time::sleep(read_backoff(throttled)).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        let retryable = crate::aws::classify(&e).is_retryable();
+                        return Err(fail("GetShardIterator", &crate::aws::describe(&e), retryable).with_source(e));
+                    }
+                }
+                if iterator.is_none() {
+                    return Ok(());
+                }
+            }
+            let Some(current) = iterator.take() else { return Ok(()) };
+            let page = match self.client.get_records().shard_iterator(&current).limit(10_000).send().await {
+                Ok(page) => page,
+                Err(e) => {
+                    let expired = e.as_service_error().is_some_and(|se| se.is_expired_iterator_exception());
+                    if expired && renewals < MAX_THROTTLED {
+                        renewals += 1;
+                        continue; // a new iterator after the last record read
+                    }
+                    if crate::aws::classify(&e).is_retryable() && throttled < MAX_THROTTLED {
+                        throttled += 1;
+                        tokio::time::sleep(read_backoff(throttled)).await;
+                        iterator = Some(current);
+                        continue;
+                    }
+                    let retryable = crate::aws::classify(&e).is_retryable();
+                    return Err(fail("GetRecords", &crate::aws::describe(&e), retryable).with_source(e));
+                }
+            };
+            if let Some(r) = page.records().last() {
+                last_seq = Some(r.sequence_number().to_owned());
+            }
             let mut past_window = false;
             for r in page.records() {
                 let arrival = r.approximate_arrival_timestamp().map_or(0, |t| t.to_millis().unwrap_or(0).max(0) as u64);
@@ -146,10 +187,21 @@ impl KinesisSink {
             // MillisBehindLatest 0.
             let caught_up = page.records().is_empty() && page.millis_behind_latest().unwrap_or(0) == 0;
             if past_window || caught_up {
-                break;
+                return Ok(());
             }
             iterator = page.next_shard_iterator().map(str::to_owned);
+            if iterator.is_none() {
+                return Ok(()); // a closed shard read to its end
+            }
         }
-        Ok(())
     }
+}
+
+/// Throttled or failed reads in a row before reading back gives up (the invocation fails and is
+/// retried).
+const MAX_THROTTLED: u32 = 40;
+
+fn read_backoff(attempt: u32) -> std::time::Duration {
+    crate::backoff::Backoff::new(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1))
+        .delay(attempt)
 }

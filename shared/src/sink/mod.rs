@@ -215,6 +215,15 @@ pub enum ProduceError {
         /// The last error message.
         message: String,
     },
+    /// The sender's time ran out ([`Producer::send_until`]: its lease needs renewing) before
+    /// every record was written: the records not written are handed back, with what was.
+    #[error("{} records not sent before the sender's fence", remaining.len())]
+    Fenced {
+        /// The records not written yet, in order.
+        remaining: Vec<OutRecord>,
+        /// What was written before the fence.
+        written: SendReport,
+    },
     /// The call was refused in a way retrying cannot fix (no such stream, access denied).
     #[error("{failed} records (first: line {first_line}) refused: {}", source.message)]
     Rejected {
@@ -261,11 +270,44 @@ impl<S: RecordSink> Producer<S> {
     ///
     /// Order: a resent record goes after records of the same call that were written, so a key
     /// whose earlier record failed can be overtaken by its later record in the same call.
-    pub async fn send(&self, mut pending: Vec<OutRecord>) -> Result<SendReport, ProduceError> {
+    pub async fn send(&self, pending: Vec<OutRecord>) -> Result<SendReport, ProduceError> {
+        self.send_until(pending, None).await
+    }
+
+    /// As [`Producer::send`], but no call is started at or after `fence`: the records not
+    /// written by then come back in [`ProduceError::Fenced`]. A sender that owns its input by a
+    /// lease sets the fence before the lease lapses, so that it never writes after another has
+    /// taken over (it renews, then sends the rest).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// use pushpull::sink::{Producer, ProduceError, OutRecord};
+    /// # use pushpull::sink::{PutOutcome, RecordSink, SinkError, WrittenRecord};
+    /// # struct Nowhere;
+    /// # impl RecordSink for Nowhere {
+    /// #     async fn put_records(&self, _: &[OutRecord]) -> Result<PutOutcome, SinkError> { unreachable!() }
+    /// #     async fn written_since(&self, _: &std::collections::BTreeMap<String, String>, _: u64, _: u64) -> Result<Vec<WrittenRecord>, SinkError> { Ok(vec![]) }
+    /// # }
+    /// let producer = Producer::new(Nowhere, 3);
+    /// let record = OutRecord::new("key", bytes::Bytes::from_static(b"data"), 1);
+    /// let past = tokio::time::Instant::now();
+    /// let Err(ProduceError::Fenced { remaining, .. }) = producer.send_until(vec![record], Some(past)).await else { panic!() };
+    /// assert_eq!(remaining.len(), 1); // nothing was sent
+    /// # });
+    /// ```
+    pub async fn send_until(
+        &self,
+        mut pending: Vec<OutRecord>,
+        fence: Option<tokio::time::Instant>,
+    ) -> Result<SendReport, ProduceError> {
         let mut report = SendReport::default();
         let total = pending.len();
         let mut attempt = 0;
         while !pending.is_empty() {
+            if fence.is_some_and(|f| tokio::time::Instant::now() >= f) {
+                report.records = total - pending.len();
+                return Err(ProduceError::Fenced { remaining: pending, written: report });
+            }
             attempt += 1;
             report.calls += 1;
             let (code, message) = match self.sink.put_records(&pending).await {

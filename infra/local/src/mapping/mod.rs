@@ -164,6 +164,9 @@ pub struct Counts {
     pub bisections: u64,
     /// Invoke API throttles and transport errors (retried, not counted as attempts).
     pub throttles: u64,
+    /// Other failures to invoke (an error status such as 413 or 404): retried like throttles.
+    #[serde(default)]
+    pub invoke_errors: u64,
     /// Records sent to the failure destination after their retries ran out.
     pub to_destination: u64,
     /// Records older than MaximumRecordAgeInSeconds (sent to the destination unprocessed).
@@ -296,12 +299,13 @@ impl std::fmt::Display for Summary {
         )?;
         writeln!(
             f,
-            "  failures         {} function errors, {} partial, {} retries, {} bisections, {} throttles",
+            "  failures         {} function errors, {} partial, {} retries, {} bisections, {} throttles, {} other invoke errors",
             self.counts.function_errors,
             self.counts.partial_failures,
             self.counts.retries,
             self.counts.bisections,
-            self.counts.throttles
+            self.counts.throttles,
+            self.counts.invoke_errors
         )?;
         writeln!(
             f,

@@ -118,14 +118,32 @@ async fn iterator(
         Position::Time(t) => req = req.timestamp(aws_smithy_types::DateTime::from_secs_f64(t.min(now_unix()))),
         Position::None => {}
     }
-    let out = req.send().await.map_err(|e| {
-        MappingError::Kinesis(format!(
-            "GetShardIterator {}/{shard}: {}",
-            ctx.settings.stream_name(),
-            pushpull::aws::describe(&e)
-        ))
-    })?;
-    Ok(out.shard_iterator().unwrap_or_default().to_owned())
+    // Throttles (5 calls/s per shard) and transient errors are retried; a missing stream or
+    // shard, or a bad position, is not.
+    let mut attempt = 0u32;
+    loop {
+        match req.clone().send().await {
+            Ok(out) => return Ok(out.shard_iterator().unwrap_or_default().to_owned()),
+            Err(e) => {
+                let service = e.as_service_error();
+                let permanent = service.is_some_and(|se| {
+                    se.is_resource_not_found_exception()
+                        || se.is_invalid_argument_exception()
+                        || se.is_access_denied_exception()
+                });
+                attempt += 1;
+                if permanent || attempt > 30 {
+                    return Err(MappingError::Kinesis(format!(
+                        "GetShardIterator {}/{shard}: {}",
+                        ctx.settings.stream_name(),
+                        pushpull::aws::describe(&e)
+                    )));
+                }
+                debug!(shard_id = %shard, error = %pushpull::aws::describe(&e), "GetShardIterator failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200) * attempt.min(10)).await;
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -158,6 +176,14 @@ async fn read(
                 let msg = pushpull::aws::describe(&e);
                 // Classified by the operation's typed error, not by its text.
                 let service = e.as_service_error();
+                // A throttled shard (5 reads/s, 2 MiB/s, shared by every reader) is waited out,
+                // as long as it takes: not a failure that gives up.
+                let throttled = service.is_some_and(|se| se.is_provisioned_throughput_exceeded_exception());
+                if throttled {
+                    debug!(shard_id = %shard, "GetRecords throttled; waiting");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
                 failures += 1;
                 if service.is_some_and(|se| se.is_expired_iterator_exception()) {
                     let (k, p) = match &last_read {
@@ -410,10 +436,20 @@ impl Lane {
         event_json(records, &self.shard, &self.ctx.settings.stream_arn, &self.ctx.options.role_arn, part.as_ref())
     }
 
-    /// Invokes; Invoke API throttles and transport errors are retried here, not counted.
-    async fn invoke(&self, payload: String) -> Result<crate::invoke::Invoked, MappingError> {
+    /// Invokes. A failure to invoke (a throttle, a 5xx, a transport error, or any other error
+    /// status) is retried here with backoff, not counted as an attempt, until the oldest record
+    /// passes `MaximumRecordAgeInSeconds`; then `None`. AWS (Lambda developer guide, "Retain
+    /// discarded batch records for a Kinesis Data Streams event source in Lambda"): "Before
+    /// invocation: If a Lambda event source mapping is unable to invoke the function due to
+    /// throttling or other issues, it retries until the records expire or exceed the maximum age
+    /// configured on the event source mapping (MaximumRecordAgeInSeconds)."
+    async fn invoke(
+        &self,
+        payload: String,
+        oldest_arrival: f64,
+    ) -> Result<Option<crate::invoke::Invoked>, MappingError> {
         let payload = Bytes::from(payload);
-        let mut throttled = 0i64;
+        let mut failed = 0i64;
         loop {
             match self.ctx.invoker.invoke(&self.ctx.settings.function_name, payload.clone()).await {
                 Ok(i) => {
@@ -422,15 +458,30 @@ impl Lane {
                     s.last_invoke_end = self.ctx.started.elapsed();
                     drop(s);
                     self.ctx.touch();
-                    return Ok(i);
+                    return Ok(Some(i));
                 }
-                Err(e) if e.is_throttle() => {
-                    self.ctx.stats().counts.throttles += 1;
-                    throttled += 1;
-                    warn!(shard_id = %self.shard, error = %e, "invoke throttled or unreachable; retrying");
-                    tokio::time::sleep(self.backoff(throttled)).await;
+                Err(e) => {
+                    let throttle = e.is_throttle();
+                    {
+                        let mut s = self.ctx.stats();
+                        if throttle { s.counts.throttles += 1 } else { s.counts.invoke_errors += 1 }
+                    }
+                    failed += 1;
+                    if let Some(max_age) = self.ctx.settings.maximum_record_age
+                        && now_unix() - oldest_arrival > max_age.as_secs_f64()
+                    {
+                        warn!(shard_id = %self.shard, error = %e, "could not invoke before the records passed MaximumRecordAgeInSeconds");
+                        return Ok(None);
+                    }
+                    if throttle {
+                        warn!(shard_id = %self.shard, error = %e, "invoke throttled or unreachable; retrying");
+                    } else {
+                        // Not the function's answer: AWS retries these too; the shard waits, the
+                        // other shards go on.
+                        warn!(shard_id = %self.shard, error = %e, "could not invoke; retrying until the records expire");
+                    }
+                    tokio::time::sleep(self.backoff(failed)).await;
                 }
-                Err(e) => return Err(MappingError::Invoke(e)),
             }
         }
     }
@@ -529,7 +580,13 @@ impl Lane {
             }
             self.ctx.stats().batch(p.records.len() as u32);
             debug!(shard_id = %self.shard, lane = self.lane_no, records = p.records.len(), first = %p.records[0].sequence_number, "invoking");
-            let invoked = self.invoke(payload).await?;
+            let oldest = p.records.iter().map(|r| r.arrival).fold(f64::INFINITY, f64::min);
+            let Some(invoked) = self.invoke(payload, oldest).await? else {
+                // Never invoked and now too old: given up as AWS does, with the record age.
+                let records = std::mem::take(&mut p.records);
+                self.give_up(&records, Condition::RecordAgeExceeded, None, p.invokes).await?;
+                continue;
+            };
             p.invokes += 1;
             p.first = false;
             let verdict =
@@ -624,7 +681,8 @@ impl Lane {
         let start = w.start;
         let mut failures = 0i64;
         loop {
-            let invoked = self.invoke(payload.clone()).await?;
+            // No records to age: retried until it is invoked.
+            let Some(invoked) = self.invoke(payload.clone(), f64::INFINITY).await? else { continue };
             match judge(&invoked.answer, &[], self.ctx.settings.report_batch_item_failures, true) {
                 Verdict::Success { .. } => break,
                 other => {

@@ -212,13 +212,18 @@ pub fn stream_arn(name_or_arn: &str) -> String {
 
 /// What a Kinesis call (`X-Amz-Target: Kinesis_20131202.<op>`) needs. `stream` is the stream
 /// the call is about when the body does not say (GetRecords: the iterator's).
-pub fn kinesis_call(op: &str, body: &Value, stream: Option<&str>) -> Call {
+///
+/// A call that names no stream (ListShards' later pages carry only a `NextToken`; ListStreams)
+/// is checked against `arn:aws:kinesis:<region>:<account>:*` only when `op` lists streams;
+/// otherwise (`None`) it is not checked: the stream it is about is in a token we cannot read.
+pub fn kinesis_call(op: &str, body: &Value, stream: Option<&str>) -> Option<Call> {
     let named = body["StreamARN"].as_str().or(body["StreamName"].as_str()).or(stream);
     let resource = match named {
         Some(s) => stream_arn(s),
-        None => format!("arn:aws:kinesis:{REGION}:{ACCOUNT}:*"),
+        None if op == "ListStreams" => format!("arn:aws:kinesis:{REGION}:{ACCOUNT}:*"),
+        None => return None,
     };
-    Call { action: format!("kinesis:{op}"), resource }
+    Some(Call { action: format!("kinesis:{op}"), resource })
 }
 
 /// What an S3 call (path-style: `/<bucket>/<key>`) needs.

@@ -334,7 +334,7 @@ async fn kinesis(state: &State, parts: &Parts, body: Bytes, op: &str, key: &str)
         Some(Lookup::Valid(it)) => Some(it.stream.as_str()),
         _ => None,
     };
-    if let Some(m) = state.deny(key, &iam::kinesis_call(op, &json, hinted)) {
+    if let Some(m) = iam::kinesis_call(op, &json, hinted).and_then(|call| state.deny(key, &call)) {
         return Ok(json_error(StatusCode::BAD_REQUEST, "AccessDeniedException", &m));
     }
     if state.limits.is_none() {
