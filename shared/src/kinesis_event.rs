@@ -77,6 +77,9 @@ pub struct EventError {
     pub message: String,
 }
 
+/// The deepest nesting a payload may have (serde_json's default limit).
+const MAX_DEPTH: usize = 128;
+
 impl<'a> KinesisEvent<'a> {
     /// Parses an invocation payload, borrowing every string that has no escapes from it.
     ///
@@ -92,6 +95,15 @@ impl<'a> KinesisEvent<'a> {
     /// assert!(err.to_string().starts_with("not a Kinesis event"), "{err}");
     /// ```
     pub fn from_slice(payload: &'a [u8]) -> Result<Self, EventError> {
+        // A Kinesis event nests 4 levels; a payload built to exhaust the parser's stack is
+        // refused first (sonic-rs does not limit recursion on every path).
+        // serde lets a struct be read from an array: `[]` would be an empty event.
+        if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(EventError { message: "not a JSON object".to_owned() });
+        }
+        if let Some(at) = crate::nesting::deeper_than(payload, MAX_DEPTH) {
+            return Err(EventError { message: format!("JSON nested deeper than {MAX_DEPTH} levels (at byte {at})") });
+        }
         sonic_rs::from_slice(payload).map_err(|e| EventError { message: e.to_string() })
     }
 

@@ -289,6 +289,17 @@ impl ObjectEvent {
         let raw_key = object.key.ok_or_else(|| missing("s3.object.key"))?;
         let key =
             decode_key(&raw_key).map_err(|source| NotificationError::Key { index, bucket: bucket.clone(), source })?;
+        let invalid = |reason: String| NotificationError::Unsupported { index, reason };
+        if key.is_empty() {
+            return Err(invalid(format!("bucket {bucket}: the object key is empty")));
+        }
+        // S3's sequencers are hexadecimal. Another one would be recorded as the key's newest and
+        // make every genuine later event for the key look stale: refused instead.
+        if let Some(seq) = object.sequencer.as_deref().filter(|s| !s.bytes().all(|b| b.is_ascii_hexdigit())) {
+            return Err(invalid(format!(
+                "s3://{bucket}/{key}: sequencer {seq:?} is not hexadecimal, as S3's sequencers are"
+            )));
+        }
         Ok(ObjectEvent {
             kind: EventKind::of(&event_name),
             event_name,
@@ -366,6 +377,20 @@ mod tests {
             S3Notification::from_slice(nokey.as_bytes()),
             Err(NotificationError::MissingField { field: "s3.object.key", .. })
         ));
+    }
+
+    #[test]
+    fn an_empty_key_or_a_sequencer_s3_never_writes_is_refused_by_name() {
+        let one = |key: &str, seq: &str| {
+            format!(
+                r#"{{"Records":[{{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put","s3":{{"bucket":{{"name":"b"}},"object":{{"key":"{key}","sequencer":"{seq}"}}}}}}]}}"#
+            )
+        };
+        let e = S3Notification::from_slice(one("", "0A").as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("bucket b: the object key is empty"), "{e}");
+        let e = S3Notification::from_slice(one("in/k", "zz-9").as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("s3://b/in/k: sequencer \"zz-9\" is not hexadecimal"), "{e}");
+        assert!(S3Notification::from_slice(one("in/k", "00AbF1").as_bytes()).is_ok());
     }
 
     #[test]

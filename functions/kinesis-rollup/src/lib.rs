@@ -2,8 +2,8 @@
 //! `OUTPUT_URI` exactly once however often the mapping delivers a batch.
 //!
 //! Each record is JSON; its group is the value of `GROUP_BY_FIELD` (else the partition key) and
-//! `SUM_FIELD`, when set, is summed. A record that is not JSON, not base64, or whose sum field is
-//! not a number is reported in `batchItemFailures`.
+//! `SUM_FIELD`, when set, is summed. A record that is not base64, not a JSON object, or whose sum
+//! field is not a number is reported in `batchItemFailures`.
 //!
 //! **Per batch** (no tumbling window), exactly once across retries and duplicate deliveries:
 //! 1. `pull/<stream>/<shard>.json` in `CHECKPOINT_URI` holds the highest sequence number whose
@@ -411,6 +411,11 @@ impl RollupHandler {
         let (group_field, sum_field) = (self.settings.group_by_field.as_deref(), self.settings.sum_field.as_deref());
         let mut result = process_records(records, Options::default(), |record| -> Result<(), String> {
             let [group, amount] = ndjson::fields(record.data, [group_field, sum_field]).map_err(|e| e.to_string())?;
+            // As the push side decides for lines: a record is a JSON object (an array, a string
+            // or a number has no fields to group or sum by).
+            if record.data.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+                return Err("JSON but not an object".to_owned());
+            }
             let amount = match (sum_field, amount) {
                 (Some(field), Some(v)) => {
                     Sum::parse(&v).ok_or_else(|| format!("{field} is not a number below 10^18 in magnitude: {v}"))?

@@ -133,6 +133,8 @@ impl ObjectSource for S3Source {
                 let gone = match service.and_then(|se| se.code()) {
                     _ if service.is_some_and(|se| se.is_no_such_key()) => Some("NoSuchKey"),
                     Some("NoSuchKey") => Some("NoSuchKey"),
+                    // The bucket is gone, and the object with it: no retry can read it.
+                    Some("NoSuchBucket") => Some("NoSuchBucket"),
                     Some("NoSuchVersion") => Some("NoSuchVersion"),
                     Some("PreconditionFailed") => Some("ETag changed: the object was replaced"),
                     _ => None,
