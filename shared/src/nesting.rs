@@ -19,10 +19,16 @@ pub fn deeper_than(text: &[u8], max: usize) -> Option<usize> {
     while i < text.len() {
         match text[i] {
             b'"' => {
-                // To the closing quote, past escaped characters.
+                // To the closing quote, past escaped characters. Most strings of an event are
+                // short (keys, ids): a plain loop; a long one (base64 data) is left to memchr.
                 i += 1;
                 loop {
-                    let j = memchr::memchr2(b'"', b'\\', text.get(i..)?)?;
+                    let rest = text.get(i..)?;
+                    let j = match rest.iter().take(32).position(|b| *b == b'"' || *b == b'\\') {
+                        Some(j) => j,
+                        None if rest.len() <= 32 => return None,
+                        None => 32 + memchr::memchr2(b'"', b'\\', &rest[32..])?,
+                    };
                     i += j;
                     if text[i] == b'\\' {
                         i += 2;
