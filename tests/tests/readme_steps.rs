@@ -9,8 +9,11 @@ use serde_json::Value;
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
 
+/// Pairs of text: (name, value) settings, or (function, event file) invocations.
+type Pairs = Vec<(String, String)>;
+
 /// README's block under "## Invoke locally": its `KEY=value` settings and its event files.
-fn readme_block() -> (Vec<(String, String)>, Vec<(String, String)>) {
+fn readme_block() -> (Pairs, Pairs) {
     let readme = std::fs::read_to_string(format!("{ROOT}/README.md")).unwrap();
     let section = readme.split("## Invoke locally").nth(1).expect("README has an Invoke locally section");
     let block = section.split("```sh").nth(1).and_then(|b| b.split("```").next()).expect("a sh block");
