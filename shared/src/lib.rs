@@ -16,7 +16,6 @@
 //! | [`sequence`] | core | sequence numbers compared as integers |
 //! | [`lines`] | core | NDJSON framing of a byte stream in bounded memory |
 //! | [`ndjson`] | core | checking a JSON line and picking fields in one pass |
-//! | [`nesting`] | core | how deeply a JSON text nests, measured before a recursive parser sees it |
 //! | [`quarantine`] | core | where bad input goes, with its reason |
 //! | [`config`] | core | settings from environment variables, every problem reported at once |
 //! | [`invocation`] | core | request id and time left |
@@ -40,7 +39,6 @@ pub mod error;
 pub mod invocation;
 pub mod lines;
 pub mod ndjson;
-pub mod nesting;
 pub mod pull;
 pub mod quarantine;
 pub mod sequence;
