@@ -372,6 +372,31 @@ async fn records_older_than_the_maximum_age_are_not_invoked_but_reported() {
     assert_eq!(s.counts.expired, 1);
 }
 
+/// AWS (Lambda developer guide, "Retain discarded batch records for a Kinesis Data Streams event
+/// source in Lambda"): "Before invocation: If a Lambda event source mapping is unable to invoke
+/// the function due to throttling or other issues, it retries until the records expire or exceed
+/// the maximum age configured on the event source mapping (MaximumRecordAgeInSeconds)." Here the
+/// Invoke API answers 404 (no such function): the mapping used to stop on it, every shard with it.
+#[tokio::test]
+async fn a_function_that_cannot_be_invoked_is_retried_until_the_records_are_too_old() {
+    let f = fixture(1).await;
+    let (dlq_arn, dlq_url) = f.create_queue().await;
+    f.put_ids(&[("a", none()), ("b", none())]).await;
+    let raw = RawSettings {
+        function: Some("no-such-function".into()),
+        maximum_record_age: Some("60".into()),
+        on_failure: Some(dlq_arn),
+        ..f.settings()
+    };
+    let s = f.run(raw).await;
+    assert_eq!(s.counts.invocations, 0);
+    assert!(s.counts.invoke_errors > 1, "retried: {:?}", s.counts);
+    let records = f.failure_records(&dlq_url).await;
+    assert_eq!(records.len(), 1, "the batch, given up once");
+    assert_eq!(records[0]["requestContext"]["condition"], "RecordAgeExceeded");
+    assert_eq!(records[0]["KinesisBatchInfo"]["batchSize"], 2);
+}
+
 #[tokio::test]
 async fn parallelization_keeps_order_per_partition_key_and_runs_lanes_at_once() {
     let f = fixture(1).await;
