@@ -44,6 +44,16 @@ pub fn function(binary: &str, env: &[(&str, &str)]) -> FunctionSpec {
     spec
 }
 
+/// The realism the pipeline tests run under (`pushpull_local::realism`): `PUSHPULL_REALISM`
+/// (`off` by default; `aws` for AWS's limits and IAM) and `PUSHPULL_SEED` (42 by default), as
+/// `PUSHPULL_REALISM=aws make test`. The storm test runs under `storm` whatever this says.
+pub fn realism() -> pushpull_local::realism::RealismConfig {
+    let profile = std::env::var("PUSHPULL_REALISM").unwrap_or_default();
+    let profile = profile.parse().unwrap_or_else(|e| panic!("PUSHPULL_REALISM: {e}"));
+    let seed = std::env::var("PUSHPULL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(42);
+    pushpull_local::realism::RealismConfig::new(profile, seed)
+}
+
 /// Starts a function binary, panicking with its output if init fails.
 pub async fn start(spec: FunctionSpec) -> FunctionHost {
     match FunctionHost::start(spec).await {

@@ -84,6 +84,7 @@ async fn a_hundred_thousand_lines_roll_up_exactly_once() {
         // Poll a caught-up shard once a second, as AWS does: 16 shards polled 5 times a
         // second would keep kinesis-mock busy with empty reads.
         caught_up_poll: Duration::from_secs(1),
+        realism: pushpull_tests::realism(),
         ..PipelineConfig::new(TEMPLATE, unique("e2e"), input.path())
     };
     let report = pipeline::run(config.clone()).await.unwrap();
@@ -135,11 +136,14 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
             vec![
                 ("PUSHPULL_INJECT_CRASH_ONCE".to_owned(), format!("{}:3000", crashed.display())),
                 // A crashed owner's claim runs out soon, so that the retry takes over; short
-                // enough that owners stalled by the storm (S3 SlowDown backoff, resends) lose
+                // enough that owners stalled by the storm (S3 SlowDown backoff, resends) can lose
                 // their lease mid-object. Before the send fence (pushpull::push::run), a stalled
                 // owner went on sending after a retry took the object over: with 3 s, 30 lines
-                // reached the stream twice.
-                ("CHECKPOINT_LEASE_MS".to_owned(), "3000".to_owned()),
+                // reached the stream twice. Not 3 s here: on a machine running three of these
+                // pipelines at once, owners starved of CPU for 3 s took the object from each other
+                // until the event's retries ran out (safe: nothing was sent twice, but the
+                // object waited for its failure-queue redrive).
+                ("CHECKPOINT_LEASE_MS".to_owned(), "6000".to_owned()),
             ],
         ),
         ("kinesis-rollup", vec![("PUSHPULL_INJECT_FAILURES".to_owned(), "0.2".to_owned())]),
@@ -165,11 +169,14 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
     };
     let expected = pipeline::expected(input.path(), "user", "amount").unwrap();
     pipeline::upload(&l, &r, &expected.files).await.unwrap();
+    // A shard split mid-run, and two merged back later.
     let reshard = {
         let (l, stream) = (l.clone(), r.stream.clone());
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(8)).await;
-            pipeline::split_a_shard(&l, &stream).await
+            pipeline::split_a_shard(&l, &stream).await?;
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            pipeline::merge_two_shards(&l, &stream).await
         })
     };
 
@@ -232,7 +239,7 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
             Err(_) => {}
         }
     }
-    reshard.await.unwrap().expect("a shard split mid-run");
+    reshard.await.unwrap().expect("a shard split and two merged mid-run");
     let last = start(Some("5"));
     let status = tokio::task::spawn_blocking(move || {
         let mut last = last;
@@ -282,6 +289,7 @@ async fn tumbling_windows_roll_up_the_sample_data_exactly() {
         overrides: vec![format!("DataBucketName={bucket}"), "TumblingWindowInSeconds=2".into()],
         delay_scale: 0.01,
         timeout: Duration::from_secs(300),
+        realism: pushpull_tests::realism(),
         ..PipelineConfig::new(TEMPLATE, unique("windows"), concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/sample-data"))
     };
     let report = pipeline::run(config).await.unwrap();

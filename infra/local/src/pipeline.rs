@@ -628,6 +628,15 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
                 }
                 Err(e) => tracing::warn!(stream, error = %e, "realism: could not split a shard"),
             }
+            // And half as long later, two adjacent shards merged.
+            tokio::time::sleep(after / 2).await;
+            match merge_two_shards(&local, &stream).await {
+                Ok((a, b)) => {
+                    realism.count("kinesis.reshard", 1);
+                    tracing::info!(stream, a, b, "realism: merged two shards mid-run");
+                }
+                Err(e) => tracing::warn!(stream, error = %e, "realism: could not merge two shards"),
+            }
         })
     });
     let mut summaries: HashMap<String, Value> = HashMap::new();
@@ -776,6 +785,55 @@ pub async fn split_a_shard(local: &Local, stream: &str) -> Result<String, String
         .await
         .map_err(|e| format!("SplitShard {stream}/{}: {}", shard.shard_id(), pushpull::aws::describe(&e)))?;
     Ok(shard.shard_id().to_owned())
+}
+
+/// Merges the two adjacent open shards of `stream` whose ranges are smallest together (AWS:
+/// `MergeShards`), once the stream is ACTIVE again after an earlier change; returns them.
+pub async fn merge_two_shards(local: &Local, stream: &str) -> Result<(String, String), String> {
+    for attempt in 0..30 {
+        let listed = local
+            .kinesis
+            .list_shards()
+            .stream_name(stream)
+            .send()
+            .await
+            .map_err(|e| format!("ListShards {stream}: {}", pushpull::aws::describe(&e)))?;
+        let mut open: Vec<(u128, u128, String)> = listed
+            .shards()
+            .iter()
+            .filter(|s| s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none())
+            .filter_map(|s| {
+                let r = s.hash_key_range()?;
+                Some((r.starting_hash_key().parse().ok()?, r.ending_hash_key().parse().ok()?, s.shard_id().to_owned()))
+            })
+            .collect();
+        open.sort();
+        let pair = open
+            .windows(2)
+            .filter(|w| w[0].1.checked_add(1) == Some(w[1].0))
+            .min_by_key(|w| w[1].1 - w[0].0)
+            .map(|w| (w[0].2.clone(), w[1].2.clone()))
+            .ok_or_else(|| format!("{stream} has no two adjacent open shards"))?;
+        match local
+            .kinesis
+            .merge_shards()
+            .stream_name(stream)
+            .shard_to_merge(&pair.0)
+            .adjacent_shard_to_merge(&pair.1)
+            .send()
+            .await
+        {
+            Ok(_) => return Ok(pair),
+            // The stream is still UPDATING from the last change.
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_resource_in_use_exception()) && attempt < 29 => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(format!("MergeShards {stream} {} {}: {}", pair.0, pair.1, pushpull::aws::describe(&e)));
+            }
+        }
+    }
+    Err(format!("{stream} stayed UPDATING"))
 }
 
 /// How many times each record's data (by xxh3) is in the stream, every shard read from its

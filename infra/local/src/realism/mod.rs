@@ -134,7 +134,8 @@ pub struct RealismConfig {
     pub iam: bool,
     /// Random faults.
     pub rates: Rates,
-    /// Split a shard of the stream this long after the run starts (none: never).
+    /// Split a shard of the stream this long after the run starts, and merge two adjacent ones
+    /// half as long after that (none: never).
     pub reshard_after: Option<Duration>,
     /// Concurrent invocations per function before the Invoke API answers 429 (none: queue).
     pub function_concurrency: Option<usize>,
@@ -275,7 +276,7 @@ pub fn describe(kind: &str) -> &'static str {
         "kinesis.get.expired_iterator" => "GetRecords calls answered ExpiredIteratorException",
         "kinesis.get.truncated" => "GetRecords pages cut to 10,000 records or 10 MiB",
         "kinesis.iterator.throttled" => "GetShardIterator calls failed: shard over 5 calls/s",
-        "kinesis.reshard" => "shards split mid-run",
+        "kinesis.reshard" => "shards split or merged mid-run",
         "s3.get.slow_down" => "GetObject answered 503 SlowDown",
         "s3.get.cut_body" => "GetObject bodies cut part-way",
         "s3.event.duplicated" => "S3 events delivered twice",
