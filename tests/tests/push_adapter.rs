@@ -321,7 +321,7 @@ async fn two_concurrent_invocations_for_one_object_write_it_once() {
     for o in &outcomes {
         match o {
             Outcome::Response(_) => {}
-            // The loser is told to retry; its retry (below) finds the object done.
+            // The loser waits for the winner (then already_done), or past its wait is told Busy.
             Outcome::FunctionError(e) => assert!(String::from_utf8_lossy(e).contains("PushError.Busy"), "{o:?}"),
             other => panic!("{other:?}"),
         }

@@ -427,11 +427,17 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
                 }
                 Ok(summary)
             }
+            Err(ObjectError::Checkpoint(CheckpointError::Conflict { .. })) => {
+                // Another invocation took the object over (this one stalled past its lease; the
+                // send fence stopped it before it sent anything more). That invocation is alive
+                // (it just wrote the checkpoint) and its own event is retried if it fails: the
+                // object is left to it, and this event does not spend its retries on it.
+                warn!(bucket = %ev.bucket, key = %ev.key, lines_done = run.progress.lines_done, "another invocation took the object over; left to it");
+                Ok(ObjectSummary::new(ev, Outcome::Deferred { owner: "the invocation that took it over".into() }))
+            }
             Err(e) => {
                 // End the lease so that the retry takes the object over at once.
-                if !matches!(e, ObjectError::Checkpoint(CheckpointError::Conflict { .. }))
-                    && let Err(release) = self.leases.release(ev, &run.progress, &run.version).await
-                {
+                if let Err(release) = self.leases.release(ev, &run.progress, &run.version).await {
                     warn!(bucket = %ev.bucket, key = %ev.key, error = %release, "could not end the lease after a failure; a retry waits for it to run out");
                 }
                 Err(err(e))
