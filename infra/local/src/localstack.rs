@@ -201,15 +201,23 @@ impl Local {
         stream: &str,
         kind: ShardIteratorType,
     ) -> Result<Vec<(String, String)>, String> {
-        let shards = self
-            .kinesis
-            .list_shards()
-            .stream_name(stream)
-            .send()
-            .await
-            .map_err(|e| format!("ListShards {stream}: {}", pushpull::aws::describe(&e)))?;
+        // ListShards pages: the first call names the stream, later ones only the token.
+        let mut shards = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = match &token {
+                Some(t) => self.kinesis.list_shards().next_token(t),
+                None => self.kinesis.list_shards().stream_name(stream),
+            };
+            let page = req.send().await.map_err(|e| format!("ListShards {stream}: {}", pushpull::aws::describe(&e)))?;
+            shards.extend(page.shards().iter().cloned());
+            token = page.next_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
         let mut out = Vec::new();
-        for shard in shards.shards() {
+        for shard in &shards {
             let shard_id = shard.shard_id().to_owned();
             let it = self
                 .kinesis
@@ -248,7 +256,9 @@ impl Local {
                         arrival: r.approximate_arrival_timestamp().map_or(0.0, |t| t.as_secs_f64()),
                     });
                 }
-                if out.records().is_empty() {
+                // An empty page is the end only when caught up: AWS answers empty pages before
+                // records that exist.
+                if out.records().is_empty() && out.millis_behind_latest().unwrap_or(0) == 0 {
                     break;
                 }
                 iterator = out.next_shard_iterator().map(str::to_owned);

@@ -757,6 +757,23 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
 /// Splits the first open shard of `stream` in two at the middle of its hash key range (AWS:
 /// `SplitShard`); returns the shard split.
 pub async fn split_a_shard(local: &Local, stream: &str) -> Result<String, String> {
+    let (start, end, shard) =
+        open_shards(local, stream).await?.into_iter().next().ok_or_else(|| format!("{stream} has no open shard"))?;
+    let middle = start + (end - start) / 2 + 1;
+    local
+        .kinesis
+        .split_shard()
+        .stream_name(stream)
+        .shard_to_split(&shard)
+        .new_starting_hash_key(middle.to_string())
+        .send()
+        .await
+        .map_err(|e| format!("SplitShard {stream}/{shard}: {}", pushpull::aws::describe(&e)))?;
+    Ok(shard)
+}
+
+/// The open shards of `stream` (no ending sequence number): (first hash key, last, id), by range.
+async fn open_shards(local: &Local, stream: &str) -> Result<Vec<(u128, u128, String)>, String> {
     let listed = local
         .kinesis
         .list_shards()
@@ -764,50 +781,24 @@ pub async fn split_a_shard(local: &Local, stream: &str) -> Result<String, String
         .send()
         .await
         .map_err(|e| format!("ListShards {stream}: {}", pushpull::aws::describe(&e)))?;
-    let shard = listed
+    let mut open: Vec<(u128, u128, String)> = listed
         .shards()
         .iter()
-        .find(|s| s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none())
-        .ok_or_else(|| format!("{stream} has no open shard"))?;
-    let range = shard.hash_key_range().ok_or("a shard without a hash key range")?;
-    let (start, end): (u128, u128) = (
-        range.starting_hash_key().parse().map_err(|e| format!("hash key: {e}"))?,
-        range.ending_hash_key().parse().map_err(|e| format!("hash key: {e}"))?,
-    );
-    let middle = start + (end - start) / 2 + 1;
-    local
-        .kinesis
-        .split_shard()
-        .stream_name(stream)
-        .shard_to_split(shard.shard_id())
-        .new_starting_hash_key(middle.to_string())
-        .send()
-        .await
-        .map_err(|e| format!("SplitShard {stream}/{}: {}", shard.shard_id(), pushpull::aws::describe(&e)))?;
-    Ok(shard.shard_id().to_owned())
+        .filter(|s| s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none())
+        .filter_map(|s| {
+            let r = s.hash_key_range()?;
+            Some((r.starting_hash_key().parse().ok()?, r.ending_hash_key().parse().ok()?, s.shard_id().to_owned()))
+        })
+        .collect();
+    open.sort();
+    Ok(open)
 }
 
 /// Merges the two adjacent open shards of `stream` whose ranges are smallest together (AWS:
 /// `MergeShards`), once the stream is ACTIVE again after an earlier change; returns them.
 pub async fn merge_two_shards(local: &Local, stream: &str) -> Result<(String, String), String> {
     for attempt in 0..30 {
-        let listed = local
-            .kinesis
-            .list_shards()
-            .stream_name(stream)
-            .send()
-            .await
-            .map_err(|e| format!("ListShards {stream}: {}", pushpull::aws::describe(&e)))?;
-        let mut open: Vec<(u128, u128, String)> = listed
-            .shards()
-            .iter()
-            .filter(|s| s.sequence_number_range().and_then(|r| r.ending_sequence_number()).is_none())
-            .filter_map(|s| {
-                let r = s.hash_key_range()?;
-                Some((r.starting_hash_key().parse().ok()?, r.ending_hash_key().parse().ok()?, s.shard_id().to_owned()))
-            })
-            .collect();
-        open.sort();
+        let open = open_shards(local, stream).await?;
         let pair = open
             .windows(2)
             .filter(|w| w[0].1.checked_add(1) == Some(w[1].0))
@@ -839,48 +830,9 @@ pub async fn merge_two_shards(local: &Local, stream: &str) -> Result<(String, St
 /// How many times each record's data (by xxh3) is in the stream, every shard read from its
 /// start (closed parents included): the line identities a test checks "exactly once" against.
 pub async fn stream_records(local: &Local, stream: &str) -> Result<HashMap<u64, u32>, PipelineError> {
-    use aws_sdk_kinesis::types::ShardIteratorType;
     let mut counts = HashMap::new();
-    let mut token = None;
-    loop {
-        let mut req = local.kinesis.list_shards();
-        req = match &token {
-            Some(t) => req.next_token(t),
-            None => req.stream_name(stream),
-        };
-        let listed = req.send().await.map_err(|e| PipelineError::new("ListShards", pushpull::aws::describe(&e)))?;
-        for shard in listed.shards() {
-            let it = local
-                .kinesis
-                .get_shard_iterator()
-                .stream_name(stream)
-                .shard_id(shard.shard_id())
-                .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                .send()
-                .await
-                .map_err(|e| PipelineError::new("GetShardIterator", pushpull::aws::describe(&e)))?;
-            let mut it = it.shard_iterator().map(str::to_owned);
-            while let Some(i) = it {
-                let out = local
-                    .kinesis
-                    .get_records()
-                    .shard_iterator(i)
-                    .limit(10_000)
-                    .send()
-                    .await
-                    .map_err(|e| PipelineError::new("GetRecords", pushpull::aws::describe(&e)))?;
-                for r in out.records() {
-                    *counts.entry(xxhash_rust::xxh3::xxh3_64(r.data().as_ref())).or_default() += 1;
-                }
-                if out.records().is_empty() && out.millis_behind_latest().unwrap_or(0) == 0 {
-                    break;
-                }
-                it = out.next_shard_iterator().map(str::to_owned);
-            }
-        }
-        token = listed.next_token().map(str::to_owned);
-        if token.is_none() {
-            return Ok(counts);
-        }
+    for r in local.read_stream(stream).await.map_err(PipelineError)? {
+        *counts.entry(xxhash_rust::xxh3::xxh3_64(&r.data)).or_default() += 1;
     }
+    Ok(counts)
 }
