@@ -54,6 +54,28 @@ pub fn realism() -> pushpull_local::realism::RealismConfig {
     pushpull_local::realism::RealismConfig::new(profile, seed)
 }
 
+/// What an invocation answered: a response or a function error, each parsed as JSON.
+#[derive(Debug)]
+pub enum Answer {
+    /// A response.
+    Ok(serde_json::Value),
+    /// A function error (`errorType`, `errorMessage`).
+    Error(serde_json::Value),
+}
+
+/// Invokes and returns the answer; panics if the function did not answer (crashed, timed out)
+/// or answered something that is not JSON.
+pub async fn answer(host: &mut FunctionHost, payload: Vec<u8>) -> Answer {
+    let inv = host.invoke(payload).await.unwrap_or_else(|e| panic!("{e}"));
+    let json =
+        |body: &[u8]| serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)));
+    match inv.outcome {
+        Outcome::Response(body) => Answer::Ok(json(&body)),
+        Outcome::FunctionError(body) => Answer::Error(json(&body)),
+        other => panic!("the function must answer, not {other:?}"),
+    }
+}
+
 /// Starts a function binary, panicking with its output if init fails.
 pub async fn start(spec: FunctionSpec) -> FunctionHost {
     match FunctionHost::start(spec).await {

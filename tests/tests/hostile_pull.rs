@@ -4,8 +4,7 @@
 //! it cannot read, else a partial batch response naming the sequence number of each record it
 //! cannot count), never a panic or a crash; and what is counted is counted once.
 use pushpull_local::localstack::{StreamRecord, kinesis_event};
-use pushpull_local::runtime_api::{FunctionHost, Outcome};
-use pushpull_tests::{function, local, object_json_lines, start, unique};
+use pushpull_tests::{Answer, answer, function, local, object_json_lines, start, unique};
 use serde_json::{Value, json};
 
 const ARN: &str = "arn:aws:kinesis:us-east-1:000000000000:stream/hostile";
@@ -29,24 +28,6 @@ fn patched(data: &[u8], patch: impl Fn(&mut Value)) -> Vec<u8> {
     let mut v = kinesis_event(&[record(1, data)], ARN);
     patch(&mut v["Records"][0]);
     v.to_string().into_bytes()
-}
-
-enum Answer {
-    Ok(Value),
-    Error(Value),
-}
-
-async fn invoke(host: &mut FunctionHost, payload: Vec<u8>) -> Answer {
-    let inv = host.invoke(payload).await.unwrap_or_else(|e| panic!("{e}"));
-    match inv.outcome {
-        Outcome::Response(body) => Answer::Ok(
-            serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body))),
-        ),
-        Outcome::FunctionError(body) => Answer::Error(
-            serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&body))),
-        ),
-        other => panic!("the function must answer, not {other:?}"),
-    }
 }
 
 fn failed_ids(v: &Value) -> Vec<String> {
@@ -162,7 +143,7 @@ async fn hostile_batches_are_answered_per_record_and_counted_once() {
     let mut counted = 0u64;
     for (name, payload, expect, _) in &cases {
         println!("case: {name}");
-        let answer = invoke(&mut host, payload.clone()).await;
+        let answer = answer(&mut host, payload.clone()).await;
         let verdict = match (&answer, expect) {
             (Answer::Error(v), Expect::Error(text)) if v.to_string().contains(text) => Ok(()),
             (Answer::Ok(v), Expect::Fails(ids)) if failed_ids(v).len() == ids.len() => Ok(()),
@@ -174,7 +155,7 @@ async fn hostile_batches_are_answered_per_record_and_counted_once() {
     }
     for (name, records, failing, n) in &record_cases {
         println!("case: {name}");
-        let answer = invoke(&mut host, event(records)).await;
+        let answer = answer(&mut host, event(records)).await;
         let Answer::Ok(v) = &answer else {
             let Answer::Error(e) = &answer else { unreachable!() };
             failures.push(format!("{name}: a function error {e:.300}"));

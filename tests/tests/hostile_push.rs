@@ -5,8 +5,10 @@
 //! panic or a crash, and the good lines of an object still reach the stream exactly once.
 use std::io::Write;
 
-use pushpull_local::runtime_api::{FunctionHost, Outcome};
-use pushpull_tests::{form_encode, function, local, object_created_event, start, stream_multiset, unique};
+use pushpull_local::runtime_api::FunctionHost;
+use pushpull_tests::{
+    Answer, answer, form_encode, function, local, object_created_event, start, stream_multiset, unique,
+};
 use serde_json::{Value, json};
 
 struct Fixture {
@@ -57,22 +59,6 @@ impl Fixture {
             }
         }
         out
-    }
-}
-
-/// What an invocation answered.
-#[derive(Debug)]
-enum Answer {
-    Ok(Value),
-    Error(Value),
-}
-
-async fn invoke(host: &mut FunctionHost, payload: Vec<u8>) -> Answer {
-    let inv = host.invoke(payload).await.unwrap_or_else(|e| panic!("{e}"));
-    match inv.outcome {
-        Outcome::Response(body) => Answer::Ok(serde_json::from_slice(&body).unwrap()),
-        Outcome::FunctionError(body) => Answer::Error(serde_json::from_slice(&body).unwrap()),
-        other => panic!("the function must answer, not {other:?}"),
     }
 }
 
@@ -151,7 +137,7 @@ async fn malformed_and_hostile_notifications_get_clear_answers() {
     ];
     let mut failures = Vec::new();
     for (name, payload, error_expected, text) in &cases {
-        let answer = invoke(&mut host, payload.clone()).await;
+        let answer = answer(&mut host, payload.clone()).await;
         let (is_error, body) = match &answer {
             Answer::Ok(v) => (false, v.to_string()),
             Answer::Error(v) => (true, v.to_string()),
@@ -166,7 +152,7 @@ async fn malformed_and_hostile_notifications_get_clear_answers() {
     }
     // Still serving, and the good object went to the stream once (by the 1,024-byte key case and
     // the first good event; the duplicate with padding found it done).
-    let again = invoke(&mut host, with(json!({}))).await;
+    let again = answer(&mut host, with(json!({}))).await;
     assert!(matches!(&again, Answer::Ok(v) if v.to_string().contains("already_done")), "{again:?}");
     assert!(failures.is_empty(), "{} of {} cases:\n{}", failures.len(), cases.len(), failures.join("\n"));
     let stream = stream_multiset(&f.l, &f.stream).await;
@@ -262,7 +248,7 @@ async fn hostile_objects_are_quarantined_line_by_line_or_refused_by_name() {
         let key = format!("input/{name}");
         f.put(&key, body.clone()).await;
         let event = object_created_event(&f.l, &f.bucket, &key, "01").await;
-        let answer = invoke(&mut host, event.into_bytes()).await;
+        let answer = answer(&mut host, event.into_bytes()).await;
         let (is_error, text) = match &answer {
             Answer::Ok(v) => (false, v.to_string()),
             Answer::Error(v) => (true, v.to_string()),
@@ -290,7 +276,7 @@ async fn hostile_objects_are_quarantined_line_by_line_or_refused_by_name() {
     // A partition key field of 1,000 characters (Kinesis takes 256): the line is still sent.
     f.put("input/long-partition-key.ndjson", format!("{long_key_value}\n").into_bytes()).await;
     let event = object_created_event(&f.l, &f.bucket, "input/long-partition-key.ndjson", "01").await;
-    let answer = invoke(&mut host, event.into_bytes()).await;
+    let answer = answer(&mut host, event.into_bytes()).await;
     assert!(matches!(&answer, Answer::Ok(v) if v["objects"][0]["records"] == 1), "{answer:?}");
     expected_stream.push(long_key_value);
     assert!(failures.is_empty(), "{} of {} cases:\n{}", failures.len(), cases.len() + 1, failures.join("\n"));

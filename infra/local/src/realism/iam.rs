@@ -149,6 +149,11 @@ impl Policies {
         self.roles.get(&access_key(logical_id))
     }
 
+    /// Whether `key` is a role's (a function's), not an unchecked caller's.
+    pub fn is_role(&self, key: &str) -> bool {
+        self.roles.contains_key(key)
+    }
+
     /// Whether the holder of `key` may make `call`.
     pub fn check(&self, key: &str, call: &Call) -> Decision {
         let Some(role) = self.roles.get(key) else { return Decision::Unchecked };

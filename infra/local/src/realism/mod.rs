@@ -239,19 +239,14 @@ impl Realism {
 }
 
 /// What a run injected, by kind.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct FaultTable {
     /// The profile.
-    #[serde(serialize_with = "as_string")]
     pub profile: Profile,
     /// The seed.
     pub seed: u64,
     /// Count per kind.
     pub counts: BTreeMap<&'static str, u64>,
-}
-
-fn as_string<S: serde::Serializer>(p: &Profile, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&p.to_string())
 }
 
 impl FaultTable {

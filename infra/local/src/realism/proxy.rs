@@ -283,7 +283,7 @@ impl State {
     }
 
     fn is_function(&self, key: &str) -> bool {
-        self.policies.check(key, &iam::Call { action: String::new(), resource: String::new() }) != Decision::Unchecked
+        self.policies.is_role(key)
     }
 }
 
