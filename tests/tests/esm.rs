@@ -25,6 +25,7 @@
 //! | kill -9 of the runner process, restart | `a_killed_runner_resumes_where_its_checkpoint_says` |
 //! | idle back-off of polling | `an_idle_shard_is_polled_about_once_a_second_not_five_times` |
 //! | settings AWS refuses, template parameters checked | `the_runner_refuses_settings_aws_refuses` |
+//! | 41 bad and hostile responses (not JSON, huge, wrong types, ids not in the batch) | `hostile_responses.rs` |
 use std::time::Duration;
 
 use aws_sdk_kinesis::primitives::Blob;

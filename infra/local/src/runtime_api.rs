@@ -353,6 +353,13 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// The largest response a synchronous invocation may return: AWS's Runtime API answers a bigger
+/// one with 413 "Exceeded maximum allowed payload size (6291556 bytes)." (6 MiB plus 100 bytes).
+pub const MAX_RESPONSE: usize = 6_291_556;
+
+/// The function error the invoker gets for a response over [`MAX_RESPONSE`], as AWS writes it.
+pub const RESPONSE_TOO_LARGE: &str = r#"{"errorType":"Function.ResponseSizeTooLarge","errorMessage":"Response payload size exceeded maximum allowed payload size (6291556 bytes)."}"#;
+
 fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
@@ -394,6 +401,15 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<F
             let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             let sender = shared.state.lock().expect("state lock").inflight.remove(&id);
             match sender {
+                Some(tx) if !is_error && body.len() > MAX_RESPONSE => {
+                    // AWS's Runtime API refuses the response with 413, and the invoker gets a function
+                    // error instead of the body.
+                    let _ = tx.send(Outcome::FunctionError(Bytes::from_static(RESPONSE_TOO_LARGE.as_bytes())));
+                    Ok(reply(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        r#"{"errorMessage":"Exceeded maximum allowed payload size (6291556 bytes).","errorType":"RequestEntityTooLarge"}"#,
+                    ))
+                }
                 Some(tx) => {
                     let _ = tx.send(if is_error { Outcome::FunctionError(body) } else { Outcome::Response(body) });
                     Ok(reply(StatusCode::ACCEPTED, r#"{"status":"OK"}"#))

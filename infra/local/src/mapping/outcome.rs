@@ -48,7 +48,8 @@ fn failed(reason: impl Into<String>) -> Verdict {
 /// Judges an answer for `batch` by AWS's rules:
 /// - a function error fails the whole batch;
 /// - with tumbling windows the response must carry `state` (else the invocation failed);
-/// - without `ReportBatchItemFailures` the body is ignored;
+/// - without `ReportBatchItemFailures` the body is ignored (not even parsed, unless windows need its
+///   `state`);
 /// - an empty or `null` body, a missing, `null` or empty `batchItemFailures`: success;
 /// - an entry whose `itemIdentifier` is missing, `null`, empty, or not a sequence number of this
 ///   batch fails the whole batch (AWS is unverified for identifiers not in the batch; LocalStack
@@ -67,6 +68,11 @@ pub fn judge(answer: &Answer, batch: &[Rec], report_item_failures: bool, windowe
         }
         Answer::Response(body) => body,
     };
+    if !report_item_failures && !windowed {
+        // Without ReportBatchItemFailures (and windows) only a function error fails a batch: the
+        // body, JSON or not, is not read.
+        return Verdict::Success { state: None };
+    }
     let trimmed = body.trim_ascii();
     let v: Value = if trimmed.is_empty() {
         Value::Null
@@ -249,6 +255,17 @@ mod tests {
             false,
         );
         assert_eq!(v, Verdict::Failed { reason: "E: m".into(), function_error: Some("Unhandled".into()) });
+    }
+
+    #[test]
+    fn without_report_batch_item_failures_the_body_is_not_read() {
+        let b = batch(&["1", "2"]);
+        for body in ["not json", r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#, "\u{ff}"] {
+            assert_eq!(judge(&resp(body), &b, false, false), ok(), "{body:?}");
+        }
+        // A function error still fails the batch.
+        let e = Answer::FunctionError(Bytes::from_static(b"{}"));
+        assert!(matches!(judge(&e, &b, false, false), Verdict::Failed { .. }));
     }
 
     #[test]
