@@ -212,3 +212,78 @@ async fn reading_back_goes_on_past_empty_pages_until_caught_up() {
     assert_eq!(read.len(), 300, "every record read back");
     assert!(p.realism().faults().get("kinesis.get.empty_page") > 0, "{}", p.realism().faults());
 }
+
+/// AWS (API reference, GetRecords): "Each data record can be up to 1 MiB in size, and each shard
+/// can read up to 2 MiB per second. [...] The maximum size of data that GetRecords can return is
+/// 10 MiB. If a call returns this amount of data, subsequent calls made within the next 5 seconds
+/// throw ProvisionedThroughputExceededException." Twelve records of a million bytes: the first
+/// page stops at ten (under 10 MiB), the reads after it are throttled while the shard's read
+/// budget is paid back, and the page after that holds the last two. (LocalStack cuts its pages at
+/// 10 MiB too; the proxy's own cut is shown with a smaller page.)
+#[tokio::test]
+async fn a_page_stops_at_10_mib_and_the_reads_after_it_wait() {
+    let l = local().await;
+    let stream = unique("pp-10mib");
+    one_shard_stream(&l, &stream).await;
+    for i in 0..12u8 {
+        l.kinesis
+            .put_record()
+            .stream_name(&stream)
+            .partition_key("k")
+            .data(Blob::new(vec![b'a' + i; 1_000_000]))
+            .send()
+            .await
+            .unwrap();
+    }
+    let (pages, throttled) = read_pages(&stream, RealismConfig::new(Profile::Aws, 1), 0).await;
+    assert_eq!(pages, vec![(10, b'a'), (2, b'a' + 10)], "pages of at most 10 MiB, in order");
+    assert!(throttled > 0, "10 MB read: the calls after it are throttled");
+
+    let mut config = RealismConfig::new(Profile::Aws, 1);
+    if let Some(limits) = config.limits.as_mut() {
+        limits.max_bytes_per_get = 2_500_000;
+    }
+    // Five cuts: the last two records come as LocalStack's own page.
+    let (pages, _) = read_pages(&stream, config, 5).await;
+    let want: Vec<(usize, u8)> = (0..6).map(|i| (2, b'a' + 2 * i)).collect();
+    assert_eq!(pages, want, "the proxy's own cut: two records a page, none lost or repeated");
+}
+
+/// Reads the one-shard `stream` from its start through a proxy of `config` (without the SDK's
+/// retries: throttles are waited out here): the records and first data byte of each page, and
+/// the throttled calls. Asserts the proxy cut `cuts` pages.
+async fn read_pages(stream: &str, config: RealismConfig, cuts: u64) -> (Vec<(usize, u8)>, usize) {
+    let p = proxy(config, Policies::default()).await;
+    let c = Local::at(&p.endpoint(), "test").await;
+    let k = aws_sdk_kinesis::Client::from_conf(
+        c.kinesis.config().to_builder().retry_config(aws_sdk_kinesis::config::retry::RetryConfig::disabled()).build(),
+    );
+    let it = k
+        .get_shard_iterator()
+        .stream_name(stream)
+        .shard_id("shardId-000000000000")
+        .shard_iterator_type(ShardIteratorType::TrimHorizon)
+        .send()
+        .await
+        .unwrap();
+    let mut it = it.shard_iterator().unwrap().to_owned();
+    let (mut pages, mut throttled) = (Vec::new(), 0);
+    while pages.iter().map(|(n, _)| n).sum::<usize>() < 12 {
+        match k.get_records().shard_iterator(&it).send().await {
+            Ok(page) => {
+                if let Some(first) = page.records().first() {
+                    pages.push((page.records().len(), first.data().as_ref()[0]));
+                }
+                it = page.next_shard_iterator().unwrap().to_owned();
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Some("ProvisionedThroughputExceededException"), "{e:?}");
+                throttled += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+        assert!(throttled < 60, "the shard's read budget never came back: {pages:?}");
+    }
+    assert_eq!(p.realism().faults().get("kinesis.get.truncated"), cuts, "{}", p.realism().faults());
+    (pages, throttled)
+}
