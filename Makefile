@@ -1,5 +1,5 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-tradeoff
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-runners bench-tradeoff
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
@@ -34,6 +34,9 @@ bench-pull:     ## pull function vs a floor function under runtime_api.py (BENCH
 
 bench-esm:      ## local event source mapping vs raw GetRecords: throughput and delay (BENCHMARKS.md)
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench esm_throughput -- $(ARGS)
+
+bench-runners:  ## several mapping runners on 8 shards: handover after kill -9 / SIGTERM, throughput of 1-3 (BENCHMARKS.md)
+	infra/with-localstack.sh cargo bench -p pushpull-tests --bench runners -- $(ARGS)
 
 bench-tradeoff: ## the whole pipeline over a grid of batch settings; table + docs/batching-tradeoff.png
 	cargo build --release --workspace --bins

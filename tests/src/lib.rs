@@ -3,6 +3,8 @@
 //!
 //! Tests never skip: if LocalStack is not running they fail and say how to start it (the
 //! README's test command starts it).
+pub mod runners;
+
 use pushpull_local::localstack::{Local, function_env};
 use pushpull_local::runtime_api::{FunctionHost, FunctionSpec, Outcome, workspace_binary};
 

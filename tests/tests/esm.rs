@@ -618,6 +618,9 @@ async fn a_killed_runner_resumes_where_its_checkpoint_says() {
         cmd.args(["esm", "--no-template", "--stream", &f.stream, "--function-name", FUNCTION])
             .args(["--invoke-endpoint", &f.server.endpoint(), "--starting-position", "TRIM_HORIZON"])
             .args(["--batch-size", "25", "--checkpoint-uri", &checkpoints, "--stop-when-idle", "2"])
+            // A new process is a new runner (host and pid): it waits for the killed one's leases
+            // to go unrenewed for the failover time before it takes them.
+            .args(["--failover-ms", "2000"])
             .envs(pushpull_local::localstack::function_env())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());

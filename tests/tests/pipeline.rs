@@ -14,6 +14,8 @@ use pushpull_local::template::Template;
 use pushpull_tests::{local, unique};
 
 const TEMPLATE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/template.yaml");
+/// The storm test's seed unless `PUSHPULL_SEED` says otherwise (CI runs this one).
+const DEFAULT_SEED: u64 = 42;
 const LINES: usize = 100_000;
 const BAD_EVERY: usize = 997;
 
@@ -116,7 +118,7 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
     use pushpull_local::realism::iam::Policies;
     use pushpull_local::realism::proxy::RealismProxy;
     use pushpull_local::realism::{Profile, Realism, RealismConfig};
-    let seed = std::env::var("PUSHPULL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(42);
+    let seed = std::env::var("PUSHPULL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SEED);
     let input = tempfile::tempdir().unwrap();
     let bad = write_input(input.path());
     let bucket = unique("pp-storm");
@@ -189,6 +191,9 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
             .args(["--invoke-endpoint", &server.endpoint()])
             .args(["--checkpoint-uri", &format!("s3://{bucket}/checkpoints/esm"), "--list-shards-every", "1"])
             .args(["--caught-up-poll-ms", "1000"])
+            // Each restart is the same runner coming back: it takes its own leases back at once
+            // (tests/tests/runners.rs shows another runner taking them after the failover time).
+            .args(["--worker-id", "storm-mapping"])
             .envs(pushpull_local::localstack::function_env())
             .env("LOCALSTACK_ENDPOINT", proxy.endpoint())
             .stdout(std::process::Stdio::null())
@@ -268,15 +273,21 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
     assert_eq!(rollup, expected.totals, "the rollup equals the input exactly");
     check_quarantine(&pipeline::quarantine(&l, &r).await.unwrap(), &bucket, bad);
     // Each kind of fault happened (write throttles need a shard past 1,000 records/s, which
-    // kinesis-mock cannot take in: tests/tests/realism.rs pins them).
-    for kind in [
+    // kinesis-mock cannot take in: tests/tests/realism.rs pins them). Whether a rare kind is drawn
+    // depends on the seed (six S3 events at 30% draw no duplicate one time in eight): the CI seed
+    // draws them all; any other seed must hold the promises above with whatever it drew.
+    let kinds = [
         "kinesis.get.empty_page",
         "kinesis.get.expired_iterator",
         "s3.get.slow_down",
         "s3.get.cut_body",
         "s3.event.duplicated",
-    ] {
-        assert!(faults.get(kind) > 0, "no {kind} in {faults}");
+    ];
+    let undrawn: Vec<&str> = kinds.into_iter().filter(|k| faults.get(k) == 0).collect();
+    if seed == DEFAULT_SEED {
+        assert!(undrawn.is_empty(), "not drawn: {undrawn:?} in {faults}");
+    } else if !undrawn.is_empty() {
+        println!("seed {seed} drew none of {undrawn:?}");
     }
 }
 

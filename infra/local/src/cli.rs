@@ -187,6 +187,14 @@ pub struct EsmArgs {
     /// 1000: as AWS polls).
     #[arg(long, default_value_t = 200)]
     caught_up_poll_ms: u64,
+    /// This runner's name in the shards' leases (default: host and pid). Runners started on the
+    /// same mapping (same checkpoint location) share its shards; one restarted under the same
+    /// name takes its own leases back at once.
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// A lease not renewed for this long may be taken by another runner (ms).
+    #[arg(long, default_value_t = 10_000)]
+    failover_ms: u64,
     /// Write the summary as JSON here too.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -268,13 +276,22 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     options.max_idle_poll = Duration::from_millis(args.max_idle_poll_ms.max(200));
     options.caught_up_poll = Duration::from_millis(args.caught_up_poll_ms.max(200));
     options.stop_when_idle = args.stop_when_idle.map(|s| Duration::from_secs_f64(s.max(0.0)));
+    options.failover = Duration::from_millis(args.failover_ms.max(300));
+    if let Some(w) = args.worker_id {
+        options.worker_id = w;
+    }
     eprintln!(
         "esm: {} -> {} at {} (checkpoints {location}/{})",
         settings.stream_arn, settings.function_name, args.invoke_endpoint, options.checkpoint_prefix
     );
+    // Ctrl-C or SIGTERM: finish the batches in flight, checkpoint, release the leases.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
         let _ = stop_tx.send(true);
     });
     let summary = Runner::run(settings, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?;

@@ -130,6 +130,8 @@ struct Pool {
     spec: FunctionSpec,
     idle: Mutex<Vec<FunctionHost>>,
     slots: Semaphore,
+    /// Where each invocation is noted, if asked ([`InvokeServer::log_invocations`]).
+    log: Mutex<Option<std::fs::File>>,
 }
 
 /// Serves the Invoke API for function binaries on 127.0.0.1.
@@ -164,6 +166,7 @@ impl InvokeServer {
                     spec: spec.clone(),
                     idle: Mutex::new(Vec::new()),
                     slots: Semaphore::new(concurrency.max(1)),
+                    log: Mutex::new(None),
                 };
                 (spec.name, Arc::new(pool))
             })
@@ -181,6 +184,20 @@ impl InvokeServer {
     /// A client for this server.
     pub fn client(&self) -> InvokeClient {
         InvokeClient::new(self.endpoint())
+    }
+
+    /// Notes every invocation of `function` in `path` (appended, one JSON line each: when it
+    /// started,
+    /// whether it was a function error, and the stream records' sequence numbers of its event),
+    /// which shows from outside which records were invoked how often, whoever invoked them.
+    pub fn log_invocations(&self, function: &str, path: &std::path::Path) -> std::io::Result<()> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        if let Some(pool) = self.pools.get(function)
+            && let Ok(mut log) = pool.log.lock()
+        {
+            *log = Some(file);
+        }
+        Ok(())
     }
 
     /// PIDs of the sandboxes now idle (for tests that kill one).
@@ -341,7 +358,19 @@ async fn route(
             }
         },
     };
+    let seqs =
+        pool.log.lock().ok().filter(|l| l.is_some()).map(|_| (crate::mapping::now_unix(), sequence_numbers(&payload)));
     let invocation = host.invoke(payload).await;
+    if let Some((started, seqs)) = seqs {
+        let error = invocation.as_ref().map_or(true, |i| i.outcome.is_error());
+        let line = serde_json::json!({ "t": started, "error": error, "seqs": seqs });
+        if let Ok(mut log) = pool.log.lock()
+            && let Some(f) = log.as_mut()
+        {
+            use std::io::Write as _;
+            let _ = f.write_all(format!("{line}\n").as_bytes());
+        }
+    }
     let response = match invocation {
         Ok(inv) => {
             let id = inv.request_id;
@@ -372,4 +401,25 @@ async fn route(
         idle.push(host);
     }
     Ok(response)
+}
+
+/// The sequence numbers of a stream event's records (none for another event).
+fn sequence_numbers(payload: &[u8]) -> Vec<String> {
+    #[derive(serde::Deserialize)]
+    struct Event {
+        #[serde(rename = "Records", default)]
+        records: Vec<Record>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Record {
+        kinesis: Option<Kinesis>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Kinesis {
+        #[serde(rename = "sequenceNumber")]
+        sequence_number: String,
+    }
+    serde_json::from_slice::<Event>(payload)
+        .map(|e| e.records.into_iter().filter_map(|r| r.kinesis.map(|k| k.sequence_number)).collect())
+        .unwrap_or_default()
 }

@@ -28,6 +28,7 @@ use crate::invoke::InvokeClient;
 
 pub mod destination;
 pub mod event;
+mod lease;
 pub mod outcome;
 pub mod progress;
 pub mod settings;
@@ -72,6 +73,26 @@ pub enum MappingError {
     /// The failure destination refused the record for good.
     #[error("failure destination: {0}")]
     Destination(String),
+    /// Another runner took the shard's lease (this one was paused or slow past the failover
+    /// time): its checkpoint write was refused, and it stops reading the shard at once.
+    #[error("the lease of {shard_id} was taken by another runner")]
+    LeaseLost {
+        /// The shard.
+        shard_id: String,
+    },
+}
+
+impl MappingError {
+    /// A checkpoint write of `shard_id` failed: a conflict is a lost lease (fenced by the
+    /// compare-and-swap), anything else a store error.
+    pub(crate) fn checkpoint(shard_id: &str, source: pushpull::checkpoint::CheckpointError) -> Self {
+        match source {
+            pushpull::checkpoint::CheckpointError::Conflict { .. } => {
+                MappingError::LeaseLost { shard_id: shard_id.to_owned() }
+            }
+            source => MappingError::Checkpoint { shard_id: shard_id.to_owned(), source },
+        }
+    }
 }
 
 /// How the runner behaves beyond the mapping's own settings.
@@ -101,6 +122,24 @@ pub struct RunnerOptions {
     pub stop_when_idle: Option<Duration>,
     /// Told of every record's first invocation (for end-to-end latency).
     pub delivered: Option<tokio::sync::mpsc::UnboundedSender<Delivered>>,
+    /// This runner's name in the shards' leases (`--worker-id`; default host and pid). Runners of
+    /// one mapping share its shards; a runner restarted under the same name takes its own leases
+    /// back at once.
+    pub worker_id: String,
+    /// A lease whose counter has not moved for this long (as this runner saw it) may be taken:
+    /// its owner is presumed dead. Owners renew every third of it.
+    pub failover: Duration,
+}
+
+/// The default worker id: host name and process id.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 /// A record's first invocation.
@@ -127,6 +166,8 @@ impl RunnerOptions {
             max_retry_backoff: Duration::from_secs(5),
             stop_when_idle: None,
             delivered: None,
+            worker_id: default_worker_id(),
+            failover: Duration::from_secs(10),
         }
     }
 }
@@ -179,6 +220,28 @@ pub struct Counts {
     pub iterator_age_ms_max: f64,
     /// Iterator age at the last batch.
     pub iterator_age_ms_last: f64,
+    /// Shard leases this runner took.
+    pub leases_taken: u64,
+    /// Of those, leases taken from another runner that had stopped renewing them.
+    pub lease_takeovers: u64,
+    /// Leases handed over (rebalancing, or stopping): released after a last checkpoint.
+    pub leases_released: u64,
+    /// Leases found taken by another runner (this one was paused or slow past the failover time).
+    pub leases_lost: u64,
+}
+
+/// A change of a shard's lease, as this runner saw it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LeaseEvent {
+    /// The shard.
+    pub shard_id: String,
+    /// `taken`, `released`, `lost` or `finished`.
+    pub event: &'static str,
+    /// For `taken`: the runner that held it before, if another.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// When, unix seconds.
+    pub at: f64,
 }
 
 /// Counters kept while running.
@@ -190,6 +253,7 @@ pub(crate) struct Stats {
     pub(crate) delays: Delays,
     /// When the last invocation ended, from the start of the run.
     pub(crate) last_invoke_end: Duration,
+    pub(crate) leases: Vec<LeaseEvent>,
 }
 
 /// What the mapping did: printed at the end of a run, and returned to tests.
@@ -214,6 +278,10 @@ pub struct Summary {
     /// Seconds from the start of the run to the end of its last invocation (the time the work
     /// took, without the idle wait before stopping).
     pub active_s: f64,
+    /// This runner's worker id.
+    pub worker_id: String,
+    /// Every lease this runner took, released, lost or finished, in order.
+    pub leases: Vec<LeaseEvent>,
 }
 
 /// Delays from arrival to first invocation, in a histogram (microseconds, 3 significant digits):
@@ -272,6 +340,8 @@ impl Stats {
             delay_ms_p99: d.quantile_ms(0.99),
             delay_ms_max: d.max_ms(),
             active_s: self.last_invoke_end.as_secs_f64(),
+            worker_id: String::new(),
+            leases: self.leases.clone(),
         }
     }
 }
@@ -315,6 +385,15 @@ impl std::fmt::Display for Summary {
         writeln!(f, "  windows          {} final invocations", self.counts.windows_final)?;
         writeln!(
             f,
+            "  leases           {} taken ({} from a runner that stopped renewing), {} released, {} lost; as {}",
+            self.counts.leases_taken,
+            self.counts.lease_takeovers,
+            self.counts.leases_released,
+            self.counts.leases_lost,
+            self.worker_id
+        )?;
+        writeln!(
+            f,
             "  iterator age     max {:.0} ms, last {:.0} ms",
             self.counts.iterator_age_ms_max, self.counts.iterator_age_ms_last
         )?;
@@ -350,6 +429,12 @@ impl Ctx {
         self.stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    pub fn summary(&self) -> Summary {
+        let mut s = self.stats().summary();
+        s.worker_id = self.options.worker_id.clone();
+        s
+    }
+
     pub fn touch(&self) {
         if let Ok(mut t) = self.last_activity.lock() {
             *t = Instant::now();
@@ -370,7 +455,7 @@ pub struct RunningMapping {
 impl RunningMapping {
     /// What it did so far.
     pub fn summary(&self) -> Summary {
-        self.ctx.stats().summary()
+        self.ctx.summary()
     }
 
     /// Records read and invocations so far (cheap, unlike [`RunningMapping::summary`], which
@@ -401,11 +486,12 @@ impl RunningMapping {
         self.task.is_finished()
     }
 
-    /// Stops it; what was in flight is re-delivered by the next run.
+    /// Stops it as SIGTERM stops a runner: the batches in flight finish and are checkpointed,
+    /// and the leases are released for another runner to take at once.
     pub async fn stop(self) -> Result<Summary, MappingError> {
         let _ = self.stop.send(true);
         match self.task.await {
-            Ok(r) => r.map(|()| self.ctx.stats().summary()),
+            Ok(r) => r.map(|()| self.ctx.summary()),
             Err(e) => Err(MappingError::Kinesis(format!("the mapping task failed: {e}"))),
         }
     }
@@ -450,7 +536,8 @@ async fn list_shards(clients: &Clients, stream: &str) -> Result<Vec<ShardInfo>, 
 
 impl Runner {
     /// Runs the mapping until `stop` turns true (or it is idle, if so configured), and returns
-    /// what it did. Records in flight when it stops are re-delivered by the next run.
+    /// what it did. On `stop` the batches in flight finish, are checkpointed, and the leases are
+    /// released; a runner killed instead re-delivers what was in flight after the failover time.
     pub async fn run(
         settings: MappingSettings,
         options: RunnerOptions,
@@ -461,7 +548,7 @@ impl Runner {
         let ctx = Self::context(settings, options, clients, invoker);
         let stream = ctx.settings.stream_name().to_owned();
         let result = Self::supervise(&ctx, &stream, &mut stop).await;
-        let summary = ctx.stats().summary();
+        let summary = ctx.summary();
         result.map(|()| summary)
     }
 
@@ -506,28 +593,61 @@ impl Runner {
     }
 
     async fn supervise(ctx: &Arc<Ctx>, stream: &str, stop: &mut watch::Receiver<bool>) -> Result<(), MappingError> {
-        let mut tasks: JoinSet<(String, Result<(), MappingError>)> = JoinSet::new();
-        let mut running: HashSet<String> = HashSet::new();
+        let me = ctx.options.worker_id.clone();
+        let failover = ctx.options.failover;
+        let mut tasks: JoinSet<(String, Result<shard::ShardEnd, MappingError>)> = JoinSet::new();
+        // Shards this runner reads, with the sender that asks each to hand over.
+        let mut running: HashMap<String, watch::Sender<bool>> = HashMap::new();
+        let mut draining: HashSet<String> = HashSet::new();
         let mut finished: HashSet<String> = HashSet::new();
+        let mut seen = lease::Observed::default();
         let mut first_listing = true;
         let mut shards: Vec<ShardInfo> = Vec::new();
         let mut next_listing = Instant::now();
+        let mut next_cycle = Instant::now();
         let mut evaluate = true;
         let mut awaiting: HashSet<String> = HashSet::new();
+        let mut stopping = false;
+        // Shards held by a runner not yet seen renewing: not idle while they may come to us.
+        let mut uncertain = 0usize;
+        let mut expecting = false;
         loop {
-            if *stop.borrow() {
+            if *stop.borrow() && !stopping {
+                // Hand every shard over: in-flight batches finish, are checkpointed, and the
+                // leases are released for the other runners to take at once.
+                info!(shards = running.len(), "stopping: handing the shards over");
+                stopping = true;
+                for (id, drain) in &running {
+                    let _ = drain.send(true);
+                    draining.insert(id.clone());
+                }
+                lease::heartbeat(ctx, &me, true).await;
+            }
+            if stopping && running.is_empty() {
                 break;
             }
-            if Instant::now() >= next_listing {
+            if !stopping && Instant::now() >= next_listing {
                 shards = list_shards(&ctx.clients, stream).await?;
                 next_listing = Instant::now() + ctx.options.list_shards_every;
                 evaluate = true;
             }
-            if evaluate {
+            if !stopping && (evaluate || Instant::now() >= next_cycle) {
                 evaluate = false;
+                next_cycle = Instant::now() + failover / 3;
+                let workers = lease::heartbeat(ctx, &me, false).await;
+                let live: Vec<String> = workers
+                    .iter()
+                    .filter(|(w, beat)| {
+                        **w == me || (!beat.stopping && seen.is_live(&format!("worker {w}"), beat.counter, failover))
+                    })
+                    .map(|(w, _)| w.clone())
+                    .collect();
                 let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
+                let mut candidates = Vec::new();
+                let mut others: HashMap<String, usize> = HashMap::new();
+                uncertain = 0;
                 for s in &shards {
-                    if running.contains(&s.id) || finished.contains(&s.id) {
+                    if running.contains_key(&s.id) || finished.contains(&s.id) {
                         continue;
                     }
                     // A parent still in the stream finishes before its children start.
@@ -544,50 +664,78 @@ impl Runner {
                         continue;
                     }
                     let saved = progress.saved();
-                    let unread = saved.after.is_none() && saved.since.is_none();
-                    let start = match ctx.settings.starting_position {
-                        StartingPosition::Latest if unread => {
-                            if first_listing && s.closed {
-                                // LATEST: nothing of a shard closed before the mapping started is
-                                // read. Say so in its checkpoint, so its children start at LATEST
-                                // too, after a restart as well.
-                                let mut progress = progress;
-                                progress.finish();
-                                progress
-                                    .save()
-                                    .await
-                                    .map_err(|source| MappingError::Checkpoint { shard_id: s.id.clone(), source })?;
-                                finished.insert(s.id.clone());
-                                evaluate = true;
-                                continue;
+                    let key = format!("shard {}", s.id);
+                    match &saved.owner {
+                        Some(owner) if *owner != me && seen.is_live(&key, saved.lease_counter, failover) => {
+                            if !seen.changed_since_first_seen(&key) {
+                                uncertain += 1;
                             }
-                            // A child of a shard this mapping read starts at its beginning.
-                            let mut read_parent = false;
-                            for p in s.parents.iter().filter(|p| listed.contains(p.as_str())) {
-                                let pp = progress::Progress::load(
-                                    ctx.checkpoints.clone(),
-                                    &ctx.options.checkpoint_prefix,
-                                    p,
-                                )
-                                .await
-                                .map_err(|source| MappingError::Checkpoint { shard_id: p.clone(), source })?;
-                                read_parent |= pp.saved().after.is_some() || pp.saved().since.is_some();
-                            }
-                            if read_parent { StartingPosition::TrimHorizon } else { StartingPosition::Latest }
+                            *others.entry(owner.clone()).or_default() += 1;
                         }
-                        p => p,
+                        _ => candidates.push((s, progress)),
+                    }
+                }
+                let held = running.len() - draining.len();
+                let total = held + candidates.len() + others.values().sum::<usize>();
+                let target = total.div_ceil(live.len().max(1));
+                let mut take = target.saturating_sub(held);
+                for (s, mut progress) in candidates {
+                    if take == 0 {
+                        break;
+                    }
+                    let from = progress.saved().owner.clone().filter(|o| *o != me);
+                    match progress.acquire(&me, &s.parents).await {
+                        Ok(()) => {}
+                        Err(pushpull::checkpoint::CheckpointError::Conflict { .. }) => continue, // another runner was first
+                        Err(source) => return Err(MappingError::Checkpoint { shard_id: s.id.clone(), source }),
+                    }
+                    take -= 1;
+                    {
+                        let mut st = ctx.stats();
+                        st.counts.leases_taken += 1;
+                        st.counts.lease_takeovers += u64::from(from.is_some());
+                        st.leases.push(LeaseEvent {
+                            shard_id: s.id.clone(),
+                            event: "taken",
+                            from: from.clone(),
+                            at: now_unix(),
+                        });
+                    }
+                    info!(shard_id = %s.id, from = ?from, "lease taken");
+                    let Some(start) = Self::start_position(ctx, s, &listed, &mut progress, first_listing).await? else {
+                        finished.insert(s.id.clone());
+                        evaluate = true;
+                        continue;
                     };
-                    running.insert(s.id.clone());
                     // Not caught up until its first read says so.
                     if let Ok(mut c) = ctx.caught_up.lock() {
                         c.insert(s.id.clone(), None);
                     }
                     ctx.stats().counts.shards_started += 1;
+                    let (drain_tx, drain_rx) = watch::channel(false);
+                    running.insert(s.id.clone(), drain_tx);
                     let (ctx2, id) = (ctx.clone(), s.id.clone());
                     tasks.spawn(async move {
-                        let r = shard::run(ctx2, id.clone(), progress, start).await;
+                        let r = shard::run(ctx2, id.clone(), progress, start, drain_rx).await;
                         (id, r)
                     });
+                }
+                // Too many here, or a runner two or more below: hand one shard over (at most one a
+                // cycle, so shards do not bounce); whoever is below its share takes it.
+                let mine = running.len() - draining.len();
+                // Another runner will hand a shard over to us: not idle yet.
+                expecting = others.values().any(|&n| n > target || n > mine + 1);
+                let below =
+                    live.iter().filter(|w| **w != me).any(|w| others.get(w.as_str()).copied().unwrap_or(0) + 1 < mine);
+                if draining.is_empty() && take == 0 && (mine > target || below) {
+                    let victim = running.keys().filter(|id| !draining.contains(*id)).max().cloned();
+                    if let Some(id) = victim {
+                        info!(shard_id = %id, mine, target, workers = live.len(), "rebalancing: handing a shard over");
+                        if let Some(d) = running.get(&id) {
+                            let _ = d.send(true);
+                        }
+                        draining.insert(id);
+                    }
                 }
                 first_listing = false;
                 // A shard read to its end counts as not caught up until its children run: the
@@ -595,7 +743,7 @@ impl Runner {
                 awaiting.retain(|id| {
                     let waiting = shards
                         .iter()
-                        .any(|c| c.parents.contains(id) && !running.contains(&c.id) && !finished.contains(&c.id));
+                        .any(|c| c.parents.contains(id) && !running.contains_key(&c.id) && !finished.contains(&c.id));
                     if !waiting && let Ok(mut c) = ctx.caught_up.lock() {
                         c.remove(id);
                     }
@@ -605,15 +753,39 @@ impl Runner {
             let idle_check = ctx.options.stop_when_idle;
             tokio::select! {
                 joined = tasks.join_next(), if !tasks.is_empty() => match joined {
-                    Some(Ok((id, Ok(())))) => {
+                    Some(Ok((id, Ok(shard::ShardEnd::Finished)))) => {
                         info!(shard_id = %id, "shard finished");
                         running.remove(&id);
+                        draining.remove(&id);
                         finished.insert(id.clone());
-                        awaiting.insert(id);
+                        awaiting.insert(id.clone());
                         // List again now: its children (if it was split or merged) start at once.
                         next_listing = Instant::now();
-                        ctx.stats().counts.shards_finished += 1;
+                        let mut st = ctx.stats();
+                        st.counts.shards_finished += 1;
+                        st.leases.push(LeaseEvent { shard_id: id, event: "finished", from: None, at: now_unix() });
                         evaluate = true;
+                    }
+                    Some(Ok((id, Ok(shard::ShardEnd::HandedOver)))) => {
+                        running.remove(&id);
+                        draining.remove(&id);
+                        if let Ok(mut c) = ctx.caught_up.lock() {
+                            c.remove(&id);
+                        }
+                        let mut st = ctx.stats();
+                        st.counts.leases_released += 1;
+                        st.leases.push(LeaseEvent { shard_id: id, event: "released", from: None, at: now_unix() });
+                    }
+                    Some(Ok((id, Err(MappingError::LeaseLost { .. })))) => {
+                        warn!(shard_id = %id, "lease lost to another runner: stopped reading the shard");
+                        running.remove(&id);
+                        draining.remove(&id);
+                        if let Ok(mut c) = ctx.caught_up.lock() {
+                            c.remove(&id);
+                        }
+                        let mut st = ctx.stats();
+                        st.counts.leases_lost += 1;
+                        st.leases.push(LeaseEvent { shard_id: id, event: "lost", from: None, at: now_unix() });
                     }
                     Some(Ok((id, Err(e)))) => {
                         warn!(shard_id = %id, error = %e, "shard stopped");
@@ -626,10 +798,10 @@ impl Runner {
                     }
                     None => {}
                 },
-                _ = tokio::time::sleep_until(next_listing.into()) => {}
-                _ = stop.changed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(100)), if idle_check.is_some() => {
-                    if let Some(idle) = idle_check && Self::idle_for(ctx, &running, idle) {
+                _ = tokio::time::sleep_until(next_listing.min(next_cycle).into()), if !stopping => {}
+                _ = stop.changed(), if !stopping => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)), if idle_check.is_some() && !stopping => {
+                    if let Some(idle) = idle_check && uncertain == 0 && !expecting && Self::idle_for(ctx, &running, idle) {
                         info!("every shard is caught up and idle; stopping");
                         break;
                     }
@@ -638,17 +810,53 @@ impl Runner {
         }
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
+        if stopping {
+            lease::leave(ctx, &me).await;
+        }
         Ok(())
     }
 
-    fn idle_for(ctx: &Ctx, running: &HashSet<String>, idle: Duration) -> bool {
+    /// Where a shard whose lease was just taken starts: its checkpoint, or the starting position.
+    /// `None`: with LATEST, a shard closed before the mapping started is finished at once (so that
+    /// its children start at LATEST too, after a restart as well).
+    async fn start_position(
+        ctx: &Ctx,
+        s: &ShardInfo,
+        listed: &HashSet<&str>,
+        progress: &mut progress::Progress,
+        first_listing: bool,
+    ) -> Result<Option<StartingPosition>, MappingError> {
+        let saved = progress.saved();
+        let unread = saved.after.is_none() && saved.since.is_none();
+        Ok(Some(match ctx.settings.starting_position {
+            StartingPosition::Latest if unread => {
+                if first_listing && s.closed {
+                    progress.finish();
+                    progress.save().await.map_err(|source| MappingError::checkpoint(&s.id, source))?;
+                    return Ok(None);
+                }
+                // A child of a shard this mapping read starts at its beginning.
+                let mut read_parent = false;
+                for p in s.parents.iter().filter(|p| listed.contains(p.as_str())) {
+                    let pp = progress::Progress::load(ctx.checkpoints.clone(), &ctx.options.checkpoint_prefix, p)
+                        .await
+                        .map_err(|source| MappingError::Checkpoint { shard_id: p.clone(), source })?;
+                    read_parent |= pp.saved().after.is_some() || pp.saved().since.is_some();
+                }
+                if read_parent { StartingPosition::TrimHorizon } else { StartingPosition::Latest }
+            }
+            p => p,
+        }))
+    }
+
+    fn idle_for(ctx: &Ctx, running: &HashMap<String, watch::Sender<bool>>, idle: Duration) -> bool {
         if ctx.pending.load(Ordering::SeqCst) > 0 || ctx.open_windows.load(Ordering::SeqCst) > 0 {
             return false;
         }
         let caught_up = ctx
             .caught_up
             .lock()
-            .map(|c| running.iter().all(|s| c.get(s).copied().flatten().is_some()))
+            .map(|c| running.keys().all(|s| c.get(s).copied().flatten().is_some()))
             .unwrap_or(false);
         let quiet = ctx.last_activity.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
         caught_up && quiet

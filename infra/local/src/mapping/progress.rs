@@ -28,6 +28,16 @@ pub struct ShardCheckpoint {
     /// The open tumbling window and the state carried for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<WindowCheckpoint>,
+    /// The lease: the runner (`--worker-id`) reading the shard; none once released or finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Bumped by every write of the owner (its renewal, and every checkpoint): a lease whose
+    /// counter has not moved for the failover time, as another runner sees it, may be taken.
+    #[serde(default)]
+    pub lease_counter: u64,
+    /// The shard's parents (children start only once these are finished).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<String>,
 }
 
 /// A tumbling window in progress.
@@ -49,6 +59,10 @@ pub struct Progress {
     /// Records read and not yet below the checkpoint: index -> (sequence number, done).
     open: BTreeMap<u64, (String, bool)>,
     next_index: u64,
+    /// The runner this progress writes as: every save renews its lease.
+    worker: Option<String>,
+    /// When the last save succeeded.
+    written_at: std::time::Instant,
 }
 
 /// The checkpoint could not be written: someone else moved it (another runner), or the store failed.
@@ -62,7 +76,16 @@ impl Progress {
             Some((c, v)) => (c, Some(v)),
             None => (ShardCheckpoint { shard_id: shard_id.to_owned(), ..Default::default() }, None),
         };
-        Ok(Progress { checkpoints, key, version, saved, open: BTreeMap::new(), next_index: 0 })
+        Ok(Progress {
+            checkpoints,
+            key,
+            version,
+            saved,
+            open: BTreeMap::new(),
+            next_index: 0,
+            worker: None,
+            written_at: std::time::Instant::now(),
+        })
     }
 
     /// What is stored now.
@@ -98,6 +121,11 @@ impl Progress {
         moved
     }
 
+    /// Records read and not done.
+    pub fn open_len(&self) -> usize {
+        self.open.len()
+    }
+
     /// Whether records are read and not done.
     pub fn busy(&self) -> bool {
         !self.open.is_empty()
@@ -119,13 +147,37 @@ impl Progress {
         self.saved.window = None;
     }
 
-    /// Writes the checkpoint (compare-and-swap on the version read or last written).
+    /// Takes the lease for `worker` (compare-and-swap on the version loaded): from here on every
+    /// save writes as `worker` and renews the lease. A [`CheckpointError::Conflict`] means another
+    /// runner wrote first, and the lease is not ours.
+    pub async fn acquire(&mut self, worker: &str, parents: &[String]) -> Result<(), ProgressError> {
+        self.worker = Some(worker.to_owned());
+        self.saved.parents = parents.to_vec();
+        self.save().await
+    }
+
+    /// Gives the lease up (after the last checkpoint): another runner may take it at once.
+    pub async fn release(&mut self) -> Result<(), ProgressError> {
+        self.worker = None;
+        self.save().await
+    }
+
+    /// How long ago the last save (a lease renewal) succeeded.
+    pub fn written_ago(&self) -> std::time::Duration {
+        self.written_at.elapsed()
+    }
+
+    /// Writes the checkpoint (compare-and-swap on the version read or last written); this renews
+    /// the lease (owner and a bumped counter). A conflict means the lease was taken.
     pub async fn save(&mut self) -> Result<(), ProgressError> {
+        self.saved.owner = if self.saved.finished { None } else { self.worker.clone() };
+        self.saved.lease_counter += 1;
         let etag = match &self.version {
             Some(v) => self.checkpoints.replace(&self.key, &self.saved, v).await?,
             None => self.checkpoints.create(&self.key, &self.saved).await?,
         };
         self.version = Some(etag);
+        self.written_at = std::time::Instant::now();
         Ok(())
     }
 }

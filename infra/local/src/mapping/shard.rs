@@ -24,20 +24,57 @@ const MAX_STATE: usize = 1024 * 1024;
 /// shard caught up (MillisBehindLatest 0) was made.
 #[derive(Debug, Clone, Copy, Default)]
 struct ReaderStatus {
+    /// The reader stopped to hand the shard over: lanes finish what they hold and end, without
+    /// closing their tumbling window (its state is in the checkpoint for the next owner).
+    handing_over: bool,
     caught_up_at: f64,
 }
 
 type Shared = Arc<Mutex<Progress>>;
 
+/// How a shard task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ShardEnd {
+    /// Closed and every record done: its children may start.
+    Finished,
+    /// Asked to hand over (rebalancing, or the runner stopping): in-flight batches finished,
+    /// checkpointed, and the lease released.
+    HandedOver,
+}
+
+/// Reads `shard_id` while holding its lease (taken in `progress`): renews the lease every
+/// `options.failover / 3`, and on `drain` finishes what is in flight and releases it.
 pub(super) async fn run(
     ctx: Arc<Ctx>,
     shard_id: String,
     progress: Progress,
     start: StartingPosition,
-) -> Result<(), MappingError> {
-    let shard: Arc<str> = Arc::from(shard_id.as_str());
-    let saved = progress.saved().clone();
+    drain: watch::Receiver<bool>,
+) -> Result<ShardEnd, MappingError> {
     let progress: Shared = Arc::new(Mutex::new(progress));
+    let windows = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let r = read_and_invoke(ctx.clone(), &shard_id, progress.clone(), start, drain, windows.clone()).await;
+    if r.is_err() {
+        // The lanes are gone with what they held: take it off the mapping's counts (the next
+        // owner reads it again from the checkpoint).
+        let open = progress.lock().await.open_len();
+        ctx.pending.fetch_sub(open as i64, Ordering::SeqCst);
+        ctx.open_windows.fetch_sub(windows.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+    r
+}
+
+async fn read_and_invoke(
+    ctx: Arc<Ctx>,
+    shard_id: &str,
+    progress: Shared,
+    start: StartingPosition,
+    drain: watch::Receiver<bool>,
+    windows: Arc<std::sync::atomic::AtomicI64>,
+) -> Result<ShardEnd, MappingError> {
+    let shard_id = shard_id.to_owned();
+    let shard: Arc<str> = Arc::from(shard_id.as_str());
+    let saved = progress.lock().await.saved().clone();
     let (kind, position) = match (&saved.after, saved.since, start) {
         (Some(after), _, _) => (ShardIteratorType::AfterSequenceNumber, Position::Sequence(after.clone())),
         (None, Some(since), _) => (ShardIteratorType::AtTimestamp, Position::Time(since)),
@@ -47,7 +84,7 @@ pub(super) async fn run(
             // Keep the place as a time, so a restart does not skip what arrives meanwhile.
             let mut p = progress.lock().await;
             p.set_since(now_unix());
-            p.save().await.map_err(|source| MappingError::Checkpoint { shard_id: shard_id.clone(), source })?;
+            p.save().await.map_err(|source| MappingError::checkpoint(&shard_id, source))?;
             (ShardIteratorType::Latest, Position::None)
         }
     };
@@ -67,31 +104,47 @@ pub(super) async fn run(
             status: status_rx.clone(),
             window: None,
             lane_no,
+            windows: windows.clone(),
         };
         lanes.spawn(lane.run(saved.window.clone()));
     }
-    let reader = read(ctx.clone(), shard.clone(), kind, position, progress.clone(), senders, status_tx);
+    let reader = read(ctx.clone(), shard.clone(), kind, position, progress.clone(), senders, status_tx, drain);
     tokio::pin!(reader);
-    let mut reader_done = false;
+    let mut reader_end = None;
+    let mut renew = tokio::time::interval(ctx.options.failover / 3);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            r = &mut reader, if !reader_done => { r?; reader_done = true; }
+            r = &mut reader, if reader_end.is_none() => reader_end = Some(r?),
             joined = lanes.join_next() => match joined {
                 Some(Ok(Ok(()))) => {}
                 Some(Ok(Err(e))) => return Err(e),
                 Some(Err(e)) => return Err(MappingError::Kinesis(format!("lane of {shard_id} failed: {e}"))),
                 None => break,
             },
+            _ = renew.tick() => {
+                // The lease's heartbeat (every checkpoint renews it too): a conflict means another
+                // runner took the shard, and this task stops at once.
+                let mut p = progress.lock().await;
+                if p.written_ago() >= ctx.options.failover / 3 {
+                    p.save().await.map_err(|source| MappingError::checkpoint(&shard_id, source))?;
+                }
+            }
         }
     }
-    // The shard is closed and every lane has finished its records: children may start.
     let mut p = progress.lock().await;
+    if reader_end == Some(ShardEnd::HandedOver) {
+        p.release().await.map_err(|source| MappingError::checkpoint(&shard_id, source))?;
+        info!(shard_id, "lease released");
+        return Ok(ShardEnd::HandedOver);
+    }
+    // The shard is closed and every lane has finished its records: children may start.
     if p.saved().after.is_none() && p.saved().since.is_none() {
         p.set_since(now_unix());
     }
     p.finish();
-    p.save().await.map_err(|source| MappingError::Checkpoint { shard_id: shard_id.clone(), source })?;
-    Ok(())
+    p.save().await.map_err(|source| MappingError::checkpoint(&shard_id, source))?;
+    Ok(ShardEnd::Finished)
 }
 
 enum Position {
@@ -155,7 +208,17 @@ async fn read(
     progress: Shared,
     lanes: Vec<mpsc::Sender<Vec<Rec>>>,
     status: watch::Sender<ReaderStatus>,
-) -> Result<(), MappingError> {
+    mut drain: watch::Receiver<bool>,
+) -> Result<ShardEnd, MappingError> {
+    let hand_over = |status: &watch::Sender<ReaderStatus>| {
+        status.send_modify(|s| s.handing_over = true);
+        info!(shard_id = %shard, "handing the shard over: finishing what is in flight");
+        // Dropping the senders ends the lanes once they are done.
+        Ok(ShardEnd::HandedOver)
+    };
+    if *drain.borrow() {
+        return hand_over(&status);
+    }
     let mut it = iterator(&ctx, &shard, kind, &position).await?;
     let mut last_read: Option<String> = None;
     let mut last_call = Instant::now() - ctx.options.poll_interval;
@@ -164,7 +227,13 @@ async fn read(
     let mut empties = 0u32;
     let factor = lanes.len();
     loop {
-        tokio::time::sleep_until((last_call + ctx.options.poll_interval).into()).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until((last_call + ctx.options.poll_interval).into()) => {}
+            _ = drain.changed() => {}
+        }
+        if *drain.borrow() {
+            return hand_over(&status);
+        }
         last_call = Instant::now();
         let called_at = now_unix();
         let out = match ctx.clients.kinesis.get_records().shard_iterator(&it).limit(10_000).send().await {
@@ -247,12 +316,12 @@ async fn read(
             last_read = out.records().last().map(|r| r.sequence_number().to_owned());
             for (lane, recs) in lanes.iter().zip(per_lane) {
                 if !recs.is_empty() && lane.send(recs).await.is_err() {
-                    return Ok(()); // the lanes stopped: the shard task is ending
+                    return Ok(ShardEnd::Finished); // the lanes stopped: the shard task is ending
                 }
             }
         }
         if behind == 0 {
-            status.send_replace(ReaderStatus { caught_up_at: called_at });
+            status.send_modify(|s| s.caught_up_at = called_at);
         }
         if let Ok(mut c) = ctx.caught_up.lock() {
             c.insert(shard.to_string(), (behind == 0 && n == 0).then_some(called_at));
@@ -266,8 +335,8 @@ async fn read(
                 if let Ok(mut c) = ctx.caught_up.lock() {
                     c.insert(shard.to_string(), None);
                 }
-                status.send_replace(ReaderStatus { caught_up_at: f64::INFINITY });
-                return Ok(()); // dropping the senders ends the lanes once they are done
+                status.send_modify(|s| s.caught_up_at = f64::INFINITY);
+                return Ok(ShardEnd::Finished); // dropping the senders ends the lanes once they are done
             }
         }
         if n == 0 && behind == 0 {
@@ -275,14 +344,20 @@ async fn read(
             // pause between two records does not delay the next one), up to about one call a second.
             empties += 1;
             if empties > 3 {
-                tokio::time::sleep(idle_wait.saturating_sub(ctx.options.poll_interval)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(idle_wait.saturating_sub(ctx.options.poll_interval)) => {}
+                    _ = drain.changed() => {}
+                }
                 idle_wait = (idle_wait * 2).min(ctx.options.max_idle_poll);
             }
         } else {
             empties = 0;
             idle_wait = ctx.options.poll_interval;
             if behind == 0 {
-                tokio::time::sleep(ctx.options.caught_up_poll.saturating_sub(ctx.options.poll_interval)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(ctx.options.caught_up_poll.saturating_sub(ctx.options.poll_interval)) => {}
+                    _ = drain.changed() => {}
+                }
             }
         }
     }
@@ -317,6 +392,8 @@ struct Lane {
     status: watch::Receiver<ReaderStatus>,
     window: Option<Window>,
     lane_no: usize,
+    /// This shard's open windows (the mapping-wide count is corrected by them if the task dies).
+    windows: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// One attempt's worth of records, with what it has used.
@@ -328,6 +405,11 @@ struct Pending {
 }
 
 impl Lane {
+    fn window_closed(&self) {
+        self.ctx.open_windows.fetch_sub(1, Ordering::SeqCst);
+        self.windows.fetch_sub(1, Ordering::SeqCst);
+    }
+
     fn window_of(&self, r: &Rec) -> Option<i64> {
         let t = self.ctx.settings.tumbling_window?.as_secs() as i64;
         Some((r.arrival.floor() as i64).div_euclid(t) * t)
@@ -348,6 +430,13 @@ impl Lane {
         let mut ended = false;
         let mut opened = Instant::now();
         loop {
+            if ended && buf.is_empty() && self.status.borrow().handing_over {
+                // The next owner carries the window on from the checkpoint.
+                if self.window.take().is_some() {
+                    self.window_closed();
+                }
+                return Ok(());
+            }
             if let Some(w) = &self.window {
                 let later = buf.peek().is_some_and(|r| r.window != Some(w.start));
                 let reader_past_end = self.status.borrow().caught_up_at >= w.end as f64;
@@ -418,6 +507,7 @@ impl Lane {
     fn open_window(&mut self, start: i64, len: i64, state: HashMap<String, String>) {
         self.window = Some(Window { start, end: start + len, state, early: false });
         self.ctx.open_windows.fetch_add(1, Ordering::SeqCst);
+        self.windows.fetch_add(1, Ordering::SeqCst);
     }
 
     fn backoff(&self, retries: i64) -> Duration {
@@ -450,6 +540,14 @@ impl Lane {
     ) -> Result<Option<crate::invoke::Invoked>, MappingError> {
         let payload = Bytes::from(payload);
         let mut failed = 0i64;
+        {
+            // The lease fence: no invocation on a lease not confirmed within half the failover
+            // time (a runner that was paused finds out here that the shard was taken).
+            let mut p = self.progress.lock().await;
+            if p.written_ago() >= self.ctx.options.failover / 2 {
+                p.save().await.map_err(|source| MappingError::checkpoint(&self.shard, source))?;
+            }
+        }
         loop {
             match self.ctx.invoker.invoke(&self.ctx.settings.function_name, payload.clone()).await {
                 Ok(i) => {
@@ -497,7 +595,7 @@ impl Lane {
             p.set_window(Some(WindowCheckpoint { start: w.start, state: w.state.clone() }));
         }
         if moved {
-            p.save().await.map_err(|source| MappingError::Checkpoint { shard_id: self.shard.to_string(), source })?;
+            p.save().await.map_err(|source| MappingError::checkpoint(&self.shard, source))?;
         }
         Ok(())
     }
@@ -697,9 +795,9 @@ impl Lane {
         info!(shard_id = %self.shard, window = start, early, "window final invocation done");
         self.ctx.stats().counts.windows_final += 1;
         self.window = None;
-        self.ctx.open_windows.fetch_sub(1, Ordering::SeqCst);
+        self.window_closed();
         let mut p = self.progress.lock().await;
         p.set_window(None);
-        p.save().await.map_err(|source| MappingError::Checkpoint { shard_id: self.shard.to_string(), source })
+        p.save().await.map_err(|source| MappingError::checkpoint(&self.shard, source))
     }
 }

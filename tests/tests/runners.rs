@@ -1,0 +1,155 @@
+//! Several `pushpull-local esm` processes on one mapping share its shards through leases in the
+//! mapping's checkpoint store (`pushpull_local::mapping`, module `lease`), as the Kinesis Client
+//! Library's workers do: three runners on an 8-shard stream, the pull function (kinesis-rollup)
+//! behind them, records put throughout. Runner A is killed with -9, B stopped with SIGTERM, C
+//! started late. Every record is invoked; only records of shards A held at its kill (the batches
+//! it had in flight) are invoked twice; the rollup is exact; and per shard the lease history of
+//! the runners never overlaps. The times from kill -9 and from SIGTERM to the shard's next
+//! invocation are printed here and measured in BENCHMARKS.md (`tests/benches/runners.rs`).
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use pushpull_local::invoke::InvokeServer;
+use pushpull_local::pipeline::{Resources, rollup_totals};
+use pushpull_tests::runners::{Group, handover_delays, invocations, now, produce};
+use pushpull_tests::{function, local, unique};
+use serde_json::json;
+
+const FAILOVER_MS: u64 = 3000;
+const BATCH: usize = 50;
+const USERS: u64 = 7;
+
+#[tokio::test]
+async fn three_runners_share_eight_shards_through_a_kill_a_sigterm_and_a_late_start() {
+    let l = local().await;
+    let stream = unique("pp-runners");
+    let bucket = unique("pp-runners");
+    l.ensure_stream(&stream, 8).await.unwrap();
+    l.ensure_bucket(&bucket).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (out, cp) = (format!("s3://{bucket}/output"), format!("s3://{bucket}/checkpoints"));
+    let env = [
+        ("OUTPUT_URI", out.as_str()),
+        ("CHECKPOINT_URI", cp.as_str()),
+        ("GROUP_BY_FIELD", "user"),
+        ("SUM_FIELD", "amount"),
+    ];
+    let server = InvokeServer::start(vec![function("kinesis-rollup", &env)], 0, 16).await.unwrap();
+    let log = dir.path().join("invocations.ndjson");
+    server.log_invocations("kinesis-rollup", &log).unwrap();
+    let mut g = Group::new(&stream, "kinesis-rollup", &server.endpoint(), dir.path(), FAILOVER_MS, BATCH);
+    let held = |o: &std::collections::BTreeMap<String, Option<String>>, who: &str| {
+        o.values().filter(|x| x.as_deref() == Some(who)).count()
+    };
+
+    let a = g.start("a", &[]);
+    let b = g.start("b", &[]);
+    // A and B split the shards 4 and 4 (whoever came first hands over, one shard a cycle).
+    g.wait_for("A and B balanced", 8, Duration::from_secs(60), |o| held(o, "a") == 4 && held(o, "b") == 4).await;
+
+    let producer = {
+        let (l, stream) = (l.clone(), stream.clone());
+        tokio::spawn(async move { produce(&l, &stream, 0, 70, Duration::from_millis(300), USERS).await })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let a_shards = g.held_by("a");
+    let killed_at = now();
+    g.kill(a);
+    // B takes A's shards once their leases stop moving for the failover time.
+    g.wait_for("B took over A's shards", 8, Duration::from_secs(60), |o| held(o, "b") == 8).await;
+
+    let c = g.start("c", &["--stop-when-idle", "4"]);
+    g.wait_for("B and C balanced", 8, Duration::from_secs(60), |o| held(o, "b") == 4 && held(o, "c") == 4).await;
+    let b_shards = g.held_by("b");
+    let termed_at = now();
+    // SIGTERM: B finishes its batches, checkpoints, and releases its leases.
+    g.terminate(b);
+    let status = g.wait(b, Duration::from_secs(60)).await;
+    assert!(status.success(), "B after SIGTERM: {status}\n{}", g.logs());
+    let put = producer.await.unwrap();
+    let status = g.wait(c, Duration::from_secs(120)).await;
+    assert!(status.success(), "C: {status}\n{}", g.logs());
+
+    // Every record invoked; twice only if A had its shard when it was killed.
+    let shard_of: HashMap<String, String> = put.iter().cloned().collect();
+    let invocations = invocations(&log);
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for (_, seqs) in &invocations {
+        for s in seqs {
+            *times.entry(s.as_str()).or_default() += 1;
+        }
+    }
+    let missing = shard_of.keys().filter(|s| !times.contains_key(s.as_str())).count();
+    assert_eq!(missing, 0, "{missing} of {} records never invoked", put.len());
+    let twice: Vec<(&str, usize)> = times.iter().filter(|(_, n)| **n > 1).map(|(s, n)| (*s, *n)).collect();
+    let outside: Vec<_> = twice.iter().filter(|(s, _)| !a_shards.contains(&shard_of[*s])).collect();
+    assert!(outside.is_empty(), "invoked twice, not on a shard A held when killed: {outside:?}");
+    assert!(twice.len() <= a_shards.len() * BATCH, "{} records invoked twice", twice.len());
+    println!(
+        "{} records, {} invocations; invoked twice: {} (in flight on A's {} shards at kill -9)",
+        put.len(),
+        invocations.len(),
+        twice.len(),
+        a_shards.len()
+    );
+
+    // The rollup counted each record once.
+    let r = Resources {
+        bucket: bucket.clone(),
+        input_prefix: String::new(),
+        stream: stream.clone(),
+        stream_arn: String::new(),
+        s3_events_queue: String::new(),
+        push_failure_queue: None,
+        pull_failure_queue: None,
+        push_function: String::new(),
+        pull_function: "kinesis-rollup".into(),
+    };
+    let (totals, _) = rollup_totals(&l, &r).await.unwrap();
+    assert_eq!(totals.values().map(|g| g.0).sum::<u64>(), put.len() as u64, "rollup counts: {totals:?}");
+    for u in 0..USERS {
+        let want = put.len() as u64 / USERS + u64::from((put.len() as u64 % USERS) > u);
+        assert_eq!(totals[&format!("u{u}")].0, want, "user u{u}");
+    }
+
+    // Lease histories: per shard, B's and C's holdings never overlap, and B took A's shards only
+    // after the kill.
+    let (sb, sc) = (g.summary("b"), g.summary("c"));
+    let mut spans: HashMap<String, Vec<(f64, f64, &str)>> = HashMap::new();
+    for (name, s) in [("b", &sb), ("c", &sc)] {
+        let mut open: HashMap<String, f64> = HashMap::new();
+        for e in s["leases"].as_array().unwrap() {
+            let (shard, at) = (e["shard_id"].as_str().unwrap().to_owned(), e["at"].as_f64().unwrap());
+            if e["event"] == "taken" {
+                if e["from"] == json!("a") {
+                    assert!(at >= killed_at, "{name} took {shard} from A before A was killed");
+                }
+                open.insert(shard, at);
+            } else {
+                let since = open.remove(&shard).expect("an end without a start");
+                spans.entry(shard).or_default().push((since, at, name));
+            }
+        }
+        for (shard, since) in open {
+            spans.entry(shard).or_default().push((since, f64::INFINITY, name));
+        }
+    }
+    for (shard, mut s) in spans {
+        s.sort_by(|x, y| x.0.total_cmp(&y.0));
+        for pair in s.windows(2) {
+            assert!(pair[0].1 <= pair[1].0, "{shard} held twice at once: {s:?}");
+        }
+    }
+    assert!(sb["lease_takeovers"].as_u64().unwrap() >= a_shards.len() as u64, "{sb}");
+    assert_eq!((&sb["leases_lost"], &sc["leases_lost"]), (&json!(0), &json!(0)));
+
+    // The figures BENCHMARKS.md measures (benches/runners.rs): from kill -9 / SIGTERM to the new
+    // owner's first invocation of each shard.
+    let show = |what: &str, shards: &HashSet<String>, t0: f64, owner: &serde_json::Value| {
+        for (shard, taken, first) in handover_delays(shards, t0, owner, &invocations, &shard_of) {
+            println!("{what} {shard}: taken at +{taken:.2} s, first invocation at +{first:.2} s");
+        }
+    };
+    show("kill -9:", &a_shards, killed_at, &sb);
+    show("SIGTERM:", &b_shards, termed_at, &sc);
+}
