@@ -153,3 +153,132 @@ async fn three_runners_share_eight_shards_through_a_kill_a_sigterm_and_a_late_st
     show("kill -9:", &a_shards, killed_at, &sb);
     show("SIGTERM:", &b_shards, termed_at, &sc);
 }
+
+/// A runner paused past the failover time (SIGSTOP: a long GC pause, a starved VM) loses its
+/// leases to another runner; when it resumes, its next checkpoint write or lease check is refused
+/// (compare-and-swap on the lease's version) and it stops reading those shards at once: it never
+/// moves a checkpoint again, and no record is invoked twice beyond the batches it had in flight
+/// when it was paused.
+#[tokio::test]
+async fn a_paused_runner_loses_its_leases_and_stops_at_once_when_it_resumes() {
+    let l = local().await;
+    let stream = unique("pp-paused");
+    l.ensure_stream(&stream, 2).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = InvokeServer::start(vec![function("bench-floor", &[])], 0, 8).await.unwrap();
+    let log = dir.path().join("invocations.ndjson");
+    server.log_invocations("bench-floor", &log).unwrap();
+    let mut g = Group::new(&stream, "bench-floor", &server.endpoint(), dir.path(), 2000, BATCH);
+    let a = g.start("a", &[]);
+    g.wait_for("A holds both shards", 2, Duration::from_secs(60), |o| o.values().all(|x| x.as_deref() == Some("a")))
+        .await;
+    let producer = {
+        let (l, stream) = (l.clone(), stream.clone());
+        tokio::spawn(async move { produce(&l, &stream, 0, 40, Duration::from_millis(200), USERS).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(std::process::Command::new("kill").args(["-STOP", &a.to_string()]).status().unwrap().success());
+    let paused_at = now();
+    let b = g.start("b", &["--stop-when-idle", "3"]);
+    g.wait_for("B took both shards", 2, Duration::from_secs(60), |o| o.values().all(|x| x.as_deref() == Some("b")))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(std::process::Command::new("kill").args(["-CONT", &a.to_string()]).status().unwrap().success());
+    let resumed_at = now();
+    let put = producer.await.unwrap();
+    assert!(g.wait(b, Duration::from_secs(120)).await.success(), "{}", g.logs());
+    g.terminate(a);
+    assert!(g.wait(a, Duration::from_secs(60)).await.success(), "{}", g.logs());
+
+    let sa = g.summary("a");
+    assert_eq!(sa["leases_lost"], 2, "A found both leases taken: {sa}");
+    // Both stopped cleanly: every lease released.
+    assert!(g.owners().values().all(|o| o.is_none()), "released at the end: {:?}", g.owners());
+    let lost_at: Vec<f64> = sa["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "lost")
+        .map(|e| e["at"].as_f64().unwrap())
+        .collect();
+    assert!(lost_at.iter().all(|t| *t >= resumed_at), "lost only once it ran again: {lost_at:?} vs {resumed_at}");
+    let mut times: HashMap<String, usize> = HashMap::new();
+    for (_, seqs) in invocations(&log) {
+        for s in seqs {
+            *times.entry(s).or_default() += 1;
+        }
+    }
+    assert!(put.iter().all(|(s, _)| times.contains_key(s)), "every record invoked");
+    let twice = times.values().filter(|n| **n > 1).count();
+    assert!(twice <= 2 * BATCH, "{twice} records invoked twice: at most the batch in flight on each shard");
+    println!("paused {:.1} s; {} records; invoked twice: {twice}", resumed_at - paused_at, put.len());
+}
+
+/// A shard split while two runners share the stream: its children start only once the parent is
+/// finished, whichever runner holds each (AWS, Lambda developer guide, "Polling and batching
+/// streams": Lambda processes a parent shard's records before its children's).
+#[tokio::test]
+async fn after_a_split_the_children_start_after_their_parent_whoever_holds_them() {
+    let l = local().await;
+    let stream = unique("pp-split-runners");
+    l.ensure_stream(&stream, 4).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = InvokeServer::start(vec![function("bench-floor", &[])], 0, 8).await.unwrap();
+    let log = dir.path().join("invocations.ndjson");
+    server.log_invocations("bench-floor", &log).unwrap();
+    let mut g = Group::new(&stream, "bench-floor", &server.endpoint(), dir.path(), 2000, BATCH);
+    let a = g.start("a", &["--stop-when-idle", "3"]);
+    let b = g.start("b", &["--stop-when-idle", "3"]);
+    let held = |o: &std::collections::BTreeMap<String, Option<String>>, who: &str| {
+        o.values().filter(|x| x.as_deref() == Some(who)).count()
+    };
+    g.wait_for("A and B balanced", 4, Duration::from_secs(60), |o| held(o, "a") == 2 && held(o, "b") == 2).await;
+    let producer = {
+        let (l, stream) = (l.clone(), stream.clone());
+        tokio::spawn(async move { produce(&l, &stream, 0, 40, Duration::from_millis(200), USERS).await })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let parent = pushpull_local::pipeline::split_a_shard(&l, &stream).await.unwrap();
+    let put = producer.await.unwrap();
+    assert!(g.wait(a, Duration::from_secs(120)).await.success(), "{}", g.logs());
+    assert!(g.wait(b, Duration::from_secs(120)).await.success(), "{}", g.logs());
+
+    let shard_of: HashMap<String, String> = put.iter().cloned().collect();
+    let inv = invocations(&log);
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for (_, seqs) in &inv {
+        for s in seqs {
+            *times.entry(s.as_str()).or_default() += 1;
+        }
+    }
+    assert!(shard_of.keys().all(|s| times.contains_key(s.as_str())), "every record invoked");
+    assert!(times.values().all(|n| *n == 1), "no record invoked twice (no runner died)");
+    let shards: HashSet<&str> = shard_of.values().map(String::as_str).collect();
+    let children: Vec<&str> = shards.iter().copied().filter(|s| *s > "shardId-000000000003").collect();
+    assert_eq!(children.len(), 2, "records went to both children: {shards:?}");
+    let on = |shard: &str| -> Vec<f64> {
+        inv.iter().filter(|(_, s)| s.first().is_some_and(|q| shard_of[q] == shard)).map(|(t, _)| *t).collect()
+    };
+    let parent_last = on(&parent).into_iter().fold(0.0, f64::max);
+    for c in &children {
+        let first = on(c).into_iter().fold(f64::INFINITY, f64::min);
+        assert!(
+            first > parent_last,
+            "{c} invoked at {first} before its parent {parent}'s last invocation at {parent_last}"
+        );
+    }
+    let holders: Vec<String> = ["a", "b"]
+        .iter()
+        .flat_map(|n| {
+            let s = g.summary(n);
+            s["leases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["event"] == "taken" && children.contains(&e["shard_id"].as_str().unwrap()))
+                .map(|e| format!("{} by {n}", e["shard_id"].as_str().unwrap()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    println!("{parent} split; its children taken: {holders:?}");
+}

@@ -611,8 +611,10 @@ impl Runner {
         // Shards held by a runner not yet seen renewing: not idle while they may come to us.
         let mut uncertain = 0usize;
         let mut expecting = false;
+        // Stopping because idle: as on `stop`, the leases are released.
+        let mut idle_stop = false;
         loop {
-            if *stop.borrow() && !stopping {
+            if (*stop.borrow() || idle_stop) && !stopping {
                 // Hand every shard over: in-flight batches finish, are checkpointed, and the
                 // leases are released for the other runners to take at once.
                 info!(shards = running.len(), "stopping: handing the shards over");
@@ -803,7 +805,7 @@ impl Runner {
                 _ = tokio::time::sleep(Duration::from_millis(100)), if idle_check.is_some() && !stopping => {
                     if let Some(idle) = idle_check && uncertain == 0 && !expecting && Self::idle_for(ctx, &running, idle) {
                         info!("every shard is caught up and idle; stopping");
-                        break;
+                        idle_stop = true;
                     }
                 }
             }
