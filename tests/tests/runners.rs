@@ -282,3 +282,36 @@ async fn after_a_split_the_children_start_after_their_parent_whoever_holds_them(
         .collect();
     println!("{parent} split; its children taken: {holders:?}");
 }
+
+/// SIGTERM while a batch cannot finish (the function is unreachable, retried until the records
+/// expire): after `--stop-grace-ms` the runner stops the batch, releases its leases with the
+/// checkpoint where it was (the records are the next owner's), and exits.
+#[tokio::test]
+async fn sigterm_with_a_batch_that_cannot_finish_stops_after_the_grace_period() {
+    let l = local().await;
+    let stream = unique("pp-grace");
+    l.ensure_stream(&stream, 2).await.unwrap();
+    produce(&l, &stream, 0, 2, Duration::ZERO, USERS).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens on port 9: every invoke fails to connect and is retried.
+    let mut g = Group::new(&stream, "bench-floor", "http://127.0.0.1:9", dir.path(), 2000, BATCH);
+    let a = g.start("a", &["--stop-grace-ms", "1500"]);
+    g.wait_for("A holds both shards", 2, Duration::from_secs(60), |o| o.values().all(|x| x.as_deref() == Some("a")))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let termed = std::time::Instant::now();
+    g.terminate(a);
+    assert!(g.wait(a, Duration::from_secs(30)).await.success(), "{}", g.logs());
+    println!("stopped {:.1} s after SIGTERM (grace 1.5 s)", termed.elapsed().as_secs_f64());
+    assert!(g.owners().values().all(|o| o.is_none()), "leases released: {:?}", g.owners());
+    let s = g.summary("a");
+    assert!(s["invoke_errors"].as_u64().unwrap() + s["throttles"].as_u64().unwrap() > 0, "{s}");
+    // Nothing was processed, so no checkpoint moved: the next owner starts at the beginning.
+    let cps = dir.path().join("esm/esm/bench-floor").join(&stream);
+    for e in
+        std::fs::read_dir(cps).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("shardId"))
+    {
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+        assert!(v.get("after").is_none(), "{v}");
+    }
+}

@@ -195,6 +195,10 @@ pub struct EsmArgs {
     /// A lease not renewed for this long may be taken by another runner (ms).
     #[arg(long, default_value_t = 10_000)]
     failover_ms: u64,
+    /// On Ctrl-C or SIGTERM, how long batches in flight may take to finish before they are
+    /// stopped and left to the next owner (ms).
+    #[arg(long, default_value_t = 30_000)]
+    stop_grace_ms: u64,
     /// Write the summary as JSON here too.
     #[arg(long)]
     summary_json: Option<PathBuf>,
@@ -277,6 +281,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     options.caught_up_poll = Duration::from_millis(args.caught_up_poll_ms.max(200));
     options.stop_when_idle = args.stop_when_idle.map(|s| Duration::from_secs_f64(s.max(0.0)));
     options.failover = Duration::from_millis(args.failover_ms.max(300));
+    options.stop_grace = Duration::from_millis(args.stop_grace_ms);
     if let Some(w) = args.worker_id {
         options.worker_id = w;
     }

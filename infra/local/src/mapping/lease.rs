@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use super::Ctx;
+use super::progress::ShardCheckpoint;
 
 /// A runner's entry in the registry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -91,6 +92,25 @@ pub(super) async fn leave(ctx: &Ctx, me: &str) {
     .await
     {
         warn!(error = %e, "could not leave the runners' registry; the others will see this runner stop renewing");
+    }
+}
+
+/// Releases `shard_id`'s lease if `me` still holds it (after its task was stopped in flight):
+/// the checkpoint stays where the task left it.
+pub(super) async fn release(ctx: &Ctx, shard_id: &str, me: &str) {
+    let key = format!("{}/{shard_id}.json", ctx.options.checkpoint_prefix);
+    let result = async {
+        let Some((mut saved, version)) = ctx.checkpoints.load::<ShardCheckpoint>(&key).await? else { return Ok(()) };
+        if saved.owner.as_deref() != Some(me) {
+            return Ok(());
+        }
+        saved.owner = None;
+        saved.lease_counter += 1;
+        ctx.checkpoints.replace(&key, &saved, &version).await.map(|_| ())
+    }
+    .await;
+    if let Err(e) = result {
+        warn!(shard_id, error = %e, "could not release the lease; another runner takes it after the failover time");
     }
 }
 

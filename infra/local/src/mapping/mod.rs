@@ -129,6 +129,9 @@ pub struct RunnerOptions {
     /// A lease whose counter has not moved for this long (as this runner saw it) may be taken:
     /// its owner is presumed dead. Owners renew every third of it.
     pub failover: Duration,
+    /// On stop, how long the batches in flight may take to finish before they are stopped (their
+    /// records are then re-delivered by the next owner).
+    pub stop_grace: Duration,
 }
 
 /// The default worker id: host name and process id.
@@ -168,8 +171,15 @@ impl RunnerOptions {
             delivered: None,
             worker_id: default_worker_id(),
             failover: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(30),
         }
     }
+}
+
+/// `HH:MM:SS.mmm` (UTC) of a unix time, for the summary.
+fn iso8601_time(t: f64) -> String {
+    let full = event::iso8601(t);
+    full.split('T').nth(1).map(|s| s.trim_end_matches('Z').to_owned()).unwrap_or(full)
 }
 
 pub(crate) fn now_unix() -> f64 {
@@ -392,6 +402,22 @@ impl std::fmt::Display for Summary {
             self.counts.leases_lost,
             self.worker_id
         )?;
+        // Per shard: when this runner held it.
+        let mut held: Vec<(String, String)> = Vec::new();
+        for e in &self.leases {
+            let at = iso8601_time(e.at);
+            let text = match (e.event, &e.from) {
+                ("taken", Some(from)) => format!("taken {at} (from {from})"),
+                (event, _) => format!("{event} {at}"),
+            };
+            match held.iter_mut().find(|(s, _)| *s == e.shard_id) {
+                Some((_, t)) => *t = format!("{t}, {text}"),
+                None => held.push((e.shard_id.clone(), text)),
+            }
+        }
+        for (shard, text) in held {
+            writeln!(f, "    {shard}: {text}")?;
+        }
         writeln!(
             f,
             "  iterator age     max {:.0} ms, last {:.0} ms",
@@ -613,12 +639,14 @@ impl Runner {
         let mut expecting = false;
         // Stopping because idle: as on `stop`, the leases are released.
         let mut idle_stop = false;
+        let mut stop_deadline: Option<Instant> = None;
         loop {
             if (*stop.borrow() || idle_stop) && !stopping {
                 // Hand every shard over: in-flight batches finish, are checkpointed, and the
                 // leases are released for the other runners to take at once.
                 info!(shards = running.len(), "stopping: handing the shards over");
                 stopping = true;
+                stop_deadline = Some(Instant::now() + ctx.options.stop_grace);
                 for (id, drain) in &running {
                     let _ = drain.send(true);
                     draining.insert(id.clone());
@@ -626,6 +654,18 @@ impl Runner {
                 lease::heartbeat(ctx, &me, true).await;
             }
             if stopping && running.is_empty() {
+                break;
+            }
+            if stopping && stop_deadline.is_some_and(|d| Instant::now() >= d) {
+                // In-flight batches that cannot finish (a function that keeps failing, or gone):
+                // stop them; their records stay after the checkpoint for the next owner.
+                warn!(shards = running.len(), grace = ?ctx.options.stop_grace, "batches still in flight after the grace period; stopping them");
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                for id in running.keys() {
+                    lease::release(ctx, id, &me).await;
+                }
+                running.clear();
                 break;
             }
             if !stopping && Instant::now() >= next_listing {
@@ -801,6 +841,7 @@ impl Runner {
                     None => {}
                 },
                 _ = tokio::time::sleep_until(next_listing.min(next_cycle).into()), if !stopping => {}
+                _ = tokio::time::sleep_until(stop_deadline.unwrap_or(next_cycle).into()), if stopping => {}
                 _ = stop.changed(), if !stopping => {}
                 _ = tokio::time::sleep(Duration::from_millis(100)), if idle_check.is_some() && !stopping => {
                     if let Some(idle) = idle_check && uncertain == 0 && !expecting && Self::idle_for(ctx, &running, idle) {
