@@ -36,6 +36,7 @@ bench-esm:      ## local event source mapping vs raw GetRecords: throughput and 
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench esm_throughput -- $(ARGS)
 
 bench-runners:  ## several mapping runners on 8 shards: handover after kill -9 / SIGTERM, throughput of 1-3 (BENCHMARKS.md)
+	cargo build --release -p pushpull-local
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench runners -- $(ARGS)
 
 bench-tradeoff: ## the whole pipeline over a grid of batch settings; table + docs/batching-tradeoff.png

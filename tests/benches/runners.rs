@@ -2,7 +2,8 @@
 //! leases): how long a shard goes unread after its runner dies or leaves, and what 1, 2 and 3
 //! runners read.
 //!
-//!     make bench-runners              # or: cargo bench -p pushpull-tests --bench runners -- [rounds] [records]
+//!     make bench-runners              # or: cargo build --release -p pushpull-local &&
+//!                                     #     cargo bench -p pushpull-tests --bench runners -- [rounds] [records]
 //!
 //! Needs LocalStack (the make target starts it). The function is `bench-floor` (receives the
 //! event, skips it unparsed), behind an Invoke API that logs when each invocation starts.

@@ -40,6 +40,11 @@ impl Group {
     /// summary `<dir>/<name>.json`.
     pub fn start(&mut self, name: &str, extra: &[&str]) -> u32 {
         let bin = pushpull_local::runtime_api::workspace_binary("pushpull-local");
+        assert!(
+            bin.exists(),
+            "{} is not built: `cargo build -p pushpull-local` (with --release for benches; `make bench-runners` does)",
+            bin.display()
+        );
         let checkpoints = format!("file://{}", self.dir.join("esm").display());
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let child = Command::new(bin)

@@ -68,11 +68,12 @@ fn registry_key(ctx: &Ctx) -> String {
     format!("{}/workers.json", ctx.options.checkpoint_prefix)
 }
 
-/// Writes this runner's heartbeat into the registry and returns every runner's entry. A store
-/// that fails is logged and the registry taken as this runner alone (it then takes what is free,
-/// as a runner alone would).
-pub(super) async fn heartbeat(ctx: &Ctx, me: &str, stopping: bool) -> BTreeMap<String, Beat> {
+/// Writes this runner's heartbeat into the registry, taking out the runners in `gone` (seen dead),
+/// and returns every runner's entry. A store that fails is logged and the registry taken as this
+/// runner alone (it then takes what is free, as a runner alone would).
+pub(super) async fn heartbeat(ctx: &Ctx, me: &str, stopping: bool, gone: &[String]) -> BTreeMap<String, Beat> {
     update(ctx, |workers| {
+        workers.retain(|w, _| !gone.contains(w));
         let beat = workers.entry(me.to_owned()).or_default();
         beat.counter += 1;
         beat.stopping = stopping;

@@ -640,6 +640,7 @@ impl Runner {
         // Stopping because idle: as on `stop`, the leases are released.
         let mut idle_stop = false;
         let mut stop_deadline: Option<Instant> = None;
+        let mut gone: Vec<String> = Vec::new();
         loop {
             if (*stop.borrow() || idle_stop) && !stopping {
                 // Hand every shard over: in-flight batches finish, are checkpointed, and the
@@ -651,7 +652,7 @@ impl Runner {
                     let _ = drain.send(true);
                     draining.insert(id.clone());
                 }
-                lease::heartbeat(ctx, &me, true).await;
+                lease::heartbeat(ctx, &me, true, &[]).await;
             }
             if stopping && running.is_empty() {
                 break;
@@ -676,7 +677,7 @@ impl Runner {
             if !stopping && (evaluate || Instant::now() >= next_cycle) {
                 evaluate = false;
                 next_cycle = Instant::now() + failover / 3;
-                let workers = lease::heartbeat(ctx, &me, false).await;
+                let workers = lease::heartbeat(ctx, &me, false, &gone).await;
                 let live: Vec<String> = workers
                     .iter()
                     .filter(|(w, beat)| {
@@ -684,6 +685,9 @@ impl Runner {
                     })
                     .map(|(w, _)| w.clone())
                     .collect();
+                // Runners seen dead leave the registry with the next heartbeat (one that was only
+                // slow writes itself back in).
+                gone = workers.keys().filter(|w| !live.contains(w)).cloned().collect();
                 let listed: HashSet<&str> = shards.iter().map(|s| s.id.as_str()).collect();
                 let mut candidates = Vec::new();
                 let mut others: HashMap<String, usize> = HashMap::new();

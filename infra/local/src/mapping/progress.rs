@@ -61,8 +61,18 @@ pub struct Progress {
     next_index: u64,
     /// The runner this progress writes as: every save renews its lease.
     worker: Option<String>,
-    /// When the last save succeeded.
-    written_at: std::time::Instant,
+    /// When the last save succeeded (unix ms), shared with the lanes: they check the lease's age
+    /// before each invocation without taking the lock the reader holds while it reads a page.
+    written_at: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How long ago the save noted in `written_at` succeeded.
+pub fn age(written_at: &std::sync::atomic::AtomicU64) -> std::time::Duration {
+    std::time::Duration::from_millis(unix_ms().saturating_sub(written_at.load(std::sync::atomic::Ordering::Relaxed)))
 }
 
 /// The checkpoint could not be written: someone else moved it (another runner), or the store failed.
@@ -84,7 +94,7 @@ impl Progress {
             open: BTreeMap::new(),
             next_index: 0,
             worker: None,
-            written_at: std::time::Instant::now(),
+            written_at: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(unix_ms())),
         })
     }
 
@@ -164,7 +174,12 @@ impl Progress {
 
     /// How long ago the last save (a lease renewal) succeeded.
     pub fn written_ago(&self) -> std::time::Duration {
-        self.written_at.elapsed()
+        age(&self.written_at)
+    }
+
+    /// The time of the last successful save, shared (see [`age`]).
+    pub fn written_at(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.written_at.clone()
     }
 
     /// Writes the checkpoint (compare-and-swap on the version read or last written); this renews
@@ -177,7 +192,7 @@ impl Progress {
             None => self.checkpoints.create(&self.key, &self.saved).await?,
         };
         self.version = Some(etag);
-        self.written_at = std::time::Instant::now();
+        self.written_at.store(unix_ms(), std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }

@@ -74,7 +74,10 @@ async fn read_and_invoke(
 ) -> Result<ShardEnd, MappingError> {
     let shard_id = shard_id.to_owned();
     let shard: Arc<str> = Arc::from(shard_id.as_str());
-    let saved = progress.lock().await.saved().clone();
+    let (saved, written_at) = {
+        let p = progress.lock().await;
+        (p.saved().clone(), p.written_at())
+    };
     let (kind, position) = match (&saved.after, saved.since, start) {
         (Some(after), _, _) => (ShardIteratorType::AfterSequenceNumber, Position::Sequence(after.clone())),
         (None, Some(since), _) => (ShardIteratorType::AtTimestamp, Position::Time(since)),
@@ -105,6 +108,7 @@ async fn read_and_invoke(
             window: None,
             lane_no,
             windows: windows.clone(),
+            written_at: written_at.clone(),
         };
         lanes.spawn(lane.run(saved.window.clone()));
     }
@@ -394,6 +398,8 @@ struct Lane {
     lane_no: usize,
     /// This shard's open windows (the mapping-wide count is corrected by them if the task dies).
     windows: Arc<std::sync::atomic::AtomicI64>,
+    /// When the lease was last written (see `progress::age`).
+    written_at: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One attempt's worth of records, with what it has used.
@@ -540,7 +546,7 @@ impl Lane {
     ) -> Result<Option<crate::invoke::Invoked>, MappingError> {
         let payload = Bytes::from(payload);
         let mut failed = 0i64;
-        {
+        if super::progress::age(&self.written_at) >= self.ctx.options.failover / 2 {
             // The lease fence: no invocation on a lease not confirmed within half the failover
             // time (a runner that was paused finds out here that the shard was taken).
             let mut p = self.progress.lock().await;
