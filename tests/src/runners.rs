@@ -183,6 +183,28 @@ pub fn invocations(log: &Path) -> Vec<(f64, Vec<String>)> {
         .collect()
 }
 
+/// How many times each sequence number was invoked.
+pub fn invoked_times(invocations: &[(f64, Vec<String>)]) -> HashMap<&str, usize> {
+    let mut times: HashMap<&str, usize> = HashMap::new();
+    for (_, seqs) in invocations {
+        for s in seqs {
+            *times.entry(s.as_str()).or_default() += 1;
+        }
+    }
+    times
+}
+
+/// The environment of the pull function (`kinesis-rollup`) writing to `bucket`: output and
+/// checkpoints there, grouped by `user`, summing `amount`.
+pub fn rollup_env(bucket: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OUTPUT_URI", format!("s3://{bucket}/output")),
+        ("CHECKPOINT_URI", format!("s3://{bucket}/checkpoints")),
+        ("GROUP_BY_FIELD", "user".into()),
+        ("SUM_FIELD", "amount".into()),
+    ]
+}
+
 /// For each of `shards` handed to a new owner after `t0`: seconds from `t0` until that owner's
 /// first invocation of the shard (the first invocation starting after its `taken` event in the
 /// new owner's summary). `shard_of` maps sequence numbers to shards.

@@ -51,13 +51,8 @@ async fn hostile_batches_are_answered_per_record_and_counted_once() {
     let l = local().await;
     let bucket = unique("pp-hostile-pull");
     l.ensure_bucket(&bucket).await.unwrap();
-    let (out, cp) = (format!("s3://{bucket}/output"), format!("s3://{bucket}/checkpoints"));
-    let env = [
-        ("OUTPUT_URI", out.as_str()),
-        ("CHECKPOINT_URI", cp.as_str()),
-        ("GROUP_BY_FIELD", "user"),
-        ("SUM_FIELD", "amount"),
-    ];
+    let env = pushpull_tests::runners::rollup_env(&bucket);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut host = start(function("kinesis-rollup", &env)).await;
     let good = br#"{"user":"g","amount":1.25}"#;
     let deep = format!("{}{}", "[".repeat(50_000), "]".repeat(50_000));

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use pushpull_local::invoke::InvokeServer;
 use pushpull_local::pipeline::{Resources, rollup_totals};
-use pushpull_tests::runners::{Group, handover_delays, invocations, now, produce};
+use pushpull_tests::runners::{Group, handover_delays, invocations, invoked_times, now, produce, rollup_env};
 use pushpull_tests::{function, local, unique};
 use serde_json::json;
 
@@ -27,13 +27,8 @@ async fn three_runners_share_eight_shards_through_a_kill_a_sigterm_and_a_late_st
     l.ensure_stream(&stream, 8).await.unwrap();
     l.ensure_bucket(&bucket).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (out, cp) = (format!("s3://{bucket}/output"), format!("s3://{bucket}/checkpoints"));
-    let env = [
-        ("OUTPUT_URI", out.as_str()),
-        ("CHECKPOINT_URI", cp.as_str()),
-        ("GROUP_BY_FIELD", "user"),
-        ("SUM_FIELD", "amount"),
-    ];
+    let env = rollup_env(&bucket);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let server = InvokeServer::start(vec![function("kinesis-rollup", &env)], 0, 16).await.unwrap();
     let log = dir.path().join("invocations.ndjson");
     server.log_invocations("kinesis-rollup", &log).unwrap();
@@ -73,12 +68,7 @@ async fn three_runners_share_eight_shards_through_a_kill_a_sigterm_and_a_late_st
     // Every record invoked; twice only if A had its shard when it was killed.
     let shard_of: HashMap<String, String> = put.iter().cloned().collect();
     let invocations = invocations(&log);
-    let mut times: HashMap<&str, usize> = HashMap::new();
-    for (_, seqs) in &invocations {
-        for s in seqs {
-            *times.entry(s.as_str()).or_default() += 1;
-        }
-    }
+    let times = invoked_times(&invocations);
     let missing = shard_of.keys().filter(|s| !times.contains_key(s.as_str())).count();
     assert_eq!(missing, 0, "{missing} of {} records never invoked", put.len());
     let twice: Vec<(&str, usize)> = times.iter().filter(|(_, n)| **n > 1).map(|(s, n)| (*s, *n)).collect();
@@ -202,13 +192,9 @@ async fn a_paused_runner_loses_its_leases_and_stops_at_once_when_it_resumes() {
         .map(|e| e["at"].as_f64().unwrap())
         .collect();
     assert!(lost_at.iter().all(|t| *t >= resumed_at), "lost only once it ran again: {lost_at:?} vs {resumed_at}");
-    let mut times: HashMap<String, usize> = HashMap::new();
-    for (_, seqs) in invocations(&log) {
-        for s in seqs {
-            *times.entry(s).or_default() += 1;
-        }
-    }
-    assert!(put.iter().all(|(s, _)| times.contains_key(s)), "every record invoked");
+    let inv = invocations(&log);
+    let times = invoked_times(&inv);
+    assert!(put.iter().all(|(s, _)| times.contains_key(s.as_str())), "every record invoked");
     let twice = times.values().filter(|n| **n > 1).count();
     assert!(twice <= 2 * BATCH, "{twice} records invoked twice: at most the batch in flight on each shard");
     println!("paused {:.1} s; {} records; invoked twice: {twice}", resumed_at - paused_at, put.len());
@@ -245,12 +231,7 @@ async fn after_a_split_the_children_start_after_their_parent_whoever_holds_them(
 
     let shard_of: HashMap<String, String> = put.iter().cloned().collect();
     let inv = invocations(&log);
-    let mut times: HashMap<&str, usize> = HashMap::new();
-    for (_, seqs) in &inv {
-        for s in seqs {
-            *times.entry(s.as_str()).or_default() += 1;
-        }
-    }
+    let times = invoked_times(&inv);
     assert!(shard_of.keys().all(|s| times.contains_key(s.as_str())), "every record invoked");
     assert!(times.values().all(|n| *n == 1), "no record invoked twice (no runner died)");
     let shards: HashSet<&str> = shard_of.values().map(String::as_str).collect();

@@ -812,26 +812,23 @@ impl Runner {
                         st.leases.push(LeaseEvent { shard_id: id, event: "finished", from: None, at: now_unix() });
                         evaluate = true;
                     }
-                    Some(Ok((id, Ok(shard::ShardEnd::HandedOver)))) => {
+                    Some(Ok((id, end @ (Ok(shard::ShardEnd::HandedOver) | Err(MappingError::LeaseLost { .. }))))) => {
+                        // No longer this runner's shard: released, or taken by another runner.
                         running.remove(&id);
                         draining.remove(&id);
                         if let Ok(mut c) = ctx.caught_up.lock() {
                             c.remove(&id);
                         }
                         let mut st = ctx.stats();
-                        st.counts.leases_released += 1;
-                        st.leases.push(LeaseEvent { shard_id: id, event: "released", from: None, at: now_unix() });
-                    }
-                    Some(Ok((id, Err(MappingError::LeaseLost { .. })))) => {
-                        warn!(shard_id = %id, "lease lost to another runner: stopped reading the shard");
-                        running.remove(&id);
-                        draining.remove(&id);
-                        if let Ok(mut c) = ctx.caught_up.lock() {
-                            c.remove(&id);
-                        }
-                        let mut st = ctx.stats();
-                        st.counts.leases_lost += 1;
-                        st.leases.push(LeaseEvent { shard_id: id, event: "lost", from: None, at: now_unix() });
+                        let event = if end.is_ok() {
+                            st.counts.leases_released += 1;
+                            "released"
+                        } else {
+                            warn!(shard_id = %id, "lease lost to another runner: stopped reading the shard");
+                            st.counts.leases_lost += 1;
+                            "lost"
+                        };
+                        st.leases.push(LeaseEvent { shard_id: id, event, from: None, at: now_unix() });
                     }
                     Some(Ok((id, Err(e)))) => {
                         warn!(shard_id = %id, error = %e, "shard stopped");
