@@ -21,14 +21,10 @@ use std::time::Duration;
 
 use pushpull_local::invoke::InvokeServer;
 use pushpull_local::localstack::Local;
-use pushpull_tests::runners::{Group, handover_delays, invocations, now, produce, put_round};
+use pushpull_tests::runners::{Group, handover_delays, held, invocations, now, produce, put_round};
 use pushpull_tests::{function, unique};
 
 const SHARDS: usize = 8;
-
-fn held(o: &std::collections::BTreeMap<String, Option<String>>, who: &str) -> usize {
-    o.values().filter(|x| x.as_deref() == Some(who)).count()
-}
 
 fn quantiles(mut v: Vec<f64>) -> String {
     v.sort_by(f64::total_cmp);

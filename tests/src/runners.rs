@@ -183,6 +183,11 @@ pub fn invocations(log: &Path) -> Vec<(f64, Vec<String>)> {
         .collect()
 }
 
+/// How many shards `who` holds in `owners` (as [`Group::owners`] reads them).
+pub fn held(owners: &BTreeMap<String, Option<String>>, who: &str) -> usize {
+    owners.values().filter(|o| o.as_deref() == Some(who)).count()
+}
+
 /// How many times each sequence number was invoked.
 pub fn invoked_times(invocations: &[(f64, Vec<String>)]) -> HashMap<&str, usize> {
     let mut times: HashMap<&str, usize> = HashMap::new();

@@ -11,13 +11,38 @@ use std::time::Duration;
 
 use pushpull_local::invoke::InvokeServer;
 use pushpull_local::pipeline::{Resources, rollup_totals};
-use pushpull_tests::runners::{Group, handover_delays, invocations, invoked_times, now, produce, rollup_env};
+use pushpull_tests::runners::{Group, handover_delays, held, invocations, invoked_times, now, produce, rollup_env};
 use pushpull_tests::{function, local, unique};
 use serde_json::json;
 
 const FAILOVER_MS: u64 = 3000;
 const BATCH: usize = 50;
 const USERS: u64 = 7;
+
+/// A stream of `shards` shards and the `bench-floor` function behind a logged Invoke API, for
+/// runners with a 2 s failover time.
+struct FloorRunners {
+    stream: String,
+    dir: tempfile::TempDir,
+    server: InvokeServer,
+    log: std::path::PathBuf,
+}
+
+impl FloorRunners {
+    async fn new(l: &pushpull_local::localstack::Local, prefix: &str, shards: i32) -> Self {
+        let stream = unique(prefix);
+        l.ensure_stream(&stream, shards).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let server = InvokeServer::start(vec![function("bench-floor", &[])], 0, 8).await.unwrap();
+        let log = dir.path().join("invocations.ndjson");
+        server.log_invocations("bench-floor", &log).unwrap();
+        FloorRunners { stream, dir, server, log }
+    }
+
+    fn group(&self) -> Group {
+        Group::new(&self.stream, "bench-floor", &self.server.endpoint(), self.dir.path(), 2000, BATCH)
+    }
+}
 
 #[tokio::test]
 async fn three_runners_share_eight_shards_through_a_kill_a_sigterm_and_a_late_start() {
@@ -33,9 +58,6 @@ async fn three_runners_share_eight_shards_through_a_kill_a_sigterm_and_a_late_st
     let log = dir.path().join("invocations.ndjson");
     server.log_invocations("kinesis-rollup", &log).unwrap();
     let mut g = Group::new(&stream, "kinesis-rollup", &server.endpoint(), dir.path(), FAILOVER_MS, BATCH);
-    let held = |o: &std::collections::BTreeMap<String, Option<String>>, who: &str| {
-        o.values().filter(|x| x.as_deref() == Some(who)).count()
-    };
 
     let a = g.start("a", &[]);
     let b = g.start("b", &[]);
@@ -152,13 +174,8 @@ async fn three_runners_share_eight_shards_through_a_kill_a_sigterm_and_a_late_st
 #[tokio::test]
 async fn a_paused_runner_loses_its_leases_and_stops_at_once_when_it_resumes() {
     let l = local().await;
-    let stream = unique("pp-paused");
-    l.ensure_stream(&stream, 2).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let server = InvokeServer::start(vec![function("bench-floor", &[])], 0, 8).await.unwrap();
-    let log = dir.path().join("invocations.ndjson");
-    server.log_invocations("bench-floor", &log).unwrap();
-    let mut g = Group::new(&stream, "bench-floor", &server.endpoint(), dir.path(), 2000, BATCH);
+    let f = FloorRunners::new(&l, "pp-paused", 2).await;
+    let (stream, log, mut g) = (f.stream.clone(), f.log.clone(), f.group());
     let a = g.start("a", &[]);
     g.wait_for("A holds both shards", 2, Duration::from_secs(60), |o| o.values().all(|x| x.as_deref() == Some("a")))
         .await;
@@ -206,18 +223,10 @@ async fn a_paused_runner_loses_its_leases_and_stops_at_once_when_it_resumes() {
 #[tokio::test]
 async fn after_a_split_the_children_start_after_their_parent_whoever_holds_them() {
     let l = local().await;
-    let stream = unique("pp-split-runners");
-    l.ensure_stream(&stream, 4).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let server = InvokeServer::start(vec![function("bench-floor", &[])], 0, 8).await.unwrap();
-    let log = dir.path().join("invocations.ndjson");
-    server.log_invocations("bench-floor", &log).unwrap();
-    let mut g = Group::new(&stream, "bench-floor", &server.endpoint(), dir.path(), 2000, BATCH);
+    let f = FloorRunners::new(&l, "pp-split-runners", 4).await;
+    let (stream, log, mut g) = (f.stream.clone(), f.log.clone(), f.group());
     let a = g.start("a", &["--stop-when-idle", "3"]);
     let b = g.start("b", &["--stop-when-idle", "3"]);
-    let held = |o: &std::collections::BTreeMap<String, Option<String>>, who: &str| {
-        o.values().filter(|x| x.as_deref() == Some(who)).count()
-    };
     g.wait_for("A and B balanced", 4, Duration::from_secs(60), |o| held(o, "a") == 2 && held(o, "b") == 2).await;
     let producer = {
         let (l, stream) = (l.clone(), stream.clone());

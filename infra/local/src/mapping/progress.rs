@@ -61,18 +61,23 @@ pub struct Progress {
     next_index: u64,
     /// The runner this progress writes as: every save renews its lease.
     worker: Option<String>,
-    /// When the last save succeeded (unix ms), shared with the lanes: they check the lease's age
+    /// When the last save succeeded (monotonic ms), shared with the lanes: they check the lease's age
     /// before each invocation without taking the lock the reader holds while it reads a page.
     written_at: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+/// Milliseconds on a monotonic clock (since the first call): a lease's age must not jump with
+/// the wall clock.
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
 /// How long ago the save noted in `written_at` succeeded.
 pub fn age(written_at: &std::sync::atomic::AtomicU64) -> std::time::Duration {
-    std::time::Duration::from_millis(unix_ms().saturating_sub(written_at.load(std::sync::atomic::Ordering::Relaxed)))
+    std::time::Duration::from_millis(
+        monotonic_ms().saturating_sub(written_at.load(std::sync::atomic::Ordering::Relaxed)),
+    )
 }
 
 /// The checkpoint could not be written: someone else moved it (another runner), or the store failed.
@@ -94,7 +99,7 @@ impl Progress {
             open: BTreeMap::new(),
             next_index: 0,
             worker: None,
-            written_at: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(unix_ms())),
+            written_at: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(monotonic_ms())),
         })
     }
 
@@ -192,7 +197,7 @@ impl Progress {
             None => self.checkpoints.create(&self.key, &self.saved).await?,
         };
         self.version = Some(etag);
-        self.written_at.store(unix_ms(), std::sync::atomic::Ordering::Relaxed);
+        self.written_at.store(monotonic_ms(), std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
