@@ -218,8 +218,9 @@ async fn a_paused_runner_loses_its_leases_and_stops_at_once_when_it_resumes() {
 }
 
 /// A shard split while two runners share the stream: its children start only once the parent is
-/// finished, whichever runner holds each (AWS, Lambda developer guide, "Polling and batching
-/// streams": Lambda processes a parent shard's records before its children's).
+/// finished, whichever runner holds each, so that order per partition key holds across the split.
+/// (The local mapping's rule, as in `esm.rs`'s single-runner test; not quoted: we found no AWS
+/// sentence for Lambda's mapping that states it.)
 #[tokio::test]
 async fn after_a_split_the_children_start_after_their_parent_whoever_holds_them() {
     let l = local().await;
