@@ -22,6 +22,8 @@
 //! | [`error`] | core | error chains on one line, panic messages |
 //! | [`pull`] | core; `kinesis`, `dynamodb`, `sqs` | one handler per record, partial batch responses, deadlines |
 //! | [`kinesis_event`] | `kinesis` | Kinesis events read without copying |
+//! | [`aggregation`] | `aggregation` (in `kinesis`, `push`) | KPL aggregated records, packed and unpacked |
+//! | [`shard_map`] | `aggregation` | the shard a partition key maps to (MD5 hash-key ranges) |
 //! | [`s3_notification`] | `push` | S3 notifications: test events, URL-decoded keys, sequencers |
 //! | [`push`] | `push` | S3 object → records: line handler, leases, checkpoints, resume |
 //! | [`sink`] | `push` (`kinesis-sink` for Kinesis) | PutRecords with partial-failure resends |
@@ -44,6 +46,8 @@ pub mod quarantine;
 pub mod sequence;
 pub mod store;
 
+#[cfg(feature = "aggregation")]
+pub mod aggregation;
 #[cfg(feature = "aws")]
 pub mod aws;
 #[cfg(feature = "kinesis")]
@@ -56,6 +60,8 @@ pub mod object_reader;
 pub mod push;
 #[cfg(feature = "push")]
 pub mod s3_notification;
+#[cfg(feature = "aggregation")]
+pub mod shard_map;
 #[cfg(feature = "push")]
 pub mod sink;
 #[cfg(feature = "runtime")]

@@ -63,13 +63,19 @@ impl FromStr for SequenceNumber {
         // Leading zeros are dropped (one digit kept), so equal numbers have equal digits.
         let start = bytes.iter().position(|b| *b != b'0').unwrap_or(bytes.len().saturating_sub(1));
         let digits = &bytes[start..];
-        if bytes.is_empty() || digits.len() > MAX_SEQUENCE_DIGITS || !digits.iter().all(u8::is_ascii_digit) {
+        if bytes.is_empty() || digits.len() > MAX_SEQUENCE_DIGITS || !all_digits(digits) {
             return Err(SequenceNumberError(s.to_owned()));
         }
         let mut out = SequenceNumber { len: digits.len() as u8, digits: [0; MAX_SEQUENCE_DIGITS] };
         out.digits[..digits.len()].copy_from_slice(digits);
         Ok(out)
     }
+}
+
+/// Whether every byte is an ASCII digit: without an early exit, so the loop vectorizes (a
+/// sequence number is checked for every record of every batch).
+fn all_digits(bytes: &[u8]) -> bool {
+    bytes.iter().fold(true, |ok, b| ok & b.is_ascii_digit())
 }
 
 impl Ord for SequenceNumber {
@@ -101,6 +107,61 @@ impl<'de> Deserialize<'de> for SequenceNumber {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = <Cow<'de, str>>::deserialize(d)?;
         s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A place in a shard that a consumer of KPL aggregates can checkpoint: a Kinesis record's
+/// sequence number and, for a user record unpacked from an aggregate, its sub-sequence number
+/// (the KCL's `ExtendedSequenceNumber`). `sub: None` stands for the whole record, after every
+/// user record in it.
+///
+/// ```
+/// use pushpull::sequence::Position;
+/// let seq = "49590338271490256608559692538361571095921575989136588898".parse().unwrap();
+/// let user_3 = Position::user(seq, 3);
+/// assert!(Position::user(user_3.sequence.clone(), 2) < user_3);
+/// assert!(user_3 < Position::whole(user_3.sequence.clone()));
+/// assert!(Position::whole(user_3.sequence.clone()) < Position::whole("49590338271490256608559692538361571095921575989136588899".parse().unwrap()));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// The Kinesis record's sequence number.
+    pub sequence: SequenceNumber,
+    /// The user record's sub-sequence number in its aggregate; `None`: the whole record.
+    pub sub: Option<u64>,
+}
+
+impl Position {
+    /// A whole (plain) record.
+    pub fn whole(sequence: SequenceNumber) -> Self {
+        Position { sequence, sub: None }
+    }
+
+    /// User record `sub` of an aggregated record.
+    pub fn user(sequence: SequenceNumber, sub: u64) -> Self {
+        Position { sequence, sub: Some(sub) }
+    }
+}
+
+impl Ord for Position {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // `None` (the whole record) sorts after every user record of it.
+        let sub = |s: Option<u64>| s.map_or(u128::MAX, u128::from);
+        self.sequence.cmp(&other.sequence).then_with(|| sub(self.sub).cmp(&sub(other.sub)))
+    }
+}
+impl PartialOrd for Position {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.sub {
+            None => write!(f, "{}", self.sequence),
+            Some(sub) => write!(f, "{}/{sub}", self.sequence),
+        }
     }
 }
 

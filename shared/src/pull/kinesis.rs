@@ -48,12 +48,15 @@ pub struct Record<'a> {
     pub shard_id: &'a str,
     /// The sequence number, as sent.
     pub sequence_number: &'a str,
-    /// The partition key.
+    /// The partition key (a user record's own key when the record was aggregated).
     pub partition_key: &'a str,
     /// Arrival time in Kinesis, seconds since the epoch.
     pub arrival: f64,
-    /// The data, base64-decoded.
+    /// The data, base64-decoded (a user record's data when the record was aggregated).
     pub data: &'a [u8],
+    /// For a user record unpacked from a KPL aggregate, its position in the aggregate (the KCL's
+    /// sub-sequence number); `None` for a plain record.
+    pub sub_sequence_number: Option<u64>,
 }
 
 impl<'a> Record<'a> {
@@ -72,6 +75,7 @@ impl<'a> Record<'a> {
             partition_key: self.partition_key.to_owned(),
             arrival: self.arrival,
             data: self.data.to_vec(),
+            sub_sequence_number: self.sub_sequence_number,
         }
     }
 }
@@ -85,12 +89,14 @@ pub struct OwnedRecord {
     pub shard_id: String,
     /// The sequence number, as sent.
     pub sequence_number: String,
-    /// The partition key.
+    /// The partition key (a user record's own key when the record was aggregated).
     pub partition_key: String,
     /// Arrival time in Kinesis, seconds since the epoch.
     pub arrival: f64,
-    /// The data, base64-decoded.
+    /// The data, base64-decoded (a user record's data when the record was aggregated).
     pub data: Vec<u8>,
+    /// For a user record unpacked from a KPL aggregate, its position in the aggregate.
+    pub sub_sequence_number: Option<u64>,
 }
 
 impl OwnedRecord {
@@ -144,6 +150,40 @@ where
 /// marks that record failed; [`Options`] say whether to stop at the first failure and when the
 /// deadline is. `records` may be part of a batch (for example those after a checkpoint);
 /// [`Record::index`] is the position in `records`.
+///
+/// KPL aggregated records are unpacked: the handler runs once per user record, in order, each
+/// with its own partition key and [`Record::sub_sequence_number`]. The partial batch response
+/// can name only the Kinesis record, so a failed user record fails its whole aggregate (and, by
+/// the stream rule, what follows it); [`BatchResult::processed`] counts the handler's successes,
+/// user records included. A record that starts with the aggregation magic bytes but fails the
+/// MD5 or protobuf check is passed to the handler whole, as the reference deaggregators do, with
+/// a warning.
+///
+/// ```
+/// use bytes::Bytes;
+/// use pushpull::aggregation::Aggregator;
+/// use pushpull::kinesis_event::KinesisEvent;
+/// use pushpull::pull::{kinesis, Options};
+///
+/// let mut agg = Aggregator::new(50_000);
+/// for (key, line) in [("a", "{}"), ("b", "not json"), ("c", "{}")] {
+///     agg.add(key, None, Bytes::from(line)).unwrap();
+/// }
+/// let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, agg.finish().unwrap().data);
+/// let payload = format!(r#"{{"Records":[{{"kinesis":{{"partitionKey":"a","sequenceNumber":"7","data":"{data}",
+///   "approximateArrivalTimestamp":1}},"eventID":"shardId-0:7"}}]}}"#);
+/// let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
+/// let mut seen = Vec::new();
+/// let result = kinesis::process(&event, Options::default(), |r| {
+///     seen.push((r.partition_key.to_owned(), r.sub_sequence_number));
+///     serde_json::from_slice::<serde_json::Value>(r.data).map(drop)
+/// })
+/// .unwrap();
+/// assert_eq!(seen, [("a".into(), Some(0)), ("b".into(), Some(1)), ("c".into(), Some(2))]);
+/// assert_eq!(result.processed, 2);
+/// assert_eq!(result.failures[0].item_identifier, "7"); // the whole aggregate is retried
+/// assert!(result.failures[0].reason.starts_with("user record 1:"), "{}", result.failures[0].reason);
+/// ```
 pub fn process_records<F, E>(
     records: &[KinesisEventRecord<'_>],
     options: Options,
@@ -155,6 +195,8 @@ where
 {
     check_sequence_numbers(records)?;
     let mut buf = Vec::new();
+    // The handler's successes: a plain record's, or each user record's of an aggregate.
+    let mut successes = 0usize;
     let outcomes = super::run_in_order(records.len(), &options, |index| {
         let r = &records[index];
         r.decode_data_into(&mut buf).map_err(|e| e.to_string())?;
@@ -165,14 +207,56 @@ where
             partition_key: &r.kinesis.partition_key,
             arrival: r.kinesis.approximate_arrival_timestamp,
             data: &buf,
+            sub_sequence_number: None,
         };
-        handler(record).map_err(|e| e.to_string())
+        let Some(aggregate) = unpack(r, &buf) else {
+            let outcome = handler(record).map_err(|e| e.to_string());
+            successes += usize::from(outcome.is_ok());
+            return outcome;
+        };
+        let mut first_failure = None;
+        for user in aggregate.records() {
+            let outcome = handler(Record {
+                partition_key: user.partition_key,
+                data: user.data,
+                sub_sequence_number: Some(user.sub_sequence_number),
+                ..record.clone()
+            });
+            match outcome {
+                Ok(()) => successes += 1,
+                Err(e) => {
+                    first_failure.get_or_insert_with(|| format!("user record {}: {e}", user.sub_sequence_number));
+                    if options.stops_at_first_failure() {
+                        break;
+                    }
+                }
+            }
+        }
+        first_failure.map_or(Ok(()), Err)
     });
-    Ok(result_of(records, outcomes))
+    let mut result = result_of(records, outcomes);
+    result.processed = successes;
+    Ok(result)
+}
+
+/// The aggregate in a record's decoded data, or `None` for a plain record (with a warning when
+/// the data began like an aggregate and failed its checks).
+fn unpack(r: &KinesisEventRecord<'_>, data: &[u8]) -> Option<crate::aggregation::Aggregate> {
+    if !crate::aggregation::has_magic(data) {
+        return None;
+    }
+    crate::aggregation::deaggregate(data)
+        .inspect_err(|why| {
+            tracing::warn!(sequence_number = %r.kinesis.sequence_number, reason = %why,
+                "record starts like a KPL aggregate but is not one; handled as a plain record")
+        })
+        .ok()
 }
 
 /// Runs an async `handler` on each record: in order, or with [`Options::per_key`] up to that many
-/// partition keys at a time, in order within each key.
+/// partition keys at a time, in order within each key. KPL aggregates are unpacked as in
+/// [`process_records`]: each user record is handled under its own partition key, and a failed or
+/// unreached user record fails (or leaves unprocessed) its whole Kinesis record.
 ///
 /// ```
 /// use pushpull::kinesis_event::KinesisEvent;
@@ -203,23 +287,68 @@ where
 {
     let records = &event.records;
     check_sequence_numbers(records)?;
-    let keys: Vec<&str> = records.iter().map(|r| &*r.kinesis.partition_key).collect();
-    let handler = &handler;
-    let outcomes = super::run_concurrently(&keys, &options, |index| async move {
-        let r = &records[index];
-        let mut data = Vec::new();
-        r.decode_data_into(&mut data).map_err(|e| e.to_string())?;
-        let record = OwnedRecord {
+    // Every record decoded and unpacked first: the units the handler runs on, each with its key.
+    let mut units: Vec<OwnedRecord> = Vec::with_capacity(records.len());
+    let mut undecodable: Vec<(usize, String)> = Vec::new();
+    let mut data = Vec::new();
+    for (index, r) in records.iter().enumerate() {
+        if let Err(e) = r.decode_data_into(&mut data) {
+            undecodable.push((index, e.to_string()));
+            continue;
+        }
+        let plain = OwnedRecord {
             index,
             shard_id: r.shard_id().to_owned(),
             sequence_number: r.kinesis.sequence_number.to_string(),
             partition_key: r.kinesis.partition_key.to_string(),
             arrival: r.kinesis.approximate_arrival_timestamp,
-            data,
+            data: Vec::new(),
+            sub_sequence_number: None,
         };
-        handler(record).await.map_err(|e| e.to_string())
+        match unpack(r, &data) {
+            None => units.push(OwnedRecord { data: std::mem::take(&mut data), ..plain }),
+            Some(aggregate) => units.extend(aggregate.records().map(|u| OwnedRecord {
+                partition_key: u.partition_key.to_owned(),
+                data: u.data.to_vec(),
+                sub_sequence_number: Some(u.sub_sequence_number),
+                ..plain.clone()
+            })),
+        }
+    }
+    let keys: Vec<&str> = units.iter().map(|u| u.partition_key.as_str()).collect();
+    let (units_ref, handler) = (&units, &handler);
+    let unit_outcomes = super::run_concurrently(&keys, &options, |u| async move {
+        handler(units_ref[u].clone()).await.map_err(|e| e.to_string())
     })
     .await;
+    // Back to Kinesis records: one failed or unreached unit decides its record.
+    let mut outcomes = super::Outcomes { processed: unit_outcomes.processed, ..Default::default() };
+    let mut failed: Vec<Option<String>> = vec![None; records.len()];
+    let mut unreached: Vec<Option<super::NotAttempted>> = vec![None; records.len()];
+    for (index, reason) in undecodable {
+        failed[index] = Some(reason);
+    }
+    for (u, reason) in unit_outcomes.failed {
+        let unit = &units[u];
+        let reason = match unit.sub_sequence_number {
+            Some(sub) => format!("user record {sub}: {reason}"),
+            None => reason,
+        };
+        let slot = &mut failed[unit.index];
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+    }
+    for (u, why) in unit_outcomes.unprocessed {
+        unreached[units[u].index].get_or_insert(why);
+    }
+    for (index, (failed, unreached)) in failed.into_iter().zip(unreached).enumerate() {
+        match (failed, unreached) {
+            (Some(reason), _) => outcomes.failed.push((index, reason)),
+            (None, Some(why)) => outcomes.unprocessed.push((index, why)),
+            (None, None) => {}
+        }
+    }
     Ok(result_of(records, outcomes))
 }
 
