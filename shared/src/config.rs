@@ -227,6 +227,10 @@ pub struct PushSettings {
     /// of a key waits for the next call: [`crate::batch::KeyOrderedBatcher`]); `none` fills calls
     /// regardless (a resent record may land after a later one of its key).
     pub ordering: Ordering,
+    /// `PUT_AGGREGATION` (`on`/`off`, default off) and `PUT_AGGREGATION_MAX_BYTES` (default
+    /// 262,144): lines packed into KPL aggregated records of at most this many bytes, each
+    /// aggregate holding only lines whose keys map to one shard. `None`: one record per line.
+    pub aggregation: Option<usize>,
     /// `CHECKPOINT_INTERVAL_MS`: how often progress within an object is checkpointed.
     pub checkpoint_interval: Duration,
     /// `CHECKPOINT_LEASE_MS`: how long an invocation owns an object after its last checkpoint;
@@ -245,6 +249,29 @@ pub enum Ordering {
     PerKey,
     /// No ordering guarantee across resends.
     None,
+}
+
+/// The default size limit of an aggregated record (`PUT_AGGREGATION_MAX_BYTES`): a quarter of a
+/// shard's 1 MiB/s, so that a throttled shard refuses a fraction of a second's writes at a time
+/// (BENCHMARKS.md measures the choice).
+pub const DEFAULT_AGGREGATION_MAX_BYTES: usize = 256 * 1024;
+
+/// An on/off setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Switch {
+    On,
+    Off,
+}
+
+impl std::str::FromStr for Switch {
+    type Err = &'static str;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on" => Ok(Switch::On),
+            "off" => Ok(Switch::Off),
+            _ => Err("on or off"),
+        }
+    }
 }
 
 impl std::str::FromStr for Ordering {
@@ -282,6 +309,9 @@ impl PushSettings {
         let linger_ms = env.number_in("PUT_LINGER_MS", 100u64, 0..=60_000);
         let put_max_attempts = env.number_in("PUT_MAX_ATTEMPTS", 8u32, 1..=100);
         let ordering = env.parse_or("PUT_ORDERING", Ordering::PerKey);
+        let aggregation_on = env.parse_or("PUT_AGGREGATION", Switch::Off) == Switch::On;
+        let aggregation_max =
+            env.number_in("PUT_AGGREGATION_MAX_BYTES", DEFAULT_AGGREGATION_MAX_BYTES, 64..=KINESIS_MAX_RECORD_BYTES);
         let interval_ms = env.number_in("CHECKPOINT_INTERVAL_MS", 1_000u64, 10..=600_000);
         let lease_ms = env.number_in("CHECKPOINT_LEASE_MS", 60_000u64, 100..=3_600_000);
         let margin_ms = env.number_in("DEADLINE_MARGIN_MS", 5_000u64, 0..=600_000);
@@ -290,6 +320,13 @@ impl PushSettings {
                 "CHECKPOINT_LEASE_MS",
                 lease_ms.to_string(),
                 format!("at least twice CHECKPOINT_INTERVAL_MS ({interval_ms})"),
+            );
+        }
+        if aggregation_on && aggregation_max > record_max_bytes {
+            env.invalid(
+                "PUT_AGGREGATION_MAX_BYTES",
+                aggregation_max.to_string(),
+                format!("at most RECORD_MAX_BYTES ({record_max_bytes})"),
             );
         }
         if record_max_bytes > max_bytes {
@@ -310,6 +347,7 @@ impl PushSettings {
             put,
             put_max_attempts,
             ordering,
+            aggregation: aggregation_on.then_some(aggregation_max),
             checkpoint_interval: Duration::from_millis(interval_ms),
             lease: Duration::from_millis(lease_ms),
             deadline_margin: Duration::from_millis(margin_ms),

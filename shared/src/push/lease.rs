@@ -76,6 +76,12 @@ pub struct ObjectProgress {
     pub put_calls: u64,
     /// Entries resent so far.
     pub resent: u64,
+    /// Kinesis records written so far (fewer than `records_sent` with aggregation).
+    #[serde(default)]
+    pub put_records: u64,
+    /// PUT payload units of the Kinesis records written so far.
+    #[serde(default)]
+    pub put_units: u64,
     /// Highest sequence number written to each shard so far.
     pub shard_positions: BTreeMap<String, String>,
 }

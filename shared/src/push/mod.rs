@@ -146,6 +146,9 @@ pub enum ObjectError {
     /// Quarantined lines could not be stored.
     #[error("quarantining lines: {0}")]
     Quarantine(#[source] StoreError),
+    /// The stream's shards could not be listed (`PUT_AGGREGATION=on` packs lines by shard).
+    #[error("listing the stream's shards to aggregate by: {0}")]
+    ShardMap(#[source] SinkError),
 }
 
 impl PushError {
@@ -164,6 +167,7 @@ impl PushError {
                 ObjectError::OutOfTime { .. } => "PushError.OutOfTime",
                 ObjectError::Checkpoint(_) => "PushError.Checkpoint",
                 ObjectError::ReadBack(_) => "PushError.ReadBack",
+                ObjectError::ShardMap(_) => "PushError.ShardMap",
                 ObjectError::Quarantine(_) => "PushError.Quarantine",
             },
         }
@@ -232,6 +236,10 @@ pub struct ObjectSummary {
     pub put_calls: u64,
     /// Entries resent after partial failures.
     pub resent: u64,
+    /// Kinesis records written: `records` without aggregation, fewer with it.
+    pub put_records: u64,
+    /// PUT payload units of those Kinesis records (25 KB each, rounded up per record).
+    pub put_units: u64,
     /// The line this invocation started after (0: from the start).
     pub resumed_after_line: u64,
     /// Lines an interrupted invocation had already written, found in the stream and not resent.
@@ -258,6 +266,8 @@ impl ObjectSummary {
             skipped_lines: p.skipped_lines,
             put_calls: p.put_calls,
             resent: p.resent,
+            put_records: p.put_records,
+            put_units: p.put_units,
             resumed_after_line: 0,
             found_written: 0,
             millis: 0,

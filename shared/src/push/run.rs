@@ -13,12 +13,14 @@ use super::lease::{Interrupted, ObjectProgress};
 use super::line::{DataBlocks, Framing, Line, LineHandler};
 use super::source::{ObjectSource, SourceError};
 use super::{ObjectError, ObjectSummary, Outcome, PushHandler};
+use crate::aggregation::{AddError, Aggregator};
 use crate::batch::{ByteSize, KeyOrderedBatcher};
 use crate::config::Ordering;
 use crate::invocation::Invocation;
 use crate::lines::{BlockFrame, LineBlock, LineBlocks, LineCodec};
 use crate::quarantine::{QuarantineWriter, QuarantinedLine, safe_path};
 use crate::s3_notification::ObjectEvent;
+use crate::shard_map::{ShardIndex, ShardMap};
 use crate::sink::{OutRecord, ProduceError, RecordSink, SendReport};
 use crate::store::Etag;
 
@@ -46,6 +48,59 @@ impl Written {
     }
 }
 
+/// Lines packed into KPL aggregates (`PUT_AGGREGATION=on`): one open aggregate per shard, so
+/// that each aggregate holds only lines whose keys map to its shard.
+struct Aggregating {
+    map: ShardMap,
+    /// Per shard (by [`ShardIndex`]): the open aggregate and the line of its first record.
+    open: Vec<(Aggregator, u64)>,
+    /// When what is open must go (the linger time after the oldest open line).
+    deadline: Option<tokio::time::Instant>,
+}
+
+impl Aggregating {
+    fn new(map: ShardMap, max_bytes: usize) -> Self {
+        Aggregating { open: vec![(Aggregator::new(max_bytes), 0); map.len()], map, deadline: None }
+    }
+
+    /// Packs `record` into its shard's aggregate. Returns the aggregate it filled, if any; hands
+    /// the record back if it belongs to no shard of the map or is too large to aggregate (it is
+    /// then sent as a plain record).
+    fn add(&mut self, shard: ShardIndex, record: OutRecord, linger: Duration) -> Result<Option<OutRecord>, OutRecord> {
+        let (agg, first_line) = &mut self.open[shard.0];
+        let mut filled = None;
+        match agg.add(&record.partition_key, None, record.data.clone()) {
+            Ok(()) => {}
+            Err(AddError::Full) => {
+                filled = agg.finish().map(|f| OutRecord::aggregate(f, *first_line));
+                if agg.add(&record.partition_key, None, record.data.clone()).is_err() {
+                    return Err(record);
+                }
+            }
+            Err(_) => return Err(record),
+        }
+        if agg.len() == 1 {
+            *first_line = record.line;
+            self.deadline.get_or_insert_with(|| tokio::time::Instant::now() + linger);
+        }
+        Ok(filled)
+    }
+
+    /// Every open aggregate, finished, with its shard.
+    fn finish_all(&mut self) -> Vec<(ShardIndex, OutRecord)> {
+        self.deadline = None;
+        let open = self.open.iter_mut().enumerate();
+        open.filter_map(|(i, (agg, line))| agg.finish().map(|f| (ShardIndex(i), OutRecord::aggregate(f, *line))))
+            .collect()
+    }
+}
+
+/// The batcher key of everything bound for one shard when aggregating: with per-key ordering,
+/// a call holds one record (aggregate) of a shard, so a resent aggregate cannot be overtaken.
+fn shard_key(shard: ShardIndex) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&(shard.0 as u64).to_le_bytes()) | 1 << 63
+}
+
 /// The state of one object while its lines flow.
 pub(super) struct Run<'a, S, L, O> {
     handler: &'a PushHandler<S, L, O>,
@@ -56,6 +111,8 @@ pub(super) struct Run<'a, S, L, O> {
     resumed_after_line: u64,
     found_written: u64,
     batcher: KeyOrderedBatcher<OutRecord>,
+    /// With `PUT_AGGREGATION=on`, the aggregates lines go into before the batcher.
+    aggregating: Option<Aggregating>,
     quarantine: QuarantineWriter,
     /// Last line read and the offset after it; blank and skipped lines read since the last
     /// checkpoint.
@@ -90,6 +147,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
             progress,
             version,
             batcher: KeyOrderedBatcher::new(put, put.max_events()),
+            aggregating: None,
             quarantine: QuarantineWriter::new(handler.quarantine.clone(), q_prefix),
             blank_since: 0,
             skipped_since: 0,
@@ -150,6 +208,13 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         } else {
             Box::new(body)
         };
+        if let Some(max_bytes) = settings.aggregation {
+            match self.handler.producer.sink().shard_map().await.map_err(ObjectError::ShardMap)? {
+                Some(map) if !map.is_empty() => self.aggregating = Some(Aggregating::new(map, max_bytes)),
+                _ => warn!(bucket = %ev.bucket, key = %ev.key,
+                           "PUT_AGGREGATION is on but the sink cannot tell its shards; lines go one to a record"),
+            }
+        }
         if let Framing::WholeObject { max_bytes } = self.handler.lines.framing() {
             return self.process_whole(reader, max_bytes, interrupted).await;
         }
@@ -190,7 +255,10 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
                     return Err(ObjectError::OutOfTime { lines_done: self.progress.lines_done });
                 }
             }
-            let deadline = self.batcher.deadline();
+            let deadline = match (self.batcher.deadline(), self.aggregating.as_ref().and_then(|a| a.deadline)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if deadline != armed {
                 if let Some(d) = deadline {
                     linger.as_mut().reset(d);
@@ -346,7 +414,16 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
             .map_err(ObjectError::ReadBack)?;
         let mut by_key: HashMap<String, VecDeque<Bytes>> = HashMap::new();
         for r in found {
-            by_key.entry(r.partition_key).or_default().push_back(r.data);
+            // An aggregate is read back as the lines it packs, each under its own key.
+            match crate::aggregation::deaggregate(&r.data) {
+                Ok(aggregate) => {
+                    for user in aggregate.records() {
+                        let data = Bytes::copy_from_slice(user.data);
+                        by_key.entry(user.partition_key.to_owned()).or_default().push_back(data);
+                    }
+                }
+                Err(_) => by_key.entry(r.partition_key).or_default().push_back(r.data),
+            }
         }
         info!(bucket = %ev.bucket, key = %ev.key, after_line = self.progress.lines_done, "resuming an interrupted object");
         Ok(Written { by_key })
@@ -357,17 +434,35 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
     fn push_record(&mut self, record: OutRecord) -> bool {
         // With per-key ordering a batch holds one record of a key; a later one waits for the next
         // batch (see KeyOrderedBatcher), so a partial failure resent before the next batch cannot
-        // be overtaken.
-        let key = (self.handler.settings.ordering == Ordering::PerKey)
-            .then(|| xxhash_rust::xxh3::xxh3_64(record.partition_key.as_bytes()));
+        // be overtaken. Aggregating, the key is the shard's: one aggregate of a shard a call.
+        let ordered = self.handler.settings.ordering == Ordering::PerKey;
+        let linger = self.handler.settings.put.timeout();
+        let mut key = None;
+        if let Some(agg) = self.aggregating.as_mut()
+            && let Some(shard) = agg.map.shard_of(&record.partition_key)
+        {
+            // A record too large to aggregate goes plain, ordered with its shard's aggregates.
+            let out = agg.add(shard, record, linger).unwrap_or_else(Some);
+            if let Some(out) = out {
+                self.enqueue(ordered.then(|| shard_key(shard)), out);
+            }
+            return self.batcher.has_ready();
+        }
+        if ordered {
+            key = Some(xxhash_rust::xxh3::xxh3_64(record.partition_key.as_bytes()));
+        }
+        self.enqueue(key, record);
+        self.batcher.has_ready()
+    }
+
+    /// Puts a record (or an aggregate) in the batcher under `key`.
+    fn enqueue(&mut self, key: Option<u64>, record: OutRecord) {
         if let Err(oversized) = self.batcher.push(key, record) {
             // Only possible if RECORD_MAX_BYTES > PUT_MAX_BYTES, which the configuration refuses.
             let reason = format!("record of {} bytes exceeds PUT_MAX_BYTES", oversized.size);
             let excerpt = QuarantinedLine::excerpt_of(&oversized.item.data);
             self.quarantine_line(oversized.item.line, self.read_offset, reason, excerpt);
-            return false;
         }
-        self.batcher.has_ready()
     }
 
     /// Sends the batches that are full.
@@ -378,8 +473,15 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         Ok(())
     }
 
-    /// Sends everything buffered, records held back for a later batch included.
+    /// Sends everything buffered, records held back for a later batch and open aggregates
+    /// included.
     async fn flush_batch(&mut self) -> Result<(), ObjectError> {
+        let ordered = self.handler.settings.ordering == Ordering::PerKey;
+        if let Some(finished) = self.aggregating.as_mut().map(Aggregating::finish_all) {
+            for (shard, record) in finished {
+                self.enqueue(ordered.then(|| shard_key(shard)), record);
+            }
+        }
         while let Some(batch) = self.batcher.flush() {
             self.send(batch).await?;
         }
@@ -437,6 +539,8 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         p.records_sent += sent.records as u64;
         p.put_calls += sent.calls as u64;
         p.resent += sent.resent as u64;
+        p.put_records += sent.put_records as u64;
+        p.put_units += sent.payload_units;
         p.quarantined += quarantined as u64;
         for (shard, seq) in sent.positions {
             p.shard_positions.insert(shard, seq.to_string());
@@ -526,6 +630,13 @@ mod tests {
         records: Mutex<Vec<OutRecord>>,
         fail_calls: AtomicUsize,
         calls: AtomicUsize,
+        /// Every call's records, for tests that look at what went together.
+        batches: Mutex<Vec<Vec<OutRecord>>>,
+    }
+
+    /// Two shards splitting the hash-key space in half.
+    fn two_shards() -> ShardMap {
+        ShardMap::new(vec![("shardId-0".into(), 0, u128::MAX / 2), ("shardId-1".into(), u128::MAX / 2 + 1, u128::MAX)])
     }
 
     impl RecordSink for FakeSink {
@@ -538,9 +649,13 @@ mod tests {
                 self.fail_calls.fetch_sub(1, AtomicOrdering::SeqCst);
                 return Err(SinkError::new("ResourceNotFoundException: no stream", false));
             }
+            self.batches.lock().unwrap().push(records.to_vec());
             let mut all = self.records.lock().unwrap();
             all.extend_from_slice(records);
             Ok(PutOutcome::all_written("shardId-0", all.len().to_string()))
+        }
+        async fn shard_map(&self) -> Result<Option<ShardMap>, SinkError> {
+            Ok(Some(two_shards()))
         }
         async fn written_since(
             &self,
@@ -768,6 +883,84 @@ mod tests {
         let summary = w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
         assert_eq!((summary.objects[0].found_written, summary.objects[0].records), (20, 50));
         assert_eq!(w.handler.sink().records.lock().unwrap().len(), 50, "the 20 are not sent again");
+    }
+
+    /// Unpacks what the sink got into (partition key, line) in the order written.
+    fn unpacked(records: &[OutRecord]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for r in records {
+            match crate::aggregation::deaggregate(&r.data) {
+                Ok(a) => out.extend(
+                    a.records().map(|u| (u.partition_key.to_owned(), String::from_utf8(u.data.to_vec()).unwrap())),
+                ),
+                Err(_) => out.push((r.partition_key.to_string(), String::from_utf8(r.data.to_vec()).unwrap())),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn aggregated_lines_go_one_aggregate_per_shard_a_call_each_only_with_keys_of_its_shard() {
+        let object = lines(5000);
+        let w = world(&[("PUT_AGGREGATION", "on"), ("PUT_AGGREGATION_MAX_BYTES", "4096")], &object);
+        let summary = w.handler.handle(&event(), &Invocation::new("agg")).await.unwrap();
+        let o = &summary.objects[0];
+        let batches = w.handler.sink().batches.lock().unwrap().clone();
+        let records = w.handler.sink().records.lock().unwrap().clone();
+        assert_eq!(o.records, 5000, "lines written");
+        assert_eq!(o.put_records as usize, records.len());
+        assert!(records.len() < 5000 / 40, "packed: {} Kinesis records", records.len());
+        assert_eq!(o.put_units, records.len() as u64, "each aggregate under 25 KiB is one unit");
+        let map = two_shards();
+        for batch in &batches {
+            let mut shards: Vec<_> = batch.iter().map(|r| map.shard_of(&r.partition_key)).collect();
+            shards.dedup();
+            assert_eq!(shards.len(), batch.len(), "one aggregate of a shard per call (per-key order)");
+            for r in batch {
+                assert!(r.data.len() + r.partition_key.len() <= 4096);
+                let a = crate::aggregation::deaggregate(&r.data).unwrap();
+                assert_eq!(a.len(), r.user_records as usize);
+                assert!(a.records().all(|u| map.shard_of(u.partition_key) == map.shard_of(&r.partition_key)));
+            }
+        }
+        // Every line once, each key's lines in line order.
+        let got = unpacked(&records);
+        assert_eq!(got.len(), 5000);
+        let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+        for (k, l) in got {
+            by_key.entry(k).or_default().push(l);
+        }
+        for (k, ls) in by_key {
+            let want: Vec<String> =
+                object.lines().filter(|l| l.contains(&format!("\"{k}\""))).map(str::to_owned).collect();
+            assert_eq!(ls, want, "key {k}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_crash_after_sending_aggregates_is_read_back_through_them() {
+        let w = world(
+            &[("PUT_AGGREGATION", "on"), ("CHECKPOINT_LEASE_MS", "100"), ("CHECKPOINT_INTERVAL_MS", "10")],
+            &lines(50),
+        );
+        crashed_owner(&w.dir.path().join("cp")).await;
+        // What the crashed owner wrote: lines 1-20 in aggregates by shard.
+        let map = two_shards();
+        let mut aggs = [Aggregator::new(1 << 20), Aggregator::new(1 << 20)];
+        for l in lines(20).lines() {
+            let key = serde_json::from_str::<serde_json::Value>(l).unwrap()["user"].as_str().unwrap().to_owned();
+            aggs[map.shard_of(&key).unwrap().0].add(&key, None, Bytes::from(l.to_owned())).unwrap();
+        }
+        let crashed: Vec<OutRecord> =
+            aggs.iter_mut().filter_map(|a| a.finish()).map(|f| OutRecord::aggregate(f, 1)).collect();
+        let before = crashed.len();
+        w.handler.sink().records.lock().unwrap().extend(crashed);
+        let summary = w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
+        assert_eq!((summary.objects[0].found_written, summary.objects[0].records), (20, 50));
+        let records = w.handler.sink().records.lock().unwrap().clone();
+        let lines_out = unpacked(&records);
+        assert_eq!(lines_out.len(), 50, "the 20 are not sent again");
+        assert!(records.len() > before);
     }
 
     #[tokio::test]

@@ -56,6 +56,47 @@ impl RecordSink for KinesisSink {
         Ok(out)
     }
 
+    async fn shard_map(&self) -> Result<Option<crate::shard_map::ShardMap>, SinkError> {
+        let mut shards = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = match &token {
+                Some(t) => self.client.list_shards().next_token(t),
+                None => self.client.list_shards().stream_name(&self.stream_name),
+            };
+            let page = req.send().await.map_err(|e| {
+                let message = format!("ListShards {}: {}", self.stream_name, crate::aws::describe(&e));
+                SinkError::new(message, crate::aws::classify(&e).is_retryable()).with_source(e)
+            })?;
+            for shard in page.shards() {
+                // Closed shards (a reshard's parents) take no writes.
+                if shard.sequence_number_range().is_some_and(|r| r.ending_sequence_number().is_some()) {
+                    continue;
+                }
+                let range = shard.hash_key_range();
+                let parse = |s: Option<&str>| s.and_then(|s| s.parse::<u128>().ok());
+                let (Some(start), Some(end)) =
+                    (parse(range.map(|r| r.starting_hash_key())), parse(range.map(|r| r.ending_hash_key())))
+                else {
+                    return Err(SinkError::new(
+                        format!(
+                            "ListShards {}: shard {} has no readable hash-key range",
+                            self.stream_name,
+                            shard.shard_id()
+                        ),
+                        false,
+                    ));
+                };
+                shards.push((shard.shard_id().to_owned(), start, end));
+            }
+            token = page.next_token().map(str::to_owned);
+            if token.is_none() {
+                break;
+            }
+        }
+        Ok(Some(crate::shard_map::ShardMap::new(shards)))
+    }
+
     async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
         use aws_sdk_kinesis::types::PutRecordsRequestEntry;
         let entries = records

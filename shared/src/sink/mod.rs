@@ -46,16 +46,40 @@ pub struct OutRecord {
     pub partition_key: compact_str::CompactString,
     /// The record's data.
     pub data: Bytes,
-    /// The 1-based input line this record carries.
+    /// The 1-based input line this record carries (an aggregate's first line).
     pub line: u64,
+    /// The user records it carries: 1, or how many lines a KPL aggregate packs.
+    pub user_records: u32,
 }
 
 impl OutRecord {
     /// A record from `line` of the input.
     pub fn new(partition_key: impl Into<compact_str::CompactString>, data: Bytes, line: u64) -> Self {
-        OutRecord { partition_key: partition_key.into(), data, line }
+        OutRecord { partition_key: partition_key.into(), data, line, user_records: 1 }
+    }
+
+    /// A KPL aggregate whose first user record came from `first_line`.
+    pub fn aggregate(finished: crate::aggregation::Finished, first_line: u64) -> Self {
+        OutRecord {
+            partition_key: finished.partition_key.into(),
+            data: finished.data,
+            line: first_line,
+            user_records: u32::try_from(finished.user_records).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The PUT payload units Kinesis bills for it: one per 25 KB of data and partition key
+    /// ("A PUT Payload Unit is counted in 25 KB payload chunks that comprise a record",
+    /// aws.amazon.com/kinesis/data-streams/pricing; we take a KB as 1,024 bytes, so a 1 MiB
+    /// record is 41 units where the page's example says 40: the higher count, never an
+    /// underestimate).
+    pub fn payload_units(&self) -> u64 {
+        self.byte_size().div_ceil(PAYLOAD_UNIT_BYTES).max(1) as u64
     }
 }
+
+/// The size of one PUT payload unit (see [`OutRecord::payload_units`]).
+pub const PAYLOAD_UNIT_BYTES: usize = 25 * 1024;
 
 impl ByteSize for OutRecord {
     /// Kinesis counts the data and the partition key against its limits.
@@ -165,13 +189,23 @@ pub trait RecordSink: Send + Sync {
         let _ = (positions, since_ms, until_ms);
         async { Ok(Vec::new()) }
     }
+
+    /// The open shards and their hash-key ranges, for aggregating only records bound for the
+    /// same shard. A sink that cannot tell (the default) gets no aggregation.
+    fn shard_map(&self) -> impl Future<Output = Result<Option<crate::shard_map::ShardMap>, SinkError>> + Send {
+        async { Ok(None) }
+    }
 }
 
 /// What one [`Producer::send`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SendReport {
-    /// Records written.
+    /// User records written (lines: an aggregate counts the lines it packs).
     pub records: usize,
+    /// Kinesis records written (aggregates count one each).
+    pub put_records: usize,
+    /// PUT payload units of the Kinesis records written ([`OutRecord::payload_units`]).
+    pub payload_units: u64,
     /// PutRecords calls made, retries included.
     pub calls: usize,
     /// Entries resent after a partial failure or a failed call.
@@ -184,6 +218,8 @@ impl SendReport {
     /// Adds another report's counts and keeps the higher position of each shard.
     pub fn merge(&mut self, o: SendReport) {
         self.records += o.records;
+        self.put_records += o.put_records;
+        self.payload_units += o.payload_units;
         self.calls += o.calls;
         self.resent += o.resent;
         for (shard, seq) in o.positions {
@@ -301,11 +337,13 @@ impl<S: RecordSink> Producer<S> {
         fence: Option<tokio::time::Instant>,
     ) -> Result<SendReport, ProduceError> {
         let mut report = SendReport::default();
-        let total = pending.len();
+        let users = |records: &[OutRecord]| records.iter().map(|r| r.user_records as usize).sum::<usize>();
+        let (total, total_users) = (pending.len(), users(&pending));
         let mut attempt = 0;
         while !pending.is_empty() {
             if fence.is_some_and(|f| tokio::time::Instant::now() >= f) {
-                report.records = total - pending.len();
+                report.records = total_users - users(&pending);
+                report.put_records = total - pending.len();
                 return Err(ProduceError::Fenced { remaining: pending, written: report });
             }
             attempt += 1;
@@ -328,14 +366,20 @@ impl<S: RecordSink> Producer<S> {
                             *slot = seq;
                         }
                     }
-                    let Some(last) = outcome.failed.last() else { break };
-                    let last = (last.code.clone(), last.message.clone());
                     let mut failed_at = vec![false; pending.len()];
                     for f in &outcome.failed {
                         if let Some(slot) = failed_at.get_mut(f.index) {
                             *slot = true;
                         }
                     }
+                    report.payload_units += pending
+                        .iter()
+                        .zip(&failed_at)
+                        .filter(|(_, failed)| !**failed)
+                        .map(|(r, _)| r.payload_units())
+                        .sum::<u64>();
+                    let Some(last) = outcome.failed.last() else { break };
+                    let last = (last.code.clone(), last.message.clone());
                     pending =
                         pending.into_iter().zip(failed_at).filter(|(_, failed)| *failed).map(|(r, _)| r).collect();
                     last
@@ -360,7 +404,8 @@ impl<S: RecordSink> Producer<S> {
             report.resent += pending.len();
             tokio::time::sleep(self.backoff.delay(attempt - 1)).await;
         }
-        report.records = total;
+        report.records = total_users;
+        report.put_records = total;
         Ok(report)
     }
 }
