@@ -1,5 +1,5 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-runners bench-tradeoff
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-runners bench-aggregation bench-tradeoff
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
@@ -38,6 +38,10 @@ bench-esm:      ## local event source mapping vs raw GetRecords: throughput and 
 bench-runners:  ## several mapping runners on 8 shards: handover after kill -9 / SIGTERM, throughput of 1-3 (BENCHMARKS.md)
 	cargo build --release -p pushpull-local
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench runners -- $(ARGS)
+
+bench-aggregation: ## push throughput on 2 shards under AWS's limits, KPL aggregation off / on; cost table (BENCHMARKS.md)
+	cargo build --release -p s3-to-kinesis
+	infra/with-localstack.sh cargo bench -p pushpull-tests --bench aggregation -- $(ARGS)
 
 bench-tradeoff: ## the whole pipeline over a grid of batch settings; table + docs/batching-tradeoff.png
 	cargo build --release --workspace --bins

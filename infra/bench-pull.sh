@@ -1,28 +1,46 @@
 #!/usr/bin/env bash
 # Pull function benchmark (BENCHMARKS.md): the release kinesis-rollup binary under the shared
 # runtime_api.py tool on 21 consecutive 10,000-record batches, next to a floor function that
-# skips the event unparsed, in the same run. Needs ../shared/tools (or SHARED_TOOLS=dir).
+# skips the event unparsed, in the same run; then the same lines packed 100 to a KPL aggregate
+# (100 Kinesis records a batch), rollup and floor alike. Needs ../shared/tools (or SHARED_TOOLS=dir).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="${SHARED_TOOLS:-$ROOT/../shared/tools}"
 [ -f "$TOOLS/runtime_api.py" ] || { echo "runtime_api.py not found in $TOOLS (set SHARED_TOOLS)" >&2; exit 1; }
 cd "$ROOT"
-cargo build --quiet --release -p kinesis-rollup -p pushpull-tests --bin kinesis-rollup --bin bench-floor
+cargo build --quiet --release -p kinesis-rollup -p pushpull-tests --bin kinesis-rollup --bin bench-floor --bin aggregate-events
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 python3 "$TOOLS/make_bench_events.py" "$WORK" 21
 events=()
-for k in $(seq -w 0 20); do events+=(--event "$WORK/kinesis-10000-b$k.json"); done
-run() { # name, then command
-  local name="$1"; shift
+aggregated=()
+for k in $(seq -w 0 20); do
+  events+=(--event "$WORK/kinesis-10000-b$k.json")
+  target/release/aggregate-events "$WORK/kinesis-10000-b$k.json" "$WORK/aggregated-10000-b$k.json" 100
+  aggregated+=(--event "$WORK/aggregated-10000-b$k.json")
+done
+run() { # name, events array name, then command
+  local name="$1" list="$2[@]"; shift 2
   rm -rf "$WORK/out" "$WORK/cp"
   printf '%s ' "$name"
   GROUP_BY_FIELD=user SUM_FIELD=amount OUTPUT_URI="file://$WORK/out" CHECKPOINT_URI="file://$WORK/cp" RUST_LOG=warn \
-    python3 "$TOOLS/runtime_api.py" --invocations 20 "${events[@]}" -- "$@"
+    python3 "$TOOLS/runtime_api.py" --invocations 20 "${!list}" -- "$@"
+}
+# The rollup's output must be complete: 21 batches of 10,000 lines, 1,000 users.
+check_output() {
+  python3 - "$WORK/out" <<'PY'
+import json, pathlib, sys
+rows = [json.loads(l) for f in pathlib.Path(sys.argv[1]).rglob("*.ndjson") for l in f.read_text().splitlines()]
+count, users = sum(r["count"] for r in rows), len({r["key"] for r in rows})
+assert (count, users) == (210000, 1000), f"rollup incomplete: {count} lines, {users} users"
+PY
 }
 for round in 1 2 3; do
   echo "round $round"
-  run floor target/release/bench-floor
-  run kinesis-rollup target/release/kinesis-rollup
+  run floor events target/release/bench-floor
+  run kinesis-rollup events target/release/kinesis-rollup
+  check_output
+  run floor-aggregated aggregated target/release/bench-floor
+  run kinesis-rollup-aggregated aggregated target/release/kinesis-rollup
+  check_output
 done
-# The rollup's output must be complete: 21 batches of 10,000 records, 1,000 users.

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the build and deploy tools the project uses into a venv of its own (idempotent):
-# cargo-lambda (with zig, for arm64 cross-builds), the SAM CLI and cfn-lint, all from PyPI.
+# cargo-lambda (with zig, for arm64 cross-builds), the SAM CLI and cfn-lint, and AWS's KPL
+# aggregation package (aws-kinesis-agg, for the interoperability tests), all from PyPI.
 # Prints the venv's bin directory; put it on PATH.
 set -euo pipefail
 PUSHPULL_HOME="${PUSHPULL_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/pushpull}"
 VENV="$PUSHPULL_HOME/tools"
-PINS=(cargo-lambda==1.9.2 aws-sam-cli==1.170.0 cfn-lint==1.58.0)
+PINS=(cargo-lambda==1.9.2 aws-sam-cli==1.170.0 cfn-lint==1.58.0 aws-kinesis-agg==1.2.3)
 stamp="$VENV/.installed-$(printf '%s ' "${PINS[@]}" | md5sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   echo "[tools] installing ${PINS[*]} into $VENV" >&2

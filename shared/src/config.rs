@@ -228,7 +228,7 @@ pub struct PushSettings {
     /// regardless (a resent record may land after a later one of its key).
     pub ordering: Ordering,
     /// `PUT_AGGREGATION` (`on`/`off`, default off) and `PUT_AGGREGATION_MAX_BYTES` (default
-    /// 262,144): lines packed into KPL aggregated records of at most this many bytes, each
+    /// 250,000): lines packed into KPL aggregated records of at most this many bytes, each
     /// aggregate holding only lines whose keys map to one shard. `None`: one record per line.
     pub aggregation: Option<usize>,
     /// `CHECKPOINT_INTERVAL_MS`: how often progress within an object is checkpointed.
@@ -251,10 +251,11 @@ pub enum Ordering {
     None,
 }
 
-/// The default size limit of an aggregated record (`PUT_AGGREGATION_MAX_BYTES`): a quarter of a
-/// shard's 1 MiB/s, so that a throttled shard refuses a fraction of a second's writes at a time
-/// (BENCHMARKS.md measures the choice).
-pub const DEFAULT_AGGREGATION_MAX_BYTES: usize = 256 * 1024;
+/// The default size limit of an aggregated record (`PUT_AGGREGATION_MAX_BYTES`): ten whole PUT
+/// payload units of 25,000 bytes (a full aggregate pays for no unused part of a unit), about a
+/// quarter of a shard's 1 MiB/s, so that a throttled shard refuses a fraction of a second's
+/// writes at a time (BENCHMARKS.md measures the choice against the KPL's 51,200).
+pub const DEFAULT_AGGREGATION_MAX_BYTES: usize = 250_000;
 
 /// An on/off setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

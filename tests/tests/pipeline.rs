@@ -115,6 +115,19 @@ async fn a_hundred_thousand_lines_roll_up_exactly_once() {
 /// only by the rollup), the rollup exact, every bad line quarantined once.
 #[tokio::test]
 async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact() {
+    storm(false).await;
+}
+
+/// The storm with `PutAggregation=on`: lines travel packed in KPL aggregates, one per shard and
+/// call. The push function's crash mid-object is resumed by reading the aggregates back, the
+/// rollup's failed invocations and the mapping's kills redeliver aggregates the rollup counted in
+/// part, and still every line is in the stream once (unpacked) and the totals are exact.
+#[tokio::test]
+async fn aggregated_in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact() {
+    storm(true).await;
+}
+
+async fn storm(aggregated: bool) {
     use pushpull_local::realism::iam::Policies;
     use pushpull_local::realism::proxy::RealismProxy;
     use pushpull_local::realism::{Profile, Realism, RealismConfig};
@@ -123,7 +136,11 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
     let bad = write_input(input.path());
     let bucket = unique("pp-storm");
     let stack = unique("storm");
-    let t = Template::load(Path::new(TEMPLATE), &stack, &overrides(&bucket)).unwrap();
+    let mut params = overrides(&bucket);
+    if aggregated {
+        params.push("PutAggregation=on".into());
+    }
+    let t = Template::load(Path::new(TEMPLATE), &stack, &params).unwrap();
     let l = local().await;
     let r = pipeline::provision(&t, &l).await.unwrap();
     let realism = std::sync::Arc::new(Realism::new(RealismConfig::new(Profile::Storm, seed)));
@@ -187,7 +204,7 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
     let start = |idle: Option<&str>| {
         let mut cmd = std::process::Command::new(&bin);
         cmd.args(["esm", "--template", TEMPLATE, "--stack-name", &stack, "--parameter-overrides"])
-            .args(overrides(&bucket))
+            .args(params.clone())
             .args(["--invoke-endpoint", &server.endpoint()])
             .args(["--checkpoint-uri", &format!("s3://{bucket}/checkpoints/esm"), "--list-shards-every", "1"])
             .args(["--caught-up-poll-ms", "1000"])
@@ -267,6 +284,11 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
     let missing = expected.lines.keys().filter(|h| !in_stream.contains_key(h)).count();
     assert_eq!(missing, 0, "good lines missing from the stream");
     assert_eq!(in_stream.len() as u64, expected.good);
+    if aggregated {
+        let kinesis_records = l.read_stream(&r.stream).await.unwrap().len() as u64;
+        println!("{} lines in {kinesis_records} Kinesis records", expected.good);
+        assert!(kinesis_records * 20 < expected.good, "{kinesis_records} Kinesis records: not aggregated");
+    }
 
     let (rollup, _) = pipeline::rollup_totals(&l, &r).await.unwrap();
     assert_eq!(rollup.values().map(|g| g.0).sum::<u64>(), expected.good);

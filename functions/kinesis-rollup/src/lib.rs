@@ -374,16 +374,16 @@ impl RollupHandler {
         records: &[KinesisEventRecord<'_>],
         after: Option<&Position>,
     ) -> Result<(Rollup, Option<Covered>, BatchResult), RollupError> {
-        let threads = std::thread::available_parallelism().map_or(1, usize::from).min(records.len() / PART_MIN);
+        // Parts by data bytes, not records: a KPL aggregate carries many lines in one record.
+        let data_bytes: usize = records.iter().map(|r| r.kinesis.data.len()).sum();
+        let threads = std::thread::available_parallelism().map_or(1, usize::from).min(data_bytes / PART_MIN_BYTES);
         let parts: Vec<Result<Part, PullError>> = if threads <= 1 {
             vec![self.scan(records, 0, after)]
         } else {
-            let size = records.len().div_ceil(threads);
             std::thread::scope(|s| {
-                let handles: Vec<_> = records
-                    .chunks(size)
-                    .enumerate()
-                    .map(|(i, chunk)| s.spawn(move || self.scan(chunk, i * size, after)))
+                let handles: Vec<_> = split_by_bytes(records, threads, data_bytes)
+                    .into_iter()
+                    .map(|(base, chunk)| s.spawn(move || self.scan(chunk, base, after)))
                     .collect();
                 handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
             })
@@ -642,9 +642,32 @@ impl RollupHandler {
 /// The group id of records without the group-by field.
 const MISSING: u32 = u32::MAX;
 
-/// Below this many records per thread, one thread checks the whole batch: a part must be large
-/// enough that the thread's start and the merge are small beside it.
-const PART_MIN: usize = 2_000;
+/// Below this much (base64) data per thread, one thread checks the whole batch: a part must be
+/// large enough that the thread's start and the merge are small beside it (about 2,000 records
+/// of a ~90-byte line).
+const PART_MIN_BYTES: usize = 250_000;
+
+/// `records` in `parts` contiguous runs of about equal data bytes, each with the batch index of
+/// its first record.
+fn split_by_bytes<'r, 'a>(
+    records: &'r [KinesisEventRecord<'a>],
+    parts: usize,
+    total: usize,
+) -> Vec<(usize, &'r [KinesisEventRecord<'a>])> {
+    let mut out = Vec::with_capacity(parts);
+    let (mut start, mut seen) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        seen += r.kinesis.data.len();
+        if seen * parts >= total * (out.len() + 1) && out.len() + 1 < parts {
+            out.push((start, &records[start..=i]));
+            start = i + 1;
+        }
+    }
+    if start < records.len() {
+        out.push((start, &records[start..]));
+    }
+    out
+}
 
 /// What [`RollupHandler::scan`] found in one contiguous part of a batch.
 struct Part {
@@ -718,7 +741,12 @@ mod tests {
         use base64::Engine as _;
         let records: Vec<String> = (0..n)
             .map(|i| {
-                let line = if bad.contains(&i) { "not json".to_owned() } else { format!(r#"{{"user":"u{}","amount":1.5}}"#, i % 7) };
+                // ~180 bytes of base64 a record: 6,000 records are parts on two or more cores.
+                let line = if bad.contains(&i) {
+                    "not json".to_owned()
+                } else {
+                    format!(r#"{{"user":"u{}","amount":1.5,"note":"{}"}}"#, i % 7, "n".repeat(100))
+                };
                 let data = base64::engine::general_purpose::STANDARD.encode(line);
                 format!(
                     r#"{{"kinesis":{{"partitionKey":"p","sequenceNumber":"{}","data":"{data}","approximateArrivalTimestamp":1}},"eventID":"shardId-0:{}","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/s"}}"#,
@@ -731,6 +759,24 @@ mod tests {
     }
 
     #[test]
+    fn parts_split_by_data_bytes_cover_the_batch_in_order() {
+        let payload = batch(50, &[]);
+        let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
+        let total: usize = event.records.iter().map(|r| r.kinesis.data.len()).sum();
+        for parts in 1..=7 {
+            let split = split_by_bytes(&event.records, parts, total);
+            assert_eq!(split.len(), parts);
+            let mut next = 0;
+            for (base, chunk) in &split {
+                assert_eq!(*base, next);
+                assert!(!chunk.is_empty());
+                next += chunk.len();
+            }
+            assert_eq!(next, 50);
+        }
+    }
+
+    #[test]
     fn a_batch_checked_in_parts_rolls_up_as_one_pass_would() {
         let settings = RollupSettings::from_env(
             pushpull::config::Env::from_pairs([("GROUP_BY_FIELD", "user"), ("SUM_FIELD", "amount")])
@@ -738,10 +784,12 @@ mod tests {
         )
         .unwrap();
         let h = RollupHandler::new(settings, Store::file("/nonexistent/out"), Store::file("/nonexistent/cp"));
-        let n = 3 * PART_MIN; // parts on any machine with two or more cores
-        for bad in [vec![], vec![n - 10], vec![PART_MIN / 2, n - 1], vec![2 * PART_MIN + 3, 5]] {
+        let n = 6_000; // parts on any machine with two or more cores
+        for bad in [vec![], vec![n - 10], vec![1_000, n - 1], vec![4_003, 5]] {
             let payload = batch(n, &bad);
             let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
+            let bytes: usize = event.records.iter().map(|r| r.kinesis.data.len()).sum();
+            assert!(bytes >= 2 * PART_MIN_BYTES, "{bytes} bytes: not enough for parts");
             let (rollup, covered, result) = h.roll_up(&event.records, None).unwrap();
             let first_bad = bad.iter().copied().min().unwrap_or(n);
             let covered = covered.map_or(0, |c| c.count);

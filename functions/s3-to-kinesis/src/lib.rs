@@ -156,7 +156,7 @@ pub mod faults {
             }
         }
 
-        /// Aborts the process (as a crash would) once this sink has sent `records`, if `marker`
+        /// Aborts the process (as a crash would) once this sink has sent `records` lines, if `marker`
         /// does not exist yet; creates it first, so one process of a run crashes.
         pub fn crash_once(mut self, at: Option<(std::path::PathBuf, u64)>) -> Self {
             self.crash_once = at;
@@ -183,7 +183,10 @@ pub mod faults {
         async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
             if self.fail_fraction <= 0.0 {
                 let out = self.inner.put_records(records).await?;
-                self.maybe_crash(records.len() - out.failed.len());
+                // Lines sent: an aggregate counts the lines it packs.
+                let failed: usize =
+                    out.failed.iter().filter_map(|f| records.get(f.index)).map(|r| r.user_records as usize).sum();
+                self.maybe_crash(records.iter().map(|r| r.user_records as usize).sum::<usize>() - failed);
                 return Ok(out);
             }
             let fail: Vec<bool> = records.iter().map(|_| fastrand::f64() < self.fail_fraction).collect();
@@ -201,6 +204,10 @@ pub mod faults {
             failed.extend(inner.failed.into_iter().map(|f| FailedEntry { index: passed[f.index], ..f }));
             failed.sort_by_key(|f| f.index);
             Ok(PutOutcome { failed, last_written: inner.last_written })
+        }
+
+        fn shard_map(&self) -> impl Future<Output = Result<Option<pushpull::shard_map::ShardMap>, SinkError>> + Send {
+            self.inner.shard_map()
         }
 
         fn written_since(

@@ -832,7 +832,15 @@ pub async fn merge_two_shards(local: &Local, stream: &str) -> Result<(String, St
 pub async fn stream_records(local: &Local, stream: &str) -> Result<HashMap<u64, u32>, PipelineError> {
     let mut counts = HashMap::new();
     for r in local.read_stream(stream).await.map_err(PipelineError)? {
-        *counts.entry(xxhash_rust::xxh3::xxh3_64(&r.data)).or_default() += 1;
+        // A KPL aggregate counts as the user records it packs.
+        match pushpull::aggregation::deaggregate(&r.data) {
+            Ok(aggregate) => {
+                for user in aggregate.records() {
+                    *counts.entry(xxhash_rust::xxh3::xxh3_64(user.data)).or_default() += 1;
+                }
+            }
+            Err(_) => *counts.entry(xxhash_rust::xxh3::xxh3_64(&r.data)).or_default() += 1,
+        }
     }
     Ok(counts)
 }

@@ -68,18 +68,25 @@ impl OutRecord {
         }
     }
 
-    /// The PUT payload units Kinesis bills for it: one per 25 KB of data and partition key
-    /// ("A PUT Payload Unit is counted in 25 KB payload chunks that comprise a record",
-    /// aws.amazon.com/kinesis/data-streams/pricing; we take a KB as 1,024 bytes, so a 1 MiB
-    /// record is 41 units where the page's example says 40: the higher count, never an
-    /// underestimate).
+    /// The PUT payload units Kinesis bills for it: one per 25 KB of data and partition key, per
+    /// record. AWS: "A PUT Payload Unit is counted in 25KB payload 'chunks' that comprise a
+    /// record. For example, a 5KB record contains one PUT Payload Unit, a 45KB record contains
+    /// two PUT Payload Units, and a 1MB record contains 40 PUT Payload Units"
+    /// (aws.amazon.com/kinesis/pricing). The example fits a KB of 1,000 bytes (1 MB / 25 KB = 40),
+    /// which also gives the higher count of the two readings, so that is what we count.
+    ///
+    /// ```
+    /// use pushpull::sink::OutRecord;
+    /// let units = |bytes: usize| OutRecord::new("k", bytes::Bytes::from(vec![0; bytes - 1]), 1).payload_units();
+    /// assert_eq!((units(5_000), units(45_000), units(1_000_000), units(25_001)), (1, 2, 40, 2));
+    /// ```
     pub fn payload_units(&self) -> u64 {
         self.byte_size().div_ceil(PAYLOAD_UNIT_BYTES).max(1) as u64
     }
 }
 
 /// The size of one PUT payload unit (see [`OutRecord::payload_units`]).
-pub const PAYLOAD_UNIT_BYTES: usize = 25 * 1024;
+pub const PAYLOAD_UNIT_BYTES: usize = 25_000;
 
 impl ByteSize for OutRecord {
     /// Kinesis counts the data and the partition key against its limits.
