@@ -5,7 +5,9 @@
 //! Needs LocalStack (the make target starts it). Uploads one NDJSON object (default 256 MiB of
 //! ~90-byte lines, 1,000 users), then, `rounds` times and in a rotating order: a raw GetObject
 //! read to the end; the full push pipeline (stream, split, check JSON, pick the partition key,
-//! batch) into a counting sink, with `PUT_ORDERING=per-key` and `none`. Reports median MiB/s, the
+//! batch) into a counting sink, with `PUT_ORDERING=per-key` and `none`, and with per-key order and
+//! `PUT_AGGREGATION=on` (KPL aggregates for a 2-shard stream: shard prediction by MD5, protobuf,
+//! the aggregate's MD5). Reports median MiB/s, the
 //! median over rounds of each round's ratio to raw, and the process's peak RSS during the pipeline
 //! runs (VmHWM, reset before each run).
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +35,23 @@ impl RecordSink for CountingSink {
         self.bytes.fetch_add(records.iter().map(|r| r.data.len() as u64).sum(), Ordering::Relaxed);
         Ok(PutOutcome::all_written("shardId-000000000000", "1"))
     }
+
+    /// Two shards, as the sample stream has.
+    async fn shard_map(&self) -> Result<Option<pushpull::shard_map::ShardMap>, SinkError> {
+        let half = u128::MAX / 2;
+        Ok(Some(pushpull::shard_map::ShardMap::new(vec![
+            ("shardId-000000000000".into(), 0, half),
+            ("shardId-000000000001".into(), half + 1, u128::MAX),
+        ])))
+    }
 }
+
+/// The pipeline runs measured against raw GetObject: name, settings.
+const VARIANTS: [(&str, &[(&str, &str)]); 3] = [
+    ("PUT_ORDERING=per-key", &[("PUT_ORDERING", "per-key")]),
+    ("PUT_ORDERING=none", &[("PUT_ORDERING", "none")]),
+    ("PUT_ORDERING=per-key, PUT_AGGREGATION=on", &[("PUT_ORDERING", "per-key"), ("PUT_AGGREGATION", "on")]),
+];
 
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -83,38 +101,36 @@ async fn main() {
     let S3Notification::Records(events) = S3Notification::from_slice(event.as_bytes()).unwrap() else { unreachable!() };
     let dir = tempfile::tempdir().unwrap();
 
-    let (mut raw, mut per_key, mut unordered) = (vec![0.0; rounds], vec![0.0; rounds], vec![0.0; rounds]);
-    let (mut rss_per_key, mut rss_none): (f64, f64) = (0.0, 0.0);
+    let n = VARIANTS.len() + 1;
+    let mut raw = vec![0.0; rounds];
+    let mut runs = vec![vec![0.0; rounds]; VARIANTS.len()];
+    let mut rss = vec![0.0f64; VARIANTS.len()];
     for round in 0..rounds {
-        // The three runs of a round in a rotating order: whichever runs first after the upload or
+        // The runs of a round in a rotating order: whichever runs first after the upload or
         // after another run must not always be the same one.
-        for step in 0..3 {
-            match (round + step) % 3 {
+        for step in 0..n {
+            match (round + step) % n {
                 0 => {
                     let t = Instant::now();
                     let out = l.s3.get_object().bucket(&bucket).key(key).send().await.unwrap();
                     let mut reader = out.body.into_async_read();
                     let mut buf = vec![0u8; 64 * 1024];
-                    let mut n = 0u64;
+                    let mut read = 0u64;
                     loop {
                         let got = reader.read(&mut buf).await.unwrap();
                         if got == 0 {
                             break;
                         }
-                        n += got as u64;
+                        read += got as u64;
                     }
-                    assert_eq!(n as f64, size);
+                    assert_eq!(read as f64, size);
                     raw[round] = size / (1 << 20) as f64 / t.elapsed().as_secs_f64();
                 }
                 which => {
-                    let (ordering, results, rss) = if which == 1 {
-                        ("per-key", &mut per_key, &mut rss_per_key)
-                    } else {
-                        ("none", &mut unordered, &mut rss_none)
-                    };
-                    let env = Env::from_pairs([("PUT_ORDERING", ordering)]).with_local_locations(dir.path());
+                    let v = which - 1;
+                    let env = Env::from_pairs(VARIANTS[v].1.iter().copied()).with_local_locations(dir.path());
                     let settings = PushSettings::from_env(env).unwrap();
-                    let cp = dir.path().join(format!("cp-{round}-{ordering}"));
+                    let cp = dir.path().join(format!("cp-{round}-{v}"));
                     let handler = PushHandler::new(
                         settings,
                         S3Source::new(l.s3.clone()),
@@ -129,36 +145,35 @@ async fn main() {
                         .process_object(&events[0], &Invocation::unbounded(format!("bench-{round}")))
                         .await
                         .unwrap();
-                    results[round] = size / (1 << 20) as f64 / t.elapsed().as_secs_f64();
-                    *rss = rss.max(peak_rss_mib());
+                    runs[v][round] = size / (1 << 20) as f64 / t.elapsed().as_secs_f64();
+                    rss[v] = rss[v].max(peak_rss_mib());
                     assert_eq!(summary.records, summary.lines, "every line is a record");
+                    if VARIANTS[v].0.contains("AGGREGATION") {
+                        assert!(summary.put_records * 100 < summary.records, "aggregated: {summary:?}");
+                    }
                 }
             }
         }
-        eprintln!(
-            "round {}: raw {:.0} MiB/s, per-key {:.0} MiB/s ({:.2}), none {:.0} MiB/s ({:.2})",
-            round + 1,
-            raw[round],
-            per_key[round],
-            per_key[round] / raw[round],
-            unordered[round],
-            unordered[round] / raw[round]
-        );
+        let ratios: Vec<String> = (0..VARIANTS.len())
+            .map(|v| format!("{:.0} MiB/s ({:.2})", runs[v][round], runs[v][round] / raw[round]))
+            .collect();
+        eprintln!("round {}: raw {:.0} MiB/s, {}", round + 1, raw[round], ratios.join(", "));
     }
-    // Ratios are taken within each round (runs seconds apart), then the median over rounds.
-    let mut ratio_per_key: Vec<f64> = (0..rounds).map(|r| per_key[r] / raw[r]).collect();
-    let mut ratio_none: Vec<f64> = (0..rounds).map(|r| unordered[r] / raw[r]).collect();
-    let (ratio_per_key, ratio_none) = (median(&mut ratio_per_key), median(&mut ratio_none));
-    let (raw, per_key, unordered) = (median(&mut raw), median(&mut per_key), median(&mut unordered));
     println!(
         "object: {:.0} MiB NDJSON, 1,000 partition keys; medians of {rounds} rounds (ratios: median of each round's ratio)",
         size / (1 << 20) as f64
     );
     println!("| path | MiB/s | vs raw GetObject | peak RSS MiB |");
     println!("|---|---|---|---|");
-    println!("| raw GetObject, read to the end | {raw:.0} | 1.00 | - |");
-    println!(
-        "| push pipeline, PUT_ORDERING=per-key, counting sink | {per_key:.0} | {ratio_per_key:.2} | {rss_per_key:.1} |"
-    );
-    println!("| push pipeline, PUT_ORDERING=none, counting sink | {unordered:.0} | {ratio_none:.2} | {rss_none:.1} |");
+    println!("| raw GetObject, read to the end | {:.0} | 1.00 | - |", median(&mut raw.clone()));
+    for (v, (name, _)) in VARIANTS.iter().enumerate() {
+        // Ratios are taken within each round (runs seconds apart), then the median over rounds.
+        let mut ratios: Vec<f64> = (0..rounds).map(|r| runs[v][r] / raw[r]).collect();
+        println!(
+            "| push pipeline, {name}, counting sink | {:.0} | {:.2} | {:.1} |",
+            median(&mut runs[v].clone()),
+            median(&mut ratios),
+            rss[v]
+        );
+    }
 }

@@ -52,6 +52,9 @@ impl Written {
 /// that each aggregate holds only lines whose keys map to its shard.
 struct Aggregating {
     map: ShardMap,
+    /// Each key's shard, as computed (an MD5 a line otherwise); cleared past
+    /// [`SHARD_CACHE_KEYS`], for keys that never repeat (a hash of each line).
+    shard_of: HashMap<compact_str::CompactString, Option<ShardIndex>, xxhash_rust::xxh3::Xxh3DefaultBuilder>,
     /// Per shard (by [`ShardIndex`]): the open aggregate and the line of its first record.
     open: Vec<(Aggregator, u64)>,
     /// When what is open must go (the linger time after the oldest open line).
@@ -60,7 +63,25 @@ struct Aggregating {
 
 impl Aggregating {
     fn new(map: ShardMap, max_bytes: usize) -> Self {
-        Aggregating { open: vec![(Aggregator::new(max_bytes), 0); map.len()], map, deadline: None }
+        Aggregating {
+            open: vec![(Aggregator::new(max_bytes), 0); map.len()],
+            map,
+            shard_of: HashMap::default(),
+            deadline: None,
+        }
+    }
+
+    /// The shard `key` maps to; `None` if no shard of the map owns its hash.
+    fn shard_of(&mut self, key: &compact_str::CompactString) -> Option<ShardIndex> {
+        if let Some(shard) = self.shard_of.get(key) {
+            return *shard;
+        }
+        if self.shard_of.len() >= SHARD_CACHE_KEYS {
+            self.shard_of.clear();
+        }
+        let shard = self.map.shard_of(key);
+        self.shard_of.insert(key.clone(), shard);
+        shard
     }
 
     /// Packs `record` into its shard's aggregate. Returns the aggregate it filled, if any; hands
@@ -94,6 +115,9 @@ impl Aggregating {
             .collect()
     }
 }
+
+/// Most partition keys whose shard [`Aggregating`] remembers.
+const SHARD_CACHE_KEYS: usize = 65_536;
 
 /// The batcher key of everything bound for one shard when aggregating: with per-key ordering,
 /// a call holds one record (aggregate) of a shard, so a resent aggregate cannot be overtaken.
@@ -439,7 +463,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         let linger = self.handler.settings.put.timeout();
         let mut key = None;
         if let Some(agg) = self.aggregating.as_mut()
-            && let Some(shard) = agg.map.shard_of(&record.partition_key)
+            && let Some(shard) = agg.shard_of(&record.partition_key)
         {
             // A record too large to aggregate goes plain, ordered with its shard's aggregates.
             let out = agg.add(shard, record, linger).unwrap_or_else(Some);
