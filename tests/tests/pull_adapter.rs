@@ -17,14 +17,19 @@ struct Fixture {
     expected: BTreeMap<String, (u64, Sum)>,
 }
 
+/// A fresh bucket and one-shard stream: LocalStack, bucket, stream, stream ARN.
+async fn bucket_and_stream(name: &str) -> (Local, String, String, String) {
+    let l = local().await;
+    let (bucket, stream) = (unique(name), unique(name));
+    l.ensure_bucket(&bucket).await.unwrap();
+    let arn = l.ensure_stream(&stream, 1).await.unwrap();
+    (l, bucket, stream, arn)
+}
+
 /// A stream holding `n` records (users u0..u3, amounts with cents); indexes in `bad` hold a
 /// line that is not JSON.
 async fn fixture(name: &str, n: usize, bad: &[usize]) -> Fixture {
-    let l = local().await;
-    let bucket = unique(name);
-    let stream = unique(name);
-    l.ensure_bucket(&bucket).await.unwrap();
-    let arn = l.ensure_stream(&stream, 1).await.unwrap();
+    let (l, bucket, stream, arn) = bucket_and_stream(name).await;
     let mut expected: BTreeMap<String, (u64, Sum)> = BTreeMap::new();
     let mut entries = Vec::new();
     for i in 0..n {
@@ -95,11 +100,7 @@ impl Fixture {
 /// name only the Kinesis record, so the mapping gives up on the whole aggregate, and the lines
 /// after the bad one in it go to the failure destination with it.
 async fn aggregated_fixture(name: &str, aggregates: usize, per: usize, bad: (usize, usize)) -> Fixture {
-    let l = local().await;
-    let bucket = unique(name);
-    let stream = unique(name);
-    l.ensure_bucket(&bucket).await.unwrap();
-    let arn = l.ensure_stream(&stream, 1).await.unwrap();
+    let (l, bucket, stream, arn) = bucket_and_stream(name).await;
     let mut expected: BTreeMap<String, (u64, Sum)> = BTreeMap::new();
     for a in 0..aggregates {
         let mut agg = pushpull::aggregation::Aggregator::new(1 << 20);

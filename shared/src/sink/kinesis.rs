@@ -31,24 +31,8 @@ impl RecordSink for KinesisSink {
         since_ms: u64,
         until_ms: u64,
     ) -> Result<Vec<WrittenRecord>, SinkError> {
-        // ListShards pages: the first call names the stream, later ones only the token.
-        let mut shard_ids = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let req = match &token {
-                Some(t) => self.client.list_shards().next_token(t),
-                None => self.client.list_shards().stream_name(&self.stream_name),
-            };
-            let page = req.send().await.map_err(|e| {
-                let message = format!("ListShards {}: {}", self.stream_name, crate::aws::describe(&e));
-                SinkError::new(message, crate::aws::classify(&e).is_retryable()).with_source(e)
-            })?;
-            shard_ids.extend(page.shards().iter().map(|s| s.shard_id().to_owned()));
-            token = page.next_token().map(str::to_owned);
-            if token.is_none() {
-                break;
-            }
-        }
+        let shards = self.list_shards().await?;
+        let shard_ids: Vec<String> = shards.iter().map(|s| s.shard_id().to_owned()).collect();
         let mut out = Vec::new();
         for shard_id in &shard_ids {
             self.read_shard(shard_id, positions.get(shard_id), since_ms, until_ms, &mut out).await?;
@@ -58,41 +42,24 @@ impl RecordSink for KinesisSink {
 
     async fn shard_map(&self) -> Result<Option<crate::shard_map::ShardMap>, SinkError> {
         let mut shards = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let req = match &token {
-                Some(t) => self.client.list_shards().next_token(t),
-                None => self.client.list_shards().stream_name(&self.stream_name),
+        for shard in self.list_shards().await? {
+            // Closed shards (a reshard's parents) take no writes.
+            if shard.sequence_number_range().is_some_and(|r| r.ending_sequence_number().is_some()) {
+                continue;
+            }
+            let range = shard.hash_key_range();
+            let parse = |s: Option<&str>| s.and_then(|s| s.parse::<u128>().ok());
+            let (Some(start), Some(end)) =
+                (parse(range.map(|r| r.starting_hash_key())), parse(range.map(|r| r.ending_hash_key())))
+            else {
+                let message = format!(
+                    "ListShards {}: shard {} has no readable hash-key range",
+                    self.stream_name,
+                    shard.shard_id()
+                );
+                return Err(SinkError::new(message, false));
             };
-            let page = req.send().await.map_err(|e| {
-                let message = format!("ListShards {}: {}", self.stream_name, crate::aws::describe(&e));
-                SinkError::new(message, crate::aws::classify(&e).is_retryable()).with_source(e)
-            })?;
-            for shard in page.shards() {
-                // Closed shards (a reshard's parents) take no writes.
-                if shard.sequence_number_range().is_some_and(|r| r.ending_sequence_number().is_some()) {
-                    continue;
-                }
-                let range = shard.hash_key_range();
-                let parse = |s: Option<&str>| s.and_then(|s| s.parse::<u128>().ok());
-                let (Some(start), Some(end)) =
-                    (parse(range.map(|r| r.starting_hash_key())), parse(range.map(|r| r.ending_hash_key())))
-                else {
-                    return Err(SinkError::new(
-                        format!(
-                            "ListShards {}: shard {} has no readable hash-key range",
-                            self.stream_name,
-                            shard.shard_id()
-                        ),
-                        false,
-                    ));
-                };
-                shards.push((shard.shard_id().to_owned(), start, end));
-            }
-            token = page.next_token().map(str::to_owned);
-            if token.is_none() {
-                break;
-            }
+            shards.push((shard.shard_id().to_owned(), start, end));
         }
         Ok(Some(crate::shard_map::ShardMap::new(shards)))
     }
@@ -143,6 +110,28 @@ impl RecordSink for KinesisSink {
 }
 
 impl KinesisSink {
+    /// Every shard of the stream, closed ones included. ListShards pages: the first call names the
+    /// stream, later ones only the token.
+    async fn list_shards(&self) -> Result<Vec<aws_sdk_kinesis::types::Shard>, SinkError> {
+        let mut shards = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = match &token {
+                Some(t) => self.client.list_shards().next_token(t),
+                None => self.client.list_shards().stream_name(&self.stream_name),
+            };
+            let page = req.send().await.map_err(|e| {
+                let message = format!("ListShards {}: {}", self.stream_name, crate::aws::describe(&e));
+                SinkError::new(message, crate::aws::classify(&e).is_retryable()).with_source(e)
+            })?;
+            shards.extend(page.shards().iter().cloned());
+            token = page.next_token().map(str::to_owned);
+            if token.is_none() {
+                return Ok(shards);
+            }
+        }
+    }
+
     async fn read_shard(
         &self,
         shard_id: &str,
