@@ -135,11 +135,12 @@ async fn aggregated_fixture(name: &str, aggregates: usize, per: usize, bad: (usi
     Fixture { l, bucket, arn, records, expected }
 }
 
-/// KPL aggregates through the real binary: a bad line fails its whole aggregate (AWS names only
-/// the Kinesis record in a partial batch response: "itemIdentifier" is the record's sequence
-/// number, Lambda developer guide, "Configuring partial batch response with Kinesis Data Streams
-/// and Lambda"); the lines before it in the aggregate are counted once, and the retries and
-/// bisected halves that redeliver the aggregate count nothing twice.
+/// KPL aggregates through the real binary: a bad line fails its whole aggregate, since a partial
+/// batch response names Kinesis records only. AWS: "The following JSON structure shows the
+/// required response syntax: { "batchItemFailures": [ { "itemIdentifier": "<SequenceNumber>" } ] }"
+/// (Lambda developer guide, services-kinesis-batchfailurereporting.html, "Reporting syntax"). The
+/// lines before it in the aggregate are counted once, and the retries and bisected halves that
+/// redeliver the aggregate count nothing twice.
 #[tokio::test]
 async fn an_aggregate_with_a_bad_line_is_counted_up_to_it_once_across_retries_and_bisection() {
     let f = aggregated_fixture("pp-rollup-agg", 6, 10, (2, 4)).await;

@@ -145,7 +145,7 @@ pub fn default_worker_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-/// A record's first invocation.
+/// A record's (or a KPL aggregate's user record's) first invocation.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Delivered {
     /// xxh3 of the record's data.

@@ -676,9 +676,16 @@ impl Lane {
                     s.delays.record((now - r.arrival) * 1000.0);
                 }
                 if let Some(tx) = &self.ctx.options.delivered {
+                    let send = |data: &[u8]| {
+                        let _ = tx.send(super::Delivered { hash: xxhash_rust::xxh3::xxh3_64(data), invoked_at: now });
+                    };
                     for r in &p.records {
-                        let _ =
-                            tx.send(super::Delivered { hash: xxhash_rust::xxh3::xxh3_64(&r.data), invoked_at: now });
+                        // Line by line: a KPL aggregate delivers each line it packs (the mapping
+                        // itself passes it on whole, as AWS's does).
+                        match pushpull::aggregation::deaggregate(&r.data) {
+                            Ok(aggregate) => aggregate.records().for_each(|u| send(u.data)),
+                            Err(_) => send(&r.data),
+                        }
                     }
                 }
             }
