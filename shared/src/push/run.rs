@@ -461,7 +461,6 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         // be overtaken. Aggregating, the key is the shard's: one aggregate of a shard a call.
         let ordered = self.handler.settings.ordering == Ordering::PerKey;
         let linger = self.handler.settings.put.timeout();
-        let mut key = None;
         if let Some(agg) = self.aggregating.as_mut()
             && let Some(shard) = agg.shard_of(&record.partition_key)
         {
@@ -472,9 +471,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
             }
             return self.batcher.has_ready();
         }
-        if ordered {
-            key = Some(xxhash_rust::xxh3::xxh3_64(record.partition_key.as_bytes()));
-        }
+        let key = ordered.then(|| xxhash_rust::xxh3::xxh3_64(record.partition_key.as_bytes()));
         self.enqueue(key, record);
         self.batcher.has_ready()
     }
