@@ -135,8 +135,14 @@ impl<S: CheckpointStore> Checkpoints<S> {
         let body = serde_json::to_vec(value)
             .map_err(|source| CheckpointError::Corrupt { uri: self.store.describe(id), source })?;
         match self.store.write(id, body.into(), condition).await {
-            Ok(etag) => Ok(etag),
-            Err(StoreError::PreconditionFailed { uri }) => Err(CheckpointError::Conflict { uri }),
+            Ok(etag) => {
+                crate::metrics::checkpoint_written();
+                Ok(etag)
+            }
+            Err(StoreError::PreconditionFailed { uri }) => {
+                crate::metrics::checkpoint_conflict();
+                Err(CheckpointError::Conflict { uri })
+            }
             Err(e) => Err(CheckpointError::Store(e)),
         }
     }

@@ -5,8 +5,10 @@
 //! megabytes (measured: 6 MB Kinesis events, 7 ms floor vs 16 ms with `Box<RawValue>`).
 //! [`run_raw`] gives the handler the body `Bytes` as received, to parse with borrowing types
 //! such as [`crate::kinesis_event::KinesisEvent`], and keeps everything else of the official
-//! runtime: the Runtime API client, the tracing layer, and errors reported as `Diagnostic`s. A
-//! panic in the handler becomes a function error, as with `lambda_runtime::run`.
+//! runtime: the Runtime API client and errors reported as `Diagnostic`s. A panic in the handler
+//! becomes a function error, as with `lambda_runtime::run`. Around each invocation it sets what
+//! log lines say about it ([`crate::telemetry`]: request id, trace id, cold start) and, with the
+//! `emf` feature, writes the invocation's metrics ([`crate::emf`]) before posting the response.
 //!
 //! It is built as a tower layer in front of the runtime's own services: the layer runs the
 //! handler on the raw invocation, then hands the runtime a small invocation whose payload is the
@@ -28,6 +30,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context as TaskContext, Poll};
 
 use bytes::Bytes;
@@ -60,11 +63,37 @@ where
             Outcome::Err(diagnostic) => Err(diagnostic),
         }
     });
-    Runtime::new(pass_through)
-        .layer(RawLayer { handler: Arc::new(handler) })
-        .layer(lambda_runtime::layers::TracingLayer::new())
-        .run()
-        .await
+    #[cfg(feature = "emf")]
+    if let Err(e) = crate::emf::init_from_env() {
+        tracing::warn!(error = %e, "metrics are off");
+    }
+    Runtime::new(pass_through).layer(RawLayer { handler: Arc::new(handler) }).run().await
+}
+
+/// False until the process's first invocation starts.
+static INVOKED: AtomicBool = AtomicBool::new(false);
+
+/// Marks the start of an invocation for logs ([`crate::telemetry`]) and metrics (the cold start).
+fn begin_invocation(context: &Context) {
+    let cold_start = !INVOKED.swap(true, Ordering::Relaxed);
+    if cold_start {
+        metrics::counter!(crate::metrics::COLD_START).increment(1);
+    }
+    crate::telemetry::begin_invocation(crate::telemetry::InvocationLog {
+        request_id: context.request_id.clone(),
+        function_arn: context.invoked_function_arn.clone(),
+        xray_trace_id: context.xray_trace_id.clone(),
+        cold_start,
+    });
+}
+
+/// The end of an invocation's handler: its metrics are written before the response is posted.
+fn end_invocation(context: &Context) {
+    #[cfg(feature = "emf")]
+    crate::emf::flush(Some(&context.request_id));
+    #[cfg(not(feature = "emf"))]
+    let _ = context;
+    crate::telemetry::end_invocation();
 }
 
 struct RawLayer<H> {
@@ -105,6 +134,7 @@ where
         let mut inner = self.inner.clone();
         Box::pin(async move {
             let LambdaInvocation { parts, body, context } = invocation;
+            begin_invocation(&context);
             let outcome = match AssertUnwindSafe(handler(body, context.clone())).catch_unwind().await {
                 Ok(Ok(response)) => serde_json::to_vec(&Outcome::Ok(response)),
                 Ok(Err(e)) => serde_json::to_vec(&Outcome::<()>::Err(e.into())),
@@ -125,6 +155,7 @@ where
                 }))
                 .unwrap_or_default(),
             };
+            end_invocation(&context);
             inner.ready().await?;
             inner.call(LambdaInvocation { parts, body: Bytes::from(outcome), context }).await
         })
@@ -224,9 +255,14 @@ where
         let handler = handler.clone();
         async move {
             let event = crate::kinesis_event::KinesisEvent::from_slice(&body).map_err(batch_error)?;
-            crate::pull::kinesis::process_async(&event, options, |r| handler(r, invocation.clone()))
+            let mut metrics = crate::pull::kinesis::batch_metrics(&event);
+            let result = crate::pull::kinesis::process_async(&event, options, |r| handler(r, invocation.clone()))
                 .await
-                .map_err(batch_error)
+                .map_err(batch_error)?;
+            metrics.processed = result.processed;
+            metrics.failed = result.failures.len() + result.unprocessed.len();
+            metrics.record();
+            Ok(result)
         }
     })
     .await

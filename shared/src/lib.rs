@@ -30,7 +30,9 @@
 //! | [`object_reader`] | `s3` | an S3 object body that resumes with ranged reads |
 //! | [`aws`] | `s3`, `kinesis-sink` | AWS clients built once; SDK errors classified by kind |
 //! | [`lambda`] | `runtime` | `run_raw` and one-closure batch runners |
-//! | [`telemetry`] | `runtime` | structured JSON logs |
+//! | [`metrics`] | core | the metrics the library records, through the `metrics` facade |
+//! | [`emf`] | `emf` (in `runtime`) | CloudWatch Embedded Metric Format, one document per invocation |
+//! | [`telemetry`] | `runtime` | structured JSON logs with Powertools' keys |
 #![warn(missing_docs)]
 
 pub mod backoff;
@@ -40,6 +42,7 @@ pub mod config;
 pub mod error;
 pub mod invocation;
 pub mod lines;
+pub mod metrics;
 pub mod ndjson;
 pub mod pull;
 pub mod quarantine;
@@ -50,6 +53,8 @@ pub mod store;
 pub mod aggregation;
 #[cfg(feature = "aws")]
 pub mod aws;
+#[cfg(feature = "emf")]
+pub mod emf;
 #[cfg(feature = "kinesis")]
 pub mod kinesis_event;
 #[cfg(feature = "runtime")]

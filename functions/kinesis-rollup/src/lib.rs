@@ -303,8 +303,13 @@ impl RollupHandler {
             .and_then(|arn| arn.split_once(":stream/").map(|(_, s)| s.to_owned()))
             .unwrap_or_else(|| "stream".to_owned());
         let shard_id = event.shard().unwrap_or("shard").to_owned();
+        let mut metrics = pushpull::pull::kinesis::batch_metrics(&event);
         if let Some(window) = &event.window {
-            return self.handle_window(&event, window, &stream, &shard_id).await;
+            let (response, processed, failed) = self.handle_window(&event, window, &stream, &shard_id).await?;
+            metrics.processed = processed;
+            metrics.failed = failed;
+            metrics.record();
+            return Ok(response);
         }
         let cp_id = format!("pull/{stream}/{shard_id}.json");
         let cp_err = |source| RollupError::Checkpoint { shard_id: shard_id.clone(), source };
@@ -334,6 +339,7 @@ impl RollupHandler {
                 skipped,
                 "every record of the batch is at or below the shard checkpoint (counted, or given up by the mapping)"
             );
+            metrics.record();
             return Ok(Response::Batch(BatchResponse::default()));
         };
         let fresh = &event.records[first_fresh..];
@@ -355,6 +361,9 @@ impl RollupHandler {
         }
         info!(shard_id, records = event.records.len(), skipped, rolled_up = covered.map_or(0, |c| c.count), failed = result.failures.len(), groups,
               checkpoint = ?new_last.as_ref().map(|s| s.to_string()), "batch rolled up");
+        metrics.processed = covered.map_or(0, |c| c.count);
+        metrics.failed = result.failures.len() + result.unprocessed.len();
+        metrics.record();
         Ok(Response::Batch(result.response()))
     }
 
@@ -611,7 +620,7 @@ impl RollupHandler {
         window: &Window,
         stream: &str,
         shard_id: &str,
-    ) -> Result<Response, RollupError> {
+    ) -> Result<(Response, usize, usize), RollupError> {
         let mut state: Rollup = decode_window_state(event.state.as_ref())?;
         let (batch, _, result) = self.roll_up(&event.records, None)?;
         state.merge(batch);
@@ -635,7 +644,8 @@ impl RollupHandler {
                 source,
             })?;
         }
-        Ok(Response::Window(response))
+        let failed = result.failures.len() + result.unprocessed.len();
+        Ok((Response::Window(response), result.processed, failed))
     }
 }
 

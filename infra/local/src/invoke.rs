@@ -326,6 +326,7 @@ async fn route(
     if let Some(r) = &realism
         && r.fire("lambda.invoke.throttled", r.config().rates.lambda_throttle)
     {
+        lambda_metric(&pool.spec.name, &[("Throttles", "Count", 1.0)]);
         return Ok(throttled(&request_id, "CallerRateLimitExceeded"));
     }
     let permit = match &realism {
@@ -333,6 +334,7 @@ async fn route(
             Ok(p) => Ok(p),
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 r.count("lambda.invoke.concurrency", 1);
+                lambda_metric(&pool.spec.name, &[("Throttles", "Count", 1.0)]);
                 return Ok(throttled(&request_id, "ReservedFunctionConcurrentInvocationLimitExceeded"));
             }
             Err(tokio::sync::TryAcquireError::Closed) => Err(()),
@@ -360,7 +362,14 @@ async fn route(
     };
     let seqs =
         pool.log.lock().ok().filter(|l| l.is_some()).map(|_| (crate::mapping::now_unix(), sequence_numbers(&payload)));
+    let invoke_started = std::time::Instant::now();
     let invocation = host.invoke(payload).await;
+    let error = invocation.as_ref().map_or(1.0, |i| if i.outcome.is_error() { 1.0 } else { 0.0 });
+    let duration = invoke_started.elapsed().as_secs_f64() * 1000.0;
+    lambda_metric(
+        &pool.spec.name,
+        &[("Invocations", "Count", 1.0), ("Errors", "Count", error), ("Duration", "Milliseconds", duration)],
+    );
     if let Some((started, seqs)) = seqs {
         let error = invocation.as_ref().map_or(true, |i| i.outcome.is_error());
         let line = serde_json::json!({ "t": started, "error": error, "seqs": seqs });
@@ -422,4 +431,9 @@ fn sequence_numbers(payload: &[u8]) -> Vec<String> {
     serde_json::from_slice::<Event>(payload)
         .map(|e| e.records.into_iter().filter_map(|r| r.kinesis.map(|k| k.sequence_number)).collect())
         .unwrap_or_default()
+}
+
+/// Metrics Lambda publishes for a function (`AWS/Lambda`, dimension `FunctionName`).
+fn lambda_metric(function: &str, metrics: &[(&str, &str, f64)]) {
+    crate::cloudwatch::put(crate::cloudwatch::LAMBDA, &[("FunctionName", function)], metrics);
 }

@@ -5,11 +5,15 @@
 //! The integration tests and `make run` are built from these.
 #![warn(missing_docs)]
 
+pub mod alarms;
 pub mod async_invoke;
+pub mod cloudwatch;
 pub mod invoke;
 pub mod localstack;
 pub mod mapping;
+pub mod observed;
 pub mod pipeline;
 pub mod realism;
+pub mod report;
 pub mod runtime_api;
 pub mod template;

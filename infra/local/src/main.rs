@@ -53,6 +53,13 @@ struct RunArgs {
     verbose: bool,
     #[command(flatten)]
     realism: cli::RealismArgs,
+    /// Where the run keeps every EMF line (`metrics.ndjson`) and its summary (`summary.json`).
+    #[arg(long, default_value = "target/pushpull-run")]
+    run_dir: PathBuf,
+    /// Also draw the run: `run.png` (throughput, iterator age, invocations and batch sizes,
+    /// failures and faults on one time axis) and `summary.json` in this directory.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -85,6 +92,8 @@ async fn run_pipeline(args: RunArgs) -> Result<(), Error> {
         timeout: Duration::from_secs(args.timeout),
         keep_running: args.keep_running,
         realism: args.realism.config(),
+        run_dir: args.run_dir,
+        report_dir: args.report,
         ..PipelineConfig::new(args.template.template, args.template.stack_name, args.input_dir)
     };
     let report = run(config).await?;

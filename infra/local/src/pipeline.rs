@@ -18,9 +18,11 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use crate::async_invoke::{AsyncSettings, AsyncSummary, DeliveryOptions};
+use crate::cloudwatch::MetricLog;
 use crate::invoke::InvokeServer;
 use crate::localstack::{ACCOUNT, Local, REGION, function_env};
 use crate::mapping::{Clients, Delivered, RawSettings, Runner, RunnerOptions, Summary};
+use crate::observed::{Names, Observed};
 use crate::realism::iam::Policies;
 use crate::realism::proxy::RealismProxy;
 use crate::realism::{FaultTable, Realism, RealismConfig};
@@ -367,6 +369,10 @@ pub struct PipelineConfig {
     pub caught_up_poll: Duration,
     /// AWS's limits and faults ([`crate::realism`]); off by default.
     pub realism: RealismConfig,
+    /// Where the run's EMF lines (`metrics.ndjson`) and summary (`summary.json`) go.
+    pub run_dir: PathBuf,
+    /// Also draw the run ([`crate::report`]) into this directory: `run.png` and `summary.json`.
+    pub report_dir: Option<PathBuf>,
 }
 
 impl PipelineConfig {
@@ -387,6 +393,12 @@ impl PipelineConfig {
             keep_running: false,
             caught_up_poll: Duration::from_millis(200),
             realism: RealismConfig::new(crate::realism::Profile::Off, 0),
+            run_dir: std::env::temp_dir().join(format!(
+                "pushpull-run-{}-{}",
+                std::process::id(),
+                crate::cloudwatch::now_ms()
+            )),
+            report_dir: None,
         }
     }
 }
@@ -424,9 +436,42 @@ pub struct Report {
     pub elapsed: Duration,
     /// What the realism layer injected (none when it was off).
     pub faults: Option<FaultTable>,
+    /// The run as CloudWatch would show it, from its EMF lines, with the template's alarms.
+    pub observed: Observed,
+    /// Where the run's metrics and summary are.
+    pub run_dir: PathBuf,
 }
 
 impl Report {
+    /// The summary as JSON (`summary.json` in the run and report directories): what the run did
+    /// and what CloudWatch would show of it.
+    pub fn summary_json(&self) -> Value {
+        serde_json::json!({
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "bucket": self.bucket,
+            "stream": self.stream,
+            "objects": self.objects.len(),
+            "lines": self.total("lines"),
+            "records_sent": self.total("records"),
+            "put_calls": self.total("put_calls"),
+            "quarantined": self.quarantined.len(),
+            "rolled_up": self.rollup.values().map(|g| g.0).sum::<u64>(),
+            "expected_good": self.expected_good,
+            "exact": self.check().is_ok(),
+            "failure_queues": {"push": self.failure_queues.0, "pull": self.failure_queues.1},
+            "latency_ms": {"p50": self.latency_ms[0], "p95": self.latency_ms[1], "p99": self.latency_ms[2], "max": self.latency_ms[3]},
+            "faults": self.faults.as_ref().map(|f| f.counts.clone()),
+            "observed": self.observed,
+        })
+    }
+
+    /// Writes [`Report::summary_json`] to `summary.json` in `dir`.
+    pub fn write_summary(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let text = serde_json::to_string_pretty(&self.summary_json()).map_err(std::io::Error::other)?;
+        std::fs::write(dir.join("summary.json"), text + "\n")
+    }
+
     /// A count summed over the objects processed in this run.
     fn total(&self, field: &str) -> u64 {
         self.objects.iter().filter(|o| o["outcome"] == "processed").map(|o| o[field].as_u64().unwrap_or(0)).sum()
@@ -528,6 +573,12 @@ impl std::fmt::Display for Report {
         if let Some(faults) = &self.faults {
             write!(f, "{faults}")?;
         }
+        write!(f, "{}", self.observed)?;
+        writeln!(
+            f,
+            "  run directory    {} (metrics.ndjson: every EMF line of the run; summary.json)",
+            self.run_dir.display()
+        )?;
         match self.check() {
             Ok(()) => {
                 writeln!(f, "  totals           exact: the rollup equals the input, every bad line quarantined once")
@@ -555,8 +606,11 @@ fn percentiles(mut v: Vec<f64>) -> [f64; 4] {
 /// processes, the mapping, the S3 event delivery) is stopped before it returns.
 pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let started = Instant::now();
+    let started_ms = crate::cloudwatch::now_ms();
     let t = Template::load(&config.template, &config.stack, &config.overrides)
         .map_err(|e| PipelineError::new("template", e))?;
+    let metric_log = MetricLog::install(&config.run_dir.join("metrics.ndjson"))
+        .map_err(|e| PipelineError::new(&format!("run directory {}", config.run_dir.display()), e))?;
     let local = Local::connect().await.map_err(|e| PipelineError(e.to_string()))?;
     let r = provision(&t, &local).await?;
     let group_by = t.parameters.get("GroupByField").cloned().unwrap_or_default();
@@ -616,6 +670,16 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         )
     };
 
+    // SQS publishes its queues' depths to CloudWatch by itself; locally they are sampled.
+    let sampler = {
+        let (local, queues) = (local.clone(), [r.push_failure_queue.clone(), r.pull_failure_queue.clone()]);
+        tokio::spawn(async move {
+            loop {
+                sample_queues(&local, &queues).await;
+                tokio::time::sleep(QUEUE_SAMPLE_EVERY).await;
+            }
+        })
+    };
     let uploads = upload(&local, &r, &expected.files).await?;
     let reshard = config.realism.reshard_after.map(|after| {
         let (local, stream, realism) = (local.clone(), r.stream.clone(), realism.clone());
@@ -731,8 +795,17 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let delivery = delivery.map_err(|e| PipelineError(e.to_string()))?;
     let mapping = mapping.map_err(|e| PipelineError::new("event source mapping", e))?;
 
+    sampler.abort();
+    sample_queues(&local, &[r.push_failure_queue.clone(), r.pull_failure_queue.clone()]).await;
+    let (observed, data, names) = observe(&t, &r, &metric_log, started_ms)?;
+    if let Some(dir) = &config.report_dir {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| PipelineError::new(&format!("report directory {}", dir.display()), e))?;
+        crate::report::draw(&data, &names, &observed, started_ms, &dir.join("run.png"))
+            .map_err(|e| PipelineError::new("report", e))?;
+    }
     let (rollup, outputs) = rollup_totals(&local, &r).await?;
-    Ok(Report {
+    let report = Report {
         bucket: r.bucket.clone(),
         stream: r.stream.clone(),
         objects: uploads.iter().filter_map(|(k, _)| summaries.get(k).cloned()).collect(),
@@ -751,7 +824,58 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         latency_ms: percentiles(latencies),
         elapsed: started.elapsed(),
         faults: proxy.map(|(p, _)| p.realism().faults()),
-    })
+        observed,
+        run_dir: config.run_dir.clone(),
+    };
+    for dir in std::iter::once(&config.run_dir).chain(config.report_dir.as_ref()) {
+        report.write_summary(dir).map_err(|e| PipelineError::new(&format!("summary in {}", dir.display()), e))?;
+    }
+    Ok(report)
+}
+
+/// How often the failure queues' depths are sampled (SQS publishes them once a minute; a local
+/// run is short).
+const QUEUE_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+fn queue_name(url: &str) -> &str {
+    url.rsplit('/').next().unwrap_or(url)
+}
+
+/// Writes each queue's `ApproximateNumberOfMessagesVisible` (`AWS/SQS`) to the run's metrics.
+async fn sample_queues(local: &Local, queues: &[Option<String>]) {
+    for url in queues.iter().flatten() {
+        if let Ok(depth) = queue_depth(local, Some(url)).await {
+            crate::cloudwatch::put(
+                crate::cloudwatch::SQS,
+                &[("QueueName", queue_name(url))],
+                &[("ApproximateNumberOfMessagesVisible", "Count", depth as f64)],
+            );
+        }
+    }
+}
+
+/// Closes the run's metric log and computes what CloudWatch would show, alarms included.
+fn observe(
+    t: &Template,
+    r: &Resources,
+    log: &MetricLog,
+    started_ms: u64,
+) -> Result<(Observed, Vec<crate::cloudwatch::Datum>, Names), PipelineError> {
+    log.finish().map_err(|e| PipelineError::new("metrics log", e))?;
+    let data = crate::cloudwatch::read(log.path()).map_err(|e| PipelineError::new("metrics log", e))?;
+    let alarms = crate::alarms::from_template(t).map_err(|e| PipelineError::new("template alarms", e))?;
+    let verdicts: Vec<_> = alarms.iter().map(|a| a.evaluate(&data)).collect();
+    let names = Names {
+        namespace: t.parameters.get("MetricsNamespace").cloned().unwrap_or_else(|| "pushpull".into()),
+        push_function: r.push_function.clone(),
+        pull_function: r.pull_function.clone(),
+        queues: (
+            r.push_failure_queue.as_deref().map(|u| queue_name(u).to_owned()),
+            r.pull_failure_queue.as_deref().map(|u| queue_name(u).to_owned()),
+        ),
+    };
+    let observed = Observed::from_data(&data, &names, &verdicts, started_ms);
+    Ok((observed, data, names))
 }
 
 /// Splits the first open shard of `stream` in two at the middle of its hash key range (AWS:

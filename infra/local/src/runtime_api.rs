@@ -235,6 +235,7 @@ impl FunctionHost {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(stream).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
+                    crate::cloudwatch::forward(&line);
                     if echo {
                         eprintln!("[{name}] {line}");
                     }

@@ -99,7 +99,20 @@ impl Template {
 
     /// The local physical name of a resource.
     pub fn name_of(&self, logical: &str) -> String {
-        self.names.get(logical).cloned().unwrap_or_else(|| format!("{}-{}", self.stack, kebab(logical)))
+        if let Some(name) = self.names.get(logical) {
+            return name.clone();
+        }
+        // A function named in the template is known by that name (`Ref` of it, alarms' and the
+        // dashboard's dimensions), as the local host runs it under that name.
+        if let Some(r) = self.resources.get(logical)
+            && matches!(r["Type"].as_str(), Some("AWS::Serverless::Function" | "AWS::Lambda::Function"))
+            && let Some(name) = r.pointer("/Properties/FunctionName")
+            && let Ok(name) = self.resolve(name, logical)
+            && let Some(name) = scalar(&name)
+        {
+            return name;
+        }
+        format!("{}-{}", self.stack, kebab(logical))
     }
 
     /// The ARN of a resource by its type.

@@ -419,6 +419,27 @@ pub struct WindowResponse {
     pub batch_item_failures: Vec<BatchItemFailure>,
 }
 
+/// The measures of a Kinesis batch known before it is handled (stream, batch size, the oldest
+/// record's arrival); fill in `processed` and `failed` and [`crate::metrics::PullBatch::record`] it.
+///
+/// ```
+/// let event = pushpull::kinesis_event::KinesisEvent::from_slice(br#"{"Records":[]}"#).unwrap();
+/// let mut batch = pushpull::pull::kinesis::batch_metrics(&event);
+/// batch.processed = 0;
+/// batch.record();
+/// ```
+pub fn batch_metrics(event: &KinesisEvent<'_>) -> crate::metrics::PullBatch {
+    let arn = event.records.first().map(|r| &*r.event_source_arn).or(event.event_source_arn.as_deref());
+    crate::metrics::PullBatch {
+        stream: arn.and_then(crate::metrics::stream_name).unwrap_or("unknown").to_owned(),
+        batch_size: event.records.len(),
+        records_in: event.records.len(),
+        processed: 0,
+        failed: 0,
+        oldest_arrival: event.records.iter().map(|r| r.kinesis.approximate_arrival_timestamp).reduce(f64::min),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -325,6 +325,8 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
             S3Notification::Records(events) => {
                 let mut objects = Vec::with_capacity(events.len());
                 for ev in &events {
+                    metrics::counter!(crate::metrics::OBJECTS, crate::metrics::BUCKET => ev.bucket.clone())
+                        .increment(1);
                     objects.push(self.handle_event(ev, invocation).await?);
                 }
                 Ok(PushSummary { test_event: false, objects })
@@ -411,6 +413,7 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
             Err(ClaimError::Checkpoint(e)) => return Err(err(ObjectError::Checkpoint(e))),
             Err(e) => return Err(err(ObjectError::Busy(e))),
         };
+        let before = progress.clone();
         let mut run = run::Run::new(self, ev, progress, version);
         // The loop checkpoints and stops `DEADLINE_MARGIN_MS` before the deadline, but it looks
         // at the clock between lines: a PutRecords call that stalls, or a resend's backoff, could
@@ -427,6 +430,7 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
                 }
             },
         };
+        record_metrics(&ev.bucket, &before, &run.progress);
         match outcome {
             Ok(outcome) => {
                 let summary = run.summary(outcome, started);
@@ -453,5 +457,24 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
                 Err(err(e))
             }
         }
+    }
+}
+
+/// What one invocation did to an object, from the checkpoints before and after it (so a resumed
+/// object counts only this invocation's share), as [`crate::metrics`] with the bucket dimension.
+fn record_metrics(bucket: &str, before: &ObjectProgress, after: &ObjectProgress) {
+    use crate::metrics::{
+        BUCKET, BYTES_READ, LINES_IN, PUT_RECORDS_CALLS, QUARANTINED_LINES, RECORDS_SENT, RESENT_ENTRIES,
+    };
+    let labels = [(BUCKET, bucket.to_owned())];
+    for (name, was, is) in [
+        (LINES_IN, before.lines_done, after.lines_done),
+        (BYTES_READ, before.bytes_done, after.bytes_done),
+        (RECORDS_SENT, before.records_sent, after.records_sent),
+        (PUT_RECORDS_CALLS, before.put_calls, after.put_calls),
+        (RESENT_ENTRIES, before.resent, after.resent),
+        (QUARANTINED_LINES, before.quarantined, after.quarantined),
+    ] {
+        metrics::counter!(name, &labels).increment(is.saturating_sub(was));
     }
 }

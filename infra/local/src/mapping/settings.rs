@@ -85,6 +85,26 @@ pub struct MappingSettings {
     pub on_failure: Option<Destination>,
 }
 
+impl MappingSettings {
+    /// The mapping's identifier (`EventSourceMappingUUID`): the same for the same function and
+    /// stream, so a run's metrics name one mapping across restarts, as AWS's UUID does.
+    pub fn uuid(&self) -> String {
+        let h = xxhash_rust::xxh3::xxh3_128(format!("{}\n{}", self.function_name, self.stream_arn).as_bytes());
+        let x = format!("{h:032x}");
+        format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..])
+    }
+
+    /// Writes the mapping's event-count metrics (`AWS/Lambda`, dimension
+    /// `EventSourceMappingUUID`) to the run's metric log ([`crate::cloudwatch`]).
+    pub fn event_counts(&self, metrics: &[(&str, u64)]) {
+        let values: Vec<(&str, &str, f64)> =
+            metrics.iter().filter(|(_, n)| *n > 0).map(|(name, n)| (*name, "Count", *n as f64)).collect();
+        if !values.is_empty() {
+            crate::cloudwatch::put(crate::cloudwatch::LAMBDA, &[("EventSourceMappingUUID", &self.uuid())], &values);
+        }
+    }
+}
+
 fn constraint(value: impl std::fmt::Display, field: &str, rule: &str) -> InvalidSetting {
     InvalidSetting(format!(
         "1 validation error detected: Value '{value}' at '{field}' failed to satisfy constraint: {rule}"

@@ -286,6 +286,7 @@ async fn read(
                 s.counts.empty_polls += 1;
             }
         }
+        ctx.settings.event_counts(&[("PolledEventCount", n as u64)]);
         if n > 0 {
             ctx.touch();
             ctx.pending.fetch_add(n as i64, Ordering::SeqCst);
@@ -628,9 +629,11 @@ impl Lane {
         };
         let record = failure_record(&ctx, &self.shard, records, now_unix());
         let (first, last_seq) = (&records[0].sequence_number, &records[records.len() - 1].sequence_number);
+        self.ctx.settings.event_counts(&[("DroppedEventCount", records.len() as u64)]);
         match &self.ctx.destination {
             Some(d) => {
                 let at = d.send(&record, Some(&payload), &self.shard).await?;
+                self.ctx.settings.event_counts(&[("OnFailureDestinationDeliveredEventCount", records.len() as u64)]);
                 warn!(shard_id = %self.shard, first, last = last_seq, count = records.len(), condition = condition.as_str(), destination = at, "records sent to the failure destination");
                 let mut s = self.ctx.stats();
                 match condition {
@@ -702,6 +705,17 @@ impl Lane {
             p.first = false;
             let verdict =
                 judge(&invoked.answer, &p.records, settings.report_batch_item_failures, self.window.is_some());
+            // AWS: FailedInvokeEventCount counts the events of a failed invocation and, with
+            // partial batch responses, those of a response with batch item failures.
+            let failed_events = match &verdict {
+                Verdict::Success { .. } => 0,
+                Verdict::RetryFrom { index, .. } => p.records.len() - index,
+                Verdict::Failed { .. } => p.records.len(),
+            };
+            settings.event_counts(&[
+                ("InvokedEventCount", p.records.len() as u64),
+                ("FailedInvokeEventCount", failed_events as u64),
+            ]);
             match verdict {
                 Verdict::Success { state } => {
                     self.set_state(state);
@@ -778,6 +792,11 @@ impl Lane {
     fn record_age(&self, records: &[Rec]) {
         if let Some(last) = records.last() {
             let age = ((now_unix() - last.arrival) * 1000.0).max(0.0);
+            crate::cloudwatch::put(
+                crate::cloudwatch::LAMBDA,
+                &[("FunctionName", &self.ctx.settings.function_name)],
+                &[("IteratorAge", "Milliseconds", age)],
+            );
             let mut s = self.ctx.stats();
             s.counts.iterator_age_ms_last = age;
             s.counts.iterator_age_ms_max = s.counts.iterator_age_ms_max.max(age);

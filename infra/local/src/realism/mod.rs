@@ -225,6 +225,11 @@ impl Realism {
     pub fn count(&self, kind: &'static str, n: u64) {
         if n > 0 {
             *self.faults.lock().unwrap_or_else(|p| p.into_inner()).entry(kind).or_default() += n;
+            crate::cloudwatch::put(
+                crate::cloudwatch::REALISM,
+                &[("Fault", kind)],
+                &[("InjectedFaults", "Count", n as f64)],
+            );
         }
     }
 
