@@ -330,3 +330,77 @@ async fn tumbling_windows_roll_up_the_sample_data_exactly() {
     assert!(report.mapping.counts.windows_final >= 1);
     assert_eq!(report.outputs as u64, report.mapping.counts.windows_final, "one output per window and shard");
 }
+
+/// What an operator would see of a run, computed from its EMF lines (the functions' own and the
+/// ones the local AWS parts write for what AWS publishes), agrees with what happened; the
+/// template's alarms are evaluated on them and fire when their rule is met; `--report` draws it.
+#[tokio::test]
+async fn the_run_as_cloudwatch_would_show_it_agrees_with_what_happened_and_alarms_fire() {
+    let bucket = unique("pp-observed");
+    let report_dir = tempfile::tempdir().unwrap();
+    let crashed = report_dir.path().join("crashed");
+    let config = PipelineConfig {
+        overrides: vec![
+            format!("DataBucketName={bucket}"),
+            // Low enough that the sample run's iterator age passes it.
+            "IteratorAgeAlarmMilliseconds=1".into(),
+        ],
+        delay_scale: 0.01,
+        timeout: Duration::from_secs(300),
+        // The push function crashes once, after its first 300 records: a function error
+        // (Runtime.ExitError) that async invoke retries.
+        extra_env: vec![(
+            "s3-to-kinesis",
+            vec![
+                ("PUSHPULL_INJECT_CRASH_ONCE".to_owned(), format!("{}:300", crashed.display())),
+                ("CHECKPOINT_LEASE_MS".to_owned(), "3000".to_owned()),
+            ],
+        )],
+        report_dir: Some(report_dir.path().to_owned()),
+        ..PipelineConfig::new(TEMPLATE, unique("observed"), concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/sample-data"))
+    };
+    let report = pipeline::run(config).await.unwrap();
+    println!("{report}");
+    report.check().unwrap();
+    let o = &report.observed;
+    let summary = report.summary_json();
+    // The push function's documents.
+    assert_eq!(o.records_sent, summary["records_sent"].as_u64().unwrap());
+    assert_eq!(o.lines_in, summary["lines"].as_u64().unwrap());
+    assert_eq!(o.quarantined_lines, report.expected_bad);
+    assert_eq!(o.objects as usize, report.objects.len(), "one per object notification (the s3:TestEvent is none)");
+    assert!(o.push.cold_starts >= 1 && o.push.invocations >= o.push.cold_starts, "{o:?}");
+    assert!(o.push.checkpoint_writes >= 4, "at least one checkpoint per object: {o:?}");
+    // The pull function's: every good line counted once, whatever the retries.
+    assert_eq!(o.records_processed, report.expected_good);
+    assert!(o.records_in >= report.expected_good);
+    // What the local Lambda and mapping publish, as AWS's would.
+    assert_eq!(o.pull.invocations, report.mapping.counts.invocations);
+    assert_eq!(o.pull.errors, report.mapping.counts.function_errors);
+    assert!(crashed.exists(), "the push function crashed once");
+    assert_eq!(o.push.errors, 1, "the crash is the push function's one error: {o:?}");
+    assert_eq!(o.push.invocations, report.delivery.invocations);
+    assert_eq!(o.mapping_events["PolledEventCount"], report.mapping.counts.records_read);
+    assert_eq!(o.mapping_events["InvokedEventCount"], report.mapping.counts.records_read, "no retries");
+    assert!(o.iterator_age_max_ms > 1.0);
+    // The template's alarms on them.
+    let alarm = |id: &str| o.alarms.iter().find(|a| a.alarm == id).unwrap_or_else(|| panic!("no {id}"));
+    assert!(alarm("PushErrorsAlarm").fires_after_s.is_some(), "{o:?}");
+    assert!(alarm("IteratorAgeAlarm").fires_after_s.is_some(), "{o:?}");
+    assert_eq!(alarm("PullErrorsAlarm").fires_after_s, None);
+    assert_eq!(alarm("PushFailureQueueAlarm").fires_after_s, None);
+    assert_eq!(alarm("ResentEntriesAlarm").fires_after_s, None);
+    // Every line of the run directory's metrics is an EMF document; the report is drawn.
+    let metrics = std::fs::read_to_string(report.run_dir.join("metrics.ndjson")).unwrap();
+    assert!(metrics.lines().count() > 20);
+    for line in metrics.lines() {
+        let doc: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(doc["_aws"]["CloudWatchMetrics"].is_array(), "{line}");
+    }
+    let png = std::fs::read(report_dir.path().join("run.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report_dir.path().join("summary.json")).unwrap()).unwrap();
+    assert_eq!(written["observed"]["records_processed"], report.expected_good);
+    let _ = std::fs::remove_dir_all(&report.run_dir);
+}
