@@ -205,6 +205,9 @@ pub struct EsmArgs {
     /// Logs: text or json (to stderr).
     #[arg(long, default_value = "text")]
     log_format: String,
+    /// No progress bars (they show only on a terminal anyway).
+    #[arg(long)]
+    no_progress: bool,
     /// Poll real AWS (credentials, region and endpoints from the environment, as the AWS CLI
     /// reads them) instead of LocalStack.
     #[arg(long)]
@@ -299,7 +302,11 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         }
         let _ = stop_tx.send(true);
     });
-    let summary = Runner::run(settings, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?;
+    let summary = if args.no_progress {
+        Runner::run(settings, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?
+    } else {
+        run_with_progress(settings, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?
+    };
     println!("esm summary\n{summary}");
     if let Some(p) = &proxy {
         print!("{}", p.realism().faults());
@@ -308,4 +315,35 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
     }
     Ok(())
+}
+
+/// [`Runner::run`] with live progress bars on a terminal (records pulled, invocations, iterator
+/// age); the same outcome.
+async fn run_with_progress(
+    settings: pushpull_local::mapping::MappingSettings,
+    options: RunnerOptions,
+    clients: Clients,
+    invoker: InvokeClient,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<pushpull_local::mapping::Summary, Error> {
+    use pushpull_local::progress::{Display, LiveProgress, Update};
+    let started = std::time::Instant::now();
+    let mapping = Runner::start(settings, options, clients, invoker);
+    let mut live = LiveProgress::new(Display::BarsOnly, None, None);
+    while !*stop.borrow() && !mapping.is_finished() {
+        let (records_pulled, invocations) = mapping.progress();
+        live.update(&Update {
+            elapsed: started.elapsed(),
+            records_pulled,
+            invocations,
+            iterator_age_ms: mapping.iterator_age_ms(),
+            ..Update::default()
+        });
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    live.finish();
+    Ok(mapping.stop().await?)
 }

@@ -13,6 +13,7 @@ pub mod localstack;
 pub mod mapping;
 pub mod observed;
 pub mod pipeline;
+pub mod progress;
 pub mod realism;
 pub mod report;
 pub mod runtime_api;

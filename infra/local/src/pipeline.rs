@@ -23,6 +23,7 @@ use crate::invoke::InvokeServer;
 use crate::localstack::{ACCOUNT, Local, REGION, function_env};
 use crate::mapping::{Clients, Delivered, RawSettings, Runner, RunnerOptions, Summary};
 use crate::observed::{Names, Observed};
+use crate::progress::{Display, LiveProgress, Update};
 use crate::realism::iam::Policies;
 use crate::realism::proxy::RealismProxy;
 use crate::realism::{FaultTable, Realism, RealismConfig};
@@ -356,7 +357,7 @@ pub struct PipelineConfig {
     pub extra_env: Vec<(&'static str, Vec<(String, String)>)>,
     /// Mapping settings over the template's.
     pub mapping: RawSettings,
-    /// Print a progress line every second.
+    /// Show progress: bars on a terminal, else a line a second ([`crate::progress`]).
     pub progress: bool,
     /// Echo the functions' logs.
     pub verbose: bool,
@@ -705,7 +706,8 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     });
     let mut summaries: HashMap<String, Value> = HashMap::new();
     let mut latencies = Vec::new();
-    let mut last_progress = Instant::now();
+    let display = if config.progress { Display::Auto } else { Display::Off };
+    let mut live = LiveProgress::new(display, Some(uploads.len() as u64), Some(expected.good));
     let mut pushed_at: Option<f64> = None;
     let result = loop {
         while let Ok((_, response)) = responses_rx.try_recv() {
@@ -736,16 +738,14 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             .filter(|o| o["outcome"] == "processed")
             .map(|o| o["records"].as_u64().unwrap_or(0))
             .sum();
-        if config.progress && last_progress.elapsed() >= Duration::from_secs(1) {
-            last_progress = Instant::now();
-            println!(
-                "  [{:>5.1} s] objects {pushed}/{} pushed, {sent} records sent, {} pulled in {} invocations",
-                started.elapsed().as_secs_f64(),
-                uploads.len(),
-                records_read,
-                invocations
-            );
-        }
+        live.update(&Update {
+            elapsed: started.elapsed(),
+            objects: Some((pushed as u64, uploads.len() as u64)),
+            records_sent: Some(sent),
+            records_pulled: records_read,
+            invocations,
+            iterator_age_ms: mapping.iterator_age_ms(),
+        });
         if pushed == uploads.len() && pushed_at.is_none() {
             pushed_at = Some(crate::mapping::now_unix());
         }
@@ -769,6 +769,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    live.finish();
     if result.is_ok() && config.keep_running {
         let (rollup, outputs) = rollup_totals(&local, &r).await?;
         println!(

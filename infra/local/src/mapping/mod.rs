@@ -491,6 +491,12 @@ impl RunningMapping {
         (s.counts.records_read, s.counts.invocations)
     }
 
+    /// Iterator age (ms) at the last batch and the largest so far.
+    pub fn iterator_age_ms(&self) -> (f64, f64) {
+        let s = self.ctx.stats();
+        (s.counts.iterator_age_ms_last, s.counts.iterator_age_ms_max)
+    }
+
     /// Nothing read is left undone and no tumbling window is open.
     pub fn is_idle(&self) -> bool {
         self.ctx.pending.load(Ordering::SeqCst) == 0 && self.ctx.open_windows.load(Ordering::SeqCst) == 0
