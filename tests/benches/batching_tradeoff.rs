@@ -2,8 +2,8 @@
 //!
 //!     make bench-tradeoff        # or: cargo bench -p pushpull-tests --bench batching_tradeoff -- [lines] [png]
 //!
-//! Needs LocalStack (the make target starts it) and a TrueType font (DejaVu Sans, from
-//! `fonts-dejavu-core`, or `CHART_FONT=/path/to/font.ttf`). For each setting of the grid
+//! Needs LocalStack (the make target starts it). The chart is drawn in DejaVu Sans (embedded;
+//! `CHART_FONT=/path/to/font.ttf` for another). For each setting of the grid
 //! (BatchSize x MaximumBatchingWindowInSeconds, and the push function's PUT_LINGER_MS) it runs
 //! `pushpull_local::pipeline::run` on a fresh stack with `lines` lines (default 4,000, in four
 //! objects, 200 users) and records: end-to-end latency per line (upload to the pull invocation
@@ -60,72 +60,127 @@ fn write_input(dir: &Path, lines: usize) {
     }
 }
 
+/// The colour of a point: its batching window (the legend says which).
+fn window_color(window: u32) -> RGBColor {
+    match window {
+        0 => RGBColor(214, 39, 40),
+        1 => RGBColor(31, 119, 180),
+        5 => RGBColor(44, 160, 44),
+        10 => RGBColor(148, 103, 189),
+        // The shape legend's neutral marker.
+        _ => RGBColor(120, 120, 120),
+    }
+}
+
+/// A point's marker: its PUT_LINGER_MS (circle 100, triangle 10, square 1000).
+fn marker(p: &Point, at: (i32, i32)) -> DynElement<'static, BitMapBackend<'static>, (i32, i32)> {
+    // Translucent, so that points at (nearly) the same place both show.
+    let style = window_color(p.window).mix(0.75).filled();
+    match p.linger {
+        10 => TriangleMarker::new(at, 8, style).into_dyn(),
+        1000 => Rectangle::new([(at.0 - 6, at.1 - 6), (at.0 + 6, at.1 + 6)], style).into_dyn(),
+        _ => Circle::new(at, 7, style).into_dyn(),
+    }
+}
+
+/// Label boxes placed so far (pixels), and where to put the next one without overlapping them
+/// or a marker: the first free spot of a few around the point.
+fn place(label: &str, at: (i32, i32), taken: &mut Vec<(i32, i32, i32, i32)>, markers: &[(i32, i32)]) -> (i32, i32) {
+    let (w, h) = (label.chars().count() as i32 * 8, 15);
+    let candidates = [(10, -7), (-w - 10, -7), (10, 6), (-w - 10, 6), (-w / 2, -24), (-w / 2, 12), (10, -22), (10, 20), (-w - 10, -22), (-w - 10, 20), (-w / 2, -40), (-w / 2, 28)];
+    let overlaps = |r: (i32, i32, i32, i32)| {
+        taken.iter().any(|t| r.0 < t.2 && t.0 < r.2 && r.1 < t.3 && t.1 < r.3)
+            || markers.iter().any(|m| r.0 < m.0 + 8 && m.0 - 8 < r.2 && r.1 < m.1 + 8 && m.1 - 8 < r.3)
+    };
+    let rect = |(dx, dy): (i32, i32)| (at.0 + dx, at.1 + dy, at.0 + dx + w, at.1 + dy + h);
+    let chosen = candidates.iter().copied().find(|c| !overlaps(rect(*c))).unwrap_or(candidates[0]);
+    let r = rect(chosen);
+    taken.push(r);
+    (r.0, r.1)
+}
+
 fn draw(points: &[Point], path: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    let font_path =
-        std::env::var("CHART_FONT").unwrap_or_else(|_| "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf".into());
-    let font = std::fs::read(&font_path).map_err(|e| format!("{font_path}: {e} (set CHART_FONT to a .ttf file)"))?;
-    plotters::style::register_font("sans-serif", FontStyle::Normal, Box::leak(font.into_boxed_slice()))
-        .map_err(|_| format!("{font_path}: not a usable font"))?;
-    let root = BitMapBackend::new(path, (1400, 600)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let root =
-        root.titled("pushpull: batching trades latency for throughput and fewer invocations", ("sans-serif", 26))?;
-    let (left, right) = root.split_horizontally(700);
+    let font: &'static [u8] = match std::env::var("CHART_FONT") {
+        Ok(p) => Box::leak(std::fs::read(&p).map_err(|e| format!("{p}: {e}"))?.into_boxed_slice()),
+        Err(_) => dejavu::sans::regular(),
+    };
+    plotters::style::register_font("sans-serif", FontStyle::Normal, font).map_err(|_| "not a usable font")?;
+    // 'static: the markers are built as dynamic elements of this backend.
+    let path: &'static Path = Box::leak(path.to_owned().into_boxed_path());
+    let base = BitMapBackend::new(path, (1500, 720)).into_drawing_area();
+    base.fill(&WHITE)?;
+    let root = base.titled(
+        "pushpull: batching trades latency for throughput and fewer invocations (whole pipeline, 4,000 lines)",
+        ("sans-serif", 24),
+    )?;
+    let (charts, legend_area) = root.split_vertically(600);
+    let (left, right) = charts.split_horizontally(750);
     let xmax = points.iter().map(|p| p.p50).fold(1000.0, f64::max) * 1.3;
-    let label = |p: &Point| {
-        if p.linger == 100 {
-            format!("B{} W{}", p.batch, p.window)
+    let label = |p: &Point| format!("B{}", p.batch);
+    type Panel<'a> = (&'a DrawingArea<BitMapBackend<'static>, plotters::coord::Shift>, &'a str, &'a str, fn(&Point) -> f64, bool);
+    let panels: [Panel; 2] = [
+        (&left, "throughput vs median end-to-end latency", "lines / s", |p| p.throughput, false),
+        (&right, "pull invocations per 1,000 lines vs median latency", "invocations per 1,000 lines (log)", |p| p.per_thousand, true),
+    ];
+    let mut taken = Vec::new();
+    for (area, caption, y_desc, y, log_y) in panels {
+        let ymax = points.iter().map(y).fold(0.0, f64::max) * 1.3;
+        let mut builder = ChartBuilder::on(area);
+        builder.caption(caption, ("sans-serif", 19)).margin(15).x_label_area_size(45).y_label_area_size(75);
+        // Pixel positions of the points, from either kind of chart.
+        let pixels: Vec<(i32, i32)> = if log_y {
+            let mut chart = builder.build_cartesian_2d((100f64..xmax).log_scale(), (0.5f64..ymax.max(2.0)).log_scale())?;
+            chart
+                .configure_mesh()
+                .x_labels(8)
+                .x_label_formatter(&|v| format!("{v:.0}"))
+                .y_label_formatter(&|v| format!("{v:.1}"))
+                .x_desc("p50 latency, upload to pull invocation (ms, log)")
+                .y_desc(y_desc)
+                .draw()?;
+            points.iter().map(|p| chart.backend_coord(&(p.p50, y(p)))).collect()
         } else {
-            format!("B{} W{} L{}", p.batch, p.window, p.linger)
+            let mut chart = builder.build_cartesian_2d((100f64..xmax).log_scale(), 0f64..ymax)?;
+            chart
+                .configure_mesh()
+                .x_labels(8)
+                .x_label_formatter(&|v| format!("{v:.0}"))
+                .y_label_formatter(&|v| format!("{v:.0}"))
+                .x_desc("p50 latency, upload to pull invocation (ms, log)")
+                .y_desc(y_desc)
+                .draw()?;
+            points.iter().map(|p| chart.backend_coord(&(p.p50, y(p)))).collect()
+        };
+        for (p, at) in points.iter().zip(&pixels) {
+            base.draw(&marker(p, *at))?;
         }
-    };
-    let color = |p: &Point| match p.window {
-        0 => RED,
-        1 => BLUE,
-        5 => GREEN,
-        _ => MAGENTA,
-    };
-
-    let ymax = points.iter().map(|p| p.throughput).fold(0.0, f64::max) * 1.25;
-    let mut chart = ChartBuilder::on(&left)
-        .caption("throughput vs median end-to-end latency", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d((100f64..xmax).log_scale(), 0f64..ymax)?;
-    chart
-        .configure_mesh()
-        .x_labels(8)
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .x_desc("p50 latency, upload to pull invocation (ms, log)")
-        .y_desc("lines / s")
-        .draw()?;
-    for p in points {
-        chart.draw_series(std::iter::once(Circle::new((p.p50, p.throughput), 6, color(p).filled())))?;
-        chart.draw_series(std::iter::once(Text::new(label(p), (p.p50 * 1.04, p.throughput), ("sans-serif", 13))))?;
+        for (p, at) in points.iter().zip(&pixels) {
+            let text = label(p);
+            let spot = place(&text, *at, &mut taken, &pixels);
+            base.draw(&Text::new(text, spot, ("sans-serif", 14).into_font().color(&BLACK)))?;
+        }
     }
-
-    let ymax = points.iter().map(|p| p.per_thousand).fold(0.0, f64::max) * 1.3;
-    let mut chart = ChartBuilder::on(&right)
-        .caption("pull invocations per 1,000 lines vs median latency", ("sans-serif", 20))
-        .margin(15)
-        .x_label_area_size(45)
-        .y_label_area_size(70)
-        .build_cartesian_2d((100f64..xmax).log_scale(), (0.5f64..ymax.max(2.0)).log_scale())?;
-    chart
-        .configure_mesh()
-        .x_labels(8)
-        .x_label_formatter(&|v| format!("{v:.0}"))
-        .y_label_formatter(&|v| format!("{v:.1}"))
-        .x_desc("p50 latency (ms, log)")
-        .y_desc("invocations per 1,000 lines (log)")
-        .draw()?;
-    for p in points {
-        chart.draw_series(std::iter::once(Circle::new((p.p50, p.per_thousand), 6, color(p).filled())))?;
-        chart.draw_series(std::iter::once(Text::new(label(p), (p.p50 * 1.04, p.per_thousand), ("sans-serif", 13))))?;
+    // The legend: colours are the batching window, shapes PUT_LINGER_MS, labels BatchSize.
+    let legend_area = legend_area.margin(5, 5, 40, 10);
+    let mut x = 0;
+    let row = |x: &mut i32, marker_of: &dyn Fn((i32, i32)) -> DynElement<'static, BitMapBackend<'static>, (i32, i32)>, text: &str| -> Result<(), Box<dyn std::error::Error>> {
+        legend_area.draw(&marker_of((*x + 8, 30)))?;
+        legend_area.draw(&Text::new(text.to_owned(), (*x + 22, 22), ("sans-serif", 15)))?;
+        *x += 30 + text.chars().count() as i32 * 9;
+        Ok(())
+    };
+    legend_area.draw(&Text::new("colour: MaximumBatchingWindowInSeconds", (0, 0), ("sans-serif", 15)))?;
+    for w in [0u32, 1, 5, 10] {
+        let probe = Point { linger: 100, batch: 0, window: w, p50: 0.0, p95: 0.0, throughput: 0.0, per_thousand: 0.0, mean_batch: 0.0 };
+        row(&mut x, &|at| marker(&probe, at), &format!("window {w} s"))?;
     }
-    root.present()?;
+    x += 40;
+    for l in [10u32, 100, 1000] {
+        let probe = Point { linger: l, batch: 0, window: 99, p50: 0.0, p95: 0.0, throughput: 0.0, per_thousand: 0.0, mean_batch: 0.0 };
+        row(&mut x, &|at| marker(&probe, at), &format!("PUT_LINGER_MS {l}"))?;
+    }
+    legend_area.draw(&Text::new("shape: the push function's PUT_LINGER_MS; label: BatchSize", (760, 0), ("sans-serif", 15)))?;
+    base.present()?;
     Ok(())
 }
 
