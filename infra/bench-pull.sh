@@ -2,7 +2,8 @@
 # Pull function benchmark (BENCHMARKS.md): the release kinesis-rollup binary under the shared
 # runtime_api.py tool on 21 consecutive 10,000-record batches, next to a floor function that
 # skips the event unparsed, in the same run; then the same lines packed 100 to a KPL aggregate
-# (100 Kinesis records a batch), rollup and floor alike. Needs ../shared/tools (or SHARED_TOOLS=dir).
+# (100 Kinesis records a batch), rollup and floor alike; and the plain rollup with its EMF metrics
+# off (POWERTOOLS_METRICS_DISABLED), for what they cost. Needs ../shared/tools (or SHARED_TOOLS=dir).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="${SHARED_TOOLS:-$ROOT/../shared/tools}"
@@ -39,6 +40,9 @@ for round in 1 2 3; do
   echo "round $round"
   run floor events target/release/bench-floor
   run kinesis-rollup events target/release/kinesis-rollup
+  check_output
+  # The same without its EMF metrics (on by default): what the metrics cost.
+  POWERTOOLS_METRICS_DISABLED=true run kinesis-rollup-no-metrics events target/release/kinesis-rollup
   check_output
   run floor-aggregated aggregated target/release/bench-floor
   run kinesis-rollup-aggregated aggregated target/release/kinesis-rollup
