@@ -164,29 +164,36 @@ pub fn checkpoint_conflict() {
     metrics::counter!(CHECKPOINT_CONFLICTS).increment(1);
 }
 
+/// A metric a test saw: name, labels, value.
+#[cfg(test)]
+pub(crate) type Seen = (String, Vec<(String, String)>, metrics_util::debugging::DebugValue);
+
+/// What a debugging recorder saw, sorted by name.
+#[cfg(test)]
+pub(crate) fn seen(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<Seen> {
+    let mut out: Vec<Seen> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let labels = key.key().labels().map(|l| (l.key().to_owned(), l.value().to_owned())).collect();
+            (key.key().name().to_owned(), labels, value)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 
-    /// A metric seen: name, labels, value.
-    type Seen = (String, Vec<(String, String)>, DebugValue);
-
     fn snapshot(f: impl FnOnce()) -> Vec<Seen> {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         metrics::with_local_recorder(&recorder, f);
-        let mut out: Vec<_> = snapshotter
-            .snapshot()
-            .into_vec()
-            .into_iter()
-            .map(|(key, _, _, value)| {
-                let labels = key.key().labels().map(|l| (l.key().to_owned(), l.value().to_owned())).collect();
-                (key.key().name().to_owned(), labels, value)
-            })
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        seen(&snapshotter)
     }
 
     #[test]

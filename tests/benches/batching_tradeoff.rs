@@ -87,7 +87,20 @@ fn marker(p: &Point, at: (i32, i32)) -> DynElement<'static, BitMapBackend<'stati
 /// or a marker: the first free spot of a few around the point.
 fn place(label: &str, at: (i32, i32), taken: &mut Vec<(i32, i32, i32, i32)>, markers: &[(i32, i32)]) -> (i32, i32) {
     let (w, h) = (label.chars().count() as i32 * 8, 15);
-    let candidates = [(10, -7), (-w - 10, -7), (10, 6), (-w - 10, 6), (-w / 2, -24), (-w / 2, 12), (10, -22), (10, 20), (-w - 10, -22), (-w - 10, 20), (-w / 2, -40), (-w / 2, 28)];
+    let candidates = [
+        (10, -7),
+        (-w - 10, -7),
+        (10, 6),
+        (-w - 10, 6),
+        (-w / 2, -24),
+        (-w / 2, 12),
+        (10, -22),
+        (10, 20),
+        (-w - 10, -22),
+        (-w - 10, 20),
+        (-w / 2, -40),
+        (-w / 2, 28),
+    ];
     let overlaps = |r: (i32, i32, i32, i32)| {
         taken.iter().any(|t| r.0 < t.2 && t.0 < r.2 && r.1 < t.3 && t.1 < r.3)
             || markers.iter().any(|m| r.0 < m.0 + 8 && m.0 - 8 < r.2 && r.1 < m.1 + 8 && m.1 - 8 < r.3)
@@ -117,10 +130,17 @@ fn draw(points: &[Point], path: &Path) -> Result<(), Box<dyn std::error::Error>>
     let (left, right) = charts.split_horizontally(750);
     let xmax = points.iter().map(|p| p.p50).fold(1000.0, f64::max) * 1.3;
     let label = |p: &Point| format!("B{}", p.batch);
-    type Panel<'a> = (&'a DrawingArea<BitMapBackend<'static>, plotters::coord::Shift>, &'a str, &'a str, fn(&Point) -> f64, bool);
+    type Panel<'a> =
+        (&'a DrawingArea<BitMapBackend<'static>, plotters::coord::Shift>, &'a str, &'a str, fn(&Point) -> f64, bool);
     let panels: [Panel; 2] = [
         (&left, "throughput vs median end-to-end latency", "lines / s", |p| p.throughput, false),
-        (&right, "pull invocations per 1,000 lines vs median latency", "invocations per 1,000 lines (log)", |p| p.per_thousand, true),
+        (
+            &right,
+            "pull invocations per 1,000 lines vs median latency",
+            "invocations per 1,000 lines (log)",
+            |p| p.per_thousand,
+            true,
+        ),
     ];
     let mut taken = Vec::new();
     for (area, caption, y_desc, y, log_y) in panels {
@@ -129,7 +149,8 @@ fn draw(points: &[Point], path: &Path) -> Result<(), Box<dyn std::error::Error>>
         builder.caption(caption, ("sans-serif", 19)).margin(15).x_label_area_size(45).y_label_area_size(75);
         // Pixel positions of the points, from either kind of chart.
         let pixels: Vec<(i32, i32)> = if log_y {
-            let mut chart = builder.build_cartesian_2d((100f64..xmax).log_scale(), (0.5f64..ymax.max(2.0)).log_scale())?;
+            let mut chart =
+                builder.build_cartesian_2d((100f64..xmax).log_scale(), (0.5f64..ymax.max(2.0)).log_scale())?;
             chart
                 .configure_mesh()
                 .x_labels(8)
@@ -163,7 +184,10 @@ fn draw(points: &[Point], path: &Path) -> Result<(), Box<dyn std::error::Error>>
     // The legend: colours are the batching window, shapes PUT_LINGER_MS, labels BatchSize.
     let legend_area = legend_area.margin(5, 5, 40, 10);
     let mut x = 0;
-    let row = |x: &mut i32, marker_of: &dyn Fn((i32, i32)) -> DynElement<'static, BitMapBackend<'static>, (i32, i32)>, text: &str| -> Result<(), Box<dyn std::error::Error>> {
+    let row = |x: &mut i32,
+               marker_of: &dyn Fn((i32, i32)) -> DynElement<'static, BitMapBackend<'static>, (i32, i32)>,
+               text: &str|
+     -> Result<(), Box<dyn std::error::Error>> {
         legend_area.draw(&marker_of((*x + 8, 30)))?;
         legend_area.draw(&Text::new(text.to_owned(), (*x + 22, 22), ("sans-serif", 15)))?;
         *x += 30 + text.chars().count() as i32 * 9;
@@ -171,15 +195,37 @@ fn draw(points: &[Point], path: &Path) -> Result<(), Box<dyn std::error::Error>>
     };
     legend_area.draw(&Text::new("colour: MaximumBatchingWindowInSeconds", (0, 0), ("sans-serif", 15)))?;
     for w in [0u32, 1, 5, 10] {
-        let probe = Point { linger: 100, batch: 0, window: w, p50: 0.0, p95: 0.0, throughput: 0.0, per_thousand: 0.0, mean_batch: 0.0 };
+        let probe = Point {
+            linger: 100,
+            batch: 0,
+            window: w,
+            p50: 0.0,
+            p95: 0.0,
+            throughput: 0.0,
+            per_thousand: 0.0,
+            mean_batch: 0.0,
+        };
         row(&mut x, &|at| marker(&probe, at), &format!("window {w} s"))?;
     }
     x += 40;
     for l in [10u32, 100, 1000] {
-        let probe = Point { linger: l, batch: 0, window: 99, p50: 0.0, p95: 0.0, throughput: 0.0, per_thousand: 0.0, mean_batch: 0.0 };
+        let probe = Point {
+            linger: l,
+            batch: 0,
+            window: 99,
+            p50: 0.0,
+            p95: 0.0,
+            throughput: 0.0,
+            per_thousand: 0.0,
+            mean_batch: 0.0,
+        };
         row(&mut x, &|at| marker(&probe, at), &format!("PUT_LINGER_MS {l}"))?;
     }
-    legend_area.draw(&Text::new("shape: the push function's PUT_LINGER_MS; label: BatchSize", (760, 0), ("sans-serif", 15)))?;
+    legend_area.draw(&Text::new(
+        "shape: the push function's PUT_LINGER_MS; label: BatchSize",
+        (760, 0),
+        ("sans-serif", 15),
+    ))?;
     base.present()?;
     Ok(())
 }

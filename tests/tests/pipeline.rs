@@ -357,7 +357,11 @@ async fn the_run_as_cloudwatch_would_show_it_agrees_with_what_happened_and_alarm
             ],
         )],
         report_dir: Some(report_dir.path().to_owned()),
-        ..PipelineConfig::new(TEMPLATE, unique("observed"), concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/sample-data"))
+        ..PipelineConfig::new(
+            TEMPLATE,
+            unique("observed"),
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/sample-data"),
+        )
     };
     let report = pipeline::run(config).await.unwrap();
     println!("{report}");

@@ -83,3 +83,40 @@ async fn wait_for_lines(host: &FunctionHost, emf_docs: usize) -> Vec<String> {
     }
     host.output()
 }
+
+/// The rollup's log lines about a batch carry where they are (stream, shard, the batch's
+/// sequence range) and the invocation, without each call naming them.
+#[tokio::test]
+async fn the_rollups_log_lines_carry_the_batchs_correlation() {
+    use base64::Engine as _;
+    let spec = pushpull_tests::function("kinesis-rollup", &[("GROUP_BY_FIELD", "user"), ("SUM_FIELD", "amount")]);
+    let mut host = FunctionHost::start(spec).await.unwrap();
+    let record = |seq: &str, data: &str| {
+        serde_json::json!({
+            "kinesis": {"kinesisSchemaVersion": "1.0", "partitionKey": "u1", "sequenceNumber": seq,
+                        "data": base64::engine::general_purpose::STANDARD.encode(data), "approximateArrivalTimestamp": 1.7e9},
+            "eventSource": "aws:kinesis", "eventVersion": "1.0", "eventID": format!("shardId-000000000007:{seq}"),
+            "eventName": "aws:kinesis:record", "awsRegion": "us-east-1",
+            "eventSourceARN": "arn:aws:kinesis:us-east-1:000000000000:stream/orders"
+        })
+    };
+    let event = serde_json::json!({"Records": [
+        record("49590338271490256608559692538361571095921575989136588801", r#"{"user":"u1","amount":1}"#),
+        record("49590338271490256608559692538361571095921575989136588802", "not json"),
+    ]});
+    let invoked = host.invoke(serde_json::to_vec(&event).unwrap()).await.unwrap();
+    assert!(matches!(invoked.outcome, Outcome::Response(_)), "{:?}", invoked.outcome);
+    let lines = wait_for_lines(&host, 1).await;
+    let failed = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "record failed")
+        .unwrap_or_else(|| panic!("no 'record failed' line: {lines:#?}"));
+    assert_eq!(failed["level"], "WARN");
+    assert_eq!(failed["stream"], "orders");
+    assert_eq!(failed["shard_id"], "shardId-000000000007");
+    assert_eq!(failed["first_sequence"], "49590338271490256608559692538361571095921575989136588801");
+    assert_eq!(failed["last_sequence"], "49590338271490256608559692538361571095921575989136588802");
+    assert_eq!(failed["function_request_id"], invoked.request_id.as_str());
+    assert_eq!(failed["cold_start"], true);
+}

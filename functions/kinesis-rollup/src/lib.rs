@@ -46,7 +46,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use pushpull::checkpoint::{CheckpointError, Checkpoints};
 use pushpull::kinesis_event::{KinesisEvent, KinesisEventRecord, SequenceNumber, Window};
@@ -303,9 +303,26 @@ impl RollupHandler {
             .and_then(|arn| arn.split_once(":stream/").map(|(_, s)| s.to_owned()))
             .unwrap_or_else(|| "stream".to_owned());
         let shard_id = event.shard().unwrap_or("shard").to_owned();
-        let mut metrics = pushpull::pull::kinesis::batch_metrics(&event);
+        // Every log line of the batch carries where it is (pushpull::telemetry merges span fields).
+        let span = tracing::info_span!(
+            "batch",
+            stream = %stream,
+            shard_id = %shard_id,
+            first_sequence = event.records.first().map_or("", |r| &*r.kinesis.sequence_number),
+            last_sequence = event.records.last().map_or("", |r| &*r.kinesis.sequence_number),
+        );
+        self.handle_batch(&event, stream, shard_id).instrument(span).await
+    }
+
+    async fn handle_batch(
+        &self,
+        event: &KinesisEvent<'_>,
+        stream: String,
+        shard_id: String,
+    ) -> Result<Response, RollupError> {
+        let mut metrics = pushpull::pull::kinesis::batch_metrics(event);
         if let Some(window) = &event.window {
-            let (response, processed, failed) = self.handle_window(&event, window, &stream, &shard_id).await?;
+            let (response, processed, failed) = self.handle_window(event, window, &stream, &shard_id).await?;
             metrics.processed = processed;
             metrics.failed = failed;
             metrics.record();

@@ -60,7 +60,9 @@ impl LiveProgress {
                         Some(n) => ProgressBar::new(n),
                         None => ProgressBar::no_length(),
                     };
-                    b.set_style(ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+                    b.set_style(
+                        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
                     multi.add(b)
                 };
                 let objects = objects.map(|n| bar(Some(n), "objects pushed  [{bar:30.cyan/blue}] {pos}/{len} {msg}"));

@@ -70,7 +70,7 @@
 use std::time::{Duration, Instant as StdInstant};
 
 use serde::Serialize;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::checkpoint::{CheckpointError, Checkpoints};
 use crate::config::PushSettings;
@@ -327,7 +327,10 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
                 for ev in &events {
                     metrics::counter!(crate::metrics::OBJECTS, crate::metrics::BUCKET => ev.bucket.clone())
                         .increment(1);
-                    objects.push(self.handle_event(ev, invocation).await?);
+                    // Every log line about the object carries bucket, key and version.
+                    let span = tracing::info_span!("object", bucket = %ev.bucket, key = %ev.key,
+                        version = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or(""));
+                    objects.push(self.handle_event(ev, invocation).instrument(span).await?);
                 }
                 Ok(PushSummary { test_event: false, objects })
             }

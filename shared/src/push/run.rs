@@ -722,6 +722,79 @@ mod tests {
         (1..=n).map(|i| format!("{{\"user\":\"u{}\",\"i\":{i}}}\n", i % 5)).collect()
     }
 
+    /// One invocation's metrics: this invocation's share of the object, with the bucket as the
+    /// only dimension besides the function's.
+    #[tokio::test]
+    async fn an_invocation_records_its_share_of_the_object_by_bucket() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let object = format!("{}not json\n", lines(20));
+        let w = world(&[("PUT_MAX_RECORDS", "10")], &object);
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        {
+            let _local = metrics::set_default_local_recorder(&recorder);
+            w.handler.handle(&event(), &Invocation::new("one")).await.unwrap();
+        }
+        let seen = crate::metrics::seen(&snapshotter);
+        let count = |name: &str| {
+            let found = seen.iter().find(|s| s.0 == name).unwrap_or_else(|| panic!("no {name} in {seen:?}"));
+            if name != crate::metrics::CHECKPOINT_WRITES {
+                assert_eq!(found.1, [("Bucket".to_owned(), "b".to_owned())], "{name}");
+            }
+            let DebugValue::Counter(n) = found.2 else { panic!("{name} is not a counter") };
+            n
+        };
+        assert_eq!(count(crate::metrics::OBJECTS), 1);
+        assert_eq!(count(crate::metrics::LINES_IN), 21);
+        assert_eq!(count(crate::metrics::RECORDS_SENT), 20);
+        assert_eq!(count(crate::metrics::QUARANTINED_LINES), 1);
+        // Per-key order (the default): one line of each of the 5 users per call.
+        assert_eq!(count(crate::metrics::PUT_RECORDS_CALLS), 4);
+        assert_eq!(count(crate::metrics::BYTES_READ), object.len() as u64);
+        assert!(count(crate::metrics::CHECKPOINT_WRITES) >= 2, "claim and finish at least");
+    }
+
+    /// Every log line about an object carries its bucket, key and version (a span the handler
+    /// opens), in the Powertools format.
+    #[cfg(feature = "runtime")]
+    #[tokio::test]
+    async fn log_lines_about_an_object_carry_its_bucket_key_and_version() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+            .event_format(crate::telemetry::PowertoolsJson::from_env())
+            .finish();
+        let w = world(&[], &format!("{}not json\n", lines(3)));
+        {
+            let _default = tracing::subscriber::set_default(subscriber);
+            w.handler.handle(&event(), &Invocation::new("one")).await.unwrap();
+        }
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert!(lines.len() >= 2, "{text}");
+        for line in &lines {
+            assert_eq!(
+                (&line["bucket"], &line["key"], &line["version"]),
+                (&"b".into(), &"k.ndjson".into(), &"e1".into()),
+                "{line}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_failed_invocation_releases_its_lease_and_the_retry_sends_every_line_once() {
         let w = world(&[("PUT_MAX_RECORDS", "10"), ("PUT_MAX_ATTEMPTS", "1")], &lines(100));
