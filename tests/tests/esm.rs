@@ -25,6 +25,8 @@
 //! | kill -9 of the runner process, restart | `a_killed_runner_resumes_where_its_checkpoint_says` |
 //! | idle back-off of polling | `an_idle_shard_is_polled_about_once_a_second_not_five_times` |
 //! | settings AWS refuses, template parameters checked | `the_runner_refuses_settings_aws_refuses` |
+//! | FilterCriteria: matching records only, the rest checkpointed past and counted; non-JSON data dropped | `filter_criteria_invoke_only_matching_records_and_advance_past_the_rest` |
+//! | FilterCriteria limits (5 filters, 4,096 characters) and patterns AWS refuses | `the_runner_refuses_settings_aws_refuses` |
 //! | 41 bad and hostile responses (not JSON, huge, wrong types, ids not in the batch) | `hostile_responses.rs` |
 use std::time::Duration;
 
@@ -550,6 +552,12 @@ async fn the_runner_refuses_settings_aws_refuses() {
         ("--maximum-record-age", "30", "Member must be -1 or between 60 and 604800"),
         ("--parallelization-factor", "11", "parallelizationFactor"),
         ("--starting-position", "OLDEST", "startingPosition"),
+        (
+            "--filter-criteria",
+            r#"{"Filters":[{"Pattern":"{}"},{"Pattern":"{}"},{"Pattern":"{}"},{"Pattern":"{}"},{"Pattern":"{}"},{"Pattern":"{}"}]}"#,
+            "exceeds the limit of 5 filters",
+        ),
+        ("--filter-criteria", r#"{"Filters":[{"Pattern":"{\"data\": \"plain\"}"}]}"#, "must be in a valid JSON format"),
     ] {
         let out = std::process::Command::new(&bin).args(["esm", "--template", template, flag, value]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
@@ -649,4 +657,52 @@ async fn a_killed_runner_resumes_where_its_checkpoint_says() {
     // At most the batch in flight on each of the two shards comes again.
     assert!(twice.len() <= 2 * 25, "{} records re-delivered: {twice:?}", twice.len());
     assert!(f.log().len() > before, "the second runner did the rest");
+}
+
+/// AWS (invocation-eventfiltering.html): "If a record from your event source satisfies one or
+/// more of your filters, Lambda includes the record in the next event it sends to your function.
+/// If none of your filters are satisfied, Lambda discards the record." For streams: "Once your
+/// filter criteria processes an Kinesis or DynamoDB record, the streams iterator advances past
+/// this record", and non-JSON data with a pattern on data properties: "Lambda drops the record".
+/// AWS's own Kinesis example (with-kinesis-filtering.html): orders of type "buy" only.
+#[tokio::test]
+async fn filter_criteria_invoke_only_matching_records_and_advance_past_the_rest() {
+    let f = fixture(1).await;
+    f.put(&[
+        ("k", json!({"id": "b1", "record": 12345, "order": {"type": "buy", "stock": "ANYCO", "quantity": 1000}})),
+        ("k", json!({"id": "s1", "order": {"type": "sell"}})),
+    ])
+    .await;
+    f.local
+        .kinesis
+        .put_record()
+        .stream_name(&f.stream)
+        .partition_key("k")
+        .data(Blob::new("not json"))
+        .send()
+        .await
+        .unwrap();
+    f.put(&[("k", json!({"id": "b2", "order": {"type": "buy"}})), ("k", json!({"id": "x1"}))]).await;
+    let pattern = json!({"data": {"order": {"type": ["buy"]}}}).to_string();
+    let criteria = json!({"Filters": [{"Pattern": pattern}]}).to_string();
+    let raw = RawSettings { filter_criteria: Some(criteria.clone()), ..f.settings() };
+    let s = f.run(raw.clone()).await;
+    assert_eq!(f.batches().concat(), b(&["b1", "b2"]), "only the buy orders are invoked");
+    assert_eq!(s.counts.filtered_out, 3, "the sell order, the non-JSON record and the one without an order");
+    assert_eq!(s.counts.records_read, 5);
+    // Advanced past: a second run reads nothing again, and invokes nothing.
+    let again = f.run(raw).await;
+    assert_eq!((again.counts.records_read, again.counts.invocations), (0, 0));
+    assert_eq!(f.batches().len(), 1);
+    // Several filters are ORed.
+    let g = fixture(1).await;
+    g.put(&[("k", json!({"id": "a", "n": 5})), ("k", json!({"id": "c", "tag": "red"})), ("k", json!({"id": "d"}))])
+        .await;
+    let two = json!({"Filters": [
+        {"Pattern": json!({"data": {"n": [{"numeric": [">", 1]}]}}).to_string()},
+        {"Pattern": json!({"data": {"tag": [{"prefix": "re"}]}}).to_string()},
+    ]});
+    let s = g.run(RawSettings { filter_criteria: Some(two.to_string()), ..g.settings() }).await;
+    assert_eq!(g.batches().concat(), b(&["a", "c"]));
+    assert_eq!(s.counts.filtered_out, 1);
 }

@@ -171,6 +171,10 @@ pub struct EsmArgs {
     /// OnFailure destination ARN (SQS queue or S3 bucket; "" for none).
     #[arg(long)]
     on_failure: Option<String>,
+    /// FilterCriteria, as the AWS CLI takes it: '{"Filters": [{"Pattern": "{\"data\": {...}}"}]}'
+    /// ('{}' for none).
+    #[arg(long)]
+    filter_criteria: Option<String>,
     /// Where the mapping checkpoints its position per shard (file:// or s3://).
     #[arg(long)]
     checkpoint_uri: Option<String>,
@@ -235,6 +239,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         function_response_types: args.function_response_types,
         tumbling_window: args.tumbling_window,
         on_failure: args.on_failure,
+        filter_criteria: args.filter_criteria,
     };
     let raw = if args.no_template {
         flags

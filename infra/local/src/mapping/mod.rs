@@ -28,6 +28,7 @@ use crate::invoke::InvokeClient;
 
 pub mod destination;
 pub mod event;
+pub mod filter;
 mod lease;
 pub mod outcome;
 pub mod progress;
@@ -226,6 +227,9 @@ pub struct Counts {
     pub discarded: u64,
     /// Final invocations of tumbling windows.
     pub windows_final: u64,
+    /// Records no filter of `FilterCriteria` matched (not invoked; AWS's `FilteredOutEventCount`).
+    #[serde(default)]
+    pub filtered_out: u64,
     /// Iterator age (ms): the largest seen.
     pub iterator_age_ms_max: f64,
     /// Iterator age at the last batch.
@@ -393,6 +397,9 @@ impl std::fmt::Display for Summary {
             self.counts.to_destination, self.counts.expired, self.counts.discarded
         )?;
         writeln!(f, "  windows          {} final invocations", self.counts.windows_final)?;
+        if self.counts.filtered_out > 0 {
+            writeln!(f, "  filtered out     {} records (FilterCriteria: not invoked)", self.counts.filtered_out)?;
+        }
         writeln!(
             f,
             "  leases           {} taken ({} from a runner that stopped renewing), {} released, {} lost; as {}",

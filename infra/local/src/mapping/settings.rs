@@ -83,6 +83,8 @@ pub struct MappingSettings {
     pub tumbling_window: Option<Duration>,
     /// The OnFailure destination.
     pub on_failure: Option<Destination>,
+    /// `FilterCriteria` ([`super::filter`]): records no filter matches are not invoked.
+    pub filter: super::filter::FilterCriteria,
 }
 
 impl MappingSettings {
@@ -150,6 +152,8 @@ pub struct RawSettings {
     pub tumbling_window: Option<String>,
     /// `DestinationConfig.OnFailure.Destination` ("" removes it).
     pub on_failure: Option<String>,
+    /// `FilterCriteria` as JSON (`{"Filters": [{"Pattern": "..."}]}`; `{}` removes it).
+    pub filter_criteria: Option<String>,
 }
 
 impl RawSettings {
@@ -171,7 +175,8 @@ impl RawSettings {
             maximum_record_age,
             function_response_types,
             tumbling_window,
-            on_failure
+            on_failure,
+            filter_criteria
         );
         self
     }
@@ -238,6 +243,7 @@ impl RawSettings {
                 .map(|a| a.iter().filter_map(scalar).collect::<Vec<_>>().join(",")),
             tumbling_window: get("TumblingWindowInSeconds"),
             on_failure: p.pointer("/DestinationConfig/OnFailure/Destination").and_then(scalar),
+            filter_criteria: p.get("FilterCriteria").map(Value::to_string),
         }
     }
 
@@ -327,6 +333,14 @@ impl RawSettings {
             None | Some("") => None,
             Some(arn) => Some(Destination::from_arn(arn)?),
         };
+        let filter = match self.filter_criteria.as_deref().map(str::trim) {
+            None | Some("") => super::filter::FilterCriteria::none(),
+            Some(text) => {
+                let v: Value = serde_json::from_str(text)
+                    .map_err(|e| InvalidSetting(format!("FilterCriteria is not JSON ({e}): {text}")))?;
+                super::filter::FilterCriteria::parse(&v).map_err(|e| InvalidSetting(e.0))?
+            }
+        };
         Ok(MappingSettings {
             stream_arn,
             function_name,
@@ -340,6 +354,7 @@ impl RawSettings {
             report_batch_item_failures,
             tumbling_window: (tumbling > 0).then(|| Duration::from_secs(tumbling as u64)),
             on_failure,
+            filter,
         })
     }
 }
@@ -440,5 +455,38 @@ mod tests {
         let flags = RawSettings { batch_size: Some("7".into()), on_failure: Some(String::new()), ..Default::default() };
         let s = raw.overlay(flags).validate().unwrap();
         assert_eq!((s.batch_size, s.on_failure), (7, None));
+    }
+
+    /// SAM's `FilterCriteria` on a Kinesis event, parameters resolved, as AWS's CLI shape.
+    #[test]
+    fn reads_filter_criteria_from_the_template() {
+        let text = r#"
+Parameters:
+  OrderType: {Type: String, Default: buy}
+Resources:
+  S:
+    Type: AWS::Kinesis::Stream
+  F:
+    Type: AWS::Serverless::Function
+    Properties:
+      Events:
+        K:
+          Type: Kinesis
+          Properties:
+            Stream: !GetAtt S.Arn
+            StartingPosition: TRIM_HORIZON
+            FilterCriteria:
+              Filters:
+                - Pattern: !Sub '{"data": {"order": {"type": ["${OrderType}"]}}}'
+"#;
+        let t = Template::parse(text, "st", &["OrderType=sell".into()]).unwrap();
+        let s = RawSettings::from_template(&t, None).unwrap().validate().unwrap();
+        let fields = serde_json::Map::new();
+        assert!(s.filter.passes(br#"{"order": {"type": "sell"}}"#, &fields));
+        assert!(!s.filter.passes(br#"{"order": {"type": "buy"}}"#, &fields));
+        // `{}` from a flag removes it, as `--filter-criteria "{}"` does on AWS.
+        let raw = RawSettings::from_template(&t, None).unwrap();
+        let none = RawSettings { filter_criteria: Some("{}".into()), ..Default::default() };
+        assert!(raw.overlay(none).validate().unwrap().filter.is_empty());
     }
 }

@@ -291,6 +291,7 @@ async fn read(
             ctx.touch();
             ctx.pending.fetch_add(n as i64, Ordering::SeqCst);
             let mut per_lane: Vec<Vec<Rec>> = (0..factor).map(|_| Vec::new()).collect();
+            let mut filtered_out = Vec::new();
             let mut p = progress.lock().await;
             for r in out.records() {
                 let seq = r.sequence_number().to_owned();
@@ -310,12 +311,27 @@ async fn read(
                     sequence_number: seq,
                     index,
                 };
+                // FilterCriteria: a record no filter matches is never invoked; the iterator
+                // advances past it (it is done at once) and it is counted.
+                if !ctx.settings.filter.is_empty() && !ctx.settings.filter.passes(&rec.data, &filter_fields(&rec)) {
+                    filtered_out.push(index);
+                    continue;
+                }
                 let lane = if factor == 1 {
                     0
                 } else {
                     (xxhash_rust::xxh3::xxh3_64(rec.partition_key.as_bytes()) % factor as u64) as usize
                 };
                 per_lane[lane].push(rec);
+            }
+            if !filtered_out.is_empty() {
+                let count = filtered_out.len();
+                ctx.pending.fetch_sub(count as i64, Ordering::SeqCst);
+                ctx.stats().counts.filtered_out += count as u64;
+                ctx.settings.event_counts(&[("FilteredOutEventCount", count as u64)]);
+                if p.done(filtered_out) {
+                    p.save().await.map_err(|source| MappingError::checkpoint(&shard, source))?;
+                }
             }
             drop(p);
             last_read = out.records().last().map(|r| r.sequence_number().to_owned());
@@ -832,4 +848,15 @@ impl Lane {
         p.set_window(None);
         p.save().await.map_err(|source| MappingError::checkpoint(&self.shard, source))
     }
+}
+
+/// A record's fields other than its data, as a filter pattern names them (the `kinesis` object
+/// of the event record).
+fn filter_fields(rec: &Rec) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("kinesisSchemaVersion".into(), "1.0".into());
+    m.insert("partitionKey".into(), rec.partition_key.clone().into());
+    m.insert("sequenceNumber".into(), rec.sequence_number.clone().into());
+    m.insert("approximateArrivalTimestamp".into(), rec.arrival.into());
+    m
 }
