@@ -26,6 +26,8 @@
 //! | idle back-off of polling | `an_idle_shard_is_polled_about_once_a_second_not_five_times` |
 //! | settings AWS refuses, template parameters checked | `the_runner_refuses_settings_aws_refuses` |
 //! | FilterCriteria: matching records only, the rest checkpointed past and counted; non-JSON data dropped | `filter_criteria_invoke_only_matching_records_and_advance_past_the_rest` |
+//! | polling: a caught-up shard once a second (AWS's cadence, the default); the summary says which | `aws_polls_a_caught_up_shard_once_a_second` |
+//! | Enabled: false: nothing read or invoked, state Disabled | `a_disabled_mapping_reads_nothing_and_says_so` |
 //! | FilterCriteria limits (5 filters, 4,096 characters) and patterns AWS refuses | `the_runner_refuses_settings_aws_refuses` |
 //! | 41 bad and hostile responses (not JSON, huge, wrong types, ids not in the batch) | `hostile_responses.rs` |
 use std::time::Duration;
@@ -110,7 +112,8 @@ impl Fixture {
     }
 
     fn options(&self, settings: &pushpull_local::mapping::MappingSettings) -> RunnerOptions {
-        let mut o = RunnerOptions::new(settings, Store::file(self.dir.path().join("checkpoints")));
+        // Fast polling keeps these tests quick; `aws_polls_a_caught_up_shard_once_a_second` pins AWS's cadence.
+        let mut o = RunnerOptions::new(settings, Store::file(self.dir.path().join("checkpoints"))).fast_polling();
         o.stop_when_idle = Some(Duration::from_millis(1500));
         o.list_shards_every = Duration::from_millis(500);
         o.retry_backoff = Duration::from_millis(10);
@@ -705,4 +708,46 @@ async fn filter_criteria_invoke_only_matching_records_and_advance_past_the_rest(
     let s = g.run(RawSettings { filter_criteria: Some(two.to_string()), ..g.settings() }).await;
     assert_eq!(g.batches().concat(), b(&["a", "c"]));
     assert_eq!(s.counts.filtered_out, 1);
+}
+
+/// AWS (with-kinesis.html): "Lambda polls each shard in your Kinesis stream for records at a base
+/// rate of once per second. When more records are available, Lambda keeps processing batches
+/// until the function catches up with the stream." With the default cadence, a shard that keeps
+/// receiving a record now and then is read about once a second, not five times.
+#[tokio::test]
+async fn aws_polls_a_caught_up_shard_once_a_second() {
+    let f = fixture(1).await;
+    let settings = f.settings().validate().unwrap();
+    let mut options = RunnerOptions::new(&settings, Store::file(f.dir.path().join("aws-cadence")));
+    options.stop_when_idle = Some(Duration::from_millis(1500));
+    assert_eq!(options.polling, pushpull_local::mapping::Polling::Aws, "AWS's cadence is the default");
+    let mapping = Runner::start(settings, options, Clients::from(&f.local), f.server.client());
+    let started = std::time::Instant::now();
+    for i in 0..8 {
+        f.put_ids(&[(&format!("t{i}"), none())]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let s = mapping.stop().await.unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert_eq!(s.records_delivered, 8);
+    assert!(
+        (s.counts.get_records as f64) < seconds * 1.5 + 2.0,
+        "{} GetRecords in {seconds:.1} s: more than about one a second",
+        s.counts.get_records
+    );
+    assert_eq!(s.polling, pushpull_local::mapping::Polling::Aws);
+    assert!(s.to_string().contains("polled once a second"), "{s}");
+}
+
+/// AWS: a mapping created with `Enabled: false` exists in state `Disabled` and does not poll.
+#[tokio::test]
+async fn a_disabled_mapping_reads_nothing_and_says_so() {
+    let f = fixture(1).await;
+    f.put_ids(&[("r1", none())]).await;
+    let s = f.run(RawSettings { enabled: Some("false".into()), ..f.settings() }).await;
+    assert_eq!((s.counts.get_records, s.counts.invocations), (0, 0));
+    assert_eq!(s.state, "Disabled");
+    assert!(s.to_string().contains("state            Disabled"), "{s}");
+    let enabled = f.run(f.settings()).await;
+    assert_eq!((enabled.state.as_str(), enabled.records_delivered), ("Enabled", 1));
 }

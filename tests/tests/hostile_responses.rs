@@ -209,7 +209,7 @@ async fn run_case(l: &Local, server: &InvokeServer, dir: &std::path::Path, c: &C
         ..Default::default()
     };
     let settings = raw.validate().unwrap();
-    let mut o = RunnerOptions::new(&settings, Store::file(dir.join("checkpoints").join(c.name)));
+    let mut o = RunnerOptions::new(&settings, Store::file(dir.join("checkpoints").join(c.name))).fast_polling();
     o.stop_when_idle = Some(Duration::from_millis(1500));
     o.list_shards_every = Duration::from_millis(500);
     o.retry_backoff = Duration::from_millis(10);

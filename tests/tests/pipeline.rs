@@ -85,7 +85,7 @@ async fn a_hundred_thousand_lines_roll_up_exactly_once() {
         timeout: Duration::from_secs(1200),
         // Poll a caught-up shard once a second, as AWS does: 16 shards polled 5 times a
         // second would keep kinesis-mock busy with empty reads.
-        caught_up_poll: Duration::from_secs(1),
+        caught_up_poll: Some(Duration::from_secs(1)),
         realism: pushpull_tests::realism(),
         ..PipelineConfig::new(TEMPLATE, unique("e2e"), input.path())
     };

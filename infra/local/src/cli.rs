@@ -187,10 +187,13 @@ pub struct EsmArgs {
     /// Longest wait between polls of an empty shard, ms.
     #[arg(long, default_value_t = 1000)]
     max_idle_poll_ms: u64,
-    /// Wait between polls of a shard that is caught up but receiving, ms (200: least delay;
-    /// 1000: as AWS polls).
-    #[arg(long, default_value_t = 200)]
-    caught_up_poll_ms: u64,
+    /// Wait between polls of a shard that is caught up, ms (default: 1000 as AWS polls; 200 with
+    /// --fast-polling).
+    #[arg(long)]
+    caught_up_poll_ms: Option<u64>,
+    /// Poll caught-up shards every 200 ms instead of AWS's once a second (the summary says which).
+    #[arg(long)]
+    fast_polling: bool,
     /// This runner's name in the shards' leases (default: host and pid). Runners started on the
     /// same mapping (same checkpoint location) share its shards; one restarted under the same
     /// name takes its own leases back at once.
@@ -240,6 +243,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         tumbling_window: args.tumbling_window,
         on_failure: args.on_failure,
         filter_criteria: args.filter_criteria,
+        enabled: None,
     };
     let raw = if args.no_template {
         flags
@@ -286,7 +290,12 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     let mut options = RunnerOptions::new(&settings, store);
     options.list_shards_every = Duration::from_secs_f64(args.list_shards_every.max(0.1));
     options.max_idle_poll = Duration::from_millis(args.max_idle_poll_ms.max(200));
-    options.caught_up_poll = Duration::from_millis(args.caught_up_poll_ms.max(200));
+    if args.fast_polling {
+        options = options.fast_polling();
+    }
+    if let Some(ms) = args.caught_up_poll_ms {
+        options.caught_up_poll = Duration::from_millis(ms.max(200));
+    }
     options.stop_when_idle = args.stop_when_idle.map(|s| Duration::from_secs_f64(s.max(0.0)));
     options.failover = Duration::from_millis(args.failover_ms.max(300));
     options.stop_grace = Duration::from_millis(args.stop_grace_ms);

@@ -366,8 +366,11 @@ pub struct PipelineConfig {
     /// Once done, print the report and keep everything running until Ctrl-C.
     pub keep_running: bool,
     /// The mapping's wait between polls of a shard that is caught up but receiving
-    /// ([`RunnerOptions::caught_up_poll`]).
-    pub caught_up_poll: Duration,
+    /// ([`RunnerOptions::caught_up_poll`]); `None`: the cadence's own.
+    pub caught_up_poll: Option<Duration>,
+    /// Poll caught-up shards every 200 ms instead of AWS's once a second
+    /// ([`crate::mapping::Polling`]).
+    pub fast_polling: bool,
     /// AWS's limits and faults ([`crate::realism`]); off by default.
     pub realism: RealismConfig,
     /// Where the run's EMF lines (`metrics.ndjson`) and summary (`summary.json`) go.
@@ -392,7 +395,8 @@ impl PipelineConfig {
             verbose: false,
             timeout: Duration::from_secs(900),
             keep_running: false,
-            caught_up_poll: Duration::from_millis(200),
+            caught_up_poll: None,
+            fast_polling: false,
             realism: RealismConfig::new(crate::realism::Profile::Off, 0),
             run_dir: std::env::temp_dir().join(format!(
                 "pushpull-run-{}-{}",
@@ -653,10 +657,16 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         .overlay(config.mapping.clone())
         .validate()
         .map_err(|e| PipelineError::new("mapping settings", e))?;
+    let mapping_enabled = settings.enabled;
     let mut options = RunnerOptions::new(&settings, Store::s3(local.s3.clone(), &r.bucket, "checkpoints/esm"));
+    if config.fast_polling {
+        options = options.fast_polling();
+    }
     let (delivered_tx, mut delivered_rx) = mpsc::unbounded_channel::<Delivered>();
     options.delivered = Some(delivered_tx);
-    options.caught_up_poll = config.caught_up_poll;
+    if let Some(poll) = config.caught_up_poll {
+        options.caught_up_poll = poll;
+    }
     let mapping = Runner::start(settings, options, clients.clone(), server.client());
 
     let (responses_tx, mut responses_rx) = mpsc::unbounded_channel();
@@ -751,6 +761,10 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         }
         // Done: every object pushed, then every shard read to its end since, and nothing undone.
         if pushed_at.is_some_and(|t| mapping.caught_up_since().is_some_and(|c| c > t)) && mapping.is_idle() {
+            break Ok(());
+        }
+        // A disabled mapping (`Enabled: false`) reads nothing: done once everything is pushed.
+        if !mapping_enabled && pushed_at.is_some() {
             break Ok(());
         }
         if mapping.is_finished() {

@@ -115,6 +115,8 @@ pub struct RunnerOptions {
     /// (MillisBehindLatest 0): `poll_interval` for the least delay, about a second to poll as
     /// AWS does and spare a busy local Kinesis.
     pub caught_up_poll: Duration,
+    /// The cadence on a shard that is not behind ([`Polling`]).
+    pub polling: Polling,
     /// First delay before retrying a failed batch; doubles up to `max_retry_backoff`.
     pub retry_backoff: Duration,
     /// Longest delay between retries.
@@ -156,7 +158,15 @@ pub struct Delivered {
 }
 
 impl RunnerOptions {
-    /// Defaults for `settings`, checkpointing in `checkpoints`.
+    /// Polls a caught-up or empty shard every 200 ms instead of once a second: less delay for
+    /// quick local loops, more GetRecords calls than AWS makes (the summary says which was used).
+    pub fn fast_polling(mut self) -> Self {
+        self.polling = Polling::Fast;
+        self.caught_up_poll = self.poll_interval;
+        self
+    }
+
+    /// Defaults for `settings`, checkpointing in `checkpoints`: AWS's polling cadence.
     pub fn new(settings: &MappingSettings, checkpoints: Store) -> Self {
         RunnerOptions {
             checkpoints,
@@ -165,7 +175,8 @@ impl RunnerOptions {
             list_shards_every: Duration::from_secs(5),
             poll_interval: Duration::from_millis(200),
             max_idle_poll: Duration::from_secs(1),
-            caught_up_poll: Duration::from_millis(200),
+            caught_up_poll: Duration::from_secs(1),
+            polling: Polling::Aws,
             retry_backoff: Duration::from_millis(100),
             max_retry_backoff: Duration::from_secs(5),
             stop_when_idle: None,
@@ -174,6 +185,32 @@ impl RunnerOptions {
             failover: Duration::from_secs(10),
             stop_grace: Duration::from_secs(30),
         }
+    }
+}
+
+/// How often a shard that is not behind is polled.
+///
+/// AWS (with-kinesis.html): "Lambda polls each shard in your Kinesis stream for records at a base
+/// rate of once per second. When more records are available, Lambda keeps processing batches
+/// until the function catches up with the stream." So a shard is read again at once while it is
+/// behind, and once a second once caught up, whether the last page had records or not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Polling {
+    /// AWS's: once a second when caught up (the default).
+    #[default]
+    Aws,
+    /// Every `poll_interval` (200 ms) when caught up, backing off to once a second only after
+    /// three empty pages: for quick local loops (`--fast-polling`).
+    Fast,
+}
+
+impl std::fmt::Display for Polling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Polling::Aws => "AWS's cadence (a caught-up shard polled once a second)",
+            Polling::Fast => "fast (a caught-up shard polled every 200 ms; AWS polls once a second)",
+        })
     }
 }
 
@@ -296,6 +333,12 @@ pub struct Summary {
     pub worker_id: String,
     /// Every lease this runner took, released, lost or finished, in order.
     pub leases: Vec<LeaseEvent>,
+    /// `Enabled` or `Disabled` (`Enabled: false`: the mapping reads nothing).
+    #[serde(default)]
+    pub state: String,
+    /// The polling cadence used.
+    #[serde(default)]
+    pub polling: Polling,
 }
 
 /// Delays from arrival to first invocation, in a histogram (microseconds, 3 significant digits):
@@ -356,12 +399,15 @@ impl Stats {
             active_s: self.last_invoke_end.as_secs_f64(),
             worker_id: String::new(),
             leases: self.leases.clone(),
+            state: String::new(),
+            polling: Polling::default(),
         }
     }
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "  state            {}; polling: {}", self.state, self.polling)?;
         writeln!(
             f,
             "  shards           {} read, {} finished",
@@ -465,6 +511,8 @@ impl Ctx {
     pub fn summary(&self) -> Summary {
         let mut s = self.stats().summary();
         s.worker_id = self.options.worker_id.clone();
+        s.state = if self.settings.enabled { "Enabled" } else { "Disabled" }.to_owned();
+        s.polling = self.options.polling;
         s
     }
 
@@ -632,6 +680,14 @@ impl Runner {
     }
 
     async fn supervise(ctx: &Arc<Ctx>, stream: &str, stop: &mut watch::Receiver<bool>) -> Result<(), MappingError> {
+        if !ctx.settings.enabled {
+            // AWS: a mapping created with `Enabled: false` is in state Disabled and polls nothing.
+            info!(stream, "the mapping is disabled (Enabled: false): no shard is read");
+            if ctx.options.stop_when_idle.is_none() {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            }
+            return Ok(());
+        }
         let me = ctx.options.worker_id.clone();
         let failover = ctx.options.failover;
         let mut tasks: JoinSet<(String, Result<shard::ShardEnd, MappingError>)> = JoinSet::new();

@@ -85,6 +85,8 @@ pub struct MappingSettings {
     pub on_failure: Option<Destination>,
     /// `FilterCriteria` ([`super::filter`]): records no filter matches are not invoked.
     pub filter: super::filter::FilterCriteria,
+    /// `Enabled: false`: the mapping exists but reads nothing (state `Disabled`).
+    pub enabled: bool,
 }
 
 impl MappingSettings {
@@ -154,6 +156,8 @@ pub struct RawSettings {
     pub on_failure: Option<String>,
     /// `FilterCriteria` as JSON (`{"Filters": [{"Pattern": "..."}]}`; `{}` removes it).
     pub filter_criteria: Option<String>,
+    /// `Enabled` (default true).
+    pub enabled: Option<String>,
 }
 
 impl RawSettings {
@@ -176,7 +180,8 @@ impl RawSettings {
             function_response_types,
             tumbling_window,
             on_failure,
-            filter_criteria
+            filter_criteria,
+            enabled
         );
         self
     }
@@ -244,6 +249,7 @@ impl RawSettings {
             tumbling_window: get("TumblingWindowInSeconds"),
             on_failure: p.pointer("/DestinationConfig/OnFailure/Destination").and_then(scalar),
             filter_criteria: p.get("FilterCriteria").map(Value::to_string),
+            enabled: get("Enabled"),
         }
     }
 
@@ -355,6 +361,10 @@ impl RawSettings {
             tumbling_window: (tumbling > 0).then(|| Duration::from_secs(tumbling as u64)),
             on_failure,
             filter,
+            enabled: match self.enabled.as_deref().map(str::trim) {
+                None | Some("") => true,
+                Some(_) => boolean(&self.enabled, "enabled")?,
+            },
         })
     }
 }
