@@ -27,6 +27,7 @@
 //! | settings AWS refuses, template parameters checked | `the_runner_refuses_settings_aws_refuses` |
 //! | FilterCriteria: matching records only, the rest checkpointed past and counted; non-JSON data dropped | `filter_criteria_invoke_only_matching_records_and_advance_past_the_rest` |
 //! | polling: a caught-up shard once a second (AWS's cadence, the default); the summary says which | `aws_polls_a_caught_up_shard_once_a_second` |
+//! | IteratorAge: at receipt, for every batch, failed or not | `iterator_age_is_measured_for_every_batch_even_one_that_fails` |
 //! | Enabled: false: nothing read or invoked, state Disabled | `a_disabled_mapping_reads_nothing_and_says_so` |
 //! | FilterCriteria limits (5 filters, 4,096 characters) and patterns AWS refuses | `the_runner_refuses_settings_aws_refuses` |
 //! | 41 bad and hostile responses (not JSON, huge, wrong types, ids not in the batch) | `hostile_responses.rs` |
@@ -750,4 +751,17 @@ async fn a_disabled_mapping_reads_nothing_and_says_so() {
     assert!(s.to_string().contains("state            Disabled"), "{s}");
     let enabled = f.run(f.settings()).await;
     assert_eq!((enabled.state.as_str(), enabled.records_delivered), ("Enabled", 1));
+}
+
+/// aws-semantics.md: IteratorAge is "measured when the mapping receives a batch: the time since
+/// the last record of the batch was written (for every batch, failed or not)". A batch that only
+/// ever fails still has its age measured (it was measured after a success only before).
+#[tokio::test]
+async fn iterator_age_is_measured_for_every_batch_even_one_that_fails() {
+    let f = fixture(1).await;
+    f.put_ids(&[("bad", json!({"error": 99}))]).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let s = f.run(RawSettings { maximum_retry_attempts: Some("0".into()), ..f.settings() }).await;
+    assert_eq!((s.counts.function_errors, s.counts.discarded), (1, 1), "{s}");
+    assert!(s.counts.iterator_age_ms_max >= 1000.0, "the failed batch's age: {}", s.counts.iterator_age_ms_max);
 }

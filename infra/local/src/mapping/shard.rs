@@ -693,6 +693,10 @@ impl Lane {
             let window = self.window.as_ref().map(|w| (w, false, false));
             let payload = self.event(&p.records, window);
             if p.first {
+                // IteratorAge as AWS measures it: when the mapping receives a batch, the time
+                // since its last record was written, for every batch (failed or not; a retry or
+                // a bisected half is not a new batch).
+                self.record_age(&p.records);
                 let now = now_unix();
                 let mut s = self.ctx.stats();
                 for r in &p.records {
@@ -739,7 +743,6 @@ impl Lane {
             match verdict {
                 Verdict::Success { state } => {
                     self.set_state(state);
-                    self.record_age(&p.records);
                     self.done(&p.records).await?;
                 }
                 Verdict::RetryFrom { index, state } => {
