@@ -354,7 +354,14 @@ async fn the_s3_destination_gets_the_failure_record_and_the_payload() {
     let list = f.local.s3.list_objects_v2().bucket(&bucket).send().await.unwrap();
     let keys: Vec<&str> = list.contents().iter().filter_map(|o| o.key()).collect();
     assert_eq!(keys.len(), 1, "{keys:?}");
-    assert!(keys[0].starts_with(&format!("aws/lambda/{FUNCTION}-{}/shardId-000000000000/", f.stream)), "{}", keys[0]);
+    // AWS (kinesis-on-failure-destination): aws/lambda/<ESM-UUID>/<shardID>/YYYY/MM/DD/YYYY-MM-DDTHH.MM.SS-<Random UUID>
+    let uuid = f.settings().validate().unwrap().uuid();
+    let prefix = format!("aws/lambda/{uuid}/shardId-000000000000/");
+    assert!(keys[0].starts_with(&prefix), "{}", keys[0]);
+    let rest: Vec<&str> = keys[0][prefix.len()..].split('/').collect();
+    assert_eq!(rest.len(), 4, "YYYY/MM/DD/<time>-<uuid>: {rest:?}");
+    assert_eq!(&rest[3][..4], rest[0]);
+    assert_eq!(&rest[3][13..14], ".", "HH.MM.SS: {}", rest[3]);
     let body = f.local.s3.get_object().bucket(&bucket).key(keys[0]).send().await.unwrap().body.collect().await.unwrap();
     let v: Value = serde_json::from_slice(&body.into_bytes()).unwrap();
     assert_eq!(v["requestContext"]["condition"], "RetryAttemptsExhausted");

@@ -70,6 +70,15 @@ pub fn iso8601(unix_seconds: f64) -> String {
     t.fmt(aws_smithy_types::date_time::Format::DateTime).unwrap_or_default()
 }
 
+/// RFC 3339 with exactly three decimals, as AWS's failure records write their times
+/// (`"timestamp": "2019-11-14T00:38:06.021Z"` in AWS's sample).
+pub fn iso8601_millis(unix_seconds: f64) -> String {
+    let ms = (unix_seconds * 1000.0).round().max(0.0) as i64;
+    let whole = aws_smithy_types::DateTime::from_secs(ms.div_euclid(1000));
+    let text = whole.fmt(aws_smithy_types::date_time::Format::DateTime).unwrap_or_default();
+    format!("{}.{:03}Z", text.trim_end_matches('Z'), ms.rem_euclid(1000))
+}
+
 /// The invocation payload for `records` (all of one shard) of `stream_arn`.
 pub fn event_json(
     records: &[Rec],

@@ -657,8 +657,8 @@ impl Runner {
     }
 
     fn context(settings: MappingSettings, options: RunnerOptions, clients: Clients, invoker: InvokeClient) -> Arc<Ctx> {
-        let stream = settings.stream_name().to_owned();
-        let mapping_id = format!("{}-{}", settings.function_name, stream);
+        // AWS names the S3 failure objects by the mapping's UUID.
+        let mapping_id = settings.uuid();
         let destination =
             settings.on_failure.clone().map(|d| destination::FailureDestination::new(d, clients.clone(), mapping_id));
         let ctx = Arc::new(Ctx {
@@ -675,7 +675,7 @@ impl Runner {
             started: Instant::now(),
             caught_up: Mutex::new(HashMap::new()),
         });
-        info!(stream, function = %ctx.settings.function_name, settings = ?ctx.settings, "mapping starting");
+        info!(stream = ctx.settings.stream_name(), function = %ctx.settings.function_name, settings = ?ctx.settings, "mapping starting");
         ctx
     }
 

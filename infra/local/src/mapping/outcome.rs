@@ -6,7 +6,7 @@ use bytes::Bytes;
 use pushpull::kinesis_event::SequenceNumber;
 use serde_json::{Value, json};
 
-use super::event::{Rec, iso8601};
+use super::event::{Rec, iso8601_millis};
 
 /// How the Invoke API answered.
 #[derive(Debug, Clone, PartialEq)]
@@ -175,13 +175,13 @@ pub fn failure_record(ctx: &FailureContext<'_>, shard_id: &str, records: &[Rec],
         },
         "responseContext": response,
         "version": "1.0",
-        "timestamp": iso8601(now),
+        "timestamp": iso8601_millis(now),
         "KinesisBatchInfo": {
             "shardId": shard_id,
             "startSequenceNumber": first.map(|r| r.sequence_number.as_str()),
             "endSequenceNumber": last.map(|r| r.sequence_number.as_str()),
-            "approximateArrivalOfFirstRecord": first.map(|r| iso8601(r.arrival)),
-            "approximateArrivalOfLastRecord": last.map(|r| iso8601(r.arrival)),
+            "approximateArrivalOfFirstRecord": first.map(|r| iso8601_millis(r.arrival)),
+            "approximateArrivalOfLastRecord": last.map(|r| iso8601_millis(r.arrival)),
             "batchSize": records.len(),
             "streamArn": ctx.stream_arn,
         },
@@ -295,7 +295,20 @@ mod tests {
         let info = &v["KinesisBatchInfo"];
         assert_eq!((info["startSequenceNumber"].as_str(), info["endSequenceNumber"].as_str()), (Some("5"), Some("6")));
         assert_eq!(info["batchSize"], 2);
-        assert_eq!(info["approximateArrivalOfFirstRecord"], "1970-01-01T00:00:01.5Z");
+        // AWS's sample writes times with three decimals: "2019-11-14T00:38:06.021Z".
+        assert_eq!(info["approximateArrivalOfFirstRecord"], "1970-01-01T00:00:01.500Z");
+        assert_eq!(v["timestamp"], "2023-11-14T22:13:20.000Z");
         assert!(v.get("Records").is_none() && v.get("payload").is_none());
+        // A partial failure answered normally is no function error: no functionError at all.
+        let partial =
+            failure_record(&FailureContext { function_error: None, ..ctx.clone() }, "shardId-000000000000", &b, 0.0);
+        assert!(partial["responseContext"].get("functionError").is_none(), "{partial}");
+    }
+
+    #[test]
+    fn times_have_exactly_three_decimals() {
+        assert_eq!(iso8601_millis(1_573_691_886.021), "2019-11-14T00:38:06.021Z");
+        assert_eq!(iso8601_millis(1_573_691_886.0), "2019-11-14T00:38:06.000Z");
+        assert_eq!(iso8601_millis(1_573_691_886.9996), "2019-11-14T00:38:07.000Z");
     }
 }
