@@ -110,3 +110,30 @@ async fn an_event_older_than_the_maximum_age_is_not_invoked() {
     assert_eq!(records[0]["requestPayload"], event);
     assert!(drain(&l, &source).await.is_empty());
 }
+
+/// A failure to invoke that is not a throttle (here 404: no such function) is counted as a
+/// failed attempt and the event goes to the destination with the error; it never stops the
+/// delivery of the other events (it used to end the whole delivery).
+#[tokio::test]
+async fn an_invoke_error_fails_its_event_alone() {
+    let l = local().await;
+    let server = server().await;
+    let (_, source) = queue(&l, "async-src").await;
+    let (dlq_arn, dlq) = queue(&l, "async-dlq").await;
+    for i in 0..3 {
+        l.sqs.send_message().queue_url(&source).message_body(json!({ "n": i }).to_string()).send().await.unwrap();
+    }
+    let settings = AsyncSettings::new("no-such-function", 1, 3600, Some(dlq_arn), 0.005).unwrap();
+    let s = run(&l, &server, settings, &source).await;
+    assert_eq!((s.events, s.invoke_errors, s.retries_exhausted), (3, 6, 3), "{s:?}");
+    let records = drain(&l, &dlq).await;
+    assert_eq!(records.len(), 3);
+    for r in &records {
+        assert_eq!(r["requestContext"]["condition"], "RetriesExhausted");
+        assert_eq!(r["requestContext"]["approximateInvokeCount"], 2);
+        assert!(r["responsePayload"]["errorMessage"].as_str().is_some_and(|m| m.contains("404")), "{r}");
+        let ts = r["timestamp"].as_str().unwrap();
+        assert_eq!(&ts[ts.len() - 5..ts.len() - 4], ".", "milliseconds, as in AWS's sample: {ts}");
+    }
+    assert!(drain(&l, &source).await.is_empty());
+}

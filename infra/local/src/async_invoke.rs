@@ -17,7 +17,6 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{info, warn};
 
 use crate::invoke::InvokeClient;
-use crate::mapping::event::iso8601;
 use crate::mapping::outcome::Answer;
 use crate::mapping::settings::InvalidSetting;
 use crate::mapping::{Clients, now_unix};
@@ -104,6 +103,13 @@ impl AsyncSettings {
         })
     }
 
+    /// The wait after the `n`th throttle (or 5xx) in a row: AWS's 1 s doubling up to 5 minutes,
+    /// times the delay scale.
+    pub fn throttle_delay(&self, n: u32) -> Duration {
+        let exponent = n.saturating_sub(1).min(16);
+        Duration::from_secs(1).saturating_mul(1 << exponent).min(Duration::from_secs(300)).mul_f64(self.delay_scale)
+    }
+
     fn delay(&self, retry: u32) -> Duration {
         RETRY_DELAYS[(retry as usize).min(1)].mul_f64(self.delay_scale)
     }
@@ -124,6 +130,10 @@ pub struct AsyncSummary {
     pub retries_exhausted: u64,
     /// Events sent to the destination because they were too old.
     pub expired: u64,
+    /// Invocations throttled (429) or failed on Lambda's side (5xx), waited out with backoff.
+    pub throttled: u64,
+    /// Other failures to invoke (4xx), counted as failed attempts.
+    pub invoke_errors: u64,
 }
 
 /// Options beyond the function's settings.
@@ -303,10 +313,10 @@ pub async fn deliver(
 }
 
 async fn one_event(s: &Shared, body: String, receipt: &str, queued_at: f64) -> Result<(), DeliveryError> {
-    let err = |reason: String| DeliveryError { queue: s.queue_url.clone(), reason };
     let event: Value = serde_json::from_str(&body).unwrap_or_else(|_| Value::from(body.clone()));
     let payload = Bytes::from(body);
     let mut attempts = 0u32;
+    let mut throttled = 0u32;
     let mut last_error: Option<Bytes> = None;
     let mut request_id = uuid::Uuid::new_v4().to_string();
     loop {
@@ -332,14 +342,51 @@ async fn one_event(s: &Shared, body: String, receipt: &str, queued_at: f64) -> R
             warn!(request_id, error = %pushpull::aws::describe(&e), "could not extend the message's visibility; it may be delivered again meanwhile");
         }
         let invoked = match s.invoker.invoke(&s.settings.function_name, payload.clone()).await {
-            Ok(i) => i,
+            Ok(i) => {
+                throttled = 0;
+                i
+            }
             Err(e) if e.is_throttle() => {
-                // Throttles are retried by Lambda's queue without using up a retry.
-                warn!(error = %e, "invoke throttled; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                // AWS (invocation-async-error-handling): "For throttling errors (429) and system
+                // errors (500-series), Lambda returns the event to the queue and attempts to run
+                // the function again for up to 6 hours, with exponentially increasing backoff:
+                // the retry interval increases from 1 second after the first attempt to a
+                // maximum of 5 minutes." No retry is used up; the event's age still counts.
+                throttled += 1;
+                let wait = s.settings.throttle_delay(throttled);
+                warn!(error = %e, wait_ms = wait.as_millis() as u64, "invoke throttled or failed on Lambda's side; retrying");
+                s.count(|c| c.throttled += 1);
+                tokio::time::sleep(wait).await;
                 continue;
             }
-            Err(e) => return Err(err(e.to_string())),
+            Err(e) => {
+                // Any other failure to invoke (a 4xx such as 404 or 413) is not the function's
+                // answer; AWS does not say what its queue does with one. We count it as an attempt
+                // that failed (retried as MaximumRetryAttempts says, then the destination with the
+                // error as responsePayload), and this event's failure never stops the others.
+                warn!(error = %e, "could not invoke the function for an event");
+                s.count(|c| c.invoke_errors += 1);
+                attempts += 1;
+                s.count(|c| c.invocations += 1);
+                last_error =
+                    Some(Bytes::from(json!({"errorType": "InvokeError", "errorMessage": e.to_string()}).to_string()));
+                if attempts > s.settings.maximum_retry_attempts {
+                    s.count(|c| c.retries_exhausted += 1);
+                    return to_destination(
+                        s,
+                        &event,
+                        "RetriesExhausted",
+                        attempts,
+                        &request_id,
+                        last_error.as_ref(),
+                        receipt,
+                    )
+                    .await;
+                }
+                s.count(|c| c.retries += 1);
+                tokio::time::sleep(s.settings.delay(attempts - 1)).await;
+                continue;
+            }
         };
         attempts += 1;
         request_id = invoked.request_id.clone();
@@ -399,7 +446,7 @@ pub fn async_failure_record(
     }
     json!({
         "version": "1.0",
-        "timestamp": iso8601(now_unix()),
+        "timestamp": crate::mapping::event::iso8601_millis(now_unix()),
         "requestContext": {
             "requestId": request_id,
             "functionArn": format!("{function_arn}:$LATEST"),
@@ -446,6 +493,18 @@ async fn to_destination(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// AWS: "the retry interval increases from 1 second after the first attempt to a maximum of
+    /// 5 minutes" (invocation-async-error-handling).
+    #[test]
+    fn throttles_back_off_from_1_s_to_5_minutes() {
+        let s = AsyncSettings::new("f", 2, 21600, None, 1.0).unwrap();
+        let waits: Vec<u64> = (1..=12).map(|n| s.throttle_delay(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(s.throttle_delay(1000).as_secs(), 300);
+        let scaled = AsyncSettings::new("f", 2, 21600, None, 0.01).unwrap();
+        assert_eq!(scaled.throttle_delay(1), Duration::from_millis(10));
+    }
 
     #[test]
     fn ranges_are_awss_and_the_template_is_read() {
