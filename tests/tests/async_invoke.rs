@@ -137,3 +137,35 @@ async fn an_invoke_error_fails_its_event_alone() {
     }
     assert!(drain(&l, &source).await.is_empty());
 }
+
+/// AWS's async OnFailure destinations include SNS topics: the same record as SQS gets, published
+/// (read here through an SQS queue subscribed to the topic, raw delivery).
+#[tokio::test]
+async fn an_sns_destination_gets_the_async_failure_record() {
+    let l = local().await;
+    let server = server().await;
+    let (_, source) = queue(&l, "async-src").await;
+    let topic = l.sns.create_topic().name(unique("async-topic")).send().await.unwrap().topic_arn().unwrap().to_owned();
+    let (sub_arn, sub_url) = queue(&l, "async-sub").await;
+    l.sns
+        .subscribe()
+        .topic_arn(&topic)
+        .protocol("sqs")
+        .endpoint(&sub_arn)
+        .attributes("RawMessageDelivery", "true")
+        .send()
+        .await
+        .unwrap();
+    let event = json!({ "not": "an S3 event" });
+    l.sqs.send_message().queue_url(&source).message_body(event.to_string()).send().await.unwrap();
+    let s = run(&l, &server, AsyncSettings::new("s3-to-kinesis", 0, 60, Some(topic), 1.0).unwrap(), &source).await;
+    assert_eq!(s.retries_exhausted, 1);
+    let records = drain(&l, &sub_url).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["requestContext"]["condition"], "RetriesExhausted");
+    assert_eq!(records[0]["requestPayload"], event);
+    // Destinations LocalStack does not serve here are refused by name, not ignored.
+    let e = AsyncSettings::new("f", 0, 60, Some(format!("arn:aws:events:{REGION}:{ACCOUNT}:event-bus/default")), 1.0)
+        .unwrap_err();
+    assert!(e.to_string().contains("SQS and SNS only"), "{e}");
+}

@@ -16,6 +16,7 @@
 //! | bisect with a partial response: retry from it, no split | `bisect_with_a_partial_response_...` |
 //! | timeouts and crashes are function errors | `timeouts_and_crashes_are_function_errors_and_retried` |
 //! | S3 failure destination: record and payload | `the_s3_destination_gets_the_failure_record_and_the_payload` |
+//! | SNS failure destination: the record as the message | `the_sns_destination_gets_the_failure_record` |
 //! | MaximumRecordAgeInSeconds | `records_older_than_the_maximum_age_...` |
 //! | ParallelizationFactor: order per key, lanes at once | `parallelization_keeps_order_per_partition_key_...` |
 //! | tumbling windows: state, partial failure, final invocation | `tumbling_windows_carry_state_and_end_with_a_final_invocation` |
@@ -771,4 +772,34 @@ async fn iterator_age_is_measured_for_every_batch_even_one_that_fails() {
     let s = f.run(RawSettings { maximum_retry_attempts: Some("0".into()), ..f.settings() }).await;
     assert_eq!((s.counts.function_errors, s.counts.discarded), (1, 1), "{s}");
     assert!(s.counts.iterator_age_ms_max >= 1000.0, "the failed batch's age: {}", s.counts.iterator_age_ms_max);
+}
+
+/// AWS (kinesis-on-failure-destination): "you can configure an Amazon SQS queue, Amazon SNS topic,
+/// or Amazon S3 bucket as the destination"; SNS gets the same metadata record as SQS. The topic
+/// is read here through an SQS queue subscribed to it (raw delivery).
+#[tokio::test]
+async fn the_sns_destination_gets_the_failure_record() {
+    let f = fixture(1).await;
+    let topic =
+        f.local.sns.create_topic().name(unique("esm-topic")).send().await.unwrap().topic_arn().unwrap().to_owned();
+    let (queue_arn, queue_url) = f.create_queue().await;
+    f.local
+        .sns
+        .subscribe()
+        .topic_arn(&topic)
+        .protocol("sqs")
+        .endpoint(&queue_arn)
+        .attributes("RawMessageDelivery", "true")
+        .send()
+        .await
+        .unwrap();
+    let seqs = f.put_ids(&[("a", json!({"error": 99}))]).await;
+    let raw = RawSettings { maximum_retry_attempts: Some("0".into()), on_failure: Some(topic.clone()), ..f.settings() };
+    let s = f.run(raw).await;
+    assert_eq!(s.counts.to_destination, 1);
+    let records = f.failure_records(&queue_url).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["requestContext"]["condition"], "RetryAttemptsExhausted");
+    assert_eq!(records[0]["KinesisBatchInfo"]["startSequenceNumber"], seqs[0]);
+    assert!(records[0].get("payload").is_none(), "SNS gets metadata only, as SQS");
 }

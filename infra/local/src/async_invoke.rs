@@ -60,11 +60,13 @@ impl AsyncSettings {
         if !(60..=21600).contains(&max_age) {
             return Err(bad(max_age, "maximumEventAgeInSeconds", "Member must be between 60 and 21600"));
         }
+        // AWS allows an SQS queue, SNS topic, S3 bucket, Lambda function or EventBridge bus;
+        // LocalStack here serves SQS and SNS to deliver to.
         if let Some(arn) = &on_failure
-            && arn.split(':').nth(2) != Some("sqs")
+            && !matches!(arn.split(':').nth(2), Some("sqs" | "sns"))
         {
             return Err(InvalidSetting(format!(
-                "destination {arn}: the local runner delivers async-invoke failures to SQS only"
+                "destination {arn}: a valid AWS destination, but the local runner delivers async-invoke failures to SQS and SNS only"
             )));
         }
         if !(delay_scale.is_finite() && delay_scale >= 0.0) {
@@ -235,7 +237,7 @@ pub async fn deliver(
     mut stop: watch::Receiver<bool>,
 ) -> Result<AsyncSummary, DeliveryError> {
     let err = |reason: String| DeliveryError { queue: queue_url.to_owned(), reason };
-    let destination_url = match &settings.on_failure {
+    let destination_url = match settings.on_failure.as_ref().filter(|arn| arn.split(':').nth(2) == Some("sqs")) {
         Some(arn) => Some(crate::localstack::queue_url(&clients.sqs, arn).await.map_err(err)?),
         None => None,
     };
@@ -475,6 +477,17 @@ async fn to_destination(
         s.settings.function_name
     );
     let record = async_failure_record(&function_arn, request_id, condition, attempts, event, error);
+    let topic = s.settings.on_failure.as_deref().filter(|arn| arn.split(':').nth(2) == Some("sns"));
+    if let Some(topic) = topic {
+        s.clients.sns.publish().topic_arn(topic).message(record.to_string()).send().await.map_err(|e| {
+            DeliveryError {
+                queue: s.queue_url.clone(),
+                reason: format!("Publish {topic}: {}", pushpull::aws::describe(&e)),
+            }
+        })?;
+        info!(condition, attempts, destination = topic, "S3 event sent to the failure destination");
+        return delete(s, receipt).await;
+    }
     match &s.destination_url {
         Some(url) => {
             s.clients.sqs.send_message().queue_url(url).message_body(record.to_string()).send().await.map_err(|e| {

@@ -258,6 +258,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
             kinesis: aws_sdk_kinesis::Client::new(&config),
             sqs: aws_sdk_sqs::Client::new(&config),
             s3: aws_sdk_s3::Client::new(&config),
+            sns: aws_sdk_sns::Client::new(&config),
         }
     } else {
         Clients::from(&Local::connect().await?)

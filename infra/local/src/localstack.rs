@@ -49,6 +49,8 @@ pub struct Local {
     pub kinesis: aws_sdk_kinesis::Client,
     /// SQS.
     pub sqs: aws_sdk_sqs::Client,
+    /// SNS (a failure destination).
+    pub sns: aws_sdk_sns::Client,
 }
 
 impl Local {
@@ -76,7 +78,12 @@ impl Local {
             .await;
         let s3 =
             aws_sdk_s3::Client::from_conf(aws_sdk_s3::config::Builder::from(&config).force_path_style(true).build());
-        Local { s3, kinesis: aws_sdk_kinesis::Client::new(&config), sqs: aws_sdk_sqs::Client::new(&config) }
+        Local {
+            s3,
+            kinesis: aws_sdk_kinesis::Client::new(&config),
+            sqs: aws_sdk_sqs::Client::new(&config),
+            sns: aws_sdk_sns::Client::new(&config),
+        }
     }
 
     /// Creates `bucket` if missing.

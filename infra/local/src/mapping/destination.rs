@@ -1,4 +1,4 @@
-//! Delivery to the OnFailure destination: SQS gets the failure record; S3 gets the failure
+//! Delivery to the OnFailure destination: SQS and SNS get the failure record; S3 gets the failure
 //! record with the invocation payload, under `aws/lambda/<mapping>/<shard>/YYYY/MM/DD/...` as
 //! AWS names it. A destination that cannot be reached is retried: the shard waits rather than
 //! lose the batch.
@@ -47,6 +47,18 @@ impl FailureDestination {
                     .send()
                     .await
                     .map_err(|e| format!("SendMessage {arn}: {}", pushpull::aws::describe(&e)))?;
+                Ok(arn.clone())
+            }
+            Destination::Sns(arn) => {
+                // AWS publishes the same failure record as SQS gets (metadata, no records).
+                self.clients
+                    .sns
+                    .publish()
+                    .topic_arn(arn)
+                    .message(record.to_string())
+                    .send()
+                    .await
+                    .map_err(|e| format!("Publish {arn}: {}", pushpull::aws::describe(&e)))?;
                 Ok(arn.clone())
             }
             Destination::S3(arn) => {

@@ -46,11 +46,13 @@ pub struct Clients {
     pub sqs: aws_sdk_sqs::Client,
     /// S3 (a failure destination).
     pub s3: aws_sdk_s3::Client,
+    /// SNS (a failure destination).
+    pub sns: aws_sdk_sns::Client,
 }
 
 impl From<&crate::localstack::Local> for Clients {
     fn from(l: &crate::localstack::Local) -> Self {
-        Clients { kinesis: l.kinesis.clone(), sqs: l.sqs.clone(), s3: l.s3.clone() }
+        Clients { kinesis: l.kinesis.clone(), sqs: l.sqs.clone(), s3: l.s3.clone(), sns: l.sns.clone() }
     }
 }
 

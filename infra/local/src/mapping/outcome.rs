@@ -309,6 +309,6 @@ mod tests {
     fn times_have_exactly_three_decimals() {
         assert_eq!(iso8601_millis(1_573_691_886.021), "2019-11-14T00:38:06.021Z");
         assert_eq!(iso8601_millis(1_573_691_886.0), "2019-11-14T00:38:06.000Z");
-        assert_eq!(iso8601_millis(1_573_691_886.9996), "2019-11-14T00:38:07.000Z");
+        assert_eq!(iso8601_millis(1_573_691_886.999_6), "2019-11-14T00:38:07.000Z");
     }
 }

@@ -25,17 +25,17 @@ pub enum Destination {
     Sqs(String),
     /// An S3 bucket (ARN): the failure record with the invocation payload.
     S3(String),
+    /// An SNS topic (ARN): the failure record as the message.
+    Sns(String),
 }
 
 impl Destination {
-    /// From a destination ARN; SNS is refused (LocalStack here runs S3, Kinesis and SQS).
+    /// From a destination ARN: an SQS queue, SNS topic or S3 bucket, the types AWS allows.
     pub fn from_arn(arn: &str) -> Result<Self, InvalidSetting> {
         match arn.split(':').nth(2) {
             Some("sqs") => Ok(Destination::Sqs(arn.to_owned())),
             Some("s3") => Ok(Destination::S3(arn.to_owned())),
-            Some("sns") => Err(InvalidSetting(format!(
-                "destination {arn}: SNS is a valid AWS destination but the local runner delivers to SQS or S3 only"
-            ))),
+            Some("sns") => Ok(Destination::Sns(arn.to_owned())),
             _ => Err(InvalidSetting(format!(
                 "Value '{arn}' at 'destinationConfig.onFailure.destination' failed to satisfy constraint: \
                  Member must be an SQS queue, SNS topic or S3 bucket ARN"
@@ -46,7 +46,7 @@ impl Destination {
     /// The ARN.
     pub fn arn(&self) -> &str {
         match self {
-            Destination::Sqs(a) | Destination::S3(a) => a,
+            Destination::Sqs(a) | Destination::S3(a) | Destination::Sns(a) => a,
         }
     }
 }
