@@ -132,6 +132,7 @@ async fn an_invoke_error_fails_its_event_alone() {
         assert_eq!(r["requestContext"]["condition"], "RetriesExhausted");
         assert_eq!(r["requestContext"]["approximateInvokeCount"], 2);
         assert!(r["responsePayload"]["errorMessage"].as_str().is_some_and(|m| m.contains("404")), "{r}");
+        assert!(r["responseContext"].get("functionError").is_none(), "the function never ran: {r}");
         let ts = r["timestamp"].as_str().unwrap();
         assert_eq!(&ts[ts.len() - 5..ts.len() - 4], ".", "milliseconds, as in AWS's sample: {ts}");
     }

@@ -319,7 +319,7 @@ async fn one_event(s: &Shared, body: String, receipt: &str, queued_at: f64) -> R
     let payload = Bytes::from(body);
     let mut attempts = 0u32;
     let mut throttled = 0u32;
-    let mut last_error: Option<Bytes> = None;
+    let mut last_error: Option<LastError> = None;
     let mut request_id = uuid::Uuid::new_v4().to_string();
     loop {
         if now_unix() - queued_at > s.settings.maximum_event_age.as_secs_f64() {
@@ -343,10 +343,12 @@ async fn one_event(s: &Shared, body: String, receipt: &str, queued_at: f64) -> R
             // a second time (at least once, as AWS's async invoke is).
             warn!(request_id, error = %pushpull::aws::describe(&e), "could not extend the message's visibility; it may be delivered again meanwhile");
         }
-        let invoked = match s.invoker.invoke(&s.settings.function_name, payload.clone()).await {
-            Ok(i) => {
+        let answer: Result<Answer, LastError> = match s.invoker.invoke(&s.settings.function_name, payload.clone()).await
+        {
+            Ok(invoked) => {
                 throttled = 0;
-                i
+                request_id = invoked.request_id.clone();
+                Ok(invoked.answer)
             }
             Err(e) if e.is_throttle() => {
                 // AWS (invocation-async-error-handling): "For throttling errors (429) and system
@@ -363,64 +365,37 @@ async fn one_event(s: &Shared, body: String, receipt: &str, queued_at: f64) -> R
             }
             Err(e) => {
                 // Any other failure to invoke (a 4xx such as 404 or 413) is not the function's
-                // answer; AWS does not say what its queue does with one. We count it as an attempt
-                // that failed (retried as MaximumRetryAttempts says, then the destination with the
-                // error as responsePayload), and this event's failure never stops the others.
-                warn!(error = %e, "could not invoke the function for an event");
+                // answer; AWS does not say what its queue does with one. We take it as a failed
+                // attempt (retried as MaximumRetryAttempts says, then the destination with the
+                // error as responsePayload, without functionError); this event's failure never
+                // stops the others.
                 s.count(|c| c.invoke_errors += 1);
-                attempts += 1;
-                s.count(|c| c.invocations += 1);
-                last_error =
-                    Some(Bytes::from(json!({"errorType": "InvokeError", "errorMessage": e.to_string()}).to_string()));
-                if attempts > s.settings.maximum_retry_attempts {
-                    s.count(|c| c.retries_exhausted += 1);
-                    return to_destination(
-                        s,
-                        &event,
-                        "RetriesExhausted",
-                        attempts,
-                        &request_id,
-                        last_error.as_ref(),
-                        receipt,
-                    )
-                    .await;
-                }
-                s.count(|c| c.retries += 1);
-                tokio::time::sleep(s.settings.delay(attempts - 1)).await;
-                continue;
+                let error = json!({"errorType": "InvokeError", "errorMessage": e.to_string()}).to_string();
+                Err(LastError::Invoke(Bytes::from(error)))
             }
         };
         attempts += 1;
-        request_id = invoked.request_id.clone();
         s.count(|c| c.invocations += 1);
-        match invoked.answer {
-            Answer::Response(response) => {
+        let failed = match answer {
+            Ok(Answer::Response(response)) => {
                 s.count(|c| c.succeeded += 1);
                 if let Some(tx) = &s.responses {
                     let _ = tx.send((event.clone(), response));
                 }
                 return delete(s, receipt).await;
             }
-            Answer::FunctionError(e) => {
-                warn!(attempt = attempts, error = %String::from_utf8_lossy(&e), "push function failed on an S3 event");
-                last_error = Some(e);
-                if attempts > s.settings.maximum_retry_attempts {
-                    s.count(|c| c.retries_exhausted += 1);
-                    return to_destination(
-                        s,
-                        &event,
-                        "RetriesExhausted",
-                        attempts,
-                        &request_id,
-                        last_error.as_ref(),
-                        receipt,
-                    )
-                    .await;
-                }
-                s.count(|c| c.retries += 1);
-                tokio::time::sleep(s.settings.delay(attempts - 1)).await;
-            }
+            Ok(Answer::FunctionError(e)) => LastError::Function(e),
+            Err(e) => e,
+        };
+        warn!(attempt = attempts, error = %String::from_utf8_lossy(failed.body()), "an invocation for an S3 event failed");
+        last_error = Some(failed);
+        if attempts > s.settings.maximum_retry_attempts {
+            s.count(|c| c.retries_exhausted += 1);
+            return to_destination(s, &event, "RetriesExhausted", attempts, &request_id, last_error.as_ref(), receipt)
+                .await;
         }
+        s.count(|c| c.retries += 1);
+        tokio::time::sleep(s.settings.delay(attempts - 1)).await;
     }
 }
 
@@ -433,6 +408,23 @@ async fn delete(s: &Shared, receipt: &str) -> Result<(), DeliveryError> {
     )
 }
 
+/// How the last attempt failed: the function's error, or a failure to invoke it at all.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LastError {
+    /// The function answered with an error (`functionError` in the record).
+    Function(Bytes),
+    /// The function could not be invoked (no `functionError`: it did not run).
+    Invoke(Bytes),
+}
+
+impl LastError {
+    fn body(&self) -> &Bytes {
+        match self {
+            LastError::Function(b) | LastError::Invoke(b) => b,
+        }
+    }
+}
+
 /// The record AWS sends to an async invocation's OnFailure destination.
 pub fn async_failure_record(
     function_arn: &str,
@@ -440,12 +432,13 @@ pub fn async_failure_record(
     condition: &str,
     attempts: u32,
     event: &Value,
-    error: Option<&Bytes>,
+    error: Option<&LastError>,
 ) -> Value {
     let mut response = json!({ "statusCode": 200, "executedVersion": "$LATEST" });
-    if error.is_some() {
+    if let Some(LastError::Function(_)) = error {
         response["functionError"] = Value::from("Unhandled");
     }
+    let error = error.map(LastError::body);
     json!({
         "version": "1.0",
         "timestamp": crate::mapping::event::iso8601_millis(now_unix()),
@@ -467,7 +460,7 @@ async fn to_destination(
     condition: &str,
     attempts: u32,
     request_id: &str,
-    error: Option<&Bytes>,
+    error: Option<&LastError>,
     receipt: &str,
 ) -> Result<(), DeliveryError> {
     let function_arn = format!(
@@ -547,7 +540,7 @@ mod tests {
             "RetriesExhausted",
             3,
             &event,
-            Some(&Bytes::from_static(br#"{"errorType":"E","errorMessage":"m"}"#)),
+            Some(&LastError::Function(Bytes::from_static(br#"{"errorType":"E","errorMessage":"m"}"#))),
         );
         assert_eq!(v["requestContext"]["condition"], "RetriesExhausted");
         assert_eq!(v["requestContext"]["approximateInvokeCount"], 3);
@@ -556,5 +549,15 @@ mod tests {
         assert_eq!(v["responseContext"]["functionError"], "Unhandled");
         assert_eq!(v["responsePayload"]["errorType"], "E");
         assert_eq!(v["version"], "1.0");
+        // A failure to invoke is no function error.
+        let v = async_failure_record(
+            "f",
+            "r",
+            "RetriesExhausted",
+            1,
+            &event,
+            Some(&LastError::Invoke(Bytes::from_static(b"{}"))),
+        );
+        assert!(v["responseContext"].get("functionError").is_none(), "{v}");
     }
 }
