@@ -201,18 +201,24 @@ impl Visit for FieldMap {
     }
 }
 
+/// A subscriber with the Powertools format writing into a buffer, for tests of what lines say.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Mutex;
-    use tracing_subscriber::fmt::MakeWriter;
+pub(crate) mod test_support {
+    use std::sync::{Arc, Mutex};
 
+    use serde_json::{Map, Value};
+    use tracing_subscriber::fmt::MakeWriter;
+    use tracing_subscriber::fmt::format::JsonFields;
+
+    use super::PowertoolsJson;
+
+    /// Where the lines go.
     #[derive(Clone, Default)]
-    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    pub(crate) struct Buffer(Arc<Mutex<Vec<u8>>>);
 
     impl std::io::Write for Buffer {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
+            self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
             Ok(buf.len())
         }
         fn flush(&mut self) -> std::io::Result<()> {
@@ -227,6 +233,29 @@ mod tests {
         }
     }
 
+    impl Buffer {
+        /// The lines written so far, parsed.
+        pub(crate) fn lines(&self) -> Vec<Map<String, Value>> {
+            let text = String::from_utf8(self.0.lock().map(|b| b.clone()).unwrap_or_default()).unwrap_or_default();
+            text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+        }
+    }
+
+    /// A subscriber writing `format`'s lines into `buffer`.
+    pub(crate) fn subscriber(buffer: &Buffer, format: PowertoolsJson) -> impl tracing::Subscriber + Send + Sync {
+        tracing_subscriber::fmt()
+            .with_writer(buffer.clone())
+            .fmt_fields(JsonFields::new())
+            .event_format(format)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{Buffer, subscriber};
+    use super::*;
+
     fn lines(f: impl FnOnce()) -> Vec<Map<String, Value>> {
         let buffer = Buffer::default();
         let format = PowertoolsJson {
@@ -234,14 +263,8 @@ mod tests {
             function_name: Some("push-fn".into()),
             function_memory_size: Some(128),
         };
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(buffer.clone())
-            .fmt_fields(JsonFields::new())
-            .event_format(format)
-            .finish();
-        tracing::subscriber::with_default(subscriber, f);
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        tracing::subscriber::with_default(subscriber(&buffer, format), f);
+        buffer.lines()
     }
 
     #[test]

@@ -759,38 +759,21 @@ mod tests {
     #[cfg(feature = "runtime")]
     #[tokio::test]
     async fn log_lines_about_an_object_carry_its_bucket_key_and_version() {
-        use std::sync::{Arc, Mutex};
-        #[derive(Clone, Default)]
-        struct Buffer(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Buffer {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
+        use crate::telemetry::test_support::{Buffer, subscriber};
         let buffer = Buffer::default();
-        let writer = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
-            .event_format(crate::telemetry::PowertoolsJson::from_env())
-            .finish();
+        let subscriber = subscriber(&buffer, crate::telemetry::PowertoolsJson::from_env());
         let w = world(&[], &format!("{}not json\n", lines(3)));
         {
             let _default = tracing::subscriber::set_default(subscriber);
             w.handler.handle(&event(), &Invocation::new("one")).await.unwrap();
         }
-        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        assert!(lines.len() >= 2, "{text}");
+        let lines = buffer.lines();
+        assert!(lines.len() >= 2, "{lines:?}");
         for line in &lines {
             assert_eq!(
                 (&line["bucket"], &line["key"], &line["version"]),
                 (&"b".into(), &"k.ndjson".into(), &"e1".into()),
-                "{line}"
+                "{line:?}"
             );
         }
     }
