@@ -227,7 +227,13 @@ impl<S: CheckpointStore> Leases<S> {
             let mut mine = progress;
             mine.owner = owner.to_owned();
             mine.lease_until_ms = now + lease_ms;
-            mine.checkpointed_at_ms = now;
+            // Taking over, the claim does not move `checkpointed_at_ms`: until this owner has
+            // read back and checkpointed progress of its own, nothing after the last progress
+            // checkpoint is verified, and a later take-over must read back from there (moving it
+            // here lost what an owner wrote if the next one stalled before its first checkpoint).
+            if etag.is_none() {
+                mine.checkpointed_at_ms = now;
+            }
             let written = match &etag {
                 Some(etag) => self.checkpoints.replace(&id, &mine, etag).await,
                 None => self.checkpoints.create(&id, &mine).await,
@@ -314,6 +320,48 @@ mod tests {
 
     fn leases(dir: &tempfile::TempDir, lease: Duration) -> Leases<Store> {
         Leases::new(Checkpoints::new(Store::file(dir.path())), lease)
+    }
+
+    /// Ends the lease in the stored checkpoint (the owner went silent and its lease ran out).
+    async fn lapse(l: &Leases<Store>, ev: &ObjectEvent) {
+        let id = Leases::<Store>::object_id(ev).0;
+        let (mut p, etag) = l.checkpoints.load::<ObjectProgress>(&id).await.unwrap().unwrap();
+        p.lease_until_ms = now_ms().saturating_sub(1);
+        l.checkpoints.replace(&id, &p, &etag).await.unwrap();
+    }
+
+    /// A owns the object and sends lines, then dies without a checkpoint. B takes over (its
+    /// read-back window starts at A's last checkpoint) but stalls before it checkpoints any
+    /// progress; C takes over from B. C must still look back to A's last checkpoint: B verified
+    /// nothing, so a window starting at B's claim would miss what A wrote, and C would send it
+    /// again (the storm test once found 3,000 lines twice in the stream this way).
+    #[tokio::test]
+    async fn a_take_over_of_a_take_over_still_reads_back_from_the_last_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = leases(&dir, Duration::from_secs(60));
+        let ev = event("k", "01");
+        let Claim::Owned { .. } = l.claim(&ev, "A").await.unwrap() else { panic!("A owns it") };
+        // A's last checkpoint was a minute ago (it went on sending after it), and its lease ran out.
+        let id = Leases::<Store>::object_id(&ev).0;
+        let (mut a, etag) = l.checkpoints.load::<ObjectProgress>(&id).await.unwrap().unwrap();
+        a.checkpointed_at_ms = now_ms() - 60_000;
+        l.checkpoints.replace(&id, &a, &etag).await.unwrap();
+        lapse(&l, &ev).await;
+        let Claim::Owned { interrupted: Some(b_window), .. } = l.claim(&ev, "B").await.unwrap() else {
+            panic!("B takes over an interrupted object")
+        };
+        assert!(b_window.since_ms <= a.checkpointed_at_ms);
+        lapse(&l, &ev).await;
+        let Claim::Owned { interrupted: Some(c_window), .. } = l.claim(&ev, "C").await.unwrap() else {
+            panic!("C takes over")
+        };
+        assert!(
+            c_window.since_ms <= a.checkpointed_at_ms,
+            "C's read-back starts at {} but A may have written from {}",
+            c_window.since_ms,
+            a.checkpointed_at_ms
+        );
+        assert!(c_window.until_ms >= b_window.until_ms, "and reaches to the end of B's lease");
     }
 
     #[tokio::test]
