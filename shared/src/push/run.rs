@@ -432,10 +432,18 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
             warn!(bucket = %ev.bucket, key = %ev.key, after_line = self.progress.lines_done,
                   "resuming an interrupted object with a sink that cannot be read back: lines sent after the last checkpoint are sent again (at least once)");
         }
-        let found = sink
-            .written_since(&self.progress.shard_positions, window.since_ms, window.until_ms)
-            .await
-            .map_err(ObjectError::ReadBack)?;
+        // Reading back can take longer than the lease (every shard, read under the shard's read
+        // limits); the lease is renewed meanwhile, so that no other invocation takes the object
+        // over from an owner that is working.
+        let positions = self.progress.shard_positions.clone();
+        let read = sink.written_since(&positions, window.since_ms, window.until_ms);
+        tokio::pin!(read);
+        let found = loop {
+            tokio::select! {
+                found = &mut read => break found.map_err(ObjectError::ReadBack)?,
+                () = tokio::time::sleep_until(self.fence()) => self.renew().await?,
+            }
+        };
         let mut by_key: HashMap<String, VecDeque<Bytes>> = HashMap::new();
         for r in found {
             // An aggregate is read back as the lines it packs, each under its own key.
@@ -653,6 +661,8 @@ mod tests {
         calls: AtomicUsize,
         /// Every call's records, for tests that look at what went together.
         batches: Mutex<Vec<Vec<OutRecord>>>,
+        /// How long reading back takes.
+        read_back_takes: Mutex<Duration>,
     }
 
     /// Two shards splitting the hash-key space in half.
@@ -684,6 +694,8 @@ mod tests {
             _: u64,
             _: u64,
         ) -> Result<Vec<WrittenRecord>, SinkError> {
+            let takes = *self.read_back_takes.lock().unwrap();
+            tokio::time::sleep(takes).await;
             let all = self.records.lock().unwrap();
             Ok(all
                 .iter()
@@ -935,6 +947,33 @@ mod tests {
         let summary = w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
         assert_eq!((summary.objects[0].resumed_after_line, summary.objects[0].records), (lines_done, 1000));
         assert_eq!(w.handler.sink().records.lock().unwrap().len(), 1000, "nothing twice");
+    }
+
+    /// Reading back every shard can take longer than the lease: the owner renews its lease
+    /// meanwhile, so that no other invocation takes over an object whose owner is working.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_read_back_renews_the_lease() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let writes = |takes: Duration| async move {
+            let w = world(&[("CHECKPOINT_LEASE_MS", "1000"), ("CHECKPOINT_INTERVAL_MS", "500")], &lines(5));
+            crashed_owner(&w.dir.path().join("cp")).await;
+            *w.handler.sink().read_back_takes.lock().unwrap() = takes;
+            let recorder = DebuggingRecorder::new();
+            let snapshotter = recorder.snapshotter();
+            {
+                let _local = metrics::set_default_local_recorder(&recorder);
+                w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
+            }
+            let seen = crate::metrics::seen(&snapshotter);
+            match seen.iter().find(|s| s.0 == crate::metrics::CHECKPOINT_WRITES).map(|s| &s.2) {
+                Some(DebugValue::Counter(n)) => *n,
+                _ => 0,
+            }
+        };
+        let quick = writes(Duration::ZERO).await;
+        let slow = writes(Duration::from_millis(3_500)).await;
+        // The fence is 3/4 of the lease: 3.5 s of reading back takes 4 renewals.
+        assert!(slow >= quick + 4, "{slow} checkpoint writes with a 3.5 s read-back, {quick} with an instant one");
     }
 
     #[tokio::test]
