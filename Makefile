@@ -1,5 +1,5 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-runners bench-aggregation bench-tradeoff
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-consumers bench-runners bench-aggregation bench-tradeoff
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
@@ -34,6 +34,9 @@ bench-pull:     ## pull function vs a floor function under runtime_api.py (BENCH
 
 bench-esm:      ## local event source mapping vs raw GetRecords: throughput and delay (BENCHMARKS.md)
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench esm_throughput -- $(ARGS)
+
+bench-consumers: ## 1-3 mappings polling one stream under AWS's limits: delay and throttles (BENCHMARKS.md)
+	infra/with-localstack.sh cargo bench -p pushpull-tests --bench consumers -- $(ARGS)
 
 bench-runners:  ## several mapping runners on 8 shards: handover after kill -9 / SIGTERM, throughput of 1-3 (BENCHMARKS.md)
 	cargo build --release -p pushpull-local
