@@ -173,7 +173,8 @@ struct Shared {
     clients: Clients,
     invoker: InvokeClient,
     queue_url: String,
-    destination_url: Option<String>,
+    /// The OnFailure destination (the mapping's sender: SQS or SNS here).
+    destination: Option<crate::mapping::destination::FailureDestination>,
     summary: Mutex<AsyncSummary>,
     last_activity: Mutex<Instant>,
     responses: Option<mpsc::UnboundedSender<(Value, Bytes)>>,
@@ -237,8 +238,12 @@ pub async fn deliver(
     mut stop: watch::Receiver<bool>,
 ) -> Result<AsyncSummary, DeliveryError> {
     let err = |reason: String| DeliveryError { queue: queue_url.to_owned(), reason };
-    let destination_url = match settings.on_failure.as_ref().filter(|arn| arn.split(':').nth(2) == Some("sqs")) {
-        Some(arn) => Some(crate::localstack::queue_url(&clients.sqs, arn).await.map_err(err)?),
+    let destination = match &settings.on_failure {
+        Some(arn) => {
+            let d = crate::mapping::settings::Destination::from_arn(arn).map_err(|e| err(e.to_string()))?;
+            let id = format!("async/{}", settings.function_name);
+            Some(crate::mapping::destination::FailureDestination::new(d, clients.clone(), id))
+        }
         None => None,
     };
     let shared = Arc::new(Shared {
@@ -246,7 +251,7 @@ pub async fn deliver(
         clients,
         invoker,
         queue_url: queue_url.to_owned(),
-        destination_url,
+        destination,
         summary: Mutex::new(AsyncSummary::default()),
         last_activity: Mutex::new(Instant::now()),
         responses: options.responses.clone(),
@@ -470,26 +475,13 @@ async fn to_destination(
         s.settings.function_name
     );
     let record = async_failure_record(&function_arn, request_id, condition, attempts, event, error);
-    let topic = s.settings.on_failure.as_deref().filter(|arn| arn.split(':').nth(2) == Some("sns"));
-    if let Some(topic) = topic {
-        s.clients.sns.publish().topic_arn(topic).message(record.to_string()).send().await.map_err(|e| {
-            DeliveryError {
-                queue: s.queue_url.clone(),
-                reason: format!("Publish {topic}: {}", pushpull::aws::describe(&e)),
-            }
-        })?;
-        info!(condition, attempts, destination = topic, "S3 event sent to the failure destination");
-        return delete(s, receipt).await;
-    }
-    match &s.destination_url {
-        Some(url) => {
-            s.clients.sqs.send_message().queue_url(url).message_body(record.to_string()).send().await.map_err(|e| {
-                DeliveryError {
-                    queue: s.queue_url.clone(),
-                    reason: format!("SendMessage {url}: {}", pushpull::aws::describe(&e)),
-                }
-            })?;
-            info!(condition, attempts, destination = url, "S3 event sent to the failure destination");
+    match &s.destination {
+        Some(d) => {
+            let at = d
+                .send(&record, None, "")
+                .await
+                .map_err(|e| DeliveryError { queue: s.queue_url.clone(), reason: e.to_string() })?;
+            info!(condition, attempts, destination = at, "S3 event sent to the failure destination");
         }
         None => warn!(condition, attempts, "S3 event dropped: no failure destination (as AWS does)"),
     }
