@@ -190,8 +190,10 @@ async fn a_paused_runner_loses_its_leases_and_stops_at_once_when_it_resumes() {
     g.wait_for("B took both shards", 2, Duration::from_secs(60), |o| o.values().all(|x| x.as_deref() == Some("b")))
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(std::process::Command::new("kill").args(["-CONT", &a.to_string()]).status().unwrap().success());
+    // Taken before the signal: A runs again the moment SIGCONT lands, which can be before
+    // `kill` returns to us on a loaded machine.
     let resumed_at = now();
+    assert!(std::process::Command::new("kill").args(["-CONT", &a.to_string()]).status().unwrap().success());
     let put = producer.await.unwrap();
     assert!(g.wait(b, Duration::from_secs(120)).await.success(), "{}", g.logs());
     g.terminate(a);
