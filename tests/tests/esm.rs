@@ -37,30 +37,70 @@ use std::time::Duration;
 use aws_sdk_kinesis::primitives::Blob;
 use pushpull::store::Store;
 use pushpull_local::invoke::InvokeServer;
+use pushpull_local::localstack::endpoint;
 use pushpull_local::localstack::{ACCOUNT, Local, REGION};
 use pushpull_local::mapping::{Clients, RawSettings, Runner, RunnerOptions, Summary};
+use pushpull_local::realism::iam::Policies;
+use pushpull_local::realism::proxy::RealismProxy;
+use pushpull_local::realism::{Profile, Realism, RealismConfig};
 use pushpull_local::runtime_api::FunctionSpec;
 use pushpull_tests::{function, local, unique};
 use serde_json::{Value, json};
+use std::sync::Arc;
 
 struct Fixture {
     local: Local,
     stream: String,
     server: InvokeServer,
     dir: tempfile::TempDir,
+    fan_out: Option<FanOut>,
+}
+
+/// Enhanced fan-out: a registered consumer, and the proxy that serves `SubscribeToShard`
+/// (`pushpull_local::realism::fanout`); records are written through it, as the push function
+/// writes them in a run.
+struct FanOut {
+    consumer: String,
+    kinesis: aws_sdk_kinesis::Client,
+    _proxy: RealismProxy,
+}
+
+/// How the mapping reads: GetRecords, or enhanced fan-out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Read {
+    Polling,
+    FanOut,
 }
 
 const FUNCTION: &str = "scripted";
 
 async fn fixture(shards: i32) -> Fixture {
+    fixture_read(shards, Read::Polling).await
+}
+
+async fn fixture_read(shards: i32, read: Read) -> Fixture {
+    fixture_with(shards, read, RealismConfig::new(Profile::Off, 1)).await
+}
+
+async fn fixture_with(shards: i32, read: Read, realism: RealismConfig) -> Fixture {
     let local = local().await;
     let stream = unique("esm");
-    local.ensure_stream(&stream, shards).await.unwrap();
+    let stream_arn = local.ensure_stream(&stream, shards).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut spec: FunctionSpec = function("scripted", &[("SCRIPT_DIR", dir.path().to_str().unwrap())]);
     spec.timeout = Duration::from_secs(2);
     let server = InvokeServer::start(vec![spec], 0, 10).await.unwrap();
-    Fixture { local, stream, server, dir }
+    let fan_out = match read {
+        Read::Polling => None,
+        Read::FanOut => {
+            let consumer = local.ensure_consumer(&stream_arn, "rollup").await.unwrap();
+            let proxy =
+                RealismProxy::start(Arc::new(Realism::new(realism)), Policies::default(), &endpoint()).await.unwrap();
+            let kinesis = Local::at(&proxy.endpoint(), "test").await.kinesis;
+            Some(FanOut { consumer, kinesis, _proxy: proxy })
+        }
+    };
+    Fixture { local, stream, server, dir, fan_out }
 }
 
 impl Fixture {
@@ -68,9 +108,24 @@ impl Fixture {
         format!("arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/{}", self.stream)
     }
 
+    /// What the mapping reads: the consumer with enhanced fan-out, else the stream.
+    fn source(&self) -> String {
+        self.fan_out.as_ref().map_or_else(|| self.arn(), |f| f.consumer.clone())
+    }
+
+    fn kinesis(&self) -> &aws_sdk_kinesis::Client {
+        self.fan_out.as_ref().map_or(&self.local.kinesis, |f| &f.kinesis)
+    }
+
+    fn clients(&self) -> Clients {
+        let mut c = Clients::from(&self.local);
+        c.kinesis = self.kinesis().clone();
+        c
+    }
+
     fn settings(&self) -> RawSettings {
         RawSettings {
-            stream: Some(self.arn()),
+            stream: Some(self.source()),
             function: Some(FUNCTION.into()),
             starting_position: Some("TRIM_HORIZON".into()),
             function_response_types: Some("ReportBatchItemFailures".into()),
@@ -84,8 +139,7 @@ impl Fixture {
         let mut seqs = Vec::new();
         for (pk, data) in records {
             let out = self
-                .local
-                .kinesis
+                .kinesis()
                 .put_record()
                 .stream_name(&self.stream)
                 .partition_key(*pk)
@@ -127,7 +181,14 @@ impl Fixture {
         let settings = raw.validate().unwrap();
         let options = self.options(&settings);
         let (_tx, rx) = tokio::sync::watch::channel(false);
-        Runner::run(settings, options, Clients::from(&self.local), self.server.client(), rx).await.unwrap()
+        let s = Runner::run(settings, options, self.clients(), self.server.client(), rx).await.unwrap();
+        if self.fan_out.is_some() && s.state == "Enabled" {
+            // Read with SubscribeToShard only: no GetRecords at all.
+            assert_eq!(s.counts.get_records, 0, "{s}");
+            assert!(s.counts.subscriptions >= 1 && s.counts.subscription_events >= 1, "{s}");
+            assert!(s.to_string().contains("enhanced fan-out through arn:aws:kinesis:"), "{s}");
+        }
+        s
     }
 
     fn log(&self) -> Vec<Value> {
@@ -229,7 +290,17 @@ async fn batches_stay_under_the_6_mib_payload() {
 
 #[tokio::test]
 async fn partial_failure_retries_from_the_lowest_failed_record_including_later_successes() {
-    let f = fixture(1).await;
+    partial_failure_retries_from_the_lowest_failed_record_including_later_successes_with(Read::Polling).await
+}
+
+/// The same with enhanced fan-out: the records come by `SubscribeToShard`.
+#[tokio::test]
+async fn enhanced_fan_out_partial_failure_retries_from_the_lowest_failed_record() {
+    partial_failure_retries_from_the_lowest_failed_record_including_later_successes_with(Read::FanOut).await
+}
+
+async fn partial_failure_retries_from_the_lowest_failed_record_including_later_successes_with(read: Read) {
+    let f = fixture_read(1, read).await;
     let seqs = f
         .put_ids(&[
             ("a", none()),
@@ -298,7 +369,17 @@ async fn errors_are_retried_then_the_batch_goes_to_the_sqs_destination() {
 
 #[tokio::test]
 async fn bisect_isolates_the_bad_record_and_splits_use_no_retries() {
-    let f = fixture(1).await;
+    bisect_isolates_the_bad_record_and_splits_use_no_retries_with(Read::Polling).await
+}
+
+/// The same with enhanced fan-out: the records come by `SubscribeToShard`.
+#[tokio::test]
+async fn enhanced_fan_out_bisects_and_sends_to_the_destination_as_polling_does() {
+    bisect_isolates_the_bad_record_and_splits_use_no_retries_with(Read::FanOut).await
+}
+
+async fn bisect_isolates_the_bad_record_and_splits_use_no_retries_with(read: Read) {
+    let f = fixture_read(1, read).await;
     let (dlq_arn, dlq_url) = f.create_queue().await;
     let seqs = f.put_ids(&[("a", none()), ("b", none()), ("c", json!({"error": 99})), ("d", none())]).await;
     let raw = RawSettings {
@@ -448,7 +529,17 @@ async fn at_window_start(len: u64) {
 
 #[tokio::test]
 async fn tumbling_windows_carry_state_and_end_with_a_final_invocation() {
-    let f = fixture(1).await;
+    tumbling_windows_carry_state_and_end_with_a_final_invocation_with(Read::Polling).await
+}
+
+/// The same with enhanced fan-out: the records come by `SubscribeToShard`.
+#[tokio::test]
+async fn enhanced_fan_out_tumbling_windows_carry_state_and_end_with_a_final_invocation() {
+    tumbling_windows_carry_state_and_end_with_a_final_invocation_with(Read::FanOut).await
+}
+
+async fn tumbling_windows_carry_state_and_end_with_a_final_invocation_with(read: Read) {
+    let f = fixture_read(1, read).await;
     at_window_start(3).await;
     f.put_ids(&[("a", none()), ("b", json!({"item_fail": 1}))]).await;
     at_window_start(3).await;
@@ -482,7 +573,17 @@ async fn tumbling_windows_carry_state_and_end_with_a_final_invocation() {
 
 #[tokio::test]
 async fn a_parent_shard_is_finished_before_its_children_start() {
-    let f = fixture(1).await;
+    a_parent_shard_is_finished_before_its_children_start_with(Read::Polling).await
+}
+
+/// The same with enhanced fan-out: the records come by `SubscribeToShard`.
+#[tokio::test]
+async fn enhanced_fan_out_finishes_a_parent_shard_before_its_children_start() {
+    a_parent_shard_is_finished_before_its_children_start_with(Read::FanOut).await
+}
+
+async fn a_parent_shard_is_finished_before_its_children_start_with(read: Read) {
+    let f = fixture_read(1, read).await;
     f.put_ids(&[("p1", none()), ("p2", none())]).await;
     f.local
         .kinesis
@@ -513,7 +614,17 @@ async fn a_parent_shard_is_finished_before_its_children_start() {
 
 #[tokio::test]
 async fn latest_and_at_timestamp_skip_what_came_before() {
-    let f = fixture(1).await;
+    latest_and_at_timestamp_skip_what_came_before_with(Read::Polling).await
+}
+
+/// The same with enhanced fan-out: the records come by `SubscribeToShard`.
+#[tokio::test]
+async fn enhanced_fan_out_latest_and_at_timestamp_skip_what_came_before() {
+    latest_and_at_timestamp_skip_what_came_before_with(Read::FanOut).await
+}
+
+async fn latest_and_at_timestamp_skip_what_came_before_with(read: Read) {
+    let f = fixture_read(1, read).await;
     f.put_ids(&[("before", none())]).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
@@ -528,7 +639,7 @@ async fn latest_and_at_timestamp_skip_what_came_before() {
     assert_eq!(f.batches(), vec![b(&["after"])]);
 
     // LATEST: only what arrives after the mapping started. A fresh checkpoint place.
-    let g = fixture(1).await;
+    let g = fixture_read(1, read).await;
     g.put_ids(&[("before", none())]).await;
     let run = g.run(RawSettings { starting_position: Some("LATEST".into()), ..g.settings() });
     let later = async {
@@ -541,7 +652,17 @@ async fn latest_and_at_timestamp_skip_what_came_before() {
 
 #[tokio::test]
 async fn a_second_run_resumes_after_the_checkpoint() {
-    let f = fixture(2).await;
+    a_second_run_resumes_after_the_checkpoint_with(Read::Polling).await
+}
+
+/// The same with enhanced fan-out: the records come by `SubscribeToShard`.
+#[tokio::test]
+async fn enhanced_fan_out_a_second_run_resumes_after_the_checkpoint() {
+    a_second_run_resumes_after_the_checkpoint_with(Read::FanOut).await
+}
+
+async fn a_second_run_resumes_after_the_checkpoint_with(read: Read) {
+    let f = fixture_read(2, read).await;
     let mut recs = Vec::new();
     for i in 0..20 {
         recs.push((format!("key{i}"), json!({ "id": format!("r{i}") })));

@@ -140,9 +140,9 @@ async fn storm(aggregated: bool) {
     if aggregated {
         params.push("PutAggregation=on".into());
     }
-    let t = Template::load(Path::new(TEMPLATE), &stack, &params).unwrap();
+    let mut t = Template::load(Path::new(TEMPLATE), &stack, &params).unwrap();
     let l = local().await;
-    let r = pipeline::provision(&t, &l).await.unwrap();
+    let r = pipeline::provision(&mut t, &l).await.unwrap();
     let realism = std::sync::Arc::new(Realism::new(RealismConfig::new(Profile::Storm, seed)));
     let policies = Policies::from_template(&t).unwrap();
     let proxy =

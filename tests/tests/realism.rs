@@ -29,9 +29,9 @@ async fn proxy(config: RealismConfig, policies: Policies) -> RealismProxy {
 async fn each_function_may_do_what_its_role_allows_and_nothing_else() {
     let bucket = unique("pp-iam");
     let stack = unique("iam");
-    let t = Template::load(std::path::Path::new(TEMPLATE), &stack, &[format!("DataBucketName={bucket}")]).unwrap();
+    let mut t = Template::load(std::path::Path::new(TEMPLATE), &stack, &[format!("DataBucketName={bucket}")]).unwrap();
     let l = local().await;
-    let r = pushpull_local::pipeline::provision(&t, &l).await.unwrap();
+    let r = pushpull_local::pipeline::provision(&mut t, &l).await.unwrap();
     let policies = Policies::from_template(&t).unwrap();
     let p = proxy(RealismConfig::new(Profile::Aws, 1), policies).await;
     let push = Local::at(&p.endpoint(), &access_key("PushRole")).await;

@@ -248,7 +248,11 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     let raw = if args.no_template {
         flags
     } else {
-        let t = args.template.load()?;
+        let mut t = args.template.load()?;
+        if !args.aws {
+            // `GetAtt X.ConsumerARN` (enhanced fan-out) needs the consumer registered.
+            pushpull_local::pipeline::register_consumers(&mut t, &Local::connect().await?).await?;
+        }
         RawSettings::from_template(&t, args.function.as_deref())?.overlay(flags)
     };
     let settings = raw.validate()?;
@@ -265,8 +269,9 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     };
     let realism = std::sync::Arc::new(Realism::new(args.realism.config()));
     let mut proxy = None;
-    if realism.config().is_on() && !args.aws {
-        // The mapping reads through the realism proxy with its function's role, as AWS's does.
+    if (realism.config().is_on() || settings.consumer_arn.is_some()) && !args.aws {
+        // The mapping reads through the realism proxy with its function's role, as AWS's does;
+        // and enhanced fan-out is served there (true push), with the realism layer on or off.
         let policies = match args.no_template {
             true => Policies::default(),
             false => Policies::from_template(&args.template.load()?)?,

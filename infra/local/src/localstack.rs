@@ -126,6 +126,33 @@ impl Local {
         Err(format!("stream {stream} did not become ACTIVE"))
     }
 
+    /// Registers the stream consumer `name` on `stream_arn` if missing (enhanced fan-out), waits
+    /// until it is ACTIVE, returns its ARN.
+    pub async fn ensure_consumer(&self, stream_arn: &str, name: &str) -> Result<String, String> {
+        if let Err(e) = self.kinesis.register_stream_consumer().stream_arn(stream_arn).consumer_name(name).send().await
+            && !e.as_service_error().is_some_and(|se| se.is_resource_in_use_exception())
+        {
+            return Err(format!("RegisterStreamConsumer {name} on {stream_arn}: {}", pushpull::aws::describe(&e)));
+        }
+        for _ in 0..200 {
+            let d = self
+                .kinesis
+                .describe_stream_consumer()
+                .stream_arn(stream_arn)
+                .consumer_name(name)
+                .send()
+                .await
+                .map_err(|e| format!("DescribeStreamConsumer {name}: {}", pushpull::aws::describe(&e)))?;
+            if let Some(c) = d.consumer_description()
+                && c.consumer_status() == &aws_sdk_kinesis::types::ConsumerStatus::Active
+            {
+                return Ok(c.consumer_arn().to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("stream consumer {name} did not become ACTIVE"))
+    }
+
     /// Creates an SQS queue and makes `bucket` send ObjectCreated notifications for keys under
     /// `prefix` to it (S3's own event source, as it would notify Lambda). Returns the queue URL.
     pub async fn notify_queue(&self, bucket: &str, queue: &str, prefix: &str) -> Result<String, String> {

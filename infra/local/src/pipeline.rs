@@ -101,9 +101,28 @@ fn props<'a>(t: &'a Template, kind: &'a str) -> impl Iterator<Item = (&'a String
     t.resources_of(kind).map(|(id, r)| (id, &r["Properties"]))
 }
 
-/// Creates the bucket (with its notification to the async-invoke stand-in queue), the stream
-/// and the queues the template names; returns them. Creating what exists is fine.
-pub async fn provision(t: &Template, local: &Local) -> Result<Resources, PipelineError> {
+/// Registers the template's stream consumers (`AWS::Kinesis::StreamConsumer` whose condition
+/// holds) on their streams, and records their ARNs in `t` for `GetAtt X.ConsumerARN`. The
+/// streams must exist. Registering what exists is fine.
+pub async fn register_consumers(t: &mut Template, local: &Local) -> Result<(), PipelineError> {
+    let consumers: Vec<(String, Value)> =
+        t.resources_of("AWS::Kinesis::StreamConsumer").map(|(id, r)| (id.clone(), r["Properties"].clone())).collect();
+    for (id, p) in consumers {
+        if !t.is_created(&id).map_err(|e| PipelineError::new("template", e))? {
+            continue;
+        }
+        let p = t.resolve(&p, &id).map_err(|e| PipelineError::new("template", e))?;
+        let stream_arn = p.get("StreamARN").and_then(scalar).unwrap_or_default();
+        let name = p.get("ConsumerName").and_then(scalar).unwrap_or_else(|| t.name_of(&id));
+        let arn = local.ensure_consumer(&stream_arn, &name).await.map_err(PipelineError)?;
+        t.arns.insert(id, arn);
+    }
+    Ok(())
+}
+
+/// Creates the bucket (with its notification to the async-invoke stand-in queue), the stream,
+/// its consumers and the queues the template names; returns them. Creating what exists is fine.
+pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, PipelineError> {
     let (bucket_id, bucket_props) =
         props(t, "AWS::S3::Bucket").next().ok_or_else(|| PipelineError("the template has no bucket".into()))?;
     let bucket = match bucket_props.get("BucketName") {
@@ -121,6 +140,8 @@ pub async fn provision(t: &Template, local: &Local) -> Result<Resources, Pipelin
         .unwrap_or(1);
     let stream = t.name_of(stream_id);
     let stream_arn = local.ensure_stream(&stream, shards).await.map_err(PipelineError)?;
+    register_consumers(t, local).await?;
+    let t = &*t;
     let mut queue_urls = HashMap::new();
     for (id, _) in props(t, "AWS::SQS::Queue") {
         let name = t.name_of(id);
@@ -612,19 +633,27 @@ fn percentiles(mut v: Vec<f64>) -> [f64; 4] {
 pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let started = Instant::now();
     let started_ms = crate::cloudwatch::now_ms();
-    let t = Template::load(&config.template, &config.stack, &config.overrides)
+    let mut t = Template::load(&config.template, &config.stack, &config.overrides)
         .map_err(|e| PipelineError::new("template", e))?;
     let metric_log = MetricLog::install(&config.run_dir.join("metrics.ndjson"))
         .map_err(|e| PipelineError::new(&format!("run directory {}", config.run_dir.display()), e))?;
     let local = Local::connect().await.map_err(|e| PipelineError(e.to_string()))?;
-    let r = provision(&t, &local).await?;
+    let r = provision(&mut t, &local).await?;
+    let t = t;
     let group_by = t.parameters.get("GroupByField").cloned().unwrap_or_default();
     let sum_field = t.parameters.get("SumField").cloned().unwrap_or_default();
     let expected = expected(&config.input_dir, &group_by, &sum_field)?;
 
     let mut specs = template_specs(&t, &config.extra_env, config.verbose)?;
     let realism = Arc::new(Realism::new(config.realism.clone()));
-    let proxy = match config.realism.is_on() {
+    // Enhanced fan-out is served by the proxy (true push: `realism::fanout`), so a mapping on a
+    // stream consumer reads through it even with the realism layer off.
+    let fan_out = RawSettings::from_template(&t, None)
+        .map_err(|e| PipelineError::new("template", e))?
+        .overlay(config.mapping.clone())
+        .stream
+        .is_some_and(|s| s.contains("/consumer/"));
+    let proxy = match config.realism.is_on() || fan_out {
         true => {
             let policies = Policies::from_template(&t).map_err(|e| PipelineError::new("template roles", e))?;
             let proxy = RealismProxy::start(realism.clone(), policies.clone(), &crate::localstack::endpoint())

@@ -52,6 +52,9 @@ pub struct Template {
     pub names: HashMap<String, String>,
     /// The stack name (`AWS::StackName`).
     pub stack: String,
+    /// ARNs known only once their resource exists (a stream consumer's ends in its creation
+    /// time), by logical id: set when the stack is provisioned.
+    pub arns: HashMap<String, String>,
 }
 
 impl Template {
@@ -94,6 +97,7 @@ impl Template {
             parameters,
             names: HashMap::new(),
             stack: stack.to_owned(),
+            arns: HashMap::new(),
         })
     }
 
@@ -117,6 +121,9 @@ impl Template {
 
     /// The ARN of a resource by its type.
     pub fn arn_of(&self, logical: &str) -> Result<String, TemplateError> {
+        if let Some(arn) = self.arns.get(logical) {
+            return Ok(arn.clone());
+        }
         let kind = self.resources.get(logical).and_then(|r| r["Type"].as_str()).unwrap_or("");
         let name = self.name_of(logical);
         Ok(match kind {
@@ -207,6 +214,21 @@ impl Template {
         match attr {
             "Arn" => self.arn_of(logical),
             "QueueName" | "StreamName" => Ok(self.name_of(logical)),
+            // A consumer's ARN carries the time it was registered: known once it is.
+            "ConsumerARN" => self.arns.get(logical).cloned().ok_or_else(|| {
+                resolve_err(
+                    at,
+                    format!("GetAtt {logical}.ConsumerARN: the consumer is registered when the stack is provisioned"),
+                )
+            }),
+            "ConsumerName" => {
+                let name = self.resources.get(logical).and_then(|r| r.pointer("/Properties/ConsumerName")).cloned();
+                Ok(name
+                    .map(|n| self.resolve(&n, at))
+                    .transpose()?
+                    .and_then(|v| scalar(&v))
+                    .unwrap_or_else(|| self.name_of(logical)))
+            }
             other => Err(resolve_err(at, format!("GetAtt {logical}.{other} is not known locally"))),
         }
     }
@@ -311,6 +333,14 @@ impl Template {
             });
         }
         Ok(out)
+    }
+
+    /// Whether a resource is created: its `Condition`, if it has one, holds.
+    pub fn is_created(&self, logical: &str) -> Result<bool, TemplateError> {
+        match self.resources.get(logical).and_then(|r| r["Condition"].as_str()) {
+            Some(c) => self.condition(c),
+            None => Ok(true),
+        }
     }
 
     /// Resources of a type, by logical id.

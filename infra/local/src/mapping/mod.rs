@@ -281,6 +281,16 @@ pub struct Counts {
     pub leases_released: u64,
     /// Leases found taken by another runner (this one was paused or slow past the failover time).
     pub leases_lost: u64,
+    /// Enhanced fan-out: successful `SubscribeToShard` calls (one a shard, then one every 5
+    /// minutes and after each error).
+    #[serde(default)]
+    pub subscriptions: u64,
+    /// Enhanced fan-out: `SubscribeToShardEvent`s received.
+    #[serde(default)]
+    pub subscription_events: u64,
+    /// Enhanced fan-out: refused `SubscribeToShard` calls and subscriptions that broke off.
+    #[serde(default)]
+    pub subscription_errors: u64,
 }
 
 /// A change of a shard's lease, as this runner saw it.
@@ -341,6 +351,9 @@ pub struct Summary {
     /// The polling cadence used.
     #[serde(default)]
     pub polling: Polling,
+    /// The stream consumer read through with enhanced fan-out (`SubscribeToShard`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
 }
 
 /// Delays from arrival to first invocation, in a histogram (microseconds, 3 significant digits):
@@ -403,23 +416,38 @@ impl Stats {
             leases: self.leases.clone(),
             state: String::new(),
             polling: Polling::default(),
+            consumer: None,
         }
     }
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "  state            {}; polling: {}", self.state, self.polling)?;
+        match &self.consumer {
+            Some(c) => writeln!(f, "  state            {}; enhanced fan-out through {c}", self.state)?,
+            None => writeln!(f, "  state            {}; polling: {}", self.state, self.polling)?,
+        }
         writeln!(
             f,
             "  shards           {} read, {} finished",
             self.counts.shards_started, self.counts.shards_finished
         )?;
-        writeln!(
-            f,
-            "  GetRecords       {} calls ({} empty), {} records",
-            self.counts.get_records, self.counts.empty_polls, self.counts.records_read
-        )?;
+        if self.consumer.is_some() {
+            writeln!(
+                f,
+                "  SubscribeToShard {} subscriptions, {} events, {} errors; {} records",
+                self.counts.subscriptions,
+                self.counts.subscription_events,
+                self.counts.subscription_errors,
+                self.counts.records_read
+            )?;
+        } else {
+            writeln!(
+                f,
+                "  GetRecords       {} calls ({} empty), {} records",
+                self.counts.get_records, self.counts.empty_polls, self.counts.records_read
+            )?;
+        }
         writeln!(
             f,
             "  invocations      {} for {} records; batch size min {} mean {:.1} max {}",
@@ -515,6 +543,7 @@ impl Ctx {
         s.worker_id = self.options.worker_id.clone();
         s.state = if self.settings.enabled { "Enabled" } else { "Disabled" }.to_owned();
         s.polling = self.options.polling;
+        s.consumer = self.settings.consumer_arn.clone();
         s
     }
 

@@ -61,6 +61,9 @@ pub struct InvalidSetting(pub String);
 pub struct MappingSettings {
     /// Stream ARN.
     pub stream_arn: String,
+    /// The stream consumer's ARN when the event source is one (enhanced fan-out: the mapping
+    /// reads with `SubscribeToShard`); `None` reads with GetRecords (standard polling).
+    pub consumer_arn: Option<String>,
     /// Function name (for the Invoke API) and its ARN (for failure records).
     pub function_name: String,
     /// 1..=10000.
@@ -93,7 +96,7 @@ impl MappingSettings {
     /// The mapping's identifier (`EventSourceMappingUUID`): the same for the same function and
     /// stream, so a run's metrics name one mapping across restarts, as AWS's UUID does.
     pub fn uuid(&self) -> String {
-        let h = xxhash_rust::xxh3::xxh3_128(format!("{}\n{}", self.function_name, self.stream_arn).as_bytes());
+        let h = xxhash_rust::xxh3::xxh3_128(format!("{}\n{}", self.function_name, self.event_source_arn()).as_bytes());
         let x = format!("{h:032x}");
         format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..])
     }
@@ -269,12 +272,24 @@ impl RawSettings {
                 Some(s) => Err(constraint(s, field, "Member must be a boolean")),
             }
         }
-        let stream_arn = self.stream.filter(|s| !s.is_empty()).ok_or_else(|| {
+        let source = self.stream.filter(|s| !s.is_empty()).ok_or_else(|| {
             InvalidSetting("an event source (stream ARN) is required: --stream, or Stream in the template".into())
         })?;
-        if !stream_arn.starts_with("arn:") || !stream_arn.contains(":kinesis:") || !stream_arn.contains(":stream/") {
-            return Err(constraint(&stream_arn, "eventSourceArn", "Member must be a Kinesis stream ARN"));
+        if !source.starts_with("arn:") || !source.contains(":kinesis:") || !source.contains(":stream/") {
+            return Err(constraint(
+                &source,
+                "eventSourceArn",
+                "Member must be a Kinesis stream or stream consumer ARN",
+            ));
         }
+        // A consumer's ARN is its stream's ARN, "/consumer/", its name, ":", its creation time.
+        let (stream_arn, consumer_arn) = match source.split_once("/consumer/") {
+            Some((stream, consumer)) if !consumer.is_empty() => (stream.to_owned(), Some(source.clone())),
+            Some(_) => {
+                return Err(constraint(&source, "eventSourceArn", "Member must be a Kinesis stream consumer ARN"));
+            }
+            None => (source, None),
+        };
         let function_name = self
             .function
             .filter(|f| !f.is_empty())
@@ -349,6 +364,7 @@ impl RawSettings {
         };
         Ok(MappingSettings {
             stream_arn,
+            consumer_arn,
             function_name,
             batch_size: batch_size as u32,
             batching_window: Duration::from_secs(window as u64),
@@ -370,6 +386,11 @@ impl RawSettings {
 }
 
 impl MappingSettings {
+    /// `EventSourceArn`: the consumer's ARN with enhanced fan-out, else the stream's.
+    pub fn event_source_arn(&self) -> &str {
+        self.consumer_arn.as_deref().unwrap_or(&self.stream_arn)
+    }
+
     /// The stream's name (the last part of its ARN).
     pub fn stream_name(&self) -> &str {
         self.stream_arn.rsplit('/').next().unwrap_or_default()

@@ -112,7 +112,17 @@ async fn read_and_invoke(
         };
         lanes.spawn(lane.run(saved.window.clone()));
     }
-    let reader = read(ctx.clone(), shard.clone(), kind, position, progress.clone(), senders, status_tx, drain);
+    let reader = {
+        let (ctx, shard, progress) = (ctx.clone(), shard.clone(), progress.clone());
+        async move {
+            match ctx.settings.consumer_arn.clone() {
+                Some(consumer) => {
+                    subscribe(ctx, shard, consumer, kind, position, progress, senders, status_tx, drain).await
+                }
+                None => read(ctx, shard, kind, position, progress, senders, status_tx, drain).await,
+            }
+        }
+    };
     tokio::pin!(reader);
     let mut reader_end = None;
     let mut renew = tokio::time::interval(ctx.options.failover / 3);
@@ -151,6 +161,7 @@ async fn read_and_invoke(
     Ok(ShardEnd::Finished)
 }
 
+#[derive(Debug, Clone)]
 enum Position {
     None,
     Sequence(String),
@@ -214,12 +225,7 @@ async fn read(
     status: watch::Sender<ReaderStatus>,
     mut drain: watch::Receiver<bool>,
 ) -> Result<ShardEnd, MappingError> {
-    let hand_over = |status: &watch::Sender<ReaderStatus>| {
-        status.send_modify(|s| s.handing_over = true);
-        info!(shard_id = %shard, "handing the shard over: finishing what is in flight");
-        // Dropping the senders ends the lanes once they are done.
-        Ok(ShardEnd::HandedOver)
-    };
+    let hand_over = |status: &watch::Sender<ReaderStatus>| hand_over(&shard, status);
     if *drain.borrow() {
         return hand_over(&status);
     }
@@ -229,7 +235,6 @@ async fn read(
     let mut idle_wait = ctx.options.poll_interval;
     let mut failures = 0u32;
     let mut empties = 0u32;
-    let factor = lanes.len();
     loop {
         tokio::select! {
             _ = tokio::time::sleep_until((last_call + ctx.options.poll_interval).into()) => {}
@@ -281,84 +286,19 @@ async fn read(
         {
             let mut s = ctx.stats();
             s.counts.get_records += 1;
-            s.counts.records_read += n as u64;
             if n == 0 {
                 s.counts.empty_polls += 1;
             }
         }
-        ctx.settings.event_counts(&[("PolledEventCount", n as u64)]);
+        if !take_page(&ctx, &shard, &progress, &lanes, &status, out.records(), behind, called_at).await? {
+            return Ok(ShardEnd::Finished); // the lanes stopped: the shard task is ending
+        }
         if n > 0 {
-            ctx.touch();
-            ctx.pending.fetch_add(n as i64, Ordering::SeqCst);
-            let mut per_lane: Vec<Vec<Rec>> = (0..factor).map(|_| Vec::new()).collect();
-            let mut filtered_out = Vec::new();
-            let mut p = progress.lock().await;
-            for r in out.records() {
-                let seq = r.sequence_number().to_owned();
-                let Ok(parsed) = seq.parse() else {
-                    return Err(MappingError::Kinesis(format!(
-                        "shard {shard} returned sequence number {seq:?}, not a decimal number"
-                    )));
-                };
-                let index = p.read(&seq);
-                let rec = Rec {
-                    shard_id: shard.clone(),
-                    seq: parsed,
-                    partition_key: r.partition_key().unwrap_or_default().to_owned(),
-                    data: Bytes::copy_from_slice(r.data().as_ref()),
-                    arrival: r.approximate_arrival_timestamp().map_or_else(now_unix, |t| t.as_secs_f64()),
-                    encryption: r.encryption_type().map(|e| e.as_str().to_owned()).filter(|e| e != "NONE"),
-                    sequence_number: seq,
-                    index,
-                };
-                // FilterCriteria: a record no filter matches is never invoked; the iterator
-                // advances past it (it is done at once) and it is counted.
-                if !ctx.settings.filter.is_empty() && !ctx.settings.filter.passes(&rec.data, &filter_fields(&rec)) {
-                    filtered_out.push(index);
-                    continue;
-                }
-                let lane = if factor == 1 {
-                    0
-                } else {
-                    (xxhash_rust::xxh3::xxh3_64(rec.partition_key.as_bytes()) % factor as u64) as usize
-                };
-                per_lane[lane].push(rec);
-            }
-            if !filtered_out.is_empty() {
-                let count = filtered_out.len();
-                ctx.pending.fetch_sub(count as i64, Ordering::SeqCst);
-                ctx.stats().counts.filtered_out += count as u64;
-                ctx.settings.event_counts(&[("FilteredOutEventCount", count as u64)]);
-                if p.done(filtered_out) {
-                    p.save().await.map_err(|source| MappingError::checkpoint(&shard, source))?;
-                }
-            }
-            drop(p);
             last_read = out.records().last().map(|r| r.sequence_number().to_owned());
-            for (lane, recs) in lanes.iter().zip(per_lane) {
-                if !recs.is_empty() && lane.send(recs).await.is_err() {
-                    return Ok(ShardEnd::Finished); // the lanes stopped: the shard task is ending
-                }
-            }
-        }
-        if behind == 0 {
-            status.send_modify(|s| s.caught_up_at = called_at);
-        }
-        if let Ok(mut c) = ctx.caught_up.lock() {
-            c.insert(shard.to_string(), (behind == 0 && n == 0).then_some(called_at));
         }
         match out.next_shard_iterator() {
             Some(next) if !next.is_empty() => it = next.to_owned(),
-            _ => {
-                info!(shard_id = %shard, "shard closed: read to its end");
-                // Not caught up: its children are still to be read (the supervisor clears this
-                // once they run).
-                if let Ok(mut c) = ctx.caught_up.lock() {
-                    c.insert(shard.to_string(), None);
-                }
-                status.send_modify(|s| s.caught_up_at = f64::INFINITY);
-                return Ok(ShardEnd::Finished); // dropping the senders ends the lanes once they are done
-            }
+            _ => return Ok(closed(&ctx, &shard, &status)),
         }
         if n == 0 && behind == 0 {
             // Back off on a shard that stays empty (after three empty polls in a row, so that a
@@ -386,6 +326,233 @@ async fn read(
             }
         }
     }
+}
+
+/// The reader stops to hand the shard over: lanes finish what they hold and end.
+fn hand_over(shard: &str, status: &watch::Sender<ReaderStatus>) -> Result<ShardEnd, MappingError> {
+    status.send_modify(|s| s.handing_over = true);
+    info!(shard_id = %shard, "handing the shard over: finishing what is in flight");
+    // Dropping the senders ends the lanes once they are done.
+    Ok(ShardEnd::HandedOver)
+}
+
+/// The shard is closed and read to its end.
+fn closed(ctx: &Ctx, shard: &str, status: &watch::Sender<ReaderStatus>) -> ShardEnd {
+    info!(shard_id = %shard, "shard closed: read to its end");
+    // Not caught up: its children are still to be read (the supervisor clears this once they run).
+    if let Ok(mut c) = ctx.caught_up.lock() {
+        c.insert(shard.to_string(), None);
+    }
+    status.send_modify(|s| s.caught_up_at = f64::INFINITY);
+    ShardEnd::Finished // dropping the senders ends the lanes once they are done
+}
+
+/// Reads `shard` through the stream consumer `consumer` with enhanced fan-out: `SubscribeToShard`,
+/// then the records Kinesis pushes, page by page, to the same lanes, checkpoints and windows as
+/// polling. AWS (API Reference, SubscribeToShard): events come "for up to 5 minutes, after which
+/// time you need to call SubscribeToShard again"; a subscription that ends, or breaks, is made
+/// again after the last record read (`AFTER_SEQUENCE_NUMBER`), so nothing is skipped or read
+/// twice. A call refused because a subscription to the pair succeeded under 5 s ago
+/// (`ResourceInUseException`) is made again a second later.
+#[allow(clippy::too_many_arguments)]
+async fn subscribe(
+    ctx: Arc<Ctx>,
+    shard: Arc<str>,
+    consumer: String,
+    kind: ShardIteratorType,
+    position: Position,
+    progress: Shared,
+    lanes: Vec<mpsc::Sender<Vec<Rec>>>,
+    status: watch::Sender<ReaderStatus>,
+    mut drain: watch::Receiver<bool>,
+) -> Result<ShardEnd, MappingError> {
+    use aws_sdk_kinesis::types::{StartingPosition as Start, SubscribeToShardEventStream};
+    if *drain.borrow() {
+        return hand_over(&shard, &status);
+    }
+    // LATEST is "now" at the first call: a later call before any record was read starts at
+    // that time, not at a later "now" that would skip what arrived in between.
+    let first_call = now_unix();
+    let mut subscribed = false;
+    let mut last_read: Option<String> = None;
+    let mut failures = 0u32;
+    loop {
+        if *drain.borrow() {
+            return hand_over(&shard, &status);
+        }
+        let (k, p) = match (&last_read, &kind) {
+            (Some(s), _) => (ShardIteratorType::AfterSequenceNumber, Position::Sequence(s.clone())),
+            (None, ShardIteratorType::Latest) if subscribed => {
+                (ShardIteratorType::AtTimestamp, Position::Time(first_call))
+            }
+            (None, _) => (kind.clone(), position.clone()),
+        };
+        let mut start = Start::builder().r#type(k);
+        match p {
+            Position::Sequence(s) => start = start.sequence_number(s),
+            Position::Time(t) => start = start.timestamp(aws_smithy_types::DateTime::from_secs_f64(t.min(now_unix()))),
+            Position::None => {}
+        }
+        let start = start.build().map_err(|e| MappingError::Kinesis(format!("SubscribeToShard {shard}: {e}")))?;
+        let call =
+            ctx.clients.kinesis.subscribe_to_shard().consumer_arn(&consumer).shard_id(&*shard).starting_position(start);
+        let sent = tokio::select! {
+            r = call.send() => r,
+            _ = drain.changed() => continue,
+        };
+        let mut out = match sent {
+            Ok(out) => {
+                ctx.stats().counts.subscriptions += 1;
+                subscribed = true;
+                out
+            }
+            Err(e) => {
+                ctx.stats().counts.subscription_errors += 1;
+                let msg = pushpull::aws::describe(&e);
+                let service = e.as_service_error();
+                if service.is_some_and(|se| {
+                    se.is_resource_not_found_exception()
+                        || se.is_invalid_argument_exception()
+                        || se.is_access_denied_exception()
+                }) {
+                    return Err(MappingError::Kinesis(format!("SubscribeToShard {consumer} {shard}: {msg}")));
+                }
+                let in_use = service.is_some_and(|se| se.is_resource_in_use_exception());
+                failures += u32::from(!in_use);
+                if failures > 50 {
+                    return Err(MappingError::Kinesis(format!("SubscribeToShard {consumer} {shard}: {msg}")));
+                }
+                debug!(shard_id = %shard, error = %msg, "SubscribeToShard refused; calling again");
+                let wait = if in_use { Duration::from_secs(1) } else { Duration::from_millis(200) * failures.min(10) };
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = drain.changed() => {}
+                }
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                ev = out.event_stream.recv() => ev,
+                _ = drain.changed() => {
+                    if *drain.borrow() {
+                        return hand_over(&shard, &status);
+                    }
+                    continue;
+                }
+            };
+            match next {
+                Ok(Some(SubscribeToShardEventStream::SubscribeToShardEvent(e))) => {
+                    failures = 0;
+                    ctx.stats().counts.subscription_events += 1;
+                    let called_at = now_unix();
+                    let (records, behind) = (e.records(), e.millis_behind_latest());
+                    if !take_page(&ctx, &shard, &progress, &lanes, &status, records, behind, called_at).await? {
+                        return Ok(ShardEnd::Finished); // the lanes stopped: the shard task is ending
+                    }
+                    if let Some(r) = records.last() {
+                        last_read = Some(r.sequence_number().to_owned());
+                    }
+                    // The shard's end: no continuation, and its children named.
+                    if e.continuation_sequence_number().is_empty() || !e.child_shards().is_empty() {
+                        return Ok(closed(&ctx, &shard, &status));
+                    }
+                }
+                Ok(Some(_)) => {} // an event kind this reader does not know
+                Ok(None) => {
+                    debug!(shard_id = %shard, "subscription ended (its 5 minutes); subscribing again");
+                    break;
+                }
+                Err(e) => {
+                    ctx.stats().counts.subscription_errors += 1;
+                    failures += 1;
+                    warn!(shard_id = %shard, error = %pushpull::aws::describe(&e), "subscription broke off; subscribing again");
+                    tokio::time::sleep(Duration::from_millis(200) * failures.min(10)).await;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Hands a page of records (a GetRecords answer, or a `SubscribeToShardEvent`'s) to the lanes:
+/// filtered, counted, registered in the shard's progress, and spread over the lanes by partition
+/// key; then notes whether the shard is caught up. False when the lanes are gone.
+#[allow(clippy::too_many_arguments)]
+async fn take_page(
+    ctx: &Arc<Ctx>,
+    shard: &Arc<str>,
+    progress: &Shared,
+    lanes: &[mpsc::Sender<Vec<Rec>>],
+    status: &watch::Sender<ReaderStatus>,
+    records: &[aws_sdk_kinesis::types::Record],
+    behind: i64,
+    called_at: f64,
+) -> Result<bool, MappingError> {
+    let factor = lanes.len();
+    let n = records.len();
+    ctx.stats().counts.records_read += n as u64;
+    ctx.settings.event_counts(&[("PolledEventCount", n as u64)]);
+    if n > 0 {
+        ctx.touch();
+        ctx.pending.fetch_add(n as i64, Ordering::SeqCst);
+        let mut per_lane: Vec<Vec<Rec>> = (0..factor).map(|_| Vec::new()).collect();
+        let mut filtered_out = Vec::new();
+        let mut p = progress.lock().await;
+        for r in records {
+            let seq = r.sequence_number().to_owned();
+            let Ok(parsed) = seq.parse() else {
+                return Err(MappingError::Kinesis(format!(
+                    "shard {shard} returned sequence number {seq:?}, not a decimal number"
+                )));
+            };
+            let index = p.read(&seq);
+            let rec = Rec {
+                shard_id: shard.clone(),
+                seq: parsed,
+                partition_key: r.partition_key().unwrap_or_default().to_owned(),
+                data: Bytes::copy_from_slice(r.data().as_ref()),
+                arrival: r.approximate_arrival_timestamp().map_or_else(now_unix, |t| t.as_secs_f64()),
+                encryption: r.encryption_type().map(|e| e.as_str().to_owned()).filter(|e| e != "NONE"),
+                sequence_number: seq,
+                index,
+            };
+            // FilterCriteria: a record no filter matches is never invoked; the iterator
+            // advances past it (it is done at once) and it is counted.
+            if !ctx.settings.filter.is_empty() && !ctx.settings.filter.passes(&rec.data, &filter_fields(&rec)) {
+                filtered_out.push(index);
+                continue;
+            }
+            let lane = if factor == 1 {
+                0
+            } else {
+                (xxhash_rust::xxh3::xxh3_64(rec.partition_key.as_bytes()) % factor as u64) as usize
+            };
+            per_lane[lane].push(rec);
+        }
+        if !filtered_out.is_empty() {
+            let count = filtered_out.len();
+            ctx.pending.fetch_sub(count as i64, Ordering::SeqCst);
+            ctx.stats().counts.filtered_out += count as u64;
+            ctx.settings.event_counts(&[("FilteredOutEventCount", count as u64)]);
+            if p.done(filtered_out) {
+                p.save().await.map_err(|source| MappingError::checkpoint(shard, source))?;
+            }
+        }
+        drop(p);
+        for (lane, recs) in lanes.iter().zip(per_lane) {
+            if !recs.is_empty() && lane.send(recs).await.is_err() {
+                return Ok(false);
+            }
+        }
+    }
+    if behind == 0 {
+        status.send_modify(|s| s.caught_up_at = called_at);
+    }
+    if let Ok(mut c) = ctx.caught_up.lock() {
+        c.insert(shard.to_string(), (behind == 0 && n == 0).then_some(called_at));
+    }
+    Ok(true)
 }
 
 struct Window {

@@ -222,6 +222,10 @@ pub fn stream_arn(name_or_arn: &str) -> String {
 /// is checked against `arn:aws:kinesis:<region>:<account>:*` only when `op` lists streams;
 /// otherwise (`None`) it is not checked: the stream it is about is in a token we cannot read.
 pub fn kinesis_call(op: &str, body: &Value, stream: Option<&str>) -> Option<Call> {
+    if let Some(consumer) = body["ConsumerARN"].as_str() {
+        // SubscribeToShard, DescribeStreamConsumer: on the consumer.
+        return Some(Call { action: format!("kinesis:{op}"), resource: consumer.to_owned() });
+    }
     let named = body["StreamARN"].as_str().or(body["StreamName"].as_str()).or(stream);
     let resource = match named {
         Some(s) => stream_arn(s),

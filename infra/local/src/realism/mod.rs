@@ -27,6 +27,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+pub mod fanout;
 pub mod iam;
 pub mod kinesis;
 pub mod proxy;
@@ -119,6 +120,8 @@ pub struct Rates {
     pub s3_reorder: f64,
     /// The Invoke API answers `429 TooManyRequestsException`.
     pub lambda_throttle: f64,
+    /// An enhanced fan-out subscription's connection is cut (per event it would send).
+    pub subscription_cut: f64,
 }
 
 /// One realism setting: a profile, its seed, and what the profile turns on.
@@ -139,6 +142,9 @@ pub struct RealismConfig {
     pub reshard_after: Option<Duration>,
     /// Concurrent invocations per function before the Invoke API answers 429 (none: queue).
     pub function_concurrency: Option<usize>,
+    /// How long an enhanced fan-out subscription lasts before the subscriber must call
+    /// `SubscribeToShard` again: AWS's 5 minutes (shorter in tests).
+    pub subscription_lifetime: Duration,
 }
 
 impl RealismConfig {
@@ -152,6 +158,7 @@ impl RealismConfig {
             rates: Rates::default(),
             reshard_after: None,
             function_concurrency: None,
+            subscription_lifetime: Duration::from_secs(300),
         };
         match profile {
             Profile::Off => off,
@@ -170,6 +177,7 @@ impl RealismConfig {
                     s3_duplicate: 0.3,
                     s3_reorder: 0.3,
                     lambda_throttle: 0.05,
+                    subscription_cut: 0.05,
                 },
                 reshard_after: Some(Duration::from_secs(4)),
                 ..off
@@ -284,6 +292,7 @@ pub fn describe(kind: &str) -> &'static str {
         "lambda.invoke.throttled" => "Invoke answered 429 (rate)",
         "lambda.invoke.concurrency" => "Invoke answered 429 (concurrency limit)",
         "iam.denied" => "calls denied by the function's role",
+        "kinesis.subscription.cut" => "enhanced fan-out subscriptions cut mid-stream",
         _ => "",
     }
 }

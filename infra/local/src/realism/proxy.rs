@@ -25,6 +25,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::Realism;
+use super::fanout::{self, Admin, AdminError, AdminFuture, Fanout};
 use super::iam::{self, Decision, Policies};
 use super::kinesis::{Iterator, Iterators, Lookup, ShardLimits, ShardRange, shard_for, shard_ranges};
 use crate::localstack::ACCOUNT;
@@ -46,6 +47,7 @@ struct State {
     limits: Option<Mutex<ShardLimits>>,
     iterators: Mutex<Iterators>,
     shards: Mutex<std::collections::HashMap<String, (Instant, Vec<ShardRange>)>>,
+    fanout: Arc<Fanout>,
 }
 
 impl RealismProxy {
@@ -63,6 +65,7 @@ impl RealismProxy {
             limits: config.limits.map(|l| Mutex::new(ShardLimits::new(l))),
             iterators: Mutex::new(Iterators::default()),
             shards: Mutex::new(Default::default()),
+            fanout: Arc::new(Fanout::default()),
         });
         let task = tokio::spawn(async move {
             loop {
@@ -226,6 +229,31 @@ impl State {
         serde_json::from_slice(&bytes).map_err(|e| format!("{op}: {e}"))
     }
 
+    /// [`Self::kinesis_admin`] with LocalStack's error kept by its `__type`.
+    async fn kinesis_admin_typed(&self, op: &str, body: Value) -> Result<Value, AdminError> {
+        let internal = |message: String| AdminError { kind: "InternalFailure".into(), message };
+        let req = Request::builder()
+            .method("POST")
+            .uri(format!("{}/", self.upstream))
+            .header("x-amz-target", format!("Kinesis_20131202.{op}"))
+            .header("content-type", "application/x-amz-json-1.1")
+            .header("authorization", ADMIN_AUTH)
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| internal(e.to_string()))?;
+        let resp = self.client.request(req).await.map_err(|e| internal(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| internal(e.to_string()))?.to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).map_err(|e| internal(format!("{op}: {e}")))?;
+        if !status.is_success() {
+            let kind = v["__type"].as_str().unwrap_or("InternalFailure");
+            return Err(AdminError {
+                kind: kind.rsplit('#').next().unwrap_or(kind).to_owned(),
+                message: v["message"].as_str().or(v["Message"].as_str()).unwrap_or_default().to_owned(),
+            });
+        }
+        Ok(v)
+    }
+
     /// The stream's shards, listed at most once a second.
     async fn shards(&self, stream: &str) -> Vec<ShardRange> {
         if let Some((at, s)) = self.shards.lock().ok().and_then(|m| m.get(stream).cloned())
@@ -287,6 +315,41 @@ impl State {
     }
 }
 
+impl Admin for State {
+    fn admin<'a>(&'a self, op: &'static str, body: Value) -> AdminFuture<'a> {
+        Box::pin(self.kinesis_admin_typed(op, body))
+    }
+}
+
+/// `SubscribeToShard`, served here ([`fanout`]): the answer is an event stream.
+async fn subscribe_to_shard(state: Arc<State>, json: Value, key: &str) -> Result<Response<Body>, String> {
+    if let Some(m) = iam::kinesis_call("SubscribeToShard", &json, None).and_then(|call| state.deny(key, &call)) {
+        return Ok(json_error(StatusCode::BAD_REQUEST, "AccessDeniedException", &m));
+    }
+    let req = fanout::Request {
+        consumer: json["ConsumerARN"].as_str().unwrap_or_default().to_owned(),
+        shard: json["ShardId"].as_str().unwrap_or_default().to_owned(),
+        starting: json["StartingPosition"].clone(),
+    };
+    let admin: Arc<dyn Admin> = state.clone();
+    match fanout::subscribe(state.fanout.clone(), admin, state.realism.clone(), req).await {
+        Ok(rx) => {
+            let frames = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+            Ok(Response::builder()
+                .status(StatusCode::OK)
+                .header("content-type", "application/vnd.amazon.eventstream")
+                .header("x-amzn-requestid", request_id())
+                .body(StreamBody::new(frames).boxed())
+                .unwrap_or_else(|_| Response::new(full(""))))
+        }
+        Err(e) => {
+            let status =
+                if e.kind == "InternalFailure" { StatusCode::INTERNAL_SERVER_ERROR } else { StatusCode::BAD_REQUEST };
+            Ok(json_error(status, &e.kind, &e.message))
+        }
+    }
+}
+
 async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = match body.collect().await {
@@ -301,8 +364,19 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         .unwrap_or_default()
         .to_owned();
     let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let result = if let Some(op) = target.strip_prefix("Kinesis_20131202.") {
-        kinesis(&state, &parts, body, op, &key).await
+    let result = if target == "Kinesis_20131202.SubscribeToShard" {
+        let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        subscribe_to_shard(state.clone(), json, &key).await
+    } else if let Some(op) = target.strip_prefix("Kinesis_20131202.") {
+        let r = kinesis(&state, &parts, body.clone(), op, &key).await;
+        if matches!(op, "PutRecord" | "PutRecords")
+            && r.as_ref().is_ok_and(|r| r.status().is_success())
+            && let Some(stream) = serde_json::from_slice::<Value>(&body).ok().as_ref().and_then(stream_name)
+        {
+            // Enhanced fan-out pushes: every subscription to the stream reads now.
+            state.fanout.wake(&stream);
+        }
+        r
     } else if let Some(op) = target.strip_prefix("AmazonSQS.") {
         let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         match state.deny(&key, &iam::sqs_call(op, &json)) {
@@ -350,7 +424,7 @@ async fn kinesis(state: &State, parts: &Parts, body: Bytes, op: &str, key: &str)
 }
 
 /// The size a record counts for: its data (base64-decoded) plus its partition key.
-fn entry_bytes(e: &Value) -> usize {
+pub(super) fn entry_bytes(e: &Value) -> usize {
     let data = e["Data"].as_str().unwrap_or_default();
     let padding = data.bytes().rev().take_while(|b| *b == b'=').count();
     (data.len() / 4 * 3).saturating_sub(padding) + e["PartitionKey"].as_str().map_or(0, str::len)
