@@ -35,7 +35,7 @@ bench-pull:     ## pull function vs a floor function under runtime_api.py (BENCH
 bench-esm:      ## local event source mapping vs raw GetRecords: throughput and delay (BENCHMARKS.md)
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench esm_throughput -- $(ARGS)
 
-bench-consumers: ## 1-3 mappings polling one stream under AWS's limits: delay and throttles (BENCHMARKS.md)
+bench-consumers: ## 1-6 mappings on one stream under AWS's limits, polling vs enhanced fan-out: delay and throttles (BENCHMARKS.md)
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench consumers -- $(ARGS)
 
 bench-runners:  ## several mapping runners on 8 shards: handover after kill -9 / SIGTERM, throughput of 1-3 (BENCHMARKS.md)

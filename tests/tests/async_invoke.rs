@@ -165,8 +165,80 @@ async fn an_sns_destination_gets_the_async_failure_record() {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0]["requestContext"]["condition"], "RetriesExhausted");
     assert_eq!(records[0]["requestPayload"], event);
-    // Destinations LocalStack does not serve here are refused by name, not ignored.
-    let e = AsyncSettings::new("f", 0, 60, Some(format!("arn:aws:events:{REGION}:{ACCOUNT}:event-bus/default")), 1.0)
-        .unwrap_err();
-    assert!(e.to_string().contains("SQS and SNS only"), "{e}");
+    // What is not a destination AWS allows is refused with AWS's wording.
+    let e =
+        AsyncSettings::new("f", 0, 60, Some(format!("arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/t")), 1.0).unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "Member must be an SQS queue, SNS topic, S3 bucket, Lambda function or EventBridge event bus ARN"
+        ),
+        "{e}"
+    );
+}
+
+/// AWS (invocation-async-retain-records): "Lambda can send records of asynchronous invocations
+/// to one of the following AWS services. Amazon SQS ... Amazon SNS ... Amazon S3 – An Amazon S3
+/// bucket (on failure only) ... AWS Lambda – A Lambda function ... Amazon EventBridge – An
+/// EventBridge event bus". The same failure record reaches each: an S3 object, a Lambda function's
+/// event, and an EventBridge event from `lambda` with detail-type "Lambda Function Invocation
+/// Result - Failure" (read through a rule that sends it to an SQS queue).
+#[tokio::test]
+async fn s3_lambda_and_eventbridge_destinations_get_the_async_failure_record() {
+    let l = local().await;
+    let dir = tempfile::tempdir().unwrap();
+    let push = function("s3-to-kinesis", &[("STREAM_NAME", "no-such-stream")]);
+    let recorder = function("scripted", &[("SCRIPT_DIR", dir.path().to_str().unwrap())]);
+    let server = InvokeServer::start(vec![push, recorder], 0, 4).await.unwrap();
+    let event = json!({ "not": "an S3 event" });
+    let fail_once_to = |destination: String| {
+        let (l, server, event) = (&l, &server, event.clone());
+        async move {
+            let (_, source) = queue(l, "async-src").await;
+            l.sqs.send_message().queue_url(&source).message_body(event.to_string()).send().await.unwrap();
+            let settings = AsyncSettings::new("s3-to-kinesis", 0, 60, Some(destination), 1.0).unwrap();
+            let s = run(l, server, settings, &source).await;
+            assert_eq!(s.retries_exhausted, 1);
+        }
+    };
+    let check = |record: &Value| {
+        assert_eq!(record["requestContext"]["condition"], "RetriesExhausted", "{record}");
+        let function = format!("arn:aws:lambda:{REGION}:{ACCOUNT}:function:s3-to-kinesis:$LATEST");
+        assert_eq!(record["requestContext"]["functionArn"], function);
+        assert_eq!(record["requestPayload"], event);
+    };
+
+    // S3: one object, the record, under aws/lambda/async/<function>/YYYY/MM/DD/.
+    let bucket = unique("async-dest");
+    l.ensure_bucket(&bucket).await.unwrap();
+    fail_once_to(format!("arn:aws:s3:::{bucket}")).await;
+    let listed = l.s3.list_objects_v2().bucket(&bucket).send().await.unwrap();
+    let keys: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].starts_with("aws/lambda/async/s3-to-kinesis/20"), "{}", keys[0]);
+    let body = l.s3.get_object().bucket(&bucket).key(keys[0]).send().await.unwrap().body.collect().await.unwrap();
+    check(&serde_json::from_slice(&body.into_bytes()).unwrap());
+
+    // Lambda: the destination function is invoked with the record as its event.
+    fail_once_to(format!("arn:aws:lambda:{REGION}:{ACCOUNT}:function:scripted")).await;
+    let log = std::fs::read_to_string(dir.path().join("log.ndjson")).unwrap();
+    let lines: Vec<Value> = log.lines().map(|x| serde_json::from_str(x).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    check(&lines[0]["destination_record"]);
+
+    // EventBridge: a bus, a rule for Lambda's failure events, an SQS queue as its target.
+    let bus = unique("async-bus");
+    let bus_arn = l.events.create_event_bus().name(&bus).send().await.unwrap().event_bus_arn().unwrap().to_owned();
+    let (target_arn, target_url) = queue(&l, "async-bus-target").await;
+    let pattern = json!({ "source": ["lambda"], "detail-type": ["Lambda Function Invocation Result - Failure"] });
+    l.events.put_rule().name("failures").event_bus_name(&bus).event_pattern(pattern.to_string()).send().await.unwrap();
+    let target = aws_sdk_eventbridge::types::Target::builder().id("queue").arn(&target_arn).build().unwrap();
+    l.events.put_targets().rule("failures").event_bus_name(&bus).targets(target).send().await.unwrap();
+    fail_once_to(bus_arn).await;
+    let events = drain(&l, &target_url).await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(
+        (&events[0]["source"], &events[0]["detail-type"]),
+        (&json!("lambda"), &json!("Lambda Function Invocation Result - Failure"))
+    );
+    check(&events[0]["detail"]);
 }

@@ -31,6 +31,8 @@
 //! | IteratorAge: at receipt, for every batch, failed or not | `iterator_age_is_measured_for_every_batch_even_one_that_fails` |
 //! | Enabled: false: nothing read or invoked, state Disabled | `a_disabled_mapping_reads_nothing_and_says_so` |
 //! | FilterCriteria limits (5 filters, 4,096 characters) and patterns AWS refuses | `the_runner_refuses_settings_aws_refuses` |
+//! | enhanced fan-out (a stream consumer as EventSourceArn): SubscribeToShard, with the same partial failures, bisection, windows, resharding, starting positions and checkpoints as polling | `enhanced_fan_out_*` (six tests that run a polling test's scenario through a consumer) |
+//! | enhanced fan-out: a subscription made again after its lifetime and after it breaks, ResourceInUse within 5 s waited out, nothing lost or doubled | `enhanced_fan_out_subscribes_again_when_a_subscription_ends_or_breaks_and_loses_nothing` |
 //! | 41 bad and hostile responses (not JSON, huge, wrong types, ids not in the batch) | `hostile_responses.rs` |
 use std::time::Duration;
 
@@ -929,4 +931,47 @@ async fn the_sns_destination_gets_the_failure_record() {
     assert_eq!(records[0]["requestContext"]["condition"], "RetryAttemptsExhausted");
     assert_eq!(records[0]["KinesisBatchInfo"]["startSequenceNumber"], seqs[0]);
     assert!(records[0].get("payload").is_none(), "SNS gets metadata only, as SQS");
+}
+
+/// AWS (API Reference, SubscribeToShard): "your consumer starts receiving events of type
+/// SubscribeToShardEvent over the HTTP/2 connection for up to 5 minutes, after which time you
+/// need to call SubscribeToShard again", and "If you call SubscribeToShard again with the same
+/// ConsumerARN and ShardId within 5 seconds of a successful call, you'll get a
+/// ResourceInUseException." The mapping subscribes again when a subscription ends (here after
+/// 6 s instead of 5 minutes) and when one breaks off (the proxy cuts connections at random),
+/// waiting out ResourceInUseException, from after the last record it read: every record is
+/// invoked once, in order.
+#[tokio::test]
+async fn enhanced_fan_out_subscribes_again_when_a_subscription_ends_or_breaks_and_loses_nothing() {
+    use aws_sdk_kinesis::types::{ShardIteratorType, StartingPosition};
+    let mut realism = RealismConfig::new(Profile::Off, 7);
+    realism.subscription_lifetime = Duration::from_secs(6);
+    realism.rates.subscription_cut = 0.08;
+    let f = fixture_with(1, Read::FanOut, realism).await;
+    let consumer = f.source();
+    let subscribe = || {
+        f.kinesis()
+            .subscribe_to_shard()
+            .consumer_arn(&consumer)
+            .shard_id("shardId-000000000000")
+            .starting_position(StartingPosition::builder().r#type(ShardIteratorType::Latest).build().unwrap())
+            .send()
+    };
+    let first = subscribe().await.unwrap();
+    let again = subscribe().await.expect_err("a second subscription within 5 s is refused");
+    assert!(again.as_service_error().is_some_and(|e| e.is_resource_in_use_exception()), "{again:?}");
+    drop(first);
+
+    let ids: Vec<String> = (0..40).map(|i| format!("r{i:02}")).collect();
+    let producer = async {
+        for id in &ids {
+            f.put_ids(&[(id, none())]).await;
+            tokio::time::sleep(Duration::from_millis(350)).await;
+        }
+    };
+    let (s, ()) = tokio::join!(f.run(f.settings()), producer);
+    assert_eq!(f.batches().concat(), ids, "every record once, in order: {s}");
+    assert!(s.counts.subscriptions >= 3, "the 6 s subscriptions were made again: {s}");
+    assert!(s.counts.subscription_errors >= 1, "the first call met the test's subscription: {s}");
+    println!("{s}");
 }

@@ -338,6 +338,29 @@ async fn tumbling_windows_roll_up_the_sample_data_exactly() {
     assert_eq!(report.outputs as u64, report.mapping.counts.windows_final, "one output per window and shard");
 }
 
+/// The sample pipeline with `ReadMode=enhanced-fan-out` under AWS's limits and the template's
+/// roles: the stack registers its stream consumer, the mapping reads through it with
+/// `SubscribeToShard` (allowed by the pull role's `EnhancedFanOut` statement) and no GetRecords,
+/// and the rollup still equals the input.
+#[tokio::test]
+async fn the_sample_pipeline_reads_through_its_stream_consumer_with_enhanced_fan_out() {
+    let bucket = unique("pp-efo");
+    let config = PipelineConfig {
+        overrides: vec![format!("DataBucketName={bucket}"), "ReadMode=enhanced-fan-out".into()],
+        delay_scale: 0.01,
+        timeout: Duration::from_secs(300),
+        realism: pushpull_local::realism::RealismConfig::new(pushpull_local::realism::Profile::Aws, 1),
+        ..PipelineConfig::new(TEMPLATE, unique("efo"), concat!(env!("CARGO_MANIFEST_DIR"), "/../infra/sample-data"))
+    };
+    let report = pipeline::run(config).await.unwrap();
+    report.check().unwrap();
+    let m = &report.mapping;
+    assert!(m.consumer.as_deref().is_some_and(|c| c.contains("/consumer/efo-") && c.contains("-rollup:")), "{m}");
+    assert_eq!(m.counts.get_records, 0, "{m}");
+    assert!(m.counts.subscriptions >= 1, "{m}");
+    assert_eq!(report.faults.as_ref().map_or(0, |f| f.get("iam.denied")), 0, "the pull role allows SubscribeToShard");
+}
+
 /// What an operator would see of a run, computed from its EMF lines (the functions' own and the
 /// ones the local AWS parts write for what AWS publishes), agrees with what happened; the
 /// template's alarms are evaluated on them and fire when their rule is met; `--report` draws it.

@@ -60,14 +60,9 @@ impl AsyncSettings {
         if !(60..=21600).contains(&max_age) {
             return Err(bad(max_age, "maximumEventAgeInSeconds", "Member must be between 60 and 21600"));
         }
-        // AWS allows an SQS queue, SNS topic, S3 bucket, Lambda function or EventBridge bus;
-        // LocalStack here serves SQS and SNS to deliver to.
-        if let Some(arn) = &on_failure
-            && !matches!(arn.split(':').nth(2), Some("sqs" | "sns"))
-        {
-            return Err(InvalidSetting(format!(
-                "destination {arn}: a valid AWS destination, but the local runner delivers async-invoke failures to SQS and SNS only"
-            )));
+        // AWS allows an SQS queue, SNS topic, S3 bucket, Lambda function or EventBridge bus.
+        if let Some(arn) = &on_failure {
+            crate::mapping::settings::Destination::from_async_arn(arn)?;
         }
         if !(delay_scale.is_finite() && delay_scale >= 0.0) {
             return Err(InvalidSetting(format!("retry delay scale {delay_scale} must be a number >= 0")));
@@ -240,9 +235,12 @@ pub async fn deliver(
     let err = |reason: String| DeliveryError { queue: queue_url.to_owned(), reason };
     let destination = match &settings.on_failure {
         Some(arn) => {
-            let d = crate::mapping::settings::Destination::from_arn(arn).map_err(|e| err(e.to_string()))?;
+            let d = crate::mapping::settings::Destination::from_async_arn(arn).map_err(|e| err(e.to_string()))?;
             let id = format!("async/{}", settings.function_name);
-            Some(crate::mapping::destination::FailureDestination::new(d, clients.clone(), id))
+            Some(
+                crate::mapping::destination::FailureDestination::new(d, clients.clone(), id)
+                    .with_invoker(invoker.clone()),
+            )
         }
         None => None,
     };

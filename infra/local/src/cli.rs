@@ -263,6 +263,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
             sqs: aws_sdk_sqs::Client::new(&config),
             s3: aws_sdk_s3::Client::new(&config),
             sns: aws_sdk_sns::Client::new(&config),
+            events: aws_sdk_eventbridge::Client::new(&config),
         }
     } else {
         Clients::from(&Local::connect().await?)

@@ -51,6 +51,8 @@ pub struct Local {
     pub sqs: aws_sdk_sqs::Client,
     /// SNS (a failure destination).
     pub sns: aws_sdk_sns::Client,
+    /// EventBridge (an async-invoke failure destination).
+    pub events: aws_sdk_eventbridge::Client,
 }
 
 impl Local {
@@ -83,6 +85,7 @@ impl Local {
             kinesis: aws_sdk_kinesis::Client::new(&config),
             sqs: aws_sdk_sqs::Client::new(&config),
             sns: aws_sdk_sns::Client::new(&config),
+            events: aws_sdk_eventbridge::Client::new(&config),
         }
     }
 

@@ -8,6 +8,8 @@
 //! - `"timeout": n`: sleep past the timeout; `"crash": n`: exit the process;
 //! - `"sleep_ms": m`: take this long (every time).
 //!
+//! An invocation record (a Lambda destination's event) is logged whole as `destination_record`.
+//!
 //! Every invocation is appended to `$SCRIPT_DIR/log.ndjson` (shard, ids, sequence numbers,
 //! window fields, the answer); sightings are counted in `$SCRIPT_DIR/seen/<id>` (one byte each,
 //! appended, so concurrent sandboxes and restarts keep the count). With tumbling windows the
@@ -33,6 +35,11 @@ fn log(dir: &std::path::Path, line: &Value) -> std::io::Result<()> {
 
 async fn handle(dir: PathBuf, body: Bytes) -> Result<Value, Error> {
     let event: Value = serde_json::from_slice(&body)?;
+    if event.get("requestContext").is_some() {
+        // An invocation record from an asynchronous invocation's destination: logged whole.
+        log(&dir, &json!({ "destination_record": event }))?;
+        return Ok(json!({}));
+    }
     let records = event["Records"].as_array().cloned().unwrap_or_default();
     let mut ids = Vec::new();
     let mut seqs = Vec::new();

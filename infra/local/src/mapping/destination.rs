@@ -1,7 +1,8 @@
 //! Delivery to the OnFailure destination: SQS and SNS get the failure record; S3 gets the failure
 //! record with the invocation payload, under `aws/lambda/<mapping>/<shard>/YYYY/MM/DD/...` as
-//! AWS names it. A destination that cannot be reached is retried: the shard waits rather than
-//! lose the batch.
+//! AWS names it. For async invoke also a Lambda function (invoked with the record as its event)
+//! and an EventBridge bus (the record as the `detail` of an event from `lambda`). A destination
+//! that cannot be reached is retried: the shard waits rather than lose the batch.
 use std::time::Duration;
 
 use serde_json::Value;
@@ -18,12 +19,19 @@ pub struct FailureDestination {
     clients: Clients,
     mapping_id: String,
     queue_url: OnceCell<String>,
+    invoker: Option<crate::invoke::InvokeClient>,
 }
 
 impl FailureDestination {
     /// For `destination`; `mapping_id` names the S3 objects (AWS uses the mapping's UUID).
     pub fn new(destination: Destination, clients: Clients, mapping_id: String) -> Self {
-        FailureDestination { destination, clients, mapping_id, queue_url: OnceCell::new() }
+        FailureDestination { destination, clients, mapping_id, queue_url: OnceCell::new(), invoker: None }
+    }
+
+    /// Invokes a Lambda destination through `invoker` (the local Invoke API).
+    pub fn with_invoker(mut self, invoker: crate::invoke::InvokeClient) -> Self {
+        self.invoker = Some(invoker);
+        self
     }
 
     /// The destination.
@@ -73,7 +81,8 @@ impl FailureDestination {
                 // 2026-11-25T03:04:05Z -> 2026/11/25/2026-11-25T03.04.05-<uuid>
                 let day = stamp.get(..10).unwrap_or("1970-01-01").replace('-', "/");
                 let time = stamp.get(..19).unwrap_or_default().replace(':', ".");
-                let key = format!("aws/lambda/{}/{shard_id}/{day}/{time}-{}", self.mapping_id, uuid::Uuid::new_v4());
+                let shard = if shard_id.is_empty() { String::new() } else { format!("{shard_id}/") };
+                let key = format!("aws/lambda/{}/{shard}{day}/{time}-{}", self.mapping_id, uuid::Uuid::new_v4());
                 self.clients
                     .s3
                     .put_object()
@@ -85,6 +94,47 @@ impl FailureDestination {
                     .await
                     .map_err(|e| format!("PutObject s3://{bucket}/{key}: {}", pushpull::aws::describe(&e)))?;
                 Ok(format!("s3://{bucket}/{key}"))
+            }
+            Destination::Lambda(arn) => {
+                // Lambda invokes the destination function asynchronously with the record as its
+                // event; locally one invocation through the Invoke API. Its own failure is logged,
+                // not retried: the record was delivered.
+                let invoker = self.invoker.as_ref().ok_or("a Lambda destination needs the Invoke API")?;
+                let name = arn.rsplit_once(":function:").map_or(arn.as_str(), |(_, n)| n);
+                let name = name.split(':').next().unwrap_or(name);
+                let invoked = invoker
+                    .invoke(name, bytes::Bytes::from(record.to_string()))
+                    .await
+                    .map_err(|e| format!("Invoke {arn}: {e}"))?;
+                if let super::outcome::Answer::FunctionError(body) = &invoked.answer {
+                    warn!(function = name, error = %String::from_utf8_lossy(body), "the destination function failed on the record");
+                }
+                Ok(arn.clone())
+            }
+            Destination::EventBridge(arn) => {
+                // AWS's event: source "lambda", detail-type "Lambda Function Invocation Result -
+                // Failure", the function as the resource, the record as the detail.
+                let mut entry = aws_sdk_eventbridge::types::PutEventsRequestEntry::builder()
+                    .event_bus_name(arn)
+                    .source("lambda")
+                    .detail_type("Lambda Function Invocation Result - Failure")
+                    .detail(record.to_string());
+                if let Some(f) = record["requestContext"]["functionArn"].as_str() {
+                    entry = entry.resources(f);
+                }
+                let out = self
+                    .clients
+                    .events
+                    .put_events()
+                    .entries(entry.build())
+                    .send()
+                    .await
+                    .map_err(|e| format!("PutEvents {arn}: {}", pushpull::aws::describe(&e)))?;
+                if out.failed_entry_count() > 0 {
+                    let why = out.entries().first().and_then(|e| e.error_message()).unwrap_or("no reason given");
+                    return Err(format!("PutEvents {arn}: the entry failed: {why}"));
+                }
+                Ok(arn.clone())
             }
         }
     }

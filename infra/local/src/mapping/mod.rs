@@ -48,11 +48,19 @@ pub struct Clients {
     pub s3: aws_sdk_s3::Client,
     /// SNS (a failure destination).
     pub sns: aws_sdk_sns::Client,
+    /// EventBridge (an async-invoke failure destination).
+    pub events: aws_sdk_eventbridge::Client,
 }
 
 impl From<&crate::localstack::Local> for Clients {
     fn from(l: &crate::localstack::Local) -> Self {
-        Clients { kinesis: l.kinesis.clone(), sqs: l.sqs.clone(), s3: l.s3.clone(), sns: l.sns.clone() }
+        Clients {
+            kinesis: l.kinesis.clone(),
+            sqs: l.sqs.clone(),
+            s3: l.s3.clone(),
+            sns: l.sns.clone(),
+            events: l.events.clone(),
+        }
     }
 }
 

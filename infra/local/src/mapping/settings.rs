@@ -27,6 +27,10 @@ pub enum Destination {
     S3(String),
     /// An SNS topic (ARN): the failure record as the message.
     Sns(String),
+    /// A Lambda function (ARN; async invoke only): invoked with the record as its event.
+    Lambda(String),
+    /// An EventBridge event bus (ARN; async invoke only): the record as an event's `detail`.
+    EventBridge(String),
 }
 
 impl Destination {
@@ -43,10 +47,33 @@ impl Destination {
         }
     }
 
+    /// An asynchronous invocation's destination: also a Lambda function or an EventBridge event
+    /// bus. AWS (invocation-async-retain-records): "Amazon SQS – A standard SQS queue; Amazon SNS –
+    /// A standard SNS topic; Amazon S3 – An Amazon S3 bucket (on failure only); AWS Lambda – A
+    /// Lambda function; Amazon EventBridge – An EventBridge event bus".
+    pub fn from_async_arn(arn: &str) -> Result<Self, InvalidSetting> {
+        let service = arn.split(':').nth(2);
+        match service {
+            Some("lambda") if arn.split(':').nth(5) == Some("function") => Ok(Destination::Lambda(arn.to_owned())),
+            Some("events") if arn.split(':').nth(5).is_some_and(|r| r.starts_with("event-bus/")) => {
+                Ok(Destination::EventBridge(arn.to_owned()))
+            }
+            Some("sqs" | "s3" | "sns") => Self::from_arn(arn),
+            _ => Err(InvalidSetting(format!(
+                "Value '{arn}' at 'destinationConfig.onFailure.destination' failed to satisfy constraint: \
+                 Member must be an SQS queue, SNS topic, S3 bucket, Lambda function or EventBridge event bus ARN"
+            ))),
+        }
+    }
+
     /// The ARN.
     pub fn arn(&self) -> &str {
         match self {
-            Destination::Sqs(a) | Destination::S3(a) | Destination::Sns(a) => a,
+            Destination::Sqs(a)
+            | Destination::S3(a)
+            | Destination::Sns(a)
+            | Destination::Lambda(a)
+            | Destination::EventBridge(a) => a,
         }
     }
 }

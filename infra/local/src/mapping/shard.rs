@@ -336,6 +336,14 @@ fn hand_over(shard: &str, status: &watch::Sender<ReaderStatus>) -> Result<ShardE
     Ok(ShardEnd::HandedOver)
 }
 
+/// Until the next page, whether the shard is caught up is not known (a subscription is being
+/// made again): an idle stop must not happen meanwhile.
+fn not_caught_up(ctx: &Ctx, shard: &str) {
+    if let Ok(mut c) = ctx.caught_up.lock() {
+        c.insert(shard.to_string(), None);
+    }
+}
+
 /// The shard is closed and read to its end.
 fn closed(ctx: &Ctx, shard: &str, status: &watch::Sender<ReaderStatus>) -> ShardEnd {
     info!(shard_id = %shard, "shard closed: read to its end");
@@ -460,10 +468,12 @@ async fn subscribe(
                 }
                 Ok(Some(_)) => {} // an event kind this reader does not know
                 Ok(None) => {
+                    not_caught_up(&ctx, &shard);
                     debug!(shard_id = %shard, "subscription ended (its 5 minutes); subscribing again");
                     break;
                 }
                 Err(e) => {
+                    not_caught_up(&ctx, &shard);
                     ctx.stats().counts.subscription_errors += 1;
                     failures += 1;
                     warn!(shard_id = %shard, error = %pushpull::aws::describe(&e), "subscription broke off; subscribing again");

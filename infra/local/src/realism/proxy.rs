@@ -377,6 +377,9 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
             state.fanout.wake(&stream);
         }
         r
+    } else if target.starts_with("AWSEvents.") {
+        // EventBridge: passed through as it is.
+        state.forward(&parts, body).await.map(|u| u.into_response(false))
     } else if let Some(op) = target.strip_prefix("AmazonSQS.") {
         let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         match state.deny(&key, &iam::sqs_call(op, &json)) {
