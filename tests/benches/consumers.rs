@@ -111,7 +111,10 @@ async fn main() {
                 options = options.fast_polling();
             }
             let mut clients = Clients::from(&local);
-            clients.kinesis = through_proxy.kinesis.clone();
+            clients.kinesis = match read {
+                Read::FanOut => pushpull_local::http2::kinesis(&proxy.endpoint(), "test").await,
+                _ => through_proxy.kinesis.clone(),
+            };
             mappings.push(Runner::start(settings, options, clients, server.client()));
         }
         tokio::time::sleep(Duration::from_secs(3)).await; // every mapping is polling by now

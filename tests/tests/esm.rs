@@ -64,7 +64,7 @@ struct Fixture {
 struct FanOut {
     consumer: String,
     kinesis: aws_sdk_kinesis::Client,
-    _proxy: RealismProxy,
+    proxy: RealismProxy,
 }
 
 /// How the mapping reads: GetRecords, or enhanced fan-out.
@@ -98,8 +98,8 @@ async fn fixture_with(shards: i32, read: Read, realism: RealismConfig) -> Fixtur
             let consumer = local.ensure_consumer(&stream_arn, "rollup").await.unwrap();
             let proxy =
                 RealismProxy::start(Arc::new(Realism::new(realism)), Policies::default(), &endpoint()).await.unwrap();
-            let kinesis = Local::at(&proxy.endpoint(), "test").await.kinesis;
-            Some(FanOut { consumer, kinesis, _proxy: proxy })
+            let kinesis = pushpull_local::http2::kinesis(&proxy.endpoint(), "test").await;
+            Some(FanOut { consumer, kinesis, proxy })
         }
     };
     Fixture { local, stream, server, dir, fan_out }
@@ -189,6 +189,8 @@ impl Fixture {
             assert_eq!(s.counts.get_records, 0, "{s}");
             assert!(s.counts.subscriptions >= 1 && s.counts.subscription_events >= 1, "{s}");
             assert!(s.to_string().contains("enhanced fan-out through arn:aws:kinesis:"), "{s}");
+            let (http1, http2) = self.fan_out.as_ref().map_or((0, 0), |f| f.proxy.subscribe_calls());
+            assert!(http1 == 0 && http2 >= 1, "SubscribeToShard over HTTP/2: {http1} HTTP/1.1 and {http2} HTTP/2 calls");
         }
         s
     }

@@ -279,7 +279,12 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         };
         let p = RealismProxy::start(realism.clone(), policies.clone(), &pushpull_local::localstack::endpoint()).await?;
         let key = policies.key_of_function(&settings.function_name).filter(|_| realism.config().iam);
-        clients.kinesis = Local::at(&p.endpoint(), key.as_deref().unwrap_or("test")).await.kinesis;
+        let key = key.as_deref().unwrap_or("test");
+        clients.kinesis = match settings.consumer_arn {
+            // SubscribeToShard is HTTP/2.
+            Some(_) => pushpull_local::http2::kinesis(&p.endpoint(), key).await,
+            None => Local::at(&p.endpoint(), key).await.kinesis,
+        };
         proxy = Some(p);
     }
     let home = std::env::var("PUSHPULL_HOME").map(PathBuf::from).unwrap_or_else(|_| {

@@ -8,6 +8,7 @@
 pub mod alarms;
 pub mod async_invoke;
 pub mod cloudwatch;
+pub mod http2;
 pub mod invoke;
 pub mod localstack;
 pub mod mapping;

@@ -678,7 +678,12 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         // The mapping reads the stream as AWS's does: with the function's role, under the
         // shard's limits (shared with every other reader).
         let key = policies.key_of_function(&r.pull_function).filter(|_| config.realism.iam);
-        clients.kinesis = Local::at(&proxy.endpoint(), key.as_deref().unwrap_or("test")).await.kinesis;
+        let key = key.as_deref().unwrap_or("test");
+        clients.kinesis = match fan_out {
+            // SubscribeToShard is HTTP/2.
+            true => crate::http2::kinesis(&proxy.endpoint(), key).await,
+            false => Local::at(&proxy.endpoint(), key).await.kinesis,
+        };
     }
 
     let settings = RawSettings::from_template(&t, None)

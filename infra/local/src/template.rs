@@ -538,4 +538,27 @@ Resources:
         assert_eq!(pull.timeout, std::time::Duration::from_secs(60));
         assert!(pull.env.contains(&("SUM_FIELD".to_owned(), "amount".to_owned())));
     }
+
+    #[test]
+    fn a_stream_consumer_exists_by_its_condition_and_has_its_arn_once_registered() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
+        let events = |t: &Template| {
+            let f = &t.resources["KinesisRollupFunction"]["Properties"]["Events"]["Records"]["Properties"];
+            t.resolve(&f["Stream"], "Stream")
+        };
+        // Polling (the default): no consumer; the mapping reads the stream.
+        let t = Template::load(&path, "st", &[]).unwrap();
+        assert!(!t.is_created("RollupConsumer").unwrap());
+        assert_eq!(events(&t).unwrap(), "arn:aws:kinesis:us-east-1:000000000000:stream/st-record-stream");
+        // Enhanced fan-out: the consumer exists; its ARN (which carries its creation time) is
+        // known once it is registered, and is then the mapping's source.
+        let mut t = Template::load(&path, "st", &["ReadMode=enhanced-fan-out".into()]).unwrap();
+        assert!(t.is_created("RollupConsumer").unwrap());
+        let e = events(&t).unwrap_err().to_string();
+        assert!(e.contains("registered when the stack is provisioned"), "{e}");
+        let arn = "arn:aws:kinesis:us-east-1:000000000000:stream/st-record-stream/consumer/st-rollup:1795696200";
+        t.arns.insert("RollupConsumer".into(), arn.into());
+        assert_eq!(events(&t).unwrap(), arn);
+        assert_eq!(t.get_att("RollupConsumer.ConsumerName", "x").unwrap(), "st-rollup");
+    }
 }

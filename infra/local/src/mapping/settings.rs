@@ -457,6 +457,36 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_consumer_is_an_event_source_of_its_stream() {
+        let stream = "arn:aws:kinesis:us-east-1:000000000000:stream/s";
+        let consumer = format!("{stream}/consumer/c:1795696200");
+        let s = RawSettings { stream: Some(consumer.clone()), ..base() }.validate().unwrap();
+        assert_eq!((s.stream_arn.as_str(), s.consumer_arn.as_deref()), (stream, Some(consumer.as_str())));
+        assert_eq!((s.stream_name(), s.event_source_arn()), ("s", consumer.as_str()));
+        let polling = RawSettings { stream: Some(stream.into()), ..base() }.validate().unwrap();
+        assert_eq!(polling.consumer_arn, None);
+        assert_ne!(s.uuid(), polling.uuid(), "another event source, another mapping");
+        let e = RawSettings { stream: Some(format!("{stream}/consumer/")), ..base() }.validate().unwrap_err();
+        assert!(e.0.contains("stream consumer ARN"), "{e}");
+    }
+
+    #[test]
+    fn async_invoke_allows_five_destination_types_and_a_kinesis_mapping_three() {
+        let a = "us-east-1:000000000000";
+        let lambda = format!("arn:aws:lambda:{a}:function:f");
+        let bus = format!("arn:aws:events:{a}:event-bus/default");
+        for arn in [format!("arn:aws:sqs:{a}:q"), format!("arn:aws:sns:{a}:t"), "arn:aws:s3:::b".into()] {
+            assert_eq!(Destination::from_async_arn(&arn).unwrap(), Destination::from_arn(&arn).unwrap());
+        }
+        assert_eq!(Destination::from_async_arn(&lambda).unwrap(), Destination::Lambda(lambda.clone()));
+        assert_eq!(Destination::from_async_arn(&bus).unwrap(), Destination::EventBridge(bus.clone()));
+        assert!(Destination::from_arn(&lambda).is_err() && Destination::from_arn(&bus).is_err());
+        let table = format!("arn:aws:dynamodb:{a}:table/t");
+        assert!(Destination::from_async_arn(&table).unwrap_err().0.contains("Lambda function or EventBridge event bus"));
+        assert!(Destination::from_async_arn(&format!("arn:aws:events:{a}:rule/r")).is_err(), "a rule is not a bus");
+    }
+
+    #[test]
     fn ranges_are_awss() {
         let bad = |f: fn(&mut RawSettings)| {
             let mut r = base();

@@ -24,8 +24,9 @@
 //! - At the shard's end the last event carries `ChildShards` and no `ContinuationSequenceNumber`.
 //!
 //! Chosen where AWS does not say: an event with no records (a heartbeat, `MillisBehindLatest` 0)
-//! every [`HEARTBEAT`] while the shard is idle; the connection is HTTP/1.1 with a chunked body
-//! (the SDKs read the same event-stream frames over it; the proxy serves HTTP/1.1 only).
+//! every [`HEARTBEAT`] while the shard is idle. The connection is HTTP/2 without TLS when the
+//! caller speaks it (the local mapping does: [`crate::http2`]); an HTTP/1.1 caller gets the same
+//! event-stream frames in a chunked body.
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;

@@ -37,6 +37,7 @@ pub struct RealismProxy {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
     realism: Arc<Realism>,
+    state: Arc<State>,
 }
 
 struct State {
@@ -48,6 +49,8 @@ struct State {
     iterators: Mutex<Iterators>,
     shards: Mutex<std::collections::HashMap<String, (Instant, Vec<ShardRange>)>>,
     fanout: Arc<Fanout>,
+    /// `SubscribeToShard` calls by HTTP version: [HTTP/1.x, HTTP/2].
+    subscribe_calls: [std::sync::atomic::AtomicU64; 2],
 }
 
 impl RealismProxy {
@@ -66,7 +69,9 @@ impl RealismProxy {
             iterators: Mutex::new(Iterators::default()),
             shards: Mutex::new(Default::default()),
             fanout: Arc::new(Fanout::default()),
+            subscribe_calls: Default::default(),
         });
+        let counts = state.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
@@ -74,13 +79,20 @@ impl RealismProxy {
                 let state = state.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| handle(req, state.clone()));
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    // HTTP/1.1, or HTTP/2 with prior knowledge (SubscribeToShard's protocol).
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
                 });
             }
         });
-        Ok(RealismProxy { addr, task, realism })
+        Ok(RealismProxy { addr, task, realism, state: counts })
+    }
+
+    /// `SubscribeToShard` calls received so far over HTTP/1.x and over HTTP/2.
+    pub fn subscribe_calls(&self) -> (u64, u64) {
+        let [h1, h2] = &self.state.subscribe_calls;
+        (h1.load(std::sync::atomic::Ordering::Relaxed), h2.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// `http://127.0.0.1:<port>`: the `AWS_ENDPOINT_URL` for clients.
@@ -365,6 +377,8 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         .to_owned();
     let target = parts.headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
     let result = if target == "Kinesis_20131202.SubscribeToShard" {
+        let http2 = usize::from(parts.version == hyper::Version::HTTP_2);
+        state.subscribe_calls[http2].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         subscribe_to_shard(state.clone(), json, &key).await
     } else if let Some(op) = target.strip_prefix("Kinesis_20131202.") {
