@@ -190,7 +190,10 @@ impl Fixture {
             assert!(s.counts.subscriptions >= 1 && s.counts.subscription_events >= 1, "{s}");
             assert!(s.to_string().contains("enhanced fan-out through arn:aws:kinesis:"), "{s}");
             let (http1, http2) = self.fan_out.as_ref().map_or((0, 0), |f| f.proxy.subscribe_calls());
-            assert!(http1 == 0 && http2 >= 1, "SubscribeToShard over HTTP/2: {http1} HTTP/1.1 and {http2} HTTP/2 calls");
+            assert!(
+                http1 == 0 && http2 >= 1,
+                "SubscribeToShard over HTTP/2: {http1} HTTP/1.1 and {http2} HTTP/2 calls"
+            );
         }
         s
     }

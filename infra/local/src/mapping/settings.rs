@@ -482,7 +482,9 @@ mod tests {
         assert_eq!(Destination::from_async_arn(&bus).unwrap(), Destination::EventBridge(bus.clone()));
         assert!(Destination::from_arn(&lambda).is_err() && Destination::from_arn(&bus).is_err());
         let table = format!("arn:aws:dynamodb:{a}:table/t");
-        assert!(Destination::from_async_arn(&table).unwrap_err().0.contains("Lambda function or EventBridge event bus"));
+        assert!(
+            Destination::from_async_arn(&table).unwrap_err().0.contains("Lambda function or EventBridge event bus")
+        );
         assert!(Destination::from_async_arn(&format!("arn:aws:events:{a}:rule/r")).is_err(), "a rule is not a bus");
     }
 
