@@ -225,9 +225,8 @@ async fn read(
     status: watch::Sender<ReaderStatus>,
     mut drain: watch::Receiver<bool>,
 ) -> Result<ShardEnd, MappingError> {
-    let hand_over = |status: &watch::Sender<ReaderStatus>| hand_over(&shard, status);
     if *drain.borrow() {
-        return hand_over(&status);
+        return hand_over(&shard, &status);
     }
     let mut it = iterator(&ctx, &shard, kind, &position).await?;
     let mut last_read: Option<String> = None;
@@ -241,7 +240,7 @@ async fn read(
             _ = drain.changed() => {}
         }
         if *drain.borrow() {
-            return hand_over(&status);
+            return hand_over(&shard, &status);
         }
         last_call = Instant::now();
         let called_at = now_unix();
@@ -406,7 +405,13 @@ async fn subscribe(
             ctx.clients.kinesis.subscribe_to_shard().consumer_arn(&consumer).shard_id(&*shard).starting_position(start);
         let sent = tokio::select! {
             r = call.send() => r,
-            _ = drain.changed() => continue,
+            changed = drain.changed() => {
+                // Asked to hand over (or the runner is gone: its sender dropped).
+                if changed.is_err() || *drain.borrow() {
+                    return hand_over(&shard, &status);
+                }
+                continue;
+            }
         };
         let mut out = match sent {
             Ok(out) => {
@@ -442,8 +447,8 @@ async fn subscribe(
         loop {
             let next = tokio::select! {
                 ev = out.event_stream.recv() => ev,
-                _ = drain.changed() => {
-                    if *drain.borrow() {
+                changed = drain.changed() => {
+                    if changed.is_err() || *drain.borrow() {
                         return hand_over(&shard, &status);
                     }
                     continue;

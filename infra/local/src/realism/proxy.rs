@@ -224,21 +224,7 @@ impl State {
 
     /// A Kinesis call of our own to LocalStack (not limited, not checked).
     async fn kinesis_admin(&self, op: &str, body: Value) -> Result<Value, String> {
-        let req = Request::builder()
-            .method("POST")
-            .uri(format!("{}/", self.upstream))
-            .header("x-amz-target", format!("Kinesis_20131202.{op}"))
-            .header("content-type", "application/x-amz-json-1.1")
-            .header("authorization", ADMIN_AUTH)
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| e.to_string())?;
-        let resp = self.client.request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        if !status.is_success() {
-            return Err(format!("{op}: HTTP {status}: {}", String::from_utf8_lossy(&bytes)));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| format!("{op}: {e}"))
+        self.kinesis_admin_typed(op, body).await.map_err(|e| format!("{op}: {}: {}", e.kind, e.message))
     }
 
     /// [`Self::kinesis_admin`] with LocalStack's error kept by its `__type`.
