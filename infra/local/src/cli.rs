@@ -245,18 +245,24 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         filter_criteria: args.filter_criteria,
         enabled: None,
     };
+    let local = match args.aws {
+        true => None,
+        false => Some(Local::connect().await?),
+    };
     let raw = if args.no_template {
         flags
     } else {
         let mut t = args.template.load()?;
-        if !args.aws {
+        if let Some(local) = &local {
             // `GetAtt X.ConsumerARN` (enhanced fan-out) needs the consumer registered.
-            pushpull_local::pipeline::register_consumers(&mut t, &Local::connect().await?).await?;
+            pushpull_local::pipeline::register_consumers(&mut t, local).await?;
         }
         RawSettings::from_template(&t, args.function.as_deref())?.overlay(flags)
     };
     let settings = raw.validate()?;
-    let mut clients = if args.aws {
+    let mut clients = if let Some(local) = &local {
+        Clients::from(local)
+    } else {
         let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         Clients {
             kinesis: aws_sdk_kinesis::Client::new(&config),
@@ -265,8 +271,6 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
             sns: aws_sdk_sns::Client::new(&config),
             events: aws_sdk_eventbridge::Client::new(&config),
         }
-    } else {
-        Clients::from(&Local::connect().await?)
     };
     let realism = std::sync::Arc::new(Realism::new(args.realism.config()));
     let mut proxy = None;

@@ -646,13 +646,14 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
 
     let mut specs = template_specs(&t, &config.extra_env, config.verbose)?;
     let realism = Arc::new(Realism::new(config.realism.clone()));
-    // Enhanced fan-out is served by the proxy (true push: `realism::fanout`), so a mapping on a
-    // stream consumer reads through it even with the realism layer off.
-    let fan_out = RawSettings::from_template(&t, None)
+    let settings = RawSettings::from_template(&t, None)
         .map_err(|e| PipelineError::new("template", e))?
         .overlay(config.mapping.clone())
-        .stream
-        .is_some_and(|s| s.contains("/consumer/"));
+        .validate()
+        .map_err(|e| PipelineError::new("mapping settings", e))?;
+    // Enhanced fan-out is served by the proxy (true push: `realism::fanout`), so a mapping on a
+    // stream consumer reads through it even with the realism layer off.
+    let fan_out = settings.consumer_arn.is_some();
     let proxy = match config.realism.is_on() || fan_out {
         true => {
             let policies = Policies::from_template(&t).map_err(|e| PipelineError::new("template roles", e))?;
@@ -686,11 +687,6 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         };
     }
 
-    let settings = RawSettings::from_template(&t, None)
-        .map_err(|e| PipelineError::new("template", e))?
-        .overlay(config.mapping.clone())
-        .validate()
-        .map_err(|e| PipelineError::new("mapping settings", e))?;
     let mapping_enabled = settings.enabled;
     let mut options = RunnerOptions::new(&settings, Store::s3(local.s3.clone(), &r.bucket, "checkpoints/esm"));
     if config.fast_polling {

@@ -168,6 +168,11 @@ enum Position {
     Time(f64),
 }
 
+/// A starting time for Kinesis: never in the future (Kinesis refuses that).
+fn starting_time(t: f64) -> aws_smithy_types::DateTime {
+    aws_smithy_types::DateTime::from_secs_f64(t.min(now_unix()))
+}
+
 async fn iterator(
     ctx: &Ctx,
     shard: &str,
@@ -183,7 +188,7 @@ async fn iterator(
         .shard_iterator_type(kind);
     match position {
         Position::Sequence(s) => req = req.starting_sequence_number(s),
-        Position::Time(t) => req = req.timestamp(aws_smithy_types::DateTime::from_secs_f64(t.min(now_unix()))),
+        Position::Time(t) => req = req.timestamp(starting_time(*t)),
         Position::None => {}
     }
     // Throttles (5 calls/s per shard) and transient errors are retried; a missing stream or
@@ -397,7 +402,7 @@ async fn subscribe(
         let mut start = Start::builder().r#type(k);
         match p {
             Position::Sequence(s) => start = start.sequence_number(s),
-            Position::Time(t) => start = start.timestamp(aws_smithy_types::DateTime::from_secs_f64(t.min(now_unix()))),
+            Position::Time(t) => start = start.timestamp(starting_time(t)),
             Position::None => {}
         }
         let start = start.build().map_err(|e| MappingError::Kinesis(format!("SubscribeToShard {shard}: {e}")))?;
