@@ -47,7 +47,10 @@ impl QuarantinedLine {
 ///
 /// Naming parts by the line where they start, and writing a part only at a checkpoint, keeps a
 /// retry from duplicating entries: a retry resumes at the line after the last checkpoint, so its
-/// next part starts at the same line and replaces whatever an interrupted run wrote there.
+/// next part starts at the same line and replaces whatever an interrupted run wrote there. That
+/// next part is written even when it holds no entries ([`QuarantineWriter::replace_next_part`]):
+/// the retry's first checkpoint may come before its first bad line, and its later parts start at
+/// later lines.
 #[derive(Debug)]
 pub struct QuarantineWriter {
     store: Store,
@@ -55,12 +58,27 @@ pub struct QuarantineWriter {
     buffer: Vec<u8>,
     buffered: usize,
     total: u64,
+    replace_next: bool,
 }
 
 impl QuarantineWriter {
     /// Entries go under `<prefix>/` in `store`.
     pub fn new(store: Store, prefix: impl Into<String>) -> Self {
-        QuarantineWriter { store, prefix: prefix.into(), buffer: Vec::new(), buffered: 0, total: 0 }
+        QuarantineWriter {
+            store,
+            prefix: prefix.into(),
+            buffer: Vec::new(),
+            buffered: 0,
+            total: 0,
+            replace_next: false,
+        }
+    }
+
+    /// The next [`QuarantineWriter::write_part`] writes its part even with no entries, replacing
+    /// whatever an interrupted run wrote under that name (a run that wrote the part and then
+    /// could not record its checkpoint). Call it when resuming another run's work.
+    pub fn replace_next_part(&mut self) {
+        self.replace_next = true;
     }
 
     /// Buffers an entry. Check [`QuarantineWriter::is_full`] and write a part when it is.
@@ -96,9 +114,10 @@ impl QuarantineWriter {
     /// Writes the buffered entries as the part starting at input line `first_line`; returns how
     /// many entries it held (0: nothing written).
     pub async fn write_part(&mut self, first_line: u64) -> Result<usize, StoreError> {
-        if self.buffered == 0 {
+        if self.buffered == 0 && !self.replace_next {
             return Ok(0);
         }
+        self.replace_next = false;
         let key = self.part_key(first_line);
         let body = Bytes::from(std::mem::take(&mut self.buffer));
         let n = std::mem::take(&mut self.buffered);

@@ -198,6 +198,10 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         invocation: &Invocation,
     ) -> Result<Outcome, ObjectError> {
         let (ev, settings) = (self.ev, &self.handler.settings);
+        if interrupted.is_some() {
+            // The interrupted owner may have written a quarantine part after its last checkpoint.
+            self.quarantine.replace_next_part();
+        }
         let gzip_by_name = ev.key.ends_with(".gz");
         let ranged = interrupted.is_some() && self.progress.bytes_done > 0 && !gzip_by_name;
         let start = if ranged { self.progress.bytes_done } else { 0 };
@@ -999,6 +1003,47 @@ mod tests {
         let summary = w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
         assert_eq!((summary.objects[0].found_written, summary.objects[0].records), (20, 50));
         assert_eq!(w.handler.sink().records.lock().unwrap().len(), 50, "the 20 are not sent again");
+    }
+
+    /// An owner killed (or fenced) between writing its quarantine part and recording its
+    /// checkpoint leaves a part named after the line after its last checkpoint. The next owner
+    /// resumes at that line, and its first part replaces that one even when it holds no entries
+    /// (its first checkpoint comes before the bad line): every bad line is quarantined once.
+    #[tokio::test]
+    async fn a_part_left_by_an_interrupted_owner_is_replaced_and_no_bad_line_is_counted_twice() {
+        // Long enough that checkpoints (every 10 ms) come before the bad line.
+        let object = lines(100_000).replacen("{\"user\":\"u0\",\"i\":99000}", "not json", 1);
+        let w = world(&[("CHECKPOINT_LEASE_MS", "1000"), ("CHECKPOINT_INTERVAL_MS", "10")], &object);
+        crashed_owner(&w.dir.path().join("cp")).await;
+        // What the crashed owner wrote before it could record its checkpoint: the bad line, in the
+        // part after its last checkpoint (none: the part of line 1).
+        let ev = object_event();
+        let label = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or("unversioned");
+        let prefix = format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), safe_path(label));
+        let mut orphan = QuarantineWriter::new(Store::file(w.dir.path().join("q")), prefix);
+        orphan.add(&serde_json::json!({ "line": 99000, "from": "the crashed owner" }));
+        assert_eq!(orphan.write_part(1).await.unwrap(), 1);
+
+        let summary = w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
+        assert_eq!(summary.objects[0].quarantined, 1);
+        let mut entries = Vec::new();
+        for entry in walkdir(&w.dir.path().join("q")) {
+            let text = std::fs::read_to_string(entry).unwrap();
+            entries.extend(text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()));
+        }
+        assert_eq!(entries.len(), 1, "the bad line once: {entries:?}");
+        assert_eq!(entries[0]["line"], 99000);
+        assert!(entries[0].get("from").is_none(), "the crashed owner's part was replaced");
+    }
+
+    /// Every file under `dir`.
+    fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() { out.extend(walkdir(&p)) } else { out.push(p) }
+        }
+        out
     }
 
     /// Unpacks what the sink got into (partition key, line) in the order written.
