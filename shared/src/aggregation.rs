@@ -58,12 +58,15 @@ pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 mod proto {
     use bytes::Bytes;
 
+    /// The key tables are proto2 `string`s, read here as bytes (the same wire type): decoded from
+    /// a `Bytes`, each key is then a view of the aggregate, not an allocation of its own;
+    /// `deaggregate` checks that every key is UTF-8, as a `string` field requires.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct AggregatedRecord {
-        #[prost(string, repeated, tag = "1")]
-        pub partition_key_table: Vec<String>,
-        #[prost(string, repeated, tag = "2")]
-        pub explicit_hash_key_table: Vec<String>,
+        #[prost(bytes = "bytes", repeated, tag = "1")]
+        pub partition_key_table: Vec<Bytes>,
+        #[prost(bytes = "bytes", repeated, tag = "2")]
+        pub explicit_hash_key_table: Vec<Bytes>,
         #[prost(message, repeated, tag = "3")]
         pub records: Vec<Record>,
     }
@@ -166,11 +169,16 @@ impl Aggregate {
         self.inner.records.iter().enumerate().map(move |(i, r)| UserRecord {
             sub_sequence_number: i as u64,
             // Indexes were checked by `deaggregate`.
-            partition_key: keys.get(r.partition_key_index as usize).map_or("", String::as_str),
-            explicit_hash_key: r.explicit_hash_key_index.and_then(|i| hash_keys.get(i as usize)).map(String::as_str),
+            partition_key: keys.get(r.partition_key_index as usize).map_or("", |k| text(k)),
+            explicit_hash_key: r.explicit_hash_key_index.and_then(|i| hash_keys.get(i as usize)).map(|k| text(k)),
             data: &r.data,
         })
     }
+}
+
+/// A key of a table `deaggregate` checked as UTF-8.
+fn text(key: &[u8]) -> &str {
+    std::str::from_utf8(key).unwrap_or_default()
 }
 
 /// Unpacks an aggregated record's data (the Kinesis record's data, base64 already undone).
@@ -194,7 +202,17 @@ pub fn deaggregate(data: &[u8]) -> Result<Aggregate, NotAggregated> {
     if Md5::digest(message)[..] != *digest {
         return Err(NotAggregated::Digest);
     }
-    let inner = proto::AggregatedRecord::decode(message).map_err(|e| NotAggregated::Protobuf(e.to_string()))?;
+    // Decoded from `Bytes`, every user record's data and key is a view of this one copy.
+    let inner = proto::AggregatedRecord::decode(Bytes::copy_from_slice(message))
+        .map_err(|e| NotAggregated::Protobuf(e.to_string()))?;
+    for (table, keys) in [
+        ("partition_key_table", &inner.partition_key_table),
+        ("explicit_hash_key_table", &inner.explicit_hash_key_table),
+    ] {
+        if let Some(index) = keys.iter().position(|k| std::str::from_utf8(k).is_err()) {
+            return Err(NotAggregated::Protobuf(format!("{table}[{index}] is not UTF-8")));
+        }
+    }
     for (i, r) in inner.records.iter().enumerate() {
         let check = |table, index: u64, len: usize| {
             if index as usize >= len || index > usize::MAX as u64 {
@@ -425,7 +443,7 @@ mod tests {
         assert_eq!(deaggregate(&good[..20]), Err(NotAggregated::TooShort { len: 20 }));
         // A valid digest over a protobuf that points past its key table.
         let bad = proto::AggregatedRecord {
-            partition_key_table: vec!["k".into()],
+            partition_key_table: vec![Bytes::from_static(b"k")],
             explicit_hash_key_table: vec![],
             records: vec![proto::Record { partition_key_index: 3, data: Bytes::new(), ..Default::default() }],
         };
@@ -438,6 +456,22 @@ mod tests {
         garbage.extend_from_slice(&[0xff; 3]);
         garbage.extend_from_slice(&Md5::digest([0xff; 3]));
         assert!(matches!(deaggregate(&garbage), Err(NotAggregated::Protobuf(_))));
+        // A key that is not UTF-8: a proto2 `string` must be, as prost's own decoding requires.
+        for (keys, hash_keys) in [
+            (vec![Bytes::from_static(b"\xff")], vec![]),
+            (vec![Bytes::from_static(b"k")], vec![Bytes::from_static(b"\xc3")]),
+        ] {
+            let bad = proto::AggregatedRecord {
+                partition_key_table: keys,
+                explicit_hash_key_table: hash_keys,
+                records: vec![proto::Record { partition_key_index: 0, data: Bytes::new(), ..Default::default() }],
+            };
+            let body = bad.encode_to_vec();
+            let mut data = MAGIC.to_vec();
+            data.extend_from_slice(&body);
+            data.extend_from_slice(&Md5::digest(&body));
+            assert!(matches!(deaggregate(&data), Err(NotAggregated::Protobuf(m)) if m.ends_with("[0] is not UTF-8")));
+        }
     }
 
     proptest! {

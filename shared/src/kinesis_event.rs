@@ -85,12 +85,6 @@ pub struct EventError {
 /// millisecond here).
 const SPLIT_MIN_BYTES: usize = 512 * 1024;
 
-/// The threads this process may run at once (Lambda gives 2 vCPUs from 1,769 MB of memory).
-fn threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
-}
-
 impl<'a> KinesisEvent<'a> {
     /// Parses an invocation payload, borrowing every string that has no escapes from it.
     ///
@@ -120,7 +114,7 @@ impl<'a> KinesisEvent<'a> {
         if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(EventError { message: "not a JSON object".to_owned() });
         }
-        let threads = threads();
+        let threads = crate::pull::threads();
         if payload.len() >= SPLIT_MIN_BYTES && threads > 1 {
             let parts = threads.min(payload.len() / SPLIT_MIN_BYTES);
             if let Some(event) = split::parse(payload, parts) {

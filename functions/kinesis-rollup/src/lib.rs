@@ -402,7 +402,7 @@ impl RollupHandler {
     ) -> Result<(Rollup, Option<Covered>, BatchResult), RollupError> {
         // Parts by data bytes, not records: a KPL aggregate carries many lines in one record.
         let data_bytes: usize = records.iter().map(|r| r.kinesis.data.len()).sum();
-        let threads = std::thread::available_parallelism().map_or(1, usize::from).min(data_bytes / PART_MIN_BYTES);
+        let threads = pushpull::pull::threads().min(data_bytes / PART_MIN_BYTES);
         let parts: Vec<Result<Part, PullError>> = if threads <= 1 {
             vec![self.scan(records, 0, after)]
         } else {
