@@ -51,6 +51,12 @@ impl QuarantinedLine {
 /// next part is written even when it holds no entries ([`QuarantineWriter::replace_next_part`]):
 /// the retry's first checkpoint may come before its first bad line, and its later parts start at
 /// later lines.
+///
+/// Every other part is written only if absent: an owner that stalled past its lease and wakes to
+/// write the part a retry has already replaced gets [`StoreError::PreconditionFailed`] instead of
+/// overwriting the retry's entries with its own (whose lines the retry's later parts hold again).
+/// The caller then confirms that it still holds its lease and, if it does (the part was its own
+/// write, whose answer was lost), replaces it.
 #[derive(Debug)]
 pub struct QuarantineWriter {
     store: Store,
@@ -112,17 +118,42 @@ impl QuarantineWriter {
     }
 
     /// Writes the buffered entries as the part starting at input line `first_line`; returns how
-    /// many entries it held (0: nothing written).
+    /// many entries it held (0: nothing written). Unless told to replace it
+    /// ([`QuarantineWriter::replace_next_part`]), a part that exists already is left as it is and
+    /// the answer is [`StoreError::PreconditionFailed`], with the entries still buffered.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// use pushpull::quarantine::QuarantineWriter;
+    /// use pushpull::store::{Store, StoreError};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let store = Store::file(dir.path());
+    /// let mut retry = QuarantineWriter::new(store.clone(), "q");
+    /// retry.replace_next_part();
+    /// retry.add(&serde_json::json!({"line": 7, "by": "the retry"}));
+    /// assert_eq!(retry.write_part(5).await.unwrap(), 1);
+    /// // The stalled owner the retry took over from writes the same part late: refused.
+    /// let mut stalled = QuarantineWriter::new(store.clone(), "q");
+    /// stalled.add(&serde_json::json!({"line": 7, "by": "the stalled owner"}));
+    /// assert!(matches!(stalled.write_part(5).await, Err(StoreError::PreconditionFailed { .. })));
+    /// assert_eq!(stalled.buffered(), 1);
+    /// let part = store.get("q/part-000000000005.ndjson").await.unwrap().unwrap();
+    /// assert!(String::from_utf8_lossy(&part.body).contains("the retry"));
+    /// # });
+    /// ```
     pub async fn write_part(&mut self, first_line: u64) -> Result<usize, StoreError> {
         if self.buffered == 0 && !self.replace_next {
             return Ok(0);
         }
-        self.replace_next = false;
         let key = self.part_key(first_line);
+        let condition = if self.replace_next { Precondition::None } else { Precondition::IfAbsent };
         let body = Bytes::from(std::mem::take(&mut self.buffer));
-        let n = std::mem::take(&mut self.buffered);
-        self.store.put(&key, body, Precondition::None).await?;
-        Ok(n)
+        if let Err(e) = self.store.put(&key, body.clone(), condition).await {
+            self.buffer = Vec::from(body);
+            return Err(e);
+        }
+        self.replace_next = false;
+        Ok(std::mem::take(&mut self.buffered))
     }
 }
 

@@ -23,6 +23,7 @@ use crate::s3_notification::ObjectEvent;
 use crate::shard_map::{ShardIndex, ShardMap};
 use crate::sink::{OutRecord, ProduceError, RecordSink, SendReport};
 use crate::store::Etag;
+use crate::store::StoreError;
 
 /// Records an interrupted owner wrote after its last checkpoint, by partition key, in order.
 struct Written {
@@ -562,7 +563,22 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
     async fn checkpoint(&mut self, complete: bool) -> Result<(), ObjectError> {
         self.flush_batch().await?;
         let first_line = self.progress.lines_done + 1;
-        let quarantined = self.quarantine.write_part(first_line).await.map_err(ObjectError::Quarantine)?;
+        // As before a send: the part is written only while the lease holds (see `send`).
+        if tokio::time::Instant::now() >= self.fence() {
+            self.renew().await?;
+        }
+        let quarantined = match self.quarantine.write_part(first_line).await {
+            // The part is there already: written by a retry that took this object over while this
+            // run stalled (the renewal fails: nothing is overwritten), or by this run itself, its
+            // answer lost (the renewal holds: the part is this run's to replace).
+            Err(StoreError::PreconditionFailed { .. }) => {
+                self.renew().await?;
+                self.quarantine.replace_next_part();
+                self.quarantine.write_part(first_line).await
+            }
+            written => written,
+        }
+        .map_err(ObjectError::Quarantine)?;
         let sent = std::mem::take(&mut self.sent);
         let p = &mut self.progress;
         p.lines_done = self.read_line;
@@ -1034,6 +1050,37 @@ mod tests {
         assert_eq!(entries.len(), 1, "the bad line once: {entries:?}");
         assert_eq!(entries[0]["line"], 99000);
         assert!(entries[0].get("from").is_none(), "the crashed owner's part was replaced");
+    }
+
+    #[tokio::test]
+    async fn a_part_found_already_written_is_replaced_once_the_run_confirms_its_lease() {
+        let object = lines(100_000).replacen("{\"user\":\"u1\",\"i\":1}", "not json", 1);
+        let w = world(&[("CHECKPOINT_LEASE_MS", "1000"), ("CHECKPOINT_INTERVAL_MS", "10")], &object);
+        // A part at line 1 that this run, a fresh owner, did not expect: as if its own write of it
+        // had succeeded and the answer been lost. It is written only if absent, so the run finds
+        // it, confirms its lease and replaces it.
+        let ev = object_event();
+        let label = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or("unversioned");
+        let prefix = format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), safe_path(label));
+        let mut earlier = QuarantineWriter::new(Store::file(w.dir.path().join("q")), prefix);
+        earlier.replace_next_part();
+        earlier.add(&serde_json::json!({ "line": 1, "from": "an earlier write" }));
+        assert_eq!(earlier.write_part(1).await.unwrap(), 1);
+
+        let summary = w.handler.handle(&event(), &Invocation::new("fresh")).await.unwrap();
+        assert_eq!(summary.objects[0].quarantined, 1);
+        let entries: Vec<serde_json::Value> = walkdir(&w.dir.path().join("q"))
+            .iter()
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(|l| serde_json::from_str(l).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(entries.len(), 1, "the bad line once: {entries:?}");
+        assert!(entries[0].get("from").is_none(), "replaced by the run holding the lease");
     }
 
     /// Every file under `dir`.
