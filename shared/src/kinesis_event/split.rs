@@ -56,10 +56,10 @@ fn read_part<'a>(
     payload: &'a [u8],
     from: usize,
     until: Option<usize>,
+    mut records: Vec<KinesisEventRecord<'a>>,
 ) -> Option<(Vec<KinesisEventRecord<'a>>, Option<usize>)> {
     let text = std::str::from_utf8(payload.get(from..until.unwrap_or(payload.len()))?).ok()?;
     let bytes = text.as_bytes();
-    let mut records = Vec::new();
     let mut at = skip_ws(bytes, 0);
     loop {
         if until.is_some() && at == bytes.len() {
@@ -68,11 +68,6 @@ fn read_part<'a>(
         let mut values = serde_json::Deserializer::from_str(text.get(at..)?).into_iter::<KinesisEventRecord<'a>>();
         // A part that ends inside a record (the cut was between objects nested in it) fails here.
         records.push(values.next()?.ok()?);
-        if records.len() == 1 {
-            // Records of a batch are about the same size: room for the part as the first one
-            // suggests, so that the vector is not copied as it grows.
-            records.reserve((bytes.len() - at) / values.byte_offset().max(1) * 9 / 8);
-        }
         at = skip_ws(bytes, at + values.byte_offset());
         match bytes.get(at) {
             Some(b',') => at = skip_ws(bytes, at + 1),
@@ -106,23 +101,31 @@ pub(super) fn parse(payload: &[u8], parts: usize) -> Option<KinesisEvent<'_>> {
         .chain(cuts.iter().copied())
         .zip(cuts.iter().copied().map(Some).chain(std::iter::once(None)))
         .collect();
+    // Every part's vector is allocated here, sized by the first record (records of a batch are
+    // about the same size), and the first part's has room for the whole batch: the records stay
+    // in this thread's allocator arena, which the next batch reuses, instead of growing an arena
+    // for each reading thread (measured: 3-4 MiB more peak RSS in W1 that way).
+    let first_len = cut_at_or_after(payload, open).map_or(payload.len(), |next| next - open).max(1);
+    let room = |from: usize, until: Option<usize>| (until.unwrap_or(payload.len()) - from) / first_len * 9 / 8 + 16;
+    let whole = Vec::with_capacity(room(open, None));
     let results: Vec<_> = std::thread::scope(|s| {
-        let others: Vec<_> =
-            bounds[1..].iter().map(|&(from, until)| s.spawn(move || read_part(payload, from, until))).collect();
-        let first = read_part(payload, bounds[0].0, bounds[0].1);
+        let others: Vec<_> = bounds[1..]
+            .iter()
+            .map(|&(from, until)| {
+                let part = Vec::with_capacity(room(from, until));
+                s.spawn(move || read_part(payload, from, until, part))
+            })
+            .collect();
+        let first = read_part(payload, bounds[0].0, bounds[0].1, whole);
         std::iter::once(first)
             .chain(others.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))))
             .collect()
     });
-    let mut records = Vec::new();
-    let mut close = None;
+    let mut results = results.into_iter();
+    let (mut records, mut close) = results.next()??;
     for result in results {
         let (mut part, end) = result?;
-        if records.is_empty() {
-            records = part;
-        } else {
-            records.append(&mut part);
-        }
+        records.append(&mut part);
         close = end;
     }
     // The envelope without its records: `{"Records":[` and what follows the `]`, read as one
