@@ -2,9 +2,9 @@
 //!
 //! [`KinesisEvent`] borrows its strings from the invocation payload (no per-record
 //! allocations), [`KinesisEvent::from_slice`] parses one with serde_json (a large batch in
-//! parts, one thread a part), and [`KinesisEventRecord::decode_data_into`] base64-decodes a
-//! record's data into a buffer the caller reuses. [`SequenceNumber`] compares sequence numbers as the
-//! integers they are, never as text.
+//! parts on several threads), and [`KinesisEventRecord::decode_data_into`] base64-decodes a
+//! record's data into a buffer the caller reuses. [`SequenceNumber`] compares sequence numbers
+//! as the integers they are, never as text.
 //!
 //! ```
 //! use pushpull::kinesis_event::{KinesisEvent, SequenceNumber};
@@ -85,13 +85,20 @@ pub struct EventError {
 /// millisecond here).
 const SPLIT_MIN_BYTES: usize = 512 * 1024;
 
+/// Parts a reading thread may take in turn: with more parts than threads, a thread that starts
+/// late leaves its share to the others instead of holding them up (see `split`).
+const PARTS_PER_THREAD: usize = 4;
+
+/// The least a part may hold, so that taking one stays small beside reading it.
+const PART_MIN_BYTES: usize = 128 * 1024;
+
 impl<'a> KinesisEvent<'a> {
     /// Parses an invocation payload, borrowing every string that has no escapes from it.
     ///
-    /// A payload of 512 KiB or more is read in contiguous parts of its `Records` array, one
-    /// thread a part, on as many threads as the process may run at once; the result is the same
-    /// as one pass's (the parts are cut only where two records meet, and anything else is read in
-    /// one pass).
+    /// A payload of 512 KiB or more is read in contiguous parts of its `Records` array, on as
+    /// many threads as the process may run at once, each taking the next part until none is left;
+    /// the result is the same as one pass's (the parts are cut only where two records meet, and
+    /// anything else is read in one pass).
     ///
     /// With serde_json, which limits nesting to 128 levels and skips unknown values without
     /// recursing: a payload built to exhaust the stack is an error, never an abort. (sonic-rs,
@@ -114,10 +121,10 @@ impl<'a> KinesisEvent<'a> {
         if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(EventError { message: "not a JSON object".to_owned() });
         }
-        let threads = crate::pull::threads();
-        if payload.len() >= SPLIT_MIN_BYTES && threads > 1 {
-            let parts = threads.min(payload.len() / SPLIT_MIN_BYTES);
-            if let Some(event) = split::parse(payload, parts) {
+        let threads = crate::pull::threads().min(payload.len() / SPLIT_MIN_BYTES);
+        if threads > 1 {
+            let parts = (threads * PARTS_PER_THREAD).min(payload.len() / PART_MIN_BYTES);
+            if let Some(event) = split::parse(payload, threads, parts) {
                 return Ok(event);
             }
         }

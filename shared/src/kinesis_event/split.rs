@@ -13,6 +13,9 @@
 //! it cannot read) returns `None`, and the caller reads the payload in one pass, which gives the
 //! canonical result or error. So for any payload this reader either returns exactly what one
 //! pass returns, or nothing.
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
+
 use super::{KinesisEvent, KinesisEventRecord};
 
 /// The JSON whitespace serde_json skips.
@@ -46,8 +49,9 @@ fn cut_at_or_after(payload: &[u8], from: usize) -> Option<usize> {
 }
 
 /// Reads the records from `from` (just after the array's `[`, or a cut) up to `until` (a cut),
-/// or to the array's end when `until` is `None`, and returns them with the index of the `]`
-/// when it reached the end. `None` if anything is not a record list as expected.
+/// or to the array's end when `until` is `None`, into `records`; returns the index of the `]`
+/// when it reached the end (`Some(None)` for a part that ends at a cut). `None` if anything is not
+/// a record list as expected.
 ///
 /// The part's bytes are checked as UTF-8 once, in one call, and read as text: serde_json then
 /// skips the check it makes of every string it borrows from bytes (a tenth of the reading, in
@@ -56,14 +60,14 @@ fn read_part<'a>(
     payload: &'a [u8],
     from: usize,
     until: Option<usize>,
-    mut records: Vec<KinesisEventRecord<'a>>,
-) -> Option<(Vec<KinesisEventRecord<'a>>, Option<usize>)> {
+    records: &mut Vec<KinesisEventRecord<'a>>,
+) -> Option<Option<usize>> {
     let text = std::str::from_utf8(payload.get(from..until.unwrap_or(payload.len()))?).ok()?;
     let bytes = text.as_bytes();
     let mut at = skip_ws(bytes, 0);
     loop {
         if until.is_some() && at == bytes.len() {
-            return Some((records, None));
+            return Some(None);
         }
         let mut values = serde_json::Deserializer::from_str(text.get(at..)?).into_iter::<KinesisEventRecord<'a>>();
         // A part that ends inside a record (the cut was between objects nested in it) fails here.
@@ -71,15 +75,21 @@ fn read_part<'a>(
         at = skip_ws(bytes, at + values.byte_offset());
         match bytes.get(at) {
             Some(b',') => at = skip_ws(bytes, at + 1),
-            Some(b']') if until.is_none() => return Some((records, Some(from + at))),
+            Some(b']') if until.is_none() => return Some(Some(from + at)),
             _ => return None,
         }
     }
 }
 
-/// Reads `payload` in `parts` parts on as many threads (the calling thread reads the first), or
-/// returns `None` for the caller to read it in one pass (see the module documentation).
-pub(super) fn parse(payload: &[u8], parts: usize) -> Option<KinesisEvent<'_>> {
+/// Reads `payload` in `parts` parts on `threads` threads (the calling thread and
+/// `threads - 1` helpers), or returns `None` for the caller to read it in one pass (see the
+/// module documentation).
+///
+/// The parts are more than the threads, and each thread takes the next part not yet taken until
+/// none is left: a helper that starts late (measured on Firecracker, which Lambda runs on: a
+/// thread spawned onto an idle vCPU often started only after 1.8 ms, when the caller had read
+/// half the batch alone) costs only the parts it did not take, never a wait for it.
+pub(super) fn parse(payload: &[u8], threads: usize, parts: usize) -> Option<KinesisEvent<'_>> {
     let open = records_start(payload)?;
     // An empty array, or one record: nothing to cut.
     if payload.get(skip_ws(payload, open)) == Some(&b']') {
@@ -107,26 +117,44 @@ pub(super) fn parse(payload: &[u8], parts: usize) -> Option<KinesisEvent<'_>> {
     // for each reading thread (measured: 3-4 MiB more peak RSS in W1 that way).
     let first_len = cut_at_or_after(payload, open).map_or(payload.len(), |next| next - open).max(1);
     let room = |from: usize, until: Option<usize>| (until.unwrap_or(payload.len()) - from) / first_len * 9 / 8 + 16;
-    let whole = Vec::with_capacity(room(open, None));
-    let results: Vec<_> = std::thread::scope(|s| {
-        let others: Vec<_> = bounds[1..]
-            .iter()
-            .map(|&(from, until)| {
-                let part = Vec::with_capacity(room(from, until));
-                s.spawn(move || read_part(payload, from, until, part))
-            })
-            .collect();
-        let first = read_part(payload, bounds[0].0, bounds[0].1, whole);
-        std::iter::once(first)
-            .chain(others.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))))
-            .collect()
+    type Slot<'a> = Mutex<(Vec<KinesisEventRecord<'a>>, Option<Option<usize>>)>;
+    let slots: Vec<Slot<'_>> = bounds
+        .iter()
+        .enumerate()
+        .map(|(i, &(from, until))| {
+            Mutex::new((Vec::with_capacity(if i == 0 { room(open, None) } else { room(from, until) }), None))
+        })
+        .collect();
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let work = || {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= bounds.len() || failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let (from, until) = bounds[i];
+            let mut slot = slots[i].lock().unwrap_or_else(PoisonError::into_inner);
+            let (records, outcome) = &mut *slot;
+            *outcome = read_part(payload, from, until, records);
+            if outcome.is_none() {
+                failed.store(true, Ordering::Relaxed);
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        for _ in 1..threads.min(bounds.len()) {
+            s.spawn(work);
+        }
+        work();
     });
-    let mut results = results.into_iter();
-    let (mut records, mut close) = results.next()??;
-    for result in results {
-        let (mut part, end) = result?;
+    // A part not read (another failed first) has no outcome: the whole is left to one pass.
+    let mut slots = slots.into_iter().map(|slot| slot.into_inner().unwrap_or_else(PoisonError::into_inner));
+    let (mut records, outcome) = slots.next()?;
+    let mut close = outcome?;
+    for (mut part, outcome) in slots {
+        close = outcome?;
         records.append(&mut part);
-        close = end;
     }
     // The envelope without its records: `{"Records":[` and what follows the `]`, read as one
     // pass would (its other fields, a duplicate `Records`, trailing bytes).
@@ -178,7 +206,8 @@ mod tests {
 
     /// `parse` either declines or reads exactly what one pass reads; one pass must then succeed.
     fn check(payload: &str, parts: usize) -> Option<()> {
-        let split = parse(payload.as_bytes(), parts);
+        // Parts on fewer, as many, and more threads than there are parts.
+        let split = parse(payload.as_bytes(), 1 + parts % 3, parts);
         let one_pass = serde_json::from_slice::<KinesisEvent<'_>>(payload.as_bytes());
         if let Some(split) = &split {
             let one_pass = one_pass.unwrap_or_else(|e| panic!("split read what one pass refuses ({e}): {payload}"));
@@ -195,7 +224,7 @@ mod tests {
             for parts in 2..=7 {
                 let payload = event(&records, after);
                 assert!(check(&payload, parts).is_some(), "{parts} parts of {payload}");
-                assert_eq!(parse(payload.as_bytes(), parts).unwrap().records.len(), 50);
+                assert_eq!(parse(payload.as_bytes(), 2, parts).unwrap().records.len(), 50);
             }
         }
     }
@@ -269,7 +298,7 @@ mod tests {
                     _ => { payload.remove(i); }
                 }
             }
-            let split = parse(&payload, parts);
+            let split = parse(&payload, 2, parts);
             if let Some(split) = &split {
                 let one_pass = serde_json::from_slice::<KinesisEvent<'_>>(&payload);
                 prop_assert!(one_pass.is_ok(), "split read what one pass refuses");
