@@ -23,9 +23,9 @@ done
 run() { # name, events array name, then command
   local name="$1" list="$2[@]"; shift 2
   rm -rf "$WORK/out" "$WORK/cp"
-  printf '%s ' "$name"
-  GROUP_BY_FIELD=user SUM_FIELD=amount OUTPUT_URI="file://$WORK/out" CHECKPOINT_URI="file://$WORK/cp" RUST_LOG=warn \
-    python3 "$TOOLS/runtime_api.py" --invocations 20 "${!list}" -- "$@"
+  { printf '%s ' "$name"
+    GROUP_BY_FIELD=user SUM_FIELD=amount OUTPUT_URI="file://$WORK/out" CHECKPOINT_URI="file://$WORK/cp" RUST_LOG=warn \
+      python3 "$TOOLS/runtime_api.py" --invocations 20 "${!list}" -- "$@"; } | tee -a "$WORK/results"
 }
 # The rollup's output must be complete: 21 batches of 10,000 lines, 1,000 users.
 check_output() {
@@ -37,7 +37,7 @@ assert (count, users) == (210000, 1000), f"rollup incomplete: {count} lines, {us
 PY
 }
 for round in 1 2 3; do
-  echo "round $round"
+  echo "round $round" | tee -a "$WORK/results"
   run floor events target/release/bench-floor
   run kinesis-rollup events target/release/kinesis-rollup
   check_output
@@ -48,3 +48,23 @@ for round in 1 2 3; do
   run kinesis-rollup-aggregated aggregated target/release/kinesis-rollup
   check_output
 done
+# Each round's warm medians as ratios to the floor of the same round (BENCHMARKS.md's tables).
+python3 - "$WORK/results" <<'PY'
+import json, sys
+rounds = []
+for line in open(sys.argv[1]):
+    if line.startswith("round "):
+        rounds.append({})
+    elif line.strip():
+        name, result = line.split(" ", 1)
+        rounds[-1][name] = json.loads(result)
+print("round | floor ms | rollup ms | ratio | init ms | peak RSS MiB | metrics off ms | ratio | aggregated: floor ms | rollup ms | ratio | peak RSS MiB")
+for i, r in enumerate(rounds, 1):
+    warm = lambda n: r[n]["warm_median_ms"]
+    print(" | ".join(str(x) for x in [
+        i, warm("floor"), warm("kinesis-rollup"), f'{warm("kinesis-rollup") / warm("floor"):.2f}',
+        r["kinesis-rollup"]["init_ms"], r["kinesis-rollup"]["peak_rss_mib"],
+        warm("kinesis-rollup-no-metrics"), f'{warm("kinesis-rollup-no-metrics") / warm("floor"):.2f}',
+        warm("floor-aggregated"), warm("kinesis-rollup-aggregated"),
+        f'{warm("kinesis-rollup-aggregated") / warm("floor-aggregated"):.2f}', r["kinesis-rollup-aggregated"]["peak_rss_mib"]]))
+PY
