@@ -117,11 +117,27 @@ impl<'a> KinesisEvent<'a> {
     /// assert!(KinesisEvent::from_slice(b"[]").is_err());
     /// ```
     pub fn from_slice(payload: &'a [u8]) -> Result<Self, EventError> {
+        Self::from_slice_on(payload, crate::pull::threads())
+    }
+
+    /// [`KinesisEvent::from_slice`] on at most `threads` threads, the calling thread among them
+    /// (1: one pass, no thread started), for a caller that keeps its own threads busy or reads
+    /// several batches at once.
+    ///
+    /// ```
+    /// use pushpull::kinesis_event::KinesisEvent;
+    /// let record = r#"{"kinesis":{"partitionKey":"k","sequenceNumber":"1","data":"e30=","approximateArrivalTimestamp":1},"eventID":"shardId-0:1"}"#;
+    /// let payload = format!(r#"{{"Records":[{}]}}"#, vec![record; 8_000].join(","));
+    /// let in_parts = KinesisEvent::from_slice_on(payload.as_bytes(), 2).unwrap();
+    /// let one_pass = KinesisEvent::from_slice_on(payload.as_bytes(), 1).unwrap();
+    /// assert_eq!(format!("{in_parts:?}"), format!("{one_pass:?}"));
+    /// ```
+    pub fn from_slice_on(payload: &'a [u8], threads: usize) -> Result<Self, EventError> {
         // serde lets a struct be read from an array: `[]` would be an empty event.
         if payload.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(EventError { message: "not a JSON object".to_owned() });
         }
-        let threads = crate::pull::threads().min(payload.len() / SPLIT_MIN_BYTES);
+        let threads = threads.min(payload.len() / SPLIT_MIN_BYTES);
         if threads > 1 {
             let parts = (threads * PARTS_PER_THREAD).min(payload.len() / PART_MIN_BYTES);
             if let Some(event) = split::parse(payload, threads, parts) {
@@ -235,14 +251,16 @@ mod tests {
         let records: Vec<String> = (0..6_000).map(record).collect();
         let payload = format!(r#"{{"Records":[{}]}}"#, records.join(","));
         assert!(payload.len() >= 2 * SPLIT_MIN_BYTES);
-        let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
         let one_pass: KinesisEvent<'_> = serde_json::from_str(&payload).unwrap();
-        assert_eq!(format!("{event:?}"), format!("{one_pass:?}"));
-        assert_eq!(event.records.len(), 6_000);
-        // One bad record anywhere: the error one pass gives.
         let bad = payload.replacen(r#""sequenceNumber":"4000""#, r#""sequenceNumber":4000"#, 1);
-        let err = KinesisEvent::from_slice(bad.as_bytes()).unwrap_err();
-        assert_eq!(err.message, serde_json::from_str::<KinesisEvent<'_>>(&bad).unwrap_err().to_string());
+        for threads in [1, 2, 3] {
+            let event = KinesisEvent::from_slice_on(payload.as_bytes(), threads).unwrap();
+            assert_eq!(format!("{event:?}"), format!("{one_pass:?}"));
+            assert_eq!(event.records.len(), 6_000);
+            // One bad record anywhere: the error one pass gives.
+            let err = KinesisEvent::from_slice_on(bad.as_bytes(), threads).unwrap_err();
+            assert_eq!(err.message, serde_json::from_str::<KinesisEvent<'_>>(&bad).unwrap_err().to_string());
+        }
     }
 
     #[test]
