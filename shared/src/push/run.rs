@@ -22,8 +22,7 @@ use crate::quarantine::{QuarantineWriter, QuarantinedLine, safe_path};
 use crate::s3_notification::ObjectEvent;
 use crate::shard_map::{ShardIndex, ShardMap};
 use crate::sink::{OutRecord, ProduceError, RecordSink, SendReport};
-use crate::store::Etag;
-use crate::store::StoreError;
+use crate::store::{Etag, StoreError};
 
 /// Records an interrupted owner wrote after its last checkpoint, by partition key, in order.
 struct Written {
@@ -158,8 +157,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         progress: ObjectProgress,
         version: Etag,
     ) -> Self {
-        let version_label = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or("unversioned");
-        let q_prefix = format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), safe_path(version_label));
+        let q_prefix = quarantine_prefix(ev);
         let put = handler.settings.put;
         let lease_until_ms = progress.lease_until_ms;
         Run {
@@ -529,9 +527,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
     /// on sending after a retry had taken over, and lines reached the stream twice.
     async fn send(&mut self, mut batch: Vec<OutRecord>) -> Result<(), ObjectError> {
         loop {
-            if tokio::time::Instant::now() >= self.fence() {
-                self.renew().await?;
-            }
+            self.renew_if_due().await?;
             match self.handler.producer.send_until(batch, Some(self.fence())).await {
                 Ok(report) => {
                     self.sent.merge(report);
@@ -550,6 +546,14 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         self.lease_until - self.handler.settings.lease / 4
     }
 
+    /// Renews the lease once the fence is reached, so that what follows is done under it.
+    async fn renew_if_due(&mut self) -> Result<(), ObjectError> {
+        if tokio::time::Instant::now() >= self.fence() {
+            self.renew().await?;
+        }
+        Ok(())
+    }
+
     /// Extends the lease (the checkpoint itself does not move).
     async fn renew(&mut self) -> Result<(), ObjectError> {
         let renewed = self.handler.leases.renew(self.ev, &mut self.progress, &self.version).await;
@@ -564,9 +568,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         self.flush_batch().await?;
         let first_line = self.progress.lines_done + 1;
         // As before a send: the part is written only while the lease holds (see `send`).
-        if tokio::time::Instant::now() >= self.fence() {
-            self.renew().await?;
-        }
+        self.renew_if_due().await?;
         let quarantined = match self.quarantine.write_part(first_line).await {
             // The part is there already: written by a retry that took this object over while this
             // run stalled (the renewal fails: nothing is overwritten), or by this run itself, its
@@ -600,6 +602,13 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         self.lease_until = tokio::time::Instant::now() + self.handler.settings.lease;
         Ok(())
     }
+}
+
+/// Where an object's quarantine parts go: bucket, key and version (or ETag), each made safe as a
+/// path.
+fn quarantine_prefix(ev: &ObjectEvent) -> String {
+    let version = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or("unversioned");
+    format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), safe_path(version))
 }
 
 /// What is left of a lease that ends at `lease_until_ms` (epoch ms), at most the whole lease.
@@ -1033,20 +1042,14 @@ mod tests {
         crashed_owner(&w.dir.path().join("cp")).await;
         // What the crashed owner wrote before it could record its checkpoint: the bad line, in the
         // part after its last checkpoint (none: the part of line 1).
-        let ev = object_event();
-        let label = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or("unversioned");
-        let prefix = format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), safe_path(label));
+        let prefix = quarantine_prefix(&object_event());
         let mut orphan = QuarantineWriter::new(Store::file(w.dir.path().join("q")), prefix);
         orphan.add(&serde_json::json!({ "line": 99000, "from": "the crashed owner" }));
         assert_eq!(orphan.write_part(1).await.unwrap(), 1);
 
         let summary = w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
         assert_eq!(summary.objects[0].quarantined, 1);
-        let mut entries = Vec::new();
-        for entry in walkdir(&w.dir.path().join("q")) {
-            let text = std::fs::read_to_string(entry).unwrap();
-            entries.extend(text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()));
-        }
+        let entries = quarantine_entries(&w.dir.path().join("q"));
         assert_eq!(entries.len(), 1, "the bad line once: {entries:?}");
         assert_eq!(entries[0]["line"], 99000);
         assert!(entries[0].get("from").is_none(), "the crashed owner's part was replaced");
@@ -1059,9 +1062,7 @@ mod tests {
         // A part at line 1 that this run, a fresh owner, did not expect: as if its own write of it
         // had succeeded and the answer been lost. It is written only if absent, so the run finds
         // it, confirms its lease and replaces it.
-        let ev = object_event();
-        let label = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or("unversioned");
-        let prefix = format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), safe_path(label));
+        let prefix = quarantine_prefix(&object_event());
         let mut earlier = QuarantineWriter::new(Store::file(w.dir.path().join("q")), prefix);
         earlier.replace_next_part();
         earlier.add(&serde_json::json!({ "line": 1, "from": "an earlier write" }));
@@ -1069,7 +1070,14 @@ mod tests {
 
         let summary = w.handler.handle(&event(), &Invocation::new("fresh")).await.unwrap();
         assert_eq!(summary.objects[0].quarantined, 1);
-        let entries: Vec<serde_json::Value> = walkdir(&w.dir.path().join("q"))
+        let entries = quarantine_entries(&w.dir.path().join("q"));
+        assert_eq!(entries.len(), 1, "the bad line once: {entries:?}");
+        assert!(entries[0].get("from").is_none(), "replaced by the run holding the lease");
+    }
+
+    /// Every quarantine entry under `dir`, part by part.
+    fn quarantine_entries(dir: &std::path::Path) -> Vec<serde_json::Value> {
+        walkdir(dir)
             .iter()
             .flat_map(|f| {
                 std::fs::read_to_string(f)
@@ -1078,9 +1086,7 @@ mod tests {
                     .map(|l| serde_json::from_str(l).unwrap())
                     .collect::<Vec<_>>()
             })
-            .collect();
-        assert_eq!(entries.len(), 1, "the bad line once: {entries:?}");
-        assert!(entries[0].get("from").is_none(), "replaced by the run holding the lease");
+            .collect()
     }
 
     /// Every file under `dir`.
