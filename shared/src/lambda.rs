@@ -67,6 +67,7 @@ where
     if let Err(e) = crate::emf::init_from_env() {
         tracing::warn!(error = %e, "metrics are off");
     }
+    crate::parallel::start();
     Runtime::new(pass_through).layer(RawLayer { handler: Arc::new(handler) }).run().await
 }
 

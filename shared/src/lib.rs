@@ -20,6 +20,7 @@
 //! | [`config`] | core | settings from environment variables, every problem reported at once |
 //! | [`invocation`] | core | request id and time left |
 //! | [`error`] | core | error chains on one line, panic messages |
+//! | [`parallel`] | core | a batch's parts worked on every vCPU, helpers kept awake between them |
 //! | [`pull`] | core; `kinesis`, `dynamodb`, `sqs` | one handler per record, partial batch responses, deadlines |
 //! | [`kinesis_event`] | `kinesis` | Kinesis events read without copying |
 //! | [`aggregation`] | `aggregation` (in `kinesis`, `push`) | KPL aggregated records, packed and unpacked |
@@ -44,6 +45,7 @@ pub mod invocation;
 pub mod lines;
 pub mod metrics;
 pub mod ndjson;
+pub mod parallel;
 pub mod pull;
 pub mod quarantine;
 pub mod sequence;

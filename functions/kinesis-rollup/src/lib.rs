@@ -44,6 +44,7 @@
 //! ```
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, warn};
@@ -406,13 +407,15 @@ impl RollupHandler {
         let parts: Vec<Result<Part, PullError>> = if threads <= 1 {
             vec![self.scan(records, 0, after)]
         } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = split_by_bytes(records, threads, data_bytes)
-                    .into_iter()
-                    .map(|(base, chunk)| s.spawn(move || self.scan(chunk, base, after)))
-                    .collect();
-                handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-            })
+            let chunks = split_by_bytes(records, threads, data_bytes);
+            let slots: Vec<Mutex<Option<Result<Part, PullError>>>> = chunks.iter().map(|_| Mutex::new(None)).collect();
+            pushpull::parallel::each_part(threads, chunks.len(), |i| {
+                let (base, chunk) = chunks[i];
+                let part = self.scan(chunk, base, after);
+                *slots[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(part);
+            });
+            // Every slot is filled: each_part returns once every part has (or raises its panic).
+            slots.into_iter().filter_map(|s| s.into_inner().unwrap_or_else(PoisonError::into_inner)).collect()
         };
         // Merge: one result, groups re-interned in order of first sight across the parts.
         let mut result = BatchResult::default();

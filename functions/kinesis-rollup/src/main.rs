@@ -8,7 +8,7 @@ use pushpull::config::Env;
 
 // One thread for the runtime: Lambda sends one invocation at a time, its S3 calls are made one
 // after the other, and the CPU work (reading the batch, checking its records) runs on threads of
-// its own (`pushpull::pull::threads`). With worker threads, each kept a malloc arena holding
+// its own (`pushpull::parallel`: a helper per further vCPU). With worker threads, each kept a malloc arena holding
 // megabytes of earlier batches: W1's peak RSS was 30-34 MiB this way against 24 (BENCHMARKS.md).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {

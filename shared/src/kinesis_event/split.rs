@@ -14,7 +14,7 @@
 //! whitespace between records, anything after the array it cannot read) returns `None` too, and
 //! the caller reads the payload in one pass, which gives the canonical result or error. So for any
 //! payload this reader either returns exactly what one pass returns, or nothing.
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use super::{KinesisEvent, KinesisEventRecord};
@@ -83,13 +83,13 @@ fn read_part<'a>(
 }
 
 /// Reads `payload` in `parts` parts on `threads` threads (the calling thread and
-/// `threads - 1` helpers), or returns `None` for the caller to read it in one pass (see the
+/// `threads - 1` helpers of [`crate::parallel`]), or returns `None` for the caller to read it in one pass (see the
 /// module documentation).
 ///
 /// The parts are more than the threads, and each thread takes the next part not yet taken until
 /// none is left: a helper that starts late (measured on Firecracker, which Lambda runs on: a
-/// thread spawned onto an idle vCPU often started only after 1.8 ms, when the caller had read
-/// half the batch alone) costs only the parts it did not take, never a wait for it.
+/// thread woken on an idle vCPU often started only after 1.8 ms, when the caller had read half
+/// the batch alone) costs only the parts it did not take, never a wait for it.
 pub(super) fn parse(payload: &[u8], threads: usize, parts: usize) -> Option<KinesisEvent<'_>> {
     let open = records_start(payload)?;
     // An empty array, or one record: nothing to cut.
@@ -126,28 +126,18 @@ pub(super) fn parse(payload: &[u8], threads: usize, parts: usize) -> Option<Kine
             Mutex::new((Vec::with_capacity(if i == 0 { room(open, None) } else { room(from, until) }), None))
         })
         .collect();
-    let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
-    let work = || {
-        loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= bounds.len() || failed.load(Ordering::Relaxed) {
-                return;
-            }
-            let (from, until) = bounds[i];
-            let mut slot = slots[i].lock().unwrap_or_else(PoisonError::into_inner);
-            let (records, outcome) = &mut *slot;
-            *outcome = read_part(payload, from, until, records);
-            if outcome.is_none() {
-                failed.store(true, Ordering::Relaxed);
-            }
+    crate::parallel::each_part(threads, bounds.len(), |i| {
+        if failed.load(Ordering::Relaxed) {
+            return;
         }
-    };
-    std::thread::scope(|s| {
-        for _ in 1..threads.min(bounds.len()) {
-            s.spawn(work);
+        let (from, until) = bounds[i];
+        let mut slot = slots[i].lock().unwrap_or_else(PoisonError::into_inner);
+        let (records, outcome) = &mut *slot;
+        *outcome = read_part(payload, from, until, records);
+        if outcome.is_none() {
+            failed.store(true, Ordering::Relaxed);
         }
-        work();
     });
     // A part not read (another failed first) has no outcome: the whole is left to one pass.
     let mut slots = slots.into_iter().map(|slot| slot.into_inner().unwrap_or_else(PoisonError::into_inner));

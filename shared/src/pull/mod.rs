@@ -45,16 +45,13 @@ pub mod kinesis;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
-/// How many threads a batch may be worked on at once: the vCPUs this process may use (Lambda
-/// gives a function 2 from 1,769 MB of memory, 6 at 10,240 MB). Read once: the standard
-/// library reads cgroup files every time it is asked.
+/// How many threads a batch may be worked on at once: [`crate::parallel::threads`].
 ///
 /// ```
 /// assert!(pushpull::pull::threads() >= 1);
 /// ```
 pub fn threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
+    crate::parallel::threads()
 }
 
 /// How a batch is processed.
