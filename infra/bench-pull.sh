@@ -39,11 +39,11 @@ PY
 for round in 1 2 3; do
   echo "round $round" | tee -a "$WORK/results"
   run floor events target/release/bench-floor
-  run kinesis-rollup events target/release/kinesis-rollup
-  check_output
-  # The same without its EMF metrics (on by default): what the metrics cost.
-  POWERTOOLS_METRICS_DISABLED=true run kinesis-rollup-no-metrics events target/release/kinesis-rollup
-  check_output
+  # With and without its EMF metrics (on by default): what the metrics cost. The two swap places
+  # from round to round, so that neither is always the one run right after the floor.
+  on() { run kinesis-rollup events target/release/kinesis-rollup; check_output; }
+  off() { POWERTOOLS_METRICS_DISABLED=true run kinesis-rollup-no-metrics events target/release/kinesis-rollup; check_output; }
+  if [ $((round % 2)) = 1 ]; then on; off; else off; on; fi
   run floor-aggregated aggregated target/release/bench-floor
   run kinesis-rollup-aggregated aggregated target/release/kinesis-rollup
   check_output
