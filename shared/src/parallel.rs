@@ -176,6 +176,30 @@ mod tests {
         }
     }
 
+    /// With a helper, two parts run at the same time: each waits for the other's word (with a
+    /// timeout, so that a missing helper fails the test instead of hanging it).
+    #[test]
+    fn a_helper_takes_parts_while_the_caller_works() {
+        if threads() < 2 {
+            eprintln!("one vCPU: no helper to test");
+            return;
+        }
+        // Part 0 tells part 1 on the first channel, part 1 tells part 0 on the second.
+        let (zero_to_one, one_hears) = std::sync::mpsc::channel::<()>();
+        let (one_to_zero, zero_hears) = std::sync::mpsc::channel::<()>();
+        let senders = [Mutex::new(zero_to_one), Mutex::new(one_to_zero)];
+        let receivers = [Mutex::new(zero_hears), Mutex::new(one_hears)];
+        let met = AtomicUsize::new(0);
+        each_part(2, 2, |i| {
+            senders[i].lock().unwrap().send(()).unwrap();
+            let got = receivers[i].lock().unwrap().recv_timeout(std::time::Duration::from_secs(10));
+            if got.is_ok() {
+                met.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        assert_eq!(met.load(Ordering::Relaxed), 2, "both parts ran at once");
+    }
+
     #[test]
     fn a_panicking_part_is_raised_after_the_others_return() {
         let ran = Mutex::new(Vec::new());
