@@ -4,7 +4,7 @@
 //! [`PushHandler`] is put together from parts with one job each:
 //! - [`source`]: where objects are read ([`source::S3Source`], [`source::FileSource`], yours);
 //! - [`crate::lines`]: the object split into lines in bounded memory (gzip undone first);
-//! - [`line`]: your [`line::LineHandler`] (a closure) makes a record of a line, skips it, or says
+//! - [`line`](mod@line): your [`line::LineHandler`] (a closure) makes a record of a line, skips it, or says
 //!   why it must be quarantined ([`crate::quarantine`]);
 //! - [`crate::batch`] and [`crate::sink`]: records batched under the PutRecords limits and sent,
 //!   partial failures resent;
