@@ -6,9 +6,10 @@
 //! both are cut into parts ([`each_part`]) that the threads take until none is left.
 //!
 //! The helpers are the threads of one [`rayon_core`] pool, started once ([`start`]), not a thread
-//! per batch: measured on Firecracker, the VM Lambda runs on, a thread started (or woken) on an
-//! idle vCPU often began 1.4-1.9 ms late, as long as reading a whole batch on two threads takes.
-//! A helper that has just worked stays awake for [`LINGER`], asking the pool for work and
+//! per batch: measured on Firecracker, the VM Lambda runs on, a thread started for a batch on an
+//! idle vCPU often began 1.4-2.8 ms late, as long as reading a whole batch on two threads takes,
+//! where a pool's helper woken for it took its first part 21-70 µs after the caller in 101 of 105
+//! invocations (BENCHMARKS.md, W1). A helper that has just worked stays awake for [`LINGER`], asking the pool for work and
 //! yielding its vCPU between asks, so that the next part of the same invocation (the records'
 //! check follows the event's read) finds it awake; after that it sleeps as rayon's threads do.
 //! The calling thread waits for the helpers' last parts awake, too (a part is a fraction of a

@@ -88,7 +88,7 @@ fn read_part<'a>(
 ///
 /// The parts are more than the threads, and each thread takes the next part not yet taken until
 /// none is left: a helper that starts late (measured on Firecracker, which Lambda runs on: a
-/// thread woken on an idle vCPU often started only after 1.8 ms, when the caller had read half
+/// thread started on an idle vCPU often began only after 1.8 ms, when the caller had read half
 /// the batch alone) costs only the parts it did not take, never a wait for it.
 pub(super) fn parse(payload: &[u8], threads: usize, parts: usize) -> Option<KinesisEvent<'_>> {
     let open = records_start(payload)?;
