@@ -117,7 +117,7 @@ impl<'a> KinesisEvent<'a> {
     /// assert!(KinesisEvent::from_slice(b"[]").is_err());
     /// ```
     pub fn from_slice(payload: &'a [u8]) -> Result<Self, EventError> {
-        Self::from_slice_on(payload, crate::pull::threads())
+        Self::from_slice_on(payload, crate::parallel::threads())
     }
 
     /// [`KinesisEvent::from_slice`] on at most `threads` threads, the calling thread among them

@@ -67,7 +67,6 @@ where
     if let Err(e) = crate::emf::init_from_env() {
         tracing::warn!(error = %e, "metrics are off");
     }
-    crate::parallel::start();
     Runtime::new(pass_through).layer(RawLayer { handler: Arc::new(handler) }).run().await
 }
 
@@ -209,6 +208,8 @@ where
     Fut: Future<Output = Result<crate::pull::BatchResult, BatchError>> + Send + 'static,
 {
     let process = Arc::new(process);
+    // Batches of 512 KiB or more are read on every vCPU: the helpers start now, not in the first.
+    crate::parallel::start();
     run_raw(move |body: Bytes, context: Context| {
         let process = process.clone();
         async move {

@@ -56,7 +56,8 @@ fn pool() -> Option<&'static rayon_core::ThreadPool> {
 }
 
 /// Starts the helpers now instead of at the first [`each_part`]: a function does this at init, so
-/// that its first batch does not wait for a thread to start (`pushpull::lambda::run_raw` does).
+/// that its first batch does not wait for a thread to start (the pull runners of
+/// `pushpull::lambda` do; a function on `run_raw` calls it in `main`).
 ///
 /// ```
 /// pushpull::parallel::start();

@@ -403,7 +403,7 @@ impl RollupHandler {
     ) -> Result<(Rollup, Option<Covered>, BatchResult), RollupError> {
         // Parts by data bytes, not records: a KPL aggregate carries many lines in one record.
         let data_bytes: usize = records.iter().map(|r| r.kinesis.data.len()).sum();
-        let threads = pushpull::pull::threads().min(data_bytes / PART_MIN_BYTES);
+        let threads = pushpull::parallel::threads().min(data_bytes / PART_MIN_BYTES);
         let parts: Vec<Result<Part, PullError>> = if threads <= 1 {
             vec![self.scan(records, 0, after)]
         } else {
@@ -414,8 +414,15 @@ impl RollupHandler {
                 let part = self.scan(chunk, base, after);
                 *slots[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(part);
             });
-            // Every slot is filled: each_part returns once every part has (or raises its panic).
-            slots.into_iter().filter_map(|s| s.into_inner().unwrap_or_else(PoisonError::into_inner)).collect()
+            // Every slot is filled: each_part returns once every part has run (or raises its panic).
+            slots
+                .into_iter()
+                .map(|s| {
+                    s.into_inner()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .unwrap_or_else(|| unreachable!("each_part runs every part"))
+                })
+                .collect()
         };
         // Merge: one result, groups re-interned in order of first sight across the parts.
         let mut result = BatchResult::default();

@@ -83,8 +83,8 @@ fn read_part<'a>(
 }
 
 /// Reads `payload` in `parts` parts on `threads` threads (the calling thread and
-/// `threads - 1` helpers of [`crate::parallel`]), or returns `None` for the caller to read it in one pass (see the
-/// module documentation).
+/// `threads - 1` helpers of [`crate::parallel`]), or returns `None` for the caller to read it in
+/// one pass (see the module documentation).
 ///
 /// The parts are more than the threads, and each thread takes the next part not yet taken until
 /// none is left: a helper that starts late (measured on Firecracker, which Lambda runs on: a

@@ -45,14 +45,7 @@ pub mod kinesis;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
-/// How many threads a batch may be worked on at once: [`crate::parallel::threads`].
-///
-/// ```
-/// assert!(pushpull::pull::threads() >= 1);
-/// ```
-pub fn threads() -> usize {
-    crate::parallel::threads()
-}
+pub use crate::parallel::threads;
 
 /// How a batch is processed.
 ///
