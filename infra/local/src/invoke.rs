@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -69,6 +70,19 @@ pub struct Invoked {
     pub answer: Answer,
     /// `x-amzn-RequestId`.
     pub request_id: String,
+}
+
+/// What a synchronous invocation goes through: the Invoke API ([`InvokeClient`]), or, in the
+/// mapping's own tests, a function in the same process.
+pub trait Invoker: Send + Sync + 'static {
+    /// A synchronous (`RequestResponse`) invocation of `function` with `payload`.
+    fn invoke<'a>(&'a self, function: &'a str, payload: Bytes) -> BoxFuture<'a, Result<Invoked, InvokeError>>;
+}
+
+impl Invoker for InvokeClient {
+    fn invoke<'a>(&'a self, function: &'a str, payload: Bytes) -> BoxFuture<'a, Result<Invoked, InvokeError>> {
+        Box::pin(InvokeClient::invoke(self, function, payload))
+    }
 }
 
 /// A client of the Invoke API.

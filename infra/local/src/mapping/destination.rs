@@ -5,12 +5,37 @@
 //! that cannot be reached is retried: the shard waits rather than lose the batch.
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 use tokio::sync::OnceCell;
 use tracing::warn;
 
 use super::settings::Destination;
 use super::{Clients, MappingError};
+
+/// Where the records a mapping gives up on go: a [`FailureDestination`], or in the mapping's own
+/// tests a list in memory.
+pub trait FailureSink: Send + Sync + 'static {
+    /// Sends `record` (and for S3 the invocation `payload`) of records from `partition`, retrying
+    /// until it is accepted; returns where it went.
+    fn send<'a>(
+        &'a self,
+        record: &'a Value,
+        payload: Option<&'a str>,
+        partition: &'a str,
+    ) -> BoxFuture<'a, Result<String, MappingError>>;
+}
+
+impl FailureSink for FailureDestination {
+    fn send<'a>(
+        &'a self,
+        record: &'a Value,
+        payload: Option<&'a str>,
+        partition: &'a str,
+    ) -> BoxFuture<'a, Result<String, MappingError>> {
+        Box::pin(FailureDestination::send(self, record, payload, partition))
+    }
+}
 
 /// Sends failure records to one destination.
 #[derive(Debug)]
@@ -76,7 +101,7 @@ impl FailureDestination {
                     // The invocation payload, as the function would have received it.
                     body["payload"] = serde_json::from_str(p).unwrap_or_else(|_| Value::from(p));
                 }
-                let now = aws_smithy_types::DateTime::from_secs_f64(super::now_unix());
+                let now = aws_smithy_types::DateTime::from_secs_f64(super::clock::now_unix());
                 let stamp = now.fmt(aws_smithy_types::date_time::Format::DateTime).unwrap_or_default();
                 // 2026-11-25T03:04:05Z -> 2026/11/25/2026-11-25T03.04.05-<uuid>
                 let day = stamp.get(..10).unwrap_or("1970-01-01").replace('-', "/");

@@ -49,6 +49,48 @@ impl Rec {
     }
 }
 
+impl super::source::Record for Rec {
+    fn index(&self) -> u64 {
+        self.index
+    }
+    fn ordering_key(&self) -> &[u8] {
+        self.partition_key.as_bytes()
+    }
+    fn data(&self) -> &[u8] {
+        &self.data
+    }
+    fn arrival(&self) -> f64 {
+        self.arrival
+    }
+    fn position(&self) -> &str {
+        &self.sequence_number
+    }
+}
+
+/// The index in `batch` of the record an `itemIdentifier` names: its sequence number, compared as
+/// an integer (leading zeros name the same record).
+pub fn item_index(batch: &[Rec], identifier: &str) -> Result<usize, String> {
+    let Ok(seq) = identifier.parse::<SequenceNumber>() else {
+        return Err(format!("itemIdentifier {identifier:?} is not a sequence number"));
+    };
+    batch.iter().position(|r| r.seq == seq).ok_or_else(|| format!("itemIdentifier {identifier} is not in the batch"))
+}
+
+/// `KinesisBatchInfo` of a failure record, as AWS writes it.
+pub fn batch_info(shard_id: &str, stream_arn: &str, records: &[Rec]) -> (&'static str, serde_json::Value) {
+    let (first, last) = (records.first(), records.last());
+    let info = serde_json::json!({
+        "shardId": shard_id,
+        "startSequenceNumber": first.map(|r| r.sequence_number.as_str()),
+        "endSequenceNumber": last.map(|r| r.sequence_number.as_str()),
+        "approximateArrivalOfFirstRecord": first.map(|r| iso8601_millis(r.arrival)),
+        "approximateArrivalOfLastRecord": last.map(|r| iso8601_millis(r.arrival)),
+        "batchSize": records.len(),
+        "streamArn": stream_arn,
+    });
+    ("KinesisBatchInfo", info)
+}
+
 /// The tumbling-window part of an event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowPart<'a> {

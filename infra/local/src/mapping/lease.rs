@@ -4,18 +4,19 @@
 //! runner is presumed dead when its counter has not moved for the failover time *as the observer
 //! saw it*, so no two clocks are ever compared.
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use pushpull::checkpoint::CheckpointError;
+use pushpull::checkpoint::{CheckpointError, Checkpoints};
+use pushpull::store::Store;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use super::Ctx;
+use super::clock::Instant;
 use super::progress::ShardCheckpoint;
 
 /// A runner's entry in the registry.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub(super) struct Beat {
+pub(crate) struct Beat {
     /// Bumped by every heartbeat.
     pub counter: u64,
     /// The runner is handing its shards over and leaving.
@@ -25,7 +26,7 @@ pub(super) struct Beat {
 
 /// Counters as this runner has seen them move, by key (`shard <id>` or `worker <id>`).
 #[derive(Debug, Default)]
-pub(super) struct Observed {
+pub(crate) struct Observed {
     seen: HashMap<String, Seen>,
 }
 
@@ -64,15 +65,21 @@ impl Observed {
     }
 }
 
-fn registry_key(ctx: &Ctx) -> String {
-    format!("{}/workers.json", ctx.options.checkpoint_prefix)
+fn registry_key(prefix: &str) -> String {
+    format!("{prefix}/workers.json")
 }
 
 /// Writes this runner's heartbeat into the registry, taking out the runners in `gone` (seen dead),
 /// and returns every runner's entry. A store that fails is logged and the registry taken as this
 /// runner alone (it then takes what is free, as a runner alone would).
-pub(super) async fn heartbeat(ctx: &Ctx, me: &str, stopping: bool, gone: &[String]) -> BTreeMap<String, Beat> {
-    update(ctx, |workers| {
+pub(crate) async fn heartbeat(
+    store: &Checkpoints<Store>,
+    prefix: &str,
+    me: &str,
+    stopping: bool,
+    gone: &[String],
+) -> BTreeMap<String, Beat> {
+    update(store, prefix, |workers| {
         workers.retain(|w, _| !gone.contains(w));
         let beat = workers.entry(me.to_owned()).or_default();
         beat.counter += 1;
@@ -86,8 +93,8 @@ pub(super) async fn heartbeat(ctx: &Ctx, me: &str, stopping: bool, gone: &[Strin
 }
 
 /// Takes this runner out of the registry (it stopped and released its leases).
-pub(super) async fn leave(ctx: &Ctx, me: &str) {
-    if let Err(e) = update(ctx, |workers| {
+pub(crate) async fn leave(store: &Checkpoints<Store>, prefix: &str, me: &str) {
+    if let Err(e) = update(store, prefix, |workers| {
         workers.remove(me);
     })
     .await
@@ -98,16 +105,16 @@ pub(super) async fn leave(ctx: &Ctx, me: &str) {
 
 /// Releases `shard_id`'s lease if `me` still holds it (after its task was stopped in flight):
 /// the checkpoint stays where the task left it.
-pub(super) async fn release(ctx: &Ctx, shard_id: &str, me: &str) {
-    let key = format!("{}/{shard_id}.json", ctx.options.checkpoint_prefix);
+pub(crate) async fn release(store: &Checkpoints<Store>, prefix: &str, shard_id: &str, me: &str) {
+    let key = format!("{prefix}/{shard_id}.json");
     let result = async {
-        let Some((mut saved, version)) = ctx.checkpoints.load::<ShardCheckpoint>(&key).await? else { return Ok(()) };
+        let Some((mut saved, version)) = store.load::<ShardCheckpoint>(&key).await? else { return Ok(()) };
         if saved.owner.as_deref() != Some(me) {
             return Ok(());
         }
         saved.owner = None;
         saved.lease_counter += 1;
-        ctx.checkpoints.replace(&key, &saved, &version).await.map(|_| ())
+        store.replace(&key, &saved, &version).await.map(|_| ())
     }
     .await;
     if let Err(e) = result {
@@ -116,21 +123,22 @@ pub(super) async fn release(ctx: &Ctx, shard_id: &str, me: &str) {
 }
 
 async fn update(
-    ctx: &Ctx,
+    store: &Checkpoints<Store>,
+    prefix: &str,
     change: impl Fn(&mut BTreeMap<String, Beat>),
 ) -> Result<BTreeMap<String, Beat>, CheckpointError> {
-    let key = registry_key(ctx);
+    let key = registry_key(prefix);
     let mut attempt = 0;
     loop {
-        let loaded = ctx.checkpoints.load::<BTreeMap<String, Beat>>(&key).await?;
+        let loaded = store.load::<BTreeMap<String, Beat>>(&key).await?;
         let (mut workers, version) = match loaded {
             Some((w, v)) => (w, Some(v)),
             None => (BTreeMap::new(), None),
         };
         change(&mut workers);
         let written = match &version {
-            Some(v) => ctx.checkpoints.replace(&key, &workers, v).await,
-            None => ctx.checkpoints.create(&key, &workers).await,
+            Some(v) => store.replace(&key, &workers, v).await,
+            None => store.create(&key, &workers).await,
         };
         match written {
             Ok(_) => return Ok(workers),

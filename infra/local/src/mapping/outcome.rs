@@ -3,10 +3,9 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use pushpull::kinesis_event::SequenceNumber;
 use serde_json::{Value, json};
 
-use super::event::{Rec, iso8601_millis};
+use super::event::iso8601_millis;
 
 /// How the Invoke API answered.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,11 +50,17 @@ fn failed(reason: impl Into<String>) -> Verdict {
 /// - without `ReportBatchItemFailures` the body is ignored (not even parsed, unless windows need its
 ///   `state`);
 /// - an empty or `null` body, a missing, `null` or empty `batchItemFailures`: success;
-/// - an entry whose `itemIdentifier` is missing, `null`, empty, or not a sequence number of this
-///   batch fails the whole batch (AWS is unverified for identifiers not in the batch; LocalStack
-///   does this and it is the safe side: nothing is skipped);
-/// - otherwise retry from the lowest sequence number listed (compared as integers).
-pub fn judge(answer: &Answer, batch: &[Rec], report_item_failures: bool, windowed: bool) -> Verdict {
+/// - an entry whose `itemIdentifier` is missing, `null`, empty, or names no record of this batch
+///   (`item_index`, the source's rule: a Kinesis sequence number compared as an integer) fails the
+///   whole batch (AWS is unverified for identifiers not in the batch; LocalStack does this and it
+///   is the safe side: nothing is skipped);
+/// - otherwise retry from the lowest record listed.
+pub fn judge(
+    answer: &Answer,
+    item_index: impl Fn(&str) -> Result<usize, String>,
+    report_item_failures: bool,
+    windowed: bool,
+) -> Verdict {
     let body = match answer {
         Answer::FunctionError(body) => {
             let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
@@ -108,11 +113,9 @@ pub fn judge(answer: &Answer, batch: &[Rec], report_item_failures: bool, windowe
             Some(Value::String(s)) if !s.is_empty() => s,
             _ => return failed(format!("batchItemFailures entry without a usable itemIdentifier: {e}")),
         };
-        let Ok(seq) = id.parse::<SequenceNumber>() else {
-            return failed(format!("itemIdentifier {id:?} is not a sequence number"));
-        };
-        let Some(index) = batch.iter().position(|r| r.seq == seq) else {
-            return failed(format!("itemIdentifier {id} is not in the batch"));
+        let index = match item_index(id) {
+            Ok(index) => index,
+            Err(why) => return failed(why),
         };
         lowest = Some(lowest.map_or(index, |l| l.min(index)));
     }
@@ -148,8 +151,6 @@ pub struct FailureContext<'a> {
     pub request_id: &'a str,
     /// The function's ARN.
     pub function_arn: &'a str,
-    /// The stream's ARN.
-    pub stream_arn: &'a str,
     /// Why.
     pub condition: Condition,
     /// Invocations of these records.
@@ -158,15 +159,14 @@ pub struct FailureContext<'a> {
     pub function_error: Option<&'a str>,
 }
 
-/// The failure record AWS sends to an SQS or SNS destination: metadata only, no records.
-pub fn failure_record(ctx: &FailureContext<'_>, shard_id: &str, records: &[Rec], now: f64) -> Value {
-    let first = records.first();
-    let last = records.last();
+/// The failure record AWS sends to an SQS or SNS destination: metadata only, no records. The
+/// source's part (`KinesisBatchInfo` and its like) is `batch_info`.
+pub fn failure_record(ctx: &FailureContext<'_>, batch_info: (&str, Value), now: f64) -> Value {
     let mut response = json!({ "statusCode": 200, "executedVersion": "$LATEST" });
     if let Some(fe) = ctx.function_error {
         response["functionError"] = Value::from(fe);
     }
-    json!({
+    let mut out = json!({
         "requestContext": {
             "requestId": ctx.request_id,
             "functionArn": ctx.function_arn,
@@ -176,21 +176,15 @@ pub fn failure_record(ctx: &FailureContext<'_>, shard_id: &str, records: &[Rec],
         "responseContext": response,
         "version": "1.0",
         "timestamp": iso8601_millis(now),
-        "KinesisBatchInfo": {
-            "shardId": shard_id,
-            "startSequenceNumber": first.map(|r| r.sequence_number.as_str()),
-            "endSequenceNumber": last.map(|r| r.sequence_number.as_str()),
-            "approximateArrivalOfFirstRecord": first.map(|r| iso8601_millis(r.arrival)),
-            "approximateArrivalOfLastRecord": last.map(|r| iso8601_millis(r.arrival)),
-            "batchSize": records.len(),
-            "streamArn": ctx.stream_arn,
-        },
-    })
+    });
+    out[batch_info.0] = batch_info.1;
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mapping::event::{Rec, batch_info, item_index};
     use std::sync::Arc;
 
     fn batch(seqs: &[&str]) -> Vec<Rec> {
@@ -208,9 +202,15 @@ mod tests {
             .collect()
     }
 
+    fn ids(b: &[Rec]) -> impl Fn(&str) -> Result<usize, String> + '_ {
+        |id| item_index(b, id)
+    }
+
     fn resp(s: &str) -> Answer {
         Answer::Response(Bytes::copy_from_slice(s.as_bytes()))
     }
+
+    const STREAM: &str = "arn:aws:kinesis:us-east-1:000000000000:stream/s";
 
     fn ok() -> Verdict {
         Verdict::Success { state: None }
@@ -221,18 +221,18 @@ mod tests {
         let b = batch(&["9", "10", "100"]);
         // Success in every spelling of "nothing failed".
         for body in ["", "null", "{}", r#"{"batchItemFailures":null}"#, r#"{"batchItemFailures":[]}"#] {
-            assert_eq!(judge(&resp(body), &b, true, false), ok(), "{body:?}");
+            assert_eq!(judge(&resp(body), ids(&b), true, false), ok(), "{body:?}");
         }
         // The lowest sequence number, compared as integers ("10" < "9" as text).
         let v = judge(
             &resp(r#"{"batchItemFailures":[{"itemIdentifier":"100"},{"itemIdentifier":"10"}]}"#),
-            &b,
+            ids(&b),
             true,
             false,
         );
         assert_eq!(v, Verdict::RetryFrom { index: 1, state: None });
         // Leading zeros name the same number.
-        let v = judge(&resp(r#"{"batchItemFailures":[{"itemIdentifier":"0009"}]}"#), &b, true, false);
+        let v = judge(&resp(r#"{"batchItemFailures":[{"itemIdentifier":"0009"}]}"#), ids(&b), true, false);
         assert_eq!(v, Verdict::RetryFrom { index: 0, state: None });
         // Whole-batch failures.
         for body in [
@@ -243,14 +243,14 @@ mod tests {
             r#"{"batchItemFailures":"10"}"#,
             "not json",
         ] {
-            assert!(matches!(judge(&resp(body), &b, true, false), Verdict::Failed { .. }), "{body}");
+            assert!(matches!(judge(&resp(body), ids(&b), true, false), Verdict::Failed { .. }), "{body}");
         }
         // Without ReportBatchItemFailures the body is ignored.
-        assert_eq!(judge(&resp(r#"{"batchItemFailures":[{"itemIdentifier":"10"}]}"#), &b, false, false), ok());
+        assert_eq!(judge(&resp(r#"{"batchItemFailures":[{"itemIdentifier":"10"}]}"#), ids(&b), false, false), ok());
         // A function error fails it all and says why.
         let v = judge(
             &Answer::FunctionError(Bytes::from_static(br#"{"errorType":"E","errorMessage":"m"}"#)),
-            &b,
+            ids(&b),
             true,
             false,
         );
@@ -261,18 +261,19 @@ mod tests {
     fn without_report_batch_item_failures_the_body_is_not_read() {
         let b = batch(&["1", "2"]);
         for body in ["not json", r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#, "\u{ff}"] {
-            assert_eq!(judge(&resp(body), &b, false, false), ok(), "{body:?}");
+            assert_eq!(judge(&resp(body), ids(&b), false, false), ok(), "{body:?}");
         }
         // A function error still fails the batch.
         let e = Answer::FunctionError(Bytes::from_static(b"{}"));
-        assert!(matches!(judge(&e, &b, false, false), Verdict::Failed { .. }));
+        assert!(matches!(judge(&e, ids(&b), false, false), Verdict::Failed { .. }));
     }
 
     #[test]
     fn windows_need_state() {
         let b = batch(&["1", "2"]);
-        assert!(matches!(judge(&resp(r#"{"batchItemFailures":[]}"#), &b, true, true), Verdict::Failed { .. }));
-        let v = judge(&resp(r#"{"state":{"n":"2"},"batchItemFailures":[{"itemIdentifier":"2"}]}"#), &b, true, true);
+        assert!(matches!(judge(&resp(r#"{"batchItemFailures":[]}"#), ids(&b), true, true), Verdict::Failed { .. }));
+        let v =
+            judge(&resp(r#"{"state":{"n":"2"},"batchItemFailures":[{"itemIdentifier":"2"}]}"#), ids(&b), true, true);
         assert_eq!(v, Verdict::RetryFrom { index: 1, state: Some([("n".to_owned(), "2".to_owned())].into()) });
     }
 
@@ -282,12 +283,12 @@ mod tests {
         let ctx = FailureContext {
             request_id: "r",
             function_arn: "arn:aws:lambda:us-east-1:000000000000:function:f",
-            stream_arn: "arn:aws:kinesis:us-east-1:000000000000:stream/s",
             condition: Condition::RetryAttemptsExhausted,
             invoke_count: 3,
             function_error: Some("Unhandled"),
         };
-        let v = failure_record(&ctx, "shardId-000000000000", &b, 1_700_000_000.0);
+        let batch = batch_info("shardId-000000000000", STREAM, &b);
+        let v = failure_record(&ctx, batch.clone(), 1_700_000_000.0);
         assert_eq!(v["requestContext"]["condition"], "RetryAttemptsExhausted");
         assert_eq!(v["requestContext"]["approximateInvokeCount"], 3);
         assert_eq!(v["responseContext"]["functionError"], "Unhandled");
@@ -300,8 +301,7 @@ mod tests {
         assert_eq!(v["timestamp"], "2023-11-14T22:13:20.000Z");
         assert!(v.get("Records").is_none() && v.get("payload").is_none());
         // A partial failure answered normally is no function error: no functionError at all.
-        let partial =
-            failure_record(&FailureContext { function_error: None, ..ctx.clone() }, "shardId-000000000000", &b, 0.0);
+        let partial = failure_record(&FailureContext { function_error: None, ..ctx.clone() }, batch, 0.0);
         assert!(partial["responseContext"].get("functionError").is_none(), "{partial}");
     }
 

@@ -68,9 +68,11 @@ pub struct Progress {
 
 /// Milliseconds on a monotonic clock (since the first call): a lease's age must not jump with
 /// the wall clock.
+/// On tokio's clock ([`super::clock`]), so that lease ages run under paused time in tests.
 fn monotonic_ms() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+    let start = *START.get_or_init(std::time::Instant::now);
+    super::clock::Instant::now().into_std().saturating_duration_since(start).as_millis() as u64
 }
 
 /// How long ago the save noted in `written_at` succeeded.

@@ -1,0 +1,614 @@
+//! The core of every mapping: one lane of a partition. It batches the records the source hands
+//! it (BatchSize, the batching window, the 6 MB payload, tumbling-window boundaries), invokes the
+//! function, judges the answer by the partial batch response rule ([`super::outcome::judge`]), and
+//! retries, bisects, ages out and finally hands records to the failure destination, as AWS's
+//! stream mappings do. It knows no broker: what it needs of one is [`Partition`].
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use pushpull::batch::{BatchConfig, Batcher, ByteSize};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::clock::{Instant, now_unix};
+use super::event::{MAX_PAYLOAD, WindowPart};
+use super::outcome::{Condition, FailureContext, Verdict, failure_record, judge};
+use super::progress::WindowCheckpoint;
+use super::source::{Partition, Record};
+use super::{Ctx, MappingError};
+
+/// Room for the event's envelope (window fields, brackets) besides the records.
+const ENVELOPE: usize = 4096;
+/// AWS ends a window early when its state passes 1 MB.
+const MAX_STATE: usize = 1024 * 1024;
+
+/// What the partition's reader last saw, watched by its lanes.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ReaderStatus {
+    /// The reader stopped to hand the partition over: lanes finish what they hold and end,
+    /// without closing their tumbling window (its state is in the checkpoint for the next owner).
+    pub handing_over: bool,
+    /// The wall time (unix s) at which a read that found the partition caught up was made
+    /// (`f64::INFINITY` once it is read to its end).
+    pub caught_up_at: f64,
+}
+
+pub(crate) struct Window {
+    start: i64,
+    end: i64,
+    state: HashMap<String, String>,
+    /// The state passed 1 MB: the next invocation is the window's final one.
+    early: bool,
+}
+
+/// The lanes of one partition (ParallelizationFactor of them): started together, run beside the
+/// partition's reader, and their open windows counted so that a task that dies can take them off
+/// the mapping's count.
+#[derive(Debug, Default)]
+pub(crate) struct Lanes {
+    windows: Arc<AtomicI64>,
+}
+
+/// Lanes running: see [`Running::drive`].
+pub(crate) struct Running {
+    set: tokio::task::JoinSet<Result<(), MappingError>>,
+    partition: String,
+}
+
+impl Lanes {
+    pub(crate) fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts `factor` lanes of `partition`, each carrying `saved` (the window the checkpoint
+    /// holds) on. Returns the senders the reader hands records to (one a lane; dropping them ends
+    /// the lanes once they are done), the status the lanes watch, and the running lanes.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn spawn<P: Partition>(
+        &self,
+        ctx: &Arc<Ctx>,
+        partition: Arc<P>,
+        factor: usize,
+        saved: Option<WindowCheckpoint>,
+    ) -> (Vec<mpsc::Sender<Vec<P::Record>>>, watch::Sender<ReaderStatus>, Running) {
+        let (status_tx, status_rx) = watch::channel(ReaderStatus::default());
+        let mut senders = Vec::new();
+        let mut set = tokio::task::JoinSet::new();
+        for lane_no in 0..factor.max(1) {
+            let (tx, rx) = mpsc::channel::<Vec<P::Record>>(8);
+            senders.push(tx);
+            let lane = Lane {
+                ctx: ctx.clone(),
+                partition: partition.clone(),
+                rx,
+                status: status_rx.clone(),
+                window: None,
+                lane_no,
+                windows: self.windows.clone(),
+            };
+            set.spawn(lane.run(saved.clone()));
+        }
+        (senders, status_tx, Running { set, partition: partition.id().to_owned() })
+    }
+
+    /// The partition's task is gone with its lanes: their open windows leave the mapping's count.
+    pub(crate) fn forget_windows(&self, ctx: &Ctx) {
+        ctx.open_windows.fetch_sub(self.windows.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+impl Running {
+    /// Runs `reader` beside the lanes until every lane has ended (the reader's end drops its
+    /// senders), calling `renew` (the lease's heartbeat) every `every`. Returns how the reader
+    /// ended; the first error of the reader, a lane or `renew` ends it all.
+    pub(crate) async fn drive<E, Fut>(
+        mut self,
+        reader: impl Future<Output = Result<E, MappingError>>,
+        every: Duration,
+        renew: impl Fn() -> Fut,
+    ) -> Result<Option<E>, MappingError>
+    where
+        Fut: Future<Output = Result<(), MappingError>>,
+    {
+        tokio::pin!(reader);
+        let mut reader_end = None;
+        let mut ticks = tokio::time::interval(every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = &mut reader, if reader_end.is_none() => reader_end = Some(r?),
+                joined = self.set.join_next() => match joined {
+                    Some(Ok(Ok(()))) => {}
+                    Some(Ok(Err(e))) => return Err(e),
+                    Some(Err(e)) => return Err(MappingError::Lane { partition: self.partition.clone(), reason: e.to_string() }),
+                    None => return Ok(reader_end),
+                },
+                _ = ticks.tick() => renew().await?,
+            }
+        }
+    }
+}
+
+/// A record with its size in the event and its tumbling window, for the batcher.
+struct Sized<R> {
+    rec: R,
+    len: usize,
+    window: Option<i64>,
+}
+
+impl<R> ByteSize for Sized<R> {
+    fn byte_size(&self) -> usize {
+        self.len
+    }
+}
+
+pub(crate) struct Lane<P: Partition> {
+    pub ctx: Arc<Ctx>,
+    pub partition: Arc<P>,
+    pub rx: mpsc::Receiver<Vec<P::Record>>,
+    pub status: watch::Receiver<ReaderStatus>,
+    pub window: Option<Window>,
+    pub lane_no: usize,
+    /// This partition's open windows (the mapping-wide count is corrected by them if its task
+    /// dies).
+    pub windows: Arc<AtomicI64>,
+}
+
+/// One attempt's worth of records, with what it has used.
+struct Pending<R> {
+    records: Vec<R>,
+    retries: i64,
+    invokes: u32,
+    first: bool,
+}
+
+impl<P: Partition> Lane<P> {
+    fn window_closed(&self) {
+        self.ctx.open_windows.fetch_sub(1, Ordering::SeqCst);
+        self.windows.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn window_of(&self, r: &P::Record) -> Option<i64> {
+        let t = self.ctx.settings.tumbling_window?.as_secs() as i64;
+        Some((r.arrival().floor() as i64).div_euclid(t) * t)
+    }
+
+    pub(crate) async fn run(mut self, saved: Option<WindowCheckpoint>) -> Result<(), MappingError> {
+        if let (Some(w), Some(t)) = (saved, self.ctx.settings.tumbling_window) {
+            self.open_window(w.start, t.as_secs() as i64, w.state);
+        }
+        let settings = self.ctx.settings.clone();
+        // Batches close at BatchSize, at the payload limit, and at a tumbling-window boundary. The
+        // batching window is timed here, not by the batcher: for streams it starts when the
+        // previous invocation ends, not when the first record arrives.
+        let config = BatchConfig::new(settings.batch_size as usize, MAX_PAYLOAD - ENVELOPE, settings.batching_window)
+            .map_err(|e| MappingError::Kinesis(format!("batch settings: {e}")))?;
+        let mut buf: Batcher<Sized<P::Record>> = Batcher::new(config);
+        let mut last_window = None;
+        let mut ended = false;
+        let mut opened = Instant::now();
+        loop {
+            if ended && buf.is_empty() && self.status.borrow().handing_over {
+                // The next owner carries the window on from the checkpoint.
+                if self.window.take().is_some() {
+                    self.window_closed();
+                }
+                return Ok(());
+            }
+            if let Some(w) = &self.window {
+                let later = buf.peek().is_some_and(|r| r.window != Some(w.start));
+                let reader_past_end = self.status.borrow().caught_up_at >= w.end as f64;
+                let over = buf.is_empty() && self.rx.is_empty() && reader_past_end;
+                if later || over || w.early || (ended && buf.is_empty()) {
+                    let early = w.early || (ended && buf.is_empty() && now_unix() < w.end as f64);
+                    self.finalize_window(early).await?;
+                    continue;
+                }
+            }
+            if ended && buf.is_empty() {
+                return Ok(());
+            }
+            let full = buf.ready_len() > 0;
+            let due = !buf.is_empty() && (opened.elapsed() >= settings.batching_window || ended);
+            if full || due {
+                let batch = buf.ready().or_else(|| buf.flush()).unwrap_or_default();
+                self.deliver(batch.into_iter().map(|s| s.rec).collect()).await?;
+                opened = Instant::now();
+                continue;
+            }
+            let batch_deadline = opened + settings.batching_window;
+            let watching_window = self.window.is_some() && buf.is_empty();
+            tokio::select! {
+                msg = self.rx.recv(), if !ended => match msg {
+                    Some(v) => self.buffer(&mut buf, &mut last_window, v).await?,
+                    None => ended = true,
+                },
+                _ = tokio::time::sleep_until(batch_deadline), if !buf.is_empty() => {}
+                changed = self.status.changed(), if watching_window => { if changed.is_err() { ended = true; } }
+            }
+            if settings.batching_window.is_zero() {
+                // No window: take whatever is already waiting, without blocking.
+                while let Ok(v) = self.rx.try_recv() {
+                    self.buffer(&mut buf, &mut last_window, v).await?;
+                }
+            }
+        }
+    }
+
+    /// Adds records to the batcher, closing the open batch where a tumbling window ends.
+    async fn buffer(
+        &mut self,
+        buf: &mut Batcher<Sized<P::Record>>,
+        last_window: &mut Option<i64>,
+        records: Vec<P::Record>,
+    ) -> Result<(), MappingError> {
+        for rec in records {
+            let window = self.window_of(&rec);
+            if window != *last_window {
+                buf.seal();
+                *last_window = window;
+            }
+            let len = self.partition.encoded_len(&rec);
+            if let Err(too_big) = buf.push(Sized { rec, len, window }) {
+                // Cannot happen with Kinesis's 1 MiB records; delivered alone if it does.
+                buf.seal();
+                while let Some(batch) = buf.ready() {
+                    self.deliver(batch.into_iter().map(|s| s.rec).collect()).await?;
+                }
+                self.deliver(vec![too_big.item.rec]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open_window(&mut self, start: i64, len: i64, state: HashMap<String, String>) {
+        self.window = Some(Window { start, end: start + len, state, early: false });
+        self.ctx.open_windows.fetch_add(1, Ordering::SeqCst);
+        self.windows.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn backoff(&self, retries: i64) -> Duration {
+        let o = &self.ctx.options;
+        pushpull::backoff::Backoff::new(o.retry_backoff, o.max_retry_backoff).delay(retries.clamp(0, 16) as u32)
+    }
+
+    fn event(&self, records: &[P::Record], window: Option<(&Window, bool, bool)>) -> String {
+        let part = window.map(|(w, is_final, early)| WindowPart {
+            start: w.start,
+            end: w.end,
+            state: &w.state,
+            is_final,
+            terminated_early: early,
+        });
+        self.partition.event(records, part.as_ref())
+    }
+
+    /// Invokes. A failure to invoke (a throttle, a 5xx, a transport error, or any other error
+    /// status) is retried here with backoff, not counted as an attempt, until the oldest record
+    /// passes `MaximumRecordAgeInSeconds`; then `None`. AWS (Lambda developer guide, "Retain
+    /// discarded batch records for a Kinesis Data Streams event source in Lambda"): "Before
+    /// invocation: If a Lambda event source mapping is unable to invoke the function due to
+    /// throttling or other issues, it retries until the records expire or exceed the maximum age
+    /// configured on the event source mapping (MaximumRecordAgeInSeconds)."
+    async fn invoke(
+        &self,
+        payload: String,
+        oldest_arrival: f64,
+    ) -> Result<Option<crate::invoke::Invoked>, MappingError> {
+        let payload = Bytes::from(payload);
+        let mut failed = 0i64;
+        // The lease fence: no invocation on a lease not confirmed lately (a runner that was
+        // paused finds out here that the partition was taken).
+        self.partition.fence().await?;
+        loop {
+            match self.ctx.invoker.invoke(&self.ctx.settings.function_name, payload.clone()).await {
+                Ok(i) => {
+                    let mut s = self.ctx.stats();
+                    s.counts.invocations += 1;
+                    s.last_invoke_end = self.ctx.started.elapsed();
+                    drop(s);
+                    self.ctx.touch();
+                    return Ok(Some(i));
+                }
+                Err(e) => {
+                    let throttle = e.is_throttle();
+                    {
+                        let mut s = self.ctx.stats();
+                        if throttle { s.counts.throttles += 1 } else { s.counts.invoke_errors += 1 }
+                    }
+                    failed += 1;
+                    if let Some(max_age) = self.ctx.settings.maximum_record_age
+                        && now_unix() - oldest_arrival > max_age.as_secs_f64()
+                    {
+                        warn!(partition = self.partition.id(), error = %e, "could not invoke before the records passed MaximumRecordAgeInSeconds");
+                        return Ok(None);
+                    }
+                    if throttle {
+                        warn!(partition = self.partition.id(), error = %e, "invoke throttled or unreachable; retrying");
+                    } else {
+                        // Not the function's answer: AWS retries these too; the shard waits, the
+                        // other shards go on.
+                        warn!(partition = self.partition.id(), error = %e, "could not invoke; retrying until the records expire");
+                    }
+                    tokio::time::sleep(self.backoff(failed)).await;
+                }
+            }
+        }
+    }
+
+    async fn done(&self, records: &[P::Record]) -> Result<(), MappingError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.ctx.pending.fetch_sub(records.len() as i64, Ordering::SeqCst);
+        let window = self.window.as_ref().map(|w| WindowCheckpoint { start: w.start, state: w.state.clone() });
+        self.partition.done(records, window).await
+    }
+
+    async fn give_up(
+        &self,
+        records: &[P::Record],
+        condition: Condition,
+        last: Option<(&str, Option<&str>)>,
+        invokes: u32,
+    ) -> Result<(), MappingError> {
+        let window = self.window.as_ref().map(|w| (w, false, false));
+        let payload = self.event(records, window);
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let (request_id, function_error) = last.unwrap_or((&fresh, None));
+        let function_arn = self.ctx.settings.function_arn();
+        let ctx = FailureContext {
+            request_id,
+            function_arn: &function_arn,
+            condition,
+            invoke_count: invokes,
+            function_error,
+        };
+        let record = failure_record(&ctx, self.partition.batch_info(records), now_unix());
+        let (first, last_seq) = (records[0].position(), records[records.len() - 1].position());
+        self.ctx.settings.event_counts(&[("DroppedEventCount", records.len() as u64)]);
+        match &self.ctx.destination {
+            Some(d) => {
+                let at = d.send(&record, Some(&payload), self.partition.id()).await?;
+                self.ctx.settings.event_counts(&[("OnFailureDestinationDeliveredEventCount", records.len() as u64)]);
+                warn!(
+                    partition = self.partition.id(),
+                    first,
+                    last = last_seq,
+                    count = records.len(),
+                    condition = condition.as_str(),
+                    destination = at,
+                    "records sent to the failure destination"
+                );
+                let mut s = self.ctx.stats();
+                match condition {
+                    Condition::RecordAgeExceeded => s.counts.expired += records.len() as u64,
+                    Condition::RetryAttemptsExhausted => s.counts.to_destination += records.len() as u64,
+                }
+            }
+            None => {
+                warn!(
+                    partition = self.partition.id(),
+                    first,
+                    last = last_seq,
+                    count = records.len(),
+                    condition = condition.as_str(),
+                    "records given up with no failure destination: discarded"
+                );
+                self.ctx.stats().counts.discarded += records.len() as u64;
+            }
+        }
+        self.done(records).await
+    }
+
+    /// Delivers one batch: retries, bisection, record age and the failure destination.
+    pub(crate) async fn deliver(&mut self, batch: Vec<P::Record>) -> Result<(), MappingError> {
+        let settings = self.ctx.settings.clone();
+        if let (Some(ws), Some(t)) = (batch.first().and_then(|r| self.window_of(r)), settings.tumbling_window)
+            && self.window.is_none()
+        {
+            self.open_window(ws, t.as_secs() as i64, HashMap::new());
+        }
+        let mut queue = VecDeque::from([Pending::<P::Record> { records: batch, retries: 0, invokes: 0, first: true }]);
+        while let Some(mut p) = queue.pop_front() {
+            if let Some(max_age) = settings.maximum_record_age {
+                let oldest_allowed = now_unix() - max_age.as_secs_f64();
+                let expired = p.records.iter().take_while(|r| r.arrival() < oldest_allowed).count();
+                if expired > 0 {
+                    let old: Vec<P::Record> = p.records.drain(..expired).collect();
+                    self.give_up(&old, Condition::RecordAgeExceeded, None, p.invokes).await?;
+                }
+                if p.records.is_empty() {
+                    continue;
+                }
+            }
+            let window = self.window.as_ref().map(|w| (w, false, false));
+            let payload = self.event(&p.records, window);
+            if p.first {
+                // IteratorAge as AWS measures it: when the mapping receives a batch, the time
+                // since its last record was written, for every batch (failed or not; a retry or
+                // a bisected half is not a new batch).
+                self.record_age(&p.records);
+                let now = now_unix();
+                let mut s = self.ctx.stats();
+                for r in &p.records {
+                    s.delays.record((now - r.arrival()) * 1000.0);
+                }
+                if let Some(tx) = &self.ctx.options.delivered {
+                    let send = |data: &[u8]| {
+                        let _ = tx.send(super::Delivered { hash: xxhash_rust::xxh3::xxh3_64(data), invoked_at: now });
+                    };
+                    for r in &p.records {
+                        self.partition.delivered_items(r, &mut |data| send(data));
+                    }
+                }
+            }
+            self.ctx.stats().batch(p.records.len() as u32);
+            debug!(
+                partition = self.partition.id(),
+                lane = self.lane_no,
+                records = p.records.len(),
+                first = p.records[0].position(),
+                "invoking"
+            );
+            let oldest = p.records.iter().map(|r| r.arrival()).fold(f64::INFINITY, f64::min);
+            let Some(invoked) = self.invoke(payload, oldest).await? else {
+                // Never invoked and now too old: given up as AWS does, with the record age.
+                let records = std::mem::take(&mut p.records);
+                self.give_up(&records, Condition::RecordAgeExceeded, None, p.invokes).await?;
+                continue;
+            };
+            p.invokes += 1;
+            p.first = false;
+            let verdict = judge(
+                &invoked.answer,
+                |id| self.partition.item_index(&p.records, id),
+                settings.report_batch_item_failures,
+                self.window.is_some(),
+            );
+            // AWS: FailedInvokeEventCount counts the events of a failed invocation and, with
+            // partial batch responses, those of a response with batch item failures.
+            let failed_events = match &verdict {
+                Verdict::Success { .. } => 0,
+                Verdict::RetryFrom { index, .. } => p.records.len() - index,
+                Verdict::Failed { .. } => p.records.len(),
+            };
+            settings.event_counts(&[
+                ("InvokedEventCount", p.records.len() as u64),
+                ("FailedInvokeEventCount", failed_events as u64),
+            ]);
+            match verdict {
+                Verdict::Success { state } => {
+                    self.set_state(state);
+                    self.done(&p.records).await?;
+                }
+                Verdict::RetryFrom { index, state } => {
+                    self.ctx.stats().counts.partial_failures += 1;
+                    self.set_state(state);
+                    let ok: Vec<P::Record> = p.records.drain(..index).collect();
+                    self.done(&ok).await?;
+                    info!(
+                        partition = self.partition.id(),
+                        from = p.records[0].position(),
+                        retries = p.retries,
+                        "partial failure: retrying from the lowest failed record"
+                    );
+                    // A partial failure answered normally: no functionError in the failure record.
+                    self.retry_or_give_up(p, &mut queue, &invoked.request_id, None).await?;
+                }
+                Verdict::Failed { reason, function_error } => {
+                    self.ctx.stats().counts.function_errors += 1;
+                    warn!(
+                        partition = self.partition.id(),
+                        first = p.records[0].position(),
+                        records = p.records.len(),
+                        retries = p.retries,
+                        reason,
+                        "batch failed"
+                    );
+                    if settings.bisect_on_error && p.records.len() > 1 {
+                        // Splitting does not use up a retry.
+                        self.ctx.stats().counts.bisections += 1;
+                        let second = p.records.split_off(p.records.len() / 2);
+                        queue.push_front(Pending {
+                            records: second,
+                            retries: p.retries,
+                            invokes: p.invokes,
+                            first: false,
+                        });
+                        queue.push_front(Pending {
+                            records: p.records,
+                            retries: p.retries,
+                            invokes: p.invokes,
+                            first: false,
+                        });
+                    } else {
+                        let fe = function_error.as_deref().or(Some("Unhandled"));
+                        self.retry_or_give_up(p, &mut queue, &invoked.request_id, fe).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a failed attempt: retry `p` (first in line, after a backoff), or, with its retries
+    /// used up, hand it to the failure destination.
+    async fn retry_or_give_up(
+        &self,
+        mut p: Pending<P::Record>,
+        queue: &mut VecDeque<Pending<P::Record>>,
+        request_id: &str,
+        function_error: Option<&str>,
+    ) -> Result<(), MappingError> {
+        let max = self.ctx.settings.maximum_retry_attempts;
+        if max >= 0 && p.retries >= max {
+            let last = Some((request_id, function_error));
+            return self.give_up(&p.records, Condition::RetryAttemptsExhausted, last, p.invokes).await;
+        }
+        tokio::time::sleep(self.backoff(p.retries)).await;
+        p.retries += 1;
+        self.ctx.stats().counts.retries += 1;
+        queue.push_front(p);
+        Ok(())
+    }
+
+    fn set_state(&mut self, state: Option<HashMap<String, String>>) {
+        if let (Some(w), Some(state)) = (self.window.as_mut(), state) {
+            let size: usize = state.iter().map(|(k, v)| k.len() + v.len()).sum();
+            w.early = size > MAX_STATE;
+            w.state = state;
+        }
+    }
+
+    fn record_age(&self, records: &[P::Record]) {
+        if let Some(last) = records.last() {
+            let age = ((now_unix() - last.arrival()) * 1000.0).max(0.0);
+            crate::cloudwatch::put(
+                crate::cloudwatch::LAMBDA,
+                &[("FunctionName", &self.ctx.settings.function_name)],
+                &[("IteratorAge", "Milliseconds", age)],
+            );
+            let mut s = self.ctx.stats();
+            s.counts.iterator_age_ms_last = age;
+            s.counts.iterator_age_ms_max = s.counts.iterator_age_ms_max.max(age);
+        }
+    }
+
+    /// The window's final invocation (no records, the state so far); retried until it succeeds,
+    /// as AWS does: the shard waits.
+    async fn finalize_window(&mut self, early: bool) -> Result<(), MappingError> {
+        let Some(w) = self.window.as_ref() else { return Ok(()) };
+        let payload = self.event(&[], Some((w, true, early)));
+        let start = w.start;
+        let mut failures = 0i64;
+        loop {
+            // No records to age: retried until it is invoked.
+            let Some(invoked) = self.invoke(payload.clone(), f64::INFINITY).await? else { continue };
+            match judge(
+                &invoked.answer,
+                |id| Err(format!("itemIdentifier {id} names no record: a final window invocation has none")),
+                self.ctx.settings.report_batch_item_failures,
+                true,
+            ) {
+                Verdict::Success { .. } => break,
+                other => {
+                    self.ctx.stats().counts.function_errors += 1;
+                    warn!(partition = self.partition.id(), window = start, verdict = ?other, "final window invocation failed; the shard waits and retries");
+                    tokio::time::sleep(self.backoff(failures)).await;
+                    failures += 1;
+                    self.ctx.stats().counts.retries += 1;
+                }
+            }
+        }
+        info!(partition = self.partition.id(), window = start, early, "window final invocation done");
+        self.ctx.stats().counts.windows_final += 1;
+        self.window = None;
+        self.window_closed();
+        self.partition.window_closed().await
+    }
+}

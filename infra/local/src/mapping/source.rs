@@ -1,0 +1,85 @@
+//! What a source supplies to the mapping's core, and what the core asks of it.
+//!
+//! The core ([`super::lane`], [`super::intake`]) knows batching, invocation, retries, bisection,
+//! record age, tumbling windows, failure destinations, filters and metrics; it knows no broker.
+//! A source reads records from one of its *partitions* (a Kinesis shard; next a Kafka partition,
+//! a RabbitMQ queue, an SQS queue) and hands them to the core with:
+//! - [`Record`]: each record's place (its index among what was read from the partition), its
+//!   ordering key, data and arrival time;
+//! - [`Partition`]: how the partition's records become an event and a failure record, how an
+//!   `itemIdentifier` of a partial batch response names a record, and how a position is
+//!   committed once records are done (a shard's sequence number now; a partition's offset, a
+//!   delivery tag's ack, a receipt handle's delete next).
+use std::future::Future;
+
+use serde_json::{Map, Value};
+
+use super::MappingError;
+use super::event::WindowPart;
+use super::progress::WindowCheckpoint;
+
+/// One record of a partition, as the core handles it.
+pub trait Record: Send + Sync + 'static {
+    /// Its place among the records the mapping read from its partition (0, 1, ...).
+    fn index(&self) -> u64;
+    /// Records of one key keep their order: they go to one lane (ParallelizationFactor).
+    fn ordering_key(&self) -> &[u8];
+    /// The payload (a filter's `data`).
+    fn data(&self) -> &[u8];
+    /// When it arrived in the source, unix seconds (record age, windows, delay).
+    fn arrival(&self) -> f64;
+    /// Its position as the source writes it (a sequence number, an offset), for logs.
+    fn position(&self) -> &str;
+}
+
+/// One partition of a source: a Kinesis shard, a Kafka partition, a queue.
+pub trait Partition: Send + Sync + 'static {
+    /// Its records.
+    type Record: Record;
+
+    /// Its name in logs and failure records (a shard id, `topic-partition`, a queue).
+    fn id(&self) -> &str;
+
+    /// Bytes `record` takes in this partition's event (what counts toward the 6 MB payload): an
+    /// upper bound.
+    fn encoded_len(&self, record: &Self::Record) -> usize;
+
+    /// The invocation payload for `records` (all of this partition), with the tumbling window's
+    /// part if one is open.
+    fn event(&self, records: &[Self::Record], window: Option<&WindowPart<'_>>) -> String;
+
+    /// The source's part of a failure record (its key and value: AWS's `KinesisBatchInfo` and
+    /// its like), for `records` given up on.
+    fn batch_info(&self, records: &[Self::Record]) -> (&'static str, Value);
+
+    /// The index in `batch` of the record a partial batch response's `itemIdentifier` names, or
+    /// why it names none (the whole batch then fails).
+    fn item_index(&self, batch: &[Self::Record], identifier: &str) -> Result<usize, String>;
+
+    /// The record's fields other than its data that a filter pattern may name. AWS names them per
+    /// source; the default is none (only `data` is filtered on).
+    fn filter_fields(&self, _record: &Self::Record) -> Map<String, Value> {
+        Map::new()
+    }
+
+    /// Calls `each` with every item `record` delivers to the function (for the delay figures): the
+    /// record's data by default; a source whose records pack several (KPL aggregates) says so.
+    fn delivered_items(&self, record: &Self::Record, each: &mut dyn FnMut(&[u8])) {
+        each(record.data());
+    }
+
+    /// `records` are done (processed, filtered out, or given up on): their position is committed
+    /// once everything before it is done too, with the open window's state.
+    fn done(
+        &self,
+        records: &[Self::Record],
+        window: Option<WindowCheckpoint>,
+    ) -> impl Future<Output = Result<(), MappingError>> + Send;
+
+    /// Before an invocation: confirms this runner still owns the partition (a lease fence), so a
+    /// runner paused past its lease does not invoke with records another runner now owns.
+    fn fence(&self) -> impl Future<Output = Result<(), MappingError>> + Send;
+
+    /// The open window's state is written with the position, and the window closed.
+    fn window_closed(&self) -> impl Future<Output = Result<(), MappingError>> + Send;
+}
