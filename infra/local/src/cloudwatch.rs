@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value, json};
 
@@ -76,9 +75,10 @@ fn current() -> Option<Arc<MetricLog>> {
     CURRENT.read().ok().and_then(|c| c.clone())
 }
 
-/// Milliseconds since the epoch.
+/// Milliseconds since the epoch, on the mapping's clock ([`crate::mapping::clock`]: tokio's, so
+/// that a test under paused time stamps its metrics in paused time).
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    (crate::mapping::clock::now_unix() * 1000.0).max(0.0) as u64
 }
 
 /// Writes one EMF document: `metrics` (name, unit, value) in `namespace` with `dimensions`, now.

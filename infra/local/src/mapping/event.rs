@@ -2,7 +2,6 @@
 //! AWS shapes it (`eventID` = `<shardId>:<sequenceNumber>`, fractional-second
 //! `approximateArrivalTimestamp`, base64 `data`, and for tumbling windows `window`, `state`,
 //! `shardId`, `eventSourceARN`, `isFinalInvokeForWindow`, `isWindowTerminatedEarly`).
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -91,6 +90,10 @@ pub fn batch_info(shard_id: &str, stream_arn: &str, records: &[Rec]) -> (&'stati
     ("KinesisBatchInfo", info)
 }
 
+/// A tumbling window's state as the function returned it: any JSON values, kept as they are (AWS's
+/// own example returns numbers: `{"state": {"1": 282, "2": 715}}`, services-kinesis-windows).
+pub type WindowState = serde_json::Map<String, serde_json::Value>;
+
 /// The tumbling-window part of an event.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WindowPart<'a> {
@@ -99,7 +102,7 @@ pub struct WindowPart<'a> {
     /// Window end (exclusive).
     pub end: i64,
     /// The state the previous invocation of this window returned.
-    pub state: &'a HashMap<String, String>,
+    pub state: &'a WindowState,
     /// Whether this is the window's final invocation.
     pub is_final: bool,
     /// Whether the window ends early (its state passed 1 MB).
@@ -223,7 +226,7 @@ mod tests {
 
     #[test]
     fn window_events_carry_state_and_flags() {
-        let state: HashMap<String, String> = [("n".to_owned(), "3".to_owned())].into();
+        let state: WindowState = serde_json::json!({"n": "3", "count": 282}).as_object().unwrap().clone();
         let w = WindowPart {
             start: 1_700_000_000,
             end: 1_700_000_060,
@@ -236,9 +239,14 @@ mod tests {
         assert_eq!(v["window"]["start"], "2023-11-14T22:13:20Z");
         assert_eq!(v["window"]["end"], "2023-11-14T22:14:20Z");
         assert_eq!(v["state"]["n"], "3");
+        assert_eq!(v["state"]["count"], 282, "a number stays a number");
         assert_eq!(v["isFinalInvokeForWindow"], true);
         assert_eq!(v["isWindowTerminatedEarly"], false);
         assert_eq!(v["shardId"], "shardId-000000000000");
+        // aws_lambda_events types `state` as a map of strings: it reads an event whose state is
+        // strings (a number is ours to pass on as AWS does, not its to read).
+        let strings: WindowState = serde_json::json!({"n": "3"}).as_object().unwrap().clone();
+        let json = event_json(&[], "shardId-000000000000", ARN, "r", Some(&WindowPart { state: &strings, ..w }));
         let e: aws_lambda_events::event::kinesis::KinesisTimeWindowEvent = serde_json::from_str(&json).unwrap();
         assert!(e.time_window_properties.is_final_invoke_for_window);
     }

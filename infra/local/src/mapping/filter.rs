@@ -20,11 +20,12 @@
 //! on the `data` key", the record's data decoded from base64 and read as JSON. The streams rule
 //! ("Properly filtering Kinesis and DynamoDB messages"): data that is not valid JSON with a
 //! pattern for data properties: "Lambda drops the record"; with no pattern for data properties,
-//! the record is filtered on the other keys only. Those other keys (what AWS calls metadata
-//! properties) are matched against the record's `kinesis` fields (`partitionKey`,
-//! `sequenceNumber`, `approximateArrivalTimestamp`, `kinesisSchemaVersion`), as AWS's older
-//! documentation showed (`{"partitionKey": ["1"], "data": {...}}`); AWS now says only `data` is
-//! supported, so a pattern that names another key is accepted but is a choice of ours.
+//! the record is filtered on the other keys only. Which other keys (what AWS calls metadata
+//! properties) a record has is its source's ([`super::source::Partition::filter_fields`]): a
+//! Kinesis record has none, so a pattern that names `partitionKey` (as AWS's older documentation
+//! showed) matches no Kinesis record, as on AWS today. AWS does not say whether it refuses such a
+//! pattern; we accept it, as the API's shape does, and the mapping warns at its start
+//! ([`FilterCriteria::metadata_keys`]).
 //! Records filtered out are not invoked, are checkpointed past ("Once your filter criteria
 //! processes an Kinesis or DynamoDB record, the streams iterator advances past this record") and
 //! counted (`FilteredOutEventCount`).
@@ -125,8 +126,26 @@ impl FilterCriteria {
         Ok(FilterCriteria { patterns })
     }
 
-    /// Whether a Kinesis record passes: `data` is the record's decoded data, `metadata` its
-    /// `kinesis` fields.
+    /// The top-level keys other than `data` that the patterns name (inside `$or` too): the
+    /// metadata properties a source must supply for them to match.
+    pub fn metadata_keys(&self) -> Vec<&str> {
+        fn keys<'a>(node: &'a Node, out: &mut Vec<&'a str>) {
+            out.extend(node.fields.iter().map(|(k, _)| k.as_str()));
+            for alt in node.any_of.iter().flatten() {
+                keys(alt, out);
+            }
+        }
+        let mut out = Vec::new();
+        for p in &self.patterns {
+            keys(&p.metadata, &mut out);
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Whether a record passes: `data` is the record's decoded data, `metadata` the other
+    /// properties its source supplies (none for Kinesis).
     pub fn passes(&self, data: &[u8], metadata: &Map<String, Value>) -> bool {
         if self.patterns.is_empty() {
             return true;
@@ -477,6 +496,16 @@ mod tests {
         let on_key = criteria(&[json!({"partitionKey": ["1"]})]);
         assert!(on_key.passes(b"not json", &metadata));
         assert!(!criteria(&[json!({"partitionKey": ["2"]})]).passes(b"{}", &metadata));
+    }
+
+    #[test]
+    fn the_keys_besides_data_are_named() {
+        let c = criteria(&[
+            json!({"partitionKey": ["1"], "data": {"a": [1]}}),
+            json!({"$or": [{"sequenceNumber": ["2"]}, {"partitionKey": ["3"]}]}),
+        ]);
+        assert_eq!(c.metadata_keys(), vec!["partitionKey", "sequenceNumber"]);
+        assert!(criteria(&[json!({"data": {"a": [1]}})]).metadata_keys().is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! function, judges the answer by the partial batch response rule ([`super::outcome::judge`]), and
 //! retries, bisects, ages out and finally hands records to the failure destination, as AWS's
 //! stream mappings do. It knows no broker: what it needs of one is [`Partition`].
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::clock::{Instant, now_unix};
-use super::event::{MAX_PAYLOAD, WindowPart};
+use super::event::{MAX_PAYLOAD, WindowPart, WindowState};
 use super::outcome::{Condition, FailureContext, Verdict, failure_record, judge};
 use super::progress::WindowCheckpoint;
 use super::source::{Partition, Record};
@@ -40,7 +40,7 @@ pub(crate) struct ReaderStatus {
 pub(crate) struct Window {
     start: i64,
     end: i64,
-    state: HashMap<String, String>,
+    state: WindowState,
     /// The state passed 1 MB: the next invocation is the window's final one.
     early: bool,
 }
@@ -265,7 +265,7 @@ impl<P: Partition> Lane<P> {
         Ok(())
     }
 
-    fn open_window(&mut self, start: i64, len: i64, state: HashMap<String, String>) {
+    fn open_window(&mut self, start: i64, len: i64, state: WindowState) {
         self.window = Some(Window { start, end: start + len, state, early: false });
         self.ctx.open_windows.fetch_add(1, Ordering::SeqCst);
         self.windows.fetch_add(1, Ordering::SeqCst);
@@ -411,7 +411,7 @@ impl<P: Partition> Lane<P> {
         if let (Some(ws), Some(t)) = (batch.first().and_then(|r| self.window_of(r)), settings.tumbling_window)
             && self.window.is_none()
         {
-            self.open_window(ws, t.as_secs() as i64, HashMap::new());
+            self.open_window(ws, t.as_secs() as i64, WindowState::new());
         }
         let mut queue = VecDeque::from([Pending::<P::Record> { records: batch, retries: 0, invokes: 0, first: true }]);
         while let Some(mut p) = queue.pop_front() {
@@ -428,11 +428,13 @@ impl<P: Partition> Lane<P> {
             }
             let window = self.window.as_ref().map(|w| (w, false, false));
             let payload = self.event(&p.records, window);
+            // IteratorAge as AWS defines it (monitoring-metrics-types): "the age of the last
+            // record in the event ... the time between when a stream receives the record and when
+            // the event source mapping sends the event to the function": at every send, retries
+            // and bisected halves included, so a partition blocked on a failing batch shows an
+            // age that grows until it is unblocked.
+            self.record_age(&p.records);
             if p.first {
-                // IteratorAge as AWS measures it: when the mapping receives a batch, the time
-                // since its last record was written, for every batch (failed or not; a retry or
-                // a bisected half is not a new batch).
-                self.record_age(&p.records);
                 let now = now_unix();
                 let mut s = self.ctx.stats();
                 for r in &p.records {
@@ -557,9 +559,10 @@ impl<P: Partition> Lane<P> {
         Ok(())
     }
 
-    fn set_state(&mut self, state: Option<HashMap<String, String>>) {
+    fn set_state(&mut self, state: Option<WindowState>) {
         if let (Some(w), Some(state)) = (self.window.as_mut(), state) {
-            let size: usize = state.iter().map(|(k, v)| k.len() + v.len()).sum();
+            // Its size as JSON, as the function returned it.
+            let size = serde_json::to_vec(&state).map_or(usize::MAX, |v| v.len());
             w.early = size > MAX_STATE;
             w.state = state;
         }

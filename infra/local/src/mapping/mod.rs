@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use pushpull::checkpoint::Checkpoints;
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::invoke::Invoker;
 
@@ -238,6 +238,10 @@ impl Runner {
             Arc::new(destination::FailureDestination::new(d, clients.clone(), mapping_id))
                 as Arc<dyn destination::FailureSink>
         });
+        let named = settings.filter.metadata_keys();
+        if !named.is_empty() {
+            warn!(keys = ?named, "FilterCriteria names keys other than data; AWS (with-kinesis-filtering): \"Kinesis event source mappings only support filtering on the data key\": a pattern on them matches no record");
+        }
         let checkpoints = Checkpoints::new(options.checkpoints.clone());
         let core = Arc::new(Ctx::new(settings, options, invoker, destination));
         info!(stream = core.settings.stream_name(), function = %core.settings.function_name, settings = ?core.settings, "mapping starting");

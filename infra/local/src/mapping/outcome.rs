@@ -1,11 +1,9 @@
 //! What an invocation's answer means for the batch (the partial batch response rule of
 //! aws-semantics.md), and the failure record AWS sends to the OnFailure destination.
-use std::collections::HashMap;
-
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::event::iso8601_millis;
+use super::event::{WindowState, iso8601_millis};
 
 /// How the Invoke API answered.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,14 +20,14 @@ pub enum Verdict {
     /// Every record is done; with windows, the state to carry.
     Success {
         /// Window state returned.
-        state: Option<HashMap<String, String>>,
+        state: Option<WindowState>,
     },
     /// Records before `index` are done; retry from `index` (the lowest reported failure).
     RetryFrom {
         /// Index into the batch of the lowest failed sequence number.
         index: usize,
         /// Window state returned (it covers the records before `index`).
-        state: Option<HashMap<String, String>>,
+        state: Option<WindowState>,
     },
     /// The whole batch failed.
     Failed {
@@ -89,11 +87,10 @@ pub fn judge(
     };
     let state = if windowed {
         match v.get("state") {
-            Some(Value::Object(m)) => Some(
-                m.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned))).collect(),
-            ),
+            // Kept as returned: AWS passes the state back as the function wrote it.
+            Some(Value::Object(m)) => Some(m.clone()),
             Some(Value::Null) | None => return failed("a tumbling-window response must carry \"state\""),
-            Some(other) => return failed(format!("\"state\" must be a map of strings, got {other}")),
+            Some(other) => return failed(format!("\"state\" must be a JSON object, got {other}")),
         }
     } else {
         None
@@ -274,7 +271,11 @@ mod tests {
         assert!(matches!(judge(&resp(r#"{"batchItemFailures":[]}"#), ids(&b), true, true), Verdict::Failed { .. }));
         let v =
             judge(&resp(r#"{"state":{"n":"2"},"batchItemFailures":[{"itemIdentifier":"2"}]}"#), ids(&b), true, true);
-        assert_eq!(v, Verdict::RetryFrom { index: 1, state: Some([("n".to_owned(), "2".to_owned())].into()) });
+        assert_eq!(v, Verdict::RetryFrom { index: 1, state: Some(json!({"n": "2"}).as_object().unwrap().clone()) });
+        // AWS's own example returns numbers (services-kinesis-windows: `{"state": {"1": 282, "2":
+        // 715}, "batchItemFailures": []}`): they come back as numbers.
+        let v = judge(&resp(r#"{"state":{"1":282,"2":715},"batchItemFailures":[]}"#), ids(&b), true, true);
+        assert_eq!(v, Verdict::Success { state: Some(json!({"1": 282, "2": 715}).as_object().unwrap().clone()) });
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //!
 //! With ParallelizationFactor > 1 batches of a shard finish out of order; the checkpoint only
 //! moves over a prefix of records that are all done, so it is right for every factor.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use pushpull::checkpoint::{CheckpointError, Checkpoints};
 use pushpull::store::{Etag, Store};
@@ -46,7 +46,7 @@ pub struct WindowCheckpoint {
     /// Window start, unix seconds.
     pub start: i64,
     /// The state the last successful invocation returned.
-    pub state: HashMap<String, String>,
+    pub state: super::event::WindowState,
 }
 
 /// Tracks done records of one shard and writes its checkpoint when the done prefix grows.

@@ -352,3 +352,44 @@ async fn a_window_whose_state_passes_1_mb_ends_early() {
     assert_eq!(flags, vec![(2, false, false), (0, true, true), (2, false, false), (0, true, true)]);
     assert_eq!(p.done(), vec![0, 1, 2, 3]);
 }
+
+/// AWS (monitoring-metrics-types): IteratorAge is "the age of the last record in the event ...
+/// the time between when a stream receives the record and when the event source mapping sends
+/// the event to the function", so it grows while a shard is blocked on a batch that keeps
+/// failing (AWS Knowledge Center, "dynamodb-lambda-iteratorage": "if a function returns an error
+/// every time it's invoked, then Lambda keeps retrying"). The template's IteratorAgeAlarm
+/// (Maximum over a minute > 60 s) fires on the metrics the blocked shard writes.
+#[tokio::test(start_paused = true)]
+async fn a_shard_blocked_on_a_failing_batch_fires_the_iterator_age_alarm() {
+    use crate::alarms;
+    use crate::cloudwatch::{self, MetricLog};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
+    let template = crate::template::Template::load(&path, "pushpull-local", &[]).unwrap();
+    let alarm = alarms::from_template(&template).unwrap().into_iter().find(|a| a.id == "IteratorAgeAlarm").unwrap();
+    let alarms::Watched::Metric(m) = &alarm.watched else { panic!("one metric") };
+    let function = m.dimensions["FunctionName"].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let log = MetricLog::install(&dir.path().join("metrics.ndjson")).unwrap();
+    // Five minutes of failures, then the records age out and the shard moves on.
+    let s = settings(|r| {
+        r.function = Some(function.clone());
+        r.maximum_record_age = Some("300".into());
+    });
+    let c = ctx(s, FnInvoker::new(|_, _| function_error()), None);
+    let p = Arc::new(MemoryPartition::default());
+    run(&c, &p, page(records(0..3, now_unix())), f64::INFINITY).await.unwrap();
+    log.finish().unwrap();
+    let data: Vec<cloudwatch::Datum> = cloudwatch::read(log.path())
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.dim("FunctionName") == Some(function.as_str()))
+        .collect();
+    let ages: Vec<f64> = data.iter().filter(|d| d.name == "IteratorAge").flat_map(|d| d.values.clone()).collect();
+    assert!(ages.len() > 10, "one a send, retries included: {}", ages.len());
+    assert!(ages.windows(2).all(|w| w[1] >= w[0]), "it grows while the shard is blocked");
+    assert!(*ages.last().unwrap() > 250_000.0, "{ages:?}");
+    let verdict = alarm.evaluate(&data);
+    let fired = verdict.fires_at_ms.expect("the alarm fires");
+    let started = (now_unix() * 1000.0) as u64 - 300_000;
+    assert!(fired <= started + 180_000, "within its second or third minute: {}", fired.saturating_sub(started));
+}

@@ -114,3 +114,43 @@ impl Partition for Shard {
         self.save(&mut p).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mapping::filter::FilterCriteria;
+    use pushpull::checkpoint::Checkpoints;
+    use pushpull::store::Store;
+
+    /// AWS (with-kinesis-filtering): "Kinesis event source mappings only support filtering on the
+    /// `data` key." A pattern on `partitionKey` matches no Kinesis record; one on `data` does.
+    #[tokio::test]
+    async fn kinesis_records_are_filtered_on_their_data_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let progress = Progress::load(Checkpoints::new(Store::file(dir.path())), "esm/f/s", "shardId-0").await.unwrap();
+        let shard = Shard::new(
+            Arc::from("shardId-0"),
+            "arn:aws:kinesis:us-east-1:0:stream/s",
+            "r",
+            progress,
+            Duration::from_secs(10),
+        );
+        let rec = Rec {
+            shard_id: Arc::from("shardId-0"),
+            sequence_number: "1".into(),
+            seq: "1".parse().unwrap(),
+            partition_key: "1".into(),
+            data: bytes::Bytes::from_static(br#"{"city":"Los Angeles"}"#),
+            arrival: 0.0,
+            encryption: None,
+            index: 0,
+        };
+        let parse = |p: serde_json::Value| {
+            FilterCriteria::parse(&serde_json::json!({"Filters": [{"Pattern": p.to_string()}]})).unwrap()
+        };
+        let on_key = parse(serde_json::json!({"partitionKey": ["1"]}));
+        assert!(!on_key.passes(&rec.data, &shard.filter_fields(&rec)));
+        let on_data = parse(serde_json::json!({"data": {"city": ["Los Angeles"]}}));
+        assert!(on_data.passes(&rec.data, &shard.filter_fields(&rec)));
+    }
+}
