@@ -21,7 +21,11 @@ fn page(recs: Vec<TestRec>) -> Vec<(Duration, Vec<TestRec>)> {
 }
 
 fn has(event: &Value, id: u64) -> bool {
-    event["Records"].as_array().unwrap().iter().any(|r| r["id"] == id.to_string())
+    event["Records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["id"].as_str().and_then(|s| s.parse::<u64>().ok()) == Some(id))
 }
 
 #[tokio::test(start_paused = true)]
