@@ -96,9 +96,22 @@ impl Group {
         }
     }
 
+    /// Where the mapping's checkpoints are: `esm/<function>/<stream>/<mapping UUID>` under the
+    /// store (the runners' `--checkpoint-uri` is `file://<dir>/esm`).
+    pub fn checkpoint_dir(&self) -> std::path::PathBuf {
+        let stream = self.dir.join("esm").join("esm").join(&self.function).join(&self.stream);
+        std::fs::read_dir(&stream)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.is_dir())
+            .unwrap_or(stream)
+    }
+
     /// Each shard's lease owner now, from the checkpoint files.
     pub fn owners(&self) -> BTreeMap<String, Option<String>> {
-        let dir = self.dir.join("esm").join("esm").join(&self.function).join(&self.stream);
+        let dir = self.checkpoint_dir();
         let mut out = BTreeMap::new();
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();

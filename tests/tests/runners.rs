@@ -300,7 +300,7 @@ async fn sigterm_with_a_batch_that_cannot_finish_stops_after_the_grace_period() 
     let s = g.summary("a");
     assert!(s["invoke_errors"].as_u64().unwrap() + s["throttles"].as_u64().unwrap() > 0, "{s}");
     // Nothing was processed, so no checkpoint moved: the next owner starts at the beginning.
-    let cps = dir.path().join("esm/esm/bench-floor").join(&stream);
+    let cps = g.checkpoint_dir();
     for e in
         std::fs::read_dir(cps).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("shardId"))
     {

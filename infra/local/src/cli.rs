@@ -175,6 +175,9 @@ pub struct EsmArgs {
     /// ('{}' for none).
     #[arg(long)]
     filter_criteria: Option<String>,
+    /// MetricsConfig's metrics ("EventCount" publishes the event-count metrics; "" for none).
+    #[arg(long)]
+    metrics_config: Option<String>,
     /// Where the mapping checkpoints its position per shard (file:// or s3://).
     #[arg(long)]
     checkpoint_uri: Option<String>,
@@ -244,6 +247,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         on_failure: args.on_failure,
         filter_criteria: args.filter_criteria,
         enabled: None,
+        metrics: args.metrics_config,
     };
     let local = match args.aws {
         true => None,

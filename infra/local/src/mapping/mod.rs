@@ -32,6 +32,7 @@ pub mod clock;
 pub mod destination;
 pub mod event;
 pub mod filter;
+pub mod identity;
 mod intake;
 pub(crate) mod kinesis;
 pub(crate) mod lane;
@@ -182,6 +183,7 @@ impl Ctx {
         s.state = if self.settings.enabled { "Enabled" } else { "Disabled" }.to_owned();
         s.polling = self.options.polling;
         s.consumer = self.settings.consumer_arn.clone();
+        s.mapping_uuid = self.settings.uuid();
         s
     }
 

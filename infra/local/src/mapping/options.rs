@@ -11,7 +11,8 @@ use super::MappingSettings;
 pub struct RunnerOptions {
     /// Where shard positions are checkpointed.
     pub checkpoints: Store,
-    /// Key prefix of this mapping's checkpoints (default `esm/<function>/<stream>`).
+    /// Key prefix of this mapping's checkpoints (default `esm/<function>/<stream>/<mapping UUID>`:
+    /// positions belong to one mapping, [`MappingSettings::uuid`]).
     pub checkpoint_prefix: String,
     /// `invokeIdentityArn` in events.
     pub role_arn: String,
@@ -80,7 +81,7 @@ impl RunnerOptions {
     pub fn new(settings: &MappingSettings, checkpoints: Store) -> Self {
         RunnerOptions {
             checkpoints,
-            checkpoint_prefix: format!("esm/{}/{}", settings.function_name, settings.stream_name()),
+            checkpoint_prefix: format!("esm/{}/{}/{}", settings.function_name, settings.stream_name(), settings.uuid()),
             role_arn: format!("arn:aws:iam::{}:role/{}-role", crate::localstack::ACCOUNT, settings.function_name),
             list_shards_every: Duration::from_secs(5),
             poll_interval: Duration::from_millis(200),

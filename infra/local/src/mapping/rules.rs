@@ -366,14 +366,14 @@ async fn a_window_whose_state_passes_1_mb_ends_early() {
 #[tokio::test(start_paused = true)]
 async fn a_shard_blocked_on_a_failing_batch_fires_the_iterator_age_alarm() {
     use crate::alarms;
-    use crate::cloudwatch::{self, MetricLog};
+    use crate::cloudwatch;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
     let template = crate::template::Template::load(&path, "pushpull-local", &[]).unwrap();
     let alarm = alarms::from_template(&template).unwrap().into_iter().find(|a| a.id == "IteratorAgeAlarm").unwrap();
     let alarms::Watched::Metric(m) = &alarm.watched else { panic!("one metric") };
     let function = m.dimensions["FunctionName"].clone();
     let dir = tempfile::tempdir().unwrap();
-    let log = MetricLog::install(&dir.path().join("metrics.ndjson")).unwrap();
+    let (_turn, log) = super::testkit::metric_log(&dir.path().join("metrics.ndjson")).await;
     // Five minutes of failures, then the records age out and the shard moves on.
     let s = settings(|r| {
         r.function = Some(function.clone());
@@ -396,4 +396,37 @@ async fn a_shard_blocked_on_a_failing_batch_fires_the_iterator_age_alarm() {
     let fired = verdict.fires_at_ms.expect("the alarm fires");
     let started = (now_unix() * 1000.0) as u64 - 300_000;
     assert!(fired <= started + 180_000, "within its second or third minute: {}", fired.saturating_sub(started));
+}
+
+/// AWS (monitoring-metrics-types, "Event source mapping metrics"): "You must opt-in the metric
+/// group to receive metrics related metrics. for example set EventCount in metrics config to have:
+/// (PolledEventCount, FilteredOutEventCount, InvokedEventCount, FailedInvokeEventCount,
+/// DroppedEventCount, OnFailureDestinationDeliveredEventCount ...)".
+#[tokio::test(start_paused = true)]
+async fn event_count_metrics_are_written_only_when_asked() {
+    use crate::cloudwatch;
+    let dir = tempfile::tempdir().unwrap();
+    let (_turn, log) = super::testkit::metric_log(&dir.path().join("metrics.ndjson")).await;
+    let mut uuids = Vec::new();
+    for (function, metrics) in [("counts-off", None), ("counts-on", Some("EventCount"))] {
+        let s = settings(|r| {
+            r.function = Some(function.into());
+            r.metrics = metrics.map(str::to_owned);
+        });
+        uuids.push(s.uuid());
+        let c = ctx(s, FnInvoker::new(|_, _| ok()), None);
+        let p = Arc::new(MemoryPartition::default());
+        run(&c, &p, page(records(0..4, now_unix())), f64::INFINITY).await.unwrap();
+    }
+    log.finish().unwrap();
+    let data = cloudwatch::read(log.path()).unwrap();
+    let named = |uuid: &str, name: &str| -> f64 {
+        data.iter()
+            .filter(|d| d.dim("EventSourceMappingUUID") == Some(uuid) && d.name == name)
+            .flat_map(|d| d.values.clone())
+            .sum()
+    };
+    assert_eq!(named(&uuids[0], "PolledEventCount"), 0.0, "not asked for");
+    assert_eq!(named(&uuids[1], "PolledEventCount"), 4.0);
+    assert_eq!(named(&uuids[1], "InvokedEventCount"), 4.0);
 }

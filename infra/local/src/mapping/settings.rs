@@ -18,6 +18,16 @@ pub enum StartingPosition {
     AtTimestamp(f64),
 }
 
+impl std::fmt::Display for StartingPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartingPosition::TrimHorizon => f.write_str("TRIM_HORIZON"),
+            StartingPosition::Latest => f.write_str("LATEST"),
+            StartingPosition::AtTimestamp(t) => write!(f, "AT_TIMESTAMP {t}"),
+        }
+    }
+}
+
 /// Where failed or expired batches go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
@@ -117,20 +127,35 @@ pub struct MappingSettings {
     pub filter: super::filter::FilterCriteria,
     /// `Enabled: false`: the mapping exists but reads nothing (state `Disabled`).
     pub enabled: bool,
+    /// `MetricsConfig: {Metrics: [EventCount]}`: the event-count metrics are published.
+    pub event_count_metrics: bool,
 }
 
 impl MappingSettings {
-    /// The mapping's identifier (`EventSourceMappingUUID`): the same for the same function and
-    /// stream, so a run's metrics name one mapping across restarts, as AWS's UUID does.
+    /// The mapping's identifier (`EventSourceMappingUUID`): the same for a restarted runner of
+    /// the same mapping, so it resumes where it stopped and its metrics name one mapping, as AWS's
+    /// UUID does; another for what CloudFormation would replace with a new mapping (AWS::Lambda::
+    /// EventSourceMapping: `EventSourceArn`, `StartingPosition` and `StartingPositionTimestamp`
+    /// "Update requires: Replacement"): another stream, polling against enhanced fan-out (the
+    /// stream's ARN against the consumer's), another starting position. The function is part of it
+    /// too: locally a mapping for another function is another mapping.
     pub fn uuid(&self) -> String {
-        let h = xxhash_rust::xxh3::xxh3_128(format!("{}\n{}", self.function_name, self.event_source_arn()).as_bytes());
+        let identity = format!("{}\n{}\n{}", self.function_name, self.event_source_arn(), self.starting_position);
+        let h = xxhash_rust::xxh3::xxh3_128(identity.as_bytes());
         let x = format!("{h:032x}");
         format!("{}-{}-{}-{}-{}", &x[..8], &x[8..12], &x[12..16], &x[16..20], &x[20..])
     }
 
     /// Writes the mapping's event-count metrics (`AWS/Lambda`, dimension
     /// `EventSourceMappingUUID`) to the run's metric log ([`crate::cloudwatch`]).
+    ///
+    /// AWS (monitoring-metrics-types, "Event source mapping metrics"): "You must opt-in the
+    /// metric group to receive metrics related metrics. for example set EventCount in metrics
+    /// config" (sic): without `MetricsConfig: {Metrics: [EventCount]}` none is written.
     pub fn event_counts(&self, metrics: &[(&str, u64)]) {
+        if !self.event_count_metrics {
+            return;
+        }
         let values: Vec<(&str, &str, f64)> =
             metrics.iter().filter(|(_, n)| *n > 0).map(|(name, n)| (*name, "Count", *n as f64)).collect();
         if !values.is_empty() {
@@ -188,6 +213,8 @@ pub struct RawSettings {
     pub filter_criteria: Option<String>,
     /// `Enabled` (default true).
     pub enabled: Option<String>,
+    /// `MetricsConfig.Metrics` (comma-separated: `EventCount`; "" for none).
+    pub metrics: Option<String>,
 }
 
 impl RawSettings {
@@ -211,7 +238,8 @@ impl RawSettings {
             tumbling_window,
             on_failure,
             filter_criteria,
-            enabled
+            enabled,
+            metrics
         );
         self
     }
@@ -280,6 +308,10 @@ impl RawSettings {
             on_failure: p.pointer("/DestinationConfig/OnFailure/Destination").and_then(scalar),
             filter_criteria: p.get("FilterCriteria").map(Value::to_string),
             enabled: get("Enabled"),
+            metrics: p
+                .pointer("/MetricsConfig/Metrics")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(scalar).collect::<Vec<_>>().join(",")),
         }
     }
 
@@ -389,7 +421,25 @@ impl RawSettings {
                 super::filter::FilterCriteria::parse(&v).map_err(|e| InvalidSetting(e.0))?
             }
         };
+        // MetricsConfig (API_EventSourceMappingMetricsConfig): "Include EventCount to receive event
+        // source mapping metrics related to the number of events processed by your event source
+        // mapping"; the API's values are EventCount, ErrorCount and KafkaMetrics.
+        let mut event_count_metrics = false;
+        for m in self.metrics.as_deref().unwrap_or_default().split(',').map(str::trim).filter(|m| !m.is_empty()) {
+            match m {
+                "EventCount" => event_count_metrics = true,
+                "ErrorCount" | "KafkaMetrics" => {}
+                other => {
+                    return Err(constraint(
+                        other,
+                        "metricsConfig.metrics",
+                        "Member must satisfy enum value set: [EventCount, ErrorCount, KafkaMetrics]",
+                    ));
+                }
+            }
+        }
         Ok(MappingSettings {
+            event_count_metrics,
             stream_arn,
             consumer_arn,
             function_name,
@@ -538,6 +588,7 @@ mod tests {
         assert_eq!(s.batching_window, Duration::from_secs(1));
         assert!(s.bisect_on_error && s.report_batch_item_failures);
         assert_eq!(s.maximum_retry_attempts, 10);
+        assert!(s.event_count_metrics, "MetricsConfig: {{Metrics: [EventCount]}}");
         assert_eq!(
             s.on_failure,
             Some(Destination::Sqs("arn:aws:sqs:us-east-1:000000000000:pushpull-local-pull-failure-queue".into()))
@@ -545,6 +596,19 @@ mod tests {
         let flags = RawSettings { batch_size: Some("7".into()), on_failure: Some(String::new()), ..Default::default() };
         let s = raw.overlay(flags).validate().unwrap();
         assert_eq!((s.batch_size, s.on_failure), (7, None));
+    }
+
+    /// API_EventSourceMappingMetricsConfig: "Include EventCount to receive event source mapping
+    /// metrics"; without it none (AWS: "You must opt-in the metric group").
+    #[test]
+    fn event_count_metrics_are_opt_in() {
+        assert!(!base().validate().unwrap().event_count_metrics);
+        let with = |m: &str| RawSettings { metrics: Some(m.into()), ..base() }.validate();
+        assert!(with("EventCount").unwrap().event_count_metrics);
+        assert!(with("ErrorCount, EventCount").unwrap().event_count_metrics);
+        assert!(!with("").unwrap().event_count_metrics);
+        let e = with("Counts").unwrap_err();
+        assert!(e.0.contains("enum value set"), "{e}");
     }
 
     /// SAM's `FilterCriteria` on a Kinesis event, parameters resolved, as AWS's CLI shape.

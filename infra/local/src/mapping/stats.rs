@@ -4,6 +4,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::event;
+use super::identity::Origin;
 use super::options::Polling;
 
 /// `HH:MM:SS.mmm` (UTC) of a unix time, for the summary.
@@ -103,6 +104,8 @@ pub(crate) struct Stats {
     /// When the last invocation ended, from the start of the run.
     pub(crate) last_invoke_end: Duration,
     pub(crate) leases: Vec<LeaseEvent>,
+    /// Whether the mapping's positions were new or found.
+    pub(crate) origin: Option<Origin>,
 }
 
 /// What the mapping did: printed at the end of a run, and returned to tests.
@@ -137,6 +140,13 @@ pub struct Summary {
     /// The polling cadence used.
     #[serde(default)]
     pub polling: Polling,
+    /// The mapping's UUID: its positions are its own ([`super::identity`]).
+    #[serde(default)]
+    pub mapping_uuid: String,
+    /// `new` (every partition started at the StartingPosition) or `resumed` (after the
+    /// checkpoints of a runner of the same mapping).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
     /// The stream consumer read through with enhanced fan-out (`SubscribeToShard`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumer: Option<String>,
@@ -203,6 +213,8 @@ impl Stats {
             state: String::new(),
             polling: Polling::default(),
             consumer: None,
+            mapping_uuid: String::new(),
+            origin: self.origin,
         }
     }
 }
@@ -212,6 +224,15 @@ impl std::fmt::Display for Summary {
         match &self.consumer {
             Some(c) => writeln!(f, "  state            {}; enhanced fan-out through {c}", self.state)?,
             None => writeln!(f, "  state            {}; polling: {}", self.state, self.polling)?,
+        }
+        match self.origin {
+            Some(Origin::New) => {
+                writeln!(f, "  mapping          {}: new, started at its StartingPosition", self.mapping_uuid)?
+            }
+            Some(Origin::Resumed) => {
+                writeln!(f, "  mapping          {}: resumed after its checkpoints", self.mapping_uuid)?
+            }
+            None => {}
         }
         writeln!(
             f,

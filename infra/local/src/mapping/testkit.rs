@@ -264,3 +264,13 @@ pub(crate) async fn run(
     };
     running.drive(reader, Duration::from_secs(3600), || async { Ok(()) }).await.map(|_| ())
 }
+
+/// The process has one metric log ([`crate::cloudwatch`]): tests that install one take turns.
+pub(crate) async fn metric_log(
+    path: &std::path::Path,
+) -> (tokio::sync::MutexGuard<'static, ()>, Arc<crate::cloudwatch::MetricLog>) {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let turn = TURN.lock().await;
+    let log = crate::cloudwatch::MetricLog::install(path).expect("a metric log in a temporary directory");
+    (turn, log)
+}

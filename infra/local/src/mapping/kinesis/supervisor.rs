@@ -99,6 +99,11 @@ pub(crate) async fn supervise(src: &Arc<Kinesis>, stop: &mut watch::Receiver<boo
         }
         return Ok(());
     }
+    let origin = crate::mapping::identity::register(&src.checkpoints, &ctx.options.checkpoint_prefix, &ctx.settings)
+        .await
+        .map_err(|source| MappingError::Checkpoint { shard_id: "mapping.json".into(), source })?;
+    info!(uuid = ctx.settings.uuid(), ?origin, "positions of this mapping");
+    ctx.stats().origin = Some(origin);
     let now = Instant::now();
     let mut s = Supervisor {
         src: src.clone(),
