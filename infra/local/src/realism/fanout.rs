@@ -18,6 +18,9 @@
 //!   of a successful call, you'll get a ResourceInUseException. If you call SubscribeToShard 5
 //!   seconds or more after a successful call, the second call takes over the subscription and
 //!   the previous connection expires or fails with a ResourceInUseException."
+//! - "You can make one call to SubscribeToShard per second per registered consumer per shard":
+//!   a second call for the pair within a second of the last one, whatever that one's outcome, is
+//!   refused with `LimitExceededException` ([`Fanout::call`]).
 //! - Each consumer's pipe carries up to 2 MiB a second per shard ("receive records from a stream
 //!   with throughput of up to 2 MB of data per second per shard", Developer Guide, enhanced
 //!   fan-out), when the profile has Kinesis's limits.
@@ -72,6 +75,8 @@ pub trait Admin: Send + Sync {
 pub struct Fanout {
     wakes: Mutex<HashMap<String, watch::Sender<u64>>>,
     active: Mutex<HashMap<(String, String), (Instant, u64)>>,
+    /// The last call per (consumer, shard), refused or not.
+    calls: Mutex<HashMap<(String, String), Instant>>,
     generation: std::sync::atomic::AtomicU64,
 }
 
@@ -87,6 +92,15 @@ impl Fanout {
     fn waiter(&self, stream: &str) -> watch::Receiver<u64> {
         let mut wakes = self.wakes.lock().unwrap_or_else(|p| p.into_inner());
         wakes.entry(stream.to_owned()).or_insert_with(|| watch::channel(0).0).subscribe()
+    }
+
+    /// Notes a call for the (consumer, shard) pair at `now`: false if the last one was less than
+    /// a second ago (AWS: "one call to SubscribeToShard per second per registered consumer per
+    /// shard").
+    fn call(&self, consumer: &str, shard: &str, now: Instant) -> bool {
+        let mut calls = self.calls.lock().unwrap_or_else(|p| p.into_inner());
+        let last = calls.insert((consumer.to_owned(), shard.to_owned()), now);
+        last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
     }
 
     /// Takes the (consumer, shard) pair: its generation, or `None` if a subscription to it
@@ -159,6 +173,15 @@ pub async fn subscribe(
     realism: Arc<Realism>,
     req: Request,
 ) -> Result<mpsc::Receiver<BodyFrame>, AdminError> {
+    if !fanout.call(&req.consumer, &req.shard, Instant::now()) {
+        return Err(AdminError {
+            kind: "LimitExceededException".into(),
+            message: format!(
+                "Rate exceeded for consumer {} and shard {}: one call to SubscribeToShard per second",
+                req.consumer, req.shard
+            ),
+        });
+    }
     let described = admin.admin("DescribeStreamConsumer", json!({ "ConsumerARN": req.consumer })).await?;
     let d = &described["ConsumerDescription"];
     if d["ConsumerStatus"].as_str() != Some("ACTIVE") {
@@ -351,6 +374,18 @@ mod tests {
         assert!(f.take("d", "s-0", t0).is_some(), "another consumer is another pair");
         let g2 = f.take("c", "s-0", t0 + Duration::from_secs(5)).unwrap();
         assert!(g2 > g1 && !f.holds("c", "s-0", g1) && f.holds("c", "s-0", g2), "the old one lost it");
+    }
+
+    /// API Reference, SubscribeToShard: "You can make one call to SubscribeToShard per second per
+    /// registered consumer per shard."
+    #[test]
+    fn one_call_a_second_per_consumer_and_shard() {
+        let f = Fanout::default();
+        let t0 = Instant::now();
+        assert!(f.call("c", "s-0", t0));
+        assert!(!f.call("c", "s-0", t0 + Duration::from_millis(900)), "within a second");
+        assert!(f.call("c", "s-1", t0) && f.call("d", "s-0", t0), "other pairs are counted apart");
+        assert!(f.call("c", "s-0", t0 + Duration::from_millis(1900)), "a second after the refused call");
     }
 
     #[test]

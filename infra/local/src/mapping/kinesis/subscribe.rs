@@ -9,7 +9,7 @@ use tracing::{debug, warn};
 use super::shard::Shard;
 use super::{Kinesis, Position, ShardEnd, closed, hand_over, not_caught_up, starting_time, take_page};
 use crate::mapping::MappingError;
-use crate::mapping::clock::now_unix;
+use crate::mapping::clock::{Instant, now_unix};
 use crate::mapping::event::Rec;
 use crate::mapping::lane::ReaderStatus;
 use crate::mapping::source::Partition;
@@ -44,10 +44,25 @@ pub(super) async fn subscribe(
     let mut subscribed = false;
     let mut last_read: Option<String> = None;
     let mut failures = 0u32;
+    // AWS (API Reference, SubscribeToShard): "You can make one call to SubscribeToShard per second
+    // per registered consumer per shard": calls for this shard are a second apart at least.
+    let mut last_call: Option<Instant> = None;
     loop {
         if *drain.borrow() {
             return hand_over(id, status);
         }
+        if let Some(t) = last_call {
+            tokio::select! {
+                _ = tokio::time::sleep_until(t + Duration::from_secs(1)) => {}
+                changed = drain.changed() => {
+                    if changed.is_err() || *drain.borrow() {
+                        return hand_over(id, status);
+                    }
+                    continue;
+                }
+            }
+        }
+        last_call = Some(Instant::now());
         let (k, p) = match (&last_read, &kind) {
             (Some(s), _) => (ShardIteratorType::AfterSequenceNumber, Position::Sequence(s.clone())),
             (None, ShardIteratorType::Latest) if subscribed => {
@@ -90,7 +105,10 @@ pub(super) async fn subscribe(
                 }) {
                     return Err(MappingError::Kinesis(format!("SubscribeToShard {consumer} {id}: {msg}")));
                 }
-                let in_use = service.is_some_and(|se| se.is_resource_in_use_exception());
+                // Refused for its timing (a subscription under 5 s old, a call under a second
+                // after the last): called again after a second, not a failure.
+                let in_use =
+                    service.is_some_and(|se| se.is_resource_in_use_exception() || se.is_limit_exceeded_exception());
                 failures += u32::from(!in_use);
                 if failures > 50 {
                     return Err(MappingError::Kinesis(format!("SubscribeToShard {consumer} {id}: {msg}")));
