@@ -258,6 +258,20 @@ pub fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
+/// Waits until the function has been invoked with at least `records` records (the log of
+/// [`invocations`]): an event to wait on, where a sleep would be a guess.
+pub async fn wait_for_invoked(log: &Path, records: usize, limit: Duration) {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let n: usize = invocations(log).iter().map(|(_, seqs)| seqs.len()).sum();
+        if n >= records {
+            return;
+        }
+        assert!(std::time::Instant::now() < until, "only {n} of {records} records invoked after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Puts `rounds` PutRecords of 100 records, one every `every`, records `from..` (see
 /// [`put_round`]). Returns each record's (sequence number, shard).
 pub async fn produce(

@@ -92,23 +92,67 @@ async fn no_retries_means_one_invocation() {
     assert_eq!(drain(&l, &dlq).await[0]["requestContext"]["approximateInvokeCount"], 1);
 }
 
+/// The throttle path end to end, through the real push function behind the Invoke API: AWS
+/// (invocation-async-error-handling) "For throttling errors (429) ... Lambda returns the event to
+/// the queue and attempts to run the function again ... with exponentially increasing backoff";
+/// a throttle uses up no retry. Here the realism layer answers half the invocations with 429 (a
+/// seeded draw): every event still succeeds once, with no retry counted.
 #[tokio::test]
-async fn an_event_older_than_the_maximum_age_is_not_invoked() {
+async fn throttled_events_are_waited_out_and_use_no_retry() {
+    use pushpull_local::realism::{Profile, Realism, RealismConfig};
+    let l = local().await;
+    let mut config = RealismConfig::new(Profile::Off, 7);
+    config.rates.lambda_throttle = 0.5;
+    let realism = std::sync::Arc::new(Realism::new(config));
+    let spec = function("s3-to-kinesis", &[("STREAM_NAME", "no-such-stream")]);
+    let server = InvokeServer::start_with(vec![spec], 0, 4, Some(realism)).await.unwrap();
+    let (_, source) = queue(&l, "async-src").await;
+    let test_event = json!({"Service":"Amazon S3","Event":"s3:TestEvent","Time":"2026-11-25T00:00:00Z","Bucket":"b","RequestId":"r","HostId":"h"});
+    for _ in 0..6 {
+        l.sqs.send_message().queue_url(&source).message_body(test_event.to_string()).send().await.unwrap();
+    }
+    // Retries 0: a throttle that used one up would discard the event.
+    let s = run(&l, &server, AsyncSettings::new("s3-to-kinesis", 0, 3600, None, 0.05).unwrap(), &source).await;
+    assert_eq!((s.events, s.succeeded, s.retries, s.retries_exhausted), (6, 6, 0, 0), "{s:?}");
+    assert!(s.throttled > 0, "the draw throttled some: {s:?}");
+    assert!(drain(&l, &source).await.is_empty());
+}
+
+/// The dead-letter queue end to end (LocalStack's SQS): AWS (invocation-async-retain-records)
+/// "Lambda sends the event to the dead-letter queue as-is, with additional information in
+/// attributes": RequestID, ErrorCode ("The HTTP status code"), ErrorMessage; and the OnFailure
+/// destination gets its record too ("in addition to or instead of a dead-letter queue").
+#[tokio::test]
+async fn a_discarded_event_goes_to_the_dead_letter_queue_as_it_came() {
     let l = local().await;
     let server = server().await;
     let (_, source) = queue(&l, "async-src").await;
+    let (dest_arn, dest) = queue(&l, "async-dest").await;
     let (dlq_arn, dlq) = queue(&l, "async-dlq").await;
-    let event = json!({"Service":"Amazon S3","Event":"s3:TestEvent","Time":"2026-11-25T00:00:00Z","Bucket":"b","RequestId":"r","HostId":"h"});
-    l.sqs.send_message().queue_url(&source).message_body(event.to_string()).send().await.unwrap();
-    // 60 s is the smallest MaximumEventAgeInSeconds AWS allows; the age counts from the queue.
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    let s = run(&l, &server, AsyncSettings::new("s3-to-kinesis", 2, 60, Some(dlq_arn), 1.0).unwrap(), &source).await;
-    assert_eq!((s.invocations, s.expired), (0, 1), "{s:?}");
-    let records = drain(&l, &dlq).await;
-    assert_eq!(records[0]["requestContext"]["condition"], "EventAgeExceeded");
-    assert_eq!(records[0]["requestContext"]["approximateInvokeCount"], 0);
-    assert_eq!(records[0]["requestPayload"], event);
-    assert!(drain(&l, &source).await.is_empty());
+    let body = r#"{"not": "an S3 event"}"#;
+    l.sqs.send_message().queue_url(&source).message_body(body).send().await.unwrap();
+    let settings =
+        AsyncSettings::new("s3-to-kinesis", 0, 3600, Some(dest_arn), 0.01).unwrap().dead_letter(Some(dlq_arn)).unwrap();
+    let s = run(&l, &server, settings, &source).await;
+    assert_eq!(s.retries_exhausted, 1, "{s:?}");
+    let got = l
+        .sqs
+        .receive_message()
+        .queue_url(&dlq)
+        .message_attribute_names("All")
+        .wait_time_seconds(2)
+        .send()
+        .await
+        .unwrap();
+    let m = &got.messages()[0];
+    assert_eq!(m.body(), Some(body), "the event as it came");
+    let attr = |name: &str| m.message_attributes().and_then(|a| a.get(name)).cloned().unwrap();
+    assert_eq!(attr("ErrorCode").string_value(), Some("200"));
+    assert_eq!(attr("ErrorCode").data_type(), "Number");
+    assert!(!attr("ErrorMessage").string_value().unwrap_or_default().is_empty());
+    assert!(!attr("RequestID").string_value().unwrap_or_default().is_empty());
+    let records = drain(&l, &dest).await;
+    assert_eq!(records[0]["requestContext"]["condition"], "RetriesExhausted");
 }
 
 /// A failure to invoke that is not a throttle (here 404: no such function) is counted as a

@@ -17,7 +17,7 @@
 //! | timeouts and crashes are function errors | `timeouts_and_crashes_are_function_errors_and_retried` |
 //! | S3 failure destination: record and payload | `the_s3_destination_gets_the_failure_record_and_the_payload` |
 //! | SNS failure destination: the record as the message | `the_sns_destination_gets_the_failure_record` |
-//! | MaximumRecordAgeInSeconds | `records_older_than_the_maximum_age_...` |
+//! | MaximumRecordAgeInSeconds (too old before, or while failing; never invocable) | the core's unit tests under paused time (`mapping::rules::records_past_the_maximum_age_are_given_up`, `..._cannot_be_invoked_...`) |
 //! | ParallelizationFactor: order per key, lanes at once | `parallelization_keeps_order_per_partition_key_...` |
 //! | tumbling windows: state, partial failure, final invocation | `tumbling_windows_carry_state_and_end_with_a_final_invocation` |
 //! | resharding: parent before children | `a_parent_shard_is_finished_before_its_children_start` |
@@ -28,7 +28,7 @@
 //! | settings AWS refuses, template parameters checked | `the_runner_refuses_settings_aws_refuses` |
 //! | FilterCriteria: matching records only, the rest checkpointed past and counted; non-JSON data dropped | `filter_criteria_invoke_only_matching_records_and_advance_past_the_rest` |
 //! | polling: a caught-up shard once a second (AWS's cadence, the default); the summary says which | `aws_polls_a_caught_up_shard_once_a_second` |
-//! | IteratorAge: at receipt, for every batch, failed or not | `iterator_age_is_measured_for_every_batch_even_one_that_fails` |
+//! | IteratorAge: at every send, retries included | `iterator_age_is_measured_for_every_batch_even_one_that_fails`; a blocked shard fires the alarm: `mapping::rules::a_shard_blocked_on_a_failing_batch_fires_the_iterator_age_alarm` |
 //! | Enabled: false: nothing read or invoked, state Disabled | `a_disabled_mapping_reads_nothing_and_says_so` |
 //! | FilterCriteria limits (5 filters, 4,096 characters) and patterns AWS refuses | `the_runner_refuses_settings_aws_refuses` |
 //! | enhanced fan-out (a stream consumer as EventSourceArn): SubscribeToShard, with the same partial failures, bisection, windows, resharding, starting positions and checkpoints as polling | `enhanced_fan_out_*` (six tests that run a polling test's scenario through a consumer) |
@@ -184,6 +184,35 @@ impl Fixture {
         let options = self.options(&settings);
         let (_tx, rx) = tokio::sync::watch::channel(false);
         let s = Runner::run(settings, options, self.clients(), self.server.client(), rx).await.unwrap();
+        self.checked(s)
+    }
+
+    /// Starts the mapping, waits until `ready` holds of it (an event, not a time), does `then`,
+    /// and waits for the mapping to stop by itself (idle).
+    async fn run_after(
+        &self,
+        raw: RawSettings,
+        ready: impl Fn(&pushpull_local::mapping::RunningMapping) -> bool,
+        then: impl std::future::Future<Output = ()>,
+    ) -> Summary {
+        let settings = raw.validate().unwrap();
+        let options = self.options(&settings);
+        let m = Runner::start(settings, options, self.clients(), self.server.client());
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while !ready(&m) {
+            assert!(std::time::Instant::now() < until && !m.is_finished(), "the mapping never got ready");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        then.await;
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while !m.is_finished() {
+            assert!(std::time::Instant::now() < until, "the mapping never went idle");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.checked(m.stop().await.unwrap())
+    }
+
+    fn checked(&self, s: Summary) -> Summary {
         if self.fan_out.is_some() && s.state == "Enabled" {
             // Read with SubscribeToShard only: no GetRecords at all.
             assert_eq!(s.counts.get_records, 0, "{s}");
@@ -257,13 +286,11 @@ async fn the_batching_window_gathers_records_that_arrive_while_it_is_open() {
     let f = fixture(1).await;
     f.put_ids(&[("a", none()), ("b", none())]).await;
     let raw = RawSettings { batch_size: Some("100".into()), batching_window: Some("3".into()), ..f.settings() };
-    let run = f.run(raw);
+    // Put once the first two are read, inside the 3 s window: one invocation with all three.
     let later = async {
-        tokio::time::sleep(Duration::from_millis(800)).await;
         f.put_ids(&[("c", none())]).await;
     };
-    let (s, ()) = tokio::join!(run, later);
-    // Put 0.8 s into a 3 s window: one invocation with all three.
+    let s = f.run_after(raw, |m| m.progress().0 >= 2, later).await;
     assert_eq!(f.batches(), vec![b(&["a", "b", "c"])]);
     assert!(s.delay_ms_max >= 1000.0, "records waited for the window: {s:?}");
 }
@@ -272,12 +299,13 @@ async fn the_batching_window_gathers_records_that_arrive_while_it_is_open() {
 async fn without_a_window_each_poll_is_invoked_at_once() {
     let f = fixture(1).await;
     f.put_ids(&[("a", none()), ("b", none())]).await;
-    let run = f.run(RawSettings { batch_size: Some("100".into()), ..f.settings() });
+    // Put once the first two were invoked: a batch of its own.
     let later = async {
-        tokio::time::sleep(Duration::from_millis(800)).await;
         f.put_ids(&[("c", none())]).await;
     };
-    let (s, ()) = tokio::join!(run, later);
+    let s = f
+        .run_after(RawSettings { batch_size: Some("100".into()), ..f.settings() }, |_| f.batches().len() == 1, later)
+        .await;
     assert_eq!(f.batches(), vec![b(&["a", "b"]), b(&["c"])]);
     assert!(s.delay_ms_p50 < 1500.0, "{s:?}");
 }
@@ -457,48 +485,10 @@ async fn the_s3_destination_gets_the_failure_record_and_the_payload() {
     assert_eq!(v["payload"]["Records"].as_array().unwrap().len(), 1, "S3 also gets the invocation payload");
 }
 
-#[tokio::test]
-async fn records_older_than_the_maximum_age_are_not_invoked_but_reported() {
-    let f = fixture(1).await;
-    let (dlq_arn, dlq_url) = f.create_queue().await;
-    f.put_ids(&[("old", none())]).await;
-    // 60 s is the smallest maximum age AWS allows.
-    tokio::time::sleep(Duration::from_secs(61)).await;
-    f.put_ids(&[("new", none())]).await;
-    let raw = RawSettings { maximum_record_age: Some("60".into()), on_failure: Some(dlq_arn), ..f.settings() };
-    let s = f.run(raw).await;
-    assert_eq!(f.batches(), vec![b(&["new"])]);
-    let records = f.failure_records(&dlq_url).await;
-    assert_eq!(records.len(), 1);
-    assert_eq!(records[0]["requestContext"]["condition"], "RecordAgeExceeded");
-    assert_eq!(records[0]["requestContext"]["approximateInvokeCount"], 0);
-    assert_eq!(s.counts.expired, 1);
-}
-
-/// AWS (Lambda developer guide, "Retain discarded batch records for a Kinesis Data Streams event
-/// source in Lambda"): "Before invocation: If a Lambda event source mapping is unable to invoke
-/// the function due to throttling or other issues, it retries until the records expire or exceed
-/// the maximum age configured on the event source mapping (MaximumRecordAgeInSeconds)." Here the
-/// Invoke API answers 404 (no such function): the mapping used to stop on it, every shard with it.
-#[tokio::test]
-async fn a_function_that_cannot_be_invoked_is_retried_until_the_records_are_too_old() {
-    let f = fixture(1).await;
-    let (dlq_arn, dlq_url) = f.create_queue().await;
-    f.put_ids(&[("a", none()), ("b", none())]).await;
-    let raw = RawSettings {
-        function: Some("no-such-function".into()),
-        maximum_record_age: Some("60".into()),
-        on_failure: Some(dlq_arn),
-        ..f.settings()
-    };
-    let s = f.run(raw).await;
-    assert_eq!(s.counts.invocations, 0);
-    assert!(s.counts.invoke_errors > 1, "retried: {:?}", s.counts);
-    let records = f.failure_records(&dlq_url).await;
-    assert_eq!(records.len(), 1, "the batch, given up once");
-    assert_eq!(records[0]["requestContext"]["condition"], "RecordAgeExceeded");
-    assert_eq!(records[0]["KinesisBatchInfo"]["batchSize"], 2);
-}
+// The record-age rules (records too old before their first invocation, or failing until they
+// are; a function that cannot be invoked until its records are too old) are the core's unit tests
+// under paused time (`pushpull_local::mapping::rules`): AWS's smallest MaximumRecordAgeInSeconds
+// is 60 s, and a test here would wait it out on the wall clock.
 
 #[tokio::test]
 async fn parallelization_keeps_order_per_partition_key_and_runs_lanes_at_once() {
@@ -648,12 +638,16 @@ async fn latest_and_at_timestamp_skip_what_came_before_with(read: Read) {
     // LATEST: only what arrives after the mapping started. A fresh checkpoint place.
     let g = fixture_read(1, read).await;
     g.put_ids(&[("before", none())]).await;
-    let run = g.run(RawSettings { starting_position: Some("LATEST".into()), ..g.settings() });
+    // "after" is put once the shard was read and found caught up: LATEST is taken by then.
     let later = async {
-        tokio::time::sleep(Duration::from_millis(700)).await;
         g.put_ids(&[("after", none())]).await;
     };
-    tokio::join!(run, later);
+    g.run_after(
+        RawSettings { starting_position: Some("LATEST".into()), ..g.settings() },
+        |m| m.caught_up_since().is_some(),
+        later,
+    )
+    .await;
     assert_eq!(g.batches(), vec![b(&["after"])]);
 }
 

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use pushpull_local::invoke::InvokeServer;
 use pushpull_local::pipeline::{Resources, rollup_totals};
-use pushpull_tests::runners::{Group, handover_delays, held, invocations, invoked_times, now, produce, rollup_env};
+use pushpull_tests::runners::{
+    Group, handover_delays, held, invocations, invoked_times, now, produce, rollup_env, wait_for_invoked,
+};
 use pushpull_tests::{function, local, unique};
 use serde_json::json;
 
@@ -68,7 +70,8 @@ async fn three_runners_share_eight_shards_through_a_kill_a_sigterm_and_a_late_st
         let (l, stream) = (l.clone(), stream.clone());
         tokio::spawn(async move { produce(&l, &stream, 0, 70, Duration::from_millis(300), USERS).await })
     };
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A kill with work in flight: once both runners are invoking.
+    wait_for_invoked(&log, 500, Duration::from_secs(60)).await;
     let a_shards = g.held_by("a");
     let killed_at = now();
     g.kill(a);
@@ -183,7 +186,7 @@ async fn a_paused_runner_loses_its_leases_and_stops_at_once_when_it_resumes() {
         let (l, stream) = (l.clone(), stream.clone());
         tokio::spawn(async move { produce(&l, &stream, 0, 40, Duration::from_millis(200), USERS).await })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for_invoked(&log, 300, Duration::from_secs(60)).await;
     assert!(std::process::Command::new("kill").args(["-STOP", &a.to_string()]).status().unwrap().success());
     let paused_at = now();
     let b = g.start("b", &["--stop-when-idle", "3"]);
@@ -235,7 +238,8 @@ async fn after_a_split_the_children_start_after_their_parent_whoever_holds_them(
         let (l, stream) = (l.clone(), stream.clone());
         tokio::spawn(async move { produce(&l, &stream, 0, 40, Duration::from_millis(200), USERS).await })
     };
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Split while both runners are invoking.
+    wait_for_invoked(&log, 300, Duration::from_secs(60)).await;
     let parent = pushpull_local::pipeline::split_a_shard(&l, &stream).await.unwrap();
     let put = producer.await.unwrap();
     assert!(g.wait(a, Duration::from_secs(120)).await.success(), "{}", g.logs());

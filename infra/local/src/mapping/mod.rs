@@ -47,7 +47,7 @@ pub mod settings;
 pub mod source;
 mod stats;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 
 pub use clock::now_unix;
 pub use options::{Delivered, Polling, RunnerOptions, default_worker_id};

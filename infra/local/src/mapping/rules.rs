@@ -430,3 +430,33 @@ async fn event_count_metrics_are_written_only_when_asked() {
     assert_eq!(named(&uuids[1], "PolledEventCount"), 4.0);
     assert_eq!(named(&uuids[1], "InvokedEventCount"), 4.0);
 }
+
+/// AWS (kinesis-on-failure-destination): "Before invocation: If a Lambda event source mapping is
+/// unable to invoke the function due to throttling or other issues, it retries until the records
+/// expire or exceed the maximum age configured on the event source mapping." An Invoke API that
+/// answers 404 (no such function) forever: retried, never counted as an invocation, and the batch
+/// goes to the destination once, `RecordAgeExceeded`, with `approximateInvokeCount` 0.
+#[tokio::test(start_paused = true)]
+async fn a_function_that_cannot_be_invoked_is_retried_until_its_records_are_too_old() {
+    let s = settings(|r| r.maximum_record_age = Some("60".into()));
+    let not_found = |_: &Value, _| {
+        Err(crate::invoke::InvokeError::Status {
+            function: "f".into(),
+            status: 404,
+            body: "ResourceNotFoundException".into(),
+        })
+    };
+    let sink = Arc::new(MemorySink::default());
+    let c = ctx(s, FnInvoker::new(not_found), Some(sink.clone()));
+    let p = Arc::new(MemoryPartition::default());
+    run(&c, &p, page(records(0..2, now_unix())), f64::INFINITY).await.unwrap();
+    let counts = c.summary().counts;
+    assert_eq!(counts.invocations, 0);
+    assert!(counts.invoke_errors > 1, "retried: {counts:?}");
+    let sent = sink.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 1, "the batch, given up once");
+    assert_eq!(sent[0]["requestContext"]["condition"], "RecordAgeExceeded");
+    assert_eq!(sent[0]["requestContext"]["approximateInvokeCount"], 0);
+    assert_eq!(sent[0]["TestBatchInfo"]["positions"], json!(["0", "1"]));
+    assert_eq!(p.done(), vec![0, 1]);
+}
