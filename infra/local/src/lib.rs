@@ -1,21 +1,16 @@
 //! # pushpull-local
 //!
-//! Plays AWS's part on a laptop: [`runtime_api::FunctionHost`] runs a function binary behind the
-//! Lambda Runtime API, and [`localstack`] talks to LocalStack (S3, Kinesis, SQS) on 127.0.0.1.
-//! The integration tests and `make run` are built from these.
+//! The commands users type (`pushpull-local run`, `serve`, `esm`) and the sample pipeline's
+//! driver ([`pipeline`]: provisioning, expected totals, [`observed`] metrics and alarms, the
+//! [`report`]'s charts). The local AWS it drives is `pushpull-emulator`, re-exported here under
+//! the same paths.
 #![warn(missing_docs)]
 
-pub mod alarms;
-pub mod async_invoke;
-pub mod cloudwatch;
-pub mod http2;
-pub mod invoke;
-pub mod localstack;
-pub mod mapping;
+pub use pushpull_emulator::{
+    alarms, async_invoke, cloudwatch, http2, invoke, localstack, mapping, realism, runtime_api, template,
+};
+
 pub mod observed;
 pub mod pipeline;
 pub mod progress;
-pub mod realism;
 pub mod report;
-pub mod runtime_api;
-pub mod template;

@@ -155,17 +155,16 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
         queue_urls
             .insert(format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"), out.queue_url().unwrap_or_default().to_owned());
     }
-    let functions = t.functions().map_err(|e| PipelineError::new("template", e))?;
-    let by_binary = |b: &str| functions.iter().find(|f| f.binary == b).map(|f| f.name.clone());
-    let push_function = by_binary("s3-to-kinesis").ok_or_else(|| PipelineError("no s3-to-kinesis function".into()))?;
-    let pull_function =
-        by_binary("kinesis-rollup").ok_or_else(|| PipelineError("no kinesis-rollup function".into()))?;
+    // The functions by what triggers them: the push function an S3 event, the pull function a
+    // Kinesis event (their binaries' names are the template's).
+    let push = t.function_with_event("S3").map_err(|e| PipelineError::new("template", e))?;
+    let pull = t.function_with_event("Kinesis").map_err(|e| PipelineError::new("template", e))?;
+    let (push_function, pull_function) = (push.name.clone(), pull.name.clone());
     // The push function's S3 event: its prefix filter becomes the bucket's notification filter.
     let input_prefix = t.parameters.get("InputPrefix").cloned().unwrap_or_else(|| "input/".into());
     let queue = format!("{}-s3-events", t.stack);
     let s3_events_queue = local.notify_queue(&bucket, &queue, &input_prefix).await.map_err(PipelineError)?;
-    let push_cfg =
-        AsyncSettings::from_template(t, "s3-to-kinesis", 1.0).map_err(|e| PipelineError::new("template", e))?;
+    let push_cfg = AsyncSettings::from_template(t, &push.binary, 1.0).map_err(|e| PipelineError::new("template", e))?;
     let pull_cfg = RawSettings::from_template(t, None).map_err(|e| PipelineError::new("template", e))?;
     Ok(Resources {
         bucket,
@@ -700,7 +699,8 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let mapping = Runner::start(settings, options, clients.clone(), server.client());
 
     let (responses_tx, mut responses_rx) = mpsc::unbounded_channel();
-    let push = AsyncSettings::from_template(&t, "s3-to-kinesis", config.delay_scale)
+    let push_binary = t.function_with_event("S3").map_err(|e| PipelineError::new("template", e))?.binary;
+    let push = AsyncSettings::from_template(&t, &push_binary, config.delay_scale)
         .map_err(|e| PipelineError::new("template", e))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let delivery = {

@@ -9,7 +9,7 @@
 //! run at a time: `pushpull-local run`, `esm`, one test). With none installed, both do nothing.
 //!
 //! [`read`] parses the file back into [`Datum`]s, from which the run's summary, its alarms
-//! ([`crate::alarms`]) and its picture ([`crate::report`]) are computed: what an operator would
+//! ([`crate::alarms`]) and its picture (`pushpull-local`'s report) are computed: what an operator would
 //! see in CloudWatch, not the runner's private counters.
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};

@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! # async fn f() {
-//! let kinesis = pushpull_local::http2::kinesis("http://127.0.0.1:4566", "test").await;
+//! let kinesis = pushpull_emulator::http2::kinesis("http://127.0.0.1:4566", "test").await;
 //! # }
 //! ```
 use aws_smithy_runtime_api::client::http::{

@@ -330,9 +330,28 @@ impl Template {
                 env,
                 timeout: std::time::Duration::from_secs(number("Timeout", 3)),
                 memory_mb: number("MemorySize", 128) as u32,
+                events: r
+                    .pointer("/Properties/Events")
+                    .and_then(Value::as_object)
+                    .map(|m| m.values().filter_map(|e| e["Type"].as_str().map(str::to_owned)).collect())
+                    .unwrap_or_default(),
             });
         }
         Ok(out)
+    }
+
+    /// The function an event of type `kind` (SAM's `S3`, `Kinesis`, ...) triggers: how a local
+    /// run finds its functions, by what triggers them rather than by their binaries' names.
+    pub fn function_with_event(&self, kind: &str) -> Result<TemplateFunction, TemplateError> {
+        let mut found = self.functions()?.into_iter().filter(|f| f.events.iter().any(|e| e == kind));
+        match (found.next(), found.next()) {
+            (Some(f), None) => Ok(f),
+            (None, _) => Err(resolve_err("Resources", format!("no function has an event of Type {kind}"))),
+            (Some(a), Some(b)) => Err(resolve_err(
+                "Resources",
+                format!("{} and {} both have an event of Type {kind}: which one?", a.logical_id, b.logical_id),
+            )),
+        }
     }
 
     /// Whether a resource is created: its `Condition`, if it has one, holds.
@@ -364,6 +383,8 @@ pub struct TemplateFunction {
     pub timeout: std::time::Duration,
     /// `MemorySize`.
     pub memory_mb: u32,
+    /// The `Type` of each of its `Events` (`S3`, `Kinesis`, ...).
+    pub events: Vec<String>,
 }
 
 /// `{"Fn::X": args}` rebuilt (for conditions used as values).
@@ -534,6 +555,9 @@ Resources:
         assert_eq!(env["CHECKPOINT_URI"], "s3://pushpull-000000000000-us-east-1/checkpoints/pull");
         let fs = t.functions().unwrap();
         let pull = fs.iter().find(|f| f.binary == "kinesis-rollup").unwrap();
+        assert_eq!(t.function_with_event("Kinesis").unwrap().binary, "kinesis-rollup");
+        assert_eq!(t.function_with_event("S3").unwrap().binary, "s3-to-kinesis");
+        assert!(t.function_with_event("SQS").is_err());
         assert_eq!(pull.name, "pushpull-local-kinesis-rollup");
         assert_eq!(pull.timeout, std::time::Duration::from_secs(60));
         assert!(pull.env.contains(&("SUM_FIELD".to_owned(), "amount".to_owned())));

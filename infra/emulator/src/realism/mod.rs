@@ -14,7 +14,7 @@
 //! kinds still depends on timing). Every injected fault is counted by kind ([`FaultTable`]).
 //!
 //! ```
-//! use pushpull_local::realism::{Profile, Realism, RealismConfig};
+//! use pushpull_emulator::realism::{Profile, Realism, RealismConfig};
 //! let r = Realism::new(RealismConfig::new(Profile::Storm, 7));
 //! let a: Vec<bool> = (0..20).map(|_| r.fire("s3.event.duplicated", 0.5)).collect();
 //! let again = Realism::new(RealismConfig::new(Profile::Storm, 7));
