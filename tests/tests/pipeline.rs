@@ -115,7 +115,17 @@ async fn a_hundred_thousand_lines_roll_up_exactly_once() {
 /// only by the rollup), the rollup exact, every bad line quarantined once.
 #[tokio::test]
 async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact() {
-    storm(false).await;
+    storm(false, &[]).await;
+}
+
+/// The storm at ParallelizationFactor 10: ten batches of a shard at once, lanes by partition key
+/// (AWS: "Lambda still ensures in-order processing at the partition-key level"), the rollup
+/// keeping one position per key (`ROLLUP_POSITIONS=per-key`, which the template sets above
+/// factor 1). The mapping's kills redeliver what other lanes had done after the slowest lane's
+/// position: still every line once, the totals exact.
+#[tokio::test]
+async fn in_a_storm_at_parallelization_factor_10_every_line_reaches_the_stream_once_and_the_totals_are_exact() {
+    storm(false, &["ParallelizationFactor=10"]).await;
 }
 
 /// The storm with `PutAggregation=on`: lines travel packed in KPL aggregates, one per shard and
@@ -124,10 +134,10 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
 /// part, and still every line is in the stream once (unpacked) and the totals are exact.
 #[tokio::test]
 async fn aggregated_in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact() {
-    storm(true).await;
+    storm(true, &[]).await;
 }
 
-async fn storm(aggregated: bool) {
+async fn storm(aggregated: bool, more: &[&str]) {
     use pushpull_local::realism::iam::Policies;
     use pushpull_local::realism::proxy::RealismProxy;
     use pushpull_local::realism::{Profile, Realism, RealismConfig};
@@ -140,6 +150,7 @@ async fn storm(aggregated: bool) {
     if aggregated {
         params.push("PutAggregation=on".into());
     }
+    params.extend(more.iter().map(|p| (*p).to_owned()));
     let mut t = Template::load(Path::new(TEMPLATE), &stack, &params).unwrap();
     let l = local().await;
     let r = pipeline::provision(&mut t, &l).await.unwrap();

@@ -5,24 +5,33 @@
 //! `SUM_FIELD`, when set, is summed. A record that is not base64, not a JSON object, or whose sum
 //! field is not a number is reported in `batchItemFailures`.
 //!
-//! **Per batch** (no tumbling window), exactly once across retries and duplicate deliveries:
-//! 1. `pull/<stream>/<shard>.json` in `CHECKPOINT_URI` holds the highest sequence number whose
-//!    record is reflected in the output. Records at or below it are skipped.
-//! 2. The records after it are processed up to the first failure (a contiguous prefix: the
-//!    mapping redelivers everything from the lowest failure on).
+//! **Per batch** (no tumbling window), exactly once across retries, duplicate deliveries and
+//! concurrent batches of a shard:
+//! 1. `pull/<stream>/<shard>.json` in `CHECKPOINT_URI` holds what is reflected in the output: per
+//!    partition key, its last record counted (`ROLLUP_POSITIONS=per-key`, the default), or per
+//!    shard, the highest (`per-shard`, exact only at `ParallelizationFactor` 1). A record at or
+//!    below its key's position (or the shard's) is skipped. Per key is exact at every factor:
+//!    AWS keeps order per partition key, so a key's records come in order whichever of the
+//!    shard's concurrent batches carries them, while a per-shard position moved by a faster batch
+//!    would hide a slower batch's lower sequence numbers.
+//! 2. The records left are processed up to the first failure (the mapping redelivers everything
+//!    from the lowest failure on).
 //! 3. Their rollup is written to `<stream>/<shard>/<first sequence>.ndjson` with a conditional
 //!    create. A retry starts at the same first record, so it aims at the same name: if the
 //!    object exists, an earlier attempt wrote it and crashed before step 4. Its records are taken
 //!    as done (up to its `last_sequence`) and only the rest of this batch is written, under the
 //!    name of its own first record.
-//! 4. The checkpoint advances (compare-and-swap).
+//! 4. The checkpoint advances (compare-and-swap). Per key, a concurrent batch of other keys may
+//!    have moved it meanwhile: it is read again and ours applied over it; the same key moved by
+//!    two invocations at once fails the invocation, and its retry skips what the other counted.
 //!
 //! **Per tumbling window**: the mapping carries the rollup between invocations as window state
 //! (capped below 1 MB); the final invocation writes `<stream>/<shard>/window-<start>.ndjson` with
 //! a conditional create, so a retried final invocation cannot write it twice.
 //!
-//! The per-shard checkpoint assumes one batch per shard at a time: `ParallelizationFactor` 1,
-//! which the template enforces for this function (tumbling windows require it too).
+//! The template sets `ROLLUP_POSITIONS=per-shard` at `ParallelizationFactor` 1 (a few bytes per
+//! shard whatever the keys) and `per-key` above it (one entry per partition key of the shard).
+//! Tumbling windows need factor 1 (the window's state is per shard).
 //!
 //! ```
 //! use pushpull::config::Env;
@@ -58,6 +67,8 @@ use pushpull::pull::kinesis::{
 use pushpull::pull::{BatchResponse, BatchResult, Options};
 use pushpull::sequence::Position;
 use pushpull::store::{Precondition, Store, StoreError};
+
+pub use settings::Positions;
 
 pub mod settings;
 pub mod sum;
@@ -248,19 +259,92 @@ pub enum Response {
     Window(WindowResponse),
 }
 
-/// The shard's checkpoint: the last record (or user record of an aggregate) in the output.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// The shard's checkpoint: what is in the output. Per shard (`ROLLUP_POSITIONS=per-shard`), the
+/// last record (or user record of an aggregate) counted; per key (the default), the last one of
+/// each partition key. A record at or below either is counted already.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct ShardCheckpoint {
     last_sequence: Option<SequenceNumber>,
     /// Set when the last record counted is a user record of a KPL aggregate: a retried
     /// aggregate counts only the user records after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     last_sub_sequence: Option<u64>,
+    /// Per partition key: its last record (or user record) counted.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    keys: BTreeMap<String, KeyPosition>,
+}
+
+/// A partition key's last record counted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct KeyPosition {
+    sequence: SequenceNumber,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sub: Option<u64>,
 }
 
 impl ShardCheckpoint {
     fn position(&self) -> Option<Position> {
         self.last_sequence.clone().map(|sequence| Position { sequence, sub: self.last_sub_sequence })
+    }
+
+    /// What is counted of `key`: the higher of the shard's position and the key's.
+    fn done_for(&self, key: &str) -> Option<Position> {
+        let of_key = self.keys.get(key).map(|k| Position { sequence: k.sequence.clone(), sub: k.sub });
+        self.position().max(of_key)
+    }
+
+    /// Notes that everything up to `last` of `covered` (in sequence order) is counted: the
+    /// shard's position, or each record's key's.
+    fn advance(&mut self, positions: Positions, covered: &[KinesisEventRecord<'_>], last: &Position) {
+        match positions {
+            Positions::PerShard => {
+                self.last_sequence = Some(last.sequence.clone());
+                self.last_sub_sequence = last.sub;
+            }
+            Positions::PerKey => {
+                for r in covered {
+                    let Ok(seq) = r.sequence_number() else { continue };
+                    let at = match seq.cmp(&last.sequence) {
+                        std::cmp::Ordering::Less => Position::whole(seq),
+                        std::cmp::Ordering::Equal => last.clone(),
+                        std::cmp::Ordering::Greater => break,
+                    };
+                    let key = r.kinesis.partition_key.as_ref();
+                    if self.keys.get(key).is_none_or(|k| Position { sequence: k.sequence.clone(), sub: k.sub } < at) {
+                        self.keys.insert(key.to_owned(), KeyPosition { sequence: at.sequence, sub: at.sub });
+                    }
+                }
+            }
+        }
+        // A key at or below the shard's position says nothing more.
+        if let Some(shard) = self.position() {
+            self.keys.retain(|_, k| Position { sequence: k.sequence.clone(), sub: k.sub } > shard);
+        }
+    }
+
+    /// `ours` (advanced from `base`) applied to `now`, another invocation's newer checkpoint of the
+    /// same shard: the keys `ours` moved, if `now` holds them where `base` did (a batch of other
+    /// keys ran at once, as concurrent batches of a shard do); `None` if `now` moved one of them
+    /// too (the same records counted twice at once: the caller fails, and the retry skips them).
+    fn merge(base: &ShardCheckpoint, ours: &ShardCheckpoint, now: &ShardCheckpoint) -> Option<ShardCheckpoint> {
+        if now.position() != base.position() && ours.position() != base.position() {
+            return None;
+        }
+        let mut merged = now.clone();
+        for (key, pos) in &ours.keys {
+            if base.keys.get(key) == Some(pos) {
+                continue; // not ours to move
+            }
+            if now.keys.get(key) != base.keys.get(key) {
+                return None;
+            }
+            merged.keys.insert(key.clone(), pos.clone());
+        }
+        if ours.position() != base.position() {
+            merged.last_sequence = ours.last_sequence.clone();
+            merged.last_sub_sequence = ours.last_sub_sequence;
+        }
+        Some(merged)
     }
 }
 
@@ -335,54 +419,93 @@ impl RollupHandler {
             Some((c, v)) => (c, Some(v)),
             None => (ShardCheckpoint::default(), None),
         };
-        // Records already reflected in the output (a retry, a duplicate delivery) are skipped; an
-        // aggregate counted in part is fresh, and its counted user records are skipped in it.
-        let done = checkpoint.position();
-        let mut skipped = 0usize;
-        let mut first_fresh = None;
+        // Records already reflected in the output (a retry, a duplicate delivery, a redelivery
+        // after the mapping's runner failed over) are skipped, by their key's position or the
+        // shard's; an aggregate counted in part is fresh, and its counted user records are
+        // skipped in it (`resume`).
+        let mut fresh_at: Vec<usize> = Vec::with_capacity(event.records.len());
+        let mut resume: Vec<Option<u64>> = Vec::with_capacity(event.records.len());
         for (i, r) in event.records.iter().enumerate() {
             let seq = r
                 .sequence_number()
                 .map_err(|source| PullError::SequenceNumber { event_id: r.event_id.to_string(), source })?;
-            if done.as_ref().is_some_and(|done| Position::whole(seq) <= *done) {
-                skipped += 1;
-            } else {
-                first_fresh = Some(i);
-                break;
+            let done = checkpoint.done_for(&r.kinesis.partition_key);
+            if done.as_ref().is_some_and(|done| Position::whole(seq.clone()) <= *done) {
+                continue;
             }
+            fresh_at.push(i);
+            resume.push(done.filter(|d| d.sequence == seq).and_then(|d| d.sub));
         }
-        let Some(first_fresh) = first_fresh else {
-            info!(
-                shard_id,
-                skipped,
-                "every record of the batch is at or below the shard checkpoint (counted, or given up by the mapping)"
-            );
+        let skipped = event.records.len() - fresh_at.len();
+        let Some(&first_fresh) = fresh_at.first() else {
+            info!(shard_id, skipped, "every record of the batch is counted already (or was given up by the mapping)");
             metrics.record();
             return Ok(Response::Batch(BatchResponse::default()));
         };
-        let fresh = &event.records[first_fresh..];
-        let (rollup, covered, result) = self.roll_up(fresh, done.as_ref())?;
+        // The fresh records: the batch's tail (always so per shard), else those picked out.
+        let picked: Vec<KinesisEventRecord<'_>>;
+        let fresh: &[KinesisEventRecord<'_>] = if fresh_at.len() == event.records.len() - first_fresh {
+            &event.records[first_fresh..]
+        } else {
+            picked = fresh_at.iter().map(|&i| event.records[i].clone()).collect();
+            &picked
+        };
+        let (rollup, covered, result) = self.roll_up(fresh, &resume)?;
         let groups = rollup.groups.len();
-        let mut new_last = done;
+        let mut new_last = None;
         if let Some(covered) = covered {
-            let last = self.write_batch_output(&stream, &shard_id, fresh, rollup, covered).await?;
-            let value = ShardCheckpoint { last_sequence: Some(last.sequence.clone()), last_sub_sequence: last.sub };
+            let last = self.write_batch_output(&stream, &shard_id, fresh, &resume, rollup, covered).await?;
+            let mut value = checkpoint.clone();
+            value.advance(self.settings.positions, fresh, &last);
             new_last = Some(last);
-            match &cp_version {
-                Some(v) => self.checkpoints.replace(&cp_id, &value, v).await,
-                None => self.checkpoints.create(&cp_id, &value).await,
-            }
-            .map_err(cp_err)?;
+            self.save_checkpoint(&cp_id, &checkpoint, cp_version, value).await.map_err(cp_err)?;
         }
         for f in &result.failures {
             warn!(shard_id, sequence_number = %f.item_identifier, reason = %f.reason, "record failed");
         }
         info!(shard_id, records = event.records.len(), skipped, rolled_up = covered.map_or(0, |c| c.count), failed = result.failures.len(), groups,
-              checkpoint = ?new_last.as_ref().map(|s| s.to_string()), "batch rolled up");
+              last = ?new_last.as_ref().map(|s| s.to_string()), "batch rolled up");
         metrics.processed = covered.map_or(0, |c| c.count);
         metrics.failed = result.failures.len() + result.unprocessed.len();
         metrics.record();
         Ok(Response::Batch(result.response()))
+    }
+
+    /// Writes the shard's checkpoint, advanced from `base` (loaded at `version`) to `value`: a
+    /// compare-and-swap. Per key, batches of other keys of the shard run at once (a
+    /// ParallelizationFactor above 1) and move the checkpoint in between: their keys are kept and
+    /// ours applied again ([`ShardCheckpoint::merge`]); the same keys moved at once is a conflict.
+    async fn save_checkpoint(
+        &self,
+        id: &str,
+        base: &ShardCheckpoint,
+        version: Option<pushpull::store::Etag>,
+        value: ShardCheckpoint,
+    ) -> Result<(), CheckpointError> {
+        let ours = value.clone();
+        let (mut version, mut value) = (version, value);
+        let mut attempts = 0;
+        loop {
+            let written = match &version {
+                Some(v) => self.checkpoints.replace(id, &value, v).await,
+                None => self.checkpoints.create(id, &value).await,
+            };
+            attempts += 1;
+            match written {
+                Err(CheckpointError::Conflict { .. })
+                    if self.settings.positions == Positions::PerKey && attempts < 32 =>
+                {
+                    let Some((now, v)) = self.checkpoints.load::<ShardCheckpoint>(id).await? else {
+                        return written.map(|_| ());
+                    };
+                    let Some(merged) = ShardCheckpoint::merge(base, &ours, &now) else {
+                        return written.map(|_| ());
+                    };
+                    (version, value) = (Some(v), merged);
+                }
+                other => return other.map(|_| ()),
+            }
+        }
     }
 
     /// Checks every record (so that every bad one is reported) and rolls up those before the
@@ -399,19 +522,19 @@ impl RollupHandler {
     fn roll_up(
         &self,
         records: &[KinesisEventRecord<'_>],
-        after: Option<&Position>,
+        resume: &[Option<u64>],
     ) -> Result<(Rollup, Option<Covered>, BatchResult), RollupError> {
         // Parts by data bytes, not records: a KPL aggregate carries many lines in one record.
         let data_bytes: usize = records.iter().map(|r| r.kinesis.data.len()).sum();
         let threads = pushpull::parallel::threads().min(data_bytes / PART_MIN_BYTES);
         let parts: Vec<Result<Part, PullError>> = if threads <= 1 {
-            vec![self.scan(records, 0, after)]
+            vec![self.scan(records, 0, resume)]
         } else {
             let chunks = split_by_bytes(records, threads, data_bytes);
             let slots: Vec<Mutex<Option<Result<Part, PullError>>>> = chunks.iter().map(|_| Mutex::new(None)).collect();
             pushpull::parallel::each_part(threads, chunks.len(), |i| {
                 let (base, chunk) = chunks[i];
-                let part = self.scan(chunk, base, after);
+                let part = self.scan(chunk, base, &resume[base..base + chunk.len()]);
                 *slots[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(part);
             });
             // Every slot is filled: each_part returns once every part has run (or raises its panic).
@@ -497,27 +620,16 @@ impl RollupHandler {
     /// Checks `records` (which start at index `base` of the batch) and notes the group and
     /// amount of each record (each user record of an aggregate) that passes. Groups are
     /// interned: a record costs no allocation unless it starts a new group.
-    fn scan(
-        &self,
-        records: &[KinesisEventRecord<'_>],
-        base: usize,
-        after: Option<&Position>,
-    ) -> Result<Part, PullError> {
+    fn scan(&self, records: &[KinesisEventRecord<'_>], base: usize, resume: &[Option<u64>]) -> Result<Part, PullError> {
         let mut index_of: HashMap<String, u32> = HashMap::new();
         let mut names: Vec<String> = Vec::new();
         let mut items: Vec<Item> = Vec::with_capacity(records.len());
         let mut failed_user: Option<(usize, u32)> = None;
-        // An aggregate counted in part by an earlier invocation can only be the first record.
-        let resume_after = match (base, after, records.first()) {
-            (0, Some(Position { sequence, sub: Some(sub) }), Some(first))
-                if first.sequence_number().is_ok_and(|s| s == *sequence) =>
-            {
-                Some(*sub)
-            }
-            _ => None,
-        };
+        // An aggregate counted in part by an earlier invocation: its user records up to the one
+        // counted last are skipped.
         let mut result = process_records(records, Options::default(), |record| -> Result<(), String> {
-            if record.index == 0 && record.sub_sequence_number.zip(resume_after).is_some_and(|(s, done)| s <= done) {
+            let resume_after = resume.get(record.index).copied().flatten();
+            if record.sub_sequence_number.zip(resume_after).is_some_and(|(s, done)| s <= done) {
                 return Ok(()); // counted already
             }
             let sub = record.sub_sequence_number.map_or(NO_SUB, |s| u32::try_from(s).unwrap_or(NO_SUB - 1));
@@ -585,10 +697,11 @@ impl RollupHandler {
         stream: &str,
         shard_id: &str,
         records: &[KinesisEventRecord<'_>],
+        resume: &[Option<u64>],
         rollup: Rollup,
         covered: Covered,
     ) -> Result<Position, RollupError> {
-        let (mut records, mut rollup, mut covered) = (records, rollup, covered);
+        let (mut records, mut resume, mut rollup, mut covered) = (records, resume.to_vec(), rollup, covered);
         loop {
             let first = position_at(records, covered.first);
             // Named by its first record; a rollup that starts inside an aggregate (after a part
@@ -632,7 +745,15 @@ impl RollupHandler {
                         .position(|r| r.sequence_number().is_ok_and(|s| Position::whole(s) > existing_last))
                         .unwrap_or(records.len());
                     records = &records[n..];
-                    let (rest, rest_covered, _) = self.roll_up(records, Some(&existing_last))?;
+                    resume.drain(..n);
+                    // The first record left may be the aggregate the existing output counted in
+                    // part: its user records up to `existing_last` are counted.
+                    if let (Some(first), Some(sub)) = (records.first(), existing_last.sub)
+                        && first.sequence_number().is_ok_and(|s| s == existing_last.sequence)
+                    {
+                        resume[0] = Some(resume[0].map_or(sub, |r| r.max(sub)));
+                    }
+                    let (rest, rest_covered, _) = self.roll_up(records, &resume)?;
                     let Some(rest_covered) = rest_covered else { return Ok(existing_last) };
                     (rollup, covered) = (rest, rest_covered);
                 }
@@ -649,7 +770,7 @@ impl RollupHandler {
         shard_id: &str,
     ) -> Result<(Response, usize, usize), RollupError> {
         let mut state: Rollup = decode_window_state(event.state.as_ref())?;
-        let (batch, _, result) = self.roll_up(&event.records, None)?;
+        let (batch, _, result) = self.roll_up(&event.records, &vec![None; event.records.len()])?;
         state.merge(batch);
         let mut response = WindowResponse { batch_item_failures: result.item_failures(), ..Default::default() };
         if event.is_final_invoke_for_window && result.failures.is_empty() {
@@ -827,7 +948,7 @@ mod tests {
             let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
             let bytes: usize = event.records.iter().map(|r| r.kinesis.data.len()).sum();
             assert!(bytes >= 2 * PART_MIN_BYTES, "{bytes} bytes: not enough for parts");
-            let (rollup, covered, result) = h.roll_up(&event.records, None).unwrap();
+            let (rollup, covered, result) = h.roll_up(&event.records, &vec![None; event.records.len()]).unwrap();
             let first_bad = bad.iter().copied().min().unwrap_or(n);
             let covered = covered.map_or(0, |c| c.count);
             assert_eq!(covered, first_bad, "{bad:?}");
@@ -913,13 +1034,23 @@ mod tests {
         format!(r#"{{"Records":[{}]}}"#, records.join(","))
     }
 
-    fn handler_in(dir: &std::path::Path) -> RollupHandler {
-        let settings = RollupSettings::from_env(
+    fn handler_with(dir: &std::path::Path, positions: Positions) -> RollupHandler {
+        let mut settings = RollupSettings::from_env(
             pushpull::config::Env::from_pairs([("GROUP_BY_FIELD", "user"), ("SUM_FIELD", "amount")])
                 .with_local_locations(dir),
         )
         .unwrap();
+        settings.positions = positions;
         RollupHandler::new(settings, Store::file(dir.join("out")), Store::file(dir.join("cp")))
+    }
+
+    /// The last record counted that a checkpoint names, in either form: (sequence, sub).
+    fn counted(cp: &str) -> (String, Option<u64>) {
+        let c: ShardCheckpoint = serde_json::from_str(cp).unwrap();
+        let last =
+            c.keys.values().map(|k| Position { sequence: k.sequence.clone(), sub: k.sub }).max().max(c.position());
+        let last = last.expect("something counted");
+        (last.sequence.to_string(), last.sub)
     }
 
     /// Every output object's rows: (file, key, count).
@@ -953,8 +1084,14 @@ mod tests {
     /// number.
     #[tokio::test]
     async fn a_failed_user_record_stops_the_rollup_inside_its_aggregate_and_redeliveries_count_nothing_twice() {
+        for positions in [Positions::PerKey, Positions::PerShard] {
+            failed_user_record_in(positions).await;
+        }
+    }
+
+    async fn failed_user_record_in(positions: Positions) {
         let dir = tempfile::tempdir().unwrap();
-        let h = handler_in(dir.path());
+        let h = handler_with(dir.path(), positions);
         let (a, b, c, d) = (line("a"), line("b"), line("c"), line("d"));
         let r1 = kinesis_record(1, &[&a], false);
         let agg = kinesis_record(2, &[&b, &c, "not json", &d], true);
@@ -970,7 +1107,7 @@ mod tests {
             ]
         );
         let cp = std::fs::read_to_string(dir.path().join("cp/pull/s/shardId-0.json")).unwrap();
-        assert!(cp.contains(r#""last_sequence":"2""#) && cp.contains(r#""last_sub_sequence":1"#), "{cp}");
+        assert_eq!(counted(&cp), ("2".into(), Some(1)), "{cp}");
         // The mapping retries from the aggregate, whole batch and bisected halves alike.
         for retry in [event_of(&[agg.clone(), r3.clone()]), event_of(std::slice::from_ref(&agg)), batch.clone()] {
             assert_eq!(failed(&h.handle(retry.as_bytes()).await.unwrap()), ["2"]);
@@ -986,8 +1123,14 @@ mod tests {
     /// the redelivered batch finds its output written and counts only what is not in it.
     #[tokio::test]
     async fn a_crash_between_output_and_checkpoint_inside_an_aggregate_counts_nothing_twice() {
+        for positions in [Positions::PerKey, Positions::PerShard] {
+            crash_inside_an_aggregate_in(positions).await;
+        }
+    }
+
+    async fn crash_inside_an_aggregate_in(positions: Positions) {
         let dir = tempfile::tempdir().unwrap();
-        let h = handler_in(dir.path());
+        let h = handler_with(dir.path(), positions);
         let cp = dir.path().join("cp/pull/s/shardId-0.json");
         let (a, b) = (line("a"), line("b"));
         let agg5 = kinesis_record(5, &[&a, &b, &a, &b], true);
@@ -1000,12 +1143,12 @@ mod tests {
         assert!(failed(&h.handle(batch.as_bytes()).await.unwrap()).is_empty());
         assert_eq!(outputs(dir.path()).iter().map(|r| r.2).sum::<u64>(), 6);
         let saved = std::fs::read_to_string(&cp).unwrap();
-        assert!(saved.contains(r#""last_sequence":"6""#) && saved.contains(r#""last_sub_sequence":1"#), "{saved}");
+        assert_eq!(counted(&saved), ("6".into(), Some(1)), "{saved}");
 
         // Inside an aggregate: a checkpoint at 7/1 is lost after an output that went to 8/0
         // (written by an attempt the store kept, whose checkpoint never landed).
         let dir = tempfile::tempdir().unwrap();
-        let h = handler_in(dir.path());
+        let h = handler_with(dir.path(), positions);
         let cp = dir.path().join("cp/pull/s/shardId-0.json");
         let agg7 = kinesis_record(7, &[&a, &b, "not json"], true);
         assert_eq!(failed(&h.handle(event_of(std::slice::from_ref(&agg7)).as_bytes()).await.unwrap()), ["7"]);
@@ -1019,5 +1162,65 @@ mod tests {
         assert!(failed(&h.handle(event_of(&[agg8]).as_bytes()).await.unwrap()).is_empty());
         let rows = outputs(dir.path());
         assert_eq!(rows.iter().map(|r| r.2).sum::<u64>(), 4, "{rows:?}");
+    }
+
+    fn keyed(seq: u64, key: &str, user: &str) -> String {
+        let data = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, line(user));
+        format!(
+            r#"{{"kinesis":{{"partitionKey":"{key}","sequenceNumber":"{seq}","data":"{data}","approximateArrivalTimestamp":1}},"eventID":"shardId-0:{seq}","eventSourceARN":"arn:aws:kinesis:us-east-1:1:stream/s"}}"#
+        )
+    }
+
+    /// AWS (with-kinesis): "When you increase the number of concurrent batches per shard, Lambda
+    /// still ensures in-order processing at the partition-key level": with a ParallelizationFactor
+    /// above 1, two batches of one shard (two keys' lanes) arrive in either order, and a
+    /// redelivery after the mapping failed over regroups them. Per key, every record is counted
+    /// once; per shard, the faster lane's position hides the slower lane's records (why the
+    /// template asks for per-key positions above factor 1).
+    #[tokio::test]
+    async fn concurrent_batches_of_a_shard_count_every_record_once_per_key() {
+        let k1: Vec<String> = [1, 3, 5].iter().map(|&s| keyed(s, "k1", "a")).collect();
+        let k2: Vec<String> = [2, 4, 6].iter().map(|&s| keyed(s, "k2", "b")).collect();
+        let all: Vec<String> = (1..=6)
+            .map(|s| keyed(s, if s % 2 == 1 { "k1" } else { "k2" }, if s % 2 == 1 { "a" } else { "b" }))
+            .collect();
+        let total = |dir: &std::path::Path| outputs(dir).iter().map(|r| r.2).sum::<u64>();
+
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler_with(dir.path(), Positions::PerKey);
+        // The k2 lane is faster; then k1's; then everything again, regrouped (a failover).
+        for batch in [&k2, &k1, &all] {
+            assert!(failed(&h.handle(event_of(batch).as_bytes()).await.unwrap()).is_empty());
+        }
+        assert_eq!(total(dir.path()), 6, "{:?}", outputs(dir.path()));
+        let cp = std::fs::read_to_string(dir.path().join("cp/pull/s/shardId-0.json")).unwrap();
+        let c: ShardCheckpoint = serde_json::from_str(&cp).unwrap();
+        assert_eq!(c.keys.len(), 2, "one position per key: {cp}");
+
+        // Per shard, the same deliveries lose k1's records: the loss per-key positions prevent.
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler_with(dir.path(), Positions::PerShard);
+        for batch in [&k2, &k1] {
+            h.handle(event_of(batch).as_bytes()).await.unwrap();
+        }
+        assert_eq!(total(dir.path()), 3);
+    }
+
+    /// Batches of other keys moving the checkpoint in between are kept; the same key moved by two
+    /// invocations at once is a conflict (the same records counted twice: the caller fails and its
+    /// retry skips them).
+    #[test]
+    fn checkpoints_of_concurrent_batches_merge_by_key() {
+        let pos = |s: u64| KeyPosition { sequence: s.to_string().parse().unwrap(), sub: None };
+        let cp = |keys: &[(&str, u64)]| ShardCheckpoint {
+            keys: keys.iter().map(|(k, s)| ((*k).to_owned(), pos(*s))).collect(),
+            ..Default::default()
+        };
+        let base = cp(&[("k1", 1), ("k2", 2)]);
+        let ours = cp(&[("k1", 5), ("k2", 2)]);
+        let now = cp(&[("k1", 1), ("k2", 6), ("k3", 7)]);
+        assert_eq!(ShardCheckpoint::merge(&base, &ours, &now), Some(cp(&[("k1", 5), ("k2", 6), ("k3", 7)])));
+        let clash = cp(&[("k1", 3), ("k2", 2)]);
+        assert_eq!(ShardCheckpoint::merge(&base, &ours, &clash), None);
     }
 }

@@ -15,8 +15,24 @@ pub struct RollupSettings {
     pub group_by_field: Option<String>,
     /// `SUM_FIELD`: numeric top-level JSON field to sum per group, if any.
     pub sum_field: Option<String>,
+    /// `ROLLUP_POSITIONS`: what the rollup remembers of what it counted.
+    pub positions: Positions,
     /// Faults to inject (feature `fault-injection` only).
     pub faults: Faults,
+}
+
+/// What the rollup remembers of what it counted, per shard (`ROLLUP_POSITIONS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Positions {
+    /// `per-key` (the default): one position per partition key. Exact at every
+    /// `ParallelizationFactor` (AWS keeps order per partition key, and batches of one shard run
+    /// at once), at one entry per partition key the shard has seen.
+    #[default]
+    PerKey,
+    /// `per-shard`: one position per shard, the highest record counted. Exact only at
+    /// `ParallelizationFactor` 1, where a shard's batches come one at a time in order; a few bytes
+    /// whatever the keys (the template picks it at factor 1).
+    PerShard,
 }
 
 /// Faults injected on purpose, for the fault tests (feature `fault-injection`; a build without
@@ -44,9 +60,21 @@ impl RollupSettings {
         let output = location(&mut env, "OUTPUT_URI", "where rollups are written");
         let group_by_field = env.optional("GROUP_BY_FIELD");
         let sum_field = env.optional("SUM_FIELD");
+        let positions = match env.optional("ROLLUP_POSITIONS").as_deref() {
+            None | Some("per-key") => Positions::PerKey,
+            Some("per-shard") => Positions::PerShard,
+            Some(other) => {
+                env.invalid(
+                    "ROLLUP_POSITIONS",
+                    other,
+                    "per-key (exact at every ParallelizationFactor) or per-shard (factor 1 only)",
+                );
+                Positions::PerKey
+            }
+        };
         let faults = Faults::read(&mut env);
         env.finish()?;
-        Ok(RollupSettings { checkpoint, output, group_by_field, sum_field, faults })
+        Ok(RollupSettings { checkpoint, output, group_by_field, sum_field, positions, faults })
     }
 }
 
@@ -87,6 +115,20 @@ mod tests {
     fn the_locations_have_no_default() {
         let err = RollupSettings::from_env(Env::from_pairs([("GROUP_BY_FIELD", "user")])).unwrap_err().to_string();
         assert!(err.contains("CHECKPOINT_URI is not set") && err.contains("OUTPUT_URI is not set"), "{err}");
+    }
+
+    #[test]
+    fn positions_are_per_key_unless_asked() {
+        let s = |v: Option<&str>| {
+            let mut pairs = vec![];
+            if let Some(v) = v {
+                pairs.push(("ROLLUP_POSITIONS", v));
+            }
+            RollupSettings::from_env(Env::from_pairs(pairs).with_local_locations("/tmp/r"))
+        };
+        assert_eq!(s(None).unwrap().positions, Positions::PerKey);
+        assert_eq!(s(Some("per-shard")).unwrap().positions, Positions::PerShard);
+        assert!(s(Some("per-lane")).unwrap_err().to_string().contains("ROLLUP_POSITIONS"));
     }
 
     #[test]

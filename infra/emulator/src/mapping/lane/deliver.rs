@@ -187,7 +187,10 @@ impl<P: Partition> Lane<P> {
                 }
                 if let Some(tx) = &self.ctx.options.delivered {
                     let send = |data: &[u8]| {
-                        let _ = tx.send(crate::mapping::Delivered { hash: xxhash_rust::xxh3::xxh3_64(data), invoked_at: now });
+                        let _ = tx.send(crate::mapping::Delivered {
+                            hash: xxhash_rust::xxh3::xxh3_64(data),
+                            invoked_at: now,
+                        });
                     };
                     for r in &p.records {
                         self.partition.delivered_items(r, &mut |data| send(data));

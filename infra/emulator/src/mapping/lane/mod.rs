@@ -268,5 +268,4 @@ impl<P: Partition> Lane<P> {
         self.ctx.open_windows.fetch_add(1, Ordering::SeqCst);
         self.windows.fetch_add(1, Ordering::SeqCst);
     }
-
 }
