@@ -934,12 +934,13 @@ async fn the_sns_destination_gets_the_failure_record() {
 
 /// AWS (API Reference, SubscribeToShard): "your consumer starts receiving events of type
 /// SubscribeToShardEvent over the HTTP/2 connection for up to 5 minutes, after which time you
-/// need to call SubscribeToShard again", and "If you call SubscribeToShard again with the same
+/// need to call SubscribeToShard again"; "If you call SubscribeToShard again with the same
 /// ConsumerARN and ShardId within 5 seconds of a successful call, you'll get a
-/// ResourceInUseException." The mapping subscribes again when a subscription ends (here after
-/// 6 s instead of 5 minutes) and when one breaks off (the proxy cuts connections at random),
-/// waiting out ResourceInUseException, from after the last record it read: every record is
-/// invoked once, in order.
+/// ResourceInUseException"; "You can make one call to SubscribeToShard per second per
+/// registered consumer per shard" (LimitExceededException). The mapping subscribes again when a
+/// subscription ends (here after 6 s instead of 5 minutes) and when one breaks off (the proxy
+/// cuts connections at random), waiting out both refusals, from after the last record it read:
+/// every record is invoked once, in order.
 #[tokio::test]
 async fn enhanced_fan_out_subscribes_again_when_a_subscription_ends_or_breaks_and_loses_nothing() {
     use aws_sdk_kinesis::types::{ShardIteratorType, StartingPosition};
@@ -957,6 +958,11 @@ async fn enhanced_fan_out_subscribes_again_when_a_subscription_ends_or_breaks_an
             .send()
     };
     let first = subscribe().await.unwrap();
+    // "You can make one call to SubscribeToShard per second per registered consumer per shard."
+    let at_once = subscribe().await.expect_err("a second call within a second is refused");
+    assert!(at_once.as_service_error().is_some_and(|e| e.is_limit_exceeded_exception()), "{at_once:?}");
+    // A second later (the rule's own wait), still within 5 s of the successful call.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let again = subscribe().await.expect_err("a second subscription within 5 s is refused");
     assert!(again.as_service_error().is_some_and(|e| e.is_resource_in_use_exception()), "{again:?}");
     drop(first);

@@ -4,6 +4,36 @@ use std::time::Duration;
 
 use aws_sdk_kinesis::types::{ShardIteratorType, StreamStatus};
 
+/// A call to the local AWS failed: which call on what, AWS's words for why, and the SDK's error
+/// kept as the source.
+#[derive(Debug, thiserror::Error)]
+#[error("{call}: {message}")]
+pub struct LocalError {
+    /// The call and what it was on (`CreateStream orders`).
+    pub call: String,
+    /// Why, as AWS words it (`ResourceInUseException: ...`).
+    pub message: String,
+    /// The SDK's error, if the call reached the SDK.
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl LocalError {
+    /// `call` failed with the SDK's error `e`.
+    pub fn sdk<E, R>(call: impl Into<String>, e: aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Self
+    where
+        E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        LocalError { call: call.into(), message: pushpull::aws::describe(&e), source: Some(Box::new(e)) }
+    }
+
+    /// `call` did not come to what was asked (`message`), without an error of the SDK's.
+    pub fn new(call: impl Into<String>, message: impl Into<String>) -> Self {
+        LocalError { call: call.into(), message: message.into(), source: None }
+    }
+}
+
 /// The LocalStack endpoint: `LOCALSTACK_ENDPOINT`, else `http://127.0.0.1:4566`.
 pub fn endpoint() -> String {
     std::env::var("LOCALSTACK_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned())
@@ -90,7 +120,7 @@ impl Local {
     }
 
     /// Creates `bucket` if missing.
-    pub async fn ensure_bucket(&self, bucket: &str) -> Result<(), String> {
+    pub async fn ensure_bucket(&self, bucket: &str) -> Result<(), LocalError> {
         match self.s3.create_bucket().bucket(bucket).send().await {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -98,18 +128,18 @@ impl Local {
                 if msg.contains("BucketAlreadyOwnedByYou") || msg.contains("BucketAlreadyExists") {
                     Ok(())
                 } else {
-                    Err(format!("CreateBucket {bucket}: {msg}"))
+                    Err(LocalError::sdk(format!("CreateBucket {bucket}"), e))
                 }
             }
         }
     }
 
     /// Creates `stream` with `shards` shards if missing, waits until it is ACTIVE, returns its ARN.
-    pub async fn ensure_stream(&self, stream: &str, shards: i32) -> Result<String, String> {
+    pub async fn ensure_stream(&self, stream: &str, shards: i32) -> Result<String, LocalError> {
         if let Err(e) = self.kinesis.create_stream().stream_name(stream).shard_count(shards).send().await
             && !e.as_service_error().is_some_and(|se| se.is_resource_in_use_exception())
         {
-            return Err(format!("CreateStream {stream}: {}", pushpull::aws::describe(&e)));
+            return Err(LocalError::sdk(format!("CreateStream {stream}"), e));
         }
         for _ in 0..200 {
             let d = self
@@ -118,7 +148,7 @@ impl Local {
                 .stream_name(stream)
                 .send()
                 .await
-                .map_err(|e| format!("DescribeStreamSummary {stream}: {}", pushpull::aws::describe(&e)))?;
+                .map_err(|e| LocalError::sdk(format!("DescribeStreamSummary {stream}"), e))?;
             if let Some(s) = d.stream_description_summary()
                 && s.stream_status() == &StreamStatus::Active
             {
@@ -126,16 +156,16 @@ impl Local {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(format!("stream {stream} did not become ACTIVE"))
+        Err(LocalError::new(format!("DescribeStreamSummary {stream}"), "the stream did not become ACTIVE"))
     }
 
     /// Registers the stream consumer `name` on `stream_arn` if missing (enhanced fan-out), waits
     /// until it is ACTIVE, returns its ARN.
-    pub async fn ensure_consumer(&self, stream_arn: &str, name: &str) -> Result<String, String> {
+    pub async fn ensure_consumer(&self, stream_arn: &str, name: &str) -> Result<String, LocalError> {
         if let Err(e) = self.kinesis.register_stream_consumer().stream_arn(stream_arn).consumer_name(name).send().await
             && !e.as_service_error().is_some_and(|se| se.is_resource_in_use_exception())
         {
-            return Err(format!("RegisterStreamConsumer {name} on {stream_arn}: {}", pushpull::aws::describe(&e)));
+            return Err(LocalError::sdk(format!("RegisterStreamConsumer {name} on {stream_arn}"), e));
         }
         for _ in 0..200 {
             let d = self
@@ -145,7 +175,7 @@ impl Local {
                 .consumer_name(name)
                 .send()
                 .await
-                .map_err(|e| format!("DescribeStreamConsumer {name}: {}", pushpull::aws::describe(&e)))?;
+                .map_err(|e| LocalError::sdk(format!("DescribeStreamConsumer {name}"), e))?;
             if let Some(c) = d.consumer_description()
                 && c.consumer_status() == &aws_sdk_kinesis::types::ConsumerStatus::Active
             {
@@ -153,12 +183,12 @@ impl Local {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(format!("stream consumer {name} did not become ACTIVE"))
+        Err(LocalError::new(format!("DescribeStreamConsumer {name}"), "the consumer did not become ACTIVE"))
     }
 
     /// Creates an SQS queue and makes `bucket` send ObjectCreated notifications for keys under
     /// `prefix` to it (S3's own event source, as it would notify Lambda). Returns the queue URL.
-    pub async fn notify_queue(&self, bucket: &str, queue: &str, prefix: &str) -> Result<String, String> {
+    pub async fn notify_queue(&self, bucket: &str, queue: &str, prefix: &str) -> Result<String, LocalError> {
         use aws_sdk_s3::types::{
             Event, FilterRule, FilterRuleName, NotificationConfiguration, NotificationConfigurationFilter,
             QueueConfiguration, S3KeyFilter,
@@ -169,7 +199,7 @@ impl Local {
             .queue_name(queue)
             .send()
             .await
-            .map_err(|e| format!("CreateQueue {queue}: {}", pushpull::aws::describe(&e)))?;
+            .map_err(|e| LocalError::sdk(format!("CreateQueue {queue}"), e))?;
         let url = url.queue_url().unwrap_or_default().to_owned();
         let arn = format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{queue}");
         let filter = NotificationConfigurationFilter::builder()
@@ -184,19 +214,23 @@ impl Local {
             .events(Event::from("s3:ObjectCreated:*"))
             .filter(filter)
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| LocalError {
+                call: format!("QueueConfiguration {queue}"),
+                message: e.to_string(),
+                source: Some(Box::new(e)),
+            })?;
         self.s3
             .put_bucket_notification_configuration()
             .bucket(bucket)
             .notification_configuration(NotificationConfiguration::builder().queue_configurations(qc).build())
             .send()
             .await
-            .map_err(|e| format!("PutBucketNotificationConfiguration {bucket}: {}", pushpull::aws::describe(&e)))?;
+            .map_err(|e| LocalError::sdk(format!("PutBucketNotificationConfiguration {bucket}"), e))?;
         Ok(url)
     }
 
     /// Receives up to 10 messages (long-polling `wait`), returning (receipt handle, body).
-    pub async fn receive(&self, queue_url: &str, wait: Duration) -> Result<Vec<(String, String)>, String> {
+    pub async fn receive(&self, queue_url: &str, wait: Duration) -> Result<Vec<(String, String)>, LocalError> {
         let out = self
             .sqs
             .receive_message()
@@ -205,7 +239,7 @@ impl Local {
             .wait_time_seconds(wait.as_secs().min(20) as i32)
             .send()
             .await
-            .map_err(|e| format!("ReceiveMessage: {}", pushpull::aws::describe(&e)))?;
+            .map_err(|e| LocalError::sdk("ReceiveMessage", e))?;
         Ok(out
             .messages()
             .iter()
@@ -214,7 +248,7 @@ impl Local {
     }
 
     /// Deletes a received message.
-    pub async fn delete_message(&self, queue_url: &str, receipt: &str) -> Result<(), String> {
+    pub async fn delete_message(&self, queue_url: &str, receipt: &str) -> Result<(), LocalError> {
         self.sqs
             .delete_message()
             .queue_url(queue_url)
@@ -222,11 +256,11 @@ impl Local {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| format!("DeleteMessage: {}", pushpull::aws::describe(&e)))
+            .map_err(|e| LocalError::sdk("DeleteMessage", e))
     }
 
     /// Reads every record now in `stream`, shard by shard from TRIM_HORIZON, in sequence order.
-    pub async fn read_stream(&self, stream: &str) -> Result<Vec<StreamRecord>, String> {
+    pub async fn read_stream(&self, stream: &str) -> Result<Vec<StreamRecord>, LocalError> {
         let iterators = self.shard_iterators(stream, ShardIteratorType::TrimHorizon).await?;
         self.read_from(stream, iterators).await
     }
@@ -237,7 +271,7 @@ impl Local {
         &self,
         stream: &str,
         kind: ShardIteratorType,
-    ) -> Result<Vec<(String, String)>, String> {
+    ) -> Result<Vec<(String, String)>, LocalError> {
         // ListShards pages: the first call names the stream, later ones only the token.
         let mut shards = Vec::new();
         let mut token: Option<String> = None;
@@ -246,7 +280,7 @@ impl Local {
                 Some(t) => self.kinesis.list_shards().next_token(t),
                 None => self.kinesis.list_shards().stream_name(stream),
             };
-            let page = req.send().await.map_err(|e| format!("ListShards {stream}: {}", pushpull::aws::describe(&e)))?;
+            let page = req.send().await.map_err(|e| LocalError::sdk(format!("ListShards {stream}"), e))?;
             shards.extend(page.shards().iter().cloned());
             token = page.next_token().map(str::to_owned);
             if token.is_none() {
@@ -264,14 +298,18 @@ impl Local {
                 .shard_iterator_type(kind.clone())
                 .send()
                 .await
-                .map_err(|e| format!("GetShardIterator {stream}/{shard_id}: {}", pushpull::aws::describe(&e)))?;
+                .map_err(|e| LocalError::sdk(format!("GetShardIterator {stream}/{shard_id}"), e))?;
             out.push((shard_id, it.shard_iterator().unwrap_or_default().to_owned()));
         }
         Ok(out)
     }
 
     /// Reads from each (shard, iterator) until the shard has nothing more now.
-    pub async fn read_from(&self, stream: &str, iterators: Vec<(String, String)>) -> Result<Vec<StreamRecord>, String> {
+    pub async fn read_from(
+        &self,
+        stream: &str,
+        iterators: Vec<(String, String)>,
+    ) -> Result<Vec<StreamRecord>, LocalError> {
         let mut all = Vec::new();
         for (shard_id, first) in iterators {
             let mut iterator = Some(first).filter(|i| !i.is_empty());
@@ -283,7 +321,7 @@ impl Local {
                     .limit(10_000)
                     .send()
                     .await
-                    .map_err(|e| format!("GetRecords {stream}/{shard_id}: {}", pushpull::aws::describe(&e)))?;
+                    .map_err(|e| LocalError::sdk(format!("GetRecords {stream}/{shard_id}"), e))?;
                 for r in out.records() {
                     all.push(StreamRecord {
                         shard_id: shard_id.clone(),
@@ -345,13 +383,13 @@ pub fn kinesis_event(records: &[StreamRecord], stream_arn: &str) -> serde_json::
 }
 
 /// The URL of the SQS queue with this ARN.
-pub async fn queue_url(sqs: &aws_sdk_sqs::Client, arn: &str) -> Result<String, String> {
+pub async fn queue_url(sqs: &aws_sdk_sqs::Client, arn: &str) -> Result<String, LocalError> {
     let name = arn.rsplit(':').next().unwrap_or_default();
     let out = sqs
         .get_queue_url()
         .queue_name(name)
         .send()
         .await
-        .map_err(|e| format!("GetQueueUrl {name}: {}", pushpull::aws::describe(&e)))?;
+        .map_err(|e| LocalError::sdk(format!("GetQueueUrl {name}"), e))?;
     Ok(out.queue_url().unwrap_or_default().to_owned())
 }

@@ -30,14 +30,88 @@ use crate::realism::{FaultTable, Realism, RealismConfig};
 use crate::runtime_api::{FunctionSpec, workspace_binary};
 use crate::template::{Template, scalar};
 
-/// Anything that stops the pipeline, with what was being done.
+/// Anything that stops the pipeline, with what was being done; each keeps its source.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct PipelineError(pub String);
+pub enum PipelineError {
+    /// The template could not be read or resolved.
+    #[error("template: {0}")]
+    Template(#[from] crate::template::TemplateError),
+    /// The mapping's settings are ones AWS would refuse.
+    #[error("mapping settings: {0}")]
+    Settings(#[from] crate::mapping::settings::InvalidSetting),
+    /// A call to the local AWS failed.
+    #[error(transparent)]
+    Local(#[from] crate::localstack::LocalError),
+    /// A call made here to the local AWS failed (the SDK's error kept).
+    #[error("{call}: {message}")]
+    Aws {
+        /// The call and what it was on.
+        call: String,
+        /// AWS's words for why.
+        message: String,
+        /// The SDK's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A file, directory or server socket.
+    #[error("{what}: {source}")]
+    Io {
+        /// Which.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// JSON that does not parse (an output line, a quarantine entry).
+    #[error("{what}: {source}")]
+    Json {
+        /// Where it was read.
+        what: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The event source mapping stopped on an error.
+    #[error("event source mapping: {0}")]
+    Mapping(#[from] crate::mapping::MappingError),
+    /// The S3 event delivery stopped on an error.
+    #[error(transparent)]
+    Delivery(#[from] crate::async_invoke::DeliveryError),
+    /// A task of the run failed (it panicked or was cancelled).
+    #[error("{what}: {source}")]
+    Task {
+        /// Which.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The run's picture could not be drawn.
+    #[error("report: {0}")]
+    Report(#[from] crate::report::ReportError),
+    /// LocalStack is not answering.
+    #[error(transparent)]
+    NotRunning(#[from] crate::localstack::NotRunning),
+    /// The run did not come to an end it can report (stopped parts, a timeout, bad input).
+    #[error("{0}")]
+    Run(String),
+}
 
 impl PipelineError {
-    fn new(context: &str, e: impl std::fmt::Display) -> Self {
-        PipelineError(format!("{context}: {e}"))
+    fn aws<E, R>(call: impl Into<String>, e: aws_smithy_runtime_api::client::result::SdkError<E, R>) -> Self
+    where
+        E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
+        PipelineError::Aws { call: call.into(), message: pushpull::aws::describe(&e), source: Box::new(e) }
+    }
+
+    fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        PipelineError::Io { what: what.into(), source }
+    }
+
+    fn json(what: impl Into<String>, source: serde_json::Error) -> Self {
+        PipelineError::Json { what: what.into(), source }
     }
 }
 
@@ -50,10 +124,10 @@ pub fn template_specs(
     verbose: bool,
 ) -> Result<Vec<FunctionSpec>, PipelineError> {
     let mut specs = Vec::new();
-    for f in t.functions().map_err(|e| PipelineError::new("template", e))? {
+    for f in t.functions()? {
         let binary = workspace_binary(&f.binary);
         if !binary.exists() {
-            return Err(PipelineError(format!(
+            return Err(PipelineError::Run(format!(
                 "{} is not built: run `cargo build --workspace --bins`",
                 binary.display()
             )));
@@ -108,13 +182,13 @@ pub async fn register_consumers(t: &mut Template, local: &Local) -> Result<(), P
     let consumers: Vec<(String, Value)> =
         t.resources_of("AWS::Kinesis::StreamConsumer").map(|(id, r)| (id.clone(), r["Properties"].clone())).collect();
     for (id, p) in consumers {
-        if !t.is_created(&id).map_err(|e| PipelineError::new("template", e))? {
+        if !t.is_created(&id)? {
             continue;
         }
-        let p = t.resolve(&p, &id).map_err(|e| PipelineError::new("template", e))?;
+        let p = t.resolve(&p, &id)?;
         let stream_arn = p.get("StreamARN").and_then(scalar).unwrap_or_default();
         let name = p.get("ConsumerName").and_then(scalar).unwrap_or_else(|| t.name_of(&id));
-        let arn = local.ensure_consumer(&stream_arn, &name).await.map_err(PipelineError)?;
+        let arn = local.ensure_consumer(&stream_arn, &name).await?;
         t.arns.insert(id, arn);
     }
     Ok(())
@@ -124,14 +198,15 @@ pub async fn register_consumers(t: &mut Template, local: &Local) -> Result<(), P
 /// its consumers and the queues the template names; returns them. Creating what exists is fine.
 pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, PipelineError> {
     let (bucket_id, bucket_props) =
-        props(t, "AWS::S3::Bucket").next().ok_or_else(|| PipelineError("the template has no bucket".into()))?;
+        props(t, "AWS::S3::Bucket").next().ok_or_else(|| PipelineError::Run("the template has no bucket".into()))?;
     let bucket = match bucket_props.get("BucketName") {
-        Some(n) => scalar(&t.resolve(n, bucket_id).map_err(|e| PipelineError::new("template", e))?).unwrap_or_default(),
+        Some(n) => scalar(&t.resolve(n, bucket_id)?).unwrap_or_default(),
         None => t.name_of(bucket_id),
     };
-    local.ensure_bucket(&bucket).await.map_err(PipelineError)?;
-    let (stream_id, stream_props) =
-        props(t, "AWS::Kinesis::Stream").next().ok_or_else(|| PipelineError("the template has no stream".into()))?;
+    local.ensure_bucket(&bucket).await?;
+    let (stream_id, stream_props) = props(t, "AWS::Kinesis::Stream")
+        .next()
+        .ok_or_else(|| PipelineError::Run("the template has no stream".into()))?;
     let shards: i32 = stream_props
         .get("ShardCount")
         .and_then(|v| t.resolve(v, stream_id).ok())
@@ -139,7 +214,7 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let stream = t.name_of(stream_id);
-    let stream_arn = local.ensure_stream(&stream, shards).await.map_err(PipelineError)?;
+    let stream_arn = local.ensure_stream(&stream, shards).await?;
     register_consumers(t, local).await?;
     let t = &*t;
     let mut queue_urls = HashMap::new();
@@ -151,21 +226,21 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
             .queue_name(&name)
             .send()
             .await
-            .map_err(|e| PipelineError::new(&format!("CreateQueue {name}"), pushpull::aws::describe(&e)))?;
+            .map_err(|e| PipelineError::aws(format!("CreateQueue {name}"), e))?;
         queue_urls
             .insert(format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"), out.queue_url().unwrap_or_default().to_owned());
     }
     // The functions by what triggers them: the push function an S3 event, the pull function a
     // Kinesis event (their binaries' names are the template's).
-    let push = t.function_with_event("S3").map_err(|e| PipelineError::new("template", e))?;
-    let pull = t.function_with_event("Kinesis").map_err(|e| PipelineError::new("template", e))?;
+    let push = t.function_with_event("S3")?;
+    let pull = t.function_with_event("Kinesis")?;
     let (push_function, pull_function) = (push.name.clone(), pull.name.clone());
     // The push function's S3 event: its prefix filter becomes the bucket's notification filter.
     let input_prefix = t.parameters.get("InputPrefix").cloned().unwrap_or_else(|| "input/".into());
     let queue = format!("{}-s3-events", t.stack);
-    let s3_events_queue = local.notify_queue(&bucket, &queue, &input_prefix).await.map_err(PipelineError)?;
-    let push_cfg = AsyncSettings::from_template(t, &push.binary, 1.0).map_err(|e| PipelineError::new("template", e))?;
-    let pull_cfg = RawSettings::from_template(t, None).map_err(|e| PipelineError::new("template", e))?;
+    let s3_events_queue = local.notify_queue(&bucket, &queue, &input_prefix).await?;
+    let push_cfg = AsyncSettings::from_template(t, &push.binary, 1.0)?;
+    let pull_cfg = RawSettings::from_template(t, None)?;
     Ok(Resources {
         bucket,
         input_prefix,
@@ -201,12 +276,12 @@ pub struct Expected {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, PipelineError> {
-    let raw = std::fs::read(path).map_err(|e| PipelineError::new(&path.display().to_string(), e))?;
+    let raw = std::fs::read(path).map_err(|e| PipelineError::io(path.display().to_string(), e))?;
     if path.extension().is_some_and(|e| e == "gz") {
         let mut out = Vec::new();
         flate2::read::MultiGzDecoder::new(&raw[..])
             .read_to_end(&mut out)
-            .map_err(|e| PipelineError::new(&path.display().to_string(), e))?;
+            .map_err(|e| PipelineError::io(path.display().to_string(), e))?;
         return Ok(out);
     }
     Ok(raw)
@@ -215,7 +290,7 @@ fn read_file(path: &Path) -> Result<Vec<u8>, PipelineError> {
 /// Reads the files of `dir` and counts what the rollup should end with.
 pub fn expected(dir: &Path, group_by: &str, sum_field: &str) -> Result<Expected, PipelineError> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| PipelineError::new(&dir.display().to_string(), e))?
+        .map_err(|e| PipelineError::io(dir.display().to_string(), e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_file())
         .collect();
@@ -258,8 +333,12 @@ async fn get(local: &Local, bucket: &str, key: &str) -> Result<bytes::Bytes, Pip
         .key(key)
         .send()
         .await
-        .map_err(|e| PipelineError::new(&format!("GetObject s3://{bucket}/{key}"), pushpull::aws::describe(&e)))?;
-    out.body.collect().await.map(|b| b.into_bytes()).map_err(|e| PipelineError::new(key, e))
+        .map_err(|e| PipelineError::aws(format!("GetObject s3://{bucket}/{key}"), e))?;
+    out.body.collect().await.map(|b| b.into_bytes()).map_err(|e| PipelineError::Aws {
+        call: format!("GetObject s3://{bucket}/{key} (body)"),
+        message: e.to_string(),
+        source: Box::new(e),
+    })
 }
 
 async fn list(local: &Local, bucket: &str, prefix: &str) -> Result<Vec<String>, PipelineError> {
@@ -274,9 +353,7 @@ async fn list(local: &Local, bucket: &str, prefix: &str) -> Result<Vec<String>, 
             .set_continuation_token(token)
             .send()
             .await
-            .map_err(|e| {
-            PipelineError::new(&format!("ListObjectsV2 s3://{bucket}/{prefix}"), pushpull::aws::describe(&e))
-        })?;
+            .map_err(|e| PipelineError::aws(format!("ListObjectsV2 s3://{bucket}/{prefix}"), e))?;
         keys.extend(out.contents().iter().filter_map(|o| o.key().map(str::to_owned)));
         token = out.next_continuation_token().map(str::to_owned);
         if token.is_none() {
@@ -292,7 +369,7 @@ pub async fn rollup_totals(local: &Local, r: &Resources) -> Result<(Totals, usiz
     for key in &keys {
         let body = get(local, &r.bucket, key).await?;
         for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            let v: Value = serde_json::from_slice(line).map_err(|e| PipelineError::new(key, e))?;
+            let v: Value = serde_json::from_slice(line).map_err(|e| PipelineError::json(key, e))?;
             let key = if v["key"].is_null() {
                 MISSING_GROUP.to_owned()
             } else {
@@ -313,7 +390,7 @@ pub async fn quarantine(local: &Local, r: &Resources) -> Result<Vec<Value>, Pipe
     for key in list(local, &r.bucket, "quarantine/").await? {
         let body = get(local, &r.bucket, &key).await?;
         for line in body.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-            out.push(serde_json::from_slice(line).map_err(|e| PipelineError::new(&key, e))?);
+            out.push(serde_json::from_slice(line).map_err(|e| PipelineError::json(key.clone(), e))?);
         }
     }
     Ok(out)
@@ -331,9 +408,9 @@ pub async fn queue_depth(local: &Local, url: Option<&str>) -> Result<u64, Pipeli
         .attribute_names(attribute.clone())
         .send()
         .await
-        .map_err(|e| PipelineError::new(&format!("GetQueueAttributes {url}"), pushpull::aws::describe(&e)))?;
+        .map_err(|e| PipelineError::aws(format!("GetQueueAttributes {url}"), e))?;
     let value = out.attributes().and_then(|a| a.get(&attribute)).map(String::as_str).unwrap_or("0");
-    value.parse().map_err(|e| PipelineError::new(&format!("ApproximateNumberOfMessages of {url} ({value:?})"), e))
+    value.parse().map_err(|e| PipelineError::Run(format!("ApproximateNumberOfMessages of {url} ({value:?}): {e}")))
 }
 
 /// Uploads the files of `expected` under the input prefix; returns (key, upload time) per file.
@@ -343,9 +420,9 @@ pub async fn upload(local: &Local, r: &Resources, files: &[PathBuf]) -> Result<V
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
-            .ok_or_else(|| PipelineError(format!("{}: not a UTF-8 file name", path.display())))?;
+            .ok_or_else(|| PipelineError::Run(format!("{}: not a UTF-8 file name", path.display())))?;
         let key = format!("{}{name}", r.input_prefix);
-        let body = std::fs::read(path).map_err(|e| PipelineError::new(&path.display().to_string(), e))?;
+        let body = std::fs::read(path).map_err(|e| PipelineError::io(path.display().to_string(), e))?;
         local
             .s3
             .put_object()
@@ -354,7 +431,7 @@ pub async fn upload(local: &Local, r: &Resources, files: &[PathBuf]) -> Result<V
             .body(body.into())
             .send()
             .await
-            .map_err(|e| PipelineError::new(&format!("PutObject {key}"), pushpull::aws::describe(&e)))?;
+            .map_err(|e| PipelineError::aws(format!("PutObject {key}"), e))?;
         out.push((key, crate::mapping::now_unix()));
     }
     Ok(out)
@@ -632,11 +709,10 @@ fn percentiles(mut v: Vec<f64>) -> [f64; 4] {
 pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let started = Instant::now();
     let started_ms = crate::cloudwatch::now_ms();
-    let mut t = Template::load(&config.template, &config.stack, &config.overrides)
-        .map_err(|e| PipelineError::new("template", e))?;
+    let mut t = Template::load(&config.template, &config.stack, &config.overrides)?;
     let metric_log = MetricLog::install(&config.run_dir.join("metrics.ndjson"))
-        .map_err(|e| PipelineError::new(&format!("run directory {}", config.run_dir.display()), e))?;
-    let local = Local::connect().await.map_err(|e| PipelineError(e.to_string()))?;
+        .map_err(|e| PipelineError::io(format!("run directory {}", config.run_dir.display()), e))?;
+    let local = Local::connect().await.map_err(PipelineError::NotRunning)?;
     let r = provision(&mut t, &local).await?;
     let t = t;
     let group_by = t.parameters.get("GroupByField").cloned().unwrap_or_default();
@@ -645,20 +721,16 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
 
     let mut specs = template_specs(&t, &config.extra_env, config.verbose)?;
     let realism = Arc::new(Realism::new(config.realism.clone()));
-    let settings = RawSettings::from_template(&t, None)
-        .map_err(|e| PipelineError::new("template", e))?
-        .overlay(config.mapping.clone())
-        .validate()
-        .map_err(|e| PipelineError::new("mapping settings", e))?;
+    let settings = RawSettings::from_template(&t, None)?.overlay(config.mapping.clone()).validate()?;
     // Enhanced fan-out is served by the proxy (true push: `realism::fanout`), so a mapping on a
     // stream consumer reads through it even with the realism layer off.
     let fan_out = settings.consumer_arn.is_some();
     let proxy = match config.realism.is_on() || fan_out {
         true => {
-            let policies = Policies::from_template(&t).map_err(|e| PipelineError::new("template roles", e))?;
+            let policies = Policies::from_template(&t)?;
             let proxy = RealismProxy::start(realism.clone(), policies.clone(), &crate::localstack::endpoint())
                 .await
-                .map_err(|e| PipelineError::new("realism proxy", e))?;
+                .map_err(|e| PipelineError::io("realism proxy", e))?;
             for spec in &mut specs {
                 spec.env.push(("AWS_ENDPOINT_URL".into(), proxy.endpoint()));
                 if let Some(key) = policies.key_of_function(&spec.name).filter(|_| config.realism.iam) {
@@ -672,7 +744,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let throttling = config.realism.is_on().then(|| realism.clone());
     let server = InvokeServer::start_with(specs, 0, 10, throttling.clone())
         .await
-        .map_err(|e| PipelineError::new("Invoke API server", e))?;
+        .map_err(|e| PipelineError::io("Invoke API server", e))?;
     let mut clients = Clients::from(&local);
     if let Some((proxy, policies)) = &proxy {
         // The mapping reads the stream as AWS's does: with the function's role, under the
@@ -699,9 +771,8 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let mapping = Runner::start(settings, options, clients.clone(), server.client());
 
     let (responses_tx, mut responses_rx) = mpsc::unbounded_channel();
-    let push_binary = t.function_with_event("S3").map_err(|e| PipelineError::new("template", e))?.binary;
-    let push = AsyncSettings::from_template(&t, &push_binary, config.delay_scale)
-        .map_err(|e| PipelineError::new("template", e))?;
+    let push_binary = t.function_with_event("S3")?.binary;
+    let push = AsyncSettings::from_template(&t, &push_binary, config.delay_scale)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let delivery = {
         let (clients, invoker, queue) = (clients.clone(), server.client(), r.s3_events_queue.clone());
@@ -798,13 +869,13 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             break Ok(());
         }
         if mapping.is_finished() {
-            break Err(PipelineError("the event source mapping stopped".into()));
+            break Err(PipelineError::Run("the event source mapping stopped".into()));
         }
         if delivery.is_finished() {
-            break Err(PipelineError("the S3 event delivery stopped".into()));
+            break Err(PipelineError::Run("the S3 event delivery stopped".into()));
         }
         if started.elapsed() > config.timeout {
-            break Err(PipelineError(format!(
+            break Err(PipelineError::Run(format!(
                 "not done after {:?}: {pushed}/{} objects pushed, {sent} records sent, {} pulled",
                 config.timeout,
                 uploads.len(),
@@ -833,21 +904,20 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         r.abort();
     }
     let _ = stop_tx.send(true);
-    let delivery = delivery.await.map_err(|e| PipelineError::new("S3 event delivery", e))?;
+    let delivery = delivery.await.map_err(|source| PipelineError::Task { what: "S3 event delivery", source })?;
     let mapping = mapping.stop().await;
     drop(server);
     result?;
-    let delivery = delivery.map_err(|e| PipelineError(e.to_string()))?;
-    let mapping = mapping.map_err(|e| PipelineError::new("event source mapping", e))?;
+    let delivery = delivery?;
+    let mapping = mapping?;
 
     sampler.abort();
     sample_queues(&local, &[r.push_failure_queue.clone(), r.pull_failure_queue.clone()]).await;
     let (observed, data, names) = observe(&t, &r, &metric_log, started_ms)?;
     if let Some(dir) = &config.report_dir {
         std::fs::create_dir_all(dir)
-            .map_err(|e| PipelineError::new(&format!("report directory {}", dir.display()), e))?;
-        crate::report::draw(&data, &names, &observed, started_ms, &dir.join("run.png"))
-            .map_err(|e| PipelineError::new("report", e))?;
+            .map_err(|e| PipelineError::io(format!("report directory {}", dir.display()), e))?;
+        crate::report::draw(&data, &names, &observed, started_ms, &dir.join("run.png"))?;
     }
     let (rollup, outputs) = rollup_totals(&local, &r).await?;
     let report = Report {
@@ -873,7 +943,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         run_dir: config.run_dir.clone(),
     };
     for dir in std::iter::once(&config.run_dir).chain(config.report_dir.as_ref()) {
-        report.write_summary(dir).map_err(|e| PipelineError::new(&format!("summary in {}", dir.display()), e))?;
+        report.write_summary(dir).map_err(|e| PipelineError::io(format!("summary in {}", dir.display()), e))?;
     }
     Ok(report)
 }
@@ -906,9 +976,9 @@ fn observe(
     log: &MetricLog,
     started_ms: u64,
 ) -> Result<(Observed, Vec<crate::cloudwatch::Datum>, Names), PipelineError> {
-    log.finish().map_err(|e| PipelineError::new("metrics log", e))?;
-    let data = crate::cloudwatch::read(log.path()).map_err(|e| PipelineError::new("metrics log", e))?;
-    let alarms = crate::alarms::from_template(t).map_err(|e| PipelineError::new("template alarms", e))?;
+    log.finish().map_err(|e| PipelineError::io("metrics log", e))?;
+    let data = crate::cloudwatch::read(log.path()).map_err(|e| PipelineError::io("metrics log", e))?;
+    let alarms = crate::alarms::from_template(t)?;
     let verdicts: Vec<_> = alarms.iter().map(|a| a.evaluate(&data)).collect();
     let names = Names {
         namespace: t.parameters.get("MetricsNamespace").cloned().unwrap_or_else(|| "pushpull".into()),
@@ -1000,7 +1070,7 @@ pub async fn merge_two_shards(local: &Local, stream: &str) -> Result<(String, St
 /// start (closed parents included): the line identities a test checks "exactly once" against.
 pub async fn stream_records(local: &Local, stream: &str) -> Result<HashMap<u64, u32>, PipelineError> {
     let mut counts = HashMap::new();
-    for r in local.read_stream(stream).await.map_err(PipelineError)? {
+    for r in local.read_stream(stream).await? {
         // A KPL aggregate counts as the user records it packs.
         match pushpull::aggregation::deaggregate(&r.data) {
             Ok(aggregate) => {

@@ -87,7 +87,7 @@ impl DeadLetterQueue {
         }
         match &self.target {
             DeadLetterTarget::Sqs(arn) => {
-                let url = crate::localstack::queue_url(&self.clients.sqs, arn).await?;
+                let url = crate::localstack::queue_url(&self.clients.sqs, arn).await.map_err(|e| e.to_string())?;
                 let mut req = self.clients.sqs.send_message().queue_url(&url).message_body(event);
                 for (name, kind, value) in attrs.into_iter().filter(|a| !a.2.is_empty()) {
                     let v =

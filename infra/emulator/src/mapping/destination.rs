@@ -65,7 +65,11 @@ impl FailureDestination {
     }
 
     async fn queue_url(&self, arn: &str) -> Result<String, String> {
-        self.queue_url.get_or_try_init(|| crate::localstack::queue_url(&self.clients.sqs, arn)).await.cloned()
+        self.queue_url
+            .get_or_try_init(|| crate::localstack::queue_url(&self.clients.sqs, arn))
+            .await
+            .cloned()
+            .map_err(|e| e.to_string())
     }
 
     async fn try_send(&self, record: &Value, payload: Option<&str>, shard_id: &str) -> Result<String, String> {
