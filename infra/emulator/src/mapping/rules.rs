@@ -431,6 +431,41 @@ async fn event_count_metrics_are_written_only_when_asked() {
     assert_eq!(named(&uuids[1], "InvokedEventCount"), 4.0);
 }
 
+/// AWS (monitoring-metrics-types): "DroppedEventCount – ... the number of records that exceed
+/// your configured values for MaximumRecordAgeInSeconds or MaximumRetryAttempts ... Dropped
+/// events also excludes events that you send to an on-failure destination."
+#[tokio::test(start_paused = true)]
+async fn records_sent_to_the_destination_are_not_counted_as_dropped() {
+    use crate::cloudwatch;
+    let dir = tempfile::tempdir().unwrap();
+    let (_turn, log) = super::testkit::metric_log(&dir.path().join("metrics.ndjson")).await;
+    let mut uuids = Vec::new();
+    for (function, sink) in
+        [("gives-up-to-a-queue", Some(Arc::new(MemorySink::default()))), ("gives-up-to-nothing", None)]
+    {
+        let s = settings(|r| {
+            r.function = Some(function.into());
+            r.metrics = Some("EventCount".into());
+            r.maximum_retry_attempts = Some("0".into());
+        });
+        uuids.push(s.uuid());
+        let c = ctx(s, FnInvoker::new(|_, _| function_error()), sink);
+        let p = Arc::new(MemoryPartition::default());
+        run(&c, &p, page(records(0..3, now_unix())), f64::INFINITY).await.unwrap();
+    }
+    log.finish().unwrap();
+    let data = cloudwatch::read(log.path()).unwrap();
+    let named = |uuid: &str, name: &str| -> f64 {
+        data.iter()
+            .filter(|d| d.dim("EventSourceMappingUUID") == Some(uuid) && d.name == name)
+            .flat_map(|d| d.values.clone())
+            .sum()
+    };
+    assert_eq!(named(&uuids[0], "OnFailureDestinationDeliveredEventCount"), 3.0);
+    assert_eq!(named(&uuids[0], "DroppedEventCount"), 0.0);
+    assert_eq!(named(&uuids[1], "DroppedEventCount"), 3.0);
+}
+
 /// AWS (kinesis-on-failure-destination): "Before invocation: If a Lambda event source mapping is
 /// unable to invoke the function due to throttling or other issues, it retries until the records
 /// expire or exceed the maximum age configured on the event source mapping." An Invoke API that

@@ -44,6 +44,16 @@ pub(crate) enum ShardEnd {
     HandedOver,
 }
 
+/// What a shard's reader (GetRecords or SubscribeToShard) works with: the source, the shard, its
+/// lanes and their status, and the signal to hand the shard over.
+pub(crate) struct Reader<'a> {
+    pub src: &'a Arc<Kinesis>,
+    pub shard: &'a Arc<Shard>,
+    pub lanes: &'a [mpsc::Sender<Vec<Rec>>],
+    pub status: &'a watch::Sender<ReaderStatus>,
+    pub drain: watch::Receiver<bool>,
+}
+
 /// Where a reader starts (or starts again).
 #[derive(Debug, Clone)]
 pub(crate) enum Position {
@@ -115,11 +125,10 @@ async fn read_and_invoke(
     let reader = {
         let (src, shard) = (src.clone(), shard.clone());
         async move {
+            let reader = Reader { src: &src, shard: &shard, lanes: &senders, status: &status_tx, drain };
             match src.core.settings.consumer_arn.clone() {
-                Some(consumer) => {
-                    subscribe::subscribe(&src, &shard, consumer, kind, position, &senders, &status_tx, drain).await
-                }
-                None => poll::read(&src, &shard, kind, position, &senders, &status_tx, drain).await,
+                Some(consumer) => subscribe::subscribe(reader, consumer, kind, position).await,
+                None => poll::read(reader, kind, position).await,
             }
         }
     };

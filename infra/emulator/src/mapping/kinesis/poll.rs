@@ -1,16 +1,12 @@
 //! Standard polling: GetRecords on one shard.
-use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_kinesis::types::ShardIteratorType;
-use tokio::sync::{mpsc, watch};
+
 use tracing::{debug, warn};
 
-use super::shard::Shard;
-use super::{Kinesis, Position, ShardEnd, closed, hand_over, starting_time, take_page};
+use super::{Kinesis, Position, Reader, ShardEnd, closed, hand_over, starting_time, take_page};
 use crate::mapping::clock::{Instant, now_unix};
-use crate::mapping::event::Rec;
-use crate::mapping::lane::ReaderStatus;
 use crate::mapping::source::Partition;
 use crate::mapping::{MappingError, Polling};
 
@@ -64,14 +60,11 @@ pub(super) async fn iterator(
 /// iterator after the last record read, and ends when the shard is closed and read or when asked
 /// to hand over (`drain`).
 pub(super) async fn read(
-    src: &Arc<Kinesis>,
-    shard: &Arc<Shard>,
+    reader: Reader<'_>,
     kind: ShardIteratorType,
     position: Position,
-    lanes: &[mpsc::Sender<Vec<Rec>>],
-    status: &watch::Sender<ReaderStatus>,
-    mut drain: watch::Receiver<bool>,
 ) -> Result<ShardEnd, MappingError> {
+    let Reader { src, shard, lanes, status, mut drain } = reader;
     let ctx = &src.core;
     let id = shard.id();
     if *drain.borrow() {

@@ -1,17 +1,13 @@
 //! Enhanced fan-out: SubscribeToShard on one shard through a stream consumer.
-use std::sync::Arc;
 use std::time::Duration;
 
 use aws_sdk_kinesis::types::ShardIteratorType;
-use tokio::sync::{mpsc, watch};
+
 use tracing::{debug, warn};
 
-use super::shard::Shard;
-use super::{Kinesis, Position, ShardEnd, closed, hand_over, not_caught_up, starting_time, take_page};
+use super::{Position, Reader, ShardEnd, closed, hand_over, not_caught_up, starting_time, take_page};
 use crate::mapping::MappingError;
 use crate::mapping::clock::{Instant, now_unix};
-use crate::mapping::event::Rec;
-use crate::mapping::lane::ReaderStatus;
 use crate::mapping::source::Partition;
 
 /// Reads `shard` through the stream consumer `consumer` with enhanced fan-out: `SubscribeToShard`,
@@ -21,17 +17,13 @@ use crate::mapping::source::Partition;
 /// again after the last record read (`AFTER_SEQUENCE_NUMBER`), so nothing is skipped or read
 /// twice. A call refused because a subscription to the pair succeeded under 5 s ago
 /// (`ResourceInUseException`) is made again a second later.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn subscribe(
-    src: &Arc<Kinesis>,
-    shard: &Arc<Shard>,
+    reader: Reader<'_>,
     consumer: String,
     kind: ShardIteratorType,
     position: Position,
-    lanes: &[mpsc::Sender<Vec<Rec>>],
-    status: &watch::Sender<ReaderStatus>,
-    mut drain: watch::Receiver<bool>,
 ) -> Result<ShardEnd, MappingError> {
+    let Reader { src, shard, lanes, status, mut drain } = reader;
     let ctx = &src.core;
     let id = shard.id();
     use aws_sdk_kinesis::types::{StartingPosition as Start, SubscribeToShardEventStream};

@@ -115,7 +115,8 @@ impl<P: Partition> Lane<P> {
         };
         let record = failure_record(&ctx, self.partition.batch_info(records), now_unix());
         let (first, last_seq) = (records[0].position(), records[records.len() - 1].position());
-        self.ctx.settings.event_counts(&[("DroppedEventCount", records.len() as u64)]);
+        // AWS (monitoring-metrics-types): DroppedEventCount counts the records given up; "Dropped
+        // events also excludes events that you send to an on-failure destination".
         match &self.ctx.destination {
             Some(d) => {
                 let at = d.send(&record, Some(&payload), self.partition.id()).await?;
@@ -136,6 +137,7 @@ impl<P: Partition> Lane<P> {
                 }
             }
             None => {
+                self.ctx.settings.event_counts(&[("DroppedEventCount", records.len() as u64)]);
                 warn!(
                     partition = self.partition.id(),
                     first,
