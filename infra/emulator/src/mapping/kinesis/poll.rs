@@ -2,7 +2,6 @@
 use std::time::Duration;
 
 use aws_sdk_kinesis::types::ShardIteratorType;
-
 use tracing::{debug, warn};
 
 use super::{Kinesis, Position, Reader, ShardEnd, closed, hand_over, starting_time, take_page};

@@ -2,7 +2,6 @@
 use std::time::Duration;
 
 use aws_sdk_kinesis::types::ShardIteratorType;
-
 use tracing::{debug, warn};
 
 use super::{Position, Reader, ShardEnd, closed, hand_over, not_caught_up, starting_time, take_page};
