@@ -69,8 +69,9 @@ pub struct Balance {
 }
 
 /// Whether to hand a partition over: this runner reads `mine` (not handing over), some may be
-/// `draining` already, `short` of the ones it wanted could not be taken, `live_others` are the
-/// other live runners, and `takes` is this cycle's plan. It hands one over when it holds more than
+/// `draining` already, it is `short` of its share (it wanted more than it could take: none free,
+/// or another runner was first), `live_others` are the other live runners, and `takes` is this
+/// cycle's plan. It hands one over when it holds more than
 /// the fair share, or two more than another live runner, and nothing is in motion (none draining,
 /// none still wanted).
 pub fn balance(mine: &[String], draining: bool, short: bool, live_others: &[String], takes: &Takes) -> Balance {

@@ -282,7 +282,10 @@ impl Supervisor {
         }
         let mine: Vec<String> = self.running.keys().filter(|id| !self.draining.contains(*id)).cloned().collect();
         let others: Vec<String> = live.iter().filter(|w| **w != self.me).cloned().collect();
-        let balance = plan::balance(&mine, !self.draining.is_empty(), taken < takes.want, &others, &takes);
+        // Short of its share (none free to take, or another runner took one first): nothing is
+        // handed over while it waits for more.
+        let short = takes.target.saturating_sub(held) > taken;
+        let balance = plan::balance(&mine, !self.draining.is_empty(), short, &others, &takes);
         self.expecting = balance.expecting;
         if let Some(id) = balance.hand_over {
             info!(shard_id = %id, mine = mine.len(), target = takes.target, workers = live.len(), "rebalancing: handing a shard over");
