@@ -173,9 +173,14 @@ pub(crate) async fn one_event(s: &Shared, body: String, receipt: &str, queued_at
                 s.count(|c| c.succeeded += 1);
                 if let Some(d) = &s.on_success {
                     // AWS's success record: condition "Success", the response as responsePayload.
+                    // A destination that refuses it does not make the invocation fail: the event
+                    // is done either way, and is not invoked again.
                     let settled = Settled { condition: "Success", attempts, request_id: &request_id };
                     let record = record(&s.function_arn(), &settled, &event, Outcome::Success(&response));
-                    d.send(&record, None, "").await.map_err(|e| s.error(e.to_string()))?;
+                    if let Err(e) = d.send(&record, None, "").await {
+                        s.count(|c| c.destination_errors += 1);
+                        warn!(request_id, error = %e, "the OnSuccess destination refused the record; the event is done");
+                    }
                 }
                 if let Some(tx) = &s.responses {
                     let _ = tx.send((event.clone(), response));
@@ -261,18 +266,31 @@ async fn discard(
     receipt: &str,
 ) -> Result<(), DeliveryError> {
     let (condition, attempts) = (settled.condition, settled.attempts);
+    // A destination that refuses the event (after its retries) loses it, as on AWS, where the
+    // event source's DroppedEventCount counts what failed delivery: it is logged and counted, and
+    // neither stops the other deliveries nor sends the event round again.
     if let Some(d) = &s.on_failure {
         let record = record(&s.function_arn(), settled, event, Outcome::Failure(error));
-        let at = d.send(&record, None, "").await.map_err(|e| s.error(e.to_string()))?;
-        info!(condition, attempts, destination = at, "event sent to the failure destination");
+        match d.send(&record, None, "").await {
+            Ok(at) => info!(condition, attempts, destination = at, "event sent to the failure destination"),
+            Err(e) => {
+                s.count(|c| c.destination_errors += 1);
+                warn!(condition, attempts, error = %e, "the OnFailure destination refused the event: lost");
+            }
+        }
     }
     if let Some(dlq) = &s.dead_letter {
         let letter = match error {
             Some(e) => e.dead_letter(settled.request_id),
             None => DeadLetterError::new(settled.request_id, None, ""),
         };
-        dlq.send(body, &letter).await.map_err(|e| s.error(e.to_string()))?;
-        info!(condition, attempts, "event sent to the dead-letter queue");
+        match dlq.send(body, &letter).await {
+            Ok(()) => info!(condition, attempts, "event sent to the dead-letter queue"),
+            Err(e) => {
+                s.count(|c| c.destination_errors += 1);
+                warn!(condition, attempts, error = %e, "the dead-letter queue refused the event: lost");
+            }
+        }
     }
     if s.on_failure.is_none() && s.dead_letter.is_none() {
         warn!(condition, attempts, "event dropped: no failure destination and no dead-letter queue (as AWS does)");

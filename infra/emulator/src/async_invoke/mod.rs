@@ -52,6 +52,9 @@ pub struct AsyncSummary {
     pub throttled: u64,
     /// Other failures to invoke (4xx), counted as failed attempts.
     pub invoke_errors: u64,
+    /// Records a destination or the dead-letter queue refused after its retries (logged; the
+    /// event is settled anyway).
+    pub destination_errors: u64,
 }
 
 /// Options beyond the function's settings.

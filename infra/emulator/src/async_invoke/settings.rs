@@ -66,10 +66,16 @@ impl AsyncSettings {
         })
     }
 
-    /// With an OnSuccess destination (`DestinationConfig.OnSuccess`).
+    /// With an OnSuccess destination (`DestinationConfig.OnSuccess`): an SQS queue, SNS topic,
+    /// function or event bus. AWS (invocation-async-retain-records) allows an S3 bucket for
+    /// failures only.
     pub fn on_success(mut self, arn: Option<String>) -> Result<Self, InvalidSetting> {
-        if let Some(arn) = &arn {
-            Destination::from_async_arn(arn)?;
+        if let Some(arn) = &arn
+            && let Destination::S3(_) = Destination::from_async_arn(arn)?
+        {
+            return Err(InvalidSetting(format!(
+                "DestinationConfig.OnSuccess {arn:?}: an S3 bucket can only be an on-failure destination"
+            )));
         }
         self.on_success = arn;
         Ok(self)

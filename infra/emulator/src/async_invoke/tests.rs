@@ -149,6 +149,29 @@ async fn an_event_past_its_maximum_age_is_discarded_without_an_invocation() {
     assert_eq!(w.shared.summary.lock().unwrap().expired, 1);
 }
 
+/// A destination that refuses the record (after its own retries) neither fails the event nor
+/// sends it round again: the event is settled, its message deleted, the refusal counted.
+#[tokio::test(start_paused = true)]
+async fn a_destination_that_refuses_does_not_invoke_the_event_again() {
+    struct Refusing;
+    impl crate::mapping::destination::FailureSink for Refusing {
+        fn send<'a>(
+            &'a self,
+            _record: &'a Value,
+            _payload: Option<&'a str>,
+            _partition: &'a str,
+        ) -> BoxFuture<'a, Result<String, MappingError>> {
+            Box::pin(async { Err(MappingError::Destination("no such bus".into())) })
+        }
+    }
+    let mut w = world(0, 21600, FnInvoker::new(|_, _| respond(json!({}))));
+    w.shared.on_success = Some(Arc::new(Refusing));
+    one_event(&w.shared, EVENT.into(), "m-1", now_unix()).await.unwrap();
+    assert_eq!(w.calls.lock().unwrap().len(), 1);
+    assert_eq!(*w.queue.deleted.lock().unwrap(), ["m-1"]);
+    assert_eq!(w.shared.summary.lock().unwrap().destination_errors, 1);
+}
+
 /// Throttled until it is too old: discarded with the throttle as its last error (429).
 #[tokio::test(start_paused = true)]
 async fn an_event_throttled_until_it_is_too_old_is_discarded_with_the_throttle() {
@@ -200,6 +223,9 @@ fn ranges_are_awss_and_the_template_is_read() {
     let s = AsyncSettings::new("f", 2, 60, None, 0.01).unwrap();
     assert_eq!((s.delay(0), s.delay(1)), (Duration::from_millis(600), Duration::from_millis(1200)));
     assert!(s.clone().dead_letter(Some("arn:aws:s3:::b".into())).is_err(), "a queue or a topic");
+    // AWS (invocation-async-retain-records): an S3 bucket is an on-failure destination only.
+    assert!(s.clone().on_success(Some("arn:aws:s3:::b".into())).is_err());
+    assert!(s.clone().on_success(Some("arn:aws:sqs:us-east-1:000000000000:q".into())).is_ok());
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
     let t = crate::template::Template::load(&path, "pushpull-local", &["PushMaximumRetryAttempts=1".into()]).unwrap();
     let s = AsyncSettings::from_template(&t, "s3-to-kinesis", 1.0).unwrap();

@@ -3,36 +3,24 @@
 //! tokio's paused time in tests, and a test of an hour-long rule takes milliseconds.
 //!
 //! - [`Instant`] is tokio's monotonic instant (paused and advanced with the runtime's clock).
-//! - [`now_unix`] is wall time as unix seconds: the system clock read once, then moved on by
-//!   tokio's monotonic clock. Record arrival times come from the broker's wall clock, so the two
-//!   agree to within the drift of a run (Kinesis stamps arrival with the second's precision the
-//!   mapping needs for ageing and windows).
-use std::sync::OnceLock;
+//! - [`now_unix`] is wall time as unix seconds: the system clock, plus however far tokio's clock
+//!   has been advanced past the monotonic clock (nothing, unless time is paused). Record arrival
+//!   times come from the broker's wall clock, and a host that was suspended, or whose clock was
+//!   stepped, still agrees with them.
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use tokio::time::Instant;
 
-struct Base {
-    unix: f64,
-    at: std::time::Instant,
-}
-
-fn base() -> &'static Base {
-    static BASE: OnceLock<Base> = OnceLock::new();
-    BASE.get_or_init(|| Base {
-        unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
-        at: std::time::Instant::now(),
-    })
-}
-
 /// Unix seconds now, on tokio's clock (see the module's docs).
 pub fn now_unix() -> f64 {
-    let b = base();
-    let now = Instant::now().into_std();
-    match now.checked_duration_since(b.at) {
-        Some(d) => b.unix + d.as_secs_f64(),
-        None => b.unix - b.at.duration_since(now).as_secs_f64(),
-    }
+    let wall = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let (tokio_now, std_now) = (Instant::now().into_std(), std::time::Instant::now());
+    // Paused (tests): tokio's clock runs apart from the monotonic one; otherwise they agree.
+    let advanced = match tokio_now.checked_duration_since(std_now) {
+        Some(ahead) => ahead.as_secs_f64(),
+        None => -std_now.duration_since(tokio_now).as_secs_f64(),
+    };
+    wall + advanced
 }
 
 #[cfg(test)]

@@ -139,8 +139,8 @@ impl Progress {
     }
 
     /// Records read and not done.
-    pub fn open_len(&self) -> usize {
-        self.open.len()
+    pub fn undone_len(&self) -> usize {
+        self.open.values().filter(|(_, done)| !done).count()
     }
 
     /// Whether records are read and not done.

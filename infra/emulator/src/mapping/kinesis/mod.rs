@@ -89,8 +89,9 @@ pub(crate) async fn run(
     if r.is_err() {
         // The lanes are gone with what they held: take it off the mapping's counts (the next
         // owner reads it again from the checkpoint).
-        let open = shard.progress.lock().await.open_len();
-        ctx.pending.fetch_sub(open as i64, Ordering::SeqCst);
+        // Only those not done: the done ones left `pending` when they were done.
+        let undone = shard.progress.lock().await.undone_len();
+        ctx.pending.fetch_sub(undone as i64, Ordering::SeqCst);
         lanes.forget_windows(ctx);
     }
     r
