@@ -17,10 +17,13 @@
 //! 2. The records left are processed up to the first failure (the mapping redelivers everything
 //!    from the lowest failure on).
 //! 3. Their rollup is written to `<stream>/<shard>/<first sequence>.ndjson` with a conditional
-//!    create. A retry starts at the same first record, so it aims at the same name: if the
-//!    object exists, an earlier attempt wrote it and crashed before step 4. Its records are taken
-//!    as done (up to its `last_sequence`) and only the rest of this batch is written, under the
-//!    name of its own first record.
+//!    create. Per shard, a retry starts at the same first record, so it aims at the same name: if
+//!    the object exists, an earlier attempt wrote it and crashed before step 4; its records are
+//!    taken as done (up to its `last_sequence`) and only the rest of this batch is written, under
+//!    the name of its own first record. Per key, a retry may carry other records (a bisected
+//!    half, a batch regrouped after a failover), so the output's positions are noted in the
+//!    checkpoint before it is written (a write-ahead note, `pending`): whoever next reads the
+//!    checkpoint and finds that output written moves its keys' positions.
 //! 4. The checkpoint advances (compare-and-swap). Per key, a concurrent batch of other keys may
 //!    have moved it meanwhile: it is read again and ours applied over it; the same key moved by
 //!    two invocations at once fails the invocation, and its retry skips what the other counted.
@@ -272,7 +275,26 @@ struct ShardCheckpoint {
     /// Per partition key: its last record (or user record) counted.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     keys: BTreeMap<String, KeyPosition>,
+    /// Per key, outputs about to be written, by output name: the key positions each will have
+    /// counted once it exists (a write-ahead note, so that whoever finds the output written and
+    /// the positions not yet moved moves them; [`RollupHandler::settle`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pending: BTreeMap<String, Intent>,
 }
+
+/// An output about to be written, per key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Intent {
+    /// The key positions the output counts up to.
+    positions: BTreeMap<String, KeyPosition>,
+    /// When it was noted (unix seconds): one whose output never appeared is dropped after
+    /// [`INTENT_TTL_S`], longer than any invocation can live.
+    at: f64,
+}
+
+/// A Lambda invocation lives at most 15 minutes; an intent whose output is not written after
+/// this long never will be.
+const INTENT_TTL_S: f64 = 1200.0;
 
 /// A partition key's last record counted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -322,10 +344,11 @@ impl ShardCheckpoint {
         }
     }
 
-    /// `ours` (advanced from `base`) applied to `now`, another invocation's newer checkpoint of the
-    /// same shard: the keys `ours` moved, if `now` holds them where `base` did (a batch of other
-    /// keys ran at once, as concurrent batches of a shard do); `None` if `now` moved one of them
-    /// too (the same records counted twice at once: the caller fails, and the retry skips them).
+    /// `ours` (changed from `base`) applied to `now`, another invocation's newer checkpoint of the
+    /// same shard: the keys and intents `ours` changed, if `now` holds those keys where `base`
+    /// did or where `ours` does (a batch of other keys ran at once, as concurrent batches of a
+    /// shard do, or settled our intent); `None` if `now` moved one of them elsewhere (the same
+    /// records counted twice at once: the caller fails, and the retry skips them).
     fn merge(base: &ShardCheckpoint, ours: &ShardCheckpoint, now: &ShardCheckpoint) -> Option<ShardCheckpoint> {
         if now.position() != base.position() && ours.position() != base.position() {
             return None;
@@ -335,16 +358,35 @@ impl ShardCheckpoint {
             if base.keys.get(key) == Some(pos) {
                 continue; // not ours to move
             }
-            if now.keys.get(key) != base.keys.get(key) {
+            let theirs = now.keys.get(key);
+            if theirs != base.keys.get(key) && theirs != Some(pos) {
                 return None;
             }
             merged.keys.insert(key.clone(), pos.clone());
+        }
+        for (name, intent) in &ours.pending {
+            if base.pending.get(name) != Some(intent) {
+                merged.pending.insert(name.clone(), intent.clone());
+            }
+        }
+        for name in base.pending.keys().filter(|n| !ours.pending.contains_key(*n)) {
+            merged.pending.remove(name);
         }
         if ours.position() != base.position() {
             merged.last_sequence = ours.last_sequence.clone();
             merged.last_sub_sequence = ours.last_sub_sequence;
         }
         Some(merged)
+    }
+
+    /// Moves the keys to `positions` where they are below.
+    fn apply(&mut self, positions: &BTreeMap<String, KeyPosition>) {
+        for (key, pos) in positions {
+            let at = Position { sequence: pos.sequence.clone(), sub: pos.sub };
+            if self.keys.get(key).is_none_or(|k| Position { sequence: k.sequence.clone(), sub: k.sub } < at) {
+                self.keys.insert(key.clone(), pos.clone());
+            }
+        }
     }
 }
 
@@ -415,10 +457,13 @@ impl RollupHandler {
         }
         let cp_id = format!("pull/{stream}/{shard_id}.json");
         let cp_err = |source| RollupError::Checkpoint { shard_id: shard_id.clone(), source };
-        let (checkpoint, cp_version) = match self.checkpoints.load::<ShardCheckpoint>(&cp_id).await.map_err(cp_err)? {
+        let (loaded, cp_version) = match self.checkpoints.load::<ShardCheckpoint>(&cp_id).await.map_err(cp_err)? {
             Some((c, v)) => (c, Some(v)),
             None => (ShardCheckpoint::default(), None),
         };
+        // Per key: outputs found written whose positions were not yet moved (their writer died
+        // in between) count now.
+        let checkpoint = self.settle(&loaded).await?;
         // Records already reflected in the output (a retry, a duplicate delivery, a redelivery
         // after the mapping's runner failed over) are skipped, by their key's position or the
         // shard's; an aggregate counted in part is fresh, and its counted user records are
@@ -438,6 +483,7 @@ impl RollupHandler {
         }
         let skipped = event.records.len() - fresh_at.len();
         let Some(&first_fresh) = fresh_at.first() else {
+            self.persist_settled(&cp_id, &loaded, cp_version.as_ref(), &checkpoint).await.map_err(cp_err)?;
             info!(shard_id, skipped, "every record of the batch is counted already (or was given up by the mapping)");
             metrics.record();
             return Ok(Response::Batch(BatchResponse::default()));
@@ -454,11 +500,49 @@ impl RollupHandler {
         let groups = rollup.groups.len();
         let mut new_last = None;
         if let Some(covered) = covered {
-            let last = self.write_batch_output(&stream, &shard_id, fresh, &resume, rollup, covered).await?;
-            let mut value = checkpoint.clone();
-            value.advance(self.settings.positions, fresh, &last);
+            let last = match self.settings.positions {
+                Positions::PerShard => {
+                    let last = self.write_batch_output(&stream, &shard_id, fresh, &resume, rollup, covered).await?;
+                    let mut value = checkpoint.clone();
+                    value.advance(Positions::PerShard, fresh, &last);
+                    self.save_checkpoint(&cp_id, &checkpoint, cp_version, value).await.map_err(cp_err)?;
+                    last
+                }
+                Positions::PerKey => {
+                    let last = position_at(fresh, covered.last);
+                    let name = output_name(&stream, &shard_id, &position_at(fresh, covered.first));
+                    // 1. The intent, with the positions the output will count up to.
+                    let mut moved = ShardCheckpoint::default();
+                    moved.advance(Positions::PerKey, fresh, &last);
+                    let mut noted = checkpoint.clone();
+                    noted.pending.insert(name.clone(), Intent { positions: moved.keys.clone(), at: now_unix() });
+                    // Written over the checkpoint as loaded (so the settled intents are written
+                    // too), merged, on a conflict, as a change from the settled one.
+                    let version =
+                        self.save_checkpoint(&cp_id, &checkpoint, cp_version, noted.clone()).await.map_err(cp_err)?;
+                    // 2. The output: if it exists, another invocation wrote it since we read the
+                    // checkpoint (a duplicate delivery at once): fail, and the retry skips it.
+                    let body = rollup.to_ndjson(&shard_id, None);
+                    self.output
+                        .put(&name, body.into(), Precondition::IfAbsent)
+                        .await
+                        .map_err(|source| RollupError::Output { uri: self.output.uri(&name), source })?;
+                    #[cfg(feature = "fault-injection")]
+                    if self.settings.faults.crash_after_output {
+                        warn!(key = name, "injected crash after writing the output");
+                        std::process::abort();
+                    }
+                    // 3. The positions moved, the intent done.
+                    let mut done = noted.clone();
+                    done.pending.remove(&name);
+                    done.apply(&moved.keys);
+                    self.save_checkpoint(&cp_id, &noted, Some(version), done).await.map_err(cp_err)?;
+                    last
+                }
+            };
             new_last = Some(last);
-            self.save_checkpoint(&cp_id, &checkpoint, cp_version, value).await.map_err(cp_err)?;
+        } else {
+            self.persist_settled(&cp_id, &loaded, cp_version.as_ref(), &checkpoint).await.map_err(cp_err)?;
         }
         for f in &result.failures {
             warn!(shard_id, sequence_number = %f.item_identifier, reason = %f.reason, "record failed");
@@ -471,6 +555,54 @@ impl RollupHandler {
         Ok(Response::Batch(result.response()))
     }
 
+    /// `loaded` with the intents settled: an intent whose output exists has its positions moved
+    /// (its writer died between the output and the checkpoint, or is about to move them itself:
+    /// the same positions either way) and is dropped; one whose output is missing stays while its
+    /// writer may still be at work, and is dropped after [`INTENT_TTL_S`]. Written with this
+    /// invocation's own checkpoint.
+    async fn settle(&self, loaded: &ShardCheckpoint) -> Result<ShardCheckpoint, RollupError> {
+        let mut out = loaded.clone();
+        for (name, intent) in &loaded.pending {
+            let written = self
+                .output
+                .get(name)
+                .await
+                .map_err(|source| RollupError::Output { uri: self.output.uri(name), source })?
+                .is_some();
+            if written {
+                info!(output = %name, "an output written without its checkpoint: its positions count now");
+                out.apply(&intent.positions);
+                out.pending.remove(name);
+            } else if now_unix() - intent.at > INTENT_TTL_S {
+                out.pending.remove(name);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `settled` if settling changed `loaded` (loaded at `version`) and nothing else will
+    /// write it this invocation; another invocation that wrote first has settled it too, or the
+    /// next one will.
+    async fn persist_settled(
+        &self,
+        id: &str,
+        loaded: &ShardCheckpoint,
+        version: Option<&pushpull::store::Etag>,
+        settled: &ShardCheckpoint,
+    ) -> Result<(), CheckpointError> {
+        if settled == loaded {
+            return Ok(());
+        }
+        let write = match version {
+            Some(v) => self.checkpoints.replace(id, settled, v).await,
+            None => self.checkpoints.create(id, settled).await,
+        };
+        match write {
+            Ok(_) | Err(CheckpointError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Writes the shard's checkpoint, advanced from `base` (loaded at `version`) to `value`: a
     /// compare-and-swap. Per key, batches of other keys of the shard run at once (a
     /// ParallelizationFactor above 1) and move the checkpoint in between: their keys are kept and
@@ -481,7 +613,7 @@ impl RollupHandler {
         base: &ShardCheckpoint,
         version: Option<pushpull::store::Etag>,
         value: ShardCheckpoint,
-    ) -> Result<(), CheckpointError> {
+    ) -> Result<pushpull::store::Etag, CheckpointError> {
         let ours = value.clone();
         let (mut version, mut value) = (version, value);
         let mut attempts = 0;
@@ -496,14 +628,14 @@ impl RollupHandler {
                     if self.settings.positions == Positions::PerKey && attempts < 32 =>
                 {
                     let Some((now, v)) = self.checkpoints.load::<ShardCheckpoint>(id).await? else {
-                        return written.map(|_| ());
+                        return written;
                     };
                     let Some(merged) = ShardCheckpoint::merge(base, &ours, &now) else {
-                        return written.map(|_| ());
+                        return written;
                     };
                     (version, value) = (Some(v), merged);
                 }
-                other => return other.map(|_| ()),
+                other => return other,
             }
         }
     }
@@ -703,13 +835,7 @@ impl RollupHandler {
     ) -> Result<Position, RollupError> {
         let (mut records, mut resume, mut rollup, mut covered) = (records, resume.to_vec(), rollup, covered);
         loop {
-            let first = position_at(records, covered.first);
-            // Named by its first record; a rollup that starts inside an aggregate (after a part
-            // of it was counted) by the user record too.
-            let key = match first.sub {
-                Some(sub) if sub > 0 => format!("{stream}/{shard_id}/{}.{sub}.ndjson", first.sequence),
-                _ => format!("{stream}/{shard_id}/{}.ndjson", first.sequence),
-            };
+            let key = output_name(stream, shard_id, &position_at(records, covered.first));
             let body = rollup.to_ndjson(shard_id, None);
             let ours = position_at(records, covered.last);
             match self.output.put(&key, body.into(), Precondition::IfAbsent).await {
@@ -875,6 +1001,20 @@ fn seq_at(records: &[KinesisEventRecord<'_>], i: usize) -> SequenceNumber {
 
 fn position_at(records: &[KinesisEventRecord<'_>], at: At) -> Position {
     Position { sequence: seq_at(records, at.index), sub: at.sub }
+}
+
+/// An output's name: by its first record, and by the user record too when it starts inside an
+/// aggregate (after a part of it was counted).
+fn output_name(stream: &str, shard_id: &str, first: &Position) -> String {
+    match first.sub {
+        Some(sub) if sub > 0 => format!("{stream}/{shard_id}/{}.{sub}.ndjson", first.sequence),
+        _ => format!("{stream}/{shard_id}/{}.ndjson", first.sequence),
+    }
+}
+
+/// Unix seconds now.
+fn now_unix() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The highest `last_sequence` (with its `last_sub_sequence`) among an output's groups.
@@ -1135,11 +1275,11 @@ mod tests {
         let (a, b) = (line("a"), line("b"));
         let agg5 = kinesis_record(5, &[&a, &b, &a, &b], true);
         let agg6 = kinesis_record(6, &[&b, &b], true);
-        // First delivery: everything counted; then the checkpoint is lost, as if the function
-        // had died after writing the output.
+        // First delivery: everything counted; then the function dies after writing the output.
         let batch = event_of(&[agg5.clone(), agg6.clone()]);
+        let files = output_files(dir.path());
         assert!(failed(&h.handle(batch.as_bytes()).await.unwrap()).is_empty());
-        std::fs::remove_file(&cp).unwrap();
+        die_after_output(dir.path(), positions, None, &files);
         assert!(failed(&h.handle(batch.as_bytes()).await.unwrap()).is_empty());
         assert_eq!(outputs(dir.path()).iter().map(|r| r.2).sum::<u64>(), 6);
         let saved = std::fs::read_to_string(&cp).unwrap();
@@ -1156,12 +1296,39 @@ mod tests {
         // The failure is gone on a later delivery? It cannot be (same bytes): the mapping moves
         // on past 7, and the next batch is counted after the checkpoint.
         let agg8 = kinesis_record(8, &[&a, &a], true);
+        let files = output_files(dir.path());
         assert!(failed(&h.handle(event_of(std::slice::from_ref(&agg8)).as_bytes()).await.unwrap()).is_empty());
-        // Crash: the checkpoint of the second batch is lost.
-        std::fs::write(&cp, at_7_1).unwrap();
+        // Crash: the second batch's checkpoint never landed.
+        die_after_output(dir.path(), positions, Some(at_7_1), &files);
         assert!(failed(&h.handle(event_of(&[agg8]).as_bytes()).await.unwrap()).is_empty());
         let rows = outputs(dir.path());
         assert_eq!(rows.iter().map(|r| r.2).sum::<u64>(), 4, "{rows:?}");
+    }
+
+    fn output_files(dir: &std::path::Path) -> Vec<String> {
+        let mut files: Vec<String> = std::fs::read_dir(dir.join("out/s/shardId-0"))
+            .map_or(vec![], |d| d.flatten().map(|f| f.file_name().to_string_lossy().into_owned()).collect());
+        files.sort();
+        files
+    }
+
+    /// The function died between writing its output and moving its checkpoint: the checkpoint is
+    /// put back as it was before the invocation (`before`; none: there was none), and per key with
+    /// the write-ahead note the invocation had written first (the positions its output counts up
+    /// to, under the output's name).
+    fn die_after_output(dir: &std::path::Path, positions: Positions, before: Option<String>, files: &[String]) {
+        let cp = dir.join("cp/pull/s/shardId-0.json");
+        let after: ShardCheckpoint = serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+        let mut state: ShardCheckpoint =
+            before.as_deref().map_or_else(ShardCheckpoint::default, |b| serde_json::from_str(b).unwrap());
+        if positions == Positions::PerKey {
+            let new: Vec<String> = output_files(dir).into_iter().filter(|f| !files.contains(f)).collect();
+            assert_eq!(new.len(), 1, "one output written: {new:?}");
+            let moved = after.keys.iter().filter(|(k, v)| state.keys.get(*k) != Some(v));
+            let intent = Intent { positions: moved.map(|(k, v)| (k.clone(), v.clone())).collect(), at: now_unix() };
+            state.pending.insert(format!("s/shardId-0/{}", new[0]), intent);
+        }
+        std::fs::write(&cp, serde_json::to_string(&state).unwrap()).unwrap();
     }
 
     fn keyed(seq: u64, key: &str, user: &str) -> String {
@@ -1222,5 +1389,26 @@ mod tests {
         assert_eq!(ShardCheckpoint::merge(&base, &ours, &now), Some(cp(&[("k1", 5), ("k2", 6), ("k3", 7)])));
         let clash = cp(&[("k1", 3), ("k2", 2)]);
         assert_eq!(ShardCheckpoint::merge(&base, &ours, &clash), None);
+    }
+
+    /// Per key, a crash between the output and the checkpoint, then the batch retried in bisected
+    /// halves (BisectBatchOnFunctionError) or regrouped (a runner failed over): the write-ahead
+    /// note makes the output's positions count, whichever records the retry carries.
+    #[tokio::test]
+    async fn after_a_crash_a_bisected_retry_counts_nothing_twice_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler_with(dir.path(), Positions::PerKey);
+        let recs: Vec<String> = (1..=8).map(|s| keyed(s, &format!("k{}", s % 3), "a")).collect();
+        let files = output_files(dir.path());
+        assert!(failed(&h.handle(event_of(&recs).as_bytes()).await.unwrap()).is_empty());
+        die_after_output(dir.path(), Positions::PerKey, None, &files);
+        for half in [&recs[..4], &recs[4..], &recs[2..6]] {
+            assert!(failed(&h.handle(event_of(half).as_bytes()).await.unwrap()).is_empty());
+        }
+        let total: u64 = outputs(dir.path()).iter().map(|r| r.2).sum();
+        assert_eq!(total, 8, "{:?}", outputs(dir.path()));
+        let cp = std::fs::read_to_string(dir.path().join("cp/pull/s/shardId-0.json")).unwrap();
+        let c: ShardCheckpoint = serde_json::from_str(&cp).unwrap();
+        assert!(c.pending.is_empty() && c.keys.len() == 3, "settled: {cp}");
     }
 }
