@@ -958,9 +958,14 @@ async fn enhanced_fan_out_subscribes_again_when_a_subscription_ends_or_breaks_an
             .send()
     };
     let first = subscribe().await.unwrap();
-    // "You can make one call to SubscribeToShard per second per registered consumer per shard."
-    let at_once = subscribe().await.expect_err("a second call within a second is refused");
-    assert!(at_once.as_service_error().is_some_and(|e| e.is_limit_exceeded_exception()), "{at_once:?}");
+    // At once: refused, by the one-call-a-second rule if it comes within a second of the first
+    // call (the proxy's unit test `one_call_a_second_per_consumer_and_shard` pins that rule; here
+    // the first call may take longer than a second on a loaded machine), else by the 5 s one.
+    let at_once = subscribe().await.expect_err("a second call at once is refused");
+    assert!(
+        at_once.as_service_error().is_some_and(|e| e.is_limit_exceeded_exception() || e.is_resource_in_use_exception()),
+        "{at_once:?}"
+    );
     // A second later (the rule's own wait), still within 5 s of the successful call.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let again = subscribe().await.expect_err("a second subscription within 5 s is refused");

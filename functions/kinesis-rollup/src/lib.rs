@@ -112,6 +112,18 @@ pub enum RollupError {
         /// What is wrong with it.
         reason: String,
     },
+    /// Another invocation is counting a partition key of this batch at this moment (per key): it
+    /// claimed the key for an output it is writing. Retried by the mapping, which then finds the
+    /// key's new position.
+    #[error("shard {shard_id}: key {key:?} is being counted by another invocation (its output {output})")]
+    Busy {
+        /// The shard.
+        shard_id: String,
+        /// The partition key.
+        key: String,
+        /// The other invocation's output.
+        output: String,
+    },
     /// Reading or advancing the shard checkpoint failed.
     #[error("checkpoint of shard {shard_id}: {source}")]
     Checkpoint {
@@ -141,6 +153,7 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
             RollupError::WindowState(_) => "RollupError.WindowState",
             RollupError::Pull(_) => "RollupError.Pull",
             RollupError::Output { .. } => "RollupError.Output",
+            RollupError::Busy { .. } => "RollupError.Busy",
             RollupError::ForeignOutput { .. } => "RollupError.ForeignOutput",
             RollupError::Checkpoint { .. } => "RollupError.Checkpoint",
             RollupError::State { .. } => "RollupError.State",
@@ -294,7 +307,7 @@ struct Intent {
 
 /// A Lambda invocation lives at most 15 minutes; an intent whose output is not written after
 /// this long never will be.
-const INTENT_TTL_S: f64 = 1200.0;
+const INTENT_TTL_S: f64 = 960.0;
 
 /// A partition key's last record counted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -354,6 +367,15 @@ impl ShardCheckpoint {
             return None;
         }
         let mut merged = now.clone();
+        // A new intent of ours claims its keys: none may have moved since we read them, and no
+        // other invocation may be about to write an output for them.
+        for (name, intent) in ours.pending.iter().filter(|(n, _)| !base.pending.contains_key(*n)) {
+            for key in intent.positions.keys() {
+                if now.keys.get(key) != base.keys.get(key) || now.claimant(key).is_some_and(|other| other != name) {
+                    return None;
+                }
+            }
+        }
         for (key, pos) in &ours.keys {
             if base.keys.get(key) == Some(pos) {
                 continue; // not ours to move
@@ -377,6 +399,11 @@ impl ShardCheckpoint {
             merged.last_sub_sequence = ours.last_sub_sequence;
         }
         Some(merged)
+    }
+
+    /// The output about to be written for `key`, if an intent names it.
+    fn claimant(&self, key: &str) -> Option<&String> {
+        self.pending.iter().find(|(_, i)| i.positions.contains_key(key)).map(|(name, _)| name)
     }
 
     /// Moves the keys to `positions` where they are below.
@@ -511,9 +538,18 @@ impl RollupHandler {
                 Positions::PerKey => {
                     let last = position_at(fresh, covered.last);
                     let name = output_name(&stream, &shard_id, &position_at(fresh, covered.first));
-                    // 1. The intent, with the positions the output will count up to.
+                    // 1. The intent, with the positions the output will count up to. It claims
+                    // its keys: another invocation counting one of them at this moment (a
+                    // duplicate delivery, a batch of a runner that was killed while its function
+                    // still ran) has claimed it first, and this one fails before writing
+                    // anything; its retry finds that one's positions.
                     let mut moved = ShardCheckpoint::default();
                     moved.advance(Positions::PerKey, fresh, &last);
+                    if let Some((key, other)) =
+                        moved.keys.keys().find_map(|k| checkpoint.claimant(k).filter(|o| **o != name).map(|o| (k, o)))
+                    {
+                        return Err(RollupError::Busy { shard_id, key: key.clone(), output: other.clone() });
+                    }
                     let mut noted = checkpoint.clone();
                     noted.pending.insert(name.clone(), Intent { positions: moved.keys.clone(), at: now_unix() });
                     // Written over the checkpoint as loaded (so the settled intents are written
@@ -1410,5 +1446,44 @@ mod tests {
         let cp = std::fs::read_to_string(dir.path().join("cp/pull/s/shardId-0.json")).unwrap();
         let c: ShardCheckpoint = serde_json::from_str(&cp).unwrap();
         assert!(c.pending.is_empty() && c.keys.len() == 3, "settled: {cp}");
+    }
+
+    /// Per key, two invocations counting the same keys at once (a batch of a runner that was
+    /// killed while its function still ran, and the same records redelivered by the next runner,
+    /// grouped otherwise): the first to note its output claims the keys; the other fails before
+    /// writing anything, and its retry counts only what the first did not.
+    #[tokio::test]
+    async fn an_invocation_counting_claimed_keys_fails_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler_with(dir.path(), Positions::PerKey);
+        let rec = |s: u64| keyed(s, &format!("k{}", s % 2), "a");
+        // Record 1 is counted; the first invocation has noted its output for records 2-4 and is
+        // writing it.
+        let cp = dir.path().join("cp/pull/s/shardId-0.json");
+        let pos = |s: u64| KeyPosition { sequence: s.to_string().parse().unwrap(), sub: None };
+        let mut claimed = ShardCheckpoint { keys: [("k1".into(), pos(1))].into(), ..Default::default() };
+        claimed.pending.insert(
+            "s/shardId-0/2.ndjson".into(),
+            Intent { positions: [("k0".into(), pos(4)), ("k1".into(), pos(3))].into(), at: now_unix() },
+        );
+        std::fs::create_dir_all(cp.parent().unwrap()).unwrap();
+        std::fs::write(&cp, serde_json::to_string(&claimed).unwrap()).unwrap();
+        // The same keys, grouped otherwise (from record 3): refused before anything is written.
+        let batch: Vec<String> = (3..=6).map(rec).collect();
+        let err = h.handle(event_of(&batch).as_bytes()).await.unwrap_err();
+        assert!(matches!(err, RollupError::Busy { .. }), "{err}");
+        assert!(output_files(dir.path()).is_empty(), "nothing written");
+        // The first one's output lands (its positions not yet moved): the retry counts 5 and 6.
+        std::fs::create_dir_all(dir.path().join("out/s/shardId-0")).unwrap();
+        std::fs::write(
+            dir.path().join("out/s/shardId-0/2.ndjson"),
+            r#"{"key":"a","count":3,"sum":3,"shard_id":"shardId-0","first_sequence":"2","last_sequence":"4"}"#
+                .to_owned()
+                + "\n",
+        )
+        .unwrap();
+        assert!(failed(&h.handle(event_of(&batch).as_bytes()).await.unwrap()).is_empty());
+        let total: u64 = outputs(dir.path()).iter().map(|r| r.2).sum();
+        assert_eq!(total, 3 + 2, "{:?}", outputs(dir.path()));
     }
 }
