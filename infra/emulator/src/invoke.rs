@@ -343,87 +343,106 @@ async fn route(
         lambda_metric(&pool.spec.name, &[("Throttles", "Count", 1.0)]);
         return Ok(throttled(&request_id, "CallerRateLimitExceeded"));
     }
-    let permit = match &realism {
-        Some(r) if r.config().function_concurrency.is_some() => match pool.slots.try_acquire() {
-            Ok(p) => Ok(p),
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                r.count("lambda.invoke.concurrency", 1);
-                lambda_metric(&pool.spec.name, &[("Throttles", "Count", 1.0)]);
-                return Ok(throttled(&request_id, "ReservedFunctionConcurrentInvocationLimitExceeded"));
+    // The invocation runs in a task of its own, to its end, whether or not the caller is still
+    // there: as on AWS, where an invocation that started runs to completion (or its timeout)
+    // even if the event source mapping's poller that sent it is gone. Dropping the caller's
+    // connection must not kill the function mid-invocation.
+    let task = tokio::spawn(async move {
+        let permit = match &realism {
+            Some(r) if r.config().function_concurrency.is_some() => match pool.slots.try_acquire() {
+                Ok(p) => Ok(p),
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    r.count("lambda.invoke.concurrency", 1);
+                    lambda_metric(&pool.spec.name, &[("Throttles", "Count", 1.0)]);
+                    return throttled(&request_id, "ReservedFunctionConcurrentInvocationLimitExceeded");
+                }
+                Err(tokio::sync::TryAcquireError::Closed) => Err(()),
+            },
+            _ => pool.slots.acquire().await.map_err(|_| ()),
+        };
+        let Ok(_permit) = permit else {
+            return reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                aws_error("TooManyRequestsException", "closed"),
+                &request_id,
+                false,
+            );
+        };
+        let host = pool.idle.lock().ok().and_then(|mut i| i.pop());
+        let mut host = match host {
+            Some(h) => h,
+            None => match FunctionHost::start(pool.spec.clone()).await {
+                Ok(h) => h,
+                Err(e) => {
+                    let body = serde_json::json!({"errorType": "Runtime.InitError", "errorMessage": e.to_string()});
+                    return reply(StatusCode::OK, body.to_string(), &request_id, true);
+                }
+            },
+        };
+        let seqs = pool
+            .log
+            .lock()
+            .ok()
+            .filter(|l| l.is_some())
+            .map(|_| (crate::mapping::now_unix(), sequence_numbers(&payload)));
+        let invoke_started = std::time::Instant::now();
+        let invocation = host.invoke(payload).await;
+        let error = invocation.as_ref().map_or(1.0, |i| if i.outcome.is_error() { 1.0 } else { 0.0 });
+        let duration = invoke_started.elapsed().as_secs_f64() * 1000.0;
+        lambda_metric(
+            &pool.spec.name,
+            &[("Invocations", "Count", 1.0), ("Errors", "Count", error), ("Duration", "Milliseconds", duration)],
+        );
+        if let Some((started, seqs)) = seqs {
+            let error = invocation.as_ref().map_or(true, |i| i.outcome.is_error());
+            let line = serde_json::json!({ "t": started, "error": error, "seqs": seqs });
+            if let Ok(mut log) = pool.log.lock()
+                && let Some(f) = log.as_mut()
+            {
+                use std::io::Write as _;
+                let _ = f.write_all(format!("{line}\n").as_bytes());
             }
-            Err(tokio::sync::TryAcquireError::Closed) => Err(()),
-        },
-        _ => pool.slots.acquire().await.map_err(|_| ()),
-    };
-    let Ok(_permit) = permit else {
-        return Ok(reply(
-            StatusCode::TOO_MANY_REQUESTS,
-            aws_error("TooManyRequestsException", "closed"),
-            &request_id,
-            false,
-        ));
-    };
-    let host = pool.idle.lock().ok().and_then(|mut i| i.pop());
-    let mut host = match host {
-        Some(h) => h,
-        None => match FunctionHost::start(pool.spec.clone()).await {
-            Ok(h) => h,
+        }
+        let response = match invocation {
+            Ok(inv) => {
+                let id = inv.request_id;
+                match inv.outcome {
+                    Outcome::Response(body) => reply(StatusCode::OK, body, &id, false),
+                    Outcome::FunctionError(body) => reply(StatusCode::OK, body, &id, true),
+                    Outcome::Crashed { status } => {
+                        let msg = format!("RequestId: {id} Error: Runtime exited with error: {status}");
+                        let body = serde_json::json!({"errorType": "Runtime.ExitError", "errorMessage": msg});
+                        reply(StatusCode::OK, body.to_string(), &id, true)
+                    }
+                    Outcome::TimedOut => {
+                        let msg = format!(
+                            "RequestId: {id} Error: Task timed out after {:.2} seconds",
+                            pool.spec.timeout.as_secs_f64()
+                        );
+                        let body = serde_json::json!({"errorType": "Sandbox.Timedout", "errorMessage": msg});
+                        reply(StatusCode::OK, body.to_string(), &id, true)
+                    }
+                }
+            }
             Err(e) => {
                 let body = serde_json::json!({"errorType": "Runtime.InitError", "errorMessage": e.to_string()});
-                return Ok(reply(StatusCode::OK, body.to_string(), &request_id, true));
+                reply(StatusCode::OK, body.to_string(), &request_id, true)
             }
-        },
-    };
-    let seqs =
-        pool.log.lock().ok().filter(|l| l.is_some()).map(|_| (crate::mapping::now_unix(), sequence_numbers(&payload)));
-    let invoke_started = std::time::Instant::now();
-    let invocation = host.invoke(payload).await;
-    let error = invocation.as_ref().map_or(1.0, |i| if i.outcome.is_error() { 1.0 } else { 0.0 });
-    let duration = invoke_started.elapsed().as_secs_f64() * 1000.0;
-    lambda_metric(
-        &pool.spec.name,
-        &[("Invocations", "Count", 1.0), ("Errors", "Count", error), ("Duration", "Milliseconds", duration)],
-    );
-    if let Some((started, seqs)) = seqs {
-        let error = invocation.as_ref().map_or(true, |i| i.outcome.is_error());
-        let line = serde_json::json!({ "t": started, "error": error, "seqs": seqs });
-        if let Ok(mut log) = pool.log.lock()
-            && let Some(f) = log.as_mut()
-        {
-            use std::io::Write as _;
-            let _ = f.write_all(format!("{line}\n").as_bytes());
+        };
+        if let Ok(mut idle) = pool.idle.lock() {
+            idle.push(host);
         }
+        response
+    });
+    match task.await {
+        Ok(response) => Ok(response),
+        Err(e) => Ok(reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            aws_error("ServiceException", &format!("the invocation failed: {e}")),
+            "",
+            false,
+        )),
     }
-    let response = match invocation {
-        Ok(inv) => {
-            let id = inv.request_id;
-            match inv.outcome {
-                Outcome::Response(body) => reply(StatusCode::OK, body, &id, false),
-                Outcome::FunctionError(body) => reply(StatusCode::OK, body, &id, true),
-                Outcome::Crashed { status } => {
-                    let msg = format!("RequestId: {id} Error: Runtime exited with error: {status}");
-                    let body = serde_json::json!({"errorType": "Runtime.ExitError", "errorMessage": msg});
-                    reply(StatusCode::OK, body.to_string(), &id, true)
-                }
-                Outcome::TimedOut => {
-                    let msg = format!(
-                        "RequestId: {id} Error: Task timed out after {:.2} seconds",
-                        pool.spec.timeout.as_secs_f64()
-                    );
-                    let body = serde_json::json!({"errorType": "Sandbox.Timedout", "errorMessage": msg});
-                    reply(StatusCode::OK, body.to_string(), &id, true)
-                }
-            }
-        }
-        Err(e) => {
-            let body = serde_json::json!({"errorType": "Runtime.InitError", "errorMessage": e.to_string()});
-            reply(StatusCode::OK, body.to_string(), &request_id, true)
-        }
-    };
-    if let Ok(mut idle) = pool.idle.lock() {
-        idle.push(host);
-    }
-    Ok(response)
 }
 
 /// The sequence numbers of a stream event's records (none for another event).
