@@ -369,9 +369,11 @@ impl ShardCheckpoint {
         let mut merged = now.clone();
         // A new intent of ours claims its keys: none may have moved since we read them, and no
         // other invocation may be about to write an output for them.
-        for (name, intent) in ours.pending.iter().filter(|(n, _)| !base.pending.contains_key(*n)) {
+        for (_, intent) in ours.pending.iter().filter(|(n, _)| !base.pending.contains_key(*n)) {
             for key in intent.positions.keys() {
-                if now.keys.get(key) != base.keys.get(key) || now.claimant(key).is_some_and(|other| other != name) {
+                // `base` had no note on our keys (checked before ours was noted): any in `now`
+                // is another invocation's, whatever its name.
+                if now.keys.get(key) != base.keys.get(key) || now.claimant(key).is_some() {
                     return None;
                 }
             }
@@ -494,22 +496,48 @@ impl RollupHandler {
         // Records already reflected in the output (a retry, a duplicate delivery, a redelivery
         // after the mapping's runner failed over) are skipped, by their key's position or the
         // shard's; an aggregate counted in part is fresh, and its counted user records are
-        // skipped in it (`resume`).
-        let mut fresh_at: Vec<usize> = Vec::with_capacity(event.records.len());
-        let mut resume: Vec<Option<u64>> = Vec::with_capacity(event.records.len());
-        for (i, r) in event.records.iter().enumerate() {
-            let seq = r
-                .sequence_number()
-                .map_err(|source| PullError::SequenceNumber { event_id: r.event_id.to_string(), source })?;
-            let done = checkpoint.done_for(&r.kinesis.partition_key);
-            if done.as_ref().is_some_and(|done| Position::whole(seq.clone()) <= *done) {
-                continue;
+        // skipped in it (`resume`: (index among the fresh records, sub-sequence number counted)).
+        // Fresh: from `tail` on (one position: a prefix is counted), else the records at `fresh_at`.
+        let mut tail: Option<usize> = None;
+        let mut fresh_at: Vec<usize> = Vec::new();
+        let mut resume: Vec<(usize, u64)> = Vec::new();
+        let seq_of = |r: &KinesisEventRecord<'_>| {
+            r.sequence_number().map_err(|source| PullError::SequenceNumber { event_id: r.event_id.to_string(), source })
+        };
+        if checkpoint.keys.is_empty() {
+            // One position for every record (per shard, or nothing counted yet per key): the
+            // counted records are a prefix of the batch, and only the first fresh one can be an
+            // aggregate counted in part.
+            let done = checkpoint.position();
+            let mut first = event.records.len();
+            for (i, r) in event.records.iter().enumerate() {
+                let seq = seq_of(r)?;
+                if !done.as_ref().is_some_and(|d| Position::whole(seq.clone()) <= *d) {
+                    if let Some(sub) = done.as_ref().filter(|d| d.sequence == seq).and_then(|d| d.sub) {
+                        resume.push((0, sub));
+                    }
+                    first = i;
+                    break;
+                }
             }
-            fresh_at.push(i);
-            resume.push(done.filter(|d| d.sequence == seq).and_then(|d| d.sub));
+            tail = Some(first);
+        } else {
+            for (i, r) in event.records.iter().enumerate() {
+                let seq = seq_of(r)?;
+                let done = checkpoint.done_for(&r.kinesis.partition_key);
+                if done.as_ref().is_some_and(|d| Position::whole(seq.clone()) <= *d) {
+                    continue;
+                }
+                if let Some(sub) = done.filter(|d| d.sequence == seq).and_then(|d| d.sub) {
+                    resume.push((fresh_at.len(), sub));
+                }
+                fresh_at.push(i);
+            }
         }
-        let skipped = event.records.len() - fresh_at.len();
-        let Some(&first_fresh) = fresh_at.first() else {
+        let fresh_count = tail.map_or(fresh_at.len(), |t| event.records.len() - t);
+        let skipped = event.records.len() - fresh_count;
+        let first_fresh = tail.filter(|t| *t < event.records.len()).or_else(|| fresh_at.first().copied());
+        let Some(first_fresh) = first_fresh else {
             self.persist_settled(&cp_id, &loaded, cp_version.as_ref(), &checkpoint).await.map_err(cp_err)?;
             info!(shard_id, skipped, "every record of the batch is counted already (or was given up by the mapping)");
             metrics.record();
@@ -517,7 +545,7 @@ impl RollupHandler {
         };
         // The fresh records: the batch's tail (always so per shard), else those picked out.
         let picked: Vec<KinesisEventRecord<'_>>;
-        let fresh: &[KinesisEventRecord<'_>] = if fresh_at.len() == event.records.len() - first_fresh {
+        let fresh: &[KinesisEventRecord<'_>] = if fresh_count == event.records.len() - first_fresh {
             &event.records[first_fresh..]
         } else {
             picked = fresh_at.iter().map(|&i| event.records[i].clone()).collect();
@@ -545,9 +573,10 @@ impl RollupHandler {
                     // anything; its retry finds that one's positions.
                     let mut moved = ShardCheckpoint::default();
                     moved.advance(Positions::PerKey, fresh, &last);
-                    if let Some((key, other)) =
-                        moved.keys.keys().find_map(|k| checkpoint.claimant(k).filter(|o| **o != name).map(|o| (k, o)))
-                    {
+                    // Any note on one of our keys, our output's name included: another invocation
+                    // with the same first record (a redelivery grouped otherwise) may count other
+                    // records under that name.
+                    if let Some((key, other)) = moved.keys.keys().find_map(|k| checkpoint.claimant(k).map(|o| (k, o))) {
                         return Err(RollupError::Busy { shard_id, key: key.clone(), output: other.clone() });
                     }
                     let mut noted = checkpoint.clone();
@@ -690,7 +719,7 @@ impl RollupHandler {
     fn roll_up(
         &self,
         records: &[KinesisEventRecord<'_>],
-        resume: &[Option<u64>],
+        resume: &[(usize, u64)],
     ) -> Result<(Rollup, Option<Covered>, BatchResult), RollupError> {
         // Parts by data bytes, not records: a KPL aggregate carries many lines in one record.
         let data_bytes: usize = records.iter().map(|r| r.kinesis.data.len()).sum();
@@ -702,7 +731,7 @@ impl RollupHandler {
             let slots: Vec<Mutex<Option<Result<Part, PullError>>>> = chunks.iter().map(|_| Mutex::new(None)).collect();
             pushpull::parallel::each_part(threads, chunks.len(), |i| {
                 let (base, chunk) = chunks[i];
-                let part = self.scan(chunk, base, &resume[base..base + chunk.len()]);
+                let part = self.scan(chunk, base, resume);
                 *slots[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(part);
             });
             // Every slot is filled: each_part returns once every part has run (or raises its panic).
@@ -788,7 +817,7 @@ impl RollupHandler {
     /// Checks `records` (which start at index `base` of the batch) and notes the group and
     /// amount of each record (each user record of an aggregate) that passes. Groups are
     /// interned: a record costs no allocation unless it starts a new group.
-    fn scan(&self, records: &[KinesisEventRecord<'_>], base: usize, resume: &[Option<u64>]) -> Result<Part, PullError> {
+    fn scan(&self, records: &[KinesisEventRecord<'_>], base: usize, resume: &[(usize, u64)]) -> Result<Part, PullError> {
         let mut index_of: HashMap<String, u32> = HashMap::new();
         let mut names: Vec<String> = Vec::new();
         let mut items: Vec<Item> = Vec::with_capacity(records.len());
@@ -796,7 +825,12 @@ impl RollupHandler {
         // An aggregate counted in part by an earlier invocation: its user records up to the one
         // counted last are skipped.
         let mut result = process_records(records, Options::default(), |record| -> Result<(), String> {
-            let resume_after = resume.get(record.index).copied().flatten();
+            let at = base + record.index;
+            let resume_after = if resume.is_empty() {
+                None
+            } else {
+                resume.binary_search_by_key(&at, |r| r.0).ok().map(|i| resume[i].1)
+            };
             if record.sub_sequence_number.zip(resume_after).is_some_and(|(s, done)| s <= done) {
                 return Ok(()); // counted already
             }
@@ -865,7 +899,7 @@ impl RollupHandler {
         stream: &str,
         shard_id: &str,
         records: &[KinesisEventRecord<'_>],
-        resume: &[Option<u64>],
+        resume: &[(usize, u64)],
         rollup: Rollup,
         covered: Covered,
     ) -> Result<Position, RollupError> {
@@ -907,13 +941,16 @@ impl RollupHandler {
                         .position(|r| r.sequence_number().is_ok_and(|s| Position::whole(s) > existing_last))
                         .unwrap_or(records.len());
                     records = &records[n..];
-                    resume.drain(..n);
+                    resume = resume.into_iter().filter(|r| r.0 >= n).map(|(i, sub)| (i - n, sub)).collect();
                     // The first record left may be the aggregate the existing output counted in
                     // part: its user records up to `existing_last` are counted.
                     if let (Some(first), Some(sub)) = (records.first(), existing_last.sub)
                         && first.sequence_number().is_ok_and(|s| s == existing_last.sequence)
                     {
-                        resume[0] = Some(resume[0].map_or(sub, |r| r.max(sub)));
+                        match resume.first_mut() {
+                            Some(r) if r.0 == 0 => r.1 = r.1.max(sub),
+                            _ => resume.insert(0, (0, sub)),
+                        }
                     }
                     let (rest, rest_covered, _) = self.roll_up(records, &resume)?;
                     let Some(rest_covered) = rest_covered else { return Ok(existing_last) };
@@ -932,7 +969,7 @@ impl RollupHandler {
         shard_id: &str,
     ) -> Result<(Response, usize, usize), RollupError> {
         let mut state: Rollup = decode_window_state(event.state.as_ref())?;
-        let (batch, _, result) = self.roll_up(&event.records, &vec![None; event.records.len()])?;
+        let (batch, _, result) = self.roll_up(&event.records, &[])?;
         state.merge(batch);
         let mut response = WindowResponse { batch_item_failures: result.item_failures(), ..Default::default() };
         if event.is_final_invoke_for_window && result.failures.is_empty() {
@@ -1124,7 +1161,7 @@ mod tests {
             let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
             let bytes: usize = event.records.iter().map(|r| r.kinesis.data.len()).sum();
             assert!(bytes >= 2 * PART_MIN_BYTES, "{bytes} bytes: not enough for parts");
-            let (rollup, covered, result) = h.roll_up(&event.records, &vec![None; event.records.len()]).unwrap();
+            let (rollup, covered, result) = h.roll_up(&event.records, &[]).unwrap();
             let first_bad = bad.iter().copied().min().unwrap_or(n);
             let covered = covered.map_or(0, |c| c.count);
             assert_eq!(covered, first_bad, "{bad:?}");
