@@ -123,7 +123,14 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
 /// keeping one position per key (`ROLLUP_POSITIONS=per-key`, which the template sets above
 /// factor 1). The mapping's kills redeliver what other lanes had done after the slowest lane's
 /// position: still every line once, the totals exact.
+///
+/// Open (issue #24, part 5): this run counts 99,323-99,834 of its 99,980 good lines (the stream
+/// holds every line once, the pull failure queue is empty); the same storm at factor 1 with
+/// per-key positions is exact, so the loss is in how factor 10's concurrent batches meet the
+/// runner's kills and restarts, not in the per-key positions alone. Until it is found the
+/// template allows factor 1 only. Run it with `cargo nextest run ... --run-ignored only`.
 #[tokio::test]
+#[ignore = "issue #24: loses 0.2-0.7% of the lines at ParallelizationFactor 10 under the storm; not yet found"]
 async fn in_a_storm_at_parallelization_factor_10_every_line_reaches_the_stream_once_and_the_totals_are_exact() {
     storm(false, &["ParallelizationFactor=10"]).await;
 }

@@ -817,7 +817,12 @@ impl RollupHandler {
     /// Checks `records` (which start at index `base` of the batch) and notes the group and
     /// amount of each record (each user record of an aggregate) that passes. Groups are
     /// interned: a record costs no allocation unless it starts a new group.
-    fn scan(&self, records: &[KinesisEventRecord<'_>], base: usize, resume: &[(usize, u64)]) -> Result<Part, PullError> {
+    fn scan(
+        &self,
+        records: &[KinesisEventRecord<'_>],
+        base: usize,
+        resume: &[(usize, u64)],
+    ) -> Result<Part, PullError> {
         let mut index_of: HashMap<String, u32> = HashMap::new();
         let mut names: Vec<String> = Vec::new();
         let mut items: Vec<Item> = Vec::with_capacity(records.len());
