@@ -2,7 +2,7 @@
 //! the semantics of AWS's mappings (aws-semantics.md).
 //!
 //! **The core** knows no broker. A source hands it the records it read from one of its
-//! partitions ([`intake`]); per partition, `ParallelizationFactor` lanes ([`lane`]) batch them
+//! partitions (`intake`); per partition, `ParallelizationFactor` lanes (`lane`) batch them
 //! (BatchSize, the batching window, the 6 MB payload, tumbling-window boundaries), invoke, judge
 //! the answer by the partial batch response rule ([`outcome::judge`]), retry
 //! (MaximumRetryAttempts), bisect (BisectBatchOnFunctionError), expire
@@ -11,13 +11,13 @@
 //! among several runners follow a pure plan ([`plan`]). Every timer runs on tokio's clock
 //! ([`clock`]), so the core's rules are unit tests under paused time.
 //!
-//! **The Kinesis source** ([`kinesis`]): one reader per shard (GetRecords at most 5 times a
+//! **The Kinesis source** (`kinesis`): one reader per shard (GetRecords at most 5 times a
 //! second, again at once while behind, once a second when caught up; or SubscribeToShard through
 //! a stream consumer), records to lanes by partition key so order holds per key, the position per
 //! shard checkpointed ([`progress`]) and leased among runners; parents finish before children.
 //!
 //! A next source (a Kafka partition's offset, a RabbitMQ delivery tag, an SQS receipt handle) is
-//! a module beside [`kinesis`] implementing [`source::Partition`].
+//! a module beside `kinesis` implementing [`source::Partition`].
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,6 +1,6 @@
 //! What a source supplies to the mapping's core, and what the core asks of it.
 //!
-//! The core ([`super::lane`], [`super::intake`]) knows batching, invocation, retries, bisection,
+//! The core (`lane`, `intake`) knows batching, invocation, retries, bisection,
 //! record age, tumbling windows, failure destinations, filters and metrics; it knows no broker.
 //! A source reads records from one of its *partitions* (a Kinesis shard; next a Kafka partition,
 //! a RabbitMQ queue, an SQS queue) and hands them to the core with:

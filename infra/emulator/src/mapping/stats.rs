@@ -13,7 +13,7 @@ fn iso8601_time(t: f64) -> String {
     full.split('T').nth(1).map(|s| s.trim_end_matches('Z').to_owned()).unwrap_or(full)
 }
 
-/// The mapping's counters: kept while running (in [`Stats`]) and reported (in [`Summary`]).
+/// The mapping's counters: kept while running and reported (in [`Summary`]).
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Counts {
     /// Shards read from.

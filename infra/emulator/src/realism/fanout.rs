@@ -20,7 +20,7 @@
 //!   the previous connection expires or fails with a ResourceInUseException."
 //! - "You can make one call to SubscribeToShard per second per registered consumer per shard":
 //!   a second call for the pair within a second of the last one, whatever that one's outcome, is
-//!   refused with `LimitExceededException` ([`Fanout::call`]).
+//!   refused with `LimitExceededException`.
 //! - Each consumer's pipe carries up to 2 MiB a second per shard ("receive records from a stream
 //!   with throughput of up to 2 MB of data per second per shard", Developer Guide, enhanced
 //!   fan-out), when the profile has Kinesis's limits.
