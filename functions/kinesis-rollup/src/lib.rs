@@ -512,7 +512,7 @@ impl RollupHandler {
             let mut first = event.records.len();
             for (i, r) in event.records.iter().enumerate() {
                 let seq = seq_of(r)?;
-                if !done.as_ref().is_some_and(|d| Position::whole(seq.clone()) <= *d) {
+                if done.as_ref().is_none_or(|d| Position::whole(seq.clone()) > *d) {
                     if let Some(sub) = done.as_ref().filter(|d| d.sequence == seq).and_then(|d| d.sub) {
                         resume.push((0, sub));
                     }
