@@ -10,10 +10,9 @@
 //! 1. `pull/<stream>/<shard>.json` in `CHECKPOINT_URI` holds what is reflected in the output: per
 //!    partition key, its last record counted (`ROLLUP_POSITIONS=per-key`, the default), or per
 //!    shard, the highest (`per-shard`, exact only at `ParallelizationFactor` 1). A record at or
-//!    below its key's position (or the shard's) is skipped. Per key is meant for every factor
-//!    (exact in the storm at factor 1; at factor 10 the storm still loses a fraction of a
-//!    percent, issue #24): AWS keeps order per partition key, so a key's records come in order whichever of the
-//!    shard's concurrent batches carries them, while a per-shard position moved by a faster batch
+//!    below its key's position (or the shard's) is skipped. Per key is exact at every factor
+//!    (the storm end-to-end test runs at 1 and 10): AWS keeps order per partition key, so a
+//!    key's records come in order whichever of the shard's concurrent batches carries them, while a per-shard position moved by a faster batch
 //!    would hide a slower batch's lower sequence numbers.
 //! 2. The records left are processed up to the first failure (the mapping redelivers everything
 //!    from the lowest failure on).
@@ -23,8 +22,9 @@
 //!    taken as done (up to its `last_sequence`) and only the rest of this batch is written, under
 //!    the name of its own first record. Per key, a retry may carry other records (a bisected
 //!    half, a batch regrouped after a failover), so the output's positions are noted in the
-//!    checkpoint before it is written (a write-ahead note, `pending`): whoever next reads the
-//!    checkpoint and finds that output written moves its keys' positions.
+//!    checkpoint before it is written (a write-ahead note, `pending`, with an id the output's
+//!    rows carry as `writer`): whoever next reads the checkpoint and finds that output written,
+//!    by that note, moves its keys' positions.
 //! 4. The checkpoint advances (compare-and-swap). Per key, a concurrent batch of other keys may
 //!    have moved it meanwhile: it is read again and ours applied over it; the same key moved by
 //!    two invocations at once fails the invocation, and its retry skips what the other counted.
@@ -52,7 +52,8 @@
 //! let response = handler.handle(payload.as_bytes()).await.unwrap();
 //! assert_eq!(serde_json::to_string(&response).unwrap(), r#"{"batchItemFailures":[{"itemIdentifier":"2"}]}"#);
 //! let out = std::fs::read_to_string(dir.path().join("out/s/shardId-0/1.ndjson")).unwrap();
-//! assert!(out.starts_with(r#"{"key":"a","count":1,"sum":0,"shard_id":"shardId-0","first_sequence":"1","last_sequence":"1"}"#));
+//! // Per key (the default) each row names the write-ahead note it was written under.
+//! assert!(out.starts_with(r#"{"key":"a","count":1,"sum":0,"shard_id":"shardId-0","first_sequence":"1","last_sequence":"1","writer":""#));
 //! # });
 //! ```
 use std::collections::{BTreeMap, HashMap};
@@ -197,6 +198,11 @@ pub struct Rollup {
 impl Rollup {
     /// The rollup as NDJSON lines, one per group.
     pub fn to_ndjson(&self, shard_id: &str, window: Option<&Window>) -> String {
+        self.ndjson(shard_id, window, None)
+    }
+
+    /// [`Rollup::to_ndjson`], each row also naming the intent that wrote it (per key).
+    fn ndjson(&self, shard_id: &str, window: Option<&Window>, writer: Option<&str>) -> String {
         let mut out = String::new();
         let shard = serde_json::to_string(shard_id).unwrap_or_default();
         let named = self.groups.iter().map(|(k, g)| (serde_json::to_string(k).unwrap_or_default(), g));
@@ -219,6 +225,9 @@ impl Rollup {
                     serde_json::to_string(&w.start).unwrap_or_default(),
                     serde_json::to_string(&w.end).unwrap_or_default()
                 );
+            }
+            if let Some(writer) = writer {
+                let _ = write!(out, r#","writer":{}"#, serde_json::to_string(writer).unwrap_or_default());
             }
             out.push_str("}\n");
         }
@@ -301,6 +310,11 @@ struct ShardCheckpoint {
 struct Intent {
     /// The key positions the output counts up to.
     positions: BTreeMap<String, KeyPosition>,
+    /// Names this intent; every row of its output carries it as `writer`, so that an output
+    /// under the same name written by another invocation never moves this intent's positions.
+    /// (Absent in a note written before it existed: trusted, as then.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     /// When it was noted (unix seconds): one whose output never appeared is dropped after
     /// [`INTENT_TTL_S`], longer than any invocation can live.
     at: f64,
@@ -581,18 +595,39 @@ impl RollupHandler {
                         return Err(RollupError::Busy { shard_id, key: key.clone(), output: other.clone() });
                     }
                     let mut noted = checkpoint.clone();
-                    noted.pending.insert(name.clone(), Intent { positions: moved.keys.clone(), at: now_unix() });
+                    let id = intent_id();
+                    let intent = Intent { positions: moved.keys.clone(), id: Some(id.clone()), at: now_unix() };
+                    noted.pending.insert(name.clone(), intent);
                     // Written over the checkpoint as loaded (so the settled intents are written
                     // too), merged, on a conflict, as a change from the settled one.
-                    let version =
-                        self.save_checkpoint(&cp_id, &checkpoint, cp_version, noted.clone()).await.map_err(cp_err)?;
-                    // 2. The output: if it exists, another invocation wrote it since we read the
-                    // checkpoint (a duplicate delivery at once): fail, and the retry skips it.
-                    let body = rollup.to_ndjson(&shard_id, None);
-                    self.output
-                        .put(&name, body.into(), Precondition::IfAbsent)
-                        .await
-                        .map_err(|source| RollupError::Output { uri: self.output.uri(&name), source })?;
+                    // What was written is the base of step 3, not `noted`: on a conflict it is
+                    // `noted` merged into another invocation's newer checkpoint, whose keys and
+                    // intents step 3 must keep.
+                    let (version, noted) =
+                        self.save_checkpoint(&cp_id, &checkpoint, cp_version, noted).await.map_err(cp_err)?;
+                    // 2. The output, naming its intent. If it exists already and is not ours (our
+                    // own write retried after its answer was lost is ours), another invocation
+                    // counted from the same record: our intent is withdrawn (its positions must
+                    // never count for that output) and we fail; the retry finds the positions.
+                    let body = rollup.ndjson(&shard_id, None, Some(&id));
+                    match self.output.put(&name, body.into(), Precondition::IfAbsent).await {
+                        Ok(_) => {}
+                        Err(StoreError::PreconditionFailed { uri })
+                            if self.written_by(&name).await? != Some(id.clone()) =>
+                        {
+                            let mut withdrawn = noted.clone();
+                            withdrawn.pending.remove(&name);
+                            self.save_checkpoint(&cp_id, &noted, Some(version), withdrawn).await.map_err(cp_err)?;
+                            return Err(RollupError::Output {
+                                uri: uri.clone(),
+                                source: StoreError::PreconditionFailed { uri },
+                            });
+                        }
+                        Err(StoreError::PreconditionFailed { .. }) => {
+                            info!(output = %name, "our output was written by an earlier try of this write");
+                        }
+                        Err(source) => return Err(RollupError::Output { uri: self.output.uri(&name), source }),
+                    }
                     #[cfg(feature = "fault-injection")]
                     if self.settings.faults.crash_after_output {
                         warn!(key = name, "injected crash after writing the output");
@@ -629,21 +664,32 @@ impl RollupHandler {
     async fn settle(&self, loaded: &ShardCheckpoint) -> Result<ShardCheckpoint, RollupError> {
         let mut out = loaded.clone();
         for (name, intent) in &loaded.pending {
-            let written = self
-                .output
-                .get(name)
-                .await
-                .map_err(|source| RollupError::Output { uri: self.output.uri(name), source })?
-                .is_some();
-            if written {
-                info!(output = %name, "an output written without its checkpoint: its positions count now");
-                out.apply(&intent.positions);
-                out.pending.remove(name);
-            } else if now_unix() - intent.at > INTENT_TTL_S {
-                out.pending.remove(name);
+            match (self.written_by(name).await?, &intent.id) {
+                (None, _) => {
+                    if now_unix() - intent.at > INTENT_TTL_S {
+                        out.pending.remove(name);
+                    }
+                }
+                (Some(writer), Some(id)) if writer != *id => {
+                    warn!(output = %name, writer, intent = id, "an output under this name was written by another invocation: the note is dropped, its positions not moved");
+                    out.pending.remove(name);
+                }
+                (Some(_), _) => {
+                    info!(output = %name, "an output written without its checkpoint: its positions count now");
+                    out.apply(&intent.positions);
+                    out.pending.remove(name);
+                }
             }
         }
         Ok(out)
+    }
+
+    /// Whether output `name` exists, and the intent that wrote it (`Some("")` for an output
+    /// without one).
+    async fn written_by(&self, name: &str) -> Result<Option<String>, RollupError> {
+        let output =
+            self.output.get(name).await.map_err(|source| RollupError::Output { uri: self.output.uri(name), source })?;
+        Ok(output.map(|o| writer_of(&o.body).unwrap_or_default()))
     }
 
     /// Writes `settled` if settling changed `loaded` (loaded at `version`) and nothing else will
@@ -679,7 +725,7 @@ impl RollupHandler {
         base: &ShardCheckpoint,
         version: Option<pushpull::store::Etag>,
         value: ShardCheckpoint,
-    ) -> Result<pushpull::store::Etag, CheckpointError> {
+    ) -> Result<(pushpull::store::Etag, ShardCheckpoint), CheckpointError> {
         let ours = value.clone();
         let (mut version, mut value) = (version, value);
         let mut attempts = 0;
@@ -690,18 +736,19 @@ impl RollupHandler {
             };
             attempts += 1;
             match written {
-                Err(CheckpointError::Conflict { .. })
+                Ok(etag) => return Ok((etag, value)),
+                Err(conflict @ CheckpointError::Conflict { .. })
                     if self.settings.positions == Positions::PerKey && attempts < 32 =>
                 {
                     let Some((now, v)) = self.checkpoints.load::<ShardCheckpoint>(id).await? else {
-                        return written;
+                        return Err(conflict);
                     };
                     let Some(merged) = ShardCheckpoint::merge(base, &ours, &now) else {
-                        return written;
+                        return Err(conflict);
                     };
                     (version, value) = (Some(v), merged);
                 }
-                other => return other,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -1091,6 +1138,22 @@ fn output_name(stream: &str, shard_id: &str, first: &Position) -> String {
     }
 }
 
+/// A new intent's id: unique enough that two invocations never draw the same one (the time in
+/// nanoseconds and std's per-process random hash keys).
+fn intent_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(nanos);
+    format!("{nanos:x}-{:016x}", h.finish())
+}
+
+/// The `writer` of an output's first row.
+fn writer_of(body: &[u8]) -> Option<String> {
+    let first = body.split(|b| *b == b'\n').find(|l| !l.is_empty())?;
+    serde_json::from_slice::<serde_json::Value>(first).ok()?.get("writer")?.as_str().map(str::to_owned)
+}
+
 /// Unix seconds now.
 fn now_unix() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
@@ -1404,7 +1467,12 @@ mod tests {
             let new: Vec<String> = output_files(dir).into_iter().filter(|f| !files.contains(f)).collect();
             assert_eq!(new.len(), 1, "one output written: {new:?}");
             let moved = after.keys.iter().filter(|(k, v)| state.keys.get(*k) != Some(v));
-            let intent = Intent { positions: moved.map(|(k, v)| (k.clone(), v.clone())).collect(), at: now_unix() };
+            let body = std::fs::read(dir.join("out/s/shardId-0").join(&new[0])).unwrap();
+            let intent = Intent {
+                positions: moved.map(|(k, v)| (k.clone(), v.clone())).collect(),
+                id: Some(writer_of(&body).expect("the output names its writer")),
+                at: now_unix(),
+            };
             state.pending.insert(format!("s/shardId-0/{}", new[0]), intent);
         }
         std::fs::write(&cp, serde_json::to_string(&state).unwrap()).unwrap();
@@ -1507,7 +1575,7 @@ mod tests {
         let mut claimed = ShardCheckpoint { keys: [("k1".into(), pos(1))].into(), ..Default::default() };
         claimed.pending.insert(
             "s/shardId-0/2.ndjson".into(),
-            Intent { positions: [("k0".into(), pos(4)), ("k1".into(), pos(3))].into(), at: now_unix() },
+            Intent { positions: [("k0".into(), pos(4)), ("k1".into(), pos(3))].into(), id: None, at: now_unix() },
         );
         std::fs::create_dir_all(cp.parent().unwrap()).unwrap();
         std::fs::write(&cp, serde_json::to_string(&claimed).unwrap()).unwrap();
@@ -1528,5 +1596,35 @@ mod tests {
         assert!(failed(&h.handle(event_of(&batch).as_bytes()).await.unwrap()).is_empty());
         let total: u64 = outputs(dir.path()).iter().map(|r| r.2).sum();
         assert_eq!(total, 3 + 2, "{:?}", outputs(dir.path()));
+    }
+
+    /// Per key, a note never moves positions for an output it did not write: an output under the
+    /// note's name written by another invocation (whose positions, if any, are its own) leaves
+    /// the keys where they were, and an invocation finding its output's name taken withdraws its
+    /// note and fails rather than count records no output holds.
+    #[tokio::test]
+    async fn a_note_never_counts_an_output_another_invocation_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler_with(dir.path(), Positions::PerKey);
+        let cp = dir.path().join("cp/pull/s/shardId-0.json");
+        let pos = |s: u64| KeyPosition { sequence: s.to_string().parse().unwrap(), sub: None };
+        let mut noted = ShardCheckpoint { keys: [("k1".into(), pos(1))].into(), ..Default::default() };
+        noted.pending.insert(
+            "s/shardId-0/2.ndjson".into(),
+            Intent { positions: [("k0".into(), pos(4))].into(), id: Some("mine".into()), at: now_unix() },
+        );
+        std::fs::create_dir_all(cp.parent().unwrap()).unwrap();
+        std::fs::write(&cp, serde_json::to_string(&noted).unwrap()).unwrap();
+        std::fs::create_dir_all(dir.path().join("out/s/shardId-0")).unwrap();
+        let theirs = r#"{"key":"a","count":1,"sum":1,"shard_id":"shardId-0","first_sequence":"2","last_sequence":"2","writer":"other"}"#;
+        std::fs::write(dir.path().join("out/s/shardId-0/2.ndjson"), format!("{theirs}\n")).unwrap();
+
+        let batch: Vec<String> = (2..=4).map(|s| keyed(s, "k0", "a")).collect();
+        let err = h.handle(event_of(&batch).as_bytes()).await.unwrap_err();
+        assert!(matches!(err, RollupError::Output { .. }), "{err}");
+        let after: ShardCheckpoint = serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+        assert!(after.pending.is_empty(), "both notes withdrawn: {after:?}");
+        assert_eq!(after.keys.get("k0"), None, "k0 not moved past records no output holds");
+        assert_eq!(outputs(dir.path()).iter().map(|r| r.2).sum::<u64>(), 1, "the other output untouched");
     }
 }
