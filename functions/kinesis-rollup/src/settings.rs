@@ -24,10 +24,10 @@ pub struct RollupSettings {
 /// What the rollup remembers of what it counted, per shard (`ROLLUP_POSITIONS`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Positions {
-    /// `per-key` (the default): one position per partition key, meant for every
+    /// `per-key` (the default): one position per partition key, exact at every
     /// `ParallelizationFactor` (AWS keeps order per partition key, and batches of one shard run
-    /// at once), at one entry per partition key the shard has seen. Exact in the storm at factor
-    /// 1; at factor 10 the storm still loses a fraction of a percent (issue #24).
+    /// at once), at one entry per partition key the shard has seen and two checkpoint writes a
+    /// batch (a write-ahead note, then the positions).
     #[default]
     PerKey,
     /// `per-shard`: one position per shard, the highest record counted. Exact only at

@@ -91,14 +91,38 @@ impl Template {
         for (name, value) in &parameters {
             check_parameter(name, value, &params[name])?;
         }
-        Ok(Template {
+        let template = Template {
             resources: section("Resources"),
             conditions: section("Conditions"),
             parameters,
             names: HashMap::new(),
             stack: stack.to_owned(),
             arns: HashMap::new(),
-        })
+        };
+        template.check_rules(&section("Rules"))?;
+        Ok(template)
+    }
+
+    /// The template's `Rules`, as CloudFormation checks them before it creates or updates a
+    /// stack: each rule whose `RuleCondition` holds (or has none) must have every `Assert` hold,
+    /// or the parameters are refused with the assertion's `AssertDescription`.
+    fn check_rules(&self, rules: &Map<String, Value>) -> Result<(), TemplateError> {
+        for (name, rule) in rules {
+            let at = format!("rule {name}");
+            if let Some(c) = rule.get("RuleCondition")
+                && !self.truth(c, &at)?
+            {
+                continue;
+            }
+            for a in rule.get("Assertions").and_then(Value::as_array).into_iter().flatten() {
+                let assert = a.get("Assert").ok_or_else(|| resolve_err(&at, "an assertion without Assert"))?;
+                if !self.truth(assert, &at)? {
+                    let why = a.get("AssertDescription").and_then(Value::as_str).unwrap_or("an assertion failed");
+                    return Err(resolve_err("parameter overrides", format!("{at}: {why}")));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The local physical name of a resource.
@@ -160,8 +184,14 @@ impl Template {
         };
         match f {
             "Fn::Equals" => {
+                // CloudFormation compares scalars as text: a Number parameter (a string once
+                // given) equals the literal 1 in `!Equals [!Ref Factor, 1]`.
                 let a = list(2)?;
-                Ok(self.resolve(&a[0], at)? == self.resolve(&a[1], at)?)
+                let (x, y) = (self.resolve(&a[0], at)?, self.resolve(&a[1], at)?);
+                Ok(match (scalar(&x), scalar(&y)) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => x == y,
+                })
             }
             "Fn::Not" => Ok(!self.truth(&list(1)?[0], at)?),
             "Fn::And" => list(0)?.iter().try_fold(true, |acc, c| Ok(acc && self.truth(c, at)?)),
@@ -500,6 +530,12 @@ Parameters:
 Conditions:
   NoName: !Equals [!Ref Name, ""]
   HasName: !Not [!Condition NoName]
+Rules:
+  SevenNeedsAName:
+    RuleCondition: !Equals [!Ref Name, ""]
+    Assertions:
+      - Assert: !Not [!Equals [!Ref Size, 7]]
+        AssertDescription: Size 7 needs a Name
 Resources:
   Stream: { Type: AWS::Kinesis::Stream }
   Dlq: { Type: AWS::SQS::Queue }
@@ -544,6 +580,9 @@ Resources:
         assert!(e.contains("is not one of"), "{e}");
         let e = Template::parse(T, "st", &["Nope=1".into()]).unwrap_err().to_string();
         assert!(e.contains("no parameter Nope"), "{e}");
+        // Rules (CloudFormation's "Rules" section): checked when their RuleCondition holds.
+        let e = Template::parse(T, "st", &["Size=7".into()]).unwrap_err().to_string();
+        assert!(e.contains("rule SevenNeedsAName: Size 7 needs a Name"), "{e}");
     }
 
     #[test]
@@ -561,6 +600,19 @@ Resources:
         assert_eq!(pull.name, "pushpull-local-kinesis-rollup");
         assert_eq!(pull.timeout, std::time::Duration::from_secs(60));
         assert!(pull.env.contains(&("SUM_FIELD".to_owned(), "amount".to_owned())));
+        // One position per shard at ParallelizationFactor 1, one per partition key above it.
+        let positions = |overrides: &[&str]| {
+            let overrides: Vec<String> = overrides.iter().map(|o| (*o).to_owned()).collect();
+            let t = Template::load(&path, "pushpull-local", &overrides)?;
+            let fs = t.functions()?;
+            let pull = fs.into_iter().find(|f| f.binary == "kinesis-rollup").unwrap();
+            Ok::<_, TemplateError>(pull.env.into_iter().find(|(k, _)| k == "ROLLUP_POSITIONS").unwrap().1)
+        };
+        assert_eq!(positions(&[]).unwrap(), "per-shard");
+        assert_eq!(positions(&["ParallelizationFactor=10"]).unwrap(), "per-key");
+        assert!(positions(&["ParallelizationFactor=11"]).unwrap_err().to_string().contains("above MaxValue 10"));
+        let e = positions(&["ParallelizationFactor=2", "TumblingWindowInSeconds=60"]).unwrap_err().to_string();
+        assert!(e.contains("rule WindowsNeedOneBatchPerShard"), "{e}");
     }
 
     #[test]
