@@ -20,8 +20,11 @@
 //! #[tokio::main]
 //! async fn main() -> Result<(), lambda_runtime::Error> {
 //!     run_raw(|body: bytes::Bytes, _context: lambda_runtime::Context| async move {
-//!         let event = pushpull::kinesis_event::KinesisEvent::from_slice(&body)?;
-//!         Ok::<_, lambda_runtime::Error>(serde_json::json!({ "records": event.records.len() }))
+//!         // The payload as received, parsed borrowed (with the `kinesis` feature,
+//!         // `pushpull::kinesis_event::KinesisEvent::from_slice(&body)`).
+//!         let event: serde_json::Value = serde_json::from_slice(&body)?;
+//!         let records = event["Records"].as_array().map_or(0, Vec::len);
+//!         Ok::<_, lambda_runtime::Error>(serde_json::json!({ "records": records }))
 //!     })
 //!     .await
 //! }

@@ -271,6 +271,8 @@ pub struct Expected {
     pub bad: u64,
     /// Each good line's xxh3 and the file it is in (for end-to-end latency).
     pub lines: HashMap<u64, usize>,
+    /// How many times each good line (by xxh3) is in the input: the times it must be in the stream.
+    pub line_counts: HashMap<u64, u32>,
     /// The files, sorted.
     pub files: Vec<PathBuf>,
 }
@@ -309,7 +311,9 @@ pub fn expected(dir: &Path, group_by: &str, sum_field: &str) -> Result<Expected,
                 continue;
             };
             out.good += 1;
-            out.lines.insert(xxhash_rust::xxh3::xxh3_64(line), i);
+            let hash = xxhash_rust::xxh3::xxh3_64(line);
+            out.lines.insert(hash, i);
+            *out.line_counts.entry(hash).or_default() += 1;
             // The rollup counts a record without the field (or with null) under `"key": null`.
             let key = v
                 .get(group_by)
@@ -542,6 +546,46 @@ pub struct Report {
     pub observed: Observed,
     /// Where the run's metrics and summary are.
     pub run_dir: PathBuf,
+    /// The input's good lines as the stream holds them, read back at the end of the run.
+    pub stream_lines: StreamLines,
+}
+
+/// The input's good lines in the stream (by xxh3 of each line; a KPL aggregate counted as the
+/// user records it packs), every shard read from its start. A line the input holds n times must
+/// be there n times.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StreamLines {
+    /// Good lines in the stream once (as often as in the input).
+    pub once: u64,
+    /// Copies of good lines beyond what the input holds (a line sent twice).
+    pub extra: u64,
+    /// Copies of good lines the stream lacks (a line lost).
+    pub missing: u64,
+    /// Records in the stream that are no line of this input (an earlier run's, on the same stream).
+    pub other: u64,
+}
+
+impl StreamLines {
+    /// Compares the input's good lines with the stream's records (counts by xxh3).
+    pub fn of(expected: &HashMap<u64, u32>, in_stream: &HashMap<u64, u32>) -> Self {
+        let mut out = StreamLines::default();
+        for (h, &want) in expected {
+            let have = in_stream.get(h).copied().unwrap_or(0);
+            match have.cmp(&want) {
+                std::cmp::Ordering::Less => {
+                    out.once += u64::from(have);
+                    out.missing += u64::from(want - have);
+                }
+                std::cmp::Ordering::Equal => out.once += u64::from(want),
+                std::cmp::Ordering::Greater => {
+                    out.once += u64::from(want);
+                    out.extra += u64::from(have - want);
+                }
+            }
+        }
+        out.other = in_stream.keys().filter(|h| !expected.contains_key(h)).count() as u64;
+        out
+    }
 }
 
 impl Report {
@@ -560,6 +604,7 @@ impl Report {
             "rolled_up": self.rollup.values().map(|g| g.0).sum::<u64>(),
             "expected_good": self.expected_good,
             "exact": self.check().is_ok(),
+            "stream_lines": self.stream_lines,
             "failure_queues": {"push": self.failure_queues.0, "pull": self.failure_queues.1},
             "latency_ms": {"p50": self.latency_ms[0], "p95": self.latency_ms[1], "p99": self.latency_ms[2], "max": self.latency_ms[3]},
             "faults": self.faults.as_ref().map(|f| f.counts.clone()),
@@ -579,8 +624,16 @@ impl Report {
         self.objects.iter().filter(|o| o["outcome"] == "processed").map(|o| o[field].as_u64().unwrap_or(0)).sum()
     }
 
-    /// Whether the rollup equals the input exactly and every bad line is quarantined with a reason.
+    /// Whether every good line is in the stream once, the rollup equals the input exactly, and
+    /// every bad line is quarantined with a reason.
     pub fn check(&self) -> Result<(), String> {
+        let s = &self.stream_lines;
+        if s.extra > 0 || s.missing > 0 {
+            return Err(format!(
+                "the stream holds {} extra copies of good lines and misses {} (of {})",
+                s.extra, s.missing, self.expected_good
+            ));
+        }
         let counted: u64 = self.rollup.values().map(|g| g.0).sum();
         if self.rollup != self.expected {
             let diff: Vec<String> = self
@@ -681,10 +734,21 @@ impl std::fmt::Display for Report {
             "  run directory    {} (metrics.ndjson: every EMF line of the run; summary.json)",
             self.run_dir.display()
         )?;
+        let s = &self.stream_lines;
+        write!(
+            f,
+            "  stream lines     {} good lines in the stream once each, {} extra copies, {} missing",
+            s.once, s.extra, s.missing
+        )?;
+        if s.other > 0 {
+            write!(f, " ({} other records: earlier runs on this stream)", s.other)?;
+        }
+        writeln!(f)?;
         match self.check() {
-            Ok(()) => {
-                writeln!(f, "  totals           exact: the rollup equals the input, every bad line quarantined once")
-            }
+            Ok(()) => writeln!(
+                f,
+                "  totals           exact: every good line in the stream once, the rollup equals the input, every bad line quarantined once"
+            ),
             Err(e) => writeln!(f, "  totals           NOT exact: {e}"),
         }
     }
@@ -920,6 +984,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         crate::report::draw(&data, &names, &observed, started_ms, &dir.join("run.png"))?;
     }
     let (rollup, outputs) = rollup_totals(&local, &r).await?;
+    let stream_lines = StreamLines::of(&expected.line_counts, &stream_records(&local, &r.stream).await?);
     let report = Report {
         bucket: r.bucket.clone(),
         stream: r.stream.clone(),
@@ -941,6 +1006,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         faults: proxy.map(|(p, _)| p.realism().faults()),
         observed,
         run_dir: config.run_dir.clone(),
+        stream_lines,
     };
     for dir in std::iter::once(&config.run_dir).chain(config.report_dir.as_ref()) {
         report.write_summary(dir).map_err(|e| PipelineError::io(format!("summary in {}", dir.display()), e))?;
@@ -1082,4 +1148,21 @@ pub async fn stream_records(local: &Local, stream: &str) -> Result<HashMap<u64, 
         }
     }
     Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A line the input holds twice must be in the stream twice; a third copy is extra, a
+    /// missing one is missing; records of other inputs are counted apart and fail nothing.
+    #[test]
+    fn stream_lines_are_counted_against_the_input_copy_by_copy() {
+        let expected: HashMap<u64, u32> = [(1, 1), (2, 2), (3, 1), (4, 2)].into();
+        let in_stream: HashMap<u64, u32> = [(1, 1), (2, 3), (4, 1), (9, 5)].into();
+        let s = StreamLines::of(&expected, &in_stream);
+        assert_eq!(s, StreamLines { once: 1 + 2 + 1, extra: 1, missing: 1 + 1, other: 1 });
+        let exact = StreamLines::of(&expected, &[(1, 1), (2, 2), (3, 1), (4, 2)].into());
+        assert_eq!((exact.extra, exact.missing, exact.once), (0, 0, 6));
+    }
 }

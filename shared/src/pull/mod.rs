@@ -395,6 +395,7 @@ pub struct DecodeError {
     pub source: serde_json::Error,
 }
 
+#[cfg(any(feature = "kinesis", feature = "sqs"))]
 pub(crate) fn parse_json<'a, T: Deserialize<'a>>(
     data: &'a [u8],
     item: impl FnOnce() -> String,

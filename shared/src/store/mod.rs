@@ -219,6 +219,14 @@ enum Backend {
         bucket: String,
         prefix: String,
     },
+    /// An `s3://` location from [`Store::at`]: the client (and the AWS configuration) is made
+    /// at the first call, and shared by every store made so.
+    #[cfg(feature = "s3")]
+    S3Lazy {
+        aws: std::sync::Arc<crate::aws::Aws>,
+        bucket: String,
+        prefix: String,
+    },
     /// An `s3://` location in a build without the `s3` feature: every call says so.
     #[cfg(not(feature = "s3"))]
     S3Unsupported {
@@ -265,11 +273,27 @@ impl Store {
         }
     }
 
-    /// A store at `location`. This build has no S3 backend: an `s3://` location gives a store
-    /// whose every call fails with [`StoreError::Unsupported`].
-    #[cfg(not(feature = "s3"))]
+    /// A store at `location`, in every build. With the `s3` feature an `s3://` location
+    /// connects at its first call (the AWS configuration loaded then, once for every store made
+    /// so); without it, every call on an `s3://` store fails with [`StoreError::Unsupported`].
+    ///
+    /// ```
+    /// use pushpull::store::{Location, Store};
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let location: Location = format!("file://{}", dir.path().display()).parse().unwrap();
+    /// let store = Store::at(&location);
+    /// assert!(store.uri("a.json").ends_with("/a.json"));
+    /// ```
     pub fn at(location: &Location) -> Self {
         match location {
+            #[cfg(feature = "s3")]
+            Location::S3 { bucket, prefix } => {
+                static AWS: std::sync::OnceLock<std::sync::Arc<crate::aws::Aws>> = std::sync::OnceLock::new();
+                let aws = AWS.get_or_init(|| std::sync::Arc::new(crate::aws::Aws::new())).clone();
+                let prefix = prefix.trim_matches('/').to_owned();
+                Store { backend: Backend::S3Lazy { aws, bucket: bucket.clone(), prefix } }
+            }
+            #[cfg(not(feature = "s3"))]
             Location::S3 { bucket, prefix } => {
                 Store { backend: Backend::S3Unsupported { bucket: bucket.clone(), prefix: prefix.clone() } }
             }
@@ -282,7 +306,9 @@ impl Store {
         match &self.backend {
             Backend::File { root } => format!("file://{}", root.join(key).display()),
             #[cfg(feature = "s3")]
-            Backend::S3 { bucket, prefix, .. } => format!("s3://{bucket}/{}", prefixed(prefix, key)),
+            Backend::S3 { bucket, prefix, .. } | Backend::S3Lazy { bucket, prefix, .. } => {
+                format!("s3://{bucket}/{}", prefixed(prefix, key))
+            }
             #[cfg(not(feature = "s3"))]
             Backend::S3Unsupported { bucket, prefix } => format!("s3://{bucket}/{}", prefixed(prefix, key)),
         }
@@ -296,6 +322,10 @@ impl Store {
             Backend::S3 { client, bucket, prefix } => {
                 s3::get(client, bucket, &prefixed(prefix, key), self.uri(key)).await
             }
+            #[cfg(feature = "s3")]
+            Backend::S3Lazy { aws, bucket, prefix } => {
+                s3::get(aws.s3().await, bucket, &prefixed(prefix, key), self.uri(key)).await
+            }
             #[cfg(not(feature = "s3"))]
             Backend::S3Unsupported { .. } => Err(StoreError::Unsupported { uri: self.uri(key), scheme: "s3" }),
         }
@@ -308,6 +338,10 @@ impl Store {
             #[cfg(feature = "s3")]
             Backend::S3 { client, bucket, prefix } => {
                 s3::put(client, bucket, &prefixed(prefix, key), self.uri(key), body, condition).await
+            }
+            #[cfg(feature = "s3")]
+            Backend::S3Lazy { aws, bucket, prefix } => {
+                s3::put(aws.s3().await, bucket, &prefixed(prefix, key), self.uri(key), body, condition).await
             }
             #[cfg(not(feature = "s3"))]
             Backend::S3Unsupported { .. } => Err(StoreError::Unsupported { uri: self.uri(key), scheme: "s3" }),

@@ -182,6 +182,7 @@ impl Ctx {
         s.worker_id = self.options.worker_id.clone();
         s.state = if self.settings.enabled { "Enabled" } else { "Disabled" }.to_owned();
         s.polling = self.options.polling;
+        s.parallelization_factor = self.settings.parallelization_factor;
         s.consumer = self.settings.consumer_arn.clone();
         s.mapping_uuid = self.settings.uuid();
         s

@@ -140,6 +140,10 @@ pub struct Summary {
     /// The polling cadence used.
     #[serde(default)]
     pub polling: Polling,
+    /// Batches of one partition in flight at once (`ParallelizationFactor`; 0 in a summary that
+    /// predates it).
+    #[serde(default)]
+    pub parallelization_factor: u32,
     /// The mapping's UUID: its positions are its own ([`super::identity`]).
     #[serde(default)]
     pub mapping_uuid: String,
@@ -212,6 +216,7 @@ impl Stats {
             leases: self.leases.clone(),
             state: String::new(),
             polling: Polling::default(),
+            parallelization_factor: 1,
             consumer: None,
             mapping_uuid: String::new(),
             origin: self.origin,
@@ -222,8 +227,12 @@ impl Stats {
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.consumer {
-            Some(c) => writeln!(f, "  state            {}; enhanced fan-out through {c}", self.state)?,
-            None => writeln!(f, "  state            {}; polling: {}", self.state, self.polling)?,
+            Some(c) => write!(f, "  state            {}; enhanced fan-out through {c}", self.state)?,
+            None => write!(f, "  state            {}; polling: {}", self.state, self.polling)?,
+        }
+        match self.parallelization_factor {
+            0 | 1 => writeln!(f)?,
+            n => writeln!(f, "; {n} batches of a shard at once (ParallelizationFactor), in order per partition key")?,
         }
         match self.origin {
             Some(Origin::New) => {
