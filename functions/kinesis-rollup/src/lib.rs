@@ -315,6 +315,11 @@ struct Intent {
     /// (Absent in a note written before it existed: trusted, as then.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id: Option<String>,
+    /// Its invocation's deadline plus [`NOTE_MARGIN_S`] (unix seconds), when the invocation
+    /// knew it: Lambda stops an invocation at its deadline, so a note whose output is missing
+    /// after this never gets one, and is dropped then rather than after [`INTENT_TTL_S`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    until: Option<f64>,
     /// When it was noted (unix seconds): one whose output never appeared is dropped after
     /// [`INTENT_TTL_S`], longer than any invocation can live.
     at: f64,
@@ -323,6 +328,10 @@ struct Intent {
 /// A Lambda invocation lives at most 15 minutes; an intent whose output is not written after
 /// this long never will be.
 const INTENT_TTL_S: f64 = 960.0;
+
+/// How long after its invocation's deadline a note may still see its output land: a PUT sent
+/// just before the deadline, answered by S3 after it.
+const NOTE_MARGIN_S: f64 = 30.0;
 
 /// A partition key's last record counted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -384,7 +393,10 @@ impl ShardCheckpoint {
         let mut merged = now.clone();
         // A new intent of ours claims its keys: none may have moved since we read them, and no
         // other invocation may be about to write an output for them.
-        for (_, intent) in ours.pending.iter().filter(|(n, _)| !base.pending.contains_key(*n)) {
+        for (name, intent) in ours.pending.iter().filter(|(n, _)| !base.pending.contains_key(*n)) {
+            if now.pending.get(name) == Some(intent) {
+                continue; // our own write of it landed (its answer was lost, and the retry conflicted)
+            }
             for key in intent.positions.keys() {
                 // `base` had no note on our keys (checked before ours was noted): any in `now`
                 // is another invocation's, whatever its name.
@@ -440,12 +452,22 @@ pub struct RollupHandler {
     settings: RollupSettings,
     output: Store,
     checkpoints: Checkpoints<Store>,
+    /// [`NOTE_MARGIN_S`] unless set.
+    note_margin_s: f64,
 }
 
 impl RollupHandler {
     /// A handler writing rollups to `output` and checkpoints to `checkpoints`.
     pub fn new(settings: RollupSettings, output: Store, checkpoints: Store) -> Self {
-        RollupHandler { settings, output, checkpoints: Checkpoints::new(checkpoints) }
+        RollupHandler { settings, output, checkpoints: Checkpoints::new(checkpoints), note_margin_s: NOTE_MARGIN_S }
+    }
+
+    /// How long after its invocation's deadline a write-ahead note still waits for its output
+    /// ([`NOTE_MARGIN_S`] by default): longer than any S3 write sent before the deadline takes to
+    /// land. Tests that kill invocations at short deadlines set it short.
+    pub fn with_note_margin(mut self, margin: std::time::Duration) -> Self {
+        self.note_margin_s = margin.as_secs_f64();
+        self
     }
 
     /// The handler a deployed function runs, its stores at the settings' locations. The AWS
@@ -456,8 +478,16 @@ impl RollupHandler {
         Self::new(settings, output, checkpoints)
     }
 
-    /// Processes one invocation payload.
+    /// Processes one invocation payload, without knowing its deadline (a write-ahead note it
+    /// leaves behind if it dies lives [`INTENT_TTL_S`]); see [`RollupHandler::handle_until`].
     pub async fn handle(&self, payload: &[u8]) -> Result<Response, RollupError> {
+        self.handle_until(payload, None).await
+    }
+
+    /// Processes one invocation payload whose deadline is `deadline` (unix seconds, the
+    /// Runtime API's `Lambda-Runtime-Deadline-Ms` / 1000): a note this invocation leaves behind
+    /// if it dies stops claiming its keys [`NOTE_MARGIN_S`] after it.
+    pub async fn handle_until(&self, payload: &[u8], deadline: Option<f64>) -> Result<Response, RollupError> {
         #[cfg(feature = "fault-injection")]
         if self.settings.faults.failures > 0.0 && fastrand::f64() < self.settings.faults.failures {
             warn!("injected failure (PUSHPULL_INJECT_FAILURES)");
@@ -482,7 +512,7 @@ impl RollupHandler {
             first_sequence = event.records.first().map_or("", |r| &*r.kinesis.sequence_number),
             last_sequence = event.records.last().map_or("", |r| &*r.kinesis.sequence_number),
         );
-        self.handle_batch(&event, stream, shard_id).instrument(span).await
+        self.handle_batch(&event, stream, shard_id, deadline).instrument(span).await
     }
 
     async fn handle_batch(
@@ -490,6 +520,7 @@ impl RollupHandler {
         event: &KinesisEvent<'_>,
         stream: String,
         shard_id: String,
+        deadline: Option<f64>,
     ) -> Result<Response, RollupError> {
         let mut metrics = pushpull::pull::kinesis::batch_metrics(event);
         if let Some(window) = &event.window {
@@ -596,7 +627,12 @@ impl RollupHandler {
                     }
                     let mut noted = checkpoint.clone();
                     let id = intent_id();
-                    let intent = Intent { positions: moved.keys.clone(), id: Some(id.clone()), at: now_unix() };
+                    let intent = Intent {
+                        positions: moved.keys.clone(),
+                        id: Some(id.clone()),
+                        until: deadline.map(|d| d + self.note_margin_s),
+                        at: now_unix(),
+                    };
                     noted.pending.insert(name.clone(), intent);
                     // Written over the checkpoint as loaded (so the settled intents are written
                     // too), merged, on a conflict, as a change from the settled one.
@@ -605,27 +641,47 @@ impl RollupHandler {
                     // intents step 3 must keep.
                     let (version, noted) =
                         self.save_checkpoint(&cp_id, &checkpoint, cp_version, noted).await.map_err(cp_err)?;
-                    // 2. The output, naming its intent. If it exists already and is not ours (our
-                    // own write retried after its answer was lost is ours), another invocation
-                    // counted from the same record: our intent is withdrawn (its positions must
-                    // never count for that output) and we fail; the retry finds the positions.
+                    // 2. The output, naming its intent. If the name is taken, whose output is it?
                     let body = rollup.ndjson(&shard_id, None, Some(&id));
                     match self.output.put(&name, body.into(), Precondition::IfAbsent).await {
                         Ok(_) => {}
-                        Err(StoreError::PreconditionFailed { uri })
-                            if self.written_by(&name).await? != Some(id.clone()) =>
-                        {
-                            let mut withdrawn = noted.clone();
-                            withdrawn.pending.remove(&name);
-                            self.save_checkpoint(&cp_id, &noted, Some(version), withdrawn).await.map_err(cp_err)?;
-                            return Err(RollupError::Output {
-                                uri: uri.clone(),
-                                source: StoreError::PreconditionFailed { uri },
-                            });
-                        }
-                        Err(StoreError::PreconditionFailed { .. }) => {
-                            info!(output = %name, "our output was written by an earlier try of this write");
-                        }
+                        Err(StoreError::PreconditionFailed { uri }) => match self.output_at(&name).await? {
+                            // Ours: an earlier try of this write, its answer lost.
+                            Some(existing) if writer_of(&existing).as_deref() == Some(id.as_str()) => {
+                                info!(output = %name, "our output was written by an earlier try of this write");
+                            }
+                            // Another invocation's, counting from the same record: our note is
+                            // withdrawn (its positions must never count for that output) and we
+                            // fail; the retry finds the positions. An output without a writer is
+                            // one written with per-shard positions (before a switch to per-key):
+                            // it counts every record of the shard from its first to its last,
+                            // and those of ours move their keys.
+                            Some(existing) => {
+                                let mut withdrawn = noted.clone();
+                                withdrawn.pending.remove(&name);
+                                if writer_of(&existing).is_none()
+                                    && let Some(existing_last) = max_last_position(&existing)
+                                {
+                                    let mut counted = ShardCheckpoint::default();
+                                    counted.advance(Positions::PerKey, fresh, &existing_last.clone().min(last.clone()));
+                                    withdrawn.apply(&counted.keys);
+                                    info!(output = %name, existing_last = %existing_last, "an output written per shard holds these records: their keys move");
+                                }
+                                self.save_checkpoint(&cp_id, &noted, Some(version), withdrawn).await.map_err(cp_err)?;
+                                return Err(RollupError::Output {
+                                    uri: uri.clone(),
+                                    source: StoreError::PreconditionFailed { uri },
+                                });
+                            }
+                            // Not there: a conflicting write of ours still in flight (S3's 409).
+                            // The note stays: whoever settles it applies it if the write lands.
+                            None => {
+                                return Err(RollupError::Output {
+                                    uri: uri.clone(),
+                                    source: StoreError::PreconditionFailed { uri },
+                                });
+                            }
+                        },
                         Err(source) => return Err(RollupError::Output { uri: self.output.uri(&name), source }),
                     }
                     #[cfg(feature = "fault-injection")]
@@ -658,23 +714,29 @@ impl RollupHandler {
 
     /// `loaded` with the intents settled: an intent whose output exists has its positions moved
     /// (its writer died between the output and the checkpoint, or is about to move them itself:
-    /// the same positions either way) and is dropped; one whose output is missing stays while its
-    /// writer may still be at work, and is dropped after [`INTENT_TTL_S`]. Written with this
-    /// invocation's own checkpoint.
+    /// the same positions either way) and is dropped, unless another invocation wrote that output
+    /// (its `writer` is not the note's id: dropped, nothing moved); one whose output is missing
+    /// stays while its writer may still be at work (until its deadline and [`NOTE_MARGIN_S`], or
+    /// [`INTENT_TTL_S`] when the deadline is unknown). Written with this invocation's own
+    /// checkpoint.
     async fn settle(&self, loaded: &ShardCheckpoint) -> Result<ShardCheckpoint, RollupError> {
         let mut out = loaded.clone();
         for (name, intent) in &loaded.pending {
-            match (self.written_by(name).await?, &intent.id) {
-                (None, _) => {
-                    if now_unix() - intent.at > INTENT_TTL_S {
-                        out.pending.remove(name);
-                    }
-                }
-                (Some(writer), Some(id)) if writer != *id => {
-                    warn!(output = %name, writer, intent = id, "an output under this name was written by another invocation: the note is dropped, its positions not moved");
+            let Some(existing) = self.output_at(name).await? else {
+                // Not written (yet): the note claims its keys until its writer must be dead.
+                let expires = intent.until.unwrap_or(intent.at + INTENT_TTL_S);
+                if now_unix() > expires {
+                    info!(output = %name, "a note whose output never appeared: dropped");
                     out.pending.remove(name);
                 }
-                (Some(_), _) => {
+                continue;
+            };
+            match (writer_of(&existing), &intent.id) {
+                (writer, Some(id)) if writer.as_deref() != Some(id.as_str()) => {
+                    warn!(output = %name, writer = writer.as_deref().unwrap_or(""), intent = id, "an output under this name was written by another invocation: the note is dropped, its positions not moved");
+                    out.pending.remove(name);
+                }
+                _ => {
                     info!(output = %name, "an output written without its checkpoint: its positions count now");
                     out.apply(&intent.positions);
                     out.pending.remove(name);
@@ -684,12 +746,11 @@ impl RollupHandler {
         Ok(out)
     }
 
-    /// Whether output `name` exists, and the intent that wrote it (`Some("")` for an output
-    /// without one).
-    async fn written_by(&self, name: &str) -> Result<Option<String>, RollupError> {
+    /// Output `name`'s body, if it exists.
+    async fn output_at(&self, name: &str) -> Result<Option<Vec<u8>>, RollupError> {
         let output =
             self.output.get(name).await.map_err(|source| RollupError::Output { uri: self.output.uri(name), source })?;
-        Ok(output.map(|o| writer_of(&o.body).unwrap_or_default()))
+        Ok(output.map(|o| o.body.to_vec()))
     }
 
     /// Writes `settled` if settling changed `loaded` (loaded at `version`) and nothing else will
@@ -1471,6 +1532,7 @@ mod tests {
             let intent = Intent {
                 positions: moved.map(|(k, v)| (k.clone(), v.clone())).collect(),
                 id: Some(writer_of(&body).expect("the output names its writer")),
+                until: None,
                 at: now_unix(),
             };
             state.pending.insert(format!("s/shardId-0/{}", new[0]), intent);
@@ -1575,7 +1637,12 @@ mod tests {
         let mut claimed = ShardCheckpoint { keys: [("k1".into(), pos(1))].into(), ..Default::default() };
         claimed.pending.insert(
             "s/shardId-0/2.ndjson".into(),
-            Intent { positions: [("k0".into(), pos(4)), ("k1".into(), pos(3))].into(), id: None, at: now_unix() },
+            Intent {
+                positions: [("k0".into(), pos(4)), ("k1".into(), pos(3))].into(),
+                id: None,
+                until: None,
+                at: now_unix(),
+            },
         );
         std::fs::create_dir_all(cp.parent().unwrap()).unwrap();
         std::fs::write(&cp, serde_json::to_string(&claimed).unwrap()).unwrap();
@@ -1611,7 +1678,7 @@ mod tests {
         let mut noted = ShardCheckpoint { keys: [("k1".into(), pos(1))].into(), ..Default::default() };
         noted.pending.insert(
             "s/shardId-0/2.ndjson".into(),
-            Intent { positions: [("k0".into(), pos(4))].into(), id: Some("mine".into()), at: now_unix() },
+            Intent { positions: [("k0".into(), pos(4))].into(), id: Some("mine".into()), until: None, at: now_unix() },
         );
         std::fs::create_dir_all(cp.parent().unwrap()).unwrap();
         std::fs::write(&cp, serde_json::to_string(&noted).unwrap()).unwrap();
@@ -1626,5 +1693,68 @@ mod tests {
         assert!(after.pending.is_empty(), "both notes withdrawn: {after:?}");
         assert_eq!(after.keys.get("k0"), None, "k0 not moved past records no output holds");
         assert_eq!(outputs(dir.path()).iter().map(|r| r.2).sum::<u64>(), 1, "the other output untouched");
+    }
+
+    /// Per key, a note whose invocation's deadline (and the margin after it) has passed without
+    /// its output stops claiming its keys: Lambda stopped that invocation, and its keys are
+    /// counted by the next batch instead of waiting 16 minutes.
+    #[tokio::test]
+    async fn a_dead_invocations_note_stops_claiming_its_keys_after_its_deadline() {
+        let pos = |s: u64| KeyPosition { sequence: s.to_string().parse().unwrap(), sub: None };
+        let batch: Vec<String> = (2..=4).map(|s| keyed(s, "k0", "a")).collect();
+        for (until, claimed) in [(Some(now_unix() - 1.0), false), (Some(now_unix() + 60.0), true), (None, true)] {
+            let dir = tempfile::tempdir().unwrap();
+            let h = handler_with(dir.path(), Positions::PerKey);
+            let cp = dir.path().join("cp/pull/s/shardId-0.json");
+            let mut noted = ShardCheckpoint::default();
+            noted.pending.insert(
+                "s/shardId-0/2.ndjson".into(),
+                Intent { positions: [("k0".into(), pos(3))].into(), id: Some("dead".into()), until, at: now_unix() },
+            );
+            std::fs::create_dir_all(cp.parent().unwrap()).unwrap();
+            std::fs::write(&cp, serde_json::to_string(&noted).unwrap()).unwrap();
+            let result = h.handle(event_of(&batch).as_bytes()).await;
+            if claimed {
+                assert!(matches!(result, Err(RollupError::Busy { .. })), "{until:?}: {result:?}");
+            } else {
+                assert!(failed(&result.unwrap()).is_empty());
+                assert_eq!(outputs(dir.path()).iter().map(|r| r.2).sum::<u64>(), 3);
+            }
+        }
+    }
+
+    /// Per key, an output under our name written with per-shard positions (before a switch to
+    /// per-key: it has no `writer`) counts every record of the shard from its first to its last:
+    /// those of ours move their keys, and the retry counts only the rest.
+    #[tokio::test]
+    async fn an_output_written_per_shard_under_our_name_counts_its_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler_with(dir.path(), Positions::PerKey);
+        std::fs::create_dir_all(dir.path().join("out/s/shardId-0")).unwrap();
+        let per_shard =
+            r#"{"key":"a","count":2,"sum":2,"shard_id":"shardId-0","first_sequence":"2","last_sequence":"3"}"#;
+        std::fs::write(dir.path().join("out/s/shardId-0/2.ndjson"), format!("{per_shard}\n")).unwrap();
+        let batch: Vec<String> = (2..=5).map(|s| keyed(s, &format!("k{}", s % 2), "a")).collect();
+        let err = h.handle(event_of(&batch).as_bytes()).await.unwrap_err();
+        assert!(matches!(err, RollupError::Output { .. }), "{err}");
+        assert!(failed(&h.handle(event_of(&batch).as_bytes()).await.unwrap()).is_empty());
+        assert_eq!(outputs(dir.path()).iter().map(|r| r.2).sum::<u64>(), 4, "{:?}", outputs(dir.path()));
+    }
+
+    /// A compare-and-swap whose answer was lost and whose retry conflicted finds its own note in
+    /// the checkpoint: written, not a claim by someone else.
+    #[test]
+    fn a_note_found_already_written_is_ours() {
+        let pos = |s: u64| KeyPosition { sequence: s.to_string().parse().unwrap(), sub: None };
+        let base = ShardCheckpoint::default();
+        let mut ours = base.clone();
+        ours.pending.insert(
+            "n".into(),
+            Intent { positions: [("k0".into(), pos(3))].into(), id: Some("me".into()), until: None, at: 1.0 },
+        );
+        assert_eq!(ShardCheckpoint::merge(&base, &ours, &ours), Some(ours.clone()));
+        let mut theirs = ours.clone();
+        theirs.pending.get_mut("n").unwrap().id = Some("other".into());
+        assert_eq!(ShardCheckpoint::merge(&base, &ours, &theirs), None, "another invocation's claim");
     }
 }

@@ -19,9 +19,11 @@ async fn main() -> Result<(), Error> {
         RollupSettings::from_env(Env::from_process()).inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
     let handler = Arc::new(RollupHandler::connect(settings, &pushpull::aws::Aws::new()).await);
     // run_raw: the event is parsed where it lies, without a copy (batches reach 6 MB).
-    pushpull::lambda::run_raw(move |body, _context| {
+    pushpull::lambda::run_raw(move |body, context| {
         let handler = handler.clone();
-        async move { handler.handle(&body).await }
+        // The deadline bounds how long a write-ahead note of this invocation claims its keys.
+        let deadline = context.deadline as f64 / 1000.0;
+        async move { handler.handle_until(&body, Some(deadline)).await }
     })
     .await
 }
