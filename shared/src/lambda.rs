@@ -287,7 +287,12 @@ where
         let handler = handler.clone();
         async move {
             let event = crate::pull::sqs::SqsEvent::from_slice(&body).map_err(batch_error)?;
-            Ok(crate::pull::sqs::process_async(&event, options, |m| handler(m, invocation.clone())).await)
+            let mut metrics = crate::pull::sqs::batch_metrics(&event);
+            let result = crate::pull::sqs::process_async(&event, options, |m| handler(m, invocation.clone())).await;
+            metrics.processed = result.processed;
+            metrics.failed = result.failures.len() + result.unprocessed.len();
+            metrics.record();
+            Ok(result)
         }
     })
     .await
@@ -306,9 +311,14 @@ where
         let handler = handler.clone();
         async move {
             let event = crate::pull::dynamodb::DynamoDbEvent::from_slice(&body).map_err(batch_error)?;
-            crate::pull::dynamodb::process_async(&event, options, |r| handler(r, invocation.clone()))
+            let mut metrics = crate::pull::dynamodb::batch_metrics(&event);
+            let result = crate::pull::dynamodb::process_async(&event, options, |r| handler(r, invocation.clone()))
                 .await
-                .map_err(batch_error)
+                .map_err(batch_error)?;
+            metrics.processed = result.processed;
+            metrics.failed = result.failures.len() + result.unprocessed.len();
+            metrics.record();
+            Ok(result)
         }
     })
     .await

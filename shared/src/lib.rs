@@ -36,6 +36,11 @@
 //! | [`telemetry`] | `runtime` | structured JSON logs with Powertools' keys |
 #![warn(missing_docs)]
 
+// The crate README's example, compiled and run as a doc test.
+#[cfg(all(doctest, feature = "kinesis", feature = "runtime"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub mod backoff;
 pub mod batch;
 pub mod checkpoint;

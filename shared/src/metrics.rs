@@ -65,7 +65,8 @@ pub const CHECKPOINT_CONFLICTS: &str = "CheckpointConflicts";
 /// 1 on a process's first invocation.
 pub const COLD_START: &str = "ColdStart";
 
-/// The dimension naming the stream of pull metrics.
+/// The dimension naming the source of pull metrics: the Kinesis stream, the DynamoDB table whose
+/// stream it is, or the SQS queue.
 pub const STREAM: &str = "Stream";
 /// The dimension naming the bucket of push metrics.
 pub const BUCKET: &str = "Bucket";

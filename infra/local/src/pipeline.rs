@@ -561,7 +561,8 @@ pub struct StreamLines {
     pub extra: u64,
     /// Copies of good lines the stream lacks (a line lost).
     pub missing: u64,
-    /// Records in the stream that are no line of this input (an earlier run's, on the same stream).
+    /// Distinct records in the stream that are no line of this input (an earlier run's, on the
+    /// same stream).
     pub other: u64,
 }
 
@@ -627,13 +628,6 @@ impl Report {
     /// Whether every good line is in the stream once, the rollup equals the input exactly, and
     /// every bad line is quarantined with a reason.
     pub fn check(&self) -> Result<(), String> {
-        let s = &self.stream_lines;
-        if s.extra > 0 || s.missing > 0 {
-            return Err(format!(
-                "the stream holds {} extra copies of good lines and misses {} (of {})",
-                s.extra, s.missing, self.expected_good
-            ));
-        }
         let counted: u64 = self.rollup.values().map(|g| g.0).sum();
         if self.rollup != self.expected {
             let diff: Vec<String> = self
@@ -647,6 +641,13 @@ impl Report {
             return Err(format!(
                 "the rollup counts {counted} records, the input has {} good lines; first differences: {diff:?}",
                 self.expected_good
+            ));
+        }
+        let s = &self.stream_lines;
+        if s.extra > 0 || s.missing > 0 {
+            return Err(format!(
+                "the stream holds {} extra copies of good lines and misses {} (of {})",
+                s.extra, s.missing, self.expected_good
             ));
         }
         if self.quarantined.len() as u64 != self.expected_bad {

@@ -80,6 +80,9 @@ pub struct StreamRecord {
     pub old_image: Option<Map<String, Value>>,
     /// The sequence number: what the response names the record by.
     pub sequence_number: String,
+    /// When the change was made, seconds since the epoch (`ApproximateCreationDateTime`).
+    #[serde(default)]
+    pub approximate_creation_date_time: Option<f64>,
 }
 
 impl DynamoDbRecord {
@@ -107,6 +110,29 @@ impl DynamoDbRecord {
         serde_json::from_value(plain)
             .map(Some)
             .map_err(|source| DecodeError { item: self.dynamodb.sequence_number.clone(), source })
+    }
+}
+
+/// The batch's measures for [`crate::metrics::PullBatch`], before processing: the table (the
+/// dimension), the records, the oldest change's time.
+///
+/// ```
+/// let event = pushpull::pull::dynamodb::DynamoDbEvent::from_slice(br#"{"Records":[{"eventSourceARN":
+///     "arn:aws:dynamodb:us-east-1:1:table/orders/stream/2026-01-01T00:00:00.000",
+///     "dynamodb":{"SequenceNumber":"1","ApproximateCreationDateTime":1700000000}}]}"#).unwrap();
+/// let m = pushpull::pull::dynamodb::batch_metrics(&event);
+/// assert_eq!((m.stream.as_str(), m.batch_size, m.oldest_arrival), ("orders", 1, Some(1700000000.0)));
+/// ```
+pub fn batch_metrics(event: &DynamoDbEvent) -> crate::metrics::PullBatch {
+    let arn = event.records.first().map_or("", |r| r.event_source_arn.as_str());
+    let table = arn.split_once(":table/").map_or("unknown", |(_, rest)| rest.split('/').next().unwrap_or(rest));
+    crate::metrics::PullBatch {
+        stream: table.to_owned(),
+        batch_size: event.records.len(),
+        records_in: event.records.len(),
+        processed: 0,
+        failed: 0,
+        oldest_arrival: event.records.iter().filter_map(|r| r.dynamodb.approximate_creation_date_time).reduce(f64::min),
     }
 }
 

@@ -95,6 +95,29 @@ impl SqsMessage {
     }
 }
 
+/// The batch's measures for [`crate::metrics::PullBatch`], before processing: the queue (the
+/// dimension), the messages, the oldest message's send time (`SentTimestamp`).
+///
+/// ```
+/// let event = pushpull::pull::sqs::SqsEvent::from_slice(br#"{"Records":[{"messageId":"m1",
+///     "eventSourceARN":"arn:aws:sqs:us-east-1:1:jobs","attributes":{"SentTimestamp":"1700000000500"}}]}"#).unwrap();
+/// let m = pushpull::pull::sqs::batch_metrics(&event);
+/// assert_eq!((m.stream.as_str(), m.batch_size, m.oldest_arrival), ("jobs", 1, Some(1700000000.5)));
+/// ```
+pub fn batch_metrics(event: &SqsEvent) -> crate::metrics::PullBatch {
+    let arn = event.records.first().map_or("", |m| m.event_source_arn.as_str());
+    let queue = arn.rsplit(':').next().filter(|q| !q.is_empty()).unwrap_or("unknown");
+    let sent = |m: &SqsMessage| m.attributes.get("SentTimestamp")?.parse::<f64>().ok().map(|ms| ms / 1000.0);
+    crate::metrics::PullBatch {
+        stream: queue.to_owned(),
+        batch_size: event.records.len(),
+        records_in: event.records.len(),
+        processed: 0,
+        failed: 0,
+        oldest_arrival: event.records.iter().filter_map(sent).reduce(f64::min),
+    }
+}
+
 fn fifo_options(event: &SqsEvent, mut options: Options) -> Options {
     if event.is_fifo() && options.concurrency() <= 1 {
         options.stop_at_first_failure = true;

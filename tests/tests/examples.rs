@@ -1,0 +1,101 @@
+//! Every pull example (`examples/src/bin`) as a real binary behind the Lambda Runtime API,
+//! answering a real event through the library's runner (`run_kinesis`, `run_sqs`,
+//! `run_dynamodb`): the response is the partial batch response AWS reads, and the runner's
+//! batch metrics are in the invocation's EMF document.
+use base64::Engine as _;
+use pushpull_local::runtime_api::{FunctionHost, FunctionSpec, Invocation, Outcome, workspace_binary};
+
+async fn host(binary: &str) -> FunctionHost {
+    let path = workspace_binary(binary);
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins`", path.display());
+    FunctionHost::start(FunctionSpec::new(binary, path)).await.unwrap()
+}
+
+fn response(invoked: &Invocation) -> serde_json::Value {
+    let Outcome::Response(body) = &invoked.outcome else { panic!("not a response: {:?}", invoked.outcome) };
+    serde_json::from_slice(body).unwrap()
+}
+
+/// The invocation's EMF documents (one per dimension set, written before the response is
+/// posted), merged: the pull runner's batch measures are under the `Stream` dimension.
+async fn metrics_of(host: &FunctionHost, invoked: &Invocation) -> serde_json::Value {
+    let mut merged = serde_json::Map::new();
+    for _ in 0..100 {
+        merged.clear();
+        for doc in host
+            .output()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("_aws").is_some() && v["function_request_id"] == invoked.request_id.as_str())
+        {
+            merged.extend(doc.as_object().cloned().unwrap_or_default());
+        }
+        if merged.contains_key("RecordsProcessed") {
+            return merged.into();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no batch metrics for {}: {:#?}", invoked.request_id, host.output());
+}
+
+#[tokio::test]
+async fn kinesis_orders_answers_with_the_records_that_failed() {
+    let mut host = host("kinesis-orders").await;
+    let orders = [
+        ("a", r#"{"customer":"a","amount":1}"#),
+        ("b", r#"{"customer":"b","amount":-1}"#),
+        ("a", "not json"),
+        ("c", r#"{"customer":"c","amount":2}"#),
+    ];
+    let records: Vec<_> = orders
+        .iter()
+        .enumerate()
+        .map(|(i, (customer, body))| {
+            serde_json::json!({"kinesis": {"partitionKey": customer, "sequenceNumber": (100 + i).to_string(),
+                "data": base64::engine::general_purpose::STANDARD.encode(body), "approximateArrivalTimestamp": 1.0},
+                "eventSource": "aws:kinesis", "eventID": format!("shardId-000000000000:{}", 100 + i),
+                "eventSourceARN": "arn:aws:kinesis:us-east-1:123456789012:stream/orders"})
+        })
+        .collect();
+    let event = serde_json::json!({ "Records": records }).to_string();
+    let invoked = host.invoke(event.into_bytes()).await.unwrap();
+    assert_eq!(
+        response(&invoked),
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "101"}, {"itemIdentifier": "102"}]})
+    );
+    let emf = metrics_of(&host, &invoked).await;
+    assert_eq!(emf["RecordsProcessed"], 2, "{emf}");
+    assert_eq!(emf["RecordsFailed"], 2, "{emf}");
+}
+
+#[tokio::test]
+async fn sqs_jobs_answers_with_a_failed_job_and_what_waited_behind_it_in_its_group() {
+    let mut host = host("sqs-jobs").await;
+    let msgs = [("m1", "g1", "resize"), ("m2", "g2", "explode"), ("m3", "g1", "notify"), ("m4", "g2", "notify")];
+    let records: Vec<_> = msgs
+        .iter()
+        .map(|(id, group, action)| {
+            serde_json::json!({"messageId": id, "receiptHandle": format!("rh-{id}"), "body": format!(r#"{{"action":"{action}"}}"#),
+                "attributes": {"MessageGroupId": group, "ApproximateReceiveCount": "1"}, "messageAttributes": {},
+                "md5OfBody": "", "eventSource": "aws:sqs", "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:jobs.fifo",
+                "awsRegion": "us-east-1"})
+        })
+        .collect();
+    let event = serde_json::json!({ "Records": records }).to_string();
+    let invoked = host.invoke(event.into_bytes()).await.unwrap();
+    assert_eq!(
+        response(&invoked),
+        serde_json::json!({"batchItemFailures": [{"itemIdentifier": "m2"}, {"itemIdentifier": "m4"}]})
+    );
+    let emf = metrics_of(&host, &invoked).await;
+    assert_eq!(emf["RecordsProcessed"], 2, "{emf}");
+}
+
+#[tokio::test]
+async fn dynamodb_changes_answers_the_sample_event_whole() {
+    let mut host = host("dynamodb-changes").await;
+    let invoked = host.invoke(include_bytes!("../../events/dynamodb-batch.json").to_vec()).await.unwrap();
+    assert_eq!(response(&invoked), serde_json::json!({"batchItemFailures": []}));
+    let emf = metrics_of(&host, &invoked).await;
+    assert_eq!(emf["RecordsProcessed"], 3, "{emf}");
+}
