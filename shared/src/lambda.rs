@@ -362,3 +362,48 @@ where
     })
     .await
 }
+
+/// An S3 push function in one closure: each line of each object that lands becomes a Kinesis
+/// record, a line the closure rejects is quarantined with its reason. Everything else comes from
+/// the environment, as [`crate::config::PushSettings`] reads it, plus `STREAM_NAME` (the stream
+/// the records go to); a missing or invalid variable stops the function at init, every problem
+/// named at once. Streaming, gzip, leases, checkpoints, resume after a crash and resends of
+/// throttled records come from [`crate::push`].
+///
+/// ```no_run
+/// use pushpull::push::line::{Line, LineReject};
+/// use pushpull::sink::OutRecord;
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), lambda_runtime::Error> {
+///     // `customer,amount` lines to JSON records keyed by customer.
+///     pushpull::lambda::run_s3_lines(|line: Line<'_>| -> Result<Option<OutRecord>, LineReject> {
+///         let (customer, amount) = line.text()?.split_once(',').ok_or("expected customer,amount")?;
+///         let json = serde_json::json!({ "customer": customer, "amount": amount.trim() }).to_string();
+///         Ok(Some(OutRecord::keyed(customer, json)))
+///     })
+///     .await
+/// }
+/// ```
+///
+/// For another sink, source or store, build a [`crate::push::PushHandler`] and give it to
+/// [`run_push`].
+#[cfg(all(feature = "push", feature = "s3", feature = "kinesis-sink"))]
+pub async fn run_s3_lines<L>(lines: L) -> Result<(), lambda_runtime::Error>
+where
+    L: crate::push::line::LineHandler + 'static,
+{
+    crate::telemetry::init();
+    let mut env = crate::config::Env::from_process();
+    let stream = env.required("STREAM_NAME", "the Kinesis stream the records go to");
+    let settings = crate::config::PushSettings::read(&mut env);
+    env.finish().inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
+    let aws = crate::aws::Aws::new();
+    let handler = crate::push::PushHandler::from_settings(
+        settings,
+        crate::push::source::S3Source::new(aws.s3().await.clone()),
+        lines,
+        crate::sink::kinesis::KinesisSink::new(aws.kinesis().await.clone(), stream),
+    );
+    run_push(handler).await
+}

@@ -99,3 +99,39 @@ async fn dynamodb_changes_answers_the_sample_event_whole() {
     let emf = metrics_of(&host, &invoked).await;
     assert_eq!(emf["RecordsProcessed"], 3, "{emf}");
 }
+
+/// The S3 example (`run_s3_lines`, one closure) on LocalStack: a CSV object lands, the header is
+/// skipped, each good line reaches the stream keyed by customer, the bad one is quarantined with
+/// its line number and reason; everything it needs comes from the environment.
+#[tokio::test]
+async fn s3_csv_lines_sends_each_good_line_and_quarantines_the_bad_one() {
+    let l = pushpull_tests::local().await;
+    let (bucket, stream) = (pushpull_tests::unique("pp-ex"), pushpull_tests::unique("ex-stream"));
+    l.ensure_bucket(&bucket).await.unwrap();
+    l.ensure_stream(&stream, 1).await.unwrap();
+    let body = "customer,amount\nann,3.5\nbob,lots\nann,1\n";
+    l.s3.put_object().bucket(&bucket).key("in/orders.csv").body(body.as_bytes().to_vec().into()).send().await.unwrap();
+    let spec = pushpull_tests::function(
+        "s3-csv-lines",
+        &[
+            ("STREAM_NAME", stream.as_str()),
+            ("CHECKPOINT_URI", &format!("s3://{bucket}/checkpoints")),
+            ("OUTPUT_URI", &format!("s3://{bucket}/output")),
+            ("QUARANTINE_URI", &format!("s3://{bucket}/quarantine")),
+        ],
+    );
+    let mut host = pushpull_tests::start(spec).await;
+    let event = pushpull_tests::object_created_event(&l, &bucket, "in/orders.csv", "01").await;
+    let invoked = host.invoke(event.into_bytes()).await.unwrap();
+    let summary = response(&invoked);
+    let object = &summary["objects"][0];
+    assert_eq!((object["records"].as_u64(), object["quarantined"].as_u64()), (Some(2), Some(1)), "{summary}");
+    let sent = pushpull_tests::stream_by_key(&l, &stream).await;
+    assert_eq!(sent["ann"], [r#"{"amount":3.5,"customer":"ann"}"#, r#"{"amount":1.0,"customer":"ann"}"#]);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let listed = l.s3.list_objects_v2().bucket(&bucket).prefix("quarantine/").send().await.unwrap();
+    let key = listed.contents()[0].key().unwrap().to_owned();
+    let quarantined = pushpull_tests::object_json_lines(&l, &bucket, &key).await;
+    assert_eq!(quarantined[0]["line"], 3, "{quarantined:?}");
+    assert!(quarantined[0]["reason"].as_str().unwrap().contains("amount \"lots\""), "{quarantined:?}");
+}

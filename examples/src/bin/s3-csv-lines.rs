@@ -1,13 +1,9 @@
-//! An S3 push function with its own line handler: CSV lines `customer,amount` become JSON
-//! records keyed by customer; the header and lines that do not parse are quarantined with their
-//! reason; streaming, gzip, checkpoints and resume come from the library.
-use pushpull::config::{Env, PushSettings};
-use pushpull::push::PushHandler;
+//! An S3 push function in one closure: CSV lines `customer,amount` become JSON records keyed by
+//! customer; the header is skipped and lines that do not parse are quarantined with their reason.
+//! Settings come from the environment (`STREAM_NAME`, `CHECKPOINT_URI`, `OUTPUT_URI`,
+//! `QUARANTINE_URI`, ...); streaming, gzip, checkpoints and resume come from the library.
 use pushpull::push::line::{Line, LineReject};
-use pushpull::push::source::S3Source;
 use pushpull::sink::OutRecord;
-use pushpull::sink::kinesis::KinesisSink;
-use pushpull::store::Store;
 
 /// One line: `Ok(Some(record))` to send, `Ok(None)` to skip, `Err(reason)` to quarantine.
 fn csv_line(line: Line<'_>) -> Result<Option<OutRecord>, LineReject> {
@@ -18,32 +14,20 @@ fn csv_line(line: Line<'_>) -> Result<Option<OutRecord>, LineReject> {
     let (customer, amount) = text.split_once(',').ok_or("expected customer,amount")?;
     let amount: f64 = amount.trim().parse().map_err(|e| format!("amount {amount:?}: {e}"))?;
     let json = serde_json::json!({ "customer": customer, "amount": amount }).to_string();
-    Ok(Some(OutRecord::new(customer, json.into(), line.number())))
+    Ok(Some(OutRecord::keyed(customer, json)))
 }
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    pushpull::telemetry::init();
-    let mut env = Env::from_process();
-    let stream = env.required("STREAM_NAME", "the Kinesis stream records go to");
-    let settings = PushSettings::read(&mut env);
-    env.finish()?;
-    let aws = pushpull::aws::Aws::new();
-    let handler = PushHandler::new(
-        settings.clone(),
-        S3Source::new(aws.s3().await.clone()),
-        csv_line,
-        KinesisSink::new(aws.kinesis().await.clone(), stream),
-        Store::connect(&settings.quarantine, &aws).await,
-        Store::connect(&settings.checkpoint, &aws).await,
-    );
-    pushpull::lambda::run_push(handler).await
+    pushpull::lambda::run_s3_lines(csv_line).await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pushpull::config::{Env, PushSettings};
     use pushpull::invocation::Invocation;
+    use pushpull::push::PushHandler;
     use pushpull::push::source::FileSource;
     use pushpull::sink::{PutOutcome, RecordSink, SinkError};
 
@@ -62,13 +46,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("in/bucket")).unwrap();
         std::fs::write(dir.path().join("in/bucket/orders.csv"), "customer,amount\nann,3.5\nbob,lots\nann,1\n").unwrap();
-        let handler = PushHandler::new(
+        let handler = PushHandler::from_settings(
             PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations(dir.path())).unwrap(),
             FileSource::new(dir.path().join("in")),
             csv_line,
             Memory::default(),
-            Store::file(dir.path().join("quarantine")),
-            Store::file(dir.path().join("checkpoints")),
         );
         let event = r#"{"Records":[{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put",
             "s3":{"bucket":{"name":"bucket"},"object":{"key":"orders.csv","eTag":"e","sequencer":"01"}}}]}"#;
@@ -78,5 +60,6 @@ mod tests {
         let sent = handler.sink().0.lock().unwrap();
         assert_eq!(sent[0].partition_key, "ann");
         assert_eq!(&sent[1].data[..], br#"{"amount":1.0,"customer":"ann"}"#);
+        assert_eq!((sent[0].line, sent[1].line), (2, 4), "the loop notes each record's line");
     }
 }

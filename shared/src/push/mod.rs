@@ -305,6 +305,33 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
         PushHandler { settings, source, lines, producer, quarantine, leases }
     }
 
+    /// A handler whose quarantine and checkpoints are where `settings` says
+    /// (`QUARANTINE_URI`, `CHECKPOINT_URI`): the one place they are named, so the loop guard
+    /// and the writes cannot disagree. An `s3://` store connects at its first call
+    /// ([`Store::at`]).
+    ///
+    /// ```
+    /// use pushpull::config::{Env, PushSettings};
+    /// use pushpull::push::{PushHandler, line::JsonLines, source::FileSource};
+    /// # #[derive(Default)] struct Sink;
+    /// # impl pushpull::sink::RecordSink for Sink {
+    /// #     async fn put_records(&self, r: &[pushpull::sink::OutRecord]) -> Result<pushpull::sink::PutOutcome, pushpull::sink::SinkError> {
+    /// #         Ok(pushpull::sink::PutOutcome::all_written("shardId-0", "1"))
+    /// #     }
+    /// # }
+    /// let dir = tempfile::tempdir().unwrap();
+    /// let settings = PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations(dir.path())).unwrap();
+    /// let handler = PushHandler::from_settings(settings, FileSource::new(dir.path()), JsonLines::new(None), Sink);
+    /// assert_eq!(handler.settings().quarantine, settings_quarantine(&dir));
+    /// # fn settings_quarantine(dir: &tempfile::TempDir) -> pushpull::store::Location {
+    /// #     format!("file://{}", dir.path().join("quarantine").display()).parse().unwrap()
+    /// # }
+    /// ```
+    pub fn from_settings(settings: PushSettings, source: O, lines: L, sink: S) -> Self {
+        let (quarantine, checkpoints) = (Store::at(&settings.quarantine), Store::at(&settings.checkpoint));
+        Self::new(settings, source, lines, sink, quarantine, checkpoints)
+    }
+
     /// The settings in force.
     pub fn settings(&self) -> &PushSettings {
         &self.settings

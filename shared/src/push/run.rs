@@ -343,9 +343,12 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
                             self.skipped_since += 1;
                             None
                         }
-                        Ok(Some(record)) => match check_record(&record, settings.record_max_bytes) {
+                        Ok(Some(mut record)) => match check_record(&record, settings.record_max_bytes) {
                             Err(reason) => Some((reason, QuarantinedLine::excerpt_of(line))),
                             Ok(()) => {
+                                if record.line == 0 {
+                                    record.line = number; // OutRecord::keyed
+                                }
                                 if written.as_mut().is_some_and(|w| w.take(&record.partition_key, &record.data)) {
                                     self.found_written += 1;
                                     self.sent.records += 1;

@@ -46,7 +46,8 @@ pub struct OutRecord {
     pub partition_key: compact_str::CompactString,
     /// The record's data.
     pub data: Bytes,
-    /// The 1-based input line this record carries (an aggregate's first line).
+    /// The 1-based input line this record carries (an aggregate's first line); 0 from
+    /// [`OutRecord::keyed`] until the push loop sets the line the handler was given.
     pub line: u64,
     /// The user records it carries: 1, or how many lines a KPL aggregate packs.
     pub user_records: u32,
@@ -56,6 +57,16 @@ impl OutRecord {
     /// A record from `line` of the input.
     pub fn new(partition_key: impl Into<compact_str::CompactString>, data: Bytes, line: u64) -> Self {
         OutRecord { partition_key: partition_key.into(), data, line, user_records: 1 }
+    }
+
+    /// A record of the line a line handler is given: the push loop notes which line it is.
+    ///
+    /// ```
+    /// let r = pushpull::sink::OutRecord::keyed("ann", bytes::Bytes::from_static(b"{}"));
+    /// assert_eq!((r.partition_key.as_str(), r.line), ("ann", 0));
+    /// ```
+    pub fn keyed(partition_key: impl Into<compact_str::CompactString>, data: impl Into<Bytes>) -> Self {
+        OutRecord { partition_key: partition_key.into(), data: data.into(), line: 0, user_records: 1 }
     }
 
     /// A KPL aggregate whose first user record came from `first_line`.
