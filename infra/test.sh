@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # README command 2 (and what CI runs): set up what is missing, then run every check and test.
-# 1. the template checks, the library's features one by one (`infra/check-features.sh`), the
-#    functions built as `sam build` builds them refusing every fault injection
-#    (`infra/check-deployed-build.sh`), and the deployable arm64 zips (SKIP_LAMBDA_BUILD=1 skips
-#    the zips);
+# 1. the template checks; the library feature by feature and packaged as for crates.io
+#    (`infra/check-library.sh`); the functions built as `sam build` builds them, refusing every
+#    fault injection (`infra/check-deployed-build.sh`); and the deployable arm64 zips
+#    (SKIP_LAMBDA_BUILD=1 skips the zips);
 # 2. LocalStack up (stopped again at the end if this script started it);
 # 3. doc tests, then every unit, example and integration test with cargo-nextest (the
 #    integration tests are the `integration` feature of pushpull-tests).
@@ -15,7 +15,7 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 infra/check-template.sh
-infra/check-features.sh
+infra/check-library.sh
 infra/check-deployed-build.sh
 if [ -z "${SKIP_LAMBDA_BUILD:-}" ]; then infra/build-lambda.sh; fi
 started=""

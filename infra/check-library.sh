@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The library as users get it from crates.io:
+# 1. its features are additive: each alone, none, the default and `full` build and pass
+#    `cargo test -p pushpull` (unit and doc tests) with nothing else of the workspace selected, so
+#    that no feature of another crate is unified in;
+# 2. it is publishable: `cargo publish --dry-run` packages it (README, license, metadata, no
+#    path-only dependency) and builds the package alone.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+features=(default "" runtime emf kinesis dynamodb sqs push aggregation s3 kinesis-sink aws full)
+for f in "${features[@]}"; do
+  if [ "$f" = default ]; then args=(); label="default"; else args=(--no-default-features --features "$f"); label="${f:-none}"; fi
+  log="$(mktemp)"
+  if ! cargo test -q -p pushpull "${args[@]}" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"
+    echo "[library] cargo test -p pushpull ${args[*]}: FAILED" >&2
+    exit 1
+  fi
+  passed="$(awk '/^test result: ok\./ { n += $4 } END { print n + 0 }' "$log")"
+  rm -f "$log"
+  echo "[library] pushpull with ${label}: ${passed} tests passed"
+done
+log="$(mktemp)"
+if ! cargo publish --dry-run -p pushpull --allow-dirty >"$log" 2>&1; then
+  cat "$log" >&2; rm -f "$log"
+  echo "[library] cargo publish --dry-run -p pushpull: FAILED" >&2
+  exit 1
+fi
+rm -f "$log"
+echo "[library] cargo publish --dry-run -p pushpull: packaged and built alone"
