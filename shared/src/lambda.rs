@@ -399,11 +399,13 @@ where
     let settings = crate::config::PushSettings::read(&mut env);
     env.finish().inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
     let aws = crate::aws::Aws::new();
-    let handler = crate::push::PushHandler::from_settings(
+    let handler = crate::push::PushHandler::connect(
         settings,
         crate::push::source::S3Source::new(aws.s3().await.clone()),
         lines,
         crate::sink::kinesis::KinesisSink::new(aws.kinesis().await.clone(), stream),
-    );
+        &aws,
+    )
+    .await;
     run_push(handler).await
 }

@@ -9,7 +9,6 @@ use pushpull::push::PushHandler;
 use pushpull::push::line::JsonLines;
 use pushpull::push::source::S3Source;
 use pushpull::sink::kinesis::KinesisSink;
-use pushpull::store::Store;
 
 /// The function's settings: the library's push settings, the stream, the partition key field.
 #[derive(Debug, Clone)]
@@ -120,10 +119,9 @@ pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Handler {
     #[cfg(feature = "fault-injection")]
     let sink = faults::FaultInjectingSink::new(sink, settings.inject_put_failures)
         .crash_once(settings.inject_crash_once.clone());
-    let quarantine = Store::connect(&settings.push.quarantine, aws).await;
-    let checkpoints = Store::connect(&settings.push.checkpoint, aws).await;
     let source = S3Source::new(aws.s3().await.clone());
-    PushHandler::new(settings.push, source, JsonLines::new(settings.partition_key_field), sink, quarantine, checkpoints)
+    // The quarantine and checkpoints where the settings name them (the loop guard reads the same).
+    PushHandler::connect(settings.push, source, JsonLines::new(settings.partition_key_field), sink, aws).await
 }
 
 /// Fault injection for the fault tests (feature `fault-injection`).

@@ -332,6 +332,15 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
         Self::new(settings, source, lines, sink, quarantine, checkpoints)
     }
 
+    /// [`PushHandler::from_settings`] whose `s3://` stores use `aws`'s S3 client (one client,
+    /// one configuration load for the whole function).
+    #[cfg(feature = "s3")]
+    pub async fn connect(settings: PushSettings, source: O, lines: L, sink: S, aws: &crate::aws::Aws) -> Self {
+        let quarantine = Store::connect(&settings.quarantine, aws).await;
+        let checkpoints = Store::connect(&settings.checkpoint, aws).await;
+        Self::new(settings, source, lines, sink, quarantine, checkpoints)
+    }
+
     /// The settings in force.
     pub fn settings(&self) -> &PushSettings {
         &self.settings
