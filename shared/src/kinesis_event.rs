@@ -101,10 +101,9 @@ impl<'a> KinesisEvent<'a> {
     /// anything else is read in one pass).
     ///
     /// With serde_json, which limits nesting to 128 levels and skips unknown values without
-    /// recursing: a payload built to exhaust the stack is an error, never an abort. (sonic-rs,
-    /// a SIMD parser 1.6x faster on 10,000-record batches, was used here until it was found to
-    /// overflow the stack on 100,000 nested brackets, in unknown and known fields alike:
-    /// cloudwego/sonic-rs#232, #239; measuring the depth first cost more than it saved.)
+    /// recursing: a payload built to exhaust the stack is an error, never an abort. A faster
+    /// SIMD parser (sonic-rs) overflows the stack on deeply nested values (cloudwego/sonic-rs#232,
+    /// #239), and checking the depth first costs what it saves (BENCHMARKS.md).
     ///
     /// ```
     /// use pushpull::kinesis_event::KinesisEvent;

@@ -6,19 +6,17 @@
 //! both are cut into parts ([`each_part`]) that the threads take until none is left.
 //!
 //! The helpers are the threads of one [`rayon_core`] pool, started once ([`start`]), not a thread
-//! per batch: measured on Firecracker, the VM Lambda runs on, a thread started for a batch on an
-//! idle vCPU often began 1.4-2.8 ms late, as long as reading a whole batch on two threads takes,
-//! where a pool's helper woken for it took its first part 21-70 µs after the caller in 101 of 105
-//! invocations (BENCHMARKS.md, W1). A helper that has just worked stays awake for [`LINGER`], asking the pool for work and
-//! yielding its vCPU between asks, so that the next part of the same invocation (the records'
-//! check follows the event's read) finds it awake; after that it sleeps as rayon's threads do.
-//! The calling thread waits for the helpers' last parts awake, too (a part is a fraction of a
-//! millisecond).
+//! per batch: on Firecracker, the VM Lambda runs on, a thread started for a batch on an idle vCPU
+//! often begins as late as reading the whole batch takes, where a pooled helper that is woken
+//! starts within microseconds (BENCHMARKS.md, W1). A helper that has just worked stays awake for
+//! [`LINGER`], asking the pool for work and yielding its vCPU between asks, so that the next part
+//! of the same invocation (the records' check follows the event's read) finds it awake; after
+//! that it sleeps as rayon's threads do. The calling thread waits for the helpers' last parts
+//! awake, too (a part is a fraction of a millisecond).
 //!
-//! Why 1 ms (BENCHMARKS.md, W1): with 10 ms or 3 ms the helper was still spinning while the next
-//! event arrived, and took CPU from its transfer (the Runtime API is a process on the same two
-//! vCPUs there); 0.5-2 ms measured alike, and 1 ms covers the gap between a batch's read and its
-//! check with room to spare.
+//! Why 1 ms: it covers the gap between a batch's read and its check, and a helper is asleep by
+//! the time the next event arrives, so it takes no CPU from that event's transfer (the Runtime
+//! API shares the vCPUs); BENCHMARKS.md, W1, has the lingers measured.
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};

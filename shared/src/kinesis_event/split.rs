@@ -87,9 +87,9 @@ fn read_part<'a>(
 /// one pass (see the module documentation).
 ///
 /// The parts are more than the threads, and each thread takes the next part not yet taken until
-/// none is left: a helper that starts late (measured on Firecracker, which Lambda runs on: a
-/// thread started on an idle vCPU often began only after 1.8 ms, when the caller had read half
-/// the batch alone) costs only the parts it did not take, never a wait for it.
+/// none is left: a helper that starts late (on Firecracker, which Lambda runs on, a thread
+/// started on an idle vCPU often begins when the caller has read half the batch alone;
+/// BENCHMARKS.md) costs only the parts it did not take, never a wait for it.
 pub(super) fn parse(payload: &[u8], threads: usize, parts: usize) -> Option<KinesisEvent<'_>> {
     let open = records_start(payload)?;
     // An empty array, or one record: nothing to cut.

@@ -66,8 +66,9 @@ impl<'a> Record<'a> {
         parse_json(self.data, || self.sequence_number.to_owned())
     }
 
-    /// An owned copy, for async handlers and tasks.
-    pub fn to_owned(&self) -> OwnedRecord {
+    /// An owned copy, for async handlers and tasks (named apart from `ToOwned::to_owned`, which
+    /// would clone the borrowed record instead).
+    pub fn to_owned_record(&self) -> OwnedRecord {
         OwnedRecord {
             index: self.index,
             shard_id: self.shard_id.to_owned(),
