@@ -28,7 +28,7 @@ for b in "${binaries[@]}"; do cp "$target/debug/$b" "$out/$b"; done
 checked=0
 for b in "${binaries[@]}"; do
   [ -d "functions/$b/src" ] || { echo "[deployed] no functions/$b/src for the template's Binary $b" >&2; exit 1; }
-  vars=($(grep -rhoE 'PUSHPULL_INJECT_[A-Z_]+' "functions/$b/src" | sort -u))
+  vars=($(grep -rhoE 'PUSHPULL_INJECT_[A-Z_]+' "functions/$b/src" | sort -u || true))
   [ "${#vars[@]}" -gt 0 ] || { echo "[deployed] $b reads no PUSHPULL_INJECT_* variable" >&2; exit 1; }
   for name in "${vars[@]}"; do
     set +e

@@ -134,6 +134,28 @@ impl Env {
         }
     }
 
+    /// A required Kinesis stream name from `name`: 1-128 characters of a-z, A-Z, 0-9, `_`, `.`,
+    /// `-` (an ARN is refused here, at init, not by every PutRecords later).
+    ///
+    /// ```
+    /// use pushpull::config::Env;
+    /// let mut env = Env::from_pairs([("STREAM_NAME", "arn:aws:kinesis:us-east-1:1:stream/orders")]);
+    /// env.kinesis_stream_name("STREAM_NAME", "the stream records go to");
+    /// assert!(env.finish().unwrap_err().to_string().contains("a Kinesis stream name"));
+    /// ```
+    pub fn kinesis_stream_name(&mut self, name: &'static str, purpose: &'static str) -> String {
+        let value = self.required(name, purpose);
+        let ok = value.len() <= 128 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !value.is_empty() && !ok {
+            self.invalid(
+                name,
+                value.clone(),
+                "a Kinesis stream name: 1-128 characters of a-z, A-Z, 0-9, '_', '.', '-'",
+            );
+        }
+        value
+    }
+
     /// An optional string (unset or empty is `None`).
     pub fn optional(&mut self, name: &'static str) -> Option<String> {
         self.raw(name).map(str::to_owned)

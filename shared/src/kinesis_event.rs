@@ -103,7 +103,7 @@ impl<'a> KinesisEvent<'a> {
     /// With serde_json, which limits nesting to 128 levels and skips unknown values without
     /// recursing: a payload built to exhaust the stack is an error, never an abort. A faster
     /// SIMD parser (sonic-rs) overflows the stack on deeply nested values (cloudwego/sonic-rs#232,
-    /// #239), and checking the depth first costs what it saves (BENCHMARKS.md).
+    /// #239), and checking the depth first cost more than it saved (BENCHMARKS.md).
     ///
     /// ```
     /// use pushpull::kinesis_event::KinesisEvent;

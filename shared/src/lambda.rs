@@ -395,7 +395,7 @@ where
 {
     crate::telemetry::init();
     let mut env = crate::config::Env::from_process();
-    let stream = env.required("STREAM_NAME", "the Kinesis stream the records go to");
+    let stream = env.kinesis_stream_name("STREAM_NAME", "the Kinesis stream the records go to");
     let settings = crate::config::PushSettings::read(&mut env);
     env.finish().inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
     let aws = crate::aws::Aws::new();

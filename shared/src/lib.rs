@@ -36,7 +36,7 @@
 //! | [`telemetry`] | `runtime` | structured JSON logs with Powertools' keys |
 #![warn(missing_docs)]
 
-// The crate README's example, compiled and run as a doc test.
+// The crate README's example, compiled as a doc test.
 #[cfg(all(doctest, feature = "kinesis", feature = "runtime"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

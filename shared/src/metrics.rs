@@ -19,8 +19,8 @@
 //! |---|---|---|
 //! | [`RECORDS_IN`] | Count | pull: records in the batch (user records inside aggregates counted one by one) |
 //! | [`RECORDS_PROCESSED`] | Count | pull: records handled successfully |
-//! | [`RECORDS_FAILED`] | Count | pull: records reported failed (partial batch response) or not reached |
-//! | [`BATCH_SIZE`] | Count | pull: Kinesis records in the invocation's batch (one value per invocation) |
+//! | [`RECORDS_FAILED`] | Count | pull: records reported failed (partial batch response), or not reached (the deadline; an SQS FIFO message held back behind a failure in its group) |
+//! | [`BATCH_SIZE`] | Count | pull: records in the invocation's batch (one value per invocation) |
 //! | [`OLDEST_RECORD_AGE`] | Milliseconds | pull: now minus the oldest record's arrival time, when processing starts |
 //! | [`OBJECTS`] | Count | push: S3 objects handled (one per notification record) |
 //! | [`LINES_IN`] | Count | push: lines read, blank ones included |
@@ -106,9 +106,9 @@ pub fn describe() {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PullBatch {
-    /// The stream's name (the dimension).
+    /// The source's name (the dimension): the Kinesis stream, the DynamoDB table, the SQS queue.
     pub stream: String,
-    /// Kinesis records in the batch.
+    /// Records (Kinesis records, stream records, messages) in the batch.
     pub batch_size: usize,
     /// Records in the batch, user records inside aggregates counted one by one.
     pub records_in: usize,
@@ -116,8 +116,8 @@ pub struct PullBatch {
     pub processed: usize,
     /// Records reported failed or not reached.
     pub failed: usize,
-    /// The oldest record's approximate arrival time, seconds since the epoch (as Kinesis
-    /// events carry it).
+    /// The oldest record's arrival, seconds since the epoch: a Kinesis record's approximate
+    /// arrival, a DynamoDB change's approximate creation time, an SQS message's sent time.
     pub oldest_arrival: Option<f64>,
 }
 

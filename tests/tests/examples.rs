@@ -1,7 +1,7 @@
-//! Every pull example (`examples/src/bin`) as a real binary behind the Lambda Runtime API,
-//! answering a real event through the library's runner (`run_kinesis`, `run_sqs`,
-//! `run_dynamodb`): the response is the partial batch response AWS reads, and the runner's
-//! batch metrics are in the invocation's EMF document.
+//! Every example (`examples/src/bin`) as a real binary behind the Lambda Runtime API, answering a
+//! real event through the library's runner: the pull examples (`run_kinesis`, `run_sqs`,
+//! `run_dynamodb`) with the partial batch response AWS reads and the runner's batch metrics in
+//! the invocation's EMF documents; the S3 example (`run_s3_lines`) on LocalStack.
 use base64::Engine as _;
 use pushpull_local::runtime_api::{FunctionHost, FunctionSpec, Invocation, Outcome, workspace_binary};
 
@@ -66,6 +66,7 @@ async fn kinesis_orders_answers_with_the_records_that_failed() {
     let emf = metrics_of(&host, &invoked).await;
     assert_eq!(emf["RecordsProcessed"], 2, "{emf}");
     assert_eq!(emf["RecordsFailed"], 2, "{emf}");
+    assert_eq!(emf["Stream"], "orders", "{emf}");
 }
 
 #[tokio::test]
@@ -89,6 +90,8 @@ async fn sqs_jobs_answers_with_a_failed_job_and_what_waited_behind_it_in_its_gro
     );
     let emf = metrics_of(&host, &invoked).await;
     assert_eq!(emf["RecordsProcessed"], 2, "{emf}");
+    assert_eq!(emf["RecordsFailed"], 2, "m2 failed, m4 held back behind it: {emf}");
+    assert_eq!(emf["Stream"], "jobs.fifo", "the queue is the dimension: {emf}");
 }
 
 #[tokio::test]
@@ -130,7 +133,7 @@ async fn s3_csv_lines_sends_each_good_line_and_quarantines_the_bad_one() {
     assert_eq!(sent["ann"], [r#"{"amount":3.5,"customer":"ann"}"#, r#"{"amount":1.0,"customer":"ann"}"#]);
     assert_eq!(sent.len(), 1, "{sent:?}");
     let listed = l.s3.list_objects_v2().bucket(&bucket).prefix("quarantine/").send().await.unwrap();
-    let key = listed.contents()[0].key().unwrap().to_owned();
+    let key = listed.contents().first().and_then(|o| o.key()).expect("a quarantine entry").to_owned();
     let quarantined = pushpull_tests::object_json_lines(&l, &bucket, &key).await;
     assert_eq!(quarantined[0]["line"], 3, "{quarantined:?}");
     assert!(quarantined[0]["reason"].as_str().unwrap().contains("amount \"lots\""), "{quarantined:?}");

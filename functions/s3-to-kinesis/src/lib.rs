@@ -39,7 +39,7 @@ impl Settings {
     /// assert!(err.to_string().contains("PUT_MAX_RECORDS=\"900\""), "{err}");
     /// ```
     pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
-        let stream_name = stream_name(&mut env, "STREAM_NAME", "the Kinesis stream the push function writes to");
+        let stream_name = env.kinesis_stream_name("STREAM_NAME", "the Kinesis stream the push function writes to");
         let push = PushSettings::read(&mut env);
         let partition_key_field = env.optional("PARTITION_KEY_FIELD");
         let inject_put_failures = inject_put_failures(&mut env);
@@ -92,15 +92,6 @@ fn inject_put_failures(env: &mut Env) -> f64 {
         );
     }
     0.0
-}
-
-fn stream_name(env: &mut Env, name: &'static str, purpose: &'static str) -> String {
-    let value = env.required(name, purpose);
-    let ok = value.len() <= 128 && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if !value.is_empty() && !ok {
-        env.invalid(name, value.clone(), "a Kinesis stream name: 1-128 characters of a-z, A-Z, 0-9, '_', '.', '-'");
-    }
-    value
 }
 
 /// The sink the deployed function sends to.

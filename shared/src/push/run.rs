@@ -397,7 +397,10 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         match records {
             Err(reason) => self.quarantine_line(1, 0, reason, QuarantinedLine::excerpt_of(&data)),
             Ok(records) => {
-                for record in records {
+                for (i, mut record) in records.into_iter().enumerate() {
+                    if record.line == 0 {
+                        record.line = i as u64 + 1; // OutRecord::keyed: its place in the object
+                    }
                     if let Err(reason) = check_record(&record, self.handler.settings.record_max_bytes) {
                         let excerpt = QuarantinedLine::excerpt_of(&record.data);
                         self.quarantine_line(record.line, 0, reason, excerpt);

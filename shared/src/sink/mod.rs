@@ -47,7 +47,8 @@ pub struct OutRecord {
     /// The record's data.
     pub data: Bytes,
     /// The 1-based input line this record carries (an aggregate's first line); 0 from
-    /// [`OutRecord::keyed`] until the push loop sets the line the handler was given.
+    /// [`OutRecord::keyed`] until the push loop sets it: the line a line handler was given, or
+    /// the record's place (1-based) among a whole-object handler's records.
     pub line: u64,
     /// The user records it carries: 1, or how many lines a KPL aggregate packs.
     pub user_records: u32,
@@ -59,7 +60,8 @@ impl OutRecord {
         OutRecord { partition_key: partition_key.into(), data, line, user_records: 1 }
     }
 
-    /// A record of the line a line handler is given: the push loop notes which line it is.
+    /// A record of the line a line handler is given (or of a whole-object handler's object): the
+    /// push loop notes which line it is (or its place among the object's records).
     ///
     /// ```
     /// let r = pushpull::sink::OutRecord::keyed("ann", bytes::Bytes::from_static(b"{}"));

@@ -275,7 +275,9 @@ impl Store {
 
     /// A store at `location`, in every build. With the `s3` feature an `s3://` location
     /// connects at its first call (the AWS configuration loaded then, once for every store made
-    /// so); without it, every call on an `s3://` store fails with [`StoreError::Unsupported`].
+    /// so, for the life of the process: one client on the first tokio runtime that used it, so
+    /// tests that each start a runtime should use [`Store::connect`]); without it, every call on
+    /// an `s3://` store fails with [`StoreError::Unsupported`].
     ///
     /// ```
     /// use pushpull::store::{Location, Store};
