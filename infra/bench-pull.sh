@@ -2,8 +2,12 @@
 # Pull function benchmark (BENCHMARKS.md): the release kinesis-rollup binary under the shared
 # runtime_api.py tool on 21 consecutive 10,000-record batches, next to a floor function that
 # skips the event unparsed, in the same run; then the same lines packed 100 to a KPL aggregate
-# (100 Kinesis records a batch), rollup and floor alike; and the plain rollup with its EMF metrics
-# off (POWERTOOLS_METRICS_DISABLED), for what they cost. Needs ../shared/tools (or SHARED_TOOLS=dir).
+# (100 Kinesis records a batch), rollup and floor alike; the plain rollup with its EMF metrics
+# off (POWERTOOLS_METRICS_DISABLED), for what they cost. The rollup runs as the template deploys
+# it at ParallelizationFactor 1 (ROLLUP_POSITIONS=per-shard), and once more with per-key
+# positions (what the template sets above factor 1, and the rollup's default without it: a
+# checkpoint entry per partition key and a write-ahead note, two checkpoint writes a batch), for
+# what they cost. Needs ../shared/tools (or SHARED_TOOLS=dir).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="${SHARED_TOOLS:-$ROOT/../shared/tools}"
@@ -25,6 +29,7 @@ run() { # name, events array name, then command
   rm -rf "$WORK/out" "$WORK/cp"
   { printf '%s ' "$name"
     GROUP_BY_FIELD=user SUM_FIELD=amount OUTPUT_URI="file://$WORK/out" CHECKPOINT_URI="file://$WORK/cp" RUST_LOG=warn \
+      ROLLUP_POSITIONS="${ROLLUP_POSITIONS:-per-shard}" \
       python3 "$TOOLS/runtime_api.py" --invocations 20 "${!list}" -- "$@"; } | tee -a "$WORK/results"
 }
 # The rollup's output must be complete: 21 batches of 10,000 lines, 1,000 users.
@@ -43,7 +48,8 @@ for round in 1 2 3; do
   # from round to round, so that neither is always the one run right after the floor.
   on() { run kinesis-rollup events target/release/kinesis-rollup; check_output; }
   off() { POWERTOOLS_METRICS_DISABLED=true run kinesis-rollup-no-metrics events target/release/kinesis-rollup; check_output; }
-  if [ $((round % 2)) = 1 ]; then on; off; else off; on; fi
+  key() { ROLLUP_POSITIONS=per-key run kinesis-rollup-per-key events target/release/kinesis-rollup; check_output; }
+  if [ $((round % 2)) = 1 ]; then on; off; key; else key; off; on; fi
   run floor-aggregated aggregated target/release/bench-floor
   run kinesis-rollup-aggregated aggregated target/release/kinesis-rollup
   check_output
@@ -58,13 +64,14 @@ for line in open(sys.argv[1]):
     elif line.strip():
         name, result = line.split(" ", 1)
         rounds[-1][name] = json.loads(result)
-print("round | floor ms | rollup ms | ratio | init ms | peak RSS MiB | metrics off ms | ratio | aggregated: floor ms | rollup ms | ratio | peak RSS MiB")
+print("round | floor ms | rollup ms | ratio | init ms | peak RSS MiB | metrics off ms | ratio | per-key ms | ratio | aggregated: floor ms | rollup ms | ratio | peak RSS MiB")
 for i, r in enumerate(rounds, 1):
     warm = lambda n: r[n]["warm_median_ms"]
     print(" | ".join(str(x) for x in [
         i, warm("floor"), warm("kinesis-rollup"), f'{warm("kinesis-rollup") / warm("floor"):.2f}',
         r["kinesis-rollup"]["init_ms"], r["kinesis-rollup"]["peak_rss_mib"],
         warm("kinesis-rollup-no-metrics"), f'{warm("kinesis-rollup-no-metrics") / warm("floor"):.2f}',
+        warm("kinesis-rollup-per-key"), f'{warm("kinesis-rollup-per-key") / warm("floor"):.2f}',
         warm("floor-aggregated"), warm("kinesis-rollup-aggregated"),
         f'{warm("kinesis-rollup-aggregated") / warm("floor-aggregated"):.2f}', r["kinesis-rollup-aggregated"]["peak_rss_mib"]]))
 PY
