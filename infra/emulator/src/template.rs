@@ -105,7 +105,11 @@ impl Template {
 
     /// The template's `Rules`, as CloudFormation checks them before it creates or updates a
     /// stack: each rule whose `RuleCondition` holds (or has none) must have every `Assert` hold,
-    /// or the parameters are refused with the assertion's `AssertDescription`.
+    /// or the parameters are refused with the assertion's `AssertDescription`. AWS
+    /// (CloudFormation User Guide, "CloudFormation template Rules syntax"): rule functions
+    /// "validate parameter values before CloudFormation creates or updates any resources"; "A
+    /// rule can include a RuleCondition property and must include an Assertions property ... If
+    /// you don't define a rule condition, the rule's assertions always take effect."
     fn check_rules(&self, rules: &Map<String, Value>) -> Result<(), TemplateError> {
         for (name, rule) in rules {
             let at = format!("rule {name}");
@@ -114,7 +118,12 @@ impl Template {
             {
                 continue;
             }
-            for a in rule.get("Assertions").and_then(Value::as_array).into_iter().flatten() {
+            let assertions = rule
+                .get("Assertions")
+                .and_then(Value::as_array)
+                .filter(|a| !a.is_empty())
+                .ok_or_else(|| resolve_err(&at, "a rule must include Assertions"))?;
+            for a in assertions {
                 let assert = a.get("Assert").ok_or_else(|| resolve_err(&at, "an assertion without Assert"))?;
                 if !self.truth(assert, &at)? {
                     let why = a.get("AssertDescription").and_then(Value::as_str).unwrap_or("an assertion failed");
@@ -583,6 +592,11 @@ Resources:
         // Rules (CloudFormation's "Rules" section): checked when their RuleCondition holds.
         let e = Template::parse(T, "st", &["Size=7".into()]).unwrap_err().to_string();
         assert!(e.contains("rule SevenNeedsAName: Size 7 needs a Name"), "{e}");
+        let bare = format!("{T}\nRules:\n  Empty: {{ RuleCondition: !Equals [!Ref Name, \"\"] }}\n");
+        let e = Template::parse(&bare.replace("Rules:\n  SevenNeedsAName", "Unused:\n  SevenNeedsAName"), "st", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must include Assertions"), "{e}");
     }
 
     #[test]
