@@ -125,7 +125,7 @@ async fn in_a_storm_every_line_reaches_the_stream_once_and_the_totals_are_exact(
 /// done after the slowest lane's position, and the ten lanes write one shard checkpoint at once:
 /// still every line once, the totals exact. (Before the fix in `save_checkpoint`'s callers, a
 /// lane's step 3 wrote over what another lane had merged in, and this run lost 0.2-0.7% of the
-/// lines; `functions/kinesis-rollup/tests/concurrent_lanes.rs` finds that in a second, in process.)
+/// lines; `functions/kinesis-rollup/tests/concurrent_lanes.rs` finds that in seconds, in process.)
 #[tokio::test]
 async fn in_a_storm_at_parallelization_factor_10_every_line_reaches_the_stream_once_and_the_totals_are_exact() {
     storm(false, 10).await;
