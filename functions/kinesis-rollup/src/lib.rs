@@ -645,43 +645,47 @@ impl RollupHandler {
                     let body = rollup.ndjson(&shard_id, None, Some(&id));
                     match self.output.put(&name, body.into(), Precondition::IfAbsent).await {
                         Ok(_) => {}
-                        Err(StoreError::PreconditionFailed { uri }) => match self.output_at(&name).await? {
-                            // Ours: an earlier try of this write, its answer lost.
-                            Some(existing) if writer_of(&existing).as_deref() == Some(id.as_str()) => {
-                                info!(output = %name, "our output was written by an earlier try of this write");
-                            }
-                            // Another invocation's, counting from the same record: our note is
-                            // withdrawn (its positions must never count for that output) and we
-                            // fail; the retry finds the positions. An output without a writer is
-                            // one written with per-shard positions (before a switch to per-key):
-                            // it counts every record of the shard from its first to its last,
-                            // and those of ours move their keys.
-                            Some(existing) => {
-                                let mut withdrawn = noted.clone();
-                                withdrawn.pending.remove(&name);
-                                if writer_of(&existing).is_none()
-                                    && let Some(existing_last) = max_last_position(&existing)
-                                {
-                                    let mut counted = ShardCheckpoint::default();
-                                    counted.advance(Positions::PerKey, fresh, &existing_last.clone().min(last.clone()));
-                                    withdrawn.apply(&counted.keys);
-                                    info!(output = %name, existing_last = %existing_last, "an output written per shard holds these records: their keys move");
+                        Err(StoreError::PreconditionFailed { uri }) => {
+                            let taken = || RollupError::Output {
+                                uri: uri.clone(),
+                                source: StoreError::PreconditionFailed { uri: uri.clone() },
+                            };
+                            match self.output_at(&name).await? {
+                                // Ours: an earlier try of this write, its answer lost.
+                                Some(existing) if writer_of(&existing).as_deref() == Some(id.as_str()) => {
+                                    info!(output = %name, "our output was written by an earlier try of this write");
                                 }
-                                self.save_checkpoint(&cp_id, &noted, Some(version), withdrawn).await.map_err(cp_err)?;
-                                return Err(RollupError::Output {
-                                    uri: uri.clone(),
-                                    source: StoreError::PreconditionFailed { uri },
-                                });
+                                // Another invocation's, counting from the same record: our note is
+                                // withdrawn (its positions must never count for that output) and we
+                                // fail; the retry finds the positions. An output without a writer is
+                                // one written with per-shard positions (before a switch to per-key):
+                                // it counts every record of the shard from its first to its last,
+                                // and those of ours move their keys.
+                                Some(existing) => {
+                                    let mut withdrawn = noted.clone();
+                                    withdrawn.pending.remove(&name);
+                                    if writer_of(&existing).is_none()
+                                        && let Some(existing_last) = max_last_position(&existing)
+                                    {
+                                        let mut counted = ShardCheckpoint::default();
+                                        counted.advance(
+                                            Positions::PerKey,
+                                            fresh,
+                                            &existing_last.clone().min(last.clone()),
+                                        );
+                                        withdrawn.apply(&counted.keys);
+                                        info!(output = %name, existing_last = %existing_last, "an output written per shard holds these records: their keys move");
+                                    }
+                                    self.save_checkpoint(&cp_id, &noted, Some(version), withdrawn)
+                                        .await
+                                        .map_err(cp_err)?;
+                                    return Err(taken());
+                                }
+                                // Not there: a conflicting write of ours still in flight (S3's 409).
+                                // The note stays: whoever settles it applies it if the write lands.
+                                None => return Err(taken()),
                             }
-                            // Not there: a conflicting write of ours still in flight (S3's 409).
-                            // The note stays: whoever settles it applies it if the write lands.
-                            None => {
-                                return Err(RollupError::Output {
-                                    uri: uri.clone(),
-                                    source: StoreError::PreconditionFailed { uri },
-                                });
-                            }
-                        },
+                        }
                         Err(source) => return Err(RollupError::Output { uri: self.output.uri(&name), source }),
                     }
                     #[cfg(feature = "fault-injection")]
@@ -1199,14 +1203,11 @@ fn output_name(stream: &str, shard_id: &str, first: &Position) -> String {
     }
 }
 
-/// A new intent's id: unique enough that two invocations never draw the same one (the time in
-/// nanoseconds and std's per-process random hash keys).
+/// A new intent's id: the time in nanoseconds and 64 random bits, so that two invocations never
+/// draw the same one.
 fn intent_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(nanos);
-    format!("{nanos:x}-{:016x}", h.finish())
+    format!("{nanos:x}-{:016x}", fastrand::u64(..))
 }
 
 /// The `writer` of an output's first row.
