@@ -19,9 +19,48 @@
 //! # });
 //! ```
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
+
+/// Below this, a `Lambda-Runtime-Deadline-Ms` cannot be a Unix time in milliseconds: it would be
+/// before 2001-09-09. AWS defines the header as "The date that the function times out in Unix time
+/// milliseconds. For example, 1542409706888." (Lambda Developer Guide, "Using the Lambda runtime
+/// API for custom runtimes", Next invocation). `cargo lambda watch` 1.9.2 sends the function's
+/// timeout there instead (`600000`), which read as AWS defines it is a deadline in 1970.
+const UNIX_MS_FLOOR: u64 = 1_000_000_000_000;
+
+/// When the invocation times out, from the Runtime API's `Lambda-Runtime-Deadline-Ms` (the
+/// Lambda context's `deadline`) received at `now`.
+///
+/// A value that cannot be a Unix time in milliseconds (before 2001-09-09) is read as the time
+/// left from `now`, with a warning the first time: that is what `cargo lambda watch` 1.9.2 means
+/// by it (it sends the timeout, `600000`). Read as AWS defines it, every invocation would start
+/// past its deadline and stop before doing anything.
+///
+/// ```
+/// use std::time::{Duration, UNIX_EPOCH};
+/// use pushpull::invocation::deadline_of;
+///
+/// let now = UNIX_EPOCH + Duration::from_millis(1_796_616_629_000);
+/// // As Lambda sends it: a Unix time in milliseconds.
+/// assert_eq!(deadline_of(1_796_616_659_000, now), now + Duration::from_secs(30));
+/// // As cargo lambda watch sends it: the time left.
+/// assert_eq!(deadline_of(600_000, now), now + Duration::from_secs(600));
+/// ```
+pub fn deadline_of(header_ms: u64, now: SystemTime) -> SystemTime {
+    if header_ms >= UNIX_MS_FLOOR {
+        return UNIX_EPOCH + Duration::from_millis(header_ms);
+    }
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            deadline_ms = header_ms,
+            "Lambda-Runtime-Deadline-Ms is not a Unix time in milliseconds (cargo lambda watch sends the timeout there); reading it as the time left"
+        )
+    });
+    now + Duration::from_millis(header_ms)
+}
 
 /// One invocation: cheap to clone (shared), handed to every record handler that asks for it.
 #[derive(Debug, Clone)]
@@ -71,10 +110,12 @@ impl Invocation {
         Invocation { inner: Arc::new(Inner { deadline, ..inner }) }
     }
 
-    /// From the Lambda context: its request id and deadline.
+    /// From the Lambda context: its request id and deadline (read by [`deadline_of`]).
     #[cfg(feature = "runtime")]
     pub fn from_context(ctx: &lambda_runtime::Context) -> Self {
-        let left = ctx.deadline().duration_since(std::time::SystemTime::now()).unwrap_or_default();
+        let left = deadline_of(ctx.deadline, SystemTime::now())
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
         Invocation {
             inner: Arc::new(Inner {
                 request_id: ctx.request_id.clone(),

@@ -3,6 +3,7 @@
 //!
 //! Tests never skip: if LocalStack is not running they fail and say how to start it (the
 //! README's test command starts it).
+pub mod readme;
 pub mod runners;
 
 use pushpull_local::localstack::{Local, function_env};

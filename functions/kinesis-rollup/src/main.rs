@@ -22,7 +22,10 @@ async fn main() -> Result<(), Error> {
     pushpull::lambda::run_raw(move |body, context| {
         let handler = handler.clone();
         // The deadline bounds how long a write-ahead note of this invocation claims its keys.
-        let deadline = context.deadline as f64 / 1000.0;
+        let now = std::time::SystemTime::now();
+        let deadline = pushpull::invocation::deadline_of(context.deadline, now)
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         async move { handler.handle_until(&body, Some(deadline)).await }
     })
     .await

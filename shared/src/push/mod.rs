@@ -137,6 +137,17 @@ pub enum ObjectError {
         /// Lines done so far.
         lines_done: u64,
     },
+    /// The invocation had less time left than the deadline margin when this object's turn came:
+    /// nothing was claimed or read.
+    #[error(
+        "the invocation had {left_ms} ms left when this object's turn came, less than the deadline margin of {margin_ms} ms (DEADLINE_MARGIN_MS): nothing was done, and a retry with more time processes it"
+    )]
+    TooLittleTime {
+        /// Time the invocation had left, in milliseconds.
+        left_ms: u64,
+        /// The deadline margin, in milliseconds.
+        margin_ms: u64,
+    },
     /// Reading or writing a checkpoint failed, or another invocation took the object over.
     #[error("checkpoint: {0}")]
     Checkpoint(#[source] CheckpointError),
@@ -164,7 +175,7 @@ impl PushError {
                 ObjectError::Open(_) | ObjectError::ReadBody { .. } => "PushError.Read",
                 ObjectError::Produce(_) => "PushError.Produce",
                 ObjectError::Busy(_) => "PushError.Busy",
-                ObjectError::OutOfTime { .. } => "PushError.OutOfTime",
+                ObjectError::OutOfTime { .. } | ObjectError::TooLittleTime { .. } => "PushError.OutOfTime",
                 ObjectError::Checkpoint(_) => "PushError.Checkpoint",
                 ObjectError::ReadBack(_) => "PushError.ReadBack",
                 ObjectError::ShardMap(_) => "PushError.ShardMap",
@@ -436,6 +447,15 @@ impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
     pub async fn process_object(&self, ev: &ObjectEvent, invocation: &Invocation) -> Result<ObjectSummary, PushError> {
         let started = StdInstant::now();
         let err = |e| PushError::object(ev, e);
+        let margin = self.settings.deadline_margin;
+        if invocation.out_of_time(margin) {
+            let left = invocation.remaining().unwrap_or_default();
+            warn!(bucket = %ev.bucket, key = %ev.key, left_ms = left.as_millis() as u64, "less time left than the deadline margin; not started");
+            return Err(err(ObjectError::TooLittleTime {
+                left_ms: left.as_millis() as u64,
+                margin_ms: margin.as_millis() as u64,
+            }));
+        }
         if let Some(sequencer) = &ev.sequencer
             && self.leases.is_stale(ev, sequencer).await.map_err(|e| err(ObjectError::Checkpoint(e)))?
         {

@@ -1320,6 +1320,33 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_invocation_with_less_time_than_the_margin_says_so_and_claims_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("objects/b")).unwrap();
+        std::fs::write(dir.path().join("objects/b/k.ndjson"), lines(10)).unwrap();
+        let env = Env::from_pairs([("DEADLINE_MARGIN_MS", "4000")]);
+        let handler = PushHandler::new(
+            PushSettings::from_env(env.with_local_locations(dir.path())).unwrap(),
+            FileSource::new(dir.path().join("objects")),
+            JsonLines::new(Some("user".into())),
+            Stuck { hang: false },
+            Store::file(dir.path().join("q")),
+            Store::file(dir.path().join("cp")),
+        );
+        let invocation = Invocation::new("r").with_time_left(Duration::from_millis(2500));
+        let err = handler.handle(&event(), &invocation).await.unwrap_err();
+        let PushError::Object { source: ObjectError::TooLittleTime { left_ms: 2500, margin_ms: 4000 }, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(err.kind(), "PushError.OutOfTime");
+        let said = err.to_string();
+        assert!(said.contains("2500 ms left") && said.contains("DEADLINE_MARGIN_MS") && said.contains("b/k.ndjson"), "{said}");
+        // Nothing was claimed: a retry owns the object at once.
+        let claim = handler.leases.claim(&object_event(), "retry").await;
+        assert!(matches!(claim, Ok(crate::push::lease::Claim::Owned { .. })), "{claim:?}");
+    }
+
     fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(dir).unwrap() {
