@@ -109,14 +109,13 @@ async fn hostile_batches_are_answered_per_record_and_counted_once() {
         ("amount a string of digits", next(&[br#"{"user":"s","amount":"12.5"}"#]), vec![], 1),
         ("amount not a number", next(&[br#"{"user":"s","amount":"twelve"}"#, good]), vec![0], 0),
         ("amount 1e400", next(&[br#"{"user":"s","amount":1e400}"#, good]), vec![0], 0),
+        // Exact, however long (`kinesis_rollup::Sum`).
         (
             "amount with 40 digits",
             next(&[br#"{"user":"s","amount":1234567890123456789012345678901234567890}"#, good]),
-            vec![0],
-            0,
+            vec![],
+            2,
         ),
-        ("amount negative", next(&[br#"{"user":"n","amount":-3.5}"#]), vec![], 1),
-        // More decimals than the sum keeps (9) are rounded, as `Sum::parse` documents.
         ("amount with 20 decimals", next(&[br#"{"user":"n","amount":0.12345678901234567890}"#, good]), vec![], 2),
         ("amount missing", next(&[br#"{"user":"m"}"#]), vec![], 1),
         ("group an object", next(&[br#"{"user":{"a":1},"amount":1}"#]), vec![], 1),

@@ -38,9 +38,9 @@ async fn fixture(name: &str, n: usize, bad: &[usize]) -> Fixture {
         let line = if bad.contains(&i) {
             format!("not json {i}")
         } else {
-            let e = expected.entry(user.clone()).or_insert((0, Sum(0)));
+            let e = expected.entry(user.clone()).or_insert((0, Sum::ZERO));
             e.0 += 1;
-            e.1.0 += Sum::parse(&amount).unwrap().0;
+            e.1 += &Sum::parse(&amount).unwrap();
             format!(r#"{{"id":{i},"user":"{user}","amount":{amount}}}"#)
         };
         entries.push(
@@ -85,9 +85,9 @@ impl Fixture {
         let mut totals: BTreeMap<String, (u64, Sum)> = BTreeMap::new();
         for o in list.contents() {
             for v in object_json_lines(&self.l, &self.bucket, o.key().unwrap()).await {
-                let t = totals.entry(v["key"].as_str().unwrap().to_owned()).or_insert((0, Sum(0)));
+                let t = totals.entry(v["key"].as_str().unwrap().to_owned()).or_insert((0, Sum::ZERO));
                 t.0 += v["count"].as_u64().unwrap();
-                t.1.0 += Sum::parse(&v["sum"].to_string()).unwrap().0;
+                t.1 += &Sum::parse(&v["sum"].to_string()).unwrap();
             }
         }
         (totals, list.contents().len())
@@ -112,9 +112,9 @@ async fn aggregated_fixture(name: &str, aggregates: usize, per: usize, bad: (usi
                 format!("not json {i}")
             } else {
                 if a != bad.0 || u < bad.1 {
-                    let e = expected.entry(user.clone()).or_insert((0, Sum(0)));
+                    let e = expected.entry(user.clone()).or_insert((0, Sum::ZERO));
                     e.0 += 1;
-                    e.1.0 += Sum::parse(&amount).unwrap().0;
+                    e.1 += &Sum::parse(&amount).unwrap();
                 }
                 format!(r#"{{"id":{i},"user":"{user}","amount":{amount}}}"#)
             };

@@ -79,7 +79,7 @@ pub mod settings;
 pub mod sum;
 
 pub use settings::RollupSettings;
-pub use sum::{SUM_SCALE, Sum};
+pub use sum::{SUM_SCALE, Sum, SumError};
 
 /// Why an invocation failed as a whole (the mapping retries it).
 #[derive(Debug, thiserror::Error)]
@@ -248,7 +248,7 @@ impl Group {
 
     fn merge(&mut self, g: Group) {
         self.count += g.count;
-        self.sum.0 += g.sum.0;
+        self.sum += &g.sum;
         let (first, last) = (self.first().min(g.first()), self.last().max(g.last()));
         (self.first_sequence, self.first_sub_sequence) = (first.sequence, first.sub);
         (self.last_sequence, self.last_sub_sequence) = (last.sequence, last.sub);
@@ -901,9 +901,9 @@ impl RollupHandler {
                     MISSING => &mut missing,
                     id => &mut acc[global[id as usize]],
                 };
-                let slot = slot.get_or_insert((0, Sum(0), at, at));
+                let slot = slot.get_or_insert((0, Sum::ZERO, at, at));
                 slot.0 += 1;
-                slot.1.0 += item.amount.0;
+                slot.1 += &item.amount;
                 slot.3 = at;
                 let c = covered.get_or_insert(Covered { first: at, last: at, count: 0 });
                 c.last = at;
@@ -988,9 +988,9 @@ impl RollupHandler {
         }
         let amount = match (sum_field, amount) {
             (Some(field), Some(v)) => {
-                Sum::parse(&v).ok_or_else(|| format!("{field} is not a number below 10^18 in magnitude: {v}"))?
+                Sum::parse(&v).map_err(|e| format!("{field}: {e}"))?
             }
-            _ => Sum(0),
+            _ => Sum::ZERO,
         };
         let group: Option<&str> = match group_field {
             Some(_) => group.as_deref(),
@@ -1319,7 +1319,8 @@ mod tests {
                 .collect();
             assert_eq!(got, expected, "{bad:?}");
             for g in rollup.groups.values() {
-                assert_eq!(g.sum, Sum(i128::from(g.count) * 1_500_000_000));
+                let want = format!("{}.{}", g.count * 3 / 2, if g.count % 2 == 1 { 5 } else { 0 });
+                assert_eq!(g.sum, Sum::parse(&want).unwrap());
             }
         }
     }

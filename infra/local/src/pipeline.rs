@@ -257,6 +257,13 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
 /// Totals per group: (records, sum).
 pub type Totals = BTreeMap<String, (u64, Sum)>;
 
+/// A top-level field's JSON text as written (a number not rounded through `f64`, as
+/// `serde_json::Value` would round it), or `None` if the line is not an object or lacks it.
+fn raw_field(line: &[u8], field: &str) -> Option<String> {
+    let map: BTreeMap<String, Box<serde_json::value::RawValue>> = serde_json::from_slice(line).ok()?;
+    map.get(field).map(|v| v.get().to_owned())
+}
+
 /// How the totals name the rollup's group of records without the group-by field (`"key": null`).
 pub const MISSING_GROUP: &str = "(no group)";
 
@@ -321,8 +328,8 @@ pub fn expected(dir: &Path, group_by: &str, sum_field: &str) -> Result<Expected,
                 .map_or_else(|| MISSING_GROUP.to_owned(), |g| g.as_str().map_or_else(|| g.to_string(), str::to_owned));
             let e = out.totals.entry(key).or_default();
             e.0 += 1;
-            if let Some(s) = v.get(sum_field).and_then(|s| Sum::parse(&s.to_string())) {
-                e.1.0 += s.0;
+            if let Some(s) = raw_field(line, sum_field).and_then(|s| Sum::parse(&s).ok()) {
+                e.1 += &s;
             }
         }
     }
@@ -381,8 +388,9 @@ pub async fn rollup_totals(local: &Local, r: &Resources) -> Result<(Totals, usiz
             };
             let g = totals.entry(key).or_default();
             g.0 += v["count"].as_u64().unwrap_or(0);
-            let sum = v["sum"].as_str().map_or_else(|| v["sum"].to_string(), str::to_owned);
-            g.1.0 += Sum::parse(&sum).map_or(0, |s| s.0);
+            if let Some(sum) = raw_field(line, "sum").and_then(|s| Sum::parse(&s).ok()) {
+                g.1 += &sum;
+            }
         }
     }
     Ok((totals, keys.len()))
