@@ -5,7 +5,8 @@ use pushpull::invocation::Invocation;
 use pushpull::pull::Options;
 use pushpull::pull::sqs::SqsMessage;
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, pushpull::serde::Deserialize)]
+#[serde(crate = "pushpull::serde")]
 struct Job {
     action: String,
 }
@@ -19,8 +20,7 @@ async fn handle(message: SqsMessage, _invocation: Invocation) -> Result<(), Stri
 }
 
 #[tokio::main]
-async fn main() -> Result<(), lambda_runtime::Error> {
-    pushpull::telemetry::init();
+async fn main() -> Result<(), pushpull::lambda::Error> {
     pushpull::lambda::run_sqs(Options::default().per_key(4), handle).await
 }
 
@@ -35,16 +35,18 @@ mod tests {
         let records: Vec<_> = msgs
             .iter()
             .map(|(id, group, action)| {
-                serde_json::json!({"messageId": id, "body": format!(r#"{{"action":"{action}"}}"#),
+                pushpull::serde_json::json!({"messageId": id, "body": format!(r#"{{"action":"{action}"}}"#),
                     "attributes": {"MessageGroupId": group}, "eventSourceARN": "arn:aws:sqs:us-east-1:1:jobs.fifo"})
             })
             .collect();
-        let event = SqsEvent::from_slice(serde_json::json!({ "Records": records }).to_string().as_bytes()).unwrap();
+        let event =
+            SqsEvent::from_slice(pushpull::serde_json::json!({ "Records": records }).to_string().as_bytes()).unwrap();
         let invocation = Invocation::new("test");
         let result = pushpull::pull::sqs::process_async(&event, Options::default().per_key(4), |m| {
             handle(m, invocation.clone())
         })
-        .await;
+        .await
+        .unwrap();
         let ids: Vec<_> = result.item_failures().into_iter().map(|f| f.item_identifier).collect();
         assert_eq!(ids, ["m2", "m4"], "m2 failed; m4 waits behind it; g1 is done");
     }

@@ -24,7 +24,8 @@
 //!     assert!(msg.n > 0);
 //!     Ok::<_, pushpull::pull::DecodeError>(())
 //! })
-//! .await;
+//! .await
+//! .unwrap();
 //! // m2 failed; m3 was not reached: both are retried, m1 is deleted.
 //! let ids: Vec<_> = result.item_failures().into_iter().map(|f| f.item_identifier).collect();
 //! assert_eq!(ids, ["m2", "m3"]);
@@ -125,6 +126,23 @@ fn fifo_options(event: &SqsEvent, mut options: Options) -> Options {
     options
 }
 
+/// A batch that cannot be answered message by message: a message with an empty `messageId`
+/// cannot be named in `batchItemFailures` (AWS treats an empty-string itemIdentifier as a failure
+/// of the whole batch), so the batch fails as a whole and is retried.
+#[derive(Debug, thiserror::Error)]
+#[error("message {index} of the batch has an empty messageId: it cannot be named in batchItemFailures")]
+pub struct SqsPullError {
+    /// The message's index in the batch.
+    pub index: usize,
+}
+
+fn check(event: &SqsEvent) -> Result<(), SqsPullError> {
+    match event.records.iter().position(|m| m.message_id.is_empty()) {
+        Some(index) => Err(SqsPullError { index }),
+        None => Ok(()),
+    }
+}
+
 fn result_of(event: &SqsEvent, outcomes: super::Outcomes) -> BatchResult {
     let mut result = BatchResult { rule: ResponseRule::Queue, ..Default::default() };
     result.absorb(outcomes, |i| event.records[i].message_id.clone());
@@ -132,29 +150,35 @@ fn result_of(event: &SqsEvent, outcomes: super::Outcomes) -> BatchResult {
 }
 
 /// Runs `handler` on each message in order; a FIFO batch stops at the first failure.
-pub fn process<F, E>(event: &SqsEvent, options: Options, mut handler: F) -> BatchResult
+pub fn process<F, E>(event: &SqsEvent, options: Options, mut handler: F) -> Result<BatchResult, SqsPullError>
 where
     F: FnMut(&SqsMessage) -> Result<(), E>,
     E: Display,
 {
+    check(event)?;
     let options = fifo_options(event, options);
     let outcomes = super::run_in_order(event.records.len(), &options, |i| handler(&event.records[i]));
-    result_of(event, outcomes)
+    Ok(result_of(event, outcomes))
 }
 
 /// Runs an async `handler` on each message: in order, or with [`Options::per_key`] that many
 /// message groups at a time (standard queues have no groups: every message is its own key).
-pub async fn process_async<F, Fut, E>(event: &SqsEvent, options: Options, handler: F) -> BatchResult
+pub async fn process_async<F, Fut, E>(
+    event: &SqsEvent,
+    options: Options,
+    handler: F,
+) -> Result<BatchResult, SqsPullError>
 where
     F: Fn(SqsMessage) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
+    check(event)?;
     let options = fifo_options(event, options);
     let keys: Vec<&str> = event.records.iter().map(|m| m.message_group_id().unwrap_or(m.message_id.as_str())).collect();
     let handler = &handler;
     let outcomes = super::run_concurrently(&keys, &options, |i| handler(event.records[i].clone())).await;
-    result_of(event, outcomes)
+    Ok(result_of(event, outcomes))
 }
 
 #[cfg(test)]
@@ -176,14 +200,14 @@ mod tests {
     #[test]
     fn a_standard_queue_lists_only_the_failed_messages() {
         let e = event("arn:aws:sqs:us-east-1:1:q", &[("a", ""), ("b", ""), ("c", "")]);
-        let r = process(&e, Options::default(), |m| if m.message_id == "b" { Err("no") } else { Ok(()) });
+        let r = process(&e, Options::default(), |m| if m.message_id == "b" { Err("no") } else { Ok(()) }).unwrap();
         assert_eq!(ids(&r), ["b"]);
     }
 
     #[test]
     fn a_fifo_queue_stops_at_the_first_failure_and_lists_the_rest() {
         let e = event("arn:aws:sqs:us-east-1:1:q.fifo", &[("a", "g1"), ("b", "g2"), ("c", "g1")]);
-        let r = process(&e, Options::default(), |m| if m.message_id == "a" { Err("no") } else { Ok(()) });
+        let r = process(&e, Options::default(), |m| if m.message_id == "a" { Err("no") } else { Ok(()) }).unwrap();
         assert_eq!(ids(&r), ["a", "b", "c"]);
         assert_eq!(r.processed, 0);
     }
@@ -194,9 +218,18 @@ mod tests {
         let r = process_async(&e, Options::default().per_key(4), |m| async move {
             if m.message_id == "a" { Err("no") } else { Ok(()) }
         })
-        .await;
+        .await
+        .unwrap();
         assert_eq!(ids(&r), ["a", "c"]);
         assert_eq!(r.processed, 2);
+    }
+
+    #[test]
+    fn a_message_without_an_id_fails_the_batch_instead_of_answering_an_empty_identifier() {
+        let e = event("arn:aws:sqs:us-east-1:1:q", &[("a", ""), ("", ""), ("c", "")]);
+        let err = process(&e, Options::default(), |_| Ok::<_, String>(())).unwrap_err();
+        assert_eq!(err.index, 1);
+        assert!(err.to_string().contains("empty messageId"), "{err}");
     }
 
     #[test]
