@@ -7,7 +7,9 @@
 # it at ParallelizationFactor 1 (ROLLUP_POSITIONS=per-shard), and once more with per-key
 # positions (what the template sets above factor 1, and the rollup's default without it: a
 # checkpoint entry per partition key and a write-ahead note, two checkpoint writes a batch), for
-# what they cost. Needs ../shared/tools (or SHARED_TOOLS=dir).
+# what they cost. BASELINE_BIN=<a kinesis-rollup binary> adds it to every round beside this tree's
+# (an A/B in one run: build the baseline from an earlier commit in a worktree). Needs
+# ../shared/tools (or SHARED_TOOLS=dir).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="${SHARED_TOOLS:-$ROOT/../shared/tools}"
@@ -49,7 +51,8 @@ for round in 1 2 3; do
   on() { run kinesis-rollup events target/release/kinesis-rollup; check_output; }
   off() { POWERTOOLS_METRICS_DISABLED=true run kinesis-rollup-no-metrics events target/release/kinesis-rollup; check_output; }
   key() { ROLLUP_POSITIONS=per-key run kinesis-rollup-per-key events target/release/kinesis-rollup; check_output; }
-  if [ $((round % 2)) = 1 ]; then on; off; key; else key; off; on; fi
+  base() { if [ -n "${BASELINE_BIN:-}" ]; then run kinesis-rollup-baseline events "$BASELINE_BIN"; check_output; fi; }
+  if [ $((round % 2)) = 1 ]; then on; base; off; key; else key; off; base; on; fi
   run floor-aggregated aggregated target/release/bench-floor
   run kinesis-rollup-aggregated aggregated target/release/kinesis-rollup
   check_output
@@ -64,7 +67,8 @@ for line in open(sys.argv[1]):
     elif line.strip():
         name, result = line.split(" ", 1)
         rounds[-1][name] = json.loads(result)
-print("round | floor ms | rollup ms | ratio | init ms | peak RSS MiB | metrics off ms | ratio | per-key ms | ratio | aggregated: floor ms | rollup ms | ratio | peak RSS MiB")
+base = "kinesis-rollup-baseline" in rounds[0]
+print("round | floor ms | rollup ms | ratio | init ms | peak RSS MiB | metrics off ms | ratio | per-key ms | ratio | aggregated: floor ms | rollup ms | ratio | peak RSS MiB" + (" | baseline ms | ratio" if base else ""))
 for i, r in enumerate(rounds, 1):
     warm = lambda n: r[n]["warm_median_ms"]
     print(" | ".join(str(x) for x in [
@@ -73,5 +77,6 @@ for i, r in enumerate(rounds, 1):
         warm("kinesis-rollup-no-metrics"), f'{warm("kinesis-rollup-no-metrics") / warm("floor"):.2f}',
         warm("kinesis-rollup-per-key"), f'{warm("kinesis-rollup-per-key") / warm("floor"):.2f}',
         warm("floor-aggregated"), warm("kinesis-rollup-aggregated"),
-        f'{warm("kinesis-rollup-aggregated") / warm("floor-aggregated"):.2f}', r["kinesis-rollup-aggregated"]["peak_rss_mib"]]))
+        f'{warm("kinesis-rollup-aggregated") / warm("floor-aggregated"):.2f}', r["kinesis-rollup-aggregated"]["peak_rss_mib"]]
+        + ([warm("kinesis-rollup-baseline"), f'{warm("kinesis-rollup-baseline") / warm("floor"):.2f}'] if base else [])))
 PY

@@ -1,17 +1,4 @@
-//! Exponential backoff: one formula for every retry loop (PutRecords resends, the local
-//! mapping's retries).
-//!
-//! ```
-//! use std::time::Duration;
-//! use pushpull::backoff::Backoff;
-//!
-//! let b = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
-//! assert_eq!(b.delay(0), Duration::from_millis(50));
-//! assert_eq!(b.delay(3), Duration::from_millis(400));
-//! assert_eq!(b.delay(30), Duration::from_secs(5), "capped");
-//! let jittered = b.with_jitter().delay(3);
-//! assert!(jittered >= Duration::from_millis(200) && jittered <= Duration::from_millis(400));
-//! ```
+//! Exponential backoff: one formula for the library's retry loops (PutRecords resends).
 use std::time::Duration;
 
 /// `base * 2^retry`, capped at `max`; with jitter, drawn uniformly from the upper half of that.
@@ -39,5 +26,22 @@ impl Backoff {
     pub fn delay(&self, retry: u32) -> Duration {
         let exp = self.base.saturating_mul(1u32 << retry.min(16)).min(self.max);
         if self.jitter { exp.mul_f64(0.5 + fastrand::f64() / 2.0) } else { exp }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_double_up_to_the_cap_and_jitter_stays_in_the_upper_half() {
+        use std::time::Duration;
+
+        let b = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        assert_eq!(b.delay(0), Duration::from_millis(50));
+        assert_eq!(b.delay(3), Duration::from_millis(400));
+        assert_eq!(b.delay(30), Duration::from_secs(5), "capped");
+        let jittered = b.with_jitter().delay(3);
+        assert!(jittered >= Duration::from_millis(200) && jittered <= Duration::from_millis(400));
     }
 }

@@ -113,9 +113,7 @@ impl Invocation {
     /// From the Lambda context: its request id and deadline (read by [`deadline_of`]).
     #[cfg(feature = "runtime")]
     pub fn from_context(ctx: &lambda_runtime::Context) -> Self {
-        let left = deadline_of(ctx.deadline, SystemTime::now())
-            .duration_since(SystemTime::now())
-            .unwrap_or_default();
+        let left = deadline_of(ctx.deadline, SystemTime::now()).duration_since(SystemTime::now()).unwrap_or_default();
         Invocation {
             inner: Arc::new(Inner {
                 request_id: ctx.request_id.clone(),

@@ -1,8 +1,8 @@
 //! Kinesis events as the event source mapping delivers them, read without copying.
 //!
 //! [`KinesisEvent`] borrows its strings from the invocation payload (no per-record
-//! allocations), [`KinesisEvent::from_slice`] parses one with serde_json (a large batch in
-//! parts on several threads), and [`KinesisEventRecord::decode_data_into`] base64-decodes a
+//! allocations), [`KinesisEvent::from_slice`] parses one with serde_json in one pass
+//! ([`KinesisEvent::from_slice_parallel`]: a large batch in parts on every vCPU), and [`KinesisEventRecord::decode_data_into`] base64-decodes a
 //! record's data into a buffer the caller reuses. [`SequenceNumber`] compares sequence numbers
 //! as the integers they are, never as text.
 //!
@@ -93,12 +93,9 @@ const PARTS_PER_THREAD: usize = 4;
 const PART_MIN_BYTES: usize = 128 * 1024;
 
 impl<'a> KinesisEvent<'a> {
-    /// Parses an invocation payload, borrowing every string that has no escapes from it.
-    ///
-    /// A payload of 512 KiB or more is read in contiguous parts of its `Records` array, on as
-    /// many threads as the process may run at once, each taking the next part until none is left;
-    /// the result is the same as one pass's (the parts are cut only where two records meet, and
-    /// anything else is read in one pass).
+    /// Parses an invocation payload in one pass on the calling thread, borrowing every string
+    /// that has no escapes from it. [`KinesisEvent::from_slice_parallel`] reads a large payload
+    /// on every vCPU instead (what the runners of `pushpull::lambda` use).
     ///
     /// With serde_json, which limits nesting to 128 levels and skips unknown values without
     /// recursing: a payload built to exhaust the stack is an error, never an abort. A faster
@@ -116,6 +113,23 @@ impl<'a> KinesisEvent<'a> {
     /// assert!(KinesisEvent::from_slice(b"[]").is_err());
     /// ```
     pub fn from_slice(payload: &'a [u8]) -> Result<Self, EventError> {
+        Self::from_slice_on(payload, 1)
+    }
+
+    /// [`KinesisEvent::from_slice`] on every vCPU the process may use: a payload of 512 KiB or
+    /// more is read in contiguous parts of its `Records` array by the calling thread and the
+    /// library's helper threads (started on first use, or by [`crate::pull::start_helpers`]),
+    /// each taking the next part until none is left. The result is
+    /// the same as one pass's: the parts are cut only where two records meet, and anything else
+    /// is read in one pass. A 6 MB batch is read in about half the time on Lambda's 2 vCPUs
+    /// (BENCHMARKS.md, W1). The runners of `pushpull::lambda` read this way.
+    ///
+    /// ```
+    /// use pushpull::kinesis_event::KinesisEvent;
+    /// let event = KinesisEvent::from_slice_parallel(br#"{"Records":[]}"#).unwrap();
+    /// assert!(event.records.is_empty());
+    /// ```
+    pub fn from_slice_parallel(payload: &'a [u8]) -> Result<Self, EventError> {
         Self::from_slice_on(payload, crate::parallel::threads())
     }
 

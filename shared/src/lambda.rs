@@ -18,13 +18,13 @@
 //! use pushpull::lambda::run_raw;
 //!
 //! #[tokio::main]
-//! async fn main() -> Result<(), lambda_runtime::Error> {
-//!     run_raw(|body: bytes::Bytes, _context: lambda_runtime::Context| async move {
+//! async fn main() -> Result<(), pushpull::lambda::Error> {
+//!     run_raw(|body: bytes::Bytes, _context: pushpull::lambda_runtime::Context| async move {
 //!         // The payload as received, parsed borrowed (with the `kinesis` feature,
 //!         // `pushpull::kinesis_event::KinesisEvent::from_slice(&body)`).
 //!         let event: serde_json::Value = serde_json::from_slice(&body)?;
 //!         let records = event["Records"].as_array().map_or(0, Vec::len);
-//!         Ok::<_, lambda_runtime::Error>(serde_json::json!({ "records": records }))
+//!         Ok::<_, pushpull::lambda::Error>(serde_json::json!({ "records": records }))
 //!     })
 //!     .await
 //! }
@@ -52,7 +52,12 @@ enum Outcome<T> {
     Err(Diagnostic),
 }
 
+/// What a function's `main` returns: `lambda_runtime::Error`.
+pub type Error = lambda_runtime::Error;
+
 /// Runs `handler` for every invocation with the raw payload; see the module documentation.
+/// Sets up JSON logs ([`crate::telemetry::init`]) unless a subscriber is set already; every
+/// runner of this module runs on it.
 pub async fn run_raw<H, Fut, R, E>(handler: H) -> Result<(), lambda_runtime::Error>
 where
     H: Fn(Bytes, Context) -> Fut + Send + Sync + 'static,
@@ -60,6 +65,7 @@ where
     R: Serialize,
     E: Into<Diagnostic>,
 {
+    crate::telemetry::init();
     let pass_through = service_fn(|event: LambdaEvent<Outcome<Box<RawValue>>>| async move {
         match event.payload {
             Outcome::Ok(response) => Ok(response),
@@ -234,15 +240,16 @@ where
 /// use std::time::Duration;
 /// use pushpull::pull::Options;
 ///
-/// #[derive(serde::Deserialize)]
+/// #[derive(pushpull::serde::Deserialize)]
+/// #[serde(crate = "pushpull::serde")]
 /// struct Order { user: String, amount: f64 }
 ///
 /// #[tokio::main]
-/// async fn main() -> Result<(), lambda_runtime::Error> {
+/// async fn main() -> Result<(), pushpull::lambda::Error> {
 ///     let options = Options::default().per_key(8).stop_before_deadline(Duration::from_secs(2));
 ///     pushpull::lambda::run_kinesis(options, |record, _invocation| async move {
 ///         let order: Order = record.json()?; // a record that does not parse fails alone
-///         tracing::info!(user = order.user, amount = order.amount, "order");
+///         pushpull::tracing::info!(user = order.user, amount = order.amount, "order");
 ///         Ok::<_, pushpull::pull::DecodeError>(())
 ///     })
 ///     .await
@@ -259,7 +266,8 @@ where
     run_batches(options, move |body, invocation, options| {
         let handler = handler.clone();
         async move {
-            let event = crate::kinesis_event::KinesisEvent::from_slice(&body).map_err(batch_error)?;
+            // On every vCPU: a 6 MB batch is read in about half the time on 2 (BENCHMARKS.md, W1).
+            let event = crate::kinesis_event::KinesisEvent::from_slice_parallel(&body).map_err(batch_error)?;
             let mut metrics = crate::pull::kinesis::batch_metrics(&event);
             let result = crate::pull::kinesis::process_async(&event, options, |r| handler(r, invocation.clone()))
                 .await
@@ -288,7 +296,9 @@ where
         async move {
             let event = crate::pull::sqs::SqsEvent::from_slice(&body).map_err(batch_error)?;
             let mut metrics = crate::pull::sqs::batch_metrics(&event);
-            let result = crate::pull::sqs::process_async(&event, options, |m| handler(m, invocation.clone())).await;
+            let result = crate::pull::sqs::process_async(&event, options, |m| handler(m, invocation.clone()))
+                .await
+                .map_err(batch_error)?;
             metrics.processed = result.processed;
             metrics.failed = result.failures.len() + result.unprocessed.len();
             metrics.record();
@@ -331,29 +341,25 @@ where
 /// use pushpull::config::{Env, PushSettings};
 /// use pushpull::push::{line::JsonLines, source::S3Source, PushHandler};
 /// use pushpull::sink::kinesis::KinesisSink;
-/// use pushpull::store::Store;
 ///
 /// #[tokio::main]
-/// async fn main() -> Result<(), lambda_runtime::Error> {
+/// async fn main() -> Result<(), pushpull::lambda::Error> {
 ///     let aws = pushpull::aws::Aws::new();
-///     let settings = PushSettings::from_env(Env::from_process())?;
-///     let handler = PushHandler::new(
-///         settings.clone(),
-///         S3Source::new(aws.s3().await.clone()),
-///         JsonLines::new(Some("user".into())),
-///         KinesisSink::new(aws.kinesis().await.clone(), "orders"),
-///         Store::connect(&settings.quarantine, &aws).await,
-///         Store::connect(&settings.checkpoint, &aws).await,
-///     );
+///     let handler = PushHandler::builder(PushSettings::from_env(Env::from_process())?)
+///         .source(S3Source::new(aws.s3().await.clone()))
+///         .lines(JsonLines::new(Some("user".into())))
+///         .sink(KinesisSink::new(aws.kinesis().await.clone(), "orders"))
+///         .connect(&aws)
+///         .await;
 ///     pushpull::lambda::run_push(handler).await
 /// }
 /// ```
 #[cfg(feature = "push")]
-pub async fn run_push<S, L, O>(handler: crate::push::PushHandler<S, L, O>) -> Result<(), lambda_runtime::Error>
+pub async fn run_push<O, R, S>(handler: crate::push::PushHandler<O, R, S>) -> Result<(), lambda_runtime::Error>
 where
-    S: crate::sink::RecordSink + 'static,
-    L: crate::push::line::LineHandler + 'static,
     O: crate::push::source::ObjectSource + 'static,
+    R: crate::push::line::Records + 'static,
+    S: crate::sink::RecordSink + 'static,
 {
     let handler = Arc::new(handler);
     run_raw(move |body: Bytes, context: Context| {
@@ -375,37 +381,35 @@ where
 /// use pushpull::sink::OutRecord;
 ///
 /// #[tokio::main]
-/// async fn main() -> Result<(), lambda_runtime::Error> {
+/// async fn main() -> Result<(), pushpull::lambda::Error> {
 ///     // `customer,amount` lines to JSON records keyed by customer.
 ///     pushpull::lambda::run_s3_lines(|line: Line<'_>| -> Result<Option<OutRecord>, LineReject> {
 ///         let (customer, amount) = line.text()?.split_once(',').ok_or("expected customer,amount")?;
-///         let json = serde_json::json!({ "customer": customer, "amount": amount.trim() }).to_string();
+///         let json = pushpull::serde_json::json!({ "customer": customer, "amount": amount.trim() }).to_string();
 ///         Ok(Some(OutRecord::keyed(customer, json)))
 ///     })
 ///     .await
 /// }
 /// ```
 ///
-/// For another sink, source or store, build a [`crate::push::PushHandler`] and give it to
-/// [`run_push`].
+/// For another sink or source, or whole objects instead of lines, put a
+/// [`crate::push::PushHandler`] together with its builder and give it to [`run_push`].
 #[cfg(all(feature = "push", feature = "s3", feature = "kinesis-sink"))]
 pub async fn run_s3_lines<L>(lines: L) -> Result<(), lambda_runtime::Error>
 where
     L: crate::push::line::LineHandler + 'static,
 {
-    crate::telemetry::init();
+    crate::telemetry::init(); // before run_raw: settings errors are logged as JSON too
     let mut env = crate::config::Env::from_process();
     let stream = env.kinesis_stream_name("STREAM_NAME", "the Kinesis stream the records go to");
     let settings = crate::config::PushSettings::read(&mut env);
     env.finish().inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
     let aws = crate::aws::Aws::new();
-    let handler = crate::push::PushHandler::connect(
-        settings,
-        crate::push::source::S3Source::new(aws.s3().await.clone()),
-        lines,
-        crate::sink::kinesis::KinesisSink::new(aws.kinesis().await.clone(), stream),
-        &aws,
-    )
-    .await;
+    let handler = crate::push::PushHandler::builder(settings)
+        .source(crate::push::source::S3Source::new(aws.s3().await.clone()))
+        .lines(lines)
+        .sink(crate::sink::kinesis::KinesisSink::new(aws.kinesis().await.clone(), stream))
+        .connect(&aws)
+        .await;
     run_push(handler).await
 }

@@ -9,25 +9,20 @@
 //!
 //! | module | feature | what it does |
 //! |---|---|---|
-//! | [`backoff`] | core | exponential backoff with jitter, one formula for every retry loop |
 //! | [`batch`] | core | batching by count, bytes and linger time; per-key ordered batches |
 //! | [`checkpoint`] | core | typed checkpoints with compare-and-swap over the `CheckpointStore` trait |
 //! | [`store`] | core (`s3` for `s3://`) | `file://` or `s3://` storage with conditional writes |
-//! | [`sequence`] | core | sequence numbers compared as integers |
 //! | [`lines`] | core | NDJSON framing of a byte stream in bounded memory |
-//! | [`ndjson`] | core | checking a JSON line and picking fields in one pass |
 //! | [`quarantine`] | core | where bad input goes, with its reason |
 //! | [`config`] | core | settings from environment variables, every problem reported at once |
 //! | [`invocation`] | core | request id and time left |
 //! | [`error`] | core | error chains on one line, panic messages |
-//! | [`parallel`] | core | a batch's parts worked on every vCPU, helpers kept awake between them |
-//! | [`pull`] | core; `kinesis`, `dynamodb`, `sqs` | one handler per record, partial batch responses, deadlines |
+//! | [`pull`] | core; `kinesis`, `dynamodb`, `sqs` | one handler per record, partial batch responses, deadlines; sequence numbers, fields picked from JSON in one pass, work on every vCPU |
 //! | [`kinesis_event`] | `kinesis` | Kinesis events read without copying |
 //! | [`aggregation`] | `aggregation` (in `kinesis`, `push`) | KPL aggregated records, packed and unpacked |
-//! | [`shard_map`] | `aggregation` | the shard a partition key maps to (MD5 hash-key ranges) |
 //! | [`s3_notification`] | `push` | S3 notifications: test events, URL-decoded keys, sequencers |
 //! | [`push`] | `push` | S3 object → records: line handler, leases, checkpoints, resume |
-//! | [`sink`] | `push` (`kinesis-sink` for Kinesis) | PutRecords with partial-failure resends |
+//! | [`sink`] | `push` (`kinesis-sink` for Kinesis) | PutRecords with partial-failure resends; the shard a partition key maps to |
 //! | [`object_reader`] | `s3` | an S3 object body that resumes with ranged reads |
 //! | [`aws`] | `s3`, `kinesis-sink` | AWS clients built once; SDK errors classified by kind |
 //! | [`lambda`] | `runtime` | `run_raw` and one-closure batch runners |
@@ -36,12 +31,20 @@
 //! | [`telemetry`] | `runtime` | structured JSON logs with Powertools' keys |
 #![warn(missing_docs)]
 
+// Re-exported so that a function needs `pushpull` and tokio alone in its Cargo.toml: derive
+// with `#[derive(pushpull::serde::Deserialize)]` and `#[serde(crate = "pushpull::serde")]`.
+#[cfg(feature = "runtime")]
+pub use lambda_runtime;
+pub use serde;
+pub use serde_json;
+pub use tracing;
+
 // The crate README's example, compiled as a doc test.
 #[cfg(all(doctest, feature = "kinesis", feature = "runtime"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-pub mod backoff;
+mod backoff;
 pub mod batch;
 pub mod checkpoint;
 pub mod config;
@@ -49,11 +52,11 @@ pub mod error;
 pub mod invocation;
 pub mod lines;
 pub mod metrics;
-pub mod ndjson;
-pub mod parallel;
+mod ndjson;
+mod parallel;
 pub mod pull;
 pub mod quarantine;
-pub mod sequence;
+mod sequence;
 pub mod store;
 
 #[cfg(feature = "aggregation")]
@@ -73,7 +76,7 @@ pub mod push;
 #[cfg(feature = "push")]
 pub mod s3_notification;
 #[cfg(feature = "aggregation")]
-pub mod shard_map;
+mod shard_map;
 #[cfg(feature = "push")]
 pub mod sink;
 #[cfg(feature = "runtime")]

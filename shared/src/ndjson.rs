@@ -1,15 +1,4 @@
 //! Checking one NDJSON line and picking its partition key, in one pass, without allocating.
-//!
-//! ```
-//! use pushpull::ndjson::{inspect, LineError};
-//!
-//! let line = br#"{"user":"u7","amount":3.5}"#;
-//! assert_eq!(inspect(line, Some("user")).unwrap().as_deref(), Some("u7"));
-//! assert_eq!(inspect(br#"{"user":42}"#, Some("user")).unwrap().as_deref(), Some("42"));
-//! assert_eq!(inspect(line, None).unwrap(), None);
-//! assert!(matches!(inspect(b"{\"user\":", Some("user")), Err(LineError::Json(_))));
-//! assert!(matches!(inspect(b"\xff", None), Err(LineError::Utf8 { at: 0 })));
-//! ```
 use std::borrow::Cow;
 use std::fmt;
 
@@ -52,12 +41,13 @@ pub fn inspect<'a>(line: &'a [u8], field: Option<&str>) -> Result<Option<Cow<'a,
     }
 }
 
-/// Like [`inspect`], for several top-level fields in one pass: the value of each named field (as
-/// text, strings unescaped; `null` and absent are `None`), in the order of `names`.
+/// Several top-level fields of a JSON line in one pass, without building a value: the value of
+/// each named field (as text, strings unescaped; `null` and absent are `None`), in the order of
+/// `names`; an error if the line is not UTF-8 or not JSON.
 ///
 /// ```
 /// let line = br#"{"user":"u1","amount":2.5,"other":[1]}"#;
-/// let [user, amount] = pushpull::ndjson::fields(line, [Some("user"), Some("amount")]).unwrap();
+/// let [user, amount] = pushpull::pull::fields(line, [Some("user"), Some("amount")]).unwrap();
 /// assert_eq!((user.as_deref(), amount.as_deref()), (Some("u1"), Some("2.5")));
 /// ```
 pub fn fields<'a, const N: usize>(
@@ -232,6 +222,16 @@ impl<'de> Visitor<'de> for FindField<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inspect_reads_a_field_as_text_and_names_what_is_wrong() {
+        let line = br#"{"user":"u7","amount":3.5}"#;
+        assert_eq!(inspect(line, Some("user")).unwrap().as_deref(), Some("u7"));
+        assert_eq!(inspect(br#"{"user":42}"#, Some("user")).unwrap().as_deref(), Some("42"));
+        assert_eq!(inspect(line, None).unwrap(), None);
+        assert!(matches!(inspect(b"{\"user\":", Some("user")), Err(LineError::Json(_))));
+        assert!(matches!(inspect(b"\xff", None), Err(LineError::Utf8 { at: 0 })));
+    }
 
     #[test]
     fn finds_top_level_fields_only() {

@@ -27,9 +27,6 @@ pub const LINGER: Duration = Duration::from_millis(1);
 /// How many threads a batch may be worked on at once: the vCPUs this process may use. Read once:
 /// the standard library reads cgroup files every time it is asked.
 ///
-/// ```
-/// assert!(pushpull::parallel::threads() >= 1);
-/// ```
 pub fn threads() -> usize {
     static THREADS: OnceLock<usize> = OnceLock::new();
     *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
@@ -57,9 +54,6 @@ fn pool() -> Option<&'static rayon_core::ThreadPool> {
 /// that its first batch does not wait for a thread to start (the pull runners of
 /// `pushpull::lambda` do; a function on `run_raw` calls it in `main`).
 ///
-/// ```
-/// pushpull::parallel::start();
-/// ```
 pub fn start() {
     let _ = pool();
 }
@@ -72,15 +66,6 @@ pub fn start() {
 /// Results go where `part` puts them (a slot per part, say), in any order; a part may look at a
 /// flag of the caller's to return at once when an earlier one failed.
 ///
-/// ```
-/// use std::sync::Mutex;
-/// let sums: Vec<Mutex<u64>> = (0..8).map(|_| Mutex::new(0)).collect();
-/// pushpull::parallel::each_part(2, sums.len(), |i| {
-///     *sums[i].lock().unwrap() = (i as u64 * 1000..(i as u64 + 1) * 1000).sum();
-/// });
-/// let total: u64 = sums.iter().map(|s| *s.lock().unwrap()).sum();
-/// assert_eq!(total, (0..8000).sum::<u64>());
-/// ```
 pub fn each_part(threads: usize, parts: usize, part: impl Fn(usize) + Sync) {
     let helpers = match pool() {
         Some(pool) => threads.min(parts).saturating_sub(1).min(pool.current_num_threads()),
@@ -161,6 +146,19 @@ fn linger(pool: &'static rayon_core::ThreadPool, helpers: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_start_and_each_part_run_every_part() {
+        assert!(threads() >= 1);
+        start();
+        use std::sync::Mutex;
+        let sums: Vec<Mutex<u64>> = (0..8).map(|_| Mutex::new(0)).collect();
+        each_part(2, sums.len(), |i| {
+            *sums[i].lock().unwrap() = (i as u64 * 1000..(i as u64 + 1) * 1000).sum();
+        });
+        let total: u64 = sums.iter().map(|s| *s.lock().unwrap()).sum();
+        assert_eq!(total, (0..8000).sum::<u64>());
+    }
     use std::sync::Mutex;
 
     #[test]

@@ -18,7 +18,7 @@ use serde::Deserialize;
 /// ordered by length, then digit by digit: integer order at any width.
 ///
 /// ```
-/// use pushpull::sequence::SequenceNumber;
+/// use pushpull::pull::SequenceNumber;
 /// let n = |s: &str| s.parse::<SequenceNumber>().unwrap();
 /// assert!(n("9") < n("10"));
 /// assert!(n("49590338271490256608559692538361571095921575989136588898")
@@ -116,7 +116,7 @@ impl<'de> Deserialize<'de> for SequenceNumber {
 /// user record in it.
 ///
 /// ```
-/// use pushpull::sequence::Position;
+/// use pushpull::pull::Position;
 /// let seq = "49590338271490256608559692538361571095921575989136588898".parse().unwrap();
 /// let user_3 = Position::user(seq, 3);
 /// assert!(Position::user(user_3.sequence.clone(), 2) < user_3);

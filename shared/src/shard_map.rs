@@ -5,17 +5,6 @@
 //! a range of those integers (`HashKeyRange` in ListShards). The KPL predicts each user record's
 //! shard this way and aggregates only records bound for the same shard, so that an aggregate put
 //! with its first record's partition key lands on the shard of every key in it.
-//!
-//! ```
-//! use pushpull::shard_map::{hash_key, ShardMap};
-//! let map = ShardMap::new(vec![
-//!     ("shardId-000000000000".into(), 0, u128::MAX / 2),
-//!     ("shardId-000000000001".into(), u128::MAX / 2 + 1, u128::MAX),
-//! ]);
-//! let shard = map.shard_of("user-1").unwrap();
-//! assert_eq!(shard.0 == 0, hash_key("user-1") <= u128::MAX / 2);
-//! assert_eq!(map.shard_id(shard), if shard.0 == 0 { "shardId-000000000000" } else { "shardId-000000000001" });
-//! ```
 use md5::{Digest, Md5};
 
 /// The 128-bit hash key Kinesis derives from a partition key: its MD5, read big-endian.
@@ -73,6 +62,17 @@ impl ShardMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_maps_to_the_shard_whose_range_holds_its_hash() {
+        let map = ShardMap::new(vec![
+            ("shardId-000000000000".into(), 0, u128::MAX / 2),
+            ("shardId-000000000001".into(), u128::MAX / 2 + 1, u128::MAX),
+        ]);
+        let shard = map.shard_of("user-1").unwrap();
+        assert_eq!(shard.0 == 0, hash_key("user-1") <= u128::MAX / 2);
+        assert_eq!(map.shard_id(shard), if shard.0 == 0 { "shardId-000000000000" } else { "shardId-000000000001" });
+    }
 
     #[test]
     fn hash_keys_are_the_md5_of_the_key_as_kinesis_computes_it() {

@@ -20,7 +20,6 @@ use pushpull::push::line::JsonLines;
 use pushpull::push::source::S3Source;
 use pushpull::s3_notification::S3Notification;
 use pushpull::sink::{OutRecord, PutOutcome, RecordSink, SinkError};
-use pushpull::store::Store;
 use tokio::io::AsyncReadExt;
 
 #[derive(Default)]
@@ -37,9 +36,9 @@ impl RecordSink for CountingSink {
     }
 
     /// Two shards, as the sample stream has.
-    async fn shard_map(&self) -> Result<Option<pushpull::shard_map::ShardMap>, SinkError> {
+    async fn shard_map(&self) -> Result<Option<pushpull::sink::ShardMap>, SinkError> {
         let half = u128::MAX / 2;
-        Ok(Some(pushpull::shard_map::ShardMap::new(vec![
+        Ok(Some(pushpull::sink::ShardMap::new(vec![
             ("shardId-000000000000".into(), 0, half),
             ("shardId-000000000001".into(), half + 1, u128::MAX),
         ])))
@@ -128,17 +127,16 @@ async fn main() {
                 }
                 which => {
                     let v = which - 1;
-                    let env = Env::from_pairs(VARIANTS[v].1.iter().copied()).with_local_locations(dir.path());
+                    // Checkpoints of their own for each round and variant, so none finds the object done.
+                    let cp = format!("file://{}", dir.path().join(format!("cp-{round}-{v}")).display());
+                    let env = Env::from_pairs(VARIANTS[v].1.iter().copied().chain([("CHECKPOINT_URI", cp.as_str())]))
+                        .with_local_locations(dir.path());
                     let settings = PushSettings::from_env(env).unwrap();
-                    let cp = dir.path().join(format!("cp-{round}-{v}"));
-                    let handler = PushHandler::new(
-                        settings,
-                        S3Source::new(l.s3.clone()),
-                        JsonLines::new(Some("user".into())),
-                        CountingSink::default(),
-                        Store::file(dir.path().join("q")),
-                        Store::file(cp),
-                    );
+                    let handler = PushHandler::builder(settings)
+                        .source(S3Source::new(l.s3.clone()))
+                        .lines(JsonLines::new(Some("user".into())))
+                        .sink(CountingSink::default())
+                        .build();
                     reset_peak_rss();
                     let t = Instant::now();
                     let summary = handler

@@ -23,7 +23,14 @@ pub struct InvokeLocally {
 
 fn section() -> String {
     let readme = std::fs::read_to_string(format!("{ROOT}/README.md")).expect("README.md");
-    readme.split("## Invoke locally").nth(1).expect("README has an Invoke locally section").split("\n## ").next().unwrap().to_owned()
+    readme
+        .split("## Invoke locally")
+        .nth(1)
+        .expect("README has an Invoke locally section")
+        .split("\n## ")
+        .next()
+        .unwrap()
+        .to_owned()
 }
 
 /// Reads the section.
@@ -44,7 +51,11 @@ pub fn invoke_locally() -> InvokeLocally {
         let rest = line.split(command).nth(1).unwrap();
         rest.split_whitespace().take_while(|w| *w != "&").map(str::to_owned).collect()
     };
-    let watch = block.lines().find(|l| l.contains("cargo lambda watch")).map(|l| after(l, "cargo lambda watch")).expect("a watch line");
+    let watch = block
+        .lines()
+        .find(|l| l.contains("cargo lambda watch"))
+        .map(|l| after(l, "cargo lambda watch"))
+        .expect("a watch line");
     let mut invokes = Vec::new();
     for line in block.lines().filter(|l| l.starts_with("cargo lambda invoke")) {
         let args = after(line, "cargo lambda invoke");

@@ -34,7 +34,8 @@ impl Drop for Watch {
 }
 
 fn tools_path() -> String {
-    let out = std::process::Command::new("bash").arg(format!("{ROOT}/infra/tools.sh")).output().expect("run infra/tools.sh");
+    let out =
+        std::process::Command::new("bash").arg(format!("{ROOT}/infra/tools.sh")).output().expect("run infra/tools.sh");
     assert!(out.status.success(), "infra/tools.sh failed: {}", String::from_utf8_lossy(&out.stderr));
     let bin = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     format!("{bin}:{}", std::env::var("PATH").unwrap_or_default())
@@ -106,7 +107,11 @@ async fn the_readme_invoke_locally_steps_answer_as_the_readme_says_through_cargo
                 .output()
                 .await
                 .unwrap();
-            (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
         }
     };
     // The block's invokes as written, then each event of the table (s3-put.json twice: README
@@ -121,9 +126,14 @@ async fn the_readme_invoke_locally_steps_answer_as_the_readme_says_through_cargo
     let mut seen = std::collections::HashMap::<String, usize>::new();
     for (function, args, file) in calls {
         let (ok, stdout, stderr) = invoke(function.clone(), with_port(&args)).await;
-        assert!(ok, "cargo lambda invoke {function} {args:?} failed:\n{stdout}{stderr}\n--- watch ---\n{}", watch_log());
-        let answer: Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("{file}: the answer is not JSON ({e}): {stdout}{stderr}\n--- watch ---\n{}", watch_log()));
+        assert!(
+            ok,
+            "cargo lambda invoke {function} {args:?} failed:\n{stdout}{stderr}\n--- watch ---\n{}",
+            watch_log()
+        );
+        let answer: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+            panic!("{file}: the answer is not JSON ({e}): {stdout}{stderr}\n--- watch ---\n{}", watch_log())
+        });
         let nth = seen.entry(file.clone()).or_default();
         readme::assert_promised(&file, *nth, &answer);
         *nth += 1;

@@ -3,7 +3,8 @@ use pushpull::invocation::Invocation;
 use pushpull::pull::Options;
 use pushpull::pull::dynamodb::DynamoDbRecord;
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, pushpull::serde::Deserialize)]
+#[serde(crate = "pushpull::serde")]
 struct Item {
     #[serde(rename = "Id")]
     id: u64,
@@ -13,14 +14,13 @@ struct Item {
 
 async fn handle(record: DynamoDbRecord, _invocation: Invocation) -> Result<(), pushpull::pull::DecodeError> {
     if let Some(item) = record.new_image::<Item>()? {
-        tracing::info!(id = item.id, message = item.message, change = record.event_name, "item");
+        pushpull::tracing::info!(id = item.id, message = item.message, change = record.event_name, "item");
     }
     Ok(())
 }
 
 #[tokio::main]
-async fn main() -> Result<(), lambda_runtime::Error> {
-    pushpull::telemetry::init();
+async fn main() -> Result<(), pushpull::lambda::Error> {
     pushpull::lambda::run_dynamodb(Options::default(), handle).await
 }
 

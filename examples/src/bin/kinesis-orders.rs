@@ -6,27 +6,21 @@ use pushpull::invocation::Invocation;
 use pushpull::pull::Options;
 use pushpull::pull::kinesis::OwnedRecord;
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, pushpull::serde::Deserialize)]
+#[serde(crate = "pushpull::serde")]
 struct Order {
     customer: String,
     amount: f64,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum OrderError {
-    #[error(transparent)]
-    Parse(#[from] pushpull::pull::DecodeError),
-    #[error("order of {customer} has a negative amount ({amount})")]
-    Negative { customer: String, amount: f64 },
-}
-
-/// One record: a record that does not parse, or a negative amount, fails alone.
-async fn handle(record: OwnedRecord, _invocation: Invocation) -> Result<(), OrderError> {
-    let order: Order = record.json()?;
+/// One record: a record that does not parse, or a negative amount, fails alone (the error's
+/// text is the failure's reason in the log).
+async fn handle(record: OwnedRecord, _invocation: Invocation) -> Result<(), String> {
+    let order: Order = record.json().map_err(|e| e.to_string())?;
     if order.amount < 0.0 {
-        return Err(OrderError::Negative { customer: order.customer, amount: order.amount });
+        return Err(format!("order of {} has a negative amount ({})", order.customer, order.amount));
     }
-    tracing::info!(customer = order.customer, amount = order.amount, seq = record.sequence_number, "order");
+    pushpull::tracing::info!(customer = order.customer, amount = order.amount, seq = record.sequence_number, "order");
     Ok(())
 }
 
@@ -35,8 +29,7 @@ fn options() -> Options {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), lambda_runtime::Error> {
-    pushpull::telemetry::init();
+async fn main() -> Result<(), pushpull::lambda::Error> {
     pushpull::lambda::run_kinesis(options(), handle).await
 }
 
@@ -51,12 +44,12 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, (customer, body))| {
-                serde_json::json!({"kinesis": {"partitionKey": customer, "sequenceNumber": (100 + i).to_string(),
+                pushpull::serde_json::json!({"kinesis": {"partitionKey": customer, "sequenceNumber": (100 + i).to_string(),
                     "data": base64::engine::general_purpose::STANDARD.encode(body), "approximateArrivalTimestamp": 1.0},
                     "eventID": format!("shardId-0:{}", 100 + i)})
             })
             .collect();
-        serde_json::json!({ "Records": records }).to_string()
+        pushpull::serde_json::json!({ "Records": records }).to_string()
     }
 
     #[tokio::test]
@@ -75,10 +68,10 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(result.processed, 2);
-        let response = serde_json::to_value(result.response()).unwrap();
+        let response = pushpull::serde_json::to_value(result.response()).unwrap();
         assert_eq!(
             response,
-            serde_json::json!({"batchItemFailures": [{"itemIdentifier": "101"}, {"itemIdentifier": "102"}]})
+            pushpull::serde_json::json!({"batchItemFailures": [{"itemIdentifier": "101"}, {"itemIdentifier": "102"}]})
         );
     }
 }

@@ -13,12 +13,12 @@ fn csv_line(line: Line<'_>) -> Result<Option<OutRecord>, LineReject> {
     }
     let (customer, amount) = text.split_once(',').ok_or("expected customer,amount")?;
     let amount: f64 = amount.trim().parse().map_err(|e| format!("amount {amount:?}: {e}"))?;
-    let json = serde_json::json!({ "customer": customer, "amount": amount }).to_string();
+    let json = pushpull::serde_json::json!({ "customer": customer, "amount": amount }).to_string();
     Ok(Some(OutRecord::keyed(customer, json)))
 }
 
 #[tokio::main]
-async fn main() -> Result<(), lambda_runtime::Error> {
+async fn main() -> Result<(), pushpull::lambda::Error> {
     pushpull::lambda::run_s3_lines(csv_line).await
 }
 
@@ -46,12 +46,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("in/bucket")).unwrap();
         std::fs::write(dir.path().join("in/bucket/orders.csv"), "customer,amount\nann,3.5\nbob,lots\nann,1\n").unwrap();
-        let handler = PushHandler::from_settings(
-            PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations(dir.path())).unwrap(),
-            FileSource::new(dir.path().join("in")),
-            csv_line,
-            Memory::default(),
-        );
+        let settings =
+            PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations(dir.path())).unwrap();
+        let handler = PushHandler::builder(settings)
+            .source(FileSource::new(dir.path().join("in")))
+            .lines(csv_line)
+            .sink(Memory::default())
+            .build();
         let event = r#"{"Records":[{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put",
             "s3":{"bucket":{"name":"bucket"},"object":{"key":"orders.csv","eTag":"e","sequencer":"01"}}}]}"#;
         let summary = handler.handle(event.as_bytes(), &Invocation::new("r1")).await.unwrap();

@@ -58,19 +58,17 @@
 //! ```
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use tracing::{Instrument, info, warn};
 
 use pushpull::checkpoint::{CheckpointError, Checkpoints};
 use pushpull::kinesis_event::{KinesisEvent, KinesisEventRecord, SequenceNumber, Window};
-use pushpull::ndjson;
+use pushpull::pull::Position;
 use pushpull::pull::kinesis::{
     PullError, StateError, WindowResponse, decode_window_state, encode_window_state, process_records,
 };
 use pushpull::pull::{BatchResponse, BatchResult, Options};
-use pushpull::sequence::Position;
 use pushpull::store::{Precondition, Store, StoreError};
 
 pub use settings::Positions;
@@ -493,7 +491,7 @@ impl RollupHandler {
             warn!("injected failure (PUSHPULL_INJECT_FAILURES)");
             return Err(RollupError::Injected);
         }
-        let event = KinesisEvent::from_slice(payload)?;
+        let event = KinesisEvent::from_slice_parallel(payload)?;
         // The stream's ARN is on each record, and on the event itself with tumbling windows (a
         // window's final invocation has no records).
         let stream = event
@@ -834,29 +832,8 @@ impl RollupHandler {
         records: &[KinesisEventRecord<'_>],
         resume: &[(usize, u64)],
     ) -> Result<(Rollup, Option<Covered>, BatchResult), RollupError> {
-        // Parts by data bytes, not records: a KPL aggregate carries many lines in one record.
-        let data_bytes: usize = records.iter().map(|r| r.kinesis.data.len()).sum();
-        let threads = pushpull::parallel::threads().min(data_bytes / PART_MIN_BYTES);
-        let parts: Vec<Result<Part, PullError>> = if threads <= 1 {
-            vec![self.scan(records, 0, resume)]
-        } else {
-            let chunks = split_by_bytes(records, threads, data_bytes);
-            let slots: Vec<Mutex<Option<Result<Part, PullError>>>> = chunks.iter().map(|_| Mutex::new(None)).collect();
-            pushpull::parallel::each_part(threads, chunks.len(), |i| {
-                let (base, chunk) = chunks[i];
-                let part = self.scan(chunk, base, resume);
-                *slots[i].lock().unwrap_or_else(PoisonError::into_inner) = Some(part);
-            });
-            // Every slot is filled: each_part returns once every part has run (or raises its panic).
-            slots
-                .into_iter()
-                .map(|s| {
-                    s.into_inner()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .unwrap_or_else(|| unreachable!("each_part runs every part"))
-                })
-                .collect()
-        };
+        let parts: Vec<Result<Part, PullError>> =
+            pushpull::pull::kinesis::in_parts(records, |base, part| self.scan(part, base, resume));
         // Merge: one result, groups re-interned in order of first sight across the parts.
         let mut result = BatchResult::default();
         let mut index_of: HashMap<&str, usize> = HashMap::new();
@@ -980,16 +957,15 @@ impl RollupHandler {
         names: &mut Vec<String>,
     ) -> Result<(u32, Sum), String> {
         let (group_field, sum_field) = (self.settings.group_by_field.as_deref(), self.settings.sum_field.as_deref());
-        let [group, amount] = ndjson::fields(record.data, [group_field, sum_field]).map_err(|e| e.to_string())?;
+        let [group, amount] =
+            pushpull::pull::fields(record.data, [group_field, sum_field]).map_err(|e| e.to_string())?;
         // As the push side decides for lines: a record is a JSON object (an array, a string
         // or a number has no fields to group or sum by).
         if record.data.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err("JSON but not an object".to_owned());
         }
         let amount = match (sum_field, amount) {
-            (Some(field), Some(v)) => {
-                Sum::parse(&v).map_err(|e| format!("{field}: {e}"))?
-            }
+            (Some(field), Some(v)) => Sum::parse(&v).map_err(|e| format!("{field}: {e}"))?,
             _ => Sum::ZERO,
         };
         let group: Option<&str> = match group_field {
@@ -1117,33 +1093,6 @@ impl RollupHandler {
 /// The group id of records without the group-by field.
 const MISSING: u32 = u32::MAX;
 
-/// Below this much (base64) data per thread, one thread checks the whole batch: a part must be
-/// large enough that the thread's start and the merge are small beside it (about 2,000 records
-/// of a ~90-byte line).
-const PART_MIN_BYTES: usize = 250_000;
-
-/// `records` in `parts` contiguous runs of about equal data bytes, each with the batch index of
-/// its first record.
-fn split_by_bytes<'r, 'a>(
-    records: &'r [KinesisEventRecord<'a>],
-    parts: usize,
-    total: usize,
-) -> Vec<(usize, &'r [KinesisEventRecord<'a>])> {
-    let mut out = Vec::with_capacity(parts);
-    let (mut start, mut seen) = (0, 0);
-    for (i, r) in records.iter().enumerate() {
-        seen += r.kinesis.data.len();
-        if seen * parts >= total * (out.len() + 1) && out.len() + 1 < parts {
-            out.push((start, &records[start..=i]));
-            start = i + 1;
-        }
-    }
-    if start < records.len() {
-        out.push((start, &records[start..]));
-    }
-    out
-}
-
 /// What [`RollupHandler::scan`] found in one contiguous part of a batch.
 struct Part {
     /// The part's groups, in order of first sight.
@@ -1261,24 +1210,6 @@ mod tests {
     }
 
     #[test]
-    fn parts_split_by_data_bytes_cover_the_batch_in_order() {
-        let payload = batch(50, &[]);
-        let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
-        let total: usize = event.records.iter().map(|r| r.kinesis.data.len()).sum();
-        for parts in 1..=7 {
-            let split = split_by_bytes(&event.records, parts, total);
-            assert_eq!(split.len(), parts);
-            let mut next = 0;
-            for (base, chunk) in &split {
-                assert_eq!(*base, next);
-                assert!(!chunk.is_empty());
-                next += chunk.len();
-            }
-            assert_eq!(next, 50);
-        }
-    }
-
-    #[test]
     fn a_batch_checked_in_parts_rolls_up_as_one_pass_would() {
         let settings = RollupSettings::from_env(
             pushpull::config::Env::from_pairs([("GROUP_BY_FIELD", "user"), ("SUM_FIELD", "amount")])
@@ -1291,7 +1222,7 @@ mod tests {
             let payload = batch(n, &bad);
             let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
             let bytes: usize = event.records.iter().map(|r| r.kinesis.data.len()).sum();
-            assert!(bytes >= 2 * PART_MIN_BYTES, "{bytes} bytes: not enough for parts");
+            assert!(bytes >= 2 * pushpull::pull::kinesis::IN_PARTS_MIN_BYTES, "{bytes} bytes: not enough for parts");
             let (rollup, covered, result) = h.roll_up(&event.records, &[]).unwrap();
             let first_bad = bad.iter().copied().min().unwrap_or(n);
             let covered = covered.map_or(0, |c| c.count);

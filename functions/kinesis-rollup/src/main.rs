@@ -8,13 +8,13 @@ use pushpull::config::Env;
 
 // One thread for the runtime: Lambda sends one invocation at a time, its S3 calls are made one
 // after the other, and the CPU work (reading the batch, checking its records) runs on threads of
-// its own (`pushpull::parallel`: a helper per further vCPU, started here, before the first
+// its own (`pushpull::pull::start_helpers`: a helper per further vCPU, started here, before the first
 // batch). With worker threads, each kept a malloc arena holding megabytes of earlier batches:
 // W1's peak RSS was 30-34 MiB this way against 24 (BENCHMARKS.md).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
     pushpull::telemetry::init();
-    pushpull::parallel::start();
+    pushpull::pull::start_helpers();
     let settings =
         RollupSettings::from_env(Env::from_process()).inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
     let handler = Arc::new(RollupHandler::connect(settings, &pushpull::aws::Aws::new()).await);

@@ -28,8 +28,8 @@ use std::ops::AddAssign;
 use std::str::FromStr;
 use std::sync::LazyLock;
 
-use bigdecimal::BigDecimal;
 use bigdecimal::num_bigint::BigInt;
+use bigdecimal::{BigDecimal, Zero};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// An exact decimal sum (or one amount).
@@ -91,7 +91,7 @@ impl Sum {
         }
         let v = BigDecimal::from_str(text).map_err(|_| SumError::NotANumber(text.to_owned()))?.normalized();
         let magnitude = v.abs();
-        let in_range = v == BigDecimal::from(0) || (magnitude <= *MAX && magnitude >= *MIN);
+        let in_range = v.is_zero() || (magnitude <= *MAX && magnitude >= *MIN);
         if !in_range {
             return Err(out_of_range());
         }
@@ -165,7 +165,7 @@ impl fmt::Display for Sum {
             }
             Repr::Big(b) => {
                 let b = b.normalized();
-                if b == BigDecimal::from(0) { f.write_str("0") } else { f.write_str(&b.to_plain_string()) }
+                if b.is_zero() { f.write_str("0") } else { f.write_str(&b.to_plain_string()) }
             }
         }
     }
@@ -345,7 +345,10 @@ mod tests {
         }
         let long = format!("1.{}1", "0".repeat(330));
         assert_eq!(p(&long).to_string(), long, "a digit below 10^-324 is kept: the value is in range");
-        assert!(matches!(Sum::parse(&format!("1.{}", "0".repeat(1_000))), Err(SumError::OutOfRange(_))), "text over 1,000 characters");
+        assert!(
+            matches!(Sum::parse(&format!("1.{}", "0".repeat(1_000))), Err(SumError::OutOfRange(_))),
+            "text over 1,000 characters"
+        );
         for s in ["\"x\"", "NaN", "Infinity", "1.", ".5", "01", "+1", "1e", "0x10", "", "-", "1 ", "null", "true"] {
             assert_eq!(Sum::parse(s), Err(SumError::NotANumber(s.to_owned())), "{s}");
         }

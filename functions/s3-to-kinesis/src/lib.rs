@@ -102,7 +102,7 @@ pub type Sink = KinesisSink;
 pub type Sink = faults::FaultInjectingSink<KinesisSink>;
 
 /// The handler the function runs.
-pub type Handler = PushHandler<Sink, JsonLines, S3Source>;
+pub type Handler = PushHandler<S3Source, JsonLines, Sink>;
 
 /// The handler, its clients from the AWS configuration, records to `STREAM_NAME`.
 pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Handler {
@@ -112,7 +112,12 @@ pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Handler {
         .crash_once(settings.inject_crash_once.clone());
     let source = S3Source::new(aws.s3().await.clone());
     // The quarantine and checkpoints where the settings name them (the loop guard reads the same).
-    PushHandler::connect(settings.push, source, JsonLines::new(settings.partition_key_field), sink, aws).await
+    PushHandler::builder(settings.push)
+        .source(source)
+        .lines(JsonLines::new(settings.partition_key_field))
+        .sink(sink)
+        .connect(aws)
+        .await
 }
 
 /// Fault injection for the fault tests (feature `fault-injection`).
@@ -195,7 +200,7 @@ pub mod faults {
             Ok(PutOutcome { failed, last_written: inner.last_written })
         }
 
-        fn shard_map(&self) -> impl Future<Output = Result<Option<pushpull::shard_map::ShardMap>, SinkError>> + Send {
+        fn shard_map(&self) -> impl Future<Output = Result<Option<pushpull::sink::ShardMap>, SinkError>> + Send {
             self.inner.shard_map()
         }
 

@@ -420,6 +420,76 @@ pub struct WindowResponse {
     pub batch_item_failures: Vec<BatchItemFailure>,
 }
 
+/// Below this much record data (summed over the records, base64 as delivered) a batch is worked
+/// on by [`in_parts`] in one part on the calling thread: starting helpers costs more than it saves.
+pub const IN_PARTS_MIN_BYTES: usize = 250_000;
+
+/// Runs `work(base, part)` over contiguous parts of `records` (`base`: the index of the part's
+/// first record in `records`) on every vCPU the process may use, the calling thread among them,
+/// and returns each part's result in record order. Parts are cut by data bytes, not by records
+/// (a KPL aggregate carries many user records in one). For CPU work on a large batch that a
+/// handler merges itself, such as the sample rollup's check of every record; a batch with less
+/// than [`IN_PARTS_MIN_BYTES`] of data is one part. A panic in `work` is raised again here, after
+/// the other parts return.
+///
+/// ```
+/// use pushpull::kinesis_event::KinesisEvent;
+/// use pushpull::pull::kinesis::in_parts;
+///
+/// let record = r#"{"kinesis":{"partitionKey":"k","sequenceNumber":"1","data":"eyJhIjoxfQ==","approximateArrivalTimestamp":1},"eventID":"shardId-0:1"}"#;
+/// let payload = format!(r#"{{"Records":[{}]}}"#, vec![record; 30_000].join(","));
+/// let event = KinesisEvent::from_slice_parallel(payload.as_bytes()).unwrap();
+/// let counts = in_parts(&event.records, |_base, part| part.len());
+/// assert_eq!(counts.iter().sum::<usize>(), 30_000);
+/// ```
+pub fn in_parts<'r, 'a, R, W>(records: &'r [KinesisEventRecord<'a>], work: W) -> Vec<R>
+where
+    R: Send,
+    W: Fn(usize, &'r [KinesisEventRecord<'a>]) -> R + Sync,
+{
+    let data_bytes: usize = records.iter().map(|r| r.kinesis.data.len()).sum();
+    let threads = crate::parallel::threads().min(data_bytes / IN_PARTS_MIN_BYTES);
+    if threads <= 1 {
+        return vec![work(0, records)];
+    }
+    let parts = split_by_bytes(records, threads, data_bytes);
+    let slots: Vec<std::sync::Mutex<Option<R>>> = parts.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    crate::parallel::each_part(threads, parts.len(), |i| {
+        let (base, part) = parts[i];
+        let out = work(base, part);
+        *slots[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(out);
+    });
+    slots
+        .into_iter()
+        .map(|s| {
+            s.into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .unwrap_or_else(|| unreachable!("each_part runs every part"))
+        })
+        .collect()
+}
+
+/// `records` cut into at most `parts` contiguous parts of about equal data bytes (`total`).
+fn split_by_bytes<'r, 'a>(
+    records: &'r [KinesisEventRecord<'a>],
+    parts: usize,
+    total: usize,
+) -> Vec<(usize, &'r [KinesisEventRecord<'a>])> {
+    let mut out = Vec::with_capacity(parts);
+    let (mut start, mut seen) = (0, 0);
+    for (i, r) in records.iter().enumerate() {
+        seen += r.kinesis.data.len();
+        if seen * parts >= total * (out.len() + 1) && out.len() + 1 < parts {
+            out.push((start, &records[start..=i]));
+            start = i + 1;
+        }
+    }
+    if start < records.len() {
+        out.push((start, &records[start..]));
+    }
+    out
+}
+
 /// The measures of a Kinesis batch known before it is handled (stream, batch size, the oldest
 /// record's arrival); fill in `processed` and `failed` and [`crate::metrics::PullBatch::record`] it.
 ///
@@ -444,6 +514,31 @@ pub fn batch_metrics(event: &KinesisEvent<'_>) -> crate::metrics::PullBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_split_by_data_bytes_cover_the_batch_in_order() {
+        let record = |i: usize| {
+            format!(
+                r#"{{"kinesis":{{"partitionKey":"p","sequenceNumber":"{}","data":"{}","approximateArrivalTimestamp":1}},"eventID":"shardId-0:1"}}"#,
+                1000 + i,
+                "e30=".repeat(1 + i % 5)
+            )
+        };
+        let payload = format!(r#"{{"Records":[{}]}}"#, (0..50).map(record).collect::<Vec<_>>().join(","));
+        let event = KinesisEvent::from_slice(payload.as_bytes()).unwrap();
+        let total: usize = event.records.iter().map(|r| r.kinesis.data.len()).sum();
+        for parts in 1..=7 {
+            let split = split_by_bytes(&event.records, parts, total);
+            assert_eq!(split.len(), parts);
+            let mut next = 0;
+            for (base, chunk) in &split {
+                assert_eq!(*base, next);
+                assert!(!chunk.is_empty());
+                next += chunk.len();
+            }
+            assert_eq!(next, 50);
+        }
+    }
 
     fn event(seqs: &[(&str, &str)]) -> String {
         event_keys(&seqs.iter().map(|(s, d)| (*s, *d, "k")).collect::<Vec<_>>())

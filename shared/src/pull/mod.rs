@@ -45,7 +45,22 @@ pub mod kinesis;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
-pub use crate::parallel::threads;
+pub use crate::ndjson::{LineError, fields};
+pub use crate::sequence::{Position, SequenceNumber, SequenceNumberError};
+
+/// Starts the helper threads that read and check large batches on every vCPU now, instead of at
+/// the first such batch: a function on `pushpull::lambda::run_raw` that reads with
+/// [`crate::kinesis_event::KinesisEvent::from_slice_parallel`] or works with
+/// [`kinesis::in_parts`] calls it in `main`, so that its first batch does not wait for a thread to
+/// start (the runners of `pushpull::lambda` do). One thread fewer than the vCPUs the process may
+/// use; none on one.
+///
+/// ```
+/// pushpull::pull::start_helpers();
+/// ```
+pub fn start_helpers() {
+    crate::parallel::start();
+}
 
 /// How a batch is processed.
 ///
@@ -385,14 +400,17 @@ where
     out
 }
 
-/// A record's data is not the JSON the handler expected.
+/// A record's data is not what the handler expected (the JSON of a Kinesis record or an SQS
+/// message, a DynamoDB item image).
 #[derive(Debug, thiserror::Error)]
-#[error("record {item}: not the expected JSON: {source}")]
+#[error("record {item}: not the expected {format}: {source}")]
 pub struct DecodeError {
     /// The record's identifier (sequence number, message id).
     pub item: String,
+    /// What was read: `JSON`, `item`.
+    pub format: &'static str,
     /// What serde said.
-    pub source: serde_json::Error,
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 #[cfg(any(feature = "kinesis", feature = "sqs"))]
@@ -400,7 +418,7 @@ pub(crate) fn parse_json<'a, T: Deserialize<'a>>(
     data: &'a [u8],
     item: impl FnOnce() -> String,
 ) -> Result<T, DecodeError> {
-    serde_json::from_slice(data).map_err(|source| DecodeError { item: item(), source })
+    serde_json::from_slice(data).map_err(|source| DecodeError { item: item(), format: "JSON", source: source.into() })
 }
 
 #[cfg(test)]

@@ -96,56 +96,50 @@ impl<'a> Line<'a> {
     }
 }
 
-/// How an object is cut into what the handler sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Framing {
-    /// Line by line (NDJSON, CSV, logs): streamed in bounded memory, checkpointed as it goes.
-    Lines,
-    /// The whole object at once, for formats that are not line-based (a JSON document, XML, a
-    /// binary format): read into memory up to `max_bytes` (a larger object is quarantined), its
-    /// records sent and checkpointed together at the end. A resumed object is read again from the
-    /// start, and what the interrupted invocation sent is found in the stream and not sent again,
-    /// as for lines; the records must be sent within `CHECKPOINT_LEASE_MS`.
-    WholeObject {
-        /// The largest object read.
-        max_bytes: usize,
-    },
-}
-
-/// Makes records of lines (or, with [`Framing::WholeObject`], of whole objects: see
-/// [`WholeObject`]).
+/// Makes a record of each line of an object: any closure
+/// `|line: Line<'_>| -> Result<Option<OutRecord>, LineReject>`, or [`JsonLines`].
 pub trait LineHandler: Send + Sync {
     /// The record for `line`, `None` to skip it, or why it must be quarantined.
     fn to_record(&self, line: Line<'_>) -> Result<Option<OutRecord>, LineReject>;
+}
 
-    /// How objects are cut for this handler.
-    fn framing(&self) -> Framing {
-        Framing::Lines
-    }
-
-    /// With [`Framing::WholeObject`]: the records of a whole object, in order, or why the object
-    /// must be quarantined.
-    fn object_records(&self, object: &[u8]) -> Result<Vec<OutRecord>, LineReject> {
-        let _ = object;
-        Err(LineReject("this handler reads lines, not whole objects".into()))
+impl<F> LineHandler for F
+where
+    F: Fn(Line<'_>) -> Result<Option<OutRecord>, LineReject> + Send + Sync,
+{
+    fn to_record(&self, line: Line<'_>) -> Result<Option<OutRecord>, LineReject> {
+        self(line)
     }
 }
 
-/// A handler over whole objects: `|bytes| -> Result<Vec<OutRecord>, LineReject>`.
+/// Makes the records of a whole object at once, for formats that are not line-based (a JSON
+/// document, XML, a binary format); [`WholeObject`] makes one of a closure. The object is read
+/// into memory up to [`ObjectHandler::max_bytes`] (a larger object is quarantined), its records
+/// sent and checkpointed together at the end. A resumed object is read again from the start, and
+/// what the interrupted invocation sent is found in the stream and not sent again, as for lines;
+/// the records must be sent within `CHECKPOINT_LEASE_MS`.
+pub trait ObjectHandler: Send + Sync {
+    /// The largest object read.
+    fn max_bytes(&self) -> usize;
+
+    /// The records of `object`, in order, or why the object must be quarantined.
+    fn records(&self, object: &[u8]) -> Result<Vec<OutRecord>, LineReject>;
+}
+
+/// An [`ObjectHandler`] of a closure `|bytes| -> Result<Vec<OutRecord>, LineReject>`.
 ///
 /// ```
-/// use pushpull::push::line::{Framing, LineHandler, LineReject, WholeObject};
+/// use pushpull::push::line::{LineReject, ObjectHandler, WholeObject};
 /// use pushpull::sink::OutRecord;
 ///
 /// // A JSON array document: one record per element, keyed by its "id".
 /// let handler = WholeObject::new(16 << 20, |bytes: &[u8]| -> Result<Vec<OutRecord>, LineReject> {
 ///     let items: Vec<serde_json::Value> = serde_json::from_slice(bytes).map_err(|e| format!("not a JSON array: {e}"))?;
-///     Ok(items.iter().enumerate().map(|(i, v)| OutRecord::new(v["id"].to_string(), v.to_string().into(), i as u64 + 1)).collect())
+///     Ok(items.iter().map(|v| OutRecord::keyed(v["id"].to_string(), v.to_string())).collect())
 /// });
-/// assert_eq!(handler.framing(), Framing::WholeObject { max_bytes: 16 << 20 });
-/// assert_eq!(handler.object_records(br#"[{"id":1},{"id":2}]"#).unwrap().len(), 2);
-/// assert!(handler.object_records(b"{").is_err());
+/// assert_eq!(handler.max_bytes(), 16 << 20);
+/// assert_eq!(handler.records(br#"[{"id":1},{"id":2}]"#).unwrap().len(), 2);
+/// assert!(handler.records(b"{").is_err());
 /// ```
 #[derive(Debug, Clone)]
 pub struct WholeObject<F> {
@@ -163,29 +157,67 @@ where
     }
 }
 
-impl<F> LineHandler for WholeObject<F>
+impl<F> ObjectHandler for WholeObject<F>
 where
     F: Fn(&[u8]) -> Result<Vec<OutRecord>, LineReject> + Send + Sync,
 {
-    fn to_record(&self, line: Line<'_>) -> Result<Option<OutRecord>, LineReject> {
-        Ok(self.object_records(line.bytes())?.into_iter().next())
+    fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
-    fn framing(&self) -> Framing {
-        Framing::WholeObject { max_bytes: self.max_bytes }
-    }
-
-    fn object_records(&self, object: &[u8]) -> Result<Vec<OutRecord>, LineReject> {
+    fn records(&self, object: &[u8]) -> Result<Vec<OutRecord>, LineReject> {
         (self.records)(object)
     }
 }
 
-impl<F> LineHandler for F
-where
-    F: Fn(Line<'_>) -> Result<Option<OutRecord>, LineReject> + Send + Sync,
-{
-    fn to_record(&self, line: Line<'_>) -> Result<Option<OutRecord>, LineReject> {
-        self(line)
+/// An [`ObjectHandler`] as a [`crate::push::PushHandler`] takes one (the builder's
+/// [`crate::push::PushBuilder::objects`] wraps it).
+#[derive(Debug, Clone)]
+pub struct Objects<H>(pub H);
+
+/// What a [`crate::push::PushHandler`] makes records with: a [`LineHandler`] (lines) or
+/// [`Objects`] of an [`ObjectHandler`] (whole objects). Sealed: implement one of those two.
+pub trait Records: Send + Sync + sealed::Sealed {
+    /// `Some(max_bytes)` for whole objects, `None` for lines.
+    #[doc(hidden)]
+    fn whole_object(&self) -> Option<usize>;
+    #[doc(hidden)]
+    fn line_record(&self, line: Line<'_>) -> Result<Option<OutRecord>, LineReject>;
+    #[doc(hidden)]
+    fn object_records(&self, object: &[u8]) -> Result<Vec<OutRecord>, LineReject>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl<H: super::LineHandler> Sealed for H {}
+    impl<H: super::ObjectHandler> Sealed for super::Objects<H> {}
+}
+
+impl<H: LineHandler> Records for H {
+    fn whole_object(&self) -> Option<usize> {
+        None
+    }
+
+    fn line_record(&self, line: Line<'_>) -> Result<Option<OutRecord>, LineReject> {
+        self.to_record(line)
+    }
+
+    fn object_records(&self, _object: &[u8]) -> Result<Vec<OutRecord>, LineReject> {
+        Err(LineReject("this handler reads lines, not whole objects".into()))
+    }
+}
+
+impl<H: ObjectHandler> Records for Objects<H> {
+    fn whole_object(&self) -> Option<usize> {
+        Some(self.0.max_bytes())
+    }
+
+    fn line_record(&self, line: Line<'_>) -> Result<Option<OutRecord>, LineReject> {
+        Ok(self.0.records(line.bytes())?.into_iter().next())
+    }
+
+    fn object_records(&self, object: &[u8]) -> Result<Vec<OutRecord>, LineReject> {
+        self.0.records(object)
     }
 }
 

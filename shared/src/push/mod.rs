@@ -5,12 +5,13 @@
 //! - [`source`]: where objects are read ([`source::S3Source`], [`source::FileSource`], yours);
 //! - [`crate::lines`]: the object split into lines in bounded memory (gzip undone first);
 //! - [`line`](mod@line): your [`line::LineHandler`] (a closure) makes a record of a line, skips it, or says
-//!   why it must be quarantined ([`crate::quarantine`]);
+//!   why it must be quarantined ([`crate::quarantine`]); or your [`line::ObjectHandler`] makes the
+//!   records of a whole object;
 //! - [`crate::batch`] and [`crate::sink`]: records batched under the PutRecords limits and sent,
 //!   partial failures resent;
 //! - [`lease`]: the object's lease and progress checkpoints (compare-and-swap), staleness by
 //!   sequencer;
-//! - [`run`]: the loop that drives one object through all of the above.
+//! - `run` (internal): the loop that drives one object through all of the above.
 //!
 //! Exactly once, across duplicate and out-of-order notifications, retries, timeouts and crashes:
 //! progress is checkpointed every `CHECKPOINT_INTERVAL_MS` and before the deadline, each
@@ -34,7 +35,6 @@
 //! use pushpull::invocation::Invocation;
 //! use pushpull::push::{line::JsonLines, source::FileSource, PushHandler};
 //! use pushpull::sink::{OutRecord, PutOutcome, RecordSink, SinkError};
-//! use pushpull::store::Store;
 //!
 //! /// Keeps what it is sent.
 //! #[derive(Default)]
@@ -50,14 +50,13 @@
 //! let dir = tempfile::tempdir().unwrap();
 //! std::fs::create_dir_all(dir.path().join("objects/b")).unwrap();
 //! std::fs::write(dir.path().join("objects/b/in.ndjson"), "{\"user\":\"u1\"}\n[1]\n{\"user\":\"u2\"}\n").unwrap();
-//! let handler = PushHandler::new(
-//!     PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations(dir.path())).unwrap(),
-//!     FileSource::new(dir.path().join("objects")),
-//!     JsonLines::new(Some("user".into())),
-//!     Memory::default(),
-//!     Store::file(dir.path().join("quarantine")),
-//!     Store::file(dir.path().join("checkpoints")),
-//! );
+//! // Quarantine and checkpoints where the settings say (here under `dir`).
+//! let settings = PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations(dir.path())).unwrap();
+//! let handler = PushHandler::builder(settings)
+//!     .source(FileSource::new(dir.path().join("objects")))
+//!     .lines(JsonLines::new(Some("user".into())))
+//!     .sink(Memory::default())
+//!     .build();
 //! let event = r#"{"Records":[{"eventVersion":"2.1","eventSource":"aws:s3","eventName":"ObjectCreated:Put",
 //!   "s3":{"bucket":{"name":"b"},"object":{"key":"in.ndjson","eTag":"e1","sequencer":"01"}}}]}"#;
 //! let summary = handler.handle(event.as_bytes(), &Invocation::new("req-1")).await.unwrap();
@@ -81,11 +80,11 @@ use crate::store::{Store, StoreError};
 
 pub mod lease;
 pub mod line;
-pub mod run;
+mod run;
 pub mod source;
 
 use lease::{Claim, ClaimError, Leases, ObjectProgress};
-use line::LineHandler;
+use line::{LineHandler, ObjectHandler, Objects, Records};
 use source::{ObjectSource, SourceError};
 
 /// The push side failed in a way that retrying may fix, or that must reach a failure destination.
@@ -295,61 +294,116 @@ pub struct PushSummary {
     pub objects: Vec<ObjectSummary>,
 }
 
-/// Handles S3 notifications: reads objects from a [`ObjectSource`], makes records of their lines
-/// with a [`LineHandler`], sends them to a [`RecordSink`].
+/// Handles S3 notifications: reads objects from an [`ObjectSource`], makes records of their
+/// lines with a [`LineHandler`] (or of whole objects with an [`ObjectHandler`]), sends them to a
+/// [`RecordSink`]. Put together with [`PushHandler::builder`]; `pushpull::lambda::run_s3_lines`
+/// does it from the environment for S3 to Kinesis.
 #[derive(Debug)]
-pub struct PushHandler<S, L, O> {
+pub struct PushHandler<O, R, S> {
     settings: PushSettings,
     source: O,
-    lines: L,
+    records: R,
     producer: Producer<S>,
     quarantine: Store,
     leases: Leases<Store>,
 }
 
-impl<S: RecordSink, L: LineHandler, O: ObjectSource> PushHandler<S, L, O> {
-    /// A handler reading from `source`, making records with `lines`, sending to `sink`,
-    /// quarantining into `quarantine`, keeping checkpoints in `checkpoints`.
-    pub fn new(settings: PushSettings, source: O, lines: L, sink: S, quarantine: Store, checkpoints: Store) -> Self {
+/// Puts a [`PushHandler`] together: settings first, then a source, a line or object handler
+/// and a sink, in any order. The quarantine and checkpoints are where the settings say
+/// (`QUARANTINE_URI`, `CHECKPOINT_URI`), the one place they are named, so that the loop guard and
+/// the writes cannot disagree.
+///
+/// ```
+/// use pushpull::config::{Env, PushSettings};
+/// use pushpull::push::{PushHandler, line::WholeObject, source::FileSource};
+/// use pushpull::sink::{OutRecord, PutOutcome, RecordSink, SinkError};
+/// # struct Sink;
+/// # impl RecordSink for Sink {
+/// #     async fn put_records(&self, _r: &[OutRecord]) -> Result<PutOutcome, SinkError> {
+/// #         Ok(PutOutcome::all_written("shardId-0", "1"))
+/// #     }
+/// # }
+/// let dir = tempfile::tempdir().unwrap();
+/// let settings = PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations(dir.path())).unwrap();
+/// // Whole JSON documents, one record each, up to 1 MiB.
+/// let handler = PushHandler::builder(settings)
+///     .source(FileSource::new(dir.path()))
+///     .objects(WholeObject::new(1 << 20, |doc: &[u8]| Ok(vec![OutRecord::keyed("doc", doc.to_vec())])))
+///     .sink(Sink)
+///     .build();
+/// assert!(handler.settings().quarantine.to_string().ends_with("quarantine"));
+/// ```
+#[derive(Debug)]
+#[must_use = "a builder does nothing until built"]
+pub struct PushBuilder<O, R, S> {
+    settings: PushSettings,
+    source: O,
+    records: R,
+    sink: S,
+}
+
+impl PushHandler<(), (), ()> {
+    /// A [`PushBuilder`] with these settings.
+    pub fn builder(settings: PushSettings) -> PushBuilder<(), (), ()> {
+        PushBuilder { settings, source: (), records: (), sink: () }
+    }
+}
+
+impl<O, R, S> PushBuilder<O, R, S> {
+    /// Where objects are read.
+    pub fn source<O2: ObjectSource>(self, source: O2) -> PushBuilder<O2, R, S> {
+        PushBuilder { settings: self.settings, source, records: self.records, sink: self.sink }
+    }
+
+    /// Records are made line by line by `handler` (a closure over a [`line::Line`], or
+    /// [`line::JsonLines`]).
+    pub fn lines<H: LineHandler>(self, handler: H) -> PushBuilder<O, H, S> {
+        PushBuilder { settings: self.settings, source: self.source, records: handler, sink: self.sink }
+    }
+
+    /// Records are made of whole objects by `handler`.
+    pub fn objects<H: ObjectHandler>(self, handler: H) -> PushBuilder<O, Objects<H>, S> {
+        PushBuilder { settings: self.settings, source: self.source, records: Objects(handler), sink: self.sink }
+    }
+
+    /// Where records are sent.
+    pub fn sink<S2: RecordSink>(self, sink: S2) -> PushBuilder<O, R, S2> {
+        PushBuilder { settings: self.settings, source: self.source, records: self.records, sink }
+    }
+}
+
+impl<O: ObjectSource, R: Records, S: RecordSink> PushBuilder<O, R, S> {
+    /// The handler. An `s3://` quarantine or checkpoint location connects at its first call with
+    /// a client of its own ([`Store::at`]); [`PushBuilder::connect`] shares one.
+    pub fn build(self) -> PushHandler<O, R, S> {
+        let (quarantine, checkpoints) = (Store::at(&self.settings.quarantine), Store::at(&self.settings.checkpoint));
+        PushHandler::new(self.settings, self.source, self.records, self.sink, quarantine, checkpoints)
+    }
+
+    /// The handler, its `s3://` stores on `aws`'s S3 client (one client, one configuration load
+    /// for the whole function).
+    #[cfg(feature = "s3")]
+    pub async fn connect(self, aws: &crate::aws::Aws) -> PushHandler<O, R, S> {
+        let quarantine = Store::connect(&self.settings.quarantine, aws).await;
+        let checkpoints = Store::connect(&self.settings.checkpoint, aws).await;
+        PushHandler::new(self.settings, self.source, self.records, self.sink, quarantine, checkpoints)
+    }
+}
+
+impl<O: ObjectSource, R: Records, S: RecordSink> PushHandler<O, R, S> {
+    /// A handler whose stores are given apart from the settings (the crate's tests, which look
+    /// into them).
+    pub(crate) fn new(
+        settings: PushSettings,
+        source: O,
+        records: R,
+        sink: S,
+        quarantine: Store,
+        checkpoints: Store,
+    ) -> Self {
         let producer = Producer::new(sink, settings.put_max_attempts);
         let leases = Leases::new(Checkpoints::new(checkpoints), settings.lease);
-        PushHandler { settings, source, lines, producer, quarantine, leases }
-    }
-
-    /// A handler whose quarantine and checkpoints are where `settings` says
-    /// (`QUARANTINE_URI`, `CHECKPOINT_URI`): the one place they are named, so the loop guard
-    /// and the writes cannot disagree. An `s3://` store connects at its first call
-    /// ([`Store::at`]).
-    ///
-    /// ```
-    /// use pushpull::config::{Env, PushSettings};
-    /// use pushpull::push::{PushHandler, line::JsonLines, source::FileSource};
-    /// # #[derive(Default)] struct Sink;
-    /// # impl pushpull::sink::RecordSink for Sink {
-    /// #     async fn put_records(&self, r: &[pushpull::sink::OutRecord]) -> Result<pushpull::sink::PutOutcome, pushpull::sink::SinkError> {
-    /// #         Ok(pushpull::sink::PutOutcome::all_written("shardId-0", "1"))
-    /// #     }
-    /// # }
-    /// let dir = tempfile::tempdir().unwrap();
-    /// let settings = PushSettings::from_env(Env::from_pairs([("PUT_LINGER_MS", "0")]).with_local_locations(dir.path())).unwrap();
-    /// let handler = PushHandler::from_settings(settings, FileSource::new(dir.path()), JsonLines::new(None), Sink);
-    /// assert_eq!(handler.settings().quarantine, settings_quarantine(&dir));
-    /// # fn settings_quarantine(dir: &tempfile::TempDir) -> pushpull::store::Location {
-    /// #     format!("file://{}", dir.path().join("quarantine").display()).parse().unwrap()
-    /// # }
-    /// ```
-    pub fn from_settings(settings: PushSettings, source: O, lines: L, sink: S) -> Self {
-        let (quarantine, checkpoints) = (Store::at(&settings.quarantine), Store::at(&settings.checkpoint));
-        Self::new(settings, source, lines, sink, quarantine, checkpoints)
-    }
-
-    /// [`PushHandler::from_settings`] whose `s3://` stores use `aws`'s S3 client (one client,
-    /// one configuration load for the whole function).
-    #[cfg(feature = "s3")]
-    pub async fn connect(settings: PushSettings, source: O, lines: L, sink: S, aws: &crate::aws::Aws) -> Self {
-        let quarantine = Store::connect(&settings.quarantine, aws).await;
-        let checkpoints = Store::connect(&settings.checkpoint, aws).await;
-        Self::new(settings, source, lines, sink, quarantine, checkpoints)
+        PushHandler { settings, source, records, producer, quarantine, leases }
     }
 
     /// The settings in force.

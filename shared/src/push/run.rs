@@ -10,7 +10,7 @@ use tokio_util::codec::FramedRead;
 use tracing::{info, warn};
 
 use super::lease::{Interrupted, ObjectProgress};
-use super::line::{DataBlocks, Framing, Line, LineHandler};
+use super::line::{DataBlocks, Line, Records};
 use super::source::{ObjectSource, SourceError};
 use super::{ObjectError, ObjectSummary, Outcome, PushHandler};
 use crate::aggregation::{AddError, Aggregator};
@@ -126,8 +126,8 @@ fn shard_key(shard: ShardIndex) -> u64 {
 }
 
 /// The state of one object while its lines flow.
-pub(super) struct Run<'a, S, L, O> {
-    handler: &'a PushHandler<S, L, O>,
+pub(super) struct Run<'a, O, R, S> {
+    handler: &'a PushHandler<O, R, S>,
     ev: &'a ObjectEvent,
     /// The last checkpoint written, and its version.
     pub(super) progress: ObjectProgress,
@@ -150,9 +150,9 @@ pub(super) struct Run<'a, S, L, O> {
     lease_until: tokio::time::Instant,
 }
 
-impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
+impl<'a, O: ObjectSource, R: Records, S: RecordSink> Run<'a, O, R, S> {
     pub(super) fn new(
-        handler: &'a PushHandler<S, L, O>,
+        handler: &'a PushHandler<O, R, S>,
         ev: &'a ObjectEvent,
         progress: ObjectProgress,
         version: Etag,
@@ -242,7 +242,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
                            "PUT_AGGREGATION is on but the sink cannot tell its shards; lines go one to a record"),
             }
         }
-        if let Framing::WholeObject { max_bytes } = self.handler.lines.framing() {
+        if let Some(max_bytes) = self.handler.records.whole_object() {
             return self.process_whole(reader, max_bytes, interrupted).await;
         }
         // A ranged read starts at the checkpoint; a gzip stream is re-read from the start and the
@@ -337,7 +337,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
                         self.blank_since += 1;
                         continue;
                     }
-                    match self.handler.lines.to_record(Line::new(line, number, offset, &mut blocks)) {
+                    match self.handler.records.line_record(Line::new(line, number, offset, &mut blocks)) {
                         Err(reason) => Some((reason.0, QuarantinedLine::excerpt_of(line))),
                         Ok(None) => {
                             self.skipped_since += 1;
@@ -372,7 +372,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         Ok(Outcome::Processed)
     }
 
-    /// The whole object through the handler at once ([`Framing::WholeObject`]).
+    /// The whole object through the handler at once ([`crate::push::line::ObjectHandler`]).
     async fn process_whole(
         &mut self,
         reader: Box<dyn AsyncBufRead + Send + Unpin>,
@@ -392,7 +392,7 @@ impl<'a, S: RecordSink, L: LineHandler, O: ObjectSource> Run<'a, S, L, O> {
         let records = if data.len() > max_bytes {
             Err(format!("object larger than the handler's limit of {max_bytes} bytes"))
         } else {
-            self.handler.lines.object_records(&data).map_err(|r| r.0)
+            self.handler.records.object_records(&data).map_err(|r| r.0)
         };
         match records {
             Err(reason) => self.quarantine_line(1, 0, reason, QuarantinedLine::excerpt_of(&data)),
@@ -682,7 +682,7 @@ mod tests {
     use super::*;
     use crate::config::{Env, PushSettings};
     use crate::push::lease::Leases;
-    use crate::push::line::JsonLines;
+    use crate::push::line::{JsonLines, LineHandler};
     use crate::push::source::FileSource;
     use crate::push::{ObjectError, PushError};
     use crate::sink::{PutOutcome, SinkError, WrittenRecord};
@@ -698,6 +698,8 @@ mod tests {
         batches: Mutex<Vec<Vec<OutRecord>>>,
         /// How long reading back takes.
         read_back_takes: Mutex<Duration>,
+        /// How long each PutRecords call takes.
+        put_takes: Mutex<Duration>,
     }
 
     /// Two shards splitting the hash-key space in half.
@@ -711,6 +713,10 @@ mod tests {
         }
         async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
             self.calls.fetch_add(1, AtomicOrdering::SeqCst);
+            let takes = *self.put_takes.lock().unwrap();
+            if !takes.is_zero() {
+                tokio::time::sleep(takes).await;
+            }
             if self.fail_calls.load(AtomicOrdering::SeqCst) > 0 {
                 self.fail_calls.fetch_sub(1, AtomicOrdering::SeqCst);
                 return Err(SinkError::new("ResourceNotFoundException: no stream", false));
@@ -741,7 +747,7 @@ mod tests {
 
     struct World {
         dir: tempfile::TempDir,
-        handler: PushHandler<FakeSink, JsonLines, FileSource>,
+        handler: PushHandler<FileSource, JsonLines, FakeSink>,
     }
 
     fn world(env: &[(&str, &str)], object: &str) -> World {
@@ -812,6 +818,9 @@ mod tests {
         let w = world(&[], &format!("{}not json\n", lines(3)));
         {
             let _default = tracing::subscriber::set_default(subscriber);
+            // Another test's thread may have hit these callsites with no subscriber at all and
+            // cached "never" for them (tokio-rs/tracing#2874); ask again.
+            tracing::callsite::rebuild_interest_cache();
             w.handler.handle(&event(), &Invocation::new("one")).await.unwrap();
         }
         let lines = buffer.lines();
@@ -970,15 +979,17 @@ mod tests {
         assert_eq!(w.handler.sink().records.lock().unwrap().len(), 200, "each line once");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn out_of_time_checkpoints_and_the_retry_resumes_after_the_checkpoint() {
-        let w = world(&[("DEADLINE_MARGIN_MS", "10000")], &lines(1000));
-        // Already within the margin (the first clock check, at line 128, checkpoints and stops),
-        // and 4 s before the hard stop at half the margin.
-        let late = Invocation::new("late").with_time_left(Duration::from_secs(9));
+        let w = world(&[("DEADLINE_MARGIN_MS", "10000"), ("PUT_MAX_RECORDS", "5")], &lines(1000));
+        // 100 ms a call: within the margin after 20 calls (100 lines), so the first clock check,
+        // at line 128, checkpoints and stops, long before the hard stop at half the margin.
+        *w.handler.sink().put_takes.lock().unwrap() = Duration::from_millis(100);
+        let late = Invocation::new("late").with_time_left(Duration::from_secs(12));
         let err = w.handler.handle(&event(), &late).await.unwrap_err();
         let PushError::Object { source: ObjectError::OutOfTime { lines_done }, .. } = err else { panic!("{err}") };
         assert!((1..1000).contains(&lines_done), "stopped at the first clock check: {lines_done}");
+        *w.handler.sink().put_takes.lock().unwrap() = Duration::ZERO;
         let summary = w.handler.handle(&event(), &Invocation::new("retry")).await.unwrap();
         assert_eq!((summary.objects[0].resumed_after_line, summary.objects[0].records), (lines_done, 1000));
         assert_eq!(w.handler.sink().records.lock().unwrap().len(), 1000, "nothing twice");
@@ -1224,7 +1235,7 @@ mod tests {
         let handler = PushHandler::new(
             settings,
             FileSource::new(dir.path().join("objects")),
-            WholeObject::new(1 << 20, array),
+            crate::push::line::Objects(WholeObject::new(1 << 20, array)),
             FakeSink::default(),
             Store::file(dir.path().join("q")),
             Store::file(dir.path().join("cp")),
@@ -1336,12 +1347,16 @@ mod tests {
         );
         let invocation = Invocation::new("r").with_time_left(Duration::from_millis(2500));
         let err = handler.handle(&event(), &invocation).await.unwrap_err();
-        let PushError::Object { source: ObjectError::TooLittleTime { left_ms: 2500, margin_ms: 4000 }, .. } = &err else {
+        let PushError::Object { source: ObjectError::TooLittleTime { left_ms: 2500, margin_ms: 4000 }, .. } = &err
+        else {
             panic!("{err}")
         };
         assert_eq!(err.kind(), "PushError.OutOfTime");
         let said = err.to_string();
-        assert!(said.contains("2500 ms left") && said.contains("DEADLINE_MARGIN_MS") && said.contains("b/k.ndjson"), "{said}");
+        assert!(
+            said.contains("2500 ms left") && said.contains("DEADLINE_MARGIN_MS") && said.contains("b/k.ndjson"),
+            "{said}"
+        );
         // Nothing was claimed: a retry owns the object at once.
         let claim = handler.leases.claim(&object_event(), "retry").await;
         assert!(matches!(claim, Ok(crate::push::lease::Claim::Owned { .. })), "{claim:?}");

@@ -34,6 +34,8 @@ use bytes::Bytes;
 use crate::backoff::Backoff;
 use crate::batch::ByteSize;
 use crate::sequence::SequenceNumber;
+#[doc(inline)]
+pub use crate::shard_map::{ShardIndex, ShardMap};
 
 #[cfg(feature = "kinesis-sink")]
 pub mod kinesis;
@@ -212,7 +214,7 @@ pub trait RecordSink: Send + Sync {
 
     /// The open shards and their hash-key ranges, for aggregating only records bound for the
     /// same shard. A sink that cannot tell (the default) gets no aggregation.
-    fn shard_map(&self) -> impl Future<Output = Result<Option<crate::shard_map::ShardMap>, SinkError>> + Send {
+    fn shard_map(&self) -> impl Future<Output = Result<Option<ShardMap>, SinkError>> + Send {
         async { Ok(None) }
     }
 }

@@ -18,7 +18,9 @@ use crate::mapping::source::{Partition, Record};
 impl<P: Partition> Lane<P> {
     pub(super) fn backoff(&self, retries: i64) -> Duration {
         let o = &self.ctx.options;
-        pushpull::backoff::Backoff::new(o.retry_backoff, o.max_retry_backoff).delay(retries.clamp(0, 16) as u32)
+        // Doubling from the first, capped; AWS documents exponential backoff for a failed batch
+        // without its constants.
+        o.retry_backoff.saturating_mul(1 << retries.clamp(0, 16)).min(o.max_retry_backoff)
     }
 
     fn event(&self, records: &[P::Record], window: Option<(&Window, bool, bool)>) -> String {
