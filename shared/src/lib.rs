@@ -1,11 +1,6 @@
-//! # pushpull
-//!
-//! The parts a Rust function behind an AWS Lambda event source needs, for both ways Lambda gets
-//! events: **push** (S3 invokes the function when an object lands) and **pull** (an event
-//! source mapping polls Kinesis, DynamoDB Streams or SQS and invokes the function with batches).
-//!
-//! Each source and each AWS service is a cargo feature, so a function compiles only what it uses;
-//! the core (no feature) needs no AWS SDK at all.
+#![cfg_attr(all(feature = "kinesis", feature = "runtime"), doc = include_str!("../README.md"))]
+//! With the `kinesis` and `runtime` features (docs.rs builds with every feature), the crate's
+//! README comes first on this page: a handler of each kind, each in a screen. The modules:
 //!
 //! | module | feature | what it does |
 //! |---|---|---|
@@ -39,10 +34,6 @@ pub use serde;
 pub use serde_json;
 pub use tracing;
 
-// The crate README's example, compiled as a doc test.
-#[cfg(all(doctest, feature = "kinesis", feature = "runtime"))]
-#[doc = include_str!("../README.md")]
-struct ReadmeDoctests;
 
 mod backoff;
 pub mod batch;
