@@ -255,7 +255,7 @@ pub enum AddError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finished {
     /// The partition key to put it with: its first user record's. Records are aggregated only
-    /// with records bound for the same shard ([`crate::shard_map::ShardMap`]), so the whole
+    /// with records bound for the same shard (the shard map of `pushpull::sink::ShardMap`), so the whole
     /// aggregate lands where each of its keys maps, as the KPL arranges it.
     pub partition_key: String,
     /// Magic bytes, protobuf, MD5.

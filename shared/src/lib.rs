@@ -34,7 +34,6 @@ pub use serde;
 pub use serde_json;
 pub use tracing;
 
-
 mod backoff;
 pub mod batch;
 pub mod checkpoint;

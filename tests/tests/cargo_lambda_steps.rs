@@ -21,16 +21,45 @@ use pushpull_tests::readme::{self, ROOT};
 use serde_json::Value;
 use tokio::process::{Child, Command};
 
-/// `cargo lambda watch`, its process group stopped by PID on drop.
-struct Watch(Child);
+/// `cargo lambda watch`, stopped on drop with everything it started: its process group by PID
+/// (TERM, then KILL after 3 s), and any process still running a binary of its target directory
+/// (the functions, which its file watcher may start in a group of their own).
+struct Watch {
+    child: Child,
+    pgid: Option<u32>,
+    target: std::path::PathBuf,
+}
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        if let Some(pid) = self.0.id() {
-            // The group: cargo-lambda, the `cargo run` it starts and the functions.
-            let _ = std::process::Command::new("kill").args(["-TERM", "--", &format!("-{pid}")]).status();
+        let signal = |sig: &str, pid: String| {
+            let _ = std::process::Command::new("kill").args([sig, "--", &pid]).status();
+        };
+        if let Some(pgid) = self.pgid {
+            signal("-TERM", format!("-{pgid}"));
+            let until = std::time::Instant::now() + Duration::from_secs(3);
+            while std::time::Instant::now() < until && !matches!(self.child.try_wait(), Ok(Some(_))) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            signal("-KILL", format!("-{pgid}"));
+        }
+        for pid in running_from(&self.target) {
+            signal("-KILL", pid.to_string());
         }
     }
+}
+
+/// PIDs of the processes whose executable lies under `dir`.
+fn running_from(dir: &std::path::Path) -> Vec<u32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+    procs
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+            exe.starts_with(dir).then_some(pid)
+        })
+        .collect()
 }
 
 fn tools_path() -> String {
@@ -77,10 +106,12 @@ async fn the_readme_invoke_locally_steps_answer_as_the_readme_says_through_cargo
         let v = if k == "AWS_ENDPOINT_URL" { pushpull_local::localstack::endpoint() } else { v.clone() };
         watch.env(k, v.replace("/tmp/pushpull", &scratch.path().display().to_string()));
     }
-    let mut child = watch.spawn().expect("cargo lambda watch");
+    let mut child = watch.kill_on_drop(true).spawn().expect("cargo lambda watch");
     let log = scratch.path().join("watch.log");
     let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let _watch = Watch(child);
+    let pgid = child.id();
+    let target_dir = std::fs::canonicalize(&target).expect("the target directory, built above");
+    let _watch = Watch { child, pgid, target: target_dir };
     for stream in [Box::new(out) as Box<dyn tokio::io::AsyncRead + Unpin + Send>, Box::new(err)] {
         let log = log.clone();
         tokio::spawn(async move {
@@ -99,13 +130,18 @@ async fn the_readme_invoke_locally_steps_answer_as_the_readme_says_through_cargo
     let invoke = |function: String, args: Vec<String>| {
         let path = path.clone();
         async move {
-            let out = Command::new("cargo")
+            let invoke = Command::new("cargo")
                 .current_dir(ROOT)
                 .env("PATH", path)
                 .args(["lambda", "invoke", &function])
-                .args(args)
-                .output()
+                .args(&args)
+                .kill_on_drop(true)
+                .output();
+            // README's watch line sets no --timeout: a function that never answered would hold
+            // the invoke forever.
+            let out = tokio::time::timeout(Duration::from_secs(300), invoke)
                 .await
+                .unwrap_or_else(|_| panic!("cargo lambda invoke {function} {args:?}: no answer in 300 s"))
                 .unwrap();
             (
                 out.status.success(),

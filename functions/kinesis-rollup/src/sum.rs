@@ -8,10 +8,12 @@
 //! and round most decimals.
 //!
 //! Refused, with an error that says why: text that is not a JSON number, and numbers a double
-//! cannot hold: a magnitude above `f64::MAX` (about 1.8e308) or a nonzero one below 4.9e-324
-//! (about the smallest double; a double reads less as 0). Number text is read up to 1,000
-//! characters with an exponent up to 2,000 either way, so that a hostile `1e999999999` cannot cost
-//! a billion digits of memory once added to anything.
+//! cannot hold: a magnitude above `f64::MAX` (about 1.8e308) or a nonzero one a double reads as 0
+//! (at most half the smallest double, about 2.5e-324). Number text is read up to 1,000 characters
+//! with an exponent up to 2,000 either way, so that a hostile `1e999999999` cannot cost a billion
+//! digits of memory once added to anything. A total is not bounded so: two amounts of `1e308`
+//! add up to `2e308`, written exactly (a reader that takes it as a double sees infinity), and a
+//! total read back from window state ([`Sum::parse_total`]) only has to be a number.
 //!
 //! ```
 //! use kinesis_rollup::Sum;
@@ -56,7 +58,7 @@ pub enum SumError {
     NotANumber(String),
     /// A JSON number a double cannot hold.
     #[error(
-        "{0} is beyond what a double holds (a magnitude above about 1.8e308, or a nonzero one below 4.9e-324): not summed"
+        "{0} is beyond what a double holds (a magnitude above about 1.8e308, or a nonzero one a double reads as 0): not summed"
     )]
     OutOfRange(String),
 }
@@ -66,7 +68,12 @@ pub enum SumError {
 const MAX_TEXT: usize = 1_000;
 
 static MAX: LazyLock<BigDecimal> = LazyLock::new(|| BigDecimal::try_from(f64::MAX).expect("finite"));
-static MIN: LazyLock<BigDecimal> = LazyLock::new(|| BigDecimal::from_str("4.9e-324").expect("a number"));
+/// Half the smallest double: a double reads this and less as 0.
+static HALF_MIN: LazyLock<BigDecimal> =
+    LazyLock::new(|| BigDecimal::try_from(f64::from_bits(1)).expect("finite") / BigDecimal::from(2));
+/// The longest total read back: far beyond any total of amounts within the bounds (about 1,650
+/// digits), still bounded.
+const MAX_TOTAL_TEXT: usize = 100_000;
 
 impl Sum {
     /// Zero.
@@ -81,6 +88,9 @@ impl Sum {
             return Err(SumError::NotANumber(text.to_owned()));
         }
         let out_of_range = || SumError::OutOfRange(text.to_owned());
+        if is_zero(text) {
+            return Ok(Sum::ZERO);
+        }
         if text.len() > MAX_TEXT {
             return Err(out_of_range());
         }
@@ -91,11 +101,31 @@ impl Sum {
         }
         let v = BigDecimal::from_str(text).map_err(|_| SumError::NotANumber(text.to_owned()))?.normalized();
         let magnitude = v.abs();
-        let in_range = v.is_zero() || (magnitude <= *MAX && magnitude >= *MIN);
+        let in_range = magnitude <= *MAX && magnitude > *HALF_MIN;
         if !in_range {
             return Err(out_of_range());
         }
         Ok(Sum(Repr::Big(Box::new(v))))
+    }
+
+    /// Parses a total as [`Sum`]'s serde and window state write it: any JSON number up to
+    /// 100,000 characters, without the bounds on one amount (a total of amounts within them may
+    /// go past what a double holds).
+    pub fn parse_total(text: &str) -> Result<Sum, SumError> {
+        if let Some(v) = fixed(text) {
+            return Ok(Sum(Repr::Fixed(v)));
+        }
+        if !is_json_number(text) {
+            return Err(SumError::NotANumber(text.to_owned()));
+        }
+        if is_zero(text) {
+            return Ok(Sum::ZERO);
+        }
+        if text.len() > MAX_TOTAL_TEXT || exponent(text).is_none_or(|e| e.unsigned_abs() > MAX_TOTAL_TEXT as u64) {
+            return Err(SumError::OutOfRange(text.to_owned()));
+        }
+        let v = BigDecimal::from_str(text).map_err(|_| SumError::NotANumber(text.to_owned()))?;
+        Ok(Sum(Repr::Big(Box::new(v.normalized()))))
     }
 
     fn to_big(&self) -> BigDecimal {
@@ -189,7 +219,12 @@ impl<'de> Deserialize<'de> for Sum {
                 f.write_str("a decimal number as text")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Sum, E> {
-                Sum::parse(v).map_err(E::custom)
+                Sum::parse_total(v).map_err(E::custom)
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Sum, E> {
+                Err(E::custom(format!(
+                    "a sum of {v} billionths (as window state was written before sums were exact): too large to read exactly"
+                )))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Sum, E> {
                 Ok(Sum(Repr::Fixed(i128::from(v))))
@@ -234,6 +269,11 @@ fn fixed(text: &str) -> Option<i128> {
     }
     let v = v * SCALE + f;
     Some(if neg { -v } else { v })
+}
+
+/// Whether a JSON number's text is zero (every digit before the exponent is 0).
+fn is_zero(text: &str) -> bool {
+    text.bytes().take_while(|c| c | 0x20 != b'e').all(|c| matches!(c, b'0' | b'-' | b'.'))
 }
 
 /// JSON's number grammar (RFC 8259, section 6): `-? (0 | [1-9]\d*) (\.\d+)? ([eE][+-]?\d+)?`.
@@ -323,6 +363,9 @@ mod tests {
         // The largest and the smallest double, exactly as written.
         assert!(Sum::parse("1.7976931348623157e308").is_ok());
         assert!(Sum::parse("4.9406564584124654e-324").is_ok());
+        assert!(Sum::parse("2.5e-324").is_ok(), "a double reads it as the smallest double, not 0");
+        assert_eq!(p("0e-99999"), Sum::ZERO, "zero, whatever its exponent");
+        assert_eq!(p("-0.000e+400").to_string(), "0");
     }
 
     #[test]
@@ -338,7 +381,7 @@ mod tests {
 
     #[test]
     fn what_a_double_cannot_hold_is_refused_and_says_so() {
-        for s in ["1e309", "1.8e308", "-1e400", "1e-325", "1e-400", "1e999999999", "1e99999999999999999999"] {
+        for s in ["1e309", "1.8e308", "-1e400", "2.4e-324", "1e-400", "1e999999999", "1e99999999999999999999"] {
             let e = Sum::parse(s).unwrap_err();
             assert_eq!(e, SumError::OutOfRange(s.to_owned()), "{s}");
             assert!(e.to_string().contains("beyond what a double holds"), "{e}");
@@ -361,7 +404,14 @@ mod tests {
         assert_eq!(json, "\"100000000000000000000.5\"");
         assert_eq!(serde_json::from_str::<Sum>(&json).unwrap(), s);
         assert_eq!(serde_json::from_str::<Sum>("1500000000").unwrap(), p("1.5"), "billionths, as written before");
-        assert!(serde_json::from_str::<Sum>("\"1e400\"").is_err());
+        assert!(serde_json::from_str::<Sum>("\"1e999999\"").is_err(), "a total is still bounded");
+        // A total beyond one amount's bounds reads back: two amounts of 1e308 make 2e308.
+        let total = sum(&["1e308", "1e308"]);
+        assert_eq!(serde_json::from_str::<Sum>(&serde_json::to_string(&total).unwrap()).unwrap(), total);
+        let tiny = sum(&["1e-323", "-9.9e-324"]);
+        assert_eq!(serde_json::from_str::<Sum>(&serde_json::to_string(&tiny).unwrap()).unwrap(), tiny);
+        let err = serde_json::from_str::<Sum>("18446744073709551616").unwrap_err().to_string();
+        assert!(err.contains("too large to read exactly"), "{err}");
     }
 
     /// Writes `digits` (a nonempty decimal integer text) times 10^`exp`, as a decimal reference

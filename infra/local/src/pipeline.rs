@@ -326,10 +326,20 @@ pub fn expected(dir: &Path, group_by: &str, sum_field: &str) -> Result<Expected,
                 .get(group_by)
                 .filter(|g| !g.is_null())
                 .map_or_else(|| MISSING_GROUP.to_owned(), |g| g.as_str().map_or_else(|| g.to_string(), str::to_owned));
-            let e = out.totals.entry(key).or_default();
-            e.0 += 1;
-            if let Some(s) = raw_field(line, sum_field).and_then(|s| Sum::parse(&s).ok()) {
-                e.1 += &s;
+            // As the rollup reads the amount: absent or null is 0, a string holding a number
+            // counts, anything else fails the record (it is not counted at all).
+            let amount = match raw_field(line, sum_field) {
+                None => Some(Sum::ZERO),
+                Some(raw) if raw == "null" => Some(Sum::ZERO),
+                Some(raw) => {
+                    let text = serde_json::from_str::<String>(&raw).unwrap_or(raw);
+                    Sum::parse(&text).ok()
+                }
+            };
+            if let Some(amount) = amount {
+                let e = out.totals.entry(key).or_default();
+                e.0 += 1;
+                e.1 += &amount;
             }
         }
     }
@@ -388,7 +398,7 @@ pub async fn rollup_totals(local: &Local, r: &Resources) -> Result<(Totals, usiz
             };
             let g = totals.entry(key).or_default();
             g.0 += v["count"].as_u64().unwrap_or(0);
-            if let Some(sum) = raw_field(line, "sum").and_then(|s| Sum::parse(&s).ok()) {
+            if let Some(sum) = raw_field(line, "sum").and_then(|s| Sum::parse_total(&s).ok()) {
                 g.1 += &sum;
             }
         }

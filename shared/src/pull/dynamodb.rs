@@ -99,7 +99,9 @@ impl DynamoDbRecord {
     }
 
     /// The new image as `T` (attribute values read by `serde_dynamo`: `{"N":"1"}` is `1`,
-    /// `{"B":"aGk="}` the bytes `hi`), if present.
+    /// `{"B":"aGk="}` the bytes `hi`), if present. A binary attribute needs a field that takes
+    /// bytes (`serde_bytes::ByteBuf`); `serde_json::Value` does not, so an image holding one does
+    /// not read as a `Value`: read it into a struct of the fields you need.
     pub fn new_image<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>, DecodeError> {
         self.image(self.dynamodb.new_image.as_ref())
     }

@@ -139,7 +139,7 @@ pub enum ObjectError {
     /// The invocation had less time left than the deadline margin when this object's turn came:
     /// nothing was claimed or read.
     #[error(
-        "the invocation had {left_ms} ms left when this object's turn came, less than the deadline margin of {margin_ms} ms (DEADLINE_MARGIN_MS): nothing was done, and a retry with more time processes it"
+        "the invocation had {left_ms} ms left when this object's turn came, less than the deadline margin of {margin_ms} ms (DEADLINE_MARGIN_MS): nothing was done, and a retry with more time processes it (a function whose timeout is not above the margin never gets there: raise the timeout or lower DEADLINE_MARGIN_MS)"
     )]
     TooLittleTime {
         /// Time the invocation had left, in milliseconds.
