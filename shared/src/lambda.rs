@@ -187,14 +187,14 @@ impl From<BatchError> for Diagnostic {
     }
 }
 
-#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb"))]
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka"))]
 fn batch_error(e: impl std::fmt::Display) -> BatchError {
     BatchError { message: e.to_string() }
 }
 
-#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb"))]
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka"))]
 /// Logs a batch's outcome: one line, plus one per failed record.
-#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb"))]
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka"))]
 fn log_result(result: &crate::pull::BatchResult) {
     for f in &result.failures {
         tracing::warn!(item = %f.item_identifier, reason = %f.reason, "record failed");
@@ -209,12 +209,13 @@ fn log_result(result: &crate::pull::BatchResult) {
 }
 
 /// Runs `process` for every invocation: the payload, the invocation, and `options` for it (with
-/// the deadline set); answers its result's partial batch response.
-#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb"))]
-async fn run_batches<P, Fut>(options: crate::pull::Options, process: P) -> Result<(), lambda_runtime::Error>
+/// the deadline set); logs its result and answers its partial batch response.
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka"))]
+async fn run_batches<P, Fut, R>(options: crate::pull::Options, process: P) -> Result<(), lambda_runtime::Error>
 where
     P: Fn(Bytes, crate::invocation::Invocation, crate::pull::Options) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<crate::pull::BatchResult, BatchError>> + Send + 'static,
+    Fut: Future<Output = Result<(crate::pull::BatchResult, R), BatchError>> + Send + 'static,
+    R: Serialize,
 {
     let process = Arc::new(process);
     // Batches of 512 KiB or more are read on every vCPU: the helpers start now, not in the first.
@@ -224,9 +225,9 @@ where
         async move {
             let invocation = crate::invocation::Invocation::from_context(&context);
             let options = options.for_invocation(&invocation);
-            let result = process(body, invocation, options).await?;
+            let (result, response) = process(body, invocation, options).await?;
             log_result(&result);
-            Ok::<_, BatchError>(result.response())
+            Ok::<_, BatchError>(response)
         }
     })
     .await
@@ -275,7 +276,8 @@ where
             metrics.processed = result.processed;
             metrics.failed = result.failures.len() + result.unprocessed.len();
             metrics.record();
-            Ok(result)
+            let response = result.response();
+            Ok((result, response))
         }
     })
     .await
@@ -302,7 +304,8 @@ where
             metrics.processed = result.processed;
             metrics.failed = result.failures.len() + result.unprocessed.len();
             metrics.record();
-            Ok(result)
+            let response = result.response();
+            Ok((result, response))
         }
     })
     .await
@@ -328,7 +331,52 @@ where
             metrics.processed = result.processed;
             metrics.failed = result.failures.len() + result.unprocessed.len();
             metrics.record();
-            Ok(result)
+            let response = result.response();
+            Ok((result, response))
+        }
+    })
+    .await
+}
+
+/// A Kafka function in one closure, Amazon MSK or self-managed Apache Kafka; see
+/// [`run_kinesis`]. With [`crate::pull::Options::per_key`], that many partitions at a time, each
+/// in offset order; the response names every failed record and every record not reached by
+/// partition and offset ([`crate::pull::kafka`]).
+///
+/// ```no_run
+/// use pushpull::pull::{DecodeError, Options};
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), pushpull::lambda::Error> {
+///     pushpull::lambda::run_kafka(Options::default().per_key(4), |record, _invocation| async move {
+///         let order: pushpull::serde_json::Value = record.json()?; // a tombstone fails alone
+///         pushpull::tracing::info!(offset = record.offset, %order, "order");
+///         Ok::<_, DecodeError>(())
+///     })
+///     .await
+/// }
+/// ```
+#[cfg(feature = "kafka")]
+pub async fn run_kafka<H, Fut, E>(options: crate::pull::Options, handler: H) -> Result<(), lambda_runtime::Error>
+where
+    H: Fn(crate::pull::kafka::KafkaRecord, crate::invocation::Invocation) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    let handler = Arc::new(handler);
+    run_batches(options, move |body, invocation, options| {
+        let handler = handler.clone();
+        async move {
+            let event = crate::pull::kafka::KafkaEvent::from_slice(&body).map_err(batch_error)?;
+            let mut metrics = crate::pull::kafka::batch_metrics(&event);
+            let result = crate::pull::kafka::process_async(&event, options, |r| handler(r, invocation.clone()))
+                .await
+                .map_err(batch_error)?;
+            metrics.processed = result.processed;
+            metrics.failed = result.failures.len() + result.unprocessed.len();
+            metrics.record();
+            let response = crate::pull::kafka::response(&event, &result);
+            Ok((result, response))
         }
     })
     .await

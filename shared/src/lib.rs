@@ -12,7 +12,7 @@
 //! | [`config`] | core | settings from environment variables, every problem reported at once |
 //! | [`invocation`] | core | request id and time left |
 //! | [`error`] | core | error chains on one line, panic messages |
-//! | [`pull`] | core; `kinesis`, `dynamodb`, `sqs` | one handler per record, partial batch responses, deadlines; sequence numbers, fields picked from JSON in one pass, work on every vCPU |
+//! | [`pull`] | core; `kinesis`, `dynamodb`, `sqs`, `kafka` | one handler per record, partial batch responses, deadlines; sequence numbers, fields picked from JSON in one pass, work on every vCPU |
 //! | [`kinesis_event`] | `kinesis` | Kinesis events read without copying |
 //! | [`aggregation`] | `aggregation` (in `kinesis`, `push`) | KPL aggregated records, packed and unpacked |
 //! | [`s3_notification`] | `push` | S3 notifications: test events, URL-decoded keys, sequencers |
@@ -34,6 +34,7 @@ pub use serde;
 pub use serde_json;
 pub use tracing;
 
+#[cfg(feature = "push")]
 mod backoff;
 pub mod batch;
 pub mod checkpoint;
@@ -65,7 +66,7 @@ pub mod object_reader;
 pub mod push;
 #[cfg(feature = "push")]
 pub mod s3_notification;
-#[cfg(feature = "aggregation")]
+#[cfg(feature = "push")]
 mod shard_map;
 #[cfg(feature = "push")]
 pub mod sink;

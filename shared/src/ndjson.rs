@@ -1,4 +1,6 @@
 //! Checking one NDJSON line and picking its partition key, in one pass, without allocating.
+// Parts of it serve only the `push` feature.
+#![cfg_attr(not(feature = "push"), allow(dead_code))]
 use std::borrow::Cow;
 use std::fmt;
 

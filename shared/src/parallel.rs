@@ -17,6 +17,8 @@
 //! Why 1 ms: it covers the gap between a batch's read and its check, and a helper is asleep by
 //! the time the next event arrives, so it takes no CPU from that event's transfer (the Runtime
 //! API shares the vCPUs); BENCHMARKS.md, W1, has the lingers measured.
+// Parts of it serve only the `kinesis` feature.
+#![cfg_attr(not(feature = "kinesis"), allow(dead_code))]
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};

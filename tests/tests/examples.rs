@@ -1,6 +1,6 @@
 //! Every example (`examples/src/bin`) as a real binary behind the Lambda Runtime API, answering a
 //! real event through the library's runner: the pull examples (`run_kinesis`, `run_sqs`,
-//! `run_dynamodb`) with the partial batch response AWS reads and the runner's batch metrics in
+//! `run_dynamodb`, `run_kafka`) with the partial batch response AWS reads and the runner's batch metrics in
 //! the invocation's EMF documents; the S3 example (`run_s3_lines`) on LocalStack.
 use base64::Engine as _;
 use pushpull_local::runtime_api::{FunctionHost, FunctionSpec, Invocation, Outcome, workspace_binary};
@@ -101,6 +101,40 @@ async fn dynamodb_changes_answers_the_sample_event_whole() {
     assert_eq!(response(&invoked), serde_json::json!({"batchItemFailures": []}));
     let emf = metrics_of(&host, &invoked).await;
     assert_eq!(emf["RecordsProcessed"], 3, "{emf}");
+}
+
+#[tokio::test]
+async fn kafka_orders_answers_by_partition_and_offset() {
+    let mut host = host("kafka-orders").await;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let rec = |partition: i32, offset: i64, value: Option<&str>| {
+        let mut r = serde_json::json!({"topic": "orders", "partition": partition, "offset": offset,
+            "timestamp": 1_700_000_000_000i64 + offset, "timestampType": "CREATE_TIME", "headers": [{"trace": [-61, -85]}]});
+        if let Some(v) = value {
+            r["value"] = b64(v).into();
+        }
+        r
+    };
+    // Partition 0: a good order, a negative one, one waiting behind it; partition 1: a tombstone
+    // and a good order after it (a failure stops the rest of its partition).
+    let event = serde_json::json!({"eventSource": "aws:kafka", "eventSourceArn": "arn:aws:kafka:us-east-1:123456789012:cluster/demo/1",
+        "bootstrapServers": "b-1.demo:9092", "records": {
+            "orders-0": [rec(0, 10, Some(r#"{"customer":"a","amount":1}"#)), rec(0, 11, Some(r#"{"customer":"b","amount":-1}"#)),
+                         rec(0, 12, Some(r#"{"customer":"a","amount":2}"#))],
+            "orders-1": [rec(1, 40, None), rec(1, 41, Some(r#"{"customer":"c","amount":3}"#))]}});
+    let invoked = host.invoke(event.to_string().into_bytes()).await.unwrap();
+    assert_eq!(
+        response(&invoked),
+        serde_json::json!({"batchItemFailures": [
+            {"itemIdentifier": {"partition": "orders-0", "offset": 11}},
+            {"itemIdentifier": {"partition": "orders-0", "offset": 12}},
+            {"itemIdentifier": {"partition": "orders-1", "offset": 40}},
+            {"itemIdentifier": {"partition": "orders-1", "offset": 41}}]})
+    );
+    let emf = metrics_of(&host, &invoked).await;
+    assert_eq!(emf["RecordsProcessed"], 1, "{emf}");
+    assert_eq!(emf["RecordsFailed"], 4, "{emf}");
+    assert_eq!(emf["Stream"], "orders", "the topic is the dimension: {emf}");
 }
 
 /// The S3 example (`run_s3_lines`, one closure) on LocalStack: a CSV object lands, the header is

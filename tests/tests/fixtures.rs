@@ -49,6 +49,17 @@ fn s3_fixtures() {
 }
 
 #[test]
+fn kafka_fixtures() {
+    for name in ["kafka-msk.json", "kafka-self-managed.json"] {
+        let event = pushpull::pull::kafka::KafkaEvent::from_slice(read(name).as_bytes()).unwrap();
+        assert_eq!(event.len(), 1, "{name}");
+        let msk = name.contains("msk");
+        assert_eq!(event.event_source, if msk { "aws:kafka" } else { "SelfManagedKafka" }, "{name}");
+        assert_eq!(event.event_source_arn.is_some(), msk, "{name}: only MSK names a cluster ARN");
+    }
+}
+
+#[test]
 fn kinesis_fixtures() {
     for name in ["kinesis-batch.json", "kinesis-batch-shard1.json"] {
         let text = read(name);

@@ -27,7 +27,7 @@
 //! Source modules: [`kinesis`] (feature `kinesis`), [`dynamodb`] (feature `dynamodb`),
 //! [`sqs`] (feature `sqs`).
 // Without a source feature the engine has no caller; its types stay for users of the core.
-#![cfg_attr(not(any(feature = "kinesis", feature = "sqs", feature = "dynamodb")), allow(dead_code))]
+#![cfg_attr(not(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka")), allow(dead_code))]
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -40,6 +40,8 @@ use tokio::time::Instant;
 
 #[cfg(feature = "dynamodb")]
 pub mod dynamodb;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 #[cfg(feature = "kinesis")]
 pub mod kinesis;
 #[cfg(feature = "sqs")]
@@ -413,7 +415,7 @@ pub struct DecodeError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-#[cfg(any(feature = "kinesis", feature = "sqs"))]
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "kafka"))]
 pub(crate) fn parse_json<'a, T: Deserialize<'a>>(
     data: &'a [u8],
     item: impl FnOnce() -> String,

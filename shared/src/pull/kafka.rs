@@ -1,0 +1,435 @@
+//! Kafka batches (feature `kafka`): Amazon MSK (`aws:kafka`) and self-managed Apache Kafka
+//! (`SelfManagedKafka`) events, one handler per record, each partition's records in offset order,
+//! and the partial batch response in Kafka's shape.
+//!
+//! AWS: "Each array item contains details of the Amazon MSK topic and partition identifier,
+//! together with a timestamp and a base64-encoded message" (Lambda developer guide, with-msk.html,
+//! "Example event"); the records are grouped under `"<topic>-<partition>"`. The response names a
+//! failed record by its partition and offset:
+//! `{"batchItemFailures":[{"itemIdentifier":{"partition":"topic-partition_number","offset":100}}]}`,
+//! and "Any invalid topic-partition_number or offset returned that was not present in the invoked
+//! event will be treated as failure and entire batch will be retried" (kafka-retry-configurations.html).
+//! AWS does not say whether the records after a listed one are delivered again, so this module
+//! lists every failed record and every record it did not reach (the queue rule), which is right
+//! either way; the local mapping resumes each partition at its lowest listed offset.
+//!
+//! Where AWS's pages are silent, what this module accepts: `partition` as a number or a string
+//! (older examples show `"0"`); a `key` or `value` absent or `null` (a null key, a tombstone);
+//! header bytes signed (`[-61,-85]` for `ë`, as AWS's own client libraries read them) or unsigned.
+//!
+//! ```
+//! use pushpull::pull::{kafka, Options};
+//!
+//! let event = kafka::KafkaEvent::from_slice(br#"{"eventSource":"SelfManagedKafka","bootstrapServers":"127.0.0.1:9092",
+//!   "records":{"orders-0":[
+//!     {"topic":"orders","partition":0,"offset":15,"timestamp":1545084650987,"timestampType":"CREATE_TIME","value":"eyJuIjoxfQ==","headers":[]},
+//!     {"topic":"orders","partition":0,"offset":16,"timestamp":1545084650988,"timestampType":"CREATE_TIME","value":"b29wcw==","headers":[]}]}}"#).unwrap();
+//! #[derive(serde::Deserialize)]
+//! struct Order { n: u32 }
+//! let result = kafka::process(&event, Options::default(), |record| {
+//!     let order: Order = record.json()?;
+//!     assert_eq!(order.n, 1);
+//!     Ok::<_, pushpull::pull::DecodeError>(())
+//! })
+//! .unwrap();
+//! let response = kafka::response(&event, &result);
+//! assert_eq!(serde_json::to_string(&response).unwrap(),
+//!     r#"{"batchItemFailures":[{"itemIdentifier":{"partition":"orders-0","offset":16}}]}"#);
+//! ```
+use std::collections::BTreeMap;
+use std::fmt::Display;
+use std::future::Future;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{BatchResult, DecodeError, Options, ResponseRule, parse_json};
+
+/// A Kafka event: the records of one batch, by partition.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaEvent {
+    /// `aws:kafka` (MSK) or `SelfManagedKafka`.
+    #[serde(default)]
+    pub event_source: String,
+    /// The MSK cluster's ARN (absent for self-managed Kafka).
+    #[serde(default)]
+    pub event_source_arn: Option<String>,
+    /// The brokers, comma-separated.
+    #[serde(default)]
+    pub bootstrap_servers: String,
+    /// Each partition's records (`"<topic>-<partition>"`), in offset order.
+    #[serde(default)]
+    pub records: BTreeMap<String, Vec<KafkaRecord>>,
+}
+
+/// A payload that is not a Kafka event.
+#[derive(Debug, thiserror::Error)]
+#[error("not a Kafka event: {0}")]
+pub struct KafkaEventError(#[source] serde_json::Error);
+
+impl KafkaEvent {
+    /// Parses an invocation payload.
+    pub fn from_slice(payload: &[u8]) -> Result<Self, KafkaEventError> {
+        serde_json::from_slice(payload).map_err(KafkaEventError)
+    }
+
+    /// Every record: partitions in the order of their names, each partition's in offset order.
+    pub fn all_records(&self) -> impl Iterator<Item = &KafkaRecord> {
+        self.records.values().flatten()
+    }
+
+    /// The number of records.
+    pub fn len(&self) -> usize {
+        self.records.values().map(Vec::len).sum()
+    }
+
+    /// Whether the batch has no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One Kafka record as the mapping delivers it: key and value in base64.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaRecord {
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    #[serde(deserialize_with = "number_or_text")]
+    pub partition: i32,
+    /// The record's offset in its partition.
+    pub offset: i64,
+    /// Milliseconds since the epoch.
+    #[serde(default)]
+    pub timestamp: i64,
+    /// `CREATE_TIME` or `LOG_APPEND_TIME`.
+    #[serde(default)]
+    pub timestamp_type: String,
+    /// The key in base64; `None` for a record without one.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// The value in base64; `None` for a tombstone.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// Headers, each a one-entry map of name to bytes (signed as Java writes them, or not).
+    #[serde(default)]
+    pub headers: Vec<BTreeMap<String, Vec<i16>>>,
+}
+
+fn number_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrText {
+        Number(i32),
+        Text(String),
+    }
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) => Ok(n),
+        NumberOrText::Text(t) => t.parse().map_err(serde::de::Error::custom),
+    }
+}
+
+impl KafkaRecord {
+    /// `"<topic>-<partition>"`: the key of its partition in the event and in the response.
+    pub fn topic_partition(&self) -> String {
+        format!("{}-{}", self.topic, self.partition)
+    }
+
+    /// What the response names it by.
+    pub fn item_identifier(&self) -> KafkaItemIdentifier {
+        KafkaItemIdentifier { partition: self.topic_partition(), offset: self.offset }
+    }
+
+    fn name(&self) -> String {
+        format!("{}@{}", self.topic_partition(), self.offset)
+    }
+
+    /// Forgiving base64 (WHATWG's): the bits after the last whole byte need not be zero, as in
+    /// AWS's own sample key (`...1234==`).
+    fn decode(&self, what: &str, b64: Option<&str>) -> Result<Option<Vec<u8>>, DecodeError> {
+        let Some(b64) = b64 else { return Ok(None) };
+        base64_simd::forgiving_decode_to_vec(b64.as_bytes()).map(Some).map_err(|e| DecodeError {
+            item: self.name(),
+            format: "base64",
+            source: format!("{what}: {e}").into(),
+        })
+    }
+
+    /// The key's bytes; `None` when the record has no key.
+    pub fn key_bytes(&self) -> Result<Option<Vec<u8>>, DecodeError> {
+        self.decode("key", self.key.as_deref())
+    }
+
+    /// The value's bytes; `None` for a tombstone (a record that deletes its key).
+    pub fn value_bytes(&self) -> Result<Option<Vec<u8>>, DecodeError> {
+        self.decode("value", self.value.as_deref())
+    }
+
+    /// The value as JSON into `T`; a tombstone is an error naming the record.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, DecodeError> {
+        let value = self.value_bytes()?.ok_or_else(|| DecodeError {
+            item: self.name(),
+            format: "JSON",
+            source: "no value (a tombstone)".into(),
+        })?;
+        parse_json::<T>(&value, || self.name())
+    }
+
+    /// The headers in order, as name and bytes (a signed byte `-61` is `0xC3`).
+    pub fn headers(&self) -> Vec<(&str, Vec<u8>)> {
+        self.headers
+            .iter()
+            .flat_map(|h| h.iter().map(|(name, bytes)| (name.as_str(), bytes.iter().map(|b| *b as u8).collect())))
+            .collect()
+    }
+}
+
+/// A record in a Kafka partial batch response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaItemIdentifier {
+    /// `"<topic>-<partition>"`.
+    pub partition: String,
+    /// The record's offset.
+    pub offset: i64,
+}
+
+/// One entry of a [`KafkaBatchResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaItemFailure {
+    /// The record.
+    pub item_identifier: KafkaItemIdentifier,
+}
+
+/// The partial batch response in Kafka's shape.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaBatchResponse {
+    /// The records to retry.
+    pub batch_item_failures: Vec<KafkaItemFailure>,
+}
+
+/// The event cannot be answered record by record: the whole invocation must fail.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("records under {key}: {problem}")]
+pub struct KafkaPullError {
+    /// The event's partition key the records were under.
+    pub key: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+fn check(event: &KafkaEvent) -> Result<(), KafkaPullError> {
+    for (key, records) in &event.records {
+        let mut last = None;
+        for r in records {
+            if r.topic_partition() != *key {
+                return Err(KafkaPullError {
+                    key: key.clone(),
+                    problem: format!("a record of {} (it could not be named in the response)", r.topic_partition()),
+                });
+            }
+            if last.is_some_and(|l| r.offset <= l) {
+                return Err(KafkaPullError { key: key.clone(), problem: format!("offset {} out of order", r.offset) });
+            }
+            last = Some(r.offset);
+        }
+    }
+    Ok(())
+}
+
+fn result_of(event: &KafkaEvent, outcomes: super::Outcomes) -> BatchResult {
+    let names: Vec<String> = event.all_records().map(KafkaRecord::name).collect();
+    let mut result = BatchResult { rule: ResponseRule::Queue, ..Default::default() };
+    result.absorb(outcomes, |i| names[i].clone());
+    result
+}
+
+/// Runs `handler` on each record in order.
+pub fn process<F, E>(event: &KafkaEvent, options: Options, mut handler: F) -> Result<BatchResult, KafkaPullError>
+where
+    F: FnMut(&KafkaRecord) -> Result<(), E>,
+    E: Display,
+{
+    check(event)?;
+    let records: Vec<&KafkaRecord> = event.all_records().collect();
+    let outcomes = super::run_in_order(records.len(), &options, |i| handler(records[i]));
+    Ok(result_of(event, outcomes))
+}
+
+/// Runs an async `handler` on each record: in order, or with [`Options::per_key`] that many
+/// partitions at a time, each partition's records in offset order (a failure stops the rest of
+/// its partition).
+pub async fn process_async<F, Fut, E>(
+    event: &KafkaEvent,
+    options: Options,
+    handler: F,
+) -> Result<BatchResult, KafkaPullError>
+where
+    F: Fn(KafkaRecord) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    check(event)?;
+    let records: Vec<&KafkaRecord> = event.all_records().collect();
+    let keys: Vec<String> = records.iter().map(|r| r.topic_partition()).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let handler = &handler;
+    let outcomes = super::run_concurrently(&keys, &options, |i| handler(records[i].clone())).await;
+    Ok(result_of(event, outcomes))
+}
+
+/// The partial batch response for `result` (of `event`): every failed record and every record not
+/// reached, by partition and offset.
+pub fn response(event: &KafkaEvent, result: &BatchResult) -> KafkaBatchResponse {
+    let records: Vec<&KafkaRecord> = event.all_records().collect();
+    let mut listed: Vec<usize> = result.failures.iter().map(|f| f.index).collect();
+    listed.extend(result.unprocessed.iter().map(|u| u.index));
+    listed.sort_unstable();
+    listed.dedup();
+    KafkaBatchResponse {
+        batch_item_failures: listed
+            .into_iter()
+            .filter_map(|i| records.get(i))
+            .map(|r| KafkaItemFailure { item_identifier: r.item_identifier() })
+            .collect(),
+    }
+}
+
+/// The batch's measures for [`crate::metrics::PullBatch`], before processing: the topic (the
+/// dimension; the first record's), the records, the oldest record's timestamp.
+///
+/// ```
+/// let event = pushpull::pull::kafka::KafkaEvent::from_slice(br#"{"records":{"t-0":[
+///     {"topic":"t","partition":0,"offset":1,"timestamp":1700000000500}]}}"#).unwrap();
+/// let m = pushpull::pull::kafka::batch_metrics(&event);
+/// assert_eq!((m.stream.as_str(), m.batch_size, m.oldest_arrival), ("t", 1, Some(1700000000.5)));
+/// ```
+pub fn batch_metrics(event: &KafkaEvent) -> crate::metrics::PullBatch {
+    let topic = event.all_records().next().map_or("unknown", |r| r.topic.as_str());
+    crate::metrics::PullBatch {
+        stream: topic.to_owned(),
+        batch_size: event.len(),
+        records_in: event.len(),
+        processed: 0,
+        failed: 0,
+        oldest_arrival: event.all_records().map(|r| r.timestamp as f64 / 1000.0).reduce(f64::min),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn event(records: serde_json::Value) -> KafkaEvent {
+        let payload = serde_json::json!({"eventSource": "aws:kafka", "bootstrapServers": "b:9092", "records": records});
+        KafkaEvent::from_slice(payload.to_string().as_bytes()).unwrap()
+    }
+
+    fn rec(topic: &str, partition: i32, offset: i64, value: Option<&str>) -> serde_json::Value {
+        let mut r = serde_json::json!({"topic": topic, "partition": partition, "offset": offset, "timestamp": 1, "timestampType": "CREATE_TIME", "headers": []});
+        if let Some(v) = value {
+            r["value"] = base64_simd::STANDARD.encode_to_string(v).into();
+        }
+        r
+    }
+
+    #[test]
+    fn the_aws_sample_events_parse() {
+        for file in ["kafka-msk.json", "kafka-self-managed.json"] {
+            let payload = std::fs::read(format!("{}/../events/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+            let e = KafkaEvent::from_slice(&payload).unwrap();
+            let r = e.all_records().next().unwrap();
+            assert_eq!((r.topic.as_str(), r.partition, r.offset), ("mytopic", 0, 15), "{file}");
+            assert_eq!(r.value_bytes().unwrap().unwrap(), b"Hello, this is a test.", "{file}");
+            assert_eq!(r.key_bytes().unwrap().map(|k| k.len()), Some(22), "{file}: AWS's sample key");
+            assert_eq!(r.headers(), [("headerKey", b"headerValue".to_vec())], "{file}");
+        }
+    }
+
+    #[test]
+    fn tombstones_null_keys_signed_header_bytes_and_text_partitions_are_read() {
+        let e = event(serde_json::json!({"t-1": [
+            {"topic": "t", "partition": "1", "offset": 7, "key": null, "value": null, "headers": [{"h": [-61, -85]}, {"u": [195, 171]}]},
+        ]}));
+        let r = e.all_records().next().unwrap();
+        assert_eq!(r.partition, 1);
+        assert_eq!((r.key_bytes().unwrap(), r.value_bytes().unwrap()), (None, None));
+        assert_eq!(r.headers(), [("h", "ë".as_bytes().to_vec()), ("u", "ë".as_bytes().to_vec())]);
+        let err = r.json::<serde_json::Value>().unwrap_err().to_string();
+        assert_eq!(err, "record t-1@7: not the expected JSON: no value (a tombstone)");
+    }
+
+    #[test]
+    fn every_failed_and_unreached_record_is_listed_by_partition_and_offset() {
+        let e = event(serde_json::json!({
+            "a-0": [rec("a", 0, 1, Some("{}")), rec("a", 0, 2, Some("x")), rec("a", 0, 3, Some("{}"))],
+            "a-1": [rec("a", 1, 9, Some("{}"))],
+        }));
+        let r =
+            process(&e, Options::default().stop_at_first_failure(true), |r| r.json::<serde_json::Value>().map(drop))
+                .unwrap();
+        let listed: Vec<_> = response(&e, &r).batch_item_failures.into_iter().map(|f| f.item_identifier).collect();
+        let id = |p: &str, offset| KafkaItemIdentifier { partition: p.into(), offset };
+        assert_eq!(listed, [id("a-0", 2), id("a-0", 3), id("a-1", 9)]);
+        assert_eq!(r.processed, 1);
+    }
+
+    #[tokio::test]
+    async fn partitions_run_concurrently_and_a_failure_stops_only_its_partition() {
+        let e = event(serde_json::json!({
+            "a-0": [rec("a", 0, 1, Some("x")), rec("a", 0, 2, Some("{}"))],
+            "a-1": [rec("a", 1, 5, Some("{}")), rec("a", 1, 6, Some("{}"))],
+        }));
+        let r = process_async(
+            &e,
+            Options::default().per_key(4),
+            |r| async move { r.json::<serde_json::Value>().map(drop) },
+        )
+        .await
+        .unwrap();
+        let listed: Vec<_> = response(&e, &r)
+            .batch_item_failures
+            .into_iter()
+            .map(|f| (f.item_identifier.partition, f.item_identifier.offset))
+            .collect();
+        assert_eq!(listed, [("a-0".to_owned(), 1), ("a-0".to_owned(), 2)]);
+        assert_eq!(r.processed, 2);
+    }
+
+    #[test]
+    fn records_that_cannot_be_named_fail_the_batch() {
+        let misfiled = event(serde_json::json!({"a-0": [rec("a", 1, 1, None)]}));
+        assert!(
+            process(&misfiled, Options::default(), |_| Ok::<_, String>(())).unwrap_err().to_string().contains("a-1")
+        );
+        let disordered = event(serde_json::json!({"a-0": [rec("a", 0, 2, None), rec("a", 0, 2, None)]}));
+        assert!(process(&disordered, Options::default(), |_| Ok::<_, String>(())).is_err());
+        assert!(KafkaEvent::from_slice(b"[1]").unwrap_err().to_string().starts_with("not a Kafka event"));
+    }
+
+    proptest! {
+        /// Any payload parses or is refused, and any record's key, value, headers and JSON read or
+        /// fail naming the record: never a panic.
+        #[test]
+        fn any_record_reads_or_fails_naming_itself(
+            key in proptest::option::of("\\PC{0,12}"),
+            value in proptest::option::of("\\PC{0,12}"),
+            header in proptest::collection::vec(-200i16..300, 0..6),
+            partition in any::<i32>(),
+            offset in any::<i64>(),
+        ) {
+            let r = serde_json::json!({"topic": "t", "partition": partition, "offset": offset, "key": key, "value": value, "headers": [{"h": header}]});
+            let payload = serde_json::json!({"records": {format!("t-{partition}"): [r]}}).to_string();
+            if let Ok(e) = KafkaEvent::from_slice(payload.as_bytes()) {
+                let r = e.all_records().next().unwrap();
+                let _ = r.headers();
+                for err in [r.key_bytes().err(), r.value_bytes().err(), r.json::<serde_json::Value>().err()].into_iter().flatten() {
+                    prop_assert!(err.to_string().starts_with(&format!("record t-{partition}@{offset}")), "{}", err);
+                }
+            }
+        }
+    }
+}
