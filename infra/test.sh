@@ -4,7 +4,8 @@
 #    (`infra/check-library.sh`); the functions built as `sam build` builds them, refusing every
 #    fault injection (`infra/check-deployed-build.sh`); and the deployable arm64 zips
 #    (SKIP_LAMBDA_BUILD=1 skips the zips);
-# 2. LocalStack up (stopped again at the end if this script started it);
+# 2. LocalStack up, and the Kafka broker (`infra/kafka.sh`: nisshi, built once into PUSHPULL_HOME,
+#    about 12 minutes the first time), each stopped again at the end if this script started it;
 # 3. doc tests, then every unit, example and integration test with cargo-nextest (the
 #    integration tests are the `integration` feature of pushpull-tests).
 set -euo pipefail
@@ -18,13 +19,22 @@ infra/check-template.sh
 infra/check-library.sh
 infra/check-deployed-build.sh
 if [ -z "${SKIP_LAMBDA_BUILD:-}" ]; then infra/build-lambda.sh; fi
+infra/kafka.sh install >/dev/null
 started=""
+kafka_started=""
+cleanup() {
+  if [ -n "$kafka_started" ]; then infra/kafka.sh down; fi
+  if [ -n "$started" ]; then infra/localstack.sh down; fi
+}
+trap cleanup EXIT
 if ! infra/localstack.sh status >/dev/null 2>&1; then
   infra/localstack.sh up
   started=1
 fi
-cleanup() { if [ -n "$started" ]; then infra/localstack.sh down; fi; }
-trap cleanup EXIT
+if ! infra/kafka.sh status; then
+  infra/kafka.sh up
+  kafka_started=1
+fi
 cargo build --workspace --bins
 log="$(mktemp)"
 set +e

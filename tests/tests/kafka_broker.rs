@@ -1,0 +1,165 @@
+//! What the Kafka mapping relies on, pinned against the broker `make test` starts (nisshi, by
+//! `infra/kafka.sh`), so that a broker upgrade that breaks it fails here, loudly:
+//! - per-record offsets: a batch of 100 records moves the high watermark by 100, each record its
+//!   own offset (tansu 0.6's memory engine moved it by one per batch: unusable);
+//! - a fetch from an offset inside a batch starts at that record (a retry from a failed record's
+//!   offset);
+//! - a consumer group: a second member joining splits the partitions, a member leaving hands its
+//!   partitions to the other, committed offsets read back as committed;
+//! - the idempotent producer (what exactly-once into a topic would build on) is accepted.
+//!
+//! The client is rdkafka (librdkafka, built from source). The broker's address: `KAFKA_BOOTSTRAP`,
+//! else `127.0.0.1:$KAFKA_PORT` (9092).
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+fn bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP")
+        .unwrap_or_else(|_| format!("127.0.0.1:{}", std::env::var("KAFKA_PORT").unwrap_or_else(|_| "9092".into())))
+}
+
+fn config() -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap()).set("broker.address.family", "v4");
+    c
+}
+
+/// A topic of its own, with `partitions` partitions; panics, saying how to start the broker, if
+/// it is not there.
+async fn topic(partitions: i32) -> String {
+    let name = pushpull_tests::unique("conformance");
+    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("no Kafka broker at {} ({e}): start one with `infra/kafka.sh up`", bootstrap()));
+    for r in created {
+        r.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
+    }
+    name
+}
+
+/// Sends `n` records to `partition` in one batch (linger long enough to gather them), values
+/// `"0"`, `"1"`, ...; returns each one's offset.
+async fn produce(topic: &str, partition: i32, n: usize, idempotent: bool) -> Vec<i64> {
+    let producer: FutureProducer = config()
+        .set("linger.ms", "200")
+        .set("batch.num.messages", "10000")
+        .set("enable.idempotence", if idempotent { "true" } else { "false" })
+        .create()
+        .unwrap();
+    let values: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    let sends = values.iter().map(|v| {
+        producer.send(
+            FutureRecord::<str, str>::to(topic).partition(partition).payload(v.as_str()).key("k"),
+            Duration::from_secs(10),
+        )
+    });
+    futures_util::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|(e, _)| panic!("send: {e}")).offset)
+        .collect()
+}
+
+fn watermarks(topic: &str, partition: i32) -> (i64, i64) {
+    let c: BaseConsumer = config().set("group.id", "watermarks").create().unwrap();
+    c.fetch_watermarks(topic, partition, Duration::from_secs(10)).unwrap()
+}
+
+fn consumer(group: &str) -> BaseConsumer {
+    config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .unwrap()
+}
+
+/// Polls `consumers` in turn until `done` says their assignments are as wanted (or 30 s pass).
+fn poll_until(consumers: &[&BaseConsumer], what: &str, done: impl Fn(&[usize]) -> bool) -> Vec<usize> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        for c in consumers {
+            let _ = c.poll(Duration::from_millis(100));
+        }
+        let counts: Vec<usize> = consumers.iter().map(|c| c.assignment().map_or(0, |a| a.count())).collect();
+        if done(&counts) {
+            return counts;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: assignments still {counts:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_100_records_takes_100_offsets_and_a_fetch_can_start_inside_it() {
+    let topic = topic(1).await;
+    let offsets = produce(&topic, 0, 100, false).await;
+    assert_eq!(offsets, (0..100).collect::<Vec<i64>>(), "one offset per record");
+    assert_eq!(watermarks(&topic, 0), (0, 100), "the high watermark moved by 100");
+    // A fetch from offset 37, inside the batch, starts at record 37.
+    let c: BaseConsumer = config().set("group.id", pushpull_tests::unique("seek")).create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(37)).unwrap();
+    c.assign(&tpl).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            break m.unwrap().detach();
+        }
+        assert!(std::time::Instant::now() < deadline, "nothing fetched from offset 37");
+    };
+    assert_eq!((first.offset(), first.payload()), (37, Some(&b"37"[..])));
+}
+
+#[tokio::test]
+async fn the_idempotent_producer_is_accepted_and_writes_each_record_once() {
+    let topic = topic(1).await;
+    let offsets = produce(&topic, 0, 50, true).await;
+    assert_eq!(offsets, (0..50).collect::<Vec<i64>>());
+    assert_eq!(watermarks(&topic, 0), (0, 50));
+}
+
+#[tokio::test]
+async fn a_group_splits_partitions_on_a_join_hands_them_over_on_a_leave_and_keeps_commits() {
+    let topic = topic(4).await;
+    for p in 0..4 {
+        produce(&topic, p, 5, false).await;
+    }
+    let group = pushpull_tests::unique("group");
+    let a = consumer(&group);
+    a.subscribe(&[&topic]).unwrap();
+    poll_until(&[&a], "the first member", |n| n == [4]);
+    let b = consumer(&group);
+    b.subscribe(&[&topic]).unwrap();
+    let split = poll_until(&[&a, &b], "a second member joined", |n| n.iter().sum::<usize>() == 4 && n.iter().all(|c| *c == 2));
+    assert_eq!(split, [2, 2]);
+    // b leaves (unsubscribe and close send LeaveGroup): a gets all four again.
+    b.unsubscribe();
+    drop(b);
+    poll_until(&[&a], "the second member left", |n| n == [4]);
+    // Commits: a commits offset 3 on every partition; a new member of the group reads them.
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition_offset(&topic, p, Offset::Offset(3)).unwrap();
+    }
+    a.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(a);
+    let c = consumer(&group);
+    let committed = c.committed_offsets(tpl.clone(), Duration::from_secs(10)).unwrap();
+    for p in 0..4 {
+        assert_eq!(committed.find_partition(&topic, p).unwrap().offset(), Offset::Offset(3), "partition {p}");
+    }
+}
