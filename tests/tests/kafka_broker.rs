@@ -5,7 +5,8 @@
 //! - a fetch from an offset inside a batch starts at that record (a retry from a failed record's
 //!   offset);
 //! - a consumer group: a second member joining splits the partitions, a member leaving hands its
-//!   partitions to the other, committed offsets read back as committed;
+//!   partitions to the other, a member killed with -9 (no LeaveGroup) expires after the session
+//!   timeout and its partitions go to the other, committed offsets read back as committed;
 //! - the idempotent producer (what exactly-once into a topic would build on) is accepted.
 //!
 //! The client is rdkafka (librdkafka, built from source). The broker's address: `KAFKA_BOOTSTRAP`,
@@ -144,7 +145,8 @@ async fn a_group_splits_partitions_on_a_join_hands_them_over_on_a_leave_and_keep
     poll_until(&[&a], "the first member", |n| n == [4]);
     let b = consumer(&group);
     b.subscribe(&[&topic]).unwrap();
-    let split = poll_until(&[&a, &b], "a second member joined", |n| n.iter().sum::<usize>() == 4 && n.iter().all(|c| *c == 2));
+    let split =
+        poll_until(&[&a, &b], "a second member joined", |n| n.iter().sum::<usize>() == 4 && n.iter().all(|c| *c == 2));
     assert_eq!(split, [2, 2]);
     // b leaves (unsubscribe and close send LeaveGroup): a gets all four again.
     b.unsubscribe();
@@ -162,4 +164,55 @@ async fn a_group_splits_partitions_on_a_join_hands_them_over_on_a_leave_and_keep
     for p in 0..4 {
         assert_eq!(committed.find_partition(&topic, p).unwrap().offset(), Offset::Offset(3), "partition {p}");
     }
+}
+
+#[tokio::test]
+async fn a_member_killed_without_leaving_expires_after_the_session_timeout() {
+    let topic = topic(4).await;
+    let group = pushpull_tests::unique("expiry");
+    let a = consumer(&group);
+    a.subscribe(&[&topic]).unwrap();
+    poll_until(&[&a], "the first member", |n| n == [4]);
+    // The second member in a process of its own, so that kill -9 stops its heartbeats.
+    let bin = pushpull_local::runtime_api::workspace_binary("kafka-member");
+    assert!(bin.exists(), "{} is not built: run `cargo build --workspace --bins`", bin.display());
+    let mut member = std::process::Command::new(&bin)
+        .args([bootstrap(), group.clone(), topic.clone(), "6000".to_owned()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let lines = {
+        use std::io::BufRead;
+        let out = member.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<usize>();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(n) = line.trim().parse() {
+                    let _ = tx.send(n);
+                }
+            }
+        });
+        rx
+    };
+    let mut member = Kill(member);
+    poll_until(&[&a], "a second member in another process joined", |n| n == [2]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lines.try_iter().last() != Some(2) {
+        assert!(std::time::Instant::now() < deadline, "the other process never held 2 partitions");
+        let _ = a.poll(Duration::from_millis(100));
+    }
+    // kill -9: no LeaveGroup. The group expires it after its session timeout (6 s).
+    member.0.kill().unwrap();
+    member.0.wait().unwrap();
+    let killed = std::time::Instant::now();
+    poll_until(&[&a], "the killed member expired", |n| n == [4]);
+    let took = killed.elapsed();
+    assert!(took <= Duration::from_secs(6 + 10), "its partitions came back after {took:?}");
 }
