@@ -209,12 +209,13 @@ fn log_result(result: &crate::pull::BatchResult) {
 }
 
 /// Runs `process` for every invocation: the payload, the invocation, and `options` for it (with
-/// the deadline set); logs its result and answers its partial batch response.
+/// the deadline set); records the batch's metrics (what `process` measured before it ran, with
+/// what it processed), logs its result and answers its partial batch response.
 #[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka"))]
 async fn run_batches<P, Fut, R>(options: crate::pull::Options, process: P) -> Result<(), lambda_runtime::Error>
 where
     P: Fn(Bytes, crate::invocation::Invocation, crate::pull::Options) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Result<(crate::pull::BatchResult, R), BatchError>> + Send + 'static,
+    Fut: Future<Output = Result<(crate::pull::BatchResult, R, crate::metrics::PullBatch), BatchError>> + Send + 'static,
     R: Serialize,
 {
     let process = Arc::new(process);
@@ -225,7 +226,10 @@ where
         async move {
             let invocation = crate::invocation::Invocation::from_context(&context);
             let options = options.for_invocation(&invocation);
-            let (result, response) = process(body, invocation, options).await?;
+            let (result, response, mut metrics) = process(body, invocation, options).await?;
+            metrics.processed = result.processed;
+            metrics.failed = result.failures.len() + result.unprocessed.len();
+            metrics.record();
             log_result(&result);
             Ok::<_, BatchError>(response)
         }
@@ -269,15 +273,12 @@ where
         async move {
             // On every vCPU: a 6 MB batch is read in about half the time on 2 (BENCHMARKS.md, W1).
             let event = crate::kinesis_event::KinesisEvent::from_slice_parallel(&body).map_err(batch_error)?;
-            let mut metrics = crate::pull::kinesis::batch_metrics(&event);
+            let metrics = crate::pull::kinesis::batch_metrics(&event);
             let result = crate::pull::kinesis::process_async(&event, options, |r| handler(r, invocation.clone()))
                 .await
                 .map_err(batch_error)?;
-            metrics.processed = result.processed;
-            metrics.failed = result.failures.len() + result.unprocessed.len();
-            metrics.record();
             let response = result.response();
-            Ok((result, response))
+            Ok((result, response, metrics))
         }
     })
     .await
@@ -297,15 +298,12 @@ where
         let handler = handler.clone();
         async move {
             let event = crate::pull::sqs::SqsEvent::from_slice(&body).map_err(batch_error)?;
-            let mut metrics = crate::pull::sqs::batch_metrics(&event);
+            let metrics = crate::pull::sqs::batch_metrics(&event);
             let result = crate::pull::sqs::process_async(&event, options, |m| handler(m, invocation.clone()))
                 .await
                 .map_err(batch_error)?;
-            metrics.processed = result.processed;
-            metrics.failed = result.failures.len() + result.unprocessed.len();
-            metrics.record();
             let response = result.response();
-            Ok((result, response))
+            Ok((result, response, metrics))
         }
     })
     .await
@@ -324,15 +322,12 @@ where
         let handler = handler.clone();
         async move {
             let event = crate::pull::dynamodb::DynamoDbEvent::from_slice(&body).map_err(batch_error)?;
-            let mut metrics = crate::pull::dynamodb::batch_metrics(&event);
+            let metrics = crate::pull::dynamodb::batch_metrics(&event);
             let result = crate::pull::dynamodb::process_async(&event, options, |r| handler(r, invocation.clone()))
                 .await
                 .map_err(batch_error)?;
-            metrics.processed = result.processed;
-            metrics.failed = result.failures.len() + result.unprocessed.len();
-            metrics.record();
             let response = result.response();
-            Ok((result, response))
+            Ok((result, response, metrics))
         }
     })
     .await
@@ -368,15 +363,12 @@ where
         let handler = handler.clone();
         async move {
             let event = crate::pull::kafka::KafkaEvent::from_slice(&body).map_err(batch_error)?;
-            let mut metrics = crate::pull::kafka::batch_metrics(&event);
+            let metrics = crate::pull::kafka::batch_metrics(&event);
             let result = crate::pull::kafka::process_async(&event, options, |r| handler(r, invocation.clone()))
                 .await
                 .map_err(batch_error)?;
-            metrics.processed = result.processed;
-            metrics.failed = result.failures.len() + result.unprocessed.len();
-            metrics.record();
             let response = crate::pull::kafka::response(&event, &result);
-            Ok((result, response))
+            Ok((result, response, metrics))
         }
     })
     .await
