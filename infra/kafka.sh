@@ -6,22 +6,21 @@
 #                            on 2 cores), with the newest toolchain here that can build it
 #   infra/kafka.sh up        start it on 127.0.0.1:$KAFKA_PORT (9092), memory storage; prints its pid
 #   infra/kafka.sh down      stop the one this script started (by its pid file)
-#   infra/kafka.sh status    exit 0 if it answers
+#   infra/kafka.sh status    exit 0 if the broker this script started is running and answers
 #
 # nisshi 0.8.1 needs rustc 1.96 or later (its rama 0.4 dependency). This machine's default toolchain
 # may be older; any toolchain rustup has that is new enough is used (today the image's nightly).
 # None: the script fails and says what to run. It is configured by environment variables
-# (LISTENER_URL, ADVERTISED_LISTENER_URL, STORAGE_ENGINE, PROMETHEUS_LISTENER_URL), which nisshi
-# reads whatever its flags are called, and started in a directory of its own (it loads a `.env`
-# from where it starts).
+# (LISTENER_URL, ADVERTISED_LISTENER_URL, STORAGE_ENGINE), which nisshi reads whatever its flags
+# are called, and started in a directory of its own holding an empty `.env` (nisshi loads the first
+# `.env` it finds from where it starts upwards: the empty one stops that search).
 set -euo pipefail
-PUSHPULL_HOME="${PUSHPULL_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/pushpull}"
+PUSHPULL_HOME="${PUSHPULL_HOME:-${XDG_CACHE_HOME:-${HOME:-.}/.cache}/pushpull}"
 VERSION=0.8.1
 NEEDS_MINOR=96
 PREFIX="$PUSHPULL_HOME/nisshi-$VERSION"
 BIN="$PREFIX/bin/nisshi"
 PORT="${KAFKA_PORT:-9092}"
-METRICS_PORT="${KAFKA_METRICS_PORT:-$((PORT + 1000))}"
 RUN="$PUSHPULL_HOME/kafka-$PORT"
 say() { echo "[kafka] $*" >&2; }
 
@@ -56,15 +55,23 @@ install() {
 
 answers() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
 
+# The pid in the pid file, if it is a running nisshi of this build (not a reused pid).
+ours() {
+  [ -f "$RUN/pid" ] || return 1
+  local pid
+  pid="$(cat "$RUN/pid")"
+  [ "$(readlink -f "/proc/$pid/exe" 2>/dev/null)" = "$(readlink -f "$BIN")" ] && echo "$pid"
+}
+
 up() {
   install
-  if answers; then say "something already answers on 127.0.0.1:$PORT"; exit 1; fi
+  if answers; then say "something already answers on 127.0.0.1:$PORT (set KAFKA_PORT to another port)"; exit 1; fi
   mkdir -p "$RUN"
+  : >"$RUN/.env"
   (
     cd "$RUN"
     LISTENER_URL="tcp://127.0.0.1:$PORT" ADVERTISED_LISTENER_URL="tcp://127.0.0.1:$PORT" \
-      STORAGE_ENGINE="${KAFKA_STORAGE_ENGINE:-memory://nisshi/}" \
-      PROMETHEUS_LISTENER_URL="tcp://127.0.0.1:$METRICS_PORT" RUST_LOG="${KAFKA_LOG:-warn}" \
+      STORAGE_ENGINE="${KAFKA_STORAGE_ENGINE:-memory://nisshi/}" RUST_LOG="${KAFKA_LOG:-warn}" \
       setsid "$BIN" broker >"$RUN/broker.log" 2>&1 &
     echo $! >"$RUN/pid"
   )
@@ -79,19 +86,26 @@ up() {
 }
 
 down() {
-  [ -f "$RUN/pid" ] || return 0
   local pid
-  pid="$(cat "$RUN/pid")"
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
+  if pid="$(ours)"; then
+    # Its process group (setsid made it the leader): the broker and anything it started.
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
   rm -f "$RUN/pid"
+}
+
+status() {
+  if ours >/dev/null && answers; then return 0; fi
+  if answers; then say "127.0.0.1:$PORT answers, but not with the broker this script started"; fi
+  return 1
 }
 
 case "${1:-}" in
   install) install; echo "$BIN" ;;
   up) up ;;
   down) down ;;
-  status) answers ;;
+  status) status ;;
   *) echo "usage: $0 install|up|down|status" >&2; exit 2 ;;
 esac

@@ -344,7 +344,8 @@ where
 /// #[tokio::main]
 /// async fn main() -> Result<(), pushpull::lambda::Error> {
 ///     pushpull::lambda::run_kafka(Options::default().per_key(4), |record, _invocation| async move {
-///         let order: pushpull::serde_json::Value = record.json()?; // a tombstone fails alone
+///         // A tombstone fails, and holds back the rest of its partition.
+///         let order: pushpull::serde_json::Value = record.json()?;
 ///         pushpull::tracing::info!(offset = record.offset, %order, "order");
 ///         Ok::<_, DecodeError>(())
 ///     })

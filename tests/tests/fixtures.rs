@@ -1,5 +1,5 @@
-//! Every sample event in `events/` parses as what it claims to be, both with this project's
-//! types and with aws_lambda_events, and survives a round trip through aws_lambda_events.
+//! Every sample event in `events/` parses as what it claims to be: with this project's types, and
+//! (S3, Kinesis) with aws_lambda_events too, surviving a round trip through it.
 use std::path::PathBuf;
 
 use aws_lambda_events::event::kinesis::KinesisEvent as AwsKinesisEvent;

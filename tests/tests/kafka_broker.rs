@@ -175,7 +175,11 @@ async fn a_member_killed_without_leaving_expires_after_the_session_timeout() {
     poll_until(&[&a], "the first member", |n| n == [4]);
     // The second member in a process of its own, so that kill -9 stops its heartbeats.
     let bin = pushpull_local::runtime_api::workspace_binary("kafka-member");
-    assert!(bin.exists(), "{} is not built: run `cargo build --workspace --bins`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build --workspace --bins --features pushpull-tests/integration`",
+        bin.display()
+    );
     let mut member = std::process::Command::new(&bin)
         .args([bootstrap(), group.clone(), topic.clone(), "6000".to_owned()])
         .stdout(std::process::Stdio::piped())

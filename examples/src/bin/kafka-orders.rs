@@ -1,6 +1,8 @@
 //! A Kafka function in one closure (MSK or self-managed Kafka): orders, each partition's in
 //! offset order, up to 4 partitions at a time; a record that does not parse, a tombstone, or a
-//! negative amount fails alone, and the response names it by partition and offset.
+//! negative amount fails and holds back the rest of its partition (other partitions go on), and
+//! the response names them by partition and offset. (A mapping reads that response only in
+//! provisioned mode: `pushpull::pull::kafka`.)
 use pushpull::invocation::Invocation;
 use pushpull::pull::Options;
 use pushpull::pull::kafka::KafkaRecord;

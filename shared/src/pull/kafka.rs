@@ -10,8 +10,17 @@
 //! and "Any invalid topic-partition_number or offset returned that was not present in the invoked
 //! event will be treated as failure and entire batch will be retried" (kafka-retry-configurations.html).
 //! AWS does not say whether the records after a listed one are delivered again, so this module
-//! lists every failed record and every record it did not reach (the queue rule), which is right
-//! either way; the local mapping resumes each partition at its lowest listed offset.
+//! keeps each partition's order itself: a failed record stops the rest of its partition (of the
+//! whole batch when records run one at a time), and every failed record and every record not
+//! reached is listed. Whether the mapping retries only those or everything from the lowest, no
+//! record of a partition is handled after a later one.
+//!
+//! **Partial batch responses need provisioned mode.** AWS reads them only from a mapping in
+//! provisioned mode with `ReportBatchItemFailures` ("Under Event poller configuration, select
+//! provisioned mode to configure error handling controls", kafka-retry-configurations.html). A
+//! mapping in on-demand mode (the default) takes any answer as success and commits the batch:
+//! there, fail the invocation instead (return an error from a `run_raw` handler when
+//! [`process`]'s result has failures), or failed records are skipped.
 //!
 //! Where AWS's pages are silent, what this module accepts: `partition` as a number or a string
 //! (older examples show `"0"`); a `key` or `value` absent or `null` (a null key, a tombstone);
@@ -100,9 +109,9 @@ pub struct KafkaRecord {
     pub partition: i32,
     /// The record's offset in its partition.
     pub offset: i64,
-    /// Milliseconds since the epoch.
-    #[serde(default)]
-    pub timestamp: i64,
+    /// Milliseconds since the epoch; `None` when absent (Kafka writes -1 for none: also `None`).
+    #[serde(default, deserialize_with = "positive")]
+    pub timestamp: Option<i64>,
     /// `CREATE_TIME` or `LOG_APPEND_TIME`.
     #[serde(default)]
     pub timestamp_type: String,
@@ -112,9 +121,14 @@ pub struct KafkaRecord {
     /// The value in base64; `None` for a tombstone.
     #[serde(default)]
     pub value: Option<String>,
-    /// Headers, each a one-entry map of name to bytes (signed as Java writes them, or not).
+    /// Headers, each a one-entry map of name to bytes (signed as Java writes them, or not); a
+    /// header without a value is `None`.
     #[serde(default)]
-    pub headers: Vec<BTreeMap<String, Vec<i16>>>,
+    pub headers: Vec<BTreeMap<String, Option<Vec<i16>>>>,
+}
+
+fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(Option::<i64>::deserialize(d)?.filter(|t| *t >= 0))
 }
 
 fn number_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
@@ -176,12 +190,31 @@ impl KafkaRecord {
         parse_json::<T>(&value, || self.name())
     }
 
-    /// The headers in order, as name and bytes (a signed byte `-61` is `0xC3`).
-    pub fn headers(&self) -> Vec<(&str, Vec<u8>)> {
-        self.headers
-            .iter()
-            .flat_map(|h| h.iter().map(|(name, bytes)| (name.as_str(), bytes.iter().map(|b| *b as u8).collect())))
-            .collect()
+    /// The headers in order, as name and bytes (a signed byte `-61` is `0xC3`; a header without
+    /// a value is `None`), or an error naming the record if a byte is outside -128..=255.
+    pub fn headers(&self) -> Result<Vec<(&str, Option<Vec<u8>>)>, DecodeError> {
+        let mut out = Vec::new();
+        for (name, bytes) in self.headers.iter().flatten() {
+            let bytes = match bytes {
+                None => None,
+                Some(bytes) => Some(
+                    bytes
+                        .iter()
+                        .map(|b| match *b {
+                            -128..=-1 => Ok(*b as u8),
+                            0..=255 => Ok(*b as u8),
+                            _ => Err(DecodeError {
+                                item: self.name(),
+                                format: "header",
+                                source: format!("header {name}: {b} is not a byte").into(),
+                            }),
+                        })
+                        .collect::<Result<Vec<u8>, DecodeError>>()?,
+                ),
+            };
+            out.push((name.as_str(), bytes));
+        }
+        Ok(out)
     }
 }
 
@@ -239,6 +272,14 @@ fn check(event: &KafkaEvent) -> Result<(), KafkaPullError> {
     Ok(())
 }
 
+/// A failure stops the rest of its partition: with one record at a time, the rest of the batch.
+fn partition_order(mut options: Options) -> Options {
+    if options.concurrency() <= 1 {
+        options.stop_at_first_failure = true;
+    }
+    options
+}
+
 fn result_of(event: &KafkaEvent, outcomes: super::Outcomes) -> BatchResult {
     let names: Vec<String> = event.all_records().map(KafkaRecord::name).collect();
     let mut result = BatchResult { rule: ResponseRule::Queue, ..Default::default() };
@@ -246,7 +287,7 @@ fn result_of(event: &KafkaEvent, outcomes: super::Outcomes) -> BatchResult {
     result
 }
 
-/// Runs `handler` on each record in order.
+/// Runs `handler` on each record in order; the first failure stops the batch (the rest is listed).
 pub fn process<F, E>(event: &KafkaEvent, options: Options, mut handler: F) -> Result<BatchResult, KafkaPullError>
 where
     F: FnMut(&KafkaRecord) -> Result<(), E>,
@@ -254,7 +295,7 @@ where
 {
     check(event)?;
     let records: Vec<&KafkaRecord> = event.all_records().collect();
-    let outcomes = super::run_in_order(records.len(), &options, |i| handler(records[i]));
+    let outcomes = super::run_in_order(records.len(), &partition_order(options), |i| handler(records[i]));
     Ok(result_of(event, outcomes))
 }
 
@@ -276,12 +317,13 @@ where
     let keys: Vec<String> = records.iter().map(|r| r.topic_partition()).collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     let handler = &handler;
-    let outcomes = super::run_concurrently(&keys, &options, |i| handler(records[i].clone())).await;
+    let outcomes = super::run_concurrently(&keys, &partition_order(options), |i| handler(records[i].clone())).await;
     Ok(result_of(event, outcomes))
 }
 
 /// The partial batch response for `result` (of `event`): every failed record and every record not
-/// reached, by partition and offset.
+/// reached, by partition and offset. (`BatchResult::response` is the other sources' shape, with
+/// text identifiers: not for Kafka.)
 pub fn response(event: &KafkaEvent, result: &BatchResult) -> KafkaBatchResponse {
     let records: Vec<&KafkaRecord> = event.all_records().collect();
     let mut listed: Vec<usize> = result.failures.iter().map(|f| f.index).collect();
@@ -314,7 +356,7 @@ pub fn batch_metrics(event: &KafkaEvent) -> crate::metrics::PullBatch {
         records_in: event.len(),
         processed: 0,
         failed: 0,
-        oldest_arrival: event.all_records().map(|r| r.timestamp as f64 / 1000.0).reduce(f64::min),
+        oldest_arrival: event.all_records().filter_map(|r| r.timestamp).map(|t| t as f64 / 1000.0).reduce(f64::min),
     }
 }
 
@@ -345,19 +387,22 @@ mod tests {
             assert_eq!((r.topic.as_str(), r.partition, r.offset), ("mytopic", 0, 15), "{file}");
             assert_eq!(r.value_bytes().unwrap().unwrap(), b"Hello, this is a test.", "{file}");
             assert_eq!(r.key_bytes().unwrap().map(|k| k.len()), Some(22), "{file}: AWS's sample key");
-            assert_eq!(r.headers(), [("headerKey", b"headerValue".to_vec())], "{file}");
+            assert_eq!(r.headers().unwrap(), [("headerKey", Some(b"headerValue".to_vec()))], "{file}");
         }
     }
 
     #[test]
     fn tombstones_null_keys_signed_header_bytes_and_text_partitions_are_read() {
         let e = event(serde_json::json!({"t-1": [
-            {"topic": "t", "partition": "1", "offset": 7, "key": null, "value": null, "headers": [{"h": [-61, -85]}, {"u": [195, 171]}]},
+            {"topic": "t", "partition": "1", "offset": 7, "key": null, "value": null, "timestamp": -1,
+             "headers": [{"h": [-61, -85]}, {"u": [195, 171]}, {"empty": null}]},
         ]}));
         let r = e.all_records().next().unwrap();
         assert_eq!(r.partition, 1);
         assert_eq!((r.key_bytes().unwrap(), r.value_bytes().unwrap()), (None, None));
-        assert_eq!(r.headers(), [("h", "ë".as_bytes().to_vec()), ("u", "ë".as_bytes().to_vec())]);
+        let e_acute = Some("ë".as_bytes().to_vec());
+        assert_eq!(r.headers().unwrap(), [("h", e_acute.clone()), ("u", e_acute), ("empty", None)]);
+        assert_eq!(r.timestamp, None, "-1: no timestamp");
         let err = r.json::<serde_json::Value>().unwrap_err().to_string();
         assert_eq!(err, "record t-1@7: not the expected JSON: no value (a tombstone)");
     }
@@ -368,13 +413,24 @@ mod tests {
             "a-0": [rec("a", 0, 1, Some("{}")), rec("a", 0, 2, Some("x")), rec("a", 0, 3, Some("{}"))],
             "a-1": [rec("a", 1, 9, Some("{}"))],
         }));
-        let r =
-            process(&e, Options::default().stop_at_first_failure(true), |r| r.json::<serde_json::Value>().map(drop))
-                .unwrap();
+        let r = process(&e, Options::default(), |r| r.json::<serde_json::Value>().map(drop)).unwrap();
         let listed: Vec<_> = response(&e, &r).batch_item_failures.into_iter().map(|f| f.item_identifier).collect();
         let id = |p: &str, offset| KafkaItemIdentifier { partition: p.into(), offset };
         assert_eq!(listed, [id("a-0", 2), id("a-0", 3), id("a-1", 9)]);
         assert_eq!(r.processed, 1);
+    }
+
+    #[tokio::test]
+    async fn one_at_a_time_a_failure_stops_the_batch_so_no_later_offset_runs_before_it() {
+        let e = event(serde_json::json!({"a-0": [rec("a", 0, 10, Some("x")), rec("a", 0, 11, Some("{}"))]}));
+        for per_key in [None, Some(1)] {
+            let options = per_key.map_or(Options::default(), |n| Options::default().per_key(n));
+            let r =
+                process_async(&e, options, |r| async move { r.json::<serde_json::Value>().map(drop) }).await.unwrap();
+            let listed: Vec<i64> =
+                response(&e, &r).batch_item_failures.iter().map(|f| f.item_identifier.offset).collect();
+            assert_eq!((listed, r.processed), (vec![10, 11], 0), "{per_key:?}");
+        }
     }
 
     #[tokio::test]
@@ -425,8 +481,7 @@ mod tests {
             let payload = serde_json::json!({"records": {format!("t-{partition}"): [r]}}).to_string();
             if let Ok(e) = KafkaEvent::from_slice(payload.as_bytes()) {
                 let r = e.all_records().next().unwrap();
-                let _ = r.headers();
-                for err in [r.key_bytes().err(), r.value_bytes().err(), r.json::<serde_json::Value>().err()].into_iter().flatten() {
+                for err in [r.key_bytes().err(), r.value_bytes().err(), r.json::<serde_json::Value>().err(), r.headers().err()].into_iter().flatten() {
                     prop_assert!(err.to_string().starts_with(&format!("record t-{partition}@{offset}")), "{}", err);
                 }
             }
