@@ -192,7 +192,7 @@ impl KafkaRecord {
 
     /// The headers in order, as name and bytes (a signed byte `-61` is `0xC3`; a header without
     /// a value is `None`), or an error naming the record if a byte is outside -128..=255.
-    pub fn headers(&self) -> Result<Vec<(&str, Option<Vec<u8>>)>, DecodeError> {
+    pub fn headers(&self) -> Result<Vec<Header<'_>>, DecodeError> {
         let mut out = Vec::new();
         for (name, bytes) in self.headers.iter().flatten() {
             let bytes = match bytes {
@@ -217,6 +217,9 @@ impl KafkaRecord {
         Ok(out)
     }
 }
+
+/// A header: its name and its bytes (`None`: a header without a value).
+pub type Header<'a> = (&'a str, Option<Vec<u8>>);
 
 /// A record in a Kafka partial batch response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
