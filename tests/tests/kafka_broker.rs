@@ -7,7 +7,8 @@
 //! - a consumer group: a second member joining splits the partitions, a member leaving hands its
 //!   partitions to the other, a member killed with -9 (no LeaveGroup) expires after the session
 //!   timeout and its partitions go to the other, committed offsets read back as committed;
-//! - the idempotent producer (what exactly-once into a topic would build on) is accepted.
+//! - the idempotent producer is accepted; a transactional producer is refused (what exactly-once
+//!   into a topic can build on, then).
 //!
 //! The client is rdkafka (librdkafka, built from source). The broker's address: `KAFKA_BOOTSTRAP`,
 //! else `127.0.0.1:$KAFKA_PORT` (9092).
@@ -219,4 +220,23 @@ async fn a_member_killed_without_leaving_expires_after_the_session_timeout() {
     poll_until(&[&a], "the killed member expired", |n| n == [4]);
     let took = killed.elapsed();
     assert!(took <= Duration::from_secs(6 + 10), "its partitions came back after {took:?}");
+}
+
+/// What a transactional producer gets from this broker, pinned: nisshi 0.8.1 (memory storage)
+/// refuses `InitProducerId` for a transactional id ("Transactional Id authorization failed"), so
+/// exactly-once into a topic (issue #26, part 2) cannot build on transactions here: it builds on
+/// the idempotent producer and read-back, as the Kinesis sink does. If a broker upgrade accepts
+/// transactions, this fails: then part 2 may use them (and this test should pin commits and
+/// aborts as a `read_committed` consumer sees them).
+#[tokio::test]
+async fn the_broker_refuses_a_transactional_producer() {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let _ = topic(1).await; // the broker is there
+    let producer: BaseProducer = config()
+        .set("transactional.id", pushpull_tests::unique("txn"))
+        .set("transaction.timeout.ms", "10000")
+        .create()
+        .unwrap();
+    let err = producer.init_transactions(Duration::from_secs(15)).expect_err("transactions accepted: see above");
+    assert!(err.to_string().contains("Transactional Id authorization failed"), "{err}");
 }
