@@ -127,8 +127,9 @@ fn fifo_options(event: &SqsEvent, mut options: Options) -> Options {
 }
 
 /// A batch that cannot be answered message by message: a message with an empty `messageId`
-/// cannot be named in `batchItemFailures` (AWS treats an empty-string itemIdentifier as a failure
-/// of the whole batch), so the batch fails as a whole and is retried.
+/// cannot be named in `batchItemFailures`. AWS's pages do not say what an empty identifier in a
+/// response does; what we chose: the invocation fails, so every message of the batch is retried
+/// (nothing is deleted that was not handled) and the failure is visible.
 #[derive(Debug, thiserror::Error)]
 #[error("message {index} of the batch has an empty messageId: it cannot be named in batchItemFailures")]
 pub struct SqsPullError {
