@@ -283,10 +283,10 @@ fn partition_order(mut options: Options) -> Options {
     options
 }
 
-fn result_of(event: &KafkaEvent, outcomes: super::Outcomes) -> BatchResult {
-    let names: Vec<String> = event.all_records().map(KafkaRecord::name).collect();
+/// The batch's result; only the records that failed or were not reached are named.
+fn result_of(records: &[&KafkaRecord], outcomes: super::Outcomes) -> BatchResult {
     let mut result = BatchResult { rule: ResponseRule::Queue, ..Default::default() };
-    result.absorb(outcomes, |i| names[i].clone());
+    result.absorb(outcomes, |i| records[i].name());
     result
 }
 
@@ -299,7 +299,7 @@ where
     check(event)?;
     let records: Vec<&KafkaRecord> = event.all_records().collect();
     let outcomes = super::run_in_order(records.len(), &partition_order(options), |i| handler(records[i]));
-    Ok(result_of(event, outcomes))
+    Ok(result_of(&records, outcomes))
 }
 
 /// Runs an async `handler` on each record: in order, or with [`Options::per_key`] that many
@@ -317,11 +317,11 @@ where
 {
     check(event)?;
     let records: Vec<&KafkaRecord> = event.all_records().collect();
-    let keys: Vec<String> = records.iter().map(|r| r.topic_partition()).collect();
-    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    // Each record's partition key as the event names it (check() made sure they agree).
+    let keys: Vec<&str> = event.records.iter().flat_map(|(key, rs)| rs.iter().map(move |_| key.as_str())).collect();
     let handler = &handler;
     let outcomes = super::run_concurrently(&keys, &partition_order(options), |i| handler(records[i].clone())).await;
-    Ok(result_of(event, outcomes))
+    Ok(result_of(&records, outcomes))
 }
 
 /// The partial batch response for `result` (of `event`): every failed record and every record not
