@@ -3,6 +3,8 @@
 //!
 //! Tests never skip: if LocalStack is not running they fail and say how to start it (the
 //! README's test command starts it).
+#[cfg(feature = "integration")]
+pub mod kafka;
 pub mod readme;
 pub mod runners;
 

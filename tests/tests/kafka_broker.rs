@@ -14,41 +14,14 @@
 //! else `127.0.0.1:$KAFKA_PORT` (9092).
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use pushpull_tests::kafka::{bootstrap, config, watermarks};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
-fn bootstrap() -> String {
-    std::env::var("KAFKA_BOOTSTRAP")
-        .unwrap_or_else(|_| format!("127.0.0.1:{}", std::env::var("KAFKA_PORT").unwrap_or_else(|_| "9092".into())))
-}
-
-fn config() -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap()).set("broker.address.family", "v4");
-    c
-}
-
-/// A topic of its own, with `partitions` partitions; panics, saying how to start the broker, if
-/// it is not there.
 async fn topic(partitions: i32) -> String {
-    let name = pushpull_tests::unique("conformance");
-    let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("no Kafka broker at {} ({e}): start one with `infra/kafka.sh up`", bootstrap()));
-    for r in created {
-        r.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
-    }
-    name
+    pushpull_tests::kafka::topic("conformance", partitions).await
 }
 
 /// Sends `n` records to `partition` in one batch (linger long enough to gather them), values
@@ -72,11 +45,6 @@ async fn produce(topic: &str, partition: i32, n: usize, idempotent: bool) -> Vec
         .into_iter()
         .map(|r| r.unwrap_or_else(|(e, _)| panic!("send: {e}")).offset)
         .collect()
-}
-
-fn watermarks(topic: &str, partition: i32) -> (i64, i64) {
-    let c: BaseConsumer = config().set("group.id", "watermarks").create().unwrap();
-    c.fetch_watermarks(topic, partition, Duration::from_secs(10)).unwrap()
 }
 
 fn consumer(group: &str) -> BaseConsumer {

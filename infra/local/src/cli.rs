@@ -5,7 +5,7 @@ use std::time::Duration;
 use pushpull::store::{Location, Store};
 use pushpull_local::invoke::{InvokeClient, InvokeServer};
 use pushpull_local::localstack::{ACCOUNT, Local, REGION, function_env};
-use pushpull_local::mapping::{Clients, RawSettings, Runner, RunnerOptions};
+use pushpull_local::mapping::{Clients, KafkaSource, RawSettings, Runner, RunnerOptions};
 use pushpull_local::realism::Realism;
 use pushpull_local::realism::iam::Policies;
 use pushpull_local::realism::proxy::RealismProxy;
@@ -138,6 +138,19 @@ pub struct EsmArgs {
     /// Stream name or ARN.
     #[arg(long)]
     stream: Option<String>,
+    /// A Kafka mapping instead (the template is not read): the cluster's bootstrap servers,
+    /// `HOST:PORT[,HOST:PORT...]` (KAFKA_BOOTSTRAP_SERVERS).
+    #[arg(long, value_name = "HOST:PORT")]
+    kafka_bootstrap_servers: Option<String>,
+    /// The topic a Kafka mapping reads.
+    #[arg(long)]
+    kafka_topic: Option<String>,
+    /// ConsumerGroupId of a Kafka mapping (default: the mapping's UUID).
+    #[arg(long)]
+    consumer_group_id: Option<String>,
+    /// An MSK cluster's ARN: the events say `aws:kafka` and carry it (default: `SelfManagedKafka`).
+    #[arg(long)]
+    msk_cluster_arn: Option<String>,
     /// BatchSize (1..10000).
     #[arg(long)]
     batch_size: Option<String>,
@@ -202,7 +215,8 @@ pub struct EsmArgs {
     /// name takes its own leases back at once.
     #[arg(long)]
     worker_id: Option<String>,
-    /// A lease not renewed for this long may be taken by another runner (ms).
+    /// A lease not renewed for this long may be taken by another runner (ms); for Kafka, the
+    /// consumer group's session timeout (a member silent this long is dropped from the group).
     #[arg(long, default_value_t = 10_000)]
     failover_ms: u64,
     /// On Ctrl-C or SIGTERM, how long batches in flight may take to finish before they are
@@ -230,25 +244,19 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     crate::init_logs(&args.log_format);
     let stream = args
         .stream
+        .clone()
         .map(|s| if s.starts_with("arn:") { s } else { format!("arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/{s}") });
-    let flags = RawSettings {
-        stream,
-        function: args.function_name,
-        batch_size: args.batch_size,
-        batching_window: args.maximum_batching_window,
-        starting_position: args.starting_position,
-        starting_position_timestamp: args.starting_position_timestamp,
-        parallelization_factor: args.parallelization_factor,
-        bisect: args.bisect_batch_on_function_error,
-        maximum_retry_attempts: args.maximum_retry_attempts,
-        maximum_record_age: args.maximum_record_age,
-        function_response_types: args.function_response_types,
-        tumbling_window: args.tumbling_window,
-        on_failure: args.on_failure,
-        filter_criteria: args.filter_criteria,
-        enabled: None,
-        metrics: args.metrics_config,
-    };
+    let flags = raw_flags(&args, stream);
+    if let Some(servers) = args.kafka_bootstrap_servers.clone() {
+        let topic = args.kafka_topic.clone().ok_or("--kafka-topic is required with --kafka-bootstrap-servers")?;
+        let source = KafkaSource {
+            bootstrap_servers: servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+            topic,
+            consumer_group_id: args.consumer_group_id.clone(),
+            cluster_arn: args.msk_cluster_arn.clone(),
+        };
+        return esm_kafka(args, source).await;
+    }
     let local = match args.aws {
         true => None,
         false => Some(Local::connect().await?),
@@ -345,6 +353,81 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     if let Some(p) = &proxy {
         print!("{}", p.realism().faults());
     }
+    if let Some(path) = args.summary_json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+    }
+    Ok(())
+}
+
+/// The mapping's settings as the flags give them.
+fn raw_flags(args: &EsmArgs, stream: Option<String>) -> RawSettings {
+    RawSettings {
+        stream,
+        function: args.function_name.clone(),
+        batch_size: args.batch_size.clone(),
+        batching_window: args.maximum_batching_window.clone(),
+        starting_position: args.starting_position.clone(),
+        starting_position_timestamp: args.starting_position_timestamp.clone(),
+        parallelization_factor: args.parallelization_factor.clone(),
+        bisect: args.bisect_batch_on_function_error.clone(),
+        maximum_retry_attempts: args.maximum_retry_attempts.clone(),
+        maximum_record_age: args.maximum_record_age.clone(),
+        function_response_types: args.function_response_types.clone(),
+        tumbling_window: args.tumbling_window.clone(),
+        on_failure: args.on_failure.clone(),
+        filter_criteria: args.filter_criteria.clone(),
+        enabled: None,
+        metrics: args.metrics_config.clone(),
+    }
+}
+
+/// `esm` on Kafka: the mapping as a member of its consumer group on the cluster; LocalStack only
+/// for an OnFailure destination.
+async fn esm_kafka(args: EsmArgs, source: KafkaSource) -> Result<(), Error> {
+    let settings = raw_flags(&args, None).validate_kafka(&source)?;
+    let clients = if args.aws {
+        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Clients {
+            kinesis: aws_sdk_kinesis::Client::new(&config),
+            sqs: aws_sdk_sqs::Client::new(&config),
+            s3: aws_sdk_s3::Client::new(&config),
+            sns: aws_sdk_sns::Client::new(&config),
+            events: aws_sdk_eventbridge::Client::new(&config),
+        }
+    } else if settings.on_failure.is_some() {
+        Clients::from(&Local::connect().await?)
+    } else {
+        // Nothing is called without a destination.
+        Clients::from(&Local::at(&pushpull_local::localstack::endpoint(), "test").await)
+    };
+    let home = std::env::temp_dir();
+    let mut options = RunnerOptions::new(&settings, Store::file(home));
+    options.stop_when_idle = args.stop_when_idle.map(|s| Duration::from_secs_f64(s.max(0.0)));
+    options.failover = Duration::from_millis(args.failover_ms.max(1000));
+    options.stop_grace = Duration::from_millis(args.stop_grace_ms);
+    if let Some(w) = args.worker_id {
+        options.worker_id = w;
+    }
+    let group = source.consumer_group_id.clone().unwrap_or_else(|| settings.uuid());
+    eprintln!(
+        "esm: kafka {} topic {} (group {group}) -> {} at {}",
+        source.bootstrap_servers.join(","),
+        source.topic,
+        settings.function_name,
+        args.invoke_endpoint
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    let summary =
+        Runner::run_kafka(settings, source, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?;
+    println!("esm summary\n{summary}");
     if let Some(path) = args.summary_json {
         std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
     }

@@ -1,5 +1,5 @@
-//! A Kinesis function whose answers are scripted by the records themselves, for the event source
-//! mapping's fidelity tests. Each record's data is JSON: `{"id": "a", <directive>: n, ...}`; a
+//! A Kinesis or Kafka function whose answers are scripted by the records themselves, for the event
+//! source mappings' fidelity tests. Each record's data is JSON: `{"id": "a", <directive>: n, ...}`; a
 //! directive applies the first `n` times the function sees that record:
 //!
 //! - `"item_fail": n`: report the record in `batchItemFailures`;
@@ -9,6 +9,10 @@
 //! - `"sleep_ms": m`: take this long (every time).
 //!
 //! An invocation record (a Lambda destination's event) is logged whole as `destination_record`.
+//!
+//! A Kafka event's records are read as a Kinesis event's: `shard` is the `topic-N` partition,
+//! `seqs` are offsets, a failure names `{"partition": "topic-N", "offset": n}`; each Kafka event is
+//! also appended whole to `$SCRIPT_DIR/events.ndjson`.
 //!
 //! Every invocation is appended to `$SCRIPT_DIR/log.ndjson` (shard, ids, sequence numbers,
 //! window fields, the answer); sightings are counted in `$SCRIPT_DIR/seen/<id>` (one byte each,
@@ -40,21 +44,39 @@ async fn handle(dir: PathBuf, body: Bytes) -> Result<Value, Error> {
         log(&dir, &json!({ "destination_record": event }))?;
         return Ok(json!({}));
     }
-    let records = event["Records"].as_array().cloned().unwrap_or_default();
+    let mut shard = event["shardId"].as_str().unwrap_or_default().to_owned();
+    // (position, data, itemIdentifier) of each record.
+    let mut records: Vec<(Value, Vec<u8>, Value)> = Vec::new();
+    if let Some(parts) = event["records"].as_object() {
+        // Kafka: one partition per event from the local mapping. The event itself is kept too.
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("events.ndjson"))?;
+        f.write_all(&body)?;
+        f.write_all(b"\n")?;
+        for (name, list) in parts {
+            shard = name.clone();
+            for r in list.as_array().into_iter().flatten() {
+                let offset = r["offset"].clone();
+                let data = base64_decode(r["value"].as_str().unwrap_or_default());
+                records.push((offset.clone(), data, json!({ "partition": name, "offset": offset })));
+            }
+        }
+    } else {
+        for r in event["Records"].as_array().into_iter().flatten() {
+            let seq = r["kinesis"]["sequenceNumber"].as_str().unwrap_or_default().to_owned();
+            if shard.is_empty() {
+                shard = r["eventID"].as_str().unwrap_or_default().split(':').next().unwrap_or_default().to_owned();
+            }
+            let data = base64_decode(r["kinesis"]["data"].as_str().unwrap_or_default());
+            records.push((Value::from(seq.clone()), data, Value::from(seq)));
+        }
+    }
     let mut ids = Vec::new();
     let mut seqs = Vec::new();
-    let mut shard = event["shardId"].as_str().unwrap_or_default().to_owned();
     let mut answer: Option<(&str, Value)> = None;
     let mut failures = Vec::new();
     let mut ok_ids = Vec::new();
     let mut sleep_ms = 0;
-    for r in &records {
-        let seq = r["kinesis"]["sequenceNumber"].as_str().unwrap_or_default().to_owned();
-        if shard.is_empty() {
-            shard = r["eventID"].as_str().unwrap_or_default().split(':').next().unwrap_or_default().to_owned();
-        }
-        let data = r["kinesis"]["data"].as_str().unwrap_or_default();
-        let data = base64_decode(data);
+    for (seq, data, item) in records {
         let d: Value = serde_json::from_slice(&data).unwrap_or(Value::Null);
         let id = d["id"].as_str().unwrap_or("?").to_owned();
         let n = seen(&dir, &id)?;
@@ -72,7 +94,7 @@ async fn handle(dir: PathBuf, body: Bytes) -> Result<Value, Error> {
             }
         }
         if applies("item_fail") {
-            failures.push(json!({ "itemIdentifier": seq }));
+            failures.push(json!({ "itemIdentifier": item }));
         } else if failures.is_empty() {
             ok_ids.push(id.clone());
         }

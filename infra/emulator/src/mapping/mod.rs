@@ -34,6 +34,7 @@ pub mod event;
 pub mod filter;
 pub mod identity;
 mod intake;
+pub(crate) mod kafka;
 pub(crate) mod kinesis;
 pub(crate) mod lane;
 mod lease;
@@ -50,8 +51,9 @@ mod stats;
 pub(crate) mod testkit;
 
 pub use clock::now_unix;
+pub use kafka::GroupView;
 pub use options::{Delivered, Polling, RunnerOptions, default_worker_id};
-pub use settings::{Destination, MappingSettings, RawSettings, StartingPosition};
+pub use settings::{Destination, KafkaSource, MappingSettings, RawSettings, StartingPosition};
 use stats::Stats;
 pub use stats::{Counts, LeaseEvent, Summary};
 
@@ -96,6 +98,9 @@ pub enum MappingError {
         /// Why.
         source: pushpull::checkpoint::CheckpointError,
     },
+    /// The Kafka consumer failed for good (no broker, topic gone, bad configuration).
+    #[error("{0}")]
+    Kafka(String),
     /// A lane's task failed (it panicked or was cancelled).
     #[error("a lane of {partition} failed: {reason}")]
     Lane {
@@ -147,6 +152,8 @@ pub(crate) struct Ctx {
     pub started: clock::Instant,
     /// Per partition: when the last read was made, if it found the partition caught up and empty.
     pub caught_up: Mutex<HashMap<String, Option<f64>>>,
+    /// A Kafka mapping's view of its consumer group (for the summary).
+    pub group: Mutex<Option<Arc<Mutex<kafka::GroupView>>>>,
 }
 
 impl Ctx {
@@ -170,6 +177,7 @@ impl Ctx {
             last_activity: Mutex::new(now),
             started: now,
             caught_up: Mutex::new(HashMap::new()),
+            group: Mutex::new(None),
         }
     }
 
@@ -185,6 +193,7 @@ impl Ctx {
         s.parallelization_factor = self.settings.parallelization_factor;
         s.consumer = self.settings.consumer_arn.clone();
         s.mapping_uuid = self.settings.uuid();
+        s.group = self.group.lock().ok().and_then(|g| g.as_ref().and_then(|g| g.lock().ok().map(|g| g.clone())));
         s
     }
 
@@ -227,6 +236,51 @@ impl Runner {
         let ctx = src.core.clone();
         let task = tokio::spawn(async move { kinesis::supervisor::supervise(&src, &mut rx).await });
         RunningMapping { ctx, stop, task }
+    }
+
+    /// Runs a Kafka mapping on `source` until `stop` turns true (or it is idle, if so
+    /// configured): a member of its consumer group ([`kafka`]).
+    pub async fn run_kafka(
+        settings: MappingSettings,
+        source: KafkaSource,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: impl Invoker,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Summary, MappingError> {
+        let ctx = Self::core(settings, options, clients, Arc::new(invoker));
+        let result = kafka::run(ctx.clone(), source, stop).await;
+        let summary = ctx.summary();
+        result.map(|()| summary)
+    }
+
+    /// Starts a Kafka mapping in the background.
+    pub fn start_kafka(
+        settings: MappingSettings,
+        source: KafkaSource,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: impl Invoker,
+    ) -> RunningMapping {
+        let ctx = Self::core(settings, options, clients, Arc::new(invoker));
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(kafka::run(ctx.clone(), source, rx));
+        RunningMapping { ctx, stop, task }
+    }
+
+    /// The core's context, with the failure destination of `settings`.
+    fn core(
+        settings: MappingSettings,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: Arc<dyn Invoker>,
+    ) -> Arc<Ctx> {
+        let mapping_id = settings.uuid();
+        let destination = settings.on_failure.clone().map(|d| {
+            Arc::new(destination::FailureDestination::new(d, clients, mapping_id)) as Arc<dyn destination::FailureSink>
+        });
+        info!(source = settings.event_source_arn(), function = %settings.function_name, settings = ?settings, "mapping starting");
+        Arc::new(Ctx::new(settings, options, invoker, destination))
     }
 
     fn kinesis(

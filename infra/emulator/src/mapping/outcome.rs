@@ -55,7 +55,7 @@ fn failed(reason: impl Into<String>) -> Verdict {
 /// - otherwise retry from the lowest record listed.
 pub fn judge(
     answer: &Answer,
-    item_index: impl Fn(&str) -> Result<usize, String>,
+    item_index: impl Fn(&Value) -> Result<usize, String>,
     report_item_failures: bool,
     windowed: bool,
 ) -> Verdict {
@@ -107,7 +107,10 @@ pub fn judge(
     let mut lowest: Option<usize> = None;
     for e in entries {
         let id = match e.get("itemIdentifier") {
-            Some(Value::String(s)) if !s.is_empty() => s,
+            Some(Value::String(s)) if s.is_empty() => {
+                return failed(format!("batchItemFailures entry without a usable itemIdentifier: {e}"));
+            }
+            Some(v) if !v.is_null() => v,
             _ => return failed(format!("batchItemFailures entry without a usable itemIdentifier: {e}")),
         };
         let index = match item_index(id) {
@@ -199,8 +202,11 @@ mod tests {
             .collect()
     }
 
-    fn ids(b: &[Rec]) -> impl Fn(&str) -> Result<usize, String> + '_ {
-        |id| item_index(b, id)
+    fn ids(b: &[Rec]) -> impl Fn(&Value) -> Result<usize, String> + '_ {
+        |id| match id {
+            Value::String(s) => item_index(b, s),
+            other => Err(format!("{other} is not a sequence number")),
+        }
     }
 
     fn resp(s: &str) -> Answer {

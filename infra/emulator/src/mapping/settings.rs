@@ -88,6 +88,90 @@ impl Destination {
     }
 }
 
+/// Where a Kafka mapping reads: the `SelfManagedEventSource` (or MSK cluster) and topic of a
+/// `SelfManagedKafka` / `MSK` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaSource {
+    /// `KAFKA_BOOTSTRAP_SERVERS`: `host:port`, 1 to 10 of them.
+    pub bootstrap_servers: Vec<String>,
+    /// The topic (a mapping reads one: `Topics` has exactly one member).
+    pub topic: String,
+    /// `ConsumerGroupId`; `None`: the mapping's UUID.
+    pub consumer_group_id: Option<String>,
+    /// An MSK cluster's ARN (the event says `aws:kafka` and carries it); `None`: self-managed.
+    pub cluster_arn: Option<String>,
+}
+
+impl KafkaSource {
+    /// The identity of the source (the mapping's `EventSourceArn`): the cluster's ARN for MSK; for
+    /// a self-managed cluster, which has none, a name of ours built from its servers and topic.
+    pub fn event_source_arn(&self) -> String {
+        match &self.cluster_arn {
+            Some(arn) => format!("{arn}#{}", self.topic),
+            None => format!(
+                "arn:aws:kafka:{}:{}:self-managed/{}/{}",
+                crate::localstack::REGION,
+                crate::localstack::ACCOUNT,
+                self.bootstrap_servers.join(","),
+                self.topic
+            ),
+        }
+    }
+
+    /// AWS's constraints on the source: 1 to 10 servers (API_SelfManagedEventSource: "Array
+    /// Members: Minimum number of 1 item. Maximum number of 10 items."), a topic of 1 to 249
+    /// characters (API_CreateEventSourceMapping, Topics: "Length Constraints: Minimum length of 1.
+    /// Maximum length of 249. Pattern: `^[^.]([a-zA-Z0-9\-_.]+)`"), and a ConsumerGroupId of 1 to
+    /// 200 characters of `[a-zA-Z0-9-\/*:_+=.@-]` (API_AmazonManagedKafkaEventSourceConfig).
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        let n = self.bootstrap_servers.len();
+        if n == 0 || n > 10 {
+            return Err(constraint(
+                self.bootstrap_servers.join(","),
+                "selfManagedEventSource.endpoints.KAFKA_BOOTSTRAP_SERVERS",
+                "Member must have length between 1 and 10",
+            ));
+        }
+        if let Some(bad) = self
+            .bootstrap_servers
+            .iter()
+            .find(|s| s.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()))
+        {
+            return Err(constraint(bad, "KAFKA_BOOTSTRAP_SERVERS", "Member must be host:port"));
+        }
+        let t = &self.topic;
+        let topic_ok = !t.is_empty()
+            && t.len() <= 249
+            && !t.starts_with('.')
+            && t.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !topic_ok {
+            return Err(constraint(
+                t,
+                "topics",
+                "Member must satisfy regular expression pattern: ^[^.]([a-zA-Z0-9\\-_.]+)",
+            ));
+        }
+        if let Some(g) = &self.consumer_group_id {
+            let ok = !g.is_empty()
+                && g.len() <= 200
+                && g.chars().all(|c| c.is_ascii_alphanumeric() || "-/*:_+=.@".contains(c));
+            if !ok {
+                return Err(constraint(
+                    g,
+                    "consumerGroupId",
+                    "Member must satisfy regular expression pattern: [a-zA-Z0-9-\\/*:_+=.@-]*",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `records` keys and the failure records' `recordsInfo` name a partition `topic-N`.
+    pub fn partition_name(&self, partition: i32) -> String {
+        format!("{}-{partition}", self.topic)
+    }
+}
+
 /// A setting AWS would refuse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("InvalidParameterValueException: {0}")]
@@ -317,21 +401,7 @@ impl RawSettings {
 
     /// Checks everything as `CreateEventSourceMapping` would and applies AWS's defaults.
     pub fn validate(self) -> Result<MappingSettings, InvalidSetting> {
-        fn int(v: &Option<String>, field: &str, default: i64) -> Result<i64, InvalidSetting> {
-            match v.as_deref().map(str::trim) {
-                None | Some("") => Ok(default),
-                Some(s) => s.parse::<i64>().map_err(|_| constraint(s, field, "Member must be an integer")),
-            }
-        }
-        fn boolean(v: &Option<String>, field: &str) -> Result<bool, InvalidSetting> {
-            match v.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
-                None => Ok(false),
-                Some(s) if s == "true" => Ok(true),
-                Some(s) if s == "false" || s.is_empty() => Ok(false),
-                Some(s) => Err(constraint(s, field, "Member must be a boolean")),
-            }
-        }
-        let source = self.stream.filter(|s| !s.is_empty()).ok_or_else(|| {
+        let source = self.stream.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
             InvalidSetting("an event source (stream ARN) is required: --stream, or Stream in the template".into())
         })?;
         if !source.starts_with("arn:") || !source.contains(":kinesis:") || !source.contains(":stream/") {
@@ -349,6 +419,54 @@ impl RawSettings {
             }
             None => (source, None),
         };
+        self.common(stream_arn, consumer_arn, Duration::ZERO)
+    }
+
+    /// The settings of a Kafka mapping reading `source` (MSK or self-managed): AWS's ranges, a
+    /// 500 ms batching window by default, and no Kinesis-only setting.
+    ///
+    /// AWS (API_CreateEventSourceMapping, MaximumBatchingWindowInSeconds): "For Amazon MSK,
+    /// Self-managed Apache Kafka, Amazon MQ, and DocumentDB event sources, the default batching
+    /// window is 500 ms." ParallelizationFactor and TumblingWindowInSeconds are documented for
+    /// Kinesis and DynamoDB streams only: a Kafka mapping refuses them, as this one does.
+    pub fn validate_kafka(self, source: &KafkaSource) -> Result<MappingSettings, InvalidSetting> {
+        for (value, name) in [
+            (&self.parallelization_factor, "ParallelizationFactor"),
+            (&self.tumbling_window, "TumblingWindowInSeconds"),
+        ] {
+            if value.as_deref().map(str::trim).is_some_and(|v| !v.is_empty() && v != "0" && v != "1") {
+                return Err(InvalidSetting(format!(
+                    "{name} is a setting of Kinesis and DynamoDB streams, not of a Kafka event source"
+                )));
+            }
+        }
+        source.check()?;
+        let mut raw = self;
+        raw.parallelization_factor = None;
+        raw.tumbling_window = None;
+        raw.common(source.event_source_arn(), None, Duration::from_millis(500))
+    }
+
+    fn common(
+        self,
+        stream_arn: String,
+        consumer_arn: Option<String>,
+        default_window: Duration,
+    ) -> Result<MappingSettings, InvalidSetting> {
+        fn int(v: &Option<String>, field: &str, default: i64) -> Result<i64, InvalidSetting> {
+            match v.as_deref().map(str::trim) {
+                None | Some("") => Ok(default),
+                Some(s) => s.parse::<i64>().map_err(|_| constraint(s, field, "Member must be an integer")),
+            }
+        }
+        fn boolean(v: &Option<String>, field: &str) -> Result<bool, InvalidSetting> {
+            match v.as_deref().map(|s| s.trim().to_ascii_lowercase()) {
+                None => Ok(false),
+                Some(s) if s == "true" => Ok(true),
+                Some(s) if s == "false" || s.is_empty() => Ok(false),
+                Some(s) => Err(constraint(s, field, "Member must be a boolean")),
+            }
+        }
         let function_name = self
             .function
             .filter(|f| !f.is_empty())
@@ -356,8 +474,14 @@ impl RawSettings {
 
         let batch_size = int(&self.batch_size, "batchSize", 100)?;
         range(batch_size, "batchSize", 1, 10_000)?;
-        let window = int(&self.batching_window, "maximumBatchingWindowInSeconds", 0)?;
-        range(window, "maximumBatchingWindowInSeconds", 0, 300)?;
+        let window = match self.batching_window.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(_) => Some(int(&self.batching_window, "maximumBatchingWindowInSeconds", 0)?),
+        };
+        if let Some(w) = window {
+            range(w, "maximumBatchingWindowInSeconds", 0, 300)?;
+        }
+        let batching_window = window.map_or(default_window, |w| Duration::from_secs(w as u64));
         let factor = int(&self.parallelization_factor, "parallelizationFactor", 1)?;
         range(factor, "parallelizationFactor", 1, 10)?;
         let retries = int(&self.maximum_retry_attempts, "maximumRetryAttempts", -1)?;
@@ -386,7 +510,9 @@ impl RawSettings {
                 })?;
                 StartingPosition::AtTimestamp(ts)
             }
-            None => return Err(InvalidSetting("StartingPosition is required for a Kinesis event source".into())),
+            None => {
+                return Err(InvalidSetting("StartingPosition is required for a stream or Kafka event source".into()));
+            }
             Some(other) => {
                 return Err(constraint(
                     other,
@@ -444,7 +570,7 @@ impl RawSettings {
             consumer_arn,
             function_name,
             batch_size: batch_size as u32,
-            batching_window: Duration::from_secs(window as u64),
+            batching_window,
             starting_position,
             parallelization_factor: factor as u32,
             bisect_on_error: boolean(&self.bisect, "bisectBatchOnFunctionError")?,

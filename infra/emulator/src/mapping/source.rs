@@ -52,9 +52,10 @@ pub trait Partition: Send + Sync + 'static {
     /// its like), for `records` given up on.
     fn batch_info(&self, records: &[Self::Record]) -> (&'static str, Value);
 
-    /// The index in `batch` of the record a partial batch response's `itemIdentifier` names, or
-    /// why it names none (the whole batch then fails).
-    fn item_index(&self, batch: &[Self::Record], identifier: &str) -> Result<usize, String>;
+    /// The index in `batch` of the record a partial batch response's `itemIdentifier` names (a
+    /// sequence number for Kinesis; `{"partition": "topic-N", "offset": N}` for Kafka), or why it
+    /// names none (the whole batch then fails).
+    fn item_index(&self, batch: &[Self::Record], identifier: &Value) -> Result<usize, String>;
 
     /// The record's fields other than its data that a filter pattern may name. AWS names them per
     /// source; the default is none (only `data` is filtered on).

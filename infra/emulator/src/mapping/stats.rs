@@ -147,6 +147,9 @@ pub struct Summary {
     /// The mapping's UUID: its positions are its own ([`super::identity`]).
     #[serde(default)]
     pub mapping_uuid: String,
+    /// A Kafka mapping's consumer group as this member saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<super::kafka::GroupView>,
     /// `new` (every partition started at the StartingPosition) or `resumed` (after the
     /// checkpoints of a runner of the same mapping).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -219,6 +222,7 @@ impl Stats {
             parallelization_factor: 1,
             consumer: None,
             mapping_uuid: String::new(),
+            group: None,
             origin: self.origin,
         }
     }
@@ -243,11 +247,18 @@ impl std::fmt::Display for Summary {
             }
             None => {}
         }
-        writeln!(
-            f,
-            "  shards           {} read, {} finished",
-            self.counts.shards_started, self.counts.shards_finished
-        )?;
+        match &self.group {
+            Some(g) => writeln!(
+                f,
+                "  consumer group   {}: {} assignments received; partitions {:?} assigned at the end",
+                g.group_id, g.assignments, g.assigned
+            )?,
+            None => writeln!(
+                f,
+                "  shards           {} read, {} finished",
+                self.counts.shards_started, self.counts.shards_finished
+            )?,
+        }
         if self.consumer.is_some() {
             writeln!(
                 f,

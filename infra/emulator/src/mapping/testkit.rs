@@ -103,8 +103,11 @@ impl Partition for MemoryPartition {
         ("TestBatchInfo", json!({ "positions": positions }))
     }
 
-    fn item_index(&self, batch: &[TestRec], identifier: &str) -> Result<usize, String> {
-        batch.iter().position(|r| r.position == identifier).ok_or_else(|| format!("{identifier} is not in the batch"))
+    fn item_index(&self, batch: &[TestRec], identifier: &Value) -> Result<usize, String> {
+        batch
+            .iter()
+            .position(|r| identifier.as_str() == Some(r.position.as_str()))
+            .ok_or_else(|| format!("{identifier} is not in the batch"))
     }
 
     async fn done(&self, records: &[TestRec], window: Option<WindowCheckpoint>) -> Result<(), MappingError> {

@@ -75,8 +75,11 @@ impl Partition for Shard {
         event::batch_info(&self.id, &self.stream_arn, records)
     }
 
-    fn item_index(&self, batch: &[Rec], identifier: &str) -> Result<usize, String> {
-        event::item_index(batch, identifier)
+    fn item_index(&self, batch: &[Rec], identifier: &Value) -> Result<usize, String> {
+        match identifier {
+            Value::String(s) if !s.is_empty() => event::item_index(batch, s),
+            other => Err(format!("itemIdentifier {other} is not a sequence number")),
+        }
     }
 
     fn delivered_items(&self, record: &Rec, each: &mut dyn FnMut(&[u8])) {

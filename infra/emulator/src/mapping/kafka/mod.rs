@@ -1,0 +1,538 @@
+//! The Kafka source: a member of the mapping's consumer group on the broker's own protocol.
+//!
+//! One consumer (librdkafka) joins the group (`ConsumerGroupId`, else the mapping's UUID) and
+//! subscribes to the topic; the group's coordinator assigns it partitions, and each assigned
+//! partition gets a task with one lane of the core ([`crate::mapping::lane`]): batching, invoke,
+//! retries, bisection, record age, partial batch responses and the failure destination are the
+//! core's, as for Kinesis. Order holds per partition (AWS, with-msk-configure.html: "Lambda reads
+//! messages sequentially for each Kafka topic partition").
+//!
+//! - **Reading**: a thread of its own polls the consumer and hands each partition's records to its
+//!   task; a partition whose task is still busy is paused at the broker (Kafka's `pause`) instead
+//!   of blocking the poll, so that the group never sees this member stall.
+//! - **Commits**: the offset after the done prefix of a partition, after each batch
+//!   ([`partition`]), asynchronously; and synchronously when the partition is handed over.
+//! - **Rebalances**: before a partition is revoked (another member joined, or this one leaves),
+//!   its lane finishes the batch in flight and its offset is committed, so the next owner starts
+//!   exactly after it: nothing is processed twice in a hand-over; a member killed with `kill -9`
+//!   leaves its batch in flight uncommitted, and the next owner reads it again (at least once).
+//! - **Starting position**: AWS (kafka-consumer-group-id.html): "if you specify a consumer group
+//!   ID, and Kafka finds a valid existing consumer group with the same ID, Lambda ignores the
+//!   StartingPosition ... Lambda begins processing records according to the committed offset of
+//!   the consumer group." A partition without a committed offset starts at TRIM_HORIZON (earliest),
+//!   LATEST, or AT_TIMESTAMP (the first offset at or after the time).
+pub(crate) mod partition;
+pub(crate) mod record;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, ClientContext, Offset, Timestamp, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use self::partition::{Commit, KafkaPartition};
+use self::record::{Envelope, KRec};
+use super::clock::now_unix;
+use super::lane::Lanes;
+use super::settings::{KafkaSource, StartingPosition};
+use super::{Ctx, MappingError};
+
+/// Records read per partition before they are handed on, at most.
+const HAND_ON: usize = 1000;
+
+/// The group's view of this member, for the summary.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GroupView {
+    /// The consumer group's id.
+    pub group_id: String,
+    /// Rebalances this member went through (assignments received).
+    pub assignments: u64,
+    /// The partitions assigned to this member now.
+    pub assigned: Vec<i32>,
+}
+
+/// What the consumer's thread and the rebalance callbacks share.
+struct Shared {
+    ctx: Arc<Ctx>,
+    runtime: tokio::runtime::Handle,
+    envelope: Arc<Envelope>,
+    topic: Arc<str>,
+    starting_position: StartingPosition,
+    tasks: Mutex<HashMap<i32, Task>>,
+    /// Records read and not yet handed to their partition's task.
+    waiting: Mutex<HashMap<i32, Vec<KRec>>>,
+    consumer: OnceLock<Weak<BaseConsumer<Member>>>,
+    view: Arc<Mutex<GroupView>>,
+    /// The first error of a task or a callback: it ends the mapping.
+    failed: Mutex<Option<MappingError>>,
+}
+
+struct Task {
+    tx: mpsc::Sender<Vec<KRec>>,
+    partition: Arc<KafkaPartition>,
+    join: tokio::task::JoinHandle<Result<(), MappingError>>,
+    paused: bool,
+}
+
+/// The consumer's context: the rebalance callbacks.
+struct Member(Arc<Shared>);
+
+impl ClientContext for Member {}
+
+impl ConsumerContext for Member {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            info!(partitions = ?numbers, lost = consumer.assignment_lost(), "partitions revoked: finishing what is in flight");
+            self.0.release(consumer, &numbers);
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                info!(partitions = ?numbers, "partitions assigned");
+                if let StartingPosition::AtTimestamp(t) = self.0.starting_position {
+                    self.0.seek_to_time(consumer, &numbers, t);
+                }
+                for n in numbers {
+                    self.0.take(n);
+                }
+                self.0.ctx.touch();
+                let mut v = self.0.view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                v.assignments += 1;
+                v.assigned = self.0.assigned();
+            }
+            Rebalance::Revoke(_) => {
+                let mut v = self.0.view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                v.assigned = self.0.assigned();
+            }
+            Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
+        }
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            // A commit refused (a rebalance under way): the next one, or the hand-over's, carries
+            // the offset on.
+            warn!(error = %e, offsets = ?offsets.to_topic_map(), "offset commit failed");
+        }
+    }
+}
+
+/// Commits through the consumer, asynchronously.
+struct ConsumerCommit(Arc<Shared>);
+
+impl Commit for ConsumerCommit {
+    fn commit(&self, topic: &str, partition: i32, next: i64) -> Result<(), MappingError> {
+        let Some(consumer) = self.0.consumer.get().and_then(Weak::upgrade) else { return Ok(()) };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(next))
+            .map_err(|e| MappingError::Kafka(format!("commit {topic}-{partition}@{next}: {e}")))?;
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            warn!(partition = %format!("{topic}-{partition}"), next, error = %e, "offset commit failed");
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn assigned(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.tasks.lock().map(|t| t.keys().copied().collect()).unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    fn fail(&self, e: MappingError) {
+        if let Ok(mut f) = self.failed.lock()
+            && f.is_none()
+        {
+            *f = Some(e);
+        }
+    }
+
+    /// Starts reading partition `n`: its task, with one lane.
+    fn take(self: &Arc<Self>, n: i32) {
+        let committer: Arc<dyn Commit> = Arc::new(ConsumerCommit(self.clone()));
+        let part = Arc::new(KafkaPartition::new(self.topic.clone(), n, self.envelope.clone(), committer));
+        let (tx, mut rx) = mpsc::channel::<Vec<KRec>>(2);
+        let ctx = self.ctx.clone();
+        let p = part.clone();
+        let join = self.runtime.spawn(async move {
+            let lanes = Lanes::new();
+            let (senders, status, running) = lanes.spawn(&ctx, p.clone(), 1, None);
+            let reader = {
+                let (ctx, p) = (ctx.clone(), p.clone());
+                async move {
+                    while let Some(records) = rx.recv().await {
+                        if !super::intake::dispatch(&ctx, &*p, &senders, records).await? {
+                            break;
+                        }
+                    }
+                    // Handed over: the lane finishes what it holds and ends.
+                    status.send_modify(|s| s.handing_over = true);
+                    drop(senders);
+                    Ok::<(), MappingError>(())
+                }
+            };
+            let r = running.drive(reader, Duration::from_secs(3600), || async { Ok(()) }).await;
+            if r.is_err() {
+                let undone = p.offsets().undone();
+                ctx.pending.fetch_sub(undone as i64, Ordering::SeqCst);
+                lanes.forget_windows(&ctx);
+            }
+            r.map(|_| ())
+        });
+        if let Ok(mut c) = self.ctx.caught_up.lock() {
+            c.insert(part.id_owned(), None);
+        }
+        if let Ok(mut t) = self.tasks.lock() {
+            t.insert(n, Task { tx, partition: part, join, paused: false });
+        }
+    }
+
+    /// Hands partitions over: each lane finishes its batch in flight, then the offset after what
+    /// is done is committed synchronously (the next owner starts there).
+    fn release(&self, consumer: &BaseConsumer<Member>, numbers: &[i32]) {
+        for n in numbers {
+            if let Ok(mut w) = self.waiting.lock() {
+                w.remove(n); // read, never handed on, never committed: the next owner reads them
+            }
+            let Some(task) = self.tasks.lock().ok().and_then(|mut t| t.remove(n)) else { continue };
+            drop(task.tx);
+            let grace = self.ctx.options.stop_grace;
+            let joined = self.runtime.block_on(async { tokio::time::timeout(grace, task.join).await });
+            match joined {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => self.fail(e),
+                Ok(Err(e)) => {
+                    self.fail(MappingError::Lane { partition: task.partition.id_owned(), reason: e.to_string() })
+                }
+                Err(_) => warn!(
+                    partition = n,
+                    ?grace,
+                    "a batch still in flight after the grace period: left to the next owner"
+                ),
+            }
+            if let Some(next) = task.partition.offsets().committed() {
+                let mut tpl = TopicPartitionList::new();
+                if tpl.add_partition_offset(&self.topic, *n, Offset::Offset(next)).is_ok()
+                    && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+                {
+                    warn!(partition = n, next, error = %e, "final offset commit failed");
+                }
+            }
+            if let Ok(mut c) = self.ctx.caught_up.lock() {
+                c.remove(&task.partition.id_owned());
+            }
+        }
+    }
+
+    /// AT_TIMESTAMP: partitions without a committed offset start at the first record at or after
+    /// `t` (ListOffsets by time), or at the end if there is none.
+    fn seek_to_time(&self, consumer: &BaseConsumer<Member>, numbers: &[i32], t: f64) {
+        let mut tpl = TopicPartitionList::new();
+        for n in numbers {
+            tpl.add_partition(&self.topic, *n);
+        }
+        let committed = match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(c) => c,
+            Err(e) => return self.fail(MappingError::Kafka(format!("committed offsets of {}: {e}", self.topic))),
+        };
+        let fresh: Vec<i32> = committed
+            .elements()
+            .iter()
+            .filter(|e| !matches!(e.offset(), Offset::Offset(_)))
+            .map(|e| e.partition())
+            .collect();
+        if fresh.is_empty() {
+            return;
+        }
+        let mut by_time = TopicPartitionList::new();
+        for n in &fresh {
+            let _ = by_time.add_partition_offset(&self.topic, *n, Offset::Offset((t * 1000.0) as i64));
+        }
+        match consumer.offsets_for_times(by_time, Duration::from_secs(10)) {
+            Ok(found) => {
+                for e in found.elements() {
+                    let to = match e.offset() {
+                        Offset::Offset(o) => Offset::Offset(o),
+                        _ => Offset::End,
+                    };
+                    if let Err(err) = consumer.seek(&self.topic, e.partition(), to, Duration::from_secs(10)) {
+                        self.fail(MappingError::Kafka(format!(
+                            "seek {}-{} to {to:?}: {err}",
+                            self.topic,
+                            e.partition()
+                        )));
+                    }
+                }
+            }
+            Err(e) => self.fail(MappingError::Kafka(format!("offsets of {} at {t}: {e}", self.topic))),
+        }
+    }
+}
+
+impl KafkaPartition {
+    fn id_owned(&self) -> String {
+        use crate::mapping::source::Partition as _;
+        self.id().to_owned()
+    }
+}
+
+/// The consumer's configuration for `source` in group `group`.
+fn config(source: &KafkaSource, group: &str, settings_start: StartingPosition, session: Duration) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", source.bootstrap_servers.join(","))
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        // The end of a partition is reported: how the mapping knows it is caught up.
+        .set("enable.partition.eof", "true")
+        .set(
+            "auto.offset.reset",
+            match settings_start {
+                StartingPosition::TrimHorizon => "earliest",
+                // AT_TIMESTAMP seeks once assigned; until then nothing is read from the start.
+                StartingPosition::Latest | StartingPosition::AtTimestamp(_) => "latest",
+            },
+        )
+        .set("session.timeout.ms", session.as_millis().to_string())
+        .set("heartbeat.interval.ms", (session.as_millis() / 10).max(100).to_string())
+        .set("client.id", "pushpull-local-esm");
+    c
+}
+
+/// Runs the Kafka mapping on `source` until `stop` turns true (or it is idle, if so configured).
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    source: KafkaSource,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), MappingError> {
+    let group = source.consumer_group_id.clone().unwrap_or_else(|| ctx.settings.uuid());
+    let envelope = Arc::new(Envelope {
+        event_source: if source.cluster_arn.is_some() { "aws:kafka" } else { "SelfManagedKafka" },
+        event_source_arn: source.cluster_arn.clone(),
+        bootstrap_servers: source.bootstrap_servers.join(","),
+    });
+    let view = Arc::new(Mutex::new(GroupView { group_id: group.clone(), ..Default::default() }));
+    if let Ok(mut g) = ctx.group.lock() {
+        *g = Some(view.clone());
+    }
+    let shared = Arc::new(Shared {
+        ctx: ctx.clone(),
+        runtime: tokio::runtime::Handle::current(),
+        envelope,
+        topic: Arc::from(source.topic.as_str()),
+        starting_position: ctx.settings.starting_position,
+        tasks: Mutex::new(HashMap::new()),
+        waiting: Mutex::new(HashMap::new()),
+        consumer: OnceLock::new(),
+        view,
+        failed: Mutex::new(None),
+    });
+    let consumer: Arc<BaseConsumer<Member>> = Arc::new(
+        config(&source, &group, ctx.settings.starting_position, ctx.options.failover)
+            .create_with_context(Member(shared.clone()))
+            .map_err(|e| MappingError::Kafka(format!("consumer for {}: {e}", source.bootstrap_servers.join(","))))?,
+    );
+    let _ = shared.consumer.set(Arc::downgrade(&consumer));
+    consumer
+        .subscribe(&[&source.topic])
+        .map_err(|e| MappingError::Kafka(format!("subscribe to {}: {e}", source.topic)))?;
+    info!(topic = %source.topic, group = %group, servers = %source.bootstrap_servers.join(","), "kafka mapping: joining the group");
+    let quit = Arc::new(AtomicBool::new(false));
+    let poller = {
+        let (shared, consumer, quit) = (shared.clone(), consumer.clone(), quit.clone());
+        std::thread::Builder::new()
+            .name("kafka-poll".into())
+            .spawn(move || poll(&shared, &consumer, &quit))
+            .map_err(|e| MappingError::Kafka(format!("the consumer's thread: {e}")))?
+    };
+    drop(consumer);
+    let idle = ctx.options.stop_when_idle;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        if *stop.borrow() || poller.is_finished() {
+            break;
+        }
+        if shared.failed.lock().map(|f| f.is_some()).unwrap_or(false) {
+            break;
+        }
+        if let Some(idle) = idle
+            && idle_for(&shared, idle)
+        {
+            info!("every partition is caught up and idle; stopping");
+            break;
+        }
+    }
+    quit.store(true, Ordering::SeqCst);
+    let polled = tokio::task::spawn_blocking(move || poller.join())
+        .await
+        .map_err(|e| MappingError::Kafka(format!("the consumer's thread: {e}")))?;
+    if let Ok(Err(e)) = polled {
+        shared.fail(e);
+    }
+    match shared.failed.lock().ok().and_then(|mut f| f.take()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn idle_for(shared: &Shared, idle: Duration) -> bool {
+    let ctx = &shared.ctx;
+    if ctx.pending.load(Ordering::SeqCst) > 0 {
+        return false;
+    }
+    let assigned = shared.assigned();
+    if assigned.is_empty() || shared.waiting.lock().map(|w| w.values().any(|v| !v.is_empty())).unwrap_or(true) {
+        return false;
+    }
+    let caught_up = ctx.caught_up.lock().map(|c| !c.is_empty() && c.values().all(Option::is_some)).unwrap_or(false);
+    let quiet = ctx.last_activity.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
+    caught_up && quiet
+}
+
+/// The consumer's thread: polls, hands records on, pauses busy partitions; on `quit` hands every
+/// partition over and leaves the group.
+fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool) -> Result<(), MappingError> {
+    let mut read_since_hand_on = 0usize;
+    while !quit.load(Ordering::SeqCst) && shared.failed.lock().map(|f| f.is_none()).unwrap_or(true) {
+        let polled_at = now_unix();
+        match consumer.poll(Duration::from_millis(50)) {
+            Some(Ok(m)) => {
+                if let Ok(mut c) = shared.ctx.caught_up.lock() {
+                    c.insert(format!("{}-{}", shared.topic, m.partition()), None);
+                }
+                let rec = to_record(shared, &m);
+                if let Some(rec) = rec
+                    && let Ok(mut w) = shared.waiting.lock()
+                {
+                    w.entry(m.partition()).or_default().push(rec);
+                    read_since_hand_on += 1;
+                }
+                if read_since_hand_on < HAND_ON {
+                    continue;
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(n))) => {
+                // Read to the end: caught up once what was read is handed on.
+                if let Ok(mut c) = shared.ctx.caught_up.lock() {
+                    c.insert(format!("{}-{n}", shared.topic), Some(polled_at));
+                }
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "kafka consumer error");
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition
+                            | rdkafka::types::RDKafkaErrorCode::UnknownTopic
+                    )
+                ) {
+                    // The topic is gone: nothing more can be read (the summary says so).
+                    shared.fail(MappingError::Kafka(format!("topic {}: {e}", shared.topic)));
+                }
+            }
+            None => {}
+        }
+        read_since_hand_on = 0;
+        hand_on(shared, consumer);
+        check_tasks(shared);
+    }
+    // Leaving: every partition is handed over (its batch in flight finished and committed).
+    let numbers = shared.assigned();
+    shared.release(consumer, &numbers);
+    consumer.unsubscribe();
+    Ok(())
+}
+
+/// A task that ended by itself failed: the mapping stops with its error.
+fn check_tasks(shared: &Shared) {
+    let finished: Vec<i32> = shared
+        .tasks
+        .lock()
+        .map(|t| t.iter().filter(|(_, task)| task.join.is_finished()).map(|(n, _)| *n).collect())
+        .unwrap_or_default();
+    for n in finished {
+        let Some(task) = shared.tasks.lock().ok().and_then(|mut t| t.remove(&n)) else { continue };
+        match shared.runtime.block_on(task.join) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => shared.fail(e),
+            Err(e) => shared.fail(MappingError::Lane { partition: task.partition.id_owned(), reason: e.to_string() }),
+        }
+    }
+}
+
+/// Hands waiting records to their partitions' tasks; a task still busy has its partition paused
+/// at the broker until it catches up.
+fn hand_on(shared: &Shared, consumer: &BaseConsumer<Member>) {
+    let Ok(mut waiting) = shared.waiting.lock() else { return };
+    let Ok(mut tasks) = shared.tasks.lock() else { return };
+    for (n, task) in tasks.iter_mut() {
+        let records = waiting.remove(n).unwrap_or_default();
+        let mut pause = None;
+        if !records.is_empty() {
+            match task.tx.try_send(records) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(records)) => {
+                    waiting.insert(*n, records);
+                    pause = Some(true);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        if pause.is_none() && task.paused && task.tx.capacity() > 0 {
+            pause = Some(false);
+        }
+        let Some(pause) = pause else { continue };
+        if pause == task.paused {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&shared.topic, *n);
+        let r = if pause { consumer.pause(&tpl) } else { consumer.resume(&tpl) };
+        match r {
+            Ok(()) => task.paused = pause,
+            Err(e) => warn!(partition = n, pause, error = %e, "pause/resume failed"),
+        }
+    }
+}
+
+/// A message as the core's record, registered with its partition's offsets.
+fn to_record(shared: &Shared, m: &rdkafka::message::BorrowedMessage<'_>) -> Option<KRec> {
+    let tasks = shared.tasks.lock().ok()?;
+    let task = tasks.get(&m.partition())?;
+    let (timestamp, timestamp_type) = match m.timestamp() {
+        Timestamp::CreateTime(t) => (Some(t), "CREATE_TIME"),
+        Timestamp::LogAppendTime(t) => (Some(t), "LOG_APPEND_TIME"),
+        Timestamp::NotAvailable => (None, "NO_TIMESTAMP_TYPE"),
+    };
+    let headers = m
+        .headers()
+        .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice))).collect())
+        .unwrap_or_default();
+    let index = task.partition.offsets().read(m.offset());
+    Some(KRec {
+        topic: shared.topic.clone(),
+        partition: m.partition(),
+        offset: m.offset(),
+        offset_text: m.offset().to_string(),
+        timestamp,
+        timestamp_type,
+        key: m.key().map(Bytes::copy_from_slice),
+        value: m.payload().map(Bytes::copy_from_slice),
+        headers,
+        arrival: timestamp.map_or_else(now_unix, |t| t as f64 / 1000.0),
+        index,
+    })
+}

@@ -1,0 +1,101 @@
+//! The Kafka broker `make test` starts (`infra/kafka.sh`): its address, topics of a test's own,
+//! records sent to them, and a group's committed offsets. The broker's address: `KAFKA_BOOTSTRAP`,
+//! else `127.0.0.1:$KAFKA_PORT` (9092).
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// The broker's bootstrap address.
+pub fn bootstrap() -> String {
+    std::env::var("KAFKA_BOOTSTRAP")
+        .unwrap_or_else(|_| format!("127.0.0.1:{}", std::env::var("KAFKA_PORT").unwrap_or_else(|_| "9092".into())))
+}
+
+/// A client configuration for the broker.
+pub fn config() -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap()).set("broker.address.family", "v4");
+    c
+}
+
+/// A topic of its own (named after `prefix`), with `partitions` partitions; panics, saying how to
+/// start the broker, if it is not there.
+pub async fn topic(prefix: &str, partitions: i32) -> String {
+    let name = crate::unique(prefix);
+    let admin: AdminClient<DefaultClientContext> = config().create().expect("an admin client");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("no Kafka broker at {} ({e}): start one with `infra/kafka.sh up`", bootstrap()));
+    for r in created {
+        r.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
+    }
+    name
+}
+
+/// Deletes `topic`.
+pub async fn delete_topic(topic: &str) {
+    let admin: AdminClient<DefaultClientContext> = config().create().expect("an admin client");
+    let deleted = admin
+        .delete_topics(&[topic], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .await
+        .unwrap_or_else(|e| panic!("deleting {topic}: {e}"));
+    for r in deleted {
+        r.unwrap_or_else(|(t, e)| panic!("deleting {t}: {e}"));
+    }
+}
+
+/// A record to send: its partition, key and value (`None`: none, or a tombstone).
+pub type Outgoing<'a> = (i32, Option<&'a [u8]>, Option<&'a [u8]>);
+
+/// Sends `records` (partition, key, value) to `topic`, in order per partition; returns each one's
+/// offset.
+pub async fn send(topic: &str, records: &[Outgoing<'_>]) -> Vec<i64> {
+    let producer: FutureProducer =
+        config().set("linger.ms", "20").set("enable.idempotence", "true").create().expect("a producer");
+    let sends = records.iter().map(|(partition, key, value)| {
+        let mut r = FutureRecord::<[u8], [u8]>::to(topic).partition(*partition);
+        if let Some(k) = key {
+            r = r.key(*k);
+        }
+        if let Some(v) = value {
+            r = r.payload(*v);
+        }
+        producer.send(r, Duration::from_secs(10))
+    });
+    futures_util::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|(e, _)| panic!("send to {topic}: {e}")).offset)
+        .collect()
+}
+
+/// The low and high watermarks of a partition.
+pub fn watermarks(topic: &str, partition: i32) -> (i64, i64) {
+    let c: BaseConsumer = config().set("group.id", "watermarks").create().expect("a consumer");
+    c.fetch_watermarks(topic, partition, Duration::from_secs(10)).expect("watermarks")
+}
+
+/// `group`'s committed offset of each of `topic`'s first `partitions` partitions (`None`: none).
+pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    let c: BaseConsumer = config().set("group.id", group).create().expect("a consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect()
+}

@@ -1,0 +1,365 @@
+//! Fidelity of the local Kafka event source mapping (`pushpull_local::mapping`, its Kafka source):
+//! the broker `make test` starts (nisshi), a real function binary (`scripted`, whose answers the
+//! records script) behind the Invoke API, and assertions on the batches the function received,
+//! the offsets the consumer group committed and what reached the failure destination. AWS's
+//! words for each rule, with their pages, are in `docs/kafka-aws-rules.md`.
+//!
+//! | behaviour | test |
+//! |---|---|
+//! | order per partition, BatchSize, every record once, offsets committed after each batch | `batches_keep_partition_order_and_the_group_commits_every_offset` |
+//! | partial batch response (`{"partition": "topic-N", "offset": N}`): retry from the lowest offset named | `a_partial_batch_response_retries_from_the_offset_it_names` |
+//! | an itemIdentifier not in the batch: the whole batch fails | `an_item_identifier_of_another_partition_fails_the_whole_batch` |
+//! | MaximumRetryAttempts, then the SQS failure record with `KafkaBatchInfo`, and the group moves on | `a_failing_batch_goes_to_the_sqs_destination_and_its_offsets_are_committed` |
+//! | a group with committed offsets: StartingPosition ignored, resumes after them | `a_group_with_committed_offsets_resumes_after_them_whatever_the_starting_position` |
+//! | LATEST: only what arrives after the group joins | `latest_reads_only_what_arrives_after_the_group_joins` |
+//! | FilterCriteria on `value` (JSON or plain string); filtered records committed past | `filter_criteria_match_the_value_and_the_rest_is_committed_past` |
+//! | tombstones, null keys, binary values, headers that are not UTF-8 | `tombstones_null_keys_binary_values_and_raw_headers_reach_the_function` |
+//! | settings AWS refuses for Kafka | `kafka_settings_aws_refuses_are_refused` |
+use std::time::Duration;
+
+use pushpull::store::Store;
+use pushpull_local::invoke::InvokeServer;
+use pushpull_local::localstack::{ACCOUNT, REGION};
+use pushpull_local::mapping::{Clients, KafkaSource, RawSettings, Runner, RunnerOptions, Summary};
+use pushpull_local::runtime_api::FunctionSpec;
+use pushpull_tests::kafka::{bootstrap, committed, send, topic};
+use pushpull_tests::{function, local, unique};
+use serde_json::{Value, json};
+
+const FUNCTION: &str = "scripted";
+
+struct Fixture {
+    topic: String,
+    partitions: i32,
+    group: String,
+    server: InvokeServer,
+    dir: tempfile::TempDir,
+}
+
+async fn fixture(partitions: i32) -> Fixture {
+    let topic = topic("kmap", partitions).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec: FunctionSpec = function(FUNCTION, &[("SCRIPT_DIR", dir.path().to_str().unwrap())]);
+    spec.timeout = Duration::from_secs(5);
+    let server = InvokeServer::start(vec![spec], 0, 10).await.unwrap();
+    Fixture { topic, partitions, group: unique("kmap-group"), server, dir }
+}
+
+fn none() -> Value {
+    json!({})
+}
+
+impl Fixture {
+    fn source(&self) -> KafkaSource {
+        KafkaSource {
+            bootstrap_servers: vec![bootstrap()],
+            topic: self.topic.clone(),
+            consumer_group_id: Some(self.group.clone()),
+            cluster_arn: None,
+        }
+    }
+
+    fn settings(&self) -> RawSettings {
+        RawSettings {
+            function: Some(FUNCTION.into()),
+            starting_position: Some("TRIM_HORIZON".into()),
+            batching_window: Some("1".into()),
+            ..Default::default()
+        }
+    }
+
+    /// Sends records `(partition, id, directives)`: the value is `{"id": .., ..directives}`.
+    async fn send_ids(&self, records: &[(i32, &str, Value)]) -> Vec<i64> {
+        let values: Vec<(i32, Vec<u8>)> = records
+            .iter()
+            .map(|(p, id, d)| {
+                let mut v = d.clone();
+                v["id"] = Value::from(*id);
+                (*p, v.to_string().into_bytes())
+            })
+            .collect();
+        let list: Vec<pushpull_tests::kafka::Outgoing<'_>> =
+            values.iter().map(|(p, v)| (*p, Some(&b"k"[..]), Some(v.as_slice()))).collect();
+        send(&self.topic, &list).await
+    }
+
+    /// Runs the mapping until it is idle for 2 s.
+    async fn run(&self, raw: RawSettings) -> Summary {
+        self.run_source(raw, self.source()).await
+    }
+
+    async fn run_source(&self, raw: RawSettings, source: KafkaSource) -> Summary {
+        let settings = raw.validate_kafka(&source).unwrap();
+        let mut options = RunnerOptions::new(&settings, Store::file(self.dir.path().join("unused")));
+        options.stop_when_idle = Some(Duration::from_secs(2));
+        options.failover = Duration::from_secs(6);
+        let clients = Clients::from(&local().await);
+        let (_stop, rx) = tokio::sync::watch::channel(false);
+        let run = Runner::run_kafka(settings, source, options, clients, self.server.client(), rx);
+        tokio::time::timeout(Duration::from_secs(120), run).await.expect("the mapping ran 120 s").unwrap()
+    }
+
+    fn log(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("log.ndjson")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// Per invocation: the partition and the ids, in order.
+    fn batches(&self) -> Vec<(String, Vec<String>)> {
+        self.log()
+            .iter()
+            .map(|l| {
+                let ids = l["ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_owned()).collect();
+                (l["shard"].as_str().unwrap().to_owned(), ids)
+            })
+            .collect()
+    }
+
+    fn partition(&self, n: i32) -> String {
+        format!("{}-{n}", self.topic)
+    }
+
+    fn committed(&self) -> Vec<Option<i64>> {
+        committed(&self.group, &self.topic, self.partitions)
+    }
+}
+
+fn b(ids: &[&str]) -> Vec<String> {
+    ids.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// AWS (with-msk-configure.html): "Lambda reads messages sequentially for each Kafka topic
+/// partition." (with-kafka-configure.html): "After Lambda processes each batch, it commits the
+/// offsets of the messages in that batch." BatchSize caps an invocation (API
+/// CreateEventSourceMapping: "The maximum number of records in each batch that Lambda pulls from
+/// your stream or queue and sends to your function.").
+#[tokio::test]
+async fn batches_keep_partition_order_and_the_group_commits_every_offset() {
+    let f = fixture(3).await;
+    let mut records = Vec::new();
+    let ids: Vec<String> = (0..90).map(|i| format!("r{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        records.push(((i % 3) as i32, id.as_str(), none()));
+    }
+    f.send_ids(&records).await;
+    let s = f.run(RawSettings { batch_size: Some("7".into()), ..f.settings() }).await;
+    let batches = f.batches();
+    for p in 0..3 {
+        let seen: Vec<String> =
+            batches.iter().filter(|(part, _)| *part == f.partition(p)).flat_map(|(_, ids)| ids.clone()).collect();
+        let sent: Vec<String> = ids.iter().skip(p as usize).step_by(3).cloned().collect();
+        assert_eq!(seen, sent, "partition {p}: every record once, in offset order");
+    }
+    assert!(batches.iter().all(|(_, ids)| ids.len() <= 7), "BatchSize 7: {batches:?}");
+    assert_eq!(f.committed(), vec![Some(30); 3], "the offset after each partition's last record is committed");
+    assert_eq!(s.counts.records_read, 90);
+    let group = s.group.expect("the summary names the group");
+    assert_eq!(group.group_id, f.group);
+    assert_eq!(group.assignments, 1);
+}
+
+/// AWS (kafka-retry-configurations.html): the response `{"batchItemFailures":[{"itemIdentifier":
+/// {"partition":"topic-partition_number","offset":100}}]}` "returns identifiers only for the failed
+/// messages, allowing Lambda to retry just those specific items". Kafka commits one offset per
+/// partition, so the retry starts at the lowest failed offset and the records after it come again
+/// (our choice where AWS is silent: docs/kafka-aws-rules.md §2, the Kinesis rule).
+#[tokio::test]
+async fn a_partial_batch_response_retries_from_the_offset_it_names() {
+    let f = fixture(1).await;
+    f.send_ids(&[(0, "a", none()), (0, "b", none()), (0, "c", json!({"item_fail": 1})), (0, "d", none())]).await;
+    let s =
+        f.run(RawSettings { function_response_types: Some("ReportBatchItemFailures".into()), ..f.settings() }).await;
+    let p = f.partition(0);
+    assert_eq!(f.batches(), vec![(p.clone(), b(&["a", "b", "c", "d"])), (p, b(&["c", "d"]))]);
+    assert_eq!(f.committed(), vec![Some(4)]);
+    assert_eq!(s.counts.partial_failures, 1);
+}
+
+/// AWS (same page): "Any invalid topic-partition_number or offset returned that was not present in
+/// the invoked event will be treated as failure and entire batch will be retried."
+#[tokio::test]
+async fn an_item_identifier_of_another_partition_fails_the_whole_batch() {
+    let f = fixture(1).await;
+    f.send_ids(&[(0, "a", none()), (0, "b", json!({"bad_id": 1}))]).await;
+    f.run(RawSettings { function_response_types: Some("ReportBatchItemFailures".into()), ..f.settings() }).await;
+    let p = f.partition(0);
+    assert_eq!(f.batches(), vec![(p.clone(), b(&["a", "b"])), (p, b(&["a", "b"]))]);
+    assert_eq!(f.committed(), vec![Some(2)]);
+}
+
+/// AWS (kafka-retry-configurations.html): "Maximum retry attempts – ... This doesn't count the
+/// initial invocation attempt." (with-msk-on-failure.html) the SQS record carries
+/// `KafkaBatchInfo` with `recordsInfo` per `topic-partition`: first and last offsets as text.
+/// The group moves past the batch given up on (its offsets are committed).
+#[tokio::test]
+async fn a_failing_batch_goes_to_the_sqs_destination_and_its_offsets_are_committed() {
+    let f = fixture(1).await;
+    let l = local().await;
+    let name = unique("kmap-dlq");
+    let url = l.sqs.create_queue().queue_name(&name).send().await.unwrap().queue_url().unwrap().to_owned();
+    f.send_ids(&[(0, "a", none()), (0, "b", json!({"error": 99})), (0, "c", none())]).await;
+    let s = f
+        .run(RawSettings {
+            batch_size: Some("2".into()),
+            maximum_retry_attempts: Some("1".into()),
+            on_failure: Some(format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}")),
+            ..f.settings()
+        })
+        .await;
+    let p = f.partition(0);
+    assert_eq!(f.batches(), vec![(p.clone(), b(&["a", "b"])), (p.clone(), b(&["a", "b"])), (p.clone(), b(&["c"]))]);
+    let got = l.sqs.receive_message().queue_url(&url).max_number_of_messages(10).send().await.unwrap();
+    let records: Vec<Value> = got.messages().iter().map(|m| serde_json::from_str(m.body().unwrap()).unwrap()).collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r["requestContext"]["condition"], "RetryAttemptsExhausted");
+    assert_eq!(r["requestContext"]["approximateInvokeCount"], 2);
+    let info = &r["KafkaBatchInfo"];
+    assert_eq!(info["batchSize"], 2);
+    assert_eq!(info["bootstrapServers"], bootstrap());
+    assert_eq!(info["recordsInfo"][&p]["firstRecordOffset"], "0");
+    assert_eq!(info["recordsInfo"][&p]["lastRecordOffset"], "1");
+    assert!(info["recordsInfo"][&p]["firstRecordTimestamp"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(f.committed(), vec![Some(3)]);
+    assert_eq!(s.counts.to_destination, 2);
+}
+
+/// AWS (kafka-consumer-group-id.html): "if you specify a consumer group ID, and Kafka finds a valid
+/// existing consumer group with the same ID, Lambda ignores the StartingPosition ... Lambda begins
+/// processing records according to the committed offset of the consumer group."
+#[tokio::test]
+async fn a_group_with_committed_offsets_resumes_after_them_whatever_the_starting_position() {
+    let f = fixture(1).await;
+    f.send_ids(&[(0, "a", none()), (0, "b", none())]).await;
+    f.run(f.settings()).await;
+    f.send_ids(&[(0, "c", none())]).await;
+    // TRIM_HORIZON again, same group: only what came after the committed offset.
+    f.run(f.settings()).await;
+    let p = f.partition(0);
+    assert_eq!(f.batches(), vec![(p.clone(), b(&["a", "b"])), (p, b(&["c"]))]);
+    assert_eq!(f.committed(), vec![Some(3)]);
+}
+
+/// AWS (kafka-starting-positions.html): "Latest – Lambda starts reading just after the most recent
+/// record in the Kafka topic."
+#[tokio::test]
+async fn latest_reads_only_what_arrives_after_the_group_joins() {
+    let f = fixture(1).await;
+    f.send_ids(&[(0, "old", none())]).await;
+    let settings = RawSettings { starting_position: Some("LATEST".into()), ..f.settings() };
+    let source = f.source();
+    let validated = settings.validate_kafka(&source).unwrap();
+    let mut options = RunnerOptions::new(&validated, Store::file(f.dir.path().join("unused")));
+    options.failover = Duration::from_secs(6);
+    let clients = Clients::from(&local().await);
+    let running = Runner::start_kafka(validated, source, options, clients, f.server.client());
+    // Joined and assigned: the group's view says so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while running.summary().group.is_none_or(|g| g.assigned.is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "never assigned a partition");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.send_ids(&[(0, "new", none())]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while f.batches().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the new record was never invoked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.stop().await.unwrap();
+    assert_eq!(f.batches(), vec![(f.partition(0), b(&["new"]))]);
+    assert_eq!(f.committed(), vec![Some(2)]);
+}
+
+/// AWS (kafka-filtering.html): "Amazon MSK and self-managed Apache Kafka event source mappings only
+/// support filtering on the `value` key", JSON (`{ "value" : { "device_ID" : [ { "prefix": "AB" } ]
+/// } }`) or a plain string (`{ "value" : [ { "anything-but": [ "error" ] } ] }`). A record no filter
+/// matches is not invoked and its offset is committed past.
+#[tokio::test]
+async fn filter_criteria_match_the_value_and_the_rest_is_committed_past() {
+    let f = fixture(1).await;
+    f.send_ids(&[
+        (0, "a", json!({"kind": "keep"})),
+        (0, "b", json!({"kind": "drop"})),
+        (0, "c", json!({"kind": "keep"})),
+    ])
+    .await;
+    send(&f.topic, &[(0, None, Some(b"error")), (0, None, Some(b"fine"))]).await;
+    let pattern = json!({"$or": [{"value": {"kind": ["keep"]}}, {"value": [{"prefix": "fi"}]}]}).to_string();
+    let s = f
+        .run(RawSettings {
+            filter_criteria: Some(json!({"Filters": [{"Pattern": pattern}]}).to_string()),
+            ..f.settings()
+        })
+        .await;
+    let ids: Vec<String> = f.batches().into_iter().flat_map(|(_, ids)| ids).collect();
+    // "fine" is not JSON: the function logs it as "?".
+    assert_eq!(ids, b(&["a", "c", "?"]));
+    assert_eq!(s.counts.filtered_out, 2);
+    assert_eq!(f.committed(), vec![Some(5)]);
+}
+
+/// Hostile input the mapping passes on as AWS's would: a tombstone (no value), a record without a
+/// key, a value that is not UTF-8, a header that is not UTF-8. The event's fields read back through
+/// the library (`pushpull::pull::kafka`).
+#[tokio::test]
+async fn tombstones_null_keys_binary_values_and_raw_headers_reach_the_function() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let f = fixture(1).await;
+    let producer: FutureProducer = pushpull_tests::kafka::config().create().unwrap();
+    let headers = OwnedHeaders::new().insert(Header { key: "raw", value: Some(&[0xff, 0x00, 0xc3][..]) });
+    for r in [
+        FutureRecord::<[u8], [u8]>::to(&f.topic).partition(0).key(b"k1"),
+        FutureRecord::to(&f.topic).partition(0).payload(&b"\xff\xfe binary"[..]),
+        FutureRecord::to(&f.topic).partition(0).key(&b"k3"[..]).payload(&b"{}"[..]).headers(headers),
+    ] {
+        producer.send(r, Duration::from_secs(10)).await.unwrap();
+    }
+    f.run(f.settings()).await;
+    let text = std::fs::read_to_string(f.dir.path().join("events.ndjson")).unwrap();
+    let mut records = Vec::new();
+    for line in text.lines() {
+        let event = pushpull::pull::kafka::KafkaEvent::from_slice(line.as_bytes()).unwrap();
+        assert_eq!(event.event_source, "SelfManagedKafka");
+        records.extend(event.all_records().cloned());
+    }
+    records.sort_by_key(|r| r.offset);
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[0].value_bytes().unwrap(), None, "a tombstone has no value");
+    assert_eq!(records[0].key_bytes().unwrap().as_deref(), Some(&b"k1"[..]));
+    assert_eq!(records[1].key_bytes().unwrap(), None, "no key");
+    assert_eq!(records[1].value_bytes().unwrap().as_deref(), Some(&b"\xff\xfe binary"[..]));
+    assert_eq!(records[2].headers().unwrap(), vec![("raw", Some(vec![0xff, 0x00, 0xc3]))]);
+    assert_eq!(committed(&f.group, &f.topic, 1), vec![Some(3)]);
+}
+
+/// AWS refuses these on CreateEventSourceMapping for a Kafka source.
+#[tokio::test]
+async fn kafka_settings_aws_refuses_are_refused() {
+    let source = KafkaSource {
+        bootstrap_servers: vec!["127.0.0.1:9092".into()],
+        topic: "orders".into(),
+        consumer_group_id: None,
+        cluster_arn: None,
+    };
+    let base = || RawSettings {
+        function: Some("f".into()),
+        starting_position: Some("TRIM_HORIZON".into()),
+        ..Default::default()
+    };
+    let ok = base().validate_kafka(&source).unwrap();
+    assert_eq!(ok.batching_window, Duration::from_millis(500), "AWS: \"the default batching window is 500 ms\"");
+    assert_eq!(ok.batch_size, 100);
+    let refused = |raw: RawSettings, source: &KafkaSource| raw.validate_kafka(source).unwrap_err().to_string();
+    assert!(refused(RawSettings { tumbling_window: Some("60".into()), ..base() }, &source).contains("Kafka"));
+    assert!(refused(RawSettings { parallelization_factor: Some("2".into()), ..base() }, &source).contains("Kafka"));
+    assert!(refused(RawSettings { batch_size: Some("10001".into()), ..base() }, &source).contains("batchSize"));
+    assert!(refused(RawSettings { starting_position: None, ..base() }, &source).contains("StartingPosition"));
+    let bad_topic = KafkaSource { topic: ".hidden".into(), ..source.clone() };
+    assert!(refused(base(), &bad_topic).contains("topics"));
+    let bad_group = KafkaSource { consumer_group_id: Some("a group".into()), ..source.clone() };
+    assert!(refused(base(), &bad_group).contains("consumerGroupId"));
+    let no_servers = KafkaSource { bootstrap_servers: vec![], ..source };
+    assert!(refused(base(), &no_servers).contains("KAFKA_BOOTSTRAP_SERVERS"));
+}
