@@ -47,10 +47,12 @@ install() {
     exit 1
   fi
   say "building nisshi $VERSION with $tc into $PREFIX (once; about 12 minutes on 2 cores)"
-  # A target directory of its own, kept: an interrupted build resumes where it stopped.
+  # A target directory of its own, kept until the build succeeds: an interrupted build resumes.
   cargo "+$tc" install "nisshi@$VERSION" --locked --no-default-features --features dynostore \
     --root "$PREFIX" --target-dir "$PUSHPULL_HOME/nisshi-build" >&2
   [ -x "$BIN" ] || { say "error: the build left no $BIN"; exit 1; }
+  # Built: the intermediate files (about 1.6 GB) go; the binary is the cache.
+  rm -rf "$PUSHPULL_HOME/nisshi-build"
 }
 
 answers() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
