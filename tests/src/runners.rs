@@ -36,25 +36,34 @@ impl Group {
         }
     }
 
-    /// Starts runner `name` (its worker id); returns its PID. Its log is `<dir>/<name>.log`, its
-    /// summary `<dir>/<name>.json`.
+    /// Starts runner `name` (its worker id) of the Kinesis mapping; returns its PID. Its log is
+    /// `<dir>/<name>.log`, its summary `<dir>/<name>.json`.
     pub fn start(&mut self, name: &str, extra: &[&str]) -> u32 {
+        let checkpoints = format!("file://{}", self.dir.join("esm").display());
+        let mut args: Vec<String> = vec!["--no-template".into(), "--stream".into(), self.stream.clone()];
+        args.extend(["--checkpoint-uri".into(), checkpoints, "--list-shards-every".into(), "1".into()]);
+        args.extend(["--function-response-types".into(), "ReportBatchItemFailures".into()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn(name, &args)
+    }
+
+    /// Starts `pushpull-local esm` as runner `name` with the group's function, endpoint, batch
+    /// size, failover and summary file, and `args` (its source and the rest); returns its PID.
+    pub fn spawn(&mut self, name: &str, args: &[String]) -> u32 {
         let bin = pushpull_local::runtime_api::workspace_binary("pushpull-local");
         assert!(
             bin.exists(),
             "{} is not built: `cargo build -p pushpull-local` (with --release for benches; `make bench-runners` does)",
             bin.display()
         );
-        let checkpoints = format!("file://{}", self.dir.join("esm").display());
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).unwrap();
         let child = Command::new(bin)
-            .args(["esm", "--no-template", "--stream", &self.stream, "--function-name", &self.function])
+            .args(["esm", "--function-name", &self.function])
             .args(["--invoke-endpoint", &self.endpoint, "--starting-position", "TRIM_HORIZON"])
-            .args(["--batch-size", &self.batch_size.to_string(), "--checkpoint-uri", &checkpoints])
-            .args(["--function-response-types", "ReportBatchItemFailures"])
-            .args(["--worker-id", name, "--failover-ms", &self.failover_ms.to_string(), "--list-shards-every", "1"])
+            .args(["--batch-size", &self.batch_size.to_string()])
+            .args(["--worker-id", name, "--failover-ms", &self.failover_ms.to_string()])
             .args(["--summary-json", self.dir.join(format!("{name}.json")).to_str().unwrap()])
-            .args(extra)
+            .args(args)
             .envs(pushpull_local::localstack::function_env())
             .stdout(Stdio::null())
             .stderr(log)

@@ -155,7 +155,8 @@ async fn batches_keep_partition_order_and_the_group_commits_every_offset() {
     assert_eq!(s.counts.records_read, 90);
     let group = s.group.expect("the summary names the group");
     assert_eq!(group.group_id, f.group);
-    assert_eq!(group.assignments, 1);
+    assert_eq!(group.assignments(), 1);
+    assert_eq!(group.last_assigned(), &[0, 1, 2]);
 }
 
 /// AWS (kafka-retry-configurations.html): the response `{"batchItemFailures":[{"itemIdentifier":
@@ -255,7 +256,7 @@ async fn latest_reads_only_what_arrives_after_the_group_joins() {
     let running = Runner::start_kafka(validated, source, options, clients, f.server.client());
     // Joined and assigned: the group's view says so.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while running.summary().group.is_none_or(|g| g.assigned.is_empty()) {
+    while running.summary().group.is_none_or(|g| g.assignments() == 0) {
         assert!(std::time::Instant::now() < deadline, "never assigned a partition");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -51,7 +51,7 @@ mod stats;
 pub(crate) mod testkit;
 
 pub use clock::now_unix;
-pub use kafka::GroupView;
+pub use kafka::{GroupEvent, GroupView};
 pub use options::{Delivered, Polling, RunnerOptions, default_worker_id};
 pub use settings::{Destination, KafkaSource, MappingSettings, RawSettings, StartingPosition};
 use stats::Stats;

@@ -250,8 +250,10 @@ impl std::fmt::Display for Summary {
         match &self.group {
             Some(g) => writeln!(
                 f,
-                "  consumer group   {}: {} assignments received; partitions {:?} assigned at the end",
-                g.group_id, g.assignments, g.assigned
+                "  consumer group   {}: {} assignments received, the last of partitions {:?}",
+                g.group_id,
+                g.assignments(),
+                g.last_assigned()
             )?,
             None => writeln!(
                 f,

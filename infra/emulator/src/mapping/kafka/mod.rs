@@ -51,10 +51,36 @@ const HAND_ON: usize = 1000;
 pub struct GroupView {
     /// The consumer group's id.
     pub group_id: String,
-    /// Rebalances this member went through (assignments received).
-    pub assignments: u64,
-    /// The partitions assigned to this member now.
-    pub assigned: Vec<i32>,
+    /// Every assignment and revocation this member saw, in order.
+    pub rebalances: Vec<GroupEvent>,
+}
+
+/// Partitions assigned to this member, or revoked from it, by the group's coordinator.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GroupEvent {
+    /// When, unix seconds.
+    pub at: f64,
+    /// `assigned` or `revoked`.
+    pub event: String,
+    /// The partitions.
+    pub partitions: Vec<i32>,
+}
+
+impl GroupView {
+    /// Assignments received.
+    pub fn assignments(&self) -> usize {
+        self.rebalances.iter().filter(|e| e.event == "assigned").count()
+    }
+
+    /// The partitions of the latest assignment.
+    pub fn last_assigned(&self) -> &[i32] {
+        self.rebalances.iter().rev().find(|e| e.event == "assigned").map_or(&[], |e| &e.partitions)
+    }
+
+    fn note(&mut self, event: &str, mut partitions: Vec<i32>) {
+        partitions.sort_unstable();
+        self.rebalances.push(GroupEvent { at: now_unix(), event: event.to_owned(), partitions });
+    }
 }
 
 /// What the consumer's thread and the rebalance callbacks share.
@@ -91,6 +117,7 @@ impl ConsumerContext for Member {
             let numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             info!(partitions = ?numbers, lost = consumer.assignment_lost(), "partitions revoked: finishing what is in flight");
             self.0.release(consumer, &numbers);
+            self.0.view().note("revoked", numbers);
         }
     }
 
@@ -102,18 +129,13 @@ impl ConsumerContext for Member {
                 if let StartingPosition::AtTimestamp(t) = self.0.starting_position {
                     self.0.seek_to_time(consumer, &numbers, t);
                 }
-                for n in numbers {
-                    self.0.take(n);
+                for n in &numbers {
+                    self.0.take(*n);
                 }
                 self.0.ctx.touch();
-                let mut v = self.0.view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                v.assignments += 1;
-                v.assigned = self.0.assigned();
+                self.0.view().note("assigned", numbers);
             }
-            Rebalance::Revoke(_) => {
-                let mut v = self.0.view.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                v.assigned = self.0.assigned();
-            }
+            Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
         }
     }
@@ -144,6 +166,10 @@ impl Commit for ConsumerCommit {
 }
 
 impl Shared {
+    fn view(&self) -> std::sync::MutexGuard<'_, GroupView> {
+        self.view.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn assigned(&self) -> Vec<i32> {
         let mut v: Vec<i32> = self.tasks.lock().map(|t| t.keys().copied().collect()).unwrap_or_default();
         v.sort_unstable();
@@ -176,8 +202,12 @@ impl Shared {
                             break;
                         }
                     }
-                    // Handed over: the lane finishes what it holds and ends.
-                    status.send_modify(|s| s.handing_over = true);
+                    // Revoked: the lane finishes the invocation in flight, drops the rest (not
+                    // committed: the next owner reads it) and ends.
+                    status.send_modify(|s| {
+                        s.handing_over = true;
+                        s.revoked = true;
+                    });
                     drop(senders);
                     Ok::<(), MappingError>(())
                 }
@@ -201,37 +231,37 @@ impl Shared {
     /// Hands partitions over: each lane finishes its batch in flight, then the offset after what
     /// is done is committed synchronously (the next owner starts there).
     fn release(&self, consumer: &BaseConsumer<Member>, numbers: &[i32]) {
+        let mut leaving = Vec::new();
         for n in numbers {
             if let Ok(mut w) = self.waiting.lock() {
                 w.remove(n); // read, never handed on, never committed: the next owner reads them
             }
-            let Some(task) = self.tasks.lock().ok().and_then(|mut t| t.remove(n)) else { continue };
-            drop(task.tx);
-            let grace = self.ctx.options.stop_grace;
-            let joined = self.runtime.block_on(async { tokio::time::timeout(grace, task.join).await });
+            if let Some(task) = self.tasks.lock().ok().and_then(|mut t| t.remove(n)) {
+                drop(task.tx); // ends the partition's reader: its lane finishes the batch in flight
+                leaving.push((*n, task.partition, task.join));
+            }
+        }
+        let grace = self.ctx.options.stop_grace;
+        let mut tpl = TopicPartitionList::new();
+        for (n, partition, join) in leaving {
+            let joined = self.runtime.block_on(async { tokio::time::timeout(grace, join).await });
             match joined {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => self.fail(e),
-                Ok(Err(e)) => {
-                    self.fail(MappingError::Lane { partition: task.partition.id_owned(), reason: e.to_string() })
-                }
-                Err(_) => warn!(
-                    partition = n,
-                    ?grace,
-                    "a batch still in flight after the grace period: left to the next owner"
-                ),
+                Ok(Err(e)) => self.fail(MappingError::Lane { partition: partition.id_owned(), reason: e.to_string() }),
+                Err(_) => warn!(partition = n, ?grace, "a batch still in flight after the grace period: left to the next owner"),
             }
-            if let Some(next) = task.partition.offsets().committed() {
-                let mut tpl = TopicPartitionList::new();
-                if tpl.add_partition_offset(&self.topic, *n, Offset::Offset(next)).is_ok()
-                    && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
-                {
-                    warn!(partition = n, next, error = %e, "final offset commit failed");
-                }
+            if let Some(next) = partition.offsets().committed() {
+                let _ = tpl.add_partition_offset(&self.topic, n, Offset::Offset(next));
             }
             if let Ok(mut c) = self.ctx.caught_up.lock() {
-                c.remove(&task.partition.id_owned());
+                c.remove(&partition.id_owned());
             }
+        }
+        if tpl.count() > 0
+            && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+        {
+            warn!(offsets = ?tpl.to_topic_map(), error = %e, "final offset commit failed");
         }
     }
 

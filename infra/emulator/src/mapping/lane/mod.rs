@@ -30,6 +30,9 @@ pub(crate) struct ReaderStatus {
     /// The reader stopped to hand the partition over: lanes finish what they hold and end,
     /// without closing their tumbling window (its state is in the checkpoint for the next owner).
     pub handing_over: bool,
+    /// The partition was taken away (a Kafka rebalance revoked it): lanes finish only the
+    /// invocation in flight and drop what they hold, uncommitted, for the next owner to read.
+    pub revoked: bool,
     /// The wall time (unix s) at which a read that found the partition caught up was made
     /// (`f64::INFINITY` once it is read to its end).
     pub caught_up_at: f64,
@@ -190,6 +193,20 @@ impl<P: Partition> Lane<P> {
         let mut ended = false;
         let mut opened = Instant::now();
         loop {
+            if self.status.borrow().revoked {
+                let mut dropped = 0;
+                while let Some(batch) = buf.ready().or_else(|| buf.flush()) {
+                    dropped += batch.len();
+                }
+                while let Ok(v) = self.rx.try_recv() {
+                    dropped += v.len();
+                }
+                self.ctx.pending.fetch_sub(dropped as i64, Ordering::SeqCst);
+                if self.window.take().is_some() {
+                    self.window_closed();
+                }
+                return Ok(());
+            }
             if ended && buf.is_empty() && self.status.borrow().handing_over {
                 // The next owner carries the window on from the checkpoint.
                 if self.window.take().is_some() {
