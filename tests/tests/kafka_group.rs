@@ -41,11 +41,11 @@ async fn member(topic: &str) -> Member {
 
 impl Member {
     fn start(&mut self, name: &str, topic: &str, group: &str, extra: &[&str]) {
-        let mut args: Vec<String> = ["--kafka-bootstrap-servers", &bootstrap(), "--kafka-topic", topic]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        args.extend(["--consumer-group-id", group, "--maximum-batching-window", "0", "--no-progress"].map(String::from));
+        let mut args: Vec<String> =
+            ["--kafka-bootstrap-servers", &bootstrap(), "--kafka-topic", topic].iter().map(|s| s.to_string()).collect();
+        args.extend(
+            ["--consumer-group-id", group, "--maximum-batching-window", "0", "--no-progress"].map(String::from),
+        );
         args.extend(extra.iter().map(|s| s.to_string()));
         self.pid = Some(self.runner.spawn(name, &args));
     }

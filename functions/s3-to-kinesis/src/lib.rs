@@ -1,22 +1,42 @@
-//! The sample push function: S3 objects of NDJSON lines to a Kinesis stream, exactly once.
+//! The sample push function: S3 objects of NDJSON lines to a Kinesis stream or a Kafka topic,
+//! exactly once.
 //!
 //! Everything generic is in `pushpull::push`; this crate adds what is particular to the sample:
-//! its settings (`STREAM_NAME`, `PARTITION_KEY_FIELD` on top of the library's), the built-in
-//! JSON line handler, the S3 source, the Kinesis sink, and (feature `fault-injection`, for the
-//! fault tests only) a sink that fails entries on purpose.
+//! its settings (`STREAM_NAME`, or `KAFKA_BOOTSTRAP_SERVERS` and `KAFKA_TOPIC`, and
+//! `PARTITION_KEY_FIELD`, on top of the library's), the built-in JSON line handler, the S3
+//! source, the sink the settings name ([`Target`]), and (feature `fault-injection`, for the fault
+//! tests only) a sink that fails entries on purpose.
 use pushpull::config::{ConfigErrors, Env, PushSettings};
 use pushpull::push::PushHandler;
 use pushpull::push::line::JsonLines;
 use pushpull::push::source::S3Source;
+use pushpull::sink::kafka::KafkaSink;
 use pushpull::sink::kinesis::KinesisSink;
+use pushpull::sink::{OutRecord, PutOutcome, RecordSink, SinkError, WrittenRecord};
 
-/// The function's settings: the library's push settings, the stream, the partition key field.
+/// Where the records go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// `STREAM_NAME`: a Kinesis stream.
+    Kinesis(String),
+    /// `KAFKA_BOOTSTRAP_SERVERS` (comma-separated `host:port`) and `KAFKA_TOPIC`: a Kafka topic.
+    Kafka {
+        /// The cluster's bootstrap servers.
+        bootstrap_servers: Vec<String>,
+        /// The topic (it must exist).
+        topic: String,
+    },
+}
+
+/// The function's settings: the library's push settings, the destination, the partition key
+/// field.
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// The push pipeline's settings (`PUT_*`, `CHECKPOINT_*`, `*_URI`, ...).
     pub push: PushSettings,
-    /// `STREAM_NAME`: the Kinesis stream records are sent to. Required.
-    pub stream_name: String,
+    /// Where records are sent: `STREAM_NAME`, or `KAFKA_TOPIC` with `KAFKA_BOOTSTRAP_SERVERS`
+    /// (one of the two is required).
+    pub destination: Destination,
     /// `PARTITION_KEY_FIELD`: top-level JSON field whose value is the partition key; unset, or
     /// absent from a line, means a stable hash of the line.
     pub partition_key_field: Option<String>,
@@ -39,13 +59,81 @@ impl Settings {
     /// assert!(err.to_string().contains("PUT_MAX_RECORDS=\"900\""), "{err}");
     /// ```
     pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
-        let stream_name = env.kinesis_stream_name("STREAM_NAME", "the Kinesis stream the push function writes to");
+        let destination = match env.optional("KAFKA_TOPIC") {
+            Some(topic) => {
+                let servers = env.required("KAFKA_BOOTSTRAP_SERVERS", "the Kafka cluster KAFKA_TOPIC is on");
+                let bootstrap_servers: Vec<String> =
+                    servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+                if !servers.is_empty()
+                    && bootstrap_servers
+                        .iter()
+                        .any(|s| s.rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()))
+                {
+                    env.invalid("KAFKA_BOOTSTRAP_SERVERS", servers.clone(), "host:port[,host:port...]");
+                }
+                let topic_ok = !topic.is_empty()
+                    && topic.len() <= 249
+                    && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+                if !topic_ok {
+                    env.invalid("KAFKA_TOPIC", topic.clone(), "a Kafka topic name: 1-249 of [a-zA-Z0-9._-]");
+                }
+                Destination::Kafka { bootstrap_servers, topic }
+            }
+            None => Destination::Kinesis(env.kinesis_stream_name(
+                "STREAM_NAME",
+                "the Kinesis stream the push function writes to (or set KAFKA_TOPIC)",
+            )),
+        };
         let push = PushSettings::read(&mut env);
         let partition_key_field = env.optional("PARTITION_KEY_FIELD");
         let inject_put_failures = inject_put_failures(&mut env);
         let inject_crash_once = inject_crash_once(&mut env);
         env.finish()?;
-        Ok(Settings { push, stream_name, partition_key_field, inject_put_failures, inject_crash_once })
+        Ok(Settings { push, destination, partition_key_field, inject_put_failures, inject_crash_once })
+    }
+}
+
+/// The sink the settings name: a Kinesis stream or a Kafka topic.
+#[derive(Debug)]
+pub enum Target {
+    /// Records to a stream.
+    Kinesis(KinesisSink),
+    /// Records to a topic.
+    Kafka(KafkaSink),
+}
+
+impl RecordSink for Target {
+    fn can_read_back(&self) -> bool {
+        match self {
+            Target::Kinesis(s) => s.can_read_back(),
+            Target::Kafka(s) => s.can_read_back(),
+        }
+    }
+
+    async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
+        match self {
+            Target::Kinesis(s) => s.put_records(records).await,
+            Target::Kafka(s) => s.put_records(records).await,
+        }
+    }
+
+    async fn written_since(
+        &self,
+        positions: &std::collections::BTreeMap<String, String>,
+        since_ms: u64,
+        until_ms: u64,
+    ) -> Result<Vec<WrittenRecord>, SinkError> {
+        match self {
+            Target::Kinesis(s) => s.written_since(positions, since_ms, until_ms).await,
+            Target::Kafka(s) => s.written_since(positions, since_ms, until_ms).await,
+        }
+    }
+
+    async fn shard_map(&self) -> Result<Option<pushpull::sink::ShardMap>, SinkError> {
+        match self {
+            Target::Kinesis(s) => s.shard_map().await,
+            Target::Kafka(s) => s.shard_map().await,
+        }
     }
 }
 
@@ -96,28 +184,34 @@ fn inject_put_failures(env: &mut Env) -> f64 {
 
 /// The sink the deployed function sends to.
 #[cfg(not(feature = "fault-injection"))]
-pub type Sink = KinesisSink;
+pub type Sink = Target;
 /// The sink the fault tests' build sends to.
 #[cfg(feature = "fault-injection")]
-pub type Sink = faults::FaultInjectingSink<KinesisSink>;
+pub type Sink = faults::FaultInjectingSink<Target>;
 
 /// The handler the function runs.
 pub type Handler = PushHandler<S3Source, JsonLines, Sink>;
 
-/// The handler, its clients from the AWS configuration, records to `STREAM_NAME`.
-pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Handler {
-    let sink = KinesisSink::new(aws.kinesis().await.clone(), &settings.stream_name);
+/// The handler, its clients from the AWS configuration, records to the destination; fails if a
+/// Kafka destination cannot be reached or its topic does not exist.
+pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Result<Handler, SinkError> {
+    let sink = match &settings.destination {
+        Destination::Kinesis(stream) => Target::Kinesis(KinesisSink::new(aws.kinesis().await.clone(), stream)),
+        Destination::Kafka { bootstrap_servers, topic } => {
+            Target::Kafka(KafkaSink::connect(bootstrap_servers, topic).await?)
+        }
+    };
     #[cfg(feature = "fault-injection")]
     let sink = faults::FaultInjectingSink::new(sink, settings.inject_put_failures)
         .crash_once(settings.inject_crash_once.clone());
     let source = S3Source::new(aws.s3().await.clone());
     // The quarantine and checkpoints where the settings name them (the loop guard reads the same).
-    PushHandler::builder(settings.push)
+    Ok(PushHandler::builder(settings.push)
         .source(source)
         .lines(JsonLines::new(settings.partition_key_field))
         .sink(sink)
         .connect(aws)
-        .await
+        .await)
 }
 
 /// Fault injection for the fault tests (feature `fault-injection`).
@@ -225,6 +319,23 @@ mod tests {
         assert!(err.contains("STREAM_NAME=\"bad name!\""), "{err}");
         let env = Env::from_pairs([("STREAM_NAME", "ingest"), ("PARTITION_KEY_FIELD", "user")]);
         let ok = Settings::from_env(env.with_local_locations("/tmp/s")).unwrap();
-        assert_eq!((ok.stream_name.as_str(), ok.partition_key_field.as_deref()), ("ingest", Some("user")));
+        assert_eq!(ok.destination, Destination::Kinesis("ingest".into()));
+        assert_eq!(ok.partition_key_field.as_deref(), Some("user"));
+    }
+
+    #[test]
+    fn a_kafka_topic_is_the_destination_when_named() {
+        let env = Env::from_pairs([("KAFKA_TOPIC", "orders"), ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092, b:9093")]);
+        let ok = Settings::from_env(env.with_local_locations("/tmp/s")).unwrap();
+        let servers = vec!["127.0.0.1:9092".to_owned(), "b:9093".to_owned()];
+        assert_eq!(ok.destination, Destination::Kafka { bootstrap_servers: servers, topic: "orders".into() });
+        let err = Settings::from_env(Env::from_pairs([("KAFKA_TOPIC", "orders")])).unwrap_err().to_string();
+        assert!(err.contains("KAFKA_BOOTSTRAP_SERVERS is not set"), "{err}");
+        let env = Env::from_pairs([("KAFKA_TOPIC", "bad topic"), ("KAFKA_BOOTSTRAP_SERVERS", "nohost")]);
+        let err = Settings::from_env(env).unwrap_err().to_string();
+        assert!(
+            err.contains("KAFKA_TOPIC=\"bad topic\"") && err.contains("KAFKA_BOOTSTRAP_SERVERS=\"nohost\""),
+            "{err}"
+        );
     }
 }

@@ -37,6 +37,8 @@ use crate::sequence::SequenceNumber;
 #[doc(inline)]
 pub use crate::shard_map::{ShardIndex, ShardMap};
 
+#[cfg(feature = "kafka-sink")]
+pub mod kafka;
 #[cfg(feature = "kinesis-sink")]
 pub mod kinesis;
 

@@ -249,7 +249,11 @@ impl Shared {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => self.fail(e),
                 Ok(Err(e)) => self.fail(MappingError::Lane { partition: partition.id_owned(), reason: e.to_string() }),
-                Err(_) => warn!(partition = n, ?grace, "a batch still in flight after the grace period: left to the next owner"),
+                Err(_) => warn!(
+                    partition = n,
+                    ?grace,
+                    "a batch still in flight after the grace period: left to the next owner"
+                ),
             }
             if let Some(next) = partition.offsets().committed() {
                 let _ = tpl.add_partition_offset(&self.topic, n, Offset::Offset(next));
