@@ -7,7 +7,7 @@
 #    path-only dependency) and builds the package alone.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-features=(default "" runtime emf kinesis dynamodb sqs kafka push aggregation s3 kinesis-sink aws full)
+features=(default "" runtime emf kinesis dynamodb sqs kafka push aggregation s3 kinesis-sink kafka-sink aws full)
 for f in "${features[@]}"; do
   if [ "$f" = default ]; then args=(); label="default"; else args=(--no-default-features --features "$f"); label="${f:-none}"; fi
   log="$(mktemp)"
