@@ -37,7 +37,7 @@ pub use crate::sequence::{SequenceNumber, SequenceNumberError};
 /// A Kinesis event: the records of one batch from one shard. With tumbling windows
 /// (`TumblingWindowInSeconds`), the mapping adds the window, the state carried from the previous
 /// invocation of the window, and whether this is the window's final invocation.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct KinesisEvent<'a> {
     /// The records, in sequence-number order.

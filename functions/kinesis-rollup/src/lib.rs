@@ -90,6 +90,9 @@ pub enum RollupError {
     /// The payload is not a Kinesis event.
     #[error(transparent)]
     Event(#[from] pushpull::kinesis_event::EventError),
+    /// A Kafka record's key is not base64.
+    #[error(transparent)]
+    KafkaRecord(#[from] pushpull::pull::DecodeError),
     /// The window state the mapping passed back is not a rollup this function wrote.
     #[error("window state is not a rollup: {0}")]
     WindowState(#[from] serde_json::Error),
@@ -150,6 +153,7 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
             #[cfg(feature = "fault-injection")]
             RollupError::Injected => "RollupError.Injected",
             RollupError::Event(_) => "RollupError.Event",
+            RollupError::KafkaRecord(_) => "RollupError.KafkaRecord",
             RollupError::WindowState(_) => "RollupError.WindowState",
             RollupError::Pull(_) => "RollupError.Pull",
             RollupError::Output { .. } => "RollupError.Output",
@@ -281,6 +285,8 @@ pub enum Response {
     Batch(BatchResponse),
     /// With tumbling windows.
     Window(WindowResponse),
+    /// For a Kafka event: failures named by partition and offset.
+    Kafka(pushpull::pull::kafka::KafkaBatchResponse),
 }
 
 /// The shard's checkpoint: what is in the output. Per shard (`ROLLUP_POSITIONS=per-shard`), the
@@ -492,6 +498,15 @@ impl RollupHandler {
             return Err(RollupError::Injected);
         }
         let event = KinesisEvent::from_slice_parallel(payload)?;
+        if event.records.is_empty() && event.window.is_none() {
+            // Not Kinesis, perhaps: a Kafka event (MSK or self-managed) keys its records by
+            // partition under `records`.
+            if let Ok(kafka) = pushpull::pull::kafka::KafkaEvent::from_slice(payload)
+                && !kafka.is_empty()
+            {
+                return self.handle_kafka(&kafka, deadline).await;
+            }
+        }
         // The stream's ARN is on each record, and on the event itself with tumbling windows (a
         // window's final invocation has no records).
         let stream = event
@@ -511,6 +526,61 @@ impl RollupHandler {
             last_sequence = event.records.last().map_or("", |r| &*r.kinesis.sequence_number),
         );
         self.handle_batch(&event, stream, shard_id, deadline).instrument(span).await
+    }
+
+    /// A Kafka event (`SelfManagedKafka` or `aws:kafka`): each partition's records are rolled up
+    /// as a shard's are, the topic in place of the stream, the `topic-N` partition in place of the
+    /// shard, offsets in place of sequence numbers, the record's key in place of the partition key
+    /// (per-shard positions are exact: one consumer reads a partition at a time, in offset order).
+    /// Exactly once per partition offset, as per sequence number on Kinesis. A record without a
+    /// value (a tombstone) is not a JSON object: it is reported as failed, as a bad line is.
+    async fn handle_kafka(
+        &self,
+        event: &pushpull::pull::kafka::KafkaEvent,
+        deadline: Option<f64>,
+    ) -> Result<Response, RollupError> {
+        use std::borrow::Cow;
+        let mut failures = Vec::new();
+        for (name, records) in &event.records {
+            let topic = records.first().map_or_else(
+                || name.rsplit_once('-').map_or(name.as_str(), |(t, _)| t).to_owned(),
+                |r| r.topic.clone(),
+            );
+            let mut converted = Vec::with_capacity(records.len());
+            for r in records {
+                let key = r.key_bytes()?;
+                converted.push(KinesisEventRecord {
+                    kinesis: pushpull::kinesis_event::KinesisData {
+                        partition_key: Cow::Owned(
+                            key.map(|k| String::from_utf8_lossy(&k).into_owned()).unwrap_or_default(),
+                        ),
+                        sequence_number: Cow::Owned(r.offset.to_string()),
+                        data: Cow::Borrowed(r.value.as_deref().unwrap_or_default()),
+                        approximate_arrival_timestamp: r.timestamp.map_or(0.0, |t| t as f64 / 1000.0),
+                    },
+                    event_id: Cow::Owned(format!("{name}:{}", r.offset)),
+                    event_source_arn: Cow::Borrowed(""),
+                });
+            }
+            let batch = KinesisEvent { records: converted, ..KinesisEvent::default() };
+            let span = tracing::info_span!(
+                "batch",
+                topic = %topic,
+                partition = %name,
+                first_offset = records.first().map_or(-1, |r| r.offset),
+                last_offset = records.last().map_or(-1, |r| r.offset),
+            );
+            let response = self.handle_batch(&batch, topic, name.clone(), deadline).instrument(span).await?;
+            if let Response::Batch(b) = response {
+                // Named by the offset text we gave as its sequence number.
+                for f in b.batch_item_failures {
+                    if let Some(r) = records.iter().find(|r| r.offset.to_string() == f.item_identifier) {
+                        failures.push(pushpull::pull::kafka::KafkaItemFailure { item_identifier: r.item_identifier() });
+                    }
+                }
+            }
+        }
+        Ok(Response::Kafka(pushpull::pull::kafka::KafkaBatchResponse { batch_item_failures: failures }))
     }
 
     async fn handle_batch(
@@ -1343,6 +1413,61 @@ mod tests {
             }
         }
         rows
+    }
+
+    /// A Kafka event rolls up as a shard's batch: the topic for the stream, `topic-N` for the
+    /// shard, offsets for sequence numbers; a bad record is named by partition and offset, and the
+    /// redelivery AWS makes from it counts nothing twice (per partition, at both position modes).
+    #[tokio::test]
+    async fn a_kafka_event_rolls_up_once_per_partition_offset() {
+        for positions in [Positions::PerShard, Positions::PerKey] {
+            let dir = tempfile::tempdir().unwrap();
+            let h = handler_with(dir.path(), positions);
+            let b64 = |s: &str| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.encode(s)
+            };
+            let rec = |offset: u64, value: &str| {
+                format!(
+                    r#"{{"topic":"orders","partition":2,"offset":{offset},"timestamp":1700000000000,"timestampType":"CREATE_TIME","key":"{}","value":"{}","headers":[]}}"#,
+                    b64("k"),
+                    b64(value)
+                )
+            };
+            let (a, bad, b) = (r#"{"user":"a","amount":"1.25"}"#, "not json", r#"{"user":"b","amount":"2"}"#);
+            let event = |recs: &[String]| {
+                format!(
+                    r#"{{"eventSource":"SelfManagedKafka","bootstrapServers":"127.0.0.1:9092","records":{{"orders-2":[{}]}}}}"#,
+                    recs.join(",")
+                )
+            };
+            let first = event(&[rec(10, a), rec(11, bad), rec(12, b)]);
+            let response = h.handle(first.as_bytes()).await.unwrap();
+            assert_eq!(
+                serde_json::to_value(&response).unwrap(),
+                serde_json::json!({"batchItemFailures": [{"itemIdentifier": {"partition": "orders-2", "offset": 11}}]}),
+                "{positions:?}"
+            );
+            // AWS redelivers from the failed record on (here fixed), and the first batch again.
+            let fixed = r#"{"user":"a","amount":"1"}"#;
+            for again in [event(&[rec(11, fixed), rec(12, b)]), first.clone()] {
+                h.handle(again.as_bytes()).await.unwrap();
+            }
+            let mut rows: Vec<(String, u64, String)> = Vec::new();
+            for f in std::fs::read_dir(dir.path().join("out/orders/orders-2")).unwrap().flatten() {
+                for l in std::fs::read_to_string(f.path()).unwrap().lines() {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    rows.push((
+                        v["key"].as_str().unwrap().to_owned(),
+                        v["count"].as_u64().unwrap(),
+                        v["sum"].to_string(),
+                    ));
+                }
+            }
+            rows.sort();
+            let total = |k: &str| rows.iter().filter(|r| r.0 == k).map(|r| r.1).sum::<u64>();
+            assert_eq!((total("a"), total("b")), (2, 1), "{positions:?}: {rows:?}");
+        }
     }
 
     fn failed(response: &Response) -> Vec<String> {
