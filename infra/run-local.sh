@@ -2,15 +2,32 @@
 # README command 1: set up what is missing, then run the sample pipeline on LocalStack.
 # Extra arguments go to `pushpull-local run` (e.g. --input-dir DIR, --keep-running, --verbose).
 # LocalStack is stopped at the end if this script started it (KEEP_RUNNING=1 leaves it up).
+# With --broker kafka the Kafka broker is started too (`infra/kafka.sh`: built once, about 12
+# minutes the first time), and stopped likewise.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+kafka=""
+prev=""
+for a in "$@"; do
+  if [ "$a" = "--broker=kafka" ] || { [ "$prev" = "--broker" ] && [ "$a" = "kafka" ]; }; then kafka=1; fi
+  prev="$a"
+done
 started=""
+kafka_started=""
+cleanup() {
+  if [ -n "${KEEP_RUNNING:-}" ]; then return; fi
+  if [ -n "$kafka_started" ]; then infra/kafka.sh down; fi
+  if [ -n "$started" ]; then infra/localstack.sh down; fi
+}
+trap cleanup EXIT
+if [ -n "$kafka" ] && ! infra/kafka.sh status >/dev/null 2>&1; then
+  infra/kafka.sh up
+  kafka_started=1
+fi
 if ! infra/localstack.sh status >/dev/null 2>&1; then
   infra/localstack.sh up
   started=1
 fi
-cleanup() { if [ -n "$started" ] && [ -z "${KEEP_RUNNING:-}" ]; then infra/localstack.sh down; fi; }
-trap cleanup EXIT
 cargo build --quiet --workspace --bins
 target/debug/pushpull-local run "$@"

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use pushpull_local::pipeline::{PipelineConfig, run};
+use pushpull_local::pipeline::{Broker, PipelineConfig, run};
 
 #[derive(Parser)]
 #[command(version, about = "Plays AWS's part for pushpull functions on a laptop (LocalStack on 127.0.0.1)")]
@@ -36,6 +36,15 @@ enum Command {
 struct RunArgs {
     #[command(flatten)]
     template: cli::TemplateArgs,
+    /// What carries the records between the functions: `kinesis` (the template's stream) or
+    /// `kafka` (a topic `<stack>-records` on the broker at --kafka-bootstrap-servers, read by the
+    /// local Kafka mapping).
+    #[arg(long, default_value = "kinesis", value_parser = ["kinesis", "kafka"])]
+    broker: String,
+    /// The Kafka cluster for `--broker kafka` (default: the broker `infra/kafka.sh` starts,
+    /// 127.0.0.1:$KAFKA_PORT, 9092).
+    #[arg(long, value_name = "HOST:PORT")]
+    kafka_bootstrap_servers: Option<String>,
     /// Directory of NDJSON files to upload (`.gz` files are gzip-compressed NDJSON).
     #[arg(long, default_value = "infra/sample-data")]
     input_dir: PathBuf,
@@ -88,7 +97,16 @@ async fn run_pipeline(args: RunArgs) -> Result<(), Error> {
     if std::env::var_os("RUST_LOG").is_some() {
         init_logs("text");
     }
+    let broker = match args.broker.as_str() {
+        "kafka" => Broker::Kafka {
+            bootstrap_servers: args.kafka_bootstrap_servers.unwrap_or_else(|| {
+                format!("127.0.0.1:{}", std::env::var("KAFKA_PORT").unwrap_or_else(|_| "9092".into()))
+            }),
+        },
+        _ => Broker::Kinesis,
+    };
     let config = PipelineConfig {
+        broker,
         overrides: args.template.parameter_overrides,
         delay_scale: args.retry_delay_scale,
         progress: true,

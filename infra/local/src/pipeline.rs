@@ -21,7 +21,7 @@ use crate::async_invoke::{AsyncSettings, AsyncSummary, DeliveryOptions};
 use crate::cloudwatch::MetricLog;
 use crate::invoke::InvokeServer;
 use crate::localstack::{ACCOUNT, Local, REGION, function_env};
-use crate::mapping::{Clients, Delivered, RawSettings, Runner, RunnerOptions, Summary};
+use crate::mapping::{Clients, Delivered, KafkaSource, RawSettings, Runner, RunnerOptions, Summary};
 use crate::observed::{Names, Observed};
 use crate::progress::{Display, LiveProgress, Update};
 use crate::realism::iam::Policies;
@@ -462,6 +462,9 @@ pub async fn upload(local: &Local, r: &Resources, files: &[PathBuf]) -> Result<V
 /// How to run it.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
+    /// What carries the records between the two functions: the template's stream, or a Kafka
+    /// topic (`<stack>-records`) read by the local Kafka mapping.
+    pub broker: Broker,
     /// The SAM template.
     pub template: PathBuf,
     /// Local stack name (resource names).
@@ -498,11 +501,26 @@ pub struct PipelineConfig {
     pub report_dir: Option<PathBuf>,
 }
 
+/// What carries the records from the push function to the pull function.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Broker {
+    /// The template's Kinesis stream, read by the Kinesis mapping.
+    #[default]
+    Kinesis,
+    /// A Kafka topic on the cluster at `bootstrap_servers`, read by the Kafka mapping (a member of
+    /// its consumer group).
+    Kafka {
+        /// `host:port[,host:port...]`.
+        bootstrap_servers: String,
+    },
+}
+
 impl PipelineConfig {
     /// A quiet run of `template` as `stack` on the files in `input_dir`: AWS's async-invoke retry
     /// delays, the template's settings as they are, no progress lines, 15 minutes at most.
     pub fn new(template: impl Into<PathBuf>, stack: impl Into<String>, input_dir: impl Into<PathBuf>) -> Self {
         PipelineConfig {
+            broker: Broker::Kinesis,
             template: template.into(),
             stack: stack.into(),
             overrides: Vec::new(),
@@ -566,6 +584,19 @@ pub struct Report {
     pub run_dir: PathBuf,
     /// The input's good lines as the stream holds them, read back at the end of the run.
     pub stream_lines: StreamLines,
+    /// With `--broker kafka`: the broker's bootstrap address, the topic and the consumer group.
+    pub kafka: Option<KafkaRun>,
+}
+
+/// Where a Kafka run's records were.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KafkaRun {
+    /// The broker's own address (reachable after the run with `KEEP_RUNNING=1`).
+    pub bootstrap_servers: String,
+    /// `<stack>-records`.
+    pub topic: String,
+    /// The mapping's consumer group.
+    pub group: String,
 }
 
 /// The input's good lines in the stream (by xxh3 of each line; a KPL aggregate counted as the
@@ -628,6 +659,9 @@ impl Report {
             "latency_ms": {"p50": self.latency_ms[0], "p95": self.latency_ms[1], "p99": self.latency_ms[2], "max": self.latency_ms[3]},
             "faults": self.faults.as_ref().map(|f| f.counts.clone()),
             "observed": self.observed,
+            "kafka": self.kafka.as_ref().map(|k| serde_json::json!({
+                "bootstrap_servers": k.bootstrap_servers, "topic": k.topic, "group": k.group,
+            })),
         })
     }
 
@@ -753,11 +787,22 @@ impl std::fmt::Display for Report {
             "  run directory    {} (metrics.ndjson: every EMF line of the run; summary.json)",
             self.run_dir.display()
         )?;
+        if let Some(k) = &self.kafka {
+            writeln!(
+                f,
+                "  kafka            broker {} (its own address), topic {}, consumer group {}",
+                k.bootstrap_servers, k.topic, k.group
+            )?;
+        }
         let s = &self.stream_lines;
+        let place = if self.kafka.is_some() { "topic" } else { "stream" };
         write!(
             f,
-            "  stream lines     {} good lines in the stream once each, {} extra copies, {} missing",
-            s.once, s.extra, s.missing
+            "  {place} lines{}{} good lines in the {place} once each, {} extra copies, {} missing",
+            if self.kafka.is_some() { "      " } else { "     " },
+            s.once,
+            s.extra,
+            s.missing
         )?;
         if s.other > 0 {
             write!(f, " ({} other records: earlier runs on this stream)", s.other)?;
@@ -766,7 +811,7 @@ impl std::fmt::Display for Report {
         match self.check() {
             Ok(()) => writeln!(
                 f,
-                "  totals           exact: every good line in the stream once, the rollup equals the input, every bad line quarantined once"
+                "  totals           exact: every good line in the {place} once, the rollup equals the input, every bad line quarantined once"
             ),
             Err(e) => writeln!(f, "  totals           NOT exact: {e}"),
         }
@@ -802,9 +847,43 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let sum_field = t.parameters.get("SumField").cloned().unwrap_or_default();
     let expected = expected(&config.input_dir, &group_by, &sum_field)?;
 
-    let mut specs = template_specs(&t, &config.extra_env, config.verbose)?;
+    let push_binary = t.function_with_event("S3")?.binary;
+    let mut extra_env: Vec<(&str, Vec<(String, String)>)> =
+        config.extra_env.iter().map(|(binary, env)| (*binary, env.clone())).collect();
+    let kafka_source = match &config.broker {
+        Broker::Kinesis => None,
+        Broker::Kafka { bootstrap_servers } => {
+            // As many partitions as the template gives the stream shards.
+            let partitions = t.parameters.get("ShardCount").and_then(|n| n.parse().ok()).unwrap_or(4);
+            let topic = format!("{}-records", config.stack);
+            crate::mapping::kafka::admin::ensure_topic(bootstrap_servers, &topic, partitions)
+                .await
+                .map_err(|e| PipelineError::Run(e.to_string()))?;
+            extra_env.push((
+                push_binary.as_str(),
+                vec![
+                    ("KAFKA_TOPIC".into(), topic.clone()),
+                    ("KAFKA_BOOTSTRAP_SERVERS".into(), bootstrap_servers.clone()),
+                ],
+            ));
+            Some(KafkaSource {
+                bootstrap_servers: bootstrap_servers.split(',').map(str::trim).map(str::to_owned).collect(),
+                topic,
+                consumer_group_id: None,
+                cluster_arn: None,
+            })
+        }
+    };
+    let mut specs = template_specs(&t, &extra_env, config.verbose)?;
     let realism = Arc::new(Realism::new(config.realism.clone()));
-    let settings = RawSettings::from_template(&t, None)?.overlay(config.mapping.clone()).validate()?;
+    let raw = RawSettings::from_template(&t, None)?.overlay(config.mapping.clone());
+    let settings = match &kafka_source {
+        None => raw.validate()?,
+        // The template's mapping settings on the topic; Kinesis-only ones do not apply.
+        Some(source) => {
+            RawSettings { parallelization_factor: None, tumbling_window: None, ..raw }.validate_kafka(source)?
+        }
+    };
     // Enhanced fan-out is served by the proxy (true push: `realism::fanout`), so a mapping on a
     // stream consumer reads through it even with the realism layer off.
     let fan_out = settings.consumer_arn.is_some();
@@ -851,10 +930,17 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     if let Some(poll) = config.caught_up_poll {
         options.caught_up_poll = poll;
     }
-    let mapping = Runner::start(settings, options, clients.clone(), server.client());
+    let kafka = kafka_source.as_ref().map(|k| KafkaRun {
+        bootstrap_servers: k.bootstrap_servers.join(","),
+        topic: k.topic.clone(),
+        group: settings.uuid(),
+    });
+    let mapping = match kafka_source {
+        None => Runner::start(settings, options, clients.clone(), server.client()),
+        Some(source) => Runner::start_kafka(settings, source, options, clients.clone(), server.client()),
+    };
 
     let (responses_tx, mut responses_rx) = mpsc::unbounded_channel();
-    let push_binary = t.function_with_event("S3")?.binary;
     let push = AsyncSettings::from_template(&t, &push_binary, config.delay_scale)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let delivery = {
@@ -1002,8 +1088,19 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             .map_err(|e| PipelineError::io(format!("report directory {}", dir.display()), e))?;
         crate::report::draw(&data, &names, &observed, started_ms, &dir.join("run.png"))?;
     }
+    let mut r = r;
+    let in_broker = match &kafka {
+        None => stream_records(&local, &r.stream).await?,
+        Some(k) => {
+            // The rollup names its outputs after the topic.
+            r.stream = k.topic.clone();
+            crate::mapping::kafka::admin::value_counts(&k.bootstrap_servers, &k.topic, xxhash_rust::xxh3::xxh3_64)
+                .await
+                .map_err(|e| PipelineError::Run(e.to_string()))?
+        }
+    };
     let (rollup, outputs) = rollup_totals(&local, &r).await?;
-    let stream_lines = StreamLines::of(&expected.line_counts, &stream_records(&local, &r.stream).await?);
+    let stream_lines = StreamLines::of(&expected.line_counts, &in_broker);
     let report = Report {
         bucket: r.bucket.clone(),
         stream: r.stream.clone(),
@@ -1026,6 +1123,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         observed,
         run_dir: config.run_dir.clone(),
         stream_lines,
+        kafka,
     };
     for dir in std::iter::once(&config.run_dir).chain(config.report_dir.as_ref()) {
         report.write_summary(dir).map_err(|e| PipelineError::io(format!("summary in {}", dir.display()), e))?;

@@ -34,7 +34,7 @@ pub mod event;
 pub mod filter;
 pub mod identity;
 mod intake;
-pub(crate) mod kafka;
+pub mod kafka;
 pub(crate) mod kinesis;
 pub(crate) mod lane;
 mod lease;

@@ -270,6 +270,12 @@ impl std::fmt::Display for Summary {
                 self.counts.subscription_errors,
                 self.counts.records_read
             )?;
+        } else if self.group.is_some() {
+            writeln!(
+                f,
+                "  Fetch            {} records (the consumer's long-polling fetches)",
+                self.counts.records_read
+            )?;
         } else {
             writeln!(
                 f,
@@ -301,34 +307,43 @@ impl std::fmt::Display for Summary {
             "  given up         {} to the failure destination, {} expired, {} discarded",
             self.counts.to_destination, self.counts.expired, self.counts.discarded
         )?;
-        writeln!(f, "  windows          {} final invocations", self.counts.windows_final)?;
+        if self.group.is_none() {
+            writeln!(f, "  windows          {} final invocations", self.counts.windows_final)?;
+        }
         if self.counts.filtered_out > 0 {
             writeln!(f, "  filtered out     {} records (FilterCriteria: not invoked)", self.counts.filtered_out)?;
         }
-        writeln!(
-            f,
-            "  leases           {} taken ({} from a runner that stopped renewing), {} released, {} lost; as {}",
-            self.counts.leases_taken,
-            self.counts.lease_takeovers,
-            self.counts.leases_released,
-            self.counts.leases_lost,
-            self.worker_id
-        )?;
-        // Per shard: when this runner held it.
-        let mut held: Vec<(String, String)> = Vec::new();
-        for e in &self.leases {
-            let at = iso8601_time(e.at);
-            let text = match (e.event, &e.from) {
-                ("taken", Some(from)) => format!("taken {at} (from {from})"),
-                (event, _) => format!("{event} {at}"),
-            };
-            match held.iter_mut().find(|(s, _)| *s == e.shard_id) {
-                Some((_, t)) => *t = format!("{t}, {text}"),
-                None => held.push((e.shard_id.clone(), text)),
+        if let Some(g) = &self.group {
+            // The group's coordinator assigns partitions: no leases of ours.
+            for e in &g.rebalances {
+                writeln!(f, "                   {} {} {:?}", iso8601_time(e.at), e.event, e.partitions)?;
             }
-        }
-        for (shard, text) in held {
-            writeln!(f, "    {shard}: {text}")?;
+        } else {
+            writeln!(
+                f,
+                "  leases           {} taken ({} from a runner that stopped renewing), {} released, {} lost; as {}",
+                self.counts.leases_taken,
+                self.counts.lease_takeovers,
+                self.counts.leases_released,
+                self.counts.leases_lost,
+                self.worker_id
+            )?;
+            // Per shard: when this runner held it.
+            let mut held: Vec<(String, String)> = Vec::new();
+            for e in &self.leases {
+                let at = iso8601_time(e.at);
+                let text = match (e.event, &e.from) {
+                    ("taken", Some(from)) => format!("taken {at} (from {from})"),
+                    (event, _) => format!("{event} {at}"),
+                };
+                match held.iter_mut().find(|(s, _)| *s == e.shard_id) {
+                    Some((_, t)) => *t = format!("{t}, {text}"),
+                    None => held.push((e.shard_id.clone(), text)),
+                }
+            }
+            for (shard, text) in held {
+                writeln!(f, "    {shard}: {text}")?;
+            }
         }
         writeln!(
             f,

@@ -21,6 +21,7 @@
 //!   StartingPosition ... Lambda begins processing records according to the committed offset of
 //!   the consumer group." A partition without a committed offset starts at TRIM_HORIZON (earliest),
 //!   LATEST, or AT_TIMESTAMP (the first offset at or after the time).
+pub mod admin;
 pub(crate) mod partition;
 pub(crate) mod record;
 
