@@ -104,6 +104,48 @@ async fn a_hundred_thousand_lines_roll_up_exactly_once() {
     again.check().unwrap();
 }
 
+/// The pipeline through Kafka (`make run ARGS="--broker kafka"`): the push function writes the
+/// lines to a topic on the broker `make test` starts, the Kafka mapping (a member of its
+/// consumer group) invokes the rollup with Kafka events. With faults: the push function crashed
+/// once mid-object (its retry reads back what reached the topic) and the rollup failing one
+/// invocation in five (the mapping retries the batch whole, the rollup skips what it counted).
+/// Every good line must be in the topic exactly once (read back line by line), the rollup exact.
+#[tokio::test]
+async fn through_kafka_with_crashes_and_failures_every_line_reaches_the_topic_once_and_the_totals_are_exact() {
+    let input = tempfile::tempdir().unwrap();
+    let bad = write_input(input.path());
+    let bucket = unique("pp-kafka");
+    let crashed = input.path().join("push-crashed");
+    let config = PipelineConfig {
+        broker: pipeline::Broker::Kafka { bootstrap_servers: pushpull_tests::kafka::bootstrap() },
+        overrides: overrides(&bucket),
+        delay_scale: 0.01,
+        timeout: Duration::from_secs(900),
+        extra_env: vec![
+            (
+                "s3-to-kinesis",
+                vec![
+                    ("PUSHPULL_INJECT_CRASH_ONCE".to_owned(), format!("{}:3000", crashed.display())),
+                    ("CHECKPOINT_LEASE_MS".to_owned(), "6000".to_owned()),
+                ],
+            ),
+            ("kinesis-rollup", vec![("PUSHPULL_INJECT_FAILURES".to_owned(), "0.2".to_owned())]),
+        ],
+        ..PipelineConfig::new(TEMPLATE, unique("kafka"), input.path())
+    };
+    let report = pipeline::run(config).await.unwrap();
+    println!("{report}");
+    assert!(crashed.exists(), "the push function was crashed once");
+    assert!(report.mapping.counts.function_errors > 0, "the rollup failed some invocations");
+    report.check().unwrap();
+    let kafka = report.kafka.as_ref().expect("a Kafka run names its topic");
+    assert!(kafka.topic.ends_with("-records"), "{kafka:?}");
+    assert_eq!(report.stream_lines.once as usize, LINES - bad);
+    assert_eq!((report.stream_lines.extra, report.stream_lines.missing), (0, 0));
+    assert_eq!(report.rollup.values().map(|g| g.0).sum::<u64>() as usize, LINES - bad);
+    check_quarantine(&report.quarantined, &bucket, bad);
+}
+
 /// The same pipeline in a storm (`pushpull_local::realism`, profile `storm`, seed from
 /// `PUSHPULL_SEED` or 42): Kinesis's shard limits (PutRecords entries throttled, reads
 /// throttled), empty pages before records that exist, iterators expiring, a shard split mid-run,

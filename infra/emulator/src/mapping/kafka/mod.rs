@@ -441,10 +441,14 @@ fn idle_for(shared: &Shared, idle: Duration) -> bool {
 /// partition over and leaves the group.
 fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool) -> Result<(), MappingError> {
     let mut read_since_hand_on = 0usize;
+    // Partitions read to their end (and nothing read since): each empty poll renews the time
+    // they were found caught up, as an empty GetRecords does for a shard.
+    let mut at_end: std::collections::HashSet<i32> = std::collections::HashSet::new();
     while !quit.load(Ordering::SeqCst) && shared.failed.lock().map(|f| f.is_none()).unwrap_or(true) {
         let polled_at = now_unix();
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
+                at_end.remove(&m.partition());
                 if let Ok(mut c) = shared.ctx.caught_up.lock() {
                     c.insert(format!("{}-{}", shared.topic, m.partition()), None);
                 }
@@ -461,9 +465,7 @@ fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(n))) => {
                 // Read to the end: caught up once what was read is handed on.
-                if let Ok(mut c) = shared.ctx.caught_up.lock() {
-                    c.insert(format!("{}-{n}", shared.topic), Some(polled_at));
-                }
+                at_end.insert(n);
             }
             Some(Err(e)) => {
                 warn!(error = %e, "kafka consumer error");
@@ -483,6 +485,16 @@ fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool
         read_since_hand_on = 0;
         hand_on(shared, consumer);
         check_tasks(shared);
+        if !at_end.is_empty()
+            && let (Ok(waiting), Ok(mut c)) = (shared.waiting.lock(), shared.ctx.caught_up.lock())
+        {
+            at_end.retain(|n| shared.tasks.lock().is_ok_and(|t| t.contains_key(n)));
+            for n in &at_end {
+                if waiting.get(n).is_none_or(Vec::is_empty) {
+                    c.insert(format!("{}-{n}", shared.topic), Some(polled_at));
+                }
+            }
+        }
     }
     // Leaving: every partition is handed over (its batch in flight finished and committed).
     let numbers = shared.assigned();
