@@ -110,6 +110,13 @@ impl RecordSink for Target {
         }
     }
 
+    fn keeps_key_order_in_a_call(&self) -> bool {
+        match self {
+            Target::Kinesis(s) => s.keeps_key_order_in_a_call(),
+            Target::Kafka(s) => s.keeps_key_order_in_a_call(),
+        }
+    }
+
     async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
         match self {
             Target::Kinesis(s) => s.put_records(records).await,
@@ -266,6 +273,11 @@ pub mod faults {
     impl<S: RecordSink> RecordSink for FaultInjectingSink<S> {
         fn can_read_back(&self) -> bool {
             self.inner.can_read_back()
+        }
+
+        /// Failing entries one by one breaks what the inner sink keeps together.
+        fn keeps_key_order_in_a_call(&self) -> bool {
+            self.fail_fraction <= 0.0 && self.inner.keeps_key_order_in_a_call()
         }
 
         async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {

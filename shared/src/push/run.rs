@@ -470,13 +470,21 @@ impl<'a, O: ObjectSource, R: Records, S: RecordSink> Run<'a, O, R, S> {
         Ok(Written { by_key })
     }
 
+    /// Whether batches hold at most one record of a key: per-key ordering on a sink whose calls
+    /// can fail entry by entry (Kinesis). A sink whose calls keep a key's records in order and fail
+    /// them together (Kafka: one Produce per partition) needs no such split.
+    #[inline]
+    fn ordered(&self) -> bool {
+        self.handler.settings.ordering == Ordering::PerKey && !self.handler.sink().keeps_key_order_in_a_call()
+    }
+
     /// Adds a record to the batcher (no await: this runs for every line); whether a batch is full.
     #[inline]
     fn push_record(&mut self, record: OutRecord) -> bool {
         // With per-key ordering a batch holds one record of a key; a later one waits for the next
         // batch (see KeyOrderedBatcher), so a partial failure resent before the next batch cannot
         // be overtaken. Aggregating, the key is the shard's: one aggregate of a shard a call.
-        let ordered = self.handler.settings.ordering == Ordering::PerKey;
+        let ordered = self.ordered();
         let linger = self.handler.settings.put.timeout();
         if let Some(agg) = self.aggregating.as_mut()
             && let Some(shard) = agg.shard_of(&record.partition_key)
@@ -514,7 +522,7 @@ impl<'a, O: ObjectSource, R: Records, S: RecordSink> Run<'a, O, R, S> {
     /// Sends everything buffered, records held back for a later batch and open aggregates
     /// included.
     async fn flush_batch(&mut self) -> Result<(), ObjectError> {
-        let ordered = self.handler.settings.ordering == Ordering::PerKey;
+        let ordered = self.ordered();
         if let Some(finished) = self.aggregating.as_mut().map(Aggregating::finish_all) {
             for (shard, record) in finished {
                 self.enqueue(ordered.then(|| shard_key(shard)), record);

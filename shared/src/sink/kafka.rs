@@ -154,6 +154,11 @@ impl RecordSink for KafkaSink {
         true
     }
 
+    /// A key's records go to one partition, in one Produce request, written or failed together.
+    fn keeps_key_order_in_a_call(&self) -> bool {
+        true
+    }
+
     async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
         let now = now();
         let mut by_partition: BTreeMap<usize, Vec<usize>> = BTreeMap::new();

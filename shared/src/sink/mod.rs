@@ -193,6 +193,14 @@ pub trait RecordSink: Send + Sync {
     /// Sends `records` in one call and says which entries failed.
     fn put_records(&self, records: &[OutRecord]) -> impl Future<Output = Result<PutOutcome, SinkError>> + Send;
 
+    /// Whether one call keeps the records of a key in order and writes or fails them together
+    /// (Kafka: a key's records go to one partition, in one Produce request). Then per-key
+    /// ordering needs no more than one call at a time; otherwise (Kinesis: PutRecords fails entry
+    /// by entry) a call holds at most one record of a key. The default is false.
+    fn keeps_key_order_in_a_call(&self) -> bool {
+        false
+    }
+
     /// Whether [`RecordSink::written_since`] can read records back. A sink that cannot makes a
     /// resumed object at-least-once (records sent after the last checkpoint of a crashed
     /// invocation are sent again), and the push side says so in a warning each time.
