@@ -211,27 +211,32 @@ impl RecordSink for KafkaSink {
         let mut out = Vec::new();
         for (p, client) in self.partitions.iter().enumerate() {
             let name = format!("{}-{p}", self.topic);
-            let start = match positions.get(&p.to_string()).map(|o| o.parse::<i64>()) {
-                Some(Ok(o)) => o + 1,
+            let end = client
+                .get_offset(OffsetAt::Latest)
+                .await
+                .map_err(|e| error(format!("latest offset of {name}"), e, true))?;
+            // A partition without a checkpointed offset is read from `since_ms` on: records older
+            // than it are not ours to find.
+            let (start, from_ms) = match positions.get(&p.to_string()).map(|o| o.parse::<i64>()) {
+                Some(Ok(o)) => (o + 1, 0),
                 Some(Err(_)) => {
                     return Err(SinkError::new(format!("{name}: checkpointed offset is not a number"), false));
                 }
                 None => {
                     let at = Utc.timestamp_millis_opt(since_ms as i64).single().unwrap_or_else(now);
-                    match client.get_offset(OffsetAt::Timestamp(at)).await {
+                    let start = match client.get_offset(OffsetAt::Timestamp(at)).await {
                         Ok(o) if o >= 0 => o,
-                        // No record at or after the time (or no support for it): from the start.
-                        _ => client
+                        // No record at or after the time: nothing written since.
+                        Ok(_) => end,
+                        // No answer by time: from the start, filtered by time below.
+                        Err(_) => client
                             .get_offset(OffsetAt::Earliest)
                             .await
                             .map_err(|e| error(format!("earliest offset of {name}"), e, true))?,
-                    }
+                    };
+                    (start, since_ms)
                 }
             };
-            let end = client
-                .get_offset(OffsetAt::Latest)
-                .await
-                .map_err(|e| error(format!("latest offset of {name}"), e, true))?;
             let mut next = start;
             while next < end {
                 let (records, _high) = client
@@ -240,7 +245,8 @@ impl RecordSink for KafkaSink {
                     .map_err(|e| error(format!("Fetch {name} from {next}"), e, true))?;
                 let Some(last) = records.last().map(|r| r.offset) else { break };
                 for r in records {
-                    if r.record.timestamp.timestamp_millis() as u64 > until_ms {
+                    let t = r.record.timestamp.timestamp_millis().max(0) as u64;
+                    if t > until_ms || t < from_ms {
                         continue;
                     }
                     let key = r.record.key.map(|k| String::from_utf8_lossy(&k).into_owned()).unwrap_or_default();

@@ -69,6 +69,10 @@ pub trait Partition: Send + Sync + 'static {
         each(record.data());
     }
 
+    /// A lane dropped `count` records it held, undone, because the partition was taken away
+    /// ([`super::lane::ReaderStatus::revoked`]): the next owner reads them again.
+    fn dropped(&self, _count: usize) {}
+
     /// `records` are done (processed, filtered out, or given up on): their position is committed
     /// once everything before it is done too, with the open window's state.
     fn done(

@@ -250,10 +250,11 @@ impl std::fmt::Display for Summary {
         match &self.group {
             Some(g) => writeln!(
                 f,
-                "  consumer group   {}: {} assignments received, the last of partitions {:?}",
+                "  consumer group   {}: {} assignments received, the last of partitions {:?}; coordinator {}",
                 g.group_id,
                 g.assignments(),
-                g.last_assigned()
+                g.last_assigned(),
+                g.coordinator.as_deref().unwrap_or("unknown")
             )?,
             None => writeln!(
                 f,
@@ -316,7 +317,10 @@ impl std::fmt::Display for Summary {
         if let Some(g) = &self.group {
             // The group's coordinator assigns partitions: no leases of ours.
             for e in &g.rebalances {
-                writeln!(f, "                   {} {} {:?}", iso8601_time(e.at), e.event, e.partitions)?;
+                match &e.broker {
+                    Some(b) => writeln!(f, "                   {} coordinator {b}", iso8601_time(e.at))?,
+                    None => writeln!(f, "                   {} {} {:?}", iso8601_time(e.at), e.event, e.partitions)?,
+                }
             }
         } else {
             writeln!(

@@ -31,8 +31,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::message::{Headers, Message};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, Timestamp, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -52,6 +53,9 @@ const HAND_ON: usize = 1000;
 pub struct GroupView {
     /// The consumer group's id.
     pub group_id: String,
+    /// The broker coordinating the group, as the consumer last saw it (`host:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
     /// Every assignment and revocation this member saw, in order.
     pub rebalances: Vec<GroupEvent>,
 }
@@ -61,8 +65,12 @@ pub struct GroupView {
 pub struct GroupEvent {
     /// When, unix seconds.
     pub at: f64,
-    /// `assigned` or `revoked`.
+    /// `assigned`, `revoked`, or `coordinator` (a broker became the group's coordinator: its
+    /// address is the event's `broker`).
     pub event: String,
+    /// The coordinator, for a `coordinator` event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
     /// The partitions.
     pub partitions: Vec<i32>,
 }
@@ -80,7 +88,7 @@ impl GroupView {
 
     fn note(&mut self, event: &str, mut partitions: Vec<i32>) {
         partitions.sort_unstable();
-        self.rebalances.push(GroupEvent { at: now_unix(), event: event.to_owned(), partitions });
+        self.rebalances.push(GroupEvent { at: now_unix(), event: event.to_owned(), partitions, broker: None });
     }
 }
 
@@ -102,6 +110,8 @@ struct Shared {
 
 struct Task {
     tx: mpsc::Sender<Vec<KRec>>,
+    /// Set when the partition is revoked: the reader stops handing records to the lane at once.
+    revoke: watch::Sender<bool>,
     partition: Arc<KafkaPartition>,
     join: tokio::task::JoinHandle<Result<(), MappingError>>,
     paused: bool,
@@ -110,9 +120,63 @@ struct Task {
 /// The consumer's context: the rebalance callbacks.
 struct Member(Arc<Shared>);
 
-impl ClientContext for Member {}
+impl ClientContext for Member {
+    /// Statistics (every second): which broker coordinates the group, noted when it changes
+    /// (librdkafka's logical `GroupCoordinator` broker names it once connected).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(now) = statistics
+            .brokers
+            .values()
+            .find(|b| b.name.starts_with("GroupCoordinator") && b.state == "UP" && !b.nodename.is_empty())
+            .map(|b| b.nodename.clone())
+        else {
+            return;
+        };
+        let mut v = self.0.view();
+        if v.coordinator.as_deref() != Some(now.as_str()) {
+            info!(coordinator = %now, before = ?v.coordinator, "the group's coordinator");
+            v.rebalances.push(GroupEvent {
+                at: now_unix(),
+                event: "coordinator".to_owned(),
+                partitions: Vec::new(),
+                broker: Some(now.clone()),
+            });
+            v.coordinator = Some(now);
+        }
+    }
+}
 
 impl ConsumerContext for Member {
+    /// rdkafka's own steps, with two of ours: AT_TIMESTAMP puts each new partition's starting
+    /// offset in the assignment itself (a seek after it may come before the partition is ready),
+    /// and an assigned partition is resumed (librdkafka keeps a pause made before it was revoked).
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let StartingPosition::AtTimestamp(t) = self.0.starting_position {
+                    self.0.start_at_time(consumer, tpl, t);
+                }
+                let assigned = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if let Err(e) = assigned {
+                    self.0.fail(MappingError::Kafka(format!("assigning {:?}: {e}", tpl.to_topic_map())));
+                }
+                if let Err(e) = consumer.resume(tpl) {
+                    warn!(error = %e, "resuming the assigned partitions failed");
+                }
+                self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                let unassigned = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = unassigned {
+                    warn!(error = %e, "unassigning failed");
+                }
+            }
+            other => warn!(error = ?other, "rebalance failed"),
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -122,14 +186,11 @@ impl ConsumerContext for Member {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 info!(partitions = ?numbers, "partitions assigned");
-                if let StartingPosition::AtTimestamp(t) = self.0.starting_position {
-                    self.0.seek_to_time(consumer, &numbers, t);
-                }
                 for n in &numbers {
                     self.0.take(*n);
                 }
@@ -190,6 +251,7 @@ impl Shared {
         let committer: Arc<dyn Commit> = Arc::new(ConsumerCommit(self.clone()));
         let part = Arc::new(KafkaPartition::new(self.topic.clone(), n, self.envelope.clone(), committer));
         let (tx, mut rx) = mpsc::channel::<Vec<KRec>>(2);
+        let (revoke, mut revoked) = watch::channel(false);
         let ctx = self.ctx.clone();
         let p = part.clone();
         let join = self.runtime.spawn(async move {
@@ -198,25 +260,40 @@ impl Shared {
             let reader = {
                 let (ctx, p) = (ctx.clone(), p.clone());
                 async move {
-                    while let Some(records) = rx.recv().await {
-                        if !super::intake::dispatch(&ctx, &*p, &senders, records).await? {
+                    loop {
+                        let records = tokio::select! {
+                            biased;
+                            _ = revoked.changed() => break,
+                            r = rx.recv() => match r {
+                                Some(r) => r,
+                                None => break,
+                            },
+                        };
+                        let n = records.len() as i64;
+                        p.in_lane.fetch_add(n, Ordering::SeqCst);
+                        let go_on = super::intake::dispatch(&ctx, &*p, &senders, records).await;
+                        p.in_channel.fetch_sub(n, Ordering::SeqCst);
+                        if !go_on? {
                             break;
                         }
                     }
                     // Revoked: the lane finishes the invocation in flight, drops the rest (not
-                    // committed: the next owner reads it) and ends.
+                    // committed: the next owner reads it) and ends; so does what is queued here.
                     status.send_modify(|s| {
                         s.handing_over = true;
                         s.revoked = true;
                     });
                     drop(senders);
+                    rx.close();
+                    while let Ok(left) = rx.try_recv() {
+                        p.in_channel.fetch_sub(left.len() as i64, Ordering::SeqCst);
+                    }
                     Ok::<(), MappingError>(())
                 }
             };
             let r = running.drive(reader, Duration::from_secs(3600), || async { Ok(()) }).await;
             if r.is_err() {
-                let undone = p.offsets().undone();
-                ctx.pending.fetch_sub(undone as i64, Ordering::SeqCst);
+                ctx.pending.fetch_sub(p.in_lane.swap(0, Ordering::SeqCst), Ordering::SeqCst);
                 lanes.forget_windows(&ctx);
             }
             r.map(|_| ())
@@ -225,7 +302,7 @@ impl Shared {
             c.insert(part.id_owned(), None);
         }
         if let Ok(mut t) = self.tasks.lock() {
-            t.insert(n, Task { tx, partition: part, join, paused: false });
+            t.insert(n, Task { tx, revoke, partition: part, join, paused: false });
         }
     }
 
@@ -238,24 +315,33 @@ impl Shared {
                 w.remove(n); // read, never handed on, never committed: the next owner reads them
             }
             if let Some(task) = self.tasks.lock().ok().and_then(|mut t| t.remove(n)) {
-                drop(task.tx); // ends the partition's reader: its lane finishes the batch in flight
+                let _ = task.revoke.send(true); // the reader hands nothing more to the lane
+                drop(task.tx);
                 leaving.push((*n, task.partition, task.join));
             }
         }
         let grace = self.ctx.options.stop_grace;
         let mut tpl = TopicPartitionList::new();
-        for (n, partition, join) in leaving {
-            let joined = self.runtime.block_on(async { tokio::time::timeout(grace, join).await });
+        for (n, partition, mut join) in leaving {
+            let joined = self.runtime.block_on(async { tokio::time::timeout(grace, &mut join).await });
             match joined {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => self.fail(e),
                 Ok(Err(e)) => self.fail(MappingError::Lane { partition: partition.id_owned(), reason: e.to_string() }),
-                Err(_) => warn!(
-                    partition = n,
-                    ?grace,
-                    "a batch still in flight after the grace period: left to the next owner"
-                ),
+                Err(_) => {
+                    // Stopped: its records are the next owner's, and leave this mapping's count.
+                    join.abort();
+                    let _ = self.runtime.block_on(join);
+                    self.ctx.pending.fetch_sub(partition.in_lane.swap(0, Ordering::SeqCst), Ordering::SeqCst);
+                    warn!(
+                        partition = n,
+                        ?grace,
+                        "a batch still in flight after the grace period: stopped, left to the next owner"
+                    );
+                }
             }
+            // No commit after the final one (a stopped lane's would race the next owner's).
+            partition.released.store(true, Ordering::SeqCst);
             if let Some(next) = partition.offsets().committed() {
                 let _ = tpl.add_partition_offset(&self.topic, n, Offset::Offset(next));
             }
@@ -270,44 +356,30 @@ impl Shared {
         }
     }
 
-    /// AT_TIMESTAMP: partitions without a committed offset start at the first record at or after
-    /// `t` (ListOffsets by time), or at the end if there is none.
-    fn seek_to_time(&self, consumer: &BaseConsumer<Member>, numbers: &[i32], t: f64) {
-        let mut tpl = TopicPartitionList::new();
-        for n in numbers {
-            tpl.add_partition(&self.topic, *n);
-        }
-        let committed = match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+    /// AT_TIMESTAMP: partitions of `tpl` without a committed offset start at the first record at
+    /// or after `t` (ListOffsets by time), or at the end if there is none.
+    fn start_at_time(&self, consumer: &BaseConsumer<Member>, tpl: &mut TopicPartitionList, t: f64) {
+        let committed = match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
             Ok(c) => c,
             Err(e) => return self.fail(MappingError::Kafka(format!("committed offsets of {}: {e}", self.topic))),
         };
-        let fresh: Vec<i32> = committed
-            .elements()
-            .iter()
-            .filter(|e| !matches!(e.offset(), Offset::Offset(_)))
-            .map(|e| e.partition())
-            .collect();
-        if fresh.is_empty() {
-            return;
-        }
         let mut by_time = TopicPartitionList::new();
-        for n in &fresh {
-            let _ = by_time.add_partition_offset(&self.topic, *n, Offset::Offset((t * 1000.0) as i64));
+        for e in committed.elements() {
+            if !matches!(e.offset(), Offset::Offset(_)) {
+                let _ = by_time.add_partition_offset(e.topic(), e.partition(), Offset::Offset((t * 1000.0) as i64));
+            }
+        }
+        if by_time.count() == 0 {
+            return;
         }
         match consumer.offsets_for_times(by_time, Duration::from_secs(10)) {
             Ok(found) => {
                 for e in found.elements() {
                     let to = match e.offset() {
-                        Offset::Offset(o) => Offset::Offset(o),
+                        Offset::Offset(o) if o >= 0 => Offset::Offset(o),
                         _ => Offset::End,
                     };
-                    if let Err(err) = consumer.seek(&self.topic, e.partition(), to, Duration::from_secs(10)) {
-                        self.fail(MappingError::Kafka(format!(
-                            "seek {}-{} to {to:?}: {err}",
-                            self.topic,
-                            e.partition()
-                        )));
-                    }
+                    let _ = tpl.set_partition_offset(e.topic(), e.partition(), to);
                 }
             }
             Err(e) => self.fail(MappingError::Kafka(format!("offsets of {} at {t}: {e}", self.topic))),
@@ -340,7 +412,9 @@ fn config(source: &KafkaSource, group: &str, settings_start: StartingPosition, s
         )
         .set("session.timeout.ms", session.as_millis().to_string())
         .set("heartbeat.interval.ms", (session.as_millis() / 10).max(100).to_string())
-        .set("client.id", "pushpull-local-esm");
+        .set("client.id", "pushpull-local-esm")
+        // Statistics once a second: the group's coordinator for the summary and the logs.
+        .set("statistics.interval.ms", "1000");
     c
 }
 
@@ -432,6 +506,14 @@ fn idle_for(shared: &Shared, idle: Duration) -> bool {
     if assigned.is_empty() || shared.waiting.lock().map(|w| w.values().any(|v| !v.is_empty())).unwrap_or(true) {
         return false;
     }
+    let queued = shared
+        .tasks
+        .lock()
+        .map(|t| t.values().any(|task| task.partition.in_channel.load(Ordering::SeqCst) > 0))
+        .unwrap_or(true);
+    if queued {
+        return false;
+    }
     let caught_up = ctx.caught_up.lock().map(|c| !c.is_empty() && c.values().all(Option::is_some)).unwrap_or(false);
     let quiet = ctx.last_activity.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
     caught_up && quiet
@@ -444,8 +526,8 @@ fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool
     // Partitions read to their end (and nothing read since): each empty poll renews the time
     // they were found caught up, as an empty GetRecords does for a shard.
     let mut at_end: std::collections::HashSet<i32> = std::collections::HashSet::new();
+    let mut last_check = std::time::Instant::now();
     while !quit.load(Ordering::SeqCst) && shared.failed.lock().map(|f| f.is_none()).unwrap_or(true) {
-        let polled_at = now_unix();
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
                 at_end.remove(&m.partition());
@@ -485,15 +567,9 @@ fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool
         read_since_hand_on = 0;
         hand_on(shared, consumer);
         check_tasks(shared);
-        if !at_end.is_empty()
-            && let (Ok(waiting), Ok(mut c)) = (shared.waiting.lock(), shared.ctx.caught_up.lock())
-        {
-            at_end.retain(|n| shared.tasks.lock().is_ok_and(|t| t.contains_key(n)));
-            for n in &at_end {
-                if waiting.get(n).is_none_or(Vec::is_empty) {
-                    c.insert(format!("{}-{n}", shared.topic), Some(polled_at));
-                }
-            }
+        if !at_end.is_empty() && last_check.elapsed() >= CAUGHT_UP_CHECK {
+            last_check = std::time::Instant::now();
+            renew_caught_up(shared, consumer, &mut at_end);
         }
     }
     // Leaving: every partition is handed over (its batch in flight finished and committed).
@@ -501,6 +577,37 @@ fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool
     shared.release(consumer, &numbers);
     consumer.unsubscribe();
     Ok(())
+}
+
+/// How often partitions read to their end are checked against the broker's high watermark.
+const CAUGHT_UP_CHECK: Duration = Duration::from_millis(500);
+
+/// Partitions read to their end are caught up as of now if the broker's high watermark, asked
+/// now, is no further than the last record read (records written after the last fetch would be
+/// past it), and nothing read waits to be handed to the lane. As an empty GetRecords says of a
+/// shard at the time it was made.
+fn renew_caught_up(shared: &Shared, consumer: &BaseConsumer<Member>, at_end: &mut std::collections::HashSet<i32>) {
+    at_end.retain(|n| shared.tasks.lock().is_ok_and(|t| t.contains_key(n)));
+    for n in at_end.iter() {
+        let asked_at = now_unix();
+        let Ok((_, high)) = consumer.fetch_watermarks(&shared.topic, *n, Duration::from_secs(2)) else { continue };
+        let Some((last_read, queued)) = shared.tasks.lock().ok().and_then(|t| {
+            t.get(n)
+                .map(|task| (task.partition.offsets().last_read(), task.partition.in_channel.load(Ordering::SeqCst)))
+        }) else {
+            continue;
+        };
+        // Nothing read yet: the end of partition was reached where the consumer started.
+        let read_to_high = last_read.is_none_or(|o| o + 1 >= high);
+        let waiting = shared.waiting.lock().map(|w| w.get(n).is_some_and(|v| !v.is_empty())).unwrap_or(true);
+        if read_to_high
+            && queued == 0
+            && !waiting
+            && let Ok(mut c) = shared.ctx.caught_up.lock()
+        {
+            c.insert(format!("{}-{n}", shared.topic), Some(asked_at));
+        }
+    }
 }
 
 /// A task that ended by itself failed: the mapping stops with its error.
@@ -529,13 +636,18 @@ fn hand_on(shared: &Shared, consumer: &BaseConsumer<Member>) {
         let records = waiting.remove(n).unwrap_or_default();
         let mut pause = None;
         if !records.is_empty() {
+            let count = records.len() as i64;
+            task.partition.in_channel.fetch_add(count, Ordering::SeqCst);
             match task.tx.try_send(records) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(records)) => {
+                    task.partition.in_channel.fetch_sub(count, Ordering::SeqCst);
                     waiting.insert(*n, records);
                     pause = Some(true);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    task.partition.in_channel.fetch_sub(count, Ordering::SeqCst);
+                }
             }
         }
         if pause.is_none() && task.paused && task.tx.capacity() > 0 {

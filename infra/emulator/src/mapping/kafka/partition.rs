@@ -7,6 +7,7 @@
 //! a record is committed only once every record before it is done too: a batch that failed keeps
 //! the offset where it is, and whoever reads the partition next starts from it.
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value};
@@ -32,6 +33,8 @@ pub(crate) struct Offsets {
     next_index: u64,
     /// The offset last committed (the next record to read).
     committed: Option<i64>,
+    /// The offset of the last record read.
+    last_read: Option<i64>,
 }
 
 impl Offsets {
@@ -40,7 +43,13 @@ impl Offsets {
         let i = self.next_index;
         self.next_index += 1;
         self.open.insert(i, (offset, false));
+        self.last_read = Some(offset);
         i
+    }
+
+    /// The offset of the last record read, if any.
+    pub(crate) fn last_read(&self) -> Option<i64> {
+        self.last_read
     }
 
     /// Marks `indices` done; returns the offset to commit if the done prefix grew.
@@ -65,6 +74,7 @@ impl Offsets {
     }
 
     /// Records read and not done.
+    #[cfg(test)]
     pub(crate) fn undone(&self) -> usize {
         self.open.values().filter(|(_, done)| !done).count()
     }
@@ -84,6 +94,13 @@ pub(crate) struct KafkaPartition {
     envelope: Arc<Envelope>,
     pub(crate) offsets: Mutex<Offsets>,
     committer: Arc<dyn Commit>,
+    /// Records handed to the partition's task and not yet to its lane (the idle check counts them).
+    pub(crate) in_channel: AtomicI64,
+    /// Records handed to the lane and not yet done or dropped: what this partition adds to the
+    /// mapping's `pending` (taken off it if the task is stopped).
+    pub(crate) in_lane: AtomicI64,
+    /// Handed over: no commit is made after the final one.
+    pub(crate) released: AtomicBool,
 }
 
 impl KafkaPartition {
@@ -95,6 +112,9 @@ impl KafkaPartition {
             envelope,
             offsets: Mutex::new(Offsets::default()),
             committer,
+            in_channel: AtomicI64::new(0),
+            in_lane: AtomicI64::new(0),
+            released: AtomicBool::new(false),
         }
     }
 
@@ -139,11 +159,20 @@ impl Partition for KafkaPartition {
         m
     }
 
+    fn dropped(&self, count: usize) {
+        self.in_lane.fetch_sub(count as i64, Ordering::SeqCst);
+    }
+
     async fn done(&self, records: &[KRec], _window: Option<WindowCheckpoint>) -> Result<(), MappingError> {
-        let next = self.offsets().done(records.iter().map(|r| r.index));
+        self.in_lane.fetch_sub(records.len() as i64, Ordering::SeqCst);
+        // Committed under the lock: two batches finishing at once send their offsets in order.
+        let mut offsets = self.offsets();
+        let next = offsets.done(records.iter().map(|r| r.index));
         match next {
-            Some(next) => self.committer.commit(&self.topic, self.number, next),
-            None => Ok(()),
+            Some(next) if !self.released.load(Ordering::SeqCst) => {
+                self.committer.commit(&self.topic, self.number, next)
+            }
+            _ => Ok(()),
         }
     }
 

@@ -202,6 +202,7 @@ impl<P: Partition> Lane<P> {
                     dropped += v.len();
                 }
                 self.ctx.pending.fetch_sub(dropped as i64, Ordering::SeqCst);
+                self.partition.dropped(dropped);
                 if self.window.take().is_some() {
                     self.window_closed();
                 }
