@@ -26,13 +26,19 @@ pub fn config() -> ClientConfig {
 /// A topic of its own (named after `prefix`), with `partitions` partitions; panics, saying how to
 /// start the broker, if it is not there.
 pub async fn topic(prefix: &str, partitions: i32) -> String {
+    topic_with(prefix, partitions, &[]).await
+}
+
+/// [`topic`] with topic configs (`max.message.bytes`, ...).
+pub async fn topic_with(prefix: &str, partitions: i32, configs: &[(&str, &str)]) -> String {
     let name = crate::unique(prefix);
     let admin: AdminClient<DefaultClientContext> = config().create().expect("an admin client");
+    let mut new = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
+    for (k, v) in configs {
+        new = new.set(k, v);
+    }
     let created = admin
-        .create_topics(
-            &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
+        .create_topics(&[new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
         .await
         .unwrap_or_else(|e| panic!("no Kafka broker at {} ({e}): start one with `infra/kafka.sh up`", bootstrap()));
     for r in created {

@@ -12,8 +12,10 @@
 //! | MaximumRetryAttempts, then the SQS failure record with `KafkaBatchInfo`, and the group moves on | `a_failing_batch_goes_to_the_sqs_destination_and_its_offsets_are_committed` |
 //! | a group with committed offsets: StartingPosition ignored, resumes after them | `a_group_with_committed_offsets_resumes_after_them_whatever_the_starting_position` |
 //! | LATEST: only what arrives after the group joins | `latest_reads_only_what_arrives_after_the_group_joins` |
+//! | AT_TIMESTAMP: from the first record at or after the time | `at_timestamp_starts_at_the_first_record_at_or_after_the_time` |
 //! | FilterCriteria on `value` (JSON or plain string); filtered records committed past | `filter_criteria_match_the_value_and_the_rest_is_committed_past` |
 //! | tombstones, null keys, binary values, headers that are not UTF-8 | `tombstones_null_keys_binary_values_and_raw_headers_reach_the_function` |
+//! | a record over the 6 MB payload: never invoked, `MaximumPayloadSizeExceeded` to the destination, committed past | `a_record_over_6_mb_goes_to_the_destination_uninvoked_and_is_committed_past` |
 //! | settings AWS refuses for Kafka | `kafka_settings_aws_refuses_are_refused` |
 use std::time::Duration;
 
@@ -22,7 +24,7 @@ use pushpull_local::invoke::InvokeServer;
 use pushpull_local::localstack::{ACCOUNT, REGION};
 use pushpull_local::mapping::{Clients, KafkaSource, RawSettings, Runner, RunnerOptions, Summary};
 use pushpull_local::runtime_api::FunctionSpec;
-use pushpull_tests::kafka::{bootstrap, committed, send, topic};
+use pushpull_tests::kafka::{bootstrap, committed, send};
 use pushpull_tests::{function, local, unique};
 use serde_json::{Value, json};
 
@@ -37,7 +39,11 @@ struct Fixture {
 }
 
 async fn fixture(partitions: i32) -> Fixture {
-    let topic = topic("kmap", partitions).await;
+    fixture_with(partitions, &[]).await
+}
+
+async fn fixture_with(partitions: i32, configs: &[(&str, &str)]) -> Fixture {
+    let topic = pushpull_tests::kafka::topic_with("kmap", partitions, configs).await;
     let dir = tempfile::tempdir().unwrap();
     let mut spec: FunctionSpec = function(FUNCTION, &[("SCRIPT_DIR", dir.path().to_str().unwrap())]);
     spec.timeout = Duration::from_secs(5);
@@ -272,6 +278,28 @@ async fn latest_reads_only_what_arrives_after_the_group_joins() {
     assert_eq!(f.committed(), vec![Some(2)]);
 }
 
+/// AWS (kafka-starting-positions.html): "At timestamp – ... a position defined by a timestamp, in
+/// Unix time seconds." A new group starts each partition at the first record at or after it.
+#[tokio::test]
+async fn at_timestamp_starts_at_the_first_record_at_or_after_the_time() {
+    let f = fixture(2).await;
+    f.send_ids(&[(0, "old-0", none()), (1, "old-1", none())]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let t = pushpull_local::mapping::now_unix();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.send_ids(&[(0, "new-0", none()), (1, "new-1", none())]).await;
+    f.run(RawSettings {
+        starting_position: Some("AT_TIMESTAMP".into()),
+        starting_position_timestamp: Some(format!("{t:.3}")),
+        ..f.settings()
+    })
+    .await;
+    let mut ids: Vec<String> = f.batches().into_iter().flat_map(|(_, ids)| ids).collect();
+    ids.sort();
+    assert_eq!(ids, b(&["new-0", "new-1"]));
+    assert_eq!(f.committed(), vec![Some(2), Some(2)]);
+}
+
 /// AWS (kafka-filtering.html): "Amazon MSK and self-managed Apache Kafka event source mappings only
 /// support filtering on the `value` key", JSON (`{ "value" : { "device_ID" : [ { "prefix": "AB" } ]
 /// } }`) or a plain string (`{ "value" : [ { "anything-but": [ "error" ] } ] }`). A record no filter
@@ -333,6 +361,42 @@ async fn tombstones_null_keys_binary_values_and_raw_headers_reach_the_function()
     assert_eq!(records[1].value_bytes().unwrap().as_deref(), Some(&b"\xff\xfe binary"[..]));
     assert_eq!(records[2].headers().unwrap(), vec![("raw", Some(vec![0xff, 0x00, 0xc3]))]);
     assert_eq!(committed(&f.group, &f.topic, 1), vec![Some(3)]);
+}
+
+/// AWS (with-msk.html, archived): "If your Lambda event records exceed the allowed size limit of 6
+/// MB, they can go unprocessed"; the failure record's `"condition": "MaximumPayloadSizeExceeded"`
+/// with `"responseContext": { // null if record is MaximumPayloadSizeExceeded` (with-msk-on-failure
+/// .html). A 7 MB record is never invoked: it goes to the destination, the records around it are
+/// invoked, and the group commits past it.
+#[tokio::test]
+async fn a_record_over_6_mb_goes_to_the_destination_uninvoked_and_is_committed_past() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let f = fixture_with(1, &[("max.message.bytes", "10485760")]).await;
+    let l = local().await;
+    let name = unique("kmap-big");
+    let url = l.sqs.create_queue().queue_name(&name).send().await.unwrap().queue_url().unwrap().to_owned();
+    f.send_ids(&[(0, "before", none())]).await;
+    let big = json!({"id": "big", "pad": "x".repeat(7 * 1024 * 1024)}).to_string();
+    let producer: FutureProducer =
+        pushpull_tests::kafka::config().set("message.max.bytes", "10000000").create().unwrap();
+    producer
+        .send(FutureRecord::<str, str>::to(&f.topic).partition(0).payload(&big), Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|(e, _)| panic!("the broker took no 7 MB record: {e}"));
+    f.send_ids(&[(0, "after", none())]).await;
+    let s =
+        f.run(RawSettings { on_failure: Some(format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}")), ..f.settings() }).await;
+    let ids: Vec<String> = f.batches().into_iter().flat_map(|(_, ids)| ids).collect();
+    assert_eq!(ids, b(&["before", "after"]));
+    let got = l.sqs.receive_message().queue_url(&url).max_number_of_messages(10).send().await.unwrap();
+    let records: Vec<Value> = got.messages().iter().map(|m| serde_json::from_str(m.body().unwrap()).unwrap()).collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["requestContext"]["condition"], "MaximumPayloadSizeExceeded");
+    assert_eq!(records[0]["requestContext"]["approximateInvokeCount"], 0);
+    assert!(records[0]["responseContext"].is_null());
+    assert_eq!(records[0]["KafkaBatchInfo"]["recordsInfo"][f.partition(0)]["firstRecordOffset"], "1");
+    assert_eq!(f.committed(), vec![Some(3)]);
+    assert_eq!(s.counts.to_destination, 1);
 }
 
 /// AWS refuses these on CreateEventSourceMapping for a Kafka source.

@@ -132,6 +132,10 @@ pub enum Condition {
     RetryAttemptsExhausted,
     /// Older than MaximumRecordAgeInSeconds.
     RecordAgeExceeded,
+    /// A record alone is larger than the 6 MB invocation payload: it is never invoked. AWS
+    /// (with-msk-on-failure.html): `"condition": "MaximumPayloadSizeExceeded"`, and
+    /// `"responseContext": { // null if record is MaximumPayloadSizeExceeded`.
+    MaximumPayloadSizeExceeded,
 }
 
 impl Condition {
@@ -140,6 +144,7 @@ impl Condition {
         match self {
             Condition::RetryAttemptsExhausted => "RetryAttemptsExhausted",
             Condition::RecordAgeExceeded => "RecordAgeExceeded",
+            Condition::MaximumPayloadSizeExceeded => "MaximumPayloadSizeExceeded",
         }
     }
 }
@@ -173,7 +178,8 @@ pub fn failure_record(ctx: &FailureContext<'_>, batch_info: (&str, Value), now: 
             "condition": ctx.condition.as_str(),
             "approximateInvokeCount": ctx.invoke_count,
         },
-        "responseContext": response,
+        // Never invoked: no response.
+        "responseContext": if ctx.condition == Condition::MaximumPayloadSizeExceeded { Value::Null } else { response },
         "version": "1.0",
         "timestamp": iso8601_millis(now),
     });

@@ -96,7 +96,7 @@ impl<P: Partition> Lane<P> {
         self.partition.done(records, window).await
     }
 
-    async fn give_up(
+    pub(super) async fn give_up(
         &self,
         records: &[P::Record],
         condition: Condition,
@@ -135,7 +135,9 @@ impl<P: Partition> Lane<P> {
                 let mut s = self.ctx.stats();
                 match condition {
                     Condition::RecordAgeExceeded => s.counts.expired += records.len() as u64,
-                    Condition::RetryAttemptsExhausted => s.counts.to_destination += records.len() as u64,
+                    Condition::RetryAttemptsExhausted | Condition::MaximumPayloadSizeExceeded => {
+                        s.counts.to_destination += records.len() as u64
+                    }
                 }
             }
             None => {

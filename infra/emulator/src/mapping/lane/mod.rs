@@ -270,12 +270,15 @@ impl<P: Partition> Lane<P> {
             }
             let len = self.partition.encoded_len(&rec);
             if let Err(too_big) = buf.push(Sized { rec, len, window }) {
-                // Cannot happen with Kinesis's 1 MiB records; delivered alone if it does.
+                // A record larger than the payload alone (Kafka's can be; Kinesis's 1 MiB cannot):
+                // what comes before it is delivered, then it is given up without an invocation,
+                // as AWS's Kafka mappings do ("MaximumPayloadSizeExceeded").
                 buf.seal();
                 while let Some(batch) = buf.ready() {
                     self.deliver(batch.into_iter().map(|s| s.rec).collect()).await?;
                 }
-                self.deliver(vec![too_big.item.rec]).await?;
+                self.give_up(&[too_big.item.rec], super::outcome::Condition::MaximumPayloadSizeExceeded, None, 0)
+                    .await?;
             }
         }
         Ok(())
