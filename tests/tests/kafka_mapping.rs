@@ -16,7 +16,7 @@
 //! | FilterCriteria on `value` (JSON or plain string); filtered records committed past | `filter_criteria_match_the_value_and_the_rest_is_committed_past` |
 //! | tombstones, null keys, binary values, headers that are not UTF-8 | `tombstones_null_keys_binary_values_and_raw_headers_reach_the_function` |
 //! | a record over the 6 MB payload: never invoked, `MaximumPayloadSizeExceeded` to the destination, committed past | `a_record_over_6_mb_goes_to_the_destination_uninvoked_and_is_committed_past` |
-//! | settings AWS refuses for Kafka | `kafka_settings_aws_refuses_are_refused` |
+//! | settings AWS refuses for Kafka; the 500 ms default window; infinite retries with a destination become 10 | `kafka_settings_aws_refuses_are_refused` |
 use std::time::Duration;
 
 use pushpull::store::Store;
@@ -416,6 +416,11 @@ async fn kafka_settings_aws_refuses_are_refused() {
     let ok = base().validate_kafka(&source).unwrap();
     assert_eq!(ok.batching_window, Duration::from_millis(500), "AWS: \"the default batching window is 500 ms\"");
     assert_eq!(ok.batch_size, 100);
+    assert_eq!(ok.maximum_retry_attempts, -1, "infinite by default");
+    // AWS (kafka-retry-configurations.html): "When you configure both infinite retries and an
+    // on-failure destination, Lambda automatically applies a maximum of 10 retry attempts."
+    let with_destination = RawSettings { on_failure: Some(format!("arn:aws:sqs:{REGION}:{ACCOUNT}:dlq")), ..base() };
+    assert_eq!(with_destination.validate_kafka(&source).unwrap().maximum_retry_attempts, 10);
     let refused = |raw: RawSettings, source: &KafkaSource| raw.validate_kafka(source).unwrap_err().to_string();
     assert!(refused(RawSettings { tumbling_window: Some("60".into()), ..base() }, &source).contains("Kafka"));
     assert!(refused(RawSettings { parallelization_factor: Some("2".into()), ..base() }, &source).contains("Kafka"));

@@ -444,7 +444,13 @@ impl RawSettings {
         let mut raw = self;
         raw.parallelization_factor = None;
         raw.tumbling_window = None;
-        raw.common(source.event_source_arn(), None, Duration::from_millis(500))
+        let mut settings = raw.common(source.event_source_arn(), None, Duration::from_millis(500))?;
+        // AWS (kafka-retry-configurations.html): "When you configure both infinite retries and an
+        // on-failure destination, Lambda automatically applies a maximum of 10 retry attempts."
+        if settings.maximum_retry_attempts < 0 && settings.on_failure.is_some() {
+            settings.maximum_retry_attempts = 10;
+        }
+        Ok(settings)
     }
 
     fn common(
