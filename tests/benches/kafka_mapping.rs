@@ -26,8 +26,13 @@ use rdkafka::message::Message;
 const PARTITIONS: i32 = 4;
 
 fn value(i: usize) -> Vec<u8> {
-    format!(r#"{{"user":"u{:03}","amount":"{}.{:02}","i":{i},"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#, i % 97, i % 1000, i % 100)
-        .into_bytes()
+    format!(
+        r#"{{"user":"u{:03}","amount":"{}.{:02}","i":{i},"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}"#,
+        i % 97,
+        i % 1000,
+        i % 100
+    )
+    .into_bytes()
 }
 
 async fn preload(topic: &str, n: usize) {
@@ -80,7 +85,12 @@ async fn clients() -> Clients {
 }
 
 fn source(topic: &str) -> KafkaSource {
-    KafkaSource { bootstrap_servers: vec![bootstrap()], topic: topic.to_owned(), consumer_group_id: Some(unique("bench-map")), cluster_arn: None }
+    KafkaSource {
+        bootstrap_servers: vec![bootstrap()],
+        topic: topic.to_owned(),
+        consumer_group_id: Some(unique("bench-map")),
+        cluster_arn: None,
+    }
 }
 
 async fn mapping_throughput(server: &InvokeServer, topic: &str, n: usize) -> (f64, f64) {
@@ -165,7 +175,8 @@ async fn raw_delay() -> (f64, f64) {
 
 #[tokio::main]
 async fn main() {
-    let n: usize = std::env::args().skip(1).find(|a| !a.starts_with('-')).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let n: usize =
+        std::env::args().skip(1).find(|a| !a.starts_with('-')).and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let spec = function("bench-floor", &[]);
     let server = InvokeServer::start(vec![spec], 0, 10).await.unwrap();
     println!("kafka mapping vs raw rdkafka consumer, {n} records on {PARTITIONS} partitions, broker {}", bootstrap());
@@ -176,7 +187,10 @@ async fn main() {
         tokio::task::spawn_blocking(move || raw_throughput(&t, n)).await.unwrap()
     };
     let (mapped, mean_batch) = mapping_throughput(&server, &t1, n).await;
-    println!("throughput      raw consumer {raw:.0} records/s; mapping (BatchSize 1000, window 0) {mapped:.0} records/s, mean batch {mean_batch:.0}: {:.2}x the raw consumer", mapped / raw);
+    println!(
+        "throughput      raw consumer {raw:.0} records/s; mapping (BatchSize 1000, window 0) {mapped:.0} records/s, mean batch {mean_batch:.0}: {:.2}x the raw consumer",
+        mapped / raw
+    );
     let (rp50, rp95) = raw_delay().await;
     let (mp50, mp95) = mapping_delay(&server).await;
     println!(

@@ -106,6 +106,9 @@ struct Shared {
     view: Arc<Mutex<GroupView>>,
     /// The first error of a task or a callback: it ends the mapping.
     failed: Mutex<Option<MappingError>>,
+    /// Partitions read to their end (and nothing read since): the caught-up checker asks the
+    /// broker about them.
+    at_end: Mutex<std::collections::HashSet<i32>>,
 }
 
 struct Task {
@@ -445,6 +448,7 @@ pub(crate) async fn run(
         consumer: OnceLock::new(),
         view,
         failed: Mutex::new(None),
+        at_end: Mutex::new(std::collections::HashSet::new()),
     });
     let consumer: Arc<BaseConsumer<Member>> = Arc::new(
         config(&source, &group, ctx.settings.starting_position, ctx.options.failover)
@@ -465,6 +469,13 @@ pub(crate) async fn run(
             .map_err(|e| MappingError::Kafka(format!("the consumer's thread: {e}")))?
     };
     drop(consumer);
+    let checker = {
+        let (shared, quit, servers) = (shared.clone(), quit.clone(), source.bootstrap_servers.join(","));
+        std::thread::Builder::new()
+            .name("kafka-caught-up".into())
+            .spawn(move || check_caught_up(&shared, &servers, &quit))
+            .map_err(|e| MappingError::Kafka(format!("the caught-up checker's thread: {e}")))?
+    };
     let idle = ctx.options.stop_when_idle;
     loop {
         tokio::select! {
@@ -485,6 +496,7 @@ pub(crate) async fn run(
         }
     }
     quit.store(true, Ordering::SeqCst);
+    let _ = tokio::task::spawn_blocking(move || checker.join()).await;
     let polled = tokio::task::spawn_blocking(move || poller.join())
         .await
         .map_err(|e| MappingError::Kafka(format!("the consumer's thread: {e}")))?;
@@ -523,14 +535,12 @@ fn idle_for(shared: &Shared, idle: Duration) -> bool {
 /// partition over and leaves the group.
 fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool) -> Result<(), MappingError> {
     let mut read_since_hand_on = 0usize;
-    // Partitions read to their end (and nothing read since): each empty poll renews the time
-    // they were found caught up, as an empty GetRecords does for a shard.
-    let mut at_end: std::collections::HashSet<i32> = std::collections::HashSet::new();
-    let mut last_check = std::time::Instant::now();
     while !quit.load(Ordering::SeqCst) && shared.failed.lock().map(|f| f.is_none()).unwrap_or(true) {
         match consumer.poll(Duration::from_millis(50)) {
             Some(Ok(m)) => {
-                at_end.remove(&m.partition());
+                if let Ok(mut e) = shared.at_end.lock() {
+                    e.remove(&m.partition());
+                }
                 if let Ok(mut c) = shared.ctx.caught_up.lock() {
                     c.insert(format!("{}-{}", shared.topic, m.partition()), None);
                 }
@@ -547,7 +557,9 @@ fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(n))) => {
                 // Read to the end: caught up once what was read is handed on.
-                at_end.insert(n);
+                if let Ok(mut e) = shared.at_end.lock() {
+                    e.insert(n);
+                }
             }
             Some(Err(e)) => {
                 warn!(error = %e, "kafka consumer error");
@@ -567,10 +579,6 @@ fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool
         read_since_hand_on = 0;
         hand_on(shared, consumer);
         check_tasks(shared);
-        if !at_end.is_empty() && last_check.elapsed() >= CAUGHT_UP_CHECK {
-            last_check = std::time::Instant::now();
-            renew_caught_up(shared, consumer, &mut at_end);
-        }
     }
     // Leaving: every partition is handed over (its batch in flight finished and committed).
     let numbers = shared.assigned();
@@ -586,27 +594,43 @@ const CAUGHT_UP_CHECK: Duration = Duration::from_millis(500);
 /// now, is no further than the last record read (records written after the last fetch would be
 /// past it), and nothing read waits to be handed to the lane. As an empty GetRecords says of a
 /// shard at the time it was made.
-fn renew_caught_up(shared: &Shared, consumer: &BaseConsumer<Member>, at_end: &mut std::collections::HashSet<i32>) {
-    at_end.retain(|n| shared.tasks.lock().is_ok_and(|t| t.contains_key(n)));
-    for n in at_end.iter() {
+fn renew_caught_up(shared: &Shared, checker: &BaseConsumer) {
+    let at_end: Vec<i32> = shared.at_end.lock().map(|e| e.iter().copied().collect()).unwrap_or_default();
+    for n in at_end {
         let asked_at = now_unix();
-        let Ok((_, high)) = consumer.fetch_watermarks(&shared.topic, *n, Duration::from_secs(2)) else { continue };
+        let Ok((_, high)) = checker.fetch_watermarks(&shared.topic, n, Duration::from_secs(2)) else { continue };
         let Some((last_read, queued)) = shared.tasks.lock().ok().and_then(|t| {
-            t.get(n)
+            t.get(&n)
                 .map(|task| (task.partition.offsets().last_read(), task.partition.in_channel.load(Ordering::SeqCst)))
         }) else {
-            continue;
+            continue; // no longer ours
         };
         // Nothing read yet: the end of partition was reached where the consumer started.
         let read_to_high = last_read.is_none_or(|o| o + 1 >= high);
-        let waiting = shared.waiting.lock().map(|w| w.get(n).is_some_and(|v| !v.is_empty())).unwrap_or(true);
-        if read_to_high
-            && queued == 0
-            && !waiting
-            && let Ok(mut c) = shared.ctx.caught_up.lock()
+        let waiting = shared.waiting.lock().map(|w| w.get(&n).is_some_and(|v| !v.is_empty())).unwrap_or(true);
+        if !(read_to_high && queued == 0 && !waiting) {
+            continue;
+        }
+        // Under the lock the consumer's thread takes after it reads a record: a record read
+        // meanwhile leaves the partition not caught up.
+        if let Ok(mut c) = shared.ctx.caught_up.lock()
+            && shared.at_end.lock().is_ok_and(|e| e.contains(&n))
         {
             c.insert(format!("{}-{n}", shared.topic), Some(asked_at));
         }
+    }
+}
+
+/// The caught-up checks, on a thread and a connection of their own so that the broker round trips
+/// never hold up the consumer's poll.
+fn check_caught_up(shared: &Shared, servers: &str, quit: &AtomicBool) {
+    let checker: BaseConsumer = match ClientConfig::new().set("bootstrap.servers", servers).create() {
+        Ok(c) => c,
+        Err(e) => return shared.fail(MappingError::Kafka(format!("the caught-up checker for {servers}: {e}"))),
+    };
+    while !quit.load(Ordering::SeqCst) {
+        std::thread::sleep(CAUGHT_UP_CHECK);
+        renew_caught_up(shared, &checker);
     }
 }
 
