@@ -275,14 +275,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     let mut clients = if let Some(local) = &local {
         Clients::from(local)
     } else {
-        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        Clients {
-            kinesis: aws_sdk_kinesis::Client::new(&config),
-            sqs: aws_sdk_sqs::Client::new(&config),
-            s3: aws_sdk_s3::Client::new(&config),
-            sns: aws_sdk_sns::Client::new(&config),
-            events: aws_sdk_eventbridge::Client::new(&config),
-        }
+        aws_clients().await
     };
     let realism = std::sync::Arc::new(Realism::new(args.realism.config()));
     let mut proxy = None;
@@ -335,15 +328,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         settings.stream_arn, settings.function_name, args.invoke_endpoint, options.checkpoint_prefix
     );
     // Ctrl-C or SIGTERM: finish the batches in flight, checkpoint, release the leases.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        let _ = stop_tx.send(true);
-    });
+    let stop_rx = stop_on_signals()?;
     let summary = if args.no_progress {
         Runner::run(settings, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?
     } else {
@@ -357,6 +342,33 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
     }
     Ok(())
+}
+
+/// Turns true on Ctrl-C or SIGTERM: the mapping finishes the batches in flight, checkpoints (or
+/// commits) and hands its partitions over.
+fn stop_on_signals() -> Result<tokio::sync::watch::Receiver<bool>, Error> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
+    Ok(stop_rx)
+}
+
+/// Clients of real AWS (credentials, region and endpoints from the environment).
+async fn aws_clients() -> Clients {
+    let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    Clients {
+        kinesis: aws_sdk_kinesis::Client::new(&config),
+        sqs: aws_sdk_sqs::Client::new(&config),
+        s3: aws_sdk_s3::Client::new(&config),
+        sns: aws_sdk_sns::Client::new(&config),
+        events: aws_sdk_eventbridge::Client::new(&config),
+    }
 }
 
 /// The mapping's settings as the flags give them.
@@ -386,14 +398,7 @@ fn raw_flags(args: &EsmArgs, stream: Option<String>) -> RawSettings {
 async fn esm_kafka(args: EsmArgs, source: KafkaSource) -> Result<(), Error> {
     let settings = raw_flags(&args, None).validate_kafka(&source)?;
     let clients = if args.aws {
-        let config = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        Clients {
-            kinesis: aws_sdk_kinesis::Client::new(&config),
-            sqs: aws_sdk_sqs::Client::new(&config),
-            s3: aws_sdk_s3::Client::new(&config),
-            sns: aws_sdk_sns::Client::new(&config),
-            events: aws_sdk_eventbridge::Client::new(&config),
-        }
+        aws_clients().await
     } else if settings.on_failure.is_some() {
         Clients::from(&Local::connect().await?)
     } else {
@@ -416,15 +421,7 @@ async fn esm_kafka(args: EsmArgs, source: KafkaSource) -> Result<(), Error> {
         settings.function_name,
         args.invoke_endpoint
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        let _ = stop_tx.send(true);
-    });
+    let stop_rx = stop_on_signals()?;
     let summary =
         Runner::run_kafka(settings, source, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?;
     println!("esm summary\n{summary}");
