@@ -272,11 +272,7 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         RawSettings::from_template(&t, args.function.as_deref())?.overlay(flags)
     };
     let settings = raw.validate()?;
-    let mut clients = if let Some(local) = &local {
-        Clients::from(local)
-    } else {
-        aws_clients().await
-    };
+    let mut clients = if let Some(local) = &local { Clients::from(local) } else { aws_clients().await };
     let realism = std::sync::Arc::new(Realism::new(args.realism.config()));
     let mut proxy = None;
     if (realism.config().is_on() || settings.consumer_arn.is_some()) && !args.aws {
