@@ -48,6 +48,8 @@ pub struct Template {
     conditions: Map<String, Value>,
     /// Parameter values: defaults, then overrides.
     pub parameters: BTreeMap<String, String>,
+    /// Parameters whose `Ref` is a list (`CommaDelimitedList`, `List<...>`).
+    lists: std::collections::BTreeSet<String>,
     /// Physical names of resources by logical id; unnamed ones get `<stack>-<kebab id>`.
     pub names: HashMap<String, String>,
     /// The stack name (`AWS::StackName`).
@@ -91,10 +93,16 @@ impl Template {
         for (name, value) in &parameters {
             check_parameter(name, value, &params[name])?;
         }
+        let lists = params
+            .iter()
+            .filter(|(_, p)| p["Type"].as_str().is_some_and(|t| t == "CommaDelimitedList" || t.starts_with("List<")))
+            .map(|(name, _)| name.clone())
+            .collect();
         let template = Template {
             resources: section("Resources"),
             conditions: section("Conditions"),
             parameters,
+            lists,
             names: HashMap::new(),
             stack: stack.to_owned(),
             arns: HashMap::new(),
@@ -214,11 +222,16 @@ impl Template {
         if let Some((f, args)) = single(v).filter(|(f, _)| *f == "Ref" || f.starts_with("Fn::")) {
             return self.intrinsic(f, args, at);
         }
+        // `AWS::NoValue` removes the property or list item it stands for, as CloudFormation does.
+        let kept = |x: &Value| !is_no_value(x);
         Ok(match v {
-            Value::Array(a) => Value::Array(a.iter().map(|x| self.resolve(x, at)).collect::<Result<_, _>>()?),
+            Value::Array(a) => Value::Array(
+                a.iter().map(|x| self.resolve(x, at)).filter(|x| x.as_ref().map_or(true, kept)).collect::<Result<_, _>>()?,
+            ),
             Value::Object(o) => Value::Object(
                 o.iter()
                     .map(|(k, x)| Ok((k.clone(), self.resolve(x, &format!("{at}.{k}"))?)))
+                    .filter(|kv: &Result<(String, Value), TemplateError>| kv.as_ref().map_or(true, |(_, x)| kept(x)))
                     .collect::<Result<_, _>>()?,
             ),
             other => other.clone(),
@@ -275,7 +288,18 @@ impl Template {
     fn intrinsic(&self, f: &str, args: &Value, at: &str) -> Result<Value, TemplateError> {
         let arr = || args.as_array().ok_or_else(|| resolve_err(at, format!("{f} takes a list")));
         Ok(match f {
-            "Ref" => Value::String(self.reference(args.as_str().unwrap_or_default(), at)?),
+            "Ref" => match args.as_str().unwrap_or_default() {
+                "AWS::NoValue" => no_value(),
+                name if self.lists.contains(name) => Value::Array(
+                    self.parameters[name]
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| Value::String(s.to_owned()))
+                        .collect(),
+                ),
+                name => Value::String(self.reference(name, at)?),
+            },
             "Fn::GetAtt" => {
                 let target = match args {
                     Value::String(s) => s.clone(),
@@ -347,10 +371,14 @@ impl Template {
         Ok(out)
     }
 
-    /// The template's serverless functions as a local run needs them.
+    /// The template's serverless functions as a local run needs them: those whose `Condition`
+    /// holds.
     pub fn functions(&self) -> Result<Vec<TemplateFunction>, TemplateError> {
         let mut out = Vec::new();
         for (id, r) in self.resources_of("AWS::Serverless::Function") {
+            if !self.is_created(id)? {
+                continue;
+            }
             let props = self.resolve(&r["Properties"], id)?;
             let binary = r
                 .pointer("/Metadata/BuildProperties/Binary")
@@ -401,10 +429,23 @@ impl Template {
         }
     }
 
-    /// Resources of a type, by logical id.
+    /// Resources of a type that the stack creates (those whose `Condition` is false are left out,
+    /// as CloudFormation leaves them out), by logical id.
     pub fn resources_of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = (&'a String, &'a Value)> + 'a {
-        self.resources.iter().filter(move |(_, r)| r["Type"].as_str() == Some(kind))
+        self.resources
+            .iter()
+            .filter(move |(id, r)| r["Type"].as_str() == Some(kind) && !matches!(self.is_created(id), Ok(false)))
     }
+}
+
+/// What `!Ref AWS::NoValue` resolves to: a marker that `resolve` drops from the object or list
+/// holding it. (In `Fn::Sub`, `AWS::NoValue` is the empty string.)
+fn no_value() -> Value {
+    serde_json::json!({ "Ref": "AWS::NoValue" })
+}
+
+fn is_no_value(v: &Value) -> bool {
+    v.get("Ref").and_then(Value::as_str) == Some("AWS::NoValue")
 }
 
 /// A function of the template.
@@ -627,6 +668,54 @@ Resources:
         assert!(positions(&["ParallelizationFactor=11"]).unwrap_err().to_string().contains("above MaxValue 10"));
         let e = positions(&["ParallelizationFactor=2", "TumblingWindowInSeconds=60"]).unwrap_err().to_string();
         assert!(e.contains("rule WindowsNeedOneBatchPerShard"), "{e}");
+    }
+
+    #[test]
+    fn the_kafka_variant_replaces_the_stream_with_a_topic() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
+        let env_of = |t: &Template, binary: &str| -> BTreeMap<String, String> {
+            t.functions().unwrap().into_iter().find(|f| f.binary == binary).unwrap().env.into_iter().collect()
+        };
+        // Kinesis (the default): the stream, and no Kafka settings in the push function's
+        // environment (`AWS::NoValue` removes them, as CloudFormation does).
+        let t = Template::load(&path, "st", &[]).unwrap();
+        assert!(t.is_created("RecordStream").unwrap() && !t.is_created("KafkaRollupFunction").unwrap());
+        let push = env_of(&t, "s3-to-kinesis");
+        assert_eq!(push.get("STREAM_NAME").map(String::as_str), Some("st-record-stream"));
+        assert!(!push.contains_key("KAFKA_TOPIC") && !push.contains_key("KAFKA_BOOTSTRAP_SERVERS"), "{push:?}");
+        assert_eq!(t.function_with_event("Kinesis").unwrap().logical_id, "KinesisRollupFunction");
+        // Kafka: no stream, one rollup (the same binary and name) with a SelfManagedKafka event,
+        // and the push function writing to the topic on the servers given (a list parameter).
+        let overrides = ["Broker=kafka".into(), "KafkaBootstrapServers=127.0.0.1:9092, 127.0.0.1:9093".into()];
+        let t = Template::load(&path, "st", &overrides).unwrap();
+        assert!(!t.is_created("RecordStream").unwrap() && t.resources_of("AWS::Kinesis::Stream").next().is_none());
+        assert!(t.function_with_event("Kinesis").is_err());
+        let pull = t.function_with_event("SelfManagedKafka").unwrap();
+        assert_eq!((pull.logical_id.as_str(), pull.name.as_str()), ("KafkaRollupFunction", "st-kinesis-rollup"));
+        let push = env_of(&t, "s3-to-kinesis");
+        assert!(!push.contains_key("STREAM_NAME"), "{push:?}");
+        assert_eq!(push["KAFKA_TOPIC"], "st-records");
+        assert_eq!(push["KAFKA_BOOTSTRAP_SERVERS"], "127.0.0.1:9092,127.0.0.1:9093");
+        // The rollup's role loses the stream's statements rather than naming a stream that is
+        // not created; the VPC statements come only with a subnet and a security group.
+        let role = t.resolve(&t.resources["PullRole"]["Properties"]["Policies"], "PullRole").unwrap();
+        let sids: Vec<&str> = role[0]["PolicyDocument"]["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| s["Sid"].as_str())
+            .collect();
+        assert_eq!(sids, ["Logs", "OutputsAndCheckpoints", "MissingKeysAnswer404", "FailureDestination"]);
+        let mut in_vpc = overrides.to_vec();
+        in_vpc.extend(["KafkaSubnetId=subnet-0abc".to_owned(), "KafkaSecurityGroupId=sg-0abc".to_owned()]);
+        let t = Template::load(&path, "st", &in_vpc).unwrap();
+        let role = t.resolve(&t.resources["PullRole"]["Properties"]["Policies"], "PullRole").unwrap();
+        assert!(role.to_string().contains("KafkaMappingNetwork"));
+        // Kafka mappings have no ParallelizationFactor or tumbling window (a rule says so).
+        let mut factor = overrides.to_vec();
+        factor.push("ParallelizationFactor=2".into());
+        let e = Template::load(&path, "st", &factor).unwrap_err().to_string();
+        assert!(e.contains("rule KafkaHasNoStreamSettings"), "{e}");
     }
 
     #[test]

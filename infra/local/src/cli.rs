@@ -138,8 +138,10 @@ pub struct EsmArgs {
     /// Stream name or ARN.
     #[arg(long)]
     stream: Option<String>,
-    /// A Kafka mapping instead (the template is not read): the cluster's bootstrap servers,
-    /// `HOST:PORT[,HOST:PORT...]` (KAFKA_BOOTSTRAP_SERVERS).
+    /// A Kafka mapping from the flags alone (the template is not read): the cluster's bootstrap
+    /// servers, `HOST:PORT[,HOST:PORT...]` (KAFKA_BOOTSTRAP_SERVERS). Without it, the template's
+    /// Kafka variant (`--parameter-overrides Broker=kafka KafkaBootstrapServers=...`) is read
+    /// like its Kinesis mapping.
     #[arg(long, value_name = "HOST:PORT")]
     kafka_bootstrap_servers: Option<String>,
     /// The topic a Kafka mapping reads.
@@ -255,7 +257,17 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
             consumer_group_id: args.consumer_group_id.clone(),
             cluster_arn: args.msk_cluster_arn.clone(),
         };
-        return esm_kafka(args, source).await;
+        let raw = raw_flags(&args, None);
+        return esm_kafka(args, source, raw).await;
+    }
+    if !args.no_template && args.stream.is_none() {
+        // The template's Kafka variant (`--parameter-overrides Broker=kafka`): its mapping,
+        // with the flags over it.
+        let t = args.template.load()?;
+        if let Some((raw, source)) = RawSettings::from_template_kafka(&t, args.function.as_deref())? {
+            let raw = raw.overlay(raw_flags(&args, None));
+            return esm_kafka(args, source, raw).await;
+        }
     }
     let local = match args.aws {
         true => None,
@@ -391,8 +403,8 @@ fn raw_flags(args: &EsmArgs, stream: Option<String>) -> RawSettings {
 
 /// `esm` on Kafka: the mapping as a member of its consumer group on the cluster; LocalStack only
 /// for an OnFailure destination.
-async fn esm_kafka(args: EsmArgs, source: KafkaSource) -> Result<(), Error> {
-    let settings = raw_flags(&args, None).validate_kafka(&source)?;
+async fn esm_kafka(args: EsmArgs, source: KafkaSource, raw: RawSettings) -> Result<(), Error> {
+    let settings = raw.validate_kafka(&source)?;
     let clients = if args.aws {
         aws_clients().await
     } else if settings.on_failure.is_some() {

@@ -21,7 +21,7 @@ use crate::async_invoke::{AsyncSettings, AsyncSummary, DeliveryOptions};
 use crate::cloudwatch::MetricLog;
 use crate::invoke::InvokeServer;
 use crate::localstack::{ACCOUNT, Local, REGION, function_env};
-use crate::mapping::{Clients, Delivered, KafkaSource, RawSettings, Runner, RunnerOptions, Summary};
+use crate::mapping::{Clients, Delivered, RawSettings, Runner, RunnerOptions, Summary};
 use crate::observed::{Names, Observed};
 use crate::progress::{Display, LiveProgress, Update};
 use crate::realism::iam::Policies;
@@ -204,17 +204,25 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
         None => t.name_of(bucket_id),
     };
     local.ensure_bucket(&bucket).await?;
-    let (stream_id, stream_props) = props(t, "AWS::Kinesis::Stream")
-        .next()
-        .ok_or_else(|| PipelineError::Run("the template has no stream".into()))?;
-    let shards: i32 = stream_props
-        .get("ShardCount")
-        .and_then(|v| t.resolve(v, stream_id).ok())
-        .and_then(|v| scalar(&v))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let stream = t.name_of(stream_id);
-    let stream_arn = local.ensure_stream(&stream, shards).await?;
+    let (stream, stream_arn) = match props(t, "AWS::Kinesis::Stream").next() {
+        Some((stream_id, stream_props)) => {
+            let shards: i32 = stream_props
+                .get("ShardCount")
+                .and_then(|v| t.resolve(v, stream_id).ok())
+                .and_then(|v| scalar(&v))
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1);
+            let stream = t.name_of(stream_id);
+            let arn = local.ensure_stream(&stream, shards).await?;
+            (stream, arn)
+        }
+        // The template's Kafka variant: the records travel through a topic (the rollup names
+        // its outputs after it), which the broker holds; `run` creates it.
+        None => match RawSettings::from_template_kafka(t, None)? {
+            Some((_, source)) => (source.topic.clone(), source.event_source_arn()),
+            None => return Err(PipelineError::Run("the template has neither a stream nor a Kafka mapping".into())),
+        },
+    };
     register_consumers(t, local).await?;
     let t = &*t;
     let mut queue_urls = HashMap::new();
@@ -233,14 +241,20 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
     // The functions by what triggers them: the push function an S3 event, the pull function a
     // Kinesis event (their binaries' names are the template's).
     let push = t.function_with_event("S3")?;
-    let pull = t.function_with_event("Kinesis")?;
+    let pull = match t.function_with_event("Kinesis") {
+        Ok(f) => f,
+        Err(_) => t.function_with_event("SelfManagedKafka").or_else(|_| t.function_with_event("MSK"))?,
+    };
     let (push_function, pull_function) = (push.name.clone(), pull.name.clone());
     // The push function's S3 event: its prefix filter becomes the bucket's notification filter.
     let input_prefix = t.parameters.get("InputPrefix").cloned().unwrap_or_else(|| "input/".into());
     let queue = format!("{}-s3-events", t.stack);
     let s3_events_queue = local.notify_queue(&bucket, &queue, &input_prefix).await?;
     let push_cfg = AsyncSettings::from_template(t, &push.binary, 1.0)?;
-    let pull_cfg = RawSettings::from_template(t, None)?;
+    let pull_cfg = match RawSettings::from_template_kafka(t, None)? {
+        Some((raw, _)) => raw,
+        None => RawSettings::from_template(t, None)?,
+    };
     Ok(Resources {
         bucket,
         input_prefix,
@@ -837,7 +851,13 @@ fn percentiles(mut v: Vec<f64>) -> [f64; 4] {
 pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let started = Instant::now();
     let started_ms = crate::cloudwatch::now_ms();
-    let mut t = Template::load(&config.template, &config.stack, &config.overrides)?;
+    // `--broker kafka` is the template's Kafka variant on the broker the run was given.
+    let mut overrides = config.overrides.clone();
+    if let Broker::Kafka { bootstrap_servers } = &config.broker {
+        overrides.push("Broker=kafka".into());
+        overrides.push(format!("KafkaBootstrapServers={bootstrap_servers}"));
+    }
+    let mut t = Template::load(&config.template, &config.stack, &overrides)?;
     let metric_log = MetricLog::install(&config.run_dir.join("metrics.ndjson"))
         .map_err(|e| PipelineError::io(format!("run directory {}", config.run_dir.display()), e))?;
     let local = Local::connect().await.map_err(PipelineError::NotRunning)?;
@@ -848,41 +868,23 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let expected = expected(&config.input_dir, &group_by, &sum_field)?;
 
     let push_binary = t.function_with_event("S3")?.binary;
-    let mut extra_env: Vec<(&str, Vec<(String, String)>)> =
+    let extra_env: Vec<(&str, Vec<(String, String)>)> =
         config.extra_env.iter().map(|(binary, env)| (*binary, env.clone())).collect();
-    let kafka_source = match &config.broker {
-        Broker::Kinesis => None,
-        Broker::Kafka { bootstrap_servers } => {
-            // As many partitions as the template gives the stream shards.
-            let partitions = t.parameters.get("ShardCount").and_then(|n| n.parse().ok()).unwrap_or(4);
-            let topic = format!("{}-records", config.stack);
-            crate::mapping::kafka::admin::ensure_topic(bootstrap_servers, &topic, partitions)
-                .await
-                .map_err(|e| PipelineError::Run(e.to_string()))?;
-            extra_env.push((
-                push_binary.as_str(),
-                vec![
-                    ("KAFKA_TOPIC".into(), topic.clone()),
-                    ("KAFKA_BOOTSTRAP_SERVERS".into(), bootstrap_servers.clone()),
-                ],
-            ));
-            Some(KafkaSource {
-                bootstrap_servers: bootstrap_servers.split(',').map(str::trim).map(str::to_owned).collect(),
-                topic,
-                consumer_group_id: None,
-                cluster_arn: None,
-            })
-        }
-    };
+    // The template's Kafka variant (Broker=kafka): the push function's environment names the
+    // topic and servers, and the rollup's SelfManagedKafka event is the mapping.
+    let kafka_mapping = RawSettings::from_template_kafka(&t, None)?;
+    if let Some((_, source)) = &kafka_mapping {
+        // As many partitions as the template gives the stream shards.
+        let partitions = t.parameters.get("ShardCount").and_then(|n| n.parse().ok()).unwrap_or(4);
+        crate::mapping::kafka::admin::ensure_topic(&source.bootstrap_servers.join(","), &source.topic, partitions)
+            .await
+            .map_err(|e| PipelineError::Run(e.to_string()))?;
+    }
     let mut specs = template_specs(&t, &extra_env, config.verbose)?;
     let realism = Arc::new(Realism::new(config.realism.clone()));
-    let raw = RawSettings::from_template(&t, None)?.overlay(config.mapping.clone());
-    let settings = match &kafka_source {
-        None => raw.validate()?,
-        // The template's mapping settings on the topic; Kinesis-only ones do not apply.
-        Some(source) => {
-            RawSettings { parallelization_factor: None, tumbling_window: None, ..raw }.validate_kafka(source)?
-        }
+    let (settings, kafka_source) = match kafka_mapping {
+        None => (RawSettings::from_template(&t, None)?.overlay(config.mapping.clone()).validate()?, None),
+        Some((raw, source)) => (raw.overlay(config.mapping.clone()).validate_kafka(&source)?, Some(source)),
     };
     // Enhanced fan-out is served by the proxy (true push: `realism::fanout`), so a mapping on a
     // stream consumer reads through it even with the realism layer off.
@@ -933,7 +935,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let kafka = kafka_source.as_ref().map(|k| KafkaRun {
         bootstrap_servers: k.bootstrap_servers.join(","),
         topic: k.topic.clone(),
-        group: settings.uuid(),
+        group: k.consumer_group_id.clone().unwrap_or_else(|| settings.uuid()),
     });
     let mapping = match kafka_source {
         None => Runner::start(settings, options, clients.clone(), server.client()),

@@ -334,7 +334,7 @@ impl RawSettings {
     pub fn from_template(t: &Template, function: Option<&str>) -> Result<RawSettings, TemplateError> {
         let err = |reason: String| TemplateError::Resolve { at: "Resources".into(), reason };
         for (id, r) in t.resources_of("AWS::Serverless::Function") {
-            if function.is_some_and(|f| f != id) {
+            if function.is_some_and(|f| f != id) || !t.is_created(id)? {
                 continue;
             }
             let props = &r["Properties"];
@@ -369,6 +369,61 @@ impl RawSettings {
             Some(f) => format!("function {f} has no Kinesis event source in the template"),
             None => "no function in the template has a Kinesis event source".to_owned(),
         }))
+    }
+
+    /// The template's Kafka mapping, if a function whose resource is created has a
+    /// `SelfManagedKafka` or `MSK` event (`function`: that function's logical id only): its
+    /// settings as for a Kinesis event, and the cluster and topic. `KafkaBootstrapServers` and
+    /// `Topics` are lists (one topic per mapping, as AWS allows); an `MSK` event's `Stream` is the
+    /// cluster's ARN and its servers are `KAFKA_BOOTSTRAP_SERVERS` of the environment.
+    pub fn from_template_kafka(
+        t: &Template,
+        function: Option<&str>,
+    ) -> Result<Option<(RawSettings, KafkaSource)>, TemplateError> {
+        let err = |at: &str, reason: String| TemplateError::Resolve { at: at.to_owned(), reason };
+        for (id, r) in t.resources_of("AWS::Serverless::Function") {
+            if function.is_some_and(|f| f != id) || !t.is_created(id)? {
+                continue;
+            }
+            let props = &r["Properties"];
+            for (name, event) in props["Events"].as_object().into_iter().flatten() {
+                let kind = event["Type"].as_str().unwrap_or_default();
+                if kind != "SelfManagedKafka" && kind != "MSK" {
+                    continue;
+                }
+                let at = format!("{id}.Events.{name}");
+                let p = t.resolve(&event["Properties"], &at)?;
+                let list = |k: &str| -> Vec<String> {
+                    match p.get(k) {
+                        Some(Value::Array(a)) => a.iter().filter_map(scalar).collect(),
+                        Some(v) => scalar(v).map(|s| s.split(',').map(|x| x.trim().to_owned()).collect()).unwrap_or_default(),
+                        None => Vec::new(),
+                    }
+                };
+                let topics = list("Topics");
+                let [topic] = topics.as_slice() else {
+                    return Err(err(&at, format!("Topics must name one topic (AWS takes one per mapping), not {topics:?}")));
+                };
+                let (bootstrap_servers, cluster_arn) = match kind {
+                    "MSK" => {
+                        let servers = std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_default();
+                        (servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(), p.get("Stream").and_then(scalar))
+                    }
+                    _ => (list("KafkaBootstrapServers"), None),
+                };
+                let fname = t.resolve(&props["FunctionName"], id)?;
+                let mut raw = Self::from_properties(&p);
+                raw.function = Some(scalar(&fname).unwrap_or_else(|| t.name_of(id)));
+                let source = KafkaSource {
+                    bootstrap_servers,
+                    topic: topic.clone(),
+                    consumer_group_id: p.get("ConsumerGroupId").and_then(scalar).filter(|g| !g.is_empty()),
+                    cluster_arn,
+                };
+                return Ok(Some((raw, source)));
+            }
+        }
+        Ok(None)
     }
 
     fn from_properties(p: &Value) -> RawSettings {
@@ -732,6 +787,30 @@ mod tests {
 
     /// API_EventSourceMappingMetricsConfig: "Include EventCount to receive event source mapping
     /// metrics"; without it none (AWS: "You must opt-in the metric group").
+    #[test]
+    fn reads_the_templates_kafka_variant() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
+        // The Kinesis variant has no Kafka mapping.
+        let t = Template::load(&path, "st", &[]).unwrap();
+        assert!(RawSettings::from_template_kafka(&t, None).unwrap().is_none());
+        let overrides = ["Broker=kafka".into(), "KafkaConsumerGroupId=rollups".into(), "BatchSize=50".into()];
+        let t = Template::load(&path, "st", &overrides).unwrap();
+        assert!(RawSettings::from_template(&t, None).is_err(), "no Kinesis mapping is created");
+        let (raw, source) = RawSettings::from_template_kafka(&t, None).unwrap().unwrap();
+        assert_eq!(source.bootstrap_servers, ["127.0.0.1:9092"]);
+        assert_eq!(source.topic, "st-records");
+        assert_eq!(source.consumer_group_id.as_deref(), Some("rollups"));
+        assert_eq!(source.cluster_arn, None);
+        let m = raw.validate_kafka(&source).unwrap();
+        assert_eq!(m.function_name, "st-kinesis-rollup");
+        assert_eq!(m.batch_size, 50);
+        assert_eq!(m.batching_window, Duration::from_secs(1));
+        assert!(m.report_batch_item_failures && m.bisect_on_error);
+        assert_eq!(m.maximum_retry_attempts, 10);
+        assert_eq!(m.on_failure, Some(Destination::Sqs("arn:aws:sqs:us-east-1:000000000000:st-pull-failure-queue".into())));
+        assert!(m.stream_arn.ends_with("self-managed/127.0.0.1:9092/st-records"), "{}", m.stream_arn);
+    }
+
     #[test]
     fn event_count_metrics_are_opt_in() {
         assert!(!base().validate().unwrap().event_count_metrics);
