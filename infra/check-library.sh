@@ -4,7 +4,8 @@
 #    `cargo test -p pushpull` (unit and doc tests) with nothing else of the workspace selected, so
 #    that no feature of another crate is unified in;
 # 2. it is publishable: `cargo publish --dry-run` packages it (README, license, metadata, no
-#    path-only dependency) and builds the package alone.
+#    path-only dependency) and builds the package alone;
+# 3. its documentation builds without a warning (broken links, missing docs), as docs.rs builds it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 features=(default "" runtime emf kinesis dynamodb sqs kafka push aggregation s3 kinesis-sink kafka-sink aws full)
@@ -28,3 +29,11 @@ if ! cargo publish --dry-run -p pushpull --allow-dirty >"$log" 2>&1; then
 fi
 rm -f "$log"
 echo "[library] cargo publish --dry-run -p pushpull: packaged and built alone"
+log="$(mktemp)"
+if ! RUSTDOCFLAGS="-D warnings" cargo doc --no-deps -p pushpull --all-features >"$log" 2>&1; then
+  cat "$log" >&2; rm -f "$log"
+  echo "[library] cargo doc -D warnings -p pushpull --all-features: FAILED" >&2
+  exit 1
+fi
+rm -f "$log"
+echo "[library] cargo doc -p pushpull --all-features: no warnings"

@@ -175,6 +175,7 @@ where
 /// a record cannot be named in a response): the whole batch is retried.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
+#[non_exhaustive]
 pub struct BatchError {
     /// What went wrong.
     pub message: String,

@@ -137,7 +137,7 @@ impl PullBatch {
 
 /// How long before `now` a record that arrived at `arrival` (epoch seconds) arrived; `None` for a
 /// time that is not finite. A clock behind the arrival time gives zero.
-pub fn age_at(arrival: f64, now: SystemTime) -> Option<Duration> {
+pub(crate) fn age_at(arrival: f64, now: SystemTime) -> Option<Duration> {
     if !arrival.is_finite() || arrival < 0.0 {
         return None;
     }
@@ -146,22 +146,18 @@ pub fn age_at(arrival: f64, now: SystemTime) -> Option<Duration> {
 }
 
 /// The stream's name in a Kinesis stream or consumer ARN (`arn:aws:kinesis:…:stream/NAME[/consumer/…]`).
-///
-/// ```
-/// assert_eq!(pushpull::metrics::stream_name("arn:aws:kinesis:us-east-1:000000000000:stream/orders"), Some("orders"));
-/// ```
-pub fn stream_name(arn: &str) -> Option<&str> {
+pub(crate) fn stream_name(arn: &str) -> Option<&str> {
     let (_, rest) = arn.split_once(":stream/")?;
     Some(rest.split('/').next().unwrap_or(rest))
 }
 
 /// One checkpoint written.
-pub fn checkpoint_written() {
+pub(crate) fn checkpoint_written() {
     metrics::counter!(CHECKPOINT_WRITES).increment(1);
 }
 
 /// One checkpoint write refused by its condition.
-pub fn checkpoint_conflict() {
+pub(crate) fn checkpoint_conflict() {
     metrics::counter!(CHECKPOINT_CONFLICTS).increment(1);
 }
 

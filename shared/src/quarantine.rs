@@ -17,6 +17,7 @@ pub const EXCERPT_BYTES: usize = 256;
 
 /// One quarantined line of an S3 object.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct QuarantinedLine {
     /// Source bucket.
     pub bucket: String,

@@ -56,6 +56,11 @@ fn kafka_fixtures() {
         let msk = name.contains("msk");
         assert_eq!(event.event_source, if msk { "aws:kafka" } else { "SelfManagedKafka" }, "{name}");
         assert_eq!(event.event_source_arn.is_some(), msk, "{name}: only MSK names a cluster ARN");
+        let r = event.all_records().next().unwrap();
+        assert_eq!((r.topic.as_str(), r.partition, r.offset), ("mytopic", 0, 15), "{name}");
+        assert_eq!(r.value_bytes().unwrap().unwrap(), b"Hello, this is a test.", "{name}");
+        assert_eq!(r.key_bytes().unwrap().map(|k| k.len()), Some(22), "{name}: AWS's sample key");
+        assert_eq!(r.headers().unwrap(), [("headerKey", Some(b"headerValue".to_vec()))], "{name}");
     }
 }
 
@@ -71,5 +76,20 @@ fn kinesis_fixtures() {
             ev.records.iter().all(|r| r.shard_id() == ev.records[0].shard_id()),
             "{name}: a batch comes from one shard"
         );
+        // The one-pass reader and serde read it alike, borrowing the data.
+        let one_pass = KinesisEvent::from_slice(text.as_bytes()).unwrap();
+        assert_eq!(format!("{one_pass:?}"), format!("{ev:?}"), "{name}");
+        assert!(one_pass.records.iter().all(|r| matches!(r.kinesis.data, std::borrow::Cow::Borrowed(_))), "{name}");
     }
+}
+
+#[test]
+fn dynamodb_fixture() {
+    use pushpull::pull::Options;
+    use pushpull::pull::dynamodb::{DynamoDbEvent, process};
+    let event = DynamoDbEvent::from_slice(read("dynamodb-batch.json").as_bytes()).unwrap();
+    assert_eq!(event.records.len(), 3);
+    assert_eq!(event.records[0].dynamodb.sequence_number, "111");
+    let r = process(&event, Options::default(), |r| if r.event_name == "MODIFY" { Err("no") } else { Ok(()) }).unwrap();
+    assert_eq!(r.item_failures()[0].item_identifier, "222");
 }

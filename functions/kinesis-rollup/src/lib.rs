@@ -316,7 +316,7 @@ struct Intent {
     positions: BTreeMap<String, KeyPosition>,
     /// Names this intent; every row of its output carries it as `writer`, so that an output
     /// under the same name written by another invocation never moves this intent's positions.
-    /// (Absent in a note written before it existed: trusted, as then.)
+    /// (A note of the older format has none and is trusted.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id: Option<String>,
     /// Its invocation's deadline plus [`NOTE_MARGIN_S`] (unix seconds), when the invocation

@@ -9,8 +9,8 @@ use pushpull::config::Env;
 // One thread for the runtime: Lambda sends one invocation at a time, its S3 calls are made one
 // after the other, and the CPU work (reading the batch, checking its records) runs on threads of
 // its own (`pushpull::pull::start_helpers`: a helper per further vCPU, started here, before the first
-// batch). With worker threads, each kept a malloc arena holding megabytes of earlier batches:
-// W1's peak RSS was 30-34 MiB this way against 24 (BENCHMARKS.md).
+// batch). Worker threads would each keep a malloc arena holding megabytes of earlier batches
+// (W1's peak RSS: 30-34 MiB with them against 24 without, BENCHMARKS.md).
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
     pushpull::telemetry::init();
@@ -18,7 +18,9 @@ async fn main() -> Result<(), Error> {
     let settings =
         RollupSettings::from_env(Env::from_process()).inspect_err(|e| tracing::error!(error = %e, "cannot start"))?;
     let handler = Arc::new(RollupHandler::connect(settings, &pushpull::aws::Aws::new()).await);
-    // run_raw: the event is parsed where it lies, without a copy (batches reach 6 MB).
+    // run_raw, not run_kinesis: the rollup's unit is the whole batch (one output and one
+    // checkpoint per batch, exactly once), where run_kinesis calls a handler per record; and the
+    // event is parsed where it lies, without a copy (batches reach 6 MB).
     pushpull::lambda::run_raw(move |body, context| {
         let handler = handler.clone();
         // The deadline bounds how long a write-ahead note of this invocation claims its keys.

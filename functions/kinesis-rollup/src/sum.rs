@@ -208,8 +208,8 @@ impl Serialize for Sum {
     }
 }
 
-/// Read from decimal text, or from an integer count of billionths (how window state was written
-/// before sums were exact; tumbling windows last at most 15 minutes, so such state is short-lived).
+/// Read from decimal text, or from an integer count of billionths (window state's older format,
+/// still read: tumbling windows last at most 15 minutes, so such state is short-lived).
 impl<'de> Deserialize<'de> for Sum {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor;
@@ -223,7 +223,7 @@ impl<'de> Deserialize<'de> for Sum {
             }
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Sum, E> {
                 Err(E::custom(format!(
-                    "a sum of {v} billionths (as window state was written before sums were exact): too large to read exactly"
+                    "a sum of {v} billionths (window state's older format): too large to read exactly"
                 )))
             }
             fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Sum, E> {

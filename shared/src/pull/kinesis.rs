@@ -83,6 +83,7 @@ impl<'a> Record<'a> {
 
 /// A record that owns its data: what async handlers receive.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct OwnedRecord {
     /// Its position in the batch (0-based).
     pub index: usize,

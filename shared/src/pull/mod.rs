@@ -185,6 +185,7 @@ pub struct Unprocessed {
 
 /// The outcome of a batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BatchResult {
     /// Records handled successfully.
     pub processed: usize,
@@ -406,6 +407,7 @@ where
 /// message, a DynamoDB item image).
 #[derive(Debug, thiserror::Error)]
 #[error("record {item}: not the expected {format}: {source}")]
+#[non_exhaustive]
 pub struct DecodeError {
     /// The record's identifier (sequence number, message id).
     pub item: String,

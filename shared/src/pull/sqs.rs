@@ -67,6 +67,7 @@ impl SqsEvent {
 /// One message.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[non_exhaustive]
 pub struct SqsMessage {
     /// The message id: what the response names it by.
     pub message_id: String,

@@ -39,6 +39,7 @@ use crate::store::Etag;
 
 /// The checkpoint of one object version.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ObjectProgress {
     /// Bucket.
     pub bucket: String,

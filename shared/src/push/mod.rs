@@ -223,6 +223,7 @@ pub enum Outcome {
 /// The account of one object. Counts are for the whole object, including what earlier
 /// invocations did before this one resumed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct ObjectSummary {
     /// Bucket.
     pub bucket: String,
@@ -287,6 +288,7 @@ impl ObjectSummary {
 
 /// The function's response: one summary per record of the notification.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
 pub struct PushSummary {
     /// True for an `s3:TestEvent`.
     pub test_event: bool,

@@ -165,6 +165,7 @@ pub struct WrittenRecord {
 /// A whole call to the sink failed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
+#[non_exhaustive]
 pub struct SinkError {
     /// What the service or transport said, with the operation and the stream.
     pub message: String,
@@ -231,6 +232,7 @@ pub trait RecordSink: Send + Sync {
 
 /// What one [`Producer::send`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SendReport {
     /// User records written (lines: an aggregate counts the lines it packs).
     pub records: usize,
