@@ -105,3 +105,35 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> 
         })
         .collect()
 }
+
+/// A record read back: its key and value (`None`: none).
+pub type Incoming = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Every record of `topic`'s first `partitions` partitions, partition by partition in offset
+/// order (read up to each partition's high watermark).
+pub fn read_all(topic: &str, partitions: i32) -> Vec<Incoming> {
+    use rdkafka::message::Message as _;
+    let c: BaseConsumer =
+        config().set("group.id", "read-all").set("enable.auto.commit", "false").create().expect("a consumer");
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        let (low, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks");
+        if high <= low {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(low)).expect("an offset");
+        c.assign(&tpl).expect("assign");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut next = low;
+        while next < high {
+            assert!(std::time::Instant::now() < deadline, "{topic}-{p}: read {next} of {high} in 30 s");
+            if let Some(m) = c.poll(Duration::from_millis(200)) {
+                let m = m.unwrap_or_else(|e| panic!("reading {topic}-{p}: {e}"));
+                out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
+                next = m.offset() + 1;
+            }
+        }
+    }
+    out
+}

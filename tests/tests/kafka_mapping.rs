@@ -10,6 +10,7 @@
 //! | partial batch response (`{"partition": "topic-N", "offset": N}`): retry from the lowest offset named | `a_partial_batch_response_retries_from_the_offset_it_names` |
 //! | an itemIdentifier not in the batch: the whole batch fails | `an_item_identifier_of_another_partition_fails_the_whole_batch` |
 //! | MaximumRetryAttempts, then the SQS failure record with `KafkaBatchInfo`, and the group moves on | `a_failing_batch_goes_to_the_sqs_destination_and_its_offsets_are_committed` |
+//! | a `kafka://` destination: one message per failed record, keyed as it, with its one-record event; not the source topic | `a_failing_batch_goes_to_a_kafka_topic_one_message_per_record` |
 //! | a group with committed offsets: StartingPosition ignored, resumes after them | `a_group_with_committed_offsets_resumes_after_them_whatever_the_starting_position` |
 //! | LATEST: only what arrives after the group joins | `latest_reads_only_what_arrives_after_the_group_joins` |
 //! | AT_TIMESTAMP: from the first record at or after the time | `at_timestamp_starts_at_the_first_record_at_or_after_the_time` |
@@ -229,6 +230,47 @@ async fn a_failing_batch_goes_to_the_sqs_destination_and_its_offsets_are_committ
     assert!(info["recordsInfo"][&p]["firstRecordTimestamp"].as_str().unwrap().ends_with('Z'));
     assert_eq!(f.committed(), vec![Some(3)]);
     assert_eq!(s.counts.to_destination, 2);
+}
+
+/// AWS (kafka-on-failure-destination.html): "Lambda acts as a Kafka producer and writes failed
+/// records to the destination topic"; "Kafka destinations receive the actual failed records along
+/// with failure metadata"; its example is one message per record, `"condition":
+/// "RetriesExhausted"`, `KafkaBatchInfo` of `batchSize` 1 with `recordInfo`, the one-record event
+/// as `payload`; "Lambda uses the same partition key from the original record". And "Lambda
+/// prevents infinite loops by blocking configurations where the source and destination topics
+/// are the same."
+#[tokio::test]
+async fn a_failing_batch_goes_to_a_kafka_topic_one_message_per_record() {
+    let f = fixture(1).await;
+    let dead_letters = pushpull_tests::kafka::topic("kmap-dlt", 1).await;
+    f.send_ids(&[(0, "a", none()), (0, "b", json!({"error": 99})), (0, "c", none())]).await;
+    let s = f
+        .run(RawSettings {
+            batch_size: Some("2".into()),
+            maximum_retry_attempts: Some("0".into()),
+            on_failure: Some(format!("kafka://{dead_letters}")),
+            ..f.settings()
+        })
+        .await;
+    let p = f.partition(0);
+    assert_eq!(f.batches(), vec![(p.clone(), b(&["a", "b"])), (p.clone(), b(&["c"]))]);
+    let got = pushpull_tests::kafka::read_all(&dead_letters, 1);
+    assert_eq!(got.len(), 2, "one message per record of the batch given up on");
+    for (i, (key, value)) in got.iter().enumerate() {
+        assert_eq!(key.as_deref(), Some(&b"k"[..]), "keyed as the original record");
+        let v: Value = serde_json::from_slice(value.as_deref().unwrap()).unwrap();
+        assert_eq!(v["requestContext"]["condition"], "RetriesExhausted");
+        assert_eq!(v["KafkaBatchInfo"]["batchSize"], 1);
+        assert_eq!(v["KafkaBatchInfo"]["recordInfo"]["offset"], i.to_string());
+        let records = v["payload"]["records"][&p].as_array().unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0]["offset"], i);
+    }
+    assert_eq!(f.committed(), vec![Some(3)]);
+    assert_eq!(s.counts.to_destination, 2);
+    // The source topic as its own destination is refused.
+    let same = RawSettings { on_failure: Some(format!("kafka://{}", f.topic)), ..f.settings() };
+    assert!(same.validate_kafka(&f.source()).unwrap_err().to_string().contains("source and destination topics"));
 }
 
 /// AWS (kafka-consumer-group-id.html): "if you specify a consumer group ID, and Kafka finds a valid

@@ -226,7 +226,10 @@ impl Template {
         let kept = |x: &Value| !is_no_value(x);
         Ok(match v {
             Value::Array(a) => Value::Array(
-                a.iter().map(|x| self.resolve(x, at)).filter(|x| x.as_ref().map_or(true, kept)).collect::<Result<_, _>>()?,
+                a.iter()
+                    .map(|x| self.resolve(x, at))
+                    .filter(|x| x.as_ref().map_or(true, kept))
+                    .collect::<Result<_, _>>()?,
             ),
             Value::Object(o) => Value::Object(
                 o.iter()

@@ -1,7 +1,8 @@
 //! Delivery to the OnFailure destination: SQS and SNS get the failure record; S3 gets the failure
 //! record with the invocation payload, under `aws/lambda/<mapping>/<shard>/YYYY/MM/DD/...` as
 //! AWS names it. For async invoke also a Lambda function (invoked with the record as its event)
-//! and an EventBridge bus (the record as the `detail` of an event from `lambda`). A destination
+//! and an EventBridge bus (the record as the `detail` of an event from `lambda`); for a Kafka
+//! mapping also a topic of its cluster (one message per failed record: `kafka::dead_letter`). A destination
 //! that cannot be reached is retried: the shard waits rather than lose the batch.
 use std::time::Duration;
 
@@ -45,12 +46,29 @@ pub struct FailureDestination {
     mapping_id: String,
     queue_url: OnceCell<String>,
     invoker: Option<crate::invoke::InvokeClient>,
+    producer: OnceCell<Producer>,
+}
+
+/// The producer of a `kafka://` destination, made on first use on the source's cluster.
+struct Producer(rdkafka::producer::FutureProducer);
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Producer")
+    }
 }
 
 impl FailureDestination {
     /// For `destination`; `mapping_id` names the S3 objects (AWS uses the mapping's UUID).
     pub fn new(destination: Destination, clients: Clients, mapping_id: String) -> Self {
-        FailureDestination { destination, clients, mapping_id, queue_url: OnceCell::new(), invoker: None }
+        FailureDestination {
+            destination,
+            clients,
+            mapping_id,
+            queue_url: OnceCell::new(),
+            invoker: None,
+            producer: OnceCell::new(),
+        }
     }
 
     /// Invokes a Lambda destination through `invoker` (the local Invoke API).
@@ -74,6 +92,43 @@ impl FailureDestination {
 
     async fn try_send(&self, record: &Value, payload: Option<&str>, shard_id: &str) -> Result<String, String> {
         match &self.destination {
+            Destination::Kafka(d) => {
+                let topic = d.trim_start_matches("kafka://");
+                let payload = payload.ok_or("a Kafka destination needs the batch's records")?;
+                let letters = super::kafka::dead_letter::dead_letters(record, payload)?;
+                // The source's cluster: the event names its servers.
+                let servers = serde_json::from_str::<Value>(payload)
+                    .ok()
+                    .and_then(|e| e["bootstrapServers"].as_str().map(str::to_owned))
+                    .ok_or("the batch's event names no bootstrapServers")?;
+                let producer = self
+                    .producer
+                    .get_or_try_init(|| async {
+                        rdkafka::ClientConfig::new()
+                            .set("bootstrap.servers", &servers)
+                            .set("message.timeout.ms", "10000")
+                            .set("allow.auto.create.topics", "false")
+                            .create()
+                            .map(Producer)
+                            .map_err(|e| format!("Kafka producer for {servers}: {e}"))
+                    })
+                    .await?;
+                // In order, each acknowledged before the next: a retry after a failure may write
+                // a message again (at least once, as every destination here is).
+                for letter in &letters {
+                    let value = letter.value.to_string();
+                    let mut message = rdkafka::producer::FutureRecord::<[u8], str>::to(topic).payload(&value);
+                    if let Some(k) = &letter.key {
+                        message = message.key(k.as_slice());
+                    }
+                    producer
+                        .0
+                        .send(message, Duration::from_secs(10))
+                        .await
+                        .map_err(|(e, _)| format!("Produce to {d}: {e}"))?;
+                }
+                Ok(d.clone())
+            }
             Destination::Sqs(arn) => {
                 let url = self.queue_url(arn).await?;
                 self.clients

@@ -41,6 +41,9 @@ pub enum Destination {
     Lambda(String),
     /// An EventBridge event bus (ARN; async invoke only): the record as an event's `detail`.
     EventBridge(String),
+    /// A topic on the source's own cluster (`kafka://TOPIC`; Kafka mappings only): one message
+    /// per failed record, keyed as the record.
+    Kafka(String),
 }
 
 impl Destination {
@@ -83,7 +86,8 @@ impl Destination {
             | Destination::S3(a)
             | Destination::Sns(a)
             | Destination::Lambda(a)
-            | Destination::EventBridge(a) => a,
+            | Destination::EventBridge(a)
+            | Destination::Kafka(a) => a,
         }
     }
 }
@@ -396,18 +400,26 @@ impl RawSettings {
                 let list = |k: &str| -> Vec<String> {
                     match p.get(k) {
                         Some(Value::Array(a)) => a.iter().filter_map(scalar).collect(),
-                        Some(v) => scalar(v).map(|s| s.split(',').map(|x| x.trim().to_owned()).collect()).unwrap_or_default(),
+                        Some(v) => {
+                            scalar(v).map(|s| s.split(',').map(|x| x.trim().to_owned()).collect()).unwrap_or_default()
+                        }
                         None => Vec::new(),
                     }
                 };
                 let topics = list("Topics");
                 let [topic] = topics.as_slice() else {
-                    return Err(err(&at, format!("Topics must name one topic (AWS takes one per mapping), not {topics:?}")));
+                    return Err(err(
+                        &at,
+                        format!("Topics must name one topic (AWS takes one per mapping), not {topics:?}"),
+                    ));
                 };
                 let (bootstrap_servers, cluster_arn) = match kind {
                     "MSK" => {
                         let servers = std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_default();
-                        (servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(), p.get("Stream").and_then(scalar))
+                        (
+                            servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+                            p.get("Stream").and_then(scalar),
+                        )
                     }
                     _ => (list("KafkaBootstrapServers"), None),
                 };
@@ -499,7 +511,34 @@ impl RawSettings {
         let mut raw = self;
         raw.parallelization_factor = None;
         raw.tumbling_window = None;
+        // A Kafka mapping may also fail to a topic of its cluster (API OnFailure, Destination:
+        // "kafka://..."); AWS (kafka-on-failure-destination.html): "Lambda prevents infinite loops
+        // by blocking configurations where the source and destination topics are the same."
+        let on_failure = raw.on_failure.clone();
+        let dead_letter_topic = match on_failure.as_deref().map(str::trim) {
+            Some(d) if d.starts_with("kafka://") => {
+                let topic = &d["kafka://".len()..];
+                KafkaSource { topic: topic.to_owned(), ..source.clone() }.check().map_err(|_| {
+                    constraint(
+                        d,
+                        "destinationConfig.onFailure.destination",
+                        "Member must be kafka://TOPIC of a valid topic name",
+                    )
+                })?;
+                if topic == source.topic {
+                    return Err(InvalidSetting(format!(
+                        "the on-failure destination {d} is the source topic: Lambda blocks configurations where the source and destination topics are the same"
+                    )));
+                }
+                raw.on_failure = None;
+                Some(d.to_owned())
+            }
+            _ => None,
+        };
         let mut settings = raw.common(source.event_source_arn(), None, Duration::from_millis(500))?;
+        if let Some(d) = dead_letter_topic {
+            settings.on_failure = Some(Destination::Kafka(d));
+        }
         // AWS (kafka-retry-configurations.html): "When you configure both infinite retries and an
         // on-failure destination, Lambda automatically applies a maximum of 10 retry attempts."
         if settings.maximum_retry_attempts < 0 && settings.on_failure.is_some() {
@@ -807,7 +846,10 @@ mod tests {
         assert_eq!(m.batching_window, Duration::from_secs(1));
         assert!(m.report_batch_item_failures && m.bisect_on_error);
         assert_eq!(m.maximum_retry_attempts, 10);
-        assert_eq!(m.on_failure, Some(Destination::Sqs("arn:aws:sqs:us-east-1:000000000000:st-pull-failure-queue".into())));
+        assert_eq!(
+            m.on_failure,
+            Some(Destination::Sqs("arn:aws:sqs:us-east-1:000000000000:st-pull-failure-queue".into()))
+        );
         assert!(m.stream_arn.ends_with("self-managed/127.0.0.1:9092/st-records"), "{}", m.stream_arn);
     }
 

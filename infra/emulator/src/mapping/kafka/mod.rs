@@ -22,6 +22,7 @@
 //!   the consumer group." A partition without a committed offset starts at TRIM_HORIZON (earliest),
 //!   LATEST, or AT_TIMESTAMP (the first offset at or after the time).
 pub mod admin;
+pub(crate) mod dead_letter;
 pub(crate) mod partition;
 pub(crate) mod record;
 
