@@ -18,6 +18,7 @@
 //! | tombstones, null keys, binary values, headers that are not UTF-8 | `tombstones_null_keys_binary_values_and_raw_headers_reach_the_function` |
 //! | a record over the 6 MB payload: never invoked, `MaximumPayloadSizeExceeded` to the destination, committed past | `a_record_over_6_mb_goes_to_the_destination_uninvoked_and_is_committed_past` |
 //! | settings AWS refuses for Kafka; the 500 ms default window; infinite retries with a destination become 10 | `kafka_settings_aws_refuses_are_refused` |
+//! | hostile: the topic deleted mid-run; a broker that accepts connections and never answers; a topic the cluster lacks (each an error naming it, never a silent wait) | `a_topic_deleted_mid_run_stops_the_mapping_with_an_error_naming_it`, `a_broker_that_never_answers_stops_the_mapping_with_an_error_naming_it` |
 use std::time::Duration;
 
 use pushpull::store::Store;
@@ -474,4 +475,64 @@ async fn kafka_settings_aws_refuses_are_refused() {
     assert!(refused(base(), &bad_group).contains("consumerGroupId"));
     let no_servers = KafkaSource { bootstrap_servers: vec![], ..source };
     assert!(refused(base(), &no_servers).contains("KAFKA_BOOTSTRAP_SERVERS"));
+}
+
+/// A topic deleted while the mapping reads it: the mapping stops with an error naming the topic
+/// (what was processed stays processed), rather than waiting forever for records that cannot come.
+#[tokio::test]
+async fn a_topic_deleted_mid_run_stops_the_mapping_with_an_error_naming_it() {
+    let f = fixture(2).await;
+    f.send_ids(&[(0, "a", none()), (1, "b", none())]).await;
+    let settings =
+        RawSettings { batching_window: Some("0".into()), ..f.settings() }.validate_kafka(&f.source()).unwrap();
+    let mut options = RunnerOptions::new(&settings, Store::file(f.dir.path().join("unused")));
+    options.failover = Duration::from_secs(6);
+    let clients = Clients::from(&local().await);
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(Runner::run_kafka(settings, f.source(), options, clients, f.server.client(), rx));
+    let started = std::time::Instant::now();
+    while f.log().len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the records were not processed in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pushpull_tests::kafka::delete_topic(&f.topic).await;
+    let ended = tokio::time::timeout(Duration::from_secs(60), run).await.expect("the mapping stopped within 60 s");
+    let e = ended.unwrap().expect_err("a deleted topic is an error").to_string();
+    assert!(e.contains(&f.topic), "{e}");
+}
+
+/// A broker that accepts connections and never answers: the mapping says so and stops with an
+/// error naming the servers, instead of waiting in silence.
+#[tokio::test]
+async fn a_broker_that_never_answers_stops_the_mapping_with_an_error_naming_it() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket); // read nothing, answer nothing
+        }
+    });
+    let f = fixture(1).await;
+    let source = KafkaSource { bootstrap_servers: vec![address.clone()], ..f.source() };
+    let settings = f.settings().validate_kafka(&source).unwrap();
+    let mut options = RunnerOptions::new(&settings, Store::file(f.dir.path().join("unused")));
+    options.stop_when_idle = Some(Duration::from_secs(2));
+    let clients = Clients::from(&local().await);
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let run = Runner::run_kafka(settings, source, options, clients, f.server.client(), rx);
+    let ended = tokio::time::timeout(Duration::from_secs(90), run).await.expect("the mapping stopped within 90 s");
+    let e = ended.expect_err("a broker that never answers is an error").to_string();
+    assert!(e.contains(&address), "{e}");
+    held.abort();
+    // A topic the cluster does not have, likewise.
+    let missing = KafkaSource { topic: pushpull_tests::unique("kmap-missing"), ..f.source() };
+    let settings = f.settings().validate_kafka(&missing).unwrap();
+    let options = RunnerOptions::new(&settings, Store::file(f.dir.path().join("unused")));
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let run =
+        Runner::run_kafka(settings, missing.clone(), options, Clients::from(&local().await), f.server.client(), rx);
+    let e =
+        tokio::time::timeout(Duration::from_secs(60), run).await.expect("stopped").expect_err("no topic").to_string();
+    assert!(e.contains(&missing.topic), "{e}");
 }

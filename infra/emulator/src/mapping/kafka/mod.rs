@@ -451,6 +451,10 @@ pub(crate) async fn run(
         failed: Mutex::new(None),
         at_end: Mutex::new(std::collections::HashSet::new()),
     });
+    // The cluster must answer and hold the topic before the group is joined: a consumer would
+    // otherwise wait in silence (librdkafka retries for ever). AWS shows such a mapping in a
+    // PROBLEM state; a local runner stops and says why.
+    admin::partitions(&source.bootstrap_servers.join(","), &source.topic, METADATA_WITHIN).await?;
     let consumer: Arc<BaseConsumer<Member>> = Arc::new(
         config(&source, &group, ctx.settings.starting_position, ctx.options.failover)
             .create_with_context(Member(shared.clone()))
@@ -587,6 +591,9 @@ fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool
     consumer.unsubscribe();
     Ok(())
 }
+
+/// How long the cluster has to answer the first metadata request of a mapping.
+const METADATA_WITHIN: Duration = Duration::from_secs(15);
 
 /// How often partitions read to their end are checked against the broker's high watermark.
 const CAUGHT_UP_CHECK: Duration = Duration::from_millis(500);
