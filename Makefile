@@ -1,5 +1,5 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-kafka bench-consumers bench-runners bench-aggregation bench-tradeoff
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-kafka bench-push-targets bench-consumers bench-runners bench-aggregation bench-tradeoff
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
@@ -37,6 +37,10 @@ bench-esm:      ## local event source mapping vs raw GetRecords: throughput and 
 
 bench-kafka:    ## local Kafka mapping vs a raw rdkafka consumer: throughput and delay (BENCHMARKS.md)
 	infra/with-kafka.sh cargo bench -p pushpull-tests --features integration --bench kafka_mapping -- $(ARGS)
+
+bench-push-targets: ## the push function into Kafka against into Kinesis (aggregation off / on), lines/s (BENCHMARKS.md)
+	cargo build --release -p s3-to-kinesis
+	infra/with-kafka.sh infra/with-localstack.sh cargo bench -p pushpull-tests --features integration --bench push_targets -- $(ARGS)
 
 bench-consumers: ## 1-6 mappings on one stream under AWS's limits, polling vs enhanced fan-out: delay and throttles (BENCHMARKS.md)
 	infra/with-localstack.sh cargo bench -p pushpull-tests --bench consumers -- $(ARGS)

@@ -2,7 +2,8 @@
 # Pull function benchmark (BENCHMARKS.md): the release kinesis-rollup binary under the shared
 # runtime_api.py tool on 21 consecutive 10,000-record batches, next to a floor function that
 # skips the event unparsed, in the same run; then the same lines packed 100 to a KPL aggregate
-# (100 Kinesis records a batch), rollup and floor alike; the plain rollup with its EMF metrics
+# (100 Kinesis records a batch), rollup and floor alike; the same lines as Kafka events (one
+# partition, as the Kafka mapping sends them), rollup and floor alike; the plain rollup with its EMF metrics
 # off (POWERTOOLS_METRICS_DISABLED), for what they cost. The rollup runs as the template deploys
 # it at ParallelizationFactor 1 (ROLLUP_POSITIONS=per-shard), and once more with per-key
 # positions (what the template sets above factor 1, and the rollup's default without it: a
@@ -15,16 +16,19 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TOOLS="${SHARED_TOOLS:-$ROOT/../shared/tools}"
 [ -f "$TOOLS/runtime_api.py" ] || { echo "runtime_api.py not found in $TOOLS (set SHARED_TOOLS)" >&2; exit 1; }
 cd "$ROOT"
-cargo build --quiet --release -p kinesis-rollup -p pushpull-tests --bin kinesis-rollup --bin bench-floor --bin aggregate-events
+cargo build --quiet --release -p kinesis-rollup -p pushpull-tests --bin kinesis-rollup --bin bench-floor --bin aggregate-events --bin kafka-events
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 python3 "$TOOLS/make_bench_events.py" "$WORK" 21
 events=()
 aggregated=()
+kafka=()
 for k in $(seq -w 0 20); do
   events+=(--event "$WORK/kinesis-10000-b$k.json")
   target/release/aggregate-events "$WORK/kinesis-10000-b$k.json" "$WORK/aggregated-10000-b$k.json" 100
   aggregated+=(--event "$WORK/aggregated-10000-b$k.json")
+  target/release/kafka-events "$WORK/kinesis-10000-b$k.json" "$WORK/kafka-10000-b$k.json" $((10#$k * 10000))
+  kafka+=(--event "$WORK/kafka-10000-b$k.json")
 done
 run() { # name, events array name, then command
   local name="$1" list="$2[@]"; shift 2
@@ -56,6 +60,10 @@ for round in 1 2 3; do
   run floor-aggregated aggregated target/release/bench-floor
   run kinesis-rollup-aggregated aggregated target/release/kinesis-rollup
   check_output
+  # The same lines as a Kafka mapping's SelfManagedKafka events (one partition, offsets in order).
+  run floor-kafka kafka target/release/bench-floor
+  run kinesis-rollup-kafka kafka target/release/kinesis-rollup
+  check_output
 done
 # Each round's warm medians as ratios to the floor of the same round (BENCHMARKS.md's tables).
 python3 - "$WORK/results" <<'PY'
@@ -68,7 +76,7 @@ for line in open(sys.argv[1]):
         name, result = line.split(" ", 1)
         rounds[-1][name] = json.loads(result)
 base = "kinesis-rollup-baseline" in rounds[0]
-print("round | floor ms | rollup ms | ratio | init ms | peak RSS MiB | metrics off ms | ratio | per-key ms | ratio | aggregated: floor ms | rollup ms | ratio | peak RSS MiB" + (" | baseline ms | ratio" if base else ""))
+print("round | floor ms | rollup ms | ratio | init ms | peak RSS MiB | metrics off ms | ratio | per-key ms | ratio | aggregated: floor ms | rollup ms | ratio | peak RSS MiB | Kafka events: floor ms | rollup ms | ratio" + (" | baseline ms | ratio" if base else ""))
 for i, r in enumerate(rounds, 1):
     warm = lambda n: r[n]["warm_median_ms"]
     print(" | ".join(str(x) for x in [
@@ -77,6 +85,7 @@ for i, r in enumerate(rounds, 1):
         warm("kinesis-rollup-no-metrics"), f'{warm("kinesis-rollup-no-metrics") / warm("floor"):.2f}',
         warm("kinesis-rollup-per-key"), f'{warm("kinesis-rollup-per-key") / warm("floor"):.2f}',
         warm("floor-aggregated"), warm("kinesis-rollup-aggregated"),
-        f'{warm("kinesis-rollup-aggregated") / warm("floor-aggregated"):.2f}', r["kinesis-rollup-aggregated"]["peak_rss_mib"]]
+        f'{warm("kinesis-rollup-aggregated") / warm("floor-aggregated"):.2f}', r["kinesis-rollup-aggregated"]["peak_rss_mib"],
+        warm("floor-kafka"), warm("kinesis-rollup-kafka"), f'{warm("kinesis-rollup-kafka") / warm("floor-kafka"):.2f}']
         + ([warm("kinesis-rollup-baseline"), f'{warm("kinesis-rollup-baseline") / warm("floor"):.2f}'] if base else [])))
 PY

@@ -356,7 +356,7 @@ where
 #[cfg(feature = "kafka")]
 pub async fn run_kafka<H, Fut, E>(options: crate::pull::Options, handler: H) -> Result<(), lambda_runtime::Error>
 where
-    H: Fn(crate::pull::kafka::KafkaRecord, crate::invocation::Invocation) -> Fut + Send + Sync + 'static,
+    H: Fn(crate::pull::kafka::KafkaRecord<'static>, crate::invocation::Invocation) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<(), E>> + Send,
     E: std::fmt::Display,
 {

@@ -51,13 +51,14 @@ fn s3_fixtures() {
 #[test]
 fn kafka_fixtures() {
     for name in ["kafka-msk.json", "kafka-self-managed.json"] {
-        let event = pushpull::pull::kafka::KafkaEvent::from_slice(read(name).as_bytes()).unwrap();
+        let text = read(name);
+        let event = pushpull::pull::kafka::KafkaEvent::from_slice(text.as_bytes()).unwrap();
         assert_eq!(event.len(), 1, "{name}");
         let msk = name.contains("msk");
         assert_eq!(event.event_source, if msk { "aws:kafka" } else { "SelfManagedKafka" }, "{name}");
         assert_eq!(event.event_source_arn.is_some(), msk, "{name}: only MSK names a cluster ARN");
         let r = event.all_records().next().unwrap();
-        assert_eq!((r.topic.as_str(), r.partition, r.offset), ("mytopic", 0, 15), "{name}");
+        assert_eq!((r.topic.as_ref(), r.partition, r.offset), ("mytopic", 0, 15), "{name}");
         assert_eq!(r.value_bytes().unwrap().unwrap(), b"Hello, this is a test.", "{name}");
         assert_eq!(r.key_bytes().unwrap().map(|k| k.len()), Some(22), "{name}: AWS's sample key");
         assert_eq!(r.headers().unwrap(), [("headerKey", Some(b"headerValue".to_vec()))], "{name}");

@@ -5,7 +5,7 @@
 //! provisioned mode: `pushpull::pull::kafka`.)
 use pushpull::invocation::Invocation;
 use pushpull::pull::Options;
-use pushpull::pull::kafka::KafkaRecord;
+use pushpull::pull::kafka::OwnedKafkaRecord;
 
 #[derive(Debug, pushpull::serde::Deserialize)]
 #[serde(crate = "pushpull::serde")]
@@ -14,7 +14,7 @@ struct Order {
     amount: f64,
 }
 
-async fn handle(record: KafkaRecord, _invocation: Invocation) -> Result<(), String> {
+async fn handle(record: OwnedKafkaRecord, _invocation: Invocation) -> Result<(), String> {
     let order: Order = record.json().map_err(|e| e.to_string())?;
     if order.amount < 0.0 {
         return Err(format!("order of {} has a negative amount ({})", order.customer, order.amount));
@@ -44,7 +44,8 @@ mod tests {
         let event = pushpull::serde_json::json!({"eventSource": "SelfManagedKafka", "bootstrapServers": "127.0.0.1:9092", "records": {
             "orders-0": [rec(0, 1, r#"{"customer":"a","amount":1}"#), rec(0, 2, r#"{"customer":"b","amount":-1}"#), rec(0, 3, r#"{"customer":"a","amount":2}"#)],
             "orders-1": [rec(1, 7, r#"{"customer":"c","amount":3}"#)]}});
-        let event = KafkaEvent::from_slice(event.to_string().as_bytes()).unwrap();
+        let payload = event.to_string();
+        let event = KafkaEvent::from_slice(payload.as_bytes()).unwrap();
         let invocation = Invocation::new("test");
         let result = kafka::process_async(&event, Options::default().per_key(4), |r| handle(r, invocation.clone()))
             .await

@@ -497,16 +497,16 @@ impl RollupHandler {
             warn!("injected failure (PUSHPULL_INJECT_FAILURES)");
             return Err(RollupError::Injected);
         }
-        let event = KinesisEvent::from_slice_parallel(payload)?;
-        if event.records.is_empty() && event.window.is_none() {
-            // Not Kinesis, perhaps: a Kafka event (MSK or self-managed) keys its records by
-            // partition under `records`.
-            if let Ok(kafka) = pushpull::pull::kafka::KafkaEvent::from_slice(payload)
-                && !kafka.is_empty()
-            {
-                return self.handle_kafka(&kafka, deadline).await;
-            }
+        // A Kafka event (MSK or self-managed) names its cluster's servers; a Kinesis event never
+        // holds that key outside a string (where its quotes would be escaped), so the payload is
+        // read once, as what it is.
+        if memchr::memmem::find(payload, b"\"bootstrapServers\"").is_some()
+            && let Ok(kafka) = pushpull::pull::kafka::KafkaEvent::from_slice(payload)
+            && !kafka.is_empty()
+        {
+            return self.handle_kafka(&kafka, deadline).await;
         }
+        let event = KinesisEvent::from_slice_parallel(payload)?;
         // The stream's ARN is on each record, and on the event itself with tumbling windows (a
         // window's final invocation has no records).
         let stream = event
@@ -536,15 +536,15 @@ impl RollupHandler {
     /// value (a tombstone) is not a JSON object: it is reported as failed, as a bad line is.
     async fn handle_kafka(
         &self,
-        event: &pushpull::pull::kafka::KafkaEvent,
+        event: &pushpull::pull::kafka::KafkaEvent<'_>,
         deadline: Option<f64>,
     ) -> Result<Response, RollupError> {
         use std::borrow::Cow;
         let mut failures = Vec::new();
         for (name, records) in &event.records {
             let topic = records.first().map_or_else(
-                || name.rsplit_once('-').map_or(name.as_str(), |(t, _)| t).to_owned(),
-                |r| r.topic.clone(),
+                || name.rsplit_once('-').map_or(name.as_ref(), |(t, _)| t).to_owned(),
+                |r| r.topic.to_string(),
             );
             let mut converted = Vec::with_capacity(records.len());
             for r in records {
@@ -558,7 +558,7 @@ impl RollupHandler {
                         data: Cow::Borrowed(r.value.as_deref().unwrap_or_default()),
                         approximate_arrival_timestamp: r.timestamp.map_or(0.0, |t| t as f64 / 1000.0),
                     },
-                    event_id: Cow::Owned(format!("{name}:{}", r.offset)),
+                    event_id: Cow::Borrowed(name.as_ref()),
                     event_source_arn: Cow::Borrowed(""),
                 });
             }
@@ -570,7 +570,7 @@ impl RollupHandler {
                 first_offset = records.first().map_or(-1, |r| r.offset),
                 last_offset = records.last().map_or(-1, |r| r.offset),
             );
-            let response = self.handle_batch(&batch, topic, name.clone(), deadline).instrument(span).await?;
+            let response = self.handle_batch(&batch, topic, name.to_string(), deadline).instrument(span).await?;
             if let Response::Batch(b) = response {
                 // Named by the offset text we gave as its sequence number.
                 for f in b.batch_item_failures {

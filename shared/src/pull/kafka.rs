@@ -45,6 +45,7 @@
 //! assert_eq!(serde_json::to_string(&response).unwrap(),
 //!     r#"{"batchItemFailures":[{"itemIdentifier":{"partition":"orders-0","offset":16}}]}"#);
 //! ```
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::future::Future;
@@ -53,22 +54,23 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{BatchResult, DecodeError, Options, ResponseRule, parse_json};
 
-/// A Kafka event: the records of one batch, by partition.
+/// A Kafka event: the records of one batch, by partition, borrowed from the payload (a key or
+/// value is base64 text, copied only if the payload escaped a character in it).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct KafkaEvent {
+pub struct KafkaEvent<'a> {
     /// `aws:kafka` (MSK) or `SelfManagedKafka`.
-    #[serde(default)]
-    pub event_source: String,
+    #[serde(default, borrow)]
+    pub event_source: Cow<'a, str>,
     /// The MSK cluster's ARN (absent for self-managed Kafka).
-    #[serde(default)]
-    pub event_source_arn: Option<String>,
+    #[serde(default, borrow, deserialize_with = "borrowed")]
+    pub event_source_arn: Option<Cow<'a, str>>,
     /// The brokers, comma-separated.
-    #[serde(default)]
-    pub bootstrap_servers: String,
+    #[serde(default, borrow)]
+    pub bootstrap_servers: Cow<'a, str>,
     /// Each partition's records (`"<topic>-<partition>"`), in offset order.
-    #[serde(default)]
-    pub records: BTreeMap<String, Vec<KafkaRecord>>,
+    #[serde(default, borrow)]
+    pub records: BTreeMap<Cow<'a, str>, Vec<KafkaRecord<'a>>>,
 }
 
 /// A payload that is not a Kafka event.
@@ -76,14 +78,14 @@ pub struct KafkaEvent {
 #[error("not a Kafka event: {0}")]
 pub struct KafkaEventError(#[source] serde_json::Error);
 
-impl KafkaEvent {
+impl<'a> KafkaEvent<'a> {
     /// Parses an invocation payload.
-    pub fn from_slice(payload: &[u8]) -> Result<Self, KafkaEventError> {
+    pub fn from_slice(payload: &'a [u8]) -> Result<Self, KafkaEventError> {
         serde_json::from_slice(payload).map_err(KafkaEventError)
     }
 
     /// Every record: partitions in the order of their names, each partition's in offset order.
-    pub fn all_records(&self) -> impl Iterator<Item = &KafkaRecord> {
+    pub fn all_records(&self) -> impl Iterator<Item = &KafkaRecord<'a>> {
         self.records.values().flatten()
     }
 
@@ -98,13 +100,16 @@ impl KafkaEvent {
     }
 }
 
-/// One Kafka record as the mapping delivers it: key and value in base64.
+/// One Kafka record as the mapping delivers it: key and value in base64, borrowed from the
+/// payload ([`KafkaRecord::into_owned`] for a record that outlives it; the runners hand each
+/// handler one).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[non_exhaustive]
-pub struct KafkaRecord {
+pub struct KafkaRecord<'a> {
     /// The topic.
-    pub topic: String,
+    #[serde(borrow)]
+    pub topic: Cow<'a, str>,
     /// The partition.
     #[serde(deserialize_with = "number_or_text")]
     pub partition: i32,
@@ -114,18 +119,27 @@ pub struct KafkaRecord {
     #[serde(default, deserialize_with = "positive")]
     pub timestamp: Option<i64>,
     /// `CREATE_TIME` or `LOG_APPEND_TIME`.
-    #[serde(default)]
-    pub timestamp_type: String,
+    #[serde(default, borrow)]
+    pub timestamp_type: Cow<'a, str>,
     /// The key in base64; `None` for a record without one.
-    #[serde(default)]
-    pub key: Option<String>,
+    #[serde(default, borrow, deserialize_with = "borrowed")]
+    pub key: Option<Cow<'a, str>>,
     /// The value in base64; `None` for a tombstone.
-    #[serde(default)]
-    pub value: Option<String>,
+    #[serde(default, borrow, deserialize_with = "borrowed")]
+    pub value: Option<Cow<'a, str>>,
     /// Headers, each a one-entry map of name to bytes (signed as Java writes them, or not); a
     /// header without a value is `None`.
     #[serde(default)]
     pub headers: Vec<BTreeMap<String, Option<Vec<i16>>>>,
+}
+
+/// Text borrowed from the payload where it has no escapes (serde borrows a `Cow<str>` only as a
+/// field of its own, not inside an `Option`).
+#[derive(Deserialize)]
+struct BorrowedText<'a>(#[serde(borrow)] Cow<'a, str>);
+
+fn borrowed<'de: 'a, 'a, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'a, str>>, D::Error> {
+    Ok(Option::<BorrowedText<'a>>::deserialize(d)?.map(|t| t.0))
 }
 
 fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
@@ -133,19 +147,43 @@ fn positive<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
 }
 
 fn number_or_text<'de, D: Deserializer<'de>>(d: D) -> Result<i32, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum NumberOrText {
-        Number(i32),
-        Text(String),
+    struct Partition;
+    impl serde::de::Visitor<'_> for Partition {
+        type Value = i32;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a partition number, or its text")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i32, E> {
+            i32::try_from(v).map_err(E::custom)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i32, E> {
+            i32::try_from(v).map_err(E::custom)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<i32, E> {
+            v.parse().map_err(E::custom)
+        }
     }
-    match NumberOrText::deserialize(d)? {
-        NumberOrText::Number(n) => Ok(n),
-        NumberOrText::Text(t) => t.parse().map_err(serde::de::Error::custom),
-    }
+    d.deserialize_any(Partition)
 }
 
-impl KafkaRecord {
+/// A record that owns its text: what `process_async` and `lambda::run_kafka` hand a handler.
+pub type OwnedKafkaRecord = KafkaRecord<'static>;
+
+impl KafkaRecord<'_> {
+    /// The record with everything it borrows copied, to outlive the payload.
+    pub fn into_owned(self) -> KafkaRecord<'static> {
+        KafkaRecord {
+            topic: Cow::Owned(self.topic.into_owned()),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp: self.timestamp,
+            timestamp_type: Cow::Owned(self.timestamp_type.into_owned()),
+            key: self.key.map(|k| Cow::Owned(k.into_owned())),
+            value: self.value.map(|v| Cow::Owned(v.into_owned())),
+            headers: self.headers,
+        }
+    }
+
     /// `"<topic>-<partition>"`: the key of its partition in the event and in the response.
     pub fn topic_partition(&self) -> String {
         format!("{}-{}", self.topic, self.partition)
@@ -257,18 +295,21 @@ pub struct KafkaPullError {
     pub problem: String,
 }
 
-fn check(event: &KafkaEvent) -> Result<(), KafkaPullError> {
+fn check(event: &KafkaEvent<'_>) -> Result<(), KafkaPullError> {
     for (key, records) in &event.records {
         let mut last = None;
         for r in records {
             if r.topic_partition() != *key {
                 return Err(KafkaPullError {
-                    key: key.clone(),
+                    key: key.to_string(),
                     problem: format!("a record of {} (it could not be named in the response)", r.topic_partition()),
                 });
             }
             if last.is_some_and(|l| r.offset <= l) {
-                return Err(KafkaPullError { key: key.clone(), problem: format!("offset {} out of order", r.offset) });
+                return Err(KafkaPullError {
+                    key: key.to_string(),
+                    problem: format!("offset {} out of order", r.offset),
+                });
             }
             last = Some(r.offset);
         }
@@ -285,51 +326,56 @@ fn partition_order(mut options: Options) -> Options {
 }
 
 /// The batch's result; only the records that failed or were not reached are named.
-fn result_of(records: &[&KafkaRecord], outcomes: super::Outcomes) -> BatchResult {
+fn result_of(records: &[&KafkaRecord<'_>], outcomes: super::Outcomes) -> BatchResult {
     let mut result = BatchResult { rule: ResponseRule::Queue, ..Default::default() };
     result.absorb(outcomes, |i| records[i].name());
     result
 }
 
 /// Runs `handler` on each record in order; the first failure stops the batch (the rest is listed).
-pub fn process<F, E>(event: &KafkaEvent, options: Options, mut handler: F) -> Result<BatchResult, KafkaPullError>
+pub fn process<'a, F, E>(
+    event: &KafkaEvent<'a>,
+    options: Options,
+    mut handler: F,
+) -> Result<BatchResult, KafkaPullError>
 where
-    F: FnMut(&KafkaRecord) -> Result<(), E>,
+    F: FnMut(&KafkaRecord<'a>) -> Result<(), E>,
     E: Display,
 {
     check(event)?;
-    let records: Vec<&KafkaRecord> = event.all_records().collect();
+    let records: Vec<&KafkaRecord<'a>> = event.all_records().collect();
     let outcomes = super::run_in_order(records.len(), &partition_order(options), |i| handler(records[i]));
     Ok(result_of(&records, outcomes))
 }
 
-/// Runs an async `handler` on each record: in order, or with [`Options::per_key`] that many
-/// partitions at a time, each partition's records in offset order (a failure stops the rest of
-/// its partition).
+/// Runs an async `handler` on each record (its own copy: [`KafkaRecord::into_owned`]): in order,
+/// or with [`Options::per_key`] that many partitions at a time, each partition's records in
+/// offset order (a failure stops the rest of its partition).
 pub async fn process_async<F, Fut, E>(
-    event: &KafkaEvent,
+    event: &KafkaEvent<'_>,
     options: Options,
     handler: F,
 ) -> Result<BatchResult, KafkaPullError>
 where
-    F: Fn(KafkaRecord) -> Fut,
+    F: Fn(KafkaRecord<'static>) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
     check(event)?;
-    let records: Vec<&KafkaRecord> = event.all_records().collect();
+    let records: Vec<&KafkaRecord<'_>> = event.all_records().collect();
     // Each record's partition key as the event names it (check() made sure they agree).
-    let keys: Vec<&str> = event.records.iter().flat_map(|(key, rs)| rs.iter().map(move |_| key.as_str())).collect();
+    let keys: Vec<&str> = event.records.iter().flat_map(|(key, rs)| rs.iter().map(move |_| key.as_ref())).collect();
     let handler = &handler;
-    let outcomes = super::run_concurrently(&keys, &partition_order(options), |i| handler(records[i].clone())).await;
+    let outcomes =
+        super::run_concurrently(&keys, &partition_order(options), |i| handler(records[i].clone().into_owned())).await;
     Ok(result_of(&records, outcomes))
 }
 
 /// The partial batch response for `result` (of `event`): every failed record and every record not
 /// reached, by partition and offset. (`BatchResult::response` is the other sources' shape, with
 /// text identifiers: not for Kafka.)
-pub fn response(event: &KafkaEvent, result: &BatchResult) -> KafkaBatchResponse {
-    let records: Vec<&KafkaRecord> = event.all_records().collect();
+pub fn response(event: &KafkaEvent<'_>, result: &BatchResult) -> KafkaBatchResponse {
+    let records: Vec<&KafkaRecord<'_>> = event.all_records().collect();
     let mut listed: Vec<usize> = result.failures.iter().map(|f| f.index).collect();
     listed.extend(result.unprocessed.iter().map(|u| u.index));
     listed.sort_unstable();
@@ -352,8 +398,8 @@ pub fn response(event: &KafkaEvent, result: &BatchResult) -> KafkaBatchResponse 
 /// let m = pushpull::pull::kafka::batch_metrics(&event);
 /// assert_eq!((m.stream.as_str(), m.batch_size, m.oldest_arrival), ("t", 1, Some(1700000000.5)));
 /// ```
-pub fn batch_metrics(event: &KafkaEvent) -> crate::metrics::PullBatch {
-    let topic = event.all_records().next().map_or("unknown", |r| r.topic.as_str());
+pub fn batch_metrics(event: &KafkaEvent<'_>) -> crate::metrics::PullBatch {
+    let topic = event.all_records().next().map_or("unknown", |r| r.topic.as_ref());
     crate::metrics::PullBatch {
         stream: topic.to_owned(),
         batch_size: event.len(),
@@ -369,9 +415,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn event(records: serde_json::Value) -> KafkaEvent {
+    fn event(records: serde_json::Value) -> KafkaEvent<'static> {
         let payload = serde_json::json!({"eventSource": "aws:kafka", "bootstrapServers": "b:9092", "records": records});
-        KafkaEvent::from_slice(payload.to_string().as_bytes()).unwrap()
+        let payload: &'static [u8] = payload.to_string().into_bytes().leak();
+        KafkaEvent::from_slice(payload).unwrap()
     }
 
     fn rec(topic: &str, partition: i32, offset: i64, value: Option<&str>) -> serde_json::Value {
