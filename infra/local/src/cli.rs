@@ -193,6 +193,11 @@ pub struct EsmArgs {
     /// MetricsConfig's metrics ("EventCount" publishes the event-count metrics; "" for none).
     #[arg(long)]
     metrics_config: Option<String>,
+    /// A Kafka mapping's ProvisionedPollerConfig as `MIN,MAX` pollers (1-200, 1-2000; "" for
+    /// on-demand mode). AWS offers Kafka mappings retries, bisection, record age, partial batch
+    /// responses and failure destinations only in provisioned mode.
+    #[arg(long, value_name = "MIN,MAX")]
+    provisioned_pollers: Option<String>,
     /// Where the mapping checkpoints its position per shard (file:// or s3://).
     #[arg(long)]
     checkpoint_uri: Option<String>,
@@ -398,6 +403,7 @@ fn raw_flags(args: &EsmArgs, stream: Option<String>) -> RawSettings {
         filter_criteria: args.filter_criteria.clone(),
         enabled: None,
         metrics: args.metrics_config.clone(),
+        provisioned_pollers: args.provisioned_pollers.clone(),
     }
 }
 

@@ -92,6 +92,35 @@ impl Destination {
     }
 }
 
+/// `ProvisionedPollerConfig` as `MIN,MAX` (empty fields take AWS's defaults, 1 and 200):
+/// API_ProvisionedPollerConfig, "MinimumPollers ... Valid Range: Minimum value of 1. Maximum value
+/// of 200."; "MaximumPollers ... Valid Range: Minimum value of 1. Maximum value of 2000."; and
+/// (kafka-scaling-modes) "MaximumPollers must be greater than or equal to MinimumPollers".
+fn provisioned_pollers(text: Option<&str>) -> Result<Option<(u32, u32)>, InvalidSetting> {
+    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else { return Ok(None) };
+    let (min, max) = text.split_once(',').unwrap_or((text, ""));
+    let number = |v: &str, field: &str, default: u32, top: u32| -> Result<u32, InvalidSetting> {
+        let v = v.trim();
+        let n = if v.is_empty() {
+            default
+        } else {
+            v.parse().map_err(|_| constraint(v, field, "Member must be an integer"))?
+        };
+        if !(1..=top).contains(&n) {
+            return Err(constraint(n, field, &format!("Member must have value between 1 and {top}")));
+        }
+        Ok(n)
+    };
+    let min = number(min, "provisionedPollerConfig.minimumPollers", 1, 200)?;
+    let max = number(max, "provisionedPollerConfig.maximumPollers", 200, 2000)?;
+    if max < min {
+        return Err(InvalidSetting(format!(
+            "MaximumPollers ({max}) must be greater than or equal to MinimumPollers ({min})"
+        )));
+    }
+    Ok(Some((min, max)))
+}
+
 /// Where a Kafka mapping reads: the `SelfManagedEventSource` (or MSK cluster) and topic of a
 /// `SelfManagedKafka` / `MSK` event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +246,8 @@ pub struct MappingSettings {
     pub enabled: bool,
     /// `MetricsConfig: {Metrics: [EventCount]}`: the event-count metrics are published.
     pub event_count_metrics: bool,
+    /// A Kafka mapping's provisioned mode: `(MinimumPollers, MaximumPollers)`; `None`: on-demand.
+    pub provisioned_pollers: Option<(u32, u32)>,
 }
 
 impl MappingSettings {
@@ -303,6 +334,8 @@ pub struct RawSettings {
     pub enabled: Option<String>,
     /// `MetricsConfig.Metrics` (comma-separated: `EventCount`; "" for none).
     pub metrics: Option<String>,
+    /// `ProvisionedPollerConfig` (Kafka) as `MIN,MAX` pollers; "" for on-demand mode.
+    pub provisioned_pollers: Option<String>,
 }
 
 impl RawSettings {
@@ -327,7 +360,8 @@ impl RawSettings {
             on_failure,
             filter_criteria,
             enabled,
-            metrics
+            metrics,
+            provisioned_pollers
         );
         self
     }
@@ -463,11 +497,21 @@ impl RawSettings {
                 .pointer("/MetricsConfig/Metrics")
                 .and_then(Value::as_array)
                 .map(|a| a.iter().filter_map(scalar).collect::<Vec<_>>().join(",")),
+            provisioned_pollers: p.get("ProvisionedPollerConfig").map(|c| {
+                let n = |k: &str| c.get(k).and_then(scalar).unwrap_or_default();
+                format!("{},{}", n("MinimumPollers"), n("MaximumPollers"))
+            }),
         }
     }
 
     /// Checks everything as `CreateEventSourceMapping` would and applies AWS's defaults.
     pub fn validate(self) -> Result<MappingSettings, InvalidSetting> {
+        if self.provisioned_pollers.as_deref().is_some_and(|p| !p.trim().is_empty()) {
+            return Err(InvalidSetting(
+                "ProvisionedPollerConfig is a setting of Kafka event sources (MSK and self-managed), not of a stream"
+                    .into(),
+            ));
+        }
         let source = self.stream.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
             InvalidSetting("an event source (stream ARN) is required: --stream, or Stream in the template".into())
         })?;
@@ -535,7 +579,9 @@ impl RawSettings {
             }
             _ => None,
         };
+        let pollers = raw.provisioned_pollers.take();
         let mut settings = raw.common(source.event_source_arn(), None, Duration::from_millis(500))?;
+        settings.provisioned_pollers = provisioned_pollers(pollers.as_deref())?;
         if let Some(d) = dead_letter_topic {
             settings.on_failure = Some(Destination::Kafka(d));
         }
@@ -666,6 +712,7 @@ impl RawSettings {
         }
         Ok(MappingSettings {
             event_count_metrics,
+            provisioned_pollers: None,
             stream_arn,
             consumer_arn,
             function_name,
@@ -851,6 +898,28 @@ mod tests {
             Some(Destination::Sqs("arn:aws:sqs:us-east-1:000000000000:st-pull-failure-queue".into()))
         );
         assert!(m.stream_arn.ends_with("self-managed/127.0.0.1:9092/st-records"), "{}", m.stream_arn);
+        // The template's provisioned mode: MinimumPollers 1, MaximumPollers KafkaMaximumPollers.
+        assert_eq!(m.provisioned_pollers, Some((1, 2)));
+    }
+
+    #[test]
+    fn provisioned_pollers_are_in_awss_ranges_and_only_for_kafka() {
+        assert_eq!(provisioned_pollers(None).unwrap(), None);
+        assert_eq!(provisioned_pollers(Some("")).unwrap(), None);
+        assert_eq!(provisioned_pollers(Some("2,8")).unwrap(), Some((2, 8)));
+        assert_eq!(provisioned_pollers(Some(",")).unwrap(), Some((1, 200)), "AWS's defaults");
+        assert!(provisioned_pollers(Some("0,8")).unwrap_err().to_string().contains("minimumPollers"));
+        assert!(provisioned_pollers(Some("201,300")).unwrap_err().to_string().contains("between 1 and 200"));
+        assert!(provisioned_pollers(Some("1,2001")).unwrap_err().to_string().contains("between 1 and 2000"));
+        assert!(provisioned_pollers(Some("5,4")).unwrap_err().to_string().contains("greater than or equal"));
+        let kinesis = RawSettings {
+            stream: Some("arn:aws:kinesis:us-east-1:000000000000:stream/s".into()),
+            function: Some("f".into()),
+            starting_position: Some("LATEST".into()),
+            provisioned_pollers: Some("1,2".into()),
+            ..Default::default()
+        };
+        assert!(kinesis.validate().unwrap_err().to_string().contains("Kafka event sources"));
     }
 
     #[test]

@@ -465,6 +465,7 @@ pub(crate) async fn run(
         .subscribe(&[&source.topic])
         .map_err(|e| MappingError::Kafka(format!("subscribe to {}: {e}", source.topic)))?;
     info!(topic = %source.topic, group = %group, servers = %source.bootstrap_servers.join(","), "kafka mapping: joining the group");
+    warn_on_demand_controls(&ctx.settings);
     let quit = Arc::new(AtomicBool::new(false));
     let poller = {
         let (shared, consumer, quit) = (shared.clone(), consumer.clone(), quit.clone());
@@ -590,6 +591,40 @@ fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool
     shared.release(consumer, &numbers);
     consumer.unsubscribe();
     Ok(())
+}
+
+/// AWS offers a Kafka mapping its error-handling controls only in provisioned mode
+/// (kafka-retry-configurations.html: "Under Event poller configuration, select provisioned mode to
+/// configure error handling controls"; kafka-on-failure-destination.html: "A Kafka on-failure
+/// destination is only available for event source mappings with provisioned mode enabled"). What
+/// its API answers when they come without it is not documented: the local mapping applies them
+/// and says, once, which ones AWS would not offer.
+fn warn_on_demand_controls(s: &crate::mapping::MappingSettings) {
+    if s.provisioned_pollers.is_some() {
+        return;
+    }
+    let mut controls = Vec::new();
+    if s.bisect_on_error {
+        controls.push("BisectBatchOnFunctionError");
+    }
+    if s.maximum_retry_attempts >= 0 {
+        controls.push("MaximumRetryAttempts");
+    }
+    if s.maximum_record_age.is_some() {
+        controls.push("MaximumRecordAgeInSeconds");
+    }
+    if s.report_batch_item_failures {
+        controls.push("ReportBatchItemFailures");
+    }
+    if s.on_failure.is_some() {
+        controls.push("DestinationConfig.OnFailure");
+    }
+    if !controls.is_empty() {
+        warn!(
+            settings = %controls.join(", "),
+            "kafka mapping in on-demand mode (no ProvisionedPollerConfig): AWS offers these only in provisioned mode; applied here"
+        );
+    }
 }
 
 /// How long the cluster has to answer the first metadata request of a mapping.
