@@ -146,6 +146,7 @@ pub(crate) fn age_at(arrival: f64, now: SystemTime) -> Option<Duration> {
 }
 
 /// The stream's name in a Kinesis stream or consumer ARN (`arn:aws:kinesis:…:stream/NAME[/consumer/…]`).
+#[cfg(feature = "kinesis")]
 pub(crate) fn stream_name(arn: &str) -> Option<&str> {
     let (_, rest) = arn.split_once(":stream/")?;
     Some(rest.split('/').next().unwrap_or(rest))
@@ -229,6 +230,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "kinesis")]
     fn stream_names_from_stream_and_consumer_arns() {
         assert_eq!(stream_name("arn:aws:kinesis:us-east-1:1:stream/s/consumer/c:1"), Some("s"));
         assert_eq!(stream_name("arn:aws:sqs:us-east-1:1:q"), None);
