@@ -419,7 +419,26 @@ fn config(source: &KafkaSource, group: &str, settings_start: StartingPosition, s
         .set("client.id", "pushpull-local-esm")
         // Statistics once a second: the group's coordinator for the summary and the logs.
         .set("statistics.interval.ms", "1000");
+    recovers_quickly(&mut c);
     c
+}
+
+/// A broker that dies is noticed within seconds, and the cluster found again through the
+/// bootstrap servers: librdkafka forgets the bootstrap list once a broker has answered, and by
+/// default goes back to it only after five minutes without a usable broker
+/// (`metadata.recovery.rebootstrap.trigger.ms`, 300000). A broker whose node id is shared (nisshi
+/// gives every broker id 111, each answering Metadata and FindCoordinator with itself) can only be
+/// replaced that way. AWS's pollers are its own; these are this runner's.
+pub(crate) fn recovers_quickly(c: &mut ClientConfig) {
+    c.set("metadata.recovery.strategy", "rebootstrap")
+        .set("metadata.recovery.rebootstrap.trigger.ms", "3000")
+        .set("reconnect.backoff.ms", "100")
+        .set("reconnect.backoff.max.ms", "1000")
+        .set("socket.connection.setup.timeout.ms", "2000")
+        .set("topic.metadata.refresh.interval.ms", "2000");
+    if let Ok(debug) = std::env::var("PUSHPULL_KAFKA_DEBUG") {
+        c.set("debug", debug);
+    }
 }
 
 /// Runs the Kafka mapping on `source` until `stop` turns true (or it is idle, if so configured).
@@ -667,7 +686,10 @@ fn renew_caught_up(shared: &Shared, checker: &BaseConsumer) {
 /// The caught-up checks, on a thread and a connection of their own so that the broker round trips
 /// never hold up the consumer's poll.
 fn check_caught_up(shared: &Shared, servers: &str, quit: &AtomicBool) {
-    let checker: BaseConsumer = match ClientConfig::new().set("bootstrap.servers", servers).create() {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", servers);
+    recovers_quickly(&mut config);
+    let checker: BaseConsumer = match config.create() {
         Ok(c) => c,
         Err(e) => return shared.fail(MappingError::Kafka(format!("the caught-up checker for {servers}: {e}"))),
     };
