@@ -8,6 +8,11 @@
 #   infra/kafka.sh down      stop the one this script started (by its pid file)
 #   infra/kafka.sh status    exit 0 if the broker this script started is running and answers
 #
+# KAFKA_STORAGE_ENGINE (memory://nisshi/, or s3://BUCKET/ for brokers sharing one store) and
+# KAFKA_ADVERTISED_PORT (the port clients are told to use; default KAFKA_PORT: another for brokers
+# behind one forwarder, as nisshi's own multi-broker tests run them: nisshi gives every broker
+# node id 111, so a client can only tell them apart by that one address).
+#
 # nisshi 0.8.1 needs rustc 1.96 or later (its rama 0.4 dependency). This machine's default toolchain
 # may be older; any toolchain rustup has that is new enough is used (today the image's nightly).
 # None: the script fails and says what to run. It is configured by environment variables
@@ -72,7 +77,7 @@ up() {
   : >"$RUN/.env"
   (
     cd "$RUN"
-    LISTENER_URL="tcp://127.0.0.1:$PORT" ADVERTISED_LISTENER_URL="tcp://127.0.0.1:$PORT" \
+    LISTENER_URL="tcp://127.0.0.1:$PORT" ADVERTISED_LISTENER_URL="tcp://127.0.0.1:${KAFKA_ADVERTISED_PORT:-$PORT}" \
       STORAGE_ENGINE="${KAFKA_STORAGE_ENGINE:-memory://nisshi/}" RUST_LOG="${KAFKA_LOG:-warn}" \
       setsid "$BIN" broker >"$RUN/broker.log" 2>&1 &
     echo $! >"$RUN/pid"

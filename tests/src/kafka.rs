@@ -137,3 +137,34 @@ pub fn read_all(topic: &str, partitions: i32) -> Vec<Incoming> {
     }
     out
 }
+
+/// A TCP forwarder on 127.0.0.1 in front of several brokers: each connection goes to the first of
+/// `backends` that accepts it. Brokers that share one store and advertise the forwarder's address
+/// are one cluster to a client, as nisshi's own multi-broker tests run them (it gives every broker
+/// node id 111: a client can tell brokers apart only by their address). Returns its address and
+/// how many connections each backend took; stops when the task is aborted.
+pub async fn forwarder(
+    backends: Vec<String>,
+) -> (String, std::sync::Arc<Vec<std::sync::atomic::AtomicU64>>, tokio::task::JoinHandle<()>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port for the forwarder");
+    let address = listener.local_addr().expect("its address").to_string();
+    let taken = std::sync::Arc::new(backends.iter().map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+    let counts = taken.clone();
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let (backends, taken) = (backends.clone(), taken.clone());
+            connections.spawn(async move {
+                for (i, b) in backends.iter().enumerate() {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(b).await {
+                        taken[i].fetch_add(1, Ordering::Relaxed);
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (address, counts, task)
+}

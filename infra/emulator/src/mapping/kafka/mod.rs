@@ -148,6 +148,18 @@ impl ClientContext for Member {
             v.coordinator = Some(now);
         }
     }
+
+    /// librdkafka's own log lines (its errors and warnings; with `PUSHPULL_KAFKA_DEBUG`, its
+    /// debug contexts) in this process's log, under the target `librdkafka`.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, line: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => tracing::error!(target: "librdkafka", fac, "{line}"),
+            L::Warning => warn!(target: "librdkafka", fac, "{line}"),
+            L::Notice | L::Info => info!(target: "librdkafka", fac, "{line}"),
+            L::Debug => tracing::debug!(target: "librdkafka", fac, "{line}"),
+        }
+    }
 }
 
 impl ConsumerContext for Member {
@@ -437,7 +449,8 @@ pub(crate) fn recovers_quickly(c: &mut ClientConfig) {
         .set("socket.connection.setup.timeout.ms", "2000")
         .set("topic.metadata.refresh.interval.ms", "2000");
     if let Ok(debug) = std::env::var("PUSHPULL_KAFKA_DEBUG") {
-        c.set("debug", debug);
+        // Debug lines come at librdkafka's level 7: let them through to the log handler.
+        c.set("debug", debug).set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
     }
 }
 
