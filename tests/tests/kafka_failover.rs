@@ -56,8 +56,13 @@ impl Broker {
 
     /// Where `kafka.sh` keeps this broker's pid file and log.
     fn run_dir(&self) -> PathBuf {
+        // As infra/kafka.sh finds it: PUSHPULL_HOME, else $XDG_CACHE_HOME/pushpull, else
+        // ~/.cache/pushpull.
         let home = std::env::var("PUSHPULL_HOME").map(PathBuf::from).unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/pushpull")
+            let cache = std::env::var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache"));
+            cache.join("pushpull")
         });
         home.join(format!("kafka-{}", self.port))
     }
@@ -80,11 +85,10 @@ impl Drop for Broker {
     }
 }
 
-/// Two free ports on 127.0.0.1.
-fn free_ports() -> (u16, u16) {
-    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+/// A free port on 127.0.0.1, held until the returned listener is dropped.
+fn free_port() -> (u16, std::net::TcpListener) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (l.local_addr().unwrap().port(), l)
 }
 
 #[tokio::test]
@@ -92,10 +96,12 @@ async fn the_group_goes_on_when_its_coordinator_is_killed() {
     let l = local().await;
     let bucket = unique("nisshi-failover");
     l.ensure_bucket(&bucket).await.unwrap();
-    let (pa, pb) = free_ports();
+    // The brokers' ports are chosen, and held, before the forwarder takes one of its own.
+    let ((pa, hold_a), (pb, hold_b)) = (free_port(), free_port());
     let (bootstrap, taken, forwarder) =
         pushpull_tests::kafka::forwarder(vec![format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}")]).await;
     let advertised: u16 = bootstrap.rsplit(':').next().unwrap().parse().unwrap();
+    drop((hold_a, hold_b));
     let brokers = [Broker::up(pa, advertised, &bucket), Broker::up(pb, advertised, &bucket)];
     let topic = unique("failover");
     let partitions = pushpull_local::mapping::kafka::admin::ensure_topic(&bootstrap, &topic, 2).await.unwrap();

@@ -93,6 +93,9 @@ pub enum RollupError {
     /// A Kafka record's key is not base64.
     #[error(transparent)]
     KafkaRecord(#[from] pushpull::pull::DecodeError),
+    /// A payload naming `bootstrapServers` (a Kafka event) that does not read as one.
+    #[error(transparent)]
+    KafkaEvent(#[from] pushpull::pull::kafka::KafkaEventError),
     /// The window state the mapping passed back is not a rollup this function wrote.
     #[error("window state is not a rollup: {0}")]
     WindowState(#[from] serde_json::Error),
@@ -154,6 +157,7 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
             RollupError::Injected => "RollupError.Injected",
             RollupError::Event(_) => "RollupError.Event",
             RollupError::KafkaRecord(_) => "RollupError.KafkaRecord",
+            RollupError::KafkaEvent(_) => "RollupError.KafkaEvent",
             RollupError::WindowState(_) => "RollupError.WindowState",
             RollupError::Pull(_) => "RollupError.Pull",
             RollupError::Output { .. } => "RollupError.Output",
@@ -499,14 +503,22 @@ impl RollupHandler {
         }
         // A Kafka event (MSK or self-managed) names its cluster's servers; a Kinesis event never
         // holds that key outside a string (where its quotes would be escaped), so the payload is
-        // read once, as what it is.
-        if memchr::memmem::find(payload, b"\"bootstrapServers\"").is_some()
-            && let Ok(kafka) = pushpull::pull::kafka::KafkaEvent::from_slice(payload)
-            && !kafka.is_empty()
-        {
+        // read once, as what it is. One that names them and does not read as Kafka is an error,
+        // never an empty batch (its offsets would be committed unprocessed).
+        if memchr::memmem::find(payload, b"\"bootstrapServers\"").is_some() {
+            let kafka = pushpull::pull::kafka::KafkaEvent::from_slice(payload)?;
             return self.handle_kafka(&kafka, deadline).await;
         }
         let event = KinesisEvent::from_slice_parallel(payload)?;
+        if event.records.is_empty() && event.window.is_none() {
+            // A Kafka event without `bootstrapServers` (AWS's always has it) keys its records by
+            // partition under `records`.
+            if let Ok(kafka) = pushpull::pull::kafka::KafkaEvent::from_slice(payload)
+                && !kafka.is_empty()
+            {
+                return self.handle_kafka(&kafka, deadline).await;
+            }
+        }
         // The stream's ARN is on each record, and on the event itself with tumbling windows (a
         // window's final invocation has no records).
         let stream = event
@@ -1413,6 +1425,17 @@ mod tests {
             }
         }
         rows
+    }
+
+    /// A payload naming `bootstrapServers` that does not read as a Kafka event fails the
+    /// invocation: read as an empty batch, its offsets would be committed unprocessed.
+    #[tokio::test]
+    async fn a_kafka_event_that_does_not_read_is_an_error_not_an_empty_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler_with(dir.path(), Positions::PerShard);
+        let payload = br#"{"eventSource":"SelfManagedKafka","bootstrapServers":"b:9092","records":{"t-x":[{"topic":"t","partition":"x","offset":1}]}}"#;
+        let e = h.handle_until(payload, None).await.unwrap_err();
+        assert!(matches!(e, RollupError::KafkaEvent(_)), "{e}");
     }
 
     /// A Kafka event rolls up as a shard's batch: the topic for the stream, `topic-N` for the

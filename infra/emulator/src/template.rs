@@ -719,6 +719,10 @@ Resources:
         factor.push("ParallelizationFactor=2".into());
         let e = Template::load(&path, "st", &factor).unwrap_err().to_string();
         assert!(e.contains("rule KafkaHasNoStreamSettings"), "{e}");
+        let mut half = overrides.to_vec();
+        half.push("KafkaSubnetId=subnet-0abc".into());
+        let e = Template::load(&path, "st", &half).unwrap_err().to_string();
+        assert!(e.contains("given together"), "{e}");
     }
 
     #[test]

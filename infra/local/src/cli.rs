@@ -269,8 +269,18 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         // The template's Kafka variant (`--parameter-overrides Broker=kafka`): its mapping,
         // with the flags over it.
         let t = args.template.load()?;
-        if let Some((raw, source)) = RawSettings::from_template_kafka(&t, args.function.as_deref())? {
+        if let Some((raw, mut source)) = RawSettings::from_template_kafka(&t, args.function.as_deref())? {
             let raw = raw.overlay(raw_flags(&args, None));
+            // The source's flags over the template's too.
+            if let Some(topic) = &args.kafka_topic {
+                source.topic = topic.clone();
+            }
+            if let Some(group) = &args.consumer_group_id {
+                source.consumer_group_id = Some(group.clone());
+            }
+            if let Some(arn) = &args.msk_cluster_arn {
+                source.cluster_arn = Some(arn.clone());
+            }
             return esm_kafka(args, source, raw).await;
         }
     }
@@ -413,7 +423,9 @@ async fn esm_kafka(args: EsmArgs, source: KafkaSource, raw: RawSettings) -> Resu
     let settings = raw.validate_kafka(&source)?;
     let clients = if args.aws {
         aws_clients().await
-    } else if settings.on_failure.is_some() {
+    } else if settings.on_failure.as_ref().is_some_and(|d| !matches!(d, pushpull_local::mapping::Destination::Kafka(_)))
+    {
+        // An AWS destination; a `kafka://` one is written with the cluster's own protocol.
         Clients::from(&Local::connect().await?)
     } else {
         // Nothing is called without a destination.

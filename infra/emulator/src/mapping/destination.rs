@@ -108,6 +108,9 @@ impl FailureDestination {
                             .set("bootstrap.servers", &servers)
                             .set("message.timeout.ms", "10000")
                             .set("allow.auto.create.topics", "false")
+                            // A failed record of up to 6 MB comes back base64 (4/3 larger) with
+                            // its metadata: the topic's own limit decides, not the client's 1 MB.
+                            .set("message.max.bytes", "16777216")
                             .create()
                             .map(Producer)
                             .map_err(|e| format!("Kafka producer for {servers}: {e}"))

@@ -43,25 +43,31 @@ pub async fn ensure_topic(bootstrap: &str, topic: &str, partitions: i32) -> Resu
     self::partitions(bootstrap, topic, Duration::from_secs(10)).await
 }
 
-/// How many partitions `topic` has on `bootstrap`, asked with a metadata request that must be
-/// answered within `within`. A cluster that does not answer, or answers that the topic does not
-/// exist, is an error naming the servers and the topic.
+/// How many partitions `topic` has on `bootstrap`, asked until the cluster answers with them or
+/// `within` passes (a topic just created may answer "leader not available" or no partitions for
+/// a moment). A cluster that does not answer, or keeps answering that the topic does not exist, is
+/// an error naming the servers and the topic.
 pub async fn partitions(bootstrap: &str, topic: &str, within: Duration) -> Result<i32, MappingError> {
     let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
         let c: BaseConsumer = config(&bootstrap).create().map_err(|e| MappingError::Kafka(e.to_string()))?;
-        let md = c.fetch_metadata(Some(&topic), within).map_err(|e| {
-            MappingError::Kafka(format!(
-                "no answer from the Kafka cluster at {bootstrap} within {within:?} (metadata of topic {topic}): {e}"
-            ))
-        })?;
-        match md.topics().first() {
-            Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
-            Some(t) => Err(MappingError::Kafka(format!(
-                "topic {topic} on {bootstrap}: {}",
-                t.error().map_or("no partitions".to_owned(), |e| RDKafkaErrorCode::from(e).to_string())
-            ))),
-            None => Err(MappingError::Kafka(format!("topic {topic} on {bootstrap}: not in the cluster's metadata"))),
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let md = c.fetch_metadata(Some(&topic), left.max(Duration::from_millis(100))).map_err(|e| {
+                MappingError::Kafka(format!(
+                    "no answer from the Kafka cluster at {bootstrap} within {within:?} (metadata of topic {topic}): {e}"
+                ))
+            })?;
+            let why = match md.topics().first() {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => return Ok(t.partitions().len() as i32),
+                Some(t) => t.error().map_or("no partitions".to_owned(), |e| RDKafkaErrorCode::from(e).to_string()),
+                None => "not in the cluster's metadata".to_owned(),
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(MappingError::Kafka(format!("topic {topic} on {bootstrap}: {why} (for {within:?})")));
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     })
     .await
