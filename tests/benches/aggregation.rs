@@ -18,13 +18,12 @@
 //! records and bytes per line (1,000 records/s and 1 MiB/s a shard, whichever binds) and its
 //! measured PUT payload units. Without aggregation the local rate is kinesis-mock's (a few hundred
 //! records a second), not AWS's: the table prints AWS's ceiling for it beside what was measured.
-use std::time::Instant;
 
 use pushpull_local::localstack::Local;
 use pushpull_local::realism::iam::Policies;
 use pushpull_local::realism::proxy::RealismProxy;
 use pushpull_local::realism::{Profile, Realism, RealismConfig};
-use pushpull_tests::{function, invoke_ok, object_created_event, start, unique};
+use pushpull_tests::{object_created_event, unique};
 
 /// us-east-1, provisioned mode: $0.015 a shard-hour, $0.014 a million PUT payload units (the
 /// rates on aws.amazon.com/kinesis/data-streams/pricing as quoted in 2026; other regions differ).
@@ -59,28 +58,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn object(lines: usize) -> Vec<u8> {
-    let mut body = Vec::with_capacity(lines * 92);
-    for i in 0..lines {
-        body.extend_from_slice(
-            format!(
-                "{{\"id\":{i},\"user\":\"u{:04}\",\"amount\":{:.2},\"ts\":\"2026-11-24T00:{:02}:{:02}Z\"}}\n",
-                i % 1000,
-                (i * 37 % 10000) as f64 / 100.0,
-                (i / 60) % 60,
-                i % 60
-            )
-            .as_bytes(),
-        );
-    }
-    body
-}
-
 async fn run(l: &Local, proxy: &RealismProxy, bucket: &str, config: &Config) -> Row {
     let stream = unique("pp-agg-bench");
     l.ensure_stream(&stream, SHARDS as i32).await.unwrap();
     let key = format!("input/{}.ndjson", config.name);
-    l.s3.put_object().bucket(bucket).key(&key).body(object(config.lines).into()).send().await.unwrap();
+    l.s3.put_object()
+        .bucket(bucket)
+        .key(&key)
+        .body(pushpull_tests::bench_lines(config.lines).into())
+        .send()
+        .await
+        .unwrap();
     let event = object_created_event(l, bucket, &key, "01").await;
     let checkpoints = tempfile::tempdir().unwrap();
     let cp = format!("file://{}", checkpoints.path().display());
@@ -95,14 +83,7 @@ async fn run(l: &Local, proxy: &RealismProxy, bucket: &str, config: &Config) -> 
         ("RUST_LOG", "warn"),
     ];
     env.extend(config.env.iter().copied());
-    let mut spec = function("s3-to-kinesis", &env);
-    spec.timeout = std::time::Duration::from_secs(900);
-    let mut host = start(spec).await;
-    let started = Instant::now();
-    let summary = invoke_ok(&mut host, event).await;
-    let seconds = started.elapsed().as_secs_f64();
-    let o = &summary["objects"][0];
-    assert_eq!(o["records"].as_u64(), Some(config.lines as u64), "{o}");
+    let (o, seconds) = pushpull_tests::push_timed(&env, event, config.lines).await;
     let written = l.read_stream(&stream).await.unwrap();
     let bytes: usize = written.iter().map(|r| r.data.len() + r.partition_key.len()).sum();
     let m = 1e6 / config.lines as f64;

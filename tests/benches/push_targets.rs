@@ -11,9 +11,8 @@
 //! with the function's own count of calls. Locally the Kinesis side is LocalStack's kinesis-mock
 //! and the Kafka side nisshi, each on this machine: the figures compare the sinks and the servers
 //! here, not AWS's Kinesis with an MSK cluster.
-use std::time::Instant;
 
-use pushpull_tests::{function, invoke_ok, object_created_event, start, unique};
+use pushpull_tests::{object_created_event, unique};
 
 const PARTITIONS: i32 = 4;
 
@@ -33,27 +32,10 @@ impl Target {
     }
 }
 
-fn object(lines: usize) -> Vec<u8> {
-    let mut body = Vec::with_capacity(lines * 92);
-    for i in 0..lines {
-        body.extend_from_slice(
-            format!(
-                "{{\"id\":{i},\"user\":\"u{:04}\",\"amount\":{:.2},\"ts\":\"2026-11-24T00:{:02}:{:02}Z\"}}\n",
-                i % 1000,
-                (i * 37 % 10000) as f64 / 100.0,
-                (i / 60) % 60,
-                i % 60
-            )
-            .as_bytes(),
-        );
-    }
-    body
-}
-
 /// Lines/s and calls made, for one run into `target`.
 async fn run(l: &pushpull_local::localstack::Local, bucket: &str, target: Target, lines: usize) -> (f64, u64) {
     let key = format!("input/{}-{}.ndjson", target.name(), unique("o"));
-    l.s3.put_object().bucket(bucket).key(&key).body(object(lines).into()).send().await.unwrap();
+    l.s3.put_object().bucket(bucket).key(&key).body(pushpull_tests::bench_lines(lines).into()).send().await.unwrap();
     let event = object_created_event(l, bucket, &key, "01").await;
     let checkpoints = tempfile::tempdir().unwrap();
     let cp = format!("file://{}", checkpoints.path().display());
@@ -81,14 +63,7 @@ async fn run(l: &pushpull_local::localstack::Local, bucket: &str, target: Target
         env.push(("KAFKA_TOPIC", t.as_str()));
         env.push(("KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()));
     }
-    let mut spec = function("s3-to-kinesis", &env);
-    spec.timeout = std::time::Duration::from_secs(900);
-    let mut host = start(spec).await;
-    let started = Instant::now();
-    let summary = invoke_ok(&mut host, event).await;
-    let seconds = started.elapsed().as_secs_f64();
-    let o = &summary["objects"][0];
-    assert_eq!(o["records"].as_u64(), Some(lines as u64), "{o}");
+    let (o, seconds) = pushpull_tests::push_timed(&env, event, lines).await;
     if let Some(t) = &topic {
         pushpull_tests::kafka::delete_topic(t).await;
     }

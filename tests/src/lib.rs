@@ -206,3 +206,37 @@ pub async fn object_json_lines(l: &Local, bucket: &str, key: &str) -> Vec<serde_
     let body = body.body.collect().await.unwrap().into_bytes();
     body.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect()
 }
+
+/// `lines` NDJSON lines of about 90 bytes, of 1,000 users (`u0000`..`u0999`) with amounts: the
+/// push benchmarks' S3 object.
+pub fn bench_lines(lines: usize) -> Vec<u8> {
+    let mut body = Vec::with_capacity(lines * 92);
+    for i in 0..lines {
+        body.extend_from_slice(
+            format!(
+                "{{\"id\":{i},\"user\":\"u{:04}\",\"amount\":{:.2},\"ts\":\"2026-11-24T00:{:02}:{:02}Z\"}}\n",
+                i % 1000,
+                (i * 37 % 10000) as f64 / 100.0,
+                (i / 60) % 60,
+                i % 60
+            )
+            .as_bytes(),
+        );
+    }
+    body
+}
+
+/// Runs the push function (the built `s3-to-kinesis`) once on the S3 `event` with `env`, with
+/// Lambda's longest timeout, as the push benchmarks do; returns the object's summary and the
+/// invocation's wall time in seconds. Panics unless it sent `lines` records.
+pub async fn push_timed(env: &[(&str, &str)], event: String, lines: usize) -> (serde_json::Value, f64) {
+    let mut spec = function("s3-to-kinesis", env);
+    spec.timeout = std::time::Duration::from_secs(900);
+    let mut host = start(spec).await;
+    let started = std::time::Instant::now();
+    let summary = invoke_ok(&mut host, event).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let object = summary["objects"][0].clone();
+    assert_eq!(object["records"].as_u64(), Some(lines as u64), "{object}");
+    (object, seconds)
+}
