@@ -230,9 +230,13 @@ impl Stats {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.consumer {
-            Some(c) => write!(f, "  state            {}; enhanced fan-out through {c}", self.state)?,
-            None => write!(f, "  state            {}; polling: {}", self.state, self.polling)?,
+        match (&self.consumer, &self.group) {
+            (Some(c), _) => write!(f, "  state            {}; enhanced fan-out through {c}", self.state)?,
+            // A consumer group member: Kafka's fetches are long polls, not AWS's Kinesis cadence.
+            (None, Some(_)) => {
+                write!(f, "  state            {}; a consumer group member (long-polling fetches)", self.state)?
+            }
+            (None, None) => write!(f, "  state            {}; polling: {}", self.state, self.polling)?,
         }
         match self.parallelization_factor {
             0 | 1 => writeln!(f)?,
@@ -349,9 +353,11 @@ impl std::fmt::Display for Summary {
                 writeln!(f, "    {shard}: {text}")?;
             }
         }
+        // Kinesis's IteratorAge; on Kafka the same measure (a record's age when it is sent).
+        let age = if self.group.is_some() { "record age  " } else { "iterator age" };
         writeln!(
             f,
-            "  iterator age     max {:.0} ms, last {:.0} ms",
+            "  {age}     max {:.0} ms, last {:.0} ms",
             self.counts.iterator_age_ms_max, self.counts.iterator_age_ms_last
         )?;
         write!(
