@@ -447,7 +447,7 @@ fn no_value() -> Value {
     serde_json::json!({ "Ref": "AWS::NoValue" })
 }
 
-fn is_no_value(v: &Value) -> bool {
+pub(crate) fn is_no_value(v: &Value) -> bool {
     v.get("Ref").and_then(Value::as_str) == Some("AWS::NoValue")
 }
 

@@ -120,6 +120,9 @@ impl Policies {
                 for (j, s) in list.iter().enumerate() {
                     let at = format!("{id}.Policies[{i}].Statement[{j}]");
                     let resolved = match t.resolve(s, &at) {
+                        // A statement behind a false condition (`!If [C, {...}, !Ref AWS::NoValue]`)
+                        // is not in the policy.
+                        Ok(v) if crate::template::is_no_value(&v) => continue,
                         Ok(v) => v,
                         Err(e) => {
                             tracing::warn!(statement = %at, error = %e, "IAM statement not enforced locally");
