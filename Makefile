@@ -1,11 +1,16 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-kafka bench-push-targets bench-consumers bench-runners bench-aggregation bench-tradeoff
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-kafka bench-push-targets bench-consumers bench-runners bench-aggregation bench-tradeoff soak
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
 
 test:           ## set up what is missing and run every check and test (CI runs this)
 	infra/test.sh
+
+soak:           ## the pipeline through Kafka in a storm on 100,000 lines (SEED=N to replay another seed)
+	cargo build --workspace --bins --features pushpull-tests/integration
+	PUSHPULL_STORM_LINES=$${LINES:-100000} PUSHPULL_SEED=$${SEED:-42} infra/with-kafka.sh infra/with-localstack.sh \
+	  cargo nextest run -p pushpull-tests --features integration --test pipeline --no-capture through_kafka_in_a_storm
 
 check-template: ## sam validate --lint, sam validate, cfn-lint, cycle check
 	infra/check-template.sh

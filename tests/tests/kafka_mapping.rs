@@ -18,6 +18,7 @@
 //! | tombstones, null keys, binary values, headers that are not UTF-8 | `tombstones_null_keys_binary_values_and_raw_headers_reach_the_function` |
 //! | a record over the 6 MB payload: never invoked, `MaximumPayloadSizeExceeded` to the destination, committed past | `a_record_over_6_mb_goes_to_the_destination_uninvoked_and_is_committed_past` |
 //! | settings AWS refuses for Kafka; the 500 ms default window; infinite retries with a destination become 10 | `kafka_settings_aws_refuses_are_refused` |
+//! | realism: through a proxy that slows fetches, cuts connections mid-fetch and restarts the broker, the clients stay on the proxy and every record is invoked and committed; the events name the bootstrap servers | `through_fetches_cut_and_slowed_and_a_broker_restart_every_record_is_invoked_and_committed` |
 //! | hostile: the topic deleted mid-run; a broker that accepts connections and never answers; a topic the cluster lacks (each an error naming it, never a silent wait) | `a_topic_deleted_mid_run_stops_the_mapping_with_an_error_naming_it`, `a_broker_that_never_answers_stops_the_mapping_with_an_error_naming_it` |
 use std::time::Duration;
 
@@ -535,4 +536,92 @@ async fn a_broker_that_never_answers_stops_the_mapping_with_an_error_naming_it()
     let e =
         tokio::time::timeout(Duration::from_secs(60), run).await.expect("stopped").expect_err("no topic").to_string();
     assert!(e.contains(&missing.topic), "{e}");
+}
+
+/// The realism layer's Kafka faults (`pushpull_local::realism::kafka`), at high rates: the
+/// mapping's connections go through a proxy that holds Fetch answers back, cuts connections
+/// half-way through Fetch answers carrying records, and plays a broker restart mid-run (every
+/// connection reset, refused for 2 s). The proxy rewrites Metadata and FindCoordinator so that
+/// clients never go around it (their Metadata names only the proxy); every record is invoked and
+/// every offset committed, and the events still name the bootstrap servers the mapping was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_fetches_cut_and_slowed_and_a_broker_restart_every_record_is_invoked_and_committed() {
+    use pushpull_local::realism::kafka::KafkaFaultProxy;
+    use pushpull_local::realism::{Profile, Realism, RealismConfig};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let f = fixture(4).await;
+    let mut config = RealismConfig::new(Profile::Storm, 7);
+    config.rates.kafka_fetch_cut = 0.5;
+    config.rates.kafka_fetch_slowed = 0.3;
+    let realism = std::sync::Arc::new(Realism::new(config));
+    let proxy = std::sync::Arc::new(KafkaFaultProxy::start(realism.clone(), &[bootstrap()]).unwrap());
+
+    // A client bootstrapped on the proxy is told of no broker but the proxy.
+    let (via, topic) = (proxy.bootstrap(), f.topic.clone());
+    let brokers = tokio::task::spawn_blocking(move || {
+        let probe: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", via).create().unwrap();
+        let metadata = probe.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();
+        metadata.brokers().iter().map(|b| format!("{}:{}", b.host(), b.port())).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(brokers, [proxy.bootstrap()], "Metadata names the proxy");
+
+    let ids: Vec<String> = (0..800).map(|i| format!("p{i}")).collect();
+    let pad = "x".repeat(300);
+    let first: Vec<(i32, &str, Value)> =
+        ids[..400].iter().enumerate().map(|(i, id)| ((i % 4) as i32, id.as_str(), json!({ "pad": pad }))).collect();
+    f.send_ids(&first).await;
+    let settings = RawSettings { batch_size: Some("20".into()), ..f.settings() }.validate_kafka(&f.source()).unwrap();
+    let mut options = RunnerOptions::new(&settings, Store::file(f.dir.path().join("unused")));
+    options.stop_when_idle = Some(Duration::from_secs(5));
+    options.failover = Duration::from_secs(10);
+    options.kafka_via = Some(proxy.bootstrap());
+    let clients = Clients::from(&local().await);
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let run = Runner::run_kafka(settings, f.source(), options, clients, f.server.client(), rx);
+    let later = {
+        let proxy = proxy.clone();
+        let second: Vec<(i32, String, Value)> = ids[400..]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ((i % 4) as i32, id.clone(), json!({ "pad": pad })))
+            .collect();
+        let topic = f.topic.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            proxy.restart(Duration::from_secs(2));
+            let values: Vec<(i32, Vec<u8>)> = second
+                .iter()
+                .map(|(p, id, d)| {
+                    let mut v = d.clone();
+                    v["id"] = Value::from(id.as_str());
+                    (*p, v.to_string().into_bytes())
+                })
+                .collect();
+            let list: Vec<pushpull_tests::kafka::Outgoing<'_>> =
+                values.iter().map(|(p, v)| (*p, Some(&b"k"[..]), Some(v.as_slice()))).collect();
+            // In eight rounds: many Fetch answers carry records, so cuts are drawn.
+            for round in list.chunks(50) {
+                send(&topic, round).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    let (summary, ()) = tokio::join!(tokio::time::timeout(Duration::from_secs(180), run), later);
+    let summary = summary.expect("the mapping ran 180 s").unwrap();
+    let faults = realism.faults();
+    println!("{faults}");
+    let invoked: std::collections::HashSet<String> = f.batches().into_iter().flat_map(|(_, ids)| ids).collect();
+    let missing: Vec<&String> = ids.iter().filter(|id| !invoked.contains(*id)).collect();
+    assert!(missing.is_empty(), "never invoked: {missing:?}");
+    assert_eq!(f.committed(), vec![Some(200); 4], "every offset committed");
+    assert_eq!(faults.get("kafka.broker.restart"), 1);
+    assert!(faults.get("kafka.fetch.cut") > 0 && faults.get("kafka.fetch.slowed") > 0, "{faults}");
+    assert!(proxy.connections() > 2, "the clients reconnected through the proxy");
+    assert!(
+        f.log().iter().all(|l| l["servers"] == bootstrap().as_str()),
+        "the events name the bootstrap servers, not the proxy"
+    );
+    assert!(summary.counts.records_read >= 800);
 }

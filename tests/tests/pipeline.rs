@@ -21,7 +21,12 @@ const BAD_EVERY: usize = 997;
 
 /// Five objects, 100,000 lines in all: `part-2` has a bad line every 997th, `part-4` is gzip.
 fn write_input(dir: &Path) -> usize {
-    let per = LINES / 5;
+    write_lines(dir, LINES)
+}
+
+/// [`write_input`] with `lines` lines in all.
+fn write_lines(dir: &Path, lines: usize) -> usize {
+    let per = lines / 5;
     let mut bad = 0;
     for part in 0..5 {
         let mut text = String::new();
@@ -63,13 +68,17 @@ fn overrides(bucket: &str) -> Vec<String> {
 }
 
 fn check_quarantine(entries: &[serde_json::Value], bucket: &str, bad: usize) {
+    check_quarantine_of(entries, bucket, bad, LINES)
+}
+
+fn check_quarantine_of(entries: &[serde_json::Value], bucket: &str, bad: usize, lines: usize) {
     assert_eq!(entries.len(), bad);
     for q in entries {
         assert_eq!(q["bucket"], bucket);
         assert_eq!(q["key"], "input/part-2.ndjson");
         let line = q["line"].as_u64().unwrap() as usize;
         // Line numbers are 1-based within the object; the bad ones are the multiples of 997.
-        assert_eq!((2 * LINES / 5 + line - 1) % BAD_EVERY, 0, "{q}");
+        assert_eq!((2 * lines / 5 + line - 1) % BAD_EVERY, 0, "{q}");
         assert!(q["reason"].as_str().is_some_and(|r| r.contains("JSON")), "{q}");
     }
 }
@@ -144,6 +153,71 @@ async fn through_kafka_with_crashes_and_failures_every_line_reaches_the_topic_on
     assert_eq!((report.stream_lines.extra, report.stream_lines.missing), (0, 0));
     assert_eq!(report.rollup.values().map(|g| g.0).sum::<u64>() as usize, LINES - bad);
     check_quarantine(&report.quarantined, &bucket, bad);
+}
+
+/// The pipeline through Kafka in a storm (`--broker kafka --realism storm`, seed from
+/// `PUSHPULL_SEED` or 42): the mapping's connections through the Kafka fault proxy (Fetch answers
+/// held back, connections cut half-way through Fetch answers, the broker restarting every 4 s),
+/// a stranger joining the consumer group 4 s after the last one left and leaving 3 s later
+/// (rebalances with batches in flight), S3 `SlowDown` and bodies cut part-way, S3 events
+/// duplicated and delivered out of order, Invoke 429s; on top, the push function crashed once mid-object and the rollup failing one
+/// invocation in five. Every good line in the topic exactly once (read back line by line), the
+/// rollup exact, every bad line quarantined once. 20,000 lines here; `make soak` runs 100,000
+/// (`PUSHPULL_STORM_LINES`).
+#[tokio::test]
+async fn through_kafka_in_a_storm_every_line_reaches_the_topic_once_and_the_totals_are_exact() {
+    use pushpull_local::realism::{Profile, RealismConfig};
+    let seed = std::env::var("PUSHPULL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SEED);
+    let lines = std::env::var("PUSHPULL_STORM_LINES").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    let input = tempfile::tempdir().unwrap();
+    let bad = write_lines(input.path(), lines);
+    let bucket = unique("pp-kstorm");
+    let crashed = input.path().join("push-crashed");
+    println!("realism: storm, seed {seed} (replay: PUSHPULL_SEED={seed}), {lines} lines");
+    let config = PipelineConfig {
+        broker: pipeline::Broker::Kafka { bootstrap_servers: pushpull_tests::kafka::bootstrap() },
+        overrides: overrides(&bucket),
+        delay_scale: 0.01,
+        timeout: Duration::from_secs(1200),
+        realism: RealismConfig::new(Profile::Storm, seed),
+        extra_env: vec![
+            (
+                "s3-to-kinesis",
+                vec![
+                    ("PUSHPULL_INJECT_CRASH_ONCE".to_owned(), format!("{}:{}", crashed.display(), lines / 30)),
+                    ("CHECKPOINT_LEASE_MS".to_owned(), "6000".to_owned()),
+                ],
+            ),
+            ("kinesis-rollup", vec![("PUSHPULL_INJECT_FAILURES".to_owned(), "0.2".to_owned())]),
+        ],
+        ..PipelineConfig::new(TEMPLATE, unique("kstorm"), input.path())
+    };
+    let report = pipeline::run(config).await.unwrap();
+    println!("{report}");
+    assert!(crashed.exists(), "the push function was crashed once");
+    report.check().unwrap();
+    assert_eq!(report.stream_lines.once as usize, lines - bad, "every good line in the topic once");
+    assert_eq!((report.stream_lines.extra, report.stream_lines.missing), (0, 0));
+    assert_eq!(report.rollup.values().map(|g| g.0).sum::<u64>() as usize, lines - bad);
+    assert_eq!(report.rollup, report.expected, "the rollup equals the input exactly");
+    check_quarantine_of(&report.quarantined, &bucket, bad, lines);
+    let faults = report.faults.expect("a storm counts its faults");
+    let kinds = [
+        "kafka.fetch.slowed",
+        "kafka.fetch.cut",
+        "kafka.broker.restart",
+        "kafka.group.rebalance",
+        "s3.get.slow_down",
+        "s3.event.duplicated",
+    ];
+    let undrawn: Vec<&str> = kinds.into_iter().filter(|k| faults.get(k) == 0).collect();
+    if seed == DEFAULT_SEED {
+        assert!(undrawn.is_empty(), "not drawn: {undrawn:?} in {faults}");
+    } else if !undrawn.is_empty() {
+        println!("seed {seed} drew none of {undrawn:?}");
+    }
+    let group = report.mapping.group.as_ref().expect("a Kafka run names its group");
+    assert!(group.assignments() >= 2, "the stranger's leaving gave the partitions back: {group:?}");
 }
 
 /// The same pipeline in a storm (`pushpull_local::realism`, profile `storm`, seed from

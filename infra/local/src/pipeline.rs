@@ -26,6 +26,7 @@ use crate::observed::{Names, Observed};
 use crate::progress::{Display, LiveProgress, Update};
 use crate::realism::iam::Policies;
 use crate::realism::proxy::RealismProxy;
+use crate::realism::kafka::{KafkaFaultProxy, join_and_leave};
 use crate::realism::{FaultTable, Realism, RealismConfig};
 use crate::runtime_api::{FunctionSpec, workspace_binary};
 use crate::template::{Template, scalar};
@@ -473,6 +474,70 @@ pub async fn upload(local: &Local, r: &Resources, files: &[PathBuf]) -> Result<V
     Ok(out)
 }
 
+/// Whether `realism` injects anything into a Kafka run.
+fn kafka_faults_on(realism: &RealismConfig) -> bool {
+    realism.rates.kafka_fetch_slowed > 0.0
+        || realism.rates.kafka_fetch_cut > 0.0
+        || realism.kafka_disruption_every.is_some()
+}
+
+/// What happens to a Kafka run's cluster every so often: the broker restarts
+/// ([`KafkaFaultProxy::restart`]: every connection reset, refused for 2 s), and, in between, a
+/// stranger joins the mapping's consumer group for 3 s and leaves ([`join_and_leave`]: two
+/// rebalances with batches in flight).
+struct Disruptions {
+    tasks: [tokio::task::JoinHandle<()>; 2],
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Disruptions {
+    /// Starts them.
+    fn start(proxy: Arc<KafkaFaultProxy>, realism: Arc<Realism>, k: KafkaRun, every: Duration) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Restarts every `every`; a stranger every `every` after the last one left, the first
+        // half-way to the first restart.
+        let restarts = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                proxy.restart(Duration::from_secs(2));
+            }
+        });
+        let strangers = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                tokio::time::sleep(every / 2).await;
+                loop {
+                    let (k, stop) = (k.clone(), stop.clone());
+                    let joined = tokio::task::spawn_blocking(move || {
+                        join_and_leave(&k.bootstrap_servers, &k.topic, &k.group, Duration::from_secs(3), &stop)
+                    })
+                    .await;
+                    match joined {
+                        Ok(Ok(held)) if !held.is_empty() => {
+                            realism.count("kafka.group.rebalance", 2);
+                            tracing::info!(partitions = ?held, "realism: a stranger joined the consumer group, held partitions for 3 s and left");
+                        }
+                        Ok(Ok(_)) => tracing::info!("realism: a stranger joined the consumer group and was given nothing"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "realism: a stranger could not join the consumer group"),
+                        Err(e) => tracing::warn!(error = %e, "realism: the stranger's thread failed"),
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            }
+        });
+        Disruptions { tasks: [restarts, strangers], stop }
+    }
+
+    /// Stops them (a stranger in the group leaves first).
+    async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
 /// How to run it.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -873,12 +938,14 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     // The template's Kafka variant (Broker=kafka): the push function's environment names the
     // topic and servers, and the rollup's SelfManagedKafka event is the mapping.
     let kafka_mapping = RawSettings::from_template_kafka(&t, None)?;
+    let mut topic_partitions = 0;
     if let Some((_, source)) = &kafka_mapping {
         // As many partitions as the template gives the stream shards.
         let partitions = t.parameters.get("ShardCount").and_then(|n| n.parse().ok()).unwrap_or(4);
-        crate::mapping::kafka::admin::ensure_topic(&source.bootstrap_servers.join(","), &source.topic, partitions)
-            .await
-            .map_err(|e| PipelineError::Run(e.to_string()))?;
+        topic_partitions =
+            crate::mapping::kafka::admin::ensure_topic(&source.bootstrap_servers.join(","), &source.topic, partitions)
+                .await
+                .map_err(|e| PipelineError::Run(e.to_string()))?;
     }
     let mut specs = template_specs(&t, &extra_env, config.verbose)?;
     let realism = Arc::new(Realism::new(config.realism.clone()));
@@ -937,6 +1004,17 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         topic: k.topic.clone(),
         group: k.consumer_group_id.clone().unwrap_or_else(|| settings.uuid()),
     });
+    // Kafka in a storm: the mapping dials the broker through the fault proxy.
+    let kafka_proxy = match &kafka_source {
+        Some(k) if kafka_faults_on(&config.realism) => Some(Arc::new(
+            KafkaFaultProxy::start(realism.clone(), &k.bootstrap_servers)
+                .map_err(|e| PipelineError::io("Kafka realism proxy", e))?,
+        )),
+        _ => None,
+    };
+    if let Some(p) = &kafka_proxy {
+        options.kafka_via = Some(p.bootstrap());
+    }
     let mapping = match kafka_source {
         None => Runner::start(settings, options, clients.clone(), server.client()),
         Some(source) => Runner::start_kafka(settings, source, options, clients.clone(), server.client()),
@@ -964,7 +1042,14 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         })
     };
     let uploads = upload(&local, &r, &expected.files).await?;
-    let reshard = config.realism.reshard_after.map(|after| {
+    // A stranger in the consumer group and broker restarts, by turns.
+    let disruptions = match (&kafka_proxy, &kafka, config.realism.kafka_disruption_every) {
+        (Some(proxy), Some(k), Some(every)) => {
+            Some(Disruptions::start(proxy.clone(), realism.clone(), k.clone(), every))
+        }
+        _ => None,
+    };
+    let reshard = config.realism.reshard_after.filter(|_| kafka.is_none()).map(|after| {
         let (local, stream, realism) = (local.clone(), r.stream.clone(), realism.clone());
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
@@ -1032,7 +1117,13 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             pushed_at = Some(crate::mapping::now_unix());
         }
         // Done: every object pushed, then every shard read to its end since, and nothing undone.
-        if pushed_at.is_some_and(|t| mapping.caught_up_since().is_some_and(|c| c > t)) && mapping.is_idle() {
+        // On Kafka, the mapping must hold every partition: while a stranger holds some (or their
+        // hand-back is under way), the ones it still holds being caught up says nothing of them.
+        let holds_all = kafka.is_none() || mapping.reading() == topic_partitions as usize;
+        if pushed_at.is_some_and(|t| mapping.caught_up_since().is_some_and(|c| c > t))
+            && mapping.is_idle()
+            && holds_all
+        {
             break Ok(());
         }
         // A disabled mapping (`Enabled: false`) reads nothing: done once everything is pushed.
@@ -1073,6 +1164,9 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     }
     if let Some(r) = reshard {
         r.abort();
+    }
+    if let Some(d) = disruptions {
+        d.stop().await;
     }
     let _ = stop_tx.send(true);
     let delivery = delivery.await.map_err(|source| PipelineError::Task { what: "S3 event delivery", source })?;

@@ -109,6 +109,7 @@ async fn handle(dir: PathBuf, body: Bytes) -> Result<Value, Error> {
             "t": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
             "window": event["window"]["start"], "state": event["state"],
             "final": event["isFinalInvokeForWindow"], "early": event["isWindowTerminatedEarly"],
+            "servers": event["bootstrapServers"],
         }),
     )?;
     tokio::time::sleep(std::time::Duration::from_millis(sleep_ms)).await;

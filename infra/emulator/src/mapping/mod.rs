@@ -337,6 +337,11 @@ impl RunningMapping {
         self.ctx.pending.load(Ordering::SeqCst) == 0 && self.ctx.open_windows.load(Ordering::SeqCst) == 0
     }
 
+    /// How many shards or partitions it reads now (a Kafka member: those its group assigned it).
+    pub fn reading(&self) -> usize {
+        self.ctx.caught_up.lock().map_or(0, |c| c.len())
+    }
+
     /// The time (unix seconds) since which every shard being read has been found caught up and
     /// empty by its latest GetRecords: everything written before it has been read. `None` while
     /// some shard's latest read returned records (or none was made yet).

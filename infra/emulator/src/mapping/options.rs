@@ -46,6 +46,10 @@ pub struct RunnerOptions {
     /// On stop, how long the batches in flight may take to finish before they are stopped (their
     /// records are then re-delivered by the next owner).
     pub stop_grace: Duration,
+    /// A Kafka mapping dials these (`host:port,...`) instead of its bootstrap servers: the realism
+    /// layer's proxy in front of them ([`crate::realism::kafka`]). Its events still name the
+    /// bootstrap servers, as AWS's name the mapping's.
+    pub kafka_via: Option<String>,
 }
 
 /// The default worker id: host name and process id.
@@ -95,6 +99,7 @@ impl RunnerOptions {
             worker_id: default_worker_id(),
             failover: Duration::from_secs(10),
             stop_grace: Duration::from_secs(30),
+            kafka_via: None,
         }
     }
 }

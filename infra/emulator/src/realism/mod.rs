@@ -5,6 +5,9 @@
 //!   reaches through `AWS_ENDPOINT_URL`. It applies Kinesis's per-shard limits ([`kinesis`]),
 //!   S3's `SlowDown` and bodies cut part-way, and checks each function's calls against its role
 //!   in the template ([`iam`]).
+//! - [`kafka::KafkaFaultProxy`]: a TCP proxy in front of a Kafka broker for the Kafka mapping's
+//!   connections (slow and cut fetches, broker restarts), and a stranger joining its consumer group
+//!   mid-run ([`kafka::join_and_leave`]).
 //! - The local Invoke API ([`crate::invoke`]) answers `429 TooManyRequestsException` at a rate and
 //!   past a concurrency limit per function; the S3 event delivery ([`crate::async_invoke`])
 //!   duplicates events and delivers them out of order; the pipeline splits a shard mid-run.
@@ -29,6 +32,7 @@ use std::time::Duration;
 
 pub mod fanout;
 pub mod iam;
+pub mod kafka;
 pub mod kinesis;
 pub mod proxy;
 
@@ -122,6 +126,10 @@ pub struct Rates {
     pub lambda_throttle: f64,
     /// An enhanced fan-out subscription's connection is cut (per event it would send).
     pub subscription_cut: f64,
+    /// A Kafka Fetch answer is held back 0.2-1 s ([`kafka::KafkaFaultProxy`]).
+    pub kafka_fetch_slowed: f64,
+    /// A Kafka connection is cut half-way through a Fetch answer.
+    pub kafka_fetch_cut: f64,
 }
 
 /// One realism setting: a profile, its seed, and what the profile turns on.
@@ -145,6 +153,10 @@ pub struct RealismConfig {
     /// How long an enhanced fan-out subscription lasts before the subscriber must call
     /// `SubscribeToShard` again: AWS's 5 minutes (shorter in tests).
     pub subscription_lifetime: Duration,
+    /// On a Kafka run, this often (none: never) the broker restarts (every connection reset,
+    /// refused for 2 s), and, this long after the previous one left, a stranger joins the
+    /// mapping's consumer group for 3 s and leaves (two rebalances) ([`kafka`]).
+    pub kafka_disruption_every: Option<Duration>,
 }
 
 impl RealismConfig {
@@ -159,6 +171,7 @@ impl RealismConfig {
             reshard_after: None,
             function_concurrency: None,
             subscription_lifetime: Duration::from_secs(300),
+            kafka_disruption_every: None,
         };
         match profile {
             Profile::Off => off,
@@ -178,8 +191,11 @@ impl RealismConfig {
                     s3_reorder: 0.3,
                     lambda_throttle: 0.05,
                     subscription_cut: 0.05,
+                    kafka_fetch_slowed: 0.3,
+                    kafka_fetch_cut: 0.1,
                 },
                 reshard_after: Some(Duration::from_secs(4)),
+                kafka_disruption_every: Some(Duration::from_secs(4)),
                 ..off
             },
         }
@@ -293,6 +309,10 @@ pub fn describe(kind: &str) -> &'static str {
         "lambda.invoke.concurrency" => "Invoke answered 429 (concurrency limit)",
         "iam.denied" => "calls denied by the function's role",
         "kinesis.subscription.cut" => "enhanced fan-out subscriptions cut mid-stream",
+        "kafka.fetch.slowed" => "Kafka Fetch answers held back 0.2-1 s",
+        "kafka.fetch.cut" => "Kafka connections cut half-way through a Fetch answer",
+        "kafka.broker.restart" => "Kafka broker restarts (connections reset, refused 2 s)",
+        "kafka.group.rebalance" => "consumer group rebalances (a stranger joined or left)",
         _ => "",
     }
 }

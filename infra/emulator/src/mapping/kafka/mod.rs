@@ -411,9 +411,9 @@ impl KafkaPartition {
 }
 
 /// The consumer's configuration for `source` in group `group`.
-fn config(source: &KafkaSource, group: &str, settings_start: StartingPosition, session: Duration) -> ClientConfig {
+fn config(servers: &str, group: &str, settings_start: StartingPosition, session: Duration) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", source.bootstrap_servers.join(","))
+    c.set("bootstrap.servers", servers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         // The end of a partition is reported: how the mapping knows it is caught up.
@@ -486,11 +486,13 @@ pub(crate) async fn run(
     // The cluster must answer and hold the topic before the group is joined: a consumer would
     // otherwise wait in silence (librdkafka retries for ever). AWS shows such a mapping in a
     // PROBLEM state; a local runner stops and says why.
-    admin::partitions(&source.bootstrap_servers.join(","), &source.topic, METADATA_WITHIN).await?;
+    // The servers dialled: the bootstrap servers, or the realism layer's proxy in front of them.
+    let servers = ctx.options.kafka_via.clone().unwrap_or_else(|| source.bootstrap_servers.join(","));
+    admin::partitions(&servers, &source.topic, METADATA_WITHIN).await?;
     let consumer: Arc<BaseConsumer<Member>> = Arc::new(
-        config(&source, &group, ctx.settings.starting_position, ctx.options.failover)
+        config(&servers, &group, ctx.settings.starting_position, ctx.options.failover)
             .create_with_context(Member(shared.clone()))
-            .map_err(|e| MappingError::Kafka(format!("consumer for {}: {e}", source.bootstrap_servers.join(","))))?,
+            .map_err(|e| MappingError::Kafka(format!("consumer for {servers}: {e}")))?,
     );
     let _ = shared.consumer.set(Arc::downgrade(&consumer));
     consumer
@@ -508,7 +510,7 @@ pub(crate) async fn run(
     };
     drop(consumer);
     let checker = {
-        let (shared, quit, servers) = (shared.clone(), quit.clone(), source.bootstrap_servers.join(","));
+        let (shared, quit, servers) = (shared.clone(), quit.clone(), servers.clone());
         std::thread::Builder::new()
             .name("kafka-caught-up".into())
             .spawn(move || check_caught_up(&shared, &servers, &quit))
