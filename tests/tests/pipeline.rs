@@ -157,7 +157,7 @@ async fn through_kafka_with_crashes_and_failures_every_line_reaches_the_topic_on
 
 /// The pipeline through Kafka in a storm (`--broker kafka --realism storm`, seed from
 /// `PUSHPULL_SEED` or 42): the mapping's connections through the Kafka fault proxy (Fetch answers
-/// held back, connections cut half-way through Fetch answers, the broker restarting every 4 s),
+/// held back, connections cut half-way through Fetch answers, the broker restarting every 8 s),
 /// a stranger joining the consumer group 4 s after the last one left and leaving 3 s later
 /// (rebalances with batches in flight), S3 `SlowDown` and bodies cut part-way, S3 events
 /// duplicated and delivered out of order, Invoke 429s; on top, the push function crashed once mid-object and the rollup failing one

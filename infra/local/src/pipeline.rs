@@ -482,7 +482,7 @@ fn kafka_faults_on(realism: &RealismConfig) -> bool {
 }
 
 /// What happens to a Kafka run's cluster every so often: the broker restarts
-/// ([`KafkaFaultProxy::restart`]: every connection reset, refused for 2 s), and, in between, a
+/// ([`KafkaFaultProxy::restart`]: every connection reset, refused for 2 s), and, meanwhile, a
 /// stranger joins the mapping's consumer group for 3 s and leaves ([`join_and_leave`]: two
 /// rebalances with batches in flight).
 struct Disruptions {
@@ -494,11 +494,13 @@ impl Disruptions {
     /// Starts them.
     fn start(proxy: Arc<KafkaFaultProxy>, realism: Arc<Realism>, k: KafkaRun, every: Duration) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Restarts every `every`; a stranger every `every` after the last one left, the first
-        // half-way to the first restart.
+        // A restart every `2 × every` (with `every` 4 s, one every 4 s kept the broker down or
+        // reconnecting half the time: a newly assigned partition was often revoked again before
+        // its first fetch, and the run's records waited half a minute); a stranger `every` after
+        // the last one left, the first at `every / 2`.
         let restarts = tokio::spawn(async move {
             loop {
-                tokio::time::sleep(every).await;
+                tokio::time::sleep(every * 2).await;
                 proxy.restart(Duration::from_secs(2));
             }
         });

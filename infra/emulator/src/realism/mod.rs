@@ -153,9 +153,9 @@ pub struct RealismConfig {
     /// How long an enhanced fan-out subscription lasts before the subscriber must call
     /// `SubscribeToShard` again: AWS's 5 minutes (shorter in tests).
     pub subscription_lifetime: Duration,
-    /// On a Kafka run, this often (none: never) the broker restarts (every connection reset,
-    /// refused for 2 s), and, this long after the previous one left, a stranger joins the
-    /// mapping's consumer group for 3 s and leaves (two rebalances) ([`kafka`]).
+    /// On a Kafka run, every other time this passes (none: never) the broker restarts (every
+    /// connection reset, refused for 2 s), and this long after the previous one left a stranger
+    /// joins the mapping's consumer group for 3 s and leaves (two rebalances) ([`kafka`]).
     pub kafka_disruption_every: Option<Duration>,
 }
 

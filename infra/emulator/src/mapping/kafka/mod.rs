@@ -264,6 +264,12 @@ impl Shared {
 
     /// Starts reading partition `n`: its task, with one lane.
     fn take(self: &Arc<Self>, n: i32) {
+        // An end reached before (under an earlier assignment) says nothing of this one: it starts
+        // at the committed offset, maybe well before the end. Removed before the partition is
+        // marked not caught up, so that a check under way cannot mark it caught up after.
+        if let Ok(mut e) = self.at_end.lock() {
+            e.remove(&n);
+        }
         let committer: Arc<dyn Commit> = Arc::new(ConsumerCommit(self.clone()));
         let part = Arc::new(KafkaPartition::new(self.topic.clone(), n, self.envelope.clone(), committer));
         let (tx, mut rx) = mpsc::channel::<Vec<KRec>>(2);
