@@ -5,7 +5,7 @@
 //!
 //! | behaviour | test |
 //! |---|---|
-//! | a member joining takes half the partitions; one stopped by SIGTERM finishes its batches in flight, commits and leaves, the other takes its partitions: every record processed exactly once | `a_member_joining_and_one_leaving_on_sigterm_rebalance_and_process_every_record_once` |
+//! | a member joining takes half the partitions; one stopped by SIGTERM finishes its batches in flight, commits and leaves, the other takes its partitions: every record processed exactly once; the summaries name each assignment's generation and the group's members | `a_member_joining_and_one_leaving_on_sigterm_rebalance_and_process_every_record_once` |
 //! | a member killed with -9 is dropped after the session timeout and its partitions go on elsewhere: nothing lost, repeats only of what it had in flight | `a_member_killed_with_sigkill_loses_its_partitions_to_the_other_after_the_session_timeout` |
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -142,6 +142,24 @@ async fn a_member_joining_and_one_leaving_on_sigterm_rebalance_and_process_every
     assert_eq!(aa.last().map(Vec::len), Some(2), "then half: {aa:?}");
     assert_eq!(ab.first().map(Vec::len), Some(2), "b joined with half: {ab:?}");
     assert_eq!(ab.last().map(Vec::len), Some(4), "and took all once a left: {ab:?}");
+    // The group's generation, counted up by the coordinator at each rebalance: b joined in a later
+    // generation than a's first, and a's leaving made another.
+    let generations = |s: &Value| -> Vec<i64> {
+        s["group"]["rebalances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == "assigned")
+            .map(|e| e["generation"].as_i64().expect("each assignment names its generation"))
+            .collect()
+    };
+    let (ga, gb) = (generations(&sa), generations(&sb));
+    assert!(ga[0] < gb[0] && gb[0] < *gb.last().unwrap(), "generations: a {ga:?}, b {gb:?}");
+    assert_eq!(sb["group"]["generation"].as_i64(), gb.last().copied());
+    // The members as the coordinator described them: b among them, under the id it was given.
+    let b_id = sb["group"]["member_id"].as_str().expect("b's member id").to_owned();
+    let members = sb["group"]["members"].as_array().cloned().unwrap_or_default();
+    assert!(members.iter().any(|m| m["id"] == b_id.as_str()), "b among the members: {members:?}");
     // Order per partition held across the hand-overs: each partition's ids in offset order.
     for p in 0..PARTITIONS {
         let name = format!("{topic}-{p}");

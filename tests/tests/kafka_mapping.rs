@@ -582,11 +582,8 @@ async fn through_fetches_cut_and_slowed_and_a_broker_restart_every_record_is_inv
     let run = Runner::run_kafka(settings, f.source(), options, clients, f.server.client(), rx);
     let later = {
         let proxy = proxy.clone();
-        let second: Vec<(i32, String, Value)> = ids[400..]
-            .iter()
-            .enumerate()
-            .map(|(i, id)| ((i % 4) as i32, id.clone(), json!({ "pad": pad })))
-            .collect();
+        let second: Vec<(i32, String, Value)> =
+            ids[400..].iter().enumerate().map(|(i, id)| ((i % 4) as i32, id.clone(), json!({ "pad": pad }))).collect();
         let topic = f.topic.clone();
         async move {
             tokio::time::sleep(Duration::from_secs(1)).await;

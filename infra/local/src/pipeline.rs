@@ -25,8 +25,8 @@ use crate::mapping::{Clients, Delivered, RawSettings, Runner, RunnerOptions, Sum
 use crate::observed::{Names, Observed};
 use crate::progress::{Display, LiveProgress, Update};
 use crate::realism::iam::Policies;
-use crate::realism::proxy::RealismProxy;
 use crate::realism::kafka::{KafkaFaultProxy, join_and_leave};
+use crate::realism::proxy::RealismProxy;
 use crate::realism::{FaultTable, Realism, RealismConfig};
 use crate::runtime_api::{FunctionSpec, workspace_binary};
 use crate::template::{Template, scalar};
@@ -519,8 +519,12 @@ impl Disruptions {
                             realism.count("kafka.group.rebalance", 2);
                             tracing::info!(partitions = ?held, "realism: a stranger joined the consumer group, held partitions for 3 s and left");
                         }
-                        Ok(Ok(_)) => tracing::info!("realism: a stranger joined the consumer group and was given nothing"),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "realism: a stranger could not join the consumer group"),
+                        Ok(Ok(_)) => {
+                            tracing::info!("realism: a stranger joined the consumer group and was given nothing")
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "realism: a stranger could not join the consumer group")
+                        }
                         Err(e) => tracing::warn!(error = %e, "realism: the stranger's thread failed"),
                     }
                     tokio::time::sleep(every).await;
@@ -1122,9 +1126,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         // On Kafka, the mapping must hold every partition: while a stranger holds some (or their
         // hand-back is under way), the ones it still holds being caught up says nothing of them.
         let holds_all = kafka.is_none() || mapping.reading() == topic_partitions as usize;
-        if pushed_at.is_some_and(|t| mapping.caught_up_since().is_some_and(|c| c > t))
-            && mapping.is_idle()
-            && holds_all
+        if pushed_at.is_some_and(|t| mapping.caught_up_since().is_some_and(|c| c > t)) && mapping.is_idle() && holds_all
         {
             break Ok(());
         }

@@ -252,14 +252,28 @@ impl std::fmt::Display for Summary {
             None => {}
         }
         match &self.group {
-            Some(g) => writeln!(
-                f,
-                "  consumer group   {}: {} assignments received, the last of partitions {:?}; coordinator {}",
-                g.group_id,
-                g.assignments(),
-                g.last_assigned(),
-                g.coordinator.as_deref().unwrap_or("unknown")
-            )?,
+            Some(g) => {
+                writeln!(
+                    f,
+                    "  consumer group   {}: generation {}, {} assignments received, the last of partitions {:?}; coordinator {}",
+                    g.group_id,
+                    g.generation.map_or("unknown".to_owned(), |n| n.to_string()),
+                    g.assignments(),
+                    g.last_assigned(),
+                    g.coordinator.as_deref().unwrap_or("unknown")
+                )?;
+                if !g.members.is_empty() {
+                    let members: Vec<String> = g
+                        .members
+                        .iter()
+                        .map(|m| {
+                            let me = g.member_id.as_deref() == Some(m.id.as_str());
+                            format!("{} ({}{})", m.id, m.client_id, if me { ", this runner" } else { "" })
+                        })
+                        .collect();
+                    writeln!(f, "  members          {} at the last look: {}", members.len(), members.join(", "))?;
+                }
+            }
             None => writeln!(
                 f,
                 "  shards           {} read, {} finished",

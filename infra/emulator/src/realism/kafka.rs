@@ -175,10 +175,10 @@ async fn serve(inner: &Arc<Inner>, client: TcpStream, upstream: &str) -> std::io
         async move {
             while let Some(frame) = read_frame(&mut client_read).await? {
                 if let Some(header) = RequestHeader::parse(&frame) {
-                    pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(
-                        header.correlation_id,
-                        (header.api_key, header.api_version),
-                    );
+                    pending
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(header.correlation_id, (header.api_key, header.api_version));
                 }
                 write_frame(&mut server_write, &frame).await?;
             }
@@ -522,8 +522,10 @@ pub fn join_and_leave(
         let _ = consumer.poll(Duration::from_millis(100)); // records are nobody's: dropped
         match &held {
             None => {
-                let assigned: Vec<i32> =
-                    consumer.assignment().map(|a| a.elements().iter().map(|e| e.partition()).collect()).unwrap_or_default();
+                let assigned: Vec<i32> = consumer
+                    .assignment()
+                    .map(|a| a.elements().iter().map(|e| e.partition()).collect())
+                    .unwrap_or_default();
                 if !assigned.is_empty() {
                     held = Some((Instant::now(), assigned));
                 }
@@ -654,8 +656,8 @@ mod tests {
         v1.extend_from_slice(&(-1i32).to_be_bytes());
         put_string(&mut v1, "", false);
         v1.extend_from_slice(&(-1i32).to_be_bytes());
-        let out = rewrite_find_coordinator(&v1, 1, &mut |h, p| (!h.is_empty() && p >= 0).then(|| unreachable!()))
-            .unwrap();
+        let out =
+            rewrite_find_coordinator(&v1, 1, &mut |h, p| (!h.is_empty() && p >= 0).then(|| unreachable!())).unwrap();
         assert_eq!(out, v1);
     }
 

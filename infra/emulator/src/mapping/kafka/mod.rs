@@ -59,6 +59,28 @@ pub struct GroupView {
     pub coordinator: Option<String>,
     /// Every assignment and revocation this member saw, in order.
     pub rebalances: Vec<GroupEvent>,
+    /// The group's generation at this member's latest assignment (the coordinator counts one up
+    /// for each rebalance of the group, whoever caused it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i32>,
+    /// This member's id in the group, as the coordinator gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_id: Option<String>,
+    /// The group's members as the coordinator last described them (DescribeGroups, every few
+    /// seconds): this one and any other runner or consumer in the group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<GroupMember>,
+}
+
+/// A member of the group, as the coordinator describes it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GroupMember {
+    /// The member id.
+    pub id: String,
+    /// The client's `client.id`.
+    pub client_id: String,
+    /// The client's host, as the coordinator saw it.
+    pub host: String,
 }
 
 /// Partitions assigned to this member, or revoked from it, by the group's coordinator.
@@ -72,6 +94,9 @@ pub struct GroupEvent {
     /// The coordinator, for a `coordinator` event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,
+    /// The group's generation, for an `assigned` event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i32>,
     /// The partitions.
     pub partitions: Vec<i32>,
 }
@@ -89,7 +114,13 @@ impl GroupView {
 
     fn note(&mut self, event: &str, mut partitions: Vec<i32>) {
         partitions.sort_unstable();
-        self.rebalances.push(GroupEvent { at: now_unix(), event: event.to_owned(), partitions, broker: None });
+        self.rebalances.push(GroupEvent {
+            at: now_unix(),
+            event: event.to_owned(),
+            partitions,
+            broker: None,
+            generation: None,
+        });
     }
 }
 
@@ -144,6 +175,7 @@ impl ClientContext for Member {
                 event: "coordinator".to_owned(),
                 partitions: Vec::new(),
                 broker: Some(now.clone()),
+                generation: None,
             });
             v.coordinator = Some(now);
         }
@@ -202,16 +234,25 @@ impl ConsumerContext for Member {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let numbers: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                info!(partitions = ?numbers, "partitions assigned");
+                let membership = membership(consumer);
+                info!(partitions = ?numbers, generation = ?membership.as_ref().map(|m| m.0), "partitions assigned");
                 for n in &numbers {
                     self.0.take(*n);
                 }
                 self.0.ctx.touch();
-                self.0.view().note("assigned", numbers);
+                let mut view = self.0.view();
+                view.note("assigned", numbers);
+                if let Some((generation, member)) = membership {
+                    if let Some(last) = view.rebalances.last_mut() {
+                        last.generation = Some(generation);
+                    }
+                    view.generation = Some(generation);
+                    view.member_id = Some(member);
+                }
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => warn!(error = %e, "rebalance failed"),
@@ -224,6 +265,27 @@ impl ConsumerContext for Member {
             // the offset on.
             warn!(error = %e, offsets = ?offsets.to_topic_map(), "offset commit failed");
         }
+    }
+}
+
+/// The consumer's generation and member id in its group, from librdkafka's group metadata (the
+/// Rust binding does not expose them; the C functions are public API of librdkafka 2.x).
+fn membership<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<(i32, String)> {
+    use rdkafka::bindings as rd;
+    // SAFETY: the handle is the live consumer's own; `rd_kafka_consumer_group_metadata` returns a
+    // copy owned by the caller (or null), read here and destroyed before returning; the member id
+    // is a NUL-terminated string owned by that copy, copied out before it is destroyed.
+    unsafe {
+        let md = rd::rd_kafka_consumer_group_metadata(consumer.client().native_ptr());
+        if md.is_null() {
+            return None;
+        }
+        let generation = rd::rd_kafka_consumer_group_metadata_generation_id(md);
+        let id = rd::rd_kafka_consumer_group_metadata_member_id(md);
+        let member =
+            if id.is_null() { String::new() } else { std::ffi::CStr::from_ptr(id).to_string_lossy().into_owned() };
+        rd::rd_kafka_consumer_group_metadata_destroy(md);
+        Some((generation, member))
     }
 }
 
@@ -714,9 +776,36 @@ fn check_caught_up(shared: &Shared, servers: &str, quit: &AtomicBool) {
         Ok(c) => c,
         Err(e) => return shared.fail(MappingError::Kafka(format!("the caught-up checker for {servers}: {e}"))),
     };
+    let group = shared.view().group_id.clone();
+    let mut described = std::time::Instant::now();
     while !quit.load(Ordering::SeqCst) {
         std::thread::sleep(CAUGHT_UP_CHECK);
         renew_caught_up(shared, &checker);
+        if described.elapsed() >= DESCRIBE_GROUP_EVERY {
+            described = std::time::Instant::now();
+            describe_group(shared, &checker, &group);
+        }
+    }
+}
+
+/// How often the group's members are asked of its coordinator, for the summary.
+const DESCRIBE_GROUP_EVERY: Duration = Duration::from_secs(3);
+
+/// The group's members, as its coordinator describes them (DescribeGroups), into the view.
+fn describe_group(shared: &Shared, checker: &BaseConsumer, group: &str) {
+    let Ok(list) = checker.fetch_group_list(Some(group), Duration::from_secs(2)) else { return };
+    let Some(g) = list.groups().iter().find(|g| g.name() == group) else { return };
+    let members: Vec<GroupMember> = g
+        .members()
+        .iter()
+        .map(|m| GroupMember {
+            id: m.id().to_owned(),
+            client_id: m.client_id().to_owned(),
+            host: m.client_host().to_owned(),
+        })
+        .collect();
+    if !members.is_empty() {
+        shared.view().members = members;
     }
 }
 
