@@ -149,6 +149,12 @@ async fn through_kafka_with_crashes_and_failures_every_line_reaches_the_topic_on
     report.check().unwrap();
     let kafka = report.kafka.as_ref().expect("a Kafka run names its topic");
     assert!(kafka.topic.ends_with("-records"), "{kafka:?}");
+    // AWS publishes OffsetLag for a Kafka mapping, not IteratorAge; the template's Kafka variant
+    // alarms on it.
+    assert!(report.observed.offset_lag_max.is_some_and(|lag| lag > 0.0), "{:?}", report.observed.offset_lag_max);
+    assert_eq!(report.observed.iterator_age_max_ms, 0.0);
+    let alarms: Vec<&str> = report.observed.alarms.iter().map(|a| a.alarm.as_str()).collect();
+    assert!(alarms.contains(&"OffsetLagAlarm") && !alarms.contains(&"IteratorAgeAlarm"), "{alarms:?}");
     assert_eq!(report.stream_lines.once as usize, LINES - bad);
     assert_eq!((report.stream_lines.extra, report.stream_lines.missing), (0, 0));
     assert_eq!(report.rollup.values().map(|g| g.0).sum::<u64>() as usize, LINES - bad);

@@ -74,6 +74,8 @@ pub struct Observed {
     pub batch_size_max: f64,
     /// Pull EMF: the oldest record's age at processing, maximum, ms.
     pub oldest_record_age_max_ms: f64,
+    /// `AWS/Lambda` `OffsetLag` maximum, records (a Kafka mapping; `None` for the others).
+    pub offset_lag_max: Option<f64>,
     /// `AWS/Lambda` `IteratorAge` maximum, ms.
     pub iterator_age_max_ms: f64,
     /// The mapping's event counts (`PolledEventCount`, …) by name.
@@ -165,6 +167,7 @@ impl Observed {
             )
             .unwrap_or(0.0),
             iterator_age_max_ms: statistic("Maximum", &values(data, LAMBDA, "IteratorAge", pull)).unwrap_or(0.0),
+            offset_lag_max: statistic("Maximum", &values(data, LAMBDA, "OffsetLag", pull)),
             mapping_events,
             queue_depth_max: (depth(&names.queues.0), depth(&names.queues.1)),
             injected_faults,
@@ -220,7 +223,16 @@ impl std::fmt::Display for Observed {
             self.oldest_record_age_max_ms
         )?;
         let events: Vec<String> = self.mapping_events.iter().map(|(k, v)| format!("{k} {v}")).collect();
-        writeln!(f, "    mapping        IteratorAge max {:.0} ms; {}", self.iterator_age_max_ms, events.join(", "))?;
+        match self.offset_lag_max {
+            // A Kafka mapping: AWS publishes OffsetLag for it, not IteratorAge.
+            Some(lag) => writeln!(f, "    mapping        OffsetLag max {lag:.0} records; {}", events.join(", "))?,
+            None => writeln!(
+                f,
+                "    mapping        IteratorAge max {:.0} ms; {}",
+                self.iterator_age_max_ms,
+                events.join(", ")
+            )?,
+        }
         writeln!(
             f,
             "    failure queues max visible: push {}, pull {}",

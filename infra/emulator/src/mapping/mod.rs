@@ -154,9 +154,17 @@ pub(crate) struct Ctx {
     pub caught_up: Mutex<HashMap<String, Option<f64>>>,
     /// A Kafka mapping's view of its consumer group (for the summary).
     pub group: Mutex<Option<Arc<Mutex<kafka::GroupView>>>>,
+    /// Invocations the mapping may have in flight at once, over all its partitions (a Kafka
+    /// mapping in provisioned mode: [`MappingSettings::invocation_slots`]); `None`: one per lane.
+    pub invocation_slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Ctx {
+    /// Whether the source is a Kafka topic (its mapping publishes OffsetLag, not IteratorAge).
+    pub(crate) fn is_kafka(&self) -> bool {
+        self.group.lock().is_ok_and(|g| g.is_some())
+    }
+
     /// The core's context for `settings`, invoking through `invoker` and giving up to
     /// `destination`.
     pub fn new(
@@ -166,6 +174,7 @@ impl Ctx {
         destination: Option<Arc<dyn destination::FailureSink>>,
     ) -> Self {
         let now = clock::Instant::now();
+        let settings_slots = settings.invocation_slots().map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
         Ctx {
             settings,
             options,
@@ -178,6 +187,7 @@ impl Ctx {
             started: now,
             caught_up: Mutex::new(HashMap::new()),
             group: Mutex::new(None),
+            invocation_slots: settings_slots,
         }
     }
 

@@ -495,3 +495,26 @@ async fn a_function_that_cannot_be_invoked_is_retried_until_its_records_are_too_
     assert_eq!(sent[0]["TestBatchInfo"]["positions"], json!(["0", "1"]));
     assert_eq!(p.done(), vec![0, 1]);
 }
+
+/// AWS (kafka-scaling-modes.html): "each event poller can handle up to 5 MB/sec of throughput or
+/// up to 5 concurrent invocations"; in provisioned mode with MaximumPollers 1, eight partitions'
+/// batches are invoked five at a time, the other three as slots free up.
+#[tokio::test(start_paused = true)]
+async fn a_provisioned_kafka_mapping_invokes_five_batches_at_once_per_poller() {
+    let mut s = settings(|_| {});
+    s.provisioned_pollers = Some((1, 1));
+    let mut invoker = FnInvoker::new(|_, _| ok());
+    invoker.duration = Duration::from_secs(1);
+    let calls = invoker.calls.clone();
+    let c = ctx(s, invoker, None);
+    let runs = (0..8u64).map(|i| {
+        let (c, p) = (c.clone(), Arc::new(MemoryPartition::default()));
+        async move { run(&c, &p, page(records(i..i + 1, now_unix())), f64::INFINITY).await }
+    });
+    for r in futures_util::future::join_all(runs).await {
+        r.unwrap();
+    }
+    let mut starts: Vec<u64> = calls.lock().unwrap().iter().map(|c| c.at.as_secs()).collect();
+    starts.sort_unstable();
+    assert_eq!(starts, [0, 0, 0, 0, 0, 1, 1, 1], "five at once, then the rest");
+}

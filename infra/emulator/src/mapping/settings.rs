@@ -251,6 +251,18 @@ pub struct MappingSettings {
 }
 
 impl MappingSettings {
+    /// Invocations the mapping may have in flight at once, over all its partitions. AWS
+    /// (kafka-scaling-modes.html): "each event poller can handle up to 5 MB/sec of throughput or
+    /// up to 5 concurrent invocations", and "to maintain ordered processing within partitions,
+    /// Lambda caps the MaximumPollers to the number of partitions in the topic". So in provisioned
+    /// mode 5 × MaximumPollers (the partition cap is the lanes' own: one batch of a partition at a
+    /// time). On-demand, AWS's number of pollers is its own ("a default number of event pollers",
+    /// scaled "based on message load"): no cap beyond one batch per partition. Pollers' 5 MB/s
+    /// is not modelled.
+    pub fn invocation_slots(&self) -> Option<usize> {
+        self.provisioned_pollers.map(|(_, max)| 5 * max as usize)
+    }
+
     /// The mapping's identifier (`EventSourceMappingUUID`): the same for a restarted runner of
     /// the same mapping, so it resumes where it stopped and its metrics name one mapping, as AWS's
     /// UUID does; another for what CloudFormation would replace with a new mapping (AWS::Lambda::

@@ -60,6 +60,10 @@ pub struct Counts {
     pub iterator_age_ms_max: f64,
     /// Iterator age at the last batch.
     pub iterator_age_ms_last: f64,
+    /// Kafka: the largest `OffsetLag` reported (records between the end of the topic and the next
+    /// record to process, over this member's partitions).
+    #[serde(default)]
+    pub offset_lag_max: u64,
     /// Shard leases this runner took.
     pub leases_taken: u64,
     /// Of those, leases taken from another runner that had stopped renewing them.
@@ -268,7 +272,14 @@ impl std::fmt::Display for Summary {
                         .iter()
                         .map(|m| {
                             let me = g.member_id.as_deref() == Some(m.id.as_str());
-                            format!("{} ({}{})", m.id, m.client_id, if me { ", this runner" } else { "" })
+                            let notes: Vec<&str> = [m.client_id.as_str(), if me { "this runner" } else { "" }]
+                                .into_iter()
+                                .filter(|n| !n.is_empty())
+                                .collect();
+                            match notes.is_empty() {
+                                true => m.id.clone(),
+                                false => format!("{} ({})", m.id, notes.join(", ")),
+                            }
                         })
                         .collect();
                     writeln!(f, "  members          {} at the last look: {}", members.len(), members.join(", "))?;
@@ -367,13 +378,18 @@ impl std::fmt::Display for Summary {
                 writeln!(f, "    {shard}: {text}")?;
             }
         }
-        // Kinesis's IteratorAge; on Kafka the same measure (a record's age when it is sent).
+        // Kinesis's IteratorAge; on Kafka the same measure (a record's age when it is sent), and
+        // AWS's Kafka metric, OffsetLag.
         let age = if self.group.is_some() { "record age  " } else { "iterator age" };
-        writeln!(
+        write!(
             f,
             "  {age}     max {:.0} ms, last {:.0} ms",
             self.counts.iterator_age_ms_max, self.counts.iterator_age_ms_last
         )?;
+        match self.group {
+            Some(_) => writeln!(f, "; OffsetLag max {} records", self.counts.offset_lag_max)?,
+            None => writeln!(f)?,
+        }
         write!(
             f,
             "  delay (put->invoke) p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms, max {:.0} ms",

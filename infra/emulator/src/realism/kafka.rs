@@ -229,7 +229,7 @@ async fn serve(inner: &Arc<Inner>, client: TcpStream, upstream: &str) -> std::io
 /// passed on as it is (and said in the log: clients may then go around the proxy).
 fn rewrite_or_keep(
     frame: Vec<u8>,
-    rewrite: impl FnOnce(&[u8], &mut dyn FnMut(&str, i32) -> Option<(String, i32)>) -> Result<Vec<u8>, Malformed>,
+    rewrite: impl FnOnce(&[u8], &mut Readdress<'_>) -> Result<Vec<u8>, Malformed>,
     inner: &Arc<Inner>,
 ) -> Vec<u8> {
     let mut to_proxy = |host: &str, port: i32| {
@@ -294,6 +294,9 @@ impl RequestHeader {
         })
     }
 }
+
+/// Where a broker at `(host, port)` is to be named instead (`None`: as it is).
+pub type Readdress<'a> = dyn FnMut(&str, i32) -> Option<(String, i32)> + 'a;
 
 /// An answer that does not read as its API and version say it should.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -410,7 +413,7 @@ fn header<'a>(c: &mut Cursor<'a>, flexible: bool) -> Result<&'a [u8], Malformed>
 pub fn rewrite_metadata(
     frame: &[u8],
     version: i16,
-    to: &mut dyn FnMut(&str, i32) -> Option<(String, i32)>,
+    to: &mut Readdress<'_>,
 ) -> Result<Vec<u8>, Malformed> {
     let flexible = version >= 9;
     let mut c = Cursor { buf: frame, at: 0 };
@@ -448,7 +451,7 @@ pub fn rewrite_metadata(
 pub fn rewrite_find_coordinator(
     frame: &[u8],
     version: i16,
-    to: &mut dyn FnMut(&str, i32) -> Option<(String, i32)>,
+    to: &mut Readdress<'_>,
 ) -> Result<Vec<u8>, Malformed> {
     let flexible = version >= 3;
     let mut c = Cursor { buf: frame, at: 0 };

@@ -778,6 +778,7 @@ fn check_caught_up(shared: &Shared, servers: &str, quit: &AtomicBool) {
     };
     let group = shared.view().group_id.clone();
     let mut described = std::time::Instant::now();
+    let mut lag_reported = std::time::Instant::now();
     while !quit.load(Ordering::SeqCst) {
         std::thread::sleep(CAUGHT_UP_CHECK);
         renew_caught_up(shared, &checker);
@@ -785,7 +786,45 @@ fn check_caught_up(shared: &Shared, servers: &str, quit: &AtomicBool) {
             described = std::time::Instant::now();
             describe_group(shared, &checker, &group);
         }
+        if lag_reported.elapsed() >= OFFSET_LAG_EVERY {
+            lag_reported = std::time::Instant::now();
+            report_offset_lag(shared, &checker);
+        }
     }
+}
+
+/// How often `OffsetLag` is reported. AWS: "Lambda sends metric data to CloudWatch in 1-minute
+/// intervals"; local runs last seconds, so more often (the alarm takes the minute's Maximum).
+const OFFSET_LAG_EVERY: Duration = Duration::from_secs(2);
+
+/// Reports `OffsetLag` (AWS/Lambda, by FunctionName): AWS (monitoring-metrics-types): "the
+/// difference in offset between the last record written to a topic and the last record that your
+/// function's consumer group processed. Though a Kafka topic can have multiple partitions, this
+/// metric measures the offset lag at the topic level." Here: the sum, over the partitions this
+/// member holds, of the high watermark minus the next offset to process (a partition not read
+/// yet counts once read). With one runner, the topic's lag; with several, each reports its own.
+fn report_offset_lag(shared: &Shared, checker: &BaseConsumer) {
+    let held: Vec<(i32, Option<i64>)> = shared
+        .tasks
+        .lock()
+        .map(|t| t.iter().map(|(n, task)| (*n, task.partition.offsets().next_to_process())).collect())
+        .unwrap_or_default();
+    if held.is_empty() {
+        return;
+    }
+    let mut lag = 0u64;
+    for (n, next) in held {
+        let Some(next) = next else { continue };
+        let Ok((_, high)) = checker.fetch_watermarks(&shared.topic, n, Duration::from_secs(2)) else { return };
+        lag += u64::try_from(high - next).unwrap_or(0);
+    }
+    crate::cloudwatch::put(
+        crate::cloudwatch::LAMBDA,
+        &[("FunctionName", &shared.ctx.settings.function_name)],
+        &[("OffsetLag", "Count", lag as f64)],
+    );
+    let mut s = shared.ctx.stats();
+    s.counts.offset_lag_max = s.counts.offset_lag_max.max(lag);
 }
 
 /// How often the group's members are asked of its coordinator, for the summary.

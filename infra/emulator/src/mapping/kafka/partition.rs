@@ -83,6 +83,17 @@ impl Offsets {
     pub(crate) fn committed(&self) -> Option<i64> {
         self.committed
     }
+
+    /// The offset of the first record read and not yet done; after the last one read if every
+    /// one is done; the committed offset if none was read; `None` before anything.
+    pub(crate) fn next_to_process(&self) -> Option<i64> {
+        self.open
+            .values()
+            .find(|(_, done)| !done)
+            .map(|(offset, _)| *offset)
+            .or_else(|| self.last_read.map(|o| o + 1))
+            .or(self.committed)
+    }
 }
 
 /// One partition being read by this runner while the group assigns it here.
@@ -203,5 +214,20 @@ mod tests {
         assert_eq!(o.done([idx[3]].into_iter()), Some(15));
         assert_eq!(o.committed(), Some(15));
         assert_eq!(o.undone(), 0);
+    }
+
+    /// OffsetLag counts from the first record not done (a later one done first does not move it).
+    #[test]
+    fn the_next_offset_to_process_is_the_first_not_done() {
+        let mut o = Offsets::default();
+        assert_eq!(o.next_to_process(), None, "nothing read, nothing committed");
+        let idx: Vec<u64> = [10, 11, 12].iter().map(|off| o.read(*off)).collect();
+        assert_eq!(o.next_to_process(), Some(10));
+        o.done([idx[1]].into_iter());
+        assert_eq!(o.next_to_process(), Some(10));
+        o.done([idx[0]].into_iter());
+        assert_eq!(o.next_to_process(), Some(12));
+        o.done([idx[2]].into_iter());
+        assert_eq!(o.next_to_process(), Some(13), "all done: after the last read");
     }
 }

@@ -52,6 +52,11 @@ impl<P: Partition> Lane<P> {
         // paused finds out here that the partition was taken).
         self.partition.fence().await?;
         loop {
+            // A provisioned Kafka mapping's pollers invoke so many at once, over all partitions.
+            let _slot = match &self.ctx.invocation_slots {
+                Some(slots) => slots.clone().acquire_owned().await.ok(), // never closed
+                None => None,
+            };
             match self.ctx.invoker.invoke(&self.ctx.settings.function_name, payload.clone()).await {
                 Ok(i) => {
                     let mut s = self.ctx.stats();
@@ -325,11 +330,15 @@ impl<P: Partition> Lane<P> {
     fn record_age(&self, records: &[P::Record]) {
         if let Some(last) = records.last() {
             let age = ((now_unix() - last.arrival()) * 1000.0).max(0.0);
-            crate::cloudwatch::put(
-                crate::cloudwatch::LAMBDA,
-                &[("FunctionName", &self.ctx.settings.function_name)],
-                &[("IteratorAge", "Milliseconds", age)],
-            );
+            // AWS publishes IteratorAge for streams only (monitoring-metrics-types: "For event
+            // source mappings that read from streams"); a Kafka mapping publishes OffsetLag.
+            if !self.ctx.is_kafka() {
+                crate::cloudwatch::put(
+                    crate::cloudwatch::LAMBDA,
+                    &[("FunctionName", &self.ctx.settings.function_name)],
+                    &[("IteratorAge", "Milliseconds", age)],
+                );
+            }
             let mut s = self.ctx.stats();
             s.counts.iterator_age_ms_last = age;
             s.counts.iterator_age_ms_max = s.counts.iterator_age_ms_max.max(age);
