@@ -644,7 +644,12 @@ fn idle_for(shared: &Shared, idle: Duration) -> bool {
 fn poll(shared: &Arc<Shared>, consumer: &BaseConsumer<Member>, quit: &AtomicBool) -> Result<(), MappingError> {
     let mut read_since_hand_on = 0usize;
     while !quit.load(Ordering::SeqCst) && shared.failed.lock().map(|f| f.is_none()).unwrap_or(true) {
-        match consumer.poll(Duration::from_millis(50)) {
+        // With records read and not handed on, only what librdkafka already holds is taken (no
+        // wait): they go to their lanes as soon as the fetched ones are drained. A 50 ms wait here
+        // added up to 50 ms to every record's delay (the bench's p50 was 35 ms beyond a raw
+        // consumer's).
+        let wait = if read_since_hand_on > 0 { Duration::ZERO } else { Duration::from_millis(50) };
+        match consumer.poll(wait) {
             Some(Ok(m)) => {
                 if let Ok(mut e) = shared.at_end.lock() {
                     e.remove(&m.partition());
