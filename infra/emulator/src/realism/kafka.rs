@@ -410,11 +410,7 @@ fn header<'a>(c: &mut Cursor<'a>, flexible: bool) -> Result<&'a [u8], Malformed>
 
 /// A Metadata answer (API key 3) of `version` with each broker's host and port as `to` maps them
 /// (`None`: kept). Flexible from version 9; throttle time from 3; rack from 1.
-pub fn rewrite_metadata(
-    frame: &[u8],
-    version: i16,
-    to: &mut Readdress<'_>,
-) -> Result<Vec<u8>, Malformed> {
+pub fn rewrite_metadata(frame: &[u8], version: i16, to: &mut Readdress<'_>) -> Result<Vec<u8>, Malformed> {
     let flexible = version >= 9;
     let mut c = Cursor { buf: frame, at: 0 };
     let mut out = Vec::with_capacity(frame.len() + 64);
@@ -448,11 +444,7 @@ pub fn rewrite_metadata(
 /// A FindCoordinator answer (API key 10) of `version` with the coordinator's host and port as `to`
 /// maps them. Versions 0-3 name one coordinator (flexible from 3); 4 and later a list, one per
 /// key asked about.
-pub fn rewrite_find_coordinator(
-    frame: &[u8],
-    version: i16,
-    to: &mut Readdress<'_>,
-) -> Result<Vec<u8>, Malformed> {
+pub fn rewrite_find_coordinator(frame: &[u8], version: i16, to: &mut Readdress<'_>) -> Result<Vec<u8>, Malformed> {
     let flexible = version >= 3;
     let mut c = Cursor { buf: frame, at: 0 };
     let mut out = Vec::with_capacity(frame.len() + 64);
