@@ -4,8 +4,10 @@
 #    (`infra/check-library.sh`); the functions built as `sam build` builds them, refusing every
 #    fault injection (`infra/check-deployed-build.sh`); and the deployable arm64 zips
 #    (SKIP_LAMBDA_BUILD=1 skips the zips);
-# 2. LocalStack up, and the Kafka broker (`infra/kafka.sh`: nisshi, built once into PUSHPULL_HOME,
-#    about 12 minutes the first time), each stopped again at the end if this script started it;
+# 2. LocalStack up, the Kafka broker (`infra/kafka.sh`: nisshi, built once into PUSHPULL_HOME,
+#    about 12 minutes the first time) and the RabbitMQ broker (`infra/rabbitmq.sh`: Debian's
+#    rabbitmq-server, installed with apt if missing), each stopped again at the end if this script
+#    started it;
 # 3. doc tests, then every unit, example and integration test with cargo-nextest (the
 #    integration tests are the `integration` feature of pushpull-tests).
 set -euo pipefail
@@ -21,9 +23,12 @@ infra/check-deployed-build.sh
 if [ -z "${SKIP_LAMBDA_BUILD:-}" ]; then infra/build-lambda.sh; fi
 # The broker's build (once, about 12 minutes) before LocalStack starts, so that nothing idles.
 infra/kafka.sh status || infra/kafka.sh install >/dev/null
+infra/rabbitmq.sh install
 started=""
 kafka_started=""
+rabbitmq_started=""
 cleanup() {
+  if [ -n "$rabbitmq_started" ]; then infra/rabbitmq.sh down; fi
   if [ -n "$kafka_started" ]; then infra/kafka.sh down; fi
   if [ -n "$started" ]; then infra/localstack.sh down; fi
 }
@@ -35,6 +40,10 @@ fi
 if ! infra/kafka.sh status; then
   infra/kafka.sh up
   kafka_started=1
+fi
+if ! infra/rabbitmq.sh status; then
+  infra/rabbitmq.sh up
+  rabbitmq_started=1
 fi
 cargo build --workspace --bins --features pushpull-tests/integration
 log="$(mktemp)"

@@ -188,14 +188,14 @@ impl From<BatchError> for Diagnostic {
     }
 }
 
-#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka"))]
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka", feature = "rabbitmq"))]
 fn batch_error(e: impl std::fmt::Display) -> BatchError {
     BatchError { message: e.to_string() }
 }
 
-#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka"))]
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka", feature = "rabbitmq"))]
 /// Logs a batch's outcome: one line, plus one per failed record.
-#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka"))]
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka", feature = "rabbitmq"))]
 fn log_result(result: &crate::pull::BatchResult) {
     for f in &result.failures {
         tracing::warn!(item = %f.item_identifier, reason = %f.reason, "record failed");
@@ -212,7 +212,7 @@ fn log_result(result: &crate::pull::BatchResult) {
 /// Runs `process` for every invocation: the payload, the invocation, and `options` for it (with
 /// the deadline set); records the batch's metrics (what `process` measured before it ran, with
 /// what it processed), logs its result and answers its partial batch response.
-#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka"))]
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka", feature = "rabbitmq"))]
 async fn run_batches<P, Fut, R>(options: crate::pull::Options, process: P) -> Result<(), lambda_runtime::Error>
 where
     P: Fn(Bytes, crate::invocation::Invocation, crate::pull::Options) -> Fut + Send + Sync + 'static,
@@ -371,6 +371,70 @@ where
                 .map_err(batch_error)?;
             let response = crate::pull::kafka::response(&event, &result);
             Ok((result, response, metrics))
+        }
+    })
+    .await
+}
+
+/// An Amazon MQ for RabbitMQ function in one closure; see [`run_kinesis`]. Amazon MQ has no partial
+/// batch response: a batch with a failed message fails the invocation, and AWS delivers the whole
+/// batch again ("If your function returns an error for any of the messages in a batch, Lambda
+/// retries the whole batch of messages until processing succeeds or the messages expire",
+/// with-mq.html); the handler must be idempotent ([`crate::pull::rabbitmq`]).
+///
+/// ```no_run
+/// use pushpull::pull::{DecodeError, Options};
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), pushpull::lambda::Error> {
+///     pushpull::lambda::run_rabbitmq(Options::default(), |message, _invocation| async move {
+///         let order: pushpull::serde_json::Value = message.json()?;
+///         pushpull::tracing::info!(redelivered = message.redelivered, %order, "order");
+///         Ok::<_, DecodeError>(())
+///     })
+///     .await
+/// }
+/// ```
+#[cfg(feature = "rabbitmq")]
+pub async fn run_rabbitmq<H, Fut, E>(options: crate::pull::Options, handler: H) -> Result<(), lambda_runtime::Error>
+where
+    H: Fn(crate::pull::rabbitmq::RabbitMqMessage<'static>, crate::invocation::Invocation) -> Fut
+        + Send
+        + Sync
+        + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    let handler = Arc::new(handler);
+    run_batches(options, move |body, invocation, options| {
+        let handler = handler.clone();
+        async move {
+            let event = crate::pull::rabbitmq::RabbitMqEvent::from_slice(&body).map_err(batch_error)?;
+            let metrics = crate::pull::rabbitmq::batch_metrics(&event);
+            let result =
+                crate::pull::rabbitmq::process_async(&event, options, |m| handler(m, invocation.clone())).await;
+            // No partial batch response for Amazon MQ: a failure fails the invocation.
+            if let Some(f) = result.failures.first() {
+                log_result(&result);
+                return Err(batch_error(format!(
+                    "{} of {} messages failed, the first {}: {}; the whole batch is retried",
+                    result.failures.len(),
+                    event.len(),
+                    f.item_identifier,
+                    f.reason
+                )));
+            }
+            if let Some(u) = result.unprocessed.first() {
+                log_result(&result);
+                return Err(batch_error(format!(
+                    "{} of {} messages not processed (the first {}: {:?}); the whole batch is retried",
+                    result.unprocessed.len(),
+                    event.len(),
+                    u.item_identifier,
+                    u.why
+                )));
+            }
+            Ok((result, serde_json::Value::Null, metrics))
         }
     })
     .await

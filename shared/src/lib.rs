@@ -24,7 +24,7 @@
 //! | [`config`] | core | settings from environment variables, every problem reported at once |
 //! | [`invocation`] | core | request id and time left |
 //! | [`error`] | core | error chains on one line, panic messages |
-//! | [`pull`] | core; `kinesis`, `dynamodb`, `sqs`, `kafka` | one handler per record, partial batch responses, deadlines; sequence numbers, fields picked from JSON in one pass, work on every vCPU |
+//! | [`pull`] | core; `kinesis`, `dynamodb`, `sqs`, `kafka`, `rabbitmq` | one handler per record, partial batch responses, deadlines; sequence numbers, fields picked from JSON in one pass, work on every vCPU |
 //! | [`kinesis_event`] | `kinesis` | Kinesis events read without copying |
 //! | [`aggregation`] | `aggregation` (in `kinesis`, `push`) | KPL aggregated records, packed and unpacked |
 //! | [`s3_notification`] | `push` | S3 notifications: test events, URL-decoded keys, sequencers |

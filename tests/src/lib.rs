@@ -5,6 +5,8 @@
 //! README's test command starts it).
 #[cfg(feature = "integration")]
 pub mod kafka;
+#[cfg(feature = "integration")]
+pub mod rabbitmq;
 pub mod readme;
 pub mod runners;
 

@@ -65,6 +65,19 @@ fn kafka_fixtures() {
     }
 }
 
+/// AWS's example Amazon MQ for RabbitMQ event (with-mq.html), as AWS writes it.
+#[test]
+fn rabbitmq_fixture() {
+    let text = read("rabbitmq.json");
+    let event = pushpull::pull::rabbitmq::RabbitMqEvent::from_slice(text.as_bytes()).unwrap();
+    assert_eq!((event.event_source.as_ref(), event.len()), ("aws:rmq", 1));
+    let (key, m) = event.messages().next().unwrap();
+    assert_eq!(pushpull::pull::rabbitmq::queue_and_vhost(key), ("pizzaQueue", "/"));
+    assert_eq!(m.header_text("header2").as_deref(), Some("value2"));
+    let body: serde_json::Value = m.json().unwrap();
+    assert_eq!(body["timeout"], 0);
+}
+
 #[test]
 fn kinesis_fixtures() {
     for name in ["kinesis-batch.json", "kinesis-batch-shard1.json"] {

@@ -27,7 +27,10 @@
 //! Source modules: [`kinesis`] (feature `kinesis`), [`dynamodb`] (feature `dynamodb`),
 //! [`sqs`] (feature `sqs`).
 // Without a source feature the engine has no caller; its types stay for users of the core.
-#![cfg_attr(not(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka")), allow(dead_code))]
+#![cfg_attr(
+    not(any(feature = "kinesis", feature = "sqs", feature = "dynamodb", feature = "kafka", feature = "rabbitmq")),
+    allow(dead_code)
+)]
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -44,6 +47,8 @@ pub mod dynamodb;
 pub mod kafka;
 #[cfg(feature = "kinesis")]
 pub mod kinesis;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
@@ -417,7 +422,7 @@ pub struct DecodeError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-#[cfg(any(feature = "kinesis", feature = "sqs", feature = "kafka"))]
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "kafka", feature = "rabbitmq"))]
 pub(crate) fn parse_json<'a, T: Deserialize<'a>>(
     data: &'a [u8],
     item: impl FnOnce() -> String,
