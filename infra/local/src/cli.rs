@@ -5,7 +5,7 @@ use std::time::Duration;
 use pushpull::store::{Location, Store};
 use pushpull_local::invoke::{InvokeClient, InvokeServer};
 use pushpull_local::localstack::{ACCOUNT, Local, REGION, function_env};
-use pushpull_local::mapping::{Clients, KafkaSource, RawSettings, Runner, RunnerOptions};
+use pushpull_local::mapping::{Clients, KafkaSource, RabbitMqSource, RawSettings, Runner, RunnerOptions};
 use pushpull_local::realism::Realism;
 use pushpull_local::realism::iam::Policies;
 use pushpull_local::realism::proxy::RealismProxy;
@@ -153,6 +153,16 @@ pub struct EsmArgs {
     /// An MSK cluster's ARN: the events say `aws:kafka` and carry it (default: `SelfManagedKafka`).
     #[arg(long)]
     msk_cluster_arn: Option<String>,
+    /// An Amazon MQ for RabbitMQ mapping from the flags alone: the broker as
+    /// `amqp://USER:PASS@HOST:PORT/VHOST` (AWS's BASIC_AUTH secret and VIRTUAL_HOST).
+    #[arg(long, value_name = "URL")]
+    rabbitmq_url: Option<String>,
+    /// The queue a RabbitMQ mapping reads.
+    #[arg(long)]
+    rabbitmq_queue: Option<String>,
+    /// The Amazon MQ broker's ARN the events carry (default: a name built from the URL's host).
+    #[arg(long)]
+    mq_broker_arn: Option<String>,
     /// BatchSize (1..10000).
     #[arg(long)]
     batch_size: Option<String>,
@@ -254,6 +264,12 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         .clone()
         .map(|s| if s.starts_with("arn:") { s } else { format!("arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/{s}") });
     let flags = raw_flags(&args, stream);
+    if let Some(url) = args.rabbitmq_url.clone() {
+        let queue = args.rabbitmq_queue.clone().ok_or("--rabbitmq-queue is required with --rabbitmq-url")?;
+        let source = RabbitMqSource { url, queue, broker_arn: args.mq_broker_arn.clone() };
+        let raw = raw_flags(&args, None);
+        return esm_rabbitmq(args, source, raw).await;
+    }
     if let Some(servers) = args.kafka_bootstrap_servers.clone() {
         let topic = args.kafka_topic.clone().ok_or("--kafka-topic is required with --kafka-bootstrap-servers")?;
         let source = KafkaSource {
@@ -450,6 +466,31 @@ async fn esm_kafka(args: EsmArgs, source: KafkaSource, raw: RawSettings) -> Resu
     let stop_rx = stop_on_signals()?;
     let summary =
         Runner::run_kafka(settings, source, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?;
+    println!("esm summary\n{summary}");
+    if let Some(path) = args.summary_json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+    }
+    Ok(())
+}
+
+async fn esm_rabbitmq(args: EsmArgs, source: RabbitMqSource, raw: RawSettings) -> Result<(), Error> {
+    let settings = raw.validate_rabbitmq(&source)?;
+    // Nothing of AWS is called: Amazon MQ mappings have no failure destination.
+    let clients = Clients::from(&Local::at(&pushpull_local::localstack::endpoint(), "test").await);
+    let mut options = RunnerOptions::new(&settings, Store::file(std::env::temp_dir()));
+    options.stop_when_idle = args.stop_when_idle.map(|s| Duration::from_secs_f64(s.max(0.0)));
+    options.stop_grace = Duration::from_millis(args.stop_grace_ms);
+    eprintln!(
+        "esm: rabbitmq {} queue {} -> {} at {}",
+        source.redacted(),
+        source.queue,
+        settings.function_name,
+        args.invoke_endpoint
+    );
+    let stop_rx = stop_on_signals()?;
+    let summary =
+        Runner::run_rabbitmq(settings, source, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx)
+            .await?;
     println!("esm summary\n{summary}");
     if let Some(path) = args.summary_json {
         std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;

@@ -47,7 +47,21 @@ async fn handle(dir: PathBuf, body: Bytes) -> Result<Value, Error> {
     let mut shard = event["shardId"].as_str().unwrap_or_default().to_owned();
     // (position, data, itemIdentifier) of each record.
     let mut records: Vec<(Value, Vec<u8>, Value)> = Vec::new();
-    if let Some(parts) = event["records"].as_object() {
+    // Amazon MQ for RabbitMQ: whether each message was redelivered.
+    let mut redelivered = Vec::new();
+    if let Some(queues) = event["rmqMessagesByQueue"].as_object() {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("events.ndjson"))?;
+        f.write_all(&body)?;
+        f.write_all(b"\n")?;
+        for (name, list) in queues {
+            shard = name.clone();
+            for (i, m) in list.as_array().into_iter().flatten().enumerate() {
+                let data = base64_decode(m["data"].as_str().unwrap_or_default());
+                redelivered.push(m["redelivered"].as_bool().unwrap_or(false));
+                records.push((Value::from(i), data, Value::Null));
+            }
+        }
+    } else if let Some(parts) = event["records"].as_object() {
         // Kafka: one partition per event from the local mapping. The event itself is kept too.
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("events.ndjson"))?;
         f.write_all(&body)?;
@@ -110,6 +124,7 @@ async fn handle(dir: PathBuf, body: Bytes) -> Result<Value, Error> {
             "window": event["window"]["start"], "state": event["state"],
             "final": event["isFinalInvokeForWindow"], "early": event["isWindowTerminatedEarly"],
             "servers": event["bootstrapServers"],
+            "redelivered": redelivered,
         }),
     )?;
     tokio::time::sleep(std::time::Duration::from_millis(sleep_ms)).await;

@@ -42,6 +42,7 @@ mod options;
 pub mod outcome;
 pub mod plan;
 pub mod progress;
+pub mod rabbitmq;
 #[cfg(test)]
 mod rules;
 pub mod settings;
@@ -53,7 +54,7 @@ pub(crate) mod testkit;
 pub use clock::now_unix;
 pub use kafka::{GroupEvent, GroupView};
 pub use options::{Delivered, Polling, RunnerOptions, default_worker_id};
-pub use settings::{Destination, KafkaSource, MappingSettings, RawSettings, StartingPosition};
+pub use settings::{Destination, KafkaSource, MappingSettings, RabbitMqSource, RawSettings, StartingPosition};
 use stats::Stats;
 pub use stats::{Counts, LeaseEvent, Summary};
 
@@ -101,6 +102,9 @@ pub enum MappingError {
     /// The Kafka consumer failed for good (no broker, topic gone, bad configuration).
     #[error("{0}")]
     Kafka(String),
+    /// The RabbitMQ consumer failed for good (no broker, queue gone, refused credentials).
+    #[error("{0}")]
+    RabbitMq(String),
     /// A lane's task failed (it panicked or was cancelled).
     #[error("a lane of {partition} failed: {reason}")]
     Lane {
@@ -262,6 +266,36 @@ impl Runner {
         let result = kafka::run(ctx.clone(), source, stop).await;
         let summary = ctx.summary();
         result.map(|()| summary)
+    }
+
+    /// Runs an Amazon MQ for RabbitMQ mapping on `source` until `stop` turns true (or it is idle,
+    /// if so configured), and says what it did ([`rabbitmq`]).
+    pub async fn run_rabbitmq(
+        settings: MappingSettings,
+        source: RabbitMqSource,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: impl Invoker,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Summary, MappingError> {
+        let ctx = Self::core(settings, options, clients, Arc::new(invoker));
+        let result = rabbitmq::run(ctx.clone(), source, stop).await;
+        let summary = ctx.summary();
+        result.map(|()| summary)
+    }
+
+    /// Starts an Amazon MQ for RabbitMQ mapping in the background.
+    pub fn start_rabbitmq(
+        settings: MappingSettings,
+        source: RabbitMqSource,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: impl Invoker,
+    ) -> RunningMapping {
+        let ctx = Self::core(settings, options, clients, Arc::new(invoker));
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(rabbitmq::run(ctx.clone(), source, rx));
+        RunningMapping { ctx, stop, task }
     }
 
     /// Starts a Kafka mapping in the background.

@@ -135,6 +135,73 @@ pub struct KafkaSource {
     pub cluster_arn: Option<String>,
 }
 
+/// An Amazon MQ for RabbitMQ event source: the broker and the queue (AWS's `Queues`, one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RabbitMqSource {
+    /// `amqp://USER:PASS@HOST:PORT/VHOST`: AWS's broker endpoint with the `BASIC_AUTH` secret's
+    /// credentials and the `VIRTUAL_HOST`.
+    pub url: String,
+    /// The queue.
+    pub queue: String,
+    /// The Amazon MQ broker's ARN (the event's `eventSourceArn`); `None`: a name of ours.
+    pub broker_arn: Option<String>,
+}
+
+impl RabbitMqSource {
+    /// The virtual host the URL names (percent-decoded; `/` when it names none).
+    pub fn vhost(&self) -> String {
+        let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
+        match rest.split_once('/') {
+            Some((_, v)) if !v.is_empty() => {
+                let v = v.split(['?', '#']).next().unwrap_or(v);
+                percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned()
+            }
+            _ => "/".to_owned(),
+        }
+    }
+
+    /// The URL without its password, for logs and errors.
+    pub fn redacted(&self) -> String {
+        match self.url.split_once("://") {
+            Some((scheme, rest)) => match rest.split_once('@') {
+                Some((user, host)) => {
+                    let user = user.split(':').next().unwrap_or(user);
+                    format!("{scheme}://{user}:***@{host}")
+                }
+                None => self.url.clone(),
+            },
+            None => self.url.clone(),
+        }
+    }
+
+    /// The mapping's `EventSourceArn`: the broker's ARN, or for a broker that has none a name of
+    /// ours built from its host and port.
+    pub fn event_source_arn(&self) -> String {
+        self.broker_arn.clone().unwrap_or_else(|| {
+            let host = self.redacted();
+            let host = host.rsplit_once('@').map_or(host.as_str(), |(_, h)| h);
+            let host = host.split('/').next().unwrap_or(host).replace([':', '.'], "-");
+            format!("arn:aws:mq:{}:{}:broker:local:b-{host}", crate::localstack::REGION, crate::localstack::ACCOUNT)
+        })
+    }
+
+    /// AWS's constraints: an `amqp://` URL, a queue of 1 to 1,000 characters (API
+    /// CreateEventSourceMapping, Queues: "Length Constraints: Minimum length of 1. Maximum length of
+    /// 1000.").
+    pub fn check(&self) -> Result<(), InvalidSetting> {
+        if !self.url.starts_with("amqp://") {
+            return Err(InvalidSetting(format!(
+                "the RabbitMQ URL {} is not amqp://USER:PASS@HOST:PORT/VHOST (amqps:// is not built in)",
+                self.redacted()
+            )));
+        }
+        if self.queue.is_empty() || self.queue.len() > 1000 {
+            return Err(constraint(&self.queue, "queues", "Member must have length between 1 and 1000"));
+        }
+        Ok(())
+    }
+}
+
 impl KafkaSource {
     /// The identity of the source (the mapping's `EventSourceArn`): the cluster's ARN for MSK; for
     /// a self-managed cluster, which has none, a name of ours built from its servers and topic.
@@ -603,6 +670,38 @@ impl RawSettings {
             settings.maximum_retry_attempts = 10;
         }
         Ok(settings)
+    }
+
+    /// The settings of an Amazon MQ for RabbitMQ mapping on `source`. AWS's Amazon MQ mappings
+    /// have BatchSize (1-10,000, default 100), MaximumBatchingWindowInSeconds (default 500 ms),
+    /// FilterCriteria and Enabled (services-mq-params.html); none of the streams' settings,
+    /// StartingPosition, error-handling controls, partial batch responses or destinations (API
+    /// CreateEventSourceMapping names each for other sources only): they are refused. A failed
+    /// batch is retried [`crate::mapping::rabbitmq::RETRIES_BEFORE_REQUEUE`] times, then requeued.
+    pub fn validate_rabbitmq(self, source: &RabbitMqSource) -> Result<MappingSettings, InvalidSetting> {
+        let set = |v: &Option<String>| v.as_deref().map(str::trim).is_some_and(|v| !v.is_empty());
+        for (value, name) in [
+            (&self.parallelization_factor, "ParallelizationFactor"),
+            (&self.tumbling_window, "TumblingWindowInSeconds"),
+            (&self.starting_position, "StartingPosition"),
+            (&self.maximum_retry_attempts, "MaximumRetryAttempts"),
+            (&self.maximum_record_age, "MaximumRecordAgeInSeconds"),
+            (&self.bisect, "BisectBatchOnFunctionError"),
+            (&self.function_response_types, "FunctionResponseTypes"),
+            (&self.on_failure, "DestinationConfig"),
+            (&self.provisioned_pollers, "ProvisionedPollerConfig"),
+        ] {
+            if set(value) {
+                return Err(InvalidSetting(format!("{name} is not a setting of an Amazon MQ event source")));
+            }
+        }
+        source.check()?;
+        let raw = RawSettings {
+            starting_position: Some("TRIM_HORIZON".into()),
+            maximum_retry_attempts: Some(crate::mapping::rabbitmq::RETRIES_BEFORE_REQUEUE.to_string()),
+            ..self
+        };
+        raw.common(source.event_source_arn(), None, Duration::from_millis(500))
     }
 
     fn common(

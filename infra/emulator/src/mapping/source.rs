@@ -81,6 +81,17 @@ pub trait Partition: Send + Sync + 'static {
         window: Option<WindowCheckpoint>,
     ) -> impl Future<Output = Result<(), MappingError>> + Send;
 
+    /// Records the core gives up on (`condition`): a source whose broker takes them back (a
+    /// RabbitMQ queue: nack and requeue) does so and says `true`; the core then neither sends
+    /// them to a failure destination nor counts them done. The default: `false`.
+    fn take_back(
+        &self,
+        _records: &[Self::Record],
+        _condition: super::outcome::Condition,
+    ) -> impl Future<Output = Result<bool, MappingError>> + Send {
+        async { Ok(false) }
+    }
+
     /// Before an invocation: confirms this runner still owns the partition (a lease fence), so a
     /// runner paused past its lease does not invoke with records another runner now owns.
     fn fence(&self) -> impl Future<Output = Result<(), MappingError>> + Send;

@@ -60,6 +60,9 @@ pub struct Counts {
     pub iterator_age_ms_max: f64,
     /// Iterator age at the last batch.
     pub iterator_age_ms_last: f64,
+    /// Records handed back to their broker after their retries (RabbitMQ: nacked and requeued).
+    #[serde(default)]
+    pub requeued: u64,
     /// Kafka: the largest `OffsetLag` reported (records between the end of the topic and the next
     /// record to process, over this member's partitions).
     #[serde(default)]

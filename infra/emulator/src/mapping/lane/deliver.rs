@@ -108,6 +108,17 @@ impl<P: Partition> Lane<P> {
         last: Option<(&str, Option<&str>)>,
         invokes: u32,
     ) -> Result<(), MappingError> {
+        if self.partition.take_back(records, condition).await? {
+            self.ctx.pending.fetch_sub(records.len() as i64, Ordering::SeqCst);
+            warn!(
+                partition = self.partition.id(),
+                count = records.len(),
+                condition = condition.as_str(),
+                "records handed back to the broker (requeued)"
+            );
+            self.ctx.stats().counts.requeued += records.len() as u64;
+            return Ok(());
+        }
         let window = self.window.as_ref().map(|w| (w, false, false));
         let payload = self.event(records, window);
         let fresh = uuid::Uuid::new_v4().to_string();

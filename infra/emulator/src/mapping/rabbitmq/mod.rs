@@ -1,0 +1,201 @@
+//! The RabbitMQ source: Lambda's Amazon MQ for RabbitMQ event source mapping, on a real broker.
+//!
+//! One consumer (`basic.consume`) on the mapping's queue, with a prefetch of twice the batch size
+//! (the broker's credit: it pushes no more unacknowledged messages than that), and one lane of the
+//! core: AWS (with-mq.html): "For RabbitMQ, the number of concurrent execution environments is
+//! limited to 1 per Amazon MQ event source mapping", so one batch at a time, in delivery order.
+//!
+//! - **Acknowledgement**: each message is acknowledged once its batch succeeded, or when a filter
+//!   drops it (AWS, invocation-eventfiltering: "For Amazon MQ, Lambda acknowledges matched messages
+//!   after successfully invoking the function and acknowledges unmatched messages when filtering
+//!   them").
+//! - **A failing batch**: AWS (with-mq.html): "If your function returns an error for any of the
+//!   messages in a batch, Lambda retries the whole batch of messages until processing succeeds or
+//!   the messages expire." Where AWS is silent (retried in the poller, or handed back to the
+//!   broker), ours: the batch is retried [`RETRIES_BEFORE_REQUEUE`] times with the core's backoff,
+//!   then nacked with requeue ([`crate::mapping::source::Partition::take_back`]): the broker
+//!   delivers it again, marked `redelivered`, and a quorum queue counts the delivery toward its
+//!   `x-delivery-limit`, which bounds a poison message as AWS advises (services-mq-errors.html: "To
+//!   redeliver messages upon function error, you can use a dead-letter queue").
+//! - **A message over the 6 MB payload**: AWS (services-mq-errors.html): "Records also go
+//!   unprocessed if Lambda drops them due to their size." Dropped: acknowledged uninvoked, counted.
+//! - **The event**: `aws:rmq`, messages under `queue::vhost`, AMQP properties as AWS (a Java
+//!   client, Gson) writes them ([`record`]).
+pub(crate) mod record;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use self::record::{Envelope, MqPartition, MqRec};
+use super::lane::Lanes;
+use super::settings::RabbitMqSource;
+use super::{Ctx, MappingError};
+
+/// Retries of a failed batch in the poller before it is handed back to the broker.
+pub const RETRIES_BEFORE_REQUEUE: i64 = 2;
+
+/// How often the queue's depth is asked (for the caught-up check and the idle stop).
+const DEPTH_CHECK: Duration = Duration::from_millis(500);
+
+fn err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> MappingError {
+    MappingError::RabbitMq(format!("{what}: {e}"))
+}
+
+/// Runs the RabbitMQ mapping on `source` until `stop` turns true, the queue goes away, or it is
+/// idle (if so configured).
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    source: RabbitMqSource,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), MappingError> {
+    let where_ = source.redacted();
+    let connection = Connection::connect(&source.url, ConnectionProperties::default())
+        .await
+        .map_err(|e| err(format!("connecting to {where_}"), e))?;
+    // The queue must exist: a passive declare answers 404 otherwise (and closes its channel).
+    let probe = connection.create_channel().await.map_err(|e| err("a channel", e))?;
+    probe
+        .queue_declare(
+            source.queue.as_str().into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| err(format!("queue {} on {where_}", source.queue), e))?;
+    let channel = connection.create_channel().await.map_err(|e| err("a channel", e))?;
+    let prefetch = ctx.settings.batch_size.saturating_mul(2).clamp(1, u32::from(u16::MAX)) as u16;
+    channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| err("basic.qos", e))?;
+    let mut consumer = channel
+        .basic_consume(
+            source.queue.as_str().into(),
+            "pushpull-local-esm".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| err(format!("consuming {}", source.queue), e))?;
+    info!(queue = %source.queue, broker = %where_, prefetch, "rabbitmq mapping: consuming");
+    let partition = Arc::new(MqPartition::new(
+        Envelope { event_source_arn: source.event_source_arn(), key: format!("{}::{}", source.queue, source.vhost()) },
+        channel.clone(),
+    ));
+    let id = partition.name().to_owned();
+    if let Ok(mut c) = ctx.caught_up.lock() {
+        c.insert(id.clone(), None);
+    }
+    let lanes = Lanes::new();
+    let (senders, status, running) = lanes.spawn(&ctx, partition.clone(), 1, None);
+    let received_at = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (ctx, partition, received_at) = (ctx.clone(), partition.clone(), received_at.clone());
+        async move {
+            let mut index = 0u64;
+            let ended = loop {
+                tokio::select! {
+                    _ = stop.changed() => if *stop.borrow() { break Ok(()) },
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            received_at.store(super::clock::now_unix().to_bits(), Ordering::SeqCst);
+                            if let Ok(mut c) = ctx.caught_up.lock() {
+                                c.insert(id.clone(), None);
+                            }
+                            let rec = MqRec::from_delivery(index, delivery);
+                            index += 1;
+                            if !super::intake::dispatch(&ctx, &*partition, &senders, vec![rec]).await? {
+                                break Ok(());
+                            }
+                        }
+                        Some(Err(e)) => break Err(err(format!("the consumer of {}", id), e)),
+                        None => break Err(MappingError::RabbitMq(format!(
+                            "the broker cancelled the consumer of {id} (the queue was deleted?)"
+                        ))),
+                    },
+                }
+            };
+            // Stopping: the lane finishes the invocation in flight and drops the rest, which the
+            // broker requeues when the channel closes (never acknowledged).
+            status.send_modify(|s| {
+                s.handing_over = true;
+                s.revoked = true;
+            });
+            drop(senders);
+            ended
+        }
+    };
+    let checker = {
+        let depth = connection.create_channel().await.map_err(|e| err("a channel", e))?;
+        let (ctx, queue, id, received_at) =
+            (ctx.clone(), source.queue.clone(), partition.name().to_owned(), received_at.clone());
+        tokio::spawn(async move { check_depth(&ctx, &depth, &queue, &id, &received_at).await })
+    };
+    let idle = ctx.options.stop_when_idle;
+    let idle_stop = {
+        let ctx = ctx.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(idle) = idle
+                    && idle_for(&ctx, idle)
+                {
+                    info!("the queue is empty and the mapping idle; stopping");
+                    return;
+                }
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = running.drive(reader, Duration::from_secs(3600), || async { Ok(()) }) => r.map(|_| ()),
+        () = idle_stop => Ok(()),
+    };
+    checker.abort();
+    let _ = connection.close(200, "pushpull-local esm stopping".into()).await;
+    result
+}
+
+/// The queue is caught up while the broker has no message ready for it and none arrived since
+/// the last look.
+async fn check_depth(ctx: &Ctx, channel: &lapin::Channel, queue: &str, id: &str, received_at: &AtomicU64) {
+    loop {
+        tokio::time::sleep(DEPTH_CHECK).await;
+        let asked_at = super::clock::now_unix();
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await;
+        let ready = match declared {
+            Ok(q) => q.message_count(),
+            Err(e) => {
+                warn!(queue, error = %e, "could not ask the queue's depth");
+                return;
+            }
+        };
+        let last = f64::from_bits(received_at.load(Ordering::SeqCst));
+        if ready == 0
+            && last < asked_at
+            && let Ok(mut c) = ctx.caught_up.lock()
+            && c.get(id).is_some_and(Option::is_none)
+        {
+            c.insert(id.to_owned(), Some(asked_at));
+        }
+    }
+}
+
+fn idle_for(ctx: &Ctx, idle: Duration) -> bool {
+    if ctx.pending.load(Ordering::SeqCst) > 0 {
+        return false;
+    }
+    let caught_up = ctx.caught_up.lock().map(|c| !c.is_empty() && c.values().all(Option::is_some)).unwrap_or(false);
+    let quiet = ctx.last_activity.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
+    caught_up && quiet
+}

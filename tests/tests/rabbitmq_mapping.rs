@@ -1,0 +1,281 @@
+//! Fidelity of the local Amazon MQ for RabbitMQ event source mapping
+//! (`pushpull_local::mapping::rabbitmq`): the broker `make test` starts (`infra/rabbitmq.sh`), a
+//! real function binary (`scripted`, whose answers the messages script) behind the Invoke API,
+//! and assertions on the batches the function received and what is left in the queues. AWS's words
+//! for each rule, with their pages, are in `docs/rabbitmq-aws-rules.md`.
+//!
+//! | behaviour | test |
+//! |---|---|
+//! | the event as AWS writes it (`aws:rmq`, `queue::vhost`, properties, base64 data); one batch at a time in queue order, BatchSize; every message acknowledged after its batch | `batches_keep_queue_order_and_every_message_is_acknowledged_after_its_batch` |
+//! | a failing batch: retried in the poller, then requeued: it comes back `redelivered` | `a_failing_batch_is_retried_then_requeued_and_comes_back_redelivered` |
+//! | a poison message is dead-lettered by a quorum queue's `x-delivery-limit` | `a_poison_message_is_dead_lettered_by_the_quorum_queues_delivery_limit` |
+//! | FilterCriteria on `data`: unmatched messages acknowledged, never invoked | `filtered_out_messages_are_acknowledged_and_never_invoked` |
+//! | a message over the 6 MB payload: dropped (acknowledged) uninvoked | `a_message_over_6_mb_is_dropped_uninvoked` |
+//! | settings AWS does not have for Amazon MQ are refused; a missing queue is an error naming it | `settings_aws_lacks_are_refused_and_a_missing_queue_is_named` |
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+use pushpull::store::Store;
+use pushpull_local::invoke::InvokeServer;
+use pushpull_local::mapping::{Clients, RabbitMqSource, RawSettings, Runner, RunnerOptions, Summary};
+use pushpull_local::runtime_api::FunctionSpec;
+use pushpull_tests::rabbitmq::{confirming, connect, publish, queue, url};
+use pushpull_tests::{function, local, unique};
+use serde_json::{Value, json};
+
+const FUNCTION: &str = "scripted";
+
+struct Fixture {
+    queue: String,
+    channel: Channel,
+    _connection: lapin::Connection,
+    server: InvokeServer,
+    dir: tempfile::TempDir,
+}
+
+async fn fixture_with(arguments: FieldTable) -> Fixture {
+    let connection = connect().await;
+    let channel = confirming(&connection).await;
+    let queue = queue(&channel, "rmap", arguments).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec: FunctionSpec = function(FUNCTION, &[("SCRIPT_DIR", dir.path().to_str().unwrap())]);
+    spec.timeout = Duration::from_secs(5);
+    let server = InvokeServer::start(vec![spec], 0, 10).await.unwrap();
+    Fixture { queue, channel, _connection: connection, server, dir }
+}
+
+async fn fixture() -> Fixture {
+    fixture_with(FieldTable::default()).await
+}
+
+impl Fixture {
+    fn source(&self) -> RabbitMqSource {
+        RabbitMqSource { url: url(), queue: self.queue.clone(), broker_arn: None }
+    }
+
+    fn settings(&self) -> RawSettings {
+        RawSettings { function: Some(FUNCTION.into()), batching_window: Some("1".into()), ..Default::default() }
+    }
+
+    /// Publishes `{"id": .., ..directives}` for each.
+    async fn send(&self, messages: &[(&str, Value)]) {
+        let bodies: Vec<Vec<u8>> = messages
+            .iter()
+            .map(|(id, d)| {
+                let mut v = d.clone();
+                v["id"] = Value::from(*id);
+                v.to_string().into_bytes()
+            })
+            .collect();
+        publish(&self.channel, &self.queue, &bodies.iter().map(Vec::as_slice).collect::<Vec<_>>()).await;
+    }
+
+    /// Runs the mapping until it is idle for 2 s.
+    async fn run(&self, raw: RawSettings) -> Summary {
+        let settings = raw.validate_rabbitmq(&self.source()).unwrap();
+        let mut options = RunnerOptions::new(&settings, Store::file(self.dir.path().join("unused")));
+        options.stop_when_idle = Some(Duration::from_secs(2));
+        let clients = Clients::from(&local().await);
+        let (_stop, rx) = tokio::sync::watch::channel(false);
+        let run = Runner::run_rabbitmq(settings, self.source(), options, clients, self.server.client(), rx);
+        tokio::time::timeout(Duration::from_secs(120), run).await.expect("the mapping ran 120 s").unwrap()
+    }
+
+    fn log(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("log.ndjson")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    fn events(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join("events.ndjson")).unwrap_or_default();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// Per invocation: the ids and whether each was redelivered.
+    fn batches(&self) -> Vec<(Vec<String>, Vec<bool>)> {
+        self.log()
+            .iter()
+            .map(|l| {
+                let ids = l["ids"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_owned()).collect();
+                let re = l["redelivered"].as_array().unwrap().iter().map(|r| r.as_bool().unwrap()).collect();
+                (ids, re)
+            })
+            .collect()
+    }
+
+    /// Messages ready in `queue` (unacknowledged ones went back when the mapping's channel closed).
+    async fn depth(&self, queue: &str) -> u32 {
+        let channel = self._connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+}
+
+/// AWS (with-mq.html): messages listed "under `pizzaQueue::/`" (queue and virtual host); "For
+/// RabbitMQ, the number of concurrent execution environments is limited to 1 per Amazon MQ event
+/// source mapping"; (invocation-eventfiltering) "Lambda acknowledges matched messages after
+/// successfully invoking the function".
+#[tokio::test]
+async fn batches_keep_queue_order_and_every_message_is_acknowledged_after_its_batch() {
+    let f = fixture().await;
+    let ids: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    f.send(&ids.iter().map(|id| (id.as_str(), json!({}))).collect::<Vec<_>>()).await;
+    let s = f.run(RawSettings { batch_size: Some("7".into()), ..f.settings() }).await;
+    let batches = f.batches();
+    let seen: Vec<String> = batches.iter().flat_map(|(ids, _)| ids.clone()).collect();
+    assert_eq!(seen, ids, "every message once, in queue order");
+    assert!(batches.iter().all(|(ids, _)| ids.len() <= 7), "BatchSize 7");
+    assert_eq!(s.counts.records_read, 50);
+    assert_eq!(f.depth(&f.queue).await, 0, "every message acknowledged");
+    // The event as AWS writes it.
+    let event = &f.events()[0];
+    assert_eq!(event["eventSource"], "aws:rmq");
+    assert!(event["eventSourceArn"].as_str().unwrap().starts_with("arn:aws:mq:"), "{event}");
+    let key = format!("{}::pushpull", f.queue);
+    let m = &event["rmqMessagesByQueue"][&key][0];
+    assert_eq!(m["redelivered"], false);
+    assert_eq!(m["basicProperties"]["deliveryMode"], 2);
+    assert!(m["basicProperties"]["messageId"].is_null(), "unset properties are null");
+    assert_eq!(m["basicProperties"]["bodySize"], "{\"id\":\"m0\"}".len());
+    // Read back through the library.
+    let text = event.to_string();
+    let e = pushpull::pull::rabbitmq::RabbitMqEvent::from_slice(text.as_bytes()).unwrap();
+    let (k, first) = e.messages().next().unwrap();
+    assert_eq!(pushpull::pull::rabbitmq::queue_and_vhost(k), (f.queue.as_str(), "pushpull"));
+    assert_eq!(first.json::<Value>().unwrap()["id"], "m0");
+}
+
+/// AWS (with-mq.html): "If your function returns an error for any of the messages in a batch,
+/// Lambda retries the whole batch of messages until processing succeeds or the messages expire."
+/// Ours (AWS is silent on how): retried twice in the poller, then nacked and requeued; the broker
+/// delivers it again marked `redelivered`.
+#[tokio::test]
+async fn a_failing_batch_is_retried_then_requeued_and_comes_back_redelivered() {
+    let f = fixture().await;
+    f.send(&[("bad", json!({ "error": 3 })), ("good", json!({}))]).await;
+    let s = f.run(RawSettings { batch_size: Some("10".into()), ..f.settings() }).await;
+    let batches = f.batches();
+    let of_bad: Vec<&(Vec<String>, Vec<bool>)> =
+        batches.iter().filter(|(ids, _)| ids.contains(&"bad".into())).collect();
+    assert_eq!(of_bad.len(), 4, "three failures (the first delivery and two retries), then a success: {batches:?}");
+    assert!(of_bad[..3].iter().all(|(_, re)| !re[0]), "the retries in the poller are the same delivery");
+    assert!(of_bad[3].1[0], "after the requeue the broker marks it redelivered");
+    assert_eq!(s.counts.requeued, 2, "the batch of two went back once");
+    assert_eq!(f.depth(&f.queue).await, 0);
+}
+
+/// The sample's bound on a poison message (services-mq-errors.html: "To redeliver messages upon
+/// function error, you can use a dead-letter queue"): a quorum queue with `x-delivery-limit` 1 and
+/// a dead-letter exchange takes a message that always fails back once, then dead-letters it.
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_by_the_quorum_queues_delivery_limit() {
+    let connection = connect().await;
+    let channel = confirming(&connection).await;
+    let dlx = unique("rmap-dlx");
+    channel
+        .exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let dlq = queue(&channel, "rmap-dlq", FieldTable::default()).await;
+    channel
+        .queue_bind(
+            dlq.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString(LongString::from("quorum")));
+    args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongInt(1));
+    args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from(dlx.as_str())));
+    let f = fixture_with(args).await;
+    f.send(&[("poison", json!({ "error": 1000 }))]).await;
+    let s = f.run(f.settings()).await;
+    assert_eq!(f.batches().len(), 6, "two deliveries of three invocations each");
+    assert_eq!(s.counts.requeued, 2);
+    let dead = channel.basic_get(dlq.as_str().into(), BasicGetOptions::default()).await.unwrap();
+    let dead = dead.expect("the poison message is in the dead-letter queue");
+    assert_eq!(serde_json::from_slice::<Value>(&dead.delivery.data).unwrap()["id"], "poison");
+    assert_eq!(f.depth(&f.queue).await, 0);
+}
+
+/// AWS (with-mq-filtering.html): "Amazon MQ event source mappings only support filtering on the
+/// `data` key"; (invocation-eventfiltering) Lambda "acknowledges unmatched messages when
+/// filtering them".
+#[tokio::test]
+async fn filtered_out_messages_are_acknowledged_and_never_invoked() {
+    let f = fixture().await;
+    f.send(&[("a", json!({ "kind": "keep" })), ("b", json!({ "kind": "skip" })), ("c", json!({ "kind": "keep" }))])
+        .await;
+    let filter = r#"{"Filters":[{"Pattern":"{\"data\":{\"kind\":[\"keep\"]}}"}]}"#;
+    let s = f.run(RawSettings { filter_criteria: Some(filter.into()), ..f.settings() }).await;
+    let seen: Vec<String> = f.batches().into_iter().flat_map(|(ids, _)| ids).collect();
+    assert_eq!(seen, ["a", "c"]);
+    assert_eq!(s.counts.filtered_out, 1);
+    assert_eq!(f.depth(&f.queue).await, 0, "the unmatched message was acknowledged too");
+}
+
+/// AWS (services-mq-errors.html): "Records also go unprocessed if Lambda drops them due to their
+/// size. The size limit for Lambda records is 6 MB."
+#[tokio::test]
+async fn a_message_over_6_mb_is_dropped_uninvoked() {
+    let f = fixture().await;
+    let big = "x".repeat(7 * 1024 * 1024);
+    f.send(&[("before", json!({})), ("big", json!({ "pad": big })), ("after", json!({}))]).await;
+    let s = f.run(f.settings()).await;
+    let seen: Vec<String> = f.batches().into_iter().flat_map(|(ids, _)| ids).collect();
+    assert_eq!(seen, ["before", "after"], "the big one never reaches the function");
+    assert_eq!(s.counts.discarded, 1);
+    assert_eq!(s.counts.requeued, 0, "dropped, not handed back");
+    assert_eq!(f.depth(&f.queue).await, 0);
+}
+
+#[tokio::test]
+async fn settings_aws_lacks_are_refused_and_a_missing_queue_is_named() {
+    let f = fixture().await;
+    for (raw, name) in [
+        (RawSettings { starting_position: Some("LATEST".into()), ..f.settings() }, "StartingPosition"),
+        (
+            RawSettings { on_failure: Some("arn:aws:sqs:us-east-1:000000000000:q".into()), ..f.settings() },
+            "DestinationConfig",
+        ),
+        (
+            RawSettings { function_response_types: Some("ReportBatchItemFailures".into()), ..f.settings() },
+            "FunctionResponseTypes",
+        ),
+        (RawSettings { parallelization_factor: Some("2".into()), ..f.settings() }, "ParallelizationFactor"),
+        (RawSettings { batch_size: Some("10001".into()), ..f.settings() }, "batchSize"),
+    ] {
+        let e = raw.validate_rabbitmq(&f.source()).unwrap_err().to_string();
+        assert!(e.contains(name), "{name}: {e}");
+    }
+    let s =
+        RawSettings { function: Some(FUNCTION.into()), ..Default::default() }.validate_rabbitmq(&f.source()).unwrap();
+    assert_eq!((s.batch_size, s.batching_window), (100, Duration::from_millis(500)), "AWS's defaults");
+    let missing = RabbitMqSource { queue: unique("rmap-missing"), ..f.source() };
+    let settings = f.settings().validate_rabbitmq(&missing).unwrap();
+    let options = RunnerOptions::new(&settings, Store::file(f.dir.path().join("unused")));
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let run =
+        Runner::run_rabbitmq(settings, missing.clone(), options, Clients::from(&local().await), f.server.client(), rx);
+    let e =
+        tokio::time::timeout(Duration::from_secs(30), run).await.expect("stopped").expect_err("no queue").to_string();
+    assert!(e.contains(&missing.queue) && !e.contains("pushpull:pushpull@"), "named, password hidden: {e}");
+}
