@@ -33,11 +33,15 @@ install() {
   say "installing Debian's rabbitmq-server (about a minute)"
   # The package's scripts would start a node listening on every interface: refused, for the
   # install only (an existing policy stays as it is).
-  local policy=/usr/sbin/policy-rc.d made=""
-  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; made=1; fi
+  local policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    # Removed however the install ends (it would block every service start on the machine).
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends rabbitmq-server >&2 ||
     { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends rabbitmq-server >&2; }
-  if [ -n "$made" ]; then rm -f "$policy"; fi
   [ -x "$SERVER" ] || { say "error: the install left no $SERVER"; exit 1; }
 }
 

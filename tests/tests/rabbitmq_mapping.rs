@@ -12,6 +12,7 @@
 //! | FilterCriteria on `data`: unmatched messages acknowledged, never invoked | `filtered_out_messages_are_acknowledged_and_never_invoked` |
 //! | a message over the 6 MB payload: dropped (acknowledged) uninvoked | `a_message_over_6_mb_is_dropped_uninvoked` |
 //! | settings AWS does not have for Amazon MQ are refused; a missing queue is an error naming it | `settings_aws_lacks_are_refused_and_a_missing_queue_is_named` |
+//! | stopping while the function cannot be invoked takes the grace period, and the batch goes back to the queue | `a_stop_waits_the_grace_period_at_most_and_the_batch_goes_back_to_the_queue` |
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -278,4 +279,27 @@ async fn settings_aws_lacks_are_refused_and_a_missing_queue_is_named() {
     let e =
         tokio::time::timeout(Duration::from_secs(30), run).await.expect("stopped").expect_err("no queue").to_string();
     assert!(e.contains(&missing.queue) && !e.contains("pushpull:pushpull@"), "named, password hidden: {e}");
+}
+
+/// An Invoke API that cannot be reached is retried without end (Amazon MQ mappings have no record
+/// age); a stop still ends the mapping after the grace period, and the batch it held goes back to
+/// the queue, unacknowledged.
+#[tokio::test]
+async fn a_stop_waits_the_grace_period_at_most_and_the_batch_goes_back_to_the_queue() {
+    let f = fixture().await;
+    f.send(&[("held", json!({}))]).await;
+    let settings = f.settings().validate_rabbitmq(&f.source()).unwrap();
+    let mut options = RunnerOptions::new(&settings, Store::file(f.dir.path().join("unused")));
+    options.stop_grace = Duration::from_secs(1);
+    let nowhere = pushpull_local::invoke::InvokeClient::new("http://127.0.0.1:9");
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(Runner::run_rabbitmq(settings, f.source(), options, Clients::from(&local().await), nowhere, rx));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let asked = std::time::Instant::now();
+    stop.send(true).unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), run).await.expect("stopped within 10 s").unwrap();
+    assert!(ended.is_ok(), "{ended:?}");
+    assert!(asked.elapsed() < Duration::from_secs(5), "the grace period, not the retries: {:?}", asked.elapsed());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(f.depth(&f.queue).await, 1, "never acknowledged: back in the queue");
 }

@@ -482,12 +482,14 @@ fn kafka_faults_on(realism: &RealismConfig) -> bool {
 }
 
 /// What happens to a Kafka run's cluster every so often: the broker restarts
-/// ([`KafkaFaultProxy::restart`]: every connection reset, refused for 2 s), and, meanwhile, a
+/// ([`KafkaFaultProxy::restart`]: every connection closed, new ones closed at once for 2 s), and, meanwhile, a
 /// stranger joins the mapping's consumer group for 3 s and leaves ([`join_and_leave`]: two
 /// rebalances with batches in flight).
 struct Disruptions {
     tasks: [tokio::task::JoinHandle<()>; 2],
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// The stranger's thread, while one is in the group.
+    stranger: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<Result<Vec<i32>, String>>>>>,
 }
 
 impl Disruptions {
@@ -504,16 +506,28 @@ impl Disruptions {
                 proxy.restart(Duration::from_secs(2));
             }
         });
+        let stranger = Arc::new(std::sync::Mutex::new(None));
         let strangers = tokio::spawn({
-            let stop = stop.clone();
+            let (stop, stranger) = (stop.clone(), stranger.clone());
             async move {
                 tokio::time::sleep(every / 2).await;
                 loop {
                     let (k, stop) = (k.clone(), stop.clone());
-                    let joined = tokio::task::spawn_blocking(move || {
+                    let thread = tokio::task::spawn_blocking(move || {
                         join_and_leave(&k.bootstrap_servers, &k.topic, &k.group, Duration::from_secs(3), &stop)
-                    })
-                    .await;
+                    });
+                    let abort = thread.abort_handle();
+                    if let Ok(mut s) = stranger.lock() {
+                        *s = Some(thread);
+                    }
+                    // Waits for the thread's end without owning it (stop() may take it).
+                    while !abort.is_finished() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    let joined = match stranger.lock().ok().and_then(|mut s| s.take()) {
+                        Some(thread) => thread.await,
+                        None => return,
+                    };
                     match joined {
                         Ok(Ok(held)) if !held.is_empty() => {
                             realism.count("kafka.group.rebalance", 2);
@@ -531,15 +545,19 @@ impl Disruptions {
                 }
             }
         });
-        Disruptions { tasks: [restarts, strangers], stop }
+        Disruptions { tasks: [restarts, strangers], stop, stranger }
     }
 
-    /// Stops them (a stranger in the group leaves first).
+    /// Stops them; a stranger in the group leaves before this returns.
     async fn stop(self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         for task in self.tasks {
             task.abort();
             let _ = task.await;
+        }
+        let thread = self.stranger.lock().ok().and_then(|mut s| s.take());
+        if let Some(thread) = thread {
+            let _ = thread.await;
         }
     }
 }

@@ -276,8 +276,10 @@ where
 {
     options.stop_at_first_failure = true;
     let messages: Vec<&RabbitMqMessage<'_>> = event.messages().map(|(_, m)| m).collect();
-    // One key for the whole queue: delivery order, unless the options ask for more at once.
-    let keys: Vec<&str> = vec![""; messages.len()];
+    // A key per message: with `concurrency` 1 one at a time in delivery order, else that many at
+    // once (a queue orders nothing across messages once several run).
+    let texts: Vec<String> = (0..messages.len()).map(|i| i.to_string()).collect();
+    let keys: Vec<&str> = texts.iter().map(String::as_str).collect();
     let handler = &handler;
     let outcomes = super::run_concurrently(&keys, &options, |i| handler(messages[i].clone().into_owned())).await;
     result_of(&names(event), outcomes)
@@ -371,6 +373,26 @@ mod tests {
         assert_eq!(r.failures.len(), 1);
         assert!(r.failures[0].item_identifier.contains("message b"), "{:?}", r.failures);
         assert_eq!(r.unprocessed.len(), 1, "c was not reached");
+    }
+
+    #[tokio::test]
+    async fn with_concurrency_several_messages_run_at_once() {
+        let payload = serde_json::json!({"rmqMessagesByQueue": {"q::/": [
+            {"data": "e30="}, {"data": "e30="}, {"data": "e30="}, {"data": "e30="}]}})
+        .to_string();
+        let e = RabbitMqEvent::from_slice(payload.as_bytes()).unwrap();
+        let running = std::sync::atomic::AtomicUsize::new(0);
+        let most = std::sync::atomic::AtomicUsize::new(0);
+        let r = process_async(&e, Options::default().per_key(4), |_| async {
+            let now = running.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+            tokio::task::yield_now().await;
+            running.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, String>(())
+        })
+        .await;
+        assert_eq!(r.processed, 4);
+        assert!(most.into_inner() > 1, "several at once");
     }
 
     #[tokio::test]

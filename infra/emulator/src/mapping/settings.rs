@@ -148,39 +148,45 @@ pub struct RabbitMqSource {
 }
 
 impl RabbitMqSource {
-    /// The virtual host the URL names (percent-decoded; `/` when it names none).
+    /// The URL's scheme, user information (if any), host and port, and path (if any).
+    fn parts(&self) -> (&str, Option<&str>, &str, Option<&str>) {
+        let (scheme, rest) = self.url.split_once("://").unwrap_or(("", self.url.as_str()));
+        let (authority, path) = match rest.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (rest, None),
+        };
+        // The user information ends at the authority's last `@` (a password may hold one).
+        match authority.rsplit_once('@') {
+            Some((user, host)) => (scheme, Some(user), host, path),
+            None => (scheme, None, authority, path),
+        }
+    }
+
+    /// The virtual host the URL names, percent-decoded, as AMQP's URI rules read it: no path is
+    /// the default `/`; an empty path (`amqp://host/`) the empty name.
     pub fn vhost(&self) -> String {
-        let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
-        match rest.split_once('/') {
-            Some((_, v)) if !v.is_empty() => {
+        match self.parts().3 {
+            None => "/".to_owned(),
+            Some(v) => {
                 let v = v.split(['?', '#']).next().unwrap_or(v);
                 percent_encoding::percent_decode_str(v).decode_utf8_lossy().into_owned()
             }
-            _ => "/".to_owned(),
         }
     }
 
     /// The URL without its password, for logs and errors.
     pub fn redacted(&self) -> String {
-        match self.url.split_once("://") {
-            Some((scheme, rest)) => match rest.split_once('@') {
-                Some((user, host)) => {
-                    let user = user.split(':').next().unwrap_or(user);
-                    format!("{scheme}://{user}:***@{host}")
-                }
-                None => self.url.clone(),
-            },
-            None => self.url.clone(),
-        }
+        let (scheme, user, host, path) = self.parts();
+        let user = user.map(|u| format!("{}:***@", u.split(':').next().unwrap_or(u))).unwrap_or_default();
+        let path = path.map(|p| format!("/{p}")).unwrap_or_default();
+        format!("{scheme}://{user}{host}{path}")
     }
 
     /// The mapping's `EventSourceArn`: the broker's ARN, or for a broker that has none a name of
     /// ours built from its host and port.
     pub fn event_source_arn(&self) -> String {
         self.broker_arn.clone().unwrap_or_else(|| {
-            let host = self.redacted();
-            let host = host.rsplit_once('@').map_or(host.as_str(), |(_, h)| h);
-            let host = host.split('/').next().unwrap_or(host).replace([':', '.'], "-");
+            let host = self.parts().2.replace([':', '.'], "-");
             format!("arn:aws:mq:{}:{}:broker:local:b-{host}", crate::localstack::REGION, crate::localstack::ACCOUNT)
         })
     }
@@ -684,6 +690,7 @@ impl RawSettings {
             (&self.parallelization_factor, "ParallelizationFactor"),
             (&self.tumbling_window, "TumblingWindowInSeconds"),
             (&self.starting_position, "StartingPosition"),
+            (&self.starting_position_timestamp, "StartingPositionTimestamp"),
             (&self.maximum_retry_attempts, "MaximumRetryAttempts"),
             (&self.maximum_record_age, "MaximumRecordAgeInSeconds"),
             (&self.bisect, "BisectBatchOnFunctionError"),
@@ -866,6 +873,19 @@ impl MappingSettings {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_rabbitmq_url_is_named_without_its_password() {
+        let s = |url: &str| super::RabbitMqSource { url: url.into(), queue: "q".into(), broker_arn: None };
+        let at_in_password = s("amqp://u:p@ss@broker.local:5672/%2fprod");
+        assert_eq!(at_in_password.redacted(), "amqp://u:***@broker.local:5672/%2fprod");
+        assert_eq!(at_in_password.vhost(), "/prod");
+        assert!(at_in_password.event_source_arn().ends_with(":broker:local:b-broker-local-5672"));
+        let bare = s("amqp://127.0.0.1:5672");
+        assert_eq!((bare.redacted().as_str(), bare.vhost().as_str()), ("amqp://127.0.0.1:5672", "/"));
+        assert!(bare.event_source_arn().ends_with(":b-127-0-0-1-5672"));
+        assert_eq!(s("amqp://h/").vhost(), "", "an empty path is the empty virtual host");
+    }
+
     use super::*;
 
     fn base() -> RawSettings {

@@ -8,8 +8,8 @@
 //!   every connection after the first would go around it. On the way it slows Fetch answers
 //!   (`kafka.fetch.slowed`), cuts connections half-way through a Fetch answer (`kafka.fetch.cut`;
 //!   librdkafka fetches few, large answers while records flow, and long polls while none do), and plays a broker restart ([`KafkaFaultProxy::restart`]: every
-//!   connection reset, new ones refused for a while: what a client sees of a broker going down and
-//!   coming back, `kafka.broker.restart`).
+//!   connection closed, new ones closed as soon as accepted for a while: what a client sees of a broker going down and
+//!   coming back, `kafka.broker.restart`: each connection closed, new ones accepted and closed at once for a while).
 //! - [`join_and_leave`]: a consumer joins the mapping's group, holds the partitions it is given
 //!   for a while without reading them for anyone, and leaves: two rebalances mid-batch for the
 //!   mapping (`kafka.group.rebalance`), with records in flight.
@@ -20,7 +20,8 @@
 //!
 //! The protocol parsing is hand-written and narrow: the frame (a 4-byte length), the request
 //! header's first three fields, and the broker address fields of Metadata (API key 3, every
-//! version) and FindCoordinator (API key 10, every version); the rest of each answer is copied
+//! version; property-tested) and FindCoordinator (API key 10, every version; unit-tested); the rest
+//! of each answer is copied
 //! byte for byte. A full protocol crate would be a large build for two fields.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -51,7 +52,7 @@ const MAX_FRAME: usize = 256 * 1024 * 1024;
 /// let proxy = KafkaFaultProxy::start(realism, &["127.0.0.1:9092".to_owned()])?;
 /// // Clients bootstrapped here stay here: Metadata and FindCoordinator name the proxy.
 /// println!("bootstrap.servers={}", proxy.bootstrap());
-/// proxy.restart(std::time::Duration::from_secs(2)); // every connection cut, then refused for 2 s
+/// proxy.restart(std::time::Duration::from_secs(2)); // every connection closed, new ones too for 2 s
 /// # Ok(())
 /// # }
 /// ```
@@ -66,12 +67,14 @@ struct Inner {
     listeners: Mutex<HashMap<String, std::net::SocketAddr>>,
     /// Bumped by a restart: every connection open at that moment ends.
     restarts: watch::Sender<u64>,
-    /// Connections are refused until then.
+    /// Connections are closed as soon as accepted until then.
     down_until: Mutex<Option<Instant>>,
     /// Every listener's accept loop (aborted when the proxy is dropped).
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Connections accepted, in all.
     connections: std::sync::atomic::AtomicU64,
+    /// Dropped: no listener is opened any more.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl KafkaFaultProxy {
@@ -85,6 +88,7 @@ impl KafkaFaultProxy {
             down_until: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             connections: std::sync::atomic::AtomicU64::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
         });
         let bootstrap = bootstrap.iter().map(|b| listen(&inner, b).map(|a| a.to_string())).collect::<Result<_, _>>()?;
         Ok(KafkaFaultProxy { inner, bootstrap })
@@ -95,7 +99,7 @@ impl KafkaFaultProxy {
         self.bootstrap.join(",")
     }
 
-    /// Plays a broker restart: every connection through the proxy is reset at once, and new ones
+    /// Plays a broker restart: every connection through the proxy is closed at once, and new ones
     /// are closed as soon as they are accepted for `outage`. Counted as `kafka.broker.restart`.
     pub fn restart(&self, outage: Duration) {
         if let Ok(mut d) = self.inner.down_until.lock() {
@@ -103,10 +107,10 @@ impl KafkaFaultProxy {
         }
         self.inner.restarts.send_modify(|n| *n += 1);
         self.inner.realism.count("kafka.broker.restart", 1);
-        info!(?outage, "realism: the Kafka broker restarts (every connection reset)");
+        info!(?outage, "realism: the Kafka broker restarts (every connection closed)");
     }
 
-    /// Connections accepted so far (refused ones included).
+    /// Connections accepted so far (those closed at once included).
     pub fn connections(&self) -> u64 {
         self.inner.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -114,6 +118,7 @@ impl KafkaFaultProxy {
 
 impl Drop for KafkaFaultProxy {
     fn drop(&mut self) {
+        self.inner.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Ok(tasks) = self.inner.tasks.lock() {
             tasks.iter().for_each(tokio::task::AbortHandle::abort);
         }
@@ -127,6 +132,9 @@ fn listen(inner: &Arc<Inner>, upstream: &str) -> std::io::Result<std::net::Socke
     let mut listeners = inner.listeners.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(addr) = listeners.get(upstream) {
         return Ok(*addr);
+    }
+    if inner.closed.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(std::io::Error::other("the proxy is stopped"));
     }
     let std_listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     std_listener.set_nonblocking(true)?;
@@ -143,16 +151,26 @@ fn listen(inner: &Arc<Inner>, upstream: &str) -> std::io::Result<std::net::Socke
 
 async fn accept(inner: Arc<Inner>, listener: TcpListener, upstream: String) {
     loop {
-        let Ok((client, _)) = listener.accept().await else { continue };
+        let client = match listener.accept().await {
+            Ok((client, _)) => client,
+            Err(e) => {
+                // Out of descriptors, say: not a busy loop.
+                debug!(error = %e, "realism: accepting a Kafka connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         inner.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let down = inner.down_until.lock().ok().and_then(|d| *d).is_some_and(|until| Instant::now() < until);
         if down {
-            drop(client); // refused: the broker is restarting
+            drop(client); // closed at once: the broker is restarting
             continue;
         }
+        // Subscribed before the connection is served: a restart from now on ends it.
+        let restarted = inner.restarts.subscribe();
         let (inner, upstream) = (inner.clone(), upstream.clone());
         tokio::spawn(async move {
-            if let Err(e) = serve(&inner, client, &upstream).await {
+            if let Err(e) = serve(&inner, client, &upstream, restarted).await {
                 debug!(%upstream, error = %e, "realism: a Kafka connection ended");
             }
         });
@@ -162,8 +180,12 @@ async fn accept(inner: Arc<Inner>, listener: TcpListener, upstream: String) {
 /// Requests sent on one connection and not yet answered: correlation id → (API key, version).
 type Pending = Arc<Mutex<HashMap<i32, (i16, i16)>>>;
 
-async fn serve(inner: &Arc<Inner>, client: TcpStream, upstream: &str) -> std::io::Result<()> {
-    let mut restarted = inner.restarts.subscribe();
+async fn serve(
+    inner: &Arc<Inner>,
+    client: TcpStream,
+    upstream: &str,
+    mut restarted: watch::Receiver<u64>,
+) -> std::io::Result<()> {
     let server = TcpStream::connect(upstream).await?;
     client.set_nodelay(true)?;
     server.set_nodelay(true)?;

@@ -154,7 +154,7 @@ pub struct RealismConfig {
     /// `SubscribeToShard` again: AWS's 5 minutes (shorter in tests).
     pub subscription_lifetime: Duration,
     /// On a Kafka run, every other time this passes (none: never) the broker restarts (every
-    /// connection reset, refused for 2 s), and this long after the previous one left a stranger
+    /// connection closed, new ones closed at once for 2 s), and this long after the previous one left a stranger
     /// joins the mapping's consumer group for 3 s and leaves (two rebalances) ([`kafka`]).
     pub kafka_disruption_every: Option<Duration>,
 }
@@ -311,7 +311,7 @@ pub fn describe(kind: &str) -> &'static str {
         "kinesis.subscription.cut" => "enhanced fan-out subscriptions cut mid-stream",
         "kafka.fetch.slowed" => "Kafka Fetch answers held back 0.2-1 s",
         "kafka.fetch.cut" => "Kafka connections cut half-way through a Fetch answer",
-        "kafka.broker.restart" => "Kafka broker restarts (connections reset, refused 2 s)",
+        "kafka.broker.restart" => "Kafka broker restarts (connections closed, new ones for 2 s)",
         "kafka.group.rebalance" => "consumer group rebalances (a stranger joined or left)",
         _ => "",
     }

@@ -806,8 +806,10 @@ const OFFSET_LAG_EVERY: Duration = Duration::from_secs(2);
 /// difference in offset between the last record written to a topic and the last record that your
 /// function's consumer group processed. Though a Kafka topic can have multiple partitions, this
 /// metric measures the offset lag at the topic level." Here: the sum, over the partitions this
-/// member holds, of the high watermark minus the next offset to process (a partition not read
-/// yet counts once read). With one runner, the topic's lag; with several, each reports its own.
+/// member holds, of the high watermark minus the next offset to process. A partition nothing was
+/// read from yet counts from the group's committed offset (asked of the coordinator), or without
+/// one from where the starting position puts it. With one runner, the topic's lag; with several,
+/// each reports its own.
 fn report_offset_lag(shared: &Shared, checker: &BaseConsumer) {
     let held: Vec<(i32, Option<i64>)> = shared
         .tasks
@@ -817,10 +819,30 @@ fn report_offset_lag(shared: &Shared, checker: &BaseConsumer) {
     if held.is_empty() {
         return;
     }
+    // The group's committed offsets of the partitions not read yet.
+    let unread: Vec<i32> = held.iter().filter(|(_, next)| next.is_none()).map(|(n, _)| *n).collect();
+    let mut committed = HashMap::new();
+    if !unread.is_empty() {
+        let Some(consumer) = shared.consumer.get().and_then(Weak::upgrade) else { return };
+        let mut tpl = TopicPartitionList::new();
+        for n in &unread {
+            tpl.add_partition(&shared.topic, *n);
+        }
+        let Ok(found) = consumer.committed_offsets(tpl, Duration::from_secs(2)) else { return };
+        for e in found.elements() {
+            if let Offset::Offset(o) = e.offset() {
+                committed.insert(e.partition(), o);
+            }
+        }
+    }
     let mut lag = 0u64;
     for (n, next) in held {
-        let Some(next) = next else { continue };
-        let Ok((_, high)) = checker.fetch_watermarks(&shared.topic, n, Duration::from_secs(2)) else { return };
+        let Ok((low, high)) = checker.fetch_watermarks(&shared.topic, n, Duration::from_secs(2)) else { return };
+        let next = match next.or_else(|| committed.get(&n).copied()) {
+            Some(next) => next,
+            None if shared.starting_position == StartingPosition::TrimHorizon => low,
+            None => high,
+        };
         lag += u64::try_from(high - next).unwrap_or(0);
     }
     crate::cloudwatch::put(

@@ -52,12 +52,16 @@ impl<P: Partition> Lane<P> {
         // paused finds out here that the partition was taken).
         self.partition.fence().await?;
         loop {
-            // A provisioned Kafka mapping's pollers invoke so many at once, over all partitions.
-            let _slot = match &self.ctx.invocation_slots {
-                Some(slots) => slots.clone().acquire_owned().await.ok(), // never closed
-                None => None,
+            // A provisioned Kafka mapping's pollers invoke so many at once, over all partitions;
+            // the slot is held for the invocation only, not for the backoff after a failed one.
+            let invoked = {
+                let _slot = match &self.ctx.invocation_slots {
+                    Some(slots) => slots.clone().acquire_owned().await.ok(), // never closed
+                    None => None,
+                };
+                self.ctx.invoker.invoke(&self.ctx.settings.function_name, payload.clone()).await
             };
-            match self.ctx.invoker.invoke(&self.ctx.settings.function_name, payload.clone()).await {
+            match invoked {
                 Ok(i) => {
                     let mut s = self.ctx.stats();
                     s.counts.invocations += 1;

@@ -94,13 +94,15 @@ pub(crate) async fn run(
     let lanes = Lanes::new();
     let (senders, status, running) = lanes.spawn(&ctx, partition.clone(), 1, None);
     let received_at = Arc::new(AtomicU64::new(0));
+    // The reader stops on `quit`: sent on `stop`, or once idle (if so configured).
+    let (quit_tx, mut quit) = watch::channel(false);
     let reader = {
         let (ctx, partition, received_at) = (ctx.clone(), partition.clone(), received_at.clone());
         async move {
             let mut index = 0u64;
             let ended = loop {
                 tokio::select! {
-                    _ = stop.changed() => if *stop.borrow() { break Ok(()) },
+                    _ = quit.changed() => break Ok(()),
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
                             received_at.store(super::clock::now_unix().to_bits(), Ordering::SeqCst);
@@ -136,24 +138,36 @@ pub(crate) async fn run(
             (ctx.clone(), source.queue.clone(), partition.name().to_owned(), received_at.clone());
         tokio::spawn(async move { check_depth(&ctx, &depth, &queue, &id, &received_at).await })
     };
-    let idle = ctx.options.stop_when_idle;
-    let idle_stop = {
+    // Stopping (asked to, or idle): the reader stops taking deliveries and the lane finishes its
+    // batch in flight, for at most the grace period; what is left unacknowledged goes back to the
+    // queue when the connection closes.
+    let (idle, grace) = (ctx.options.stop_when_idle, ctx.options.stop_grace);
+    let watchdog = {
         let ctx = ctx.clone();
         async move {
             loop {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if let Some(idle) = idle
-                    && idle_for(&ctx, idle)
-                {
-                    info!("the queue is empty and the mapping idle; stopping");
-                    return;
+                tokio::select! {
+                    _ = stop.changed() => if *stop.borrow() { break },
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {
+                        if let Some(idle) = idle
+                            && idle_for(&ctx, idle)
+                        {
+                            info!("the queue is empty and the mapping idle; stopping");
+                            break;
+                        }
+                    }
                 }
             }
+            let _ = quit_tx.send(true);
+            tokio::time::sleep(grace).await;
         }
     };
     let result = tokio::select! {
         r = running.drive(reader, Duration::from_secs(3600), || async { Ok(()) }) => r.map(|_| ()),
-        () = idle_stop => Ok(()),
+        () = watchdog => {
+            warn!(?grace, "a batch still in flight after the grace period: stopped; the broker requeues its messages");
+            Ok(())
+        }
     };
     checker.abort();
     let _ = connection.close(200, "pushpull-local esm stopping".into()).await;
