@@ -293,7 +293,8 @@ async fn a_stop_waits_the_grace_period_at_most_and_the_batch_goes_back_to_the_qu
     options.stop_grace = Duration::from_secs(1);
     let nowhere = pushpull_local::invoke::InvokeClient::new("http://127.0.0.1:9");
     let (stop, rx) = tokio::sync::watch::channel(false);
-    let run = tokio::spawn(Runner::run_rabbitmq(settings, f.source(), options, Clients::from(&local().await), nowhere, rx));
+    let run =
+        tokio::spawn(Runner::run_rabbitmq(settings, f.source(), options, Clients::from(&local().await), nowhere, rx));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let asked = std::time::Instant::now();
     stop.send(true).unwrap();

@@ -485,11 +485,14 @@ fn kafka_faults_on(realism: &RealismConfig) -> bool {
 /// ([`KafkaFaultProxy::restart`]: every connection closed, new ones closed at once for 2 s), and, meanwhile, a
 /// stranger joins the mapping's consumer group for 3 s and leaves ([`join_and_leave`]: two
 /// rebalances with batches in flight).
+/// A stranger's thread: the partitions it held, or why it could not join.
+type StrangerThread = tokio::task::JoinHandle<Result<Vec<i32>, String>>;
+
 struct Disruptions {
     tasks: [tokio::task::JoinHandle<()>; 2],
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// The stranger's thread, while one is in the group.
-    stranger: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<Result<Vec<i32>, String>>>>>,
+    stranger: Arc<std::sync::Mutex<Option<StrangerThread>>>,
 }
 
 impl Disruptions {
