@@ -1,9 +1,11 @@
 //! The RabbitMQ broker `make test` starts (`infra/rabbitmq.sh`): its URL, connections, and queues
 //! of a test's own. The URL: `RABBITMQ_URL`, else the sample's user and virtual host on
 //! `127.0.0.1:$RABBITMQ_PORT` (5672).
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 /// The broker's AMQP URL, credentials and virtual host included.
 pub fn url() -> String {
@@ -55,4 +57,36 @@ pub async fn publish(channel: &Channel, queue: &str, bodies: &[&[u8]]) {
         let confirmation = confirm.await.expect("a confirm");
         assert!(confirmation.is_ack(), "the broker took the message: {confirmation:?}");
     }
+}
+
+/// The poison-message bound the sample's queue will use: a dead-letter exchange of its own with a
+/// queue bound to it (returned), and the arguments of a quorum queue that dead-letters a message
+/// delivered more than `delivery_limit` times after the first.
+pub async fn dead_lettering(channel: &Channel, delivery_limit: i32) -> (FieldTable, String) {
+    let dlx = crate::unique("rmq-dlx");
+    channel
+        .exchange_declare(
+            dlx.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange.declare");
+    let dlq = queue(channel, "rmq-dlq", FieldTable::default()).await;
+    channel
+        .queue_bind(
+            dlq.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue.bind");
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString(LongString::from("quorum")));
+    args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongInt(delivery_limit));
+    args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from(dlx.as_str())));
+    (args, dlq)
 }

@@ -67,6 +67,22 @@ fn overrides(bucket: &str) -> Vec<String> {
     ]
 }
 
+/// The faults the pipeline runs inject in the functions: the push function crashed once after
+/// `crash_after` lines (a file at `crashed` says it happened; a crashed owner's claim runs out in
+/// 6 s so that the retry takes over), the rollup failing one invocation in five.
+fn crash_and_fail(crashed: &Path, crash_after: usize) -> Vec<(&'static str, Vec<(String, String)>)> {
+    vec![
+        (
+            "s3-to-kinesis",
+            vec![
+                ("PUSHPULL_INJECT_CRASH_ONCE".to_owned(), format!("{}:{crash_after}", crashed.display())),
+                ("CHECKPOINT_LEASE_MS".to_owned(), "6000".to_owned()),
+            ],
+        ),
+        ("kinesis-rollup", vec![("PUSHPULL_INJECT_FAILURES".to_owned(), "0.2".to_owned())]),
+    ]
+}
+
 fn check_quarantine(entries: &[serde_json::Value], bucket: &str, bad: usize) {
     check_quarantine_of(entries, bucket, bad, LINES)
 }
@@ -130,16 +146,7 @@ async fn through_kafka_with_crashes_and_failures_every_line_reaches_the_topic_on
         overrides: overrides(&bucket),
         delay_scale: 0.01,
         timeout: Duration::from_secs(900),
-        extra_env: vec![
-            (
-                "s3-to-kinesis",
-                vec![
-                    ("PUSHPULL_INJECT_CRASH_ONCE".to_owned(), format!("{}:3000", crashed.display())),
-                    ("CHECKPOINT_LEASE_MS".to_owned(), "6000".to_owned()),
-                ],
-            ),
-            ("kinesis-rollup", vec![("PUSHPULL_INJECT_FAILURES".to_owned(), "0.2".to_owned())]),
-        ],
+        extra_env: crash_and_fail(&crashed, 3000),
         ..PipelineConfig::new(TEMPLATE, unique("kafka"), input.path())
     };
     let report = pipeline::run(config).await.unwrap();
@@ -186,16 +193,7 @@ async fn through_kafka_in_a_storm_every_line_reaches_the_topic_once_and_the_tota
         delay_scale: 0.01,
         timeout: Duration::from_secs(1200),
         realism: RealismConfig::new(Profile::Storm, seed),
-        extra_env: vec![
-            (
-                "s3-to-kinesis",
-                vec![
-                    ("PUSHPULL_INJECT_CRASH_ONCE".to_owned(), format!("{}:{}", crashed.display(), lines / 30)),
-                    ("CHECKPOINT_LEASE_MS".to_owned(), "6000".to_owned()),
-                ],
-            ),
-            ("kinesis-rollup", vec![("PUSHPULL_INJECT_FAILURES".to_owned(), "0.2".to_owned())]),
-        ],
+        extra_env: crash_and_fail(&crashed, lines / 30),
         ..PipelineConfig::new(TEMPLATE, unique("kstorm"), input.path())
     };
     let report = pipeline::run(config).await.unwrap();

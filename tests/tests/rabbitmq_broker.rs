@@ -12,21 +12,12 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use lapin::BasicProperties;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, ExchangeKind};
-use pushpull_tests::rabbitmq::{confirming, connect, publish, queue, url};
-
-fn table(entries: &[(&str, AMQPValue)]) -> FieldTable {
-    let mut t = FieldTable::default();
-    for (k, v) in entries {
-        t.insert(ShortString::from(*k), v.clone());
-    }
-    t
-}
+use lapin::types::FieldTable;
+use pushpull_tests::rabbitmq::{confirming, connect, dead_lettering, publish, queue, url};
 
 #[tokio::test]
 async fn a_mandatory_message_no_queue_takes_is_returned_not_dropped() {
@@ -120,37 +111,8 @@ async fn a_requeued_message_comes_back_redelivered() {
 async fn a_quorum_queue_dead_letters_a_message_past_its_delivery_limit() {
     let connection = connect().await;
     let channel = confirming(&connection).await;
-    let dlx = pushpull_tests::unique("rmq-dlx");
-    channel
-        .exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let dlq = queue(&channel, "rmq-dlq", FieldTable::default()).await;
-    channel
-        .queue_bind(
-            dlq.as_str().into(),
-            dlx.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let q = queue(
-        &channel,
-        "rmq-quorum",
-        table(&[
-            ("x-queue-type", AMQPValue::LongString(LongString::from("quorum"))),
-            ("x-delivery-limit", AMQPValue::LongInt(2)),
-            ("x-dead-letter-exchange", AMQPValue::LongString(LongString::from(dlx.as_str()))),
-        ]),
-    )
-    .await;
+    let (args, dlq) = dead_lettering(&channel, 2).await;
+    let q = queue(&channel, "rmq-quorum", args).await;
     publish(&channel, &q, &[b"poison"]).await;
     let mut deliveries = 0;
     loop {

@@ -15,14 +15,14 @@
 //! | stopping while the function cannot be invoked takes the grace period, and the batch goes back to the queue | `a_stop_waits_the_grace_period_at_most_and_the_batch_goes_back_to_the_queue` |
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::Channel;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use pushpull::store::Store;
 use pushpull_local::invoke::InvokeServer;
 use pushpull_local::mapping::{Clients, RabbitMqSource, RawSettings, Runner, RunnerOptions, Summary};
 use pushpull_local::runtime_api::FunctionSpec;
-use pushpull_tests::rabbitmq::{confirming, connect, publish, queue, url};
+use pushpull_tests::rabbitmq::{confirming, connect, dead_lettering, publish, queue, url};
 use pushpull_tests::{function, local, unique};
 use serde_json::{Value, json};
 
@@ -181,31 +181,7 @@ async fn a_failing_batch_is_retried_then_requeued_and_comes_back_redelivered() {
 async fn a_poison_message_is_dead_lettered_by_the_quorum_queues_delivery_limit() {
     let connection = connect().await;
     let channel = confirming(&connection).await;
-    let dlx = unique("rmap-dlx");
-    channel
-        .exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let dlq = queue(&channel, "rmap-dlq", FieldTable::default()).await;
-    channel
-        .queue_bind(
-            dlq.as_str().into(),
-            dlx.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString(LongString::from("quorum")));
-    args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongInt(1));
-    args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from(dlx.as_str())));
+    let (args, dlq) = dead_lettering(&channel, 1).await;
     let f = fixture_with(args).await;
     f.send(&[("poison", json!({ "error": 1000 }))]).await;
     let s = f.run(f.settings()).await;
