@@ -137,6 +137,8 @@ async fn batches_keep_queue_order_and_every_message_is_acknowledged_after_its_ba
     assert!(batches.iter().all(|(ids, _)| ids.len() <= 7), "BatchSize 7");
     assert_eq!(s.counts.records_read, 50);
     assert_eq!(f.depth(&f.queue).await, 0, "every message acknowledged");
+    let text = s.to_string();
+    assert!(s.amazon_mq.is_some() && text.contains("a queue consumer") && text.contains("50 messages"), "{text}");
     // The event as AWS writes it.
     let event = &f.events()[0];
     assert_eq!(event["eventSource"], "aws:rmq");

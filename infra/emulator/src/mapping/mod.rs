@@ -208,6 +208,8 @@ impl Ctx {
         s.consumer = self.settings.consumer_arn.clone();
         s.mapping_uuid = self.settings.uuid();
         s.group = self.group.lock().ok().and_then(|g| g.as_ref().and_then(|g| g.lock().ok().map(|g| g.clone())));
+        let source = self.settings.event_source_arn();
+        s.amazon_mq = source.starts_with("arn:aws:mq:").then(|| source.to_owned());
         s
     }
 

@@ -157,6 +157,9 @@ pub struct Summary {
     /// A Kafka mapping's consumer group as this member saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<super::kafka::GroupView>,
+    /// An Amazon MQ mapping's broker (its `EventSourceArn`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amazon_mq: Option<String>,
     /// `new` (every partition started at the StartingPosition) or `resumed` (after the
     /// checkpoints of a runner of the same mapping).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -230,6 +233,7 @@ impl Stats {
             consumer: None,
             mapping_uuid: String::new(),
             group: None,
+            amazon_mq: None,
             origin: self.origin,
         }
     }
@@ -243,6 +247,12 @@ impl std::fmt::Display for Summary {
             (None, Some(_)) => {
                 write!(f, "  state            {}; a consumer group member (long-polling fetches)", self.state)?
             }
+            // A queue consumer: the broker pushes deliveries up to the prefetch.
+            (None, None) if self.amazon_mq.is_some() => write!(
+                f,
+                "  state            {}; a queue consumer (the broker pushes up to the prefetch), one batch at a time",
+                self.state
+            )?,
             (None, None) => write!(f, "  state            {}; polling: {}", self.state, self.polling)?,
         }
         match self.parallelization_factor {
@@ -288,6 +298,11 @@ impl std::fmt::Display for Summary {
                     writeln!(f, "  members          {} at the last look: {}", members.len(), members.join(", "))?;
                 }
             }
+            None if self.amazon_mq.is_some() => writeln!(
+                f,
+                "  queue            {} messages handed back (requeued) after their retries",
+                self.counts.requeued
+            )?,
             None => writeln!(
                 f,
                 "  shards           {} read, {} finished",
@@ -309,6 +324,8 @@ impl std::fmt::Display for Summary {
                 "  Fetch            {} records (the consumer's long-polling fetches)",
                 self.counts.records_read
             )?;
+        } else if self.amazon_mq.is_some() {
+            writeln!(f, "  deliveries       {} messages (basic.consume)", self.counts.records_read)?;
         } else {
             writeln!(
                 f,
