@@ -1,5 +1,5 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-kafka bench-push-targets bench-consumers bench-runners bench-aggregation bench-tradeoff soak
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-kafka bench-push-targets bench-consumers bench-runners bench-aggregation bench-tradeoff bench-rabbitmq soak
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
@@ -42,6 +42,9 @@ bench-esm:      ## local event source mapping vs raw GetRecords: throughput and 
 
 bench-kafka:    ## local Kafka mapping vs a raw rdkafka consumer: throughput and delay (BENCHMARKS.md)
 	infra/with-kafka.sh cargo bench -p pushpull-tests --features integration --bench kafka_mapping -- $(ARGS)
+
+bench-rabbitmq: ## RabbitMQ both ways: basic.consume at prefetch 1..unlimited against basic.get (BENCHMARKS.md)
+	infra/with-rabbitmq.sh cargo bench -p pushpull-tests --features integration --bench rabbitmq_both_ways -- $(ARGS)
 
 bench-push-targets: ## the push function into Kafka against into Kinesis (aggregation off / on), lines/s (BENCHMARKS.md)
 	cargo build --release -p s3-to-kinesis

@@ -1,0 +1,223 @@
+//! RabbitMQ both ways (`make bench-rabbitmq`): the same messages consumed by push (`basic.consume`)
+//! at prefetch 1, 10, 100, 1,000 and unlimited, and by pull (`basic.get`), on the broker
+//! `infra/rabbitmq.sh` starts, in one run. Per mode:
+//! - throughput: a queue of N messages drained by a consumer acknowledging each one;
+//! - what a slow consumer (1 ms a message) holds: 2 s in, the messages the broker has pushed to it
+//!   and it has not acknowledged (`N - ready - acknowledged`, the queue's ready count read on
+//!   another channel): the subject's "push can overwhelm the consumer", and prefetch as push's
+//!   brake (each held message is in the consumer's memory);
+//! - delay: with the consumer caught up, 200 messages published 5 ms apart, from publish to receipt,
+//!   p50 and p95; and for pull, the requests an idle consumer makes (a `basic.get` every 10 ms
+//!   when the queue is empty: each answered empty).
+//!
+//! `cargo bench -p pushpull-tests --features integration --bench rabbitmq_both_ways -- [N]`
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use pushpull_tests::rabbitmq::{confirming, connect, queue};
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Push(u16),
+    Pull,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mode::Push(0) => f.write_str("push, prefetch unlimited"),
+            Mode::Push(n) => write!(f, "push, prefetch {n}"),
+            Mode::Pull => f.write_str("pull (basic.get)"),
+        }
+    }
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Publishes `n` messages of ~100 bytes (the first 8 bytes: the publish time, µs) and waits for
+/// every confirm.
+async fn fill(channel: &Channel, queue: &str, n: usize) {
+    let pad = [b'x'; 92];
+    let mut confirms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut body = now_us().to_be_bytes().to_vec();
+        body.extend_from_slice(&pad);
+        confirms.push(
+            channel
+                .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body, BasicProperties::default())
+                .await
+                .expect("basic.publish"),
+        );
+    }
+    for c in confirms {
+        assert!(c.await.expect("a confirm").is_ack());
+    }
+}
+
+async fn ready(channel: &Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .expect("passive queue.declare")
+        .message_count()
+}
+
+/// Takes messages until `until` says stop, calling `each` with the publish time of each; acks each.
+/// `slow`: the work per message.
+async fn consume(
+    connection: &Connection,
+    queue: &str,
+    mode: Mode,
+    slow: Duration,
+    mut each: impl FnMut(u64) -> bool,
+) -> u64 {
+    let channel = connection.create_channel().await.expect("a channel");
+    let mut empty_gets = 0u64;
+    match mode {
+        Mode::Push(prefetch) => {
+            channel.basic_qos(prefetch, BasicQosOptions::default()).await.expect("basic.qos");
+            let mut consumer = channel
+                .basic_consume(queue.into(), "bench".into(), BasicConsumeOptions::default(), FieldTable::default())
+                .await
+                .expect("basic.consume");
+            while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(10), consumer.next()).await {
+                if !slow.is_zero() {
+                    tokio::time::sleep(slow).await;
+                }
+                let sent = u64::from_be_bytes(d.data[..8].try_into().unwrap_or_default());
+                d.ack(BasicAckOptions::default()).await.expect("basic.ack");
+                if !each(sent) {
+                    break;
+                }
+            }
+        }
+        Mode::Pull => loop {
+            match channel.basic_get(queue.into(), BasicGetOptions::default()).await.expect("basic.get") {
+                Some(m) => {
+                    if !slow.is_zero() {
+                        tokio::time::sleep(slow).await;
+                    }
+                    let sent = u64::from_be_bytes(m.delivery.data[..8].try_into().unwrap_or_default());
+                    m.delivery.ack(BasicAckOptions::default()).await.expect("basic.ack");
+                    if !each(sent) {
+                        break;
+                    }
+                }
+                None => {
+                    empty_gets += 1;
+                    if !each(0) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        },
+    }
+    let _ = channel.close(200, "bench done".into()).await;
+    empty_gets
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(20_000);
+    let connection = connect().await;
+    let publisher = confirming(&connection).await;
+    println!("RabbitMQ both ways: {n} messages of 100 bytes per mode, broker {}", pushpull_tests::rabbitmq::url());
+    println!("| mode | drain msgs/s | slow consumer holds (unacked, after 2 s) | delay p50 ms | delay p95 ms | idle requests/s |");
+    println!("|---|---|---|---|---|---|");
+    for mode in [Mode::Push(1), Mode::Push(10), Mode::Push(100), Mode::Push(1000), Mode::Push(0), Mode::Pull] {
+        // Throughput: drain a full queue.
+        let q = queue(&publisher, "bench-drain", FieldTable::default()).await;
+        fill(&publisher, &q, n).await;
+        let started = Instant::now();
+        let mut got = 0usize;
+        consume(&connection, &q, mode, Duration::ZERO, |sent| {
+            if sent > 0 {
+                got += 1;
+            }
+            got < n
+        })
+        .await;
+        let rate = got as f64 / started.elapsed().as_secs_f64();
+
+        // A slow consumer: what the broker has pushed into it, unacknowledged, 2 s in.
+        let held = held_while_slow(&publisher, mode, n).await;
+
+        // Delay at low load, and the idle consumer's requests.
+        let q = queue(&publisher, "bench-delay", FieldTable::default()).await;
+        let (delays_tx, delays_rx) = std::sync::mpsc::channel::<f64>();
+        let consumer = {
+            let q = q.clone();
+            let connection = connect().await;
+            tokio::spawn(async move {
+                let mut seen = 0;
+                consume(&connection, &q, mode, Duration::ZERO, |sent| {
+                    if sent > 0 {
+                        let _ = delays_tx.send((now_us().saturating_sub(sent)) as f64 / 1000.0);
+                        seen += 1;
+                    }
+                    seen < 200
+                })
+                .await
+            })
+        };
+        // One idle second first: the pull consumer's empty requests.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for _ in 0..200 {
+            fill(&publisher, &q, 1).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let empty_gets = consumer.await.expect("the delay consumer");
+        let mut delays: Vec<f64> = delays_rx.try_iter().collect();
+        delays.sort_by(f64::total_cmp);
+        let idle_rate = match mode {
+            // Requests answered empty over the idle second and the gaps between messages.
+            Mode::Pull => format!("{:.0}", empty_gets as f64 / 2.0),
+            Mode::Push(_) => "0".to_owned(),
+        };
+        println!(
+            "| {mode} | {rate:.0} | {held} | {:.2} | {:.2} | {idle_rate} |",
+            pct(&delays, 0.5),
+            pct(&delays, 0.95)
+        );
+    }
+}
+
+/// The messages a slow consumer holds unacknowledged 2 s in: the queue's ready count read by
+/// another channel while the consumer runs.
+async fn held_while_slow(publisher: &Channel, mode: Mode, n: usize) -> u64 {
+    let q = queue(publisher, "bench-held", FieldTable::default()).await;
+    fill(publisher, &q, n).await;
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (q, acked, stop) = (q.clone(), acked.clone(), stop.clone());
+        let connection = connect().await;
+        tokio::spawn(async move {
+            consume(&connection, &q, mode, Duration::from_millis(1), |sent| {
+                if sent > 0 {
+                    acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                !stop.load(std::sync::atomic::Ordering::SeqCst)
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ready = u64::from(ready(publisher, &q).await);
+    let done = acked.load(std::sync::atomic::Ordering::SeqCst);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = worker.await;
+    (n as u64).saturating_sub(ready).saturating_sub(done)
+}
