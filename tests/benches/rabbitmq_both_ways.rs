@@ -51,7 +51,13 @@ async fn fill(channel: &Channel, queue: &str, n: usize) {
         body.extend_from_slice(&pad);
         confirms.push(
             channel
-                .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body, BasicProperties::default())
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default(),
+                )
                 .await
                 .expect("basic.publish"),
         );
@@ -134,7 +140,9 @@ async fn main() {
     let connection = connect().await;
     let publisher = confirming(&connection).await;
     println!("RabbitMQ both ways: {n} messages of 100 bytes per mode, broker {}", pushpull_tests::rabbitmq::url());
-    println!("| mode | drain msgs/s | slow consumer holds (unacked, after 2 s) | delay p50 ms | delay p95 ms | idle requests/s |");
+    println!(
+        "| mode | drain msgs/s | slow consumer holds (unacked, after 2 s) | delay p50 ms | delay p95 ms | idle requests/s |"
+    );
     println!("|---|---|---|---|---|---|");
     for mode in [Mode::Push(1), Mode::Push(10), Mode::Push(100), Mode::Push(1000), Mode::Push(0), Mode::Pull] {
         // Throughput: drain a full queue.
