@@ -14,12 +14,10 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
-use pushpull_tests::rabbitmq::{confirming, connect, queue};
+use lapin::{Channel, Connection};
+use pushpull_tests::rabbitmq::{confirming, connect, fill, queue};
 
 #[derive(Clone, Copy)]
 enum Mode {
@@ -39,32 +37,6 @@ impl std::fmt::Display for Mode {
 
 fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
-}
-
-/// Publishes `n` messages of ~100 bytes (the first 8 bytes: the publish time, µs) and waits for
-/// every confirm.
-async fn fill(channel: &Channel, queue: &str, n: usize) {
-    let pad = [b'x'; 92];
-    let mut confirms = Vec::with_capacity(n);
-    for _ in 0..n {
-        let mut body = now_us().to_be_bytes().to_vec();
-        body.extend_from_slice(&pad);
-        confirms.push(
-            channel
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    BasicProperties::default(),
-                )
-                .await
-                .expect("basic.publish"),
-        );
-    }
-    for c in confirms {
-        assert!(c.await.expect("a confirm").is_ack());
-    }
 }
 
 async fn ready(channel: &Channel, queue: &str) -> u32 {

@@ -90,3 +90,31 @@ pub async fn dead_lettering(channel: &Channel, delivery_limit: i32) -> (FieldTab
     args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from(dlx.as_str())));
     (args, dlq)
 }
+
+/// Publishes `n` messages of 100 bytes to `queue` (the first 8: the publish time in µs since the
+/// epoch, big-endian) and waits for every confirm (published all at once, confirmed after).
+pub async fn fill(channel: &Channel, queue: &str, n: usize) {
+    let pad = [b'x'; 92];
+    let mut confirms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        let mut body = now.to_be_bytes().to_vec();
+        body.extend_from_slice(&pad);
+        confirms.push(
+            channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default(),
+                )
+                .await
+                .expect("basic.publish"),
+        );
+    }
+    for c in confirms {
+        assert!(c.await.expect("a confirm").is_ack(), "the broker took the message");
+    }
+}

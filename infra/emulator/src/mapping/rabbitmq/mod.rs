@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
@@ -100,7 +100,7 @@ pub(crate) async fn run(
         let (ctx, partition, received_at) = (ctx.clone(), partition.clone(), received_at.clone());
         async move {
             let mut index = 0u64;
-            let ended = loop {
+            let ended = 'read: loop {
                 tokio::select! {
                     _ = quit.changed() => break Ok(()),
                     next = consumer.next() => match next {
@@ -109,9 +109,21 @@ pub(crate) async fn run(
                             if let Ok(mut c) = ctx.caught_up.lock() {
                                 c.insert(id.clone(), None);
                             }
-                            let rec = MqRec::from_delivery(index, delivery);
+                            // With it, every delivery already here (up to a batch): the lane gets
+                            // them at once, so a batch is not cut at whatever one delivery brought.
+                            let mut records = vec![MqRec::from_delivery(index, delivery)];
                             index += 1;
-                            if !super::intake::dispatch(&ctx, &*partition, &senders, vec![rec]).await? {
+                            while records.len() < ctx.settings.batch_size as usize {
+                                match consumer.next().now_or_never() {
+                                    Some(Some(Ok(d))) => {
+                                        records.push(MqRec::from_delivery(index, d));
+                                        index += 1;
+                                    }
+                                    Some(Some(Err(e))) => break 'read Err(err(format!("the consumer of {id}"), e)),
+                                    Some(None) | None => break,
+                                }
+                            }
+                            if !super::intake::dispatch(&ctx, &*partition, &senders, records).await? {
                                 break Ok(());
                             }
                         }
