@@ -73,6 +73,7 @@ use pushpull::store::{Precondition, Store, StoreError};
 
 pub use settings::Positions;
 
+mod mq;
 pub mod settings;
 pub mod sum;
 
@@ -130,6 +131,19 @@ pub enum RollupError {
         /// The other invocation's output.
         output: String,
     },
+    /// An invocation that may still be at work noted an output of this queue it has not written
+    /// yet: what it counts is unknown until it does, or until its deadline passes. Retried.
+    #[error("queue {queue}: another invocation's output {output} is noted and not written yet")]
+    NotePending {
+        /// `queue::vhost`.
+        queue: String,
+        /// The noted output.
+        output: String,
+    },
+    /// A payload naming `rmqMessagesByQueue` (an Amazon MQ for RabbitMQ event) that does not
+    /// read as one.
+    #[error(transparent)]
+    RabbitMqEvent(#[from] pushpull::pull::rabbitmq::RabbitMqEventError),
     /// Reading or advancing the shard checkpoint failed.
     #[error("checkpoint of shard {shard_id}: {source}")]
     Checkpoint {
@@ -164,6 +178,8 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
             RollupError::Busy { .. } => "RollupError.Busy",
             RollupError::ForeignOutput { .. } => "RollupError.ForeignOutput",
             RollupError::Checkpoint { .. } => "RollupError.Checkpoint",
+            RollupError::NotePending { .. } => "RollupError.NotePending",
+            RollupError::RabbitMqEvent(_) => "RollupError.RabbitMqEvent",
             RollupError::State { .. } => "RollupError.State",
         };
         tracing::error!(error_type, error = %e, "invocation failed");
@@ -505,6 +521,11 @@ impl RollupHandler {
         // holds that key outside a string (where its quotes would be escaped), so the payload is
         // read once, as what it is. One that names them and does not read as Kafka is an error,
         // never an empty batch (its offsets would be committed unprocessed).
+        // An Amazon MQ for RabbitMQ event keys its messages by queue under `rmqMessagesByQueue`.
+        if memchr::memmem::find(payload, b"\"rmqMessagesByQueue\"").is_some() {
+            let mq = pushpull::pull::rabbitmq::RabbitMqEvent::from_slice(payload)?;
+            return self.handle_mq(&mq, deadline).await;
+        }
         if memchr::memmem::find(payload, b"\"bootstrapServers\"").is_some() {
             let kafka = pushpull::pull::kafka::KafkaEvent::from_slice(payload)?;
             return self.handle_kafka(&kafka, deadline).await;

@@ -1,8 +1,10 @@
-//! The sample push function: S3 objects of NDJSON lines to a Kinesis stream or a Kafka topic,
-//! exactly once.
+//! The sample push function: S3 objects of NDJSON lines to a Kinesis stream, a Kafka topic or a
+//! RabbitMQ queue, exactly once (on RabbitMQ: at least once, each message named by its object and
+//! line so that the consumer counts it once).
 //!
 //! Everything generic is in `pushpull::push`; this crate adds what is particular to the sample:
-//! its settings (`STREAM_NAME`, or `KAFKA_BOOTSTRAP_SERVERS` and `KAFKA_TOPIC`, and
+//! its settings (`STREAM_NAME`, or `KAFKA_BOOTSTRAP_SERVERS` and `KAFKA_TOPIC`, or `RABBITMQ_URL`
+//! and `RABBITMQ_QUEUE`, and
 //! `PARTITION_KEY_FIELD`, on top of the library's), the built-in JSON line handler, the S3
 //! source, the sink the settings name ([`Target`]), and (feature `fault-injection`, for the fault
 //! tests only) a sink that fails entries on purpose.
@@ -12,6 +14,7 @@ use pushpull::push::line::JsonLines;
 use pushpull::push::source::S3Source;
 use pushpull::sink::kafka::KafkaSink;
 use pushpull::sink::kinesis::KinesisSink;
+use pushpull::sink::rabbitmq::RabbitMqSink;
 use pushpull::sink::{OutRecord, PutOutcome, RecordSink, SinkError, WrittenRecord};
 
 /// Where the records go.
@@ -25,6 +28,14 @@ pub enum Destination {
         bootstrap_servers: Vec<String>,
         /// The topic (it must exist).
         topic: String,
+    },
+    /// `RABBITMQ_URL` (`amqp://user:pass@host:port/vhost`) and `RABBITMQ_QUEUE`: a queue, through
+    /// the default exchange.
+    RabbitMq {
+        /// The broker, credentials and virtual host included.
+        url: String,
+        /// The queue (it must exist).
+        queue: String,
     },
 }
 
@@ -59,7 +70,21 @@ impl Settings {
     /// assert!(err.to_string().contains("PUT_MAX_RECORDS=\"900\""), "{err}");
     /// ```
     pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
+        let rabbitmq_queue = env.optional("RABBITMQ_QUEUE");
         let destination = match env.optional("KAFKA_TOPIC") {
+            _ if rabbitmq_queue.is_some() => {
+                let queue = rabbitmq_queue.unwrap_or_default(); // set and not empty
+                let url = env.required("RABBITMQ_URL", "the RabbitMQ broker RABBITMQ_QUEUE is on");
+                if !url.is_empty() && !url.starts_with("amqp://") {
+                    let shown = pushpull::sink::rabbitmq::redacted(&url);
+                    env.invalid("RABBITMQ_URL", shown, "amqp://user:password@host:port/vhost (no TLS in this version)");
+                }
+                // AMQP names a queue with a short string: at most 255 bytes.
+                if queue.len() > 255 {
+                    env.invalid("RABBITMQ_QUEUE", queue.clone(), "a queue name of at most 255 bytes");
+                }
+                Destination::RabbitMq { url, queue }
+            }
             Some(topic) => {
                 let servers = env.required("KAFKA_BOOTSTRAP_SERVERS", "the Kafka cluster KAFKA_TOPIC is on");
                 let bootstrap_servers: Vec<String> =
@@ -81,7 +106,7 @@ impl Settings {
             }
             None => Destination::Kinesis(env.kinesis_stream_name(
                 "STREAM_NAME",
-                "the Kinesis stream the push function writes to (or set KAFKA_TOPIC)",
+                "the Kinesis stream the push function writes to (or set KAFKA_TOPIC or RABBITMQ_QUEUE)",
             )),
         };
         let push = PushSettings::read(&mut env);
@@ -100,6 +125,8 @@ pub enum Target {
     Kinesis(KinesisSink),
     /// Records to a topic.
     Kafka(KafkaSink),
+    /// Records to a queue.
+    RabbitMq(RabbitMqSink),
 }
 
 impl RecordSink for Target {
@@ -107,6 +134,7 @@ impl RecordSink for Target {
         match self {
             Target::Kinesis(s) => s.can_read_back(),
             Target::Kafka(s) => s.can_read_back(),
+            Target::RabbitMq(s) => s.can_read_back(),
         }
     }
 
@@ -114,6 +142,15 @@ impl RecordSink for Target {
         match self {
             Target::Kinesis(s) => s.keeps_key_order_in_a_call(),
             Target::Kafka(s) => s.keeps_key_order_in_a_call(),
+            Target::RabbitMq(s) => s.keeps_key_order_in_a_call(),
+        }
+    }
+
+    fn names_records(&self) -> bool {
+        match self {
+            Target::Kinesis(s) => s.names_records(),
+            Target::Kafka(s) => s.names_records(),
+            Target::RabbitMq(s) => s.names_records(),
         }
     }
 
@@ -121,6 +158,7 @@ impl RecordSink for Target {
         match self {
             Target::Kinesis(s) => s.put_records(records).await,
             Target::Kafka(s) => s.put_records(records).await,
+            Target::RabbitMq(s) => s.put_records(records).await,
         }
     }
 
@@ -133,6 +171,7 @@ impl RecordSink for Target {
         match self {
             Target::Kinesis(s) => s.written_since(positions, since_ms, until_ms).await,
             Target::Kafka(s) => s.written_since(positions, since_ms, until_ms).await,
+            Target::RabbitMq(s) => s.written_since(positions, since_ms, until_ms).await,
         }
     }
 
@@ -140,6 +179,7 @@ impl RecordSink for Target {
         match self {
             Target::Kinesis(s) => s.shard_map().await,
             Target::Kafka(s) => s.shard_map().await,
+            Target::RabbitMq(s) => s.shard_map().await,
         }
     }
 }
@@ -200,13 +240,14 @@ pub type Sink = faults::FaultInjectingSink<Target>;
 pub type Handler = PushHandler<S3Source, JsonLines, Sink>;
 
 /// The handler, its clients from the AWS configuration, records to the destination; fails if a
-/// Kafka destination cannot be reached or its topic does not exist.
+/// Kafka or RabbitMQ destination cannot be reached or its topic or queue does not exist.
 pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Result<Handler, SinkError> {
     let sink = match &settings.destination {
         Destination::Kinesis(stream) => Target::Kinesis(KinesisSink::new(aws.kinesis().await.clone(), stream)),
         Destination::Kafka { bootstrap_servers, topic } => {
             Target::Kafka(KafkaSink::connect(bootstrap_servers, topic).await?)
         }
+        Destination::RabbitMq { url, queue } => Target::RabbitMq(RabbitMqSink::connect(url, queue).await?),
     };
     #[cfg(feature = "fault-injection")]
     let sink = faults::FaultInjectingSink::new(sink, settings.inject_put_failures)
@@ -349,5 +390,23 @@ mod tests {
             err.contains("KAFKA_TOPIC=\"bad topic\"") && err.contains("KAFKA_BOOTSTRAP_SERVERS=\"nohost\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_rabbitmq_queue_is_the_destination_when_named_and_its_password_is_never_shown() {
+        let url = "amqp://u:p@127.0.0.1:5672/v";
+        let env = Env::from_pairs([("RABBITMQ_QUEUE", "records"), ("RABBITMQ_URL", url)]);
+        let ok = Settings::from_env(env.with_local_locations("/tmp/s")).unwrap();
+        assert_eq!(ok.destination, Destination::RabbitMq { url: url.into(), queue: "records".into() });
+        let err = Settings::from_env(Env::from_pairs([("RABBITMQ_QUEUE", "records")])).unwrap_err().to_string();
+        assert!(err.contains("RABBITMQ_URL is not set"), "{err}");
+        let long = "q".repeat(256);
+        let env = Env::from_pairs([("RABBITMQ_QUEUE", long.as_str()), ("RABBITMQ_URL", "amqps://u:secret@h/v")]);
+        let err = Settings::from_env(env).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("RABBITMQ_QUEUE=\"{long}\"")) && err.contains("RABBITMQ_URL=\"amqps://u:***@h/v\""),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "{err}");
     }
 }

@@ -148,6 +148,8 @@ pub(super) struct Run<'a, O, R, S> {
     last_checkpoint: StdInstant,
     /// When this run's lease lapses (tokio's clock, for paused-time tests).
     lease_until: tokio::time::Instant,
+    /// The object, as records name it for a sink that names them ([`RecordSink::names_records`]).
+    origin: Option<std::sync::Arc<str>>,
 }
 
 impl<'a, O: ObjectSource, R: Records, S: RecordSink> Run<'a, O, R, S> {
@@ -178,6 +180,7 @@ impl<'a, O: ObjectSource, R: Records, S: RecordSink> Run<'a, O, R, S> {
             last_checkpoint: StdInstant::now(),
             lease_until: tokio::time::Instant::now()
                 + Duration::from_millis(progress_lease_left(&handler.settings.lease, lease_until_ms)),
+            origin: handler.sink().names_records().then(|| origin_of(ev).into()),
         }
     }
 
@@ -502,7 +505,10 @@ impl<'a, O: ObjectSource, R: Records, S: RecordSink> Run<'a, O, R, S> {
     }
 
     /// Puts a record (or an aggregate) in the batcher under `key`.
-    fn enqueue(&mut self, key: Option<u64>, record: OutRecord) {
+    fn enqueue(&mut self, key: Option<u64>, mut record: OutRecord) {
+        if let Some(origin) = &self.origin {
+            record.origin = Some(origin.clone());
+        }
         if let Err(oversized) = self.batcher.push(key, record) {
             // Only possible if RECORD_MAX_BYTES > PUT_MAX_BYTES, which the configuration refuses.
             let reason = format!("record of {} bytes exceeds PUT_MAX_BYTES", oversized.size);
@@ -623,6 +629,13 @@ impl<'a, O: ObjectSource, R: Records, S: RecordSink> Run<'a, O, R, S> {
 fn quarantine_prefix(ev: &ObjectEvent) -> String {
     let version = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or("unversioned");
     format!("{}/{}/{}", ev.bucket, safe_path(&ev.key), safe_path(version))
+}
+
+/// The object as a sink names its records' origin: `<bucket>/<key>@<version>` (the ETag when
+/// the bucket is not versioned): the same for every delivery and retry of the same object.
+fn origin_of(ev: &ObjectEvent) -> String {
+    let version = ev.version_id.as_deref().or(ev.etag.as_deref()).unwrap_or("unversioned");
+    format!("{}/{}@{version}", ev.bucket, ev.key)
 }
 
 /// What is left of a lease that ends at `lease_until_ms` (epoch ms), at most the whole lease.

@@ -41,6 +41,8 @@ pub use crate::shard_map::{ShardIndex, ShardMap};
 pub mod kafka;
 #[cfg(feature = "kinesis-sink")]
 pub mod kinesis;
+#[cfg(feature = "rabbitmq-sink")]
+pub mod rabbitmq;
 
 /// One record to send, with the input line it came from (for error messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,12 +58,16 @@ pub struct OutRecord {
     pub line: u64,
     /// The user records it carries: 1, or how many lines a KPL aggregate packs.
     pub user_records: u32,
+    /// The object it came from (`<bucket>/<key>@<version or ETag>`), set by the push loop for a
+    /// sink that names its messages ([`RecordSink::names_records`]: RabbitMQ's message id); `None`
+    /// otherwise.
+    pub origin: Option<std::sync::Arc<str>>,
 }
 
 impl OutRecord {
     /// A record from `line` of the input.
     pub fn new(partition_key: impl Into<compact_str::CompactString>, data: Bytes, line: u64) -> Self {
-        OutRecord { partition_key: partition_key.into(), data, line, user_records: 1 }
+        OutRecord { partition_key: partition_key.into(), data, line, user_records: 1, origin: None }
     }
 
     /// A record of the line a line handler is given (or of a whole-object handler's object): the
@@ -72,7 +78,7 @@ impl OutRecord {
     /// assert_eq!((r.partition_key.as_str(), r.line), ("ann", 0));
     /// ```
     pub fn keyed(partition_key: impl Into<compact_str::CompactString>, data: impl Into<Bytes>) -> Self {
-        OutRecord { partition_key: partition_key.into(), data: data.into(), line: 0, user_records: 1 }
+        OutRecord { partition_key: partition_key.into(), data: data.into(), line: 0, user_records: 1, origin: None }
     }
 
     /// A KPL aggregate whose first user record came from `first_line`.
@@ -82,6 +88,7 @@ impl OutRecord {
             data: finished.data,
             line: first_line,
             user_records: u32::try_from(finished.user_records).unwrap_or(u32::MAX),
+            origin: None,
         }
     }
 
@@ -199,6 +206,12 @@ pub trait RecordSink: Send + Sync {
     /// ordering needs no more than one call at a time; otherwise (Kinesis: PutRecords fails entry
     /// by entry) a call holds at most one record of a key. The default is false.
     fn keeps_key_order_in_a_call(&self) -> bool {
+        false
+    }
+
+    /// Whether the push loop should set each record's [`OutRecord::origin`] (its object), for a
+    /// sink that names messages by object and line. The default is false (nothing set).
+    fn names_records(&self) -> bool {
         false
     }
 

@@ -1,0 +1,525 @@
+//! The rollup on Amazon MQ for RabbitMQ events (`aws:rmq`): every message counted exactly once,
+//! though RabbitMQ keeps no offsets and delivers a message again after any failure.
+//!
+//! A queue has no positions to checkpoint: a requeued message comes back after later ones, a
+//! broker restart requeues what was unacknowledged, and the push function's retry publishes the
+//! lines after its last checkpoint again. What identifies a message is its `message-id`, which
+//! the push function sets to its object and line (`<bucket>/<key>@<version>#<line>`,
+//! `pushpull::pull::rabbitmq::message_id`). So the checkpoint (`pull/rabbitmq/<vhost>/<queue>.json`
+//! in `CHECKPOINT_URI`) holds, per object, the set of lines counted, as ranges (an object's lines
+//! arrive mostly in order, so an object costs a few numbers), and a message already in it is
+//! skipped, whatever order or how often it comes.
+//!
+//! Per invocation, for each queue of the event:
+//! 1. Load the checkpoint; a write-ahead note whose output exists counts now (its writer died
+//!    before moving the checkpoint); one whose output is missing after its writer's deadline is
+//!    dropped; one whose writer may still be at work fails this invocation (retried later).
+//! 2. Skip the messages already counted (and a second copy within the batch).
+//! 3. Roll the rest up; a message that cannot be (not base64, not a JSON object, a sum that is
+//!    not a number) is **set aside**, not failed: Amazon MQ has no partial batch response, and
+//!    failing the invocation would bring the whole batch back until the queue's delivery limit
+//!    dead-letters the good messages with the bad. It goes to `rejected/<queue>/<note>.ndjson` in
+//!    `OUTPUT_URI` with its message id, its reason and its data, and counts as done.
+//! 4. Note the output in the checkpoint (compare-and-swap), write the set-aside messages, write the
+//!    output `<queue>/<note>.ndjson` (each row names the note as `writer`), and move the lines
+//!    into the checkpoint's sets (compare-and-swap). A crash anywhere leaves either no output (the
+//!    note is dropped, the messages come back and are counted then) or an output the next
+//!    invocation finds by the note (its lines count then): never both, never neither.
+//!
+//! A message without a `message-id` cannot be recognised again: it is counted each time it is
+//! delivered (at least once), with a warning. One whose id is not of the push function's form is
+//! remembered by its whole id.
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use pushpull::pull::rabbitmq::{PARTITION_KEY_HEADER, parse_message_id};
+use pushpull::pull::rabbitmq::{RabbitMqEvent, RabbitMqMessage, queue_and_vhost};
+use pushpull::store::{Precondition, StoreError};
+
+use super::{BatchResponse, INTENT_TTL_S, NOTE_MARGIN_S, Response, RollupError, RollupHandler, intent_id, now_unix};
+use pushpull::kinesis_event::{KinesisData, KinesisEventRecord};
+
+/// Sorted, disjoint, non-adjacent inclusive ranges of line numbers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Lines(Vec<[u64; 2]>);
+
+impl Lines {
+    /// Whether `line` is in the set.
+    pub fn contains(&self, line: u64) -> bool {
+        let i = self.0.partition_point(|r| r[1] < line);
+        self.0.get(i).is_some_and(|r| r[0] <= line)
+    }
+
+    /// Adds `line`.
+    pub fn insert(&mut self, line: u64) {
+        self.insert_range([line, line]);
+    }
+
+    /// Adds every line of `range` (inclusive), merging what touches it.
+    pub fn insert_range(&mut self, [lo, hi]: [u64; 2]) {
+        // The first range that ends at or after lo - 1 (touching counts).
+        let start = self.0.partition_point(|r| r[1].saturating_add(1) < lo);
+        let mut end = start;
+        let (mut lo, mut hi) = (lo, hi);
+        while end < self.0.len() && self.0[end][0] <= hi.saturating_add(1) {
+            lo = lo.min(self.0[end][0]);
+            hi = hi.max(self.0[end][1]);
+            end += 1;
+        }
+        self.0.splice(start..end, [[lo, hi]]);
+    }
+
+    /// Adds every line of `other`.
+    pub fn extend(&mut self, other: &Lines) {
+        for r in &other.0 {
+            self.insert_range(*r);
+        }
+    }
+
+    /// How many lines.
+    #[cfg(test)]
+    fn len(&self) -> u64 {
+        self.0.iter().map(|r| r[1] - r[0] + 1).sum()
+    }
+}
+
+/// What a queue's output holds: the lines counted per object, and other message ids counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Counted {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    lines: BTreeMap<String, Lines>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    ids: BTreeSet<String>,
+}
+
+impl Counted {
+    fn contains(&self, id: &MessageKey<'_>) -> bool {
+        match id {
+            MessageKey::Line(origin, line) => self.lines.get(*origin).is_some_and(|l| l.contains(*line)),
+            MessageKey::Other(id) => self.ids.contains(*id),
+            MessageKey::None => false,
+        }
+    }
+
+    fn insert(&mut self, id: &MessageKey<'_>) {
+        match id {
+            MessageKey::Line(origin, line) => self.lines.entry((*origin).to_owned()).or_default().insert(*line),
+            MessageKey::Other(id) => {
+                self.ids.insert((*id).to_owned());
+            }
+            MessageKey::None => {}
+        }
+    }
+
+    fn extend(&mut self, other: &Counted) {
+        for (origin, lines) in &other.lines {
+            self.lines.entry(origin.clone()).or_default().extend(lines);
+        }
+        self.ids.extend(other.ids.iter().cloned());
+    }
+}
+
+/// The queue's checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct QueueCheckpoint {
+    #[serde(flatten)]
+    counted: Counted,
+    /// Outputs about to be written, by output name: what each counts once it exists.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pending: BTreeMap<String, Note>,
+}
+
+/// A write-ahead note: an output about to be written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Note {
+    counts: Counted,
+    /// Its invocation's deadline plus [`NOTE_MARGIN_S`], when known (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    until: Option<f64>,
+    /// When it was noted (unix seconds).
+    at: f64,
+}
+
+/// How a message is recognised when it comes again.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum MessageKey<'a> {
+    /// The push function's id: object and line.
+    Line(&'a str, u64),
+    /// An id of another form.
+    Other(&'a str),
+    /// No id: not recognisable.
+    None,
+}
+
+fn key_of<'a>(message: &'a RabbitMqMessage<'_>) -> MessageKey<'a> {
+    match message.basic_properties.message_id.as_deref() {
+        None | Some("") => MessageKey::None,
+        Some(id) => match parse_message_id(id) {
+            Some((origin, line)) => MessageKey::Line(origin, line),
+            None => MessageKey::Other(id),
+        },
+    }
+}
+
+impl RollupHandler {
+    /// An Amazon MQ for RabbitMQ event: each queue's messages rolled up exactly once (see the
+    /// module's documentation). Amazon MQ has no partial batch response: the answer is empty.
+    pub(crate) async fn handle_mq(
+        &self,
+        event: &RabbitMqEvent<'_>,
+        deadline: Option<f64>,
+    ) -> Result<Response, RollupError> {
+        let mut metrics = pushpull::pull::rabbitmq::batch_metrics(event);
+        for (name, messages) in &event.rmq_messages_by_queue {
+            let (queue, vhost) = queue_and_vhost(name);
+            let span = tracing::info_span!("batch", queue = %queue, vhost = %vhost, messages = messages.len());
+            let _enter = span.enter();
+            let (counted, failed) = self.handle_queue(queue, vhost, messages, deadline).await?;
+            metrics.processed += counted;
+            metrics.failed += failed;
+        }
+        metrics.record();
+        Ok(Response::Batch(BatchResponse::default()))
+    }
+
+    /// Returns the messages counted and those set aside.
+    async fn handle_queue(
+        &self,
+        queue: &str,
+        vhost: &str,
+        messages: &[RabbitMqMessage<'_>],
+        deadline: Option<f64>,
+    ) -> Result<(usize, usize), RollupError> {
+        let safe_vhost = if vhost == "/" { "%2F" } else { vhost };
+        let cp_id = format!("pull/rabbitmq/{safe_vhost}/{queue}.json");
+        let cp_err = |source| RollupError::Checkpoint { shard_id: format!("{queue}::{vhost}"), source };
+        let (loaded, version) = match self.checkpoints.load::<QueueCheckpoint>(&cp_id).await.map_err(cp_err)? {
+            Some((c, v)) => (c, Some(v)),
+            None => (QueueCheckpoint::default(), None),
+        };
+        let mut checkpoint = loaded.clone();
+        for (output, note) in &loaded.pending {
+            if self.output_at(output).await?.is_some() {
+                info!(output = %output, "an output written without its checkpoint: its messages count now");
+                checkpoint.counted.extend(&note.counts);
+                checkpoint.pending.remove(output);
+            } else if now_unix() > note.until.unwrap_or(note.at + INTENT_TTL_S) {
+                info!(output = %output, "a note whose output never appeared: dropped");
+                checkpoint.pending.remove(output);
+            } else {
+                // Its writer may still write it: what it counts is unknown until then.
+                return Err(RollupError::NotePending { queue: format!("{queue}::{vhost}"), output: output.clone() });
+            }
+        }
+        // The messages not counted yet, once each.
+        let mut seen_here: HashSet<MessageKey<'_>> = HashSet::new();
+        let mut fresh: Vec<(usize, MessageKey<'_>)> = Vec::new();
+        let mut unnamed = 0;
+        for (i, m) in messages.iter().enumerate() {
+            let key = key_of(m);
+            if key == MessageKey::None {
+                unnamed += 1;
+            } else if checkpoint.counted.contains(&key) || !seen_here.insert(key.clone()) {
+                continue;
+            }
+            fresh.push((i, key));
+        }
+        if unnamed > 0 {
+            warn!(unnamed, "messages without a message-id cannot be recognised again: counted at least once");
+        }
+        let skipped = messages.len() - fresh.len();
+        if fresh.is_empty() {
+            info!(skipped, "every message of the batch is counted already");
+            if checkpoint != loaded {
+                self.write_checkpoint(&cp_id, &checkpoint, version.as_ref()).await.map_err(cp_err)?;
+            }
+            return Ok((0, 0));
+        }
+        // Rolled up as records of a shard would be (the partition key from its header, the
+        // position in the batch as the sequence number); the bad ones are found first and set
+        // aside, and the rest rolled up.
+        let records: Vec<KinesisEventRecord<'_>> = fresh.iter().map(|(i, _)| record_of(&messages[*i], *i)).collect();
+        let (mut rollup, _, result) = self.roll_up(&records, &[])?;
+        let mut rejected = Vec::new();
+        if !result.failures.is_empty() {
+            let bad: HashSet<usize> = result.failures.iter().map(|f| f.index).collect();
+            for f in &result.failures {
+                let m = &messages[fresh[f.index].0];
+                rejected.push(serde_json::json!({
+                    "queue": queue,
+                    "vhost": vhost,
+                    "message_id": m.basic_properties.message_id.as_deref(),
+                    "redelivered": m.redelivered,
+                    "reason": f.reason,
+                    "data": m.data.as_ref(),
+                }));
+            }
+            let good: Vec<KinesisEventRecord<'_>> =
+                records.iter().enumerate().filter(|(i, _)| !bad.contains(i)).map(|(_, r)| r.clone()).collect();
+            rollup = self.roll_up(&good, &[])?.0;
+            warn!(set_aside = rejected.len(), "messages that cannot be rolled up are set aside with their reason");
+        }
+        // 4. The write-ahead note, then the set-aside messages and the output, then the counts.
+        let id = intent_id();
+        let output = format!("{queue}/{id}.ndjson");
+        let mut counts = Counted::default();
+        for (_, key) in &fresh {
+            counts.insert(key);
+        }
+        let note = Note { counts, until: deadline.map(|d| d + NOTE_MARGIN_S), at: now_unix() };
+        checkpoint.pending.insert(output.clone(), note.clone());
+        let noted = self.write_checkpoint(&cp_id, &checkpoint, version.as_ref()).await.map_err(cp_err)?;
+        if !rejected.is_empty() {
+            let name = format!("rejected/{queue}/{id}.ndjson");
+            let body: String = rejected.iter().map(|r| format!("{r}\n")).collect();
+            self.output
+                .put(&name, body.into(), Precondition::None)
+                .await
+                .map_err(|source| RollupError::Output { uri: self.output.uri(&name), source })?;
+        }
+        let body = rollup.ndjson(queue, None, Some(&id));
+        match self.output.put(&output, body.into(), Precondition::IfAbsent).await {
+            Ok(_) | Err(StoreError::PreconditionFailed { .. }) => {}
+            Err(source) => return Err(RollupError::Output { uri: self.output.uri(&output), source }),
+        }
+        #[cfg(feature = "fault-injection")]
+        if self.settings.faults.crash_after_output {
+            warn!(output, "injected crash after writing the output");
+            std::process::abort();
+        }
+        checkpoint.pending.remove(&output);
+        checkpoint.counted.extend(&note.counts);
+        // A conflict here: another invocation read the note and found the output, and has counted
+        // it (or will): nothing is lost by stopping.
+        match self.checkpoints.replace(&cp_id, &checkpoint, &noted).await {
+            Ok(_) | Err(pushpull::checkpoint::CheckpointError::Conflict { .. }) => {}
+            Err(e) => return Err(cp_err(e)),
+        }
+        info!(counted = fresh.len() - rejected.len(), set_aside = rejected.len(), skipped, output, "rolled up");
+        Ok((fresh.len() - rejected.len(), rejected.len()))
+    }
+
+    async fn write_checkpoint(
+        &self,
+        id: &str,
+        value: &QueueCheckpoint,
+        version: Option<&pushpull::store::Etag>,
+    ) -> Result<pushpull::store::Etag, pushpull::checkpoint::CheckpointError> {
+        match version {
+            Some(v) => self.checkpoints.replace(id, value, v).await,
+            None => self.checkpoints.create(id, value).await,
+        }
+    }
+}
+
+/// A message as a record of a shard: the partition key from its header, its place in the batch
+/// as its sequence number, its base64 body as the data.
+fn record_of<'a>(m: &'a RabbitMqMessage<'_>, index: usize) -> KinesisEventRecord<'a> {
+    use std::borrow::Cow;
+    KinesisEventRecord {
+        kinesis: KinesisData {
+            partition_key: Cow::Owned(m.header_text(PARTITION_KEY_HEADER).unwrap_or_default()),
+            sequence_number: Cow::Owned((index + 1).to_string()),
+            data: Cow::Borrowed(m.data.as_ref()),
+            approximate_arrival_timestamp: 0.0,
+        },
+        event_id: Cow::Borrowed(""),
+        event_source_arn: Cow::Borrowed(""),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The ranges hold exactly the lines inserted, in any order, as disjoint sorted ranges
+        /// that do not touch.
+        #[test]
+        fn lines_hold_exactly_what_was_inserted(lines in proptest::collection::vec(0u64..200, 0..300)) {
+            let mut set = Lines::default();
+            for l in &lines {
+                set.insert(*l);
+            }
+            let want: BTreeSet<u64> = lines.iter().copied().collect();
+            for l in 0..210 {
+                prop_assert_eq!(set.contains(l), want.contains(&l), "line {}", l);
+            }
+            prop_assert_eq!(set.len(), want.len() as u64);
+            for w in set.0.windows(2) {
+                prop_assert!(w[0][1] + 1 < w[1][0], "{:?}", set.0);
+            }
+        }
+    }
+
+    use pushpull::config::Env;
+    use pushpull::store::Store;
+
+    use crate::RollupSettings;
+
+    fn handler(dir: &std::path::Path) -> RollupHandler {
+        let env = Env::from_pairs([("GROUP_BY_FIELD", "user"), ("SUM_FIELD", "n")]).with_local_locations(dir);
+        RollupHandler::new(
+            RollupSettings::from_env(env).unwrap(),
+            Store::file(dir.join("out")),
+            Store::file(dir.join("cp")),
+        )
+    }
+
+    /// A message as the mapping writes it: `(message id, body)`.
+    fn event(messages: &[(Option<&str>, &str)]) -> Vec<u8> {
+        use base64::Engine as _;
+        let list: Vec<serde_json::Value> = messages
+            .iter()
+            .map(|(id, body)| {
+                let mut props = serde_json::json!({"deliveryMode": 2, "bodySize": body.len(),
+                    "headers": {"pushpull-partition-key": {"bytes": b"pk".to_vec()}}});
+                if let Some(id) = id {
+                    props["messageId"] = (*id).into();
+                }
+                serde_json::json!({"basicProperties": props, "redelivered": false,
+                    "data": base64::engine::general_purpose::STANDARD.encode(body)})
+            })
+            .collect();
+        serde_json::to_vec(&serde_json::json!({"eventSource": "aws:rmq",
+            "eventSourceArn": "arn:aws:mq:us-east-1:000000000000:broker:b:b-1",
+            "rmqMessagesByQueue": {"records::/": list}}))
+        .unwrap()
+    }
+
+    /// Every group's (count, sum) over the queue's outputs.
+    fn totals(dir: &std::path::Path) -> BTreeMap<String, (u64, String)> {
+        let mut out: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        let Ok(entries) = std::fs::read_dir(dir.join("out/records")) else { return out };
+        for e in entries {
+            for line in std::fs::read_to_string(e.unwrap().path()).unwrap().lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let g = out.entry(v["key"].as_str().unwrap().to_owned()).or_insert((0, String::new()));
+                g.0 += v["count"].as_u64().unwrap();
+                g.1 = format!("{}+{}", g.1, v["sum"]);
+            }
+        }
+        out
+    }
+
+    fn counts(dir: &std::path::Path) -> Vec<(String, u64)> {
+        totals(dir).into_iter().map(|(k, (c, _))| (k, c)).collect()
+    }
+
+    /// RabbitMQ brings a message again after a requeue (in any order) and the push function's
+    /// retry publishes lines again: each is counted once.
+    #[tokio::test]
+    async fn redelivered_requeued_and_republished_messages_count_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler(dir.path());
+        let m =
+            |line: u64, user: &str| (format!("b/in.ndjson@e1#{line}"), format!(r#"{{"user":"{user}","n":{line}}}"#));
+        let all: Vec<(String, String)> = (1..=6).map(|l| m(l, if l % 2 == 0 { "ann" } else { "bob" })).collect();
+        let ev = |idx: &[usize]| {
+            event(&idx.iter().map(|i| (Some(all[*i].0.as_str()), all[*i].1.as_str())).collect::<Vec<_>>())
+        };
+        h.handle(&ev(&[0, 1, 2])).await.unwrap();
+        // The same batch again, a requeued message after later ones, a copy within a batch.
+        h.handle(&ev(&[0, 1, 2])).await.unwrap();
+        h.handle(&ev(&[4, 1, 3, 4])).await.unwrap();
+        h.handle(&ev(&[5, 2, 0])).await.unwrap();
+        assert_eq!(counts(dir.path()), vec![("ann".to_owned(), 3), ("bob".to_owned(), 3)]);
+        let cp = std::fs::read_to_string(dir.path().join("cp/pull/rabbitmq/%2F/records.json")).unwrap();
+        assert_eq!(cp, r#"{"lines":{"b/in.ndjson@e1":[[1,6]]}}"#);
+    }
+
+    /// A message without an id cannot be recognised again: counted each time it comes.
+    #[tokio::test]
+    async fn a_message_without_an_id_counts_each_time_it_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler(dir.path());
+        let ev = event(&[(None, r#"{"user":"ann","n":1}"#), (Some("other-id"), r#"{"user":"bob","n":1}"#)]);
+        h.handle(&ev).await.unwrap();
+        h.handle(&ev).await.unwrap();
+        assert_eq!(counts(dir.path()), vec![("ann".to_owned(), 2), ("bob".to_owned(), 1)]);
+    }
+
+    /// Amazon MQ has no partial batch response: a message that cannot be rolled up is set aside
+    /// with its reason (and counted as done), and the rest of its batch is rolled up.
+    #[tokio::test]
+    async fn a_message_that_cannot_be_rolled_up_is_set_aside_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler(dir.path());
+        let ev = event(&[
+            (Some("b/k@e#1"), r#"{"user":"ann","n":1}"#),
+            (Some("b/k@e#2"), "not json"),
+            (Some("b/k@e#3"), r#"{"user":"ann","n":"x"}"#),
+            (Some("b/k@e#4"), r#"{"user":"ann","n":4}"#),
+        ]);
+        h.handle(&ev).await.unwrap();
+        h.handle(&ev).await.unwrap();
+        assert_eq!(counts(dir.path()), vec![("ann".to_owned(), 2)]);
+        let rejected: Vec<serde_json::Value> = std::fs::read_dir(dir.path().join("out/rejected/records"))
+            .unwrap()
+            .flat_map(|e| {
+                let body = std::fs::read_to_string(e.unwrap().path()).unwrap();
+                body.lines().map(|l| serde_json::from_str(l).unwrap()).collect::<Vec<_>>()
+            })
+            .collect();
+        let ids: Vec<&str> = rejected.iter().map(|r| r["message_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, ["b/k@e#2", "b/k@e#3"], "set aside once each: {rejected:?}");
+        assert!(rejected[1]["reason"].as_str().unwrap().contains('n'), "{rejected:?}");
+    }
+
+    /// The crash point of the protocol: the output written, the checkpoint not moved. The next
+    /// invocation finds the output by the note and counts its lines then.
+    #[tokio::test]
+    async fn an_output_written_before_a_crash_counts_once_by_its_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler(dir.path());
+        let ev = event(&[(Some("b/k@e#1"), r#"{"user":"ann","n":1}"#), (Some("b/k@e#2"), r#"{"user":"ann","n":2}"#)]);
+        h.handle(&ev).await.unwrap();
+        // Put the checkpoint back as it was between the output and the move: the note alone.
+        let cp = dir.path().join("cp/pull/rabbitmq/%2F/records.json");
+        let out = std::fs::read_dir(dir.path().join("out/records")).unwrap().next().unwrap().unwrap().file_name();
+        let note = format!(
+            r#"{{"pending":{{"records/{}":{{"counts":{{"lines":{{"b/k@e":[[1,2]]}}}},"at":{}}}}}}}"#,
+            out.to_string_lossy(),
+            now_unix()
+        );
+        std::fs::write(&cp, note).unwrap();
+        h.handle(&ev).await.unwrap();
+        assert_eq!(counts(dir.path()), vec![("ann".to_owned(), 2)]);
+        assert_eq!(std::fs::read_to_string(&cp).unwrap(), r#"{"lines":{"b/k@e":[[1,2]]}}"#);
+    }
+
+    /// A note whose writer may still be at work blocks the queue (retried); once its deadline has
+    /// passed without an output, it is dropped and its messages are counted by whoever has them.
+    #[tokio::test]
+    async fn a_note_without_its_output_blocks_until_its_writer_must_be_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = handler(dir.path());
+        let cp = dir.path().join("cp/pull/rabbitmq/%2F/records.json");
+        std::fs::create_dir_all(cp.parent().unwrap()).unwrap();
+        let note = |until: f64| {
+            format!(
+                r#"{{"pending":{{"records/x.ndjson":{{"counts":{{"lines":{{"b/k@e":[[1,1]]}}}},"until":{until},"at":0}}}}}}"#
+            )
+        };
+        std::fs::write(&cp, note(now_unix() + 60.0)).unwrap();
+        let ev = event(&[(Some("b/k@e#1"), r#"{"user":"ann","n":1}"#)]);
+        let err = h.handle(&ev).await.unwrap_err();
+        assert!(matches!(err, RollupError::NotePending { .. }), "{err}");
+        std::fs::write(&cp, note(now_unix() - 1.0)).unwrap();
+        h.handle(&ev).await.unwrap();
+        assert_eq!(counts(dir.path()), vec![("ann".to_owned(), 1)]);
+    }
+
+    #[test]
+    fn an_object_read_in_order_is_one_range() {
+        let mut set = Lines::default();
+        for l in (1..=10_000).rev() {
+            set.insert(l);
+        }
+        assert_eq!(serde_json::to_string(&set).unwrap(), "[[1,10000]]");
+    }
+}
