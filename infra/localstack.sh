@@ -86,7 +86,7 @@ up() {
   log "starting on $ENDPOINT (log: $LOG)"
   # setsid: its own process group, so that `down` stops LocalStack and kinesis-mock together.
   env GATEWAY_LISTEN="127.0.0.1:$PORT" GATEWAY_SERVER=hypercorn LOCALSTACK_HOST="127.0.0.1:$PORT" \
-      SERVICES=s3,kinesis,sqs,sns,events OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$STATE" DNS_ADDRESS=0 \
+      SERVICES=s3,kinesis,sqs,sns,events,secretsmanager OVERRIDE_IN_DOCKER=0 FILESYSTEM_ROOT="$STATE" DNS_ADDRESS=0 \
       DISABLE_EVENTS=1 SKIP_SSL_CERT_DOWNLOAD=1 KINESIS_MOCK_PROVIDER_ENGINE=node \
       KINESIS_LATENCY="${KINESIS_LATENCY:-100}" KINESIS_PERSISTENCE=0 KINESIS_SHARD_LIMIT=100000 \
       setsid "$VENV/bin/python" -m localstack.runtime.main >"$LOG" 2>&1 < /dev/null &

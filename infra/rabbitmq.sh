@@ -10,6 +10,12 @@
 #   infra/rabbitmq.sh down      stop the node this script started, and its epmd
 #   infra/rabbitmq.sh status    exit 0 if the node this script started is running and answers
 #   infra/rabbitmq.sh url       the AMQP URL a client uses (credentials and virtual host included)
+#   infra/rabbitmq.sh close-connections
+#                               the broker closes every client connection (realism: a cut)
+#   infra/rabbitmq.sh restart-app
+#                               the broker stops and starts again (rabbitmqctl stop_app,
+#                               start_app): connections closed, unacknowledged messages requeued,
+#                               durable queues and persistent messages kept (realism: a restart)
 #
 # Ports: AMQP $RABBITMQ_PORT; distribution $RABBITMQ_PORT + 20000 (RabbitMQ's own rule); epmd
 # $RABBITMQ_PORT + 20001 (not 4369: a user's own Erlang nodes keep theirs). No plugin is enabled
@@ -118,6 +124,8 @@ down() {
   done
 }
 
+ctl() { ( node_env; cd "$RUN"; /usr/lib/rabbitmq/bin/rabbitmqctl -q -n "$NODE" "$@" ) }
+
 status() {
   if ours >/dev/null && answers; then return 0; fi
   if answers; then say "127.0.0.1:$PORT answers, but not with the node this script started"; fi
@@ -130,5 +138,7 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   url) echo "amqp://pushpull:pushpull@127.0.0.1:$PORT/pushpull" ;;
-  *) echo "usage: $0 install|up|down|status|url" >&2; exit 2 ;;
+  close-connections) ctl close_all_connections "pushpull realism: connection closed" ;;
+  restart-app) ctl stop_app && ctl start_app ;;
+  *) echo "usage: $0 install|up|down|status|url|close-connections|restart-app" >&2; exit 2 ;;
 esac

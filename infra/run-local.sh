@@ -3,27 +3,36 @@
 # Extra arguments go to `pushpull-local run` (e.g. --input-dir DIR, --keep-running, --verbose).
 # LocalStack is stopped at the end if this script started it (KEEP_RUNNING=1 leaves it up).
 # With --broker kafka the Kafka broker is started too (`infra/kafka.sh`: built once, about 12
-# minutes the first time), and stopped likewise.
+# minutes the first time), with --broker rabbitmq the RabbitMQ broker (`infra/rabbitmq.sh`:
+# Debian's package, installed once), and stopped likewise.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 kafka=""
+rabbitmq=""
 prev=""
 for a in "$@"; do
   if [ "$a" = "--broker=kafka" ] || { [ "$prev" = "--broker" ] && [ "$a" = "kafka" ]; }; then kafka=1; fi
+  if [ "$a" = "--broker=rabbitmq" ] || { [ "$prev" = "--broker" ] && [ "$a" = "rabbitmq" ]; }; then rabbitmq=1; fi
   prev="$a"
 done
 started=""
 kafka_started=""
+rabbitmq_started=""
 cleanup() {
   if [ -n "${KEEP_RUNNING:-}" ]; then return; fi
   if [ -n "$kafka_started" ]; then infra/kafka.sh down; fi
+  if [ -n "$rabbitmq_started" ]; then infra/rabbitmq.sh down; fi
   if [ -n "$started" ]; then infra/localstack.sh down; fi
 }
 trap cleanup EXIT
 if [ -n "$kafka" ] && ! infra/kafka.sh status >/dev/null 2>&1; then
   infra/kafka.sh up
   kafka_started=1
+fi
+if [ -n "$rabbitmq" ] && [ -z "${RABBITMQ_URL:-}" ] && ! infra/rabbitmq.sh status >/dev/null 2>&1; then
+  infra/rabbitmq.sh up
+  rabbitmq_started=1
 fi
 if ! infra/localstack.sh status >/dev/null 2>&1; then
   infra/localstack.sh up

@@ -29,7 +29,7 @@ pub enum Destination {
         /// The topic (it must exist).
         topic: String,
     },
-    /// `RABBITMQ_URL` (`amqp://user:pass@host:port/vhost`) and `RABBITMQ_QUEUE`: a queue, through
+    /// `RABBITMQ_URL` (`amqp[s]://user:pass@host:port/vhost`) and `RABBITMQ_QUEUE`: a queue, through
     /// the default exchange.
     RabbitMq {
         /// The broker, credentials and virtual host included.
@@ -37,6 +37,58 @@ pub enum Destination {
         /// The queue (it must exist).
         queue: String,
     },
+}
+
+/// `RABBITMQ_USERNAME`, `RABBITMQ_PASSWORD` and `RABBITMQ_VIRTUAL_HOST`: parts that replace the
+/// URL's own (the template resolves the credentials from the mapping's secret), percent-encoded
+/// into it as AMQP's URI rules read them.
+struct RabbitMqParts {
+    username: Option<String>,
+    password: Option<String>,
+    virtual_host: Option<String>,
+}
+
+impl RabbitMqParts {
+    fn apply(&self, url: &str) -> String {
+        let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+        let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+        let (userinfo, host) = authority.rsplit_once('@').map_or((None, authority), |(u, h)| (Some(u), h));
+        let (user, pass) = match userinfo {
+            Some(u) => u.split_once(':').map_or((Some(u), None), |(u, p)| (Some(u), Some(p))),
+            None => (None, None),
+        };
+        let user = self.username.as_deref().map(encode).or(user.map(str::to_owned));
+        let pass = self.password.as_deref().map(encode).or(pass.map(str::to_owned));
+        let path = self.virtual_host.as_deref().map(encode).or(path.map(str::to_owned));
+        let mut out = format!("{scheme}://");
+        if let Some(user) = user {
+            out.push_str(&user);
+            if let Some(pass) = pass {
+                out.push(':');
+                out.push_str(&pass);
+            }
+            out.push('@');
+        }
+        out.push_str(host);
+        if let Some(path) = path {
+            out.push('/');
+            out.push_str(&path);
+        }
+        out
+    }
+}
+
+/// Percent-encodes all but RFC 3986's unreserved characters.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The function's settings: the library's push settings, the destination, the partition key
@@ -75,15 +127,20 @@ impl Settings {
             _ if rabbitmq_queue.is_some() => {
                 let queue = rabbitmq_queue.unwrap_or_default(); // set and not empty
                 let url = env.required("RABBITMQ_URL", "the RabbitMQ broker RABBITMQ_QUEUE is on");
-                if !url.is_empty() && !url.starts_with("amqp://") {
+                if !url.is_empty() && !url.starts_with("amqp://") && !url.starts_with("amqps://") {
                     let shown = pushpull::sink::rabbitmq::redacted(&url);
-                    env.invalid("RABBITMQ_URL", shown, "amqp://user:password@host:port/vhost (no TLS in this version)");
+                    env.invalid("RABBITMQ_URL", shown, "amqp[s]://user:password@host:port/vhost");
                 }
                 // AMQP names a queue with a short string: at most 255 bytes.
                 if queue.len() > 255 {
                     env.invalid("RABBITMQ_QUEUE", queue.clone(), "a queue name of at most 255 bytes");
                 }
-                Destination::RabbitMq { url, queue }
+                let parts = RabbitMqParts {
+                    username: env.optional("RABBITMQ_USERNAME"),
+                    password: env.optional("RABBITMQ_PASSWORD"),
+                    virtual_host: env.optional("RABBITMQ_VIRTUAL_HOST"),
+                };
+                Destination::RabbitMq { url: parts.apply(&url), queue }
             }
             Some(topic) => {
                 let servers = env.required("KAFKA_BOOTSTRAP_SERVERS", "the Kafka cluster KAFKA_TOPIC is on");
@@ -401,12 +458,24 @@ mod tests {
         let err = Settings::from_env(Env::from_pairs([("RABBITMQ_QUEUE", "records")])).unwrap_err().to_string();
         assert!(err.contains("RABBITMQ_URL is not set"), "{err}");
         let long = "q".repeat(256);
-        let env = Env::from_pairs([("RABBITMQ_QUEUE", long.as_str()), ("RABBITMQ_URL", "amqps://u:secret@h/v")]);
+        let env = Env::from_pairs([("RABBITMQ_QUEUE", long.as_str()), ("RABBITMQ_URL", "http://u:secret@h/v")]);
         let err = Settings::from_env(env).unwrap_err().to_string();
         assert!(
-            err.contains(&format!("RABBITMQ_QUEUE=\"{long}\"")) && err.contains("RABBITMQ_URL=\"amqps://u:***@h/v\""),
+            err.contains(&format!("RABBITMQ_QUEUE=\"{long}\"")) && err.contains("RABBITMQ_URL=\"http://u:***@h/v\""),
             "{err}"
         );
         assert!(!err.contains("secret"), "{err}");
+        // The template's form: the endpoint, with the secret's credentials and the virtual host
+        // beside it.
+        let env = Env::from_pairs([
+            ("RABBITMQ_QUEUE", "records"),
+            ("RABBITMQ_URL", "amqps://b-1.mq.us-east-1.amazonaws.com:5671"),
+            ("RABBITMQ_USERNAME", "ann"),
+            ("RABBITMQ_PASSWORD", "p@ss:word/"),
+            ("RABBITMQ_VIRTUAL_HOST", "/"),
+        ]);
+        let ok = Settings::from_env(env.with_local_locations("/tmp/s")).unwrap();
+        let url = "amqps://ann:p%40ss%3Aword%2F@b-1.mq.us-east-1.amazonaws.com:5671/%2F".to_owned();
+        assert_eq!(ok.destination, Destination::RabbitMq { url, queue: "records".into() });
     }
 }

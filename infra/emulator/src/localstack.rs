@@ -393,3 +393,110 @@ pub async fn queue_url(sqs: &aws_sdk_sqs::Client, arn: &str) -> Result<String, L
         .map_err(|e| LocalError::sdk(format!("GetQueueUrl {name}"), e))?;
     Ok(out.queue_url().unwrap_or_default().to_owned())
 }
+
+/// LocalStack's Secrets Manager, through its JSON protocol (`X-Amz-Target: secretsmanager.*`):
+/// the two calls the Amazon MQ mapping's `BASIC_AUTH` needs, without another SDK crate.
+pub mod secrets {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper::Request;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    use super::LocalError;
+
+    async fn call(action: &str, body: serde_json::Value) -> Result<serde_json::Value, LocalError> {
+        let what = format!("secretsmanager:{action}");
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let req = Request::post(super::endpoint())
+            .header("content-type", "application/x-amz-json-1.1")
+            .header("x-amz-target", format!("secretsmanager.{action}"))
+            // LocalStack routes by the credential scope's service name.
+            .header(
+                "authorization",
+                format!(
+                    "AWS4-HMAC-SHA256 Credential=test/20260101/{}/secretsmanager/aws4_request, SignedHeaders=host, Signature=0",
+                    super::REGION
+                ),
+            )
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| LocalError::new(&what, e.to_string()))?;
+        let resp = client.request(req).await.map_err(|e| LocalError::new(&what, pushpull::aws::error_chain(&e)))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| LocalError::new(&what, e.to_string()))?.to_bytes();
+        if !status.is_success() {
+            return Err(LocalError::new(&what, format!("{status}: {}", String::from_utf8_lossy(&bytes))));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| LocalError::new(&what, format!("answer is not JSON: {e}")))
+    }
+
+    /// Creates secret `name` holding `value` (or puts a new value in it if it exists); its ARN.
+    pub async fn put(name: &str, value: &serde_json::Value) -> Result<String, LocalError> {
+        let created = call(
+            "CreateSecret",
+            serde_json::json!({"Name": name, "SecretString": value.to_string(), "ClientRequestToken": uuid::Uuid::new_v4().to_string()}),
+        )
+        .await;
+        let answer = match created {
+            Ok(a) => a,
+            Err(e) if e.message.contains("ResourceExistsException") => {
+                call(
+                    "PutSecretValue",
+                    serde_json::json!({"SecretId": name, "SecretString": value.to_string(), "ClientRequestToken": uuid::Uuid::new_v4().to_string()}),
+                )
+                .await?
+            }
+            Err(e) => return Err(e),
+        };
+        answer["ARN"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| LocalError::new(format!("secretsmanager:CreateSecret {name}"), "the answer has no ARN"))
+    }
+
+    /// The JSON a secret holds (`GetSecretValue`'s `SecretString`).
+    pub async fn json(secret_id: &str) -> Result<serde_json::Value, LocalError> {
+        let answer = call("GetSecretValue", serde_json::json!({"SecretId": secret_id})).await?;
+        let text = answer["SecretString"].as_str().unwrap_or_default();
+        serde_json::from_str(text).map_err(|e| {
+            LocalError::new(
+                format!("secretsmanager:GetSecretValue {secret_id}"),
+                format!("SecretString is not JSON: {e}"),
+            )
+        })
+    }
+
+    /// Replaces each CloudFormation dynamic reference
+    /// `{{resolve:secretsmanager:<id>:SecretString:<key>}}` in `value` with the secret's key, as
+    /// CloudFormation does at deployment.
+    pub async fn resolve_references(value: &str) -> Result<String, LocalError> {
+        const OPEN: &str = "{{resolve:secretsmanager:";
+        let mut out = String::new();
+        let mut rest = value;
+        while let Some(at) = rest.find(OPEN) {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + OPEN.len()..];
+            let Some(end) = after.find("}}") else { break };
+            let reference = &after[..end];
+            // <id>:SecretString:<key>[:...]: the id is an ARN (with colons) or a name.
+            let Some((id, key)) = reference.split_once(":SecretString:") else {
+                return Err(LocalError::new(
+                    "dynamic reference",
+                    format!("{{{{resolve:secretsmanager:{reference}}}}} names no SecretString key"),
+                ));
+            };
+            let key = key.split(':').next().unwrap_or(key);
+            let secret = json(id).await?;
+            let Some(v) = secret.get(key).and_then(|v| v.as_str()) else {
+                return Err(LocalError::new(
+                    format!("dynamic reference to {id}"),
+                    format!("the secret has no string {key:?}"),
+                ));
+            };
+            out.push_str(v);
+            rest = &after[end + 2..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}

@@ -36,11 +36,17 @@ enum Command {
 struct RunArgs {
     #[command(flatten)]
     template: cli::TemplateArgs,
-    /// What carries the records between the functions: `kinesis` (the template's stream) or
+    /// What carries the records between the functions: `kinesis` (the template's stream),
     /// `kafka` (a topic `<stack>-records` on the broker at --kafka-bootstrap-servers, read by the
-    /// local Kafka mapping).
-    #[arg(long, default_value = "kinesis", value_parser = ["kinesis", "kafka"])]
+    /// local Kafka mapping) or `rabbitmq` (a queue `<stack>-records` on the broker at
+    /// --rabbitmq-url, read by the local Amazon MQ mapping).
+    #[arg(long, default_value = "kinesis", value_parser = ["kinesis", "kafka", "rabbitmq"])]
     broker: String,
+    /// The RabbitMQ broker for `--broker rabbitmq`, credentials and virtual host included
+    /// (default: RABBITMQ_URL, else the broker `infra/rabbitmq.sh` starts,
+    /// amqp://pushpull:pushpull@127.0.0.1:$RABBITMQ_PORT/pushpull). Realism disrupts only that one.
+    #[arg(long, value_name = "AMQP_URL")]
+    rabbitmq_url: Option<String>,
     /// The Kafka cluster for `--broker kafka` (default: the broker `infra/kafka.sh` starts,
     /// 127.0.0.1:$KAFKA_PORT, 9092).
     #[arg(long, value_name = "HOST:PORT")]
@@ -103,6 +109,17 @@ async fn run_pipeline(args: RunArgs) -> Result<(), Error> {
                 format!("127.0.0.1:{}", std::env::var("KAFKA_PORT").unwrap_or_else(|_| "9092".into()))
             }),
         },
+        "rabbitmq" => {
+            let given = args.rabbitmq_url.or_else(|| std::env::var("RABBITMQ_URL").ok());
+            // The broker `infra/rabbitmq.sh` started is the one realism may close and restart.
+            let control = std::path::Path::new("infra/rabbitmq.sh");
+            let control = (given.is_none() && control.exists()).then(|| control.to_path_buf());
+            let url = given.unwrap_or_else(|| {
+                let port = std::env::var("RABBITMQ_PORT").unwrap_or_else(|_| "5672".into());
+                format!("amqp://pushpull:pushpull@127.0.0.1:{port}/pushpull")
+            });
+            Broker::RabbitMq { url, control }
+        }
         _ => Broker::Kinesis,
     };
     let config = PipelineConfig {

@@ -21,7 +21,7 @@ use crate::async_invoke::{AsyncSettings, AsyncSummary, DeliveryOptions};
 use crate::cloudwatch::MetricLog;
 use crate::invoke::InvokeServer;
 use crate::localstack::{ACCOUNT, Local, REGION, function_env};
-use crate::mapping::{Clients, Delivered, RawSettings, Runner, RunnerOptions, Summary};
+use crate::mapping::{Clients, Delivered, RabbitMqSource, RawSettings, Runner, RunnerOptions, Summary};
 use crate::observed::{Names, Observed};
 use crate::progress::{Display, LiveProgress, Update};
 use crate::realism::iam::Policies;
@@ -219,9 +219,14 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
         }
         // The template's Kafka variant: the records travel through a topic (the rollup names
         // its outputs after it), which the broker holds; `run` creates it.
-        None => match RawSettings::from_template_kafka(t, None)? {
-            Some((_, source)) => (source.topic.clone(), source.event_source_arn()),
-            None => return Err(PipelineError::Run("the template has neither a stream nor a Kafka mapping".into())),
+        None => match (RawSettings::from_template_kafka(t, None)?, RawSettings::from_template_mq(t, None)?) {
+            (Some((_, source)), _) => (source.topic.clone(), source.event_source_arn()),
+            // The template's RabbitMQ variant: the records travel through a queue, which names
+            // the rollup's outputs.
+            (None, Some((_, mq))) => (mq.queue.clone(), mq.broker_arn.clone()),
+            (None, None) => {
+                return Err(PipelineError::Run("the template has neither a stream nor a Kafka or MQ mapping".into()));
+            }
         },
     };
     register_consumers(t, local).await?;
@@ -244,7 +249,10 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
     let push = t.function_with_event("S3")?;
     let pull = match t.function_with_event("Kinesis") {
         Ok(f) => f,
-        Err(_) => t.function_with_event("SelfManagedKafka").or_else(|_| t.function_with_event("MSK"))?,
+        Err(_) => t
+            .function_with_event("SelfManagedKafka")
+            .or_else(|_| t.function_with_event("MSK"))
+            .or_else(|_| t.function_with_event("MQ"))?,
     };
     let (push_function, pull_function) = (push.name.clone(), pull.name.clone());
     // The push function's S3 event: its prefix filter becomes the bucket's notification filter.
@@ -252,9 +260,9 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
     let queue = format!("{}-s3-events", t.stack);
     let s3_events_queue = local.notify_queue(&bucket, &queue, &input_prefix).await?;
     let push_cfg = AsyncSettings::from_template(t, &push.binary, 1.0)?;
-    let pull_cfg = match RawSettings::from_template_kafka(t, None)? {
-        Some((raw, _)) => raw,
-        None => RawSettings::from_template(t, None)?,
+    let pull_cfg = match (RawSettings::from_template_kafka(t, None)?, RawSettings::from_template_mq(t, None)?) {
+        (Some((raw, _)), _) | (None, Some((raw, _))) => raw,
+        (None, None) => RawSettings::from_template(t, None)?,
     };
     Ok(Resources {
         bucket,
@@ -488,6 +496,41 @@ fn kafka_faults_on(realism: &RealismConfig) -> bool {
 /// A stranger's thread: the partitions it held, or why it could not join.
 type StrangerThread = tokio::task::JoinHandle<Result<Vec<i32>, String>>;
 
+/// RabbitMQ in a storm: every `every`, the broker closes every connection (the mapping's and the
+/// push function's), and with `restarts` every other time it restarts instead (connections closed,
+/// unacknowledged messages requeued, durable queues and persistent messages kept), by
+/// `infra/rabbitmq.sh` (`control`). Seeded by the run's seed only in its timing: what it cuts
+/// is whatever is in flight.
+fn rabbitmq_disruptions(
+    control: PathBuf,
+    realism: Arc<Realism>,
+    every: Duration,
+    restarts: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut turn = 0u64;
+        loop {
+            tokio::time::sleep(every).await;
+            turn += 1;
+            let (command, fault) = match restarts && turn % 2 == 0 {
+                true => ("restart-app", "rabbitmq.broker.restart"),
+                false => ("close-connections", "rabbitmq.connections.closed"),
+            };
+            let out = tokio::process::Command::new(&control).arg(command).kill_on_drop(true).output().await;
+            match out {
+                Ok(o) if o.status.success() => {
+                    realism.count(fault, 1);
+                    tracing::info!(command, "realism: RabbitMQ disrupted");
+                }
+                Ok(o) => {
+                    tracing::warn!(command, stderr = %String::from_utf8_lossy(&o.stderr), "realism: RabbitMQ disruption failed")
+                }
+                Err(e) => tracing::warn!(command, error = %e, "realism: could not run {}", control.display()),
+            }
+        }
+    })
+}
+
 struct Disruptions {
     tasks: [tokio::task::JoinHandle<()>; 2],
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -619,6 +662,16 @@ pub enum Broker {
         /// `host:port[,host:port...]`.
         bootstrap_servers: String,
     },
+    /// A queue on the RabbitMQ broker at `url`, read by the local Amazon MQ mapping: the
+    /// template's RabbitMQ variant, its `BASIC_AUTH` secret made in LocalStack from the URL's
+    /// credentials.
+    RabbitMq {
+        /// `amqp://user:pass@host:port/vhost`.
+        url: String,
+        /// `infra/rabbitmq.sh`, which closes the broker's connections and restarts it under
+        /// realism (`None`: no such disruptions).
+        control: Option<PathBuf>,
+    },
 }
 
 impl PipelineConfig {
@@ -692,6 +745,26 @@ pub struct Report {
     pub stream_lines: StreamLines,
     /// With `--broker kafka`: the broker's bootstrap address, the topic and the consumer group.
     pub kafka: Option<KafkaRun>,
+    /// With `--broker rabbitmq`: the broker, the queue and what was left in it.
+    pub rabbitmq: Option<RabbitMqRun>,
+}
+
+/// Where a RabbitMQ run's messages were.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RabbitMqRun {
+    /// The broker's AMQP URL as a client uses it (the sample's local credentials and virtual
+    /// host: reachable after the run with `KEEP_RUNNING=1`).
+    pub url: String,
+    /// The queue.
+    pub queue: String,
+    /// Its dead-letter queue (messages delivered more than the queue's delivery limit).
+    pub dead_letters: String,
+    /// Messages the mapping handed to the function, redeliveries and republished copies included.
+    pub deliveries: u64,
+    /// Messages left in the queue at the end.
+    pub left: u32,
+    /// Messages in the dead-letter queue at the end.
+    pub dead_lettered: u32,
 }
 
 /// Where a Kafka run's records were.
@@ -765,6 +838,10 @@ impl Report {
             "latency_ms": {"p50": self.latency_ms[0], "p95": self.latency_ms[1], "p99": self.latency_ms[2], "max": self.latency_ms[3]},
             "faults": self.faults.as_ref().map(|f| f.counts.clone()),
             "observed": self.observed,
+            "rabbitmq": self.rabbitmq.as_ref().map(|m| serde_json::json!({
+                "url": m.url, "queue": m.queue, "dead_letters": m.dead_letters,
+                "deliveries": m.deliveries, "left": m.left, "dead_lettered": m.dead_lettered,
+            })),
             "kafka": self.kafka.as_ref().map(|k| serde_json::json!({
                 "bootstrap_servers": k.bootstrap_servers, "topic": k.topic, "group": k.group,
             })),
@@ -806,6 +883,14 @@ impl Report {
             return Err(format!(
                 "the stream holds {} extra copies of good lines and misses {} (of {})",
                 s.extra, s.missing, self.expected_good
+            ));
+        }
+        if let Some(m) = &self.rabbitmq
+            && (m.left > 0 || m.dead_lettered > 0)
+        {
+            return Err(format!(
+                "{} messages left in queue {} and {} dead-lettered in {}",
+                m.left, m.queue, m.dead_lettered, m.dead_letters
             ));
         }
         if self.quarantined.len() as u64 != self.expected_bad {
@@ -900,21 +985,47 @@ impl std::fmt::Display for Report {
                 k.bootstrap_servers, k.topic, k.group
             )?;
         }
-        let s = &self.stream_lines;
-        let place = if self.kafka.is_some() { "topic" } else { "stream" };
-        write!(
-            f,
-            "  {place} lines{}{} good lines in the {place} once each, {} extra copies, {} missing",
-            if self.kafka.is_some() { "      " } else { "     " },
-            s.once,
-            s.extra,
-            s.missing
-        )?;
-        if s.other > 0 {
-            write!(f, " ({} other records: earlier runs on this stream)", s.other)?;
+        if let Some(m) = &self.rabbitmq {
+            writeln!(
+                f,
+                "  rabbitmq         broker {} (as a client uses it), queue {}, dead letters {}",
+                m.url, m.queue, m.dead_letters
+            )?;
         }
-        writeln!(f)?;
+        let s = &self.stream_lines;
+        if let Some(m) = &self.rabbitmq {
+            writeln!(
+                f,
+                "  queue lines      {} good lines delivered, {} never; {} deliveries in all (redeliveries and republished copies: the rollup counts each message id once); {} left in the queue, {} dead-lettered",
+                s.once, s.missing, m.deliveries, m.left, m.dead_lettered
+            )?;
+        } else {
+            let place = if self.kafka.is_some() { "topic" } else { "stream" };
+            write!(
+                f,
+                "  {place} lines{}{} good lines in the {place} once each, {} extra copies, {} missing",
+                if self.kafka.is_some() { "      " } else { "     " },
+                s.once,
+                s.extra,
+                s.missing
+            )?;
+            if s.other > 0 {
+                write!(f, " ({} other records: earlier runs on this stream)", s.other)?;
+            }
+            writeln!(f)?;
+        }
+        let place = if self.kafka.is_some() {
+            "topic"
+        } else if self.rabbitmq.is_some() {
+            "queue"
+        } else {
+            "stream"
+        };
         match self.check() {
+            Ok(()) if self.rabbitmq.is_some() => writeln!(
+                f,
+                "  totals           exact: every good line through the queue, the rollup equals the input (each message counted once), every bad line quarantined once"
+            ),
             Ok(()) => writeln!(
                 f,
                 "  totals           exact: every good line in the {place} once, the rollup equals the input, every bad line quarantined once"
@@ -949,6 +1060,24 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         overrides.push("Broker=kafka".into());
         overrides.push(format!("KafkaBootstrapServers={bootstrap_servers}"));
     }
+    // `--broker rabbitmq`: the template's RabbitMQ variant; the broker user's credentials go into
+    // a secret (the mapping's BASIC_AUTH), as on AWS.
+    let mut rabbitmq_control = None;
+    if let Broker::RabbitMq { url, control } = &config.broker {
+        let given = RabbitMqSource { url: url.clone(), queue: String::new(), broker_arn: None };
+        let (username, password) = given.credentials();
+        let secret = crate::localstack::secrets::put(
+            &format!("{}-rabbitmq", config.stack),
+            &serde_json::json!({"username": username, "password": password}),
+        )
+        .await
+        .map_err(|e| PipelineError::Run(format!("the broker's secret in LocalStack's Secrets Manager: {e}")))?;
+        overrides.push("Broker=rabbitmq".into());
+        overrides.push(format!("RabbitMqEndpoint={}", given.endpoint()));
+        overrides.push(format!("RabbitMqSecretArn={secret}"));
+        overrides.push(format!("RabbitMqVirtualHost={}", given.vhost()));
+        rabbitmq_control = control.clone();
+    }
     let mut t = Template::load(&config.template, &config.stack, &overrides)?;
     let metric_log = MetricLog::install(&config.run_dir.join("metrics.ndjson"))
         .map_err(|e| PipelineError::io(format!("run directory {}", config.run_dir.display()), e))?;
@@ -974,12 +1103,61 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
                 .await
                 .map_err(|e| PipelineError::Run(e.to_string()))?;
     }
-    let mut specs = template_specs(&t, &extra_env, config.verbose)?;
-    let realism = Arc::new(Realism::new(config.realism.clone()));
-    let (settings, kafka_source) = match kafka_mapping {
-        None => (RawSettings::from_template(&t, None)?.overlay(config.mapping.clone()).validate()?, None),
-        Some((raw, source)) => (raw.overlay(config.mapping.clone()).validate_kafka(&source)?, Some(source)),
+    // The template's RabbitMQ variant (Broker=rabbitmq): the MQ event names the broker, the
+    // queue, the secret with the broker user's credentials and the virtual host; the queue is set
+    // up as the sample's provisioning sets it up (a quorum queue with a delivery limit and a
+    // dead-letter queue).
+    let mq_mapping = match RawSettings::from_template_mq(&t, None)? {
+        None => None,
+        Some((raw, event)) => {
+            let Broker::RabbitMq { url, .. } = &config.broker else {
+                return Err(PipelineError::Run(
+                    "the template's MQ mapping needs the broker: run with --broker rabbitmq".into(),
+                ));
+            };
+            let secret_arn = event.secret_arn.clone().ok_or_else(|| {
+                PipelineError::Run("the MQ event has no BASIC_AUTH in its SourceAccessConfigurations".into())
+            })?;
+            let secret =
+                crate::localstack::secrets::json(&secret_arn).await.map_err(|e| PipelineError::Run(e.to_string()))?;
+            let field = |k: &str| secret[k].as_str().unwrap_or_default().to_owned();
+            let endpoint = RabbitMqSource { url: url.clone(), queue: String::new(), broker_arn: None }.endpoint();
+            let source = event.source(&endpoint, &field("username"), &field("password"));
+            let dead_letters = crate::mapping::rabbitmq::admin::ensure_queue(&source)
+                .await
+                .map_err(|e| PipelineError::Run(e.to_string()))?;
+            Some((raw, source, dead_letters))
+        }
     };
+    let mut specs = template_specs(&t, &extra_env, config.verbose)?;
+    // CloudFormation resolves dynamic references (`{{resolve:secretsmanager:...}}`) at
+    // deployment: the functions' environment gets the secrets' values.
+    for spec in &mut specs {
+        for (_, value) in &mut spec.env {
+            if value.contains("{{resolve:") {
+                *value = crate::localstack::secrets::resolve_references(value)
+                    .await
+                    .map_err(|e| PipelineError::Run(format!("function {}: {e}", spec.name)))?;
+            }
+        }
+    }
+    let realism = Arc::new(Realism::new(config.realism.clone()));
+    let mut mq_source = None;
+    let (settings, kafka_source) = match (kafka_mapping, mq_mapping) {
+        (Some((raw, source)), _) => (raw.overlay(config.mapping.clone()).validate_kafka(&source)?, Some(source)),
+        (None, Some((raw, source, dead_letters))) => {
+            let settings = raw.overlay(config.mapping.clone()).validate_rabbitmq(&source)?;
+            mq_source = Some((source, dead_letters));
+            (settings, None)
+        }
+        (None, None) => (RawSettings::from_template(&t, None)?.overlay(config.mapping.clone()).validate()?, None),
+    };
+    let rabbitmq = mq_source.as_ref().map(|(source, dead_letters)| RabbitMqRun {
+        url: source.url.clone(),
+        queue: source.queue.clone(),
+        dead_letters: dead_letters.clone(),
+        ..RabbitMqRun::default()
+    });
     // Enhanced fan-out is served by the proxy (true push: `realism::fanout`), so a mapping on a
     // stream consumer reads through it even with the realism layer off.
     let fan_out = settings.consumer_arn.is_some();
@@ -1042,9 +1220,12 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     if let Some(p) = &kafka_proxy {
         options.kafka_via = Some(p.bootstrap());
     }
-    let mapping = match kafka_source {
-        None => Runner::start(settings, options, clients.clone(), server.client()),
-        Some(source) => Runner::start_kafka(settings, source, options, clients.clone(), server.client()),
+    let mapping = match (kafka_source, &mq_source) {
+        (Some(source), _) => Runner::start_kafka(settings, source, options, clients.clone(), server.client()),
+        (None, Some((source, _))) => {
+            Runner::start_rabbitmq(settings, source.clone(), options, clients.clone(), server.client())
+        }
+        (None, None) => Runner::start(settings, options, clients.clone(), server.client()),
     };
 
     let (responses_tx, mut responses_rx) = mpsc::unbounded_channel();
@@ -1076,7 +1257,14 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         }
         _ => None,
     };
-    let reshard = config.realism.reshard_after.filter(|_| kafka.is_none()).map(|after| {
+    // The broker's connections closed and the broker restarted, by turns.
+    let rabbitmq_disruptions = match (&rabbitmq_control, config.realism.rabbitmq_disruption_every, &rabbitmq) {
+        (Some(control), Some(every), Some(_)) => {
+            Some(rabbitmq_disruptions(control.clone(), realism.clone(), every, config.realism.rabbitmq_restarts))
+        }
+        _ => None,
+    };
+    let reshard = config.realism.reshard_after.filter(|_| kafka.is_none() && rabbitmq.is_none()).map(|after| {
         let (local, stream, realism) = (local.clone(), r.stream.clone(), realism.clone());
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
@@ -1103,6 +1291,8 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let display = if config.progress { Display::Auto } else { Display::Off };
     let mut live = LiveProgress::new(display, Some(uploads.len() as u64), Some(expected.good));
     let mut pushed_at: Option<f64> = None;
+    // RabbitMQ keeps no record of what it delivered: the lines seen by the mapping, counted.
+    let mut delivered: HashMap<u64, u32> = HashMap::new();
     let result = loop {
         while let Ok((_, response)) = responses_rx.try_recv() {
             let v: Value = serde_json::from_slice(&response).unwrap_or(Value::Null);
@@ -1123,6 +1313,9 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         while let Ok(d) = delivered_rx.try_recv() {
             if let Some(&file) = expected.lines.get(&d.hash) {
                 latencies.push((d.invoked_at - uploads[file].1) * 1000.0);
+            }
+            if rabbitmq.is_some() {
+                *delivered.entry(d.hash).or_insert(0) += 1;
             }
         }
         let (records_read, invocations) = mapping.progress();
@@ -1193,6 +1386,9 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     if let Some(d) = disruptions {
         d.stop().await;
     }
+    if let Some(d) = rabbitmq_disruptions {
+        d.abort();
+    }
     let _ = stop_tx.send(true);
     let delivery = delivery.await.map_err(|source| PipelineError::Task { what: "S3 event delivery", source })?;
     let mapping = mapping.stop().await;
@@ -1210,7 +1406,41 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         crate::report::draw(&data, &names, &observed, started_ms, &dir.join("run.png"))?;
     }
     let mut r = r;
+    let mut rabbitmq = rabbitmq;
     let in_broker = match &kafka {
+        None if rabbitmq.is_some() => {
+            // Each good line delivered at least once; copies beyond the input's are the push
+            // function's republished lines and the broker's redeliveries, which the rollup
+            // recognised by their message ids (counted in the summary, not in the stream check).
+            let mq = rabbitmq.as_mut().map(|m| {
+                m.deliveries = delivered.values().map(|&n| u64::from(n)).sum();
+                m
+            });
+            if let (Some(m), Some((source, _))) = (mq, &mq_source) {
+                let depth = |q: String| {
+                    let source = source.clone();
+                    async move { crate::mapping::rabbitmq::admin::depth(&source, &q).await }
+                };
+                m.left = depth(m.queue.clone()).await.map_err(|e| PipelineError::Run(e.to_string()))?;
+                m.dead_lettered = depth(m.dead_letters.clone()).await.map_err(|e| PipelineError::Run(e.to_string()))?;
+            }
+            // An object an earlier run on this stack finished (`already_done`) sends nothing now:
+            // its lines went through the queue then, and its rollup is in the outputs.
+            let sent_now = |h: &u64| {
+                expected
+                    .lines
+                    .get(h)
+                    .is_none_or(|&file| summaries.get(&uploads[file].0).is_none_or(|o| o["outcome"] == "processed"))
+            };
+            expected
+                .line_counts
+                .iter()
+                .map(|(h, &want)| match sent_now(h) {
+                    true => (*h, delivered.get(h).copied().unwrap_or(0).min(want)),
+                    false => (*h, want),
+                })
+                .collect()
+        }
         None => stream_records(&local, &r.stream).await?,
         Some(k) => {
             // The rollup names its outputs after the topic.
@@ -1245,6 +1475,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         run_dir: config.run_dir.clone(),
         stream_lines,
         kafka,
+        rabbitmq,
     };
     for dir in std::iter::once(&config.run_dir).chain(config.report_dir.as_ref()) {
         report.write_summary(dir).map_err(|e| PipelineError::io(format!("summary in {}", dir.display()), e))?;

@@ -19,7 +19,8 @@
 //! - **Reconnects.** A lost connection fails the call's unconfirmed entries (retryable); the next
 //!   call connects again.
 //!
-//! Plain AMQP only (no TLS) in this version: Amazon MQ's brokers take `amqps://` only.
+//! `amqp://` or `amqps://` (TLS, the system's root certificates): Amazon MQ's brokers take
+//! `amqps://` only.
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), pushpull::sink::SinkError> {
@@ -74,7 +75,7 @@ fn error(what: String, e: lapin::Error, retryable: bool) -> SinkError {
 }
 
 impl RabbitMqSink {
-    /// Connects to the broker at `url` (`amqp://user:pass@host:port/vhost`) and checks that
+    /// Connects to the broker at `url` (`amqp[s]://user:pass@host:port/vhost`) and checks that
     /// `queue` exists: a missing queue is refused here (not retryable), not at the first record.
     pub async fn connect(url: &str, queue: &str) -> Result<Self, SinkError> {
         let sink = RabbitMqSink { url: url.to_owned(), queue: queue.to_owned(), open: Mutex::new(None) };

@@ -54,7 +54,7 @@ pub(crate) mod testkit;
 pub use clock::now_unix;
 pub use kafka::{GroupEvent, GroupView};
 pub use options::{Delivered, Polling, RunnerOptions, default_worker_id};
-pub use settings::{Destination, KafkaSource, MappingSettings, RabbitMqSource, RawSettings, StartingPosition};
+pub use settings::{Destination, KafkaSource, MappingSettings, MqEvent, RabbitMqSource, RawSettings, StartingPosition};
 use stats::Stats;
 pub use stats::{Counts, LeaseEvent, Summary};
 
@@ -167,6 +167,12 @@ impl Ctx {
     /// Whether the source is a Kafka topic (its mapping publishes OffsetLag, not IteratorAge).
     pub(crate) fn is_kafka(&self) -> bool {
         self.group.lock().is_ok_and(|g| g.is_some())
+    }
+
+    /// Whether it reads a stream (Kinesis, DynamoDB), which AWS publishes `IteratorAge` for: not
+    /// a Kafka topic, not an Amazon MQ queue.
+    pub(crate) fn reads_a_stream(&self) -> bool {
+        !self.is_kafka() && !self.settings.event_source_arn().starts_with("arn:aws:mq:")
     }
 
     /// The core's context for `settings`, invoking through `invoker` and giving up to

@@ -138,7 +138,7 @@ pub struct KafkaSource {
 /// An Amazon MQ for RabbitMQ event source: the broker and the queue (AWS's `Queues`, one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RabbitMqSource {
-    /// `amqp://USER:PASS@HOST:PORT/VHOST`: AWS's broker endpoint with the `BASIC_AUTH` secret's
+    /// `amqp[s]://USER:PASS@HOST:PORT/VHOST`: AWS's broker endpoint with the `BASIC_AUTH` secret's
     /// credentials and the `VIRTUAL_HOST`.
     pub url: String,
     /// The queue.
@@ -174,6 +174,21 @@ impl RabbitMqSource {
         }
     }
 
+    /// `scheme://host:port`: the broker without credentials or virtual host.
+    pub fn endpoint(&self) -> String {
+        let (scheme, _, host, _) = self.parts();
+        format!("{scheme}://{host}")
+    }
+
+    /// The user name and password the URL carries, percent-decoded.
+    pub fn credentials(&self) -> (String, String) {
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        match self.parts().1 {
+            Some(u) => u.split_once(':').map_or((decode(u), String::new()), |(u, p)| (decode(u), decode(p))),
+            None => (String::new(), String::new()),
+        }
+    }
+
     /// The URL without its password, for logs and errors.
     pub fn redacted(&self) -> String {
         let (scheme, user, host, path) = self.parts();
@@ -191,13 +206,14 @@ impl RabbitMqSource {
         })
     }
 
-    /// AWS's constraints: an `amqp://` URL, a queue of 1 to 1,000 characters (API
+    /// AWS's constraints: an `amqp://` or `amqps://` URL (Amazon MQ's brokers take `amqps://`
+    /// only; TLS with the system's root certificates), a queue of 1 to 1,000 characters (API
     /// CreateEventSourceMapping, Queues: "Length Constraints: Minimum length of 1. Maximum length of
     /// 1000.").
     pub fn check(&self) -> Result<(), InvalidSetting> {
-        if !self.url.starts_with("amqp://") {
+        if !self.url.starts_with("amqp://") && !self.url.starts_with("amqps://") {
             return Err(InvalidSetting(format!(
-                "the RabbitMQ URL {} is not amqp://USER:PASS@HOST:PORT/VHOST (amqps:// is not built in)",
+                "the RabbitMQ URL {} is not amqp[s]://USER:PASS@HOST:PORT/VHOST",
                 self.redacted()
             )));
         }
@@ -205,6 +221,40 @@ impl RabbitMqSource {
             return Err(constraint(&self.queue, "queues", "Member must have length between 1 and 1000"));
         }
         Ok(())
+    }
+}
+
+/// What a SAM `MQ` event names: AWS's `Broker`, `Queues` (one) and `SourceAccessConfigurations`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqEvent {
+    /// The broker's ARN.
+    pub broker_arn: String,
+    /// The queue.
+    pub queue: String,
+    /// `BASIC_AUTH`: the Secrets Manager secret with the broker user's `username` and `password`.
+    pub secret_arn: Option<String>,
+    /// `VIRTUAL_HOST` (AWS's default: `/`).
+    pub virtual_host: Option<String>,
+}
+
+impl MqEvent {
+    /// The source at `endpoint` (`amqp[s]://host:port`), with the secret's credentials and the
+    /// virtual host, each percent-encoded into the URL.
+    pub fn source(&self, endpoint: &str, username: &str, password: &str) -> RabbitMqSource {
+        let enc = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+        let (scheme, host) = endpoint.split_once("://").unwrap_or(("amqp", endpoint));
+        let vhost = self.virtual_host.as_deref().unwrap_or("/");
+        RabbitMqSource {
+            url: format!(
+                "{scheme}://{}:{}@{}/{}",
+                enc(username),
+                enc(password),
+                host.trim_end_matches('/'),
+                enc(vhost)
+            ),
+            queue: self.queue.clone(),
+            broker_arn: Some(self.broker_arn.clone()).filter(|a| !a.is_empty()),
+        }
     }
 }
 
@@ -552,6 +602,62 @@ impl RawSettings {
                     cluster_arn,
                 };
                 return Ok(Some((raw, source)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first `MQ` event of a function the template creates (`function`: that one only): its
+    /// settings and what it names (broker, queue, BASIC_AUTH secret, virtual host). The broker's
+    /// address and the secret's credentials are the caller's to find ([`MqEvent::source`]).
+    pub fn from_template_mq(
+        t: &Template,
+        function: Option<&str>,
+    ) -> Result<Option<(RawSettings, MqEvent)>, TemplateError> {
+        let err = |at: &str, reason: String| TemplateError::Resolve { at: at.to_owned(), reason };
+        for (id, r) in t.resources_of("AWS::Serverless::Function") {
+            if function.is_some_and(|f| f != id) || !t.is_created(id)? {
+                continue;
+            }
+            let props = &r["Properties"];
+            for (name, event) in props["Events"].as_object().into_iter().flatten() {
+                if event["Type"].as_str() != Some("MQ") {
+                    continue;
+                }
+                let at = format!("{id}.Events.{name}");
+                let p = t.resolve(&event["Properties"], &at)?;
+                let queues: Vec<String> = match p.get("Queues") {
+                    Some(Value::Array(a)) => a.iter().filter_map(scalar).collect(),
+                    _ => Vec::new(),
+                };
+                let [queue] = queues.as_slice() else {
+                    return Err(err(
+                        &at,
+                        format!("Queues must name one queue (AWS takes one per mapping), not {queues:?}"),
+                    ));
+                };
+                let mut event = MqEvent {
+                    broker_arn: p.get("Broker").and_then(scalar).unwrap_or_default(),
+                    queue: queue.clone(),
+                    secret_arn: None,
+                    virtual_host: None,
+                };
+                for c in p.get("SourceAccessConfigurations").and_then(Value::as_array).into_iter().flatten() {
+                    match (c.get("Type").and_then(scalar).as_deref(), c.get("URI").and_then(scalar)) {
+                        (Some("BASIC_AUTH"), uri) => event.secret_arn = uri,
+                        (Some("VIRTUAL_HOST"), uri) => event.virtual_host = uri,
+                        (other, _) => {
+                            return Err(err(
+                                &at,
+                                format!("SourceAccessConfigurations: {other:?} is not BASIC_AUTH or VIRTUAL_HOST"),
+                            ));
+                        }
+                    }
+                }
+                let fname = t.resolve(&props["FunctionName"], id)?;
+                let mut raw = Self::from_properties(&p);
+                raw.function = Some(scalar(&fname).unwrap_or_else(|| t.name_of(id)));
+                return Ok(Some((raw, event)));
             }
         }
         Ok(None)

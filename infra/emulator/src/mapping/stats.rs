@@ -63,6 +63,9 @@ pub struct Counts {
     /// Records handed back to their broker after their retries (RabbitMQ: nacked and requeued).
     #[serde(default)]
     pub requeued: u64,
+    /// Connections to the broker opened again after one was lost (RabbitMQ).
+    #[serde(default)]
+    pub reconnects: u64,
     /// Kafka: the largest `OffsetLag` reported (records between the end of the topic and the next
     /// record to process, over this member's partitions).
     #[serde(default)]
@@ -300,8 +303,8 @@ impl std::fmt::Display for Summary {
             }
             None if self.amazon_mq.is_some() => writeln!(
                 f,
-                "  queue            {} messages handed back (requeued) after their retries",
-                self.counts.requeued
+                "  queue            {} messages handed back (requeued) after their retries; {} connections opened again after one was lost",
+                self.counts.requeued, self.counts.reconnects
             )?,
             None => writeln!(
                 f,
@@ -400,7 +403,7 @@ impl std::fmt::Display for Summary {
         }
         // Kinesis's IteratorAge; on Kafka the same measure (a record's age when it is sent), and
         // AWS's Kafka metric, OffsetLag.
-        let age = if self.group.is_some() { "record age  " } else { "iterator age" };
+        let age = if self.group.is_some() || self.amazon_mq.is_some() { "record age  " } else { "iterator age" };
         write!(
             f,
             "  {age}     max {:.0} ms, last {:.0} ms",

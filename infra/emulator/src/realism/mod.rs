@@ -157,6 +157,12 @@ pub struct RealismConfig {
     /// connection closed, new ones closed at once for 2 s), and this long after the previous one left a stranger
     /// joins the mapping's consumer group for 3 s and leaves (two rebalances) ([`kafka`]).
     pub kafka_disruption_every: Option<Duration>,
+    /// RabbitMQ: this often the broker closes every connection (the mapping's and the push
+    /// function's: `rabbitmq.connections.closed`), and with [`RealismConfig::rabbitmq_restarts`]
+    /// every other time it restarts instead (`rabbitmq.broker.restart`).
+    pub rabbitmq_disruption_every: Option<Duration>,
+    /// Whether RabbitMQ's disruptions include restarts.
+    pub rabbitmq_restarts: bool,
 }
 
 impl RealismConfig {
@@ -172,11 +178,21 @@ impl RealismConfig {
             function_concurrency: None,
             subscription_lifetime: Duration::from_secs(300),
             kafka_disruption_every: None,
+            rabbitmq_disruption_every: None,
+            rabbitmq_restarts: false,
         };
         match profile {
             Profile::Off => off,
             Profile::Aws => {
-                RealismConfig { limits: Some(Limits::default()), iam: true, function_concurrency: Some(10), ..off }
+                // A broker's connections are closed now and then (maintenance, a network blip); a
+                // restart is a storm's.
+                RealismConfig {
+                    limits: Some(Limits::default()),
+                    iam: true,
+                    function_concurrency: Some(10),
+                    rabbitmq_disruption_every: Some(Duration::from_secs(20)),
+                    ..off
+                }
             }
             Profile::Storm => RealismConfig {
                 limits: Some(Limits::default()),
@@ -196,6 +212,8 @@ impl RealismConfig {
                 },
                 reshard_after: Some(Duration::from_secs(4)),
                 kafka_disruption_every: Some(Duration::from_secs(4)),
+                rabbitmq_disruption_every: Some(Duration::from_secs(4)),
+                rabbitmq_restarts: true,
                 ..off
             },
         }

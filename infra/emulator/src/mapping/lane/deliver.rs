@@ -346,8 +346,9 @@ impl<P: Partition> Lane<P> {
         if let Some(last) = records.last() {
             let age = ((now_unix() - last.arrival()) * 1000.0).max(0.0);
             // AWS publishes IteratorAge for streams only (monitoring-metrics-types: "For event
-            // source mappings that read from streams"); a Kafka mapping publishes OffsetLag.
-            if !self.ctx.is_kafka() {
+            // source mappings that read from streams"); a Kafka mapping publishes OffsetLag, an
+            // Amazon MQ one neither.
+            if self.ctx.reads_a_stream() {
                 crate::cloudwatch::put(
                     crate::cloudwatch::LAMBDA,
                     &[("FunctionName", &self.ctx.settings.function_name)],

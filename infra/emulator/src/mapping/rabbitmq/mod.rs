@@ -21,6 +21,7 @@
 //!   unprocessed if Lambda drops them due to their size." Dropped: acknowledged uninvoked, counted.
 //! - **The event**: `aws:rmq`, messages under `queue::vhost`, AMQP properties as AWS (a Java
 //!   client, Gson) writes them ([`record`]).
+pub mod admin;
 pub(crate) mod record;
 
 use std::sync::Arc;
@@ -50,16 +51,53 @@ fn err(what: impl std::fmt::Display, e: impl std::fmt::Display) -> MappingError 
 }
 
 /// Runs the RabbitMQ mapping on `source` until `stop` turns true, the queue goes away, or it is
-/// idle (if so configured).
+/// idle (if so configured). A connection lost after the first (a broker restart, a connection
+/// closed by the broker or the network) is opened again, every [`RECONNECT_EVERY`] until it
+/// answers: what was delivered and not acknowledged, the broker requeues (`redelivered`), and
+/// the batch in flight, if its function succeeds, cannot be acknowledged on the closed channel:
+/// it comes again (at least once: AWS's "Lambda event source mappings process each event at
+/// least once", with-mq.html).
 pub(crate) async fn run(
     ctx: Arc<Ctx>,
     source: RabbitMqSource,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), MappingError> {
+    let mut first = true;
+    loop {
+        match session(ctx.clone(), &source, stop.clone(), first).await? {
+            None => return Ok(()),
+            Some(lost) => {
+                if *stop.borrow() {
+                    return Ok(());
+                }
+                warn!(broker = %source.redacted(), error = %lost, "rabbitmq mapping: connection lost; connecting again");
+                ctx.stats().counts.reconnects += 1;
+                tokio::time::sleep(RECONNECT_EVERY).await;
+            }
+        }
+        first = false;
+    }
+}
+
+/// How often a lost connection is tried again.
+pub const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+/// One connection's life: `None` when it ended as asked (stop, idle), `Some(reason)` when the
+/// connection was lost (and, except on the `first`, when it could not be opened).
+async fn session(
+    ctx: Arc<Ctx>,
+    source: &RabbitMqSource,
+    mut stop: watch::Receiver<bool>,
+    first: bool,
+) -> Result<Option<String>, MappingError> {
+    // Before the first connection is up, every failure is the caller's (a wrong URL, no such
+    // queue); after it, a failure to connect is a broker still on its way back.
+    let lost = |e: MappingError| if first { Err(e) } else { Ok(Some(e.to_string())) };
     let where_ = source.redacted();
-    let connection = Connection::connect(&source.url, ConnectionProperties::default())
-        .await
-        .map_err(|e| err(format!("connecting to {where_}"), e))?;
+    let connection = match Connection::connect(&source.url, ConnectionProperties::default()).await {
+        Ok(c) => c,
+        Err(e) => return lost(err(format!("connecting to {where_}"), e)),
+    };
     // The queue must exist: a passive declare answers 404 otherwise (and closes its channel).
     let probe = connection.create_channel().await.map_err(|e| err("a channel", e))?;
     probe
@@ -88,6 +126,7 @@ pub(crate) async fn run(
         channel.clone(),
     ));
     let id = partition.name().to_owned();
+    let id_of_session = id.clone();
     if let Ok(mut c) = ctx.caught_up.lock() {
         c.insert(id.clone(), None);
     }
@@ -102,7 +141,7 @@ pub(crate) async fn run(
             let mut index = 0u64;
             let ended = 'read: loop {
                 tokio::select! {
-                    _ = quit.changed() => break Ok(()),
+                    _ = quit.changed() => break Ok(None),
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
                             received_at.store(super::clock::now_unix().to_bits(), Ordering::SeqCst);
@@ -119,15 +158,15 @@ pub(crate) async fn run(
                                         records.push(MqRec::from_delivery(index, d));
                                         index += 1;
                                     }
-                                    Some(Some(Err(e))) => break 'read Err(err(format!("the consumer of {id}"), e)),
+                                    Some(Some(Err(e))) => break 'read Ok(Some(format!("the consumer of {id}: {e}"))),
                                     Some(None) | None => break,
                                 }
                             }
                             if !super::intake::dispatch(&ctx, &*partition, &senders, records).await? {
-                                break Ok(());
+                                break Ok(None);
                             }
                         }
-                        Some(Err(e)) => break Err(err(format!("the consumer of {}", id), e)),
+                        Some(Err(e)) => break Ok(Some(format!("the consumer of {id}: {e}"))),
                         None => break Err(MappingError::RabbitMq(format!(
                             "the broker cancelled the consumer of {id} (the queue was deleted?)"
                         ))),
@@ -175,13 +214,16 @@ pub(crate) async fn run(
         }
     };
     let result = tokio::select! {
-        r = running.drive(reader, Duration::from_secs(3600), || async { Ok(()) }) => r.map(|_| ()),
+        r = running.drive(reader, Duration::from_secs(3600), || async { Ok(()) }) => r.map(Option::flatten),
         () = watchdog => {
             warn!(?grace, "a batch still in flight after the grace period: stopped; the broker requeues its messages");
-            Ok(())
+            Ok(None)
         }
     };
     checker.abort();
+    if let Ok(mut c) = ctx.caught_up.lock() {
+        c.remove(&id_of_session);
+    }
     let _ = connection.close(200, "pushpull-local esm stopping".into()).await;
     result
 }

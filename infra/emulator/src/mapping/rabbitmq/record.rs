@@ -168,6 +168,17 @@ pub(crate) struct MqPartition {
 }
 
 impl MqPartition {
+    /// Whether `e` comes of the channel being gone (the connection lost): the broker has then put
+    /// every unacknowledged message of it back in the queue already, so an acknowledgement or a
+    /// requeue has nothing left to do; they come again (`redelivered`).
+    fn lost(&self, e: &lapin::Error, messages: usize) -> bool {
+        if self.channel.status().connected() {
+            return false;
+        }
+        tracing::warn!(partition = %self.id(), messages, error = %e, "the channel is gone: the broker requeued these messages; they come again");
+        true
+    }
+
     pub(crate) fn new(envelope: Envelope, channel: Channel) -> Self {
         MqPartition { envelope, channel }
     }
@@ -218,9 +229,12 @@ impl Partition for MqPartition {
     /// Each message acknowledged on its own (a filtered one may be done before an earlier one).
     async fn done(&self, records: &[MqRec], _window: Option<WindowCheckpoint>) -> Result<(), MappingError> {
         for r in records {
-            self.channel.basic_ack(r.tag, BasicAckOptions::default()).await.map_err(|e| {
-                MappingError::RabbitMq(format!("acknowledging message {} of {}: {e}", r.tag, self.id()))
-            })?;
+            if let Err(e) = self.channel.basic_ack(r.tag, BasicAckOptions::default()).await {
+                if self.lost(&e, records.len()) {
+                    return Ok(());
+                }
+                return Err(MappingError::RabbitMq(format!("acknowledging message {} of {}: {e}", r.tag, self.id())));
+            }
         }
         Ok(())
     }
@@ -234,10 +248,14 @@ impl Partition for MqPartition {
             return Ok(false);
         }
         for r in records {
-            self.channel
-                .basic_nack(r.tag, BasicNackOptions { requeue: true, ..Default::default() })
-                .await
-                .map_err(|e| MappingError::RabbitMq(format!("requeueing message {} of {}: {e}", r.tag, self.id())))?;
+            if let Err(e) =
+                self.channel.basic_nack(r.tag, BasicNackOptions { requeue: true, ..Default::default() }).await
+            {
+                if self.lost(&e, records.len()) {
+                    return Ok(true);
+                }
+                return Err(MappingError::RabbitMq(format!("requeueing message {} of {}: {e}", r.tag, self.id())));
+            }
         }
         Ok(true)
     }
