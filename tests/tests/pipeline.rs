@@ -230,6 +230,93 @@ async fn through_kafka_in_a_storm_every_line_reaches_the_topic_once_and_the_tota
     assert!(group.assignments() >= 2, "the stranger's leaving gave the partitions back: {group:?}");
 }
 
+/// The RabbitMQ broker of one test: a node of its own on `port` (`infra/rabbitmq.sh up`), stopped
+/// when dropped, so that its restarts disturb no other test.
+struct OwnRabbitMq {
+    script: std::path::PathBuf,
+    port: u16,
+}
+
+impl OwnRabbitMq {
+    fn start(port: u16) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/rabbitmq.sh");
+        let status = std::process::Command::new(&script)
+            .arg("up")
+            .env("RABBITMQ_PORT", port.to_string())
+            .status()
+            .expect("infra/rabbitmq.sh runs");
+        assert!(status.success(), "a RabbitMQ node of the test's own on 127.0.0.1:{port}");
+        OwnRabbitMq { script, port }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://pushpull:pushpull@127.0.0.1:{}/pushpull", self.port)
+    }
+}
+
+impl Drop for OwnRabbitMq {
+    fn drop(&mut self) {
+        let _ =
+            std::process::Command::new(&self.script).arg("down").env("RABBITMQ_PORT", self.port.to_string()).status();
+    }
+}
+
+/// The pipeline through RabbitMQ in a storm (`--broker rabbitmq --realism storm`): on a node of
+/// the test's own, the broker closes every connection (the mapping's and the push function's)
+/// every 4 s and restarts by turns (unacknowledged messages requeued, `redelivered`); S3
+/// `SlowDown` and cut bodies, S3 events duplicated and delivered out of order, Invoke 429s; the
+/// push function crashed once mid-object (its retry publishes the lines after its last
+/// checkpoint again: RabbitMQ keeps nothing to read back) and the rollup failing one invocation
+/// in five (the mapping retries, then requeues). Every good line through the queue, the rollup
+/// exact (each message id counted once), every bad line quarantined once, nothing left in the
+/// queue or dead-lettered. 20,000 lines here; `make soak` runs 100,000 (`PUSHPULL_STORM_LINES`).
+#[tokio::test]
+async fn through_rabbitmq_in_a_storm_every_message_is_counted_once_and_the_totals_are_exact() {
+    use pushpull_local::realism::{Profile, RealismConfig};
+    let seed = std::env::var("PUSHPULL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SEED);
+    let lines = std::env::var("PUSHPULL_STORM_LINES").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    // Not 5673: its Erlang distribution port would be 5672's epmd port (infra/rabbitmq.sh).
+    let broker = OwnRabbitMq::start(5680);
+    // The realism's restarts go to that node (nextest runs each test in a process of its own).
+    // SAFETY: no other thread of this test process reads the environment yet.
+    unsafe { std::env::set_var("RABBITMQ_PORT", broker.port.to_string()) };
+    let input = tempfile::tempdir().unwrap();
+    let bad = write_lines(input.path(), lines);
+    let bucket = unique("pp-rstorm");
+    let crashed = input.path().join("push-crashed");
+    println!("realism: storm, seed {seed} (replay: PUSHPULL_SEED={seed}), {lines} lines");
+    let control = Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/rabbitmq.sh");
+    let config = PipelineConfig {
+        broker: pipeline::Broker::RabbitMq { url: broker.url(), control: Some(control) },
+        overrides: overrides(&bucket),
+        delay_scale: 0.01,
+        timeout: Duration::from_secs(1200),
+        realism: RealismConfig::new(Profile::Storm, seed),
+        extra_env: crash_and_fail(&crashed, lines / 30),
+        ..PipelineConfig::new(TEMPLATE, unique("rstorm"), input.path())
+    };
+    let report = pipeline::run(config).await.unwrap();
+    println!("{report}");
+    assert!(crashed.exists(), "the push function was crashed once");
+    report.check().unwrap();
+    assert_eq!(report.stream_lines.once as usize, lines - bad, "every good line through the queue");
+    assert_eq!(report.stream_lines.missing, 0);
+    assert_eq!(report.rollup.values().map(|g| g.0).sum::<u64>() as usize, lines - bad);
+    assert_eq!(report.rollup, report.expected, "the rollup equals the input exactly");
+    check_quarantine_of(&report.quarantined, &bucket, bad, lines);
+    let mq = report.rabbitmq.as_ref().expect("a RabbitMQ run names its queue");
+    assert_eq!((mq.left, mq.dead_lettered), (0, 0), "nothing left in the queue, nothing dead-lettered");
+    assert!(mq.deliveries as usize > lines - bad, "redeliveries and republished lines came: {mq:?}");
+    assert!(
+        report.mapping.counts.reconnects >= 1,
+        "the mapping connected again after a cut: {:?}",
+        report.mapping.counts
+    );
+    let faults = report.faults.expect("a storm counts its faults");
+    let kinds = ["rabbitmq.connections.closed", "rabbitmq.broker.restart", "s3.get.slow_down", "s3.event.duplicated"];
+    check_drawn(&faults, &kinds, seed);
+}
+
 /// The same pipeline in a storm (`pushpull_local::realism`, profile `storm`, seed from
 /// `PUSHPULL_SEED` or 42): Kinesis's shard limits (PutRecords entries throttled, reads
 /// throttled), empty pages before records that exist, iterators expiring, a shard split mid-run,

@@ -373,6 +373,10 @@ pub mod faults {
             self.inner.can_read_back()
         }
 
+        fn names_records(&self) -> bool {
+            self.inner.names_records()
+        }
+
         /// Failing entries one by one breaks what the inner sink keeps together.
         fn keeps_key_order_in_a_call(&self) -> bool {
             self.fail_fraction <= 0.0 && self.inner.keeps_key_order_in_a_call()
