@@ -118,3 +118,59 @@ pub async fn fill(channel: &Channel, queue: &str, n: usize) {
         assert!(c.await.expect("a confirm").is_ack(), "the broker took the message");
     }
 }
+
+/// A RabbitMQ node of one test's own on `port` (`infra/rabbitmq.sh up`), stopped when dropped: for
+/// tests that close its connections or restart it, which would disturb every other test on the
+/// shared broker. Its ports: `port`, `port + 20000`, `port + 20001` (not 5673: its distribution
+/// port would be 5672's epmd port).
+pub struct OwnBroker {
+    script: std::path::PathBuf,
+    port: u16,
+}
+
+impl OwnBroker {
+    /// Starts it (about 4 s); panics if it does not answer.
+    pub fn start(port: u16) -> Self {
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/rabbitmq.sh");
+        let status = std::process::Command::new(&script)
+            .arg("up")
+            .env("RABBITMQ_PORT", port.to_string())
+            .status()
+            .expect("infra/rabbitmq.sh runs");
+        assert!(status.success(), "a RabbitMQ node of the test's own on 127.0.0.1:{port}");
+        OwnBroker { script, port }
+    }
+
+    /// Its AMQP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its URL (the sample's user and virtual host).
+    pub fn url(&self) -> String {
+        format!("amqp://pushpull:pushpull@127.0.0.1:{}/pushpull", self.port)
+    }
+
+    /// `infra/rabbitmq.sh <command>` on it (`close-connections`, `restart-app`).
+    pub fn control(&self, command: &str) {
+        let status = std::process::Command::new(&self.script)
+            .arg(command)
+            .env("RABBITMQ_PORT", self.port.to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("infra/rabbitmq.sh runs");
+        assert!(status.success(), "infra/rabbitmq.sh {command}");
+    }
+
+    /// The script that controls it.
+    pub fn script(&self) -> &std::path::Path {
+        &self.script
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ =
+            std::process::Command::new(&self.script).arg("down").env("RABBITMQ_PORT", self.port.to_string()).status();
+    }
+}

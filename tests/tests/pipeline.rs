@@ -230,37 +230,6 @@ async fn through_kafka_in_a_storm_every_line_reaches_the_topic_once_and_the_tota
     assert!(group.assignments() >= 2, "the stranger's leaving gave the partitions back: {group:?}");
 }
 
-/// The RabbitMQ broker of one test: a node of its own on `port` (`infra/rabbitmq.sh up`), stopped
-/// when dropped, so that its restarts disturb no other test.
-struct OwnRabbitMq {
-    script: std::path::PathBuf,
-    port: u16,
-}
-
-impl OwnRabbitMq {
-    fn start(port: u16) -> Self {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/rabbitmq.sh");
-        let status = std::process::Command::new(&script)
-            .arg("up")
-            .env("RABBITMQ_PORT", port.to_string())
-            .status()
-            .expect("infra/rabbitmq.sh runs");
-        assert!(status.success(), "a RabbitMQ node of the test's own on 127.0.0.1:{port}");
-        OwnRabbitMq { script, port }
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://pushpull:pushpull@127.0.0.1:{}/pushpull", self.port)
-    }
-}
-
-impl Drop for OwnRabbitMq {
-    fn drop(&mut self) {
-        let _ =
-            std::process::Command::new(&self.script).arg("down").env("RABBITMQ_PORT", self.port.to_string()).status();
-    }
-}
-
 /// The pipeline through RabbitMQ in a storm (`--broker rabbitmq --realism storm`): on a node of
 /// the test's own, the broker closes every connection (the mapping's and the push function's)
 /// every 4 s and restarts by turns (unacknowledged messages requeued, `redelivered`); S3
@@ -276,10 +245,10 @@ async fn through_rabbitmq_in_a_storm_every_message_is_counted_once_and_the_total
     let seed = std::env::var("PUSHPULL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SEED);
     let lines = std::env::var("PUSHPULL_STORM_LINES").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
     // Not 5673: its Erlang distribution port would be 5672's epmd port (infra/rabbitmq.sh).
-    let broker = OwnRabbitMq::start(5680);
+    let broker = pushpull_tests::rabbitmq::OwnBroker::start(5680);
     // The realism's restarts go to that node (nextest runs each test in a process of its own).
     // SAFETY: no other thread of this test process reads the environment yet.
-    unsafe { std::env::set_var("RABBITMQ_PORT", broker.port.to_string()) };
+    unsafe { std::env::set_var("RABBITMQ_PORT", broker.port().to_string()) };
     let input = tempfile::tempdir().unwrap();
     let bad = write_lines(input.path(), lines);
     let bucket = unique("pp-rstorm");

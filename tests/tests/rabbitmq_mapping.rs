@@ -13,6 +13,10 @@
 //! | a message over the 6 MB payload: dropped (acknowledged) uninvoked | `a_message_over_6_mb_is_dropped_uninvoked` |
 //! | settings AWS does not have for Amazon MQ are refused; a missing queue is an error naming it | `settings_aws_lacks_are_refused_and_a_missing_queue_is_named` |
 //! | stopping while the function cannot be invoked takes the grace period, and the batch goes back to the queue | `a_stop_waits_the_grace_period_at_most_and_the_batch_goes_back_to_the_queue` |
+//! | hostile: headers of every AMQP field type, a body that is not UTF-8 | `headers_of_every_amqp_type_and_a_body_that_is_not_utf8_reach_the_function` |
+//! | hostile: a message expired (TTL) in the queue is never invoked | `an_expired_message_never_reaches_the_function` |
+//! | hostile: the queue deleted mid-run stops the mapping with an error naming it | `a_queue_deleted_mid_run_stops_the_mapping_with_an_error_naming_it` |
+//! | a lost connection (the broker closing it, restarting) is opened again; nothing is lost | `pipeline::through_rabbitmq_in_a_storm_*` |
 use std::time::Duration;
 
 use lapin::Channel;
@@ -281,4 +285,132 @@ async fn a_stop_waits_the_grace_period_at_most_and_the_batch_goes_back_to_the_qu
     assert!(asked.elapsed() < Duration::from_secs(5), "the grace period, not the retries: {:?}", asked.elapsed());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(f.depth(&f.queue).await, 1, "never acknowledged: back in the queue");
+}
+
+/// Publishes `body` with `properties` (confirmed).
+async fn publish_raw(channel: &Channel, queue: &str, body: &[u8], properties: lapin::BasicProperties) {
+    let confirm = channel
+        .basic_publish("".into(), queue.into(), lapin::options::BasicPublishOptions::default(), body, properties)
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+}
+
+/// Hostile input: headers of every AMQP field type RabbitMQ carries, and a body that is not UTF-8.
+/// AWS documents the long string (`{"bytes": [...]}`, the bytes signed, as Java's `byte`) and the
+/// integer (a number) only (with-mq.html's sample event); the rest is written as AWS's Java
+/// poller's Gson would write the values its AMQP client hands it, and pinned here: numbers for
+/// every integer and float type, a decimal as its value, a timestamp as a Gson date, a byte
+/// array as signed bytes, a field array and a table as JSON arrays and objects, void as null.
+/// The body reaches the function byte for byte (base64 of the bytes, whatever they are).
+#[tokio::test]
+async fn headers_of_every_amqp_type_and_a_body_that_is_not_utf8_reach_the_function() {
+    use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, LongString, ShortString};
+    let f = fixture().await;
+    let mut nested = FieldTable::default();
+    nested.insert(ShortString::from("inner"), AMQPValue::LongInt(7));
+    let mut h = FieldTable::default();
+    let entries: Vec<(&str, AMQPValue)> = vec![
+        ("bool", AMQPValue::Boolean(true)),
+        ("i8", AMQPValue::ShortShortInt(-8)),
+        ("u8", AMQPValue::ShortShortUInt(200)),
+        ("i16", AMQPValue::ShortInt(-1600)),
+        ("u16", AMQPValue::ShortUInt(60000)),
+        ("i32", AMQPValue::LongInt(-320_000)),
+        ("u32", AMQPValue::LongUInt(4_000_000_000)),
+        ("i64", AMQPValue::LongLongInt(-6_400_000_000)),
+        ("f32", AMQPValue::Float(1.5)),
+        ("f64", AMQPValue::Double(-2.25)),
+        ("decimal", AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 12345 })),
+        ("longstr", AMQPValue::LongString(LongString::from("é"))),
+        ("array", AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::LongInt(1), AMQPValue::Boolean(false)]))),
+        ("timestamp", AMQPValue::Timestamp(1_796_656_562)),
+        ("table", AMQPValue::FieldTable(nested)),
+        ("bytes", AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255]))),
+        ("void", AMQPValue::Void),
+    ];
+    for (k, v) in entries {
+        h.insert(ShortString::from(k), v);
+    }
+    let body = [0xffu8, 0xfe, 0x00, 0x80, b'{'];
+    publish_raw(&f.channel, &f.queue, &body, lapin::BasicProperties::default().with_headers(h)).await;
+    f.run(f.settings()).await;
+    let event = &f.events()[0];
+    let key = format!("{}::pushpull", f.queue);
+    let m = &event["rmqMessagesByQueue"][&key][0];
+    let data = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, m["data"].as_str().unwrap()).unwrap();
+    assert_eq!(data, body, "the body byte for byte");
+    let headers = &m["basicProperties"]["headers"];
+    println!("{headers:#}");
+    assert_eq!(headers["bool"], json!(true));
+    assert_eq!(headers["i8"], json!(-8));
+    assert_eq!(headers["i16"], json!(-1600));
+    assert_eq!(headers["i32"], json!(-320_000));
+    assert_eq!(headers["i64"], json!(-6_400_000_000i64));
+    assert_eq!(headers["f32"], json!(1.5));
+    assert_eq!(headers["f64"], json!(-2.25));
+    assert_eq!(headers["decimal"], json!(123.45));
+    assert_eq!(headers["longstr"], json!({"bytes": [-61, -87]}), "é in UTF-8, as Java's signed bytes");
+    assert_eq!(headers["array"], json!([1, false]));
+    assert_eq!(headers["table"], json!({"inner": 7}));
+    assert_eq!(headers["void"], json!(null));
+    assert!(headers["timestamp"].as_str().is_some_and(|t| t.contains("2026")), "a Gson date: {}", headers["timestamp"]);
+    // RabbitMQ's own table types beyond AMQP 0-9-1's errata: unsigned integers, a byte array.
+    assert_eq!(
+        (&headers["u8"], &headers["u16"], &headers["u32"]),
+        (&json!(200), &json!(60000), &json!(4_000_000_000u32))
+    );
+    assert_eq!(headers["bytes"], json!([0, -1]), "signed, as Java's byte[]");
+    assert_eq!(f.depth(&f.queue).await, 0);
+}
+
+/// Hostile input: a message whose time to live ran out in the queue never reaches the function
+/// (the broker drops it: AWS, with-mq.html, "Lambda retries the whole batch of messages until
+/// processing succeeds or the messages expire": expiry is the broker's); one still alive arrives
+/// with its `expiration` as AMQP's text.
+#[tokio::test]
+async fn an_expired_message_never_reaches_the_function() {
+    let f = fixture().await;
+    let props = |ttl: &str| lapin::BasicProperties::default().with_expiration(ttl.into());
+    publish_raw(&f.channel, &f.queue, br#"{"id":"expired"}"#, props("50")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish_raw(&f.channel, &f.queue, br#"{"id":"alive"}"#, props("600000")).await;
+    f.run(f.settings()).await;
+    let seen: Vec<String> = f.batches().into_iter().flat_map(|(ids, _)| ids).collect();
+    assert_eq!(seen, ["alive"]);
+    let key = format!("{}::pushpull", f.queue);
+    assert_eq!(f.events()[0]["rmqMessagesByQueue"][&key][0]["basicProperties"]["expiration"], "600000");
+    assert_eq!(f.depth(&f.queue).await, 0);
+}
+
+/// Hostile input: the queue deleted while the mapping reads it. The broker cancels the consumer;
+/// the mapping stops with an error naming the queue (AWS would disable it after failing to
+/// reach it; it does not make the queue again), its password hidden, and what was delivered before
+/// was processed.
+#[tokio::test]
+async fn a_queue_deleted_mid_run_stops_the_mapping_with_an_error_naming_it() {
+    let f = fixture().await;
+    f.send(&[("first", json!({}))]).await;
+    let settings = f.settings().validate_rabbitmq(&f.source()).unwrap();
+    let options = RunnerOptions::new(&settings, Store::file(f.dir.path().join("unused")));
+    let (_stop, rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(Runner::run_rabbitmq(
+        settings,
+        f.source(),
+        options,
+        Clients::from(&local().await),
+        f.server.client(),
+        rx,
+    ));
+    for _ in 0..100 {
+        if !f.batches().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(f.batches().len(), 1, "the message before the deletion was processed");
+    f.channel.queue_delete(f.queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(30), run).await.expect("the mapping stopped").unwrap();
+    let e = ended.expect_err("a deleted queue is an error").to_string();
+    assert!(e.contains(&f.queue) && !e.contains("pushpull:pushpull@"), "named, password hidden: {e}");
 }
