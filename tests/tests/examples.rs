@@ -1,6 +1,6 @@
 //! Every example (`examples/src/bin`) as a real binary behind the Lambda Runtime API, answering a
 //! real event through the library's runner: the pull examples (`run_kinesis`, `run_sqs`,
-//! `run_dynamodb`, `run_kafka`) with the partial batch response AWS reads and the runner's batch metrics in
+//! `run_dynamodb`, `run_kafka`; `run_rabbitmq`, which has none) with the partial batch response AWS reads and the runner's batch metrics in
 //! the invocation's EMF documents; the S3 example (`run_s3_lines`) on LocalStack.
 use base64::Engine as _;
 use pushpull_local::runtime_api::{FunctionHost, FunctionSpec, Invocation, Outcome, workspace_binary};
@@ -92,6 +92,27 @@ async fn sqs_jobs_answers_with_a_failed_job_and_what_waited_behind_it_in_its_gro
     assert_eq!(emf["RecordsProcessed"], 2, "{emf}");
     assert_eq!(emf["RecordsFailed"], 2, "m2 failed, m4 held back behind it: {emf}");
     assert_eq!(emf["Stream"], "jobs.fifo", "the queue is the dimension: {emf}");
+}
+
+/// Amazon MQ has no partial batch response: AWS's sample event is answered; a batch with a bad
+/// order fails the invocation as a whole (AWS retries the whole batch), naming the message.
+#[tokio::test]
+async fn rabbitmq_orders_fails_a_batch_with_a_bad_order_as_a_whole() {
+    let mut host = host("rabbitmq-orders").await;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let msg = |id: &str, body: &str| serde_json::json!({"basicProperties": {"messageId": id, "deliveryMode": 2, "bodySize": body.len()}, "redelivered": false, "data": b64(body)});
+    let good = serde_json::json!({"eventSource": "aws:rmq", "eventSourceArn": "arn:aws:mq:us-east-1:123456789012:broker:b:b-1",
+        "rmqMessagesByQueue": {"orders::/": [msg("o-1", r#"{"customer":"a","amount":1}"#)]}});
+    let invoked = host.invoke(good.to_string().into_bytes()).await.unwrap();
+    assert!(matches!(invoked.outcome, Outcome::Response(_)), "{:?}", invoked.outcome);
+    let emf = metrics_of(&host, &invoked).await;
+    assert_eq!(emf["RecordsProcessed"], 1, "{emf}");
+    let bad = serde_json::json!({"eventSource": "aws:rmq", "rmqMessagesByQueue": {"orders::/": [
+        msg("o-1", r#"{"customer":"a","amount":1}"#), msg("o-2", r#"{"customer":"b","amount":-1}"#)]}});
+    let invoked = host.invoke(bad.to_string().into_bytes()).await.unwrap();
+    let Outcome::FunctionError(body) = &invoked.outcome else { panic!("a function error: {:?}", invoked.outcome) };
+    let text = String::from_utf8_lossy(body);
+    assert!(text.contains("negative") && text.contains("whole batch"), "{text}");
 }
 
 #[tokio::test]
