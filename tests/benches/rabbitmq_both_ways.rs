@@ -2,10 +2,11 @@
 //! at prefetch 1, 10, 100, 1,000 and unlimited, and by pull (`basic.get`), on the broker
 //! `infra/rabbitmq.sh` starts, in one run. Per mode:
 //! - throughput: a queue of N messages drained by a consumer acknowledging each one;
-//! - what a slow consumer (1 ms a message) holds: 2 s in, the messages the broker has pushed to it
-//!   and it has not acknowledged (`N - ready - acknowledged`, the queue's ready count read on
-//!   another channel): the subject's "push can overwhelm the consumer", and prefetch as push's
-//!   brake (each held message is in the consumer's memory);
+//! - what a slow consumer (1 ms a message, a process of its own) holds: 2 s in, the messages the
+//!   broker has pushed to it and it has not acknowledged (`N - ready - acknowledged`, the queue's
+//!   ready count read on another channel), and its peak resident memory (`VmHWM`) against what it
+//!   had connected: the subject's "push can overwhelm the consumer", and prefetch as push's brake
+//!   (each held message is in the consumer's memory);
 //! - delay: with the consumer caught up, 200 messages published 5 ms apart, from publish to receipt,
 //!   p50 and p95; and for pull, the requests an idle consumer makes (a `basic.get` every 10 ms
 //!   when the queue is empty: each answered empty).
@@ -19,7 +20,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use pushpull_tests::rabbitmq::{confirming, connect, fill, queue};
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Push(u16),
     Pull,
@@ -106,16 +107,61 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
 }
 
+/// A resident-memory figure of this process from `/proc/self/status` (`VmRSS`, `VmHWM`), in KiB.
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.trim_start_matches(':').trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The slow consumer's own process (`--slow-consumer QUEUE MODE`): consumes for 2.5 s at 1 ms a
+/// message, then prints `acked_by_2s rss_connected_kib peak_kib`.
+async fn slow_consumer(queue: &str, mode: Mode) {
+    let started = Instant::now();
+    let connection = connect().await;
+    let connected = status_kib("VmRSS");
+    let mut acked = 0u64;
+    let mut at_2s = None;
+    consume(&connection, queue, mode, Duration::from_millis(1), |sent| {
+        if started.elapsed() >= Duration::from_secs(2) {
+            at_2s.get_or_insert(acked);
+        }
+        if sent > 0 {
+            acked += 1;
+        }
+        started.elapsed() < Duration::from_millis(2500)
+    })
+    .await;
+    println!("{} {connected} {}", at_2s.unwrap_or(acked), status_kib("VmHWM"));
+}
+
+fn mode_code(mode: Mode) -> String {
+    match mode {
+        Mode::Push(n) => n.to_string(),
+        Mode::Pull => "pull".to_owned(),
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--slow-consumer") {
+        let mode = match args[i + 2].as_str() {
+            "pull" => Mode::Pull,
+            n => Mode::Push(n.parse().expect("a prefetch")),
+        };
+        return slow_consumer(&args[i + 1], mode).await;
+    }
     let n: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(20_000);
     let connection = connect().await;
     let publisher = confirming(&connection).await;
     println!("RabbitMQ both ways: {n} messages of 100 bytes per mode, broker {}", pushpull_tests::rabbitmq::url());
     println!(
-        "| mode | drain msgs/s | slow consumer holds (unacked, after 2 s) | delay p50 ms | delay p95 ms | idle requests/s |"
+        "| mode | drain msgs/s | slow consumer holds (unacked, after 2 s) | its peak memory MiB (connected: MiB) | delay p50 ms | delay p95 ms | idle requests/s |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for mode in [Mode::Push(1), Mode::Push(10), Mode::Push(100), Mode::Push(1000), Mode::Push(0), Mode::Pull] {
         // Throughput: drain a full queue.
         let q = queue(&publisher, "bench-drain", FieldTable::default()).await;
@@ -132,7 +178,7 @@ async fn main() {
         let rate = got as f64 / started.elapsed().as_secs_f64();
 
         // A slow consumer: what the broker has pushed into it, unacknowledged, 2 s in.
-        let held = held_while_slow(&publisher, mode, n).await;
+        let (held, connected_kib, peak_kib) = held_while_slow(&publisher, mode, n).await;
 
         // Delay at low load, and the idle consumer's requests.
         let q = queue(&publisher, "bench-delay", FieldTable::default()).await;
@@ -167,37 +213,33 @@ async fn main() {
             Mode::Push(_) => "0".to_owned(),
         };
         println!(
-            "| {mode} | {rate:.0} | {held} | {:.2} | {:.2} | {idle_rate} |",
+            "| {mode} | {rate:.0} | {held} | {:.1} ({:.1}) | {:.2} | {:.2} | {idle_rate} |",
+            peak_kib as f64 / 1024.0,
+            connected_kib as f64 / 1024.0,
             pct(&delays, 0.5),
             pct(&delays, 0.95)
         );
     }
 }
 
-/// The messages a slow consumer holds unacknowledged 2 s in: the queue's ready count read by
-/// another channel while the consumer runs.
-async fn held_while_slow(publisher: &Channel, mode: Mode, n: usize) -> u64 {
+/// The messages a slow consumer (a process of its own) holds unacknowledged 2 s in, the queue's
+/// ready count read by another channel while it runs; and its resident memory once connected and
+/// at its peak (KiB).
+async fn held_while_slow(publisher: &Channel, mode: Mode, n: usize) -> (u64, u64, u64) {
     let q = queue(publisher, "bench-held", FieldTable::default()).await;
     fill(publisher, &q, n).await;
-    let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let worker = {
-        let (q, acked, stop) = (q.clone(), acked.clone(), stop.clone());
-        let connection = connect().await;
-        tokio::spawn(async move {
-            consume(&connection, &q, mode, Duration::from_millis(1), |sent| {
-                if sent > 0 {
-                    acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                }
-                !stop.load(std::sync::atomic::Ordering::SeqCst)
-            })
-            .await
-        })
-    };
+    let exe = std::env::current_exe().expect("the bench's own path");
+    let child = tokio::process::Command::new(exe)
+        .args(["--slow-consumer", &q, &mode_code(mode)])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the slow consumer's process");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ready = u64::from(ready(publisher, &q).await);
-    let done = acked.load(std::sync::atomic::Ordering::SeqCst);
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let _ = worker.await;
-    (n as u64).saturating_sub(ready).saturating_sub(done)
+    let out = child.wait_with_output().await.expect("the slow consumer ends");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let nums: Vec<u64> = text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let [acked_by_2s, connected, peak] = nums[..] else { panic!("the slow consumer said {text:?}") };
+    ((n as u64).saturating_sub(ready).saturating_sub(acked_by_2s), connected, peak)
 }
