@@ -182,8 +182,9 @@ pub enum Target {
     Kinesis(KinesisSink),
     /// Records to a topic.
     Kafka(KafkaSink),
-    /// Records to a queue.
-    RabbitMq(RabbitMqSink),
+    /// Records to a queue (boxed: a lapin connection and channel are large, and there is one
+    /// sink per process).
+    RabbitMq(Box<RabbitMqSink>),
 }
 
 impl RecordSink for Target {
@@ -304,7 +305,7 @@ pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Result<Han
         Destination::Kafka { bootstrap_servers, topic } => {
             Target::Kafka(KafkaSink::connect(bootstrap_servers, topic).await?)
         }
-        Destination::RabbitMq { url, queue } => Target::RabbitMq(RabbitMqSink::connect(url, queue).await?),
+        Destination::RabbitMq { url, queue } => Target::RabbitMq(Box::new(RabbitMqSink::connect(url, queue).await?)),
     };
     #[cfg(feature = "fault-injection")]
     let sink = faults::FaultInjectingSink::new(sink, settings.inject_put_failures)

@@ -512,7 +512,7 @@ fn rabbitmq_disruptions(
         loop {
             tokio::time::sleep(every).await;
             turn += 1;
-            let (command, fault) = match restarts && turn % 2 == 0 {
+            let (command, fault) = match restarts && turn.is_multiple_of(2) {
                 true => ("restart-app", "rabbitmq.broker.restart"),
                 false => ("close-connections", "rabbitmq.connections.closed"),
             };
@@ -1412,17 +1412,12 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             // Each good line delivered at least once; copies beyond the input's are the push
             // function's republished lines and the broker's redeliveries, which the rollup
             // recognised by their message ids (counted in the summary, not in the stream check).
-            let mq = rabbitmq.as_mut().map(|m| {
+            if let (Some(m), Some((source, _))) = (rabbitmq.as_mut(), &mq_source) {
+                use crate::mapping::rabbitmq::admin::depth;
                 m.deliveries = delivered.values().map(|&n| u64::from(n)).sum();
-                m
-            });
-            if let (Some(m), Some((source, _))) = (mq, &mq_source) {
-                let depth = |q: String| {
-                    let source = source.clone();
-                    async move { crate::mapping::rabbitmq::admin::depth(&source, &q).await }
-                };
-                m.left = depth(m.queue.clone()).await.map_err(|e| PipelineError::Run(e.to_string()))?;
-                m.dead_lettered = depth(m.dead_letters.clone()).await.map_err(|e| PipelineError::Run(e.to_string()))?;
+                m.left = depth(source, &m.queue).await.map_err(|e| PipelineError::Run(e.to_string()))?;
+                m.dead_lettered =
+                    depth(source, &m.dead_letters).await.map_err(|e| PipelineError::Run(e.to_string()))?;
             }
             // An object an earlier run on this stack finished (`already_done`) sends nothing now:
             // its lines went through the queue then, and its rollup is in the outputs.
