@@ -4,7 +4,7 @@
 use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 
 /// The broker's AMQP URL, credentials and virtual host included.
@@ -84,11 +84,7 @@ pub async fn dead_lettering(channel: &Channel, delivery_limit: i32) -> (FieldTab
         )
         .await
         .expect("queue.bind");
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString(LongString::from("quorum")));
-    args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongInt(delivery_limit));
-    args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from(dlx.as_str())));
-    (args, dlq)
+    (pushpull_local::mapping::rabbitmq::admin::quorum_arguments(delivery_limit, &dlx), dlq)
 }
 
 /// Publishes `n` messages of 100 bytes to `queue` (the first 8: the publish time in µs since the

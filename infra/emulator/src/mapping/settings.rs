@@ -224,6 +224,49 @@ impl RabbitMqSource {
     }
 }
 
+/// A function's event of one of the wanted types, found in the template.
+struct FoundEvent {
+    /// The function's logical id.
+    id: String,
+    /// The function's `Properties`.
+    props: Value,
+    /// The event's `Type`.
+    kind: String,
+    /// `<function>.Events.<event>`, for errors.
+    at: String,
+    /// The event's `Properties`, resolved.
+    resolved: Value,
+}
+
+impl FoundEvent {
+    /// The function's name: its `FunctionName`, else the name the template gives its id.
+    fn function_name(&self, t: &Template) -> Result<String, TemplateError> {
+        let name = t.resolve(&self.props["FunctionName"], &self.id)?;
+        Ok(scalar(&name).unwrap_or_else(|| t.name_of(&self.id)))
+    }
+}
+
+/// The first event whose `Type` is one of `kinds`, of a function the template creates
+/// (`function`: that logical id only).
+fn first_event(t: &Template, function: Option<&str>, kinds: &[&str]) -> Result<Option<FoundEvent>, TemplateError> {
+    for (id, r) in t.resources_of("AWS::Serverless::Function") {
+        if function.is_some_and(|f| f != id) || !t.is_created(id)? {
+            continue;
+        }
+        let props = &r["Properties"];
+        for (name, event) in props["Events"].as_object().into_iter().flatten() {
+            let kind = event["Type"].as_str().unwrap_or_default();
+            if !kinds.contains(&kind) {
+                continue;
+            }
+            let at = format!("{id}.Events.{name}");
+            let resolved = t.resolve(&event["Properties"], &at)?;
+            return Ok(Some(FoundEvent { id: id.clone(), props: props.clone(), kind: kind.to_owned(), at, resolved }));
+        }
+    }
+    Ok(None)
+}
+
 /// What a SAM `MQ` event names: AWS's `Broker`, `Queues` (one) and `SourceAccessConfigurations`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MqEvent {
@@ -506,22 +549,11 @@ impl RawSettings {
     /// `AWS::Lambda::EventSourceMapping` whose source is a stream.
     pub fn from_template(t: &Template, function: Option<&str>) -> Result<RawSettings, TemplateError> {
         let err = |reason: String| TemplateError::Resolve { at: "Resources".into(), reason };
-        for (id, r) in t.resources_of("AWS::Serverless::Function") {
-            if function.is_some_and(|f| f != id) || !t.is_created(id)? {
-                continue;
-            }
-            let props = &r["Properties"];
-            for (name, event) in props["Events"].as_object().into_iter().flatten() {
-                if event["Type"] != "Kinesis" {
-                    continue;
-                }
-                let p = t.resolve(&event["Properties"], &format!("{id}.Events.{name}"))?;
-                let fname = t.resolve(&props["FunctionName"], id)?;
-                let mut raw = Self::from_properties(&p);
-                raw.stream = p.get("Stream").and_then(scalar);
-                raw.function = Some(scalar(&fname).unwrap_or_else(|| t.name_of(id)));
-                return Ok(raw);
-            }
+        if let Some(found) = first_event(t, function, &["Kinesis"])? {
+            let mut raw = Self::from_properties(&found.resolved);
+            raw.stream = found.resolved.get("Stream").and_then(scalar);
+            raw.function = Some(found.function_name(t)?);
+            return Ok(raw);
         }
         for (id, r) in t.resources_of("AWS::Lambda::EventSourceMapping") {
             let p = t.resolve(&r["Properties"], id)?;
@@ -554,57 +586,38 @@ impl RawSettings {
         function: Option<&str>,
     ) -> Result<Option<(RawSettings, KafkaSource)>, TemplateError> {
         let err = |at: &str, reason: String| TemplateError::Resolve { at: at.to_owned(), reason };
-        for (id, r) in t.resources_of("AWS::Serverless::Function") {
-            if function.is_some_and(|f| f != id) || !t.is_created(id)? {
-                continue;
+        let Some(found) = first_event(t, function, &["SelfManagedKafka", "MSK"])? else { return Ok(None) };
+        let (kind, at, p) = (found.kind.as_str(), &found.at, &found.resolved);
+        let list = |k: &str| -> Vec<String> {
+            match p.get(k) {
+                Some(Value::Array(a)) => a.iter().filter_map(scalar).collect(),
+                Some(v) => scalar(v).map(|s| s.split(',').map(|x| x.trim().to_owned()).collect()).unwrap_or_default(),
+                None => Vec::new(),
             }
-            let props = &r["Properties"];
-            for (name, event) in props["Events"].as_object().into_iter().flatten() {
-                let kind = event["Type"].as_str().unwrap_or_default();
-                if kind != "SelfManagedKafka" && kind != "MSK" {
-                    continue;
-                }
-                let at = format!("{id}.Events.{name}");
-                let p = t.resolve(&event["Properties"], &at)?;
-                let list = |k: &str| -> Vec<String> {
-                    match p.get(k) {
-                        Some(Value::Array(a)) => a.iter().filter_map(scalar).collect(),
-                        Some(v) => {
-                            scalar(v).map(|s| s.split(',').map(|x| x.trim().to_owned()).collect()).unwrap_or_default()
-                        }
-                        None => Vec::new(),
-                    }
-                };
-                let topics = list("Topics");
-                let [topic] = topics.as_slice() else {
-                    return Err(err(
-                        &at,
-                        format!("Topics must name one topic (AWS takes one per mapping), not {topics:?}"),
-                    ));
-                };
-                let (bootstrap_servers, cluster_arn) = match kind {
-                    "MSK" => {
-                        let servers = std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_default();
-                        (
-                            servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
-                            p.get("Stream").and_then(scalar),
-                        )
-                    }
-                    _ => (list("KafkaBootstrapServers"), None),
-                };
-                let fname = t.resolve(&props["FunctionName"], id)?;
-                let mut raw = Self::from_properties(&p);
-                raw.function = Some(scalar(&fname).unwrap_or_else(|| t.name_of(id)));
-                let source = KafkaSource {
-                    bootstrap_servers,
-                    topic: topic.clone(),
-                    consumer_group_id: p.get("ConsumerGroupId").and_then(scalar).filter(|g| !g.is_empty()),
-                    cluster_arn,
-                };
-                return Ok(Some((raw, source)));
+        };
+        let topics = list("Topics");
+        let [topic] = topics.as_slice() else {
+            return Err(err(at, format!("Topics must name one topic (AWS takes one per mapping), not {topics:?}")));
+        };
+        let (bootstrap_servers, cluster_arn) = match kind {
+            "MSK" => {
+                let servers = std::env::var("KAFKA_BOOTSTRAP_SERVERS").unwrap_or_default();
+                (
+                    servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect(),
+                    p.get("Stream").and_then(scalar),
+                )
             }
-        }
-        Ok(None)
+            _ => (list("KafkaBootstrapServers"), None),
+        };
+        let mut raw = Self::from_properties(p);
+        raw.function = Some(found.function_name(t)?);
+        let source = KafkaSource {
+            bootstrap_servers,
+            topic: topic.clone(),
+            consumer_group_id: p.get("ConsumerGroupId").and_then(scalar).filter(|g| !g.is_empty()),
+            cluster_arn,
+        };
+        Ok(Some((raw, source)))
     }
 
     /// The first `MQ` event of a function the template creates (`function`: that one only): its
@@ -615,52 +628,36 @@ impl RawSettings {
         function: Option<&str>,
     ) -> Result<Option<(RawSettings, MqEvent)>, TemplateError> {
         let err = |at: &str, reason: String| TemplateError::Resolve { at: at.to_owned(), reason };
-        for (id, r) in t.resources_of("AWS::Serverless::Function") {
-            if function.is_some_and(|f| f != id) || !t.is_created(id)? {
-                continue;
-            }
-            let props = &r["Properties"];
-            for (name, event) in props["Events"].as_object().into_iter().flatten() {
-                if event["Type"].as_str() != Some("MQ") {
-                    continue;
-                }
-                let at = format!("{id}.Events.{name}");
-                let p = t.resolve(&event["Properties"], &at)?;
-                let queues: Vec<String> = match p.get("Queues") {
-                    Some(Value::Array(a)) => a.iter().filter_map(scalar).collect(),
-                    _ => Vec::new(),
-                };
-                let [queue] = queues.as_slice() else {
+        let Some(found) = first_event(t, function, &["MQ"])? else { return Ok(None) };
+        let (at, p) = (&found.at, &found.resolved);
+        let queues: Vec<String> = match p.get("Queues") {
+            Some(Value::Array(a)) => a.iter().filter_map(scalar).collect(),
+            _ => Vec::new(),
+        };
+        let [queue] = queues.as_slice() else {
+            return Err(err(at, format!("Queues must name one queue (AWS takes one per mapping), not {queues:?}")));
+        };
+        let mut event = MqEvent {
+            broker_arn: p.get("Broker").and_then(scalar).unwrap_or_default(),
+            queue: queue.clone(),
+            secret_arn: None,
+            virtual_host: None,
+        };
+        for c in p.get("SourceAccessConfigurations").and_then(Value::as_array).into_iter().flatten() {
+            match (c.get("Type").and_then(scalar).as_deref(), c.get("URI").and_then(scalar)) {
+                (Some("BASIC_AUTH"), uri) => event.secret_arn = uri,
+                (Some("VIRTUAL_HOST"), uri) => event.virtual_host = uri,
+                (other, _) => {
                     return Err(err(
-                        &at,
-                        format!("Queues must name one queue (AWS takes one per mapping), not {queues:?}"),
+                        at,
+                        format!("SourceAccessConfigurations: {other:?} is not BASIC_AUTH or VIRTUAL_HOST"),
                     ));
-                };
-                let mut event = MqEvent {
-                    broker_arn: p.get("Broker").and_then(scalar).unwrap_or_default(),
-                    queue: queue.clone(),
-                    secret_arn: None,
-                    virtual_host: None,
-                };
-                for c in p.get("SourceAccessConfigurations").and_then(Value::as_array).into_iter().flatten() {
-                    match (c.get("Type").and_then(scalar).as_deref(), c.get("URI").and_then(scalar)) {
-                        (Some("BASIC_AUTH"), uri) => event.secret_arn = uri,
-                        (Some("VIRTUAL_HOST"), uri) => event.virtual_host = uri,
-                        (other, _) => {
-                            return Err(err(
-                                &at,
-                                format!("SourceAccessConfigurations: {other:?} is not BASIC_AUTH or VIRTUAL_HOST"),
-                            ));
-                        }
-                    }
                 }
-                let fname = t.resolve(&props["FunctionName"], id)?;
-                let mut raw = Self::from_properties(&p);
-                raw.function = Some(scalar(&fname).unwrap_or_else(|| t.name_of(id)));
-                return Ok(Some((raw, event)));
             }
         }
-        Ok(None)
+        let mut raw = Self::from_properties(p);
+        raw.function = Some(found.function_name(t)?);
+        Ok(Some((raw, event)))
     }
 
     fn from_properties(p: &Value) -> RawSettings {
@@ -1137,6 +1134,34 @@ mod tests {
         assert!(m.stream_arn.ends_with("self-managed/127.0.0.1:9092/st-records"), "{}", m.stream_arn);
         // The template's provisioned mode: MinimumPollers 1, MaximumPollers KafkaMaximumPollers.
         assert_eq!(m.provisioned_pollers, Some((1, 2)));
+    }
+
+    /// The template's RabbitMQ variant: an `MQ` event (SAM sam-property-function-mq.html: `Broker`,
+    /// `Queues`, `SourceAccessConfigurations` of `BASIC_AUTH` and `VIRTUAL_HOST`), and the source the
+    /// secret's credentials make of it, each part percent-encoded.
+    #[test]
+    fn reads_the_templates_rabbitmq_variant() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
+        let t = Template::load(&path, "st", &[]).unwrap();
+        assert!(RawSettings::from_template_mq(&t, None).unwrap().is_none());
+        let secret = "arn:aws:secretsmanager:us-east-1:000000000000:secret:st-rabbitmq-AbCdEf";
+        let overrides =
+            ["Broker=rabbitmq".into(), format!("RabbitMqSecretArn={secret}"), "RabbitMqVirtualHost=pushpull".into()];
+        let t = Template::load(&path, "st", &overrides).unwrap();
+        assert!(RawSettings::from_template(&t, None).is_err(), "no Kinesis mapping is created");
+        assert!(RawSettings::from_template_kafka(&t, None).unwrap().is_none());
+        let (raw, event) = RawSettings::from_template_mq(&t, None).unwrap().unwrap();
+        assert_eq!(event.queue, "st-records");
+        assert_eq!(event.secret_arn.as_deref(), Some(secret));
+        assert_eq!(event.virtual_host.as_deref(), Some("pushpull"));
+        assert!(event.broker_arn.starts_with("arn:aws:mq:"), "{}", event.broker_arn);
+        let source = event.source("amqp://127.0.0.1:5672", "ann", "p@ss/word");
+        assert_eq!(source.url, "amqp://ann:p%40ss%2Fword@127.0.0.1:5672/pushpull");
+        assert_eq!(source.credentials(), ("ann".to_owned(), "p@ss/word".to_owned()));
+        assert_eq!((source.endpoint().as_str(), source.vhost().as_str()), ("amqp://127.0.0.1:5672", "pushpull"));
+        let m = raw.validate_rabbitmq(&source).unwrap();
+        assert_eq!(m.function_name, "st-kinesis-rollup");
+        assert_eq!(m.event_source_arn(), event.broker_arn);
     }
 
     #[test]

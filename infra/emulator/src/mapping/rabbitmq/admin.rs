@@ -56,10 +56,7 @@ pub async fn ensure_queue(source: &RabbitMqSource) -> Result<String, MappingErro
         )
         .await
         .map_err(|e| err(format!("binding {dlq} to {dlx}"), e))?;
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString(LongString::from("quorum")));
-    args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongInt(DELIVERY_LIMIT));
-    args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString(LongString::from(dlx.as_str())));
+    let args = quorum_arguments(DELIVERY_LIMIT, &dlx);
     channel.queue_declare(source.queue.as_str().into(), durable, args).await.map_err(|e| {
         err(
             format!("queue {} (a durable quorum queue, x-delivery-limit {DELIVERY_LIMIT}, dead letters to {dlx}; a queue of that name with other arguments is refused)", source.queue),
@@ -68,6 +65,19 @@ pub async fn ensure_queue(source: &RabbitMqSource) -> Result<String, MappingErro
     })?;
     let _ = connection.close(200, "provisioned".into()).await;
     Ok(dlq)
+}
+
+/// The arguments of a quorum queue that dead-letters to `dead_letter_exchange` a message delivered
+/// more than `delivery_limit` times after the first (`x-delivery-limit`).
+pub fn quorum_arguments(delivery_limit: i32, dead_letter_exchange: &str) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString(LongString::from("quorum")));
+    args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongInt(delivery_limit));
+    args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        AMQPValue::LongString(LongString::from(dead_letter_exchange)),
+    );
+    args
 }
 
 /// How many messages `queue` holds ready for delivery (a passive declare's count).
