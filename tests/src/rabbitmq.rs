@@ -1,11 +1,9 @@
 //! The RabbitMQ broker `make test` starts (`infra/rabbitmq.sh`): its URL, connections, and queues
 //! of a test's own. The URL: `RABBITMQ_URL`, else the sample's user and virtual host on
 //! `127.0.0.1:$RABBITMQ_PORT` (5672).
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 /// The broker's AMQP URL, credentials and virtual host included.
 pub fn url() -> String {
@@ -63,27 +61,10 @@ pub async fn publish(channel: &Channel, queue: &str, bodies: &[&[u8]]) {
 /// queue bound to it (returned), and the arguments of a quorum queue that dead-letters a message
 /// delivered more than `delivery_limit` times after the first.
 pub async fn dead_lettering(channel: &Channel, delivery_limit: i32) -> (FieldTable, String) {
-    let dlx = crate::unique("rmq-dlx");
-    channel
-        .exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
+    let (dlx, dlq) = (crate::unique("rmq-dlx"), crate::unique("rmq-dlq"));
+    pushpull_local::mapping::rabbitmq::admin::dead_letters(channel, &dlx, &dlq)
         .await
-        .expect("exchange.declare");
-    let dlq = queue(channel, "rmq-dlq", FieldTable::default()).await;
-    channel
-        .queue_bind(
-            dlq.as_str().into(),
-            dlx.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue.bind");
+        .expect("the dead letters' exchange and queue");
     (pushpull_local::mapping::rabbitmq::admin::quorum_arguments(delivery_limit, &dlx), dlq)
 }
 

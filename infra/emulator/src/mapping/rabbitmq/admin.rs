@@ -33,29 +33,7 @@ pub async fn ensure_queue(source: &RabbitMqSource) -> Result<String, MappingErro
     let channel = connection.create_channel().await.map_err(|e| err("a channel", e))?;
     let (dlx, dlq) = (format!("{}.dlx", source.queue), dead_letter_queue(&source.queue));
     let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    channel
-        .exchange_declare(
-            dlx.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions { durable: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| err(format!("exchange {dlx}"), e))?;
-    channel
-        .queue_declare(dlq.as_str().into(), durable, FieldTable::default())
-        .await
-        .map_err(|e| err(format!("queue {dlq}"), e))?;
-    channel
-        .queue_bind(
-            dlq.as_str().into(),
-            dlx.as_str().into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| err(format!("binding {dlq} to {dlx}"), e))?;
+    dead_letters(&channel, &dlx, &dlq).await?;
     let args = quorum_arguments(DELIVERY_LIMIT, &dlx);
     channel.queue_declare(source.queue.as_str().into(), durable, args).await.map_err(|e| {
         err(
@@ -65,6 +43,30 @@ pub async fn ensure_queue(source: &RabbitMqSource) -> Result<String, MappingErro
     })?;
     let _ = connection.close(200, "provisioned".into()).await;
     Ok(dlq)
+}
+
+/// A durable fanout exchange `dlx` and a durable queue `dlq` bound to it: where a queue whose
+/// `x-dead-letter-exchange` is `dlx` sends its dead letters.
+pub async fn dead_letters(channel: &lapin::Channel, dlx: &str, dlq: &str) -> Result<(), MappingError> {
+    channel
+        .exchange_declare(
+            dlx.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| err(format!("exchange {dlx}"), e))?;
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    channel
+        .queue_declare(dlq.into(), durable, FieldTable::default())
+        .await
+        .map_err(|e| err(format!("queue {dlq}"), e))?;
+    channel
+        .queue_bind(dlq.into(), dlx.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .map_err(|e| err(format!("binding {dlq} to {dlx}"), e))?;
+    Ok(())
 }
 
 /// The arguments of a quorum queue that dead-letters to `dead_letter_exchange` a message delivered
