@@ -139,6 +139,10 @@ case "${1:-}" in
   status) status ;;
   url) echo "amqp://pushpull:pushpull@127.0.0.1:$PORT/pushpull" ;;
   close-connections) ctl close_all_connections "pushpull realism: connection closed" ;;
-  restart-app) ctl stop_app && ctl start_app ;;
+  restart-app)
+    ctl stop_app
+    # start_app can fail on a loaded machine (the CLI's own timeout): tried again, 30 s at most.
+    for _ in $(seq 1 30); do ctl start_app && exit 0; sleep 1; done
+    say "error: the node did not start its application again"; exit 1 ;;
   *) echo "usage: $0 install|up|down|status|url|close-connections|restart-app" >&2; exit 2 ;;
 esac

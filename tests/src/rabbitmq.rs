@@ -106,9 +106,11 @@ pub struct OwnBroker {
 }
 
 impl OwnBroker {
-    /// Starts it (about 4 s); panics if it does not answer.
+    /// Starts it (about 4 s); panics if it does not answer. A node a killed run of the same test
+    /// left on `port` is stopped first (the port is the test's own).
     pub fn start(port: u16) -> Self {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/rabbitmq.sh");
+        let _ = std::process::Command::new(&script).arg("down").env("RABBITMQ_PORT", port.to_string()).status();
         let status = std::process::Command::new(&script)
             .arg("up")
             .env("RABBITMQ_PORT", port.to_string())

@@ -259,7 +259,7 @@ async fn through_rabbitmq_in_a_storm_every_message_is_counted_once_and_the_total
         broker: pipeline::Broker::RabbitMq { url: broker.url(), control: Some(control) },
         overrides: overrides(&bucket),
         delay_scale: 0.01,
-        timeout: Duration::from_secs(1200),
+        timeout: Duration::from_secs(600),
         realism: RealismConfig::new(Profile::Storm, seed),
         extra_env: crash_and_fail(&crashed, lines / 30),
         ..PipelineConfig::new(TEMPLATE, unique("rstorm"), input.path())

@@ -131,15 +131,6 @@ pub enum RollupError {
         /// The other invocation's output.
         output: String,
     },
-    /// An invocation that may still be at work noted an output of this queue it has not written
-    /// yet: what it counts is unknown until it does, or until its deadline passes. Retried.
-    #[error("queue {queue}: another invocation's output {output} is noted and not written yet")]
-    NotePending {
-        /// `queue::vhost`.
-        queue: String,
-        /// The noted output.
-        output: String,
-    },
     /// A payload naming `rmqMessagesByQueue` (an Amazon MQ for RabbitMQ event) that does not
     /// read as one.
     #[error(transparent)]
@@ -178,7 +169,6 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
             RollupError::Busy { .. } => "RollupError.Busy",
             RollupError::ForeignOutput { .. } => "RollupError.ForeignOutput",
             RollupError::Checkpoint { .. } => "RollupError.Checkpoint",
-            RollupError::NotePending { .. } => "RollupError.NotePending",
             RollupError::RabbitMqEvent(_) => "RollupError.RabbitMqEvent",
             RollupError::State { .. } => "RollupError.State",
         };
@@ -524,7 +514,7 @@ impl RollupHandler {
         // An Amazon MQ for RabbitMQ event keys its messages by queue under `rmqMessagesByQueue`.
         if memchr::memmem::find(payload, b"\"rmqMessagesByQueue\"").is_some() {
             let mq = pushpull::pull::rabbitmq::RabbitMqEvent::from_slice(payload)?;
-            return self.handle_mq(&mq, deadline).await;
+            return self.handle_mq(&mq).await;
         }
         if memchr::memmem::find(payload, b"\"bootstrapServers\"").is_some() {
             let kafka = pushpull::pull::kafka::KafkaEvent::from_slice(payload)?;

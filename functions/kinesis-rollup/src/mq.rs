@@ -11,20 +11,24 @@
 //! skipped, whatever order or how often it comes.
 //!
 //! Per invocation, for each queue of the event:
-//! 1. Load the checkpoint; a write-ahead note whose output exists counts now (its writer died
-//!    before moving the checkpoint); one whose output is missing after its writer's deadline is
-//!    dropped; one whose writer may still be at work fails this invocation (retried later).
+//! 1. Load the checkpoint, and finish any write-ahead note left in it (its writer died, or is
+//!    slow): the note holds its output's whole body, so whoever finds it writes the output (if it
+//!    is not there: a conditional create, so two writers of the same note write it once), moves
+//!    its lines into the sets and drops it (compare-and-swap). Nothing ever waits for a writer
+//!    that may be gone (a queue blocked until a dead writer's deadline would bring its messages
+//!    back until the queue's delivery limit dead-lettered them).
 //! 2. Skip the messages already counted (and a second copy within the batch).
 //! 3. Roll the rest up; a message that cannot be (not base64, not a JSON object, a sum that is
 //!    not a number) is **set aside**, not failed: Amazon MQ has no partial batch response, and
 //!    failing the invocation would bring the whole batch back until the queue's delivery limit
-//!    dead-letters the good messages with the bad. It goes to `rejected/<queue>/<note>.ndjson` in
-//!    `OUTPUT_URI` with its message id, its reason and its data, and counts as done.
-//! 4. Note the output in the checkpoint (compare-and-swap), write the set-aside messages, write the
-//!    output `<queue>/<note>.ndjson` (each row names the note as `writer`), and move the lines
-//!    into the checkpoint's sets (compare-and-swap). A crash anywhere leaves either no output (the
-//!    note is dropped, the messages come back and are counted then) or an output the next
-//!    invocation finds by the note (its lines count then): never both, never neither.
+//!    dead-letters the good messages with the bad. It goes to `rejected/<queue>/<hash>.ndjson` in
+//!    `OUTPUT_URI` (named by a hash of what it holds, so a retry writes the same object) with its
+//!    message id, its reason and its data, and counts as done.
+//! 4. Write the set-aside messages; note the output (its name, body and lines) in the checkpoint
+//!    (compare-and-swap); write the output `<queue>/<note>.ndjson` (each row names the note as
+//!    `writer`); move the lines into the checkpoint's sets and drop the note (compare-and-swap). A
+//!    crash before the note leaves nothing counted (the messages come back); after it, the note
+//!    is finished by whoever reads the checkpoint next: never both, never neither.
 //!
 //! A message without a `message-id` cannot be recognised again: it is counted each time it is
 //! delivered (at least once), with a warning. One whose id is not of the push function's form is
@@ -38,7 +42,7 @@ use pushpull::pull::rabbitmq::{PARTITION_KEY_HEADER, parse_message_id};
 use pushpull::pull::rabbitmq::{RabbitMqEvent, RabbitMqMessage, queue_and_vhost};
 use pushpull::store::{Precondition, StoreError};
 
-use super::{BatchResponse, INTENT_TTL_S, NOTE_MARGIN_S, Response, RollupError, RollupHandler, intent_id, now_unix};
+use super::{BatchResponse, Response, RollupError, RollupHandler, intent_id};
 use pushpull::kinesis_event::{KinesisData, KinesisEventRecord};
 
 /// Sorted, disjoint, non-adjacent inclusive ranges of line numbers.
@@ -132,15 +136,13 @@ struct QueueCheckpoint {
     pending: BTreeMap<String, Note>,
 }
 
-/// A write-ahead note: an output about to be written.
+/// A write-ahead note: an output about to be written, whole, so that anyone can finish it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Note {
+    /// What the output counts.
     counts: Counted,
-    /// Its invocation's deadline plus [`NOTE_MARGIN_S`], when known (unix seconds).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    until: Option<f64>,
-    /// When it was noted (unix seconds).
-    at: f64,
+    /// The output's body (a few rows: one per group of the batch).
+    body: String,
 }
 
 /// How a message is recognised when it comes again.
@@ -167,17 +169,13 @@ fn key_of<'a>(message: &'a RabbitMqMessage<'_>) -> MessageKey<'a> {
 impl RollupHandler {
     /// An Amazon MQ for RabbitMQ event: each queue's messages rolled up exactly once (see the
     /// module's documentation). Amazon MQ has no partial batch response: the answer is empty.
-    pub(crate) async fn handle_mq(
-        &self,
-        event: &RabbitMqEvent<'_>,
-        deadline: Option<f64>,
-    ) -> Result<Response, RollupError> {
+    pub(crate) async fn handle_mq(&self, event: &RabbitMqEvent<'_>) -> Result<Response, RollupError> {
         let mut metrics = pushpull::pull::rabbitmq::batch_metrics(event);
         for (name, messages) in &event.rmq_messages_by_queue {
             let (queue, vhost) = queue_and_vhost(name);
             let span = tracing::info_span!("batch", queue = %queue, vhost = %vhost, messages = messages.len());
             let _enter = span.enter();
-            let (counted, failed) = self.handle_queue(queue, vhost, messages, deadline).await?;
+            let (counted, failed) = self.handle_queue(queue, vhost, messages).await?;
             metrics.processed += counted;
             metrics.failed += failed;
         }
@@ -191,10 +189,8 @@ impl RollupHandler {
         queue: &str,
         vhost: &str,
         messages: &[RabbitMqMessage<'_>],
-        deadline: Option<f64>,
     ) -> Result<(usize, usize), RollupError> {
-        let safe_vhost = if vhost == "/" { "%2F" } else { vhost };
-        let cp_id = format!("pull/rabbitmq/{safe_vhost}/{queue}.json");
+        let cp_id = format!("pull/rabbitmq/{}/{}.json", path_segment(vhost), path_segment(queue));
         let cp_err = |source| RollupError::Checkpoint { shard_id: format!("{queue}::{vhost}"), source };
         let (loaded, version) = match self.checkpoints.load::<QueueCheckpoint>(&cp_id).await.map_err(cp_err)? {
             Some((c, v)) => (c, Some(v)),
@@ -202,17 +198,10 @@ impl RollupHandler {
         };
         let mut checkpoint = loaded.clone();
         for (output, note) in &loaded.pending {
-            if self.output_at(output).await?.is_some() {
-                info!(output = %output, "an output written without its checkpoint: its messages count now");
-                checkpoint.counted.extend(&note.counts);
-                checkpoint.pending.remove(output);
-            } else if now_unix() > note.until.unwrap_or(note.at + INTENT_TTL_S) {
-                info!(output = %output, "a note whose output never appeared: dropped");
-                checkpoint.pending.remove(output);
-            } else {
-                // Its writer may still write it: what it counts is unknown until then.
-                return Err(RollupError::NotePending { queue: format!("{queue}::{vhost}"), output: output.clone() });
-            }
+            info!(output = %output, "a note left by another invocation: finishing it");
+            self.write_output(output, &note.body).await?;
+            checkpoint.counted.extend(&note.counts);
+            checkpoint.pending.remove(output);
         }
         // The messages not counted yet, once each.
         let mut seen_here: HashSet<MessageKey<'_>> = HashSet::new();
@@ -262,29 +251,25 @@ impl RollupHandler {
             rollup = self.roll_up(&good, &[])?.0;
             warn!(set_aside = rejected.len(), "messages that cannot be rolled up are set aside with their reason");
         }
-        // 4. The write-ahead note, then the set-aside messages and the output, then the counts.
+        // 4. The set-aside messages, the write-ahead note, the output, then the counts.
+        if !rejected.is_empty() {
+            let body: String = rejected.iter().map(|r| format!("{r}\n")).collect();
+            let name = format!("rejected/{queue}/{:032x}.ndjson", xxhash_rust::xxh3::xxh3_128(body.as_bytes()));
+            self.output
+                .put(&name, body.into(), Precondition::None)
+                .await
+                .map_err(|source| RollupError::Output { uri: self.output.uri(&name), source })?;
+        }
         let id = intent_id();
         let output = format!("{queue}/{id}.ndjson");
         let mut counts = Counted::default();
         for (_, key) in &fresh {
             counts.insert(key);
         }
-        let note = Note { counts, until: deadline.map(|d| d + NOTE_MARGIN_S), at: now_unix() };
+        let note = Note { counts, body: rollup.ndjson(queue, None, Some(&id)) };
         checkpoint.pending.insert(output.clone(), note.clone());
         let noted = self.write_checkpoint(&cp_id, &checkpoint, version.as_ref()).await.map_err(cp_err)?;
-        if !rejected.is_empty() {
-            let name = format!("rejected/{queue}/{id}.ndjson");
-            let body: String = rejected.iter().map(|r| format!("{r}\n")).collect();
-            self.output
-                .put(&name, body.into(), Precondition::None)
-                .await
-                .map_err(|source| RollupError::Output { uri: self.output.uri(&name), source })?;
-        }
-        let body = rollup.ndjson(queue, None, Some(&id));
-        match self.output.put(&output, body.into(), Precondition::IfAbsent).await {
-            Ok(_) | Err(StoreError::PreconditionFailed { .. }) => {}
-            Err(source) => return Err(RollupError::Output { uri: self.output.uri(&output), source }),
-        }
+        self.write_output(&output, &note.body).await?;
         #[cfg(feature = "fault-injection")]
         if self.settings.faults.crash_after_output {
             warn!(output, "injected crash after writing the output");
@@ -292,14 +277,23 @@ impl RollupHandler {
         }
         checkpoint.pending.remove(&output);
         checkpoint.counted.extend(&note.counts);
-        // A conflict here: another invocation read the note and found the output, and has counted
-        // it (or will): nothing is lost by stopping.
+        // A conflict here: another invocation found the note and finished it: nothing is lost by
+        // stopping.
         match self.checkpoints.replace(&cp_id, &checkpoint, &noted).await {
             Ok(_) | Err(pushpull::checkpoint::CheckpointError::Conflict { .. }) => {}
             Err(e) => return Err(cp_err(e)),
         }
         info!(counted = fresh.len() - rejected.len(), set_aside = rejected.len(), skipped, output, "rolled up");
         Ok((fresh.len() - rejected.len(), rejected.len()))
+    }
+
+    /// Writes output `name` unless it is there (a note finished by two invocations is written
+    /// once, with the same body either way).
+    async fn write_output(&self, name: &str, body: &str) -> Result<(), RollupError> {
+        match self.output.put(name, body.to_owned().into(), Precondition::IfAbsent).await {
+            Ok(_) | Err(StoreError::PreconditionFailed { .. }) => Ok(()),
+            Err(source) => Err(RollupError::Output { uri: self.output.uri(name), source }),
+        }
     }
 
     async fn write_checkpoint(
@@ -313,6 +307,21 @@ impl RollupHandler {
             None => self.checkpoints.create(id, value).await,
         }
     }
+}
+
+/// `name` as one path segment of a checkpoint's id: `%`, `/` and a leading `.` percent-encoded,
+/// so that no two (virtual host, queue) pairs share a checkpoint and none leaves its directory.
+fn path_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for (i, c) in name.char_indices() {
+        match c {
+            '%' => out.push_str("%25"),
+            '/' => out.push_str("%2F"),
+            '.' if i == 0 => out.push_str("%2E"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A message as a record of a shard: the partition key from its header, its place in the batch
@@ -470,48 +479,54 @@ mod tests {
         assert!(rejected[1]["reason"].as_str().unwrap().contains('n'), "{rejected:?}");
     }
 
-    /// The crash point of the protocol: the output written, the checkpoint not moved. The next
-    /// invocation finds the output by the note and counts its lines then.
-    #[tokio::test]
-    async fn an_output_written_before_a_crash_counts_once_by_its_note() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = handler(dir.path());
-        let ev = event(&[(Some("b/k@e#1"), r#"{"user":"ann","n":1}"#), (Some("b/k@e#2"), r#"{"user":"ann","n":2}"#)]);
-        h.handle(&ev).await.unwrap();
-        // Put the checkpoint back as it was between the output and the move: the note alone.
-        let cp = dir.path().join("cp/pull/rabbitmq/%2F/records.json");
-        let out = std::fs::read_dir(dir.path().join("out/records")).unwrap().next().unwrap().unwrap().file_name();
-        let note = format!(
-            r#"{{"pending":{{"records/{}":{{"counts":{{"lines":{{"b/k@e":[[1,2]]}}}},"at":{}}}}}}}"#,
-            out.to_string_lossy(),
-            now_unix()
-        );
-        std::fs::write(&cp, note).unwrap();
-        h.handle(&ev).await.unwrap();
-        assert_eq!(counts(dir.path()), vec![("ann".to_owned(), 2)]);
-        assert_eq!(std::fs::read_to_string(&cp).unwrap(), r#"{"lines":{"b/k@e":[[1,2]]}}"#);
+    /// A note as another invocation leaves it when it dies after noting its output.
+    fn note_of(output: &str, lines: &str, body: &str) -> String {
+        serde_json::json!({"pending": {output: {"counts": {"lines": {"b/k@e": serde_json::from_str::<serde_json::Value>(lines).unwrap()}}, "body": body}}})
+            .to_string()
     }
 
-    /// A note whose writer may still be at work blocks the queue (retried); once its deadline has
-    /// passed without an output, it is dropped and its messages are counted by whoever has them.
+    /// The protocol's crash points: a note left with its output written, and one left without.
+    /// Whoever reads the checkpoint next finishes the note from what it holds (never waiting for
+    /// a writer that may be gone): its lines count once, and the redelivered messages are skipped.
     #[tokio::test]
-    async fn a_note_without_its_output_blocks_until_its_writer_must_be_dead() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = handler(dir.path());
-        let cp = dir.path().join("cp/pull/rabbitmq/%2F/records.json");
-        std::fs::create_dir_all(cp.parent().unwrap()).unwrap();
-        let note = |until: f64| {
-            format!(
-                r#"{{"pending":{{"records/x.ndjson":{{"counts":{{"lines":{{"b/k@e":[[1,1]]}}}},"until":{until},"at":0}}}}}}"#
-            )
-        };
-        std::fs::write(&cp, note(now_unix() + 60.0)).unwrap();
-        let ev = event(&[(Some("b/k@e#1"), r#"{"user":"ann","n":1}"#)]);
-        let err = h.handle(&ev).await.unwrap_err();
-        assert!(matches!(err, RollupError::NotePending { .. }), "{err}");
-        std::fs::write(&cp, note(now_unix() - 1.0)).unwrap();
-        h.handle(&ev).await.unwrap();
-        assert_eq!(counts(dir.path()), vec![("ann".to_owned(), 1)]);
+    async fn a_note_left_by_a_crash_is_finished_by_the_next_invocation_with_or_without_its_output() {
+        for output_written in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let h = handler(dir.path());
+            let cp = dir.path().join("cp/pull/rabbitmq/%2F/records.json");
+            std::fs::create_dir_all(cp.parent().unwrap()).unwrap();
+            let body = "{\"key\":\"ann\",\"count\":2,\"sum\":3,\"shard_id\":\"records\",\"writer\":\"w1\"}\n";
+            std::fs::write(&cp, note_of("records/w1.ndjson", "[[1,2]]", body)).unwrap();
+            if output_written {
+                std::fs::create_dir_all(dir.path().join("out/records")).unwrap();
+                std::fs::write(dir.path().join("out/records/w1.ndjson"), body).unwrap();
+            }
+            let ev = event(&[
+                (Some("b/k@e#1"), r#"{"user":"ann","n":1}"#),
+                (Some("b/k@e#2"), r#"{"user":"ann","n":2}"#),
+                (Some("b/k@e#3"), r#"{"user":"bob","n":3}"#),
+            ]);
+            h.handle(&ev).await.unwrap();
+            assert_eq!(
+                counts(dir.path()),
+                vec![("ann".to_owned(), 2), ("bob".to_owned(), 1)],
+                "written: {output_written}"
+            );
+            assert_eq!(std::fs::read_to_string(&cp).unwrap(), r#"{"lines":{"b/k@e":[[1,3]]}}"#);
+            // The slow writer, if alive, writes the same output under the same name: once.
+            assert!(h.output.put("records/w1.ndjson", body.into(), Precondition::IfAbsent).await.is_err());
+        }
+    }
+
+    #[test]
+    fn checkpoint_names_keep_virtual_hosts_and_queues_apart() {
+        assert_eq!(path_segment("/"), "%2F");
+        assert_ne!(
+            format!("{}/{}", path_segment("a/b"), path_segment("c")),
+            format!("{}/{}", path_segment("a"), path_segment("b/c"))
+        );
+        assert_eq!(path_segment(".."), "%2E.");
+        assert_eq!(path_segment("orders.v2"), "orders.v2");
     }
 
     #[test]

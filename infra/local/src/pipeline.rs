@@ -753,7 +753,8 @@ pub struct Report {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RabbitMqRun {
     /// The broker's AMQP URL as a client uses it (the sample's local credentials and virtual
-    /// host: reachable after the run with `KEEP_RUNNING=1`).
+    /// host: reachable after the run with `KEEP_RUNNING=1`); another broker's without its
+    /// password.
     pub url: String,
     /// The queue.
     pub queue: String,
@@ -1153,7 +1154,9 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         (None, None) => (RawSettings::from_template(&t, None)?.overlay(config.mapping.clone()).validate()?, None),
     };
     let rabbitmq = mq_source.as_ref().map(|(source, dead_letters)| RabbitMqRun {
-        url: source.url.clone(),
+        // The sample's own broker with its local credentials, as a client would use it; another
+        // broker's password is not printed.
+        url: if rabbitmq_control.is_some() { source.url.clone() } else { source.redacted() },
         queue: source.queue.clone(),
         dead_letters: dead_letters.clone(),
         ..RabbitMqRun::default()
@@ -1356,10 +1359,13 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         }
         if started.elapsed() > config.timeout {
             break Err(PipelineError::Run(format!(
-                "not done after {:?}: {pushed}/{} objects pushed, {sent} records sent, {} pulled",
+                "not done after {:?}: {pushed}/{} objects pushed, {sent} records sent, {} pulled; the mapping {} caught up, {} idle, reads {} partitions",
                 config.timeout,
                 uploads.len(),
-                records_read
+                records_read,
+                if mapping.caught_up_since().is_some() { "is" } else { "is not" },
+                if mapping.is_idle() { "is" } else { "not" },
+                mapping.reading(),
             )));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

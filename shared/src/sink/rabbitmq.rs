@@ -43,6 +43,10 @@ use super::{FailedEntry, OutRecord, PutOutcome, RecordSink, SinkError};
 #[doc(inline)]
 pub use crate::pull::rabbitmq::{PARTITION_KEY_HEADER, message_id, parse_message_id};
 
+/// How long one call waits for the broker (publishing and confirming) before its unconfirmed
+/// entries fail (retryable) and the connection is dropped.
+const CALL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Records into one RabbitMQ queue.
 pub struct RabbitMqSink {
     url: String,
@@ -150,27 +154,42 @@ impl RecordSink for RabbitMqSink {
         let usable = open.as_ref().is_some_and(|(c, ch)| c.status().connected() && ch.status().connected());
         if !usable {
             *open = None;
-            *open = Some(self.open().await?);
+            let opened = tokio::time::timeout(CALL_DEADLINE, self.open()).await.map_err(|_| {
+                SinkError::new(format!("RabbitMQ at {} did not answer in {CALL_DEADLINE:?}", redacted(&self.url)), true)
+            })?;
+            *open = Some(opened?);
         }
         let Some((_, channel)) = open.as_ref() else { unreachable!("opened above") };
         let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
         // Published all at once (the broker confirms them as it takes them), confirmed after.
         let mut confirms = Vec::with_capacity(records.len());
         let mut first_failure: Option<(usize, String, String)> = None;
+        // A broker that stops answering (a connection half-gone, publishers blocked by a memory
+        // alarm) fails the call's unconfirmed entries after this, rather than holding the
+        // invocation until its timeout.
+        let deadline = tokio::time::Instant::now() + CALL_DEADLINE;
+        let late = || ("NoAnswer".to_owned(), format!("no answer from the broker in {CALL_DEADLINE:?}"));
         for (i, r) in records.iter().enumerate() {
-            let published = channel
-                .basic_publish(
+            let published = tokio::time::timeout_at(
+                deadline,
+                channel.basic_publish(
                     "".into(),
                     self.queue.as_str().into(),
                     BasicPublishOptions { mandatory: true, ..Default::default() },
                     &r.data,
                     self.properties(r, now_s),
-                )
-                .await;
+                ),
+            )
+            .await;
             match published {
-                Ok(confirm) => confirms.push(confirm),
-                Err(e) => {
+                Ok(Ok(confirm)) => confirms.push(confirm),
+                Ok(Err(e)) => {
                     first_failure = Some((i, "PublishFailed".to_owned(), e.to_string()));
+                    break;
+                }
+                Err(_) => {
+                    let (code, message) = late();
+                    first_failure = Some((i, code, message));
                     break;
                 }
             }
@@ -180,7 +199,12 @@ impl RecordSink for RabbitMqSink {
             if first_failure.as_ref().is_some_and(|f| f.0 <= i) {
                 break;
             }
-            match confirm.await {
+            let Ok(confirmed) = tokio::time::timeout_at(deadline, confirm).await else {
+                let (code, message) = late();
+                first_failure = Some((i, code, message));
+                break;
+            };
+            match confirmed {
                 Ok(Confirmation::Ack(None)) => {}
                 Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r))) => {
                     returned.get_or_insert_with(|| format!("{} {}", r.reply_code, r.reply_text));

@@ -63,20 +63,35 @@ pub(crate) async fn run(
     stop: watch::Receiver<bool>,
 ) -> Result<(), MappingError> {
     let mut first = true;
+    let mut stopping = stop.clone();
     loop {
         match session(ctx.clone(), &source, stop.clone(), first).await? {
             None => return Ok(()),
             Some(lost) => {
+                warn!(broker = %source.redacted(), error = %lost, "rabbitmq mapping: connection lost; connecting again");
+                // Asked to stop meanwhile: nothing more to read.
+                tokio::select! {
+                    () = tokio::time::sleep(RECONNECT_EVERY) => {}
+                    _ = stopping.wait_for(|s| *s) => return Ok(()),
+                }
                 if *stop.borrow() {
                     return Ok(());
                 }
-                warn!(broker = %source.redacted(), error = %lost, "rabbitmq mapping: connection lost; connecting again");
-                ctx.stats().counts.reconnects += 1;
-                tokio::time::sleep(RECONNECT_EVERY).await;
             }
         }
         first = false;
     }
+}
+
+/// How long opening a connection (and its channels and consumer) may take before it counts as
+/// lost and is tried again.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Whether `e` is the broker refusing what the mapping names (no such queue, no access): the
+/// mapping's configuration, which connecting again cannot mend.
+fn refused(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    text.contains("NOT_FOUND") || text.contains("ACCESS_REFUSED") || text.contains("NOT_ALLOWED")
 }
 
 /// How often a lost connection is tried again.
@@ -91,35 +106,48 @@ async fn session(
     first: bool,
 ) -> Result<Option<String>, MappingError> {
     // Before the first connection is up, every failure is the caller's (a wrong URL, no such
-    // queue); after it, a failure to connect is a broker still on its way back.
-    let lost = |e: MappingError| if first { Err(e) } else { Ok(Some(e.to_string())) };
+    // queue); after it, a failure to connect or to set up is a broker still on its way back,
+    // unless the broker refuses the queue (deleted, or access taken away).
     let where_ = source.redacted();
-    let connection = match Connection::connect(&source.url, ConnectionProperties::default()).await {
-        Ok(c) => c,
-        Err(e) => return lost(err(format!("connecting to {where_}"), e)),
-    };
-    // The queue must exist: a passive declare answers 404 otherwise (and closes its channel).
-    let probe = connection.create_channel().await.map_err(|e| err("a channel", e))?;
-    probe
-        .queue_declare(
-            source.queue.as_str().into(),
-            QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| err(format!("queue {} on {where_}", source.queue), e))?;
-    let channel = connection.create_channel().await.map_err(|e| err("a channel", e))?;
     let prefetch = ctx.settings.batch_size.saturating_mul(2).clamp(1, u32::from(u16::MAX)) as u16;
-    channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| err("basic.qos", e))?;
-    let mut consumer = channel
-        .basic_consume(
-            source.queue.as_str().into(),
-            "pushpull-local-esm".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| err(format!("consuming {}", source.queue), e))?;
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
+        let connection = Connection::connect(&source.url, ConnectionProperties::default())
+            .await
+            .map_err(|e| (format!("connecting to {where_}"), e))?;
+        // The queue must exist: a passive declare answers 404 otherwise (and closes its channel).
+        let probe = connection.create_channel().await.map_err(|e| ("a channel".to_owned(), e))?;
+        probe
+            .queue_declare(
+                source.queue.as_str().into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| (format!("queue {} on {where_}", source.queue), e))?;
+        let channel = connection.create_channel().await.map_err(|e| ("a channel".to_owned(), e))?;
+        channel.basic_qos(prefetch, BasicQosOptions::default()).await.map_err(|e| ("basic.qos".to_owned(), e))?;
+        let consumer = channel
+            .basic_consume(
+                source.queue.as_str().into(),
+                "pushpull-local-esm".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| (format!("consuming {}", source.queue), e))?;
+        Ok::<_, (String, lapin::Error)>((connection, channel, consumer))
+    })
+    .await;
+    let (connection, channel, mut consumer) = match opened {
+        Ok(Ok(opened)) => opened,
+        Ok(Err((what, e))) if first || refused(&e) => return Err(err(what, e)),
+        Ok(Err((what, e))) => return Ok(Some(format!("{what}: {e}"))),
+        Err(_) if first => return Err(MappingError::RabbitMq(format!("{where_} did not answer in {OPEN_TIMEOUT:?}"))),
+        Err(_) => return Ok(Some(format!("{where_} did not answer in {OPEN_TIMEOUT:?}"))),
+    };
+    if !first {
+        ctx.stats().counts.reconnects += 1;
+    }
     info!(queue = %source.queue, broker = %where_, prefetch, "rabbitmq mapping: consuming");
     let partition = Arc::new(MqPartition::new(
         Envelope { event_source_arn: source.event_source_arn(), key: format!("{}::{}", source.queue, source.vhost()) },
@@ -183,11 +211,24 @@ async fn session(
             ended
         }
     };
+    // A depth check that fails (its channel gone with the connection) ends the session as lost.
+    let lost_depth: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let checker = {
-        let depth = connection.create_channel().await.map_err(|e| err("a channel", e))?;
+        let depth = match connection.create_channel().await {
+            Ok(c) => c,
+            Err(e) if first => return Err(err("a channel", e)),
+            Err(e) => return Ok(Some(format!("a channel: {e}"))),
+        };
         let (ctx, queue, id, received_at) =
             (ctx.clone(), source.queue.clone(), partition.name().to_owned(), received_at.clone());
-        tokio::spawn(async move { check_depth(&ctx, &depth, &queue, &id, &received_at).await })
+        let (lost_depth, quit_tx) = (lost_depth.clone(), quit_tx.clone());
+        tokio::spawn(async move {
+            let e = check_depth(&ctx, &depth, &queue, &id, &received_at).await;
+            if let Ok(mut l) = lost_depth.lock() {
+                *l = Some(e);
+            }
+            let _ = quit_tx.send(true);
+        })
     };
     // Stopping (asked to, or idle): the reader stops taking deliveries and the lane finishes its
     // batch in flight, for at most the grace period; what is left unacknowledged goes back to the
@@ -224,6 +265,10 @@ async fn session(
     if let Ok(mut c) = ctx.caught_up.lock() {
         c.remove(&id_of_session);
     }
+    let result = match (result, lost_depth.lock().ok().and_then(|mut l| l.take())) {
+        (Ok(None), Some(reason)) => Ok(Some(reason)),
+        (other, _) => other,
+    };
     let _ = connection.close(200, "pushpull-local esm stopping".into()).await;
     result
 }
@@ -232,7 +277,7 @@ async fn session(
 /// the last look, twice in a row, on a connection at least [`SETTLE`] old: just after a broker
 /// restart a quorum queue answers a passive declare before it has recovered the messages it
 /// requeued (a 100,000-line storm ended "caught up" with 356 of them still to come).
-async fn check_depth(ctx: &Ctx, channel: &lapin::Channel, queue: &str, id: &str, received_at: &AtomicU64) {
+async fn check_depth(ctx: &Ctx, channel: &lapin::Channel, queue: &str, id: &str, received_at: &AtomicU64) -> String {
     let opened = tokio::time::Instant::now();
     let mut empty_looks = 0u32;
     loop {
@@ -249,7 +294,7 @@ async fn check_depth(ctx: &Ctx, channel: &lapin::Channel, queue: &str, id: &str,
             Ok(q) => q.message_count(),
             Err(e) => {
                 warn!(queue, error = %e, "could not ask the queue's depth");
-                return;
+                return format!("asking the depth of {queue}: {e}");
             }
         };
         let last = f64::from_bits(received_at.load(Ordering::SeqCst));
