@@ -12,7 +12,10 @@ features=(default "" runtime emf kinesis dynamodb sqs kafka rabbitmq push aggreg
 for f in "${features[@]}"; do
   if [ "$f" = default ]; then args=(); label="default"; else args=(--no-default-features --features "$f"); label="${f:-none}"; fi
   log="$(mktemp)"
-  if ! cargo test -q -p pushpull "${args[@]}" >"$log" 2>&1; then
+  # One test at a time in the process, as nextest runs them (a process each): the tests share the
+  # process's helper pool and tracing's callsite cache, and two of them failed, seen four runs in a
+  # row on one day and then not, when another test ran beside them (never under nextest).
+  if ! cargo test -q -p pushpull "${args[@]}" -- --test-threads=1 >"$log" 2>&1; then
     cat "$log" >&2; rm -f "$log"
     echo "[library] cargo test -p pushpull ${args[*]}: FAILED" >&2
     exit 1
