@@ -78,17 +78,9 @@ impl RabbitMqParts {
     }
 }
 
-/// Percent-encodes all but RFC 3986's unreserved characters.
+/// Percent-encodes all but letters and digits (what AMQP's URI rules decode).
 fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
 
 /// The function's settings: the library's push settings, the destination, the partition key

@@ -86,6 +86,23 @@ impl<'a> RabbitMqEvent<'a> {
 /// partition key.
 pub const PARTITION_KEY_HEADER: &str = "pushpull-partition-key";
 
+/// An AMQP URL without its password, for logs and errors: the user information ends at the
+/// authority's last `@` (a password may hold one); the path is kept.
+///
+/// ```
+/// use pushpull::pull::rabbitmq::redacted;
+/// assert_eq!(redacted("amqp://u:p@ss@broker:5672/%2fprod"), "amqp://u:***@broker:5672/%2fprod");
+/// assert_eq!(redacted("amqps://h:5671"), "amqps://h:5671");
+/// ```
+pub fn redacted(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let (user, host) = authority.rsplit_once('@').map_or((None, authority), |(u, h)| (Some(u), h));
+    let user = user.map(|u| format!("{}:***@", u.split(':').next().unwrap_or(u))).unwrap_or_default();
+    let path = path.map(|p| format!("/{p}")).unwrap_or_default();
+    format!("{scheme}://{user}{host}{path}")
+}
+
 /// The longest `message-id` AMQP carries (a short string).
 const MAX_MESSAGE_ID: usize = 255;
 

@@ -191,10 +191,7 @@ impl RabbitMqSource {
 
     /// The URL without its password, for logs and errors.
     pub fn redacted(&self) -> String {
-        let (scheme, user, host, path) = self.parts();
-        let user = user.map(|u| format!("{}:***@", u.split(':').next().unwrap_or(u))).unwrap_or_default();
-        let path = path.map(|p| format!("/{p}")).unwrap_or_default();
-        format!("{scheme}://{user}{host}{path}")
+        pushpull::pull::rabbitmq::redacted(&self.url)
     }
 
     /// The mapping's `EventSourceArn`: the broker's ARN, or for a broker that has none a name of
