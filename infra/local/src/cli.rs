@@ -5,6 +5,7 @@ use std::time::Duration;
 use pushpull::store::{Location, Store};
 use pushpull_local::invoke::{InvokeClient, InvokeServer};
 use pushpull_local::localstack::{ACCOUNT, Local, REGION, function_env};
+use pushpull_local::mapping::sqs::LONG_POLL_SECONDS;
 use pushpull_local::mapping::{Clients, KafkaSource, RabbitMqSource, RawSettings, Runner, RunnerOptions};
 use pushpull_local::realism::Realism;
 use pushpull_local::realism::iam::Policies;
@@ -163,6 +164,21 @@ pub struct EsmArgs {
     /// The Amazon MQ broker's ARN the events carry (default: a name built from the URL's host).
     #[arg(long)]
     mq_broker_arn: Option<String>,
+    /// An SQS mapping from the flags alone: the queue's name, URL or ARN (on LocalStack, or AWS
+    /// with --aws). Without it, the template's `SQS` event is read if a function has one.
+    #[arg(long, value_name = "NAME_OR_URL")]
+    sqs_queue: Option<String>,
+    /// An SQS mapping's ScalingConfig.MaximumConcurrency (2..1000).
+    #[arg(long)]
+    maximum_concurrency: Option<String>,
+    /// WaitTimeSeconds of an SQS mapping's ReceiveMessage: 20 (long polling, as AWS's pollers)
+    /// or less; 0 is short polling, to measure what long polling saves (not an AWS setting).
+    #[arg(long, default_value_t = LONG_POLL_SECONDS, value_parser = clap::value_parser!(u8).range(0..=20))]
+    sqs_wait_time_seconds: u8,
+    /// The function's timeout in seconds, which an SQS queue's visibility timeout must not be
+    /// shorter than (default: the template's Timeout, else Lambda's default 3).
+    #[arg(long)]
+    function_timeout: Option<u64>,
     /// BatchSize (1..10000).
     #[arg(long)]
     batch_size: Option<String>,
@@ -264,6 +280,10 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
         .clone()
         .map(|s| if s.starts_with("arn:") { s } else { format!("arn:aws:kinesis:{REGION}:{ACCOUNT}:stream/{s}") });
     let flags = raw_flags(&args, stream);
+    if let Some(queue) = args.sqs_queue.clone() {
+        let raw = raw_flags(&args, None);
+        return esm_sqs(args, queue, raw, None).await;
+    }
     if let Some(url) = args.rabbitmq_url.clone() {
         let queue = args.rabbitmq_queue.clone().ok_or("--rabbitmq-queue is required with --rabbitmq-url")?;
         let source = RabbitMqSource { url, queue, broker_arn: args.mq_broker_arn.clone() };
@@ -298,6 +318,11 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
                 source.cluster_arn = Some(arn.clone());
             }
             return esm_kafka(args, source, raw).await;
+        }
+        // The template's SQS event.
+        if let Some((raw, queue, timeout)) = RawSettings::from_template_sqs(&t, args.function.as_deref())? {
+            let raw = raw.overlay(raw_flags(&args, None));
+            return esm_sqs(args, queue, raw, Some(timeout)).await;
         }
     }
     let local = match args.aws {
@@ -430,6 +455,7 @@ fn raw_flags(args: &EsmArgs, stream: Option<String>) -> RawSettings {
         enabled: None,
         metrics: args.metrics_config.clone(),
         provisioned_pollers: args.provisioned_pollers.clone(),
+        maximum_concurrency: args.maximum_concurrency.clone(),
     }
 }
 
@@ -491,6 +517,38 @@ async fn esm_rabbitmq(args: EsmArgs, source: RabbitMqSource, raw: RawSettings) -
     let summary =
         Runner::run_rabbitmq(settings, source, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx)
             .await?;
+    println!("esm summary\n{summary}");
+    if let Some(path) = args.summary_json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+    }
+    Ok(())
+}
+
+/// `esm` on SQS: pollers long-polling the queue (`pushpull_local::mapping::sqs`).
+async fn esm_sqs(
+    args: EsmArgs,
+    queue: String,
+    raw: RawSettings,
+    template_timeout: Option<Duration>,
+) -> Result<(), Error> {
+    let clients = if args.aws { aws_clients().await } else { Clients::from(&Local::connect().await?) };
+    let source = pushpull_local::mapping::sqs::describe(&clients.sqs, &queue, args.sqs_wait_time_seconds).await?;
+    let timeout = args.function_timeout.map(Duration::from_secs).or(template_timeout).unwrap_or(Duration::from_secs(3));
+    let settings = raw.validate_sqs(&source, timeout)?;
+    let mut options = RunnerOptions::new(&settings, Store::file(std::env::temp_dir()));
+    options.stop_when_idle = args.stop_when_idle.map(|s| Duration::from_secs_f64(s.max(0.0)));
+    options.stop_grace = Duration::from_millis(args.stop_grace_ms);
+    eprintln!(
+        "esm: sqs {} (WaitTimeSeconds {}, visibility timeout {} s) -> {} at {}",
+        source.queue_arn,
+        source.wait_time_seconds,
+        source.visibility_timeout.as_secs(),
+        settings.function_name,
+        args.invoke_endpoint
+    );
+    let stop_rx = stop_on_signals()?;
+    let summary =
+        Runner::run_sqs(settings, source, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx).await?;
     println!("esm summary\n{summary}");
     if let Some(path) = args.summary_json {
         std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;

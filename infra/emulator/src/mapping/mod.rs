@@ -47,6 +47,7 @@ pub mod rabbitmq;
 mod rules;
 pub mod settings;
 pub mod source;
+pub mod sqs;
 mod stats;
 #[cfg(test)]
 pub(crate) mod testkit;
@@ -54,7 +55,9 @@ pub(crate) mod testkit;
 pub use clock::now_unix;
 pub use kafka::{GroupEvent, GroupView};
 pub use options::{Delivered, Polling, RunnerOptions, default_worker_id};
-pub use settings::{Destination, KafkaSource, MappingSettings, MqEvent, RabbitMqSource, RawSettings, StartingPosition};
+pub use settings::{
+    Destination, KafkaSource, MappingSettings, MqEvent, RabbitMqSource, RawSettings, SqsSource, StartingPosition,
+};
 use stats::Stats;
 pub use stats::{Counts, LeaseEvent, Summary};
 
@@ -105,6 +108,9 @@ pub enum MappingError {
     /// The RabbitMQ consumer failed for good (no broker, queue gone, refused credentials).
     #[error("{0}")]
     RabbitMq(String),
+    /// SQS refused the mapping for good (no such queue, no access).
+    #[error("{0}")]
+    Sqs(String),
     /// A lane's task failed (it panicked or was cancelled).
     #[error("a lane of {partition} failed: {reason}")]
     Lane {
@@ -170,9 +176,22 @@ impl Ctx {
     }
 
     /// Whether it reads a stream (Kinesis, DynamoDB), which AWS publishes `IteratorAge` for: not
-    /// a Kafka topic, not an Amazon MQ queue.
+    /// a Kafka topic, not an Amazon MQ or SQS queue.
     pub(crate) fn reads_a_stream(&self) -> bool {
-        !self.is_kafka() && !self.settings.event_source_arn().starts_with("arn:aws:mq:")
+        let arn = self.settings.event_source_arn();
+        !self.is_kafka() && !arn.starts_with("arn:aws:mq:") && !arn.starts_with("arn:aws:sqs:")
+    }
+
+    /// A queue mapping has nothing left to do: nothing read is undone, every partition was last
+    /// found caught up, and nothing happened for `idle`.
+    pub(crate) fn idle_for(&self, idle: std::time::Duration) -> bool {
+        if self.pending.load(Ordering::SeqCst) > 0 {
+            return false;
+        }
+        let caught_up =
+            self.caught_up.lock().map(|c| !c.is_empty() && c.values().all(Option::is_some)).unwrap_or(false);
+        let quiet = self.last_activity.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
+        caught_up && quiet
     }
 
     /// The core's context for `settings`, invoking through `invoker` and giving up to
@@ -216,6 +235,7 @@ impl Ctx {
         s.group = self.group.lock().ok().and_then(|g| g.as_ref().and_then(|g| g.lock().ok().map(|g| g.clone())));
         let source = self.settings.event_source_arn();
         s.amazon_mq = source.starts_with("arn:aws:mq:").then(|| source.to_owned());
+        s.sqs = source.starts_with("arn:aws:sqs:").then(|| source.to_owned());
         s
     }
 
@@ -290,6 +310,38 @@ impl Runner {
         let result = rabbitmq::run(ctx.clone(), source, stop).await;
         let summary = ctx.summary();
         result.map(|()| summary)
+    }
+
+    /// Runs an SQS mapping on `source` until `stop` turns true (or it is idle, if so configured),
+    /// and says what it did ([`sqs`]).
+    pub async fn run_sqs(
+        settings: MappingSettings,
+        source: SqsSource,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: impl Invoker,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Summary, MappingError> {
+        let sqs = clients.sqs.clone();
+        let ctx = Self::core(settings, options, clients, Arc::new(invoker));
+        let result = sqs::run(ctx.clone(), sqs, source, stop).await;
+        let summary = ctx.summary();
+        result.map(|()| summary)
+    }
+
+    /// Starts an SQS mapping in the background.
+    pub fn start_sqs(
+        settings: MappingSettings,
+        source: SqsSource,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: impl Invoker,
+    ) -> RunningMapping {
+        let sqs = clients.sqs.clone();
+        let ctx = Self::core(settings, options, clients, Arc::new(invoker));
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(sqs::run(ctx.clone(), sqs, source, rx));
+        RunningMapping { ctx, stop, task }
     }
 
     /// Starts an Amazon MQ for RabbitMQ mapping in the background.

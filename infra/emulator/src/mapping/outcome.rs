@@ -26,6 +26,9 @@ pub enum Verdict {
     RetryFrom {
         /// Index into the batch of the lowest failed sequence number.
         index: usize,
+        /// Every index the response names, ascending, once each (a queue's source retries only
+        /// these: [`super::source::Partition::failures_stand_alone`]).
+        failed: Vec<usize>,
         /// Window state returned (it covers the records before `index`).
         state: Option<WindowState>,
     },
@@ -104,7 +107,7 @@ pub fn judge(
         Some(Value::Array(a)) => a,
         Some(other) => return failed(format!("batchItemFailures is not a list: {other}")),
     };
-    let mut lowest: Option<usize> = None;
+    let mut named: Vec<usize> = Vec::new();
     for e in entries {
         let id = match e.get("itemIdentifier") {
             Some(Value::String(s)) if s.is_empty() => {
@@ -117,10 +120,12 @@ pub fn judge(
             Ok(index) => index,
             Err(why) => return failed(why),
         };
-        lowest = Some(lowest.map_or(index, |l| l.min(index)));
+        named.push(index);
     }
-    match lowest {
-        Some(index) => Verdict::RetryFrom { index, state },
+    named.sort_unstable();
+    named.dedup();
+    match named.first() {
+        Some(&index) => Verdict::RetryFrom { index, failed: named, state },
         None => Verdict::Success { state },
     }
 }
@@ -239,10 +244,10 @@ mod tests {
             true,
             false,
         );
-        assert_eq!(v, Verdict::RetryFrom { index: 1, state: None });
+        assert_eq!(v, Verdict::RetryFrom { index: 1, failed: vec![1, 2], state: None });
         // Leading zeros name the same number.
         let v = judge(&resp(r#"{"batchItemFailures":[{"itemIdentifier":"0009"}]}"#), ids(&b), true, false);
-        assert_eq!(v, Verdict::RetryFrom { index: 0, state: None });
+        assert_eq!(v, Verdict::RetryFrom { index: 0, failed: vec![0], state: None });
         // Whole-batch failures.
         for body in [
             r#"{"batchItemFailures":[{"itemIdentifier":""}]}"#,
@@ -283,7 +288,14 @@ mod tests {
         assert!(matches!(judge(&resp(r#"{"batchItemFailures":[]}"#), ids(&b), true, true), Verdict::Failed { .. }));
         let v =
             judge(&resp(r#"{"state":{"n":"2"},"batchItemFailures":[{"itemIdentifier":"2"}]}"#), ids(&b), true, true);
-        assert_eq!(v, Verdict::RetryFrom { index: 1, state: Some(json!({"n": "2"}).as_object().unwrap().clone()) });
+        assert_eq!(
+            v,
+            Verdict::RetryFrom {
+                index: 1,
+                failed: vec![1],
+                state: Some(json!({"n": "2"}).as_object().unwrap().clone())
+            }
+        );
         // AWS's own example returns numbers (services-kinesis-windows: `{"state": {"1": 282, "2":
         // 715}, "batchItemFailures": []}`): they come back as numbers.
         let v = judge(&resp(r#"{"state":{"1":282,"2":715},"batchItemFailures":[]}"#), ids(&b), true, true);

@@ -221,6 +221,36 @@ impl RabbitMqSource {
     }
 }
 
+/// An SQS event source: the queue as `GetQueueAttributes` describes it
+/// ([`crate::mapping::sqs::describe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqsSource {
+    /// The queue's URL (what SQS's calls take).
+    pub queue_url: String,
+    /// The queue's ARN (the mapping's `EventSourceArn`, the records' `eventSourceARN`).
+    pub queue_arn: String,
+    /// The queue's `VisibilityTimeout`: how long a received message stays hidden.
+    pub visibility_timeout: Duration,
+    /// The queue's redrive policy (`maxReceiveCount` and dead-letter queue), if it has one: SQS's
+    /// own, carried out by SQS.
+    pub redrive_policy: Option<String>,
+    /// `WaitTimeSeconds` of the pollers' `ReceiveMessage`: 20, long polling, as AWS's pollers do;
+    /// 0 (short polling) only to measure what long polling saves. Not an AWS setting.
+    pub wait_time_seconds: u8,
+}
+
+impl SqsSource {
+    /// A FIFO queue (its name ends in `.fifo`).
+    pub fn is_fifo(&self) -> bool {
+        self.queue_arn.ends_with(".fifo")
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        self.queue_arn.rsplit(':').next().unwrap_or_default()
+    }
+}
+
 /// A function's event of one of the wanted types, found in the template.
 struct FoundEvent {
     /// The function's logical id.
@@ -411,6 +441,9 @@ pub struct MappingSettings {
     pub event_count_metrics: bool,
     /// A Kafka mapping's provisioned mode: `(MinimumPollers, MaximumPollers)`; `None`: on-demand.
     pub provisioned_pollers: Option<(u32, u32)>,
+    /// An SQS mapping's `ScalingConfig.MaximumConcurrency` (2 to 1,000); `None`: the function's
+    /// concurrency is the only bound.
+    pub maximum_concurrency: Option<u32>,
 }
 
 impl MappingSettings {
@@ -511,6 +544,8 @@ pub struct RawSettings {
     pub metrics: Option<String>,
     /// `ProvisionedPollerConfig` (Kafka) as `MIN,MAX` pollers; "" for on-demand mode.
     pub provisioned_pollers: Option<String>,
+    /// `ScalingConfig.MaximumConcurrency` (SQS): 2 to 1,000; "" for none.
+    pub maximum_concurrency: Option<String>,
 }
 
 impl RawSettings {
@@ -536,7 +571,8 @@ impl RawSettings {
             filter_criteria,
             enabled,
             metrics,
-            provisioned_pollers
+            provisioned_pollers,
+            maximum_concurrency
         );
         self
     }
@@ -657,6 +693,26 @@ impl RawSettings {
         Ok(Some((raw, event)))
     }
 
+    /// The first `SQS` event of a function the template creates (`function`: that one only): its
+    /// settings, the queue it names (an ARN) and the function's timeout (which the queue's
+    /// visibility timeout must not be shorter than).
+    pub fn from_template_sqs(
+        t: &Template,
+        function: Option<&str>,
+    ) -> Result<Option<(RawSettings, String, Duration)>, TemplateError> {
+        let Some(found) = first_event(t, function, &["SQS"])? else { return Ok(None) };
+        let p = &found.resolved;
+        let queue = p.get("Queue").and_then(scalar).ok_or_else(|| TemplateError::Resolve {
+            at: found.at.clone(),
+            reason: "an SQS event needs Queue (the queue's ARN)".into(),
+        })?;
+        let timeout =
+            t.functions()?.into_iter().find(|f| f.logical_id == found.id).map_or(Duration::from_secs(3), |f| f.timeout);
+        let mut raw = Self::from_properties(p);
+        raw.function = Some(found.function_name(t)?);
+        Ok(Some((raw, queue, timeout)))
+    }
+
     fn from_properties(p: &Value) -> RawSettings {
         let get = |k: &str| p.get(k).and_then(scalar);
         RawSettings {
@@ -686,6 +742,7 @@ impl RawSettings {
                 let n = |k: &str| c.get(k).and_then(scalar).unwrap_or_default();
                 format!("{},{}", n("MinimumPollers"), n("MaximumPollers"))
             }),
+            maximum_concurrency: p.pointer("/ScalingConfig/MaximumConcurrency").and_then(scalar),
         }
     }
 
@@ -811,6 +868,106 @@ impl RawSettings {
         raw.common(source.event_source_arn(), None, Duration::from_millis(500))
     }
 
+    /// The settings of an SQS mapping on `source`, for a function whose timeout is
+    /// `function_timeout`: AWS's rules (services-sqs-parameters.html, with-sqs.html), each named in
+    /// `docs/sqs-aws-rules.md`. BatchSize 1-10,000 (FIFO: 1-10), default 10, above 10 only with a
+    /// batching window of at least 1 s; no batching window on a FIFO queue; the queue's visibility
+    /// timeout not shorter than the function's timeout; `MaximumConcurrency` 2-1,000; none of
+    /// the streams' settings. A failed message is not retried by the poller: it stays in the queue
+    /// and comes back after its visibility timeout (MaximumRetryAttempts 0 in the core, and the
+    /// source takes it back).
+    pub fn validate_sqs(
+        self,
+        source: &SqsSource,
+        function_timeout: Duration,
+    ) -> Result<MappingSettings, InvalidSetting> {
+        let set = |v: &Option<String>| v.as_deref().map(str::trim).is_some_and(|v| !v.is_empty());
+        for (value, name) in [
+            (&self.parallelization_factor, "ParallelizationFactor"),
+            (&self.tumbling_window, "TumblingWindowInSeconds"),
+            (&self.starting_position, "StartingPosition"),
+            (&self.starting_position_timestamp, "StartingPositionTimestamp"),
+            (&self.maximum_retry_attempts, "MaximumRetryAttempts"),
+            (&self.maximum_record_age, "MaximumRecordAgeInSeconds"),
+            (&self.bisect, "BisectBatchOnFunctionError"),
+            (&self.on_failure, "DestinationConfig"),
+            (&self.provisioned_pollers, "ProvisionedPollerConfig"),
+        ] {
+            if set(value) {
+                return Err(InvalidSetting(format!(
+                    "{name} is not a setting of an SQS event source{}",
+                    if name == "DestinationConfig" {
+                        " (a failed message goes to the queue's own dead-letter queue, by its redrive policy)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+        let fifo = source.is_fifo();
+        let batch_size = match self.batch_size.as_deref().map(str::trim) {
+            None | Some("") => 10,
+            Some(b) => b.parse::<i64>().map_err(|_| constraint(b, "batchSize", "Member must be an integer"))?,
+        };
+        range(batch_size, "batchSize", 1, if fifo { 10 } else { 10_000 })?;
+        let window = match self.batching_window.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(w) => Some(
+                w.parse::<i64>()
+                    .map_err(|_| constraint(w, "maximumBatchingWindowInSeconds", "Member must be an integer"))?,
+            ),
+        };
+        if fifo && window.is_some() {
+            return Err(InvalidSetting(
+                "Batching window is not supported for FIFO queues (MaximumBatchingWindowInSeconds)".into(),
+            ));
+        }
+        if batch_size > 10 && window.unwrap_or(0) < 1 {
+            return Err(InvalidSetting(
+                "Maximum batch window in seconds must be greater than 0 if maximum batch size is greater than 10"
+                    .into(),
+            ));
+        }
+        let maximum_concurrency = match self.maximum_concurrency.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(m) => {
+                let m = m
+                    .parse::<i64>()
+                    .map_err(|_| constraint(m, "scalingConfig.maximumConcurrency", "Member must be an integer"))?;
+                range(m, "scalingConfig.maximumConcurrency", 2, 1000)?;
+                Some(m as u32)
+            }
+        };
+        if function_timeout > source.visibility_timeout {
+            return Err(InvalidSetting(format!(
+                "Queue visibility timeout: {} seconds is less than Function timeout: {} seconds",
+                source.visibility_timeout.as_secs(),
+                function_timeout.as_secs()
+            )));
+        }
+        // AWS (services-sqs-configure.html): "We recommend setting your queue's visibility timeout
+        // to six times your function timeout, plus the value of MaximumBatchingWindowInSeconds."
+        let advised = function_timeout * 6 + Duration::from_secs(window.unwrap_or(0).max(0) as u64);
+        if source.visibility_timeout < advised {
+            tracing::warn!(
+                queue = source.name(),
+                visibility_timeout = source.visibility_timeout.as_secs(),
+                advised = advised.as_secs(),
+                "the queue's visibility timeout is shorter than AWS advises (six times the function's timeout plus the batching window): a batch retried after a throttle may come back while it is still being worked on"
+            );
+        }
+        let raw = RawSettings {
+            batch_size: Some(batch_size.to_string()),
+            starting_position: Some("TRIM_HORIZON".into()),
+            maximum_retry_attempts: Some("0".into()),
+            maximum_concurrency: None,
+            ..self
+        };
+        let mut settings = raw.common(source.queue_arn.clone(), None, Duration::ZERO)?;
+        settings.maximum_concurrency = maximum_concurrency;
+        Ok(settings)
+    }
+
     fn common(
         self,
         stream_arn: String,
@@ -931,6 +1088,7 @@ impl RawSettings {
         Ok(MappingSettings {
             event_count_metrics,
             provisioned_pollers: None,
+            maximum_concurrency: None,
             stream_arn,
             consumer_arn,
             function_name,

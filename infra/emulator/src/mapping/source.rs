@@ -57,6 +57,20 @@ pub trait Partition: Send + Sync + 'static {
     /// names none (the whole batch then fails).
     fn item_index(&self, batch: &[Self::Record], identifier: &Value) -> Result<usize, String>;
 
+    /// Whether a partial batch response fails only the records it names (a queue: SQS deletes
+    /// every message not named), rather than every record from the lowest it names on (a stream
+    /// or a partition's offsets: the default).
+    fn failures_stand_alone(&self) -> bool {
+        false
+    }
+
+    /// Until when (unix seconds) the core may go on trying to invoke `records` when invoking
+    /// fails (a throttle): an SQS message's visibility timeout; `None` (the default): until
+    /// `MaximumRecordAgeInSeconds`, if any.
+    fn invoke_until(&self, _records: &[Self::Record]) -> Option<f64> {
+        None
+    }
+
     /// The record's fields other than its data that a filter pattern may name. AWS names them per
     /// source; the default is none (only `data` is filtered on).
     fn filter_fields(&self, _record: &Self::Record) -> Map<String, Value> {

@@ -66,6 +66,21 @@ pub struct Counts {
     /// Connections to the broker opened again after one was lost (RabbitMQ).
     #[serde(default)]
     pub reconnects: u64,
+    /// SQS: `ReceiveMessage` calls.
+    #[serde(default)]
+    pub receives: u64,
+    /// SQS: of those, the ones that returned no message.
+    #[serde(default)]
+    pub empty_receives: u64,
+    /// SQS: `ReceiveMessage` calls that failed (retried).
+    #[serde(default)]
+    pub receive_errors: u64,
+    /// SQS: the most pollers (concurrent batches) at once.
+    #[serde(default)]
+    pub pollers_max: u64,
+    /// SQS: deletions SQS refused (the message comes again).
+    #[serde(default)]
+    pub delete_failures: u64,
     /// Kafka: the largest `OffsetLag` reported (records between the end of the topic and the next
     /// record to process, over this member's partitions).
     #[serde(default)]
@@ -163,6 +178,9 @@ pub struct Summary {
     /// An Amazon MQ mapping's broker (its `EventSourceArn`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amazon_mq: Option<String>,
+    /// An SQS mapping's queue (its `EventSourceArn`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sqs: Option<String>,
     /// `new` (every partition started at the StartingPosition) or `resumed` (after the
     /// checkpoints of a runner of the same mapping).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,6 +255,7 @@ impl Stats {
             mapping_uuid: String::new(),
             group: None,
             amazon_mq: None,
+            sqs: None,
             origin: self.origin,
         }
     }
@@ -251,6 +270,17 @@ impl std::fmt::Display for Summary {
                 write!(f, "  state            {}; a consumer group member (long-polling fetches)", self.state)?
             }
             // A queue consumer: the broker pushes deliveries up to the prefetch.
+            (None, None) if self.sqs.is_some() => write!(
+                f,
+                "  state            {}; {} (ReceiveMessage WaitTimeSeconds as configured), one batch per poller, up to {} pollers at once",
+                self.state,
+                if self.counts.receives > 0 && self.counts.empty_receives == self.counts.receives {
+                    "idle"
+                } else {
+                    "polling"
+                },
+                self.counts.pollers_max
+            )?,
             (None, None) if self.amazon_mq.is_some() => write!(
                 f,
                 "  state            {}; a queue consumer (the broker pushes up to the prefetch), one batch at a time",
@@ -301,6 +331,11 @@ impl std::fmt::Display for Summary {
                     writeln!(f, "  members          {} at the last look: {}", members.len(), members.join(", "))?;
                 }
             }
+            None if self.sqs.is_some() => writeln!(
+                f,
+                "  queue            {} messages left to come back after their visibility timeout; {} deletions refused",
+                self.counts.requeued, self.counts.delete_failures
+            )?,
             None if self.amazon_mq.is_some() => writeln!(
                 f,
                 "  queue            {} messages handed back (requeued) after their retries; {} connections opened again after one was lost",
@@ -326,6 +361,12 @@ impl std::fmt::Display for Summary {
                 f,
                 "  Fetch            {} records (the consumer's long-polling fetches)",
                 self.counts.records_read
+            )?;
+        } else if self.sqs.is_some() {
+            writeln!(
+                f,
+                "  ReceiveMessage   {} calls ({} empty, {} failed), {} messages",
+                self.counts.receives, self.counts.empty_receives, self.counts.receive_errors, self.counts.records_read
             )?;
         } else if self.amazon_mq.is_some() {
             writeln!(f, "  deliveries       {} messages (basic.consume)", self.counts.records_read)?;
@@ -403,7 +444,11 @@ impl std::fmt::Display for Summary {
         }
         // Kinesis's IteratorAge; on Kafka the same measure (a record's age when it is sent), and
         // AWS's Kafka metric, OffsetLag.
-        let age = if self.group.is_some() || self.amazon_mq.is_some() { "record age  " } else { "iterator age" };
+        let age = if self.group.is_some() || self.amazon_mq.is_some() || self.sqs.is_some() {
+            "record age  "
+        } else {
+            "iterator age"
+        };
         write!(
             f,
             "  {age}     max {:.0} ms, last {:.0} ms",

@@ -40,11 +40,13 @@ impl<P: Partition> Lane<P> {
     /// discarded batch records for a Kinesis Data Streams event source in Lambda"): "Before
     /// invocation: If a Lambda event source mapping is unable to invoke the function due to
     /// throttling or other issues, it retries until the records expire or exceed the maximum age
-    /// configured on the event source mapping (MaximumRecordAgeInSeconds)."
+    /// configured on the event source mapping (MaximumRecordAgeInSeconds)." A source may set an
+    /// earlier end (`until`, unix seconds: an SQS message's visibility timeout).
     async fn invoke(
         &self,
         payload: String,
         oldest_arrival: f64,
+        until: Option<f64>,
     ) -> Result<Option<crate::invoke::Invoked>, MappingError> {
         let payload = Bytes::from(payload);
         let mut failed = 0i64;
@@ -81,6 +83,10 @@ impl<P: Partition> Lane<P> {
                         && now_unix() - oldest_arrival > max_age.as_secs_f64()
                     {
                         warn!(partition = self.partition.id(), error = %e, "could not invoke before the records passed MaximumRecordAgeInSeconds");
+                        return Ok(None);
+                    }
+                    if until.is_some_and(|t| now_unix() + self.backoff(failed).as_secs_f64() > t) {
+                        warn!(partition = self.partition.id(), error = %e, "could not invoke before the records' time ran out; the source takes them back");
                         return Ok(None);
                     }
                     if throttle {
@@ -232,7 +238,8 @@ impl<P: Partition> Lane<P> {
                 "invoking"
             );
             let oldest = p.records.iter().map(|r| r.arrival()).fold(f64::INFINITY, f64::min);
-            let Some(invoked) = self.invoke(payload, oldest).await? else {
+            let until = self.partition.invoke_until(&p.records);
+            let Some(invoked) = self.invoke(payload, oldest, until).await? else {
                 // Never invoked and now too old: given up as AWS does, with the record age.
                 let records = std::mem::take(&mut p.records);
                 self.give_up(&records, Condition::RecordAgeExceeded, None, p.invokes).await?;
@@ -250,7 +257,10 @@ impl<P: Partition> Lane<P> {
             // partial batch responses, those of a response with batch item failures.
             let failed_events = match &verdict {
                 Verdict::Success { .. } => 0,
-                Verdict::RetryFrom { index, .. } => p.records.len() - index,
+                Verdict::RetryFrom { index, failed, .. } => match self.partition.failures_stand_alone() {
+                    true => failed.len(),
+                    false => p.records.len() - index,
+                },
                 Verdict::Failed { .. } => p.records.len(),
             };
             settings.event_counts(&[
@@ -262,10 +272,21 @@ impl<P: Partition> Lane<P> {
                     self.set_state(state);
                     self.done(&p.records).await?;
                 }
-                Verdict::RetryFrom { index, state } => {
+                Verdict::RetryFrom { index, failed, state } => {
                     self.ctx.stats().counts.partial_failures += 1;
                     self.set_state(state);
-                    let ok: Vec<P::Record> = p.records.drain(..index).collect();
+                    let ok: Vec<P::Record> = if self.partition.failures_stand_alone() {
+                        // A queue: every message the response does not name succeeded.
+                        let mut failed = failed.into_iter().peekable();
+                        let (mut ok, mut bad) = (Vec::new(), Vec::new());
+                        for (i, r) in std::mem::take(&mut p.records).into_iter().enumerate() {
+                            if failed.next_if_eq(&i).is_some() { bad.push(r) } else { ok.push(r) }
+                        }
+                        p.records = bad;
+                        ok
+                    } else {
+                        p.records.drain(..index).collect()
+                    };
                     self.done(&ok).await?;
                     info!(
                         partition = self.partition.id(),
@@ -370,7 +391,7 @@ impl<P: Partition> Lane<P> {
         let mut failures = 0i64;
         loop {
             // No records to age: retried until it is invoked.
-            let Some(invoked) = self.invoke(payload.clone(), f64::INFINITY).await? else { continue };
+            let Some(invoked) = self.invoke(payload.clone(), f64::INFINITY, None).await? else { continue };
             match judge(
                 &invoked.answer,
                 |id| Err(format!("itemIdentifier {id} names no record: a final window invocation has none")),

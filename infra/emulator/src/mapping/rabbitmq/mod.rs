@@ -242,7 +242,7 @@ async fn session(
                     _ = stop.changed() => if *stop.borrow() { break },
                     () = tokio::time::sleep(Duration::from_millis(100)) => {
                         if let Some(idle) = idle
-                            && idle_for(&ctx, idle)
+                            && ctx.idle_for(idle)
                         {
                             info!("the queue is empty and the mapping idle; stopping");
                             break;
@@ -311,12 +311,3 @@ async fn check_depth(ctx: &Ctx, channel: &lapin::Channel, queue: &str, id: &str,
 
 /// How long a connection is up before its queue may be called caught up.
 const SETTLE: Duration = Duration::from_secs(3);
-
-fn idle_for(ctx: &Ctx, idle: Duration) -> bool {
-    if ctx.pending.load(Ordering::SeqCst) > 0 {
-        return false;
-    }
-    let caught_up = ctx.caught_up.lock().map(|c| !c.is_empty() && c.values().all(Option::is_some)).unwrap_or(false);
-    let quiet = ctx.last_activity.lock().map(|t| t.elapsed() >= idle).unwrap_or(false);
-    caught_up && quiet
-}
