@@ -10,7 +10,7 @@ use std::fmt::Debug;
 pub use aws_smithy_runtime_api::client::result::SdkError;
 use aws_smithy_types::error::display::DisplayErrorContext;
 pub use aws_smithy_types::error::metadata::ProvideErrorMetadata;
-#[cfg(any(feature = "s3", feature = "kinesis-sink"))]
+#[cfg(any(feature = "s3", feature = "kinesis-sink", feature = "sqs-sink"))]
 use tokio::sync::OnceCell;
 
 /// Lazily built AWS configuration and clients, shared by everything in one function instance.
@@ -29,6 +29,8 @@ pub struct Aws {
     s3: OnceCell<aws_sdk_s3::Client>,
     #[cfg(feature = "kinesis-sink")]
     kinesis: OnceCell<aws_sdk_kinesis::Client>,
+    #[cfg(feature = "sqs-sink")]
+    sqs: OnceCell<aws_sdk_sqs::Client>,
 }
 
 impl Aws {
@@ -64,6 +66,13 @@ impl Aws {
     pub async fn kinesis(&self) -> &aws_sdk_kinesis::Client {
         let config = self.sdk_config().await;
         self.kinesis.get_or_init(|| async { aws_sdk_kinesis::Client::new(config) }).await
+    }
+
+    /// The SQS client (built on first use).
+    #[cfg(feature = "sqs-sink")]
+    pub async fn sqs(&self) -> &aws_sdk_sqs::Client {
+        let config = self.sdk_config().await;
+        self.sqs.get_or_init(|| async { aws_sdk_sqs::Client::new(config) }).await
     }
 }
 

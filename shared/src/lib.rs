@@ -29,9 +29,10 @@
 //! | [`aggregation`] | `aggregation` (in `kinesis`, `push`) | KPL aggregated records, packed and unpacked |
 //! | [`s3_notification`] | `push` | S3 notifications: test events, URL-decoded keys, sequencers |
 //! | [`push`] | `push` | S3 object → records: line handler, leases, checkpoints, resume |
-//! | [`sink`] | `push` (`kinesis-sink` for Kinesis) | PutRecords with partial-failure resends; the shard a partition key maps to |
+//! | [`sink`] | `push` (`kinesis-sink`, `kafka-sink`, `rabbitmq-sink`, `sqs-sink`) | records to a stream, topic or queue with partial-failure resends; the shard a partition key maps to |
 //! | [`object_reader`] | `s3` | an S3 object body that resumes with ranged reads |
-//! | [`aws`] | `s3`, `kinesis-sink` | AWS clients built once; SDK errors classified by kind |
+//! | [`aws`] | `s3`, `kinesis-sink`, `sqs-sink` | AWS clients built once; SDK errors classified by kind |
+//! | [`message_name`] | core | a queue message's name: the object and line it came from |
 //! | [`lambda`] | `runtime` | `run_raw` and one-closure batch runners |
 //! | [`metrics`] | core | the metrics the library records, through the `metrics` facade |
 //! | [`emf`] | `emf` (in `runtime`) | CloudWatch Embedded Metric Format, one document per invocation |
@@ -54,6 +55,7 @@ pub mod config;
 pub mod error;
 pub mod invocation;
 pub mod lines;
+pub mod message_name;
 pub mod metrics;
 mod ndjson;
 mod parallel;

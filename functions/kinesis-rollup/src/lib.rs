@@ -75,6 +75,7 @@ pub use settings::Positions;
 
 mod mq;
 pub mod settings;
+mod sqs;
 pub mod sum;
 
 pub use settings::RollupSettings;
@@ -135,6 +136,9 @@ pub enum RollupError {
     /// read as one.
     #[error(transparent)]
     RabbitMqEvent(#[from] pushpull::pull::rabbitmq::RabbitMqEventError),
+    /// A payload naming `aws:sqs` (an SQS event) that does not read as one.
+    #[error(transparent)]
+    SqsEvent(#[from] pushpull::pull::sqs::SqsEventError),
     /// Reading or advancing the shard checkpoint failed.
     #[error("checkpoint of shard {shard_id}: {source}")]
     Checkpoint {
@@ -170,6 +174,7 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
             RollupError::ForeignOutput { .. } => "RollupError.ForeignOutput",
             RollupError::Checkpoint { .. } => "RollupError.Checkpoint",
             RollupError::RabbitMqEvent(_) => "RollupError.RabbitMqEvent",
+            RollupError::SqsEvent(_) => "RollupError.SqsEvent",
             RollupError::State { .. } => "RollupError.State",
         };
         tracing::error!(error_type, error = %e, "invocation failed");
@@ -515,6 +520,12 @@ impl RollupHandler {
         if memchr::memmem::find(payload, b"\"rmqMessagesByQueue\"").is_some() {
             let mq = pushpull::pull::rabbitmq::RabbitMqEvent::from_slice(payload)?;
             return self.handle_mq(&mq).await;
+        }
+        // An SQS event's records say `"eventSource": "aws:sqs"` (a Kinesis record's data is base64,
+        // a Kafka record's too: the text cannot occur in them).
+        if memchr::memmem::find(payload, b"\"aws:sqs\"").is_some() {
+            let sqs = pushpull::pull::sqs::SqsEvent::from_slice(payload)?;
+            return self.handle_sqs(&sqs).await;
         }
         if memchr::memmem::find(payload, b"\"bootstrapServers\"").is_some() {
             let kafka = pushpull::pull::kafka::KafkaEvent::from_slice(payload)?;

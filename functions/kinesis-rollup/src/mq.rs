@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use pushpull::pull::rabbitmq::{PARTITION_KEY_HEADER, parse_message_id};
-use pushpull::pull::rabbitmq::{RabbitMqEvent, RabbitMqMessage, queue_and_vhost};
+use pushpull::pull::rabbitmq::{RabbitMqEvent, queue_and_vhost};
 use pushpull::store::{Precondition, StoreError};
 
 use super::{BatchResponse, Response, RollupError, RollupHandler, intent_id};
@@ -156,14 +156,37 @@ enum MessageKey<'a> {
     None,
 }
 
-fn key_of<'a>(message: &'a RabbitMqMessage<'_>) -> MessageKey<'a> {
-    match message.basic_properties.message_id.as_deref() {
+fn key_of<'a>(name: Option<&'a str>) -> MessageKey<'a> {
+    match name {
         None | Some("") => MessageKey::None,
         Some(id) => match parse_message_id(id) {
             Some((origin, line)) => MessageKey::Line(origin, line),
             None => MessageKey::Other(id),
         },
     }
+}
+
+/// A queue's message as the rollup reads it, whatever the broker.
+pub(crate) struct QueueMessage<'a> {
+    /// Its name: RabbitMQ's `message-id`, the SQS sink's `pushpull-origin` attribute.
+    pub name: Option<&'a str>,
+    /// The partition key the push function gave it.
+    pub partition_key: String,
+    /// The body, base64.
+    pub data: std::borrow::Cow<'a, str>,
+    /// What a set-aside record says of it besides its name, reason and data (RabbitMQ: its
+    /// virtual host and whether it was redelivered; SQS: its receive count).
+    pub about: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Where a queue's counts live and how its records name it.
+pub(crate) struct QueueId<'a> {
+    /// The checkpoint's id in `CHECKPOINT_URI`.
+    pub checkpoint: String,
+    /// The queue as logs and errors name it (`queue::vhost`, a queue's name).
+    pub label: String,
+    /// The queue's name: the outputs' and set-aside records' directory.
+    pub queue: &'a str,
 }
 
 impl RollupHandler {
@@ -175,7 +198,26 @@ impl RollupHandler {
             let (queue, vhost) = queue_and_vhost(name);
             let span = tracing::info_span!("batch", queue = %queue, vhost = %vhost, messages = messages.len());
             let _enter = span.enter();
-            let (counted, failed) = self.handle_queue(queue, vhost, messages).await?;
+            let id = QueueId {
+                checkpoint: format!("pull/rabbitmq/{}/{}.json", path_segment(vhost), path_segment(queue)),
+                label: format!("{queue}::{vhost}"),
+                queue,
+            };
+            let messages: Vec<QueueMessage<'_>> = messages
+                .iter()
+                .map(|m| {
+                    let mut about = serde_json::Map::new();
+                    about.insert("vhost".into(), vhost.into());
+                    about.insert("redelivered".into(), m.redelivered.into());
+                    QueueMessage {
+                        name: m.basic_properties.message_id.as_deref(),
+                        partition_key: m.header_text(PARTITION_KEY_HEADER).unwrap_or_default(),
+                        data: std::borrow::Cow::Borrowed(m.data.as_ref()),
+                        about,
+                    }
+                })
+                .collect();
+            let (counted, failed) = self.handle_queue(&id, &messages).await?;
             metrics.processed += counted;
             metrics.failed += failed;
         }
@@ -183,16 +225,16 @@ impl RollupHandler {
         Ok(Response::Batch(BatchResponse::default()))
     }
 
-    /// Returns the messages counted and those set aside.
-    async fn handle_queue(
+    /// Rolls up one queue's `messages` exactly once; returns the messages counted and those set
+    /// aside.
+    pub(crate) async fn handle_queue(
         &self,
-        queue: &str,
-        vhost: &str,
-        messages: &[RabbitMqMessage<'_>],
+        id: &QueueId<'_>,
+        messages: &[QueueMessage<'_>],
     ) -> Result<(usize, usize), RollupError> {
-        let cp_id = format!("pull/rabbitmq/{}/{}.json", path_segment(vhost), path_segment(queue));
-        let cp_err = |source| RollupError::Checkpoint { shard_id: format!("{queue}::{vhost}"), source };
-        let (loaded, version) = match self.checkpoints.load::<QueueCheckpoint>(&cp_id).await.map_err(cp_err)? {
+        let (cp_id, queue) = (&id.checkpoint, id.queue);
+        let cp_err = |source| RollupError::Checkpoint { shard_id: id.label.clone(), source };
+        let (loaded, version) = match self.checkpoints.load::<QueueCheckpoint>(cp_id).await.map_err(cp_err)? {
             Some((c, v)) => (c, Some(v)),
             None => (QueueCheckpoint::default(), None),
         };
@@ -208,7 +250,7 @@ impl RollupHandler {
         let mut fresh: Vec<(usize, MessageKey<'_>)> = Vec::new();
         let mut unnamed = 0;
         for (i, m) in messages.iter().enumerate() {
-            let key = key_of(m);
+            let key = key_of(m.name);
             if key == MessageKey::None {
                 unnamed += 1;
             } else if checkpoint.counted.contains(&key) || !seen_here.insert(key.clone()) {
@@ -223,7 +265,7 @@ impl RollupHandler {
         if fresh.is_empty() {
             info!(skipped, "every message of the batch is counted already");
             if checkpoint != loaded {
-                self.write_checkpoint(&cp_id, &checkpoint, version.as_ref()).await.map_err(cp_err)?;
+                self.write_checkpoint(cp_id, &checkpoint, version.as_ref()).await.map_err(cp_err)?;
             }
             return Ok((0, 0));
         }
@@ -237,14 +279,13 @@ impl RollupHandler {
             let bad: HashSet<usize> = result.failures.iter().map(|f| f.index).collect();
             for f in &result.failures {
                 let m = &messages[fresh[f.index].0];
-                rejected.push(serde_json::json!({
-                    "queue": queue,
-                    "vhost": vhost,
-                    "message_id": m.basic_properties.message_id.as_deref(),
-                    "redelivered": m.redelivered,
-                    "reason": f.reason,
-                    "data": m.data.as_ref(),
-                }));
+                let mut r = serde_json::Map::new();
+                r.insert("queue".into(), queue.into());
+                r.extend(m.about.clone());
+                r.insert("message_id".into(), m.name.into());
+                r.insert("reason".into(), f.reason.clone().into());
+                r.insert("data".into(), m.data.as_ref().into());
+                rejected.push(serde_json::Value::Object(r));
             }
             let good: Vec<KinesisEventRecord<'_>> =
                 records.iter().enumerate().filter(|(i, _)| !bad.contains(i)).map(|(_, r)| r.clone()).collect();
@@ -268,7 +309,7 @@ impl RollupHandler {
         }
         let note = Note { counts, body: rollup.ndjson(queue, None, Some(&id)) };
         checkpoint.pending.insert(output.clone(), note.clone());
-        let noted = self.write_checkpoint(&cp_id, &checkpoint, version.as_ref()).await.map_err(cp_err)?;
+        let noted = self.write_checkpoint(cp_id, &checkpoint, version.as_ref()).await.map_err(cp_err)?;
         self.write_output(&output, &note.body).await?;
         #[cfg(feature = "fault-injection")]
         if self.settings.faults.crash_after_output {
@@ -279,7 +320,7 @@ impl RollupHandler {
         checkpoint.counted.extend(&note.counts);
         // A conflict here: another invocation found the note and finished it: nothing is lost by
         // stopping.
-        match self.checkpoints.replace(&cp_id, &checkpoint, &noted).await {
+        match self.checkpoints.replace(cp_id, &checkpoint, &noted).await {
             Ok(_) | Err(pushpull::checkpoint::CheckpointError::Conflict { .. }) => {}
             Err(e) => return Err(cp_err(e)),
         }
@@ -311,7 +352,7 @@ impl RollupHandler {
 
 /// `name` as one path segment of a checkpoint's id: `%`, `/` and a leading `.` percent-encoded,
 /// so that no two (virtual host, queue) pairs share a checkpoint and none leaves its directory.
-fn path_segment(name: &str) -> String {
+pub(crate) fn path_segment(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for (i, c) in name.char_indices() {
         match c {
@@ -324,13 +365,13 @@ fn path_segment(name: &str) -> String {
     out
 }
 
-/// A message as a record of a shard: the partition key from its header, its place in the batch
-/// as its sequence number, its base64 body as the data.
-fn record_of<'a>(m: &'a RabbitMqMessage<'_>, index: usize) -> KinesisEventRecord<'a> {
+/// A message as a record of a shard: its partition key, its place in the batch as its sequence
+/// number, its base64 body as the data.
+fn record_of<'a>(m: &'a QueueMessage<'_>, index: usize) -> KinesisEventRecord<'a> {
     use std::borrow::Cow;
     KinesisEventRecord {
         kinesis: KinesisData {
-            partition_key: Cow::Owned(m.header_text(PARTITION_KEY_HEADER).unwrap_or_default()),
+            partition_key: Cow::Borrowed(m.partition_key.as_str()),
             sequence_number: Cow::Owned((index + 1).to_string()),
             data: Cow::Borrowed(m.data.as_ref()),
             approximate_arrival_timestamp: 0.0,

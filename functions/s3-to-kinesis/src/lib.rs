@@ -1,10 +1,10 @@
-//! The sample push function: S3 objects of NDJSON lines to a Kinesis stream, a Kafka topic or a
-//! RabbitMQ queue, exactly once (on RabbitMQ: at least once, each message named by its object and
-//! line so that the consumer counts it once).
+//! The sample push function: S3 objects of NDJSON lines to a Kinesis stream, a Kafka topic, a
+//! RabbitMQ queue or an SQS queue, exactly once (on RabbitMQ and SQS: at least once, each message
+//! named by its object and line so that the consumer counts it once).
 //!
 //! Everything generic is in `pushpull::push`; this crate adds what is particular to the sample:
 //! its settings (`STREAM_NAME`, or `KAFKA_BOOTSTRAP_SERVERS` and `KAFKA_TOPIC`, or `RABBITMQ_URL`
-//! and `RABBITMQ_QUEUE`, and
+//! and `RABBITMQ_QUEUE`, or `SQS_QUEUE`, and
 //! `PARTITION_KEY_FIELD`, on top of the library's), the built-in JSON line handler, the S3
 //! source, the sink the settings name ([`Target`]), and (feature `fault-injection`, for the fault
 //! tests only) a sink that fails entries on purpose.
@@ -15,6 +15,7 @@ use pushpull::push::source::S3Source;
 use pushpull::sink::kafka::KafkaSink;
 use pushpull::sink::kinesis::KinesisSink;
 use pushpull::sink::rabbitmq::RabbitMqSink;
+use pushpull::sink::sqs::SqsSink;
 use pushpull::sink::{OutRecord, PutOutcome, RecordSink, SinkError, WrittenRecord};
 
 /// Where the records go.
@@ -37,6 +38,9 @@ pub enum Destination {
         /// The queue (it must exist).
         queue: String,
     },
+    /// `SQS_QUEUE`: an SQS queue's name or URL (FIFO if its name ends in `.fifo`: a group per
+    /// partition key).
+    Sqs(String),
 }
 
 /// `RABBITMQ_USERNAME`, `RABBITMQ_PASSWORD` and `RABBITMQ_VIRTUAL_HOST`: parts that replace the
@@ -115,7 +119,26 @@ impl Settings {
     /// ```
     pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
         let rabbitmq_queue = env.optional("RABBITMQ_QUEUE");
+        let sqs_queue = env.optional("SQS_QUEUE");
         let destination = match env.optional("KAFKA_TOPIC") {
+            _ if sqs_queue.is_some() => {
+                let queue = sqs_queue.unwrap_or_default(); // set and not empty
+                // SQS (API CreateQueue, QueueName): "up to 80 characters"; "alphanumeric
+                // characters, hyphens (-), and underscores (_)"; a FIFO queue's ends in `.fifo`.
+                let name = queue.rsplit('/').next().unwrap_or_default();
+                let stem = name.strip_suffix(".fifo").unwrap_or(name);
+                let name_ok = !stem.is_empty()
+                    && name.len() <= 80
+                    && stem.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+                if !name_ok {
+                    env.invalid(
+                        "SQS_QUEUE",
+                        queue.clone(),
+                        "an SQS queue's name or URL (1-80 of [a-zA-Z0-9_-], .fifo last)",
+                    );
+                }
+                Destination::Sqs(queue)
+            }
             _ if rabbitmq_queue.is_some() => {
                 let queue = rabbitmq_queue.unwrap_or_default(); // set and not empty
                 let url = env.required("RABBITMQ_URL", "the RabbitMQ broker RABBITMQ_QUEUE is on");
@@ -155,7 +178,7 @@ impl Settings {
             }
             None => Destination::Kinesis(env.kinesis_stream_name(
                 "STREAM_NAME",
-                "the Kinesis stream the push function writes to (or set KAFKA_TOPIC or RABBITMQ_QUEUE)",
+                "the Kinesis stream the push function writes to (or set KAFKA_TOPIC, RABBITMQ_QUEUE or SQS_QUEUE)",
             )),
         };
         let push = PushSettings::read(&mut env);
@@ -177,6 +200,8 @@ pub enum Target {
     /// Records to a queue (boxed: a lapin connection and channel are large, and there is one
     /// sink per process).
     RabbitMq(Box<RabbitMqSink>),
+    /// Records to an SQS queue.
+    Sqs(SqsSink),
 }
 
 impl RecordSink for Target {
@@ -185,6 +210,7 @@ impl RecordSink for Target {
             Target::Kinesis(s) => s.can_read_back(),
             Target::Kafka(s) => s.can_read_back(),
             Target::RabbitMq(s) => s.can_read_back(),
+            Target::Sqs(s) => s.can_read_back(),
         }
     }
 
@@ -193,6 +219,7 @@ impl RecordSink for Target {
             Target::Kinesis(s) => s.keeps_key_order_in_a_call(),
             Target::Kafka(s) => s.keeps_key_order_in_a_call(),
             Target::RabbitMq(s) => s.keeps_key_order_in_a_call(),
+            Target::Sqs(s) => s.keeps_key_order_in_a_call(),
         }
     }
 
@@ -201,6 +228,7 @@ impl RecordSink for Target {
             Target::Kinesis(s) => s.names_records(),
             Target::Kafka(s) => s.names_records(),
             Target::RabbitMq(s) => s.names_records(),
+            Target::Sqs(s) => s.names_records(),
         }
     }
 
@@ -209,6 +237,7 @@ impl RecordSink for Target {
             Target::Kinesis(s) => s.put_records(records).await,
             Target::Kafka(s) => s.put_records(records).await,
             Target::RabbitMq(s) => s.put_records(records).await,
+            Target::Sqs(s) => s.put_records(records).await,
         }
     }
 
@@ -222,6 +251,7 @@ impl RecordSink for Target {
             Target::Kinesis(s) => s.written_since(positions, since_ms, until_ms).await,
             Target::Kafka(s) => s.written_since(positions, since_ms, until_ms).await,
             Target::RabbitMq(s) => s.written_since(positions, since_ms, until_ms).await,
+            Target::Sqs(s) => s.written_since(positions, since_ms, until_ms).await,
         }
     }
 
@@ -230,6 +260,7 @@ impl RecordSink for Target {
             Target::Kinesis(s) => s.shard_map().await,
             Target::Kafka(s) => s.shard_map().await,
             Target::RabbitMq(s) => s.shard_map().await,
+            Target::Sqs(s) => s.shard_map().await,
         }
     }
 }
@@ -298,6 +329,7 @@ pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Result<Han
             Target::Kafka(KafkaSink::connect(bootstrap_servers, topic).await?)
         }
         Destination::RabbitMq { url, queue } => Target::RabbitMq(Box::new(RabbitMqSink::connect(url, queue).await?)),
+        Destination::Sqs(queue) => Target::Sqs(SqsSink::connect(aws.sqs().await.clone(), queue).await?),
     };
     #[cfg(feature = "fault-injection")]
     let sink = faults::FaultInjectingSink::new(sink, settings.inject_put_failures)

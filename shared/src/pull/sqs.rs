@@ -80,15 +80,52 @@ pub struct SqsMessage {
     /// System attributes (`ApproximateReceiveCount`, `MessageGroupId`, ...).
     #[serde(default)]
     pub attributes: HashMap<String, String>,
+    /// Message attributes, by name.
+    #[serde(default)]
+    pub message_attributes: HashMap<String, MessageAttribute>,
     /// The queue's ARN.
     #[serde(rename = "eventSourceARN", default)]
     pub event_source_arn: String,
+}
+
+/// A message attribute as the event carries it: a string (`String`, `Number` and their custom
+/// types) or a binary value in base64.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct MessageAttribute {
+    /// `String`, `Number`, `Binary`, or one of those with a custom suffix (`Number.int`).
+    #[serde(default)]
+    pub data_type: String,
+    /// The value of a string or number attribute.
+    #[serde(default)]
+    pub string_value: Option<String>,
+    /// The value of a binary attribute, base64.
+    #[serde(default)]
+    pub binary_value: Option<String>,
 }
 
 impl SqsMessage {
     /// The FIFO message group, if any.
     pub fn message_group_id(&self) -> Option<&str> {
         self.attributes.get("MessageGroupId").map(String::as_str)
+    }
+
+    /// The string value of message attribute `name`, if it has one.
+    ///
+    /// ```
+    /// let e = pushpull::pull::sqs::SqsEvent::from_slice(br#"{"Records":[{"messageId":"m1",
+    ///     "messageAttributes":{"k":{"stringValue":"v","dataType":"String"}}}]}"#).unwrap();
+    /// assert_eq!(e.records[0].attribute_text("k"), Some("v"));
+    /// assert_eq!(e.records[0].attribute_text("other"), None);
+    /// ```
+    pub fn attribute_text(&self, name: &str) -> Option<&str> {
+        self.message_attributes.get(name)?.string_value.as_deref()
+    }
+
+    /// How many times SQS has delivered it (`ApproximateReceiveCount`; 1 the first time).
+    pub fn receive_count(&self) -> Option<u32> {
+        self.attributes.get("ApproximateReceiveCount")?.parse().ok()
     }
 
     /// Deserializes the body as JSON into `T`.

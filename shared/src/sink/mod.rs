@@ -43,6 +43,8 @@ pub mod kafka;
 pub mod kinesis;
 #[cfg(feature = "rabbitmq-sink")]
 pub mod rabbitmq;
+#[cfg(feature = "sqs-sink")]
+pub mod sqs;
 
 /// One record to send, with the input line it came from (for error messages).
 #[derive(Debug, Clone, PartialEq, Eq)]
