@@ -45,6 +45,9 @@ use pushpull::store::{Precondition, StoreError};
 use super::{BatchResponse, Response, RollupError, RollupHandler, intent_id};
 use pushpull::kinesis_event::{KinesisData, KinesisEventRecord};
 
+/// Times an invocation starts again after another changed the queue's checkpoint first.
+const MAX_CHECKPOINT_RACES: u32 = 50;
+
 /// Sorted, disjoint, non-adjacent inclusive ranges of line numbers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -226,8 +229,31 @@ impl RollupHandler {
     }
 
     /// Rolls up one queue's `messages` exactly once; returns the messages counted and those set
-    /// aside.
+    /// aside. Invocations of one queue may run at once (an SQS mapping's do; Amazon MQ's run one
+    /// at a time): one that finds the checkpoint changed under it before its note is written has
+    /// written nothing that counts, and starts again from the checkpoint as it now is.
     pub(crate) async fn handle_queue(
+        &self,
+        id: &QueueId<'_>,
+        messages: &[QueueMessage<'_>],
+    ) -> Result<(usize, usize), RollupError> {
+        let mut attempt = 0u32;
+        loop {
+            match self.handle_queue_once(id, messages).await {
+                Err(RollupError::Checkpoint {
+                    source: pushpull::checkpoint::CheckpointError::Conflict { .. }, ..
+                }) if attempt < MAX_CHECKPOINT_RACES => {
+                    attempt += 1;
+                    // Jittered, growing: concurrent invocations spread out.
+                    let ms = fastrand::u64(5..=20) * u64::from(attempt.min(10));
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn handle_queue_once(
         &self,
         id: &QueueId<'_>,
         messages: &[QueueMessage<'_>],

@@ -147,11 +147,16 @@ impl Template {
         if let Some(name) = self.names.get(logical) {
             return name.clone();
         }
-        // A function named in the template is known by that name (`Ref` of it, alarms' and the
-        // dashboard's dimensions), as the local host runs it under that name.
+        // A function or queue named in the template is known by that name (`Ref` of it, alarms'
+        // and the dashboard's dimensions), as the local host runs it under that name.
+        let named = |kind: &str| match kind {
+            "AWS::Serverless::Function" | "AWS::Lambda::Function" => Some("/Properties/FunctionName"),
+            "AWS::SQS::Queue" => Some("/Properties/QueueName"),
+            _ => None,
+        };
         if let Some(r) = self.resources.get(logical)
-            && matches!(r["Type"].as_str(), Some("AWS::Serverless::Function" | "AWS::Lambda::Function"))
-            && let Some(name) = r.pointer("/Properties/FunctionName")
+            && let Some(pointer) = r["Type"].as_str().and_then(named)
+            && let Some(name) = r.pointer(pointer)
             && let Ok(name) = self.resolve(name, logical)
             && let Some(name) = scalar(&name)
         {
@@ -209,6 +214,13 @@ impl Template {
                     (Some(x), Some(y)) => x == y,
                     _ => x == y,
                 })
+            }
+            // A rule function (Rules only): whether the string is one of the list's.
+            "Fn::Contains" => {
+                let a = list(2)?;
+                let (options, x) = (self.resolve(&a[0], at)?, self.resolve(&a[1], at)?);
+                let x = scalar(&x);
+                Ok(options.as_array().is_some_and(|o| o.iter().any(|v| scalar(v) == x)))
             }
             "Fn::Not" => Ok(!self.truth(&list(1)?[0], at)?),
             "Fn::And" => list(0)?.iter().try_fold(true, |acc, c| Ok(acc && self.truth(c, at)?)),
@@ -344,7 +356,9 @@ impl Template {
                 let list = self.resolve(a.get(1).unwrap_or(&Value::Null), at)?;
                 list.get(i).cloned().ok_or_else(|| resolve_err(at, format!("Fn::Select index {i} out of range")))?
             }
-            "Fn::Equals" | "Fn::Not" | "Fn::And" | "Fn::Or" => Value::Bool(self.truth(&single_obj(f, args), at)?),
+            "Fn::Equals" | "Fn::Not" | "Fn::And" | "Fn::Or" | "Fn::Contains" => {
+                Value::Bool(self.truth(&single_obj(f, args), at)?)
+            }
             other => return Err(resolve_err(at, format!("{other} is not supported by the local runner"))),
         })
     }

@@ -38,10 +38,15 @@ struct RunArgs {
     template: cli::TemplateArgs,
     /// What carries the records between the functions: `kinesis` (the template's stream),
     /// `kafka` (a topic `<stack>-records` on the broker at --kafka-bootstrap-servers, read by the
-    /// local Kafka mapping) or `rabbitmq` (a queue `<stack>-records` on the broker at
-    /// --rabbitmq-url, read by the local Amazon MQ mapping).
-    #[arg(long, default_value = "kinesis", value_parser = ["kinesis", "kafka", "rabbitmq"])]
+    /// local Kafka mapping), `rabbitmq` (a queue `<stack>-records` on the broker at
+    /// --rabbitmq-url, read by the local Amazon MQ mapping) or `sqs` (a queue `<stack>-records`
+    /// in LocalStack with a dead-letter queue, read by the local SQS mapping).
+    #[arg(long, default_value = "kinesis", value_parser = ["kinesis", "kafka", "rabbitmq", "sqs"])]
     broker: String,
+    /// With `--broker sqs`: a FIFO queue (`<stack>-records.fifo`: a message group per partition
+    /// key, in order; BatchSize 10).
+    #[arg(long)]
+    sqs_fifo: bool,
     /// The RabbitMQ broker for `--broker rabbitmq`, credentials and virtual host included
     /// (default: RABBITMQ_URL, else the broker `infra/rabbitmq.sh` starts,
     /// amqp://pushpull:pushpull@127.0.0.1:$RABBITMQ_PORT/pushpull). Realism disrupts only that one.
@@ -120,6 +125,8 @@ async fn run_pipeline(args: RunArgs) -> Result<(), Error> {
             });
             Broker::RabbitMq { url, control }
         }
+        "sqs" => Broker::Sqs { fifo: args.sqs_fifo },
+        _ if args.sqs_fifo => return Err("--sqs-fifo goes with --broker sqs".into()),
         _ => Broker::Kinesis,
     };
     let config = PipelineConfig {

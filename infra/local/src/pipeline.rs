@@ -195,6 +195,50 @@ pub async fn register_consumers(t: &mut Template, local: &Local) -> Result<(), P
     Ok(())
 }
 
+/// Creates the template's queues with the attributes it gives them (a redrive policy once every
+/// queue exists, for its dead-letter queue's ARN); returns their URLs by ARN.
+async fn ensure_queues(t: &Template, local: &Local) -> Result<HashMap<String, String>, PipelineError> {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    const ATTRIBUTES: [(&str, A); 7] = [
+        ("FifoQueue", A::FifoQueue),
+        ("ContentBasedDeduplication", A::ContentBasedDeduplication),
+        ("VisibilityTimeout", A::VisibilityTimeout),
+        ("MessageRetentionPeriod", A::MessageRetentionPeriod),
+        ("DelaySeconds", A::DelaySeconds),
+        ("MaximumMessageSize", A::MaximumMessageSize),
+        ("ReceiveMessageWaitTimeSeconds", A::ReceiveMessageWaitTimeSeconds),
+    ];
+    let mut urls = HashMap::new();
+    let mut redrives = Vec::new();
+    for (id, p) in props(t, "AWS::SQS::Queue") {
+        let name = t.name_of(id);
+        let p = t.resolve(p, id)?;
+        let mut create = local.sqs.create_queue().queue_name(&name);
+        for (key, attribute) in ATTRIBUTES {
+            if let Some(v) = p.get(key).and_then(scalar) {
+                create = create.attributes(attribute, v);
+            }
+        }
+        let out = create.send().await.map_err(|e| PipelineError::aws(format!("CreateQueue {name}"), e))?;
+        let url = out.queue_url().unwrap_or_default().to_owned();
+        if let Some(policy) = p.get("RedrivePolicy").filter(|v| v.is_object()) {
+            redrives.push((url.clone(), policy.to_string()));
+        }
+        urls.insert(format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"), url);
+    }
+    for (url, policy) in redrives {
+        local
+            .sqs
+            .set_queue_attributes()
+            .queue_url(&url)
+            .attributes(A::RedrivePolicy, &policy)
+            .send()
+            .await
+            .map_err(|e| PipelineError::aws(format!("SetQueueAttributes RedrivePolicy of {url}"), e))?;
+    }
+    Ok(urls)
+}
+
 /// Creates the bucket (with its notification to the async-invoke stand-in queue), the stream,
 /// its consumers and the queues the template names; returns them. Creating what exists is fine.
 pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, PipelineError> {
@@ -219,31 +263,26 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
         }
         // The template's Kafka variant: the records travel through a topic (the rollup names
         // its outputs after it), which the broker holds; `run` creates it.
-        None => match (RawSettings::from_template_kafka(t, None)?, RawSettings::from_template_mq(t, None)?) {
-            (Some((_, source)), _) => (source.topic.clone(), source.event_source_arn()),
-            // The template's RabbitMQ variant: the records travel through a queue, which names
-            // the rollup's outputs.
-            (None, Some((_, mq))) => (mq.queue.clone(), mq.broker_arn.clone()),
-            (None, None) => {
-                return Err(PipelineError::Run("the template has neither a stream nor a Kafka or MQ mapping".into()));
+        None => {
+            if let Some((_, source)) = RawSettings::from_template_kafka(t, None)? {
+                (source.topic.clone(), source.event_source_arn())
+            } else if let Some((_, mq)) = RawSettings::from_template_mq(t, None)? {
+                // The template's RabbitMQ variant: the records travel through a queue, which
+                // names the rollup's outputs.
+                (mq.queue.clone(), mq.broker_arn.clone())
+            } else if let Some((_, arn, _)) = RawSettings::from_template_sqs(t, None)? {
+                // The template's SQS variant: likewise.
+                (arn.rsplit(':').next().unwrap_or_default().to_owned(), arn)
+            } else {
+                return Err(PipelineError::Run(
+                    "the template has neither a stream nor a Kafka, MQ or SQS mapping".into(),
+                ));
             }
-        },
+        }
     };
     register_consumers(t, local).await?;
     let t = &*t;
-    let mut queue_urls = HashMap::new();
-    for (id, _) in props(t, "AWS::SQS::Queue") {
-        let name = t.name_of(id);
-        let out = local
-            .sqs
-            .create_queue()
-            .queue_name(&name)
-            .send()
-            .await
-            .map_err(|e| PipelineError::aws(format!("CreateQueue {name}"), e))?;
-        queue_urls
-            .insert(format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"), out.queue_url().unwrap_or_default().to_owned());
-    }
+    let queue_urls = ensure_queues(t, local).await?;
     // The functions by what triggers them: the push function an S3 event, the pull function a
     // Kinesis event (their binaries' names are the template's).
     let push = t.function_with_event("S3")?;
@@ -252,7 +291,8 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
         Err(_) => t
             .function_with_event("SelfManagedKafka")
             .or_else(|_| t.function_with_event("MSK"))
-            .or_else(|_| t.function_with_event("MQ"))?,
+            .or_else(|_| t.function_with_event("MQ"))
+            .or_else(|_| t.function_with_event("SQS"))?,
     };
     let (push_function, pull_function) = (push.name.clone(), pull.name.clone());
     // The push function's S3 event: its prefix filter becomes the bucket's notification filter.
@@ -262,7 +302,10 @@ pub async fn provision(t: &mut Template, local: &Local) -> Result<Resources, Pip
     let push_cfg = AsyncSettings::from_template(t, &push.binary, 1.0)?;
     let pull_cfg = match (RawSettings::from_template_kafka(t, None)?, RawSettings::from_template_mq(t, None)?) {
         (Some((raw, _)), _) | (None, Some((raw, _))) => raw,
-        (None, None) => RawSettings::from_template(t, None)?,
+        (None, None) => match RawSettings::from_template_sqs(t, None)? {
+            Some((raw, _, _)) => raw,
+            None => RawSettings::from_template(t, None)?,
+        },
     };
     Ok(Resources {
         bucket,
@@ -672,6 +715,12 @@ pub enum Broker {
         /// realism (`None`: no such disruptions).
         control: Option<PathBuf>,
     },
+    /// An SQS queue the template creates in LocalStack (with its dead-letter queue), read by the
+    /// local SQS mapping: the template's SQS variant.
+    Sqs {
+        /// A FIFO queue (`SqsFifo=true`; BatchSize 10 unless the overrides set it).
+        fifo: bool,
+    },
 }
 
 impl PipelineConfig {
@@ -746,15 +795,17 @@ pub struct Report {
     /// With `--broker kafka`: the broker's bootstrap address, the topic and the consumer group.
     pub kafka: Option<KafkaRun>,
     /// With `--broker rabbitmq`: the broker, the queue and what was left in it.
-    pub rabbitmq: Option<RabbitMqRun>,
+    pub rabbitmq: Option<QueueRun>,
+    /// With `--broker sqs`: the queue and what was left in it.
+    pub sqs: Option<QueueRun>,
 }
 
-/// Where a RabbitMQ run's messages were.
+/// Where a queue's messages were (RabbitMQ, SQS).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RabbitMqRun {
-    /// The broker's AMQP URL as a client uses it (the sample's local credentials and virtual
-    /// host: reachable after the run with `KEEP_RUNNING=1`); another broker's without its
-    /// password.
+pub struct QueueRun {
+    /// RabbitMQ: the broker's AMQP URL as a client uses it (the sample's local credentials and
+    /// virtual host: reachable after the run with `KEEP_RUNNING=1`); another broker's without its
+    /// password. SQS: the queue's URL.
     pub url: String,
     /// The queue.
     pub queue: String,
@@ -766,6 +817,13 @@ pub struct RabbitMqRun {
     pub left: u32,
     /// Messages in the dead-letter queue at the end.
     pub dead_lettered: u32,
+}
+
+impl Report {
+    /// The queue a RabbitMQ or SQS run went through.
+    fn queue_run(&self) -> Option<&QueueRun> {
+        self.rabbitmq.as_ref().or(self.sqs.as_ref())
+    }
 }
 
 /// Where a Kafka run's records were.
@@ -843,6 +901,10 @@ impl Report {
                 "url": m.url, "queue": m.queue, "dead_letters": m.dead_letters,
                 "deliveries": m.deliveries, "left": m.left, "dead_lettered": m.dead_lettered,
             })),
+            "sqs": self.sqs.as_ref().map(|m| serde_json::json!({
+                "queue_url": m.url, "queue": m.queue, "dead_letters": m.dead_letters,
+                "deliveries": m.deliveries, "left": m.left, "dead_lettered": m.dead_lettered,
+            })),
             "kafka": self.kafka.as_ref().map(|k| serde_json::json!({
                 "bootstrap_servers": k.bootstrap_servers, "topic": k.topic, "group": k.group,
             })),
@@ -886,7 +948,7 @@ impl Report {
                 s.extra, s.missing, self.expected_good
             ));
         }
-        if let Some(m) = &self.rabbitmq
+        if let Some(m) = self.queue_run()
             && (m.left > 0 || m.dead_lettered > 0)
         {
             return Err(format!(
@@ -993,8 +1055,11 @@ impl std::fmt::Display for Report {
                 m.url, m.queue, m.dead_letters
             )?;
         }
+        if let Some(m) = &self.sqs {
+            writeln!(f, "  sqs              queue {}, dead letters {}", m.url, m.dead_letters)?;
+        }
         let s = &self.stream_lines;
-        if let Some(m) = &self.rabbitmq {
+        if let Some(m) = self.queue_run() {
             writeln!(
                 f,
                 "  queue lines      {} good lines delivered, {} never; {} deliveries in all (redeliveries and republished copies: the rollup counts each message id once); {} left in the queue, {} dead-lettered",
@@ -1017,13 +1082,13 @@ impl std::fmt::Display for Report {
         }
         let place = if self.kafka.is_some() {
             "topic"
-        } else if self.rabbitmq.is_some() {
+        } else if self.queue_run().is_some() {
             "queue"
         } else {
             "stream"
         };
         match self.check() {
-            Ok(()) if self.rabbitmq.is_some() => writeln!(
+            Ok(()) if self.queue_run().is_some() => writeln!(
                 f,
                 "  totals           exact: every good line through the queue, the rollup equals the input (each message counted once), every bad line quarantined once"
             ),
@@ -1079,6 +1144,16 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         overrides.push(format!("RabbitMqVirtualHost={}", given.vhost()));
         rabbitmq_control = control.clone();
     }
+    if let Broker::Sqs { fifo } = &config.broker {
+        overrides.push("Broker=sqs".into());
+        if *fifo {
+            overrides.push("SqsFifo=true".into());
+            // A FIFO queue's mapping takes at most 10 messages a batch.
+            if !overrides.iter().any(|o| o.starts_with("BatchSize=")) {
+                overrides.push("BatchSize=10".into());
+            }
+        }
+    }
     let mut t = Template::load(&config.template, &config.stack, &overrides)?;
     let metric_log = MetricLog::install(&config.run_dir.join("metrics.ndjson"))
         .map_err(|e| PipelineError::io(format!("run directory {}", config.run_dir.display()), e))?;
@@ -1130,6 +1205,16 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             Some((raw, source, dead_letters))
         }
     };
+    // The template's SQS variant (Broker=sqs): the queue provisioning created, as SQS describes it.
+    let sqs_mapping = match RawSettings::from_template_sqs(&t, None)? {
+        None => None,
+        Some((raw, arn, timeout)) => {
+            let source = crate::mapping::sqs::describe(&local.sqs, &arn, crate::mapping::sqs::LONG_POLL_SECONDS)
+                .await
+                .map_err(|e| PipelineError::Run(e.to_string()))?;
+            Some((raw, source, timeout))
+        }
+    };
     let mut specs = template_specs(&t, &extra_env, config.verbose)?;
     // CloudFormation resolves dynamic references (`{{resolve:secretsmanager:...}}`) at
     // deployment: the functions' environment gets the secrets' values.
@@ -1144,22 +1229,37 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     }
     let realism = Arc::new(Realism::new(config.realism.clone()));
     let mut mq_source = None;
-    let (settings, kafka_source) = match (kafka_mapping, mq_mapping) {
-        (Some((raw, source)), _) => (raw.overlay(config.mapping.clone()).validate_kafka(&source)?, Some(source)),
-        (None, Some((raw, source, dead_letters))) => {
+    let mut sqs_source = None;
+    let (settings, kafka_source) = match (kafka_mapping, mq_mapping, sqs_mapping) {
+        (Some((raw, source)), _, _) => (raw.overlay(config.mapping.clone()).validate_kafka(&source)?, Some(source)),
+        (None, Some((raw, source, dead_letters)), _) => {
             let settings = raw.overlay(config.mapping.clone()).validate_rabbitmq(&source)?;
             mq_source = Some((source, dead_letters));
             (settings, None)
         }
-        (None, None) => (RawSettings::from_template(&t, None)?.overlay(config.mapping.clone()).validate()?, None),
+        (None, None, Some((raw, source, timeout))) => {
+            let settings = raw.overlay(config.mapping.clone()).validate_sqs(&source, timeout)?;
+            sqs_source = Some(source);
+            (settings, None)
+        }
+        (None, None, None) => (RawSettings::from_template(&t, None)?.overlay(config.mapping.clone()).validate()?, None),
     };
-    let rabbitmq = mq_source.as_ref().map(|(source, dead_letters)| RabbitMqRun {
+    let sqs = match &sqs_source {
+        None => None,
+        Some(source) => Some(QueueRun {
+            url: source.queue_url.clone(),
+            queue: source.name().to_owned(),
+            dead_letters: dead_letter_queue(&local, source).await?.unwrap_or_default(),
+            ..QueueRun::default()
+        }),
+    };
+    let rabbitmq = mq_source.as_ref().map(|(source, dead_letters)| QueueRun {
         // The sample's own broker with its local credentials, as a client would use it; another
         // broker's password is not printed.
         url: if rabbitmq_control.is_some() { source.url.clone() } else { source.redacted() },
         queue: source.queue.clone(),
         dead_letters: dead_letters.clone(),
-        ..RabbitMqRun::default()
+        ..QueueRun::default()
     });
     // Enhanced fan-out is served by the proxy (true push: `realism::fanout`), so a mapping on a
     // stream consumer reads through it even with the realism layer off.
@@ -1223,12 +1323,15 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     if let Some(p) = &kafka_proxy {
         options.kafka_via = Some(p.bootstrap());
     }
-    let mapping = match (kafka_source, &mq_source) {
-        (Some(source), _) => Runner::start_kafka(settings, source, options, clients.clone(), server.client()),
-        (None, Some((source, _))) => {
+    let mapping = match (kafka_source, &mq_source, &sqs_source) {
+        (Some(source), _, _) => Runner::start_kafka(settings, source, options, clients.clone(), server.client()),
+        (None, Some((source, _)), _) => {
             Runner::start_rabbitmq(settings, source.clone(), options, clients.clone(), server.client())
         }
-        (None, None) => Runner::start(settings, options, clients.clone(), server.client()),
+        (None, None, Some(source)) => {
+            Runner::start_sqs(settings, source.clone(), options, clients.clone(), server.client())
+        }
+        (None, None, None) => Runner::start(settings, options, clients.clone(), server.client()),
     };
 
     let (responses_tx, mut responses_rx) = mpsc::unbounded_channel();
@@ -1267,7 +1370,8 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         }
         _ => None,
     };
-    let reshard = config.realism.reshard_after.filter(|_| kafka.is_none() && rabbitmq.is_none()).map(|after| {
+    let on_a_stream = kafka.is_none() && rabbitmq.is_none() && sqs.is_none();
+    let reshard = config.realism.reshard_after.filter(|_| on_a_stream).map(|after| {
         let (local, stream, realism) = (local.clone(), r.stream.clone(), realism.clone());
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
@@ -1317,7 +1421,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             if let Some(&file) = expected.lines.get(&d.hash) {
                 latencies.push((d.invoked_at - uploads[file].1) * 1000.0);
             }
-            if rabbitmq.is_some() {
+            if rabbitmq.is_some() || sqs.is_some() {
                 *delivered.entry(d.hash).or_insert(0) += 1;
             }
         }
@@ -1413,8 +1517,9 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     }
     let mut r = r;
     let mut rabbitmq = rabbitmq;
+    let mut sqs = sqs;
     let in_broker = match &kafka {
-        None if rabbitmq.is_some() => {
+        None if rabbitmq.is_some() || sqs.is_some() => {
             // Each good line delivered at least once; copies beyond the input's are the push
             // function's republished lines and the broker's redeliveries, which the rollup
             // recognised by their message ids (counted in the summary, not in the stream check).
@@ -1424,6 +1529,12 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
                 m.left = depth(source, &m.queue).await.map_err(|e| PipelineError::Run(e.to_string()))?;
                 m.dead_lettered =
                     depth(source, &m.dead_letters).await.map_err(|e| PipelineError::Run(e.to_string()))?;
+            }
+            if let Some(m) = sqs.as_mut() {
+                m.deliveries = delivered.values().map(|&n| u64::from(n)).sum();
+                m.left = queue_depth(&local, Some(&m.url)).await? as u32;
+                let dlq = (!m.dead_letters.is_empty()).then_some(m.dead_letters.as_str());
+                m.dead_lettered = queue_depth(&local, dlq).await? as u32;
             }
             // An object an earlier run on this stack finished (`already_done`) sends nothing now:
             // its lines went through the queue then, and its rollup is in the outputs.
@@ -1477,11 +1588,28 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         stream_lines,
         kafka,
         rabbitmq,
+        sqs,
     };
     for dir in std::iter::once(&config.run_dir).chain(config.report_dir.as_ref()) {
         report.write_summary(dir).map_err(|e| PipelineError::io(format!("summary in {}", dir.display()), e))?;
     }
     Ok(report)
+}
+
+/// The URL of `source`'s dead-letter queue (its redrive policy's `deadLetterTargetArn`), if it has
+/// one.
+async fn dead_letter_queue(local: &Local, source: &crate::mapping::SqsSource) -> Result<Option<String>, PipelineError> {
+    let Some(policy) = &source.redrive_policy else { return Ok(None) };
+    let v: Value = serde_json::from_str(policy).unwrap_or(Value::Null);
+    let Some(name) = v["deadLetterTargetArn"].as_str().and_then(|a| a.rsplit(':').next()) else { return Ok(None) };
+    let out = local
+        .sqs
+        .get_queue_url()
+        .queue_name(name)
+        .send()
+        .await
+        .map_err(|e| PipelineError::aws(format!("GetQueueUrl {name}"), e))?;
+    Ok(out.queue_url().map(str::to_owned))
 }
 
 /// How often the failure queues' depths are sampled (SQS publishes them once a minute; a local

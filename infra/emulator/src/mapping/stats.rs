@@ -81,6 +81,9 @@ pub struct Counts {
     /// SQS: deletions SQS refused (the message comes again).
     #[serde(default)]
     pub delete_failures: u64,
+    /// SQS: the pollers' `WaitTimeSeconds` (20: long polling; 0: short polling).
+    #[serde(default)]
+    pub wait_time_seconds: u64,
     /// Kafka: the largest `OffsetLag` reported (records between the end of the topic and the next
     /// record to process, over this member's partitions).
     #[serde(default)]
@@ -269,16 +272,13 @@ impl std::fmt::Display for Summary {
             (None, Some(_)) => {
                 write!(f, "  state            {}; a consumer group member (long-polling fetches)", self.state)?
             }
-            // A queue consumer: the broker pushes deliveries up to the prefetch.
+            // A queue's pollers: each receives a batch and invokes with it.
             (None, None) if self.sqs.is_some() => write!(
                 f,
-                "  state            {}; {} (ReceiveMessage WaitTimeSeconds as configured), one batch per poller, up to {} pollers at once",
+                "  state            {}; {} polling (ReceiveMessage WaitTimeSeconds {}), one batch per poller, up to {} pollers at once",
                 self.state,
-                if self.counts.receives > 0 && self.counts.empty_receives == self.counts.receives {
-                    "idle"
-                } else {
-                    "polling"
-                },
+                if self.counts.wait_time_seconds > 0 { "long" } else { "short" },
+                self.counts.wait_time_seconds,
                 self.counts.pollers_max
             )?,
             (None, None) if self.amazon_mq.is_some() => write!(
@@ -401,7 +401,8 @@ impl std::fmt::Display for Summary {
             "  given up         {} to the failure destination, {} expired, {} discarded",
             self.counts.to_destination, self.counts.expired, self.counts.discarded
         )?;
-        if self.group.is_none() {
+        let a_queue = self.amazon_mq.is_some() || self.sqs.is_some();
+        if self.group.is_none() && !a_queue {
             writeln!(f, "  windows          {} final invocations", self.counts.windows_final)?;
         }
         if self.counts.filtered_out > 0 {
@@ -415,7 +416,7 @@ impl std::fmt::Display for Summary {
                     None => writeln!(f, "                   {} {} {:?}", iso8601_time(e.at), e.event, e.partitions)?,
                 }
             }
-        } else {
+        } else if !a_queue {
             writeln!(
                 f,
                 "  leases           {} taken ({} from a runner that stopped renewing), {} released, {} lost; as {}",

@@ -149,6 +149,7 @@ pub(crate) async fn run(
         queue = %source.queue_arn, wait_time_seconds = source.wait_time_seconds, pollers = floor, cap,
         visibility_timeout = ?source.visibility_timeout, "sqs mapping: polling"
     );
+    ctx.stats().counts.wait_time_seconds = u64::from(source.wait_time_seconds);
     let partition = record::partition(client.clone(), source.clone(), cap);
     if let Ok(mut c) = ctx.caught_up.lock() {
         c.insert(name.clone(), None);
@@ -356,7 +357,8 @@ async fn poll(
 }
 
 /// The queue is caught up while it holds no message (visible, in flight or delayed) and none was
-/// received since the last look, twice in a row.
+/// received since the last look, twice in a row; the partition's caught-up time is the latest such
+/// look.
 async fn check_depth(ctx: &Ctx, client: &aws_sdk_sqs::Client, source: &SqsSource, pollers: &Pollers) {
     let mut empty_looks = 0u32;
     loop {
@@ -380,14 +382,9 @@ async fn check_depth(ctx: &Ctx, client: &aws_sdk_sqs::Client, source: &SqsSource
         };
         let last = f64::from_bits(pollers.received_at.load(Ordering::SeqCst));
         empty_looks = if held == 0 && last < asked_at { empty_looks + 1 } else { 0 };
+        // The time of the latest look that found it caught up: everything sent before it was read.
         if let Ok(mut c) = ctx.caught_up.lock() {
-            let now = c.get(source.name()).copied().flatten();
-            let next = match (empty_looks >= 2, now) {
-                (true, Some(t)) => Some(t),
-                (true, None) => Some(asked_at),
-                (false, _) => None,
-            };
-            c.insert(source.name().to_owned(), next);
+            c.insert(source.name().to_owned(), (empty_looks >= 2).then_some(asked_at));
         }
     }
 }
