@@ -286,6 +286,60 @@ async fn through_rabbitmq_in_a_storm_every_message_is_counted_once_and_the_total
     check_drawn(&faults, &kinds, seed);
 }
 
+/// The pipeline through SQS in a storm (`--broker sqs --realism storm`): `ReceiveMessage` failing
+/// one call in ten, one message in twenty handed out twice (SQS's "at least once"), S3 `SlowDown`
+/// and cut bodies, S3 events duplicated and delivered out of order, Invoke 429s, every call
+/// checked against its role; the push function crashed once mid-object (its retry sends the lines
+/// after its last checkpoint again) and the rollup failing one invocation in five (its batch comes
+/// back after the visibility timeout, shortened here to 5 s). Every good line through the queue,
+/// the rollup exact (each line counted once by its name), every bad line quarantined once, nothing
+/// left in the queue or dead-lettered. 20,000 lines here; `make soak` runs 100,000.
+#[tokio::test]
+async fn through_sqs_in_a_storm_every_message_is_counted_once_and_the_totals_are_exact() {
+    use pushpull_local::realism::{Profile, RealismConfig};
+    let seed = std::env::var("PUSHPULL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SEED);
+    let lines = std::env::var("PUSHPULL_STORM_LINES").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
+    let input = tempfile::tempdir().unwrap();
+    let bad = write_lines(input.path(), lines);
+    let bucket = unique("pp-sstorm");
+    let crashed = input.path().join("push-crashed");
+    println!("realism: storm, seed {seed} (replay: PUSHPULL_SEED={seed}), {lines} lines");
+    let mut params = overrides(&bucket);
+    // A failed batch comes back after 5 s, not the template's 11 minutes (a visibility timeout
+    // shorter than the rollup's timeout is refused: the rollup's is 5 s here too).
+    params.extend(["SqsVisibilityTimeout=5".into(), "PullTimeout=5".into()]);
+    // A rollup failing one invocation in five, and one message in twenty handed out twice, would
+    // have SQS dead-letter about one message in a thousand at the template's five receives (the
+    // summary then says so and is not exact): twenty here, as the RabbitMQ storm's delivery limit.
+    params.push("SqsMaxReceiveCount=20".into());
+    let extra_env = crash_and_fail(&crashed, lines / 30);
+    let config = PipelineConfig {
+        broker: pipeline::Broker::Sqs { fifo: false },
+        overrides: params,
+        delay_scale: 0.01,
+        timeout: Duration::from_secs(600),
+        realism: RealismConfig::new(Profile::Storm, seed),
+        extra_env,
+        ..PipelineConfig::new(TEMPLATE, unique("sstorm"), input.path())
+    };
+    let report = pipeline::run(config).await.unwrap();
+    println!("{report}");
+    assert!(crashed.exists(), "the push function was crashed once");
+    report.check().unwrap();
+    assert_eq!(report.stream_lines.once as usize, lines - bad, "every good line through the queue");
+    assert_eq!(report.stream_lines.missing, 0);
+    assert_eq!(report.rollup.values().map(|g| g.0).sum::<u64>() as usize, lines - bad);
+    assert_eq!(report.rollup, report.expected, "the rollup equals the input exactly");
+    check_quarantine_of(&report.quarantined, &bucket, bad, lines);
+    let q = report.sqs.as_ref().expect("an SQS run names its queue");
+    assert_eq!((q.left, q.dead_lettered), (0, 0), "nothing left in the queue, nothing dead-lettered");
+    assert!(q.deliveries as usize > lines - bad, "duplicates and batches that came back were delivered: {q:?}");
+    assert!(report.mapping.counts.receive_errors >= 1, "{:?}", report.mapping.counts);
+    let faults = report.faults.expect("a storm counts its faults");
+    let kinds = ["sqs.receive.error", "sqs.message.duplicated", "s3.get.slow_down", "s3.event.duplicated"];
+    check_drawn(&faults, &kinds, seed);
+}
+
 /// The same pipeline in a storm (`pushpull_local::realism`, profile `storm`, seed from
 /// `PUSHPULL_SEED` or 42): Kinesis's shard limits (PutRecords entries throttled, reads
 /// throttled), empty pages before records that exist, iterators expiring, a shard split mid-run,

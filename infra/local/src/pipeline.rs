@@ -1285,6 +1285,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         .await
         .map_err(|e| PipelineError::io("Invoke API server", e))?;
     let mut clients = Clients::from(&local);
+    let mut mapping_sqs = None;
     if let Some((proxy, policies)) = &proxy {
         // The mapping reads the stream as AWS's does: with the function's role, under the
         // shard's limits (shared with every other reader).
@@ -1295,6 +1296,11 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             true => crate::http2::kinesis(&proxy.endpoint(), key).await,
             false => Local::at(&proxy.endpoint(), key).await.kinesis,
         };
+        // An SQS mapping receives and deletes through it too, with SQS's faults (its own client:
+        // the S3 event delivery's queue is not the mapping's).
+        if sqs_source.is_some() {
+            mapping_sqs = Some(Local::at(&proxy.endpoint(), key).await.sqs);
+        }
     }
 
     let mapping_enabled = settings.enabled;
@@ -1329,7 +1335,8 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             Runner::start_rabbitmq(settings, source.clone(), options, clients.clone(), server.client())
         }
         (None, None, Some(source)) => {
-            Runner::start_sqs(settings, source.clone(), options, clients.clone(), server.client())
+            let clients = Clients { sqs: mapping_sqs.unwrap_or_else(|| clients.sqs.clone()), ..clients.clone() };
+            Runner::start_sqs(settings, source.clone(), options, clients, server.client())
         }
         (None, None, None) => Runner::start(settings, options, clients.clone(), server.client()),
     };
@@ -1503,8 +1510,11 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let delivery = delivery.await.map_err(|source| PipelineError::Task { what: "S3 event delivery", source })?;
     let mapping = mapping.stop().await;
     drop(server);
-    result?;
-    let delivery = delivery?;
+    let delivery = match (result, delivery) {
+        (Err(_), Err(e)) => return Err(PipelineError::Run(format!("the S3 event delivery stopped: {e}"))),
+        (Err(e), _) => return Err(e),
+        (Ok(()), delivery) => delivery?,
+    };
     let mapping = mapping?;
 
     sampler.abort();

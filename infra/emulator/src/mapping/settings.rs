@@ -1320,6 +1320,39 @@ mod tests {
     }
 
     #[test]
+    fn reads_the_templates_sqs_variant() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../template.yaml");
+        let t = Template::load(&path, "st", &[]).unwrap();
+        assert!(RawSettings::from_template_sqs(&t, None).unwrap().is_none());
+        let t = Template::load(&path, "st", &["Broker=sqs".into()]).unwrap();
+        assert!(RawSettings::from_template(&t, None).is_err(), "no Kinesis mapping is created");
+        let (raw, queue, timeout) = RawSettings::from_template_sqs(&t, None).unwrap().unwrap();
+        assert_eq!(queue, "arn:aws:sqs:us-east-1:000000000000:st-records");
+        assert_eq!(timeout, Duration::from_secs(60));
+        let source = SqsSource {
+            queue_url: "http://127.0.0.1:4566/000000000000/st-records".into(),
+            queue_arn: queue.clone(),
+            visibility_timeout: Duration::from_secs(660),
+            redrive_policy: None,
+            wait_time_seconds: 20,
+        };
+        let m = raw.clone().validate_sqs(&source, timeout).unwrap();
+        assert_eq!(
+            (m.function_name.as_str(), m.batch_size, m.maximum_concurrency),
+            ("st-kinesis-rollup", 500, Some(10))
+        );
+        assert!(m.report_batch_item_failures);
+        // FIFO: the queue's name, BatchSize 10, no window; a larger batch is refused by the rules.
+        let fifo =
+            Template::load(&path, "st", &["Broker=sqs".into(), "SqsFifo=true".into(), "BatchSize=10".into()]).unwrap();
+        let (raw, queue, _) = RawSettings::from_template_sqs(&fifo, None).unwrap().unwrap();
+        assert!(queue.ends_with(":st-records.fifo"), "{queue}");
+        assert!(raw.batching_window.is_none());
+        let e = Template::load(&path, "st", &["Broker=sqs".into(), "SqsFifo=true".into()]).unwrap_err().to_string();
+        assert!(e.contains("at most 10"), "{e}");
+    }
+
+    #[test]
     fn provisioned_pollers_are_in_awss_ranges_and_only_for_kafka() {
         assert_eq!(provisioned_pollers(None).unwrap(), None);
         assert_eq!(provisioned_pollers(Some("")).unwrap(), None);

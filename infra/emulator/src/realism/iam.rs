@@ -262,11 +262,17 @@ pub fn s3_call(method: &str, path: &str, query: &str, copy_source: bool) -> Call
 
 /// What an SQS call needs: `op` from `X-Amz-Target: AmazonSQS.<op>`, the queue from `QueueUrl`.
 pub fn sqs_call(op: &str, body: &Value) -> Call {
-    let resource = match body["QueueUrl"].as_str().and_then(|u| u.trim_end_matches('/').rsplit('/').next()) {
+    // GetQueueUrl names its queue by name; the rest by URL.
+    let name = body["QueueUrl"].as_str().and_then(|u| u.trim_end_matches('/').rsplit('/').next());
+    let resource = match name.or_else(|| body["QueueName"].as_str()) {
         Some(name) => format!("arn:aws:sqs:{REGION}:{ACCOUNT}:{name}"),
         None => format!("arn:aws:sqs:{REGION}:{ACCOUNT}:*"),
     };
-    Call { action: format!("sqs:{op}"), resource }
+    // A batch action is allowed by its single action's permission (SQS API permissions reference:
+    // SendMessageBatch, DeleteMessageBatch and ChangeMessageVisibilityBatch need sqs:SendMessage,
+    // sqs:DeleteMessage and sqs:ChangeMessageVisibility).
+    let action = op.strip_suffix("Batch").filter(|a| a.ends_with("Message") || a.ends_with("Visibility")).unwrap_or(op);
+    Call { action: format!("sqs:{action}"), resource }
 }
 
 #[cfg(test)]
@@ -324,6 +330,26 @@ mod tests {
         let q = serde_json::json!({"QueueUrl": "http://127.0.0.1:4566/000000000000/pp-pull-failure-queue"});
         assert_eq!(p.check(&pull, &sqs_call("SendMessage", &q)), Decision::Allowed);
         assert!(matches!(p.check(&push, &sqs_call("SendMessage", &q)), Decision::Denied(_)));
+    }
+
+    /// The SQS variant: the push role sends to the record queue (SendMessageBatch is allowed by
+    /// sqs:SendMessage), the pull role receives and deletes (DeleteMessageBatch by
+    /// sqs:DeleteMessage); neither does the other's part.
+    #[test]
+    fn the_sqs_variants_roles_send_and_receive_their_queue() {
+        let t = Template::parse(TEMPLATE, "pp", &["DataBucketName=data".into(), "Broker=sqs".into()]).unwrap();
+        let p = Policies::from_template(&t).unwrap();
+        let (push, pull) = (access_key("PushRole"), access_key("PullRole"));
+        let q = serde_json::json!({"QueueUrl": "http://127.0.0.1:4566/000000000000/pp-records"});
+        let by_name = serde_json::json!({"QueueName": "pp-records"});
+        assert_eq!(p.check(&push, &sqs_call("SendMessageBatch", &q)), Decision::Allowed);
+        assert_eq!(p.check(&push, &sqs_call("GetQueueUrl", &by_name)), Decision::Allowed);
+        assert!(matches!(p.check(&push, &sqs_call("ReceiveMessage", &q)), Decision::Denied(_)));
+        for op in ["ReceiveMessage", "DeleteMessageBatch", "DeleteMessage", "GetQueueAttributes"] {
+            assert_eq!(p.check(&pull, &sqs_call(op, &q)), Decision::Allowed, "{op}");
+        }
+        assert!(matches!(p.check(&pull, &sqs_call("SendMessageBatch", &q)), Decision::Denied(_)));
+        assert_eq!(sqs_call("ChangeMessageVisibilityBatch", &q).action, "sqs:ChangeMessageVisibility");
     }
 
     #[test]

@@ -130,6 +130,10 @@ pub struct Rates {
     pub kafka_fetch_slowed: f64,
     /// A Kafka connection is cut half-way through a Fetch answer.
     pub kafka_fetch_cut: f64,
+    /// SQS `ReceiveMessage` answers 500 `InternalError`.
+    pub sqs_receive_error: f64,
+    /// A message SQS hands out is made visible again at once: delivered twice (per message).
+    pub sqs_duplicate: f64,
 }
 
 /// One realism setting: a profile, its seed, and what the profile turns on.
@@ -191,6 +195,8 @@ impl RealismConfig {
                     iam: true,
                     function_concurrency: Some(10),
                     rabbitmq_disruption_every: Some(Duration::from_secs(20)),
+                    // SQS now and then fails a receive and hands a message out twice.
+                    rates: Rates { sqs_receive_error: 0.01, sqs_duplicate: 0.002, ..Rates::default() },
                     ..off
                 }
             }
@@ -209,6 +215,8 @@ impl RealismConfig {
                     subscription_cut: 0.05,
                     kafka_fetch_slowed: 0.3,
                     kafka_fetch_cut: 0.1,
+                    sqs_receive_error: 0.1,
+                    sqs_duplicate: 0.05,
                 },
                 reshard_after: Some(Duration::from_secs(4)),
                 kafka_disruption_every: Some(Duration::from_secs(4)),
@@ -331,6 +339,8 @@ pub fn describe(kind: &str) -> &'static str {
         "kafka.fetch.cut" => "Kafka connections cut half-way through a Fetch answer",
         "kafka.broker.restart" => "Kafka broker restarts (connections closed, new ones for 2 s)",
         "kafka.group.rebalance" => "consumer group rebalances (a stranger joined or left)",
+        "sqs.receive.error" => "SQS ReceiveMessage answered 500 InternalError",
+        "sqs.message.duplicated" => "SQS messages delivered twice (made visible again at once)",
         _ => "",
     }
 }

@@ -389,12 +389,48 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
                     .insert("x-amzn-query-error", hyper::header::HeaderValue::from_static("AccessDenied;Sender"));
                 Ok(r)
             }
-            None => state.forward(&parts, body).await.map(|u| u.into_response(false)),
+            None => sqs(&state, &parts, body, op).await,
         }
     } else {
         s3(&state, &parts, body, &key).await
     };
     Ok(result.unwrap_or_else(|e| json_error(StatusCode::BAD_GATEWAY, "InternalFailure", &e)))
+}
+
+/// An SQS call, with SQS's faults: `ReceiveMessage` failing (500 `InternalError`), and a received
+/// message delivered again (made visible at once, as when a receive's answer is lost: SQS's "at
+/// least once").
+async fn sqs(state: &State, parts: &Parts, body: Bytes, op: &str) -> Result<Response<Body>, String> {
+    let rates = state.realism.config().rates.clone();
+    if op != "ReceiveMessage" {
+        return state.forward(parts, body).await.map(|u| u.into_response(false));
+    }
+    if state.realism.fire("sqs.receive.error", rates.sqs_receive_error) {
+        return Ok(json_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "realism: ReceiveMessage failed"));
+    }
+    let queue_url = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["QueueUrl"].as_str().map(str::to_owned));
+    let up = state.forward(parts, body).await?;
+    if rates.sqs_duplicate > 0.0
+        && up.status.is_success()
+        && let Some(queue_url) = queue_url
+        && let Ok(v) = serde_json::from_slice::<Value>(&up.body)
+    {
+        for m in v["Messages"].as_array().into_iter().flatten() {
+            let Some(handle) = m["ReceiptHandle"].as_str() else { continue };
+            if !state.realism.fire("sqs.message.duplicated", rates.sqs_duplicate) {
+                continue;
+            }
+            let call = json!({"QueueUrl": queue_url, "ReceiptHandle": handle, "VisibilityTimeout": 0});
+            let mut again = parts.clone();
+            again
+                .headers
+                .insert("x-amz-target", hyper::header::HeaderValue::from_static("AmazonSQS.ChangeMessageVisibility"));
+            if let Err(e) = state.forward(&again, Bytes::from(call.to_string())).await {
+                tracing::warn!(error = %e, "realism: could not make a message visible again");
+            }
+        }
+    }
+    Ok(up.into_response(false))
 }
 
 async fn kinesis(state: &State, parts: &Parts, body: Bytes, op: &str, key: &str) -> Result<Response<Body>, String> {
