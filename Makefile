@@ -7,12 +7,12 @@ run:            ## set up what is missing and run the sample pipeline on LocalSt
 test:           ## set up what is missing and run every check and test (CI runs this)
 	infra/test.sh
 
-soak:           ## the pipeline through Kafka, then RabbitMQ, in a storm on 100,000 lines (SEED=N another seed, STORM_LINES=N another size)
+soak:           ## the pipeline through Kafka, RabbitMQ, then SQS, in a storm on 100,000 lines (SEED=N another seed, STORM_LINES=N another size)
 	cargo build --workspace --bins --features pushpull-tests/integration
 	infra/rabbitmq.sh install
 	PUSHPULL_STORM_LINES=$${STORM_LINES:-100000} PUSHPULL_SEED=$${SEED:-42} infra/with-kafka.sh infra/with-localstack.sh \
 	  cargo nextest run -p pushpull-tests --features integration --test pipeline --no-capture -j 1 \
-	  through_kafka_in_a_storm through_rabbitmq_in_a_storm
+	  through_kafka_in_a_storm through_rabbitmq_in_a_storm through_sqs_in_a_storm
 
 check-template: ## sam validate --lint, sam validate, cfn-lint, cycle check
 	infra/check-template.sh

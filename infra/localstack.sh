@@ -5,6 +5,7 @@
 #   infra/localstack.sh up        # install if needed, start on 127.0.0.1:4566, wait until healthy
 #   infra/localstack.sh down      # stop the process group we started, by its PID
 #   infra/localstack.sh status
+#   infra/localstack.sh aws ARGS  # the AWS CLI (from the same venv) against it: aws sqs create-queue ...
 #
 # Everything lives under $PUSHPULL_HOME (default ~/.cache/pushpull); nothing is downloaded from
 # anywhere but PyPI and npm. Only S3, Kinesis, SQS, SNS and EventBridge are served, on 127.0.0.1 only.
@@ -127,5 +128,10 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) if pid="$(running_pid)" && healthy; then echo "running (pid $pid) at $ENDPOINT"; else echo "stopped"; exit 1; fi ;;
-  *) echo "usage: $0 install|up|down|status" >&2; exit 2 ;;
+  aws)
+    shift
+    [ -x "$VENV/bin/aws" ] || install
+    AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}" \
+      AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}" exec "$VENV/bin/aws" --endpoint-url "$ENDPOINT" "$@" ;;
+  *) echo "usage: $0 install|up|down|status|aws ARGS" >&2; exit 2 ;;
 esac

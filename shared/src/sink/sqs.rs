@@ -273,7 +273,7 @@ mod tests {
             let mut next = 0;
             for r in &ranges {
                 proptest::prop_assert_eq!(r.start, next);
-                proptest::prop_assert!(r.len() >= 1 && r.len() <= MAX_BATCH_ENTRIES);
+                proptest::prop_assert!(!r.is_empty() && r.len() <= MAX_BATCH_ENTRIES);
                 let bytes: usize = records[r.clone()].iter().map(size).sum();
                 proptest::prop_assert!(r.len() == 1 || bytes <= MAX_BATCH_BYTES);
                 next = r.end;
