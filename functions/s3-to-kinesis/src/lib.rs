@@ -479,6 +479,20 @@ mod tests {
     }
 
     #[test]
+    fn an_sqs_queue_is_the_destination_when_named_and_its_name_is_checked() {
+        let env = |q: &str| Env::from_pairs([("SQS_QUEUE", q)]).with_local_locations("/tmp/s");
+        let s = Settings::from_env(env("orders.fifo")).unwrap();
+        assert_eq!(s.destination, Destination::Sqs("orders.fifo".into()));
+        let url = "http://sqs.us-east-1.127.0.0.1:4566/000000000000/orders";
+        let s = Settings::from_env(env(url)).unwrap();
+        assert_eq!(s.destination, Destination::Sqs(url.into()));
+        for bad in ["a b", ".fifo", &"q".repeat(81)] {
+            let err = Settings::from_env(env(bad)).unwrap_err().to_string();
+            assert!(err.contains("SQS_QUEUE"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn a_rabbitmq_queue_is_the_destination_when_named_and_its_password_is_never_shown() {
         let url = "amqp://u:p@127.0.0.1:5672/v";
         let env = Env::from_pairs([("RABBITMQ_QUEUE", "records"), ("RABBITMQ_URL", url)]);

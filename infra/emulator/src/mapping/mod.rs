@@ -182,6 +182,24 @@ impl Ctx {
         !self.is_kafka() && !arn.starts_with("arn:aws:mq:") && !arn.starts_with("arn:aws:sqs:")
     }
 
+    /// Returns once `stop` turns true or, if the mapping stops when idle, once it has been idle
+    /// that long ([`Ctx::idle_for`]): a queue mapping's watchdog.
+    pub(crate) async fn stopped_or_idle(&self, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = stop.changed() => if *stop.borrow() { return },
+                () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                    if let Some(idle) = self.options.stop_when_idle
+                        && self.idle_for(idle)
+                    {
+                        info!("the queue is empty and the mapping idle; stopping");
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
     /// A queue mapping has nothing left to do: nothing read is undone, every partition was last
     /// found caught up, and nothing happened for `idle`.
     pub(crate) fn idle_for(&self, idle: std::time::Duration) -> bool {

@@ -842,7 +842,28 @@ impl RawSettings {
     /// CreateEventSourceMapping names each for other sources only): they are refused. A failed
     /// batch is retried [`crate::mapping::rabbitmq::RETRIES_BEFORE_REQUEUE`] times, then requeued.
     pub fn validate_rabbitmq(self, source: &RabbitMqSource) -> Result<MappingSettings, InvalidSetting> {
+        self.refuse_stream_settings("an Amazon MQ event source", true, "")?;
+        source.check()?;
+        let raw = RawSettings {
+            starting_position: Some("TRIM_HORIZON".into()),
+            maximum_retry_attempts: Some(crate::mapping::rabbitmq::RETRIES_BEFORE_REQUEUE.to_string()),
+            ..self
+        };
+        raw.common(source.event_source_arn(), None, Duration::from_millis(500))
+    }
+
+    /// Refuses what a queue's mapping (`kind`) does not have: the streams' settings, retries,
+    /// record age, bisection, destinations, provisioned pollers, and with
+    /// `refuse_response_types` partial batch responses; `destination_hint` follows a refused
+    /// destination.
+    fn refuse_stream_settings(
+        &self,
+        kind: &str,
+        refuse_response_types: bool,
+        destination_hint: &str,
+    ) -> Result<(), InvalidSetting> {
         let set = |v: &Option<String>| v.as_deref().map(str::trim).is_some_and(|v| !v.is_empty());
+        let response_types = if refuse_response_types { &self.function_response_types } else { &None };
         for (value, name) in [
             (&self.parallelization_factor, "ParallelizationFactor"),
             (&self.tumbling_window, "TumblingWindowInSeconds"),
@@ -851,21 +872,16 @@ impl RawSettings {
             (&self.maximum_retry_attempts, "MaximumRetryAttempts"),
             (&self.maximum_record_age, "MaximumRecordAgeInSeconds"),
             (&self.bisect, "BisectBatchOnFunctionError"),
-            (&self.function_response_types, "FunctionResponseTypes"),
+            (response_types, "FunctionResponseTypes"),
             (&self.on_failure, "DestinationConfig"),
             (&self.provisioned_pollers, "ProvisionedPollerConfig"),
         ] {
             if set(value) {
-                return Err(InvalidSetting(format!("{name} is not a setting of an Amazon MQ event source")));
+                let hint = if name == "DestinationConfig" { destination_hint } else { "" };
+                return Err(InvalidSetting(format!("{name} is not a setting of {kind}{hint}")));
             }
         }
-        source.check()?;
-        let raw = RawSettings {
-            starting_position: Some("TRIM_HORIZON".into()),
-            maximum_retry_attempts: Some(crate::mapping::rabbitmq::RETRIES_BEFORE_REQUEUE.to_string()),
-            ..self
-        };
-        raw.common(source.event_source_arn(), None, Duration::from_millis(500))
+        Ok(())
     }
 
     /// The settings of an SQS mapping on `source`, for a function whose timeout is
@@ -881,29 +897,11 @@ impl RawSettings {
         source: &SqsSource,
         function_timeout: Duration,
     ) -> Result<MappingSettings, InvalidSetting> {
-        let set = |v: &Option<String>| v.as_deref().map(str::trim).is_some_and(|v| !v.is_empty());
-        for (value, name) in [
-            (&self.parallelization_factor, "ParallelizationFactor"),
-            (&self.tumbling_window, "TumblingWindowInSeconds"),
-            (&self.starting_position, "StartingPosition"),
-            (&self.starting_position_timestamp, "StartingPositionTimestamp"),
-            (&self.maximum_retry_attempts, "MaximumRetryAttempts"),
-            (&self.maximum_record_age, "MaximumRecordAgeInSeconds"),
-            (&self.bisect, "BisectBatchOnFunctionError"),
-            (&self.on_failure, "DestinationConfig"),
-            (&self.provisioned_pollers, "ProvisionedPollerConfig"),
-        ] {
-            if set(value) {
-                return Err(InvalidSetting(format!(
-                    "{name} is not a setting of an SQS event source{}",
-                    if name == "DestinationConfig" {
-                        " (a failed message goes to the queue's own dead-letter queue, by its redrive policy)"
-                    } else {
-                        ""
-                    }
-                )));
-            }
-        }
+        self.refuse_stream_settings(
+            "an SQS event source",
+            false,
+            " (a failed message goes to the queue's own dead-letter queue, by its redrive policy)",
+        )?;
         let fifo = source.is_fifo();
         let batch_size = match self.batch_size.as_deref().map(str::trim) {
             None | Some("") => 10,

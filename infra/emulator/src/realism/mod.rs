@@ -364,7 +364,14 @@ mod tests {
         assert_eq!("AWS".parse::<Profile>(), Ok(Profile::Aws));
         assert!("stormy".parse::<Profile>().is_err());
         let aws = RealismConfig::new(Profile::Aws, 1);
-        assert!(aws.limits.is_some() && aws.iam && aws.rates == Rates::default() && aws.reshard_after.is_none());
+        assert!(aws.limits.is_some() && aws.iam && aws.reshard_after.is_none());
+        // AWS's own faults only: SQS's at-least-once delivery and its occasional 500s.
+        let sqs_only = Rates {
+            sqs_receive_error: aws.rates.sqs_receive_error,
+            sqs_duplicate: aws.rates.sqs_duplicate,
+            ..Rates::default()
+        };
+        assert!(aws.rates == sqs_only && aws.rates.sqs_duplicate > 0.0);
         let storm = RealismConfig::new(Profile::Storm, 1);
         assert!(storm.rates.empty_page > 0.0 && storm.reshard_after.is_some());
         assert!(!RealismConfig::new(Profile::Off, 1).is_on());

@@ -102,7 +102,7 @@ pub const RECONNECT_EVERY: Duration = Duration::from_secs(1);
 async fn session(
     ctx: Arc<Ctx>,
     source: &RabbitMqSource,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     first: bool,
 ) -> Result<Option<String>, MappingError> {
     // Before the first connection is up, every failure is the caller's (a wrong URL, no such
@@ -233,23 +233,11 @@ async fn session(
     // Stopping (asked to, or idle): the reader stops taking deliveries and the lane finishes its
     // batch in flight, for at most the grace period; what is left unacknowledged goes back to the
     // queue when the connection closes.
-    let (idle, grace) = (ctx.options.stop_when_idle, ctx.options.stop_grace);
+    let grace = ctx.options.stop_grace;
     let watchdog = {
         let ctx = ctx.clone();
         async move {
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => if *stop.borrow() { break },
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {
-                        if let Some(idle) = idle
-                            && ctx.idle_for(idle)
-                        {
-                            info!("the queue is empty and the mapping idle; stopping");
-                            break;
-                        }
-                    }
-                }
-            }
+            ctx.stopped_or_idle(stop).await;
             let _ = quit_tx.send(true);
             tokio::time::sleep(grace).await;
         }

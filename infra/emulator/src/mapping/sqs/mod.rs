@@ -140,7 +140,7 @@ pub(crate) async fn run(
     ctx: Arc<Ctx>,
     client: aws_sdk_sqs::Client,
     source: SqsSource,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), MappingError> {
     let cap = ctx.settings.maximum_concurrency.map_or(MAX_POLLERS, |m| m as usize).clamp(1, MAX_POLLERS);
     let floor = INITIAL_POLLERS.min(cap);
@@ -186,21 +186,11 @@ pub(crate) async fn run(
         let (ctx, client, source, pollers) = (ctx.clone(), client.clone(), source.clone(), pollers.clone());
         tokio::spawn(async move { check_depth(&ctx, &client, &source, &pollers).await })
     };
-    let (idle, grace) = (ctx.options.stop_when_idle, ctx.options.stop_grace);
+    let grace = ctx.options.stop_grace;
     let watchdog = {
         let ctx = ctx.clone();
         async move {
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => if *stop.borrow() { break },
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {
-                        if let Some(idle) = idle && ctx.idle_for(idle) {
-                            info!("the queue is empty and the mapping idle; stopping");
-                            break;
-                        }
-                    }
-                }
-            }
+            ctx.stopped_or_idle(stop).await;
             let _ = quit_tx.send(true);
             tokio::time::sleep(grace).await;
         }
