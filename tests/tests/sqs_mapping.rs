@@ -14,6 +14,7 @@
 //! | settings AWS refuses are refused (visibility timeout below the function's timeout, BatchSize > 10 without a window, FIFO limits, MaximumConcurrency's range, the streams' settings) | `settings_aws_refuses_are_refused` |
 //! | five pollers to start, more while messages remain, at most MaximumConcurrency | `pollers_start_at_five_scale_up_under_a_backlog_and_keep_to_maximum_concurrency` |
 //! | hostile: bodies at SQS's 1 MiB maximum, ten to a batch, split under the 6 MB payload | `bodies_at_the_one_mib_maximum_are_split_under_the_6_mb_payload` |
+//! | hostile: the queue deleted mid-run stops the mapping with an error naming it | `a_queue_deleted_mid_run_stops_the_mapping_with_an_error_naming_it` |
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -442,4 +443,27 @@ async fn bodies_at_the_one_mib_maximum_are_split_under_the_6_mb_payload() {
     assert!(batches.iter().all(|(ids, _)| ids.len() <= 5), "at most five 1 MiB bodies under 6 MB: {batches:?}");
     assert_eq!(s.counts.function_errors, 0);
     assert_eq!(f.depth(&f.url).await, 0);
+}
+
+/// Ours (AWS disables a mapping whose queue is gone, without saying how fast): the pollers' next
+/// receive fails for good, and the mapping stops at once with an error naming the queue.
+#[tokio::test]
+async fn a_queue_deleted_mid_run_stops_the_mapping_with_an_error_naming_it() {
+    let f = fixture().await;
+    let source = f.source().await;
+    let arn = source.queue_arn.clone();
+    let settings = f.settings().validate_sqs(&source, Duration::from_secs(2)).unwrap();
+    let options = RunnerOptions::new(&settings, Store::file(f.dir.path().join("unused")));
+    // Short polls, so that the deletion is seen at the next one.
+    let source = SqsSource { wait_time_seconds: 1, ..source };
+    let m = Runner::start_sqs(settings, source, options, Clients::from(&f.local), f.server.client());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    f.local.sqs.delete_queue().queue_url(&f.url).send().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !m.is_finished() {
+        assert!(std::time::Instant::now() < deadline, "the mapping went on without its queue");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let e = m.stop().await.expect_err("an error").to_string();
+    assert!(e.contains(&arn), "{e}");
 }

@@ -21,12 +21,13 @@
 //! 3. Roll the rest up; a message that cannot be (not base64, not a JSON object, a sum that is
 //!    not a number) is **set aside**, not failed: Amazon MQ has no partial batch response, and
 //!    failing the invocation would bring the whole batch back until the queue's delivery limit
-//!    dead-letters the good messages with the bad. It goes to `rejected/<queue>/<hash>.ndjson` in
-//!    `OUTPUT_URI` (named by a hash of what it holds, so a retry writes the same object) with its
+//!    dead-letters the good messages with the bad. It goes to `rejected/<queue>/<note>.ndjson` in
+//!    `OUTPUT_URI` (written with the note's output, by whoever finishes the note: once) with its
 //!    message id, its reason and its data, and counts as done.
-//! 4. Write the set-aside messages; note the output (its name, body and lines) in the checkpoint
-//!    (compare-and-swap); write the output `<queue>/<note>.ndjson` (each row names the note as
-//!    `writer`); move the lines into the checkpoint's sets and drop the note (compare-and-swap). A
+//! 4. Note the output (its name, body and lines, and the set-aside messages) in the checkpoint
+//!    (compare-and-swap); write the set-aside messages and the output `<queue>/<note>.ndjson` (each
+//!    row names the note as `writer`); move the lines into the checkpoint's sets and drop the note
+//!    (compare-and-swap). A
 //!    crash before the note leaves nothing counted (the messages come back); after it, the note
 //!    is finished by whoever reads the checkpoint next: never both, never neither.
 //!
@@ -146,6 +147,10 @@ struct Note {
     counts: Counted,
     /// The output's body (a few rows: one per group of the batch).
     body: String,
+    /// The messages set aside with it (`rejected/<queue>/<note>.ndjson`), if any: written with
+    /// the output, by whoever finishes the note.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rejected: Option<String>,
 }
 
 /// How a message is recognised when it comes again.
@@ -267,7 +272,7 @@ impl RollupHandler {
         let mut checkpoint = loaded.clone();
         for (output, note) in &loaded.pending {
             info!(output = %output, "a note left by another invocation: finishing it");
-            self.write_output(output, &note.body).await?;
+            self.write_note(queue, output, note).await?;
             checkpoint.counted.extend(&note.counts);
             checkpoint.pending.remove(output);
         }
@@ -319,24 +324,18 @@ impl RollupHandler {
             warn!(set_aside = rejected.len(), "messages that cannot be rolled up are set aside with their reason");
         }
         // 4. The set-aside messages, the write-ahead note, the output, then the counts.
-        if !rejected.is_empty() {
-            let body: String = rejected.iter().map(|r| format!("{r}\n")).collect();
-            let name = format!("rejected/{queue}/{:032x}.ndjson", xxhash_rust::xxh3::xxh3_128(body.as_bytes()));
-            self.output
-                .put(&name, body.into(), Precondition::None)
-                .await
-                .map_err(|source| RollupError::Output { uri: self.output.uri(&name), source })?;
-        }
         let id = intent_id();
         let output = format!("{queue}/{id}.ndjson");
         let mut counts = Counted::default();
         for (_, key) in &fresh {
             counts.insert(key);
         }
-        let note = Note { counts, body: rollup.ndjson(queue, None, Some(&id)) };
+        let set_aside = rejected.len();
+        let rejected = (!rejected.is_empty()).then(|| rejected.iter().map(|r| format!("{r}\n")).collect());
+        let note = Note { counts, body: rollup.ndjson(queue, None, Some(&id)), rejected };
         checkpoint.pending.insert(output.clone(), note.clone());
         let noted = self.write_checkpoint(cp_id, &checkpoint, version.as_ref()).await.map_err(cp_err)?;
-        self.write_output(&output, &note.body).await?;
+        self.write_note(queue, &output, &note).await?;
         #[cfg(feature = "fault-injection")]
         if self.settings.faults.crash_after_output {
             warn!(output, "injected crash after writing the output");
@@ -350,8 +349,18 @@ impl RollupHandler {
             Ok(_) | Err(pushpull::checkpoint::CheckpointError::Conflict { .. }) => {}
             Err(e) => return Err(cp_err(e)),
         }
-        info!(counted = fresh.len() - rejected.len(), set_aside = rejected.len(), skipped, output, "rolled up");
-        Ok((fresh.len() - rejected.len(), rejected.len()))
+        info!(counted = fresh.len() - set_aside, set_aside, skipped, output, "rolled up");
+        Ok((fresh.len() - set_aside, set_aside))
+    }
+
+    /// Writes what a note holds: the messages it set aside (`rejected/<queue>/<note id>.ndjson`),
+    /// then its output; each unless it is there.
+    async fn write_note(&self, queue: &str, output: &str, note: &Note) -> Result<(), RollupError> {
+        if let Some(body) = &note.rejected {
+            let id = output.rsplit('/').next().unwrap_or(output);
+            self.write_output(&format!("rejected/{queue}/{id}"), body).await?;
+        }
+        self.write_output(output, &note.body).await
     }
 
     /// Writes output `name` unless it is there (a note finished by two invocations is written

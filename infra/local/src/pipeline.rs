@@ -213,14 +213,36 @@ async fn ensure_queues(t: &Template, local: &Local) -> Result<HashMap<String, St
     for (id, p) in props(t, "AWS::SQS::Queue") {
         let name = t.name_of(id);
         let p = t.resolve(p, id)?;
-        let mut create = local.sqs.create_queue().queue_name(&name);
-        for (key, attribute) in ATTRIBUTES {
-            if let Some(v) = p.get(key).and_then(scalar) {
-                create = create.attributes(attribute, v);
+        let attributes: HashMap<A, String> =
+            ATTRIBUTES.into_iter().filter_map(|(key, a)| p.get(key).and_then(scalar).map(|v| (a, v))).collect();
+        let created = local.sqs.create_queue().queue_name(&name).set_attributes(Some(attributes.clone())).send().await;
+        let url = match created {
+            Ok(out) => out.queue_url().unwrap_or_default().to_owned(),
+            // It exists with other attributes (an earlier run, other parameters): as CloudFormation
+            // updates a queue, its attributes are set to the template's (FIFO cannot change).
+            Err(e) if e.as_service_error().is_some_and(|e| e.is_queue_name_exists()) => {
+                let out = local
+                    .sqs
+                    .get_queue_url()
+                    .queue_name(&name)
+                    .send()
+                    .await
+                    .map_err(|e| PipelineError::aws(format!("GetQueueUrl {name}"), e))?;
+                let url = out.queue_url().unwrap_or_default().to_owned();
+                let mut changed = attributes;
+                changed.remove(&A::FifoQueue);
+                local
+                    .sqs
+                    .set_queue_attributes()
+                    .queue_url(&url)
+                    .set_attributes(Some(changed))
+                    .send()
+                    .await
+                    .map_err(|e| PipelineError::aws(format!("SetQueueAttributes {name}"), e))?;
+                url
             }
-        }
-        let out = create.send().await.map_err(|e| PipelineError::aws(format!("CreateQueue {name}"), e))?;
-        let url = out.queue_url().unwrap_or_default().to_owned();
+            Err(e) => return Err(PipelineError::aws(format!("CreateQueue {name}"), e)),
+        };
         if let Some(policy) = p.get("RedrivePolicy").filter(|v| v.is_object()) {
             redrives.push((url.clone(), policy.to_string()));
         }
@@ -499,6 +521,22 @@ pub async fn queue_depth(local: &Local, url: Option<&str>) -> Result<u64, Pipeli
         .map_err(|e| PipelineError::aws(format!("GetQueueAttributes {url}"), e))?;
     let value = out.attributes().and_then(|a| a.get(&attribute)).map(String::as_str).unwrap_or("0");
     value.parse().map_err(|e| PipelineError::Run(format!("ApproximateNumberOfMessages of {url} ({value:?}): {e}")))
+}
+
+/// Every message `url` holds: visible, in flight and delayed.
+async fn queue_holds(local: &Local, url: &str) -> Result<u64, PipelineError> {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    let out = local
+        .sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(A::ApproximateNumberOfMessages)
+        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+        .attribute_names(A::ApproximateNumberOfMessagesDelayed)
+        .send()
+        .await
+        .map_err(|e| PipelineError::aws(format!("GetQueueAttributes {url}"), e))?;
+    Ok(out.attributes().into_iter().flatten().filter_map(|(_, v)| v.parse::<u64>().ok()).sum())
 }
 
 /// Uploads the files of `expected` under the input prefix; returns (key, upload time) per file.
@@ -1511,7 +1549,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let mapping = mapping.stop().await;
     drop(server);
     let delivery = match (result, delivery) {
-        (Err(_), Err(e)) => return Err(PipelineError::Run(format!("the S3 event delivery stopped: {e}"))),
+        (Err(run), Err(e)) => return Err(PipelineError::Run(format!("{run}: the S3 event delivery: {e}"))),
         (Err(e), _) => return Err(e),
         (Ok(()), delivery) => delivery?,
     };
@@ -1542,9 +1580,11 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             }
             if let Some(m) = sqs.as_mut() {
                 m.deliveries = delivered.values().map(|&n| u64::from(n)).sum();
-                m.left = queue_depth(&local, Some(&m.url)).await? as u32;
-                let dlq = (!m.dead_letters.is_empty()).then_some(m.dead_letters.as_str());
-                m.dead_lettered = queue_depth(&local, dlq).await? as u32;
+                // In flight and delayed too: all of them are still to be handled.
+                m.left = queue_holds(&local, &m.url).await? as u32;
+                if !m.dead_letters.is_empty() {
+                    m.dead_lettered = queue_holds(&local, &m.dead_letters).await? as u32;
+                }
             }
             // An object an earlier run on this stack finished (`already_done`) sends nothing now:
             // its lines went through the queue then, and its rollup is in the outputs.

@@ -9,8 +9,9 @@
 //! - **FIFO** (a queue whose name ends in `.fifo`): the partition key is the `MessageGroupId`
 //!   (hashed if longer than SQS's 128 characters), so a key's records keep their order; the
 //!   deduplication id is a hash of the message's name, so a resend within SQS's five-minute
-//!   deduplication interval is accepted and not delivered twice. A FIFO call's batches go one
-//!   after another, in order.
+//!   deduplication interval is accepted and not delivered twice (a record without a name gets a
+//!   random one). A FIFO call's batches go one after another, in order, and none is sent after
+//!   one that failed.
 //! - **Failures.** An entry SQS refuses as the sender's fault (a body too large, a character SQS
 //!   does not take) fails the call, not retryable, naming the line; any other failed entry (and
 //!   every entry after it in the call, so that a key's order holds) is reported for resending.
@@ -99,8 +100,13 @@ impl SqsSink {
         }
         if self.fifo {
             e = e.message_group_id(group_id(&r.partition_key));
-            let dedup = name.unwrap_or_else(|| format!("{}#{}", r.partition_key, r.line));
-            e = e.message_deduplication_id(format!("{:032x}", xxhash_rust::xxh3::xxh3_128(dedup.as_bytes())));
+            // A named record's resend is deduplicated by SQS; a record without a name (a library
+            // user's `OutRecord::keyed`) gets an id of its own, never taken for another's.
+            let dedup = match name {
+                Some(name) => xxhash_rust::xxh3::xxh3_128(name.as_bytes()),
+                None => fastrand::u128(..),
+            };
+            e = e.message_deduplication_id(format!("{dedup:032x}"));
         }
         e.build().map_err(|e| built(r, e))
     }
@@ -206,10 +212,23 @@ impl RecordSink for SqsSink {
 
     async fn put_records(&self, records: &[OutRecord]) -> Result<PutOutcome, SinkError> {
         let ranges = chunks(records);
-        let concurrency = if self.fifo { 1 } else { CONCURRENT_CALLS };
-        let calls: Vec<_> = ranges.iter().cloned().map(|r| self.send(r.start, &records[r])).collect();
-        let results: Vec<Result<Vec<FailedEntry>, SinkError>> =
-            futures_util::stream::iter(calls).buffered(concurrency).collect().await;
+        let results: Vec<Result<Vec<FailedEntry>, SinkError>> = if self.fifo {
+            // One after another, none after a failure: what follows a failed entry is resent
+            // after it, in order (sent now, it would enter its group ahead of it).
+            let mut results = Vec::new();
+            for r in ranges.iter().cloned() {
+                let result = self.send(r.start, &records[r]).await;
+                let stop = !matches!(&result, Ok(failed) if failed.is_empty());
+                results.push(result);
+                if stop {
+                    break;
+                }
+            }
+            results
+        } else {
+            let calls: Vec<_> = ranges.iter().cloned().map(|r| self.send(r.start, &records[r])).collect();
+            futures_util::stream::iter(calls).buffered(CONCURRENT_CALLS).collect().await
+        };
         // The first failure, in call order: it and everything after it are resent.
         let mut first: Option<FailedEntry> = None;
         for (range, result) in ranges.iter().zip(results) {

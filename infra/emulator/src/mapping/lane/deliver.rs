@@ -50,6 +50,15 @@ impl<P: Partition> Lane<P> {
     ) -> Result<Option<crate::invoke::Invoked>, MappingError> {
         let payload = Bytes::from(payload);
         let mut failed = 0i64;
+        // Records whose time ran out while they waited (an SQS message past its visibility
+        // timeout is another receiver's now): not invoked.
+        if until.is_some_and(|t| now_unix() >= t) {
+            warn!(
+                partition = self.partition.id(),
+                "the records' time ran out before they were invoked; the source takes them back"
+            );
+            return Ok(None);
+        }
         // The lease fence: no invocation on a lease not confirmed lately (a runner that was
         // paused finds out here that the partition was taken).
         self.partition.fence().await?;

@@ -174,8 +174,19 @@ pub(crate) async fn run(
                 let lane = lane.clone();
                 poll(&ctx, &partition, &pollers, i, lane, quit.clone())
             });
+            // The pollers end together (on `quit`), or at the first that fails for good: then at
+            // once, the scaler with them.
             let scaler = scale(&pollers, quit.clone());
-            let (polled, ()) = tokio::join!(futures_util::future::try_join_all(polls), scaler);
+            tokio::pin!(scaler);
+            let all = futures_util::future::try_join_all(polls);
+            tokio::pin!(all);
+            let mut scaled = false;
+            let polled = loop {
+                tokio::select! {
+                    r = &mut all => break r,
+                    () = &mut scaler, if !scaled => scaled = true,
+                }
+            };
             // Stopping: the lanes finish the batches they hold (for at most the grace period).
             status.send_modify(|s| s.handing_over = true);
             drop(senders);
@@ -257,10 +268,13 @@ async fn poll(
             _ = quit.wait_for(|q| *q) => return Ok(()),
             r = active.wait_for(|n| *n > me) => if r.is_err() { return Ok(()) },
         }
-        // One batch at a time: receive again once what this poller holds is done.
+        // One batch at a time: receive again once what this poller holds is done; with a
+        // batching window, while the batch it gathers is short of BatchSize.
+        let gathering = !ctx.settings.batching_window.is_zero();
         loop {
             let freed = slot.freed.notified();
-            if slot.held.load(Ordering::SeqCst) < batch {
+            let held = slot.held.load(Ordering::SeqCst);
+            if held == 0 || (gathering && held < batch) {
                 break;
             }
             tokio::select! {

@@ -276,7 +276,7 @@ impl SqsPartition {
                 })
                 .collect();
             let mut attempt = 0u32;
-            let out = loop {
+            let out = 'call: loop {
                 match self
                     .client
                     .delete_message_batch()
@@ -285,7 +285,7 @@ impl SqsPartition {
                     .send()
                     .await
                 {
-                    Ok(out) => break out,
+                    Ok(out) => break 'call Some(out),
                     Err(e) if attempt < 5 => {
                         attempt += 1;
                         let e = aws_sdk_sqs::error::DisplayErrorContext(e);
@@ -297,10 +297,12 @@ impl SqsPartition {
                         let e = aws_sdk_sqs::error::DisplayErrorContext(e);
                         warn!(queue = self.source.name(), messages = chunk.len(), error = %e, "DeleteMessageBatch failed for good; these messages come again");
                         self.delete_failures.fetch_add(chunk.len(), Ordering::SeqCst);
-                        return Ok(());
+                        break 'call None;
                     }
                 }
             };
+            // The next chunks are deleted all the same.
+            let Some(out) = out else { continue };
             for f in out.failed() {
                 let id = f.id().parse::<usize>().ok().and_then(|i| chunk.get(i)).map(|r| r.message_id.as_str());
                 warn!(
