@@ -63,8 +63,8 @@ fn sqs_err(what: impl std::fmt::Display, e: impl std::error::Error) -> MappingEr
 /// The queue named by `queue` (its name, URL or ARN), as `GetQueueAttributes` describes it.
 ///
 /// ```no_run
-/// # async fn f(client: aws_sdk_sqs::Client) -> Result<(), pushpull_local::mapping::MappingError> {
-/// let source = pushpull_local::mapping::sqs::describe(&client, "orders", 20).await?;
+/// # async fn f(client: aws_sdk_sqs::Client) -> Result<(), pushpull_emulator::mapping::MappingError> {
+/// let source = pushpull_emulator::mapping::sqs::describe(&client, "orders", 20).await?;
 /// assert!(source.queue_arn.ends_with(":orders"));
 /// # Ok(()) }
 /// ```
