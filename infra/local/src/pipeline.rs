@@ -587,11 +587,17 @@ fn rabbitmq_disruptions(
     realism: Arc<Realism>,
     every: Duration,
     restarts: bool,
+    calm: Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut turn = 0u64;
         loop {
             tokio::time::sleep(every).await;
+            // Asked to end: between disruptions, never in the middle of one (a restart cut
+            // between its stop and its start would leave the broker down).
+            if calm.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             turn += 1;
             let (command, fault) = match restarts && turn.is_multiple_of(2) {
                 true => ("restart-app", "rabbitmq.broker.restart"),
@@ -1409,10 +1415,16 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         _ => None,
     };
     // The broker's connections closed and the broker restarted, by turns.
-    let rabbitmq_disruptions = match (&rabbitmq_control, config.realism.rabbitmq_disruption_every, &rabbitmq) {
-        (Some(control), Some(every), Some(_)) => {
-            Some(rabbitmq_disruptions(control.clone(), realism.clone(), every, config.realism.rabbitmq_restarts))
-        }
+    let mut calm_since: Option<Instant> = None;
+    let rabbitmq_calm = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut rabbitmq_disruptions = match (&rabbitmq_control, config.realism.rabbitmq_disruption_every, &rabbitmq) {
+        (Some(control), Some(every), Some(_)) => Some(rabbitmq_disruptions(
+            control.clone(),
+            realism.clone(),
+            every,
+            config.realism.rabbitmq_restarts,
+            rabbitmq_calm.clone(),
+        )),
         _ => None,
     };
     let on_a_stream = kafka.is_none() && rabbitmq.is_none() && sqs.is_none();
@@ -1494,7 +1506,27 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         let holds_all = kafka.is_none() || mapping.reading() == topic_partitions as usize;
         if pushed_at.is_some_and(|t| mapping.caught_up_since().is_some_and(|c| c > t)) && mapping.is_idle() && holds_all
         {
-            break Ok(());
+            // RabbitMQ in a storm: a quorum queue just restarted counts the messages it requeued
+            // only once it has recovered them (a queue found empty then held 892 of them). So the
+            // storm ends here, and the run is done once the queue has stayed empty for
+            // `RABBITMQ_CALM` after the last disruption, the mapping idle and caught up.
+            if let Some(d) = rabbitmq_disruptions.take() {
+                rabbitmq_calm.store(true, std::sync::atomic::Ordering::SeqCst);
+                // Its disruption under way finishes (a restart's start included).
+                let _ = d.await;
+                calm_since = Some(Instant::now());
+                tracing::info!("realism: the RabbitMQ storm ends; the queue must stay empty for {RABBITMQ_CALM:?}");
+            }
+            let calm = match (calm_since, &mq_source) {
+                (Some(since), Some((source, _))) => {
+                    since.elapsed() >= RABBITMQ_CALM
+                        && crate::mapping::rabbitmq::admin::depth(source, &source.queue).await.is_ok_and(|d| d == 0)
+                }
+                _ => true,
+            };
+            if calm {
+                break Ok(());
+            }
         }
         // A disabled mapping (`Enabled: false`) reads nothing: done once everything is pushed.
         if !mapping_enabled && pushed_at.is_some() {
@@ -1542,7 +1574,9 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         d.stop().await;
     }
     if let Some(d) = rabbitmq_disruptions {
-        d.abort();
+        // Not aborted: a restart cut between its stop and its start would leave the broker down.
+        rabbitmq_calm.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = d.await;
     }
     let _ = stop_tx.send(true);
     let delivery = delivery.await.map_err(|source| PipelineError::Task { what: "S3 event delivery", source })?;
@@ -1661,6 +1695,10 @@ async fn dead_letter_queue(local: &Local, source: &crate::mapping::SqsSource) ->
         .map_err(|e| PipelineError::aws(format!("GetQueueUrl {name}"), e))?;
     Ok(out.queue_url().map(str::to_owned))
 }
+
+/// How long a RabbitMQ queue must stay empty after the storm's last disruption before a run is
+/// done (a restarted quorum queue recovers what it requeued within seconds).
+const RABBITMQ_CALM: Duration = Duration::from_secs(8);
 
 /// How often the failure queues' depths are sampled (SQS publishes them once a minute; a local
 /// run is short).
