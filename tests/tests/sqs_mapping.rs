@@ -68,6 +68,14 @@ async fn fixture() -> Fixture {
     fixture_with(false, &[]).await
 }
 
+/// A queue whose messages do not come back while a loaded machine starts the function's
+/// sandboxes: for tests where nothing should come back.
+async fn patient_fixture(attributes: &[(QueueAttributeName, String)]) -> Fixture {
+    let mut all = vec![(QueueAttributeName::VisibilityTimeout, "30".to_owned())];
+    all.extend(attributes.iter().cloned());
+    fixture_with(false, &all).await
+}
+
 impl Fixture {
     async fn source(&self) -> SqsSource {
         pushpull_local::mapping::sqs::describe(&self.local.sqs, &self.url, 20).await.unwrap()
@@ -131,18 +139,7 @@ impl Fixture {
 
     /// Messages in `url`: visible, in flight and delayed.
     async fn depth(&self, url: &str) -> u64 {
-        let out = self
-            .local
-            .sqs
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
-            .send()
-            .await
-            .unwrap();
-        out.attributes().into_iter().flatten().map(|(_, v)| v.parse::<u64>().unwrap()).sum()
+        pushpull_local::mapping::sqs::held(&self.local.sqs, url).await.unwrap()
     }
 }
 
@@ -150,7 +147,7 @@ impl Fixture {
 /// Lambda deletes the messages from the queue"; the event as its example shows it.
 #[tokio::test]
 async fn batches_are_deleted_after_they_succeed_and_the_event_is_awss() {
-    let f = fixture().await;
+    let f = patient_fixture(&[]).await;
     let body = json!({"id": "attrs"}).to_string();
     let sent = f
         .local
@@ -274,7 +271,7 @@ async fn a_failed_batch_comes_back_whole_and_the_redrive_policy_dead_letters_a_p
 /// format does not match the pattern's is dropped.
 #[tokio::test]
 async fn filtered_out_messages_are_deleted_and_never_invoked() {
-    let f = fixture().await;
+    let f = patient_fixture(&[]).await;
     f.send(&[("k1", json!({"kind": "keep"})), ("d1", json!({"kind": "drop"})), ("k2", json!({"kind": "keep"}))]).await;
     f.local.sqs.send_message().queue_url(&f.url).message_body("plain text, not JSON").send().await.unwrap();
     let pattern = json!({"body": {"kind": ["keep"]}}).to_string();
@@ -385,7 +382,7 @@ async fn settings_aws_refuses_are_refused() {
 /// invoke".
 #[tokio::test]
 async fn pollers_start_at_five_scale_up_under_a_backlog_and_keep_to_maximum_concurrency() {
-    let f = fixture().await;
+    let f = patient_fixture(&[]).await;
     let ids: Vec<String> = (0..300).map(|i| format!("s{i}")).collect();
     let slow = json!({"sleep_ms": 300});
     send_many(&f, &ids, &slow).await;
@@ -393,7 +390,7 @@ async fn pollers_start_at_five_scale_up_under_a_backlog_and_keep_to_maximum_conc
     assert_eq!(s.counts.pollers_max, 3, "capped at MaximumConcurrency: {s}");
     assert_eq!(s.records_delivered, 300);
     // Without a cap: five to start, then more while the backlog lasts.
-    let g = fixture().await;
+    let g = patient_fixture(&[]).await;
     send_many(&g, &ids, &slow).await;
     let s = g.run(g.settings()).await;
     assert!(s.counts.pollers_max > 5, "scaled up past five under a backlog: {s}");
@@ -424,7 +421,7 @@ async fn send_many(f: &Fixture, ids: &[String], directives: &Value) {
 /// events doesn't exceed the invocation payload size quota for synchronous invocation (6 MB)".
 #[tokio::test]
 async fn bodies_at_the_one_mib_maximum_are_split_under_the_6_mb_payload() {
-    let f = fixture_with(false, &[(QueueAttributeName::MaximumMessageSize, "1048576".into())]).await;
+    let f = patient_fixture(&[(QueueAttributeName::MaximumMessageSize, "1048576".into())]).await;
     let mut sizes = HashMap::new();
     for i in 0..8 {
         let id = format!("big{i}");

@@ -525,18 +525,9 @@ pub async fn queue_depth(local: &Local, url: Option<&str>) -> Result<u64, Pipeli
 
 /// Every message `url` holds: visible, in flight and delayed.
 async fn queue_holds(local: &Local, url: &str) -> Result<u64, PipelineError> {
-    use aws_sdk_sqs::types::QueueAttributeName as A;
-    let out = local
-        .sqs
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(A::ApproximateNumberOfMessages)
-        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
-        .attribute_names(A::ApproximateNumberOfMessagesDelayed)
-        .send()
+    crate::mapping::sqs::held(&local.sqs, url)
         .await
-        .map_err(|e| PipelineError::aws(format!("GetQueueAttributes {url}"), e))?;
-    Ok(out.attributes().into_iter().flatten().filter_map(|(_, v)| v.parse::<u64>().ok()).sum())
+        .map_err(|e| PipelineError::aws(format!("GetQueueAttributes {url}"), e))
 }
 
 /// Uploads the files of `expected` under the input prefix; returns (key, upload time) per file.

@@ -360,6 +360,23 @@ async fn poll(
     }
 }
 
+/// Every message the queue at `url` holds: visible, in flight and delayed
+/// (`ApproximateNumberOfMessages`, `...NotVisible`, `...Delayed`).
+pub async fn held(
+    client: &aws_sdk_sqs::Client,
+    url: &str,
+) -> Result<u64, aws_sdk_sqs::error::SdkError<aws_sdk_sqs::operation::get_queue_attributes::GetQueueAttributesError>> {
+    let out = client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+        .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+        .send()
+        .await?;
+    Ok(out.attributes().into_iter().flatten().filter_map(|(_, v)| v.parse::<u64>().ok()).sum())
+}
+
 /// The queue is caught up while it holds no message (visible, in flight or delayed) and none was
 /// received since the last look, twice in a row; the partition's caught-up time is the latest such
 /// look.
@@ -368,16 +385,8 @@ async fn check_depth(ctx: &Ctx, client: &aws_sdk_sqs::Client, source: &SqsSource
     loop {
         tokio::time::sleep(DEPTH_CHECK).await;
         let asked_at = super::clock::now_unix();
-        let out = client
-            .get_queue_attributes()
-            .queue_url(&source.queue_url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
-            .send()
-            .await;
-        let held: u64 = match out {
-            Ok(out) => out.attributes().into_iter().flatten().filter_map(|(_, v)| v.parse::<u64>().ok()).sum(),
+        let held = match held(client, &source.queue_url).await {
+            Ok(n) => n,
             Err(e) => {
                 warn!(queue = source.name(), error = %aws_sdk_sqs::error::DisplayErrorContext(e), "could not ask the queue's depth");
                 empty_looks = 0;
