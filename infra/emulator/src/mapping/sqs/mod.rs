@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use aws_sdk_sqs::config::retry::RetryConfig;
 use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -291,6 +292,10 @@ async fn poll(
             .wait_time_seconds(i32::from(source.wait_time_seconds))
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
+            // The poller retries (and counts) a failed receive itself, as Lambda's
+            // pollers do; the SDK's own retries would hide the failure from the counts.
+            .customize()
+            .config_override(aws_sdk_sqs::config::Builder::default().retry_config(RetryConfig::disabled()))
             .send();
         let out = tokio::select! {
             _ = quit.wait_for(|q| *q) => return Ok(()),
