@@ -8,7 +8,7 @@
 # 3. its documentation builds without a warning (broken links, missing docs), as docs.rs builds it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-features=(default "" runtime emf kinesis dynamodb sqs kafka rabbitmq push aggregation s3 kinesis-sink kafka-sink rabbitmq-sink sqs-sink aws full)
+features=(default "" runtime emf kinesis dynamodb sqs kafka rabbitmq push aggregation s3 kinesis-sink kafka-sink rabbitmq-sink sqs-sink redis redis-sink aws full)
 for f in "${features[@]}"; do
   if [ "$f" = default ]; then args=(); label="default"; else args=(--no-default-features --features "$f"); label="${f:-none}"; fi
   log="$(mktemp)"

@@ -7,7 +7,7 @@
 # 2. LocalStack up, the Kafka broker (`infra/kafka.sh`: nisshi, built once into PUSHPULL_HOME,
 #    about 12 minutes the first time) and the RabbitMQ broker (`infra/rabbitmq.sh`: Debian's
 #    rabbitmq-server, installed with apt if missing), each stopped again at the end if this script
-#    started it;
+#    started it; Debian's redis-server installed if missing (each Redis test starts its own);
 # 3. doc tests, then every unit, example and integration test with cargo-nextest (the
 #    integration tests are the `integration` feature of pushpull-tests).
 set -euo pipefail
@@ -24,6 +24,8 @@ if [ -z "${SKIP_LAMBDA_BUILD:-}" ]; then infra/build-lambda.sh; fi
 # The broker's build (once, about 12 minutes) before LocalStack starts, so that nothing idles.
 infra/kafka.sh status || infra/kafka.sh install >/dev/null
 infra/rabbitmq.sh install
+# The Redis tests start servers of their own (Debian's redis-server, installed with apt if missing).
+infra/redis.sh install
 started=""
 kafka_started=""
 rabbitmq_started=""

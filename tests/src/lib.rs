@@ -8,6 +8,8 @@ pub mod kafka;
 #[cfg(feature = "integration")]
 pub mod rabbitmq;
 pub mod readme;
+#[cfg(feature = "integration")]
+pub mod redis;
 pub mod runners;
 
 use pushpull_local::localstack::{Local, function_env};

@@ -17,5 +17,6 @@ pub mod invoke;
 pub mod localstack;
 pub mod mapping;
 pub mod realism;
+pub mod relay;
 pub mod runtime_api;
 pub mod template;

@@ -6,7 +6,9 @@ use pushpull::store::{Location, Store};
 use pushpull_local::invoke::{InvokeClient, InvokeServer};
 use pushpull_local::localstack::{ACCOUNT, Local, REGION, function_env};
 use pushpull_local::mapping::sqs::LONG_POLL_SECONDS;
-use pushpull_local::mapping::{Clients, KafkaSource, RabbitMqSource, RawSettings, Runner, RunnerOptions};
+use pushpull_local::mapping::{
+    Clients, KafkaSource, RabbitMqSource, RawSettings, RedisStreamSource, Runner, RunnerOptions,
+};
 use pushpull_local::realism::Realism;
 use pushpull_local::realism::iam::Policies;
 use pushpull_local::realism::proxy::RealismProxy;
@@ -168,6 +170,30 @@ pub struct EsmArgs {
     /// with --aws). Without it, the template's `SQS` event is read if a function has one.
     #[arg(long, value_name = "NAME_OR_URL")]
     sqs_queue: Option<String>,
+    /// A Redis Streams mapping from the flags alone (ours: AWS has no Redis source): the server,
+    /// `redis://HOST:PORT[/DB]`, read with `--redis-stream`.
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
+    /// The stream a Redis Streams mapping reads (its consumer group is created if missing).
+    #[arg(long)]
+    redis_stream: Option<String>,
+    /// The consumer group (default: the function's name).
+    #[arg(long)]
+    redis_group: Option<String>,
+    /// This mapping's consumer name in the group (default: `pushpull-local-<pid>`); a mapping
+    /// restarted under the same name reads its own pending entries first.
+    #[arg(long)]
+    redis_consumer: Option<String>,
+    /// An entry pending this long (ms) with any consumer (a failed one of ours, one of a consumer
+    /// that died) is claimed again (XAUTOCLAIM).
+    #[arg(long, default_value_t = 30_000)]
+    redis_claim_idle_ms: u64,
+    /// Deliveries of an entry before it goes to `<stream>:dead-letter`.
+    #[arg(long, default_value_t = 5)]
+    redis_max_deliveries: u64,
+    /// BLOCK of each XREADGROUP, ms (Redis's long poll).
+    #[arg(long, default_value_t = 1_000)]
+    redis_block_ms: u64,
     /// An SQS mapping's ScalingConfig.MaximumConcurrency (2..1000).
     #[arg(long)]
     maximum_concurrency: Option<String>,
@@ -283,6 +309,21 @@ pub async fn esm(args: EsmArgs) -> Result<(), Error> {
     if let Some(queue) = args.sqs_queue.clone() {
         let raw = raw_flags(&args, None);
         return esm_sqs(args, queue, raw, None).await;
+    }
+    if let Some(url) = args.redis_url.clone() {
+        let stream = args.redis_stream.clone().ok_or("--redis-stream is required with --redis-url")?;
+        let function = args.function_name.clone().unwrap_or_default();
+        let source = RedisStreamSource {
+            url,
+            stream,
+            group: args.redis_group.clone().unwrap_or_else(|| function.clone()),
+            consumer: args.redis_consumer.clone().unwrap_or_else(|| format!("pushpull-local-{}", std::process::id())),
+            claim_idle: Duration::from_millis(args.redis_claim_idle_ms),
+            max_deliveries: args.redis_max_deliveries,
+            block: Duration::from_millis(args.redis_block_ms),
+        };
+        let raw = raw_flags(&args, None);
+        return esm_redis_streams(args, source, raw).await;
     }
     if let Some(url) = args.rabbitmq_url.clone() {
         let queue = args.rabbitmq_queue.clone().ok_or("--rabbitmq-queue is required with --rabbitmq-url")?;
@@ -520,6 +561,106 @@ async fn esm_rabbitmq(args: EsmArgs, source: RabbitMqSource, raw: RawSettings) -
     println!("esm summary\n{summary}");
     if let Some(path) = args.summary_json {
         std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+    }
+    Ok(())
+}
+
+/// `esm` on a Redis stream: one consumer of its group (`pushpull_local::mapping::redis_streams`).
+async fn esm_redis_streams(args: EsmArgs, source: RedisStreamSource, raw: RawSettings) -> Result<(), Error> {
+    let settings = raw.validate_redis_streams(&source)?;
+    // Nothing of AWS is called.
+    let clients = Clients::from(&Local::at(&pushpull_local::localstack::endpoint(), "test").await);
+    let mut options = RunnerOptions::new(&settings, Store::file(std::env::temp_dir()));
+    options.stop_when_idle = args.stop_when_idle.map(|s| Duration::from_secs_f64(s.max(0.0)));
+    options.stop_grace = Duration::from_millis(args.stop_grace_ms);
+    eprintln!(
+        "esm: redis {} stream {} group {} consumer {} -> {} at {}",
+        source.redacted(),
+        source.stream,
+        source.group,
+        source.consumer,
+        settings.function_name,
+        args.invoke_endpoint
+    );
+    let stop_rx = stop_on_signals()?;
+    let summary =
+        Runner::run_redis_streams(settings, source, options, clients, InvokeClient::new(args.invoke_endpoint), stop_rx)
+            .await?;
+    println!("esm summary\n{summary}");
+    if let Some(path) = args.summary_json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)?;
+    }
+    Ok(())
+}
+
+/// `pushpull-local relay`: a Redis pub/sub channel to a function (`pushpull_local::relay`).
+#[derive(clap::Args, Debug)]
+pub struct RelayArgs {
+    /// The Redis server, `redis://HOST:PORT[/DB]`.
+    #[arg(long, default_value = "redis://127.0.0.1:6390/")]
+    redis_url: String,
+    /// The channel (with --pattern, a glob pattern: PSUBSCRIBE).
+    #[arg(long)]
+    channel: String,
+    /// Subscribe to a pattern.
+    #[arg(long)]
+    pattern: bool,
+    /// The function to invoke.
+    #[arg(long)]
+    function_name: String,
+    /// Invoke API endpoint (`cargo lambda watch` or `pushpull-local serve`).
+    #[arg(long, default_value = "http://127.0.0.1:9000")]
+    invoke_endpoint: String,
+    /// Invocations at once (the function's reserved concurrency); the relay reads the next
+    /// message only when one is free.
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Stop once nothing arrived and nothing was in flight for this many seconds.
+    #[arg(long)]
+    stop_when_idle: Option<f64>,
+    /// Write the counts as JSON here too.
+    #[arg(long)]
+    summary_json: Option<PathBuf>,
+    /// Logs: text or json (to stderr).
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+pub async fn relay(args: RelayArgs) -> Result<(), Error> {
+    crate::init_logs(&args.log_format);
+    let config = pushpull_local::relay::RelayConfig {
+        url: args.redis_url.clone(),
+        channel: args.channel.clone(),
+        pattern: args.pattern,
+        function: args.function_name.clone(),
+        concurrency: args.concurrency,
+    };
+    let relay = pushpull_local::relay::start(config, InvokeClient::new(&args.invoke_endpoint))?;
+    eprintln!(
+        "relay: redis {} {} {} -> {} at {} ({} at once)",
+        args.redis_url,
+        if args.pattern { "pattern" } else { "channel" },
+        args.channel,
+        args.function_name,
+        args.invoke_endpoint,
+        args.concurrency.max(1)
+    );
+    let mut stop = stop_on_signals()?;
+    let idle = args.stop_when_idle.map(|s| Duration::from_secs_f64(s.max(0.0)));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => if *stop.borrow() { break },
+            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                if idle.is_some_and(|idle| relay.is_idle_for(idle)) {
+                    break;
+                }
+            }
+        }
+    }
+    let counts = relay.stop().await;
+    println!("relay summary\n{counts}");
+    if let Some(path) = args.summary_json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&counts)?)?;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@
 #![warn(missing_docs)]
 
 pub use pushpull_emulator::{
-    alarms, async_invoke, cloudwatch, http2, invoke, localstack, mapping, realism, runtime_api, template,
+    alarms, async_invoke, cloudwatch, http2, invoke, localstack, mapping, realism, relay, runtime_api, template,
 };
 
 pub mod observed;

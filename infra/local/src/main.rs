@@ -30,6 +30,9 @@ enum Command {
     Serve(cli::ServeArgs),
     /// Run the Kinesis event source mapping of the template against a stream.
     Esm(Box<cli::EsmArgs>),
+    /// Relay a Redis pub/sub channel to a function: synchronous invocations, at most
+    /// --concurrency at once, the next message read only when one is free.
+    Relay(cli::RelayArgs),
 }
 
 #[derive(clap::Args)]
@@ -97,6 +100,7 @@ async fn main() {
         Command::Run(args) => run_pipeline(args).await,
         Command::Serve(args) => cli::serve(args).await,
         Command::Esm(args) => cli::esm(*args).await,
+        Command::Relay(args) => cli::relay(args).await,
     };
     if let Err(e) = result {
         eprintln!("pushpull-local: {e}");

@@ -49,6 +49,8 @@ pub mod kafka;
 pub mod kinesis;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqs")]
 pub mod sqs;
 
@@ -422,7 +424,7 @@ pub struct DecodeError {
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
-#[cfg(any(feature = "kinesis", feature = "sqs", feature = "kafka", feature = "rabbitmq"))]
+#[cfg(any(feature = "kinesis", feature = "sqs", feature = "kafka", feature = "rabbitmq", feature = "redis"))]
 pub(crate) fn parse_json<'a, T: Deserialize<'a>>(
     data: &'a [u8],
     item: impl FnOnce() -> String,

@@ -43,6 +43,8 @@ pub mod kafka;
 pub mod kinesis;
 #[cfg(feature = "rabbitmq-sink")]
 pub mod rabbitmq;
+#[cfg(feature = "redis-sink")]
+pub mod redis;
 #[cfg(feature = "sqs-sink")]
 pub mod sqs;
 

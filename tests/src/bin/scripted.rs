@@ -1,4 +1,4 @@
-//! A Kinesis, Kafka, Amazon MQ or SQS function whose answers are scripted by the records themselves, for the event
+//! A Kinesis, Kafka, Amazon MQ, SQS or Redis function whose answers are scripted by the records themselves, for the event
 //! source mappings' fidelity tests. Each record's data is JSON: `{"id": "a", <directive>: n, ...}`; a
 //! directive applies the first `n` times the function sees that record:
 //!
@@ -13,7 +13,8 @@
 //! A Kafka event's records are read as a Kinesis event's: `shard` is the `topic-N` partition,
 //! `seqs` are offsets, a failure names `{"partition": "topic-N", "offset": n}`; each Kafka event is
 //! also appended whole to `$SCRIPT_DIR/events.ndjson`. An SQS event's `seqs` are message ids (what
-//! a failure names) and its body is the data; it is kept whole too.
+//! a failure names) and its body is the data; it is kept whole too. A Redis event's (Streams or
+//! pub/sub) `seqs` are entry ids, and its base64 `data` the data; kept whole too.
 //!
 //! Every invocation is appended to `$SCRIPT_DIR/log.ndjson` (shard, ids, sequence numbers,
 //! window fields, the answer); sightings are counted in `$SCRIPT_DIR/seen/<id>` (one byte each,
@@ -74,6 +75,16 @@ async fn handle(dir: PathBuf, body: Bytes) -> Result<Value, Error> {
                 let data = base64_decode(r["value"].as_str().unwrap_or_default());
                 records.push((offset.clone(), data, json!({ "partition": name, "offset": offset })));
             }
+        }
+    } else if event["Records"][0]["eventSource"].as_str().is_some_and(|s| s.starts_with("pushpull:redis")) {
+        // Redis (Streams or the pub/sub relay): the data in base64, named by its entry id; the
+        // event is kept too (one write: concurrent sandboxes append to the same file).
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("events.ndjson"))?;
+        f.write_all(&[&body[..], b"\n"].concat())?;
+        for r in event["Records"].as_array().into_iter().flatten() {
+            shard = r["stream"].as_str().or(r["channel"].as_str()).unwrap_or_default().to_owned();
+            let id = r["id"].clone();
+            records.push((id.clone(), base64_decode(r["data"].as_str().unwrap_or_default()), id));
         }
     } else if event["Records"][0]["eventSource"] == "aws:sqs" {
         // SQS: the body as text, named by its message id; the event is kept too.

@@ -43,6 +43,7 @@ pub mod outcome;
 pub mod plan;
 pub mod progress;
 pub mod rabbitmq;
+pub mod redis_streams;
 #[cfg(test)]
 mod rules;
 pub mod settings;
@@ -56,7 +57,8 @@ pub use clock::now_unix;
 pub use kafka::{GroupEvent, GroupView};
 pub use options::{Delivered, Polling, RunnerOptions, default_worker_id};
 pub use settings::{
-    Destination, KafkaSource, MappingSettings, MqEvent, RabbitMqSource, RawSettings, SqsSource, StartingPosition,
+    Destination, KafkaSource, MappingSettings, MqEvent, RabbitMqSource, RawSettings, RedisStreamSource, SqsSource,
+    StartingPosition,
 };
 use stats::Stats;
 pub use stats::{Counts, LeaseEvent, Summary};
@@ -111,6 +113,9 @@ pub enum MappingError {
     /// SQS refused the mapping for good (no such queue, no access).
     #[error("{0}")]
     Sqs(String),
+    /// Redis refused the mapping for good (a key of another type, a bad URL).
+    #[error("{0}")]
+    Redis(String),
     /// A lane's task failed (it panicked or was cancelled).
     #[error("a lane of {partition} failed: {reason}")]
     Lane {
@@ -179,7 +184,10 @@ impl Ctx {
     /// a Kafka topic, not an Amazon MQ or SQS queue.
     pub(crate) fn reads_a_stream(&self) -> bool {
         let arn = self.settings.event_source_arn();
-        !self.is_kafka() && !arn.starts_with("arn:aws:mq:") && !arn.starts_with("arn:aws:sqs:")
+        !self.is_kafka()
+            && !arn.starts_with("arn:aws:mq:")
+            && !arn.starts_with("arn:aws:sqs:")
+            && !arn.starts_with("pushpull:redis:")
     }
 
     /// Returns once `stop` turns true or, if the mapping stops when idle, once it has been idle
@@ -345,6 +353,36 @@ impl Runner {
         let result = sqs::run(ctx.clone(), sqs, source, stop).await;
         let summary = ctx.summary();
         result.map(|()| summary)
+    }
+
+    /// Runs a Redis Streams mapping on `source` until `stop` turns true (or it is idle, if so
+    /// configured), and says what it did ([`redis_streams`]).
+    pub async fn run_redis_streams(
+        settings: MappingSettings,
+        source: RedisStreamSource,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: impl Invoker,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Summary, MappingError> {
+        let ctx = Self::core(settings, options, clients, Arc::new(invoker));
+        let result = redis_streams::run(ctx.clone(), source, stop).await;
+        let summary = ctx.summary();
+        result.map(|()| summary)
+    }
+
+    /// Starts a Redis Streams mapping in the background.
+    pub fn start_redis_streams(
+        settings: MappingSettings,
+        source: RedisStreamSource,
+        options: RunnerOptions,
+        clients: Clients,
+        invoker: impl Invoker,
+    ) -> RunningMapping {
+        let ctx = Self::core(settings, options, clients, Arc::new(invoker));
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(redis_streams::run(ctx.clone(), source, rx));
+        RunningMapping { ctx, stop, task }
     }
 
     /// Starts an SQS mapping in the background.

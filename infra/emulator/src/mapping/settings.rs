@@ -251,6 +251,48 @@ impl SqsSource {
     }
 }
 
+/// A Redis stream read by a consumer group (`pushpull_local::mapping::redis_streams`): not an AWS
+/// source; its settings are ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisStreamSource {
+    /// `redis://host:port/db`.
+    pub url: String,
+    /// The stream's key.
+    pub stream: String,
+    /// The consumer group (created at the stream's start, or its end with `StartingPosition:
+    /// LATEST`, if it does not exist; the stream too).
+    pub group: String,
+    /// This mapping's consumer name within the group.
+    pub consumer: String,
+    /// An entry pending this long with another consumer (one that died) is claimed
+    /// (`XAUTOCLAIM`); and a failed entry of this mapping's comes back after it.
+    pub claim_idle: Duration,
+    /// Deliveries of an entry before it is moved to [`RedisStreamSource::dead_letter`].
+    pub max_deliveries: u64,
+    /// `BLOCK` of each `XREADGROUP`: how long one read waits for new entries.
+    pub block: Duration,
+}
+
+impl RedisStreamSource {
+    /// The stream the entries delivered `max_deliveries` times go to: `<stream>:dead-letter`.
+    pub fn dead_letter(&self) -> String {
+        format!("{}:dead-letter", self.stream)
+    }
+
+    /// `redis://host:port` without credentials.
+    pub fn redacted(&self) -> String {
+        let rest = self.url.split_once("://").map_or(self.url.as_str(), |(_, r)| r);
+        let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        format!("redis://{}", host.trim_end_matches('/'))
+    }
+
+    /// The mapping's `EventSourceArn`: ours, `pushpull:redis:<host:port/db>:<stream>` (Redis has
+    /// no ARN).
+    pub fn event_source_arn(&self) -> String {
+        format!("pushpull:redis:{}:{}", self.redacted().trim_start_matches("redis://"), self.stream)
+    }
+}
+
 /// A function's event of one of the wanted types, found in the template.
 struct FoundEvent {
     /// The function's logical id.
@@ -850,6 +892,58 @@ impl RawSettings {
             ..self
         };
         raw.common(source.event_source_arn(), None, Duration::from_millis(500))
+    }
+
+    /// The settings of a Redis Streams mapping (ours: AWS has no Redis source). A stream's
+    /// settings as for Kinesis where they mean the same: BatchSize (1-10,000, default 100), the
+    /// batching window, ParallelizationFactor (lanes by the entries' partition key), StartingPosition
+    /// (`TRIM_HORIZON` default, `LATEST`: only when the group is created),
+    /// MaximumRetryAttempts (retries in the poller before the entry is left pending, to come back
+    /// after `claim_idle`; default 2), FunctionResponseTypes, FilterCriteria (on `data`);
+    /// refused: tumbling windows, record age, bisection, destinations (the dead-letter stream
+    /// stands for one), provisioned pollers.
+    pub fn validate_redis_streams(self, source: &RedisStreamSource) -> Result<MappingSettings, InvalidSetting> {
+        let set = |v: &Option<String>| v.as_deref().map(str::trim).is_some_and(|v| !v.is_empty());
+        for (value, name) in [
+            (&self.tumbling_window, "TumblingWindowInSeconds"),
+            (&self.starting_position_timestamp, "StartingPositionTimestamp"),
+            (&self.maximum_record_age, "MaximumRecordAgeInSeconds"),
+            (&self.bisect, "BisectBatchOnFunctionError"),
+            (&self.on_failure, "DestinationConfig"),
+            (&self.provisioned_pollers, "ProvisionedPollerConfig"),
+            (&self.maximum_concurrency, "ScalingConfig"),
+        ] {
+            if set(value) {
+                let hint = if name == "DestinationConfig" {
+                    format!(" (an entry delivered {} times goes to {})", source.max_deliveries, source.dead_letter())
+                } else {
+                    String::new()
+                };
+                return Err(InvalidSetting(format!("{name} is not a setting of a Redis Streams source{hint}")));
+            }
+        }
+        if source.stream.is_empty() || source.group.is_empty() || source.consumer.is_empty() {
+            return Err(InvalidSetting("a Redis Streams source needs a stream, a group and a consumer name".into()));
+        }
+        if source.max_deliveries == 0 {
+            return Err(InvalidSetting("max deliveries must be at least 1".into()));
+        }
+        let starting_position = self.starting_position.clone().filter(|p| !p.trim().is_empty());
+        if let Some(p) = &starting_position
+            && !matches!(p.trim(), "TRIM_HORIZON" | "LATEST")
+        {
+            return Err(InvalidSetting(format!(
+                "StartingPosition {p} is not one of a Redis Streams source's: TRIM_HORIZON, LATEST"
+            )));
+        }
+        let raw = RawSettings {
+            starting_position: Some(starting_position.unwrap_or_else(|| "TRIM_HORIZON".into())),
+            maximum_retry_attempts: Some(
+                self.maximum_retry_attempts.clone().filter(|m| !m.trim().is_empty()).unwrap_or_else(|| "2".into()),
+            ),
+            ..self
+        };
+        raw.common(source.event_source_arn(), None, Duration::ZERO)
     }
 
     /// Refuses what a queue's mapping (`kind`) does not have: the streams' settings, retries,
