@@ -3,7 +3,7 @@
 //!
 //! | behaviour | test |
 //! |---|---|
-//! | under normal load every message is delivered, once, at most `concurrency` at once; the event ours; binary payloads intact | `every_message_is_delivered_once_under_normal_load` |
+//! | under normal load every message is delivered, once, at most `concurrency` invocations at once, each with the messages already read; the event ours; binary payloads intact | `every_message_is_delivered_once_under_normal_load` |
 //! | a function slower than the publisher backs up into Redis, whose `client-output-buffer-limit pubsub` cuts the subscriber: the loss is counted, never hidden | `a_slow_function_backs_up_into_redis_which_cuts_the_subscriber_and_the_loss_shows` |
 //! | hostile: Redis restarts mid-run: the relay subscribes again and goes on | `a_redis_restart_mid_run_is_ridden_out` |
 //! | a function error is retried twice, then the message is given up and counted | `a_failing_message_is_retried_then_given_up_and_counted` |
@@ -43,6 +43,7 @@ impl Fixture {
             pattern: false,
             function: FUNCTION.into(),
             concurrency,
+            delivered: None,
         };
         pushpull_local::relay::start(config, self.server.client()).unwrap()
     }
@@ -106,13 +107,18 @@ async fn every_message_is_delivered_once_under_normal_load() {
     ids.dedup();
     assert_eq!(ids.len(), 201, "200 ids and the binary one ('?')");
     let events = f.events();
-    assert_eq!(events.len(), 201, "one message per invocation");
+    let records: usize = events.iter().map(|e| e["Records"].as_array().unwrap().len()).sum();
+    assert_eq!(records, 201, "each message in one invocation");
+    assert_eq!(counts.invocations, events.len() as u64);
     let r = &events[0]["Records"][0];
     assert_eq!(r["eventSource"], "pushpull:redis-pubsub");
     assert_eq!(r["channel"], "records");
     assert!(r["id"].as_str().unwrap().contains('-') && r["timestamp"].as_u64().unwrap() > 1_700_000_000_000);
-    let records: Vec<pushpull::pull::redis::RedisRecord> =
-        events.iter().map(|e| serde_json::from_value(e["Records"][0].clone()).unwrap()).collect();
+    let records: Vec<pushpull::pull::redis::RedisRecord> = events
+        .iter()
+        .flat_map(|e| e["Records"].as_array().unwrap().clone())
+        .map(|r| serde_json::from_value(r).unwrap())
+        .collect();
     assert!(records.iter().any(|r| r.data_bytes().unwrap() == binary), "the binary payload intact");
 }
 
@@ -195,12 +201,15 @@ async fn a_redis_restart_mid_run_is_ridden_out() {
 async fn a_failing_message_is_retried_then_given_up_and_counted() {
     let f = fixture(1).await;
     let relay = f.relay(1);
-    f.publish(&[
-        message("flaky", json!({"error": 1})),
-        message("poison", json!({"error": 100})),
-        message("ok", json!({})),
-    ])
-    .await;
+    // One at a time (published together, they could share an invocation and its fate).
+    let messages =
+        [message("flaky", json!({"error": 1})), message("poison", json!({"error": 100})), message("ok", json!({}))];
+    for (i, m) in messages.into_iter().enumerate() {
+        f.publish(&[m]).await;
+        while relay.counts().received <= i as u64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let counts = until_idle(relay, 3).await;
     assert_eq!((counts.received, counts.delivered, counts.failed), (3, 2, 1), "{counts}");
     assert_eq!(counts.function_errors, 1 + 3, "flaky once, poison three times: {counts}");

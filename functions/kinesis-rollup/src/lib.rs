@@ -74,6 +74,7 @@ use pushpull::store::{Precondition, Store, StoreError};
 pub use settings::Positions;
 
 mod mq;
+mod redis;
 pub mod settings;
 mod sqs;
 pub mod sum;
@@ -139,6 +140,10 @@ pub enum RollupError {
     /// A payload naming `aws:sqs` (an SQS event) that does not read as one.
     #[error(transparent)]
     SqsEvent(#[from] pushpull::pull::sqs::SqsEventError),
+    /// A payload naming `pushpull:redis-streams` or `pushpull:redis-pubsub` (a Redis event of
+    /// pushpull-local's) that does not read as one.
+    #[error(transparent)]
+    RedisEvent(#[from] pushpull::pull::redis::RedisEventError),
     /// Reading or advancing the shard checkpoint failed.
     #[error("checkpoint of shard {shard_id}: {source}")]
     Checkpoint {
@@ -175,6 +180,7 @@ impl From<RollupError> for lambda_runtime::Diagnostic {
             RollupError::Checkpoint { .. } => "RollupError.Checkpoint",
             RollupError::RabbitMqEvent(_) => "RollupError.RabbitMqEvent",
             RollupError::SqsEvent(_) => "RollupError.SqsEvent",
+            RollupError::RedisEvent(_) => "RollupError.RedisEvent",
             RollupError::State { .. } => "RollupError.State",
         };
         tracing::error!(error_type, error = %e, "invocation failed");
@@ -508,6 +514,10 @@ impl RollupHandler {
     /// if it dies stops claiming its keys [`NOTE_MARGIN_S`] after it.
     pub async fn handle_until(&self, payload: &[u8], deadline: Option<f64>) -> Result<Response, RollupError> {
         #[cfg(feature = "fault-injection")]
+        if self.settings.faults.delay_ms > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(self.settings.faults.delay_ms)).await;
+        }
+        #[cfg(feature = "fault-injection")]
         if self.settings.faults.failures > 0.0 && fastrand::f64() < self.settings.faults.failures {
             warn!("injected failure (PUSHPULL_INJECT_FAILURES)");
             return Err(RollupError::Injected);
@@ -526,6 +536,12 @@ impl RollupHandler {
         if memchr::memmem::find(payload, b"\"aws:sqs\"").is_some() {
             let sqs = pushpull::pull::sqs::SqsEvent::from_slice(payload)?;
             return self.handle_sqs(&sqs).await;
+        }
+        // A Redis event of pushpull-local's says `"eventSource": "pushpull:redis-..."` (as `aws:sqs`,
+        // the text cannot occur in a base64 record).
+        if memchr::memmem::find(payload, b"\"pushpull:redis-").is_some() {
+            let redis = pushpull::pull::redis::RedisEvent::from_slice(payload)?;
+            return self.handle_redis(&redis).await;
         }
         if memchr::memmem::find(payload, b"\"bootstrapServers\"").is_some() {
             let kafka = pushpull::pull::kafka::KafkaEvent::from_slice(payload)?;

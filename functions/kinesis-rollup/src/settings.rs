@@ -45,6 +45,9 @@ pub struct Faults {
     pub crash_after_output: bool,
     /// `PUSHPULL_INJECT_FAILURES`: fraction (0-1) of invocations to fail before any work.
     pub failures: f64,
+    /// `PUSHPULL_INJECT_DELAY_MS`: milliseconds every invocation waits before its work (a slow
+    /// function, for the overload runs).
+    pub delay_ms: u64,
 }
 
 impl RollupSettings {
@@ -94,12 +97,13 @@ impl Faults {
         if !(0.0..=1.0).contains(&failures) {
             env.invalid("PUSHPULL_INJECT_FAILURES", failures.to_string(), "a fraction from 0 to 1");
         }
-        Faults { crash_after_output, failures }
+        let delay_ms = env.parse_or("PUSHPULL_INJECT_DELAY_MS", 0u64);
+        Faults { crash_after_output, failures, delay_ms }
     }
 
     #[cfg(not(feature = "fault-injection"))]
     fn read(env: &mut Env) -> Self {
-        for name in ["PUSHPULL_INJECT_CRASH", "PUSHPULL_INJECT_FAILURES"] {
+        for name in ["PUSHPULL_INJECT_CRASH", "PUSHPULL_INJECT_FAILURES", "PUSHPULL_INJECT_DELAY_MS"] {
             if let Some(v) = env.optional(name) {
                 env.invalid(name, v, "unset: this build has no fault injection (feature fault-injection)");
             }

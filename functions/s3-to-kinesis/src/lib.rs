@@ -1,10 +1,11 @@
 //! The sample push function: S3 objects of NDJSON lines to a Kinesis stream, a Kafka topic, a
-//! RabbitMQ queue or an SQS queue, exactly once (on RabbitMQ and SQS: at least once, each message
-//! named by its object and line so that the consumer counts it once).
+//! RabbitMQ queue, an SQS queue or Redis (a stream or a pub/sub channel), exactly once (on
+//! RabbitMQ, SQS and a Redis stream: at least once, each message named by its object and line so
+//! that the consumer counts it once; on a Redis channel: at most once, as pub/sub delivers).
 //!
 //! Everything generic is in `pushpull::push`; this crate adds what is particular to the sample:
 //! its settings (`STREAM_NAME`, or `KAFKA_BOOTSTRAP_SERVERS` and `KAFKA_TOPIC`, or `RABBITMQ_URL`
-//! and `RABBITMQ_QUEUE`, or `SQS_QUEUE`, and
+//! and `RABBITMQ_QUEUE`, or `SQS_QUEUE`, or `REDIS_URL` and `REDIS_STREAM` or `REDIS_CHANNEL`, and
 //! `PARTITION_KEY_FIELD`, on top of the library's), the built-in JSON line handler, the S3
 //! source, the sink the settings name ([`Target`]), and (feature `fault-injection`, for the fault
 //! tests only) a sink that fails entries on purpose.
@@ -15,6 +16,7 @@ use pushpull::push::source::S3Source;
 use pushpull::sink::kafka::KafkaSink;
 use pushpull::sink::kinesis::KinesisSink;
 use pushpull::sink::rabbitmq::RabbitMqSink;
+use pushpull::sink::redis::{RedisSink, RedisTarget};
 use pushpull::sink::sqs::SqsSink;
 use pushpull::sink::{OutRecord, PutOutcome, RecordSink, SinkError, WrittenRecord};
 
@@ -41,6 +43,14 @@ pub enum Destination {
     /// `SQS_QUEUE`: an SQS queue's name or URL (FIFO if its name ends in `.fifo`: a group per
     /// partition key).
     Sqs(String),
+    /// `REDIS_URL` (`redis://host:port/db`) and `REDIS_STREAM` (entries by `XADD`) or
+    /// `REDIS_CHANNEL` (messages by `PUBLISH`).
+    Redis {
+        /// The server.
+        url: String,
+        /// The stream or the channel.
+        target: RedisTarget,
+    },
 }
 
 /// `RABBITMQ_USERNAME`, `RABBITMQ_PASSWORD` and `RABBITMQ_VIRTUAL_HOST`: parts that replace the
@@ -120,7 +130,25 @@ impl Settings {
     pub fn from_env(mut env: Env) -> Result<Self, ConfigErrors> {
         let rabbitmq_queue = env.optional("RABBITMQ_QUEUE");
         let sqs_queue = env.optional("SQS_QUEUE");
+        let redis_stream = env.optional("REDIS_STREAM");
+        let redis_channel = env.optional("REDIS_CHANNEL");
         let destination = match env.optional("KAFKA_TOPIC") {
+            _ if redis_stream.is_some() || redis_channel.is_some() => {
+                let url = env.required("REDIS_URL", "the Redis server REDIS_STREAM or REDIS_CHANNEL is on");
+                if !url.is_empty() && !url.starts_with("redis://") && !url.starts_with("rediss://") {
+                    env.invalid("REDIS_URL", url.clone(), "redis[s]://host:port[/db]");
+                }
+                let target = match (redis_stream, redis_channel) {
+                    (Some(stream), None) => RedisTarget::Stream(stream),
+                    (None, Some(channel)) => RedisTarget::Channel(channel),
+                    (Some(stream), Some(channel)) => {
+                        env.invalid("REDIS_CHANNEL", channel, "unset when REDIS_STREAM is set: one destination");
+                        RedisTarget::Stream(stream)
+                    }
+                    (None, None) => unreachable!("one is set"),
+                };
+                Destination::Redis { url, target }
+            }
             _ if sqs_queue.is_some() => {
                 let queue = sqs_queue.unwrap_or_default(); // set and not empty
                 // SQS (API CreateQueue, QueueName): "up to 80 characters"; "alphanumeric
@@ -178,7 +206,7 @@ impl Settings {
             }
             None => Destination::Kinesis(env.kinesis_stream_name(
                 "STREAM_NAME",
-                "the Kinesis stream the push function writes to (or set KAFKA_TOPIC, RABBITMQ_QUEUE or SQS_QUEUE)",
+                "the Kinesis stream the push function writes to (or set KAFKA_TOPIC, RABBITMQ_QUEUE, SQS_QUEUE, REDIS_STREAM or REDIS_CHANNEL)",
             )),
         };
         let push = PushSettings::read(&mut env);
@@ -202,6 +230,8 @@ pub enum Target {
     RabbitMq(Box<RabbitMqSink>),
     /// Records to an SQS queue.
     Sqs(SqsSink),
+    /// Records to a Redis stream or channel (boxed: the client's connection settings are large).
+    Redis(Box<RedisSink>),
 }
 
 impl RecordSink for Target {
@@ -211,6 +241,7 @@ impl RecordSink for Target {
             Target::Kafka(s) => s.can_read_back(),
             Target::RabbitMq(s) => s.can_read_back(),
             Target::Sqs(s) => s.can_read_back(),
+            Target::Redis(s) => s.can_read_back(),
         }
     }
 
@@ -220,6 +251,7 @@ impl RecordSink for Target {
             Target::Kafka(s) => s.keeps_key_order_in_a_call(),
             Target::RabbitMq(s) => s.keeps_key_order_in_a_call(),
             Target::Sqs(s) => s.keeps_key_order_in_a_call(),
+            Target::Redis(s) => s.keeps_key_order_in_a_call(),
         }
     }
 
@@ -229,6 +261,7 @@ impl RecordSink for Target {
             Target::Kafka(s) => s.names_records(),
             Target::RabbitMq(s) => s.names_records(),
             Target::Sqs(s) => s.names_records(),
+            Target::Redis(s) => s.names_records(),
         }
     }
 
@@ -238,6 +271,7 @@ impl RecordSink for Target {
             Target::Kafka(s) => s.put_records(records).await,
             Target::RabbitMq(s) => s.put_records(records).await,
             Target::Sqs(s) => s.put_records(records).await,
+            Target::Redis(s) => s.put_records(records).await,
         }
     }
 
@@ -252,6 +286,7 @@ impl RecordSink for Target {
             Target::Kafka(s) => s.written_since(positions, since_ms, until_ms).await,
             Target::RabbitMq(s) => s.written_since(positions, since_ms, until_ms).await,
             Target::Sqs(s) => s.written_since(positions, since_ms, until_ms).await,
+            Target::Redis(s) => s.written_since(positions, since_ms, until_ms).await,
         }
     }
 
@@ -261,6 +296,7 @@ impl RecordSink for Target {
             Target::Kafka(s) => s.shard_map().await,
             Target::RabbitMq(s) => s.shard_map().await,
             Target::Sqs(s) => s.shard_map().await,
+            Target::Redis(s) => s.shard_map().await,
         }
     }
 }
@@ -330,6 +366,7 @@ pub async fn handler(settings: Settings, aws: &pushpull::aws::Aws) -> Result<Han
         }
         Destination::RabbitMq { url, queue } => Target::RabbitMq(Box::new(RabbitMqSink::connect(url, queue).await?)),
         Destination::Sqs(queue) => Target::Sqs(SqsSink::connect(aws.sqs().await.clone(), queue).await?),
+        Destination::Redis { url, target } => Target::Redis(Box::new(RedisSink::connect(url, target.clone()).await?)),
     };
     #[cfg(feature = "fault-injection")]
     let sink = faults::FaultInjectingSink::new(sink, settings.inject_put_failures)
@@ -490,6 +527,28 @@ mod tests {
             let err = Settings::from_env(env(bad)).unwrap_err().to_string();
             assert!(err.contains("SQS_QUEUE"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_redis_stream_or_channel_is_the_destination_when_named() {
+        let env = |pairs: &[(&str, &str)]| Env::from_pairs(pairs.iter().copied()).with_local_locations("/tmp/s");
+        let url = "redis://127.0.0.1:6390/";
+        let s = Settings::from_env(env(&[("REDIS_URL", url), ("REDIS_STREAM", "records")])).unwrap();
+        assert_eq!(
+            s.destination,
+            Destination::Redis { url: url.into(), target: RedisTarget::Stream("records".into()) }
+        );
+        let s = Settings::from_env(env(&[("REDIS_URL", url), ("REDIS_CHANNEL", "records")])).unwrap();
+        assert_eq!(
+            s.destination,
+            Destination::Redis { url: url.into(), target: RedisTarget::Channel("records".into()) }
+        );
+        let err = Settings::from_env(env(&[("REDIS_CHANNEL", "c")])).unwrap_err().to_string();
+        assert!(err.contains("REDIS_URL is not set"), "{err}");
+        let err = Settings::from_env(env(&[("REDIS_URL", "http://h"), ("REDIS_STREAM", "s"), ("REDIS_CHANNEL", "c")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("REDIS_URL=\"http://h\"") && err.contains("REDIS_CHANNEL=\"c\""), "{err}");
     }
 
     #[test]

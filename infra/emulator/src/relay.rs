@@ -2,9 +2,10 @@
 //! function (AWS has no Redis event source).
 //!
 //! One subscriber (`SUBSCRIBE <channel>`, or `PSUBSCRIBE <pattern>`) invokes the function
-//! synchronously (`RequestResponse`) with each message, at most `concurrency` invocations at once
-//! (the function's reserved concurrency), and **reads the next message off the socket only when a
-//! slot is free**. So a function slower than the publisher backs up into Redis, not into this
+//! synchronously (`RequestResponse`), at most `concurrency` invocations at once (the function's
+//! reserved concurrency), and **reads the next message off the socket only when a slot is free**;
+//! an invocation carries that message and those that have arrived behind it (up to
+//! [`MAX_BATCH`]), never waiting for more. So a function slower than the publisher backs up into Redis, not into this
 //! process: Redis buffers what its subscriber has not read, and when that passes its
 //! `client-output-buffer-limit pubsub` it disconnects the subscriber (Redis's docs, "Client
 //! output buffer limits": "the client is disconnected"). What was published meanwhile is gone:
@@ -14,13 +15,13 @@
 //! the client (redis-rs's async `PubSub` buffers without bound), would hide the lesson: this relay
 //! reads the socket itself, with redis-rs's RESP parser, a message at a time.
 //!
-//! **The event** is [`pushpull::pull::redis`]'s, one message per invocation: `{"Records":
-//! [{"eventSource": "pushpull:redis-pubsub", "channel", "pattern", "id", "timestamp", "data"}]}`,
-//! `id` `<relay start ms>-<n>`.
+//! **The event** is [`pushpull::pull::redis`]'s: `{"Records": [{"eventSource":
+//! "pushpull:redis-pubsub", "channel", "pattern", "id", "timestamp", "data"}, ...]}`, `id` `<relay
+//! start ms>-<n>`.
 //!
 //! **A failing invocation** (what we chose; Redis keeps nothing to retry from): a function error
-//! is retried [`FUNCTION_RETRIES`] times, 100 ms then 200 ms apart (the message is then counted
-//! `failed` and logged with its id); a throttle or an Invoke API error is retried with backoff for
+//! is retried [`FUNCTION_RETRIES`] times, 100 ms then 200 ms apart (its messages are then counted
+//! `failed` and logged with their ids); a throttle or an Invoke API error is retried with backoff for
 //! up to [`THROTTLE_PATIENCE`], holding its slot (so the relay reads no further meanwhile).
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
@@ -38,6 +39,9 @@ use tracing::{info, warn};
 use crate::invoke::Invoker;
 use crate::mapping::outcome::Answer;
 
+/// The most messages one invocation carries: those already read off the socket when a slot
+/// frees, up to this many.
+pub const MAX_BATCH: usize = 100;
 /// Retries of a message whose invocation returned a function error.
 pub const FUNCTION_RETRIES: u32 = 2;
 /// How long a throttled (or unreachable) invocation is retried before the message is given up.
@@ -58,6 +62,8 @@ pub struct RelayConfig {
     pub function: String,
     /// Invocations at once (the function's reserved concurrency), at least 1.
     pub concurrency: usize,
+    /// Each message the function took, as the mappings report theirs (`RunnerOptions::delivered`).
+    pub delivered: Option<tokio::sync::mpsc::UnboundedSender<crate::mapping::Delivered>>,
 }
 
 /// What the relay did.
@@ -275,7 +281,7 @@ fn subscribe(config: &RelayConfig, address: &str, shared: &Shared) -> std::io::R
 /// use pushpull_emulator::relay::{start, RelayConfig};
 /// use pushpull_emulator::invoke::InvokeClient;
 /// let config = RelayConfig { url: "redis://127.0.0.1:6390/".into(), channel: "records".into(),
-///     pattern: false, function: "rollup".into(), concurrency: 4 };
+///     pattern: false, function: "rollup".into(), concurrency: 4, delivered: None };
 /// let relay = start(config, InvokeClient::new("http://127.0.0.1:9000"))?;
 /// // ... publish ...
 /// let counts = relay.stop().await;
@@ -359,31 +365,61 @@ fn read_loop(
                 continue;
             }
         };
-        let Some((channel, pattern, data)) = message else {
+        let Some(first) = message else {
             // A subscription confirmation, or a reply of another kind.
             drop(permit);
             continue;
         };
+        // With it, the messages that have arrived behind it (never a wait for more): one
+        // invocation, as the mappings batch what one poll brought.
+        let mut messages = vec![first];
+        while messages.len() < MAX_BATCH && (!reader.buffer().is_empty() || waiting(reader.get_ref())) {
+            match parser.parse_value(&mut reader) {
+                Ok(v) => messages.extend(pubsub_message(v)),
+                // The connection ended: what was read goes; the next read finds it closed.
+                Err(_) => break,
+            }
+        }
         let read_at = Instant::now();
-        shared.received.fetch_add(1, Ordering::SeqCst);
+        shared.received.fetch_add(messages.len() as u64, Ordering::SeqCst);
         shared.touch();
-        let id = format!("{started_ms}-{next}");
-        next += 1;
-        let record = RedisRecord {
-            event_source: PUBSUB_EVENT_SOURCE.to_owned(),
-            channel: Some(channel),
-            pattern,
-            id: id.clone(),
-            timestamp: (crate::mapping::now_unix() * 1000.0) as u64,
-            data: base64::engine::general_purpose::STANDARD.encode(&data),
-            ..RedisRecord::default()
+        let now_ms = (crate::mapping::now_unix() * 1000.0) as u64;
+        let mut hashes = Vec::with_capacity(messages.len());
+        let records: Vec<RedisRecord> = messages
+            .into_iter()
+            .map(|(channel, pattern, data)| {
+                hashes.push(xxhash_rust::xxh3::xxh3_64(&data));
+                let id = format!("{started_ms}-{next}");
+                next += 1;
+                RedisRecord {
+                    event_source: PUBSUB_EVENT_SOURCE.to_owned(),
+                    channel: Some(channel),
+                    pattern,
+                    id,
+                    timestamp: now_ms,
+                    data: base64::engine::general_purpose::STANDARD.encode(&data),
+                    ..RedisRecord::default()
+                }
+            })
+            .collect();
+        let ids = match (records.first(), records.last()) {
+            (Some(a), Some(b)) if records.len() > 1 => format!("{}..{}", a.id, b.id),
+            (Some(a), _) => a.id.clone(),
+            _ => String::new(),
         };
-        let payload = Bytes::from(serde_json::to_vec(&RedisEvent { records: vec![record] }).unwrap_or_default());
+        let payload = Bytes::from(serde_json::to_vec(&RedisEvent { records }).unwrap_or_default());
         let (shared, invoker, config) = (shared.clone(), invoker.clone(), config.clone());
         let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         shared.in_flight_max.fetch_max(now, Ordering::SeqCst);
         handle.spawn(async move {
-            deliver(&*invoker, &config.function, &id, payload, &shared).await;
+            let invoked_at = crate::mapping::now_unix();
+            if deliver(&*invoker, &config.function, &ids, hashes.len() as u64, payload, &shared).await
+                && let Some(tx) = &config.delivered
+            {
+                for hash in hashes {
+                    let _ = tx.send(crate::mapping::Delivered { hash, invoked_at });
+                }
+            }
             if let Ok(mut d) = shared.delays_ms.lock() {
                 d.push(read_at.elapsed().as_secs_f64() * 1000.0);
             }
@@ -392,6 +428,19 @@ fn read_loop(
             drop(permit);
         });
     }
+}
+
+/// Whether bytes wait on `socket` (arrived, not yet read): a peek that does not block. The parser
+/// reads ahead into its own buffer, so messages may wait there too: those go with the next
+/// invocation.
+fn waiting(socket: &TcpStream) -> bool {
+    let mut one = [0u8; 1];
+    if socket.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let waiting = matches!(socket.peek(&mut one), Ok(n) if n > 0);
+    let _ = socket.set_nonblocking(false);
+    waiting
 }
 
 /// `(channel, pattern, payload)` of a `message` or `pmessage` push; `None` for anything else.
@@ -418,8 +467,16 @@ fn pubsub_message(v: redis::Value) -> Option<(String, Option<String>, Vec<u8>)> 
     }
 }
 
-/// Invokes `function` with one message's event, with the retries the module names.
-async fn deliver(invoker: &dyn Invoker, function: &str, id: &str, payload: Bytes, shared: &Shared) {
+/// Invokes `function` with the event of `count` messages (`ids`), with the retries the module
+/// names; whether the function took them.
+async fn deliver(
+    invoker: &dyn Invoker,
+    function: &str,
+    ids: &str,
+    count: u64,
+    payload: Bytes,
+    shared: &Shared,
+) -> bool {
     let mut errors = 0u32;
     let mut throttled_since: Option<Instant> = None;
     let mut backoff = Duration::from_millis(50);
@@ -427,16 +484,16 @@ async fn deliver(invoker: &dyn Invoker, function: &str, id: &str, payload: Bytes
         shared.invocations.fetch_add(1, Ordering::SeqCst);
         match invoker.invoke(function, payload.clone()).await {
             Ok(crate::invoke::Invoked { answer: Answer::Response(_), .. }) => {
-                shared.delivered.fetch_add(1, Ordering::SeqCst);
-                return;
+                shared.delivered.fetch_add(count, Ordering::SeqCst);
+                return true;
             }
             Ok(crate::invoke::Invoked { answer: Answer::FunctionError(body), .. }) => {
                 shared.function_errors.fetch_add(1, Ordering::SeqCst);
                 errors += 1;
                 if errors > FUNCTION_RETRIES {
-                    shared.failed.fetch_add(1, Ordering::SeqCst);
-                    warn!(message = id, function, error = %String::from_utf8_lossy(&body), "relay: the function failed on the message past its retries; given up (pub/sub keeps nothing to retry from)");
-                    return;
+                    shared.failed.fetch_add(count, Ordering::SeqCst);
+                    warn!(messages = ids, function, error = %String::from_utf8_lossy(&body), "relay: the function failed on the message past its retries; given up (pub/sub keeps nothing to retry from)");
+                    return false;
                 }
                 tokio::time::sleep(Duration::from_millis(100) * errors).await;
             }
@@ -444,9 +501,9 @@ async fn deliver(invoker: &dyn Invoker, function: &str, id: &str, payload: Bytes
                 shared.throttles.fetch_add(1, Ordering::SeqCst);
                 let since = *throttled_since.get_or_insert_with(Instant::now);
                 if !e.is_throttle() || since.elapsed() >= THROTTLE_PATIENCE {
-                    shared.failed.fetch_add(1, Ordering::SeqCst);
-                    warn!(message = id, function, error = %e, "relay: the function could not be invoked; message given up");
-                    return;
+                    shared.failed.fetch_add(count, Ordering::SeqCst);
+                    warn!(messages = ids, function, error = %e, "relay: the function could not be invoked; message given up");
+                    return false;
                 }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));

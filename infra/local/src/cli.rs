@@ -634,6 +634,7 @@ pub async fn relay(args: RelayArgs) -> Result<(), Error> {
         pattern: args.pattern,
         function: args.function_name.clone(),
         concurrency: args.concurrency,
+        delivered: None,
     };
     let relay = pushpull_local::relay::start(config, InvokeClient::new(&args.invoke_endpoint))?;
     eprintln!(

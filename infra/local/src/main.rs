@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use pushpull_local::pipeline::{Broker, PipelineConfig, run};
+use pushpull_local::pipeline::{Broker, PipelineConfig, RedisBroker, run};
 
 #[derive(Parser)]
 #[command(version, about = "Plays AWS's part for pushpull functions on a laptop (LocalStack on 127.0.0.1)")]
@@ -43,9 +43,22 @@ struct RunArgs {
     /// `kafka` (a topic `<stack>-records` on the broker at --kafka-bootstrap-servers, read by the
     /// local Kafka mapping), `rabbitmq` (a queue `<stack>-records` on the broker at
     /// --rabbitmq-url, read by the local Amazon MQ mapping) or `sqs` (a queue `<stack>-records`
-    /// in LocalStack with a dead-letter queue, read by the local SQS mapping).
-    #[arg(long, default_value = "kinesis", value_parser = ["kinesis", "kafka", "rabbitmq", "sqs"])]
+    /// in LocalStack with a dead-letter queue, read by the local SQS mapping), `redis-streams` (a
+    /// Redis stream `<stack>-records` on --redis-url, read by the local Streams mapping) or
+    /// `redis-pubsub` (a Redis channel `<stack>-records`, read by the local pub/sub relay: at most
+    /// once).
+    #[arg(long, default_value = "kinesis", value_parser = ["kinesis", "kafka", "rabbitmq", "sqs", "redis-streams", "redis-pubsub"])]
     broker: String,
+    /// The Redis server for `--broker redis-*` (default: REDIS_URL, else the server
+    /// `infra/redis.sh` starts, redis://127.0.0.1:$REDIS_PORT/, 6390).
+    #[arg(long, value_name = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// With `--broker redis-*`: the input eight times over, the rollup function made slower than
+    /// the publisher (200 ms an invocation; the relay one at a time) and, on pub/sub, Redis's buffer for a slow subscriber
+    /// small (`client-output-buffer-limit pubsub 256kb 64kb 1`), so that Redis cuts the relay off
+    /// within seconds: the summary says what was lost.
+    #[arg(long)]
+    overload: bool,
     /// With `--broker sqs`: a FIFO queue (`<stack>-records.fifo`: a message group per partition
     /// key, in order; BatchSize 10).
     #[arg(long)]
@@ -130,6 +143,17 @@ async fn run_pipeline(args: RunArgs) -> Result<(), Error> {
             Broker::RabbitMq { url, control }
         }
         "sqs" => Broker::Sqs { fifo: args.sqs_fifo },
+        "redis-streams" | "redis-pubsub" => {
+            let given = args.redis_url.or_else(|| std::env::var("REDIS_URL").ok());
+            // The server `infra/redis.sh` started is the one --overload may reconfigure.
+            let control = std::path::Path::new("infra/redis.sh");
+            let control = (given.is_none() && control.exists()).then(|| control.to_path_buf());
+            let url = given.unwrap_or_else(|| {
+                format!("redis://127.0.0.1:{}/", std::env::var("REDIS_PORT").unwrap_or_else(|_| "6390".into()))
+            });
+            Broker::Redis(RedisBroker { url, pubsub: args.broker == "redis-pubsub", overload: args.overload, control })
+        }
+        _ if args.overload => return Err("--overload goes with --broker redis-streams or redis-pubsub".into()),
         _ if args.sqs_fifo => return Err("--sqs-fifo goes with --broker sqs".into()),
         _ => Broker::Kinesis,
     };

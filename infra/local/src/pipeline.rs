@@ -6,6 +6,10 @@
 //! ([`crate::mapping`]) invoking the pull function. [`run`] uploads a directory of NDJSON files
 //! and waits until every line is rolled up or quarantined; [`Report`] says what happened and
 //! [`Report::check`] whether the rollup equals the input exactly.
+mod redis;
+use self::redis::Reader;
+pub use self::redis::{RedisBroker, RedisRun};
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -756,6 +760,9 @@ pub enum Broker {
         /// A FIFO queue (`SqsFifo=true`; BatchSize 10 unless the overrides set it).
         fifo: bool,
     },
+    /// Redis: a stream read by the local Streams mapping, or a pub/sub channel read by the local
+    /// relay ([`redis`]); the template's functions as they are.
+    Redis(RedisBroker),
 }
 
 impl PipelineConfig {
@@ -833,6 +840,8 @@ pub struct Report {
     pub rabbitmq: Option<QueueRun>,
     /// With `--broker sqs`: the queue and what was left in it.
     pub sqs: Option<QueueRun>,
+    /// With `--broker redis-streams` or `redis-pubsub`: the stream or channel, and what was lost.
+    pub redis: Option<RedisRun>,
 }
 
 /// Where a queue's messages were (RabbitMQ, SQS).
@@ -857,7 +866,7 @@ pub struct QueueRun {
 impl Report {
     /// The queue a RabbitMQ or SQS run went through.
     fn queue_run(&self) -> Option<&QueueRun> {
-        self.rabbitmq.as_ref().or(self.sqs.as_ref())
+        self.rabbitmq.as_ref().or(self.sqs.as_ref()).or(self.redis.as_ref().map(|r| &r.queue))
     }
 }
 
@@ -962,6 +971,13 @@ impl Report {
     /// every bad line is quarantined with a reason.
     pub fn check(&self) -> Result<(), String> {
         let counted: u64 = self.rollup.values().map(|g| g.0).sum();
+        // Pub/sub's loss first: it is why the rest differs.
+        if let Some(r) = self.redis.as_ref().filter(|r| r.lost > 0) {
+            return Err(format!(
+                "lost {}: {} published, {} delivered (Redis pub/sub delivers at most once; Redis cut the relay off {} times)",
+                r.lost, r.published, r.queue.deliveries, r.disconnects
+            ));
+        }
         if self.rollup != self.expected {
             let diff: Vec<String> = self
                 .expected
@@ -1093,6 +1109,20 @@ impl std::fmt::Display for Report {
         if let Some(m) = &self.sqs {
             writeln!(f, "  sqs              queue {}, dead letters {}", m.url, m.dead_letters)?;
         }
+        if let Some(r) = &self.redis {
+            match r.pubsub {
+                true => writeln!(
+                    f,
+                    "  redis            channel {} on {}: {} published, {} delivered, lost {} ({} cut-offs by Redis)",
+                    r.queue.queue, r.queue.url, r.published, r.queue.deliveries, r.lost, r.disconnects
+                )?,
+                false => writeln!(
+                    f,
+                    "  redis            stream {} on {}, dead letters {}: {} sent, {} deliveries",
+                    r.queue.queue, r.queue.url, r.queue.dead_letters, r.published, r.queue.deliveries
+                )?,
+            }
+        }
         let s = &self.stream_lines;
         if let Some(m) = self.queue_run() {
             writeln!(
@@ -1197,7 +1227,12 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let t = t;
     let group_by = t.parameters.get("GroupByField").cloned().unwrap_or_default();
     let sum_field = t.parameters.get("SumField").cloned().unwrap_or_default();
-    let expected = expected(&config.input_dir, &group_by, &sum_field)?;
+    // --overload: the input many times over (under other names), enough to outrun the function.
+    let input_dir = match &config.broker {
+        Broker::Redis(b) if b.overload => redis::overload_input(&config.input_dir, &config.run_dir)?,
+        _ => config.input_dir.clone(),
+    };
+    let expected = expected(&input_dir, &group_by, &sum_field)?;
 
     let push_binary = t.function_with_event("S3")?.binary;
     let extra_env: Vec<(&str, Vec<(String, String)>)> =
@@ -1251,6 +1286,28 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         }
     };
     let mut specs = template_specs(&t, &extra_env, config.verbose)?;
+    // Redis: the push function sends to the stream or channel; with --overload the rollup is slow.
+    let redis_broker = match &config.broker {
+        Broker::Redis(b) => Some(b.clone()),
+        _ => None,
+    };
+    let redis_name = format!("{}-records", config.stack);
+    if let Some(b) = &redis_broker {
+        for spec in &mut specs {
+            if spec.binary.file_name().is_some_and(|n| n == std::ffi::OsStr::new(&push_binary)) {
+                spec.env.push(("REDIS_URL".into(), b.url.clone()));
+                let key = if b.pubsub { "REDIS_CHANNEL" } else { "REDIS_STREAM" };
+                spec.env.push((key.into(), redis_name.clone()));
+            } else if b.overload && spec.name == r.pull_function {
+                let ms = redis::OVERLOAD_FUNCTION_DELAY.as_millis().to_string();
+                spec.env.push(("PUSHPULL_INJECT_DELAY_MS".into(), ms));
+            }
+        }
+        if let (true, true, Some(script)) = (b.pubsub, b.overload, &b.control) {
+            let [hard, soft, seconds] = redis::OVERLOAD_PUBSUB_LIMIT;
+            redis::control(script, &b.url, &["set-pubsub-limit", hard, soft, seconds])?;
+        }
+    }
     // CloudFormation resolves dynamic references (`{{resolve:secretsmanager:...}}`) at
     // deployment: the functions' environment gets the secrets' values.
     for spec in &mut specs {
@@ -1276,6 +1333,21 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             let settings = raw.overlay(config.mapping.clone()).validate_sqs(&source, timeout)?;
             sqs_source = Some(source);
             (settings, None)
+        }
+        (None, None, None) if redis_broker.as_ref().is_some_and(|b| !b.pubsub) => {
+            // The template's batch settings; the rest of its Kinesis mapping (its destination,
+            // bisection, record age) has no meaning on a Redis stream.
+            let t_raw = RawSettings::from_template(&t, None)?;
+            let raw = RawSettings {
+                function: t_raw.function,
+                batch_size: t_raw.batch_size,
+                batching_window: t_raw.batching_window,
+                function_response_types: t_raw.function_response_types,
+                ..RawSettings::default()
+            };
+            let b = redis_broker.as_ref().map(|b| b.url.clone()).unwrap_or_default();
+            let source = redis_source(&b, &redis_name, &r.pull_function);
+            (raw.overlay(config.mapping.clone()).validate_redis_streams(&source)?, None)
         }
         (None, None, None) => (RawSettings::from_template(&t, None)?.overlay(config.mapping.clone()).validate()?, None),
     };
@@ -1364,17 +1436,44 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     if let Some(p) = &kafka_proxy {
         options.kafka_via = Some(p.bootstrap());
     }
-    let mapping = match (kafka_source, &mq_source, &sqs_source) {
-        (Some(source), _, _) => Runner::start_kafka(settings, source, options, clients.clone(), server.client()),
-        (None, Some((source, _)), _) => {
-            Runner::start_rabbitmq(settings, source.clone(), options, clients.clone(), server.client())
+    let mapping = match (kafka_source, &mq_source, &sqs_source, &redis_broker) {
+        (Some(source), _, _, _) => {
+            Reader::Mapping(Runner::start_kafka(settings, source, options, clients.clone(), server.client()))
         }
-        (None, None, Some(source)) => {
+        (None, Some((source, _)), _, _) => {
+            Reader::Mapping(Runner::start_rabbitmq(settings, source.clone(), options, clients.clone(), server.client()))
+        }
+        (None, None, Some(source), _) => {
             let clients = Clients { sqs: mapping_sqs.unwrap_or_else(|| clients.sqs.clone()), ..clients.clone() };
-            Runner::start_sqs(settings, source.clone(), options, clients, server.client())
+            Reader::Mapping(Runner::start_sqs(settings, source.clone(), options, clients, server.client()))
         }
-        (None, None, None) => Runner::start(settings, options, clients.clone(), server.client()),
+        (None, None, None, Some(b)) if b.pubsub => {
+            let relay = crate::relay::RelayConfig {
+                url: b.url.clone(),
+                channel: redis_name.clone(),
+                pattern: false,
+                function: settings.function_name.clone(),
+                concurrency: if b.overload { redis::OVERLOAD_CONCURRENCY } else { redis::RELAY_CONCURRENCY },
+                delivered: options.delivered.clone(),
+            };
+            Reader::Relay(crate::relay::start(relay, server.client()).map_err(|e| PipelineError::Run(e.to_string()))?)
+        }
+        (None, None, None, Some(b)) => {
+            let source = redis_source(&b.url, &redis_name, &r.pull_function);
+            Reader::Mapping(Runner::start_redis_streams(settings, source, options, clients.clone(), server.client()))
+        }
+        (None, None, None, None) => Reader::Mapping(Runner::start(settings, options, clients.clone(), server.client())),
     };
+    let redis_run = redis_broker.as_ref().map(|b| RedisRun {
+        queue: QueueRun {
+            url: b.url.clone(),
+            queue: redis_name.clone(),
+            dead_letters: if b.pubsub { String::new() } else { format!("{redis_name}:dead-letter") },
+            ..QueueRun::default()
+        },
+        pubsub: b.pubsub,
+        ..RedisRun::default()
+    });
 
     let (responses_tx, mut responses_rx) = mpsc::unbounded_channel();
     let push = AsyncSettings::from_template(&t, &push_binary, config.delay_scale)?;
@@ -1418,7 +1517,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         )),
         _ => None,
     };
-    let on_a_stream = kafka.is_none() && rabbitmq.is_none() && sqs.is_none();
+    let on_a_stream = kafka.is_none() && rabbitmq.is_none() && sqs.is_none() && redis_run.is_none();
     let reshard = config.realism.reshard_after.filter(|_| on_a_stream).map(|after| {
         let (local, stream, realism) = (local.clone(), r.stream.clone(), realism.clone());
         tokio::spawn(async move {
@@ -1469,7 +1568,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
             if let Some(&file) = expected.lines.get(&d.hash) {
                 latencies.push((d.invoked_at - uploads[file].1) * 1000.0);
             }
-            if rabbitmq.is_some() || sqs.is_some() {
+            if rabbitmq.is_some() || sqs.is_some() || redis_run.is_some() {
                 *delivered.entry(d.hash).or_insert(0) += 1;
             }
         }
@@ -1571,7 +1670,9 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     }
     let _ = stop_tx.send(true);
     let delivery = delivery.await.map_err(|source| PipelineError::Task { what: "S3 event delivery", source })?;
-    let mapping = mapping.stop().await;
+    let sent: u64 =
+        summaries.values().filter(|o| o["outcome"] == "processed").map(|o| o["records"].as_u64().unwrap_or(0)).sum();
+    let (mapping, relay_counts) = mapping.stop().await;
     drop(server);
     let delivery = match (result, delivery) {
         (Err(run), Err(e)) => return Err(PipelineError::Run(format!("{run}: the S3 event delivery: {e}"))),
@@ -1591,8 +1692,9 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
     let mut r = r;
     let mut rabbitmq = rabbitmq;
     let mut sqs = sqs;
+    let mut redis_run = redis_run;
     let in_broker = match &kafka {
-        None if rabbitmq.is_some() || sqs.is_some() => {
+        None if rabbitmq.is_some() || sqs.is_some() || redis_run.is_some() => {
             // Each good line delivered at least once; copies beyond the input's are the push
             // function's republished lines and the broker's redeliveries, which the rollup
             // recognised by their message ids (counted in the summary, not in the stream check).
@@ -1602,6 +1704,24 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
                 m.left = depth(source, &m.queue).await.map_err(|e| PipelineError::Run(e.to_string()))?;
                 m.dead_lettered =
                     depth(source, &m.dead_letters).await.map_err(|e| PipelineError::Run(e.to_string()))?;
+            }
+            if let Some(m) = redis_run.as_mut() {
+                // The rollup names its outputs after the stream or channel.
+                r.stream = m.queue.queue.clone();
+                m.queue.deliveries = delivered.values().map(|&n| u64::from(n)).sum();
+                m.published = sent;
+                match &relay_counts {
+                    Some(c) => {
+                        m.disconnects = c.disconnects;
+                        m.lost = sent.saturating_sub(c.delivered);
+                    }
+                    None => {
+                        let group = &r.pull_function;
+                        let (left, dead) =
+                            redis::stream_left(&m.queue.url, &m.queue.queue, group, &m.queue.dead_letters).await?;
+                        (m.queue.left, m.queue.dead_lettered) = (left, dead);
+                    }
+                }
             }
             if let Some(m) = sqs.as_mut() {
                 m.deliveries = delivered.values().map(|&n| u64::from(n)).sum();
@@ -1664,11 +1784,26 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         kafka,
         rabbitmq,
         sqs,
+        redis: redis_run,
     };
     for dir in std::iter::once(&config.run_dir).chain(config.report_dir.as_ref()) {
         report.write_summary(dir).map_err(|e| PipelineError::io(format!("summary in {}", dir.display()), e))?;
     }
     Ok(report)
+}
+
+/// The Streams source of a `--broker redis-streams` run: the group is the rollup function's name;
+/// an entry pending 10 s is claimed again (a run is short), five deliveries at most.
+fn redis_source(url: &str, stream: &str, function: &str) -> crate::mapping::RedisStreamSource {
+    crate::mapping::RedisStreamSource {
+        url: url.to_owned(),
+        stream: stream.to_owned(),
+        group: function.to_owned(),
+        consumer: "pushpull-local".into(),
+        claim_idle: Duration::from_secs(10),
+        max_deliveries: 5,
+        block: Duration::from_secs(1),
+    }
 }
 
 /// The URL of `source`'s dead-letter queue (its redrive policy's `deadLetterTargetArn`), if it has
