@@ -1,5 +1,5 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-kafka bench-push-targets bench-consumers bench-runners bench-aggregation bench-tradeoff bench-rabbitmq bench-rabbitmq-mapping bench-sqs soak
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-kafka bench-push-targets bench-consumers bench-runners bench-aggregation bench-tradeoff bench-rabbitmq bench-rabbitmq-mapping bench-sqs bench-redis soak
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
@@ -54,6 +54,11 @@ bench-rabbitmq-mapping: ## the local Amazon MQ mapping against a raw lapin consu
 bench-sqs:      ## the local SQS mapping against raw ReceiveMessage/DeleteMessageBatch loops, and long polling against short on an idle queue (BENCHMARKS.md)
 	cargo build --workspace --bins --features pushpull-tests/integration
 	infra/with-localstack.sh cargo bench -p pushpull-tests --features integration --bench sqs_polling -- $(ARGS)
+
+bench-redis:    ## Redis both ways on one workload: pub/sub through the relay (push) against a stream through the Streams mapping (pull): loss, delay, backlog, idle requests (BENCHMARKS.md)
+	cargo build --workspace --bins --features pushpull-tests/integration
+	infra/redis.sh install
+	cargo bench -p pushpull-tests --features integration --bench redis_push_pull -- $(ARGS)
 
 bench-push-targets: ## the push function into Kafka against into Kinesis (aggregation off / on), lines/s (BENCHMARKS.md)
 	cargo build --release -p s3-to-kinesis

@@ -44,6 +44,7 @@ impl Fixture {
             function: FUNCTION.into(),
             concurrency,
             delivered: None,
+            max_batch: 0,
         };
         pushpull_local::relay::start(config, self.server.client()).unwrap()
     }

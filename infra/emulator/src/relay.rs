@@ -64,6 +64,8 @@ pub struct RelayConfig {
     pub concurrency: usize,
     /// Each message the function took, as the mappings report theirs (`RunnerOptions::delivered`).
     pub delivered: Option<tokio::sync::mpsc::UnboundedSender<crate::mapping::Delivered>>,
+    /// The most messages an invocation carries (0: [`MAX_BATCH`]).
+    pub max_batch: usize,
 }
 
 /// What the relay did.
@@ -281,7 +283,7 @@ fn subscribe(config: &RelayConfig, address: &str, shared: &Shared) -> std::io::R
 /// use pushpull_emulator::relay::{start, RelayConfig};
 /// use pushpull_emulator::invoke::InvokeClient;
 /// let config = RelayConfig { url: "redis://127.0.0.1:6390/".into(), channel: "records".into(),
-///     pattern: false, function: "rollup".into(), concurrency: 4, delivered: None };
+///     pattern: false, function: "rollup".into(), concurrency: 4, delivered: None, max_batch: 0 };
 /// let relay = start(config, InvokeClient::new("http://127.0.0.1:9000"))?;
 /// // ... publish ...
 /// let counts = relay.stop().await;
@@ -373,7 +375,8 @@ fn read_loop(
         // With it, the messages that have arrived behind it (never a wait for more): one
         // invocation, as the mappings batch what one poll brought.
         let mut messages = vec![first];
-        while messages.len() < MAX_BATCH && (!reader.buffer().is_empty() || waiting(reader.get_ref())) {
+        let max_batch = if config.max_batch == 0 { MAX_BATCH } else { config.max_batch };
+        while messages.len() < max_batch && (!reader.buffer().is_empty() || waiting(reader.get_ref())) {
             match parser.parse_value(&mut reader) {
                 Ok(v) => messages.extend(pubsub_message(v)),
                 // The connection ended: what was read goes; the next read finds it closed.

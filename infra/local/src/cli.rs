@@ -635,6 +635,7 @@ pub async fn relay(args: RelayArgs) -> Result<(), Error> {
         function: args.function_name.clone(),
         concurrency: args.concurrency,
         delivered: None,
+        max_batch: 0,
     };
     let relay = pushpull_local::relay::start(config, InvokeClient::new(&args.invoke_endpoint))?;
     eprintln!(

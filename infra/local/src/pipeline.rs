@@ -1455,6 +1455,7 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
                 function: settings.function_name.clone(),
                 concurrency: if b.overload { redis::OVERLOAD_CONCURRENCY } else { redis::RELAY_CONCURRENCY },
                 delivered: options.delivered.clone(),
+                max_batch: 0,
             };
             Reader::Relay(crate::relay::start(relay, server.client()).map_err(|e| PipelineError::Run(e.to_string()))?)
         }
