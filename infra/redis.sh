@@ -7,6 +7,7 @@
 #                               says the one command to run), never letting the package start it
 #   infra/redis.sh up           start a fresh server on 127.0.0.1:$REDIS_PORT (6390); prints its pid
 #   infra/redis.sh down         stop the server this script started (no other Redis is touched)
+#   infra/redis.sh purge        down, and remove its directory (a test's server on a port of its own)
 #   infra/redis.sh status       exit 0 if the server this script started is running and answers
 #   infra/redis.sh url          the URL a client uses
 #   infra/redis.sh cli ARGS...  redis-cli against that server (README steps, tests)
@@ -127,6 +128,7 @@ case "${1:-}" in
   install) install ;;
   up) up ;;
   down) down ;;
+  purge) down; rm -rf "$RUN" ;;
   status) status ;;
   url) echo "redis://127.0.0.1:$PORT/" ;;
   cli) shift; cli "$@" ;;
@@ -139,5 +141,5 @@ case "${1:-}" in
     [ $# = 4 ] || { echo "usage: $0 set-pubsub-limit HARD SOFT SECONDS" >&2; exit 2; }
     reply="$(cli CONFIG SET client-output-buffer-limit "pubsub $2 $3 $4")"
     [ "$reply" = OK ] || { say "error: CONFIG SET client-output-buffer-limit: $reply"; exit 1; } ;;
-  *) echo "usage: $0 install|up|down|status|url|cli ARGS...|restart|set-pubsub-limit HARD SOFT SECONDS" >&2; exit 2 ;;
+  *) echo "usage: $0 install|up|down|purge|status|url|cli ARGS...|restart|set-pubsub-limit HARD SOFT SECONDS" >&2; exit 2 ;;
 esac

@@ -45,7 +45,8 @@ impl OwnRedis {
 }
 
 impl Drop for OwnRedis {
+    /// Stops it and removes its directory (its append-only file).
     fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.script).arg("down").env("REDIS_PORT", self.port.to_string()).status();
+        let _ = std::process::Command::new(&self.script).arg("purge").env("REDIS_PORT", self.port.to_string()).status();
     }
 }

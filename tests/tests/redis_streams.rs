@@ -10,6 +10,7 @@
 //! | a partial batch response: the rest acknowledged, the named entry claimed again after `claim_idle` (`deliveryCount` 2) | `a_partial_batch_response_acknowledges_the_rest_and_the_failed_entry_comes_back` |
 //! | a poison entry moved to `<stream>:dead-letter` after `max_deliveries`, with its reason | `a_poison_entry_goes_to_the_dead_letter_stream_after_max_deliveries` |
 //! | a consumer that died: its pending entries claimed (`XAUTOCLAIM`) and delivered | `the_entries_of_a_consumer_that_died_are_claimed_and_delivered` |
+//! | a consumer restarted under its name reads its own pending entries first, once each | `a_restarted_consumer_reads_its_own_pending_entries_once_each` |
 //! | hostile: an entry over the 6 MB payload goes to the dead-letter stream uninvoked | `an_entry_over_the_payload_goes_to_the_dead_letter_stream_uninvoked` |
 //! | hostile: Redis restarts mid-run: the mapping connects again, nothing is lost | `a_redis_restart_mid_run_loses_nothing` |
 //! | hostile: the sink refuses a key that is not a stream, naming it | `the_sink_names_a_key_that_is_not_a_stream` |
@@ -235,6 +236,25 @@ async fn the_entries_of_a_consumer_that_died_are_claimed_and_delivered() {
         assert_eq!(seen.get(id), Some(&1), "{id}: {seen:?}");
     }
     assert_eq!(summary.counts.requeued, 3, "three claimed");
+    assert_eq!(f.pending().await, 0);
+}
+
+#[tokio::test]
+async fn a_restarted_consumer_reads_its_own_pending_entries_once_each() {
+    let f = fixture().await;
+    let mut c = f.connection().await;
+    let _: () = c.xgroup_create_mkstream(&f.stream, "rollup", "0").await.unwrap();
+    f.add(&[("p1", json!({})), ("p2", json!({})), ("p3", json!({}))]).await;
+    // A previous run of the same consumer read them and stopped before acknowledging.
+    let opts = redis::streams::StreamReadOptions::default().group("rollup", "mapping").count(10);
+    let _: redis::streams::StreamReadReply = c.xread_options(&[&f.stream], &[">"], &opts).await.unwrap();
+    f.add(&[("later", json!({}))]).await;
+    let summary = f.run(f.settings(), f.source(30_000, 5)).await;
+    let seen = f.sightings();
+    for id in ["p1", "p2", "p3", "later"] {
+        assert_eq!(seen.get(id), Some(&1), "{id} once: {seen:?}");
+    }
+    assert_eq!(summary.counts.records_read, 4, "{:?}", summary.counts);
     assert_eq!(f.pending().await, 0);
 }
 

@@ -21,8 +21,10 @@
 //!
 //! **A failing invocation** (what we chose; Redis keeps nothing to retry from): a function error
 //! is retried [`FUNCTION_RETRIES`] times, 100 ms then 200 ms apart (its messages are then counted
-//! `failed` and logged with their ids); a throttle or an Invoke API error is retried with backoff for
-//! up to [`THROTTLE_PATIENCE`], holding its slot (so the relay reads no further meanwhile).
+//! `failed` and logged with their ids); a throttle (429), a 5xx or a connection that failed is
+//! retried with backoff for up to [`THROTTLE_PATIENCE`], holding its slot (so the relay reads no
+//! further meanwhile); any other refusal of the Invoke API (an unknown function, a payload too
+//! large) gives the messages up at once.
 use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -220,8 +222,8 @@ impl RunningRelay {
         if let Some(reader) = self.reader.take() {
             let _ = tokio::task::spawn_blocking(move || reader.join()).await;
         }
-        // Every slot back: nothing in flight.
-        let _ = self.semaphore.acquire_many(self.concurrency as u32).await;
+        // Every slot back, and the one added above: nothing in flight.
+        let _ = self.semaphore.acquire_many(self.concurrency as u32 + 1).await;
         self.shared.counts()
     }
 }
@@ -254,7 +256,11 @@ pub const RECEIVE_BUFFER: usize = 32 * 1024;
 pub const SEGMENT_SIZE: u32 = 1460;
 
 /// Subscribes (connecting) and returns the reader of the subscription.
-fn subscribe(config: &RelayConfig, address: &str, shared: &Shared) -> std::io::Result<BufReader<TcpStream>> {
+fn subscribe(
+    config: &RelayConfig,
+    address: &str,
+    shared: &Shared,
+) -> std::io::Result<(BufReader<TcpStream>, redis::Parser)> {
     use std::net::ToSocketAddrs as _;
     let to = address
         .to_socket_addrs()?
@@ -271,8 +277,20 @@ fn subscribe(config: &RelayConfig, address: &str, shared: &Shared) -> std::io::R
     if let Ok(mut s) = shared.socket.lock() {
         *s = Some(stream.try_clone()?);
     }
-    // Redis's subscription confirmation comes first, read with the messages.
-    Ok(BufReader::new(stream))
+    // Subscribed once Redis confirms it: what is published from then on reaches the relay.
+    let mut reader = BufReader::new(stream);
+    let mut parser = redis::Parser::new();
+    let confirmation = parser.parse_value(&mut reader).map_err(std::io::Error::other)?;
+    let confirmed = match &confirmation {
+        redis::Value::Array(items) | redis::Value::Push { data: items, .. } => items.iter().any(|v| {
+            matches!(v, redis::Value::BulkString(b) if b.eq_ignore_ascii_case(b"subscribe") || b.eq_ignore_ascii_case(b"psubscribe"))
+        }) || matches!(confirmation, redis::Value::Push { .. }),
+        _ => false,
+    };
+    if !confirmed {
+        return Err(std::io::Error::other(format!("Redis refused {verb} {}: {confirmation:?}", config.channel)));
+    }
+    Ok((reader, parser))
 }
 
 /// Starts the relay: the first subscription is made before it returns (an error if Redis is not
@@ -293,7 +311,7 @@ fn subscribe(config: &RelayConfig, address: &str, shared: &Shared) -> std::io::R
 pub fn start(config: RelayConfig, invoker: impl Invoker) -> Result<RunningRelay, RelayError> {
     let address = address(&config.url)?;
     let shared = Arc::new(Shared::default());
-    let reader = subscribe(&config, &address, &shared).map_err(|source| RelayError::Subscribe {
+    let (reader, parser) = subscribe(&config, &address, &shared).map_err(|source| RelayError::Subscribe {
         channel: config.channel.clone(),
         address: address.clone(),
         source,
@@ -309,7 +327,7 @@ pub fn start(config: RelayConfig, invoker: impl Invoker) -> Result<RunningRelay,
         let (shared, semaphore) = (shared.clone(), semaphore.clone());
         std::thread::Builder::new()
             .name("redis-relay".into())
-            .spawn(move || read_loop(config, address, reader, shared, semaphore, invoker, handle))
+            .spawn(move || read_loop(config, address, (reader, parser), shared, semaphore, invoker, handle))
             .map_err(|source| RelayError::Subscribe { channel: String::new(), address: String::new(), source })?
     };
     Ok(RunningRelay { shared, reader: Some(thread), semaphore, concurrency })
@@ -319,15 +337,15 @@ pub fn start(config: RelayConfig, invoker: impl Invoker) -> Result<RunningRelay,
 fn read_loop(
     config: RelayConfig,
     address: String,
-    mut reader: BufReader<TcpStream>,
+    subscription: (BufReader<TcpStream>, redis::Parser),
     shared: Arc<Shared>,
     semaphore: Arc<Semaphore>,
     invoker: Arc<dyn Invoker>,
     handle: tokio::runtime::Handle,
 ) {
+    let (mut reader, mut parser) = subscription;
     let started_ms = crate::mapping::now_unix() as u64 * 1000;
     let mut next = 0u64;
-    let mut parser = redis::Parser::new();
     let config = Arc::new(config);
     loop {
         // A free slot first: while every slot is busy, nothing more is read.
@@ -354,9 +372,9 @@ fn read_loop(
                         return;
                     }
                     match subscribe(&config, &address, &shared) {
-                        Ok(r) => {
+                        Ok((r, p)) => {
                             reader = r;
-                            parser = redis::Parser::new();
+                            parser = p;
                             shared.subscriptions.fetch_add(1, Ordering::SeqCst);
                             shared.touch();
                             break;

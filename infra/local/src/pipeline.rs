@@ -1675,6 +1675,15 @@ pub async fn run(config: PipelineConfig) -> Result<Report, PipelineError> {
         summaries.values().filter(|o| o["outcome"] == "processed").map(|o| o["records"].as_u64().unwrap_or(0)).sum();
     let (mapping, relay_counts) = mapping.stop().await;
     drop(server);
+    // --overload's small limit for a slow subscriber back to Redis's default.
+    if let Some(b) = redis_broker.as_ref().filter(|b| b.pubsub && b.overload)
+        && let Some(script) = &b.control
+    {
+        let [hard, soft, seconds] = redis::DEFAULT_PUBSUB_LIMIT;
+        if let Err(e) = redis::control(script, &b.url, &["set-pubsub-limit", hard, soft, seconds]) {
+            tracing::warn!(error = %e, "could not set Redis's pub/sub limit back");
+        }
+    }
     let delivery = match (result, delivery) {
         (Err(run), Err(e)) => return Err(PipelineError::Run(format!("{run}: the S3 event delivery: {e}"))),
         (Err(e), _) => return Err(e),

@@ -35,6 +35,8 @@ pub const OVERLOAD_CONCURRENCY: usize = 1;
 /// `--overload`: `client-output-buffer-limit pubsub` (hard, soft, soft seconds): past 64 KB for a
 /// second, or past 256 KB at once, Redis cuts the subscriber off.
 pub const OVERLOAD_PUBSUB_LIMIT: [&str; 3] = ["256kb", "64kb", "1"];
+/// Redis's default `client-output-buffer-limit pubsub`, set back after an overload run.
+pub const DEFAULT_PUBSUB_LIMIT: [&str; 3] = ["32mb", "8mb", "60"];
 /// `--overload`: the input this many times over.
 pub const OVERLOAD_COPIES: usize = 8;
 

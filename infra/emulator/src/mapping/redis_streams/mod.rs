@@ -7,17 +7,20 @@
 //!   BLOCK ms STREAMS <stream> >`: a blocking read, Redis's long poll, so an idle stream costs one
 //!   call per `BLOCK`. It reads again only while it holds fewer than two batches (the consumer
 //!   sets the pace: what it has not read waits in the stream). At start it first reads its own
-//!   pending entries (`... STREAMS <stream> 0`): those a previous run of the same consumer read and
-//!   never acknowledged.
+//!   pending entries (`... STREAMS <stream> 0`, then on from the last one read): those a previous
+//!   run of the same consumer read and never acknowledged.
 //! - **Lanes**: ParallelizationFactor lanes, by the entries' partition key (`pushpull-key`, else
 //!   the entry): a key's entries keep their order.
 //! - **Acknowledgement**: an entry is acknowledged (`XACK`) once its batch succeeded or a filter
 //!   dropped it; a partial batch response's named entries stay pending, the rest are acknowledged.
 //! - **Failures**: a failing batch is retried `MaximumRetryAttempts` times (default 2) with the
-//!   core's backoff, then left pending. Every `claim_idle / 2` the consumer claims the group's
-//!   entries pending longer than `claim_idle` (`XAUTOCLAIM`): its own failed ones, and those of a
-//!   consumer that died (a crashed mapping, a killed worker); an entry delivered `max_deliveries`
-//!   times is moved to `<stream>:dead-letter` with its reason (`XADD`, then `XACK`) instead.
+//!   core's backoff, then left pending. Every `claim_idle / 2` (at least 100 ms, at most 5 s) the
+//!   consumer claims the group's entries pending longer than `claim_idle` (`XAUTOCLAIM ... JUSTID`,
+//!   then `XCLAIM` of those it does not hold in its lanes): its own failed ones, and those of a
+//!   consumer that died (a crashed mapping, a killed worker); an entry delivered more than
+//!   `max_deliveries` times is moved to `<stream>:dead-letter` with its reason and fields (`XADD`,
+//!   then `XACK`) instead. Entries in the lanes are never claimed from under them: a throttled
+//!   invocation is retried as on a stream (until `MaximumRecordAge`, if set).
 //! - **Redis going away**: the reader connects again every second (counted in `reconnects`);
 //!   entries in flight whose acknowledgement fails stay pending and are claimed again: at least
 //!   once, never lost (with Redis's append-only file, a restart keeps the stream and the group).
@@ -158,7 +161,9 @@ async fn read(
     let mut index = 0u64;
     let claim_every = (source.claim_idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut next_claim = tokio::time::Instant::now() + claim_every;
-    let mut own_pending = true;
+    // Own pending entries first, from this id on (each read goes on after the last entry it got:
+    // reading from 0 again would hand out those still in the lanes once more).
+    let mut own_pending: Option<String> = Some("0".to_owned());
     let mut cursor = "0-0".to_owned();
     loop {
         // The consumer sets the pace: at most two batches held.
@@ -177,17 +182,19 @@ async fn read(
         }
         let want = 2 * batch - partition.held.load(Ordering::SeqCst);
         let step: Result<Vec<(StreamId, u64)>, redis::RedisError> = async {
-            if own_pending {
+            if let Some(from) = own_pending.clone() {
                 // What this consumer read before and never acknowledged (a previous run).
-                let reply: Option<StreamReadReply> = xreadgroup(source, want, None, "0").query_async(&mut connection).await?;
+                let reply: Option<StreamReadReply> =
+                    xreadgroup(source, want, None, &from).query_async(&mut connection).await?;
                 let entries: Vec<StreamId> = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect();
-                if entries.is_empty() {
-                    own_pending = false;
-                }
+                own_pending = entries.last().map(|e| e.id.clone());
                 return with_counts(&partition.link, source, entries).await;
             }
             if tokio::time::Instant::now() >= next_claim {
                 next_claim = tokio::time::Instant::now() + claim_every;
+                // Ids only first (`JUSTID`: no delivery counted): the entries this mapping still
+                // holds in its lanes stay with them; the others (failed ones given back, those of
+                // a consumer that died) are claimed whole.
                 let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
                     .arg(&source.stream)
                     .arg(&source.group)
@@ -196,6 +203,7 @@ async fn read(
                     .arg(&cursor)
                     .arg("COUNT")
                     .arg(want)
+                    .arg("JUSTID")
                     .query_async(&mut connection)
                     .await?;
                 cursor = if reply.next_stream_id.is_empty() { "0-0".to_owned() } else { reply.next_stream_id };
@@ -204,9 +212,14 @@ async fn read(
                     // (XAUTOCLAIM) already removed them from the pending list.
                     warn!(stream = %source.stream, ids = ?reply.deleted_ids, "pending entries were deleted from the stream");
                 }
-                if !reply.claimed.is_empty() {
-                    ctx.stats().counts.requeued += reply.claimed.len() as u64;
-                    return with_counts(&partition.link, source, reply.claimed).await;
+                let ids: Vec<String> =
+                    reply.claimed.into_iter().map(|e| e.id).filter(|id| !partition.holds(id)).collect();
+                if !ids.is_empty() {
+                    let mut claim = redis::cmd("XCLAIM");
+                    claim.arg(&source.stream).arg(&source.group).arg(&source.consumer).arg(0).arg(&ids);
+                    let claimed: redis::streams::StreamClaimReply = claim.query_async(&mut connection).await?;
+                    ctx.stats().counts.requeued += claimed.ids.len() as u64;
+                    return with_counts(&partition.link, source, claimed.ids).await;
                 }
             }
             let block = source.block.min(next_claim.saturating_duration_since(tokio::time::Instant::now())).max(Duration::from_millis(1));
@@ -256,7 +269,7 @@ async fn read(
         if !dead.is_empty() {
             dead_letter(partition, dead).await;
         }
-        partition.held.fetch_add(records.len(), Ordering::SeqCst);
+        partition.take(&records);
         if !super::intake::dispatch(ctx, &**partition, lanes, records).await? {
             return Ok(());
         }
@@ -274,18 +287,23 @@ fn xreadgroup(source: &RedisStreamSource, count: usize, block: Option<Duration>,
     cmd
 }
 
-/// Each of `entries` (already delivered before) with its delivery count (`XPENDING`), for the
-/// dead-letter rule.
+/// Each of `entries` (already delivered before) with its delivery count (`XPENDING` of each id,
+/// pipelined), for the dead-letter rule.
 async fn with_counts(
     link: &record::Link,
     source: &RedisStreamSource,
     entries: Vec<StreamId>,
 ) -> Result<Vec<(StreamId, u64)>, redis::RedisError> {
-    let (Some(first), Some(last)) = (entries.first(), entries.last()) else { return Ok(Vec::new()) };
-    let mut cmd = redis::cmd("XPENDING");
-    cmd.arg(&source.stream).arg(&source.group).arg(&first.id).arg(&last.id).arg(entries.len()).arg(&source.consumer);
-    let pending: StreamPendingCountReply = link.query(&cmd).await?;
-    let counts: HashMap<String, u64> = pending.ids.into_iter().map(|p| (p.id, p.times_delivered as u64)).collect();
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for e in &entries {
+        pipe.cmd("XPENDING").arg(&source.stream).arg(&source.group).arg(&e.id).arg(&e.id).arg(1);
+    }
+    let pending: Vec<StreamPendingCountReply> = link.query_pipe(&pipe).await?;
+    let counts: HashMap<String, u64> =
+        pending.into_iter().flat_map(|p| p.ids).map(|p| (p.id, p.times_delivered as u64)).collect();
     Ok(entries
         .into_iter()
         .map(|e| {

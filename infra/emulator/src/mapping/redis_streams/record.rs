@@ -31,6 +31,8 @@ pub(crate) struct StreamRec {
     key: Vec<u8>,
     /// The entry's time (its id's milliseconds), unix seconds.
     added: f64,
+    /// Its fields other than `data`, for the dead-letter stream.
+    fields: Vec<(String, String)>,
     json: String,
 }
 
@@ -85,6 +87,7 @@ impl StreamRec {
             data: Bytes::from(data),
             key,
             added: millis as f64 / 1000.0,
+            fields: record.fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             json: serde_json::to_string(&record).unwrap_or_default(),
         }
     }
@@ -138,6 +141,23 @@ impl Link {
         }
         result
     }
+
+    /// [`Link::query`] for a pipeline: each command's answer.
+    pub(crate) async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<Vec<T>> {
+        let mut open = self.open.lock().await;
+        let mut connection = match open.take() {
+            Some(c) => c,
+            None => connect(&self.client).await?,
+        };
+        let result = pipe.query_async::<Vec<T>>(&mut connection).await;
+        if !matches!(&result, Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_timeout()) {
+            *open = Some(connection);
+        }
+        result
+    }
 }
 
 /// A connection without the client's 500 ms response timeout (a `BLOCK` read outlasts it), with
@@ -162,6 +182,9 @@ pub(crate) struct StreamPartition {
     pub(crate) ack_failures: AtomicU64,
     /// Entries moved to the dead-letter stream.
     pub(crate) dead_lettered: AtomicU64,
+    /// The ids of the entries in the lanes (read, not yet acknowledged or given back): a claim
+    /// leaves them be.
+    in_hand: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl StreamPartition {
@@ -173,11 +196,30 @@ impl StreamPartition {
             freed: Notify::new(),
             ack_failures: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            in_hand: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
-    fn release(&self, n: usize) {
-        self.held.fetch_sub(n, Ordering::SeqCst);
+    /// `records` go to the lanes.
+    pub(crate) fn take(&self, records: &[StreamRec]) {
+        self.held.fetch_add(records.len(), Ordering::SeqCst);
+        if let Ok(mut h) = self.in_hand.lock() {
+            h.extend(records.iter().map(|r| r.id.clone()));
+        }
+    }
+
+    /// Whether entry `id` is in the lanes.
+    pub(crate) fn holds(&self, id: &str) -> bool {
+        self.in_hand.lock().is_ok_and(|h| h.contains(id))
+    }
+
+    fn release(&self, records: &[StreamRec]) {
+        if let Ok(mut h) = self.in_hand.lock() {
+            for r in records {
+                h.remove(&r.id);
+            }
+        }
+        self.held.fetch_sub(records.len(), Ordering::SeqCst);
         self.freed.notify_waiters();
     }
 
@@ -204,14 +246,11 @@ impl StreamPartition {
         let mut moved = Vec::new();
         for (rec, reason) in entries {
             let mut cmd = redis::cmd("XADD");
-            cmd.arg(&target)
-                .arg("*")
-                .arg(DATA_FIELD)
-                .arg(rec.data())
-                .arg(DEAD_ID_FIELD)
-                .arg(&rec.id)
-                .arg(REASON_FIELD)
-                .arg(reason);
+            cmd.arg(&target).arg("*").arg(DATA_FIELD).arg(rec.data());
+            for (k, v) in &rec.fields {
+                cmd.arg(k).arg(v);
+            }
+            cmd.arg(DEAD_ID_FIELD).arg(&rec.id).arg(REASON_FIELD).arg(reason);
             match self.link.query::<String>(&cmd).await {
                 Ok(_) => {
                     warn!(stream = %source.stream, id = %rec.id, dead_letter = %target, %reason, "entry moved to the dead-letter stream");
@@ -284,7 +323,7 @@ impl Partition for StreamPartition {
     async fn done(&self, records: &[StreamRec], _window: Option<WindowCheckpoint>) -> Result<(), MappingError> {
         let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
         self.ack(&ids).await;
-        self.release(records.len());
+        self.release(records);
         Ok(())
     }
 
@@ -298,7 +337,7 @@ impl Partition for StreamPartition {
             let entries: Vec<(&StreamRec, String)> = records.iter().map(|r| (r, reason.clone())).collect();
             self.dead_letter(&entries).await;
         }
-        self.release(records.len());
+        self.release(records);
         Ok(true)
     }
 
