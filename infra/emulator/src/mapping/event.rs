@@ -124,6 +124,22 @@ pub fn iso8601_millis(unix_seconds: f64) -> String {
     format!("{}.{:03}Z", text.trim_end_matches('Z'), ms.rem_euclid(1000))
 }
 
+/// `{"Records":[...]}` of records already written as JSON text (a queue's event: SQS's, a Redis
+/// stream's).
+pub(crate) fn records_event<'a>(records: impl ExactSizeIterator<Item = &'a str> + Clone) -> String {
+    let len = records.clone().map(|r| r.len() + 1).sum::<usize>() + 16;
+    let mut out = String::with_capacity(len);
+    out.push_str("{\"Records\":[");
+    for (i, r) in records.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(r);
+    }
+    out.push_str("]}");
+    out
+}
+
 /// The invocation payload for `records` (all of one shard) of `stream_arn`.
 pub fn event_json(
     records: &[Rec],

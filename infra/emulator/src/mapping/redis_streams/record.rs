@@ -268,16 +268,7 @@ impl StreamPartition {
 
 /// The event for `records`.
 pub(crate) fn event_json(records: &[StreamRec]) -> String {
-    let mut out = String::with_capacity(records.iter().map(|r| r.json.len() + 1).sum::<usize>() + 16);
-    out.push_str("{\"Records\":[");
-    for (i, r) in records.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&r.json);
-    }
-    out.push_str("]}");
-    out
+    crate::mapping::event::records_event(records.iter().map(|r| r.json.as_str()))
 }
 
 impl Partition for StreamPartition {
