@@ -145,18 +145,28 @@ async fn pubsub_row(server: &InvokeServer, load: &str, rate: u64, seconds: u64, 
     }
 }
 
-async fn stream_row(server: &InvokeServer, load: &str, rate: u64, seconds: u64) -> Row {
-    let redis = OwnRedis::start();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let source = RedisStreamSource {
+/// The bench's Streams source on `stream`: one consumer, BLOCK 1 s, claims after 30 s (none here).
+fn stream_source(redis: &OwnRedis, stream: &str) -> RedisStreamSource {
+    RedisStreamSource {
         url: redis.url(),
-        stream: "bench".into(),
+        stream: stream.into(),
         group: "bench".into(),
         consumer: "bench".into(),
         claim_idle: Duration::from_secs(30),
         max_deliveries: 5,
         block: Duration::from_secs(1),
-    };
+    }
+}
+
+/// Clients the mapping never calls (a Redis mapping has no AWS destination).
+async fn no_aws() -> Clients {
+    Clients::from(&pushpull_local::localstack::Local::at("http://127.0.0.1:4566", "test").await)
+}
+
+async fn stream_row(server: &InvokeServer, load: &str, rate: u64, seconds: u64) -> Row {
+    let redis = OwnRedis::start();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let source = stream_source(&redis, "bench");
     let raw = RawSettings {
         function: Some("bench-floor".into()),
         batch_size: Some(BATCH.to_string()),
@@ -168,7 +178,7 @@ async fn stream_row(server: &InvokeServer, load: &str, rate: u64, seconds: u64) 
     let dir = tempfile::tempdir().unwrap();
     let mut options = RunnerOptions::new(&settings, Store::file(dir.path()));
     options.delivered = Some(tx);
-    let clients = Clients::from(&pushpull_local::localstack::Local::at("http://127.0.0.1:4566", "test").await);
+    let clients = no_aws().await;
     let mapping = Runner::start_redis_streams(settings, source, options, clients, server.client());
     // The group exists (created at LATEST) before the first entry.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -202,20 +212,12 @@ async fn stream_row(server: &InvokeServer, load: &str, rate: u64, seconds: u64) 
 /// Requests the mapping makes of Redis on an idle stream, per minute.
 async fn stream_idle(server: &InvokeServer, seconds: u64) -> f64 {
     let redis = OwnRedis::start();
-    let source = RedisStreamSource {
-        url: redis.url(),
-        stream: "idle".into(),
-        group: "bench".into(),
-        consumer: "bench".into(),
-        claim_idle: Duration::from_secs(30),
-        max_deliveries: 5,
-        block: Duration::from_secs(1),
-    };
+    let source = stream_source(&redis, "idle");
     let raw = RawSettings { function: Some("bench-floor".into()), ..Default::default() };
     let settings = raw.validate_redis_streams(&source).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let options = RunnerOptions::new(&settings, Store::file(dir.path()));
-    let clients = Clients::from(&pushpull_local::localstack::Local::at("http://127.0.0.1:4566", "test").await);
+    let clients = no_aws().await;
     let mapping = Runner::start_redis_streams(settings, source, options, clients, server.client());
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let summary = mapping.stop().await.unwrap();
