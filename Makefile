@@ -1,5 +1,5 @@
 # Task runner. The two commands README opens with are `make run` and `make test`.
-.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-kafka bench-push-targets bench-consumers bench-runners bench-aggregation bench-tradeoff bench-rabbitmq bench-rabbitmq-mapping bench-sqs bench-redis soak
+.PHONY: run test check-template lambda localstack-up localstack-down lint fmt bench-push bench-pull bench-esm bench-kafka bench-push-targets bench-consumers bench-runners bench-aggregation bench-tradeoff bench-rabbitmq bench-rabbitmq-mapping bench-sqs bench-redis bench-pushpull bench-batching soak
 
 run:            ## set up what is missing and run the sample pipeline on LocalStack
 	infra/run-local.sh $(ARGS)
@@ -7,12 +7,12 @@ run:            ## set up what is missing and run the sample pipeline on LocalSt
 test:           ## set up what is missing and run every check and test (CI runs this)
 	infra/test.sh
 
-soak:           ## the pipeline through Kafka, RabbitMQ, then SQS, in a storm on 100,000 lines (SEED=N another seed, STORM_LINES=N another size)
+soak:           ## the pipeline in a storm on 100,000 lines: through Kinesis (three ways), Kafka, RabbitMQ, SQS (SEED=N another seed, STORM_LINES=N another size)
 	cargo build --workspace --bins --features pushpull-tests/integration
 	infra/rabbitmq.sh install
 	PUSHPULL_STORM_LINES=$${STORM_LINES:-100000} PUSHPULL_SEED=$${SEED:-42} infra/with-kafka.sh infra/with-localstack.sh \
 	  cargo nextest run -p pushpull-tests --features integration --test pipeline --no-capture -j 1 \
-	  through_kafka_in_a_storm through_rabbitmq_in_a_storm through_sqs_in_a_storm
+	  in_a_storm
 
 check-template: ## sam validate --lint, sam validate, cfn-lint, cycle check
 	infra/check-template.sh
@@ -59,6 +59,20 @@ bench-redis:    ## Redis both ways on one workload: pub/sub through the relay (p
 	cargo build --workspace --bins --features pushpull-tests/integration
 	infra/redis.sh install
 	cargo bench -p pushpull-tests --features integration --bench redis_push_pull -- $(ARGS)
+
+bench-pushpull: ## push against pull on every broker, one workload into a function slower than the producer: loss, duplicates, delay, waiting, memory, idle requests and their cost; docs/push-vs-pull.png (BENCHMARKS.md)
+	cargo build --workspace --bins --features pushpull-tests/integration
+	infra/redis.sh install
+	infra/rabbitmq.sh install
+	infra/with-kafka.sh infra/with-rabbitmq.sh infra/with-localstack.sh \
+	  cargo bench -p pushpull-tests --features integration --bench push_pull -- $(ARGS)
+
+bench-batching: ## BatchSize x batching window on every mapping (Redis Streams, Amazon MQ, Kafka, Kinesis polling and fan-out, SQS): delay, invocations, throughput (BENCHMARKS.md)
+	cargo build --workspace --bins --features pushpull-tests/integration
+	infra/redis.sh install
+	infra/rabbitmq.sh install
+	infra/with-kafka.sh infra/with-rabbitmq.sh infra/with-localstack.sh \
+	  cargo bench -p pushpull-tests --features integration --bench push_pull -- --grid $(or $(ARGS),2000 5)
 
 bench-push-targets: ## the push function into Kafka against into Kinesis (aggregation off / on), lines/s (BENCHMARKS.md)
 	cargo build --release -p s3-to-kinesis

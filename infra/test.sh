@@ -17,15 +17,25 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "[test] installing cargo-nextest from crates.io" >&2
   cargo install --locked cargo-nextest
 fi
+# Each step's time, so that a run near CI's limit says where the time went.
+phase_start=$SECONDS
+phase() {
+  echo "[test] $1: $((SECONDS - phase_start)) s" >&2
+  phase_start=$SECONDS
+}
 infra/check-template.sh
+phase "template checks"
 infra/check-library.sh
+phase "library feature by feature"
 infra/check-deployed-build.sh
-if [ -z "${SKIP_LAMBDA_BUILD:-}" ]; then infra/build-lambda.sh; fi
+phase "deployed build"
+if [ -z "${SKIP_LAMBDA_BUILD:-}" ]; then infra/build-lambda.sh; phase "lambda zips"; fi
 # The broker's build (once, about 12 minutes) before LocalStack starts, so that nothing idles.
 infra/kafka.sh status || infra/kafka.sh install >/dev/null
 infra/rabbitmq.sh install
 # The Redis tests start servers of their own (Debian's redis-server, installed with apt if missing).
 infra/redis.sh install
+phase "brokers installed"
 started=""
 kafka_started=""
 rabbitmq_started=""
@@ -47,13 +57,17 @@ if ! infra/rabbitmq.sh status; then
   infra/rabbitmq.sh up
   rabbitmq_started=1
 fi
+phase "services up"
 cargo build --workspace --bins --features pushpull-tests/integration
+phase "workspace build"
 log="$(mktemp)"
 set +e
 cargo test --workspace --doc 2>&1 | tee "$log"
 doc_rc=${PIPESTATUS[0]}
+phase "doc tests"
 cargo nextest run --workspace --features pushpull-tests/integration --no-fail-fast 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
+phase "nextest"
 set -e
 cleanup
 trap - EXIT

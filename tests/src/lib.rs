@@ -11,6 +11,7 @@ pub mod readme;
 #[cfg(feature = "integration")]
 pub mod redis;
 pub mod runners;
+pub mod workload;
 
 use pushpull_local::localstack::{Local, function_env};
 use pushpull_local::runtime_api::{FunctionHost, FunctionSpec, Outcome, workspace_binary};

@@ -35,7 +35,7 @@ use tracing::{debug, info, warn};
 use super::Realism;
 
 /// Kafka's API keys the proxy reads.
-const FETCH: i16 = 1;
+pub const FETCH: i16 = 1;
 const METADATA: i16 = 3;
 const FIND_COORDINATOR: i16 = 10;
 /// A frame larger than this is refused (Kafka's own default `socket.request.max.bytes` is 100 MiB).
@@ -73,6 +73,8 @@ struct Inner {
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     /// Connections accepted, in all.
     connections: std::sync::atomic::AtomicU64,
+    /// Requests passed to the broker, by API key.
+    requests: Mutex<HashMap<i16, u64>>,
     /// Dropped: no listener is opened any more.
     closed: std::sync::atomic::AtomicBool,
 }
@@ -88,6 +90,7 @@ impl KafkaFaultProxy {
             down_until: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
             connections: std::sync::atomic::AtomicU64::new(0),
+            requests: Mutex::new(HashMap::new()),
             closed: std::sync::atomic::AtomicBool::new(false),
         });
         let bootstrap = bootstrap.iter().map(|b| listen(&inner, b).map(|a| a.to_string())).collect::<Result<_, _>>()?;
@@ -113,6 +116,23 @@ impl KafkaFaultProxy {
     /// Connections accepted so far (those closed at once included).
     pub fn connections(&self) -> u64 {
         self.inner.connections.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Requests of API key `api_key` (Kafka's protocol: [`FETCH`] is 1) passed to the broker so
+    /// far, on every connection: what a client asks of the broker, as a bench counts it.
+    pub fn requests(&self, api_key: i16) -> u64 {
+        self.inner
+            .requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&api_key)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Requests of every kind passed to the broker so far.
+    pub fn requests_total(&self) -> u64 {
+        self.inner.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values().sum()
     }
 }
 
@@ -197,6 +217,12 @@ async fn serve(
         async move {
             while let Some(frame) = read_frame(&mut client_read).await? {
                 if let Some(header) = RequestHeader::parse(&frame) {
+                    *inner
+                        .requests
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .entry(header.api_key)
+                        .or_default() += 1;
                     pending
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -5,8 +5,11 @@
 //! - **Reading**: one consumer of the mapping's group (created with the stream if missing, at the
 //!   stream's start, or its end with `StartingPosition: LATEST`) reads `XREADGROUP ... COUNT n
 //!   BLOCK ms STREAMS <stream> >`: a blocking read, Redis's long poll, so an idle stream costs one
-//!   call per `BLOCK`. It reads again only while it holds fewer than two batches (the consumer
-//!   sets the pace: what it has not read waits in the stream). At start it first reads its own
+//!   call per `BLOCK`. It reads again only while it holds fewer than two batches a lane (one
+//!   being invoked, one ready behind it: the consumer sets the pace, and what it has not read
+//!   waits in the stream). Two batches in all, whatever the lanes, left the function idle between
+//!   a batch and the read that replaced it: `make bench-pushpull` drained about 600 messages a
+//!   second through two lanes a function that takes 1,000. At start it first reads its own
 //!   pending entries (`... STREAMS <stream> 0`, then on from the last one read): those a previous
 //!   run of the same consumer read and never acknowledged.
 //! - **Lanes**: ParallelizationFactor lanes, by the entries' partition key (`pushpull-key`, else
@@ -158,6 +161,8 @@ async fn read(
 ) -> Result<(), MappingError> {
     let source = &partition.source;
     let batch = ctx.settings.batch_size as usize;
+    // Two batches a lane at most: one being invoked, one ready behind it.
+    let hold = 2 * batch * ctx.settings.parallelization_factor.max(1) as usize;
     let mut index = 0u64;
     let claim_every = (source.claim_idle / 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut next_claim = tokio::time::Instant::now() + claim_every;
@@ -166,10 +171,10 @@ async fn read(
     let mut own_pending: Option<String> = Some("0".to_owned());
     let mut cursor = "0-0".to_owned();
     loop {
-        // The consumer sets the pace: at most two batches held.
+        // The consumer sets the pace: at most two batches a lane held.
         loop {
             let freed = partition.freed.notified();
-            if partition.held.load(Ordering::SeqCst) < 2 * batch {
+            if partition.held.load(Ordering::SeqCst) < hold {
                 break;
             }
             tokio::select! {
@@ -180,7 +185,7 @@ async fn read(
         if *quit.borrow() {
             return Ok(());
         }
-        let want = 2 * batch - partition.held.load(Ordering::SeqCst);
+        let want = hold.saturating_sub(partition.held.load(Ordering::SeqCst)).max(1);
         let step: Result<Vec<(StreamId, u64)>, redis::RedisError> = async {
             if let Some(from) = own_pending.clone() {
                 // What this consumer read before and never acknowledged (a previous run).
