@@ -31,17 +31,18 @@ where
     let mut sent = HashMap::new();
     let started = Instant::now();
     let tick = Duration::from_millis(10).max(Duration::from_secs(1) / rate.max(1) as u32);
-    let per_tick = (rate * tick.as_millis() as u64 / 1000).max(1);
     let mut n = 0u64;
     let mut ticks = 0u32;
     let mut sends = Vec::new();
     while started.elapsed() < Duration::from_secs(seconds) {
         let now = pushpull_local::mapping::now_unix();
-        let bodies: Vec<String> = (n..n + per_tick).map(|i| body(i, size)).collect();
+        // What the rate owes by the end of this tick, less what was sent: no rate is rounded down.
+        let due = (rate * u64::from(ticks + 1) * tick.as_millis() as u64 / 1000).max(n + 1);
+        let bodies: Vec<String> = (n..due).map(|i| body(i, size)).collect();
         for b in &bodies {
             sent.insert(xxhash_rust::xxh3::xxh3_64(b.as_bytes()), now);
         }
-        n += per_tick;
+        n = due;
         sends.push(tokio::spawn(send(bodies)));
         ticks += 1;
         tokio::time::sleep_until(started + tick * ticks).await;
@@ -109,20 +110,22 @@ pub fn tally(sent: &Sent, delivered: &[Delivered], stopped: f64) -> Tally {
     }
 }
 
-/// Takes what arrives on `rx` into `out` until nothing has for `quiet` (or `limit` has passed).
+/// Takes what arrives on `rx` into `out` until nothing has for `quiet`: true; or until `limit`
+/// has passed: false (the reader was still delivering).
 pub async fn drain(
     rx: &mut mpsc::UnboundedReceiver<Delivered>,
     out: &mut Vec<Delivered>,
     quiet: Duration,
     limit: Duration,
-) {
+) -> bool {
     let until = Instant::now() + limit;
     while Instant::now() < until {
         match tokio::time::timeout(quiet, rx.recv()).await {
             Ok(Some(d)) => out.push(d),
-            _ => return,
+            _ => return true,
         }
     }
+    false
 }
 
 /// This process's resident memory, now and at its peak, KiB (`VmRSS`, `VmHWM`).
@@ -142,7 +145,9 @@ pub fn memory_kib() -> (u64, u64) {
 /// `/proc/self/clear_refs` "resets the peak resident set size ("high water mark") to the
 /// process's current value", proc(5)); returns that value, KiB.
 pub fn reset_peak_memory() -> u64 {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        eprintln!("the peak memory cannot be reset here ({e}): it is the process's whole life's");
+    }
     memory_kib().0
 }
 
