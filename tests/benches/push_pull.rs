@@ -181,7 +181,13 @@ struct Source {
     /// Removes what the cell made outside its process (a topic, stream, queue), after the reader
     /// stopped: later cells run against brokers no fuller than the first.
     cleanup: futures_util::future::BoxFuture<'static, ()>,
+    /// How often the producer sends what is due: 10 ms, or 100 ms where each send is a call that
+    /// takes a batch (PutRecords: LocalStack's Kinesis took about 300 calls of 20 records a second
+    /// at most, and fell behind; 200 records a call every 100 ms keeps the rate).
+    tick: Duration,
 }
+
+const TICK: Duration = Duration::from_millis(10);
 
 /// The message number a body starts with ([`workload::body`]): partition keys and partitions
 /// come from it, so that low load (one message a tick) spreads as overload does.
@@ -372,7 +378,13 @@ async fn redis_source(
             let _: () = pipe.query_async(&mut c).await.unwrap();
         }) as futures_util::future::BoxFuture<'static, ()>
     });
-    Source { send, reader: running, _keep: vec![Box::new(redis), Box::new(dir)], cleanup: Box::pin(async {}) }
+    Source {
+        send,
+        reader: running,
+        _keep: vec![Box::new(redis), Box::new(dir)],
+        cleanup: Box::pin(async {}),
+        tick: TICK,
+    }
 }
 
 /// The reads Redis served since `CONFIG RESETSTAT` (`INFO commandstats`): `XREADGROUP`,
@@ -471,7 +483,7 @@ async fn rabbit_source(
     let cleanup = Box::pin(async move {
         let _ = channel.queue_delete(queue_name.as_str().into(), Default::default()).await;
     });
-    Source { send, reader: running, _keep: vec![Box::new(connection), Box::new(dir)], cleanup }
+    Source { send, reader: running, _keep: vec![Box::new(connection), Box::new(dir)], cleanup, tick: TICK }
 }
 
 /// A RabbitMQ consumer in front of a function, as a team would write one: it takes a message
@@ -611,7 +623,7 @@ async fn kafka_source(world: &World, shape: Shape, delivered: mpsc::UnboundedSen
         }) as futures_util::future::BoxFuture<'static, ()>
     });
     let cleanup = Box::pin(async move { pushpull_tests::kafka::delete_topic(&topic_name).await });
-    Source { send, reader: running, _keep: vec![Box::new(dir)], cleanup }
+    Source { send, reader: running, _keep: vec![Box::new(dir)], cleanup, tick: TICK }
 }
 
 async fn kinesis_source(
@@ -690,7 +702,7 @@ async fn kinesis_source(
     let cleanup = Box::pin(async move {
         let _ = kinesis.delete_stream().stream_name(name).enforce_consumer_deletion(true).send().await;
     });
-    Source { send, reader: running, _keep: keep, cleanup }
+    Source { send, reader: running, _keep: keep, cleanup, tick: Duration::from_millis(100) }
 }
 
 async fn sqs_source(world: &World, wait: u8, shape: Shape, delivered: mpsc::UnboundedSender<Delivered>) -> Source {
@@ -728,7 +740,7 @@ async fn sqs_source(world: &World, wait: u8, shape: Shape, delivered: mpsc::Unbo
     let cleanup = Box::pin(async move {
         let _ = sqs.delete_queue().queue_url(queue).send().await;
     });
-    Source { send, reader: running, _keep: vec![Box::new(dir)], cleanup }
+    Source { send, reader: running, _keep: vec![Box::new(dir)], cleanup, tick: TICK }
 }
 
 /// One reader under one load.
@@ -764,7 +776,7 @@ async fn run_load(world: &World, reader: Reader, shape: Shape, rate: u64, second
     warm(world).await;
     let mut source = start(world, reader, overload, shape, tx).await;
     let before = workload::reset_peak_memory();
-    let (sent, took) = workload::produce(rate, seconds, SIZE, &mut source.send).await;
+    let (sent, took) = workload::produce(rate, seconds, SIZE, source.tick, &mut source.send).await;
     let stopped = pushpull_local::mapping::now_unix();
     let mut delivered = Vec::new();
     // Until the reader has been quiet for 5 s (a long poll or a fan-out event comes within that),

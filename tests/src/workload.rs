@@ -19,18 +19,18 @@ pub fn body(n: u64, size: usize) -> String {
     format!("{n:012}{}", "x".repeat(size.saturating_sub(12)))
 }
 
-/// Sends `rate` messages a second of `size` bytes for `seconds`, a tick's worth every 10 ms
-/// (every `1/rate` s below 100 a second) through `send`, each tick's send a task of its own (a
+/// Sends `rate` messages a second of `size` bytes for `seconds`, a tick's worth every `tick`
+/// (every `1/rate` s if longer) through `send`, each tick's send a task of its own (a
 /// broker's answer may take longer than a tick: the next tick does not wait for it); returns when
 /// every send has returned. [`achieved_rate`] says what it managed.
-pub async fn produce<F, Fut>(rate: u64, seconds: u64, size: usize, mut send: F) -> (Sent, Duration)
+pub async fn produce<F, Fut>(rate: u64, seconds: u64, size: usize, tick: Duration, mut send: F) -> (Sent, Duration)
 where
     F: FnMut(Vec<String>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let mut sent = HashMap::new();
     let started = Instant::now();
-    let tick = Duration::from_millis(10).max(Duration::from_secs(1) / rate.max(1) as u32);
+    let tick = tick.max(Duration::from_millis(1)).max(Duration::from_secs(1) / rate.max(1) as u32);
     let mut n = 0u64;
     let mut ticks = 0u32;
     let mut sends = Vec::new();
@@ -184,7 +184,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_producer_keeps_its_rate_and_stops_after_its_seconds() {
         let mut calls = 0;
-        let (sent, took) = produce(500, 2, 16, |bodies| {
+        let (sent, took) = produce(500, 2, 16, Duration::from_millis(10), |bodies| {
             calls += 1;
             assert_eq!(bodies.len(), 5);
             async {}

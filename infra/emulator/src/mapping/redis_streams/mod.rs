@@ -5,11 +5,12 @@
 //! - **Reading**: one consumer of the mapping's group (created with the stream if missing, at the
 //!   stream's start, or its end with `StartingPosition: LATEST`) reads `XREADGROUP ... COUNT n
 //!   BLOCK ms STREAMS <stream> >`: a blocking read, Redis's long poll, so an idle stream costs one
-//!   call per `BLOCK`. It reads again only while it holds fewer than two batches a lane, in
-//!   all (2 × BatchSize × ParallelizationFactor entries: one being invoked, one ready behind it: the consumer sets the pace, and what it has not read
-//!   waits in the stream). Two batches in all, whatever the lanes, left the function idle between
-//!   a batch and the read that replaced it: `make bench-pushpull` drained about 600 messages a
-//!   second through two lanes a function that takes 1,000. At start it first reads its own
+//!   call per `BLOCK`. It reads again only while it holds fewer than two batches a lane, in all
+//!   (2 × BatchSize × ParallelizationFactor entries: one being invoked, one ready behind it): the
+//!   consumer sets the pace, and what it has not read waits in the stream. Two batches in all,
+//!   whatever the lanes, left the function idle between a batch and the read that replaced it:
+//!   `make bench-pushpull` drained about 600 messages a second through two lanes into a function
+//!   that takes 1,000. At start it first reads its own
 //!   pending entries (`... STREAMS <stream> 0`, then on from the last one read): those a previous
 //!   run of the same consumer read and never acknowledged.
 //! - **Lanes**: ParallelizationFactor lanes, by the entries' partition key (`pushpull-key`, else
