@@ -637,6 +637,7 @@ async fn kinesis_source(
     let arn = world.local.ensure_stream(&stream, CONCURRENCY as i32).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let mut clients = Clients::from(&world.local);
+    let mut producer = world.local.kinesis.clone();
     let mut keep: Vec<Box<dyn std::any::Any + Send>> = vec![Box::new(dir)];
     let read = match reader {
         Reader::KinesisFanOut => {
@@ -650,6 +651,10 @@ async fn kinesis_source(
             .await
             .unwrap();
             clients.kinesis = pushpull_local::http2::kinesis(&proxy.endpoint(), "test").await;
+            // The producer writes through the proxy too, as through AWS's endpoint: a write
+            // wakes the subscription at once (written around it, a record is found by the
+            // proxy's fallback read every 200 ms).
+            producer = Local::at(&proxy.endpoint(), "test").await.kinesis;
             keep.push(Box::new(proxy));
             consumer
         }
@@ -668,7 +673,7 @@ async fn kinesis_source(
         false => until_ready(&m, "both shards caught up", |m| m.reading() >= 2 && m.caught_up_since().is_some()).await,
     }
     let running = running_mapping(m, if fan_out { |s| s.counts.subscriptions } else { |s| s.counts.get_records });
-    let kinesis = world.local.kinesis.clone();
+    let kinesis = producer;
     let send = Box::new(move |bodies: Vec<String>| {
         let (kinesis, stream) = (kinesis.clone(), stream.clone());
         Box::pin(async move {
@@ -744,7 +749,7 @@ async fn sqs_source(world: &World, wait: u8, shape: Shape, delivered: mpsc::Unbo
 }
 
 /// One reader under one load.
-#[derive(Default, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Default, serde::Serialize, serde::Deserialize)]
 struct Cell {
     tally: Tally,
     achieved: f64,
@@ -860,6 +865,17 @@ struct Row {
     idle_per_minute: f64,
 }
 
+/// A row as the run saves it beside the chart (`push-vs-pull.json`), for `--redraw`.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedRow {
+    /// The reader's index in [`READERS`], and its name when saved.
+    reader: usize,
+    name: String,
+    low: Cell,
+    over: Cell,
+    idle_per_minute: f64,
+}
+
 /// What a cell's process prints on its last line, before the JSON.
 const CELL: &str = "CELL ";
 
@@ -929,6 +945,20 @@ async fn main() {
     if all.iter().any(|a| a == "--grid") {
         return run_grid(&all, rate, seconds);
     }
+    if all.iter().any(|a| a == "--redraw") {
+        // `--redraw SAVED.json CHART.png`: the tables and chart again from a run's saved rows.
+        let (json, png) = (args.first().expect("SAVED.json"), args.get(1).expect("CHART.png"));
+        let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(json).expect("the saved rows")).unwrap();
+        let rate = saved["rate"].as_u64().unwrap_or(2000);
+        let rows: Vec<SavedRow> = serde_json::from_value(saved["rows"].clone()).expect("saved rows");
+        let rows: Vec<Row> = rows
+            .into_iter()
+            .map(|r| Row { reader: READERS[r.reader], low: r.low, over: r.over, idle_per_minute: r.idle_per_minute })
+            .collect();
+        print_tables(&rows, rate);
+        draw(&rows, rate, Path::new(png)).expect("the chart");
+        return println!("\nchart: {png}");
+    }
     let png = args
         .get(3)
         .map(PathBuf::from)
@@ -961,6 +991,19 @@ async fn main() {
         if let Some(dir) = png.parent() {
             std::fs::create_dir_all(dir).unwrap();
         }
+        let saved: Vec<SavedRow> = rows
+            .iter()
+            .map(|r| SavedRow {
+                reader: READERS.iter().position(|x| *x == r.reader).unwrap_or(0),
+                name: r.reader.name(),
+                low: r.low.clone(),
+                over: r.over.clone(),
+                idle_per_minute: r.idle_per_minute,
+            })
+            .collect();
+        let json = png.with_extension("json");
+        std::fs::write(&json, serde_json::to_vec_pretty(&serde_json::json!({ "rate": rate, "rows": saved })).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", json.display()));
         match draw(&rows, rate, &png) {
             Ok(()) => println!("\nchart: {}", png.display()),
             Err(e) => eprintln!("chart not drawn: {e}"),
@@ -1043,8 +1086,9 @@ fn print_tables(rows: &[Row], rate: u64) {
     }
 }
 
-/// Three panels: delay under overload (p50 and p99, log), messages lost under overload, requests
-/// per idle minute (log); a bar per reader, coloured by the way it reads.
+/// Four panels, a bar per reader coloured by the way it reads (the legend below): delay under
+/// overload (p50 bar, p99 mark, log), messages lost under overload, the reader's peak memory
+/// under overload, requests per idle minute (log).
 fn draw(rows: &[Row], rate: u64, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let font: &'static [u8] = match std::env::var("CHART_FONT") {
         Ok(p) => Box::leak(std::fs::read(&p).map_err(|e| format!("{p}: {e}"))?.into_boxed_slice()),
@@ -1052,32 +1096,60 @@ fn draw(rows: &[Row], rate: u64, path: &Path) -> Result<(), Box<dyn std::error::
     };
     plotters::style::register_font("sans-serif", FontStyle::Normal, font).map_err(|_| "not a usable font")?;
     let path: &'static Path = Box::leak(path.to_owned().into_boxed_path());
-    let root = BitMapBackend::new(path, (1600, 900)).into_drawing_area();
+    let root = BitMapBackend::new(path, (1800, 860)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(
         &format!(
-            "pushpull: push against pull into a function that handles ~1,000 msg/s, producer at {rate}/s for the overload"
+            "push against pull: a function that handles ~1,000 msg/s; overload: a producer at {rate}/s for 10 s (make bench-pushpull)"
         ),
         ("sans-serif", 24),
     )?;
-    let (left, rest) = root.split_horizontally(820);
-    let (middle, right) = rest.split_horizontally(390);
+    let (charts, legend) = root.split_vertically(770);
+    let (left, rest) = charts.split_horizontally(780);
+    let (lost_area, rest) = rest.split_horizontally(340);
+    let (memory_area, idle_area) = rest.split_horizontally(340);
     let n = rows.len() as i32;
+    let ways: [(&str, RGBColor); 4] = [
+        ("push", RGBColor(214, 39, 40)),
+        ("push with credit (prefetch, fan-out's 2 MiB/s, one batch at a time)", RGBColor(255, 127, 14)),
+        ("pull", RGBColor(31, 119, 180)),
+        ("pull, long poll (waits at the broker)", RGBColor(44, 160, 44)),
+    ];
     let color = |r: Reader| match r.way() {
-        "push" => RGBColor(214, 39, 40),
-        w if w.starts_with("push") => RGBColor(255, 127, 14),
-        "pull, long poll" => RGBColor(44, 160, 44),
-        _ => RGBColor(31, 119, 180),
+        "push" => ways[0].1,
+        w if w.starts_with("push") => ways[1].1,
+        "pull, long poll" => ways[3].1,
+        _ => ways[2].1,
     };
     let label = |i: i32| rows.get(i as usize).map(|r| r.reader.name()).unwrap_or_default();
-    // Delay: p50 bar, p99 tick, seconds, log.
-    let max_delay = rows.iter().map(|r| r.over.tally.p99_ms / 1000.0).fold(1.0, f64::max) * 1.5;
+    let segments = (0..n - 1).into_segmented();
+    // One panel: a bar per reader from `from` to `value(row)` on `x`, with its figure written
+    // beside it.
+    macro_rules! bars {
+        ($chart:expr, $from:expr, $value:expr, $text:expr) => {
+            for (i, r) in rows.iter().enumerate() {
+                let i = i as i32;
+                let v = $value(r);
+                $chart.draw_series(std::iter::once(Rectangle::new(
+                    [($from, SegmentValue::Exact(i)), (v, SegmentValue::Exact(i + 1))],
+                    color(r.reader).mix(0.85).filled(),
+                )))?;
+                $chart.draw_series(std::iter::once(Text::new(
+                    $text(r),
+                    (v, SegmentValue::CenterOf(i)),
+                    ("sans-serif", 15),
+                )))?;
+            }
+        };
+    }
+    // Delay under overload, seconds, log: p50 bar, p99 mark.
+    let max_delay = rows.iter().map(|r| r.over.tally.p99_ms / 1000.0).fold(1.0, f64::max) * 3.0;
     let mut chart = ChartBuilder::on(&left)
-        .caption("delay under overload, send to invocation (s, log): bar p50, line p99", ("sans-serif", 18))
+        .caption("delay under overload, s (log): bar p50, mark p99", ("sans-serif", 18))
         .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(380)
-        .build_cartesian_2d((0.001f64..max_delay).log_scale(), (0..n).into_segmented())?;
+        .x_label_area_size(35)
+        .y_label_area_size(360)
+        .build_cartesian_2d((0.01f64..max_delay).log_scale(), segments.clone())?;
     chart
         .configure_mesh()
         .disable_y_mesh()
@@ -1088,61 +1160,52 @@ fn draw(rows: &[Row], rate: u64, path: &Path) -> Result<(), Box<dyn std::error::
         })
         .x_label_formatter(&|v| format!("{v}"))
         .draw()?;
+    bars!(chart, 0.01, |r: &Row| (r.over.tally.p50_ms / 1000.0).max(0.01), |r: &Row| format!(
+        " {:.1} / {:.1}",
+        r.over.tally.p50_ms / 1000.0,
+        r.over.tally.p99_ms / 1000.0
+    ));
     for (i, r) in rows.iter().enumerate() {
-        let i = i as i32;
-        let p50 = (r.over.tally.p50_ms / 1000.0).max(0.001);
-        let p99 = (r.over.tally.p99_ms / 1000.0).max(0.001);
-        chart.draw_series(std::iter::once(Rectangle::new(
-            [(0.001, SegmentValue::Exact(i)), (p50, SegmentValue::Exact(i + 1))],
-            color(r.reader).mix(0.8).filled(),
-        )))?;
+        let (i, p99) = (i as i32, (r.over.tally.p99_ms / 1000.0).max(0.01));
         chart.draw_series(std::iter::once(PathElement::new(
             vec![(p99, SegmentValue::Exact(i)), (p99, SegmentValue::Exact(i + 1))],
             BLACK.stroke_width(3),
         )))?;
     }
     // Lost under overload, % of sent.
-    let mut chart = ChartBuilder::on(&middle)
-        .caption("lost under overload (% of sent)", ("sans-serif", 18))
+    let mut chart = ChartBuilder::on(&lost_area)
+        .caption("lost under overload, % of sent", ("sans-serif", 18))
         .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(10)
-        .build_cartesian_2d(0f64..100f64, (0..n).into_segmented())?;
-    chart.configure_mesh().disable_y_mesh().y_labels(0).draw()?;
-    for (i, r) in rows.iter().enumerate() {
-        let i = i as i32;
-        let lost = 100.0 * r.over.tally.lost as f64 / r.over.tally.sent.max(1) as f64;
-        chart.draw_series(std::iter::once(Rectangle::new(
-            [(0.0, SegmentValue::Exact(i)), (lost, SegmentValue::Exact(i + 1))],
-            color(r.reader).mix(0.8).filled(),
-        )))?;
-        chart.draw_series(std::iter::once(Text::new(
-            format!("{lost:.0}%"),
-            (lost.max(0.0) + 2.0, SegmentValue::CenterOf(i)),
-            ("sans-serif", 15),
-        )))?;
-    }
-    // Idle requests per minute, log (0 drawn at 0.5 with its label).
-    let max_idle = rows.iter().map(|r| r.idle_per_minute).fold(10.0, f64::max) * 3.0;
-    let mut chart = ChartBuilder::on(&right)
-        .caption("requests per idle minute (log)", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(40)
-        .y_label_area_size(10)
-        .build_cartesian_2d((0.5f64..max_idle).log_scale(), (0..n).into_segmented())?;
+        .x_label_area_size(35)
+        .build_cartesian_2d(0f64..100f64, segments.clone())?;
     chart.configure_mesh().disable_y_mesh().y_labels(0).x_label_formatter(&|v| format!("{v:.0}")).draw()?;
-    for (i, r) in rows.iter().enumerate() {
-        let i = i as i32;
-        let v = r.idle_per_minute.max(0.5);
-        chart.draw_series(std::iter::once(Rectangle::new(
-            [(0.5, SegmentValue::Exact(i)), (v, SegmentValue::Exact(i + 1))],
-            color(r.reader).mix(0.8).filled(),
-        )))?;
-        chart.draw_series(std::iter::once(Text::new(
-            format!("{:.0}", r.idle_per_minute),
-            (v * 1.2, SegmentValue::CenterOf(i)),
-            ("sans-serif", 15),
-        )))?;
+    let lost = |r: &Row| 100.0 * r.over.tally.lost as f64 / r.over.tally.sent.max(1) as f64;
+    bars!(chart, 0.0, lost, |r: &Row| format!(" {:.0}%", lost(r)));
+    // The reader's peak memory under overload, MiB.
+    let max_memory = rows.iter().map(|r| r.over.peak_kib as f64 / 1024.0).fold(1.0, f64::max) * 1.4;
+    let mut chart = ChartBuilder::on(&memory_area)
+        .caption("reader's peak memory under overload, MiB", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .build_cartesian_2d(0f64..max_memory, segments.clone())?;
+    chart.configure_mesh().disable_y_mesh().y_labels(0).x_label_formatter(&|v| format!("{v:.0}")).draw()?;
+    let memory = |r: &Row| r.over.peak_kib as f64 / 1024.0;
+    bars!(chart, 0.0, memory, |r: &Row| format!(" {:.0}", memory(r)));
+    // Requests per idle minute, log (0 drawn at its axis, with its figure).
+    let max_idle = rows.iter().map(|r| r.idle_per_minute).fold(10.0, f64::max) * 20.0;
+    let mut chart = ChartBuilder::on(&idle_area)
+        .caption("reads per idle minute (log)", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(35)
+        .build_cartesian_2d((0.5f64..max_idle).log_scale(), segments)?;
+    chart.configure_mesh().disable_y_mesh().y_labels(0).x_label_formatter(&|v| format!("{v:.0}")).draw()?;
+    bars!(chart, 0.5, |r: &Row| r.idle_per_minute.max(0.5), |r: &Row| format!(" {:.0}", r.idle_per_minute));
+    // The legend: the ways of reading.
+    let mut x = 20;
+    for (name, c) in ways {
+        legend.draw(&Rectangle::new([(x, 30), (x + 22, 48)], c.mix(0.85).filled()))?;
+        legend.draw(&Text::new(name.to_owned(), (x + 30, 31), ("sans-serif", 17)))?;
+        x += 40 + name.len() as i32 * 8;
     }
     root.present()?;
     Ok(())
