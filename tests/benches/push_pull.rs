@@ -947,7 +947,9 @@ async fn main() {
     }
     if all.iter().any(|a| a == "--redraw") {
         // `--redraw SAVED.json CHART.png`: the tables and chart again from a run's saved rows.
-        let (json, png) = (args.first().expect("SAVED.json"), args.get(1).expect("CHART.png"));
+        // cargo runs a bench in its package's directory: relative paths are the workspace's.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let (json, png) = (root.join(args.first().expect("SAVED.json")), root.join(args.get(1).expect("CHART.png")));
         let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(json).expect("the saved rows")).unwrap();
         let rate = saved["rate"].as_u64().unwrap_or(2000);
         let rows: Vec<SavedRow> = serde_json::from_value(saved["rows"].clone()).expect("saved rows");
@@ -956,12 +958,12 @@ async fn main() {
             .map(|r| Row { reader: READERS[r.reader], low: r.low, over: r.over, idle_per_minute: r.idle_per_minute })
             .collect();
         print_tables(&rows, rate);
-        draw(&rows, rate, Path::new(png)).expect("the chart");
-        return println!("\nchart: {png}");
+        draw(&rows, rate, &png).expect("the chart");
+        return println!("\nchart: {}", png.display());
     }
     let png = args
         .get(3)
-        .map(PathBuf::from)
+        .map(|p| Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p))
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/push-vs-pull.png"));
     let only: Option<String> = std::env::var("PUSHPULL_BENCH_ONLY").ok();
     println!(
