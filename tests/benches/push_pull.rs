@@ -47,7 +47,7 @@
 //! AWS where a request has a price (SQS: $0.40 a million). The chart
 //! (`docs/push-vs-pull.png` unless named) shows the overload's delay and loss, and the idle
 //! requests, per reader.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
