@@ -77,32 +77,14 @@ async fn produce(redis: &OwnRedis, key: &str, pubsub: bool, rate: u64, seconds: 
     sent
 }
 
-/// Delivered, lost, duplicated, delay p50 and p99 (ms).
+/// Delivered, lost, duplicated, delay p50 and p99 (ms): the workload's tally.
 fn tally(sent: &HashMap<u64, f64>, delivered: &[Delivered]) -> (u64, u64, u64, f64, f64) {
-    let mut seen: HashMap<u64, u32> = HashMap::new();
-    let mut delays = Vec::new();
-    for d in delivered {
-        let Some(at) = sent.get(&d.hash) else { continue };
-        let n = seen.entry(d.hash).or_default();
-        *n += 1;
-        if *n == 1 {
-            delays.push((d.invoked_at - at) * 1000.0);
-        }
-    }
-    delays.sort_by(f64::total_cmp);
-    let q = |p: f64| if delays.is_empty() { 0.0 } else { delays[((delays.len() - 1) as f64 * p).round() as usize] };
-    let once = seen.len() as u64;
-    let dup = seen.values().map(|&n| u64::from(n - 1)).sum();
-    (once, sent.len() as u64 - once, dup, q(0.5), q(0.99))
+    let t = pushpull_tests::workload::tally(sent, delivered, f64::INFINITY);
+    (t.delivered, t.lost, t.duplicated, t.p50_ms, t.p99_ms)
 }
 
 async fn drain(rx: &mut mpsc::UnboundedReceiver<Delivered>, out: &mut Vec<Delivered>, quiet: Duration) {
-    loop {
-        match tokio::time::timeout(quiet, rx.recv()).await {
-            Ok(Some(d)) => out.push(d),
-            _ => return,
-        }
-    }
+    pushpull_tests::workload::drain(rx, out, quiet, Duration::from_secs(600)).await;
 }
 
 fn relay(redis: &OwnRedis, server: &InvokeServer, channel: &str, tx: mpsc::UnboundedSender<Delivered>) -> RunningRelay {
